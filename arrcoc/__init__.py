@@ -1,0 +1,28 @@
+"""arrcoc: relevance-driven visual token compression for vision-language models.
+
+Importing arrcoc touches no GPU, changes no global setting and prints nothing.
+"""
+
+from .config import BalanceConfig, PipelineConfig
+from .errors import (ArrcocError, BudgetError, EncoderError, ImageLoadError, InvalidInputError, InvalidTypeError,
+                     MissingWeightsError)
+from .outputs import CompressionOutput, ScoreOutput
+from .pipeline import Pipeline
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Pipeline",
+    "PipelineConfig",
+    "BalanceConfig",
+    "ScoreOutput",
+    "CompressionOutput",
+    "ArrcocError",
+    "InvalidInputError",
+    "InvalidTypeError",
+    "ImageLoadError",
+    "BudgetError",
+    "EncoderError",
+    "MissingWeightsError",
+    "__version__",
+]

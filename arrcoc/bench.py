@@ -1,0 +1,171 @@
+"""Benchmark: time every stage and the whole path, eager, per bucket size and batch size.
+
+``python -m arrcoc.bench`` (or ``arrcoc bench``) writes ``bench/results/stages-<device>.json`` and ``.md``.
+GPU time is measured with CUDA events around each stage (warm-up first, median of many); CPU time with
+``perf_counter``. Inputs are the synthetic demo scene, so no data set is needed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import logging
+import platform
+import re
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from .config import PipelineConfig
+from .pipeline import Pipeline
+from .samples import demo_scene
+
+__all__ = ["main", "time_stages"]
+
+logger = logging.getLogger(__name__)
+
+POST_ENCODE = ("score", "balance", "allocate", "compress")
+
+
+def _timer(device: torch.device) -> Callable[[Callable[[], Any], int, int], list[float]]:
+    """A function timing ``fn`` ``reps`` times after ``warmup`` calls; milliseconds per call."""
+
+    def cuda(fn: Callable[[], Any], warmup: int, reps: int) -> list[float]:
+        for _ in range(warmup):
+            fn()
+        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(reps)]
+        for start, end in events:
+            start.record()
+            fn()
+            end.record()
+        torch.cuda.synchronize(device)
+        return [start.elapsed_time(end) for start, end in events]
+
+    def cpu(fn: Callable[[], Any], warmup: int, reps: int) -> list[float]:
+        for _ in range(warmup):
+            fn()
+        times = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+        return times
+
+    return cuda if device.type == "cuda" else cpu
+
+
+def _images(size: int, batch: int) -> torch.Tensor:
+    """``(B, 3, size, size)`` uint8: the demo scene, rolled so the images of a batch differ."""
+    scene = torch.from_numpy(np.asarray(demo_scene(size, size))).permute(2, 0, 1)
+    return torch.stack([scene.roll(shifts=17 * i, dims=2) for i in range(batch)])
+
+
+@torch.inference_mode()
+def time_stages(pipe: Pipeline, size: int, batch: int, *, budget_share: float = 0.25, warmup: int = 3,
+                reps: int = 20) -> dict[str, Any]:
+    """Median milliseconds of each stage and of the whole chain for one bucket size and batch size."""
+    device = pipe.device
+    (group,) = pipe.preprocessor(_images(size, batch), device=device)
+    grid = pipe.encoder(group.bucket).grid
+    budget = max(1, int(grid[0] * grid[1] * budget_share))
+    generator = torch.Generator().manual_seed(0)
+    query = torch.randn(batch, 4, pipe.width, generator=generator).to(device)
+    state: dict[str, Any] = {"pixels": group.pixels, "valid": group.valid, "query": query,
+                             "query_mask": torch.ones(batch, 4, dtype=torch.bool, device=device),
+                             "budget": torch.full((batch,), budget, device=device)}
+    chain = pipe.stages(group.bucket, capacity=budget)
+    for _, stage in chain:  # fill the state once
+        state.update(stage(state))
+    timer = _timer(device)
+    result: dict[str, Any] = {"size": size, "batch": batch, "budget": budget, "patches": grid[0] * grid[1], "stages": {}}
+    for name, stage in chain:
+        times = timer(lambda stage=stage: stage(state), warmup, reps)
+        result["stages"][name] = statistics.median(times)
+
+    def whole() -> None:
+        for _, stage in chain:
+            state.update(stage(state))
+
+    result["chain"] = statistics.median(timer(whole, warmup, reps))
+    result["post_encode"] = sum(result["stages"][n] for n in POST_ENCODE)
+    result["post_encode_share"] = result["post_encode"] / result["stages"]["encode"]
+    return result
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def _markdown(report: dict[str, Any]) -> str:
+    lines = [f"# arrcoc stage timings, eager — {report['device']}", "",
+             f"torch {report['torch']}, timm {report['timm']}, encoder `{report['encoder']}` ({report['encoder_dtype']}), "
+             f"{report['date']}. Median ms of {report['reps']} runs after {report['warmup']} warm-ups"
+             f"{' (CUDA events)' if report['cuda'] else ' (perf_counter)'}; budget = 25% of the patches.", "",
+             "| size | batch | patches | budget | encode | score | balance | allocate | compress | chain | post-encode / encode |",
+             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in report["results"]:
+        s = r["stages"]
+        lines.append(f"| {r['size']} | {r['batch']} | {r['patches']} | {r['budget']} | {s['encode']:.3f} | {s['score']:.3f} | "
+                     f"{s['balance']:.3f} | {s['allocate']:.3f} | {s['compress']:.3f} | {r['chain']:.3f} | "
+                     f"{100 * r['post_encode_share']:.1f}% |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the benchmark from the command line; returns an exit code."""
+    parser = argparse.ArgumentParser(prog="arrcoc bench", description="Time each stage of the pipeline, eager.")
+    parser.add_argument("--device", default="auto", help="cpu, cuda or auto (cuda when present)")
+    parser.add_argument("--sizes", type=int, nargs="+", default=[224, 384, 512, 1024], help="bucket sizes")
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 8, 64], help="batch sizes")
+    parser.add_argument("--preset", default="default", help="pipeline preset (default, tiny)")
+    parser.add_argument("--encoder", default=None, help="override the preset's timm encoder")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="encoder dtype")
+    parser.add_argument("--reps", type=int, default=20, help="timed runs per measurement")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed runs first")
+    parser.add_argument("--out", default="bench/results", help="folder for the JSON and markdown results")
+    parser.add_argument("--tag", default="", help="suffix for the result file names")
+    args = parser.parse_args(argv)
+
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
+                          ("cpu" if args.device == "auto" else args.device))
+    overrides: dict[str, Any] = {"encoder_dtype": args.dtype, "buckets": tuple(args.sizes)}
+    if args.encoder:
+        overrides["encoder"] = args.encoder
+    config = PipelineConfig.from_name(args.preset, **overrides)
+    pipe = Pipeline(config, device=device)
+    import timm
+
+    report: dict[str, Any] = {
+        "device": _device_name(device), "cuda": device.type == "cuda", "torch": torch.__version__,
+        "timm": timm.__version__, "encoder": config.encoder, "encoder_dtype": args.dtype,
+        "date": datetime.date.today().isoformat(), "reps": args.reps, "warmup": args.warmup, "results": [],
+    }
+    cases = [(s, b) for s in args.sizes for b in args.batches]
+    for size, batch in tqdm(cases, desc="bench", unit="case"):
+        try:
+            report["results"].append(time_stages(pipe, size, batch, warmup=args.warmup, reps=args.reps))
+        except torch.cuda.OutOfMemoryError:
+            logger.warning("size %d batch %d: out of GPU memory, skipped", size, batch)
+            torch.cuda.empty_cache()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    slug = re.sub(r"[^a-z0-9]+", "-", (device.type if device.type == "cpu" else report["device"]).lower()).strip("-")
+    stem = f"stages-{slug}{'-' + args.tag if args.tag else ''}"
+    (out / f"{stem}.json").write_text(json.dumps(report, indent=2))
+    table = _markdown(report)
+    (out / f"{stem}.md").write_text(table)
+    print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

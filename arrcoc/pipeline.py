@@ -1,0 +1,346 @@
+"""The pipeline: images (and a query) -> relevance maps -> budgeted, packed tokens.
+
+``Pipeline`` is the one object users hold. It runs the data path of DESIGN.md: preprocess (the only step
+that looks at Python values), then per bucket size the stages encode -> score x3 -> balance -> allocate ->
+compress, each a tensor-in/tensor-out module with static shapes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import time
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .allocation import Allocator
+from .balance import Balance
+from .compression import Compressor
+from .config import SCORER_NAMES, PipelineConfig
+from .encoders import Encoder, create_backbone, encoder_for_bucket, patch_stride
+from .errors import BudgetError, InvalidInputError, InvalidTypeError, MissingWeightsError
+from .outputs import CompressionOutput, ScoreOutput
+from .preprocess import PreprocessedBatch, Preprocessor
+from .regions import capacity_of, region_bounds, region_grid
+from .scorers import create_scorer
+
+__all__ = ["Pipeline", "DEFAULT_WEIGHTS_DIR"]
+
+logger = logging.getLogger(__name__)
+
+#: Where ``Pipeline.from_pretrained()`` looks for the embedded default (``config.json`` + ``encoder.safetensors``).
+DEFAULT_WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "weights"
+
+
+class _StageTimer:
+    """Wall time per stage in milliseconds; synchronises the device only when profiling is on."""
+
+    def __init__(self, enabled: bool, device: torch.device) -> None:
+        self.enabled = enabled
+        self.device = device
+        self.times: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def __call__(self, stage: str) -> Iterator[None]:
+        if not self.enabled:
+            yield
+            return
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        start = time.perf_counter()
+        yield
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self.times[stage] = self.times.get(stage, 0.0) + (time.perf_counter() - start) * 1e3
+
+
+class Pipeline(nn.Module):
+    """Relevance-driven visual token compression.
+
+    Example:
+        >>> pipe = arrcoc.Pipeline.from_pretrained()
+        >>> out = pipe(["street.jpg", pil_image], budget=256)
+        >>> out.tokens.shape, out.mask.sum(1)   # (2, 256, D), tensor([256, 256])
+
+    Args:
+        config: the pipeline's configuration (``PipelineConfig.from_name("default")`` when omitted).
+        weights: a local safetensors file with the encoder's weights; without one the encoder is a
+            deterministic random initialisation (the texture-based scorers still work).
+        device: where to run; the default is CPU (move later with ``.to``).
+    """
+
+    def __init__(self, config: PipelineConfig | None = None, *, weights: str | os.PathLike[str] | None = None,
+                 device: torch.device | str | None = None) -> None:
+        super().__init__()
+        self.config = config = config or PipelineConfig()
+        self.weights_path = None if weights is None else os.fspath(weights)
+        self.preprocessor = Preprocessor(config.buckets, multiple=1)
+        self.backbone = create_backbone(config.encoder, weights=weights, seed=config.seed, **config.encoder_kwargs)
+        stride = patch_stride(self.backbone)
+        bad = [b for b in config.buckets if b % stride]
+        if bad:
+            raise InvalidInputError(f"buckets {bad} are not multiples of the encoder's patch stride {stride}")
+        side = config.region_size
+        self.scorers = nn.ModuleDict({name: create_scorer(name, side) for name in SCORER_NAMES})
+        self.balance = Balance(config.balance, side)
+        self.allocator = Allocator()
+        self.compressor = Compressor(side)
+        self.text_encoder: nn.Module | None = None
+        self._encoders: dict[int, Encoder] = {}  # per bucket; they share the backbone's tensors
+        if device is not None:
+            self.to(device)
+
+    # --- construction ---------------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike[str] | None = None, *, device: torch.device | str | None = None,
+                        **overrides: Any) -> Pipeline:
+        """Load a pipeline from a folder with ``config.json`` and ``encoder.safetensors``; offline.
+
+        With no ``path``, the embedded default is used: the folder ``weights/`` shipped with the project
+        when it holds trained weights, otherwise the untrained default (random encoder, weight-free
+        propositional and perspectival scorers; text queries need a trained text encoder).
+
+        Args:
+            path: a local folder.
+            device: where to run.
+            **overrides: config fields to change (e.g. ``buckets=(224, 384)``).
+        """
+        folder = Path(path) if path is not None else DEFAULT_WEIGHTS_DIR
+        config_file, weights_file = folder / "config.json", folder / "encoder.safetensors"
+        if path is not None and not config_file.is_file():
+            raise MissingWeightsError(f"{os.fspath(folder)!r} holds no config.json; expected a folder saved by Pipeline.save_pretrained")
+        if config_file.is_file():
+            config = PipelineConfig.from_json(config_file.read_text()).replace(**overrides)
+            weights = weights_file if weights_file.is_file() else None
+        else:
+            logger.info("no trained weights in %s: using the untrained default (random encoder, weight-free scorers)", folder)
+            config, weights = PipelineConfig.from_name("default", **overrides), None
+        return cls(config, weights=weights, device=device)
+
+    def save_pretrained(self, path: str | os.PathLike[str]) -> None:
+        """Write ``config.json`` and ``encoder.safetensors`` to a folder, loadable by :meth:`from_pretrained`."""
+        from safetensors.torch import save_file
+
+        folder = Path(path)
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "config.json").write_text(self.config.to_json())
+        state = {k: v.detach().cpu().contiguous() for k, v in self.backbone.state_dict().items()}
+        save_file(state, folder / "encoder.safetensors")
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.backbone.parameters()).device
+
+    def _apply(self, fn: Any, recurse: bool = True) -> Pipeline:
+        self._encoders.clear()  # rebuilt lazily on the new device / dtype
+        return super()._apply(fn, recurse)
+
+    def encoder(self, bucket: int) -> Encoder:
+        """The encode stage for one bucket size (built on first use, weights shared with the backbone)."""
+        if bucket not in self._encoders:
+            cfg = self.config
+            stage = encoder_for_bucket(self.backbone, cfg.encoder, bucket, cfg.encoder_kwargs, cfg.encoder_dtype)
+            if cfg.encoder_dtype != "float32":
+                stage.model.to(stage.dtype)
+            self._encoders[bucket] = stage.to(self.device)
+        return self._encoders[bucket]
+
+    @property
+    def width(self) -> int:
+        """``D``: the width of the encoder's features, tokens and query embeddings."""
+        return int(self.encoder(self.config.buckets[0]).width)
+
+    # --- inputs -----------------------------------------------------------------------------------------
+    def _query(self, query: Any, query_mask: Tensor | None, batch: int) -> tuple[Tensor, Tensor]:
+        """Normalise a query to ``(B, L, D)`` float32 plus a ``(B, L)`` bool mask of its real tokens."""
+        width, device = self.width, self.device
+        if query is None:
+            return torch.zeros(batch, 1, width, device=device), torch.zeros(batch, 1, dtype=torch.bool, device=device)
+        if isinstance(query, str) or (isinstance(query, (list, tuple)) and query and all(isinstance(q, str) for q in query)):
+            if self.text_encoder is None:
+                raise MissingWeightsError(
+                    "a text query needs a trained text encoder, and none is loaded: the embedded default ships "
+                    "no trained weights yet. Pass the query as an embedding tensor of width "
+                    f"{width} ((D,), (L, D) or (B, L, D)), or query=None for relevance without a query.")
+            query, query_mask = self.text_encoder(query)
+        if not isinstance(query, Tensor):
+            raise InvalidTypeError(f"query must be None, a string, or a tensor of width {width}; got {type(query).__name__}")
+        if query.is_complex() or not query.is_floating_point():
+            raise InvalidTypeError(f"query must be a floating-point tensor; got dtype {query.dtype}")
+        if query.ndim not in (1, 2, 3):
+            raise InvalidInputError(f"query must have shape (D,), (L, D) or (B, L, D); got {tuple(query.shape)}")
+        query = query.reshape((1,) * (3 - query.ndim) + tuple(query.shape))
+        if query.shape[-1] != width:
+            raise InvalidInputError(f"query embedding width must equal the encoder width {width}; got {query.shape[-1]}")
+        if query.shape[0] not in (1, batch):
+            raise InvalidInputError(f"query batch size must be 1 or the number of images {batch}; got {query.shape[0]}")
+        if not bool(torch.isfinite(query).all()):
+            raise InvalidInputError("query embedding holds NaN or infinite values")
+        if query_mask is None:
+            query_mask = torch.ones(query.shape[:2], dtype=torch.bool)
+        elif query_mask.dtype != torch.bool or query_mask.shape[-1] != query.shape[1] or query_mask.ndim not in (1, 2):
+            raise InvalidInputError(f"query_mask must be a bool tensor of shape (L,) or (B, L) with L = {query.shape[1]}; "
+                                    f"got {query_mask.dtype} {tuple(query_mask.shape)}")
+        query_mask = query_mask.reshape(-1, query.shape[1])
+        if query.shape[1] == 0:  # an empty query is no query
+            return self._query(None, None, batch)
+        query = query.to(device, torch.float32).expand(batch, -1, -1)
+        return query, query_mask.to(device).expand(batch, -1)
+
+    def _budgets(self, budget: Any, groups: list[PreprocessedBatch], batch: int) -> tuple[Tensor, int]:
+        """Validate budgets on the host; returns ``(B,)`` int64 and the token capacity ``T``."""
+        if isinstance(budget, Tensor):
+            if budget.is_floating_point() or budget.is_complex() or budget.dtype == torch.bool:
+                raise BudgetError(f"budget must hold whole numbers; got a {budget.dtype} tensor")
+            values = budget.flatten().tolist()  # ok-sync: host-side validation before the stages
+        elif isinstance(budget, Sequence) and not isinstance(budget, str):
+            values = list(budget)
+        else:
+            values = [budget]
+        for value in values:
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise BudgetError(f"budget must be a positive whole number of tokens; got {value!r} ({type(value).__name__})")
+        if len(values) == 1:
+            values = values * batch
+        if len(values) != batch:
+            raise BudgetError(f"budget must be one number or one per image ({batch}); got {len(values)} values")
+        cfg = self.config
+        for group in groups:
+            grid = self.encoder(group.bucket).grid
+            limit = capacity_of(grid, cfg.region_size, cfg.max_tokens)
+            for i, name in zip(group.indices, group.names):
+                if not 1 <= values[i] <= limit:
+                    raise BudgetError(f"budget for image {i} ({name}) must be between 1 and {limit}, the token "
+                                      f"capacity of its {group.bucket}px bucket ({grid[0]}x{grid[1]} patches); got {values[i]}")
+        capacity = cfg.token_capacity or max(values)
+        if max(values) > capacity:
+            raise BudgetError(f"budget {max(values)} exceeds the configured token_capacity {capacity}")
+        return torch.tensor(values, dtype=torch.long), capacity
+
+    # --- running ----------------------------------------------------------------------------------------
+    def stages(self, bucket: int, capacity: int = 0) -> list[tuple[str, Callable[[dict[str, Any]], dict[str, Any]]]]:
+        """The stages after preprocess for one bucket, in order, as ``(name, fn)``.
+
+        Each ``fn`` reads named tensors from a state dict and returns the new ones; the chain starts from
+        ``pixels``, ``valid``, ``query``, ``query_mask`` (and ``budget`` for allocation). With
+        ``capacity=0`` the chain stops after balance (relevance only). Benchmarks time these one by one,
+        and the graph cache captures them one by one.
+        """
+        encoder, side, cfg = self.encoder(bucket), self.config.region_size, self.config
+
+        def encode(s: dict[str, Any]) -> dict[str, Any]:
+            features, prefix, texture, patch_valid = encoder(s["pixels"], s["valid"])
+            return {"features": features, "prefix": prefix, "texture": texture, "patch_valid": patch_valid}
+
+        def score(s: dict[str, Any]) -> dict[str, Any]:
+            args = (s["features"], s["texture"], s["patch_valid"], s["query"], s["query_mask"])
+            return {"scores": torch.stack([scorer(*args) for scorer in self.scorers.values()], 1)}
+
+        def balance(s: dict[str, Any]) -> dict[str, Any]:
+            relevance, report = self.balance(s["scores"], s["features"], s["patch_valid"], s["query_mask"])
+            return {"relevance": relevance, "balance": report}
+
+        def allocate(s: dict[str, Any]) -> dict[str, Any]:
+            low, high = region_bounds(s["patch_valid"], side, cfg.min_tokens, cfg.max_tokens)
+            return {"allocation": self.allocator(s["relevance"], s["budget"], low, high)}
+
+        def compress(s: dict[str, Any]) -> dict[str, Any]:
+            tokens, positions, mask, weights = self.compressor(s["features"], s["patch_valid"], s["allocation"], capacity)
+            return {"tokens": tokens, "positions": positions, "mask": mask, "weights": weights}
+
+        chain = [("encode", encode), ("score", score), ("balance", balance)]
+        if capacity:
+            chain += [("allocate", allocate), ("compress", compress)]
+        return chain
+
+    @torch.inference_mode()
+    def _run(self, images: Any, query: Any, query_mask: Tensor | None, budget: Any, profile: bool) -> ScoreOutput:
+        timer = _StageTimer(profile, self.device)
+        with timer("preprocess"):
+            groups = self.preprocessor(images, device=self.device)
+        batch = sum(len(g.indices) for g in groups)
+        query, query_mask = self._query(query, query_mask, batch)
+        budgets, capacity = self._budgets(budget, groups, batch) if budget is not None else (None, 0)
+
+        side = self.config.region_size
+        grids = {g.bucket: region_grid(self.encoder(g.bucket).grid, side) for g in groups}
+        rh, rw = max(v[0] for v in grids.values()), max(v[1] for v in grids.values())
+        merged: dict[str, Any] = {}
+        for group in groups:
+            index = torch.tensor(group.indices, device=self.device)
+            group_budget = None if budgets is None else budgets[group.indices].to(self.device)
+            state: dict[str, Any] = {"pixels": group.pixels, "valid": group.valid, "query": query[index],
+                                     "query_mask": query_mask[index], "budget": group_budget}
+            for name, stage in self.stages(group.bucket, capacity):
+                with timer(name):
+                    state.update(stage(state))
+            _scatter_into(merged, {k: state[k] for k in _RESULT_KEYS if k in state}, index, batch, (rh, rw))
+
+        names = [""] * batch
+        info = torch.zeros(batch, 8)
+        for group in groups:
+            gh, gw = self.encoder(group.bucket).grid
+            for row, i in enumerate(group.indices):
+                names[i] = group.names[row]
+                info[i] = torch.tensor([*grids[group.bucket], gh, gw, group.bucket, group.scale[row],
+                                        *group.source_size[row].tolist()])
+        common = dict(
+            scores=dict(zip(SCORER_NAMES, merged["scores"].unbind(1))), relevance=merged["relevance"],
+            balance=merged["balance"], region_grid=info[:, 0:2].long(), patch_grid=info[:, 2:4].long(),
+            bucket=info[:, 4].long(), scale=info[:, 5].float(), source_size=info[:, 6:8].long(), names=names,
+            region_size=side, timings=timer.times,
+        )
+        if budgets is None:
+            return ScoreOutput(**common)
+        return CompressionOutput(**common, tokens=merged["tokens"], positions=merged["positions"], mask=merged["mask"],
+                                 weights=merged["weights"], allocation=merged["allocation"], prefix=merged["prefix"],
+                                 budget=budgets)
+
+    def forward(self, images: Any, query: Any = None, budget: int | Sequence[int] | Tensor = 256, *,
+                query_mask: Tensor | None = None, profile: bool = False) -> CompressionOutput:
+        """Compress images to ``budget`` tokens each.
+
+        Args:
+            images: a path, PIL image, array or tensor, or a list mixing them (any size, any PIL mode).
+            query: ``None``; an embedding of width ``D`` shaped ``(D,)``, ``(L, D)`` or ``(B, L, D)``; or a
+                string (needs a trained text encoder).
+            budget: tokens per image: one whole number, or one per image; from 1 to the patch count of the
+                image's bucket.
+            query_mask: ``(L,)`` or ``(B, L)`` bool, True on real query tokens (padding never counts).
+            profile: record milliseconds per stage in ``out.timings`` (synchronises the device).
+
+        Returns:
+            :class:`CompressionOutput`.
+        """
+        return self._run(images, query, query_mask, budget, profile)  # type: ignore[return-value]
+
+    def score(self, images: Any, query: Any = None, *, query_mask: Tensor | None = None,
+              profile: bool = False) -> ScoreOutput:
+        """Relevance only: the three maps and the balanced relevance, no allocation or compression."""
+        return self._run(images, query, query_mask, None, profile)
+
+
+_RESULT_KEYS = ("scores", "relevance", "balance", "prefix", "allocation", "tokens", "positions", "mask", "weights")
+
+
+def _scatter_into(merged: dict[str, Any], result: dict[str, Any], index: Tensor, batch: int,
+                  region_shape: tuple[int, int]) -> None:
+    """Write one bucket's results into the whole call's tensors, padding region grids to ``region_shape``."""
+    for key, value in result.items():
+        if isinstance(value, dict):
+            _scatter_into(merged.setdefault(key, {}), value, index, batch, region_shape)
+            continue
+        if key in ("scores", "relevance", "allocation", "redundancy"):
+            pad_h, pad_w = region_shape[0] - value.shape[-2], region_shape[1] - value.shape[-1]
+            value = F.pad(value, (0, pad_w, 0, pad_h))
+        if key == "prefix" and key in merged and merged[key].shape[1] != value.shape[1]:
+            raise InvalidInputError("prefix token counts differ between buckets")
+        if key not in merged:
+            merged[key] = value.new_zeros((batch, *value.shape[1:]))
+        merged[key][index] = value

@@ -1,0 +1,73 @@
+"""Cheap texture features on the patch grid: perceptual colour, edges and local contrast.
+
+They need no learned weights, so the weight-free scorers can read real image structure before any training.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = ["TEXTURE_CHANNELS", "rgb_to_lab", "texture_features"]
+
+#: Channels of :func:`texture_features`, in order.
+TEXTURE_CHANNELS: tuple[str, ...] = ("L", "a", "b", "edge", "contrast")
+
+# sRGB (D65) -> XYZ, and the D65 white point (IEC 61966-2-1, CIE 15).
+_RGB_TO_XYZ = ((0.4124564, 0.3575761, 0.1804375), (0.2126729, 0.7151522, 0.0721750), (0.0193339, 0.1191920, 0.9503041))
+_WHITE = (0.95047, 1.0, 1.08883)
+
+
+def rgb_to_lab(rgb: Tensor) -> Tensor:
+    """sRGB in [0, 1] -> CIE L*a*b*, scaled so L is in [0, 1] and a, b roughly in [-1, 1].
+
+    Args:
+        rgb: ``(B, 3, H, W)`` float.
+
+    Returns:
+        ``(B, 3, H, W)`` float: L/100, a/100, b/100.
+    """
+    linear = torch.where(rgb <= 0.04045, rgb / 12.92, ((rgb + 0.055) / 1.055).clamp_min(0) ** 2.4)
+    matrix = rgb.new_tensor(_RGB_TO_XYZ) / rgb.new_tensor(_WHITE)[:, None]  # white-normalised rows
+    xyz = torch.einsum("ij,bjhw->bihw", matrix, linear)  # (B, 3, H, W)
+    delta = 6.0 / 29.0
+    f = torch.where(xyz > delta**3, xyz.clamp_min(1e-12) ** (1.0 / 3.0), xyz / (3 * delta**2) + 4.0 / 29.0)
+    fx, fy, fz = f.unbind(1)
+    lab = torch.stack((1.16 * fy - 0.16, 5.0 * (fx - fy), 2.0 * (fy - fz)), dim=1)
+    return lab
+
+
+def texture_features(pixels: Tensor, valid: Tensor, grid: tuple[int, int]) -> Tensor:
+    """Per-patch colour, edge strength and local contrast.
+
+    Edges are measured with a Sobel filter on lightness; the border between the image and its letterbox
+    padding is not an edge of the image, so responses within one pixel of the padding are dropped.
+
+    Args:
+        pixels: ``(B, 3, S, S)`` RGB in [0, 1].
+        valid: ``(B, 1, S, S)`` 1 on image pixels, 0 on padding.
+        grid: ``(gh, gw)`` patch grid; ``S`` must be divisible by both.
+
+    Returns:
+        ``(B, gh, gw, 5)`` float: mean L, a, b; mean Sobel magnitude; standard deviation of L
+        (see ``TEXTURE_CHANNELS``), averaged over the valid pixels of each patch (0 for padding patches).
+    """
+    gh, gw = grid
+    patch = (pixels.shape[-2] // gh, pixels.shape[-1] // gw)
+    lab = rgb_to_lab(pixels.float())  # (B, 3, S, S)
+    light = lab[:, :1]  # (B, 1, S, S)
+    sobel_x = light.new_tensor([[-1.0, 0.0, 1.0], [-2.0, 0.0, 2.0], [-1.0, 0.0, 1.0]]) / 8.0
+    kernels = torch.stack((sobel_x, sobel_x.t()))[:, None]  # (2, 1, 3, 3)
+    gradient = F.conv2d(F.pad(light, (1, 1, 1, 1), mode="replicate"), kernels)  # (B, 2, S, S)
+    edge = gradient.square().sum(1, keepdim=True).sqrt()  # (B, 1, S, S)
+    interior = -F.max_pool2d(-valid, 3, stride=1, padding=1)  # valid eroded by one pixel
+    edge = edge * interior
+
+    weight = F.avg_pool2d(valid, patch)  # (B, 1, gh, gw): valid share of each patch
+    denom = weight.clamp_min(1e-6)
+    mean = F.avg_pool2d(torch.cat((lab, edge) , 1) * valid, patch) / denom  # (B, 4, gh, gw)
+    light_sq = F.avg_pool2d(light.square() * valid, patch) / denom
+    contrast = (light_sq - mean[:, :1].square()).clamp_min(0).sqrt()  # (B, 1, gh, gw)
+    features = torch.cat((mean, contrast), 1) * (weight > 0)  # (B, 5, gh, gw)
+    return features.permute(0, 2, 3, 1).contiguous()

@@ -1,0 +1,43 @@
+"""Configs: validation in __post_init__, presets, JSON round trip."""
+
+from __future__ import annotations
+
+import pytest
+
+from arrcoc.config import BalanceConfig, PipelineConfig
+from arrcoc.errors import InvalidInputError
+
+
+@pytest.mark.parametrize("name", ["default", "tiny"])
+def test_presets_round_trip_through_json(name: str) -> None:
+    config = PipelineConfig.from_name(name)
+    assert PipelineConfig.from_json(config.to_json()) == config
+
+
+def test_overrides_and_bucket_normalisation() -> None:
+    config = PipelineConfig.from_name("tiny", buckets=(384, 224, 384), min_tokens=0)
+    assert config.buckets == (224, 384) and config.min_tokens == 0
+
+
+@pytest.mark.parametrize("field, value, match", [
+    ("region_size", 0, "region_size"), ("min_tokens", -1, "min_tokens"), ("max_tokens", 17, "max_tokens"),
+    ("token_capacity", 0, "token_capacity"), ("encoder_dtype", "int8", "encoder_dtype"), ("buckets", (), "buckets"),
+    ("version", 99, "version"),
+])
+def test_bad_fields_are_named(field: str, value, match: str) -> None:
+    with pytest.raises(InvalidInputError, match=match):
+        PipelineConfig(**{field: value})
+
+
+@pytest.mark.parametrize("kwargs, match", [({"exploit": 1.5}, "exploit"), ({"weights": (1, -1, 1)}, "weights"),
+                                           ({"temperature_range": (1.0, 0.1)}, "temperature_range")])
+def test_bad_balance(kwargs, match: str) -> None:
+    with pytest.raises(InvalidInputError, match=match):
+        BalanceConfig(**kwargs)
+
+
+def test_unknown_preset_and_fields() -> None:
+    with pytest.raises(InvalidInputError, match="unknown preset"):
+        PipelineConfig.from_name("huge")
+    with pytest.raises(InvalidInputError, match="unknown config fields"):
+        PipelineConfig.from_dict({"encoderr": "x"})

@@ -1,0 +1,197 @@
+"""The whole data path on the CPU (and on the GPU when present): contract, batch invariance, errors."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import arrcoc
+from arrcoc.balance import BALANCE_KEYS
+from arrcoc.samples import demo_scene, scene_regions
+
+
+def _photo(width: int, height: int, seed: int) -> Image.Image:
+    return demo_scene(width, height, seed=seed)
+
+
+def _check_contract(out: arrcoc.CompressionOutput, budgets: list[int]) -> None:
+    b = len(budgets)
+    assert out.tokens.shape[0] == b and out.tokens.shape[1] >= max(budgets)
+    assert out.mask.sum(1).tolist() == budgets
+    assert out.allocation.flatten(1).sum(1).tolist() == budgets
+    assert torch.isfinite(out.tokens).all()
+    assert out.positions.dtype == torch.int64 and out.allocation.dtype == torch.int64
+    for i in range(b):
+        gh, gw = out.patch_grid[i].tolist()
+        pos = out.positions[i][out.mask[i]]
+        assert (pos[:, 0] >= 0).all() and (pos[:, 0] + pos[:, 2] <= gh).all()
+        assert (pos[:, 1] >= 0).all() and (pos[:, 1] + pos[:, 3] <= gw).all()
+        assert out.weights[i][out.mask[i]].sum() > 0
+
+
+def test_end_to_end_mixed_inputs(tiny_pipe: arrcoc.Pipeline, tmp_path) -> None:
+    path = tmp_path / "scene.png"
+    _photo(400, 300, 0).save(path)
+    tensor = torch.from_numpy(np.array(_photo(200, 200, 1))).permute(2, 0, 1)
+    out = tiny_pipe([str(path), _photo(900, 500, 2), tensor], budget=24)
+    _check_contract(out, [24, 24, 24])
+    assert out.bucket.tolist() == [512, 1024, 224]
+    assert out.names[0] == str(path)
+    assert set(out.scores) == {"propositional", "perspectival", "participatory"}
+    assert set(out.balance) == set(BALANCE_KEYS)
+    assert out.balance["has_query"].tolist() == [False, False, False]
+    assert (out.scores["participatory"] == 0).all()
+    rh, rw = out.region_grid[2].tolist()  # the 224 image has a smaller grid; the rest is padding
+    assert (out.relevance[2, rh:, :] == 0).all() and (out.relevance[2, :, rw:] == 0).all()
+
+
+def test_same_image_alone_and_in_a_batch(tiny_pipe: arrcoc.Pipeline) -> None:
+    image = _photo(320, 240, 3)
+    alone = tiny_pipe(image, budget=20)
+    batch = tiny_pipe([_photo(640, 200, 4), image, _photo(300, 300, 5)], budget=[30, 20, 10])
+    torch.testing.assert_close(batch.tokens[1, :20], alone.tokens[0, :20], rtol=1e-5, atol=1e-5)
+    rh, rw = alone.region_grid[0].tolist()
+    assert batch.region_grid[1].tolist() == [rh, rw]
+    assert torch.equal(batch.allocation[1, :rh, :rw], alone.allocation[0])
+    assert torch.equal(batch.positions[1, :20], alone.positions[0, :20])
+    torch.testing.assert_close(batch.relevance[1, :rh, :rw], alone.relevance[0], rtol=1e-5, atol=1e-6)
+
+
+def test_budget_per_image_and_edges(tiny_pipe: arrcoc.Pipeline) -> None:
+    images = [_photo(224, 224, 6), _photo(224, 224, 7)]
+    out = tiny_pipe(images, budget=[1, 196])  # one token, and every patch of the 224 bucket (14x14)
+    _check_contract(out, [1, 196])
+    assert (out.weights[1][out.mask[1]] == 1).all()  # full budget = full detail
+
+
+def test_full_budget_returns_every_patch(tiny_pipe: arrcoc.Pipeline) -> None:
+    image = _photo(224, 224, 8)
+    out = tiny_pipe(image, budget=196)
+    pos = out.positions[0]
+    assert sorted(map(tuple, pos[:, :2].tolist())) == [(r, c) for r in range(14) for c in range(14)]
+
+
+def test_query_embedding_changes_participatory(tiny_pipe: arrcoc.Pipeline) -> None:
+    image = _photo(320, 240, 9)
+    query = torch.randn(3, tiny_pipe.width, generator=torch.Generator().manual_seed(0))
+    out = tiny_pipe(image, query=query, budget=16)
+    assert out.balance["has_query"].tolist() == [True]
+    assert out.scores["participatory"].max() == 1.0
+    padded = torch.cat([query, torch.full((2, tiny_pipe.width), 1e3)])
+    masked = tiny_pipe(image, query=padded, query_mask=torch.tensor([True] * 3 + [False] * 2), budget=16)
+    torch.testing.assert_close(masked.relevance, out.relevance)
+
+
+def test_text_query_without_text_encoder_is_a_clear_error(tiny_pipe: arrcoc.Pipeline) -> None:
+    with pytest.raises(arrcoc.MissingWeightsError, match="text encoder"):
+        tiny_pipe(_photo(100, 100, 0), query="what does the red sign say?", budget=8)
+
+
+@pytest.mark.parametrize("budget, match", [(0, "between 1 and 196"), (197, "between 1 and 196"), (2.5, "whole number"),
+                                           (True, "whole number"), ([3, 4], "one per image")])
+def test_bad_budgets(tiny_pipe: arrcoc.Pipeline, budget, match: str) -> None:
+    with pytest.raises(arrcoc.BudgetError, match=match):
+        tiny_pipe(_photo(200, 200, 0), budget=budget)
+
+
+def test_bad_query_width(tiny_pipe: arrcoc.Pipeline) -> None:
+    with pytest.raises(arrcoc.InvalidInputError, match="width"):
+        tiny_pipe(_photo(200, 200, 0), query=torch.randn(7), budget=8)
+
+
+def test_score_only(tiny_pipe: arrcoc.Pipeline) -> None:
+    out = tiny_pipe.score([_photo(300, 200, 1)], profile=True)
+    assert isinstance(out, arrcoc.ScoreOutput) and not isinstance(out, arrcoc.CompressionOutput)
+    assert {"preprocess", "encode", "score", "balance"} <= set(out.timings)
+    torch.testing.assert_close(out.relevance.flatten(1).sum(1), torch.ones(1))
+    as_json = out.image(0)
+    assert len(as_json["relevance"]) == out.region_grid[0, 0]
+
+
+def test_weight_free_scores_on_the_demo_scene() -> None:
+    """With a random encoder, texture alone must rank the sign above the flat sky."""
+    pipe = arrcoc.Pipeline(arrcoc.PipelineConfig.from_name("tiny"))
+    out = pipe.score(demo_scene(640, 480))
+    per_pixel = out.patch_pixels(0) * out.region_size  # region side in source pixels
+    parts = scene_regions(640, 480)
+
+    def mean_in(box, key):
+        left, top, right, bottom = (int(v // per_pixel) for v in box)
+        grid = out.relevance if key == "relevance" else out.scores[key]
+        return grid[0, top : max(bottom, top + 1), left : max(right, left + 1)].mean().item()
+
+    for key in ("propositional", "perspectival", "relevance"):
+        assert mean_in(parts["sign"], key) > 2 * mean_in(parts["sky"], key), key
+
+
+def test_save_and_load_pretrained(tmp_path, tiny_pipe: arrcoc.Pipeline) -> None:
+    tiny_pipe.save_pretrained(tmp_path)
+    again = arrcoc.Pipeline.from_pretrained(tmp_path)
+    assert again.config == tiny_pipe.config
+    image = _photo(200, 150, 2)
+    torch.testing.assert_close(again(image, budget=12).tokens, tiny_pipe(image, budget=12).tokens)
+
+
+def test_from_pretrained_default_is_offline_and_untrained() -> None:
+    pipe = arrcoc.Pipeline.from_pretrained(buckets=(224,))
+    assert pipe.config.encoder == arrcoc.PipelineConfig().encoder
+    out = pipe(_photo(224, 224, 0), budget=32)
+    _check_contract(out, [32])
+
+
+def test_convnet_encoder() -> None:
+    pipe = arrcoc.Pipeline(arrcoc.PipelineConfig(encoder="resnet18", buckets=(224, 384), region_size=2))
+    out = pipe([_photo(300, 200, 0), _photo(100, 100, 1)], budget=10)
+    _check_contract(out, [10, 10])
+    assert out.prefix.shape[1] == 0 and out.patch_grid[0].tolist() == [12, 12]
+
+
+def test_encoder_without_grid_is_a_clear_error() -> None:
+    with pytest.raises(arrcoc.EncoderError):
+        arrcoc.Pipeline(arrcoc.PipelineConfig(encoder="not_a_model_name"))
+
+
+def test_import_is_inert() -> None:
+    import subprocess
+    import sys
+
+    code = "import arrcoc, torch, sys; assert not torch.cuda.is_initialized(); print('ok')"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout == "ok\n" and done.stderr == ""
+
+
+@pytest.mark.cuda
+def test_cuda_matches_cpu(tiny_config: arrcoc.PipelineConfig) -> None:
+    cpu = arrcoc.Pipeline(tiny_config)
+    gpu = arrcoc.Pipeline(tiny_config, device="cuda")
+    images = [_photo(320, 240, i) for i in range(3)]
+    query = torch.randn(2, cpu.width, generator=torch.Generator().manual_seed(0))
+    a = cpu(images, query=query, budget=[10, 40, 90])
+    b = gpu(images, query=query.cuda(), budget=[10, 40, 90])
+    _check_contract(b, [10, 40, 90])
+    torch.testing.assert_close(b.relevance.cpu(), a.relevance, rtol=1e-3, atol=1e-4)
+    agree = (b.allocation.cpu() == a.allocation).float().mean()
+    assert agree > 0.9  # float differences may move a token across a rounding tie
+
+
+@pytest.mark.cuda
+def test_cuda_stages_do_not_sync(tiny_config: arrcoc.PipelineConfig) -> None:
+    pipe = arrcoc.Pipeline(tiny_config, device="cuda")
+    (group,) = pipe.preprocessor([_photo(320, 240, 0)], device="cuda")
+    state = {"pixels": group.pixels, "valid": group.valid, "query": torch.zeros(1, 1, pipe.width, device="cuda"),
+             "query_mask": torch.zeros(1, 1, dtype=torch.bool, device="cuda"),
+             "budget": torch.tensor([40], device="cuda")}
+    chain = pipe.stages(group.bucket, capacity=64)
+    with torch.inference_mode():
+        for _, stage in chain:  # warm up (lazy init may sync once)
+            state.update(stage(state))
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            for _, stage in chain:
+                state.update(stage(state))
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    assert int(state["mask"].sum()) == 40

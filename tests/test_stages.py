@@ -1,0 +1,190 @@
+"""The stages after encode, one by one: texture, regions, scorers, balance, compression."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from arrcoc.balance import BALANCE_KEYS, Balance
+from arrcoc.compression import compress
+from arrcoc.config import BalanceConfig
+from arrcoc.regions import capacity_of, normalize_per_image, region_bounds, region_grid, to_regions
+from arrcoc.scorers import SCORERS, create_scorer
+from arrcoc.texture import rgb_to_lab, texture_features
+
+
+def _inputs(b: int = 2, gh: int = 6, gw: int = 7, d: int = 8, seed: int = 0, device: str = "cpu"):
+    g = torch.Generator().manual_seed(seed)
+    features = torch.randn(b, gh, gw, d, generator=g)
+    texture = torch.rand(b, gh, gw, 5, generator=g)
+    valid = torch.ones(b, gh, gw)
+    valid[-1, :, 4:] = 0  # the last image is letterboxed on the right: from patch column 4 on
+    query = torch.randn(b, 3, d, generator=g)
+    mask = torch.tensor([[True, True, False]] * b)
+    return [t.to(device) for t in (features, texture, valid, query, mask)]
+
+
+def test_lab_of_known_colours() -> None:
+    white = rgb_to_lab(torch.ones(1, 3, 1, 1)).flatten()
+    red = rgb_to_lab(torch.tensor([1.0, 0.0, 0.0]).view(1, 3, 1, 1)).flatten()
+    torch.testing.assert_close(white, torch.tensor([1.0, 0.0, 0.0]), atol=1e-4, rtol=0)
+    torch.testing.assert_close(red, torch.tensor([0.5324, 0.8009, 0.6720]), atol=2e-3, rtol=0)  # CIE L*a*b* of sRGB red / 100
+
+
+def test_texture_sees_edges_not_padding_border() -> None:
+    pixels = torch.zeros(1, 3, 64, 64)
+    pixels[..., :, 20:] = 1.0  # a vertical edge at x = 20, inside patch column 1 (16-px patches)
+    valid = torch.zeros(1, 1, 64, 64)
+    valid[..., :, :48] = 1  # image on the left 48 px; the border at 48 is padding, not an edge
+    tex = texture_features(pixels, valid, (4, 4))
+    edge = tex[0, :, :, 3]
+    assert (edge[:, 1] > 0.05).all()
+    assert edge[:, 2].abs().max() < 1e-6  # flat white, and the image/padding border is ignored
+    assert (tex[0, :, 3] == 0).all()  # padding patches are zero
+
+
+def test_to_regions_pads_and_orders() -> None:
+    grid = torch.arange(6 * 7, dtype=torch.float).view(1, 6, 7, 1)
+    regions = to_regions(grid, 4)
+    assert regions.shape == (1, 2, 2, 16, 1)
+    assert region_grid((6, 7), 4) == (2, 2)
+    assert regions[0, 0, 1, :4, 0].tolist() == [4, 5, 6, 0]  # row 0, columns 4..6, then padding
+    assert regions[0, 1, 0, 4, 0] == 5 * 7  # second row of the lower-left region is grid row 5
+
+
+def test_normalize_is_per_image_and_ignores_invalid() -> None:
+    score = torch.tensor([[1.0, 3.0, 100.0], [5.0, 5.0, 5.0]])
+    valid = torch.tensor([[True, True, False], [True, True, True]])
+    out = normalize_per_image(score, valid)
+    assert out.tolist() == [[0.0, 1.0, 0.0], [0.0, 0.0, 0.0]]
+
+
+def test_bounds_and_capacity() -> None:
+    valid = torch.ones(1, 6, 7)
+    valid[0, :, 4:] = 0  # the right column of regions is all padding
+    low, high = region_bounds(valid, 4, 1, None)
+    assert high.tolist() == [[[16, 12], [8, 6]]]
+    assert low.tolist() == [[[1, 0], [1, 0]]]
+    assert capacity_of((6, 7), 4, None) == 42 and capacity_of((6, 7), 4, 4) == 16
+
+
+@pytest.mark.parametrize("name", sorted(SCORERS))
+def test_scorer_range_and_shape(name: str) -> None:
+    features, texture, valid, query, mask = _inputs()
+    score = create_scorer(name, 4)(features, texture, valid, query, mask)
+    assert score.shape == (2, 2, 2) and score.dtype == torch.float32
+    assert score.min() >= 0 and score.max() <= 1
+    assert (score[-1, :, 1] == 0).all()  # a region of padding only scores 0
+
+
+@pytest.mark.parametrize("name", sorted(SCORERS))
+def test_scorer_is_per_image(name: str) -> None:
+    features, texture, valid, query, mask = _inputs(b=3)
+    scorer = create_scorer(name, 4)
+    together = scorer(features, texture, valid, query, mask)
+    alone = scorer(features[1:2], texture[1:2], valid[1:2], query[1:2], mask[1:2])
+    torch.testing.assert_close(together[1:2], alone)
+
+
+def test_participatory_without_query_is_zero_and_ignores_padding() -> None:
+    features, texture, valid, query, mask = _inputs()
+    scorer = create_scorer("participatory", 4)
+    none = scorer(features, texture, valid, query, torch.zeros_like(mask))
+    assert (none == 0).all()
+    padded = query.clone()
+    padded[:, 2] = 1e6  # a huge padding token must not change anything
+    torch.testing.assert_close(scorer(features, texture, valid, padded, mask), scorer(features, texture, valid, query, mask))
+
+
+def test_participatory_finds_the_patch_that_matches() -> None:
+    features, texture, valid, _, _ = _inputs(b=1, gh=8, gw=8)
+    query = features[:, 6, 1][:, None]  # the query is the feature of patch (6, 1), in region (1, 0)
+    score = create_scorer("participatory", 4)(features, texture, valid, query, torch.ones(1, 1, dtype=torch.bool))
+    assert score[0, 1, 0] == 1.0
+
+
+def test_propositional_prefers_texture_over_flat() -> None:
+    pixels = torch.full((1, 3, 128, 128), 0.5)
+    pixels[..., 64:, 64:] = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    valid = torch.ones(1, 1, 128, 128)
+    texture = texture_features(pixels, valid, (8, 8))
+    features = torch.zeros(1, 8, 8, 4)
+    score = create_scorer("propositional", 4)(features, texture, valid[:, 0, ::16, ::16], features[:, :1, 0], torch.zeros(1, 1, dtype=torch.bool))
+    assert score[0, 1, 1] == 1.0 and score[0, 0, 0] == 0.0
+
+
+def test_balance_reports_every_tension_per_image() -> None:
+    features, texture, valid, query, mask = _inputs(b=2)
+    scores = torch.rand(2, 3, 2, 2, generator=torch.Generator().manual_seed(3))
+    mask[1] = False  # the second image has no query
+    relevance, report = Balance(BalanceConfig(), 4)(scores, features, valid, mask)
+    assert set(report) == set(BALANCE_KEYS)
+    torch.testing.assert_close(relevance.flatten(1).sum(1), torch.ones(2))
+    assert (relevance[1, :, 1] == 0).all()  # padding regions of image 1
+    assert report["weights"][1, 2] == 0 and report["weights"][0, 2] > 0
+    assert report["has_query"].tolist() == [True, False]
+    for key in ("agreement", "exploit", "temperature", "evenness", "diversify", "particularize"):
+        assert report[key].shape == (2,)
+
+
+def test_balance_knobs_move_the_tensions() -> None:
+    features, _, valid, _, mask = _inputs(b=1, gh=8, gw=8)
+    valid = torch.ones_like(valid)
+    scores = torch.rand(1, 3, 2, 2, generator=torch.Generator().manual_seed(4))
+    uniform, rep_u = Balance(BalanceConfig(particularize=0.0), 4)(scores, features, valid, mask)
+    torch.testing.assert_close(uniform, torch.full_like(uniform, 0.25))
+    sharp, rep_s = Balance(BalanceConfig(exploit=1.0, particularize=1.0), 4)(scores, features, valid, mask)
+    soft, rep_x = Balance(BalanceConfig(exploit=0.0, particularize=1.0), 4)(scores, features, valid, mask)
+    assert sharp.max() > soft.max() and rep_s["evenness"] < rep_x["evenness"]
+    assert rep_u["evenness"] > 0.999
+
+
+def test_compress_conserves_region_means_and_packs() -> None:
+    features, _, valid, _, _ = _inputs(b=2, gh=6, gw=7, d=5)
+    allocation = torch.tensor([[[1, 4], [8, 2]], [[3, 0], [5, 0]]])
+    tokens, positions, mask, weights = compress(features, valid, allocation, 20, 4)
+    assert tokens.shape == (2, 20, 5) and positions.shape == (2, 20, 4) and mask.dtype == torch.bool
+    assert mask.sum(1).tolist() == [15, 8]
+    assert (tokens[~mask] == 0).all() and (weights[~mask] == 0).all()
+    regions = to_regions(features, 4).flatten(1, 2)  # (B, R, P, D)
+    inside = to_regions(valid[..., None], 4)[..., 0].flatten(1, 2) > 0
+    for b in range(2):
+        start = 0
+        for r, k in enumerate(allocation[b].flatten().tolist()):
+            if k == 0:
+                continue
+            tok, w = tokens[b, start : start + k], weights[b, start : start + k]
+            expected = regions[b, r][inside[b, r]].mean(0)
+            torch.testing.assert_close((tok * w[:, None]).sum(0) / w.sum(), expected, rtol=1e-5, atol=1e-5)
+            assert w.sum() == inside[b, r].sum()
+            start += k
+
+
+def test_compress_full_detail_is_every_patch() -> None:
+    features, _, valid, _, _ = _inputs(b=1, gh=8, gw=8, d=4)
+    allocation = torch.full((1, 2, 2), 16)
+    tokens, positions, mask, weights = compress(features, valid, allocation, 64, 4)
+    assert (weights == 1).all() and (positions[..., 2:] == 1).all()
+    rebuilt = torch.zeros_like(features)
+    rebuilt[0, positions[0, :, 0], positions[0, :, 1]] = tokens[0]
+    torch.testing.assert_close(rebuilt, features)
+
+
+def test_compress_one_token_is_the_region_box() -> None:
+    features, _, valid, _, _ = _inputs(b=2, gh=6, gw=7, d=4)
+    tokens, positions, mask, weights = compress(features, valid, torch.ones(2, 2, 2, dtype=torch.long), 4, 4)
+    assert positions[0].tolist() == [[0, 0, 4, 4], [0, 4, 4, 3], [4, 0, 2, 4], [4, 4, 2, 3]]
+    assert weights[0].tolist() == [16, 12, 8, 6]
+    assert weights[1].tolist() == [16, 12, 8, 6]  # all-padding regions pool their padding when asked for a token
+
+
+def test_stages_run_on_meta_tensors() -> None:
+    """Static-shape contract: on the meta device any host read or data-dependent shape raises."""
+    features, texture, valid, query, mask = _inputs(device="meta")
+    scores = torch.stack([create_scorer(n, 4)(features, texture, valid, query, mask) for n in sorted(SCORERS)], 1)
+    relevance, report = Balance(BalanceConfig(), 4).to("meta")(scores, features, valid, mask)
+    assert relevance.shape == (2, 2, 2) and relevance.device.type == "meta"
+    tokens, positions, out_mask, weights = compress(features, valid, torch.ones(2, 2, 2, dtype=torch.long, device="meta"), 9, 4)
+    assert tokens.shape == (2, 9, 8) and positions.shape == (2, 9, 4)
+    tex = texture_features(torch.empty(2, 3, 96, 112, device="meta"), torch.empty(2, 1, 96, 112, device="meta"), (6, 7))
+    assert tex.shape == (2, 6, 7, 5)
