@@ -19,7 +19,7 @@ from timm.layers import resample_abs_pos_embed
 from torch import Tensor, nn
 
 from .errors import EncoderError, InvalidInputError, MissingWeightsError
-from .texture import texture_features
+from .texture import Texture
 
 __all__ = ["Encoder", "create_backbone", "load_safetensors", "encoder_for_bucket", "patch_stride"]
 
@@ -125,6 +125,7 @@ class Encoder(nn.Module):
         self.model = model
         self.bucket = bucket
         self.dtype = dtype
+        self.texture = Texture()
         data = timm.data.resolve_model_data_config(model)
         self.register_buffer("mean", torch.tensor(data["mean"]).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(data["std"]).view(1, 3, 1, 1), persistent=False)
@@ -167,7 +168,7 @@ class Encoder(nn.Module):
         else:
             features = out.permute(0, 2, 3, 1)  # (B, gh, gw, C)
             prefix = features.new_zeros(b, 0, features.shape[-1])
-        texture = texture_features(pixels, valid, self.grid)  # (B, gh, gw, 5)
+        texture = self.texture(pixels, valid, self.grid)  # (B, gh, gw, 5)
         patch = (pixels.shape[-2] // gh, pixels.shape[-1] // gw)
         patch_valid = F.avg_pool2d(valid, patch)[:, 0]  # (B, gh, gw)
         return features.float().contiguous(), prefix.float(), texture, patch_valid

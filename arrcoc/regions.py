@@ -48,15 +48,15 @@ def normalize_per_image(score: Tensor, valid: Tensor) -> Tensor:
     becomes all zeros (it says nothing about where to look).
 
     Args:
-        score: ``(B, ...)`` float.
-        valid: ``(B, ...)`` bool, same shape.
+        score: ``(B, ...)`` float, or ``(B, K, ...)``: a stack of K maps per image, each normalised on its own.
+        valid: ``(B, ...)`` bool.
     """
-    flat = score.flatten(1)
-    mask = valid.flatten(1)
-    low = torch.where(mask, flat, torch.inf).amin(1, keepdim=True)
-    high = torch.where(mask, flat, -torch.inf).amax(1, keepdim=True)
-    span = (high - low).clamp_min(1e-12)
-    scaled = torch.where(mask, (flat - low) / span, 0.0)
+    stacked = score.ndim == valid.ndim + 1
+    flat = score.flatten(2) if stacked else score.flatten(1)  # (B, [K,] R)
+    mask = valid.flatten(1)[:, None] if stacked else valid.flatten(1)
+    low = torch.where(mask, flat, torch.inf).amin(-1, keepdim=True)
+    high = torch.where(mask, flat, -torch.inf).amax(-1, keepdim=True)
+    scaled = torch.where(mask, (flat - low) / (high - low).clamp_min(1e-12), 0.0)
     return scaled.view_as(score)
 
 

@@ -81,45 +81,44 @@ class Scorer(nn.Module):
         raise NotImplementedError
 
 
-def _weighted_spread(values: Tensor, weights: Tensor) -> Tensor:
-    """Standard deviation over the patch axis -2, weighted; averaged over channels. ``(B, rh, rw, P, C) -> (B, rh, rw)``."""
-    w = weights[..., None]
-    mean = masked_mean(values, w, -2)  # (B, rh, rw, C)
-    var = masked_mean((values - mean[..., None, :]).square(), w, -2)
-    return var.mean(-1).clamp_min(0).sqrt()
-
-
 @register_scorer("propositional")
 class PropositionalScorer(Scorer):
-    """Information: edges, local contrast and colour variety, plus the spread of encoder features."""
+    """Information: edge density, local contrast and colour variety, plus the spread of encoder features.
 
-    def __init__(self, region_size: int = 4, feature_weight: float = 0.5) -> None:
+    Each term is normalised per image, then they are mixed with ``term_weights`` (edge, contrast, colour,
+    feature spread).
+    """
+
+    def __init__(self, region_size: int = 4, term_weights: tuple[float, float, float, float] = (1.0, 1.0, 1.0, 1.5)) -> None:
         super().__init__(region_size)
-        self.feature_weight = feature_weight
+        self.register_buffer("term_weights", torch.tensor(term_weights).view(-1, 1, 1), persistent=False)
 
     def forward(self, features: Tensor, texture: Tensor, patch_valid: Tensor, query: Tensor,
                 query_mask: Tensor) -> Tensor:
-        weights = self.regions(patch_valid[..., None])[..., 0]  # (B, rh, rw, P)
-        valid = weights.sum(-1) > 0  # (B, rh, rw)
-        tex = self.regions(texture)  # (B, rh, rw, P, 5)
-        edge = masked_mean(tex[..., 3], weights, -1)
-        contrast = masked_mean(tex[..., 4], weights, -1)
-        colour = _weighted_spread(tex[..., :3], weights)
-        spread = _weighted_spread(self.regions(features), weights)
-        terms = [normalize_per_image(t, valid) for t in (edge, contrast, colour)]
-        texture_score = sum(terms) / len(terms)
-        score = texture_score + self.feature_weight * normalize_per_image(spread, valid)
-        return normalize_per_image(score, valid)
+        weights = self.regions(patch_valid[..., None])  # (B, rh, rw, P, 1)
+        valid = weights.sum((-1, -2)) > 0  # (B, rh, rw)
+        stats = self.regions(torch.cat((texture, features), -1))  # (B, rh, rw, P, 5 + D)
+        mean = masked_mean(stats, weights, -2)  # (B, rh, rw, 5 + D)
+        var = (masked_mean(stats.square(), weights, -2) - mean.square()).clamp_min(0)
+        colour = var[..., :3].mean(-1).sqrt()  # spread of L*a*b* across the region's patches
+        spread = var[..., 5:].mean(-1).sqrt()  # spread of encoder features
+        terms = normalize_per_image(torch.stack((mean[..., 3], mean[..., 4], colour, spread), 1), valid)
+        return normalize_per_image((terms * self.term_weights).sum(1), valid)
 
 
 @register_scorer("perspectival")
 class PerspectivalScorer(Scorer):
-    """Salience: colour contrast with the surround and with the whole image, and feature distinctness."""
+    """Salience: colour contrast with the surround and with the whole image, and feature distinctness.
 
-    def __init__(self, region_size: int = 4, surround: int = 5, feature_weight: float = 0.5) -> None:
+    Measured per patch (``term_weights``: local contrast, global contrast, feature distinctness), then per
+    region as half its peak and half its mean, so a small salient object lights up its region.
+    """
+
+    def __init__(self, region_size: int = 4, surround: int = 5,
+                 term_weights: tuple[float, float, float] = (1.0, 0.5, 0.5)) -> None:
         super().__init__(region_size)
         self.surround = surround
-        self.feature_weight = feature_weight
+        self.register_buffer("term_weights", torch.tensor(term_weights).view(-1, 1, 1), persistent=False)
 
     def forward(self, features: Tensor, texture: Tensor, patch_valid: Tensor, query: Tensor,
                 query_mask: Tensor) -> Tensor:
@@ -128,19 +127,15 @@ class PerspectivalScorer(Scorer):
         pool = dict(kernel_size=self.surround, stride=1, padding=self.surround // 2, count_include_pad=False)
         surround = F.avg_pool2d(lab * w, **pool) / F.avg_pool2d(w, **pool).clamp_min(1e-6)
         local = (lab - surround).norm(dim=1)  # (B, gh, gw)
-        image_mean = masked_mean(lab.flatten(2), w.flatten(2), -1)  # (B, 3)
-        global_ = (lab - image_mean[..., None, None]).norm(dim=1)  # (B, gh, gw)
-        flat = features.flatten(1, 2)  # (B, N, D)
-        mean_feature = masked_mean(flat, patch_valid.flatten(1)[..., None], 1)  # (B, D)
-        distinct = 1 - F.cosine_similarity(flat, mean_feature[:, None], dim=-1).view_as(patch_valid)
-        valid = patch_valid > 0
-        patch = (normalize_per_image(local, valid) + 0.5 * normalize_per_image(global_, valid)
-                 + self.feature_weight * normalize_per_image(distinct, valid))  # (B, gh, gw)
+        image_mean = (lab * w).sum((2, 3), keepdim=True) / w.sum((2, 3), keepdim=True).clamp_min(1e-6)
+        global_ = (lab - image_mean).norm(dim=1)  # (B, gh, gw)
+        mean_feature = (features * patch_valid[..., None]).sum((1, 2), keepdim=True)  # direction only
+        distinct = 1 - F.cosine_similarity(features, mean_feature, dim=-1)  # (B, gh, gw)
+        terms = normalize_per_image(torch.stack((local, global_, distinct), 1), patch_valid > 0)
+        patch = (terms * self.term_weights).sum(1)  # (B, gh, gw)
         weights = self.regions(patch_valid[..., None])[..., 0]  # (B, rh, rw, P)
         per_region = self.regions(patch[..., None])[..., 0]
-        # A small salient object should light up its region: half peak, half mean.
-        peak = torch.where(weights > 0, per_region, 0.0).amax(-1)
-        score = 0.5 * peak + 0.5 * masked_mean(per_region, weights, -1)
+        score = 0.5 * per_region.amax(-1) + 0.5 * masked_mean(per_region, weights, -1)  # padding patches score 0
         return normalize_per_image(score, weights.sum(-1) > 0)
 
 

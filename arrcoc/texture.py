@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
-__all__ = ["TEXTURE_CHANNELS", "rgb_to_lab", "texture_features"]
+__all__ = ["TEXTURE_CHANNELS", "Texture", "rgb_to_lab", "texture_features"]
 
 #: Channels of :func:`texture_features`, in order.
 TEXTURE_CHANNELS: tuple[str, ...] = ("L", "a", "b", "edge", "contrast")
@@ -19,17 +19,28 @@ _RGB_TO_XYZ = ((0.4124564, 0.3575761, 0.1804375), (0.2126729, 0.7151522, 0.07217
 _WHITE = (0.95047, 1.0, 1.08883)
 
 
-def rgb_to_lab(rgb: Tensor) -> Tensor:
+def _xyz_matrix() -> Tensor:
+    return torch.tensor(_RGB_TO_XYZ) / torch.tensor(_WHITE)[:, None]  # white-normalised rows
+
+
+def _sobel() -> Tensor:
+    sobel_x = torch.tensor([[-1.0, 0.0, 1.0], [-2.0, 0.0, 2.0], [-1.0, 0.0, 1.0]]) / 8.0
+    return torch.stack((sobel_x, sobel_x.t()))[:, None]  # (2, 1, 3, 3)
+
+
+def rgb_to_lab(rgb: Tensor, matrix: Tensor | None = None) -> Tensor:
     """sRGB in [0, 1] -> CIE L*a*b*, scaled so L is in [0, 1] and a, b roughly in [-1, 1].
 
     Args:
         rgb: ``(B, 3, H, W)`` float.
+        matrix: the white-normalised sRGB -> XYZ matrix on ``rgb``'s device (built when omitted; stages pass
+            a buffer, since building it from Python numbers is a host-to-device copy).
 
     Returns:
         ``(B, 3, H, W)`` float: L/100, a/100, b/100.
     """
+    matrix = _xyz_matrix().to(rgb.device) if matrix is None else matrix
     linear = torch.where(rgb <= 0.04045, rgb / 12.92, ((rgb + 0.055) / 1.055).clamp_min(0) ** 2.4)
-    matrix = rgb.new_tensor(_RGB_TO_XYZ) / rgb.new_tensor(_WHITE)[:, None]  # white-normalised rows
     xyz = torch.einsum("ij,bjhw->bihw", matrix, linear)  # (B, 3, H, W)
     delta = 6.0 / 29.0
     f = torch.where(xyz > delta**3, xyz.clamp_min(1e-12) ** (1.0 / 3.0), xyz / (3 * delta**2) + 4.0 / 29.0)
@@ -38,7 +49,8 @@ def rgb_to_lab(rgb: Tensor) -> Tensor:
     return lab
 
 
-def texture_features(pixels: Tensor, valid: Tensor, grid: tuple[int, int]) -> Tensor:
+def texture_features(pixels: Tensor, valid: Tensor, grid: tuple[int, int], matrix: Tensor | None = None,
+                     sobel: Tensor | None = None) -> Tensor:
     """Per-patch colour, edge strength and local contrast.
 
     Edges are measured with a Sobel filter on lightness; the border between the image and its letterbox
@@ -48,6 +60,7 @@ def texture_features(pixels: Tensor, valid: Tensor, grid: tuple[int, int]) -> Te
         pixels: ``(B, 3, S, S)`` RGB in [0, 1].
         valid: ``(B, 1, S, S)`` 1 on image pixels, 0 on padding.
         grid: ``(gh, gw)`` patch grid; ``S`` must be divisible by both.
+        matrix, sobel: constant tensors on the pixels' device (see :class:`Texture`, which holds them).
 
     Returns:
         ``(B, gh, gw, 5)`` float: mean L, a, b; mean Sobel magnitude; standard deviation of L
@@ -55,11 +68,10 @@ def texture_features(pixels: Tensor, valid: Tensor, grid: tuple[int, int]) -> Te
     """
     gh, gw = grid
     patch = (pixels.shape[-2] // gh, pixels.shape[-1] // gw)
-    lab = rgb_to_lab(pixels.float())  # (B, 3, S, S)
+    lab = rgb_to_lab(pixels.float(), matrix)  # (B, 3, S, S)
     light = lab[:, :1]  # (B, 1, S, S)
-    sobel_x = light.new_tensor([[-1.0, 0.0, 1.0], [-2.0, 0.0, 2.0], [-1.0, 0.0, 1.0]]) / 8.0
-    kernels = torch.stack((sobel_x, sobel_x.t()))[:, None]  # (2, 1, 3, 3)
-    gradient = F.conv2d(F.pad(light, (1, 1, 1, 1), mode="replicate"), kernels)  # (B, 2, S, S)
+    sobel = _sobel().to(pixels.device) if sobel is None else sobel
+    gradient = F.conv2d(F.pad(light, (1, 1, 1, 1), mode="replicate"), sobel)  # (B, 2, S, S)
     edge = gradient.square().sum(1, keepdim=True).sqrt()  # (B, 1, S, S)
     interior = -F.max_pool2d(-valid, 3, stride=1, padding=1)  # valid eroded by one pixel
     edge = edge * interior
@@ -71,3 +83,16 @@ def texture_features(pixels: Tensor, valid: Tensor, grid: tuple[int, int]) -> Te
     contrast = (light_sq - mean[:, :1].square()).clamp_min(0).sqrt()  # (B, 1, gh, gw)
     features = torch.cat((mean, contrast), 1) * (weight > 0)  # (B, 5, gh, gw)
     return features.permute(0, 2, 3, 1).contiguous()
+
+
+class Texture(nn.Module):
+    """Module form of :func:`texture_features`, holding its constants as buffers (no host copies in forward)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("matrix", _xyz_matrix(), persistent=False)
+        self.register_buffer("sobel", _sobel(), persistent=False)
+
+    def forward(self, pixels: Tensor, valid: Tensor, grid: tuple[int, int]) -> Tensor:
+        """See :func:`texture_features`."""
+        return texture_features(pixels, valid, grid, self.matrix, self.sobel)

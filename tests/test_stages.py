@@ -181,7 +181,7 @@ def test_compress_one_token_is_the_region_box() -> None:
 def test_stages_run_on_meta_tensors() -> None:
     """Static-shape contract: on the meta device any host read or data-dependent shape raises."""
     features, texture, valid, query, mask = _inputs(device="meta")
-    scores = torch.stack([create_scorer(n, 4)(features, texture, valid, query, mask) for n in sorted(SCORERS)], 1)
+    scores = torch.stack([create_scorer(n, 4).to("meta")(features, texture, valid, query, mask) for n in sorted(SCORERS)], 1)
     relevance, report = Balance(BalanceConfig(), 4).to("meta")(scores, features, valid, mask)
     assert relevance.shape == (2, 2, 2) and relevance.device.type == "meta"
     tokens, positions, out_mask, weights = compress(features, valid, torch.ones(2, 2, 2, dtype=torch.long, device="meta"), 9, 4)
