@@ -4,8 +4,15 @@ Importing arrcoc touches no GPU, changes no global setting and prints nothing.
 """
 
 from .config import BalanceConfig, PipelineConfig
-from .errors import (ArrcocError, BudgetError, EncoderError, ImageLoadError, InvalidInputError, InvalidTypeError,
-                     MissingWeightsError)
+from .errors import (
+                     ArrcocError,
+                     BudgetError,
+                     EncoderError,
+                     ImageLoadError,
+                     InvalidInputError,
+                     InvalidTypeError,
+                     MissingWeightsError,
+)
 from .outputs import CompressionOutput, ScoreOutput
 from .pipeline import Pipeline
 

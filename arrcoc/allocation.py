@@ -49,14 +49,18 @@ def _solve_level(weight: Tensor, low: Tensor, high: Tensor, budget: Tensor) -> T
     return torch.minimum(torch.maximum(lam * weight, low), high)
 
 
-def _round(level: Tensor, weight: Tensor, low: Tensor, high: Tensor, budget: Tensor) -> Tensor:
-    """Integer allocation from the continuous one, summing exactly to ``budget``."""
+def _round(level: Tensor, relevance: Tensor, low: Tensor, high: Tensor, budget: Tensor) -> Tensor:
+    """Integer allocation from the continuous one, summing exactly to ``budget``.
+
+    Ties of the fractional part are broken by the *original* relevance (the floored weights can tie where
+    relevance does not, e.g. 0 and 1e-33), then by index, which keeps the allocation monotone.
+    """
     base = torch.minimum(torch.maximum(torch.floor(level), low), high)  # (B, R)
     missing = budget - base.sum(1)  # (B,) >= 0
     fraction = torch.where(base < high, level - base, -1.0)  # no room: never picked
     # Priority: larger fraction, then larger weight, then lower index (stable sorts, last key first).
-    index = torch.arange(weight.shape[1], device=weight.device).expand_as(weight)
-    order = torch.sort(weight, dim=1, descending=True, stable=True).indices
+    index = torch.arange(relevance.shape[1], device=relevance.device).expand_as(relevance)
+    order = torch.sort(relevance, dim=1, descending=True, stable=True).indices
     order = order.gather(1, torch.sort(fraction.gather(1, order), dim=1, descending=True, stable=True).indices)
     rank = torch.empty_like(order).scatter_(1, order, index)
     extra = (rank < missing[:, None]) & (base < high)
@@ -65,11 +69,11 @@ def _round(level: Tensor, weight: Tensor, low: Tensor, high: Tensor, budget: Ten
 
 def _allocate(relevance: Tensor, budget: Tensor, low: Tensor, high: Tensor) -> Tensor:
     """Unchecked allocation: ``(B, R)`` float, ``(B,)`` int, ``(B, R)`` int bounds -> ``(B, R)`` int64."""
-    weight = relevance.double().clamp_min(0)
-    weight = weight + _FLOOR * (weight.amax(1, keepdim=True) + 1)  # ties and zeros stay ordered by index
+    relevance = relevance.double().clamp_min(0)
+    weight = relevance + _FLOOR * (relevance.amax(1, keepdim=True) + 1)  # zero-weight regions are served last
     low, high, total = low.double(), high.double(), budget.double()
     level = _solve_level(weight, low, high, total)
-    return _round(level, weight, low, high, total)
+    return _round(level, relevance, low, high, total)
 
 
 def _as_bounds(value: int | Tensor, like: Tensor, name: str, check: bool) -> Tensor:

@@ -132,7 +132,10 @@ def _markdown(report: dict[str, Any]) -> str:
               "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in report["results"]:
         s, busy = r["stages"], r.get("busy")
-        cell = (lambda n: f"{s[n]:.3f} / {busy[n]:.3f}") if busy else (lambda n: f"{s[n]:.3f}")
+
+        def cell(n: str, s: dict = s, busy: dict | None = busy) -> str:
+            return f"{s[n]:.3f} / {busy[n]:.3f}" if busy else f"{s[n]:.3f}"
+
         share = f"{100 * r['post_encode_share']:.1f}%"
         if busy:
             share += f" / {100 * r['post_encode_busy_share']:.1f}%"

@@ -157,7 +157,7 @@ class Pipeline(nn.Module):
         return int(self.encoder(self.config.buckets[0]).width)
 
     # --- inputs -----------------------------------------------------------------------------------------
-    def _query(self, query: Any, query_mask: Tensor | None, batch: int) -> tuple[Tensor, Tensor]:
+    def prepare_query(self, query: Any, query_mask: Tensor | None = None, batch: int = 1) -> tuple[Tensor, Tensor]:
         """Normalise a query to ``(B, L, D)`` float32 plus a ``(B, L)`` bool mask of its real tokens."""
         width, device = self.width, self.device
         if query is None:
@@ -189,7 +189,7 @@ class Pipeline(nn.Module):
                                     f"got {query_mask.dtype} {tuple(query_mask.shape)}")
         query_mask = query_mask.reshape(-1, query.shape[1])
         if query.shape[1] == 0:  # an empty query is no query
-            return self._query(None, None, batch)
+            return self.prepare_query(None, None, batch)
         query = query.to(device, torch.float32).expand(batch, -1, -1)
         return query, query_mask.to(device).expand(batch, -1)
 
@@ -265,7 +265,7 @@ class Pipeline(nn.Module):
         with timer("preprocess"):
             groups = self.preprocessor(images, device=self.device)
         batch = sum(len(g.indices) for g in groups)
-        query, query_mask = self._query(query, query_mask, batch)
+        query, query_mask = self.prepare_query(query, query_mask, batch)
         budgets, capacity = self._budgets(budget, groups, batch) if budget is not None else (None, 0)
 
         side = self.config.region_size
