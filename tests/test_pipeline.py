@@ -195,3 +195,12 @@ def test_cuda_stages_do_not_sync(tiny_config: arrcoc.PipelineConfig) -> None:
         finally:
             torch.cuda.set_sync_debug_mode("default")
     assert int(state["mask"].sum()) == 40
+
+
+@pytest.mark.parametrize("height, width", [(1, 1), (4000, 90), (37, 2500)])
+def test_tiny_and_extreme_images(tiny_pipe: arrcoc.Pipeline, height: int, width: int) -> None:
+    image = torch.randint(0, 256, (3, height, width), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    out = tiny_pipe(image, budget=8)
+    _check_contract(out, [8])
+    rh, rw = out.region_grid[0].tolist()
+    assert out.relevance[0, :rh, :rw].sum().item() == pytest.approx(1.0, abs=1e-5)
