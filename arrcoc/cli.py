@@ -234,7 +234,8 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", default="demo", help="output folder (default demo/)")
     demo.add_argument("--budget", type=int, default=64, help="tokens (default 64)")
     common(demo)
-    sub.add_parser("bench", help="time every stage (arguments: arrcoc bench --help)", add_help=False)
+    sub.add_parser("bench", help="time every stage, eager (arrcoc bench --help); with --graphs: CUDA graphs vs eager "
+                                 "vs torch.compile (arrcoc bench --graphs --help)", add_help=False)
     return parser
 
 
@@ -242,6 +243,10 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``arrcoc`` command; returns the exit code."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["bench"]:
+        if "--graphs" in argv:
+            from .bench_graphs import main as graphs_main
+
+            return graphs_main([a for a in argv[1:] if a != "--graphs"])
         from .bench import main as bench_main
 
         return bench_main(argv[1:])

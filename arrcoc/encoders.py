@@ -21,11 +21,11 @@ from torch import Tensor, nn
 from .errors import EncoderError, InvalidInputError, MissingWeightsError
 from .texture import Texture
 
-__all__ = ["Encoder", "create_backbone", "load_safetensors", "encoder_for_bucket", "patch_stride"]
+__all__ = ["ENCODER_DTYPES", "Encoder", "create_backbone", "load_safetensors", "encoder_for_bucket", "patch_stride"]
 
 logger = logging.getLogger(__name__)
 
-_DTYPES: Final = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+ENCODER_DTYPES: Final = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def _create(name: str, img_size: int | None, kwargs: dict[str, Any]) -> nn.Module:
@@ -181,7 +181,7 @@ def encoder_for_bucket(backbone: nn.Module, name: str, bucket: int, kwargs: dict
     with torch.device("meta"):  # a shape-only dry run: no memory, no compute
         probe = _create(name, bucket if sized else None, kwargs).forward_features(torch.empty(1, 3, bucket, bucket))
     model = _bucket_model(backbone, name, bucket, kwargs) if sized else backbone
-    return Encoder(model, bucket, probe.shape, _DTYPES[dtype])
+    return Encoder(model, bucket, probe.shape, ENCODER_DTYPES[dtype])
 
 
 def patch_stride(backbone: nn.Module) -> int:

@@ -11,6 +11,7 @@ import contextlib
 import logging
 import os
 import time
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -23,19 +24,35 @@ from .allocation import Allocator
 from .balance import Balance
 from .compression import Compressor
 from .config import SCORER_NAMES, PipelineConfig
-from .encoders import Encoder, create_backbone, encoder_for_bucket, patch_stride
+from .encoders import ENCODER_DTYPES, Encoder, create_backbone, encoder_for_bucket, patch_stride
 from .errors import BudgetError, InvalidInputError, InvalidTypeError, MissingWeightsError
+from .graphs import CaptureError, GraphCache, GraphKey
 from .outputs import CompressionOutput, ScoreOutput
 from .preprocess import PreprocessedBatch, Preprocessor
 from .regions import capacity_of, region_bounds, region_grid
 from .scorers import create_scorer
 
-__all__ = ["Pipeline", "DEFAULT_WEIGHTS_DIR"]
+__all__ = ["Pipeline", "DEFAULT_WEIGHTS_DIR", "BATCH_BUCKETS"]
 
 logger = logging.getLogger(__name__)
 
 #: Where ``Pipeline.from_pretrained()`` looks for the embedded default (``config.json`` + ``encoder.safetensors``).
 DEFAULT_WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "weights"
+
+#: With CUDA graphs, a batch pads up to the nearest of these (beyond the last: the next multiple of it).
+BATCH_BUCKETS: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64)
+
+#: Token capacities are rounded up to a multiple of this, so a new budget rarely means a new capture.
+CAPACITY_STEP = 64
+
+
+def _batch_bucket(batch: int) -> int:
+    last = BATCH_BUCKETS[-1]
+    return next((b for b in BATCH_BUCKETS if b >= batch), -(-batch // last) * last)
+
+
+def _query_bucket(tokens: int) -> int:
+    return 1 << max(0, tokens - 1).bit_length()  # 1, 2, 4, 8, ...
 
 
 class _StageTimer:
@@ -73,10 +90,15 @@ class Pipeline(nn.Module):
         weights: a local safetensors file with the encoder's weights; without one the encoder is a
             deterministic random initialisation (the texture-based scorers still work).
         device: where to run; the default is CPU (move later with ``.to``).
+        cuda_graphs: on CUDA, run the stages as captured CUDA graphs (default: on, unless the environment
+            sets ``ARRCOC_CUDA_GRAPHS=0``). On CPU the stages always run eagerly, with identical results.
+        compile: ``torch.compile`` each stage before capture (fusion inside the graphs).
+        graph_cache: the cache of captured chains (a new one, bounded to 32 entries, by default).
     """
 
     def __init__(self, config: PipelineConfig | None = None, *, weights: str | os.PathLike[str] | None = None,
-                 device: torch.device | str | None = None) -> None:
+                 device: torch.device | str | None = None, cuda_graphs: bool | None = None, compile: bool = False,
+                 graph_cache: GraphCache | None = None) -> None:
         super().__init__()
         self.config = config = config or PipelineConfig()
         self.weights_path = None if weights is None else os.fspath(weights)
@@ -93,6 +115,10 @@ class Pipeline(nn.Module):
         self.compressor = Compressor(side)
         self.text_encoder: nn.Module | None = None
         self._encoders: dict[int, Encoder] = {}  # per bucket; they share the backbone's tensors
+        self.cuda_graphs = cuda_graphs if cuda_graphs is not None else os.environ.get("ARRCOC_CUDA_GRAPHS", "1") != "0"
+        self.compile = compile
+        self.graph_cache = graph_cache or GraphCache()
+        self._eager_only: dict[GraphKey, str] = {}  # keys whose capture failed, with the reason
         if device is not None:
             self.to(device)
 
@@ -139,6 +165,8 @@ class Pipeline(nn.Module):
 
     def _apply(self, fn: Any, recurse: bool = True) -> Pipeline:
         self._encoders.clear()  # rebuilt lazily on the new device / dtype
+        if hasattr(self, "graph_cache"):
+            self.graph_cache.clear()
         return super()._apply(fn, recurse)
 
     def encoder(self, bucket: int) -> Encoder:
@@ -218,7 +246,7 @@ class Pipeline(nn.Module):
                 if not 1 <= values[i] <= limit:
                     raise BudgetError(f"budget for image {i} ({name}) must be between 1 and {limit}, the token "
                                       f"capacity of its {group.bucket}px bucket ({grid[0]}x{grid[1]} patches); got {values[i]}")
-        capacity = cfg.token_capacity or max(values)
+        capacity = cfg.token_capacity or -(-max(values) // CAPACITY_STEP) * CAPACITY_STEP
         if max(values) > capacity:
             raise BudgetError(f"budget {max(values)} exceeds the configured token_capacity {capacity}")
         return torch.tensor(values, dtype=torch.long), capacity
@@ -259,6 +287,75 @@ class Pipeline(nn.Module):
             chain += [("allocate", allocate), ("compress", compress)]
         return chain
 
+    # --- graphs ----------------------------------------------------------------------------------------------
+    def _graph_key(self, bucket: int, batch: int, capacity: int, query_tokens: int) -> GraphKey:
+        return GraphKey(bucket, _batch_bucket(batch), ENCODER_DTYPES[self.config.encoder_dtype], self.device, capacity,
+                        _query_bucket(query_tokens))
+
+    def _static_inputs(self, key: GraphKey) -> dict[str, Tensor]:
+        b, s, device = key.batch, key.bucket, key.device
+        return {"pixels": torch.full((b, 3, s, s), 0.5, device=device), "valid": torch.ones(b, 1, s, s, device=device),
+                "query": torch.zeros(b, key.query_tokens, self.width, device=device),
+                "query_mask": torch.zeros(b, key.query_tokens, dtype=torch.bool, device=device),
+                "budget": torch.ones(b, dtype=torch.long, device=device)}
+
+    def _chain(self, key: GraphKey) -> Any:
+        """The captured chain for ``key``, or None where capture failed (the stages then run eagerly)."""
+        if key in self._eager_only:
+            return None
+
+        def build() -> tuple[list[Any], dict[str, Tensor]]:
+            stages = self.stages(key.bucket, key.capacity)
+            if self.compile:
+                stages = [(name, torch.compile(fn, dynamic=False)) for name, fn in stages]
+            return stages, self._static_inputs(key)
+
+        try:
+            return self.graph_cache.get(key, build)
+        except CaptureError as err:
+            self._eager_only[key] = str(err)
+            warnings.warn(f"arrcoc: running eagerly for {key.bucket}px, batch {key.batch}: {err}", stacklevel=4)
+            return None
+
+    def warmup(self, sizes: Sequence[int] | None = None, batch_sizes: Sequence[int] = (1, 8, 64), *,
+               budget: int = CAPACITY_STEP, query_tokens: int = 1) -> dict[str, Any]:
+        """Capture the graphs up front, largest first (as serving engines do), so no call pays for a capture.
+
+        Args:
+            sizes: bucket sizes (default: all configured buckets).
+            batch_sizes: batch sizes; each maps to its batch bucket.
+            budget: the largest budget to serve; sets the token capacity of the entries.
+            query_tokens: the longest query to serve, in tokens.
+
+        Returns:
+            ``graph_cache.stats()`` after the captures.
+        """
+        if self.device.type != "cuda" or not self.cuda_graphs:
+            return self.graph_cache.stats()
+        capacity = self.config.token_capacity or -(-budget // CAPACITY_STEP) * CAPACITY_STEP
+        with torch.inference_mode():
+            for size in sorted(sizes or self.config.buckets, reverse=True):
+                for batch in sorted(batch_sizes, reverse=True):
+                    for cap in (capacity, 0):  # compression and relevance-only chains
+                        self._chain(self._graph_key(size, batch, cap, query_tokens))
+        return self.graph_cache.stats()
+
+    def _run_stages(self, state: dict[str, Any], bucket: int, capacity: int, timer: _StageTimer) -> dict[str, Any]:
+        """Run one bucket's stages, as graphs when possible; returns the result entries (owned copies)."""
+        batch = state["pixels"].shape[0]
+        use_graphs = self.cuda_graphs and self.device.type == "cuda"
+        chain = self._chain(self._graph_key(bucket, batch, capacity, state["query"].shape[1])) if use_graphs else None
+        if chain is None:
+            for name, stage in self.stages(bucket, capacity):
+                with timer(name):
+                    state.update(stage(state))
+            return {k: state[k] for k in _RESULT_KEYS if k in state}
+        with timer("graphs"), self.graph_cache.lock:
+            _fill_static(chain.inputs, state, batch)
+            chain.replay()
+            self.graph_cache.generation += 1
+            return {k: _take(chain.state[k], batch) for k in _RESULT_KEYS if k in chain.state}
+
     @torch.inference_mode()
     def _run(self, images: Any, query: Any, query_mask: Tensor | None, budget: Any, profile: bool) -> ScoreOutput:
         timer = _StageTimer(profile, self.device)
@@ -277,10 +374,7 @@ class Pipeline(nn.Module):
             group_budget = None if budgets is None else budgets[group.indices].to(self.device)
             state: dict[str, Any] = {"pixels": group.pixels, "valid": group.valid, "query": query[index],
                                      "query_mask": query_mask[index], "budget": group_budget}
-            for name, stage in self.stages(group.bucket, capacity):
-                with timer(name):
-                    state.update(stage(state))
-            _scatter_into(merged, {k: state[k] for k in _RESULT_KEYS if k in state}, index, batch, (rh, rw))
+            _scatter_into(merged, self._run_stages(state, group.bucket, capacity, timer), index, batch, (rh, rw))
 
         names = [""] * batch
         info = torch.zeros(batch, 8)
@@ -324,6 +418,26 @@ class Pipeline(nn.Module):
               profile: bool = False) -> ScoreOutput:
         """Relevance only: the three maps and the balanced relevance, no allocation or compression."""
         return self._run(images, query, query_mask, None, profile)
+
+
+def _fill_static(inputs: dict[str, Tensor], state: dict[str, Any], batch: int) -> None:
+    """Copy a call's inputs into a chain's static buffers; padding rows repeat the first image (masked out later)."""
+    for name in ("pixels", "valid", "budget"):
+        value = state[name] if name != "budget" or state[name] is not None else torch.ones_like(inputs[name][:batch])
+        inputs[name][:batch].copy_(value)
+        inputs[name][batch:].copy_(value[:1].expand_as(inputs[name][batch:]))
+    for name in ("query", "query_mask"):
+        value, tokens = state[name], state[name].shape[1]
+        inputs[name].zero_()
+        inputs[name][:batch, :tokens].copy_(value)
+        inputs[name][batch:, :tokens].copy_(value[:1].expand_as(inputs[name][batch:, :tokens]))
+
+
+def _take(value: Any, batch: int) -> Any:
+    """The first ``batch`` rows of a static output, copied so the caller owns them."""
+    if isinstance(value, dict):
+        return {k: _take(v, batch) for k, v in value.items()}
+    return value[:batch].clone()
 
 
 _RESULT_KEYS = ("scores", "relevance", "balance", "prefix", "allocation", "tokens", "positions", "mask", "weights")
