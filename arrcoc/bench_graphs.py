@@ -88,12 +88,24 @@ def time_graphs(pipe: Pipeline, size: int, batch: int, *, reps: int = 50, warmup
                 s.update(fn(s))
             return s["tokens"], s["mask"], s["allocation"]
 
-        compiled = torch.compile(whole, mode="reduce-overhead")
         args = tuple(inputs[k] for k in ("pixels", "valid", "query", "query_mask", "budget"))
-        start = time.perf_counter()
-        for _ in range(3):  # compile, record, then replay
-            compiled(*args)
-        torch.cuda.synchronize()
+        # reduce-overhead = inductor + CUDA graph trees; where inductor fails on the chain, the "cudagraphs"
+        # backend (dynamo + CUDA graph trees, no inductor) is timed instead and the failure recorded.
+        for backend, options in (("inductor", {"mode": "reduce-overhead"}), ("cudagraphs", {})):
+            torch._dynamo.reset()
+            compiled = torch.compile(whole, backend=backend, **options)
+            start = time.perf_counter()
+            try:
+                for _ in range(3):  # compile, record, then replay
+                    compiled(*args)
+                torch.cuda.synchronize()
+            except Exception as err:  # an inductor bug must not end the benchmark
+                result.setdefault("compile_errors", {})[backend] = f"{type(err).__name__}: {str(err)[:300]}"
+                continue
+            result["compile_backend"] = backend
+            break
+        else:
+            return result
         result["compile_s"] = time.perf_counter() - start
         result["compiled_ms"] = statistics.median(timer(lambda: compiled(*args), warmup, reps))
         result["compiled_issue_us"] = _issue_us(lambda: compiled(*args), reps)
@@ -117,10 +129,15 @@ def _markdown(report: dict[str, Any]) -> str:
              "graphed issue µs | compiled issue µs | capture s | compile s | pool MiB |",
              "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in report["results"]:
+        note = "" if r.get("compile_backend", "inductor") == "inductor" else f" ({r['compile_backend']})"
         lines.append(f"| {r['size']} | {r['batch']} | {r['eager_ms']:.3f} | {r['graphed_ms']:.3f} | {r['speedup']:.1f}x | "
-                     f"{_cell(r, 'compiled_ms', '{:.3f}')} | {_cell(r, 'graphed_over_compiled', '{:.2f}')} | "
+                     f"{_cell(r, 'compiled_ms', '{:.3f}')}{note} | {_cell(r, 'graphed_over_compiled', '{:.2f}')} | "
                      f"{r['eager_issue_us']:.0f} | {r['graphed_issue_us']:.1f} | {_cell(r, 'compiled_issue_us', '{:.1f}')} | "
                      f"{r['capture_s']:.2f} | {_cell(r, 'compile_s', '{:.1f}')} | {r['pool_bytes'] / 2**20:.1f} |")
+    errors = {f"{r['size']}x{r['batch']}": r["compile_errors"] for r in report["results"] if "compile_errors" in r}
+    if errors:
+        lines += ["", "torch.compile failures (the cell then times the next backend that worked):", ""]
+        lines += [f"- {case} {backend}: `{message}`" for case, d in errors.items() for backend, message in d.items()]
     lines += ["", "Per stage, speed-up of the graphed stage over the eager stage (GPU ms eager → graphed):", "",
               "| size | batch | encode | score | balance | allocate | compress |", "|---:|---:|---:|---:|---:|---:|---:|"]
     for r in report["results"]:
