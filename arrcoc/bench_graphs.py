@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import Tensor
 from tqdm import tqdm
 
 from .bench import _images, _timer
@@ -40,10 +41,8 @@ def _issue_us(fn: Callable[[], Any], reps: int) -> float:
     return statistics.median(times)
 
 
-@torch.inference_mode()
-def time_graphs(pipe: Pipeline, size: int, batch: int, *, reps: int = 50, warmup: int = 5,
-                compile_chain: bool = False) -> dict[str, Any]:
-    """Eager vs graphed (vs compiled) timings for one bucket size and batch size."""
+def _case(pipe: Pipeline, size: int, batch: int) -> tuple[list[Any], dict[str, Any], dict[str, Any]]:
+    """The stages and inputs of one benchmark case (the demo scene; budget = 25% of the patches)."""
     device = pipe.device
     (group,) = pipe.preprocessor(_images(size, batch), device=device)
     grid = pipe.encoder(group.bucket).grid
@@ -53,7 +52,14 @@ def time_graphs(pipe: Pipeline, size: int, batch: int, *, reps: int = 50, warmup
     inputs = {"pixels": group.pixels, "valid": group.valid, "query": query,
               "query_mask": torch.ones(batch, 4, dtype=torch.bool, device=device),
               "budget": torch.full((batch,), budget, device=device)}
-    stages = pipe.stages(group.bucket, capacity)
+    info = {"size": size, "batch": batch, "budget": budget, "capacity": capacity}
+    return pipe.stages(group.bucket, capacity), inputs, info
+
+
+@torch.inference_mode()
+def time_graphs(pipe: Pipeline, size: int, batch: int, *, reps: int = 50, warmup: int = 5) -> dict[str, Any]:
+    """Eager vs graphed timings for one bucket size and batch size."""
+    stages, inputs, result = _case(pipe, size, batch)
     state = dict(inputs)
 
     def eager() -> dict[str, Any]:
@@ -62,15 +68,17 @@ def time_graphs(pipe: Pipeline, size: int, batch: int, *, reps: int = 50, warmup
         return state
 
     eager()
-    timer = _timer(device)
-    result: dict[str, Any] = {"size": size, "batch": batch, "budget": budget, "capacity": capacity}
+    timer = _timer(pipe.device)
     result["eager_ms"] = statistics.median(timer(eager, warmup, reps))
     result["eager_issue_us"] = _issue_us(eager, reps)
     result["eager_stage_ms"] = {name: statistics.median(timer(lambda fn=fn: state.update(fn(state)), warmup, reps))
                                 for name, fn in stages}
 
     start = time.perf_counter()
-    chain = pipe._chain(pipe._graph_key(group.bucket, batch, capacity, 4))
+    key = pipe._graph_key(size, batch, result["capacity"], 4)
+    chain = pipe._chain(key)
+    if chain is None:
+        raise RuntimeError(f"capture failed for {size}px batch {batch}: {pipe._eager_only[key]}")
     torch.cuda.synchronize()
     result["capture_s"] = time.perf_counter() - start
     result["pool_bytes"] = chain.bytes
@@ -80,37 +88,43 @@ def time_graphs(pipe: Pipeline, size: int, batch: int, *, reps: int = 50, warmup
     result["graphed_stage_ms"] = {name: statistics.median(timer(graph.replay, warmup, reps)) for name, graph in chain.graphs}
     result["speedup"] = result["eager_ms"] / result["graphed_ms"]
     result["stage_speedup"] = {n: result["eager_stage_ms"][n] / result["graphed_stage_ms"][n] for n in result["graphed_stage_ms"]}
+    return result
 
-    if compile_chain:
-        def whole(pixels, valid, query, query_mask, budget):  # the same eager chain, for torch.compile
-            s = {"pixels": pixels, "valid": valid, "query": query, "query_mask": query_mask, "budget": budget}
-            for _, fn in stages:
-                s.update(fn(s))
-            return s["tokens"], s["mask"], s["allocation"]
 
-        args = tuple(inputs[k] for k in ("pixels", "valid", "query", "query_mask", "budget"))
-        # reduce-overhead = inductor + CUDA graph trees; where inductor fails on the chain, the "cudagraphs"
-        # backend (dynamo + CUDA graph trees, no inductor) is timed instead and the failure recorded.
-        for backend, options in (("inductor", {"mode": "reduce-overhead"}), ("cudagraphs", {})):
-            torch._dynamo.reset()
-            compiled = torch.compile(whole, backend=backend, **options)
-            start = time.perf_counter()
-            try:
-                for _ in range(3):  # compile, record, then replay
-                    compiled(*args)
-                torch.cuda.synchronize()
-            except Exception as err:  # an inductor bug must not end the benchmark
-                result.setdefault("compile_errors", {})[backend] = f"{type(err).__name__}: {str(err)[:300]}"
-                continue
-            result["compile_backend"] = backend
-            break
-        else:
-            return result
+@torch.inference_mode()
+def time_compiled(pipe: Pipeline, result: dict[str, Any], *, reps: int = 50, warmup: int = 5) -> None:
+    """Add ``torch.compile(mode="reduce-overhead")`` timings of the same eager chain to ``result``.
+
+    reduce-overhead is inductor plus CUDA graph trees; where inductor fails on the chain, the "cudagraphs"
+    backend (dynamo plus CUDA graph trees, no inductor) is timed instead and the failure recorded.
+    """
+    stages, inputs, _ = _case(pipe, result["size"], result["batch"])
+
+    def whole(pixels: Tensor, valid: Tensor, query: Tensor, query_mask: Tensor, budget: Tensor) -> tuple[Tensor, ...]:
+        s = {"pixels": pixels, "valid": valid, "query": query, "query_mask": query_mask, "budget": budget}
+        for _, fn in stages:
+            s.update(fn(s))
+        return s["tokens"], s["mask"], s["allocation"]
+
+    args = tuple(inputs[k] for k in ("pixels", "valid", "query", "query_mask", "budget"))
+    for backend, options in (("inductor", {"mode": "reduce-overhead"}), ("cudagraphs", {})):
+        torch._dynamo.reset()
+        compiled = torch.compile(whole, backend=backend, **options)
+        start = time.perf_counter()
+        try:
+            for _ in range(3):  # compile, record, then replay
+                compiled(*args)
+            torch.cuda.synchronize()
+        except Exception as err:  # a compiler bug must not end the benchmark
+            result.setdefault("compile_errors", {})[backend] = f"{type(err).__name__}: {str(err)[:300]}"
+            continue
+        result["compile_backend"] = backend
         result["compile_s"] = time.perf_counter() - start
+        timer = _timer(pipe.device)
         result["compiled_ms"] = statistics.median(timer(lambda: compiled(*args), warmup, reps))
         result["compiled_issue_us"] = _issue_us(lambda: compiled(*args), reps)
         result["graphed_over_compiled"] = result["graphed_ms"] / result["compiled_ms"]
-    return result
+        return
 
 
 def _cell(row: dict[str, Any], key: str, fmt: str) -> str:
@@ -185,12 +199,14 @@ def main(argv: list[str] | None = None) -> int:
                               "warmup_sizes": [224, 384, 512, 768, 1024],
                               "warmup_batches": [1, 8, 64], "warmup_seconds": warm_seconds,
                               "warmup": {k: v for k, v in warm_stats.items() if k != "per_entry"}, "results": []}
-    for size in tqdm([s for s in args.sizes], desc="graphs"):
+    for size in tqdm(args.sizes, desc="graphs"):
         for batch in args.batches:
-            report["results"].append(time_graphs(pipe, size, batch, reps=args.reps,
-                                                 compile_chain=f"{size}x{batch}" in args.compile))
+            report["results"].append(time_graphs(pipe, size, batch, reps=args.reps))
             pipe.graph_cache.clear()
             torch.cuda.empty_cache()
+    for result in report["results"]:  # compiled last: its CUDA graph trees stay resident
+        if f"{result['size']}x{result['batch']}" in args.compile:
+            time_compiled(pipe, result, reps=args.reps)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     slug = re.sub(r"[^a-z0-9]+", "-", report["device"].lower()).strip("-")

@@ -93,7 +93,7 @@ def test_budget_above_capacity_is_a_clear_error() -> None:
 
 def test_capture_has_no_hidden_sync() -> None:
     pipe = arrcoc.Pipeline(arrcoc.PipelineConfig.from_name("tiny"), device="cuda")
-    pipe.encoder(384)  # build the bucket's encoder (host-to-device copies) outside the checked region
+    pipe.encoder(224), pipe.encoder(384)  # build the encoders (host-to-device copies) outside the checked region
     with torch.inference_mode():
         torch.cuda.synchronize()
         torch.cuda.set_sync_debug_mode("error")
