@@ -121,8 +121,8 @@ def time_compiled(pipe: Pipeline, result: dict[str, Any], *, reps: int = 50, war
         result["compile_backend"] = backend
         result["compile_s"] = time.perf_counter() - start
         timer = _timer(pipe.device)
-        result["compiled_ms"] = statistics.median(timer(lambda: compiled(*args), warmup, reps))
-        result["compiled_issue_us"] = _issue_us(lambda: compiled(*args), reps)
+        result["compiled_ms"] = statistics.median(timer(lambda c=compiled: c(*args), warmup, reps))
+        result["compiled_issue_us"] = _issue_us(lambda c=compiled: c(*args), reps)
         result["graphed_over_compiled"] = result["graphed_ms"] / result["compiled_ms"]
         return
 
