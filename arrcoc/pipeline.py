@@ -117,7 +117,7 @@ class Pipeline(nn.Module):
         self._encoders: dict[int, Encoder] = {}  # per bucket; they share the backbone's tensors
         self.cuda_graphs = cuda_graphs if cuda_graphs is not None else os.environ.get("ARRCOC_CUDA_GRAPHS", "1") != "0"
         self.compile = compile
-        self.graph_cache = graph_cache or GraphCache()
+        self.graph_cache = graph_cache if graph_cache is not None else GraphCache()  # an empty cache is falsy
         self._eager_only: dict[GraphKey, str] = {}  # keys whose capture failed, with the reason
         if device is not None:
             self.to(device)
