@@ -27,7 +27,7 @@ from .config import PipelineConfig
 from .pipeline import Pipeline
 from .samples import demo_scene
 
-__all__ = ["main", "time_stages"]
+__all__ = ["main", "time_stages", "write_report"]
 
 logger = logging.getLogger(__name__)
 
@@ -180,15 +180,18 @@ def main(argv: list[str] | None = None) -> int:
         except torch.cuda.OutOfMemoryError:
             logger.warning("size %d batch %d: out of GPU memory, skipped", size, batch)
             torch.cuda.empty_cache()
-    out = Path(args.out)
+    write_report(report, _markdown(report), args.out, f"stages-{'cpu' if device.type == 'cpu' else report['device']}", args.tag)
+    return 0
+
+
+def write_report(report: dict[str, Any], table: str, folder: str, name: str, tag: str = "") -> None:
+    """Write ``<folder>/<slug of name>[-tag].json`` and ``.md``, and print the table."""
+    out = Path(folder)
     out.mkdir(parents=True, exist_ok=True)
-    slug = re.sub(r"[^a-z0-9]+", "-", (device.type if device.type == "cpu" else report["device"]).lower()).strip("-")
-    stem = f"stages-{slug}{'-' + args.tag if args.tag else ''}"
+    stem = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-") + (f"-{tag}" if tag else "")
     (out / f"{stem}.json").write_text(json.dumps(report, indent=2))
-    table = _markdown(report)
     (out / f"{stem}.md").write_text(table)
     print(table)
-    return 0
 
 
 if __name__ == "__main__":

@@ -10,19 +10,16 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
-import re
 import statistics
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
 from tqdm import tqdm
 
-from .bench import _images, _timer
+from .bench import _images, _timer, write_report
 from .config import PipelineConfig
 from .pipeline import Pipeline, _fill_static
 
@@ -207,14 +204,7 @@ def main(argv: list[str] | None = None) -> int:
     for result in report["results"]:  # compiled last: its CUDA graph trees stay resident
         if f"{result['size']}x{result['batch']}" in args.compile:
             time_compiled(pipe, result, reps=args.reps)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    slug = re.sub(r"[^a-z0-9]+", "-", report["device"].lower()).strip("-")
-    stem = f"graphs-{slug}{'-' + args.tag if args.tag else ''}"
-    (out / f"{stem}.json").write_text(json.dumps(report, indent=2))
-    table = _markdown(report)
-    (out / f"{stem}.md").write_text(table)
-    print(table)
+    write_report(report, _markdown(report), args.out, f"graphs-{report['device']}", args.tag)
     return 0
 
 

@@ -5,10 +5,10 @@ tensors of one stage are the static inputs of the next (no copies), and every gr
 from one shared memory pool. A call copies its inputs into the entry's static input buffers and replays
 the graphs in order.
 
-Sharing one pool is safe because entries are replayed one at a time (a lock) and each replay runs a whole
-chain: a graph may reuse memory another entry's graph used for temporaries, so an entry's static outputs
-are only valid until the next replay of *any* entry. Results are therefore copied out by default;
-``copy=False`` hands out the static buffers with a generation stamp that detects stale reads.
+Sharing one pool is safe because entries are replayed one at a time (``GraphCache.lock``) and each replay
+runs a whole chain: a graph may reuse memory another entry's graph used for temporaries, so an entry's
+static outputs are only valid until the next replay of *any* entry. The pipeline therefore copies results
+out under the lock.
 
 This module knows nothing about relevance: it chains functions ``state -> new state entries``.
 """
@@ -19,7 +19,7 @@ import logging
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,15 +28,11 @@ from torch import Tensor
 
 from .errors import ArrcocError
 
-__all__ = ["GraphKey", "GraphChain", "GraphCache", "StaleResultError"]
+__all__ = ["GraphKey", "GraphChain", "GraphCache", "CaptureError"]
 
 logger = logging.getLogger(__name__)
 
 Stage = tuple[str, Callable[[dict[str, Any]], dict[str, Any]]]
-
-
-class StaleResultError(ArrcocError, RuntimeError):
-    """A zero-copy result was read after a later call overwrote its buffers."""
 
 
 @dataclass(frozen=True)
@@ -49,16 +45,6 @@ class GraphKey:
     device: torch.device
     capacity: int
     query_tokens: int
-
-
-def _tensors(state: Mapping[str, Any]) -> list[Tensor]:
-    out = []
-    for value in state.values():
-        if isinstance(value, Tensor):
-            out.append(value)
-        elif isinstance(value, Mapping):
-            out.extend(_tensors(value))
-    return out
 
 
 class GraphChain:
@@ -135,7 +121,6 @@ class GraphCache:
         self._pool: Any = None
         self._stats = _Stats()
         self.lock = threading.RLock()  # replays and captures are serialised: one shared pool
-        self.generation = 0  # bumped by every replay; zero-copy results compare against it
 
     def __len__(self) -> int:
         return len(self._entries)

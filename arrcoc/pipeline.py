@@ -353,7 +353,6 @@ class Pipeline(nn.Module):
         with timer("graphs"), self.graph_cache.lock:
             _fill_static(chain.inputs, state, batch)
             chain.replay()
-            self.graph_cache.generation += 1
             return {k: _take(chain.state[k], batch) for k in _RESULT_KEYS if k in chain.state}
 
     @torch.inference_mode()
