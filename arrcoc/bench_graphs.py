@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from .bench import _images, _timer, write_report
 from .config import PipelineConfig
-from .pipeline import Pipeline, _fill_static
+from .pipeline import Pipeline, _fill_static, token_capacity
 
 __all__ = ["main", "time_graphs"]
 
@@ -44,7 +44,7 @@ def _case(pipe: Pipeline, size: int, batch: int) -> tuple[list[Any], dict[str, A
     (group,) = pipe.preprocessor(_images(size, batch), device=device)
     grid = pipe.encoder(group.bucket).grid
     budget = max(1, grid[0] * grid[1] // 4)
-    capacity = -(-budget // 64) * 64
+    capacity = token_capacity(budget)
     query = torch.randn(batch, 4, pipe.width, generator=torch.Generator().manual_seed(0)).to(device)
     inputs = {"pixels": group.pixels, "valid": group.valid, "query": query,
               "query_mask": torch.ones(batch, 4, dtype=torch.bool, device=device),

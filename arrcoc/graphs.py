@@ -66,8 +66,11 @@ class GraphChain:
         with torch.cuda.stream(side):
             for _ in range(warmup):
                 state = dict(inputs)
-                for _, fn in stages:
-                    state.update(fn(state))
+                for name, fn in stages:
+                    try:
+                        state.update(fn(state))
+                    except Exception as err:  # e.g. a compiler error: the stage cannot be graphed
+                        raise CaptureError(name, err) from err
         torch.cuda.current_stream(device).wait_stream(side)
         del state
         self.state: dict[str, Any] = dict(inputs)

@@ -51,6 +51,11 @@ def _batch_bucket(batch: int) -> int:
     return next((b for b in BATCH_BUCKETS if b >= batch), -(-batch // last) * last)
 
 
+def token_capacity(budget: int) -> int:
+    """The token capacity ``T`` that serves ``budget``: rounded up to a multiple of ``CAPACITY_STEP``."""
+    return -(-budget // CAPACITY_STEP) * CAPACITY_STEP
+
+
 def _query_bucket(tokens: int) -> int:
     return 1 << max(0, tokens - 1).bit_length()  # 1, 2, 4, 8, ...
 
@@ -246,7 +251,7 @@ class Pipeline(nn.Module):
                 if not 1 <= values[i] <= limit:
                     raise BudgetError(f"budget for image {i} ({name}) must be between 1 and {limit}, the token "
                                       f"capacity of its {group.bucket}px bucket ({grid[0]}x{grid[1]} patches); got {values[i]}")
-        capacity = cfg.token_capacity or -(-max(values) // CAPACITY_STEP) * CAPACITY_STEP
+        capacity = cfg.token_capacity or token_capacity(max(values))
         if max(values) > capacity:
             raise BudgetError(f"budget {max(values)} exceeds the configured token_capacity {capacity}")
         return torch.tensor(values, dtype=torch.long), capacity
@@ -332,7 +337,7 @@ class Pipeline(nn.Module):
         """
         if self.device.type != "cuda" or not self.cuda_graphs:
             return self.graph_cache.stats()
-        capacity = self.config.token_capacity or -(-budget // CAPACITY_STEP) * CAPACITY_STEP
+        capacity = self.config.token_capacity or token_capacity(budget)
         with torch.inference_mode():
             for size in sorted(sizes or self.config.buckets, reverse=True):
                 for batch in sorted(batch_sizes, reverse=True):
