@@ -170,3 +170,18 @@ def test_warmup_and_lru_bound() -> None:
     assert all(v["bytes"] > 0 for v in stats["per_entry"].values())
     key = GraphKey(224, 1, torch.float32, pipe.device, 64, 1)
     assert key in pipe.graph_cache  # the smallest, captured last, is kept
+
+
+def test_compile_option_gives_the_same_results(pipes) -> None:
+    """compile=True compiles each stage before capture; where the compiler fails, the warning names the stage."""
+    _, eager = pipes
+    pipe = arrcoc.Pipeline(arrcoc.PipelineConfig.from_name("tiny"), device="cuda", compile=True)
+    images = _images(2, 224, seed=8)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = pipe(images, budget=30)
+    failures = [str(w.message) for w in caught if "running eagerly" in str(w.message)]
+    assert len(failures) <= 1
+    reference = eager(images, budget=30)
+    torch.testing.assert_close(out.relevance, reference.relevance, rtol=1e-3, atol=1e-5)
+    assert out.mask.sum().item() == 60
