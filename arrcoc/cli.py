@@ -184,8 +184,8 @@ def _demo(args: argparse.Namespace) -> int:
     scene.save(out_dir / "scene.png")
     render_overlay(scene, result).save(out_dir / "scene-overlay.png")
     (out_dir / "scene.json").write_text(json.dumps(result.image(0), indent=1))
-    gh, gw = result.patch_grid[0].tolist()
-    rh, rw = result.region_grid[0].tolist()
+    gh, gw = result.patch_grid[0].tolist()  # ok-sync: reporting, after the call
+    rh, rw = result.region_grid[0].tolist()  # ok-sync: reporting
     top = torch.topk(result.allocation[0, :rh, :rw].flatten(), 3)
     regions = ", ".join(f"({int(i) // rw},{int(i) % rw}): {int(v)}" for v, i in zip(top.values, top.indices))
     total = sum(result.timings.values())

@@ -58,9 +58,9 @@ class ScoreOutput:
                                "source_size": [int(v) for v in self.source_size[index]],
                                "patch_grid": [int(v) for v in self.patch_grid[index]],
                                "region_grid": [rh, rw], "region_size": self.region_size}
-        out["relevance"] = self.relevance[index, :rh, :rw].tolist()
-        out["scores"] = {k: v[index, :rh, :rw].tolist() for k, v in self.scores.items()}
-        out["balance"] = {k: (v[index, :rh, :rw] if v.ndim == 3 else v[index]).tolist() for k, v in self.balance.items()}
+        out["relevance"] = self.relevance[index, :rh, :rw].tolist()  # ok-sync: JSON export
+        out["scores"] = {k: v[index, :rh, :rw].tolist() for k, v in self.scores.items()}  # ok-sync
+        out["balance"] = {k: (v[index, :rh, :rw] if v.ndim == 3 else v[index]).tolist() for k, v in self.balance.items()}  # ok-sync
         if self.timings:
             out["timings_ms"] = dict(self.timings)
         return out
@@ -105,5 +105,5 @@ class CompressionOutput(ScoreOutput):
         out = super().image(index)
         rh, rw = out["region_grid"]
         out["budget"] = int(self.budget[index])
-        out["allocation"] = self.allocation[index, :rh, :rw].tolist()
+        out["allocation"] = self.allocation[index, :rh, :rw].tolist()  # ok-sync: JSON export
         return out

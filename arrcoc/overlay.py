@@ -25,7 +25,7 @@ def heat_colors(values: np.ndarray) -> np.ndarray:
 
 def _to_pil(image: Image.Image | Tensor) -> Image.Image:
     if isinstance(image, Tensor):
-        array = (image.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
+        array = (image.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()  # ok-sync: drawing
         return Image.fromarray(array, "RGB")
     return image.convert("RGB")
 
@@ -53,7 +53,7 @@ def render_overlay(image: Image.Image | Tensor, result: ScoreOutput, index: int 
 
     rh, rw = (int(v) for v in result.region_grid[index])
     cell = result.patch_pixels(index) * result.region_size * zoom * width / float(result.source_size[index, 1])
-    relevance = result.relevance[index, :rh, :rw].float().cpu().numpy()
+    relevance = result.relevance[index, :rh, :rw].float().cpu().numpy()  # ok-sync: drawing
     heat = heat_colors(relevance / max(float(relevance.max()), 1e-12))  # (rh, rw, 3)
     heat_image = Image.fromarray(heat, "RGB").resize((max(1, round(rw * cell)), max(1, round(rh * cell))), Image.Resampling.NEAREST)
     layer = base.copy()
@@ -71,7 +71,7 @@ def render_overlay(image: Image.Image | Tensor, result: ScoreOutput, index: int 
             draw.line([(0, y), (size[0] - 1, y)], fill=(255, 255, 255), width=1)
     if isinstance(result, CompressionOutput):
         font = ImageFont.load_default(size=max(8, min(24, int(cell / 3))))
-        allocation = result.allocation[index, :rh, :rw].cpu()
+        allocation = result.allocation[index, :rh, :rw].cpu()  # ok-sync: drawing
         for row in range(rh):
             for col in range(rw):
                 centre = ((col + 0.5) * cell, (row + 0.5) * cell)

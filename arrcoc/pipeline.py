@@ -161,7 +161,7 @@ class Pipeline(nn.Module):
         folder = Path(path)
         folder.mkdir(parents=True, exist_ok=True)
         (folder / "config.json").write_text(self.config.to_json())
-        state = {k: v.detach().cpu().contiguous() for k, v in self.backbone.state_dict().items()}
+        state = {k: v.detach().cpu().contiguous() for k, v in self.backbone.state_dict().items()}  # ok-sync: saving
         save_file(state, folder / "encoder.safetensors")
 
     @property
@@ -387,7 +387,7 @@ class Pipeline(nn.Module):
             for row, i in enumerate(group.indices):
                 names[i] = group.names[row]
                 info[i] = torch.tensor([*grids[group.bucket], gh, gw, group.bucket, group.scale[row],
-                                        *group.source_size[row].tolist()])
+                                        *group.source_size[row].tolist()])  # ok-sync: CPU tensor
         common = dict(
             scores=dict(zip(SCORER_NAMES, merged["scores"].unbind(1))), relevance=merged["relevance"],
             balance=merged["balance"], region_grid=info[:, 0:2].long(), patch_grid=info[:, 2:4].long(),

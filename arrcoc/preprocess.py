@@ -188,7 +188,7 @@ def load_image(source: Any, *, name: str | None = None) -> Tensor:
             tensor = tensor.permute(2, 0, 1)  # numpy images are channel-last
         return _array_to_tensor(tensor, name)
     if isinstance(source, Tensor):
-        return _array_to_tensor(source.detach().cpu(), name)
+        return _array_to_tensor(source.detach().cpu(), name)  # ok-sync: preprocess reads values
     raise InvalidTypeError(f"{name}: expected a path, PIL image, numpy array or torch tensor; got {type(source).__name__}")
 
 
