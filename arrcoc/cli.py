@@ -234,22 +234,38 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", default="demo", help="output folder (default demo/)")
     demo.add_argument("--budget", type=int, default=64, help="tokens (default 64)")
     common(demo)
-    sub.add_parser("bench", help="time every stage, eager (arrcoc bench --help); with --graphs: CUDA graphs vs eager "
-                                 "vs torch.compile (arrcoc bench --graphs --help)", add_help=False)
+    for name, (_, help_text) in MODULE_COMMANDS.items():
+        sub.add_parser(name, help=f"{help_text} (arrcoc {name} --help)", add_help=False)
     return parser
+
+
+#: Commands that live in their own module, imported only when used (each module has ``main(argv) -> int``
+#: with its own argument parser): name -> (module, one-line help).
+MODULE_COMMANDS: dict[str, tuple[str, str]] = {
+    "bench": ("arrcoc.bench", "time every stage, eager; with --graphs: CUDA graphs vs eager vs torch.compile"),
+    "compress-dataset": ("arrcoc.compress_dataset", "compress a folder or list of images into sharded safetensors "
+                                                    "(one process, or one per GPU under torchrun)"),
+    "generate": ("arrcoc.hf", "answer a prompt about an image with a local Hugging Face VLM reading arrcoc tokens"),
+    "eval": ("arrcoc.evaluation", "accuracy vs token budget, per method, on the generated VQA benchmark"),
+}
+
+
+def _run_module_command(name: str, argv: list[str]) -> int:
+    import importlib
+
+    if name == "bench" and "--graphs" in argv:
+        from .bench_graphs import main as graphs_main
+
+        return graphs_main([a for a in argv if a != "--graphs"])
+    module = importlib.import_module(MODULE_COMMANDS[name][0])
+    return module.main(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``arrcoc`` command; returns the exit code."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["bench"]:
-        if "--graphs" in argv:
-            from .bench_graphs import main as graphs_main
-
-            return graphs_main([a for a in argv[1:] if a != "--graphs"])
-        from .bench import main as bench_main
-
-        return bench_main(argv[1:])
+    if argv[:1] and argv[0] in MODULE_COMMANDS:
+        return _run_module_command(argv[0], argv[1:])
     parser = _parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="arrcoc: %(message)s")
