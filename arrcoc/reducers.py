@@ -1,0 +1,212 @@
+"""Token reducers: a grid of visual features -> exactly ``K`` tokens, behind one interface and a registry.
+
+A reducer turns the patch features of any vision tower (arrcoc's own encoder, or a Hugging Face VLM's) into
+the ``K`` tokens a language model reads. arrcoc's relevance path is one reducer; the public methods it is
+compared with (``arrcoc.baselines``) are others. They share one signature,
+
+    reducer(visual: VisualInput, budget: int) -> ReducedTokens
+
+so the generation adapter, the evaluation and the benchmarks take any of them by name (``method=``). The
+budget is a Python int because it fixes the output shape ``(B, K, D)``; everything else is a tensor, and a
+reducer never reads tensor values on the host (it can be captured as a CUDA graph).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+from torch import Tensor, nn
+
+from .allocation import Allocator
+from .balance import Balance
+from .compression import Compressor
+from .config import SCORER_NAMES, PipelineConfig
+from .errors import BudgetError, InvalidInputError
+from .regions import capacity_of, region_bounds
+from .scorers import create_scorer
+from .texture import Texture
+
+__all__ = ["VisualInput", "ReducedTokens", "Reducer", "REDUCERS", "register_reducer", "create_reducer",
+           "list_reducers", "check_budget", "ArrcocReducer"]
+
+
+@dataclass
+class VisualInput:
+    """What a reducer may read about a batch of images. Only ``features`` is required.
+
+    Attributes:
+        features: ``(B, gh, gw, D)`` patch features on the grid.
+        patch_valid: ``(B, gh, gw)`` share of each patch that is image (``None``: every patch is image).
+        pixels: ``(B, 3, S, S)`` RGB in [0, 1], ``S`` a multiple of ``gh`` and ``gw`` (texture for arrcoc's
+            weight-free scorers; ``None``: feature statistics only).
+        valid: ``(B, 1, S, S)`` 1 on image pixels (``None``: all image).
+        query: ``(B, L, D)`` query tokens in the feature space (``None``: no query).
+        query_mask: ``(B, L)`` bool, True on real query tokens.
+        cls_attention: ``(B, gh, gw)`` attention of the vision tower's [CLS] token to each patch.
+        text_attention: ``(B, gh, gw)`` attention from the prompt's text tokens to each image token at an
+            early language-model layer.
+    """
+
+    features: Tensor
+    patch_valid: Tensor | None = None
+    pixels: Tensor | None = None
+    valid: Tensor | None = None
+    query: Tensor | None = None
+    query_mask: Tensor | None = None
+    cls_attention: Tensor | None = None
+    text_attention: Tensor | None = None
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        return int(self.features.shape[1]), int(self.features.shape[2])
+
+    def valid_patches(self) -> Tensor:
+        """``(B, gh, gw)`` patch validity, all ones when none was given."""
+        if self.patch_valid is not None:
+            return self.patch_valid
+        return self.features.new_ones(self.features.shape[:3])
+
+
+@dataclass
+class ReducedTokens:
+    """A reducer's output: exactly ``K`` tokens per image, in the order the language model reads them.
+
+    Attributes:
+        tokens: ``(B, K, D)``.
+        positions: ``(B, K, 4)`` int64 ``(row, col, height, width)`` of each token's pooled area, in patches.
+        weights: ``(B, K)`` float, patches pooled into each token (1 for a kept patch).
+        relevance: ``(B, rh, rw)`` or ``(B, gh, gw)`` map the reducer followed, where it has one.
+        allocation: ``(B, rh, rw)`` int64 tokens per region, where the reducer allocates per region.
+    """
+
+    tokens: Tensor
+    positions: Tensor
+    weights: Tensor
+    relevance: Tensor | None = None
+    allocation: Tensor | None = None
+
+
+class Reducer(Protocol):
+    def __call__(self, visual: VisualInput, budget: int) -> ReducedTokens: ...
+
+
+#: name -> factory; ``create_reducer(name, **kwargs)`` calls the factory.
+REDUCERS: dict[str, Callable[..., Reducer]] = {}
+
+
+def register_reducer(name: str) -> Callable[[Callable[..., Reducer]], Callable[..., Reducer]]:
+    """Decorator: make a reducer factory (a class or function) available as ``create_reducer(name)``."""
+
+    def add(factory: Callable[..., Reducer]) -> Callable[..., Reducer]:
+        if name in REDUCERS:
+            raise InvalidInputError(f"a reducer named {name!r} is already registered")
+        REDUCERS[name] = factory
+        return factory
+
+    return add
+
+
+def _load_registrations() -> None:
+    from . import baselines  # noqa: F401  (registers the baselines on import)
+
+
+def list_reducers() -> list[str]:
+    """Names of every registered reducer (arrcoc's variants and the baselines)."""
+    _load_registrations()
+    return sorted(REDUCERS)
+
+
+def create_reducer(name: str, **kwargs: Any) -> Reducer:
+    """Build a registered reducer by name, e.g. ``create_reducer("arrcoc")`` or ``create_reducer("tome")``."""
+    if name not in REDUCERS:
+        _load_registrations()
+    if name not in REDUCERS:
+        raise InvalidInputError(f"unknown reducer {name!r}; registered: {sorted(REDUCERS)}")
+    return REDUCERS[name](**kwargs)
+
+
+def check_budget(visual: VisualInput, budget: int) -> None:
+    """Host-side check shared by reducers: ``budget`` is a whole number in ``[1, gh * gw]``."""
+    if isinstance(budget, bool) or not isinstance(budget, int):
+        raise BudgetError(f"budget must be a whole number of tokens; got {budget!r} ({type(budget).__name__})")
+    gh, gw = visual.grid
+    if not 1 <= budget <= gh * gw:
+        raise BudgetError(f"budget must be between 1 and the {gh}x{gw} = {gh * gw} patches; got {budget}")
+
+
+class ArrcocReducer(nn.Module):
+    """arrcoc's relevance path on any feature grid: score x3 -> balance -> allocate -> compress to ``K``.
+
+    The same stage modules as :class:`arrcoc.Pipeline`, minus the encoder, so it runs on a VLM's own
+    vision-tower features. ``scorers`` picks which relevance maps take part (the others get weight 0): all
+    three balanced, or one alone for ablations.
+
+    Args:
+        config: region size, token bounds and balance settings (the default config when omitted).
+        scorers: names from ``SCORER_NAMES`` that take part.
+    """
+
+    def __init__(self, config: PipelineConfig | None = None, scorers: tuple[str, ...] = SCORER_NAMES) -> None:
+        super().__init__()
+        config = config or PipelineConfig()
+        unknown = sorted(set(scorers) - set(SCORER_NAMES))
+        if unknown or not scorers:
+            raise InvalidInputError(f"scorers must be a non-empty subset of {SCORER_NAMES}; got {scorers}")
+        weights = tuple(w if name in scorers else 0.0 for name, w in zip(SCORER_NAMES, config.balance.weights))
+        if sum(weights) == 0:
+            weights = tuple(1.0 if name in scorers else 0.0 for name in SCORER_NAMES)
+        self.config = config.replace(balance=dataclasses.replace(config.balance, weights=weights))
+        side = config.region_size
+        self.texture = Texture()
+        self.scorers = nn.ModuleDict({name: create_scorer(name, side) for name in SCORER_NAMES})
+        self.balance = Balance(self.config.balance, side)
+        self.allocator = Allocator()
+        self.compressor = Compressor(side)
+
+    def forward(self, visual: VisualInput, budget: int) -> ReducedTokens:
+        """Reduce ``visual.features`` ``(B, gh, gw, D)`` to ``budget`` tokens per image."""
+        cfg = self.config
+        features = visual.features.float()
+        b, gh, gw, d = features.shape
+        patch_valid = visual.valid_patches().float()
+        check_budget(visual, budget)
+        limit = capacity_of((gh, gw), cfg.region_size, cfg.max_tokens)
+        if budget > limit:
+            raise BudgetError(f"budget must be at most {limit}, the token capacity of a {gh}x{gw} grid under "
+                              f"max_tokens={cfg.max_tokens}; got {budget}")
+        if visual.pixels is not None:
+            valid = visual.valid if visual.valid is not None else torch.ones_like(visual.pixels[:, :1])
+            texture = self.texture(visual.pixels.float(), valid.float(), (gh, gw))  # (B, gh, gw, 5)
+        else:
+            texture = features.new_zeros(b, gh, gw, 5)  # no pixels: the feature terms alone
+        if visual.query is not None:
+            query = visual.query.float()
+            query_mask = visual.query_mask if visual.query_mask is not None else torch.ones(
+                query.shape[:2], dtype=torch.bool, device=query.device)
+        else:
+            query = features.new_zeros(b, 1, d)
+            query_mask = torch.zeros(b, 1, dtype=torch.bool, device=features.device)
+        scores = torch.stack([s(features, texture, patch_valid, query, query_mask) for s in self.scorers.values()], 1)
+        relevance, _ = self.balance(scores, features, patch_valid, query_mask)  # (B, rh, rw)
+        low, high = region_bounds(patch_valid, cfg.region_size, cfg.min_tokens, cfg.max_tokens)
+        budgets = torch.full((b,), budget, dtype=torch.long, device=features.device)
+        allocation = self.allocator(relevance, budgets, low, high)
+        tokens, positions, _, weights = self.compressor(features, patch_valid, allocation, budget)
+        return ReducedTokens(tokens.to(visual.features.dtype), positions, weights, relevance, allocation)
+
+
+def _arrcoc_factory(scorers: tuple[str, ...]) -> Callable[..., ArrcocReducer]:
+    def build(config: PipelineConfig | None = None, **_: Any) -> ArrcocReducer:
+        return ArrcocReducer(config, scorers)
+
+    build.__doc__ = f"arrcoc's reducer with the scorers {scorers}."
+    return build
+
+
+register_reducer("arrcoc")(_arrcoc_factory(SCORER_NAMES))
+for _name in SCORER_NAMES:
+    register_reducer(f"arrcoc-{_name}")(_arrcoc_factory((_name,)))

@@ -1,0 +1,81 @@
+"""The reducer interface: arrcoc's reducer on a feature grid equals the pipeline's compression of it."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import arrcoc
+from arrcoc.reducers import REDUCERS, ArrcocReducer, VisualInput, create_reducer
+
+
+def _visual(b: int = 2, gh: int = 8, gw: int = 8, d: int = 16, seed: int = 0) -> VisualInput:
+    g = torch.Generator().manual_seed(seed)
+    pixels = torch.rand(b, 3, gh * 4, gw * 4, generator=g)
+    return VisualInput(features=torch.randn(b, gh, gw, d, generator=g), pixels=pixels)
+
+
+@pytest.mark.parametrize("name", ["arrcoc", "arrcoc-propositional", "arrcoc-perspectival", "arrcoc-participatory"])
+@pytest.mark.parametrize("budget", [1, 4, 7, 64])
+def test_arrcoc_reducers_give_exactly_budget_tokens(name: str, budget: int) -> None:
+    visual = _visual()
+    out = create_reducer(name)(visual, budget)
+    assert out.tokens.shape == (2, budget, 16)
+    assert out.positions.shape == (2, budget, 4)
+    assert (out.allocation.flatten(1).sum(1) == budget).all()
+    if budget < 4:  # fewer tokens than the 2x2 regions: some regions are dropped
+        assert (out.weights.sum(1) < 64).all() and (out.weights > 0).all()
+        return
+    # Every patch is pooled into exactly one token: weights add up to the patch count.
+    torch.testing.assert_close(out.weights.sum(1), torch.full((2,), 64.0))
+    # Conservation: the weighted mean of the tokens is the mean patch.
+    mean = (out.tokens * out.weights[..., None]).sum(1) / out.weights.sum(1, keepdim=True)
+    torch.testing.assert_close(mean, visual.features.mean((1, 2)), rtol=1e-4, atol=1e-5)
+    rows, cols = out.positions[..., 0], out.positions[..., 1]
+    assert rows.min() >= 0 and rows.max() < 8 and cols.min() >= 0 and cols.max() < 8
+
+
+def test_full_budget_keeps_every_patch() -> None:
+    visual = _visual(b=1)
+    out = create_reducer("arrcoc")(visual, 64)
+    kept = out.tokens[0][out.weights[0] == 1]
+    assert kept.shape[0] == 64
+    patches = visual.features[0].reshape(64, -1)
+    order = out.positions[0, :, 0] * 8 + out.positions[0, :, 1]
+    torch.testing.assert_close(kept, patches[order])
+
+
+def test_query_moves_tokens_towards_the_queried_patch() -> None:
+    visual = _visual(b=1, d=32, seed=3)
+    target = visual.features[0, 6, 1]  # a patch in region (1, 0)
+    plain = create_reducer("arrcoc-participatory")(visual, 8)
+    visual.query = target[None, None]
+    queried = create_reducer("arrcoc-participatory")(visual, 8)
+    assert queried.allocation[0, 1, 0] > plain.allocation[0, 1, 0]
+
+
+def test_matches_the_pipeline_on_its_own_features(tiny_pipe: arrcoc.Pipeline) -> None:
+    """Run on the encoder's own features, the reducer reproduces the pipeline's tokens exactly."""
+    images = [torch.rand(3, 200, 150, generator=torch.Generator().manual_seed(1))]
+    out = tiny_pipe(images, budget=40)
+    group = tiny_pipe.preprocessor(images)[0]
+    features, _, _, patch_valid = tiny_pipe.encoder(group.bucket)(group.pixels, group.valid)
+    visual = VisualInput(features=features, patch_valid=patch_valid, pixels=group.pixels, valid=group.valid)
+    reduced = ArrcocReducer(tiny_pipe.config)(visual, 40)
+    assert torch.equal(reduced.allocation, out.allocation[:, : reduced.allocation.shape[1], : reduced.allocation.shape[2]])
+    torch.testing.assert_close(reduced.tokens, out.tokens[:, :40])
+    assert torch.equal(reduced.positions, out.positions[:, :40])
+
+
+@pytest.mark.parametrize("budget", [0, -1, 65, 2.5, True, "8"])
+def test_bad_budget_is_a_budget_error(budget: object) -> None:
+    with pytest.raises(arrcoc.BudgetError, match="budget"):
+        create_reducer("arrcoc")(_visual(), budget)  # type: ignore[arg-type]
+
+
+def test_unknown_names_are_clear_errors() -> None:
+    with pytest.raises(arrcoc.InvalidInputError, match="unknown reducer 'nope'"):
+        create_reducer("nope")
+    with pytest.raises(arrcoc.InvalidInputError, match="scorers"):
+        ArrcocReducer(scorers=("salience",))
+    assert {"arrcoc", "arrcoc-propositional", "arrcoc-perspectival", "arrcoc-participatory"} <= set(REDUCERS)
