@@ -91,6 +91,15 @@ class ReducedTokens:
 
 
 class Reducer(Protocol):
+    """``reducer(visual, budget) -> ReducedTokens`` with exactly ``budget`` tokens per image.
+
+    ``needs`` names the optional fields of :class:`VisualInput` the reducer reads (for example
+    ``{"cls_attention"}``); a caller fills those it can, and a reducer raises ``InvalidInputError`` naming the
+    field when one it cannot do without is missing.
+    """
+
+    needs: frozenset[str]
+
     def __call__(self, visual: VisualInput, budget: int) -> ReducedTokens: ...
 
 
@@ -149,6 +158,8 @@ class ArrcocReducer(nn.Module):
         config: region size, token bounds and balance settings (the default config when omitted).
         scorers: names from ``SCORER_NAMES`` that take part.
     """
+
+    needs: frozenset[str] = frozenset({"pixels", "valid", "patch_valid", "query", "query_mask"})
 
     def __init__(self, config: PipelineConfig | None = None, scorers: tuple[str, ...] = SCORER_NAMES) -> None:
         super().__init__()
