@@ -76,13 +76,26 @@ def _allocate(relevance: Tensor, budget: Tensor, low: Tensor, high: Tensor) -> T
     return _round(level, relevance, low, high, total)
 
 
+_INT64 = 2**62  # Python ints beyond this cannot be summed in int64 without overflow
+
+
 def _as_bounds(value: int | Tensor, like: Tensor, name: str, check: bool) -> Tensor:
     if isinstance(value, Tensor):
         if check and (value.is_floating_point() or value.is_complex() or value.dtype == torch.bool):
             raise InvalidTypeError(f"{name} must be an integer tensor; got {value.dtype}")
+        if check:
+            try:
+                fits = torch.broadcast_shapes(value.shape, like.shape) == like.shape
+            except RuntimeError:
+                fits = False
+            if not fits:
+                raise InvalidInputError(f"{name} must broadcast to relevance's shape {tuple(like.shape)}; "
+                                        f"got shape {tuple(value.shape)}")
         return value.to(like.device, torch.long).broadcast_to(like.shape)
     if check and (isinstance(value, bool) or not isinstance(value, int)):
-        raise InvalidTypeError(f"{name} must be an int or an integer tensor; got {value!r}")
+        raise InvalidTypeError(f"{name} must be an int or an integer tensor; got {value!r} ({type(value).__name__})")
+    if check and not -_INT64 < value < _INT64:
+        raise InvalidInputError(f"{name} must be within +-2**62; got {value}")
     return torch.full(like.shape, int(value), dtype=torch.long, device=like.device)
 
 
@@ -94,6 +107,8 @@ def _check_budget(budget: int | Tensor, batch: int) -> None:
             raise BudgetError(f"budget tensor must have shape ({batch},); got {tuple(budget.shape)}")
     elif isinstance(budget, bool) or not isinstance(budget, int):
         raise BudgetError(f"budget must be a whole number of tokens; got {budget!r} ({type(budget).__name__})")
+    elif not -_INT64 < budget < _INT64:
+        raise BudgetError(f"budget must be a whole number of tokens within +-2**62; got {budget}")
 
 
 def allocate(relevance: Tensor, budget: int | Tensor, min_tokens: int | Tensor = 1, max_tokens: int | Tensor = 16,
@@ -123,8 +138,9 @@ def allocate(relevance: Tensor, budget: int | Tensor, min_tokens: int | Tensor =
         if not isinstance(relevance, Tensor) or not relevance.is_floating_point():
             raise InvalidTypeError(f"relevance must be a floating-point tensor; got "
                                    f"{relevance.dtype if isinstance(relevance, Tensor) else type(relevance).__name__}")
-        if relevance.ndim < 2:
-            raise InvalidInputError(f"relevance must have shape (B, ...regions); got {tuple(relevance.shape)}")
+        if relevance.ndim < 2 or relevance.numel() == 0:
+            raise InvalidInputError(f"relevance must have shape (B, ...regions) with at least one image and one region; "
+                                    f"got {tuple(relevance.shape)}")
         bad = (~torch.isfinite(relevance)).sum().item()  # ok-sync: validation (check=True)
         if bad:
             raise InvalidInputError(f"relevance holds {bad} NaN or infinite values")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import numbers
 import os
 import time
 import warnings
@@ -16,6 +17,7 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -191,7 +193,22 @@ class Pipeline(nn.Module):
 
     # --- inputs -----------------------------------------------------------------------------------------
     def prepare_query(self, query: Any, query_mask: Tensor | None = None, batch: int = 1) -> tuple[Tensor, Tensor]:
-        """Normalise a query to ``(B, L, D)`` float32 plus a ``(B, L)`` bool mask of its real tokens."""
+        """Normalise a query to ``(B, L, D)`` float32 plus a ``(B, L)`` bool mask of its real tokens.
+
+        Args:
+            query: ``None``; an embedding of width ``D`` shaped ``(D,)``, ``(L, D)`` or ``(B, L, D)``; or a
+                string or list of strings (needs a trained text encoder). An empty embedding (``L = 0``)
+                or one whose mask is all False is no query.
+            query_mask: ``(L,)`` or ``(B, L)`` bool, True on real query tokens.
+            batch: ``B``, the number of images.
+
+        Raises:
+            InvalidTypeError: a query or mask of the wrong type or dtype.
+            InvalidInputError: a wrong shape or width, NaN or infinite values, a batch below 1.
+            MissingWeightsError: a text query with no text encoder loaded.
+        """
+        if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
+            raise InvalidInputError(f"batch must be a whole number >= 1; got {batch!r}")
         width, device = self.width, self.device
         if query is None:
             return torch.zeros(batch, 1, width, device=device), torch.zeros(batch, 1, dtype=torch.bool, device=device)
@@ -202,8 +219,7 @@ class Pipeline(nn.Module):
                     "no trained weights yet. Pass the query as an embedding tensor of width "
                     f"{width} ((D,), (L, D) or (B, L, D)), or query=None for relevance without a query.")
             query, query_mask = self.text_encoder(query)
-        if not isinstance(query, Tensor):
-            raise InvalidTypeError(f"query must be None, a string, or a tensor of width {width}; got {type(query).__name__}")
+        query = _dense_tensor(query, "query", f"None, a string, or a float tensor of width {width}")
         if query.is_complex() or not query.is_floating_point():
             raise InvalidTypeError(f"query must be a floating-point tensor; got dtype {query.dtype}")
         if query.ndim not in (1, 2, 3):
@@ -213,32 +229,46 @@ class Pipeline(nn.Module):
             raise InvalidInputError(f"query embedding width must equal the encoder width {width}; got {query.shape[-1]}")
         if query.shape[0] not in (1, batch):
             raise InvalidInputError(f"query batch size must be 1 or the number of images {batch}; got {query.shape[0]}")
-        if not bool(torch.isfinite(query).all()):
-            raise InvalidInputError("query embedding holds NaN or infinite values")
+        tokens = query.shape[1]
         if query_mask is None:
             query_mask = torch.ones(query.shape[:2], dtype=torch.bool)
-        elif query_mask.dtype != torch.bool or query_mask.shape[-1] != query.shape[1] or query_mask.ndim not in (1, 2):
-            raise InvalidInputError(f"query_mask must be a bool tensor of shape (L,) or (B, L) with L = {query.shape[1]}; "
-                                    f"got {query_mask.dtype} {tuple(query_mask.shape)}")
-        query_mask = query_mask.reshape(-1, query.shape[1])
-        if query.shape[1] == 0:  # an empty query is no query
+        else:
+            query_mask = _dense_tensor(query_mask, "query_mask", f"a bool tensor of shape (L,) or (B, L) with L = {tokens}")
+            if (query_mask.dtype != torch.bool or query_mask.ndim not in (1, 2) or query_mask.shape[-1] != tokens
+                    or (query_mask.ndim == 2 and query_mask.shape[0] not in (1, batch))):
+                raise InvalidInputError(f"query_mask must be a bool tensor of shape (L,), (1, L) or ({batch}, L) with "
+                                        f"L = {tokens}; got {query_mask.dtype} {tuple(query_mask.shape)}")
+        if tokens == 0:  # an empty query is no query
             return self.prepare_query(None, None, batch)
-        query = query.to(device, torch.float32).expand(batch, -1, -1)
-        return query, query_mask.to(device).expand(batch, -1)
+        query = query.to(device, torch.float32)  # check after the cast: a float64 1e300 is inf in float32
+        if not bool(torch.isfinite(query).all()):  # ok-sync: host-side validation before the stages
+            raise InvalidInputError("query embedding must be finite (in float32); it holds NaN or infinite values")
+        return query.expand(batch, -1, -1), query_mask.reshape(-1, tokens).to(device).expand(batch, -1)
 
     def _budgets(self, budget: Any, groups: list[PreprocessedBatch], batch: int) -> tuple[Tensor, int]:
-        """Validate budgets on the host; returns ``(B,)`` int64 and the token capacity ``T``."""
-        if isinstance(budget, Tensor):
-            if budget.is_floating_point() or budget.is_complex() or budget.dtype == torch.bool:
-                raise BudgetError(f"budget must hold whole numbers; got a {budget.dtype} tensor")
-            values = budget.flatten().tolist()  # ok-sync: host-side validation before the stages
-        elif isinstance(budget, Sequence) and not isinstance(budget, str):
+        """Validate budgets on the host; returns ``(B,)`` int64 and the token capacity ``T``.
+
+        A budget is a whole number (``int`` or a numpy integer, not ``bool``), a sequence of them, or a 0-D/1-D
+        integer tensor or array; one value serves every image.
+        """
+        if isinstance(budget, (Tensor, np.ndarray)):
+            kind = budget.dtype
+            if (budget.is_floating_point() or budget.is_complex() or kind == torch.bool) if isinstance(budget, Tensor) \
+                    else kind.kind not in "iu":
+                raise BudgetError(f"budget must hold whole numbers; got a {kind} {type(budget).__name__}")
+            if budget.ndim > 1 or (isinstance(budget, Tensor) and budget.device.type == "meta"):
+                raise BudgetError(f"budget must be a number or a 1-D sequence of one per image; got shape {tuple(budget.shape)}")
+            values = budget.reshape(-1).tolist()  # ok-sync: host-side validation before the stages
+        elif isinstance(budget, Sequence) and not isinstance(budget, (str, bytes)):
             values = list(budget)
         else:
             values = [budget]
-        for value in values:
-            if isinstance(value, bool) or not isinstance(value, int):
-                raise BudgetError(f"budget must be a positive whole number of tokens; got {value!r} ({type(value).__name__})")
+        for position, value in enumerate(values):
+            if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
+                where = "" if len(values) == 1 else f" (value {position})"
+                raise BudgetError(f"budget must be a positive whole number of tokens{where}; got {value!r} "
+                                  f"({type(value).__name__})")
+        values = [int(v) for v in values]
         if len(values) == 1:
             values = values * batch
         if len(values) != batch:
@@ -462,3 +492,12 @@ def _scatter_into(merged: dict[str, Any], result: dict[str, Any], index: Tensor,
         if key not in merged:
             merged[key] = value.new_zeros((batch, *value.shape[1:]))
         merged[key][index] = value
+
+
+def _dense_tensor(value: Any, name: str, expected: str) -> Tensor:
+    """``value`` if it is a dense tensor holding data, else an error naming ``name`` and ``expected``."""
+    if not isinstance(value, Tensor):
+        raise InvalidTypeError(f"{name} must be {expected}; got {type(value).__name__}")
+    if value.layout != torch.strided or value.device.type == "meta":
+        raise InvalidTypeError(f"{name} must be a dense tensor holding data; got layout {value.layout} on {value.device}")
+    return value

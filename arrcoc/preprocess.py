@@ -79,7 +79,9 @@ def _pil_to_tensor(image: Image.Image, name: str) -> Tensor:
         data = torch.from_numpy(np.asarray(image, dtype=np.float32).copy())
         _check_float(data, name)
         return data.expand(3, -1, -1).contiguous()
-    has_alpha = mode in ("RGBA", "LA", "PA", "La", "RGBa") or (mode == "P" and "transparency" in image.info)
+    if mode == "La":  # premultiplied: Pillow converts it only to LA
+        image, mode = image.convert("LA"), "LA"
+    has_alpha = mode in ("RGBA", "LA", "PA", "RGBa") or (mode == "P" and "transparency" in image.info)
     rgb = image.convert("RGBA" if has_alpha else "RGB")
     array = torch.from_numpy(np.asarray(rgb, dtype=np.uint8).copy()).permute(2, 0, 1).float() / 255.0
     return _composite(array)
@@ -108,6 +110,12 @@ def _check_float(data: Tensor, name: str) -> None:
 
 def _array_to_tensor(data: Tensor, name: str) -> Tensor:
     """A single image tensor, (H, W), (C, H, W) or (H, W, C) -> ``(3, H, W)`` float32 in [0, 1]."""
+    if data.layout != torch.strided or data.is_quantized or data.is_nested:
+        raise InvalidTypeError(f"{name}: image tensors must be dense (strided); got layout {data.layout}"
+                               f"{' (quantized)' if data.is_quantized else ''}")
+    if data.device.type == "meta":
+        raise InvalidInputError(f"{name}: image tensors must hold data; got a tensor on the meta device")
+    data = data.cpu()  # ok-sync: preprocess reads values
     if data.dtype == torch.bool or data.is_complex():
         raise InvalidTypeError(f"{name}: image tensors must be uint8, uint16 or floating point; got {data.dtype}")
     if data.ndim == 2:
@@ -137,6 +145,36 @@ def _array_to_tensor(data: Tensor, name: str) -> Tensor:
     return _composite(data)
 
 
+def _decode(read: Any, name: str) -> Image.Image:
+    """Run ``read()`` (which decodes an image); any failure of the decoder becomes an :class:`ImageLoadError`.
+
+    Pillow's plugins raise many types on corrupt data (OSError, SyntaxError, struct.error, EOFError,
+    IndexError, ...); all of them mean the same thing to a caller: this image cannot be read.
+    """
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            return read()
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+        raise ImageLoadError(f"{name}: too many pixels for Pillow's decompression-bomb limit "
+                             f"(Image.MAX_IMAGE_PIXELS = {Image.MAX_IMAGE_PIXELS}): {err}") from err
+    except UnidentifiedImageError as err:
+        raise ImageLoadError(f"{name}: not an image file Pillow can identify: {err}") from err
+    except MemoryError as err:
+        raise ImageLoadError(f"{name}: not enough memory to decode the image") from err
+    except Exception as err:  # noqa: BLE001 - any decoder failure on bad data
+        raise ImageLoadError(f"{name}: cannot read the image (truncated or corrupt?): {type(err).__name__}: {err}") from err
+
+
+def _decode_file(path: str, name: str) -> Image.Image:
+    def read() -> Image.Image:
+        with Image.open(path) as image:
+            image.load()  # decode fully here, so a truncated file fails now
+            return ImageOps.exif_transpose(image)
+
+    return _decode(read, name)
+
+
 def load_image(source: Any, *, name: str | None = None) -> Tensor:
     """Read one image of any supported kind.
 
@@ -159,27 +197,14 @@ def load_image(source: Any, *, name: str | None = None) -> Tensor:
             raise ImageLoadError(f"{name}: no such file")
         if os.path.isdir(path):
             raise ImageLoadError(f"{name}: is a directory, not an image file")
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("error", Image.DecompressionBombWarning)
-                with Image.open(path) as image:
-                    image.load()  # decode fully here, so a truncated file fails now
-                    image = ImageOps.exif_transpose(image)
-                    return _pil_to_tensor(image, name)
-        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
-            raise ImageLoadError(f"{name}: too many pixels for Pillow's decompression-bomb limit "
-                                 f"({Image.MAX_IMAGE_PIXELS} pixels): {err}") from err
-        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
-            raise ImageLoadError(f"{name}: cannot read the image: {err}") from err
+        return _pil_to_tensor(_decode_file(path, name), name)
     if isinstance(source, Image.Image):
-        try:
-            return _pil_to_tensor(ImageOps.exif_transpose(source), name)
-        except (OSError, ValueError) as err:
-            raise ImageLoadError(f"{name}: cannot read the image: {err}") from err
+        return _pil_to_tensor(_decode(lambda: ImageOps.exif_transpose(source), name), name)
     if isinstance(source, np.ndarray):
-        if source.dtype == object or source.dtype.kind not in "uif" or source.dtype == np.uint32:
+        if source.dtype.kind not in "uif" or source.dtype.itemsize > 8 or source.dtype in (np.uint32, np.uint64):
             raise InvalidTypeError(f"{name}: arrays must be uint8, uint16 or floating point; got {source.dtype}")
-        tensor = torch.from_numpy(np.ascontiguousarray(source, dtype=np.int32 if source.dtype == np.uint16 else None))
+        native = source.dtype.newbyteorder("=")  # torch reads native byte order only
+        tensor = torch.from_numpy(np.ascontiguousarray(source, dtype=np.int32 if source.dtype == np.uint16 else native))
         if source.dtype == np.uint16:
             tensor = tensor.to(torch.uint16)
         if source.ndim == 3 and source.shape[-1] in (1, 3, 4) and source.shape[0] not in (1, 3, 4):
@@ -188,15 +213,15 @@ def load_image(source: Any, *, name: str | None = None) -> Tensor:
             tensor = tensor.permute(2, 0, 1)  # numpy images are channel-last
         return _array_to_tensor(tensor, name)
     if isinstance(source, Tensor):
-        return _array_to_tensor(source.detach().cpu(), name)  # ok-sync: preprocess reads values
+        return _array_to_tensor(source.detach(), name)
     raise InvalidTypeError(f"{name}: expected a path, PIL image, numpy array or torch tensor; got {type(source).__name__}")
 
 
 def _as_list(images: Any) -> list[Any]:
-    if isinstance(images, Tensor) and images.ndim == 4:
-        return list(images.unbind(0))
-    if isinstance(images, np.ndarray) and images.ndim == 4:
-        return list(images)
+    if isinstance(images, (Tensor, np.ndarray)) and images.ndim == 4:
+        if images.shape[0] == 0:
+            raise InvalidInputError(f"images: got an empty batch of shape {tuple(images.shape)}")
+        return list(images.unbind(0) if isinstance(images, Tensor) else images)
     if isinstance(images, (list, tuple)):
         if not images:
             raise InvalidInputError("images: got an empty list")
