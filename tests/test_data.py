@@ -1,0 +1,98 @@
+"""The generated VQA world: deterministic, every family well formed, answers backed by the pixels in the boxes."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+
+from arrcoc import InvalidInputError
+from arrcoc.data import COLORS, QUESTION_FAMILIES, TEXT_ALPHABET, VQADataset, answer_vocabulary, make_sample
+
+
+@pytest.mark.parametrize("size", [224, 384])
+def test_same_seed_same_sample_and_different_seeds_differ(size: int) -> None:
+    a, b, c = make_sample(7, size), make_sample(7, size), make_sample(8, size)
+    assert a.image.size == (size, size) and a.image.mode == "RGB"
+    assert np.array_equal(np.asarray(a.image), np.asarray(b.image))
+    assert (a.question, a.answer, a.boxes) == (b.question, b.answer, b.boxes)
+    assert not np.array_equal(np.asarray(a.image), np.asarray(c.image))
+
+
+@pytest.mark.parametrize("family", QUESTION_FAMILIES)
+def test_every_family_is_well_formed(family: str) -> None:
+    vocab = answer_vocabulary()[family]
+    answers = set()
+    for seed in range(40):
+        s = make_sample(seed, 224, family)
+        assert s.family == family and s.question.endswith("?")
+        answers.add(s.answer)
+        if vocab:
+            assert s.answer in vocab
+        else:
+            assert 2 <= len(s.answer) <= 5 and set(s.answer) <= set(TEXT_ALPHABET)
+        for x0, y0, x1, y1 in s.boxes:
+            assert 0 <= x0 < x1 <= 224 and 0 <= y0 < y1 <= 224
+        if family == "count":
+            assert len(s.boxes) == int(s.answer)
+        elif family == "exists":
+            assert s.answer == "no" or len(s.boxes) == 1
+        else:
+            assert len(s.boxes) == 1
+    assert len(answers) >= min(len(vocab), 2) if vocab else len(answers) == 40  # answers vary
+
+
+def _centre_rgb(sample, box) -> np.ndarray:
+    x0, y0, x1, y1 = box
+    cy, cx = (y0 + y1) // 2, (x0 + x1) // 2
+    return np.asarray(sample.image)[cy, cx].astype(int)
+
+
+def test_answers_are_backed_by_the_pixels_in_their_boxes() -> None:
+    for seed in range(30):
+        s = make_sample(seed, 224, "color")  # the box's centre wears the answer's colour
+        nearest = min(COLORS, key=lambda c: np.abs(_centre_rgb(s, s.boxes[0]) - COLORS[c]).sum())
+        assert nearest == s.answer
+        s = make_sample(seed, 224, "side")
+        centre = (s.boxes[0][0] + s.boxes[0][2]) / 2
+        assert (s.answer == "left") == (centre < 112) and abs(centre - 112) > 0.1 * 224
+        s = make_sample(seed, 384, "count")  # every counted shape wears the asked colour
+        color = s.question.split()[2]
+        for box in s.boxes:
+            nearest = min(COLORS, key=lambda c: np.abs(_centre_rgb(s, box) - COLORS[c]).sum())
+            assert nearest == color
+
+
+def test_text_glyphs_are_about_one_patch_at_every_size() -> None:
+    for size in (224, 384):
+        for seed in range(10):
+            s = make_sample(seed, size, "text")
+            height = s.boxes[0][3] - s.boxes[0][1]
+            patch = 16
+            assert 0.8 * patch * size / 224 <= height <= 2.2 * patch * size / 224  # glyphs plus frame
+            box = np.asarray(s.image)[s.boxes[0][1]:s.boxes[0][3], s.boxes[0][0]:s.boxes[0][2]]
+            assert (box.max(-1) < 60).mean() > 0.05  # dark ink inside the frame
+
+
+def test_dataset_cycles_families_and_rejects_bad_arguments() -> None:
+    ds = VQADataset(12, seed=100, size=224, families=("text", "side"))
+    assert len(ds) == 12 and [ds[i].family for i in range(4)] == ["text", "side", "text", "side"]
+    assert ds[-1].question == ds[11].question
+    with pytest.raises(IndexError):
+        ds[12]
+    with pytest.raises(InvalidInputError):
+        VQADataset(3, families=("colour",))
+    with pytest.raises(InvalidInputError):
+        make_sample(0, 224, "weather")
+    with pytest.raises(InvalidInputError):
+        make_sample(0, 32)
+    mixed = {VQADataset(60, seed=0)[i].family for i in range(60)}
+    assert mixed == set(QUESTION_FAMILIES)
+
+
+def test_generation_takes_a_few_milliseconds() -> None:
+    start = time.perf_counter()
+    for seed in range(50):
+        make_sample(seed, 224)
+    assert (time.perf_counter() - start) / 50 < 0.02
