@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 import random
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache, lru_cache
 
 import numpy as np
 import torch
@@ -90,7 +90,7 @@ def answer_vocabulary() -> dict[str, tuple[str, ...]]:
 
 
 # --- drawing ------------------------------------------------------------------------------------------------
-@lru_cache(maxsize=None)
+@cache
 def _font() -> ImageFont.ImageFont:
     # The classic bitmap font, embedded in Pillow: the same pixels on every machine, no FreeType needed.
     loader = getattr(ImageFont, "load_default_imagefont", ImageFont.load_default)

@@ -1,0 +1,141 @@
+"""A character tokenizer for the small VLM: one id per character, four special tokens, left padding.
+
+The generated world's questions and answers use a few dozen characters, so a character vocabulary keeps the
+language model's embedding table tiny and needs no trained merges or files.
+"""
+
+from __future__ import annotations
+
+import json
+import string
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .errors import InvalidInputError
+
+__all__ = ["CharTokenizer", "IMAGE_PLACEHOLDER"]
+
+#: Stands for the image in prompt text; ``expand`` turns it into as many image tokens as there are visual tokens.
+IMAGE_PLACEHOLDER = "<image>"
+
+_SPECIALS = ("<pad>", "<s>", "</s>", IMAGE_PLACEHOLDER)
+_CHARACTERS = " " + string.ascii_lowercase + string.ascii_uppercase + string.digits + "?.,:;'!-\n"
+
+
+class CharTokenizer:
+    """Characters <-> ids, with ``<pad>``, ``<s>``, ``</s>`` and ``<image>``.
+
+    Attributes:
+        pad_token_id, bos_token_id, eos_token_id, image_token_id: the special ids.
+        vocab_size: number of ids.
+    """
+
+    def __init__(self, characters: str = _CHARACTERS) -> None:
+        if len(set(characters)) != len(characters):
+            raise InvalidInputError("tokenizer characters must be distinct")
+        self.characters = characters
+        self.vocab = list(_SPECIALS) + list(characters)
+        self._ids = {c: i + len(_SPECIALS) for i, c in enumerate(characters)}
+        self.pad_token_id, self.bos_token_id, self.eos_token_id, self.image_token_id = range(len(_SPECIALS))
+        self.vocab_size = len(self.vocab)
+
+    # --- text <-> ids -----------------------------------------------------------------------------------------
+    def encode(self, text: str, add_bos: bool = False) -> list[int]:
+        """Ids of ``text``; each ``<image>`` becomes one image token id.
+
+        Raises:
+            InvalidInputError: a character outside the vocabulary.
+        """
+        ids = [self.bos_token_id] if add_bos else []
+        for i, part in enumerate(text.split(IMAGE_PLACEHOLDER)):
+            if i:
+                ids.append(self.image_token_id)
+            try:
+                ids.extend(self._ids[c] for c in part)
+            except KeyError as err:
+                raise InvalidInputError(f"character {err.args[0]!r} is not in the tokenizer's vocabulary "
+                                        f"({self.characters!r})") from None
+        return ids
+
+    def decode(self, ids: Sequence[int] | Tensor, skip_special_tokens: bool = True) -> str:
+        """Text of ``ids``; stops at the first ``</s>``. Special tokens are dropped unless asked for."""
+        if isinstance(ids, Tensor):
+            ids = ids.tolist()
+        out = []
+        for i in ids:
+            if i == self.eos_token_id:
+                break
+            if i < len(_SPECIALS):
+                if not skip_special_tokens:
+                    out.append(self.vocab[i])
+                continue
+            out.append(self.vocab[i])
+        return "".join(out)
+
+    # --- prompts ----------------------------------------------------------------------------------------------
+    def prompt(self, question: str) -> str:
+        """The model's prompt for ``question``: the image placeholder, the question, and the answer cue."""
+        return f"{IMAGE_PLACEHOLDER}\nQ: {question.strip()}\nA: "
+
+    def expand(self, text: str, image_tokens: int) -> str:
+        """``text`` with each image placeholder repeated ``image_tokens`` times (one per visual token)."""
+        if image_tokens < 0:
+            raise InvalidInputError(f"image_tokens must be >= 0; got {image_tokens}")
+        return text.replace(IMAGE_PLACEHOLDER, IMAGE_PLACEHOLDER * image_tokens)
+
+    def __call__(self, texts: str | Sequence[str], image_tokens: int | Sequence[int] = 1,
+                 targets: Sequence[str] | None = None, device: torch.device | str | None = None) -> dict[str, Tensor]:
+        """Encode a batch of prompts, left padded, each image placeholder expanded to ``image_tokens`` ids.
+
+        Args:
+            texts: prompts (e.g. from :meth:`prompt`); each gets ``<s>`` in front.
+            image_tokens: visual tokens per image: one number, or one per prompt.
+            targets: answers to append (each followed by ``</s>``), for training; then ``labels`` holds their ids
+                and -100 elsewhere.
+            device: where the tensors go.
+
+        Returns:
+            ``input_ids`` and ``attention_mask`` ``(B, L)`` (0 on padding), ``position_ids`` ``(B, L)`` counting
+            from the first real token, and ``labels`` when targets are given.
+        """
+        texts = [texts] if isinstance(texts, str) else list(texts)
+        counts = [image_tokens] * len(texts) if isinstance(image_tokens, int) else list(image_tokens)
+        if len(counts) != len(texts) or (targets is not None and len(targets) != len(texts)):
+            raise InvalidInputError("texts, image_tokens and targets must have the same length")
+        rows, label_rows = [], []
+        for i, (text, count) in enumerate(zip(texts, counts)):
+            ids = self.encode(self.expand(text, count), add_bos=True)
+            labels = [-100] * len(ids)
+            if targets is not None:
+                answer = self.encode(targets[i]) + [self.eos_token_id]
+                ids, labels = ids + answer, labels + answer
+            rows.append(ids)
+            label_rows.append(labels)
+        length = max((len(r) for r in rows), default=0)
+        input_ids = torch.full((len(rows), length), self.pad_token_id, dtype=torch.long)
+        attention = torch.zeros((len(rows), length), dtype=torch.long)
+        labels = torch.full((len(rows), length), -100, dtype=torch.long)
+        for i, (ids, lab) in enumerate(zip(rows, label_rows)):
+            if ids:
+                input_ids[i, -len(ids):] = torch.tensor(ids)
+                attention[i, -len(ids):] = 1
+                labels[i, -len(ids):] = torch.tensor(lab)
+        position_ids = (attention.cumsum(-1) - 1).clamp(min=0)  # left padding: real tokens count from 0
+        out = {"input_ids": input_ids, "attention_mask": attention, "position_ids": position_ids}
+        if targets is not None:
+            out["labels"] = labels
+        return {k: v.to(device) for k, v in out.items()} if device is not None else out
+
+    # --- serialisation ----------------------------------------------------------------------------------------
+    def to_json(self) -> str:
+        return json.dumps({"characters": self.characters, "specials": list(_SPECIALS)})
+
+    @classmethod
+    def from_json(cls, text: str) -> CharTokenizer:
+        data: dict[str, Any] = json.loads(text)
+        if tuple(data.get("specials", _SPECIALS)) != _SPECIALS:
+            raise InvalidInputError(f"tokenizer specials {data.get('specials')} differ from {_SPECIALS}")
+        return cls(data["characters"])
