@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .config import PipelineConfig
+from .decode import language_model, rope
 from .errors import ArrcocError, BudgetError, InvalidInputError, InvalidTypeError
 from .reducers import ReducedTokens, VisualInput, create_reducer
 
@@ -343,7 +344,7 @@ class ArrcocLlava(nn.Module):
         tokens = grid.flatten(1, 2) if cls is None else torch.cat((cls, grid.flatten(1, 2)), 1)
         slots = ids == self.image_token_id
         embeds = _fill_slots(self.model.get_input_embeddings()(ids), slots, self.projector(tokens))
-        attention = _text_to_image_attention(_language_model(self.model), self.fastv_layer, embeds, mask, slots,
+        attention = _text_to_image_attention(language_model(self.model), self.fastv_layer, embeds, mask, slots,
                                              self.full_tokens)
         return attention[:, int(self.keeps_cls):].unflatten(-1, grid.shape[1:3])
 
@@ -415,17 +416,6 @@ class _Stop(Exception):
     """Raised by a forward pre-hook to stop the language model once the layer input is captured."""
 
 
-def _language_model(model: nn.Module) -> nn.Module:
-    """A LLaVA's base language model (the module that owns ``embed_tokens``, ``layers``, ``norm``)."""
-    lm = getattr(getattr(model, "model", None), "language_model", None) or model.language_model
-    return lm if hasattr(lm, "layers") else lm.model
-
-
-def _rotate_half(x: Tensor) -> Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), -1)
-
-
 def _text_to_image_attention(lm: nn.Module, index: int, embeds: Tensor, mask: Tensor, slots: Tensor,
                              count: int) -> Tensor:
     """``(B, count)`` head- and query-mean attention from text tokens after the image to the image slots.
@@ -460,8 +450,8 @@ def _text_to_image_attention(lm: nn.Module, index: int, embeds: Tensor, mask: Te
     if hasattr(attn, "q_norm"):
         q, k = attn.q_norm(q), attn.k_norm(k)
     if captured["rope"] is not None:
-        cos, sin = (t[:, None] for t in captured["rope"])  # (B, 1, T, hd)
-        q, k = q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+        cos, sin = captured["rope"]  # (B, T, hd)
+        q, k = rope(q, cos, sin), rope(k, cos, sin)
     k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
     scores = (q.float() @ k.float().transpose(-1, -2)) * hd**-0.5  # (B, h, T, T)
     t = embeds.shape[1]
