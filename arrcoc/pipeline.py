@@ -13,7 +13,7 @@ import numbers
 import os
 import time
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +28,7 @@ from .compression import Compressor
 from .config import SCORER_NAMES, PipelineConfig
 from .encoders import ENCODER_DTYPES, Encoder, create_backbone, encoder_for_bucket, patch_stride
 from .errors import BudgetError, InvalidInputError, InvalidTypeError, MissingWeightsError
-from .graphs import CaptureError, GraphCache, GraphKey
+from .graphs import CaptureError, ChainResult, GraphCache, GraphKey, guard_output
 from .outputs import CompressionOutput, ScoreOutput
 from .preprocess import PreprocessedBatch, Preprocessor
 from .regions import capacity_of, region_bounds, region_grid
@@ -329,27 +329,35 @@ class Pipeline(nn.Module):
 
     def _static_inputs(self, key: GraphKey) -> dict[str, Tensor]:
         b, s, device = key.batch, key.bucket, key.device
-        return {"pixels": torch.full((b, 3, s, s), 0.5, device=device), "valid": torch.ones(b, 1, s, s, device=device),
-                "query": torch.zeros(b, key.query_tokens, self.width, device=device),
-                "query_mask": torch.zeros(b, key.query_tokens, dtype=torch.bool, device=device),
-                "budget": torch.ones(b, dtype=torch.long, device=device)}
+        inputs = {"pixels": torch.full((b, 3, s, s), 0.5, device=device), "valid": torch.ones(b, 1, s, s, device=device),
+                  "query": torch.zeros(b, key.query_tokens, self.width, device=device),
+                  "query_mask": torch.zeros(b, key.query_tokens, dtype=torch.bool, device=device)}
+        if key.capacity:  # relevance-only chains take no budget
+            inputs["budget"] = torch.ones(b, dtype=torch.long, device=device)
+        return inputs
+
+    def _build(self, key: GraphKey) -> tuple[list[Any], dict[str, Tensor], tuple[str, ...]]:
+        """What the cache captures for ``key``: the stages, their static inputs, the result keys."""
+        stages = self.stages(key.bucket, key.capacity)
+        if self.compile:
+            stages = [(name, torch.compile(fn, dynamic=False)) for name, fn in stages]
+        return stages, self._static_inputs(key), _RESULT_KEYS
+
+    def _uses_graphs(self) -> bool:
+        return self.cuda_graphs and (self.device.type == "cuda" or self.graph_cache.backend == "eager")
+
+    def _capture_failed(self, key: GraphKey, err: CaptureError) -> None:
+        self._eager_only[key] = str(err)
+        warnings.warn(f"arrcoc: running eagerly for {key.bucket}px, batch {key.batch}: {err}", stacklevel=5)
 
     def _chain(self, key: GraphKey) -> Any:
         """The captured chain for ``key``, or None where capture failed (the stages then run eagerly)."""
         if key in self._eager_only:
             return None
-
-        def build() -> tuple[list[Any], dict[str, Tensor]]:
-            stages = self.stages(key.bucket, key.capacity)
-            if self.compile:
-                stages = [(name, torch.compile(fn, dynamic=False)) for name, fn in stages]
-            return stages, self._static_inputs(key)
-
         try:
-            return self.graph_cache.get(key, build)
+            return self.graph_cache.get(key, lambda: self._build(key))
         except CaptureError as err:
-            self._eager_only[key] = str(err)
-            warnings.warn(f"arrcoc: running eagerly for {key.bucket}px, batch {key.batch}: {err}", stacklevel=4)
+            self._capture_failed(key, err)
             return None
 
     def warmup(self, sizes: Sequence[int] | None = None, batch_sizes: Sequence[int] = (1, 8, 64), *,
@@ -365,7 +373,7 @@ class Pipeline(nn.Module):
         Returns:
             ``graph_cache.stats()`` after the captures.
         """
-        if self.device.type != "cuda" or not self.cuda_graphs:
+        if not self._uses_graphs():
             return self.graph_cache.stats()
         capacity = self.config.token_capacity or token_capacity(budget)
         with torch.inference_mode():
@@ -375,23 +383,29 @@ class Pipeline(nn.Module):
                         self._chain(self._graph_key(size, batch, cap, query_tokens))
         return self.graph_cache.stats()
 
-    def _run_stages(self, state: dict[str, Any], bucket: int, capacity: int, timer: _StageTimer) -> dict[str, Any]:
-        """Run one bucket's stages, as graphs when possible; returns the result entries (owned copies)."""
+    def _run_stages(self, state: dict[str, Any], bucket: int, capacity: int, timer: _StageTimer,
+                    copy: bool = True) -> Mapping[str, Any]:
+        """Run one bucket's stages, as one graph when possible; returns the result entries.
+
+        Graphed, the results are a :class:`~arrcoc.graphs.ChainResult`: the caller's own copies, or with
+        ``copy=False`` views of the entry's buffers, valid until the entry's next replay.
+        """
         batch = state["pixels"].shape[0]
-        use_graphs = self.cuda_graphs and self.device.type == "cuda"
-        chain = self._chain(self._graph_key(bucket, batch, capacity, state["query"].shape[1])) if use_graphs else None
-        if chain is None:
-            for name, stage in self.stages(bucket, capacity):
-                with timer(name):
-                    state.update(stage(state))
-            return {k: state[k] for k in _RESULT_KEYS if k in state}
-        with timer("graphs"), self.graph_cache.lock:
-            _fill_static(chain.inputs, state, batch)
-            chain.replay()
-            return {k: _take(chain.state[k], batch) for k in _RESULT_KEYS if k in chain.state}
+        key = self._graph_key(bucket, batch, capacity, state["query"].shape[1]) if self._uses_graphs() else None
+        if key is not None and key not in self._eager_only:
+            try:
+                with timer("graphs"):
+                    return self.graph_cache.run(key, lambda: self._build(key), _fill_static(key, state), batch, copy)
+            except CaptureError as err:
+                self._capture_failed(key, err)
+        for name, stage in self.stages(bucket, capacity):
+            with timer(name):
+                state.update(stage(state))
+        return {k: state[k] for k in _RESULT_KEYS if k in state}
 
     @torch.inference_mode()
-    def _run(self, images: Any, query: Any, query_mask: Tensor | None, budget: Any, profile: bool) -> ScoreOutput:
+    def _run(self, images: Any, query: Any, query_mask: Tensor | None, budget: Any, profile: bool,
+             copy: bool = True) -> ScoreOutput:
         timer = _StageTimer(profile, self.device)
         with timer("preprocess"):
             groups = self.preprocessor(images, device=self.device)
@@ -408,7 +422,11 @@ class Pipeline(nn.Module):
             group_budget = None if budgets is None else budgets[group.indices].to(self.device)
             state: dict[str, Any] = {"pixels": group.pixels, "valid": group.valid, "query": query[index],
                                      "query_mask": query_mask[index], "budget": group_budget}
-            _scatter_into(merged, self._run_stages(state, group.bucket, capacity, timer), index, batch, (rh, rw))
+            result = self._run_stages(state, group.bucket, capacity, timer, copy)
+            if len(groups) == 1 and group.indices == list(range(batch)):
+                merged = dict(result)  # one bucket in order: the results are already the call's own (or zero-copy)
+            else:
+                _scatter_into(merged, result, index, batch, (rh, rw))
 
         names = [""] * batch
         info = torch.zeros(batch, 8)
@@ -425,13 +443,17 @@ class Pipeline(nn.Module):
             region_size=side, timings=timer.times,
         )
         if budgets is None:
-            return ScoreOutput(**common)
-        return CompressionOutput(**common, tokens=merged["tokens"], positions=merged["positions"], mask=merged["mask"],
-                                 weights=merged["weights"], allocation=merged["allocation"], prefix=merged["prefix"],
-                                 budget=budgets)
+            output = ScoreOutput(**common)
+        else:
+            output = CompressionOutput(**common, tokens=merged["tokens"], positions=merged["positions"],
+                                       mask=merged["mask"], weights=merged["weights"], allocation=merged["allocation"],
+                                       prefix=merged["prefix"], budget=budgets)
+        if isinstance(result, ChainResult) and not result.owned and len(groups) == 1:
+            output = guard_output(output, result, _RESULT_KEYS)  # zero-copy: reads check the entry's generation
+        return output
 
     def forward(self, images: Any, query: Any = None, budget: int | Sequence[int] | Tensor = 256, *,
-                query_mask: Tensor | None = None, profile: bool = False) -> CompressionOutput:
+                query_mask: Tensor | None = None, profile: bool = False, copy: bool = True) -> CompressionOutput:
         """Compress images to ``budget`` tokens each.
 
         Args:
@@ -442,36 +464,41 @@ class Pipeline(nn.Module):
                 image's bucket.
             query_mask: ``(L,)`` or ``(B, L)`` bool, True on real query tokens (padding never counts).
             profile: record milliseconds per stage in ``out.timings`` (synchronises the device).
+            copy: with CUDA graphs, ``False`` returns views of the graph entry's own buffers instead of copies
+                (zero-copy) when all images fall in one bucket. They stay valid until the next call that
+                uses the same entry (same bucket, batch bucket, capacity and query bucket); reading a field
+                of the output after that raises :class:`~arrcoc.graphs.StaleOutputError`. Eagerly the
+                results are always the caller's own.
 
         Returns:
             :class:`CompressionOutput`.
         """
-        return self._run(images, query, query_mask, budget, profile)  # type: ignore[return-value]
+        return self._run(images, query, query_mask, budget, profile, copy)  # type: ignore[return-value]
 
     def score(self, images: Any, query: Any = None, *, query_mask: Tensor | None = None,
-              profile: bool = False) -> ScoreOutput:
-        """Relevance only: the three maps and the balanced relevance, no allocation or compression."""
-        return self._run(images, query, query_mask, None, profile)
+              profile: bool = False, copy: bool = True) -> ScoreOutput:
+        """Relevance only: the three maps and the balanced relevance, no allocation or compression.
+
+        ``copy`` as in :meth:`forward`.
+        """
+        return self._run(images, query, query_mask, None, profile, copy)
 
 
-def _fill_static(inputs: dict[str, Tensor], state: dict[str, Any], batch: int) -> None:
-    """Copy a call's inputs into a chain's static buffers; padding rows repeat the first image (masked out later)."""
-    for name in ("pixels", "valid", "budget"):
-        value = state[name] if name != "budget" or state[name] is not None else torch.ones_like(inputs[name][:batch])
-        inputs[name][:batch].copy_(value)
-        inputs[name][batch:].copy_(value[:1].expand_as(inputs[name][batch:]))
-    for name in ("query", "query_mask"):
-        value, tokens = state[name], state[name].shape[1]
-        inputs[name].zero_()
-        inputs[name][:batch, :tokens].copy_(value)
-        inputs[name][batch:, :tokens].copy_(value[:1].expand_as(inputs[name][batch:, :tokens]))
+def _fill_static(key: GraphKey, state: dict[str, Any]) -> dict[str, Tensor]:
+    """A call's values for a chain's static inputs, each ``(batch, ...)`` with the entry's trailing shapes.
 
-
-def _take(value: Any, batch: int) -> Any:
-    """The first ``batch`` rows of a static output, copied so the caller owns them."""
-    if isinstance(value, dict):
-        return {k: _take(v, batch) for k, v in value.items()}
-    return value[:batch].clone()
+    A query shorter than the entry's query bucket is padded with masked-out zero tokens. Padding rows of
+    the batch bucket are not written: they keep an earlier call's (finite) inputs, and no stage mixes rows.
+    """
+    values = {"pixels": state["pixels"], "valid": state["valid"], "query": state["query"],
+              "query_mask": state["query_mask"]}
+    if key.capacity:
+        values["budget"] = state["budget"]
+    missing = key.query_tokens - values["query"].shape[1]
+    if missing:
+        values["query"] = F.pad(values["query"], (0, 0, 0, missing))
+        values["query_mask"] = F.pad(values["query_mask"], (0, missing))
+    return values
 
 
 _RESULT_KEYS = ("scores", "relevance", "balance", "prefix", "allocation", "tokens", "positions", "mask", "weights")
