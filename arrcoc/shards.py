@@ -1,0 +1,230 @@
+"""The on-disk format of a compressed data set: atomic safetensors shards, a JSONL index, and the reader.
+
+A data set written by ``arrcoc compress-dataset`` is a folder::
+
+    DST/manifest.json                 what produced it (source list hash, budget, pipeline config, ...)
+    DST/shards/shard-000000.safetensors
+    DST/shards/shard-000001.safetensors
+    DST/index.jsonl                   one record per source image, in source order (written last)
+
+Shard ``k`` holds source images ``k * shard_size`` to ``(k + 1) * shard_size - 1``. Its tensors have one row
+per image that compressed (``offset`` in the index is the row); its safetensors header carries the records
+of all of its images, broken ones included, so a shard file is complete exactly when it exists: it is
+written under a temporary name and renamed. The index is the records of all shards, merged.
+
+Reading back::
+
+    from arrcoc.shards import load_index, load_record
+    index = load_index("DST")                       # list of dicts
+    ok = [r for r in index if r["status"] == "ok"]
+    tensors = load_record("DST", ok[0])             # tokens (T, D), positions (T, 4), mask (T,), ...
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .cli import _write_atomic as write_atomic  # temporary name, then rename
+from .errors import InvalidInputError
+
+__all__ = [
+    "INDEX_NAME",
+    "MANIFEST_NAME",
+    "SHARD_DIR",
+    "FORMAT",
+    "ROW_KEYS",
+    "shard_file",
+    "remove_partial",
+    "write_shard",
+    "write_text_atomic",
+    "read_shard_records",
+    "stack_rows",
+    "merge_index",
+    "load_index",
+    "load_record",
+]
+
+logger = logging.getLogger(__name__)
+
+SHARD_DIR = "shards"
+INDEX_NAME = "index.jsonl"
+MANIFEST_NAME = "manifest.json"
+#: Written into every shard header and the manifest; a reader refuses anything else.
+FORMAT = "arrcoc-dataset-1"
+
+#: Tensors stored per compressed image (one row each), and what a record read back holds.
+ROW_KEYS: tuple[str, ...] = ("tokens", "positions", "mask", "weights", "prefix", "allocation", "relevance",
+                             "region_grid", "patch_grid", "bucket", "scale", "source_size", "budget")
+
+#: Per-region maps: padded to the largest region grid of a shard, cropped back by ``region_grid`` on reading.
+_REGION_KEYS = ("allocation", "relevance")
+
+
+def shard_file(root: str | os.PathLike[str], shard: int) -> Path:
+    """The path of shard number ``shard`` under the data set folder ``root``."""
+    return Path(root) / SHARD_DIR / f"shard-{shard:06d}.safetensors"
+
+
+def remove_partial(path: Path) -> int:
+    """Delete the temporary files a killed writer of ``path`` left behind; returns how many."""
+    stale = list(path.parent.glob(f".{path.name}.*.tmp"))
+    for leftover in stale:
+        leftover.unlink(missing_ok=True)
+    return len(stale)
+
+
+def readable(path: str) -> None:
+    """Give a temporary file (created 0600) the permissions of a normal new file under the current umask."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
+
+
+def stack_rows(rows: Sequence[dict[str, Tensor]]) -> dict[str, Tensor]:
+    """Stack per-image rows into shard tensors ``(N, ...)``, padding per-region maps to the largest grid."""
+    if not rows:
+        return {}
+    out = {}
+    for key in ROW_KEYS:
+        values = [row[key] for row in rows]
+        if key in _REGION_KEYS:
+            rh, rw = max(v.shape[-2] for v in values), max(v.shape[-1] for v in values)
+            values = [F.pad(v, (0, rw - v.shape[-1], 0, rh - v.shape[-2])) for v in values]
+        out[key] = torch.stack(values).contiguous()
+    return out
+
+
+def write_shard(path: Path, tensors: dict[str, Tensor], records: list[dict[str, Any]], fingerprint: str) -> None:
+    """Write one shard atomically: ``tensors`` (rows of the images that compressed) and all of its records.
+
+    Args:
+        path: the final file name (:func:`shard_file`).
+        tensors: ``{name: (N, ...)}`` CPU tensors, ``N`` = records with ``status == "ok"`` (may be empty).
+        records: index records of every image of the shard, in source order.
+        fingerprint: the run's fingerprint (from the manifest); a restart with other settings redoes the shard.
+    """
+    from safetensors.torch import save_file
+
+    metadata = {"format": FORMAT, "fingerprint": fingerprint, "records": json.dumps(records, separators=(",", ":"))}
+    path.parent.mkdir(parents=True, exist_ok=True)
+
+    def write(temporary: str) -> None:
+        save_file(tensors, temporary, metadata=metadata)
+        readable(temporary)
+
+    write_atomic(path, write)
+
+
+def read_shard_records(path: Path) -> tuple[str, list[dict[str, Any]]] | None:
+    """``(fingerprint, records)`` from a shard's header; ``None`` when the file is missing or unreadable."""
+    from safetensors import safe_open
+
+    if not path.is_file():
+        return None
+    try:
+        with safe_open(os.fspath(path), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+        if metadata.get("format") != FORMAT:
+            return None
+        return metadata["fingerprint"], json.loads(metadata["records"])
+    except Exception as err:  # noqa: BLE001 - any damage means: not a complete shard, redo it
+        logger.warning("%s is unreadable (%s: %s); it will be written again", path, type(err).__name__, err)
+        return None
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write a text file through a temporary name and a rename, with normal permissions."""
+
+    def write(temporary: str) -> None:
+        Path(temporary).write_text(text)
+        readable(temporary)
+
+    write_atomic(path, write)
+
+
+def merge_index(root: str | os.PathLike[str], shards: int, total: int, fingerprint: str) -> list[dict[str, Any]]:
+    """Merge the records of shards ``0 .. shards-1`` into ``root/index.jsonl`` (atomically); returns them.
+
+    Raises:
+        InvalidInputError: a shard is missing, belongs to another run, or the records do not cover source
+            images ``0 .. total-1`` exactly once.
+    """
+    records: list[dict[str, Any]] = []
+    for shard in range(shards):
+        found = read_shard_records(shard_file(root, shard))
+        if found is None or found[0] != fingerprint:
+            raise InvalidInputError(f"shard {shard} of {os.fspath(root)!r} is missing or belongs to another run")
+        records.extend(found[1])
+    records.sort(key=lambda r: r["index"])
+    if [r["index"] for r in records] != list(range(total)):
+        raise InvalidInputError(f"the shards of {os.fspath(root)!r} hold {len(records)} records for {total} source "
+                                f"images; expected each of them exactly once")
+    text = "".join(json.dumps(r, separators=(",", ":")) + "\n" for r in records)
+    write_text_atomic(Path(root) / INDEX_NAME, text)
+    return records
+
+
+def load_index(root: str | os.PathLike[str]) -> list[dict[str, Any]]:
+    """The records of a compressed data set, in source order.
+
+    Each record has ``index`` (position in the source list), ``source`` (the image path), ``shard`` (file
+    name relative to ``root``), ``offset`` (row in the shard, ``None`` when the image did not compress),
+    ``budget``, ``status`` (``"ok"`` or ``"error"``), ``error`` (the reason, or ``None``), ``bucket`` and
+    ``source_size`` (``[height, width]``; ``None`` for an image that could not be read).
+
+    Raises:
+        InvalidInputError: ``root`` holds no ``index.jsonl`` (the run is unfinished: run it again to resume).
+    """
+    path = Path(root) / INDEX_NAME
+    if not path.is_file():
+        raise InvalidInputError(f"{os.fspath(root)!r} holds no {INDEX_NAME}: not a finished compressed data set "
+                                f"(run arrcoc compress-dataset again to resume it)")
+    with path.open() as handle:
+        return [json.loads(line) for line in handle if line.strip()]
+
+
+def load_record(root: str | os.PathLike[str], record: dict[str, Any], *, device: torch.device | str = "cpu") -> dict[str, Tensor]:
+    """One image's tensors, read back from its shard (only that image's rows are read).
+
+    Args:
+        root: the data set folder.
+        record: a record from :func:`load_index` with ``status == "ok"``.
+        device: where to put the tensors.
+
+    Returns:
+        ``tokens (T, D)``, ``positions (T, 4)`` int64 (row, col, height, width in patches), ``mask (T,)`` bool
+        (``budget`` True, first), ``weights (T,)``, ``prefix (P, D)``, ``allocation (rh, rw)`` int64,
+        ``relevance (rh, rw)``, ``region_grid (2,)``, ``patch_grid (2,)``, ``bucket ()``, ``scale ()``,
+        ``source_size (2,)``, ``budget ()``; the same values the pipeline returned for that image.
+
+    Raises:
+        InvalidInputError: a record of a broken image, or one whose shard or row is missing.
+    """
+    from safetensors import safe_open
+
+    if record.get("status") != "ok" or record.get("offset") is None:
+        raise InvalidInputError(f"record {record.get('index')} ({record.get('source')}) holds no tensors: its status "
+                                f"is {record.get('status')!r} ({record.get('error')})")
+    path, row = Path(root) / record["shard"], int(record["offset"])
+    if not path.is_file():
+        raise InvalidInputError(f"record {record['index']}: shard {os.fspath(path)!r} is missing")
+    out: dict[str, Tensor] = {}
+    with safe_open(os.fspath(path), framework="pt", device=str(device)) as handle:
+        rows = handle.get_slice("budget").get_shape()[0]
+        if not 0 <= row < rows:
+            raise InvalidInputError(f"record {record['index']}: offset {row} is outside shard {record['shard']} ({rows} rows)")
+        for key in ROW_KEYS:
+            out[key] = handle.get_slice(key)[row : row + 1][0]
+    rh, rw = (int(v) for v in out["region_grid"])  # ok-sync: reading a file, on the host
+    for key in _REGION_KEYS:
+        out[key] = out[key][:rh, :rw]
+    return out

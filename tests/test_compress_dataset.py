@@ -1,0 +1,249 @@
+"""compress-dataset: one process and two (gloo, torchrun) write the same shards; kills and restarts lose nothing."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors import safe_open
+
+import arrcoc
+from arrcoc import compress_dataset
+from arrcoc.compress_dataset import EXIT_INCOMPLETE, list_sources
+from arrcoc.compress_dataset import main as compress_main
+from arrcoc.shards import INDEX_NAME, SHARD_DIR, load_index, load_record
+
+BROKEN = {"broken.jpg": b"this is not a JPEG", "empty.png": b""}
+SHARD_SIZE = 5
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny preset with 64 and 128 px buckets (4x4 and 8x8 patches): every code path, little arithmetic."""
+    folder = tmp_path_factory.mktemp("model")
+    arrcoc.Pipeline(arrcoc.PipelineConfig.from_name("tiny", buckets=(64, 128))).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """24 readable images (two buckets, one sub-folder, odd shapes) and three broken files."""
+    folder = tmp_path_factory.mktemp("images")
+    (folder / "sub").mkdir()
+    rng = np.random.default_rng(7)
+    for i in range(24):
+        side = (20, 64) if i % 4 else (70, 128)  # every 4th goes to the 128 px bucket
+        h, w = (int(v) for v in rng.integers(*side, size=2))
+        pixels = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(folder / ("sub" if i % 5 == 0 else ".") / f"img{i:02d}.png")
+    for name, data in BROKEN.items():
+        (folder / name).write_bytes(data)
+    whole = (folder / "img01.png").read_bytes()
+    (folder / "sub" / "truncated.png").write_bytes(whole[: len(whole) // 2])
+    return folder
+
+
+def _args(source: Path, dest: Path, model: Path, *extra: str) -> list[str]:
+    return [os.fspath(source), os.fspath(dest), "--budget", "8", "--pretrained", os.fspath(model), "--device", "cpu",
+            "--batch-size", "4", "--shard-size", str(SHARD_SIZE), "--quiet", *extra]
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory: pytest.TempPathFactory, source: Path, model: Path) -> Path:
+    """One process, no torchrun, in this process (one thread, like the subprocesses)."""
+    dest = tmp_path_factory.mktemp("reference")
+    with _one_thread():
+        assert compress_main(_args(source, dest, model, "--workers", "0")) == 0
+    return dest
+
+
+class _one_thread:
+    def __enter__(self) -> None:
+        self.threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+
+    def __exit__(self, *exc: object) -> None:
+        torch.set_num_threads(self.threads)
+
+
+def _shards(dest: Path) -> dict[str, tuple[dict[str, str], dict[str, torch.Tensor]]]:
+    """Each file under ``shards/``: its header metadata and its tensors (a header's key order is not fixed)."""
+    out = {}
+    for path in sorted((dest / SHARD_DIR).iterdir()):
+        with safe_open(os.fspath(path), framework="pt") as handle:
+            out[path.name] = (handle.metadata(), {key: handle.get_tensor(key) for key in handle.keys()})
+    return out
+
+
+def _assert_same_dataset(got: Path, want: Path) -> None:
+    assert (got / INDEX_NAME).read_text() == (want / INDEX_NAME).read_text()
+    got_shards, want_shards = _shards(got), _shards(want)
+    assert sorted(got_shards) == sorted(want_shards)  # no temporary files left behind either
+    for name, (metadata, tensors) in want_shards.items():
+        assert got_shards[name][0] == metadata, name
+        assert sorted(got_shards[name][1]) == sorted(tensors), name
+        for key, value in tensors.items():
+            assert torch.equal(got_shards[name][1][key], value), f"{name}: {key} differs"
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_index_lists_every_image_once_and_broken_ones_with_reasons(reference: Path, source: Path) -> None:
+    index = load_index(reference)
+    sources = list_sources(source)
+    assert len(sources) == 27
+    assert [r["index"] for r in index] == list(range(27))
+    assert [r["source"] for r in index] == sources
+    broken = {Path(r["source"]).name: r["error"] for r in index if r["status"] == "error"}
+    assert sorted(broken) == sorted([*BROKEN, "truncated.png"])
+    assert "not an image file" in broken["broken.jpg"] and "broken.jpg" in broken["broken.jpg"]
+    assert "truncated" in broken["truncated.png"]
+    for record in index:
+        assert record["shard"] == f"{SHARD_DIR}/shard-{record['index'] // SHARD_SIZE:06d}.safetensors"
+        assert (record["offset"] is None) == (record["status"] == "error")
+    for shard in {r["shard"] for r in index}:  # rows of a shard: 0..n-1, in source order
+        offsets = [r["offset"] for r in index if r["shard"] == shard and r["status"] == "ok"]
+        assert offsets == list(range(len(offsets)))
+    assert {r["bucket"] for r in index if r["status"] == "ok"} == {64, 128}
+
+
+def test_records_read_back_equal_the_pipeline(reference: Path, model: Path) -> None:
+    pipe = arrcoc.Pipeline.from_pretrained(model)
+    records = [r for r in load_index(reference) if r["status"] == "ok"][:6]
+    out = pipe([r["source"] for r in records], budget=8)
+    for i, record in enumerate(records):
+        got = load_record(reference, record)
+        rh, rw = out.region_grid[i].tolist()
+        torch.testing.assert_close(got["tokens"], out.tokens[i], atol=1e-5, rtol=1e-5)
+        assert torch.equal(got["mask"], out.mask[i]) and int(got["mask"].sum()) == 8
+        assert torch.equal(got["positions"], out.positions[i])
+        assert torch.equal(got["allocation"], out.allocation[i, :rh, :rw])
+        assert torch.equal(got["source_size"], out.source_size[i])
+        assert got["scale"] == out.scale[i] and int(got["bucket"]) == record["bucket"]
+    with pytest.raises(arrcoc.InvalidInputError, match="holds no tensors"):
+        load_record(reference, next(r for r in load_index(reference) if r["status"] == "error"))
+
+
+def _rank(rank: int, world: int, port: int, args: list[str], die_after_one_shard: bool) -> None:
+    """A process as torchrun starts it (its environment), forked from this one so torch is imported already."""
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    if die_after_one_shard:
+        real = compress_dataset.write_shard
+
+        def write_shard(path: Path, *rest: object) -> None:
+            if any(path.parent.glob("shard-*.safetensors")):
+                # die in the middle of writing the second shard: half a temporary file, no clean-up of any kind
+                (path.parent / f".{path.name}.x1y2.tmp").write_bytes(b"half a shard")
+                os.kill(os.getpid(), signal.SIGKILL)
+            real(path, *rest)
+
+        compress_dataset.write_shard = write_shard
+    sys.exit(compress_main(args))
+
+
+def _run_processes(world: int, args: list[str], *, die_after_one_shard: bool = False) -> list[int | None]:
+    """Exit codes of ``world`` processes running ``arrcoc compress-dataset args`` as torchrun would start them."""
+    context = torch.multiprocessing.get_context("fork")
+    port = _free_port()
+    processes = [context.Process(target=_rank, args=(rank, world, port, args, die_after_one_shard))
+                 for rank in range(world)]
+    for process in processes:
+        process.start()
+    for process in processes:
+        process.join(120)
+        if process.is_alive():
+            process.kill()
+    return [process.exitcode for process in processes]
+
+
+def test_two_processes_write_the_same_dataset_as_one(tmp_path: Path, source: Path, model: Path, reference: Path) -> None:
+    dest = tmp_path / "two"
+    args = _args(source, dest, model, "--workers", "1", "--stats-json", os.fspath(tmp_path / "stats-{rank}.json"))
+    assert _run_processes(2, args) == [0, 0]
+    stats = [json.loads((tmp_path / f"stats-{rank}.json").read_text()) for rank in (0, 1)]
+    assert [s["world_size"] for s in stats] == [2, 2]
+    assert [s["shards_written"] for s in stats] == [3, 3]  # shards 0, 2, 4 and 1, 3, 5: disjoint, all of them
+    assert sum(s["images"] for s in stats) == 27 and sum(s["errors"] for s in stats) == 3
+    _assert_same_dataset(dest, reference)
+
+
+def test_a_killed_run_restarts_and_completes_with_nothing_lost_or_duplicated(tmp_path: Path, source: Path, model: Path,
+                                                                             reference: Path,
+                                                                             capsys: pytest.CaptureFixture[str]) -> None:
+    dest = tmp_path / "killed"
+    args = _args(source, dest, model, "--workers", "1")
+    assert _run_processes(1, args, die_after_one_shard=True) == [-signal.SIGKILL]
+    assert [p.name for p in (dest / SHARD_DIR).iterdir() if not p.name.startswith(".")] == ["shard-000000.safetensors"]
+    assert any(p.name.endswith(".tmp") for p in (dest / SHARD_DIR).iterdir())
+    assert not (dest / INDEX_NAME).exists()
+    with _one_thread():
+        assert compress_main(args) == 0
+    assert "5 shards written, 1 already complete" in capsys.readouterr().out
+    _assert_same_dataset(dest, reference)
+
+
+def test_max_shards_stops_early_and_a_rerun_resumes(tmp_path: Path, source: Path, model: Path, reference: Path,
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    dest = tmp_path / "partial"
+    with _one_thread():
+        assert compress_main(_args(source, dest, model, "--workers", "0", "--max-shards", "2")) == EXIT_INCOMPLETE
+        assert sorted(_shards(dest)) == ["shard-000000.safetensors", "shard-000001.safetensors"]
+        assert not (dest / INDEX_NAME).exists()
+        assert compress_main(_args(source, dest, model, "--workers", "0")) == 0
+    assert "4 shards written, 2 already complete" in capsys.readouterr().out
+    _assert_same_dataset(dest, reference)
+
+
+def test_other_settings_into_the_same_folder_are_refused(tmp_path: Path, reference: Path, source: Path, model: Path,
+                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    args = _args(source, reference, model)
+    args[args.index("--budget") + 1] = "12"
+    before = tmp_path / "before"
+    shutil.copytree(reference, before)
+    assert compress_main(args) == 2
+    error = capsys.readouterr().err
+    assert "other settings" in error and "differing: budget" in error
+    _assert_same_dataset(reference, before)
+
+
+@pytest.mark.parametrize("flag, value, message", [("--budget", "0", "budget must be a whole number >= 1"),
+                                                   ("--shard-size", "0", "shard_size must be"),
+                                                   ("--device", "cuda:3", "--device must be cpu or cuda")])
+def test_bad_arguments_are_clear_errors(tmp_path: Path, source: Path, model: Path, flag: str, value: str, message: str,
+                                        capsys: pytest.CaptureFixture[str]) -> None:
+    args = _args(source, tmp_path / "out", model)
+    if flag in args:
+        args[args.index(flag) + 1] = value
+    else:
+        args += [flag, value]
+    assert compress_main(args) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_a_list_file_keeps_its_order_and_reports_missing_files(tmp_path: Path, source: Path, model: Path) -> None:
+    listing = tmp_path / "list.txt"
+    listing.write_text(f"# three images\n{source / 'img03.png'}\n\nmissing.png\n{source / 'img02.png'}\n")
+    assert list_sources(listing) == [os.fspath(source / "img03.png"), os.fspath(tmp_path / "missing.png"),
+                                     os.fspath(source / "img02.png")]
+    dest = tmp_path / "listed"
+    assert compress_main(_args(listing, dest, model, "--workers", "0")) == 0
+    index = load_index(dest)
+    assert [r["status"] for r in index] == ["ok", "error", "ok"]
+    assert "no such file" in index[1]["error"]
+    with pytest.raises(arrcoc.InvalidInputError, match="folder of images or a list file"):
+        list_sources(source / "img02.png")
