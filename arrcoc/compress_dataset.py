@@ -209,7 +209,7 @@ class _ShardWriter:
         start = time.perf_counter()
         try:
             out = self.pipe([item.pixels for item in items], query=self.query, query_mask=self.query_mask,
-                            budget=self.budget)
+                            budget=self.budget, copy=False)  # copied to the host right below
         except ArrcocError as err:  # one image the pipeline rejects must not cost the others their tokens
             if len(items) == 1:
                 self._fail(items[0], f"{items[0].source}: {err}")
