@@ -1,33 +1,52 @@
 """Benchmark of the CUDA-graph chain against eager stages and ``torch.compile(mode="reduce-overhead")``.
 
-``python -m arrcoc.bench_graphs`` (or ``arrcoc bench --graphs``) writes ``bench/results/graphs-<device>.json``
-and ``.md``. Per bucket size and batch: GPU time (CUDA events) and CPU issue time (``perf_counter`` around
-the call, no sync inside) of the whole chain eager, graphed and compiled, GPU time of each stage eager and
-graphed, capture time and pool bytes; and the time to warm up every size and batch bucket.
+``python -m arrcoc.bench_graphs`` (or ``arrcoc bench --graphs``) writes ``bench/results/graphs-<device>[-tag]``
+``.json`` and ``.md``. Per bucket size and batch, on one process:
+
+- GPU time (CUDA events, median) of the whole chain eager, as one graph, as one graph per stage, compiled
+  with ``torch.compile(mode="reduce-overhead")`` and graphed after ``torch.compile`` (``Pipeline(compile=True)``);
+- GPU time of each stage eager and as its own graph;
+- CPU issue time (``perf_counter`` around the issuing call, no sync inside; the queue drains between calls):
+  replay alone, and a whole graphed call (input copy + replay + copy-out, ``copy=True`` and ``copy=False``),
+  the per-stage chain's five launches, and the time to build the result views;
+- capture time, pool bytes, compile time; the warm-up of 5 sizes x 3 batch buckets;
+- ``--threads``: 8 threads calling one pipeline, a lock around replay against per-thread entries.
+
+Repetitions adapt to the case (at most ``--reps``, about ``--seconds`` per measurement) so the whole run
+stays bounded; ``--quick`` runs a small matrix.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
+import logging
 import statistics
+import threading
 import time
+import traceback
 from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import Tensor
-from tqdm import tqdm
 
 from .bench import _images, _timer, write_report
 from .config import PipelineConfig
+from .graphs import GraphCache, GraphChain
 from .pipeline import Pipeline, _fill_static, token_capacity
 
-__all__ = ["main", "time_graphs"]
+__all__ = ["main", "time_graphs", "time_compiled", "time_threads", "time_warmup"]
+
+logger = logging.getLogger(__name__)
+
+STAGE_NAMES = ("encode", "score", "balance", "allocate", "compress")
 
 
 def _issue_us(fn: Callable[[], Any], reps: int) -> float:
     """Median microseconds the CPU spends issuing one call (no sync inside; the queue drains between)."""
+    for _ in range(3):
+        fn()
     times = []
     for _ in range(reps):
         torch.cuda.synchronize()
@@ -38,8 +57,22 @@ def _issue_us(fn: Callable[[], Any], reps: int) -> float:
     return statistics.median(times)
 
 
+def _gpu_ms(fn: Callable[[], Any], reps: int, warmup: int = 3) -> float:
+    return statistics.median(_timer(torch.device("cuda"))(fn, warmup, reps))
+
+
+def _reps(fn: Callable[[], Any], most: int, seconds: float) -> int:
+    """How many repetitions fit in about ``seconds`` (at least 5, at most ``most``), from one timed call."""
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    fn()
+    torch.cuda.synchronize()
+    once = time.perf_counter() - start
+    return max(5, min(most, int(seconds / max(once, 1e-6))))
+
+
 def _case(pipe: Pipeline, size: int, batch: int) -> tuple[list[Any], dict[str, Any], dict[str, Any]]:
-    """The stages and inputs of one benchmark case (the demo scene; budget = 25% of the patches)."""
+    """The stages and inputs of one benchmark case (the demo scene; budget = 25% of the patches; 4 query tokens)."""
     device = pipe.device
     (group,) = pipe.preprocessor(_images(size, batch), device=device)
     grid = pipe.encoder(group.bucket).grid
@@ -54,8 +87,8 @@ def _case(pipe: Pipeline, size: int, batch: int) -> tuple[list[Any], dict[str, A
 
 
 @torch.inference_mode()
-def time_graphs(pipe: Pipeline, size: int, batch: int, *, reps: int = 50, warmup: int = 5) -> dict[str, Any]:
-    """Eager vs graphed timings for one bucket size and batch size."""
+def time_graphs(pipe: Pipeline, size: int, batch: int, *, reps: int = 50, seconds: float = 1.0) -> dict[str, Any]:
+    """Eager vs graphed (one graph, and one per stage) timings for one bucket size and batch size."""
     stages, inputs, result = _case(pipe, size, batch)
     state = dict(inputs)
 
@@ -65,63 +98,200 @@ def time_graphs(pipe: Pipeline, size: int, batch: int, *, reps: int = 50, warmup
         return state
 
     eager()
-    timer = _timer(pipe.device)
-    result["eager_ms"] = statistics.median(timer(eager, warmup, reps))
-    result["eager_issue_us"] = _issue_us(eager, reps)
-    result["eager_stage_ms"] = {name: statistics.median(timer(lambda fn=fn: state.update(fn(state)), warmup, reps))
-                                for name, fn in stages}
+    reps = result["reps"] = _reps(eager, reps, seconds)
+    result["eager_ms"] = _gpu_ms(eager, reps)
+    result["eager_issue_us"] = _issue_us(eager, min(reps, 20))
+    result["eager_stage_ms"] = {name: _gpu_ms(lambda fn=fn: state.update(fn(state)), reps) for name, fn in stages}
 
-    start = time.perf_counter()
+    # one graph for the whole chain, through the cache as a call uses it
+    cache = pipe.graph_cache
     key = pipe._graph_key(size, batch, result["capacity"], 4)
+    torch.cuda.synchronize()
+    start = time.perf_counter()
     chain = pipe._chain(key)
+    torch.cuda.synchronize()
     if chain is None:
         raise RuntimeError(f"capture failed for {size}px batch {batch}: {pipe._eager_only[key]}")
-    torch.cuda.synchronize()
     result["capture_s"] = time.perf_counter() - start
-    result["pool_bytes"] = chain.bytes
-    _fill_static(chain.inputs, inputs, batch)
-    result["graphed_ms"] = statistics.median(timer(chain.replay, warmup, reps))
-    result["graphed_issue_us"] = _issue_us(chain.replay, reps)
-    result["graphed_stage_ms"] = {name: statistics.median(timer(graph.replay, warmup, reps)) for name, graph in chain.graphs}
+    result["pool_bytes"], result["entry_bytes"] = chain.pool_bytes, chain.bytes
+    values = _fill_static(key, inputs)
+
+    def call(copy: bool) -> Callable[[], Any]:
+        return lambda: cache.run(key, lambda: pipe._build(key), values, batch, copy)
+
+    result["graphed_ms"] = _gpu_ms(chain.replay, reps)
+    result["call_ms"] = _gpu_ms(call(True), reps)  # input copy + replay + copy-out, GPU side
+    result["replay_issue_us"] = _issue_us(chain.replay, reps)
+    result["call_issue_us"] = _issue_us(call(True), reps)
+    result["call_zero_copy_issue_us"] = _issue_us(call(False), reps)
+    result["views_us"] = _issue_us(lambda: dict(call(True)()), reps) - result["call_issue_us"]
+    out = call(True)()
+    eager()
+    result["max_abs_diff_tokens"] = float((out["tokens"].float() - state["tokens"].float()).abs().max())  # ok-sync: report
+    result["allocation_equal"] = bool(torch.equal(out["allocation"], state["allocation"]))  # ok-sync: report
+
+    # one graph per stage, chained (the earlier design), for per-stage times and the launch-count comparison
+    start = time.perf_counter()
+    per_stage = GraphChain(stages, pipe._static_inputs(key), torch.cuda.graph_pool_handle(), outputs=("tokens",),
+                           per_stage=True)
+    torch.cuda.synchronize()
+    result["per_stage_capture_s"] = time.perf_counter() - start
+    per_stage.inputs.write(values)
+    result["per_stage_ms"] = _gpu_ms(per_stage.replay, reps)
+    result["per_stage_issue_us"] = _issue_us(per_stage.replay, reps)
+    result["graphed_stage_ms"] = {name: _gpu_ms(graph.replay, reps) for name, graph in per_stage.graphs if name != "pack"}
+    del per_stage
     result["speedup"] = result["eager_ms"] / result["graphed_ms"]
     result["stage_speedup"] = {n: result["eager_stage_ms"][n] / result["graphed_stage_ms"][n] for n in result["graphed_stage_ms"]}
     return result
 
 
-@torch.inference_mode()
-def time_compiled(pipe: Pipeline, result: dict[str, Any], *, reps: int = 50, warmup: int = 5) -> None:
-    """Add ``torch.compile(mode="reduce-overhead")`` timings of the same eager chain to ``result``.
-
-    reduce-overhead is inductor plus CUDA graph trees; where inductor fails on the chain, the "cudagraphs"
-    backend (dynamo plus CUDA graph trees, no inductor) is timed instead and the failure recorded.
-    """
-    stages, inputs, _ = _case(pipe, result["size"], result["batch"])
-
+def _whole(stages: list[Any]) -> Callable[..., tuple[Tensor, ...]]:
     def whole(pixels: Tensor, valid: Tensor, query: Tensor, query_mask: Tensor, budget: Tensor) -> tuple[Tensor, ...]:
         s = {"pixels": pixels, "valid": valid, "query": query, "query_mask": query_mask, "budget": budget}
         for _, fn in stages:
             s.update(fn(s))
         return s["tokens"], s["mask"], s["allocation"]
 
+    return whole
+
+
+def _error(err: BaseException) -> str:
+    frames = [f"{f.filename.split('site-packages/')[-1]}:{f.lineno} {f.name}" for f in traceback.extract_tb(err.__traceback__)]
+    return f"{type(err).__name__}: {str(err)[:400]} [last frames: {' <- '.join(reversed(frames[-4:]))}]"
+
+
+@torch.inference_mode()
+def time_compiled(pipe: Pipeline, result: dict[str, Any], *, reps: int = 50) -> None:
+    """Add ``torch.compile(mode="reduce-overhead")`` and graphed+compiled timings of the same chain to ``result``.
+
+    Where inductor fails on the whole chain, each stage is compiled alone (default mode) to name the stage
+    that fails, and the ``cudagraphs`` backend (dynamo + CUDA graph trees, no inductor) is timed instead.
+    """
+    size, batch, reps = result["size"], result["batch"], min(reps, result.get("reps", reps))
+    stages, inputs, _ = _case(pipe, size, batch)
     args = tuple(inputs[k] for k in ("pixels", "valid", "query", "query_mask", "budget"))
     for backend, options in (("inductor", {"mode": "reduce-overhead"}), ("cudagraphs", {})):
         torch._dynamo.reset()
-        compiled = torch.compile(whole, backend=backend, **options)
+        compiled = torch.compile(_whole(stages), backend=backend, **options)
         start = time.perf_counter()
         try:
             for _ in range(3):  # compile, record, then replay
                 compiled(*args)
             torch.cuda.synchronize()
         except Exception as err:  # a compiler bug must not end the benchmark
-            result.setdefault("compile_errors", {})[backend] = f"{type(err).__name__}: {str(err)[:300]}"
+            result.setdefault("compile_errors", {})[backend] = _error(err)
+            if backend == "inductor":
+                result["inductor_stage_errors"] = _isolate(stages, inputs)
             continue
         result["compile_backend"] = backend
         result["compile_s"] = time.perf_counter() - start
-        timer = _timer(pipe.device)
-        result["compiled_ms"] = statistics.median(timer(lambda c=compiled: c(*args), warmup, reps))
+        result["compiled_ms"] = _gpu_ms(lambda c=compiled: c(*args), reps)
         result["compiled_issue_us"] = _issue_us(lambda c=compiled: c(*args), reps)
         result["graphed_over_compiled"] = result["graphed_ms"] / result["compiled_ms"]
+        break
+    torch._dynamo.reset()
+    # graphed + compiled: each stage compiled (fusion), then the chain captured as one graph
+    both = Pipeline(pipe.config, device=pipe.device, compile=True)
+    key = both._graph_key(size, batch, result["capacity"], 4)
+    start = time.perf_counter()
+    chain = both._chain(key)
+    torch.cuda.synchronize()
+    if chain is None:
+        result["graphed_compiled_error"] = both._eager_only[key]
         return
+    result["graphed_compiled_capture_s"] = time.perf_counter() - start
+    chain.inputs.write(_fill_static(key, inputs))
+    result["graphed_compiled_ms"] = _gpu_ms(chain.replay, reps)
+    if "compiled_ms" in result:
+        result["graphed_compiled_over_compiled"] = result["graphed_compiled_ms"] / result["compiled_ms"]
+    del both, chain
+    torch._dynamo.reset()
+
+
+def _isolate(stages: list[Any], inputs: dict[str, Any]) -> dict[str, str]:
+    """Compile each stage alone with inductor; the stages that fail, with their error."""
+    failures, state = {}, dict(inputs)
+    for name, fn in stages:
+        torch._dynamo.reset()
+        try:
+            out = torch.compile(fn)(state)
+            torch.cuda.synchronize()
+        except Exception as err:
+            failures[name] = _error(err)
+            out = fn(state)
+        state.update(out)
+    return failures
+
+
+def time_threads(config: PipelineConfig, *, threads: int = 8, calls: int = 100, size: int = 224) -> dict[str, Any]:
+    """Throughput of ``threads`` threads calling one cache at batch 1: a lock around replay vs per-thread entries.
+
+    Each thread calls ``GraphCache.run`` on preprocessed inputs of its own (so the figure is the cache's
+    cost, not preprocessing) and checks every result against the same call made alone.
+    """
+    report: dict[str, Any] = {"threads": threads, "calls_per_thread": calls, "size": size}
+    for mode in ("lock", "per_thread"):
+        torch.cuda.empty_cache()
+        report[mode] = _threads_one_mode(config, mode, threads, calls, size)
+    return report
+
+
+def _threads_one_mode(config: PipelineConfig, mode: str, threads: int, calls: int, size: int) -> dict[str, Any]:
+    pipe = Pipeline(config, device="cuda", graph_cache=GraphCache(threads=mode, max_entries=64))
+    with torch.inference_mode():
+        _, base, info = _case(pipe, size, 1)
+        key = pipe._graph_key(size, 1, info["capacity"], 4)
+
+        def call(values: dict[str, Tensor]) -> Tensor:
+            return pipe.graph_cache.run(key, lambda: pipe._build(key), values, 1)["tokens"]
+
+        jobs = [_fill_static(key, {**base, "pixels": base["pixels"].roll(7 * i, -1),
+                                   "budget": torch.full((1,), 10 + i, device="cuda")}) for i in range(threads)]
+        expected = [call(values) for values in jobs]
+    barrier, wrong = threading.Barrier(threads + 1), [0] * threads
+
+    def work(i: int) -> None:
+        with torch.inference_mode():
+            call(jobs[i])  # per-thread entries: this thread's capture, before the clock starts
+            torch.cuda.synchronize()
+            barrier.wait()
+            outs = [call(jobs[i]) for _ in range(calls)]
+            torch.cuda.synchronize()
+            barrier.wait()
+            wrong[i] = sum(not torch.equal(o, expected[i]) for o in outs)  # ok-sync: checked after timing
+
+    workers = [threading.Thread(target=work, args=(i,)) for i in range(threads)]
+    for w in workers:
+        w.start()
+    barrier.wait()
+    start = time.perf_counter()
+    barrier.wait()
+    wall = time.perf_counter() - start
+    for w in workers:
+        w.join()
+    stats = pipe.graph_cache.stats()
+    return {"wall_s": wall, "calls_per_s": threads * calls / wall, "ms_per_call": wall / (threads * calls) * 1e3,
+            "wrong_results": sum(wrong), "entries": stats["entries"], "bytes": stats["bytes"], "captures": stats["captures"]}
+
+
+def time_warmup(config: PipelineConfig, sizes: tuple[int, ...] = (224, 384, 512, 768, 1024),
+                batches: tuple[int, ...] = (1, 8, 64)) -> dict[str, Any]:
+    """Seconds and bytes to capture every size x batch bucket (compression and relevance-only chains), one pool."""
+    warm = Pipeline(config.replace(buckets=sizes), device="cuda", graph_cache=GraphCache(max_entries=4 * len(sizes) * len(batches)))
+    for size in sizes:
+        warm.encoder(size)  # build the bucket models first: the warm-up measures captures
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_reserved()
+    start = time.perf_counter()
+    stats = warm.warmup(sizes, batch_sizes=batches)
+    torch.cuda.synchronize()
+    out = {"sizes": list(sizes), "batches": list(batches), "seconds": time.perf_counter() - start,
+           "reserved_growth_bytes": torch.cuda.memory_reserved() - before,
+           **{k: v for k, v in stats.items() if k != "per_entry"}}
+    del warm
+    torch.cuda.empty_cache()
+    return out
 
 
 def _cell(row: dict[str, Any], key: str, fmt: str) -> str:
@@ -131,30 +301,47 @@ def _cell(row: dict[str, Any], key: str, fmt: str) -> str:
 def _markdown(report: dict[str, Any]) -> str:
     lines = [f"# arrcoc CUDA graphs vs eager vs torch.compile — {report['device']}", "",
              f"torch {report['torch']}, encoder `{report['encoder']}` ({report['encoder_dtype']}), {report['date']}. "
-             f"Median of {report['reps']} runs after warm-up; GPU ms from CUDA events, CPU issue µs from perf_counter "
-             "around the call; budget = 25% of the patches.", "",
-             f"Warm-up of sizes {report['warmup_sizes']} x batches {report['warmup_batches']} (compression and "
-             f"relevance-only chains, {report['warmup']['captures']} captures, one pool): "
-             f"**{report['warmup_seconds']:.2f} s**, {report['warmup']['bytes'] / 2**20:.0f} MiB of static outputs.", "",
-             "| size | batch | eager ms | graphed ms | speed-up | compiled ms | graphed / compiled | eager issue µs | "
-             "graphed issue µs | compiled issue µs | capture s | compile s | pool MiB |",
-             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "Median over an adaptive number of runs after warm-up; GPU ms from CUDA events; CPU issue µs from "
+             "perf_counter around the issuing call (no sync inside). Budget = 25% of the patches, 4 query tokens. "
+             "*graphed* = the chain as one CUDA graph; *call issue* = input copy + replay + copy-out "
+             "(`GraphCache.run`), *zero-copy* the same with `copy=False`; *views* = building the result tensors.", ""]
+    if "warmup" in report:
+        w = report["warmup"]
+        lines += [f"Warm-up of sizes {w['sizes']} x batches {w['batches']} (compression and relevance-only chains, "
+                  f"{w['captures']} captures, one pool): **{w['seconds']:.2f} s**, {w['bytes'] / 2**20:.0f} MiB kept "
+                  f"by the entries, {w['reserved_growth_bytes'] / 2**20:.0f} MiB reserved.", ""]
+    lines += ["| size | batch | eager ms | graphed ms | speed-up | per-stage graphs ms | compiled ms | graphed / compiled "
+              "| graphed+compiled ms | replay issue µs | call issue µs | zero-copy issue µs | views µs | 5-graph issue µs "
+              "| eager issue µs | capture s | compile s | pool MiB |",
+              "|" + "---:|" * 18]
     for r in report["results"]:
         note = "" if r.get("compile_backend", "inductor") == "inductor" else f" ({r['compile_backend']})"
-        lines.append(f"| {r['size']} | {r['batch']} | {r['eager_ms']:.3f} | {r['graphed_ms']:.3f} | {r['speedup']:.1f}x | "
-                     f"{_cell(r, 'compiled_ms', '{:.3f}')}{note} | {_cell(r, 'graphed_over_compiled', '{:.2f}')} | "
-                     f"{r['eager_issue_us']:.0f} | {r['graphed_issue_us']:.1f} | {_cell(r, 'compiled_issue_us', '{:.1f}')} | "
-                     f"{r['capture_s']:.2f} | {_cell(r, 'compile_s', '{:.1f}')} | {r['pool_bytes'] / 2**20:.1f} |")
-    errors = {f"{r['size']}x{r['batch']}": r["compile_errors"] for r in report["results"] if "compile_errors" in r}
+        lines.append(
+            f"| {r['size']} | {r['batch']} | {r['eager_ms']:.3f} | {r['graphed_ms']:.3f} | {r['speedup']:.1f}x | "
+            f"{r['per_stage_ms']:.3f} | {_cell(r, 'compiled_ms', '{:.3f}')}{note} | {_cell(r, 'graphed_over_compiled', '{:.2f}')} | "
+            f"{_cell(r, 'graphed_compiled_ms', '{:.3f}')} | {r['replay_issue_us']:.1f} | {r['call_issue_us']:.1f} | "
+            f"{r['call_zero_copy_issue_us']:.1f} | {r['views_us']:.1f} | {r['per_stage_issue_us']:.1f} | "
+            f"{r['eager_issue_us']:.0f} | {r['capture_s']:.2f} | {_cell(r, 'compile_s', '{:.1f}')} | {r['pool_bytes'] / 2**20:.1f} |")
+    errors = {f"{r['size']}x{r['batch']}": {**r.get("compile_errors", {}), **{f"inductor, stage {k}": v for k, v in
+              r.get("inductor_stage_errors", {}).items()}} for r in report["results"] if "compile_errors" in r}
     if errors:
         lines += ["", "torch.compile failures (the cell then times the next backend that worked):", ""]
         lines += [f"- {case} {backend}: `{message}`" for case, d in errors.items() for backend, message in d.items()]
-    lines += ["", "Per stage, speed-up of the graphed stage over the eager stage (GPU ms eager → graphed):", "",
-              "| size | batch | encode | score | balance | allocate | compress |", "|---:|---:|---:|---:|---:|---:|---:|"]
+    lines += ["", "Per stage, GPU ms eager → as its own graph (speed-up):", "",
+              "| size | batch | " + " | ".join(STAGE_NAMES) + " |", "|---:|---:|" + "---:|" * len(STAGE_NAMES)]
     for r in report["results"]:
         cells = [f"{r['eager_stage_ms'][n]:.3f} → {r['graphed_stage_ms'][n]:.3f} ({r['stage_speedup'][n]:.1f}x)"
-                 for n in ("encode", "score", "balance", "allocate", "compress")]
+                 for n in STAGE_NAMES]
         lines.append(f"| {r['size']} | {r['batch']} | " + " | ".join(cells) + " |")
+    if "threads" in report:
+        t = report["threads"]
+        lines += ["", f"{t['threads']} threads x {t['calls_per_thread']} calls at {t['size']}px batch 1 on one pipeline "
+                  "(`GraphCache.run`, results checked against the same call alone):", "",
+                  "| mode | calls/s | ms per call | wrong results | entries | MiB | captures |", "|---|---:|---:|---:|---:|---:|---:|"]
+        for mode in ("lock", "per_thread"):
+            m = t[mode]
+            lines.append(f"| {mode} | {m['calls_per_s']:.0f} | {m['ms_per_call']:.3f} | {m['wrong_results']} | "
+                         f"{m['entries']} | {m['bytes'] / 2**20:.1f} | {m['captures']} |")
     return "\n".join(lines) + "\n"
 
 
@@ -166,45 +353,65 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--preset", default="default", help="pipeline preset")
     parser.add_argument("--encoder", default=None, help="override the preset's timm encoder")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="encoder dtype")
-    parser.add_argument("--compile", nargs="*", default=["224x1", "512x1", "224x64"],
-                        help="SIZExBATCH cases also timed with torch.compile(mode='reduce-overhead')")
-    parser.add_argument("--reps", type=int, default=50, help="timed runs")
+    parser.add_argument("--compile", nargs="*", default=["224x1"],
+                        help="SIZExBATCH cases also timed with torch.compile(mode='reduce-overhead') and graphed+compiled")
+    parser.add_argument("--reps", type=int, default=50, help="most timed runs per measurement")
+    parser.add_argument("--seconds", type=float, default=0.5, help="about this long per measurement (fewer reps)")
+    parser.add_argument("--skip", nargs="*", default=[], help="SIZExBATCH cases to leave out (e.g. 1024x64)")
+    parser.add_argument("--no-warmup", action="store_true", help="skip the 5 sizes x 3 batches warm-up measurement")
+    parser.add_argument("--threads", action="store_true", help="also compare a lock with per-thread entries")
+    parser.add_argument("--quick", action="store_true", help="sizes 224 512, batches 1 8, 20 reps")
     parser.add_argument("--out", default="bench/results", help="output folder")
     parser.add_argument("--tag", default="", help="suffix of the result file names")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         parser.error("the graph benchmark needs a CUDA GPU")
+    if args.quick:
+        args.sizes, args.batches, args.reps = [224, 512], [1, 8], min(args.reps, 20)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
     overrides: dict[str, Any] = {"encoder_dtype": args.dtype}
     if args.encoder:
         overrides["encoder"] = args.encoder
     config = PipelineConfig.from_name(args.preset, **overrides)
-
-    warm = Pipeline(config.replace(buckets=(224, 384, 512, 768, 1024)), device="cuda")
-    for size in warm.config.buckets:
-        warm.encoder(size)  # build the bucket models first: the warm-up measures captures
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    warm_stats = warm.warmup(batch_sizes=(1, 8, 64))
-    torch.cuda.synchronize()
-    warm_seconds = time.perf_counter() - start
-    del warm
-    torch.cuda.empty_cache()
-
-    pipe = Pipeline(config.replace(buckets=tuple(args.sizes)), device="cuda")
     report: dict[str, Any] = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "encoder": config.encoder,
-                              "encoder_dtype": args.dtype, "date": datetime.date.today().isoformat(), "reps": args.reps,
-                              "warmup_sizes": [224, 384, 512, 768, 1024],
-                              "warmup_batches": [1, 8, 64], "warmup_seconds": warm_seconds,
-                              "warmup": {k: v for k, v in warm_stats.items() if k != "per_entry"}, "results": []}
-    for size in tqdm(args.sizes, desc="graphs"):
+                              "encoder_dtype": args.dtype, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
+                              "max_reps": args.reps, "results": []}
+    name = f"graphs-{report['device']}"
+
+    def save() -> None:  # after every step: a later failure keeps what was measured
+        write_report(report, _markdown(report), args.out, name, args.tag)
+
+    if not args.no_warmup:
+        report["warmup"] = time_warmup(config)
+        logger.info("warm-up: %.2f s, %d captures", report["warmup"]["seconds"], report["warmup"]["captures"])
+    pipe = Pipeline(config.replace(buckets=tuple(sorted(set(args.sizes)))), device="cuda")
+    for size in args.sizes:
         for batch in args.batches:
-            report["results"].append(time_graphs(pipe, size, batch, reps=args.reps))
+            if f"{size}x{batch}" in args.skip:
+                continue
+            try:
+                report["results"].append(time_graphs(pipe, size, batch, reps=args.reps, seconds=args.seconds))
+                logger.info("%dx%d: eager %.3f ms, graphed %.3f ms, call issue %.1f us", size, batch,
+                            report["results"][-1]["eager_ms"], report["results"][-1]["graphed_ms"],
+                            report["results"][-1]["call_issue_us"])
+                save()
+            except Exception as err:  # e.g. out of memory at the largest case: record, go on
+                report.setdefault("failures", {})[f"{size}x{batch}"] = _error(err)
+                logger.warning("%dx%d failed: %s", size, batch, err)
             pipe.graph_cache.clear()
             torch.cuda.empty_cache()
     for result in report["results"]:  # compiled last: its CUDA graph trees stay resident
         if f"{result['size']}x{result['batch']}" in args.compile:
-            time_compiled(pipe, result, reps=args.reps)
-    write_report(report, _markdown(report), args.out, f"graphs-{report['device']}", args.tag)
+            try:
+                time_compiled(pipe, result, reps=args.reps)
+            except Exception as err:
+                result.setdefault("compile_errors", {})["benchmark"] = _error(err)
+            save()
+    if args.threads:
+        del pipe
+        torch.cuda.empty_cache()
+        report["threads"] = time_threads(config)
+    save()
     return 0
 
 
