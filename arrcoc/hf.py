@@ -41,6 +41,9 @@ __all__ = ["ArrcocLlava", "Prepared", "raster_order", "main"]
 
 logger = logging.getLogger(__name__)
 
+#: VisualInput fields a reducer graph takes as static inputs (when present).
+_VISUAL_FIELDS = ("features", "pixels", "query", "query_mask", "cls_attention", "text_attention")
+
 #: The LLaVA-1.5 conversation template; ``{image}`` becomes the tokenizer's image token.
 LLAVA_TEMPLATE = "USER: {image}\n{question} ASSISTANT:"
 
@@ -122,12 +125,17 @@ class ArrcocLlava(nn.Module):
         image_std: the matching standard deviation.
         fastv_layer: the language-model layer whose text-to-image attention fills ``text_attention`` (for
             reducers that need it, e.g. FastV).
+        reducer_graphs: ``"auto"`` runs the reducer as a CUDA graph (:class:`arrcoc.graphs.GraphChain`, one per
+            budget and input shapes) on CUDA and directly elsewhere; ``"eager"`` uses the chain's eager backend
+            (the same host-side path, for tests); ``"off"`` always calls the reducer directly. A reducer that
+            cannot be captured falls back to a direct call, with one warning.
     """
 
     def __init__(self, model: nn.Module, processor_or_tokenizer: Any, *, method: str = "arrcoc",
                  config: PipelineConfig | None = None, template: str = LLAVA_TEMPLATE,
                  query_temperature: float = 0.1, image_mean: Sequence[float] | None = None,
-                 image_std: Sequence[float] | None = None, fastv_layer: int = 2) -> None:
+                 image_std: Sequence[float] | None = None, fastv_layer: int = 2,
+                 reducer_graphs: str = "auto") -> None:
         super().__init__()
         self.model = model
         self.vision_tower, self.projector = _parts(model)
@@ -146,6 +154,11 @@ class ArrcocLlava(nn.Module):
         self.template = template
         self.query_temperature = float(query_temperature)
         self.fastv_layer = int(fastv_layer)
+        if reducer_graphs not in ("auto", "eager", "off"):
+            raise InvalidInputError(f"reducer_graphs must be 'auto', 'eager' or 'off'; got {reducer_graphs!r}")
+        self.reducer_graphs = reducer_graphs
+        self._chains: dict[tuple, Any] = {}
+        self._pool: Any = None
         self.feature_layer = cfg.vision_feature_layer
         self.strategy = cfg.vision_feature_select_strategy
         if self.strategy not in ("default", "full"):
@@ -321,11 +334,43 @@ class ArrcocLlava(nn.Module):
             visual.query, visual.query_mask = self._query(grid, embeds, query_mask)
         if "text_attention" in self.needs:
             visual.text_attention = self._text_attention(prompts, grid, cls)
-        reduced = raster_order(self.reducer(visual, budget - int(self.keeps_cls)), grid.shape[2])
+        reduced = raster_order(self.reduce(visual, budget - int(self.keeps_cls)), grid.shape[2])
         tokens = reduced.tokens if cls is None else torch.cat((cls, reduced.tokens), 1)
         image_tokens = self.projector(tokens.to(grid.dtype))  # (B, budget, H)
         embeds = _fill_slots(embeds, ids == self.image_token_id, image_tokens)
         return Prepared(embeds, mask, ids, reduced, query_mask, image_tokens)
+
+    def reduce(self, visual: VisualInput, budget: int) -> ReducedTokens:
+        """The reducer on ``visual``, replayed as a CUDA graph where ``reducer_graphs`` allows (see the class)."""
+        device = visual.features.device
+        backend = {"auto": "cuda" if device.type == "cuda" else None, "eager": "eager", "off": None}[self.reducer_graphs]
+        inputs = {f: getattr(visual, f) for f in _VISUAL_FIELDS if getattr(visual, f) is not None}
+        key = (budget, backend, tuple((k, tuple(v.shape), v.dtype) for k, v in inputs.items()))
+        chain = self._chains.get(key) if backend else False
+        if chain is None:
+            chain = self._chains[key] = self._chain(inputs, budget, backend)
+        if chain is False:
+            return self.reducer(visual, budget)
+        result = chain.run(inputs, rows=visual.features.shape[0])
+        return ReducedTokens(result["tokens"], result["positions"], result["weights"],
+                             result.get("relevance"), result.get("allocation"))
+
+    def _chain(self, inputs: dict[str, Tensor], budget: int, backend: str) -> Any:
+        from .graphs import CaptureError, GraphChain
+
+        def reduce(state: dict[str, Any]) -> dict[str, Any]:
+            out = self.reducer(VisualInput(**{k: state[k] for k in inputs}), budget)
+            return {k: v for k, v in vars(out).items() if v is not None}
+
+        if backend == "cuda" and self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle()
+        try:
+            return GraphChain([("reduce", reduce)], inputs, self._pool if backend == "cuda" else None,
+                              outputs=("tokens", "positions", "weights", "relevance", "allocation"), backend=backend,
+                              name=f"{self.method} reducer")
+        except CaptureError as err:
+            logger.warning("the %s reducer cannot be captured as a CUDA graph (%s); calling it directly", self.method, err)
+            return False
 
     def _query(self, grid: Tensor, embeds: Tensor, query_mask: Tensor) -> tuple[Tensor, Tensor]:
         """Pull the prompt's question tokens back into the vision space (see the class docstring)."""
