@@ -478,10 +478,16 @@ def families(width: int, workdir: Path) -> dict[str, st.SearchStrategy[Case]]:
 
 
 # --- the long run --------------------------------------------------------------------------------------------
-def _run_family(pipe: Any, strategy: st.SearchStrategy[Case], count: int, seed_: int, bar: Any) -> dict[str, Any]:
-    """Up to ``count`` hypothesis-generated cases of one family (no shrinking: every case is recorded)."""
+class _TimeUp(BaseException):
+    """Ends a family's run at its time share (a BaseException, so hypothesis does not take it for a failure)."""
+
+
+def _run_family(pipe: Any, strategy: st.SearchStrategy[Case], count: int, seed_: int, bar: Any,
+                seconds: float | None = None) -> dict[str, Any]:
+    """Up to ``count`` hypothesis-generated cases of one family, for at most ``seconds`` (no shrinking)."""
     figures: dict[str, Any] = {"cases": 0, "outcomes": Counter(), "errors": Counter(), "bugs": []}
     start = time.perf_counter()
+    stop = start + seconds if seconds else float("inf")
 
     @seed(seed_)
     @settings(max_examples=count, database=None, deadline=None, phases=[Phase.generate],
@@ -496,16 +502,25 @@ def _run_family(pipe: Any, strategy: st.SearchStrategy[Case], count: int, seed_:
         if outcome.kind == "bug" and len(figures["bugs"]) < 20:
             figures["bugs"].append({"case": case.describe, "error": outcome.error, "message": outcome.message})
         bar.update(1)
+        if time.perf_counter() > stop:
+            raise _TimeUp
 
-    body()
+    try:
+        body()
+        figures["time_limited"] = False
+    except _TimeUp:
+        figures["time_limited"] = True
     figures.update(seconds=round(time.perf_counter() - start, 2), outcomes=dict(figures["outcomes"]),
                    errors=dict(figures["errors"]))
     return figures
 
 
 def fuzz(pipe: Any, cases: int, *, seed_: int = 0, names: list[str] | None = None, progress: bool = True,
-         workdir: Path | None = None) -> dict[str, Any]:
+         workdir: Path | None = None, max_seconds: float | None = None) -> dict[str, Any]:
     """Run about ``cases`` cases spread evenly over the families; returns the figures.
+
+    With ``max_seconds``, each family gets an equal share of the time left when it starts and stops when
+    that is spent (its figures then say ``time_limited``), so a slow machine still covers every family.
 
     Returns:
         ``{"families": {name: {"cases", "outcomes", "errors", "seconds", "bugs"}}, "cases", "bugs", "seconds"}``.
@@ -524,7 +539,9 @@ def fuzz(pipe: Any, cases: int, *, seed_: int = 0, names: list[str] | None = Non
         with tqdm(total=per_family * len(chosen), unit="case", disable=not progress, file=sys.stderr) as bar:
             for name in chosen:
                 bar.set_description(name)
-                report["families"][name] = _run_family(pipe, strategies[name], per_family, seed_, bar)
+                left = len(chosen) - len(report["families"])  # time a fast family leaves goes to the rest
+                share = (max_seconds - (time.perf_counter() - start)) / left if max_seconds else None
+                report["families"][name] = _run_family(pipe, strategies[name], per_family, seed_, bar, share)
         report["cases"] = sum(f["cases"] for f in report["families"].values())
         report["bugs"] = sum(f["outcomes"].get("bug", 0) for f in report["families"].values())
         report["seconds"] = round(time.perf_counter() - start, 1)
@@ -535,7 +552,9 @@ def _markdown(report: dict[str, Any]) -> str:
     lines = [f"# arrcoc fuzz: {report['cases']} cases, {report['bugs']} bugs, {report['seconds']} s",
              "", f"{report['preset']} preset (buckets {report['buckets']}) on {report['device']}, torch {report['torch']}, Pillow {report['pillow']} "
              f"(Image.MAX_IMAGE_PIXELS = {report['max_image_pixels']}), seed {report['seed']}, {report['date']}", "",
-             "| family | cases | ok | rejected | bug | distinct error types | seconds |", "|---|---:|---:|---:|---:|---|---:|"]
+             f"{report['cases']} of {report['requested_cases']} requested cases ran"
+             + (f" (time limit {report['max_seconds']} s, shared equally by the families)" if report["max_seconds"] else ""),
+             "", "| family | cases | ok | rejected | bug | distinct error types | seconds |", "|---|---:|---:|---:|---:|---|---:|"]
     for name, f in report["families"].items():
         o = f["outcomes"]
         errors = ", ".join(f"{k} {v}" for k, v in sorted(f["errors"].items()))
@@ -561,6 +580,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cases", type=int, default=10000, help="cases in all, spread over the families")
     parser.add_argument("--seed", type=int, default=0, help="hypothesis seed")
     parser.add_argument("--families", nargs="*", default=None, help="run only these families")
+    parser.add_argument("--max-seconds", type=float, default=None,
+                        help="stop each family at an equal share of this time (the figures say so)")
     parser.add_argument("--out", default=None, help="write fuzz-<device>.json/.md here (e.g. bench/results)")
     parser.add_argument("--preset", default="tiny", help="pipeline preset (default tiny)")
     parser.add_argument("--buckets", type=int, nargs="+", default=list(FUZZ_BUCKETS),
@@ -570,8 +591,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="arrcoc: %(message)s")
     pipe = Pipeline(PipelineConfig.from_name(args.preset, buckets=tuple(args.buckets)))
-    report = fuzz(pipe, args.cases, seed_=args.seed, names=args.families, progress=not args.quiet)
-    report.update(preset=args.preset, buckets=list(pipe.config.buckets), device=str(pipe.device), torch=torch.__version__, pillow=PIL.__version__,
+    report = fuzz(pipe, args.cases, seed_=args.seed, names=args.families, progress=not args.quiet,
+                  max_seconds=args.max_seconds)
+    report["requested_cases"] = args.cases
+    report.update(max_seconds=args.max_seconds, preset=args.preset, buckets=list(pipe.config.buckets), device=str(pipe.device), torch=torch.__version__, pillow=PIL.__version__,
                   max_image_pixels=Image.MAX_IMAGE_PIXELS, seed=args.seed,
                   date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"))
     table = _markdown(report)
