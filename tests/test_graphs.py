@@ -1,7 +1,10 @@
-"""CUDA graphs: graphed equals eager, no stale data, no leaking padding, fallbacks, threads (GPU only)."""
+"""CUDA graphs: graphed equals eager, no stale data, no leaking padding, fallbacks, threads (GPU tests marked
+``cuda``), and the cache's host-side logic (packing, keying, LRU, generation counter, threads) on any device
+through the eager backend, which replays by re-running the stages into the same static buffers."""
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import warnings
 
@@ -9,9 +12,18 @@ import pytest
 import torch
 
 import arrcoc
-from arrcoc.graphs import GraphCache, GraphKey
+from arrcoc.graphs import (
+    CaptureMemoryError,
+    ChainResult,
+    GraphCache,
+    GraphChain,
+    GraphKey,
+    PackedTensors,
+    StaleOutputError,
+    guard_output,
+)
 
-pytestmark = pytest.mark.cuda
+cuda = pytest.mark.cuda
 
 
 def _images(n: int, size: int, seed: int) -> list[torch.Tensor]:
@@ -44,6 +56,7 @@ def _assert_same(a: arrcoc.CompressionOutput, b: arrcoc.CompressionOutput) -> No
     torch.testing.assert_close(a.relevance, b.relevance, rtol=1e-5, atol=1e-7)
 
 
+@cuda
 @pytest.mark.parametrize("size", [224, 384, 512, 768, 1024])
 def test_graphed_equals_eager(pipes, size: int) -> None:
     """200 random images per bucket, in batches of 8, budgets and queries changing between calls."""
@@ -61,6 +74,7 @@ def test_graphed_equals_eager(pipes, size: int) -> None:
     assert graphed.graph_cache.stats()["hits"] > 0
 
 
+@cuda
 def test_consecutive_calls_never_return_old_data(pipes) -> None:
     graphed, eager = pipes
     first, second = _images(4, 384, seed=1), _images(4, 384, seed=2)
@@ -71,6 +85,7 @@ def test_consecutive_calls_never_return_old_data(pipes) -> None:
     _assert_same(b, eager(second, budget=70))
 
 
+@cuda
 def test_batch_padding_never_leaks(pipes) -> None:
     graphed, eager = pipes
     images = _images(3, 512, seed=3)  # batch 3 pads to the batch bucket 4
@@ -83,6 +98,7 @@ def test_batch_padding_never_leaks(pipes) -> None:
     assert (out.allocation == reference.allocation).float().mean() > 0.98
 
 
+@cuda
 def test_budget_above_capacity_is_a_clear_error() -> None:
     config = arrcoc.PipelineConfig.from_name("tiny", token_capacity=64)
     pipe = arrcoc.Pipeline(config, device="cuda")
@@ -91,6 +107,7 @@ def test_budget_above_capacity_is_a_clear_error() -> None:
         pipe(_images(1, 384, seed=4), budget=65)
 
 
+@cuda
 def test_capture_has_no_hidden_sync() -> None:
     pipe = arrcoc.Pipeline(arrcoc.PipelineConfig.from_name("tiny"), device="cuda")
     pipe.encoder(224), pipe.encoder(384)  # build the encoders (host-to-device copies) outside the checked region
@@ -102,9 +119,10 @@ def test_capture_has_no_hidden_sync() -> None:
             chain.replay()
         finally:
             torch.cuda.set_sync_debug_mode("default")
-    assert chain is not None and [name for name, _ in chain.graphs] == ["encode", "score", "balance", "allocate", "compress"]
+    assert chain is not None and [name for name, _ in chain.graphs] == ["chain"]  # the whole chain, one launch
 
 
+@cuda
 def test_new_budget_and_query_replay_without_recapture() -> None:
     pipe = arrcoc.Pipeline(arrcoc.PipelineConfig.from_name("tiny"), device="cuda")
     images = _images(2, 224, seed=5)
@@ -115,6 +133,7 @@ def test_new_budget_and_query_replay_without_recapture() -> None:
     assert pipe.graph_cache.stats()["captures"] == captures
 
 
+@cuda
 def test_capture_failure_falls_back_with_one_warning(monkeypatch) -> None:
     pipe = arrcoc.Pipeline(arrcoc.PipelineConfig.from_name("tiny"), device="cuda")
     original = pipe.stages
@@ -136,6 +155,7 @@ def test_capture_failure_falls_back_with_one_warning(monkeypatch) -> None:
     assert torch.equal(first.allocation, second.allocation) and first.mask.sum() == 40
 
 
+@cuda
 def test_graphs_switched_off_by_environment(monkeypatch) -> None:
     monkeypatch.setenv("ARRCOC_CUDA_GRAPHS", "0")
     pipe = arrcoc.Pipeline(arrcoc.PipelineConfig.from_name("tiny"), device="cuda")
@@ -143,6 +163,7 @@ def test_graphs_switched_off_by_environment(monkeypatch) -> None:
     assert pipe.graph_cache.stats()["captures"] == 0
 
 
+@cuda
 def test_threads_get_their_own_results(pipes) -> None:
     graphed, eager = pipes
     jobs = [(_images(2, size, seed=100 + i), 20 + i) for i, size in enumerate([224, 384, 224, 512, 384, 224, 512, 224])]
@@ -162,6 +183,7 @@ def test_threads_get_their_own_results(pipes) -> None:
         _assert_same(results[i], reference)
 
 
+@cuda
 def test_warmup_and_lru_bound() -> None:
     pipe = arrcoc.Pipeline(arrcoc.PipelineConfig.from_name("tiny", buckets=(224, 384)), device="cuda",
                            graph_cache=GraphCache(max_entries=3))
@@ -172,6 +194,7 @@ def test_warmup_and_lru_bound() -> None:
     assert key in pipe.graph_cache  # the smallest, captured last, is kept
 
 
+@cuda
 def test_compile_option_gives_the_same_results(pipes) -> None:
     """compile=True compiles each stage before capture; where the compiler fails, the warning names the stage."""
     _, eager = pipes
@@ -185,3 +208,263 @@ def test_compile_option_gives_the_same_results(pipes) -> None:
     reference = eager(images, budget=30)
     torch.testing.assert_close(out.relevance, reference.relevance, rtol=1e-3, atol=1e-5)
     assert out.mask.sum().item() == 60
+
+
+@cuda
+@pytest.mark.parametrize("size", [224, 384])
+def test_bf16_graphed_equals_eager(size: int) -> None:
+    """The bf16 encoder: graphs replay the same kernels, so integer outputs are exact, floats within bf16 tolerance."""
+    config = arrcoc.PipelineConfig.from_name("tiny", encoder_dtype="bfloat16")
+    graphed = arrcoc.Pipeline(config, device="cuda", cuda_graphs=True)
+    eager = arrcoc.Pipeline(config, device="cuda", cuda_graphs=False)
+    g = torch.Generator().manual_seed(size + 1)
+    images = _images(64, size, seed=size + 1)
+    for start in range(0, 64, 8):
+        batch = images[start : start + 8]
+        budget = torch.randint(1, 200, (len(batch),), generator=g).tolist()
+        query = None if start % 16 == 0 else torch.randn(3, graphed.width, generator=g).cuda()
+        a, b = graphed(batch, query=query, budget=budget), eager(batch, query=query, budget=budget)
+        assert a.tokens.dtype == b.tokens.dtype
+        assert torch.equal(a.allocation, b.allocation) and torch.equal(a.mask, b.mask)
+        assert torch.equal(a.positions, b.positions)
+        torch.testing.assert_close(a.tokens.float(), b.tokens.float(), rtol=1.6e-2, atol=1e-2)
+        torch.testing.assert_close(a.relevance, b.relevance, rtol=1.6e-2, atol=1e-4)
+
+
+@cuda
+def test_zero_copy_results_are_views_until_the_entry_replays(pipes) -> None:
+    graphed, eager = pipes
+    first, second, other = _images(2, 224, seed=20), _images(2, 224, seed=21), _images(2, 384, seed=22)
+    zero = graphed(first, budget=30, copy=False)
+    owned = graphed(first, budget=30)
+    assert torch.equal(zero.tokens, owned.tokens) and torch.equal(zero.allocation, owned.allocation)
+    graphed(other, budget=30)  # another entry (384px) shares the pool but never writes this entry's buffers
+    _assert_same(zero, eager(first, budget=30))
+    graphed(second, budget=30)  # the same entry: the views now hold the second call's data
+    with pytest.raises(StaleOutputError, match="overwritten"):
+        zero.tokens  # noqa: B018 (the read is the test)
+    _assert_same(owned, eager(first, budget=30))
+
+
+@cuda
+def test_per_stage_graphs_equal_one_graph(pipes) -> None:
+    graphed, _ = pipes
+    key = graphed._graph_key(224, 2, 64, 1)
+    stages, inputs, outputs = graphed._build(key)
+    with torch.inference_mode():
+        one = GraphChain(stages, inputs, torch.cuda.graph_pool_handle(), outputs=outputs)
+        many = GraphChain(stages, inputs, torch.cuda.graph_pool_handle(), outputs=outputs, per_stage=True)
+        values = {"pixels": torch.rand(2, 3, 224, 224, device="cuda"), "valid": torch.ones(2, 1, 224, 224, device="cuda"),
+                  "query": torch.randn(2, 1, graphed.width, device="cuda"),
+                  "query_mask": torch.ones(2, 1, dtype=torch.bool, device="cuda"),
+                  "budget": torch.tensor([5, 60], device="cuda")}
+        a, b = one.run(values, 2), many.run(values, 2)
+    assert [n for n, _ in many.graphs] == ["encode", "score", "balance", "allocate", "compress", "pack"]
+    assert torch.equal(a["allocation"], b["allocation"]) and torch.equal(a["tokens"], b["tokens"])
+
+
+@cuda
+def test_calls_from_another_stream_see_their_own_inputs(pipes) -> None:
+    graphed, eager = pipes
+    images = _images(2, 224, seed=23)
+    side = torch.cuda.Stream()
+    with torch.cuda.stream(side):
+        out = graphed(images, budget=25)
+    side.synchronize()
+    _assert_same(out, eager(images, budget=25))
+
+
+# --- host-side logic on any device (the eager backend) ------------------------------------------------------
+def _toy_stages() -> list:
+    def double(s):
+        return {"y": s["x"] * 2 + s["n"][:, None].float(), "flag": s["x"].sum(1) > 0}
+
+    def report(s):
+        return {"stats": {"mean": s["y"].mean(1), "count": s["n"] + 1}, "half": s["y"].to(torch.bfloat16) / 2}
+
+    return [("double", double), ("report", report)]
+
+
+def _toy_inputs(batch: int, seed: int = 0) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {"x": torch.randn(batch, 5, generator=g), "n": torch.randint(0, 9, (batch,), generator=g)}
+
+
+def _toy_expected(values: dict[str, torch.Tensor]) -> dict:
+    state = dict(values)
+    for _, fn in _toy_stages():
+        state.update(fn(state))
+    return state
+
+
+_TOY_OUT = ("y", "flag", "stats", "half")
+
+
+def test_packed_tensors_one_kernel_for_a_full_write() -> None:
+    specs = {"flag": ((3, 2), torch.bool), "x": ((3, 4, 5), torch.float32), "n": ((3,), torch.int64),
+             "h": ((3, 7), torch.bfloat16), "empty": ((3, 0, 4), torch.float32)}
+    packed = PackedTensors(specs, "cpu")
+    assert packed.names[0] == "n" and packed.names[-1] == "flag"  # largest items first: every block aligned
+    values = {"flag": torch.rand(3, 2) > 0.5, "x": torch.randn(3, 4, 5), "n": torch.arange(3) - 5,
+              "h": torch.randn(3, 7).bfloat16(), "empty": torch.zeros(3, 0, 4)}
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        packed.write(values)
+    names = [e.name for e in prof.events()]
+    assert names.count("aten::cat") == 1 and "aten::copy_" not in names
+    for name, value in values.items():
+        assert packed.views[name].is_contiguous() and torch.equal(packed.views[name], value)
+    packed.write({"x": torch.ones(2, 4, 5), "n": torch.tensor([7, 8])}, rows=2)  # a partial write: rows 0-1 only
+    assert torch.equal(packed.views["x"][:2], torch.ones(2, 4, 5)) and torch.equal(packed.views["x"][2], values["x"][2])
+    assert packed.views["n"].tolist() == [7, 8, -3] and torch.equal(packed.views["h"], values["h"])
+    copy = packed.unpack(packed.buffer.clone(), rows=2)
+    assert copy["x"].shape == (2, 4, 5) and copy["x"].data_ptr() != packed.views["x"].data_ptr()
+
+
+def test_chain_results_owned_or_zero_copy_with_a_generation_check() -> None:
+    chain = GraphChain(_toy_stages(), _toy_inputs(4), None, outputs=_TOY_OUT, backend="eager")
+    first, second = _toy_inputs(4, seed=1), _toy_inputs(4, seed=2)
+    owned, zero = chain.run(first, 4), chain.run(first, 4, copy=False)
+    expected = _toy_expected(first)
+    for result in (owned, zero):
+        assert isinstance(result, ChainResult) and set(result) == set(_TOY_OUT)
+        torch.testing.assert_close(result["y"], expected["y"])
+        assert torch.equal(result["stats"]["count"], expected["stats"]["count"]) and result["half"].dtype == torch.bfloat16
+    assert zero["y"].data_ptr() == chain.outputs.views["y"].data_ptr()  # zero-copy: the entry's own buffer
+    assert owned.owned and not zero.owned and zero.valid()
+    chain.run(second, 4)
+    assert not zero.valid()
+    with pytest.raises(StaleOutputError, match="1 since"):
+        zero["y"]
+    torch.testing.assert_close(owned["y"], expected["y"])  # the owned copy is untouched
+    partial = chain.run(_toy_inputs(3, seed=3), 3)
+    assert partial["y"].shape == (3, 5) and partial["stats"]["mean"].shape == (3,)
+    torch.testing.assert_close(partial["y"], _toy_expected(_toy_inputs(3, seed=3))["y"])
+
+
+def test_guarded_output_raises_on_stale_fields_only() -> None:
+    @dataclasses.dataclass
+    class Out:
+        tokens: torch.Tensor
+        names: list
+
+    chain = GraphChain(_toy_stages(), _toy_inputs(2), None, outputs=_TOY_OUT, backend="eager")
+    result = chain.run(_toy_inputs(2, seed=4), 2, copy=False)
+    out = guard_output(Out(result["y"], ["a", "b"]), result, ["tokens"])
+    assert isinstance(out, Out) and type(out).__name__ == "ZeroCopyOut"
+    assert torch.equal(out.tokens, result["y"])
+    chain.run(_toy_inputs(2, seed=5), 2)
+    assert out.names == ["a", "b"]  # not a graph buffer: still readable
+    with pytest.raises(StaleOutputError) as info:
+        out.tokens  # noqa: B018
+    assert isinstance(info.value, arrcoc.ArrcocError)
+
+
+def _toy_key(bucket: int, batch: int = 2) -> GraphKey:
+    return GraphKey(bucket, batch, torch.float32, torch.device("cpu"), 0, 1)
+
+
+def _toy_build(batch: int = 2):
+    return lambda: (_toy_stages(), _toy_inputs(batch), _TOY_OUT)
+
+
+def test_cache_keys_hits_and_lru_eviction() -> None:
+    cache = GraphCache(max_entries=2, backend="eager")
+    a, b, c = _toy_key(224), _toy_key(384), _toy_key(512)
+    first = cache.get(a, _toy_build())
+    assert cache.get(a, _toy_build()) is first
+    cache.get(b, _toy_build())
+    cache.get(a, _toy_build())  # a is now the most recently used
+    cache.get(c, _toy_build())
+    assert a in cache and c in cache and b not in cache
+    stats = cache.stats()
+    assert (stats["hits"], stats["misses"], stats["captures"], stats["evictions"], stats["entries"]) == (2, 3, 3, 1, 2)
+    assert stats["bytes"] == sum(v["bytes"] for v in stats["per_entry"].values()) > 0
+    bounded = GraphCache(max_entries=8, max_bytes=1, backend="eager")  # a byte bound keeps only the newest
+    bounded.get(a, _toy_build())
+    bounded.get(b, _toy_build())
+    assert len(bounded) == 1 and b in bounded
+
+
+def test_out_of_memory_during_capture_evicts_then_retries_once() -> None:
+    cache = GraphCache(max_entries=8, backend="eager")
+    for bucket in (224, 384, 512, 768):
+        cache.get(_toy_key(bucket), _toy_build())
+    real, failures = cache.chain_factory, [1]
+
+    def flaky(*args, **kwargs):
+        if failures[0]:
+            failures[0] -= 1
+            raise torch.cuda.OutOfMemoryError("injected: out of memory")
+        return real(*args, **kwargs)
+
+    cache.chain_factory = flaky
+    cache.get(_toy_key(1024), _toy_build())  # fails once, evicts the older half, captures
+    assert _toy_key(1024) in cache and _toy_key(224) not in cache and _toy_key(384) not in cache
+    assert _toy_key(768) in cache and cache.stats()["oom_retries"] == 1
+    failures[0] = 2
+    with pytest.raises(CaptureMemoryError, match="retried once") as info:
+        cache.get(_toy_key(100), _toy_build())
+    assert isinstance(info.value, arrcoc.ArrcocError) and _toy_key(100) not in cache
+    cache.chain_factory = real  # the cache is still usable
+    result = cache.run(_toy_key(100), _toy_build(), _toy_inputs(2, seed=6), 2)
+    torch.testing.assert_close(result["y"], _toy_expected(_toy_inputs(2, seed=6))["y"])
+
+
+def test_a_failed_call_never_returns_half_written_buffers() -> None:
+    cache = GraphCache(backend="eager")
+    key, good = _toy_key(224), _toy_inputs(2, seed=7)
+    zero = cache.run(key, _toy_build(), good, 2, copy=False)
+    chain = cache.get(key, _toy_build())
+    replay = chain.replay
+
+    def broken() -> None:
+        raise RuntimeError("injected: replay failed")
+
+    chain.replay = broken
+    with pytest.raises(RuntimeError, match="injected"):
+        cache.run(key, _toy_build(), _toy_inputs(2, seed=8), 2)  # inputs written, nothing replayed
+    chain.replay = replay
+    after = cache.run(key, _toy_build(), _toy_inputs(2, seed=9), 2)
+    torch.testing.assert_close(after["y"], _toy_expected(_toy_inputs(2, seed=9))["y"])
+    assert not zero.valid()  # any later call on the entry makes an earlier zero-copy result unreadable
+
+
+@pytest.mark.parametrize("mode", ["lock", "per_thread"])
+def test_threads_get_their_own_results_on_any_device(mode: str) -> None:
+    cache = GraphCache(threads=mode, backend="eager")
+    jobs = [_toy_inputs(2, seed=100 + i) for i in range(8)]
+    expected = [_toy_expected(v)["y"] for v in jobs]
+    wrong, barrier = [0] * 8, threading.Barrier(8)
+
+    def work(i: int) -> None:
+        barrier.wait()
+        for _ in range(40):
+            result = cache.run(_toy_key(224), _toy_build(), jobs[i], 2)
+            wrong[i] += not torch.allclose(result["y"], expected[i])
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert wrong == [0] * 8
+    assert len(cache) == (8 if mode == "per_thread" else 1)
+
+
+def test_pipeline_graph_path_on_cpu_equals_eager(tiny_config) -> None:
+    """The pipeline's graph plumbing (keys, packing, query padding, zero-copy guard) without a GPU."""
+    graphed = arrcoc.Pipeline(tiny_config, graph_cache=GraphCache(backend="eager"))
+    eager = arrcoc.Pipeline(tiny_config, cuda_graphs=False)
+    images = [torch.rand(3, 120, 224), torch.rand(3, 200, 90)]
+    query = torch.randn(3, graphed.width)  # 3 tokens: padded to the entry's bucket of 4
+    a, b = graphed(images, query=query, budget=[7, 40]), eager(images, query=query, budget=[7, 40])
+    assert torch.equal(a.allocation, b.allocation) and torch.equal(a.mask, b.mask) and torch.equal(a.positions, b.positions)
+    torch.testing.assert_close(a.tokens, b.tokens)
+    torch.testing.assert_close(a.scores["participatory"], b.scores["participatory"])
+    assert graphed.graph_cache.stats()["per_entry"].keys() == {"224px/b2/float32/T64/L4"}
+    zero = graphed(images, query=query, budget=[7, 40], copy=False)
+    assert isinstance(zero, arrcoc.CompressionOutput) and torch.equal(zero.mask, b.mask)
+    graphed([torch.rand(3, 50, 50), torch.rand(3, 60, 60)], query=torch.randn(4, graphed.width), budget=3)
+    with pytest.raises(StaleOutputError):
+        zero.allocation  # noqa: B018
+    assert zero.names == a.names
