@@ -247,3 +247,28 @@ def test_a_list_file_keeps_its_order_and_reports_missing_files(tmp_path: Path, s
     assert "no such file" in index[1]["error"]
     with pytest.raises(arrcoc.InvalidInputError, match="folder of images or a list file"):
         list_sources(source / "img02.png")
+
+
+def test_a_query_file_steers_every_image_and_is_part_of_the_settings(tmp_path: Path, source: Path, model: Path,
+                                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    from safetensors.torch import save_file
+
+    pipe = arrcoc.Pipeline.from_pretrained(model)
+    query = torch.randn(3, pipe.width, generator=torch.Generator().manual_seed(3))
+    save_file({"query": query}, tmp_path / "query.safetensors")
+    listing = tmp_path / "list.txt"
+    listing.write_text(f"{source / 'img04.png'}\n{source / 'img08.png'}\n")
+    dest = tmp_path / "steered"
+    args = _args(listing, dest, model, "--workers", "0", "--query-file", os.fspath(tmp_path / "query.safetensors"))
+    assert compress_main(args) == 0
+    steered = pipe([os.fspath(source / "img04.png"), os.fspath(source / "img08.png")], query=query, budget=8)
+    plain = pipe([os.fspath(source / "img04.png"), os.fspath(source / "img08.png")], budget=8)
+    for i, record in enumerate(load_index(dest)):
+        got = load_record(dest, record)
+        rh, rw = steered.region_grid[i].tolist()
+        assert (rh, rw) == (2, 2)  # the 128 px bucket: four regions to share the relevance
+        torch.testing.assert_close(got["relevance"], steered.relevance[i, :rh, :rw], atol=1e-5, rtol=1e-5)
+        assert not torch.allclose(got["relevance"], plain.relevance[i, :rh, :rw])
+    save_file({"query": -query}, tmp_path / "query.safetensors")
+    assert compress_main(args) == 2
+    assert "differing: query_sha256" in capsys.readouterr().err
