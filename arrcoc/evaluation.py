@@ -1,0 +1,575 @@
+"""``arrcoc eval``: answer accuracy against visual-token budget, per method and question family.
+
+Every method (a registered reducer: arrcoc's variants and the baselines of :mod:`arrcoc.baselines`) answers
+the same generated questions (:mod:`arrcoc.data`) with the same small VLM (:mod:`arrcoc.vlm`) through the
+same adapter (:class:`arrcoc.hf.ArrcocLlava`), at budgets given as shares of the patch count (100%, 33%,
+22%, 11%, 5.5% by default) and at several image sizes. Besides accuracy it measures where the tokens went:
+the *box share* of a batch is the mean, over its tokens, of the share of each token's pooled area that lies
+inside the answer boxes (a kept patch wholly inside counts 1, a token pooling a large area counts its
+overlap). At the full budget every method reads every patch in raster order, so every method scores the
+same there; a reference run (the model's own full-token path, no adapter) checks that the adapter
+reproduces the model.
+
+Writes ``<out>/eval[-tag].json`` (every number), ``.md`` (tables) and ``.png`` (accuracy against tokens, one
+line per method, one panel per image size).
+
+Importing this module imports neither transformers nor matplotlib; :func:`main` and :func:`plot` do.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import logging
+import platform
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor
+from tqdm import tqdm
+
+from .data import QUESTION_FAMILIES, VQASample, make_sample
+from .errors import ArrcocError, InvalidInputError
+
+if TYPE_CHECKING:
+    from transformers import LlavaForConditionalGeneration
+
+    from .tokenizer import CharTokenizer
+
+__all__ = ["EvalConfig", "DEFAULT_SHARES", "token_budgets", "answer_coverage", "box_share", "same_answer",
+           "pixel_values", "ask", "CharTokenizerForHF", "project_adapter", "evaluate", "findings", "to_markdown", "plot", "main"]
+
+logger = logging.getLogger(__name__)
+
+#: Budgets as shares of the patch count: full, then the LLaVA-1.5 reductions 576 -> 192, 128, 64, 32.
+DEFAULT_SHARES: tuple[float, ...] = (1.0, 0.33, 0.22, 0.11, 0.055)
+DEFAULT_SIZES: tuple[int, ...] = (224, 384)
+#: First sample seed of the evaluation: far from the seeds training draws from (0 upwards).
+DEFAULT_SEED = 900_000_000
+
+
+def _default_methods() -> tuple[str, ...]:
+    from .reducers import list_reducers
+
+    return tuple(list_reducers())
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """What an evaluation covers.
+
+    Attributes:
+        methods: registered reducer names (default: every registered reducer).
+        shares: budgets, each a share of the patch count in (0, 1]; the token count is
+            ``max(1, round(share * patches))``.
+        sizes: image sides in pixels (multiples of the model's patch size).
+        samples_per_family: questions per family and size; the same questions for every method and budget.
+        families: question families (default: all of ``QUESTION_FAMILIES``).
+        batch_size: questions per model call.
+        seed: seed of the first sample; sample ``i`` of family ``f`` at size ``s`` is
+            ``make_sample(seed + i * len(families) + index(f), s, f)``.
+        max_new_tokens: longest answer generated.
+    """
+
+    methods: tuple[str, ...] = field(default_factory=_default_methods)
+    shares: tuple[float, ...] = DEFAULT_SHARES
+    sizes: tuple[int, ...] = DEFAULT_SIZES
+    samples_per_family: int = 20
+    families: tuple[str, ...] = QUESTION_FAMILIES
+    batch_size: int = 16
+    seed: int = DEFAULT_SEED
+    max_new_tokens: int = 10
+
+    def __post_init__(self) -> None:
+        from .reducers import list_reducers
+
+        for name in ("methods", "shares", "sizes", "families"):
+            object.__setattr__(self, name, tuple(getattr(self, name)))
+            if not getattr(self, name):
+                raise InvalidInputError(f"{name} must not be empty")
+        unknown = sorted(set(self.methods) - set(list_reducers()))
+        if unknown:
+            raise InvalidInputError(f"methods must be registered reducers {list_reducers()}; got unknown {unknown}")
+        bad = [s for s in self.shares if not 0.0 < float(s) <= 1.0]
+        if bad:
+            raise InvalidInputError(f"shares must be in (0, 1] (a share of the patch count); got {bad}")
+        bad_families = sorted(set(self.families) - set(QUESTION_FAMILIES))
+        if bad_families:
+            raise InvalidInputError(f"families must be among {QUESTION_FAMILIES}; got unknown {bad_families}")
+        for name in ("samples_per_family", "batch_size", "max_new_tokens"):
+            if getattr(self, name) < 1:
+                raise InvalidInputError(f"{name} must be >= 1; got {getattr(self, name)}")
+        if any(s < 16 for s in self.sizes):
+            raise InvalidInputError(f"sizes must be image sides of at least 16 pixels; got {self.sizes}")
+
+
+def token_budgets(patches: int, shares: Sequence[float]) -> list[int]:
+    """Token counts for budget shares of ``patches``: ``max(1, round(share * patches))`` each."""
+    return [max(1, min(patches, round(float(s) * patches))) for s in shares]
+
+
+def answer_coverage(boxes: Sequence[tuple[int, int, int, int]], size: int, grid: tuple[int, int]) -> Tensor:
+    """``(gh, gw)`` share of each patch covered by the union of pixel ``boxes`` of a ``size x size`` image.
+
+    Args:
+        boxes: ``(x0, y0, x1, y1)`` pixel boxes, exclusive ends.
+        size: image side in pixels; the grid's patches are ``size / gh`` by ``size / gw`` pixels.
+        grid: ``(gh, gw)``.
+    """
+    gh, gw = grid
+    inside = torch.zeros(size, size)
+    for x0, y0, x1, y1 in boxes:
+        inside[max(0, y0): max(0, y1), max(0, x0): max(0, x1)] = 1.0
+    return torch.nn.functional.adaptive_avg_pool2d(inside[None, None], (gh, gw))[0, 0]
+
+
+def box_share(positions: Tensor, coverage: Tensor) -> Tensor:
+    """Per image, the mean over tokens of the share of each token's box inside the answer boxes.
+
+    Args:
+        positions: ``(B, K, 4)`` int64 ``(row, col, height, width)`` boxes in patches.
+        coverage: ``(B, gh, gw)`` share of each patch inside the answer boxes (:func:`answer_coverage`).
+
+    Returns:
+        ``(B,)`` in [0, 1].
+    """
+    b, gh, gw = coverage.shape
+    table = torch.nn.functional.pad(coverage.double().cumsum(1).cumsum(2), (1, 0, 1, 0))  # (B, gh+1, gw+1)
+    r0, c0, h, w = positions.long().unbind(-1)  # (B, K) each
+    r1, c1 = (r0 + h).clamp(max=gh), (c0 + w).clamp(max=gw)
+
+    def at(r: Tensor, c: Tensor) -> Tensor:
+        return table.flatten(1).gather(1, r * (gw + 1) + c)
+
+    inside = at(r1, c1) - at(r0, c1) - at(r1, c0) + at(r0, c0)  # (B, K) summed coverage of each box
+    return (inside / (h * w).clamp_min(1)).mean(1).float()
+
+
+def same_answer(predicted: str, expected: str) -> bool:
+    """Exact match after trimming spaces and ignoring case."""
+    return " ".join(predicted.split()).lower() == " ".join(expected.split()).lower()
+
+
+def _samples(config: EvalConfig, size: int) -> list[VQASample]:
+    families = config.families
+    return [make_sample(config.seed + i * len(families) + j, size, family)
+            for i in range(config.samples_per_family) for j, family in enumerate(families)]
+
+
+def pixel_values(model: LlavaForConditionalGeneration, images: Sequence[Any],
+                 device: torch.device | str | None = None) -> Tensor:
+    """``(B, 3, S, S)`` pixel values of same-sized PIL images, normalised as the model's timm tower expects.
+
+    Args:
+        model: the VLM (its vision tower's data config gives the mean and std).
+        images: PIL images, all of one size (multiples of the patch size).
+        device: where the tensor goes (default: the CPU).
+    """
+    import timm.data
+    from torchvision.transforms.functional import pil_to_tensor
+
+    from .vlm import vision_tower
+
+    data = timm.data.resolve_model_data_config(vision_tower(model))
+    mean = torch.tensor(data["mean"]).view(1, 3, 1, 1)
+    std = torch.tensor(data["std"]).view(1, 3, 1, 1)
+    pixels = torch.stack([pil_to_tensor(image.convert("RGB")) for image in images]).float() / 255
+    return ((pixels - mean) / std).to(device or "cpu")
+
+
+class CharTokenizerForHF:
+    """The slice of the Hugging Face tokenizer API that :class:`arrcoc.hf.ArrcocLlava` reads, over a
+    :class:`arrcoc.tokenizer.CharTokenizer`: call with offsets (so the query is the question alone), special
+    ids, ``convert_ids_to_tokens`` and ``decode``.
+    """
+
+    is_fast = True  # offsets are exact: one character per token, the image placeholder as one token
+
+    def __init__(self, tokenizer: CharTokenizer) -> None:
+        self.inner = tokenizer
+        self.pad_token_id, self.bos_token_id = tokenizer.pad_token_id, tokenizer.bos_token_id
+        self.eos_token_id, self.image_token_id = tokenizer.eos_token_id, tokenizer.image_token_id
+        self.all_special_ids = [self.pad_token_id, self.bos_token_id, self.eos_token_id, self.image_token_id]
+
+    def __call__(self, text: str, return_offsets_mapping: bool = False) -> dict[str, list[Any]]:
+        ids = self.inner.encode(text, add_bos=True)  # <s> first, as in training
+        offsets, at = [(0, 0)], 0
+        for i in ids[1:]:
+            width = len(self.inner.vocab[i]) if i == self.image_token_id else 1
+            offsets.append((at, at + width))
+            at += width
+        return {"input_ids": ids, "offset_mapping": offsets} if return_offsets_mapping else {"input_ids": ids}
+
+    def convert_ids_to_tokens(self, index: int) -> str:
+        return self.inner.vocab[index]
+
+    def decode(self, ids: Sequence[int] | Tensor, skip_special_tokens: bool = True) -> str:
+        return self.inner.decode(ids, skip_special_tokens)
+
+
+def project_adapter(model: LlavaForConditionalGeneration, tokenizer: CharTokenizer, method: str) -> Any:
+    """An :class:`arrcoc.hf.ArrcocLlava` serving the project's small VLM (:mod:`arrcoc.vlm`) as it was trained.
+
+    Three things differ from a stock LLaVA and are set here: the features are the timm tower's
+    ``forward_features`` (after the final norm, the numbers :func:`arrcoc.vlm.vision_features` trains on,
+    not the pre-norm block outputs LLaVA selects); the [CLS] attention of the last block is measured for
+    reducers that need it (VisionZip); and the patch grid, hence the full token count, follows each batch's
+    image size (the tower runs at 224 and 384). The prompt is the tokenizer's (``<image>\nQ: ...\nA: ``),
+    with the question alone as the query; FastV reads layer 2 (or the last layer of a shallower LM).
+    """
+    from .hf import ArrcocLlava
+
+    class ProjectLlava(ArrcocLlava):
+        _batch_grid: tuple[int, int] | None = None
+
+        @property
+        def grid(self) -> tuple[int, int]:
+            return self._batch_grid or super().grid
+
+        def grid_of(self, pixels: Tensor) -> tuple[int, int]:
+            patch = self.vision_tower.timm_model.patch_embed.patch_size
+            return pixels.shape[-2] // patch[0], pixels.shape[-1] // patch[1]
+
+        def prepare(self, images: Any, prompts: str | Sequence[str], budget: int) -> Any:
+            pixels = self.pixel_values(images)
+            self._batch_grid = self.grid_of(pixels)  # host-side set-up: full_tokens and the budget check follow it
+            return super().prepare(pixels, prompts, budget)
+
+        def features(self, pixel_values: Tensor) -> tuple[Tensor, None, Tensor | None]:
+            tower = self.vision_tower.timm_model
+            captured: list[Tensor] = []
+            hook = tower.blocks[-1].register_forward_pre_hook(lambda _, args: captured.append(args[0]))
+            try:
+                out = tower.forward_features(pixel_values.to(next(tower.parameters()).dtype))  # (B, P + N, D)
+            finally:
+                hook.remove()
+            gh, gw = self.grid_of(pixel_values)
+            grid = out[:, tower.num_prefix_tokens:].unflatten(1, (gh, gw))  # (B, gh, gw, D)
+            attention = _last_block_cls_attention(tower, captured[0], (gh, gw)) if "cls_attention" in self.needs else None
+            return grid, None, attention
+
+    layers = int(model.config.text_config.num_hidden_layers)
+    prompt = tokenizer.prompt("{question}").replace("<image>", "{image}")
+    return ProjectLlava(model, CharTokenizerForHF(tokenizer), method=method, template=prompt,
+                        fastv_layer=min(2, layers - 1))
+
+
+def _last_block_cls_attention(tower: Any, x: Tensor, grid: tuple[int, int]) -> Tensor:
+    """``(B, gh, gw)`` head-mean attention of the [CLS] token to each patch in the tower's last block.
+
+    Recomputed from the block's input ``x`` ``(B, P + N, D)`` with its own norm and q/k projections, so it
+    holds whatever attention kernel the tower runs.
+    """
+    block = tower.blocks[-1]
+    attn = block.attn
+    b, t, _ = x.shape
+    heads = attn.num_heads
+    qkv = attn.qkv(block.norm1(x)).reshape(b, t, 3, heads, -1).permute(2, 0, 3, 1, 4)  # (3, B, h, T, hd)
+    q, k = attn.q_norm(qkv[0]), attn.k_norm(qkv[1])
+    weights = torch.softmax((q[:, :, :1].float() @ k.float().transpose(-1, -2)) * q.shape[-1] ** -0.5, -1)
+    return weights.mean(1)[:, 0, tower.num_prefix_tokens:].unflatten(-1, grid)  # (B, gh, gw)
+
+
+def _rgb(images: list[Any], device: torch.device) -> Tensor:
+    from torchvision.transforms.functional import pil_to_tensor
+
+    return (torch.stack([pil_to_tensor(image.convert("RGB")) for image in images]).float() / 255).to(device)
+
+
+def ask(adapter: Any, pixels: Tensor, prompts: Sequence[str], budget: int,
+        max_new_tokens: int = 10) -> tuple[list[str], Tensor]:
+    """Greedy answers from an :class:`arrcoc.hf.ArrcocLlava` reading ``budget`` tokens per image.
+
+    Args:
+        adapter: the adapter (its method picks the reducer).
+        pixels: ``(B, 3, S, S)`` from :func:`pixel_values`.
+        prompts: one question (or full prompt) per image.
+        budget: visual tokens per image.
+        max_new_tokens: longest answer.
+
+    Returns:
+        The answers, and the ``(B, K, 4)`` boxes (row, col, height, width in patches) of the tokens read.
+    """
+    prepared = adapter.prepare(pixels, list(prompts), budget)
+    new = adapter.model.generate(inputs_embeds=prepared.inputs_embeds, attention_mask=prepared.attention_mask,
+                                 max_new_tokens=max_new_tokens, do_sample=False)
+    answers = [adapter.tokenizer.decode(row, skip_special_tokens=True) for row in new.cpu()]  # ok-sync: text
+    return answers, prepared.reduced.positions
+
+
+def _reference(model: LlavaForConditionalGeneration, tokenizer: CharTokenizer, samples: list[VQASample],
+               config: EvalConfig, device: torch.device) -> list[bool]:
+    """Full-token answers through the model's own path (no adapter, no reducer): the adapter's yardstick."""
+    from .vlm import generate_answers, vision_features
+
+    correct = []
+    for start in range(0, len(samples), config.batch_size):
+        batch = samples[start: start + config.batch_size]
+        features = vision_features(model, _rgb([s.image for s in batch], device))
+        answers = generate_answers(model, tokenizer, [s.question for s in batch], features, config.max_new_tokens)
+        correct += [same_answer(a, s.answer) for a, s in zip(answers, batch)]
+    return correct
+
+
+def _summarise(correct: list[bool], shares: list[float | None], samples: list[VQASample],
+               families: tuple[str, ...]) -> dict[str, Any]:
+    by_family = {f: [c for c, s in zip(correct, samples) if s.family == f] for f in families}
+    boxed = [v for v in shares if v is not None]
+    return {
+        "accuracy": sum(correct) / len(correct), "correct": sum(correct), "samples": len(correct),
+        "families": {f: (sum(v) / len(v) if v else None) for f, v in by_family.items()},
+        "box_share": (sum(boxed) / len(boxed)) if boxed else None, "box_samples": len(boxed),
+    }
+
+
+@torch.no_grad()
+def evaluate(model: LlavaForConditionalGeneration, tokenizer: CharTokenizer, config: EvalConfig | None = None, *,
+             device: torch.device | str | None = None, progress: bool = True) -> dict[str, Any]:
+    """Run every method at every budget and size on the same questions.
+
+    Args:
+        model: the VLM (``arrcoc.vlm.load_vlm`` or ``build_vlm``); moved to ``device``.
+        tokenizer: its tokenizer.
+        config: what to cover (the defaults when omitted).
+        device: where the model runs (default: the model's device).
+        progress: show a progress bar.
+
+    Returns:
+        A JSON-ready report: set-up facts, ``reference`` (full-token accuracy of the model's own path per
+        size), ``results`` (one record per size x method x budget: ``accuracy``, ``families``, ``box_share``,
+        ``tokens``, ``share``, ...) and ``skipped`` (methods the adapter could not serve, with the reason).
+    """
+    from .vlm import vision_tower
+
+    config = config or EvalConfig()
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    model = model.to(device).eval()
+    patch = int(vision_tower(model).patch_embed.patch_size[0])
+    adapters = {m: project_adapter(model, tokenizer, m) for m in config.methods}
+    report: dict[str, Any] = {
+        "device": _device_name(device), "torch": torch.__version__, "date": datetime.date.today().isoformat(),
+        "samples_per_family": config.samples_per_family, "families": list(config.families), "seed": config.seed,
+        "shares": list(config.shares), "sizes": list(config.sizes), "methods": list(config.methods),
+        "patch_size": patch, "reference": {}, "results": [], "skipped": {},
+    }
+    work = [(size, m) for size in config.sizes for m in config.methods]
+    bar = tqdm(total=len(work) * len(config.shares), desc="eval", unit="budget", disable=not progress, file=sys.stderr)
+    start = time.perf_counter()
+    for size in config.sizes:
+        if size % patch:
+            raise InvalidInputError(f"sizes must be multiples of the model's patch size {patch}; got {size}")
+        grid = (size // patch, size // patch)
+        patches = grid[0] * grid[1]
+        samples = _samples(config, size)
+        prompts = [s.question for s in samples]  # the adapter puts each into the model's prompt
+        coverage = torch.stack([answer_coverage(s.boxes, size, grid) for s in samples]).to(device)
+        has_boxes = [bool(s.boxes) for s in samples]
+        reference = _reference(model, tokenizer, samples, config, device)
+        report["reference"][str(size)] = _summarise(reference, [None] * len(samples), samples, config.families)
+        pixel_batches = [pixel_values(model, [s.image for s in samples[i: i + config.batch_size]], device)
+                         for i in range(0, len(samples), config.batch_size)]
+        for method in config.methods:
+            for share, budget in zip(config.shares, token_budgets(patches, config.shares)):
+                bar.set_postfix_str(f"{size}px {method} {budget} tokens")
+                try:
+                    correct, shares = [], []
+                    for i, pixels in enumerate(pixel_batches):
+                        lo = i * config.batch_size
+                        hi = lo + pixels.shape[0]
+                        answers, positions = ask(adapters[method], pixels, prompts[lo:hi], budget,
+                                                     config.max_new_tokens)
+                        correct += [same_answer(a, s.answer) for a, s in zip(answers, samples[lo:hi])]
+                        inside = box_share(positions, coverage[lo:hi]).tolist()  # ok-sync: reporting
+                        shares += [v if boxed else None for v, boxed in zip(inside, has_boxes[lo:hi])]
+                except ArrcocError as err:  # a method the adapter cannot serve here: reported, not fatal
+                    logger.warning("%s at %d px, %d tokens: skipped: %s", method, size, budget, err)
+                    report["skipped"].setdefault(method, {})[f"{size}/{budget}"] = str(err)
+                    bar.update(1)
+                    continue
+                record = {"size": size, "patches": patches, "method": method, "share": float(share),
+                          "tokens": budget, **_summarise(correct, shares, samples, config.families)}
+                report["results"].append(record)
+                bar.update(1)
+    bar.close()
+    report["seconds"] = round(time.perf_counter() - start, 1)
+    return report
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu ({platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def _pct(value: float | None) -> str:
+    return "–" if value is None else f"{100 * value:.1f}"
+
+
+def _is_arrcoc(method: str) -> bool:
+    return method == "arrcoc" or method.startswith("arrcoc-")
+
+
+def findings(report: dict[str, Any]) -> list[str]:
+    """Plain-sentence comparisons: arrcoc at 11% against full tokens, and arrcoc against every baseline at
+    every budget of 33% or less (by accuracy over all families)."""
+    lines = []
+    for size in report["sizes"]:
+        rows = {(r["method"], r["share"]): r for r in report["results"] if r["size"] == size}
+        full = rows.get(("arrcoc", 1.0))
+        low = rows.get(("arrcoc", 0.11))
+        if full and low:
+            kept = low["accuracy"] / full["accuracy"] if full["accuracy"] else float("nan")
+            lines.append(f"{size} px: arrcoc at 11% ({low['tokens']} tokens) answers {_pct(low['accuracy'])}% vs "
+                         f"{_pct(full['accuracy'])}% with all {full['tokens']}: {100 * kept:.1f}% of full-token accuracy.")
+        for share in sorted({r["share"] for r in report["results"]}, reverse=True):
+            if share > 0.33 or ("arrcoc", share) not in rows:
+                continue
+            ours = rows[("arrcoc", share)]
+            others = [r for (m, s), r in rows.items() if s == share and not _is_arrcoc(m)]
+            if not others:
+                continue
+            ahead = [r["method"] for r in others if r["accuracy"] < ours["accuracy"]]
+            behind = [f"{r['method']} {_pct(r['accuracy'])}" for r in others if r["accuracy"] >= ours["accuracy"]]
+            lines.append(f"{size} px, {ours['tokens']} tokens ({100 * share:g}%): arrcoc {_pct(ours['accuracy'])}%; "
+                         f"ahead of {len(ahead)}/{len(others)} baselines"
+                         + (f"; not ahead of: {', '.join(behind)}" if behind else "") + ".")
+    return lines
+
+
+def to_markdown(report: dict[str, Any]) -> str:
+    """The report as markdown: a summary table per size, then every family and the box share."""
+    families = report["families"]
+    lines = [f"# arrcoc eval: answer accuracy vs visual tokens — {report['device']}", "",
+             f"torch {report['torch']}, {report['date']}, model `{report.get('model', '?')}`; "
+             f"{report['samples_per_family']} questions per family x {len(families)} families per size "
+             f"(seed {report['seed']}), greedy answers, exact match. Accuracy in %; box share: % of each token's "
+             f"area inside the answer boxes, averaged over tokens.", ""]
+    for size in report["sizes"]:
+        rows = [r for r in report["results"] if r["size"] == size]
+        if not rows:
+            continue
+        budgets = sorted({(r["share"], r["tokens"]) for r in rows}, reverse=True)
+        ref = report["reference"].get(str(size))
+        lines += [f"## {size} px ({rows[0]['patches']} patches)", ""]
+        if ref:
+            lines += [f"Reference (the model's own full-token path, no adapter): {_pct(ref['accuracy'])}%.", ""]
+        lines += ["| method | " + " | ".join(f"{t} ({100 * s:g}%)" for s, t in budgets) + " |",
+                  "|---|" + "---:|" * len(budgets)]
+        for method in report["methods"]:
+            cells = {r["share"]: r for r in rows if r["method"] == method}
+            if cells:
+                lines.append(f"| {method} | " + " | ".join(_pct(cells[s]["accuracy"]) if s in cells else "–"
+                                                           for s, _ in budgets) + " |")
+        lines += ["", "| method | tokens | all | " + " | ".join(families) + " | box share |",
+                  "|---|---:|---:|" + "---:|" * len(families) + "---:|"]
+        for r in sorted(rows, key=lambda r: (report["methods"].index(r["method"]), -r["share"])):
+            lines.append(f"| {r['method']} | {r['tokens']} | {_pct(r['accuracy'])} | "
+                         + " | ".join(_pct(r["families"][f]) for f in families) + f" | {_pct(r['box_share'])} |")
+        lines.append("")
+    found = findings(report)
+    if found:
+        lines += ["## Findings", ""] + [f"- {line}" for line in found] + [""]
+    if report["skipped"]:
+        lines += ["## Skipped", ""] + [f"- {m} ({', '.join(v)}): {next(iter(v.values()))}"
+                                       for m, v in report["skipped"].items()] + [""]
+    return "\n".join(lines)
+
+
+def plot(report: dict[str, Any], path: str | Path) -> None:
+    """Accuracy against tokens (log scale), one line per method, one panel per image size; writes a PNG."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    sizes = [s for s in report["sizes"] if any(r["size"] == s for r in report["results"])]
+    figure = Figure(figsize=(6.0 * max(1, len(sizes)), 4.6), layout="constrained")
+    FigureCanvasAgg(figure)
+    axes = figure.subplots(1, max(1, len(sizes)), squeeze=False)[0]
+    for ax, size in zip(axes, sizes):
+        for method in report["methods"]:
+            rows = sorted((r for r in report["results"] if r["size"] == size and r["method"] == method),
+                          key=lambda r: r["tokens"])
+            if not rows:
+                continue
+            ours = _is_arrcoc(method)
+            ax.plot([r["tokens"] for r in rows], [100 * r["accuracy"] for r in rows], marker="o",
+                    linewidth=2.6 if method == "arrcoc" else 1.4, linestyle="-" if ours else "--", label=method)
+        ax.set_xscale("log")
+        ax.set_xlabel("visual tokens per image")
+        ax.set_ylabel("accuracy (%)")
+        ax.set_title(f"{size} px ({rows[0]['patches'] if rows else '?'} patches)")
+        ax.grid(True, alpha=0.3)
+    axes[-1].legend(fontsize=8, loc="lower right")
+    figure.savefig(path, dpi=110)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="arrcoc eval", description="Answer accuracy vs visual-token budget, per "
+                                     "method and question family, on the generated VQA benchmark. Writes "
+                                     "OUT/eval[-TAG].json, .md and .png.")
+    parser.add_argument("--methods", default=None, help="comma-separated reducer names (default: every registered one)")
+    parser.add_argument("--budgets", default=",".join(f"{s:g}" for s in DEFAULT_SHARES),
+                        help="comma-separated shares of the patch count in (0, 1] (default %(default)s)")
+    parser.add_argument("--sizes", default=",".join(map(str, DEFAULT_SIZES)), help="image sides (default %(default)s)")
+    parser.add_argument("--samples-per-family", type=int, default=20, help="questions per family and size (default 20)")
+    parser.add_argument("--batch-size", type=int, default=16, help="questions per model call (default 16)")
+    parser.add_argument("--seed", type=int, default=DEFAULT_SEED, help="seed of the first sample")
+    parser.add_argument("--max-new-tokens", type=int, default=10, help="longest answer generated (default 10)")
+    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
+    parser.add_argument("--out", default="bench/results", help="output folder (default bench/results)")
+    parser.add_argument("--tag", default="", help="suffix of the output file names")
+    model = parser.add_mutually_exclusive_group()
+    model.add_argument("--model", default=None, help="a folder saved by arrcoc.vlm.save_vlm (default: weights/)")
+    model.add_argument("--random-init", default=None, metavar="PRESET",
+                       help="a randomly initialised VLM preset (default, tiny) instead of trained weights: a smoke test")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    return parser
+
+
+def _names(text: str, cast: Any, option: str) -> tuple[Any, ...]:
+    try:
+        return tuple(cast(v.strip()) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise InvalidInputError(f"{option} must be a comma-separated list; got {text!r}") from None
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``arrcoc eval [options]``; returns the exit code (2 on a usage error)."""
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="arrcoc: %(message)s")
+    try:
+        config = EvalConfig(
+            methods=_names(args.methods, str, "--methods") if args.methods else _default_methods(),
+            shares=_names(args.budgets, float, "--budgets"), sizes=_names(args.sizes, int, "--sizes"),
+            samples_per_family=args.samples_per_family, batch_size=args.batch_size, seed=args.seed,
+            max_new_tokens=args.max_new_tokens)
+        from .vlm import VLMConfig, build_vlm, load_vlm
+
+        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        if args.random_init:
+            model, tokenizer = build_vlm(VLMConfig.from_name(args.random_init))
+            source = f"random init ({args.random_init})"
+        else:
+            model, tokenizer = load_vlm(args.model)
+            source = args.model or "weights/"
+        report = evaluate(model, tokenizer, config, device=device, progress=not args.quiet)
+        report["model"] = source
+        from .bench import write_report
+
+        out = Path(args.out)
+        stem = "eval" + (f"-{args.tag}" if args.tag else "")
+        write_report(report, to_markdown(report), args.out, "eval", args.tag)
+        plot(report, out / f"{stem}.png")
+        print(f"arrcoc eval: wrote {out / stem}.json, .md and .png ({report['seconds']} s)")
+        return 0
+    except ArrcocError as err:
+        print(f"arrcoc: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

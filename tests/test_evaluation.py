@@ -1,0 +1,181 @@
+"""``arrcoc eval``: the measurements it is built from, and one end-to-end run on a tiny random VLM."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+import arrcoc
+from arrcoc.data import QUESTION_FAMILIES
+from arrcoc.evaluation import (
+    EvalConfig,
+    answer_coverage,
+    box_share,
+    findings,
+    main,
+    same_answer,
+    to_markdown,
+    token_budgets,
+)
+from arrcoc.reducers import list_reducers
+
+pytest.importorskip("transformers")
+pytest.importorskip("matplotlib")
+
+SHARES = (1.0, 0.33, 0.11)
+SIZES = (64, 96)
+
+
+def test_token_budgets_are_rounded_shares_of_the_patches() -> None:
+    assert token_budgets(576, (1.0, 0.33, 0.22, 0.11, 0.055)) == [576, 190, 127, 63, 32]
+    assert token_budgets(196, (1.0, 0.33, 0.22, 0.11, 0.055)) == [196, 65, 43, 22, 11]
+    assert token_budgets(16, (0.01,)) == [1]
+
+
+def test_answer_coverage_is_the_covered_share_of_each_patch() -> None:
+    coverage = answer_coverage([(16, 0, 32, 16), (8, 40, 16, 48)], size=64, grid=(4, 4))
+    assert coverage.shape == (4, 4)
+    assert coverage[0, 1] == 1.0  # a whole patch
+    assert coverage[2, 0] == pytest.approx(8 * 8 / 256)  # a quarter of a patch
+    assert coverage.sum() == pytest.approx(1 + 64 / 256)
+    assert answer_coverage([], 64, (4, 4)).sum() == 0
+    overlapping = answer_coverage([(0, 0, 16, 16), (0, 0, 16, 16)], 64, (4, 4))
+    assert overlapping.sum() == 1.0  # the union, not the sum
+
+
+def test_box_share_averages_each_tokens_covered_area() -> None:
+    coverage = torch.zeros(1, 4, 4)
+    coverage[0, 1, 1] = 1.0
+    coverage[0, 3, 3] = 0.5
+    inside = torch.tensor([[[1, 1, 1, 1]]])  # a kept patch wholly inside: 1
+    outside = torch.tensor([[[0, 0, 1, 1]]])  # 0
+    big = torch.tensor([[[0, 0, 4, 4]]])  # the whole grid: 1.5 covered patches of 16
+    half = torch.tensor([[[3, 3, 1, 1]]])
+    assert box_share(inside, coverage).item() == 1.0
+    assert box_share(outside, coverage).item() == 0.0
+    assert box_share(big, coverage).item() == pytest.approx(1.5 / 16)
+    assert box_share(half, coverage).item() == pytest.approx(0.5)
+    both = torch.cat((inside, big), 1)
+    assert box_share(both, coverage).item() == pytest.approx((1 + 1.5 / 16) / 2)
+
+
+def test_answers_match_ignoring_case_and_spacing() -> None:
+    assert same_answer(" Red ", "red") and same_answer("K4  P", "k4 p")
+    assert not same_answer("re", "red") and not same_answer("", "no")
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({"methods": ("nope",)}, "unknown"), ({"shares": (0.0,)}, r"\(0, 1\]"), ({"shares": (1.5,)}, r"\(0, 1\]"),
+    ({"sizes": ()}, "sizes must not be empty"), ({"families": ("colour",)}, "colour"),
+    ({"samples_per_family": 0}, "samples_per_family must be >= 1"), ({"batch_size": 0}, "batch_size")])
+def test_config_errors_name_the_setting(kwargs: dict[str, Any], message: str) -> None:
+    with pytest.raises(arrcoc.InvalidInputError, match=message):
+        EvalConfig(**kwargs)
+
+
+def test_a_bad_option_is_a_usage_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["--random-init", "tiny", "--budgets", "0.5,abc", "--out", str(tmp_path)]) == 2
+    assert "--budgets must be a comma-separated list" in capsys.readouterr().err
+    assert main(["--random-init", "tiny", "--methods", "arrcoc,bogus", "--out", str(tmp_path)]) == 2
+    assert "bogus" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Any], Path]:
+    """The command end to end on a tiny random VLM: every method, three budgets, two sizes, one question per family."""
+    out = tmp_path_factory.mktemp("eval")
+    code = main(["--random-init", "tiny", "--samples-per-family", "1", "--sizes", ",".join(map(str, SIZES)),
+                 "--budgets", ",".join(map(str, SHARES)), "--device", "cpu", "--out", str(out), "--tag", "ci",
+                 "--quiet", "--batch-size", "6", "--max-new-tokens", "3"])
+    assert code == 0
+    return json.loads((out / "eval-ci.json").read_text()), out
+
+
+def test_every_method_budget_size_and_family_is_reported(run: tuple[dict[str, Any], Path]) -> None:
+    report, _ = run
+    assert report["skipped"] == {}
+    rows = {(r["size"], r["method"], r["share"]): r for r in report["results"]}
+    assert set(rows) == {(s, m, b) for s in SIZES for m in list_reducers() for b in SHARES}
+    for (size, _, share), r in rows.items():
+        assert r["patches"] == (size // 16) ** 2
+        assert r["tokens"] == max(1, round(share * r["patches"]))
+        assert r["samples"] == len(QUESTION_FAMILIES)
+        assert 0.0 <= r["accuracy"] <= 1.0 and r["correct"] == round(r["accuracy"] * r["samples"])
+        assert set(r["families"]) == set(QUESTION_FAMILIES)
+        assert all(0.0 <= v <= 1.0 for v in r["families"].values())
+        assert r["box_share"] is not None and 0.0 <= r["box_share"] <= 1.0
+
+
+def test_full_budget_is_the_same_for_every_method(run: tuple[dict[str, Any], Path]) -> None:
+    """At 100% every method reads every patch in raster order: identical answers, identical box share."""
+    report, _ = run
+    for size in SIZES:
+        full = [r for r in report["results"] if r["size"] == size and r["share"] == 1.0]
+        assert len({r["correct"] for r in full}) == 1
+        assert len({json.dumps(r["families"]) for r in full}) == 1
+        assert max(r["box_share"] for r in full) - min(r["box_share"] for r in full) < 1e-9
+
+
+def test_adapter_reproduces_the_models_own_full_token_answers(run: tuple[dict[str, Any], Path]) -> None:
+    report, _ = run
+    for size in SIZES:
+        full = next(r for r in report["results"] if r["size"] == size and r["share"] == 1.0 and r["method"] == "uniform")
+        assert report["reference"][str(size)]["families"] == full["families"]
+
+
+def test_outputs_are_written(run: tuple[dict[str, Any], Path]) -> None:
+    report, out = run
+    table = (out / "eval-ci.md").read_text()
+    assert table == to_markdown(report)
+    for method in list_reducers():
+        assert f"| {method} |" in table
+    assert "## 64 px (16 patches)" in table and "## 96 px (36 patches)" in table
+    assert (out / "eval-ci.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    lines = findings(report)
+    assert any("arrcoc at 11%" in line for line in lines)
+    assert sum("ahead of" in line for line in lines) == 2 * len(SIZES)  # the 33% and 11% budgets, per size
+
+
+def test_findings_compare_arrcoc_with_full_tokens_and_each_baseline() -> None:
+    def row(method: str, share: float, accuracy: float) -> dict[str, Any]:
+        return {"size": 224, "patches": 196, "method": method, "share": share, "tokens": round(196 * share),
+                "accuracy": accuracy, "families": {}, "box_share": None}
+
+    report = {"sizes": [224], "results": [row("arrcoc", 1.0, 0.9), row("arrcoc", 0.11, 0.81), row("tome", 0.11, 0.85),
+                                          row("uniform", 0.11, 0.5), row("arrcoc-perspectival", 0.11, 0.95)]}
+    lines = findings(report)
+    assert lines[0] == "224 px: arrcoc at 11% (22 tokens) answers 81.0% vs 90.0% with all 196: 90.0% of full-token accuracy."
+    assert lines[1] == "224 px, 22 tokens (11%): arrcoc 81.0%; ahead of 1/2 baselines; not ahead of: tome 85.0."
+
+
+def test_project_adapter_reads_the_trained_features_and_the_cls_attention() -> None:
+    """The adapter's full-budget tokens are the features the VLM trains on, at 64 and 96 px; the [CLS]
+    attention VisionZip reads equals the attention matrix timm itself computes in the last block."""
+    from arrcoc.data import make_sample
+    from arrcoc.evaluation import _rgb, pixel_values, project_adapter
+    from arrcoc.vlm import VLMConfig, build_vlm, vision_features, vision_tower
+
+    model, tokenizer = build_vlm(VLMConfig.from_name("tiny"))
+    adapter = project_adapter(model, tokenizer, "visionzip")
+    for size in SIZES:
+        samples = [make_sample(i, size, "color") for i in range(2)]
+        prepared = adapter.prepare(pixel_values(model, [s.image for s in samples]), [s.question for s in samples],
+                                   (size // 16) ** 2)
+        torch.testing.assert_close(prepared.reduced.tokens, vision_features(model, _rgb([s.image for s in samples], "cpu")))
+    tower = vision_tower(model)
+    block = tower.blocks[-1]
+    seen: list[torch.Tensor] = []
+    block.attn.fused_attn = False  # so timm materialises the attention matrix (seen by its dropout)
+    hook = block.attn.attn_drop.register_forward_hook(lambda _, args, out: seen.append(out))
+    try:
+        pixels = pixel_values(model, [make_sample(5, 64, "text").image])
+        _, _, attention = adapter.features(pixels)
+    finally:
+        hook.remove()
+        block.attn.fused_attn = True
+    expected = seen[0].mean(1)[:, 0, tower.num_prefix_tokens:].unflatten(-1, (4, 4))
+    torch.testing.assert_close(attention, expected)
