@@ -291,7 +291,8 @@ class GraphChain:
         try:
             for step in steps:
                 graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool=pool):
+                # thread_local: another thread's allocation or sync (e.g. preprocessing) must not void this capture
+                with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
                     try:
                         for current, fn in step:  # noqa: B007 (named in the error below)
                             self.state.update(fn(self.state))
