@@ -400,6 +400,14 @@ def main(argv: list[str] | None = None) -> int:
                 logger.warning("%dx%d failed: %s", size, batch, err)
             pipe.graph_cache.clear()
             torch.cuda.empty_cache()
+    if args.threads:
+        pipe.graph_cache.clear()
+        torch.cuda.empty_cache()
+        try:
+            report["threads"] = time_threads(config.replace(buckets=tuple(sorted(set(args.sizes)))))
+        except Exception as err:
+            report.setdefault("failures", {})["threads"] = _error(err)
+        save()
     for result in report["results"]:  # compiled last: its CUDA graph trees stay resident
         if f"{result['size']}x{result['batch']}" in args.compile:
             try:
@@ -407,10 +415,6 @@ def main(argv: list[str] | None = None) -> int:
             except Exception as err:
                 result.setdefault("compile_errors", {})["benchmark"] = _error(err)
             save()
-    if args.threads:
-        del pipe
-        torch.cuda.empty_cache()
-        report["threads"] = time_threads(config)
     save()
     return 0
 
