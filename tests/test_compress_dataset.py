@@ -272,3 +272,39 @@ def test_a_query_file_steers_every_image_and_is_part_of_the_settings(tmp_path: P
     save_file({"query": -query}, tmp_path / "query.safetensors")
     assert compress_main(args) == 2
     assert "differing: query_sha256" in capsys.readouterr().err
+
+
+@pytest.mark.cuda
+def test_cuda_graphs_write_what_the_pipeline_returns_for_the_same_batch(tmp_path: Path, source: Path, model: Path) -> None:
+    from arrcoc.compress_dataset import _Decode
+
+    small = [p for p in list_sources(source) if Path(p).name in {f"img{i:02d}.png" for i in (1, 2, 3, 5, 6, 7)}]
+    listing = tmp_path / "list.txt"
+    listing.write_text("\n".join(small) + "\n")
+    pipe = arrcoc.Pipeline.from_pretrained(model, device="cuda")
+    assert pipe.cuda_graphs
+    stats = compress_dataset.compress_dataset(listing, tmp_path / "gpu", pipe, 8, batch_size=8, workers=2,
+                                              progress=False)
+    assert stats.complete and stats.images == 6 and stats.errors == 0
+    loaded = [_Decode(list(enumerate(small)), pipe.config.buckets)[i] for i in range(6)]
+    assert {item.bucket for item in loaded} == {64}  # one bucket, one batch: the same graph replay
+    out = pipe([item.pixels for item in loaded], budget=8)
+    for i, record in enumerate(load_index(tmp_path / "gpu")):
+        got = load_record(tmp_path / "gpu", record, device="cuda")
+        for key in ("tokens", "positions", "mask", "weights", "prefix"):
+            assert torch.equal(got[key], getattr(out, key)[i]), key
+
+
+@pytest.mark.cuda
+def test_torchrun_on_one_gpu_with_nccl_matches_one_process(tmp_path: Path, source: Path, model: Path,
+                                                           reference: Path) -> None:
+    import subprocess
+
+    args = _args(source, tmp_path / "nccl", model, "--workers", "2")
+    args[args.index("--device") + 1] = "cuda"
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "1",
+                           "-m", "arrcoc.cli", "compress-dataset", *args], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "rank 0/1" in done.stdout and "complete" in done.stdout
+    got, want = load_index(tmp_path / "nccl"), load_index(reference)
+    assert [(r["source"], r["status"], r["shard"]) for r in got] == [(r["source"], r["status"], r["shard"]) for r in want]
