@@ -33,6 +33,7 @@ from .outputs import CompressionOutput, ScoreOutput
 from .preprocess import PreprocessedBatch, Preprocessor
 from .regions import capacity_of, region_bounds, region_grid
 from .scorers import create_scorer
+from .text_query import TEXT_QUERY_FILE, TextQueryEncoder
 
 __all__ = ["Pipeline", "DEFAULT_WEIGHTS_DIR", "BATCH_BUCKETS"]
 
@@ -135,6 +136,9 @@ class Pipeline(nn.Module):
                         **overrides: Any) -> Pipeline:
         """Load a pipeline from a folder with ``config.json`` and ``encoder.safetensors``; offline.
 
+        A ``text_query.safetensors`` beside them (the trained query encoder) is loaded as ``text_encoder``, so
+        string queries work.
+
         With no ``path``, the embedded default is used: the folder ``weights/`` shipped with the project
         when it holds trained weights, otherwise the untrained default (random encoder, weight-free
         propositional and perspectival scorers; text queries need a trained text encoder).
@@ -154,10 +158,14 @@ class Pipeline(nn.Module):
         else:
             logger.info("no trained weights in %s: using the untrained default (random encoder, weight-free scorers)", folder)
             config, weights = PipelineConfig.from_name("default", **overrides), None
-        return cls(config, weights=weights, device=device)
+        pipe = cls(config, weights=weights, device=device)
+        if (folder / TEXT_QUERY_FILE).is_file():  # the trained query encoder: text queries become embeddings
+            pipe.text_encoder = TextQueryEncoder.from_pretrained(folder, device=pipe.device)
+        return pipe
 
     def save_pretrained(self, path: str | os.PathLike[str]) -> None:
-        """Write ``config.json`` and ``encoder.safetensors`` to a folder, loadable by :meth:`from_pretrained`."""
+        """Write ``config.json``, ``encoder.safetensors`` (and the text query encoder, when one is loaded) to a
+        folder, loadable by :meth:`from_pretrained`."""
         from safetensors.torch import save_file
 
         folder = Path(path)
@@ -165,6 +173,8 @@ class Pipeline(nn.Module):
         (folder / "config.json").write_text(self.config.to_json())
         state = {k: v.detach().cpu().contiguous() for k, v in self.backbone.state_dict().items()}  # ok-sync: saving
         save_file(state, folder / "encoder.safetensors")
+        if isinstance(self.text_encoder, TextQueryEncoder):
+            self.text_encoder.save_pretrained(folder)
 
     @property
     def device(self) -> torch.device:

@@ -204,3 +204,25 @@ def test_tiny_and_extreme_images(tiny_pipe: arrcoc.Pipeline, height: int, width:
     _check_contract(out, [8])
     rh, rw = out.region_grid[0].tolist()
     assert out.relevance[0, :rh, :rw].sum().item() == pytest.approx(1.0, abs=1e-5)
+
+
+def test_text_query_encoder_round_trip(tmp_path, tiny_config: arrcoc.PipelineConfig) -> None:
+    """A saved query encoder comes back with the pipeline, and a question then steers the participatory map."""
+    from arrcoc.text_query import TextQueryConfig, TextQueryEncoder
+
+    pipe = arrcoc.Pipeline(tiny_config)
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        pipe.text_encoder = TextQueryEncoder(TextQueryConfig(width=pipe.width, dim=32, layers=1, heads=2))
+    pipe.save_pretrained(tmp_path)
+    loaded = arrcoc.Pipeline.from_pretrained(tmp_path)
+    assert isinstance(loaded.text_encoder, TextQueryEncoder)
+    image = torch.rand(3, 96, 128, generator=torch.Generator().manual_seed(0))
+    question = "what color is the triangle?"
+    out = loaded(image, query=question, budget=16)
+    assert bool(out.balance["has_query"][0])
+    assert out.scores["participatory"].abs().sum() > 0
+    # Weights are stored in float16: the loaded encoder is the saved one up to that rounding.
+    expected, _ = pipe.text_encoder(question)
+    got, _ = loaded.text_encoder(question)
+    torch.testing.assert_close(got, expected, rtol=2e-2, atol=2e-3)
