@@ -25,6 +25,7 @@ import statistics
 import threading
 import time
 import traceback
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -130,6 +131,11 @@ def time_graphs(pipe: Pipeline, size: int, batch: int, *, reps: int = 50, second
     result["max_abs_diff_tokens"] = float((out["tokens"].float() - state["tokens"].float()).abs().max())  # ok-sync: report
     result["allocation_equal"] = bool(torch.equal(out["allocation"], state["allocation"]))  # ok-sync: report
 
+    try:
+        result.update(_time_pipeline_call(pipe, size, batch, inputs["query"], result["budget"], min(reps, 20)))
+    except Exception as err:  # a diagnostic: never lose the case for it
+        result["pipe_call_error"] = _error(err)
+
     # one graph per stage, chained (the earlier design), for per-stage times and the launch-count comparison
     start = time.perf_counter()
     per_stage = GraphChain(stages, pipe._static_inputs(key), torch.cuda.graph_pool_handle(), outputs=("tokens",),
@@ -144,6 +150,33 @@ def time_graphs(pipe: Pipeline, size: int, batch: int, *, reps: int = 50, second
     result["speedup"] = result["eager_ms"] / result["graphed_ms"]
     result["stage_speedup"] = {n: result["eager_stage_ms"][n] / result["graphed_stage_ms"][n] for n in result["graphed_stage_ms"]}
     return result
+
+
+def _time_pipeline_call(pipe: Pipeline, size: int, batch: int, query: Tensor, budget: int, reps: int) -> dict[str, Any]:
+    """A whole ``pipe(images, query, budget)`` call on a uint8 GPU batch: wall ms (synchronised) and host syncs."""
+    images = _images(size, batch).cuda()
+
+    def call() -> Any:
+        return pipe(images, query=query, budget=budget)
+
+    for _ in range(3):
+        call()
+    times = []
+    for _ in range(reps):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        call()
+        torch.cuda.synchronize()
+        times.append((time.perf_counter() - start) * 1e3)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            call()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    syncs = [str(w.message).splitlines()[0] for w in caught if "synchroniz" in str(w.message)]
+    return {"pipe_call_ms": statistics.median(times), "pipe_call_syncs": len(syncs), "pipe_call_sync_ops": syncs[:5]}
 
 
 def _whole(stages: list[Any]) -> Callable[..., tuple[Tensor, ...]]:
@@ -249,7 +282,7 @@ def _threads_one_mode(config: PipelineConfig, mode: str, threads: int, calls: in
         jobs = [_fill_static(key, {**base, "pixels": base["pixels"].roll(7 * i, -1),
                                    "budget": torch.full((1,), 10 + i, device="cuda")}) for i in range(threads)]
         expected = [call(values) for values in jobs]
-    barrier, wrong = threading.Barrier(threads + 1), [0] * threads
+    barrier, wrong = threading.Barrier(threads + 1, timeout=300), [0] * threads  # a failing thread breaks it, not hangs
 
     def work(i: int) -> None:
         with torch.inference_mode():
@@ -311,9 +344,9 @@ def _markdown(report: dict[str, Any]) -> str:
                   f"{w['captures']} captures, one pool): **{w['seconds']:.2f} s**, {w['bytes'] / 2**20:.0f} MiB kept "
                   f"by the entries, {w['reserved_growth_bytes'] / 2**20:.0f} MiB reserved.", ""]
     lines += ["| size | batch | eager ms | graphed ms | speed-up | per-stage graphs ms | compiled ms | graphed / compiled "
-              "| graphed+compiled ms | replay issue µs | call issue µs | zero-copy issue µs | views µs | 5-graph issue µs "
-              "| eager issue µs | capture s | compile s | pool MiB |",
-              "|" + "---:|" * 18]
+              "| graphed+compiled ms | replay issue µs | call issue µs | zero-copy issue µs | views µs | per-stage graphs issue µs "
+              "| eager issue µs | capture s | compile s | pool MiB | whole pipe() call ms | host syncs per call |",
+              "|" + "---:|" * 20]
     for r in report["results"]:
         note = "" if r.get("compile_backend", "inductor") == "inductor" else f" ({r['compile_backend']})"
         lines.append(
@@ -321,12 +354,17 @@ def _markdown(report: dict[str, Any]) -> str:
             f"{r['per_stage_ms']:.3f} | {_cell(r, 'compiled_ms', '{:.3f}')}{note} | {_cell(r, 'graphed_over_compiled', '{:.2f}')} | "
             f"{_cell(r, 'graphed_compiled_ms', '{:.3f}')} | {r['replay_issue_us']:.1f} | {r['call_issue_us']:.1f} | "
             f"{r['call_zero_copy_issue_us']:.1f} | {r['views_us']:.1f} | {r['per_stage_issue_us']:.1f} | "
-            f"{r['eager_issue_us']:.0f} | {r['capture_s']:.2f} | {_cell(r, 'compile_s', '{:.1f}')} | {r['pool_bytes'] / 2**20:.1f} |")
+            f"{r['eager_issue_us']:.0f} | {r['capture_s']:.2f} | {_cell(r, 'compile_s', '{:.1f}')} | {r['pool_bytes'] / 2**20:.1f} | "
+            f"{_cell(r, 'pipe_call_ms', '{:.3f}')} | {_cell(r, 'pipe_call_syncs', '{}')} |")
     errors = {f"{r['size']}x{r['batch']}": {**r.get("compile_errors", {}), **{f"inductor, stage {k}": v for k, v in
               r.get("inductor_stage_errors", {}).items()}} for r in report["results"] if "compile_errors" in r}
     if errors:
         lines += ["", "torch.compile failures (the cell then times the next backend that worked):", ""]
         lines += [f"- {case} {backend}: `{message}`" for case, d in errors.items() for backend, message in d.items()]
+    syncing = next((r for r in report["results"] if r.get("pipe_call_sync_ops")), None)
+    if syncing:
+        lines += ["", f"Host syncs in one whole `pipe()` call ({syncing['size']}x{syncing['batch']}, first of "
+                  f"{syncing['pipe_call_syncs']}): " + "; ".join(f"`{op}`" for op in syncing["pipe_call_sync_ops"])]
     lines += ["", "Per stage, GPU ms eager → as its own graph (speed-up):", "",
               "| size | batch | " + " | ".join(STAGE_NAMES) + " |", "|---:|---:|" + "---:|" * len(STAGE_NAMES)]
     for r in report["results"]:

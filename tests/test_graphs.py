@@ -467,3 +467,18 @@ def test_pipeline_graph_path_on_cpu_equals_eager(tiny_config) -> None:
     with pytest.raises(StaleOutputError):
         zero.allocation  # noqa: B018
     assert zero.names == a.names
+
+
+def test_a_call_issues_one_input_kernel_one_replay_and_one_copy_out() -> None:
+    """The host side of a call at a full batch bucket: one cat into the inputs, the replay, one clone out."""
+    chain = GraphChain(_toy_stages(), _toy_inputs(4), None, outputs=_TOY_OUT, backend="eager")
+    replays = []
+    chain.replay = lambda: replays.append(1)  # what the GPU would run; here only the host side is counted
+    values = _toy_inputs(4, seed=10)
+    for copy, expected in ((True, ["aten::cat", "aten::clone"]), (False, ["aten::cat"])):
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            chain.run(values, 4, copy=copy)
+        kernels = [e.name for e in prof.events() if e.name in ("aten::cat", "aten::clone", "aten::copy_", "aten::fill_")
+                   and (e.cpu_parent is None or not e.cpu_parent.name.startswith("aten::"))]
+        assert kernels == expected
+    assert len(replays) == 2
