@@ -37,7 +37,7 @@ from .decode import language_model, rope
 from .errors import ArrcocError, BudgetError, InvalidInputError, InvalidTypeError
 from .reducers import ReducedTokens, VisualInput, create_reducer
 
-__all__ = ["ArrcocLlava", "Prepared", "raster_order", "main"]
+__all__ = ["ArrcocLlava", "Prepared", "raster_order", "word_tokenizer", "main"]
 
 logger = logging.getLogger(__name__)
 
@@ -89,6 +89,29 @@ def raster_order(reduced: ReducedTokens, grid_width: int) -> ReducedTokens:
         relevance=reduced.relevance,
         allocation=reduced.allocation,
     )
+
+
+def word_tokenizer(words: Sequence[str], image_token_id: int | None = None, image_token: str = "<image>") -> Any:
+    """A word-level fast tokenizer (whitespace and punctuation split) for models without a pretrained one.
+
+    Ids: ``<pad>`` 0, ``<s>`` 1 (prepended to every text), ``</s>`` 2, ``<unk>`` 3, the image token
+    ``image_token_id`` (default 4), then ``words`` in order. For tests, benchmarks and small trained VLMs.
+    """
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    special = ["<pad>", "<s>", "</s>", "<unk>"]
+    image_id = len(special) if image_token_id is None else int(image_token_id)
+    vocab = {w: i for i, w in enumerate(special)}
+    vocab[image_token] = image_id
+    free = (i for i in range(len(special), len(special) + len(words) + 2) if i != image_id)
+    for word in dict.fromkeys(words):
+        vocab.setdefault(word, next(free))
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+                                   unk_token="<unk>", additional_special_tokens=[image_token])
 
 
 def _parts(model: nn.Module) -> tuple[nn.Module, nn.Module]:

@@ -9,27 +9,19 @@ import torch
 import arrcoc
 
 transformers = pytest.importorskip("transformers")
-tokenizers = pytest.importorskip("tokenizers")
+pytest.importorskip("tokenizers")
 
 from arrcoc.decode import GraphedDecoder  # noqa: E402
-from arrcoc.hf import ArrcocLlava, main  # noqa: E402
+from arrcoc.hf import ArrcocLlava, main, word_tokenizer  # noqa: E402
 from arrcoc.reducers import list_reducers  # noqa: E402
 
 WORDS = "USER ASSISTANT : what colour is the box left of red green blue a shape ? which side".split()
-SPECIAL = ["<pad>", "<s>", "</s>", "<unk>", "<image>"]
 IMAGE_ID = 4
 PROMPTS = ["what colour is the box ?", "which side ?", "what shape is left of the red box ?"]
 
 
 def _tokenizer() -> transformers.PreTrainedTokenizerFast:
-    from tokenizers import Tokenizer, models, pre_tokenizers, processors
-
-    vocab = {w: i for i, w in enumerate(SPECIAL + WORDS)}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
-    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
-    return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
-                                                pad_token="<pad>", unk_token="<unk>", additional_special_tokens=["<image>"])
+    return word_tokenizer(WORDS)
 
 
 def _text_config() -> transformers.LlamaConfig:
@@ -234,14 +226,14 @@ def test_decoder_eos_and_sampling(clip: tuple) -> None:
     model, processor = clip
     prepared = ArrcocLlava(model, processor).prepare(_images(2), PROMPTS[:2], 4)
     decoder = GraphedDecoder.from_llava(model)
-    greedy = decoder.generate(prepared.inputs_embeds, prepared.attention_mask, max_new_tokens=10)
+    greedy = decoder.generate(prepared.inputs_embeds, prepared.attention_mask, max_new_tokens=6)
     eos = int(greedy[0, 2])
-    cut = decoder.generate(prepared.inputs_embeds, prepared.attention_mask, max_new_tokens=10, eos_token_id=eos,
+    cut = decoder.generate(prepared.inputs_embeds, prepared.attention_mask, max_new_tokens=6, eos_token_id=eos,
                            pad_token_id=0)
     first = int((greedy[0] == eos).nonzero()[0])
     assert torch.equal(cut[0, : first + 1], greedy[0, : first + 1]) and (cut[0, first + 1:] == 0).all()
     g = torch.Generator().manual_seed(1)
-    sampled = decoder.generate(prepared.inputs_embeds, prepared.attention_mask, max_new_tokens=10, do_sample=True,
+    sampled = decoder.generate(prepared.inputs_embeds, prepared.attention_mask, max_new_tokens=6, do_sample=True,
                                temperature=5.0, generator=g)
     assert sampled.shape == (2, 10) and sampled.min() >= 0 and sampled.max() < 64 and not torch.equal(sampled, greedy)
 
@@ -314,3 +306,19 @@ def test_graphed_decode_equals_eager_decode_for_64_tokens(batch: int) -> None:
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert decoder.captures == 1 and torch.equal(again, eager)
+
+
+def test_generation_benchmark_smoke(tmp_path) -> None:
+    """The GPU benchmark's every section runs on the tiny preset and writes its JSON and markdown report."""
+    import json
+
+    from arrcoc.bench_generation import main as bench_main
+
+    argv = ["--preset", "tiny", "--device", "cpu", "--dtype", "float32", "--out", str(tmp_path), "--repeats", "1",
+            "--warmup", "0", "--budgets", "8", "--batches", "1", "--decode-tokens", "2", "--new-tokens", "2"]
+    assert bench_main(argv) == 0
+    report = json.loads((tmp_path / "generation-cpu.json").read_text())
+    assert report["errors"] == {} and set(report["sections"]) == {"ttft", "decode", "end_to_end"}
+    assert [r["tokens"] for r in report["sections"]["ttft"]["rows"]] == [64, 64, 8]
+    assert len(report["sections"]["decode"]["rows"]) == 3 and len(report["sections"]["end_to_end"]["rows"]) == 3
+    assert "## Targets" in (tmp_path / "generation-cpu.md").read_text()
