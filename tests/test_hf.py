@@ -322,3 +322,19 @@ def test_generation_benchmark_smoke(tmp_path) -> None:
     assert [r["tokens"] for r in report["sections"]["ttft"]["rows"]] == [64, 64, 8]
     assert len(report["sections"]["decode"]["rows"]) == 3 and len(report["sections"]["end_to_end"]["rows"]) == 3
     assert "## Targets" in (tmp_path / "generation-cpu.md").read_text()
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("method", ["arrcoc", "visionzip", "fastv"])
+def test_reducer_cuda_graph_equals_direct_call(method: str) -> None:
+    model, processor = clip_llava()
+    model = model.cuda()
+    graphed = ArrcocLlava(model, processor, method=method)
+    direct = ArrcocLlava(model, processor, method=method, reducer_graphs="off")
+    with torch.no_grad():
+        expected = direct.prepare(_images(3), PROMPTS, 6)
+        for _ in range(2):  # capture, then replay
+            got = graphed.prepare(_images(3), PROMPTS, 6)
+            torch.testing.assert_close(got.inputs_embeds, expected.inputs_embeds)
+            assert torch.equal(got.reduced.positions, expected.reduced.positions)
+    assert [chain is not False for chain in graphed._chains.values()] == [True]
