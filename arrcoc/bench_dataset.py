@@ -67,6 +67,15 @@ def make_images(folder: str | os.PathLike[str], count: int, *, seed: int = 0, sm
     return out
 
 
+def _shm_free_gib() -> float | None:
+    """Free space of /dev/shm, where DataLoader workers hand decoded images over (None where there is none)."""
+    try:
+        info = os.statvfs("/dev/shm")
+    except OSError:
+        return None
+    return info.f_bavail * info.f_frsize / 2**30
+
+
 def _decode_rate(folder: Path, buckets: tuple[int, ...], workers: int, limit: int) -> float:
     """Images/s of the DataLoader alone (decode + resize to the bucket in ``workers`` processes)."""
     sources = list_sources(folder)[:limit]
@@ -208,6 +217,7 @@ def main(argv: list[str] | None = None) -> int:
         "preset": args.preset, "images": args.images, "small_share": args.small_share, "budget": args.budget,
         "batch_size": args.batch_size, "workers": args.workers, "shard_size": args.shard_size,
         "token_dtype": args.token_dtype, "cpu_count": os.cpu_count(), "generate_s": generate_s,
+        "shm_free_gib": _shm_free_gib(),
         "decode_images_per_s": _decode_rate(images, PipelineConfig.from_name(args.preset).buckets, args.workers,
                                             args.images),
         "cases": [],
