@@ -65,6 +65,9 @@ class VQASample:
         family: one of ``QUESTION_FAMILIES``.
         boxes: ``(x0, y0, x1, y1)`` pixel boxes (exclusive ends) of what holds the answer; for an "exists"
             question answered "no", the near misses (same shape or same colour) one has to look at.
+        layout: everything drawn, as ``(kind, name, box)``: a shape (kind in ``SHAPES``, name its colour), a
+            text frame (``"text"``, its colour) and each of its glyphs (``"glyph"``, the character); dense
+            labels for training.
     """
 
     image: Image.Image
@@ -72,6 +75,7 @@ class VQASample:
     answer: str
     family: str
     boxes: tuple[tuple[int, int, int, int], ...]
+    layout: tuple[tuple[str, str, tuple[int, int, int, int]], ...] = ()
 
 
 @dataclass
@@ -145,7 +149,8 @@ def _jitter(rng: random.Random, color: str) -> tuple[int, int, int]:
     return tuple(min(255, max(0, c + rng.randint(-14, 14))) for c in COLORS[color])  # type: ignore[return-value]
 
 
-def _draw(image: Image.Image, rng: random.Random, item: _Item) -> None:
+def _draw(image: Image.Image, rng: random.Random, item: _Item) -> list[tuple[str, str, tuple[int, int, int, int]]]:
+    """Draw ``item``; returns its layout entries (the item, and for text each glyph's box)."""
     draw = ImageDraw.Draw(image)
     x0, y0, x1, y1 = item.box
     fill = _jitter(rng, item.color)
@@ -156,6 +161,10 @@ def _draw(image: Image.Image, rng: random.Random, item: _Item) -> None:
         gx = x0 + (x1 - x0 - glyphs.width) // 2
         gy = y0 + (y1 - y0 - glyphs.height) // 2
         image.paste((15, 15, 15), (gx, gy, gx + glyphs.width, gy + glyphs.height), glyphs.point(lambda v: 255 - v))
+        step = glyphs.width / len(item.text)  # the bitmap font is monospaced
+        return [("text", item.color, item.box)] + [
+            ("glyph", ch, (gx + round(i * step), gy, gx + round((i + 1) * step), gy + glyphs.height))
+            for i, ch in enumerate(item.text)]
     elif item.kind == "circle":
         draw.ellipse((x0, y0, x1 - 1, y1 - 1), fill=fill)
     elif item.kind == "square":
@@ -169,6 +178,7 @@ def _draw(image: Image.Image, rng: random.Random, item: _Item) -> None:
         draw.rectangle((x0, cy - w // 2, x1 - 1, cy - w // 2 + w - 1), fill=fill)
     else:  # pragma: no cover - the generator only makes the kinds above
         raise AssertionError(item.kind)
+    return [(item.kind, item.color, item.box)]
 
 
 # --- layout -------------------------------------------------------------------------------------------------
@@ -300,10 +310,9 @@ def make_sample(seed: int, size: int = 224, family: str | None = None) -> VQASam
     family = family or rng.choice(QUESTION_FAMILIES)
     image = _background(rng, size)
     items, question, answer, holders = _scene(rng, size, family)
-    for item in items:
-        _draw(image, rng, item)
+    layout = [entry for item in items for entry in _draw(image, rng, item)]
     boxes = tuple(h.box for h in holders if h is not None)
-    return VQASample(image, question, answer, family, boxes)
+    return VQASample(image, question, answer, family, boxes, tuple(layout))
 
 
 class VQADataset(torch.utils.data.Dataset):

@@ -77,8 +77,11 @@ class CharTokenizer:
 
     # --- prompts ----------------------------------------------------------------------------------------------
     def prompt(self, question: str) -> str:
-        """The model's prompt for ``question``: the image placeholder, the question, and the answer cue."""
-        return f"{IMAGE_PLACEHOLDER}\nQ: {question.strip()}\nA: "
+        """The model's prompt for ``question``: the question, the image placeholder, and the answer cue.
+
+        The question comes first so that every visual token can attend to it inside the language model.
+        """
+        return f"Q: {question.strip()}\n{IMAGE_PLACEHOLDER}\nA: "
 
     def expand(self, text: str, image_tokens: int) -> str:
         """``text`` with each image placeholder repeated ``image_tokens`` times (one per visual token)."""

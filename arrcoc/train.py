@@ -36,7 +36,7 @@ from torch import Tensor
 
 from .allocation import allocate
 from .compression import compress
-from .data import QUESTION_FAMILIES, make_sample
+from .data import COLORS, QUESTION_FAMILIES, SHAPES, TEXT_ALPHABET, make_sample
 from .regions import region_grid, to_regions
 from .text_query import TextQueryConfig, TextQueryEncoder, patch_targets, relevance_loss
 from .vlm import VLMConfig, build_vlm, embed_inputs, generate_answers, save_vlm, vision_features
@@ -82,11 +82,40 @@ class SceneBatches(torch.utils.data.IterableDataset):
             index += workers
 
 
+#: Dense per-patch label sets: colour (none + 6), kind (none + shapes + text), glyph (none + alphabet).
+DENSE_CLASSES: tuple[int, int, int] = (1 + len(COLORS), 2 + len(SHAPES), 1 + len(TEXT_ALPHABET))
+
+
+def dense_labels(layout: Sequence[tuple[str, str, tuple[int, int, int, int]]], size: int, patch: int = 16) -> Tensor:
+    """``(N, 3)`` int64 per-patch labels (colour, kind, glyph; 0 = none) from a sample's layout.
+
+    A patch takes an entry's labels when its centre lies in the entry's box, or the box's centre in the patch
+    (so objects smaller than a patch are labelled too).
+    """
+    g = size // patch
+    labels = np.zeros((g, g, 3), dtype=np.int64)
+    colors, kinds = list(COLORS), [*SHAPES, "text"]
+    for kind, name, (x0, y0, x1, y1) in layout:
+        c0, c1 = max(0, -(-(x0 - patch // 2) // patch)), min(g, -(-(x1 - patch // 2) // patch))
+        r0, r1 = max(0, -(-(y0 - patch // 2) // patch)), min(g, -(-(y1 - patch // 2) // patch))
+        rows, cols = slice(r0, max(r1, r0)), slice(c0, max(c1, c0))
+        cy, cx = min(g - 1, (y0 + y1) // 2 // patch), min(g - 1, (x0 + x1) // 2 // patch)
+        if kind == "glyph":
+            value, channel = 1 + TEXT_ALPHABET.index(name), 2
+        else:
+            labels[rows, cols, 0] = labels[cy, cx, 0] = 1 + colors.index(name)
+            value, channel = 1 + kinds.index(kind), 1
+        labels[rows, cols, channel] = value
+        labels[cy, cx, channel] = value
+    return torch.from_numpy(labels.reshape(g * g, 3))
+
+
 def collate(samples: Sequence[Any]) -> dict[str, Any]:
-    """Samples of one size -> uint8 pixels ``(B, 3, S, S)``, patch targets ``(B, N)`` and the texts."""
+    """Samples of one size -> uint8 pixels ``(B, 3, S, S)``, patch targets ``(B, N)``, dense labels and texts."""
     size = samples[0].image.size[0]
     pixels = torch.from_numpy(np.stack([np.asarray(s.image) for s in samples])).permute(0, 3, 1, 2).contiguous()
     return {"pixels": pixels, "targets": torch.stack([patch_targets(s.boxes, size) for s in samples]),
+            "dense": torch.stack([dense_labels(s.layout, size) for s in samples]),
             "questions": [s.question for s in samples], "answers": [s.answer for s in samples],
             "families": [s.family for s in samples]}
 
@@ -109,6 +138,22 @@ def random_compression(features: Tensor, generator: torch.Generator, fraction: f
     alloc = allocate(relevance.float(), budget, 1, most, check=False)
     tokens, _, _, _ = compress(grid.float(), ones, alloc, budget, region_size)
     return tokens.to(features.dtype)  # (B, budget, D): every slot filled, since allocations sum to the budget
+
+
+def answer_loss(logits: Tensor, labels: Tensor) -> Tensor:
+    """Cross-entropy per answer token, averaged per sample first: every question weighs the same, however long
+    its answer (else the many characters of text answers would drown the one-word families)."""
+    token = torch.nn.functional.cross_entropy(logits[:, :-1].float().transpose(1, 2), labels[:, 1:],
+                                              ignore_index=-100, reduction="none")  # (B, L-1)
+    counted = (labels[:, 1:] != -100).float()
+    return ((token * counted).sum(1) / counted.sum(1).clamp_min(1)).mean()
+
+
+def dense_loss(head: torch.nn.Linear, features: Tensor, labels: Tensor) -> Tensor:
+    """Cross-entropy of the per-patch colour, kind and glyph labels from the ViT features (training only)."""
+    logits = head(features).float().split(DENSE_CLASSES, dim=-1)  # 3 x (B, N, C)
+    return sum(torch.nn.functional.cross_entropy(lg.flatten(0, 1), labels[..., i].flatten())
+               for i, lg in enumerate(logits)) / len(logits)
 
 
 def _autocast(device: torch.device):
@@ -139,8 +184,8 @@ def _lr(base: float, seconds: float, schedule: float, step: int, warmup: int) ->
     return base * warm * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def _resume(path: Path, model: Any, query_encoder: TextQueryEncoder, opt: torch.optim.Optimizer,
-            device: torch.device) -> dict[str, Any]:
+def _resume(path: Path, model: Any, query_encoder: TextQueryEncoder, dense_head: torch.nn.Module,
+            opt: torch.optim.Optimizer, device: torch.device) -> dict[str, Any]:
     """Load a ``ckpt.pt`` (everything) or a folder of shipped weights plus its ``eval.json`` (no optimiser state:
     the moments restart, and the warm-up runs again). The folder form is what comes back from a GPU call."""
     if path.is_dir():
@@ -151,12 +196,15 @@ def _resume(path: Path, model: Any, query_encoder: TextQueryEncoder, opt: torch.
         vision_tower(model).load_state_dict(load_file(path / "encoder.safetensors"))
         model.load_state_dict(load_file(path / "vlm.safetensors"), strict=False)
         query_encoder.load_state_dict(TextQueryEncoder.from_pretrained(path).state_dict())
+        if (path / "dense_head.safetensors").is_file():
+            dense_head.load_state_dict(load_file(path / "dense_head.safetensors"))
         state = json.loads((path / "eval.json").read_text())["state"]
         state["warmup_from"] = state["step"]
         return state
     ckpt = torch.load(path, map_location=device, weights_only=False)
     model.load_state_dict(ckpt["model"])
     query_encoder.load_state_dict(ckpt["query_encoder"])
+    dense_head.load_state_dict(ckpt["dense_head"])
     opt.load_state_dict(ckpt["optimizer"])
     return ckpt["state"]
 
@@ -173,8 +221,9 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--schedule-minutes", type=float, default=20.0, help="training time the cosine schedule spans")
     p.add_argument("--workers", type=int, default=None, help="DataLoader workers (default: CPUs - 2)")
     p.add_argument("--sizes", default="224,384")
-    p.add_argument("--compress-prob", type=float, default=0.5)
+    p.add_argument("--compress-prob", type=float, default=0.3)
     p.add_argument("--query-weight", type=float, default=0.2)
+    p.add_argument("--dense-weight", type=float, default=0.5, help="weight of the per-patch label loss on the ViT")
     p.add_argument("--max-steps", type=int, default=None, help="stop after this many steps in total")
     p.add_argument("--eval-per-family", type=int, default=200)
     p.add_argument("--eval-minutes", type=float, default=1.0, help="wall-clock reserved for the final evaluation")
@@ -202,20 +251,23 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     width = int(config.encoder_kwargs["embed_dim"])
     qconfig = TextQueryConfig(width=width) if args.preset == "default" else TextQueryConfig(width=width, dim=32, layers=1)
     query_encoder = TextQueryEncoder(qconfig)
+    dense_head = torch.nn.Linear(width, sum(DENSE_CLASSES))  # training-only: not shipped
     model.to(device).train()
     query_encoder.to(device).train()
-    params = list(model.parameters()) + list(query_encoder.parameters())
+    dense_head.to(device).train()
+    params = list(model.parameters()) + list(query_encoder.parameters()) + list(dense_head.parameters())
     decay = [p for p in params if p.ndim >= 2]
     rest = [p for p in params if p.ndim < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.05}, {"params": rest, "weight_decay": 0.0}],
                             lr=args.lr, betas=(0.9, 0.98), fused=device.type == "cuda")
     state = {"step": 0, "batch": 0, "train_seconds": 0.0, "samples": 0}
     if args.resume:
-        state = _resume(Path(args.resume), model, query_encoder, opt, device)
+        state = _resume(Path(args.resume), model, query_encoder, dense_head, opt, device)
         logger.info("resumed from %s at step %d (%.0f s trained)", args.resume, state["step"], state["train_seconds"])
 
     def checkpoint() -> None:
         torch.save({"model": model.state_dict(), "query_encoder": query_encoder.state_dict(),
+                    "dense_head": dense_head.state_dict(),
                     "optimizer": opt.state_dict(), "state": state, "config": config.to_dict()}, out / "ckpt.pt")
 
     sizes = tuple(int(s) for s in args.sizes.split(","))
@@ -226,12 +278,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     generator = torch.Generator(device=device).manual_seed(args.seed * 7919 + state["step"])
     schedule = 60 * args.schedule_minutes
     last_ckpt = last_log = time.monotonic()
-    running: dict[str, float] = {"lm": 0.0, "query": 0.0, "n": 0}
+    running: dict[str, float] = {"lm": 0.0, "query": 0.0, "dense": 0.0, "wait": 0.0, "n": 0}
     from tqdm import tqdm
 
     progress = tqdm(desc="train", unit="step", initial=state["step"], mininterval=30, disable=None)
     step_start = time.monotonic()
     for batch in loader:
+        running["wait"] += time.monotonic() - step_start  # time spent waiting for data
         if time.monotonic() > deadline or (args.max_steps is not None and state["step"] >= args.max_steps):
             break
         lr = _lr(args.lr, state["train_seconds"], schedule, state["step"] - state.get("warmup_from", 0), args.warmup)
@@ -239,6 +292,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             group["lr"] = lr
         pixels = batch["pixels"].to(device, non_blocking=True).float() / 255
         targets = batch["targets"].to(device, non_blocking=True)
+        dense = batch["dense"].to(device, non_blocking=True)
         with _autocast(device):
             features = vision_features(model, pixels)  # (B, N, D)
             visual = features
@@ -248,11 +302,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             inputs = tokenizer([tokenizer.prompt(q) for q in batch["questions"]], visual.shape[1],
                                targets=batch["answers"], device=device)
             embeds = embed_inputs(model, inputs["input_ids"], visual)
-            lm_loss = model(inputs_embeds=embeds, attention_mask=inputs["attention_mask"],
-                            position_ids=inputs["position_ids"], labels=inputs["labels"]).loss
+            logits = model(inputs_embeds=embeds, attention_mask=inputs["attention_mask"],
+                           position_ids=inputs["position_ids"]).logits
+            lm_loss = answer_loss(logits, inputs["labels"])
             query, qmask = query_encoder(batch["questions"])
             q_loss = relevance_loss(query_encoder, query, qmask, features, targets)
-            loss = lm_loss + args.query_weight * q_loss
+            d_loss = dense_loss(dense_head, features, dense)
+            loss = lm_loss + args.query_weight * q_loss + args.dense_weight * d_loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -266,12 +322,14 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         progress.update()
         running["lm"] += float(lm_loss.detach())
         running["query"] += float(q_loss.detach())
+        running["dense"] += float(d_loss.detach())
         running["n"] += 1
         if now - last_log > 30 or state["step"] <= 2:
-            logger.info("step %d  samples %d  lr %.2e  lm %.4f  query %.4f  (%.0f s trained)", state["step"],
-                        state["samples"], lr, running["lm"] / running["n"], running["query"] / running["n"],
-                        state["train_seconds"])
-            running = {"lm": 0.0, "query": 0.0, "n": 0}
+            n = running["n"]
+            logger.info("step %d  samples %d  lr %.2e  lm %.4f  query %.4f  dense %.4f  data wait %.0f%%  (%.0f s trained)",
+                        state["step"], state["samples"], lr, running["lm"] / n, running["query"] / n,
+                        running["dense"] / n, 100 * running["wait"] / max(1e-9, now - last_log), state["train_seconds"])
+            running = {"lm": 0.0, "query": 0.0, "dense": 0.0, "wait": 0.0, "n": 0}
             last_log = now
         if now - last_ckpt > 60 * args.checkpoint_minutes:
             checkpoint()
@@ -283,6 +341,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     query_encoder.eval()
     save_vlm(model, tokenizer, out / "weights")
     query_encoder.save_pretrained(out / "weights")
+    from safetensors.torch import save_file
+
+    save_file({k: v.detach().cpu().clone() for k, v in dense_head.state_dict().items()}, out / "dense_head.safetensors")
     accuracy = {str(size): evaluate(model, tokenizer, size, args.eval_per_family, device) for size in sizes}
     summary = {"state": state, "accuracy": accuracy, "device": torch.cuda.get_device_name() if device.type == "cuda"
                else "cpu", "torch": torch.__version__, "args": vars(args), "wall_seconds": time.monotonic() - started}
