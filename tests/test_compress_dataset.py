@@ -8,6 +8,7 @@ import shutil
 import signal
 import socket
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -164,10 +165,15 @@ def _run_processes(world: int, args: list[str], *, die_after_one_shard: bool = F
                  for rank in range(world)]
     for process in processes:
         process.start()
+    deadline = time.monotonic() + 120
+    # poll the exit status rather than join(): a killed process's orphaned DataLoader worker keeps the join
+    # sentinel open until it notices (seconds later), though the process itself is gone
+    while any(process.is_alive() for process in processes) and time.monotonic() < deadline:
+        time.sleep(0.02)
     for process in processes:
-        process.join(120)
         if process.is_alive():
             process.kill()
+            process.join()
     return [process.exitcode for process in processes]
 
 
