@@ -15,7 +15,8 @@ covered: its any-resolution packing (a base view plus crops, with ``image_newlin
 token layout. LLaVA uses 1-D rotary positions, so the tokens' 2-D ``positions`` are not passed to the model;
 they are returned in :class:`Prepared` for models that can use them.
 
-Importing this module imports transformers only when a model is built by :func:`main`.
+Importing this module does not import transformers (only :func:`main` and :func:`word_tokenizer` do); the
+adapter works on whatever transformers objects it is handed.
 """
 
 from __future__ import annotations
@@ -565,11 +566,13 @@ def main(argv: list[str] | None = None) -> int:
             image = Image.open(args.image).convert("RGB")
         except (OSError, ValueError) as err:
             raise ImageLoadError(f"cannot read image {args.image!r}: {err}") from err
+        import transformers
         from transformers import AutoProcessor, LlavaForConditionalGeneration
 
         device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
         dtype = "auto" if args.dtype == "auto" else getattr(torch, args.dtype)
-        model = LlavaForConditionalGeneration.from_pretrained(args.model, dtype=dtype).to(device).eval()
+        key = "dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype"  # renamed in 5.0
+        model = LlavaForConditionalGeneration.from_pretrained(args.model, **{key: dtype}).to(device).eval()
         processor = AutoProcessor.from_pretrained(args.model)
         adapter = ArrcocLlava(model, processor, method=args.method)
         new = adapter.generate([image], [args.prompt], budget=args.budget, max_new_tokens=args.max_new_tokens,
