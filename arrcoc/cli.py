@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
 import os
@@ -98,6 +99,7 @@ def _chunks(items: list[Any], size: int) -> Iterator[list[Any]]:
 
 
 def _save(result: ScoreOutput, index: int, image: torch.Tensor, out_dir: Path, stem: str, extra: dict[str, Any]) -> None:
+    """Write ``<stem>.png`` then ``<stem>.json``, each atomically: the JSON's presence marks the pair complete."""
     from .overlay import render_overlay
 
     picture = render_overlay(image, result, index)
@@ -106,9 +108,59 @@ def _save(result: ScoreOutput, index: int, image: torch.Tensor, out_dir: Path, s
     _write_atomic(out_dir / f"{stem}.json", lambda p: Path(p).write_text(json.dumps(report, indent=1)))
 
 
-def _run_files(args: argparse.Namespace, compress: bool) -> int:
-    from .preprocess import load_image
+def _job_key(args: argparse.Namespace, compress: bool, query: Any) -> str:
+    """A digest of everything that decides an image's outputs, so ``--resume`` never keeps a stale result."""
+    digest = hashlib.sha256(repr((compress, getattr(args, "budget", None), args.preset, args.pretrained)).encode())
+    if isinstance(query, torch.Tensor):
+        digest.update(query.detach().cpu().contiguous().numpy().tobytes())  # ok-sync: CLI set-up
+    elif query is not None:
+        digest.update(repr(query).encode())
+    return digest.hexdigest()[:16]
 
+
+def _complete(out_dir: Path, stem: str, source: Path, key: str) -> bool:
+    """Both outputs of an image exist and are valid: the JSON parses and names this source and job; the PNG decodes."""
+    from PIL import Image
+
+    picture, report = out_dir / f"{stem}.png", out_dir / f"{stem}.json"
+    try:
+        data = json.loads(report.read_text())
+        if not isinstance(data, dict) or data.get("source") != os.fspath(source) or data.get("job") != key:
+            return False
+        with Image.open(picture) as image:
+            image.verify()  # reads the whole file and checks its checksums
+    except (OSError, ValueError, SyntaxError) as err:  # missing, truncated or corrupt
+        logger.debug("%s: outputs incomplete (%s); recomputing", source, err)
+        return False
+    return True
+
+
+def _remove_stale_temporaries(out_dir: Path, stems: list[str]) -> int:
+    """Delete the temporary files a killed run left behind (only ours: ``.<stem>.(png|json).*.tmp``)."""
+    wanted = {f".{stem}.{suffix}." for stem in stems for suffix in ("png", "json")}
+    removed = 0
+    for path in out_dir.glob(".*.tmp"):
+        if any(path.name.startswith(prefix) for prefix in wanted):
+            path.unlink(missing_ok=True)
+            removed += 1
+    return removed
+
+
+class _Job:
+    """Counts of a folder job: images written, skipped as complete, failed (with reasons), processed by the stages."""
+
+    def __init__(self) -> None:
+        self.written = self.skipped = self.processed = 0
+        self.failed: list[tuple[Path, str]] = []
+
+    def fail(self, path: Path, err: BaseException) -> None:
+        reason = str(err) if isinstance(err, ArrcocError) else f"unexpected {type(err).__name__}: {err}"
+        if not isinstance(err, ArrcocError):
+            logger.debug("unexpected failure on %s", path, exc_info=err)
+        self.failed.append((path, reason))
+
+
+def _run_files(args: argparse.Namespace, compress: bool) -> int:
     pipe = _pipeline(args)
     query, query_mask = _load_query(args)
     pipe.prepare_query(query, query_mask, 1)  # a bad query is a usage error, found before any work
@@ -118,56 +170,69 @@ def _run_files(args: argparse.Namespace, compress: bool) -> int:
     if not files:
         raise InvalidInputError(f"no image files found in {args.inputs}")
     work = list(zip(files, _stems(files)))
-    failed: list[tuple[Path, str]] = []
-    written = 0
+    key = _job_key(args, compress, query)
+    stale = _remove_stale_temporaries(out_dir, [stem for _, stem in work])
+    if stale:
+        logger.warning("removed %d temporary files left by an interrupted run", stale)
+    job = _Job()
+    if args.resume:
+        todo = [(path, stem) for path, stem in work if not _complete(out_dir, stem, path, key)]
+        job.skipped = len(work) - len(todo)
+        work = todo
     start = time.perf_counter()
     with tqdm(total=len(work), unit="img", disable=args.quiet, file=sys.stderr) as bar:
         for chunk in _chunks(work, args.batch_size):
-            loaded = []
-            for path, stem in chunk:
-                try:
-                    loaded.append((path, stem, load_image(path, name=os.fspath(path))))
-                except ArrcocError as err:
-                    failed.append((path, str(err)))
-                    bar.update(1)
-            for group in _run_batch(pipe, loaded, query, query_mask, args, compress, failed):
-                result, items = group
+            loaded = _load_chunk(chunk, job)
+            bar.update(len(chunk) - len(loaded))
+            for result, items in _run_batch(pipe, loaded, query, query_mask, args, compress, job):
                 for i, (path, stem, image) in enumerate(items):
-                    extra = {"source": os.fspath(path), "timings_ms": result.timings, "batch_size": len(items)}
+                    extra = {"source": os.fspath(path), "job": key, "timings_ms": result.timings, "batch_size": len(items)}
                     _save(result, i, image, out_dir, stem, extra)
-                    written += 1
-                bar.update(len(items))
+                    job.written += 1
+            bar.update(len(loaded))
     seconds = time.perf_counter() - start
-    print(f"arrcoc: wrote {written} of {len(work)} images to {out_dir}/ ({len(failed)} failed, "
-          f"{written / max(seconds, 1e-9):.1f} images/s)")
-    for path, reason in failed:
+    total = len(work) + job.skipped
+    print(f"arrcoc: wrote {job.written} of {total} images to {out_dir}/ ({job.skipped} already complete, "
+          f"{len(job.failed)} failed; {job.processed} processed, {job.processed / max(seconds, 1e-9):.1f} images/s)")
+    for path, reason in job.failed:
         print(f"arrcoc: failed: {os.fspath(path)}: {reason}", file=sys.stderr)
-    return 1 if failed else 0
+    return 1 if job.failed else 0
+
+
+def _load_chunk(chunk: list[tuple[Path, str]], job: _Job) -> list[tuple[Path, str, torch.Tensor]]:
+    """Load each file of a chunk; a file that cannot be read is listed with its reason and the rest go on."""
+    from .preprocess import load_image
+
+    loaded = []
+    for path, stem in chunk:
+        try:
+            loaded.append((path, stem, load_image(path, name=os.fspath(path))))
+        except Exception as err:  # noqa: BLE001 - one bad file must not end the job
+            job.fail(path, err)
+    return loaded
 
 
 def _run_batch(pipe: Pipeline, loaded: list[tuple[Path, str, torch.Tensor]], query: Any, query_mask: Any,
-               args: argparse.Namespace, compress: bool, failed: list[tuple[Path, str]]) -> list[tuple[ScoreOutput, list]]:
-    """Run a batch; if it is rejected (say a budget above one image's capacity), run its images one by one."""
+               args: argparse.Namespace, compress: bool, job: _Job) -> list[tuple[ScoreOutput, list]]:
+    """Run a batch; if it is rejected (say a budget above one image's capacity), run its images one by one.
+
+    A rejected call stops before the stages run, so ``job.processed`` counts each image the stages ran on once.
+    """
     if not loaded:
         return []
     images = [image for _, _, image in loaded]
-
-    def run(batch: list[torch.Tensor]) -> ScoreOutput:
-        if compress:
-            return pipe(batch, query=query, query_mask=query_mask, budget=args.budget, profile=True)
-        return pipe.score(batch, query=query, query_mask=query_mask, profile=True)
-
     try:
-        return [(run(images), loaded)]
-    except ArrcocError:
+        if compress:
+            result = pipe(images, query=query, query_mask=query_mask, budget=args.budget, profile=True)
+        else:
+            result = pipe.score(images, query=query, query_mask=query_mask, profile=True)
+    except Exception as err:  # noqa: BLE001 - isolate the image at fault, keep the others
         if len(loaded) == 1:
-            path, _, _ = loaded[0]
-            failed.append((path, str(sys.exc_info()[1])))
+            job.fail(loaded[0][0], err)
             return []
-    groups = []
-    for item in loaded:
-        groups.extend(_run_batch(pipe, [item], query, query_mask, args, compress, failed))
-    return groups
+        return [group for item in loaded for group in _run_batch(pipe, [item], query, query_mask, args, compress, job)]
+    job.processed += len(images)
+    return [(result, loaded)]
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -219,6 +284,8 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--batch-size", type=int, default=8, help="images per pipeline call (default 8)")
         p.add_argument("--recursive", action="store_true", help="descend into sub-folders")
         p.add_argument("--quiet", action="store_true", help="no progress bar")
+        p.add_argument("--resume", action="store_true", help="skip images whose outputs are already complete and "
+                                                             "valid from an earlier run with the same options")
         common(p)
 
     compress = sub.add_parser("compress", help="compress images to a token budget; writes a PNG and a JSON each",

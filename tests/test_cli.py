@@ -122,3 +122,88 @@ def test_help_as_a_module() -> None:
     assert done.returncode == 0
     for word in ("compress", "score", "demo", "bench"):
         assert word in done.stdout
+
+
+def _folder_job(root, count: int, broken: tuple[int, ...]):
+    """``count`` small images (PNG and JPEG), with the ones at ``broken`` damaged in three different ways."""
+    folder = root / "job"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(count):
+        image = Image.fromarray(rng.integers(0, 256, (24 + i % 5, 32, 3), dtype=np.uint8))
+        path = folder / f"img{i:03d}.{'png' if i % 2 else 'jpg'}"
+        image.save(path)
+        if i in broken:
+            data = path.read_bytes()
+            path.write_bytes([data[: len(data) // 3], b"", bytes(64) + data[64:]][broken.index(i) % 3])
+    return folder
+
+
+KILLER = """
+import os, signal, sys
+import arrcoc.cli as cli
+
+original, saved = cli._write_atomic, [0]
+
+def write(path, fn):
+    def fault(temporary):  # the 21st report: write its temporary file, then die before the rename
+        fn(temporary)
+        if path.suffix == ".json" and saved[0] == 20:
+            os.kill(os.getpid(), signal.SIGKILL)
+    original(path, fault)
+    saved[0] += path.suffix == ".json"
+
+cli._write_atomic = write
+raise SystemExit(cli.main(sys.argv[1:]))
+"""
+
+
+def test_folder_job_killed_midway_resumes_without_recomputing(tmp_path, monkeypatch, capsys) -> None:
+    broken = (7, 30, 52)
+    folder, out = _folder_job(tmp_path, 60, broken), tmp_path / "out"
+    argv = ["compress", str(folder), "--out", str(out), "--preset", "tiny", "--budget", "8", "--batch-size", "8", "--quiet"]
+    killed = subprocess.run([sys.executable, "-c", KILLER, *argv], capture_output=True, text=True)
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    reports = sorted(out.glob("*.json"))
+    assert len(reports) == 20 and len(list(out.glob(".*.tmp"))) == 1  # the interrupted write left its temporary
+    done = {p.name: p.stat().st_mtime_ns for p in reports}
+
+    processed = []
+    forward = arrcoc.Pipeline.forward
+    monkeypatch.setattr(arrcoc.Pipeline, "forward", lambda self, images, *a, **k: (
+        processed.extend(images), forward(self, images, *a, **k))[1])
+    assert main([*argv, "--resume"]) == 1  # the broken files still fail
+    captured = capsys.readouterr()
+    assert len(processed) == 60 - len(broken) - 20  # nothing complete is computed again
+    assert {p.name: p.stat().st_mtime_ns for p in out.glob("*.json") if p.name in done} == done
+    good = [p.stem for p in sorted(folder.iterdir()) if int(p.stem[3:]) not in broken]
+    assert sorted(p.stem for p in out.glob("*.json")) == sorted(p.stem for p in out.glob("*.png")) == good
+    assert not list(out.glob(".*.tmp"))
+    assert "20 already complete, 3 failed; 37 processed" in captured.out
+    for i in broken:
+        line = next(line for line in captured.err.splitlines() if f"img{i:03d}" in line)
+        assert line.startswith("arrcoc: failed:") and len(line.split(": ", 3)[-1]) > 10  # each with its reason
+    for report in out.glob("*.json"):
+        assert np.array(json.loads(report.read_text())["allocation"]).sum() == 8
+
+    processed.clear()
+    assert main([*argv, "--resume"]) == 1 and processed == []
+    assert "57 already complete" in capsys.readouterr().out
+
+
+def test_resume_only_keeps_valid_outputs_of_the_same_job(folder, tmp_path) -> None:
+    from arrcoc.cli import _complete
+
+    out = tmp_path / "o"
+    main(["compress", str(folder / "street.png"), "--preset", "tiny", "--budget", "8", "--out", str(out), "--quiet"])
+    report = json.loads((out / "street.json").read_text())
+    source, key = folder / "street.png", report["job"]
+    assert _complete(out, "street", source, key)
+    assert not _complete(out, "street", folder / "other.png", key)  # another source
+    assert not _complete(out, "street", source, "0" * 16)  # another budget, query or model
+    picture = (out / "street.png").read_bytes()
+    (out / "street.png").write_bytes(picture[: len(picture) // 2])  # truncated picture
+    assert not _complete(out, "street", source, key)
+    (out / "street.png").write_bytes(picture)
+    (out / "street.json").write_text('{"source": ')  # half-written report
+    assert not _complete(out, "street", source, key)
