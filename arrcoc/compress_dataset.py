@@ -16,7 +16,8 @@ shard, never on the number of processes, so one process and ``K`` processes writ
 A run is resumable: a shard is written under a temporary name and renamed, and a run skips the shards that
 exist, so the same command run again after a crash (or after ``--max-shards``) finishes the job with
 nothing lost or duplicated. Images that cannot be read or compressed are records with ``status: "error"``
-and the reason. The format and the reader (:func:`arrcoc.shards.load_index`, :func:`arrcoc.shards.load_record`)
+and the reason. The format and the readers (:func:`arrcoc.shards.load_index`, :func:`arrcoc.shards.load_record`,
+:class:`arrcoc.shards.CompressedDataset`)
 are in :mod:`arrcoc.shards`.
 """
 

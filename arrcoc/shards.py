@@ -14,10 +14,11 @@ written under a temporary name and renamed. The index is the records of all shar
 
 Reading back::
 
-    from arrcoc.shards import load_index, load_record
+    from arrcoc.shards import CompressedDataset, load_index, load_record
     index = load_index("DST")                       # list of dicts
     ok = [r for r in index if r["status"] == "ok"]
     tensors = load_record("DST", ok[0])             # tokens (T, D), positions (T, 4), mask (T,), ...
+    dataset = CompressedDataset("DST")              # for training: dataset[i] -> the same dict, shards kept open
 """
 
 from __future__ import annotations
@@ -51,6 +52,7 @@ __all__ = [
     "merge_index",
     "load_index",
     "load_record",
+    "CompressedDataset",
 ]
 
 logger = logging.getLogger(__name__)
@@ -192,8 +194,29 @@ def load_index(root: str | os.PathLike[str]) -> list[dict[str, Any]]:
         return [json.loads(line) for line in handle if line.strip()]
 
 
+def _check_ok(record: dict[str, Any]) -> None:
+    if record.get("status") != "ok" or record.get("offset") is None:
+        raise InvalidInputError(f"record {record.get('index')} ({record.get('source')}) holds no tensors: its status "
+                                f"is {record.get('status')!r} ({record.get('error')})")
+
+
+def _read_row(handle: Any, record: dict[str, Any]) -> dict[str, Tensor]:
+    """One record's row from an open shard, per-region maps cropped to the image's own region grid."""
+    row = int(record["offset"])
+    rows = handle.get_slice("budget").get_shape()[0]
+    if not 0 <= row < rows:
+        raise InvalidInputError(f"record {record['index']}: offset {row} is outside shard {record['shard']} ({rows} rows)")
+    out = {key: handle.get_slice(key)[row : row + 1][0] for key in ROW_KEYS}
+    rh, rw = (int(v) for v in out["region_grid"])  # ok-sync: reading a file, on the host
+    for key in _REGION_KEYS:
+        out[key] = out[key][:rh, :rw]
+    return out
+
+
 def load_record(root: str | os.PathLike[str], record: dict[str, Any], *, device: torch.device | str = "cpu") -> dict[str, Tensor]:
     """One image's tensors, read back from its shard (only that image's rows are read).
+
+    For many records, :class:`CompressedDataset` keeps the shards open.
 
     Args:
         root: the data set folder.
@@ -211,20 +234,40 @@ def load_record(root: str | os.PathLike[str], record: dict[str, Any], *, device:
     """
     from safetensors import safe_open
 
-    if record.get("status") != "ok" or record.get("offset") is None:
-        raise InvalidInputError(f"record {record.get('index')} ({record.get('source')}) holds no tensors: its status "
-                                f"is {record.get('status')!r} ({record.get('error')})")
-    path, row = Path(root) / record["shard"], int(record["offset"])
+    _check_ok(record)
+    path = Path(root) / record["shard"]
     if not path.is_file():
         raise InvalidInputError(f"record {record['index']}: shard {os.fspath(path)!r} is missing")
-    out: dict[str, Tensor] = {}
     with safe_open(os.fspath(path), framework="pt", device=str(device)) as handle:
-        rows = handle.get_slice("budget").get_shape()[0]
-        if not 0 <= row < rows:
-            raise InvalidInputError(f"record {record['index']}: offset {row} is outside shard {record['shard']} ({rows} rows)")
-        for key in ROW_KEYS:
-            out[key] = handle.get_slice(key)[row : row + 1][0]
-    rh, rw = (int(v) for v in out["region_grid"])  # ok-sync: reading a file, on the host
-    for key in _REGION_KEYS:
-        out[key] = out[key][:rh, :rw]
-    return out
+        return _read_row(handle, record)
+
+
+class CompressedDataset(torch.utils.data.Dataset):
+    """The images of a compressed data set that compressed, as a map-style dataset for training.
+
+    ``dataset[i]`` is :func:`load_record`'s dict plus ``"record"`` (the index record). Shards are opened on
+    first use in each process (so DataLoader workers open their own) and kept open.
+
+    Args:
+        root: the data set folder (finished: it has ``index.jsonl``).
+    """
+
+    def __init__(self, root: str | os.PathLike[str]) -> None:
+        self.root = Path(root)
+        self.records = [r for r in load_index(root) if r["status"] == "ok"]
+        self._handles: dict[str, Any] = {}
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        from safetensors import safe_open
+
+        record = self.records[i]
+        handle = self._handles.get(record["shard"])
+        if handle is None:
+            handle = self._handles[record["shard"]] = safe_open(os.fspath(self.root / record["shard"]), framework="pt")
+        return {**_read_row(handle, record), "record": record}
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_handles": {}}  # open files stay in the process that opened them

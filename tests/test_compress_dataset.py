@@ -315,3 +315,16 @@ def test_torchrun_on_one_gpu_with_nccl_matches_one_process(tmp_path: Path, sourc
     assert "rank 0/1" in done.stdout and "complete" in done.stdout
     got, want = load_index(tmp_path / "nccl"), load_index(reference)
     assert [(r["source"], r["status"], r["shard"]) for r in got] == [(r["source"], r["status"], r["shard"]) for r in want]
+
+
+def test_compressed_dataset_serves_every_ok_record_through_a_dataloader(reference: Path) -> None:
+    from arrcoc.shards import CompressedDataset
+
+    dataset = CompressedDataset(reference)
+    ok = [r for r in load_index(reference) if r["status"] == "ok"]
+    assert len(dataset) == len(ok) == 24
+    loader = torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=1, collate_fn=lambda item: item)
+    for item, record in zip(loader, ok):
+        assert item["record"] == record
+        want = load_record(reference, record)
+        assert all(torch.equal(item[key], want[key]) for key in want)
