@@ -524,7 +524,8 @@ def _text_to_image_attention(lm: nn.Module, index: int, embeds: Tensor, mask: Te
     k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
     scores = (q.float() @ k.float().transpose(-1, -2)) * hd**-0.5  # (B, h, T, T)
     t = embeds.shape[1]
-    allowed = torch.ones(t, t, dtype=torch.bool, device=embeds.device).tril() & mask.bool()[:, None, None, :]
+    causal = torch.ones(t, t, dtype=torch.bool, device=embeds.device).tril()
+    allowed = (causal & mask.bool()[:, None, None, :]) | torch.eye(t, dtype=torch.bool, device=embeds.device)  # pads: self
     weights = torch.softmax(scores.masked_fill(~allowed, -torch.inf), -1).mean(1)  # (B, T, T)
     last_slot = torch.where(slots, torch.arange(t, device=slots.device), -1).amax(-1, keepdim=True)  # (B, 1)
     text = (torch.arange(t, device=slots.device) > last_slot) & mask.bool()  # (B, T) text after the image

@@ -179,6 +179,31 @@ def test_sampling_through_model_generate(clip: tuple) -> None:
     assert not torch.equal(first, greedy)  # at temperature 5 over 64 tokens, 12 draws all equal to argmax: ~never
 
 
+def test_attention_maps_equal_the_models_own_attentions() -> None:
+    """VisionZip's [CLS] attention and FastV's text-to-image attention, recomputed by the adapter, equal the
+    attention weights the model itself returns (eager attention, output_attentions)."""
+    model, processor = clip_llava()
+    model.set_attn_implementation("eager")
+    adapter = ArrcocLlava(model, processor, method="visionzip")
+    pixels = adapter.pixel_values(_images(2))
+    with torch.no_grad():
+        out = model.model.vision_tower(pixels, output_hidden_states=True, output_attentions=True)
+        _, _, cls_attention = adapter.features(pixels)
+        # hidden_states[-2] is the output of the second-to-last layer: its attention is attentions[-2].
+        torch.testing.assert_close(cls_attention, out.attentions[-2][:, :, 0, 1:].mean(1).view(2, 4, 4))
+        fastv = ArrcocLlava(model, processor, method="fastv")
+        got = fastv._text_attention(PROMPTS[:2], *fastv.features(pixels)[:2])  # (B, 4, 4)
+        prepared = fastv.prepare(pixels, PROMPTS[:2], 16)
+        lm = model.model.language_model
+        weights = lm(inputs_embeds=prepared.inputs_embeds, attention_mask=prepared.attention_mask,
+                     output_attentions=True).attentions[2].mean(1)  # (B, T, T)
+    slots = prepared.input_ids == IMAGE_ID
+    for b in range(2):
+        after = torch.arange(slots.shape[1]) > slots[b].nonzero().max()
+        expected = weights[b][after & prepared.attention_mask[b].bool()][:, slots[b]].mean(0)
+        torch.testing.assert_close(got[b].flatten(), expected)
+
+
 # --- the prompt's query ------------------------------------------------------------------------------
 def test_query_is_the_question_alone(clip: tuple) -> None:
     model, processor = clip
