@@ -440,7 +440,8 @@ class GraphCache:
         self._entries: OrderedDict[GraphKey, GraphChain] = OrderedDict()
         self._pools: dict[int, Any] = {}
         self._stats = _Stats()
-        self._lock = _SharedLock()
+        self._lock = _SharedLock()  # per-thread mode: replays shared, captures exclusive
+        self._rlock = threading.RLock()  # lock mode: everything under one plain (cheaper) lock
         self._meta = threading.Lock()  # LRU order and hit counts under a shared lock
         self._stream: Any = None  # the stream of the last replay (lock mode orders replays on other streams after it)
         self.chain_factory: Callable[..., GraphChain] = GraphChain  # tests inject faults here
@@ -452,9 +453,9 @@ class GraphCache:
         return key in self._entries
 
     @property
-    def lock(self) -> contextlib.AbstractContextManager[None]:
+    def lock(self) -> contextlib.AbstractContextManager[Any]:
         """Exclusive access to the cache (captures, eviction, and every replay in lock mode)."""
-        return self._lock.exclusive()
+        return self._rlock if self.threads == "lock" else self._lock.exclusive()
 
     def key_for(self, key: GraphKey) -> GraphKey:
         """``key`` bound to the calling thread in per-thread mode."""
@@ -466,7 +467,7 @@ class GraphCache:
     def get(self, key: GraphKey, build: Callable[[], tuple[list[Stage], dict[str, Tensor], Sequence[str]]]) -> GraphChain:
         """The chain for ``key``; a miss calls ``build() -> (stages, static inputs, output keys)`` and captures."""
         key = self.key_for(key)
-        with self._lock.exclusive():
+        with self.lock:
             chain = self._entries.get(key)
             if chain is not None:
                 self._stats.hits += 1
@@ -540,8 +541,13 @@ class GraphCache:
                 self.get(key, build)
                 with self._meta:
                     self._stats.hits -= 1  # the loop counts the capture's first replay as a hit again
-        with self._lock.exclusive():
-            chain = self.get(key, build)
+        with self._rlock:
+            chain = self._entries.get(key)
+            if chain is None:
+                chain = self.get(key, build)
+            else:  # the hit path of get(), inlined: this is every call's host cost
+                self._stats.hits += 1
+                self._entries.move_to_end(key)
             if self.backend == "cuda":
                 stream = torch.cuda.current_stream(chain.device)
                 if self._stream is not None and stream != self._stream:
@@ -550,7 +556,7 @@ class GraphCache:
             return chain.run(values, rows, copy)
 
     def clear(self) -> None:
-        with self._lock.exclusive():
+        with self.lock:
             self._entries.clear()
             self._stats.entries.clear()
 
