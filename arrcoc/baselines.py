@@ -4,8 +4,8 @@ Each baseline is written from its paper's description and registered by name, so
 the evaluation and the tests take it as ``method=<name>``:
 
 =============  ==============================================================================================
-``uniform``    spatial average pooling of the grid to exactly ``K`` cells
-``random``     ``K`` patches drawn at random (deterministic per image and seed)
+``uniform``    spatial average pooling of the grid to exactly ``K`` cells (no single paper)
+``random``     ``K`` patches drawn at random, deterministic per image and seed (no single paper)
 ``visionzip``  VisionZip: [CLS]-attention dominant tokens plus merged contextual tokens (needs ``cls_attention``)
 ``divprune``   DivPrune: max-min diversity selection of ``K`` patches
 ``tome``       ToMe: bipartite soft matching, size-weighted merging until ``K`` tokens remain
@@ -169,11 +169,10 @@ def _pooling_cells(gh: int, gw: int, budget: int) -> tuple[int, ...]:
 class UniformPooling(nn.Module):
     """Spatial average pooling of the patch grid to exactly ``K`` cells.
 
-    The resolution-reduction baseline of the token-reduction literature: average pooling of neighbouring
-    visual tokens (as LLaVA-OneVision does with 2x2 pooling of video-frame tokens, Li et al., 2024,
-    "LLaVA-OneVision: Easy Visual Task Transfer", arXiv:2408.03326), here to any budget: the grid is cut into
-    ``K`` near-square rectangles (rows of cells, see :func:`_pooling_cells`) and each becomes its mean.
-    Ignores relevance entirely; spends the same detail everywhere.
+    No single paper: spatial average pooling of neighbouring visual tokens is the plain resolution-reduction
+    baseline that token-reduction methods are measured against. Here it reaches any budget: the grid is cut
+    into ``K`` near-square rectangles (rows of cells, see :func:`_pooling_cells`) and each becomes its mean.
+    It ignores relevance entirely and spends the same detail everywhere.
     """
 
     needs: frozenset[str] = frozenset()
@@ -219,9 +218,7 @@ def _mix64(x: Tensor) -> Tensor:
 class RandomSelection(nn.Module):
     """Keep ``K`` patches chosen uniformly at random: the floor every relevance method must beat.
 
-    Random token dropping is the control baseline of the token-pruning papers (e.g. the random-selection
-    rows of FastV, Chen et al., 2024, "An Image is Worth 1/2 Tokens After Layer 2", ECCV, arXiv:2403.06764).
-    The draw is a hash of the seed, the patch index and the image's own features (their exact float bits),
+    No single paper: random token dropping is the control any selection rule has to beat. The draw is a hash of the seed, the patch index and the image's own features (their exact float bits),
     so it is reproducible call after call, differs between images, and does not depend on the batch
     neighbours or the batch position; the same features and seed give the same patches on any device.
 
@@ -310,7 +307,7 @@ class DivPrune(nn.Module):
     """DivPrune: keep the ``K`` patches that solve the max-min diversity problem greedily.
 
     Alvar et al., 2025, "DivPrune: Diversity-based Visual Token Pruning for Large Multimodal Models" (CVPR
-    2025, arXiv:2503.02175). Distances are cosine distances ``1 - cos`` between patch features. The first
+    2025). Distances are cosine distances ``1 - cos`` between patch features. The first
     token is the one whose nearest neighbour is farthest; each next token is the one whose distance to the
     tokens already kept is largest (max over candidates of the min over the kept set). ``K`` greedy steps,
     each a fixed-shape update of the running minimum distance.

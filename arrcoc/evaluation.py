@@ -49,8 +49,9 @@ logger = logging.getLogger(__name__)
 #: Budgets as shares of the patch count: full, then the LLaVA-1.5 reductions 576 -> 192, 128, 64, 32.
 DEFAULT_SHARES: tuple[float, ...] = (1.0, 0.33, 0.22, 0.11, 0.055)
 DEFAULT_SIZES: tuple[int, ...] = (224, 384)
-#: First sample seed of the evaluation: far from the seeds training draws from (0 upwards).
-DEFAULT_SEED = 900_000_000
+#: First sample seed: held out (training draws from ``arrcoc.train.TRAIN_SEED_START`` = 1_000_000 upwards, and
+#: its own full-token check from 500_000).
+DEFAULT_SEED = 600_000
 
 
 def _default_methods() -> tuple[str, ...]:
@@ -212,7 +213,8 @@ class CharTokenizerForHF:
         return self.inner.decode(ids, skip_special_tokens)
 
 
-def project_adapter(model: LlavaForConditionalGeneration, tokenizer: CharTokenizer, method: str) -> Any:
+def project_adapter(model: LlavaForConditionalGeneration, tokenizer: CharTokenizer, method: str,
+                    shared: dict[str, Any] | None = None) -> Any:
     """An :class:`arrcoc.hf.ArrcocLlava` serving the project's small VLM (:mod:`arrcoc.vlm`) as it was trained.
 
     Three things differ from a stock LLaVA and are set here: the features are the timm tower's
@@ -221,6 +223,12 @@ def project_adapter(model: LlavaForConditionalGeneration, tokenizer: CharTokeniz
     reducers that need it (VisionZip); and the patch grid, hence the full token count, follows each batch's
     image size (the tower runs at 224 and 384). The prompt is the tokenizer's (``<image>\nQ: ...\nA: ``),
     with the question alone as the query; FastV reads layer 2 (or the last layer of a shallower LM).
+
+    Args:
+        model, tokenizer: from :func:`arrcoc.vlm.load_vlm` or :func:`arrcoc.vlm.build_vlm`.
+        method: a registered reducer name.
+        shared: a dict shared by several adapters over the same model: the tower's output for the last pixel
+            tensor seen is kept there, so several methods reading the very same tensor run the tower once.
     """
     from .hf import ArrcocLlava
 
@@ -241,6 +249,8 @@ def project_adapter(model: LlavaForConditionalGeneration, tokenizer: CharTokeniz
             return super().prepare(pixels, prompts, budget)
 
         def features(self, pixel_values: Tensor) -> tuple[Tensor, None, Tensor | None]:
+            if shared is not None and shared.get("pixels") is pixel_values:  # the same batch, another method
+                return shared["out"]
             tower = self.vision_tower.timm_model
             captured: list[Tensor] = []
             hook = tower.blocks[-1].register_forward_pre_hook(lambda _, args: captured.append(args[0]))
@@ -250,7 +260,10 @@ def project_adapter(model: LlavaForConditionalGeneration, tokenizer: CharTokeniz
                 hook.remove()
             gh, gw = self.grid_of(pixel_values)
             grid = out[:, tower.num_prefix_tokens:].unflatten(1, (gh, gw))  # (B, gh, gw, D)
-            attention = _last_block_cls_attention(tower, captured[0], (gh, gw)) if "cls_attention" in self.needs else None
+            wanted = shared is not None or "cls_attention" in self.needs
+            attention = _last_block_cls_attention(tower, captured[0], (gh, gw)) if wanted else None
+            if shared is not None:
+                shared.update(pixels=pixel_values, out=(grid, None, attention))
             return grid, None, attention
 
     layers = int(model.config.text_config.num_hidden_layers)
@@ -350,51 +363,59 @@ def evaluate(model: LlavaForConditionalGeneration, tokenizer: CharTokenizer, con
     device = torch.device(device) if device is not None else next(model.parameters()).device
     model = model.to(device).eval()
     patch = int(vision_tower(model).patch_embed.patch_size[0])
-    adapters = {m: project_adapter(model, tokenizer, m) for m in config.methods}
+    shared: dict[str, Any] = {}  # the tower's output for the current batch, read by every method
+    adapters = {m: project_adapter(model, tokenizer, m, shared) for m in config.methods}
     report: dict[str, Any] = {
         "device": _device_name(device), "torch": torch.__version__, "date": datetime.date.today().isoformat(),
         "samples_per_family": config.samples_per_family, "families": list(config.families), "seed": config.seed,
         "shares": list(config.shares), "sizes": list(config.sizes), "methods": list(config.methods),
         "patch_size": patch, "reference": {}, "results": [], "skipped": {},
     }
-    work = [(size, m) for size in config.sizes for m in config.methods]
-    bar = tqdm(total=len(work) * len(config.shares), desc="eval", unit="budget", disable=not progress, file=sys.stderr)
+    cases = len(config.methods) * len(config.shares)
+    bar = tqdm(total=cases * len(config.sizes), desc="eval", unit="case", disable=not progress, file=sys.stderr)
     start = time.perf_counter()
     for size in config.sizes:
         if size % patch:
             raise InvalidInputError(f"sizes must be multiples of the model's patch size {patch}; got {size}")
         grid = (size // patch, size // patch)
         patches = grid[0] * grid[1]
+        budgets = token_budgets(patches, config.shares)
         samples = _samples(config, size)
-        prompts = [s.question for s in samples]  # the adapter puts each into the model's prompt
-        coverage = torch.stack([answer_coverage(s.boxes, size, grid) for s in samples]).to(device)
-        has_boxes = [bool(s.boxes) for s in samples]
         reference = _reference(model, tokenizer, samples, config, device)
         report["reference"][str(size)] = _summarise(reference, [None] * len(samples), samples, config.families)
-        pixel_batches = [pixel_values(model, [s.image for s in samples[i: i + config.batch_size]], device)
-                         for i in range(0, len(samples), config.batch_size)]
-        for method in config.methods:
-            for share, budget in zip(config.shares, token_budgets(patches, config.shares)):
-                bar.set_postfix_str(f"{size}px {method} {budget} tokens")
+        keys = [(m, j) for m in config.methods for j in range(len(config.shares))]  # (method, budget index)
+        correct: dict[tuple[str, int], list[bool]] = {key: [] for key in keys}
+        inside: dict[tuple[str, int], list[float | None]] = {key: [] for key in correct}
+        failed: dict[tuple[str, int], str] = {}
+        batches = range(0, len(samples), config.batch_size)
+        for number, lo in enumerate(batches):  # batch outermost: the tower runs once per batch (``shared``)
+            batch = samples[lo: lo + config.batch_size]
+            pixels = pixel_values(model, [s.image for s in batch], device)
+            coverage = torch.stack([answer_coverage(s.boxes, size, grid) for s in batch]).to(device)
+            for key in keys:
+                method, budget = key[0], budgets[key[1]]
+                bar.set_postfix_str(f"{size}px batch {number + 1}/{len(batches)} {method} {budget} tokens")
+                if key in failed:
+                    continue
                 try:
-                    correct, shares = [], []
-                    for i, pixels in enumerate(pixel_batches):
-                        lo = i * config.batch_size
-                        hi = lo + pixels.shape[0]
-                        answers, positions = ask(adapters[method], pixels, prompts[lo:hi], budget,
-                                                     config.max_new_tokens)
-                        correct += [same_answer(a, s.answer) for a, s in zip(answers, samples[lo:hi])]
-                        inside = box_share(positions, coverage[lo:hi]).tolist()  # ok-sync: reporting
-                        shares += [v if boxed else None for v, boxed in zip(inside, has_boxes[lo:hi])]
+                    answers, positions = ask(adapters[method], pixels, [s.question for s in batch], budget,
+                                             config.max_new_tokens)
                 except ArrcocError as err:  # a method the adapter cannot serve here: reported, not fatal
                     logger.warning("%s at %d px, %d tokens: skipped: %s", method, size, budget, err)
-                    report["skipped"].setdefault(method, {})[f"{size}/{budget}"] = str(err)
-                    bar.update(1)
+                    failed[key] = str(err)
                     continue
-                record = {"size": size, "patches": patches, "method": method, "share": float(share),
-                          "tokens": budget, **_summarise(correct, shares, samples, config.families)}
-                report["results"].append(record)
-                bar.update(1)
+                correct[key] += [same_answer(a, s.answer) for a, s in zip(answers, batch)]
+                share_in = box_share(positions, coverage).tolist()  # ok-sync: reporting
+                inside[key] += [v if s.boxes else None for v, s in zip(share_in, batch)]
+        for key in keys:
+            bar.update(1)
+            method, share, budget = key[0], config.shares[key[1]], budgets[key[1]]
+            if key in failed:
+                report["skipped"].setdefault(method, {})[f"{size}/{budget}"] = failed[key]
+                continue
+            report["results"].append({"size": size, "patches": patches, "method": method, "share": float(share),
+                                      "tokens": budget,
+                                      **_summarise(correct[key], inside[key], samples, config.families)})
     bar.close()
     report["seconds"] = round(time.perf_counter() - start, 1)
     return report

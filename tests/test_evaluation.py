@@ -90,7 +90,7 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Any], Path]
     out = tmp_path_factory.mktemp("eval")
     code = main(["--random-init", "tiny", "--samples-per-family", "1", "--sizes", ",".join(map(str, SIZES)),
                  "--budgets", ",".join(map(str, SHARES)), "--device", "cpu", "--out", str(out), "--tag", "ci",
-                 "--quiet", "--batch-size", "6", "--max-new-tokens", "3"])
+                 "--quiet", "--batch-size", "6", "--max-new-tokens", "2"])
     assert code == 0
     return json.loads((out / "eval-ci.json").read_text()), out
 
