@@ -144,8 +144,11 @@ class PackedTensors:
                     break
                 parts.append(_bytes(value))
             else:
-                torch.cat(parts, out=self.buffer)
-                return
+                try:
+                    torch.cat(parts, out=self.buffer)  # shapes and dtypes match: the buffer is never resized
+                    return
+                except RuntimeError:  # e.g. a value on another device: copy one by one below
+                    pass
         rows = self.batch if rows is None else rows
         for name, value in values.items():
             self.views[name][:rows].copy_(value)
