@@ -170,13 +170,14 @@ def test_padding_never_reaches_attention(clip: tuple) -> None:
 def test_sampling_through_model_generate(clip: tuple) -> None:
     model, processor = clip
     adapter = ArrcocLlava(model, processor)
-    torch.manual_seed(0)
-    first = adapter.generate(_images(2), PROMPTS[:2], budget=4, max_new_tokens=6, do_sample=True, temperature=5.0)
-    torch.manual_seed(0)
-    again = adapter.generate(_images(2), PROMPTS[:2], budget=4, max_new_tokens=6, do_sample=True, temperature=5.0)
-    greedy = adapter.generate(_images(2), PROMPTS[:2], budget=4, max_new_tokens=6, do_sample=False)
-    assert first.shape == (2, 6) and torch.equal(first, again)
-    assert not torch.equal(first, greedy)  # at temperature 5 over 64 tokens, 12 draws all equal to argmax: ~never
+    runs = []
+    for seed in (0, 0, None):  # seeded twice (equal), then greedy
+        if seed is not None:
+            torch.manual_seed(seed)
+        runs.append(adapter.generate(_images(1), PROMPTS[:1], budget=4, max_new_tokens=4, do_sample=seed is not None,
+                                     temperature=5.0 if seed is not None else None))
+    assert runs[0].shape == (1, 4) and torch.equal(runs[0], runs[1])
+    assert not torch.equal(runs[0], runs[2])  # at temperature 5 over 64 tokens, 4 draws all equal to argmax: ~never
 
 
 def test_attention_maps_equal_the_models_own_attentions() -> None:
