@@ -166,6 +166,13 @@ def _pooling_cells(gh: int, gw: int, budget: int) -> tuple[int, ...]:
     return tuple(out)
 
 
+@functools.lru_cache(maxsize=64)
+def _pooling_cells_on(gh: int, gw: int, budget: int, device: torch.device) -> Tensor:
+    """:func:`_pooling_cells` as a tensor on ``device``, made once: the first (eager) call copies it to the
+    device, so a later CUDA-graph capture of the reducer finds it there and records no host copy."""
+    return torch.tensor(_pooling_cells(gh, gw, budget), dtype=torch.long).to(device)
+
+
 class UniformPooling(nn.Module):
     """Spatial average pooling of the patch grid to exactly ``K`` cells.
 
@@ -185,7 +192,7 @@ class UniformPooling(nn.Module):
         features = _features(visual, budget)
         b = features.shape[0]
         gh, gw = visual.grid
-        cells = torch.tensor(_pooling_cells(gh, gw, budget), dtype=torch.long).to(features.device)
+        cells = _pooling_cells_on(gh, gw, budget, features.device)
         return pool_assigned(features, cells.expand(b, -1), budget, (gh, gw), visual.features.dtype)
 
 

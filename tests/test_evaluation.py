@@ -82,6 +82,8 @@ def test_a_bad_option_is_a_usage_error(tmp_path: Path, capsys: pytest.CaptureFix
     assert "--budgets must be a comma-separated list" in capsys.readouterr().err
     assert main(["--random-init", "tiny", "--methods", "arrcoc,bogus", "--out", str(tmp_path)]) == 2
     assert "bogus" in capsys.readouterr().err
+    assert main(["--model", str(tmp_path / "nowhere"), "--out", str(tmp_path)]) == 2
+    assert "holds no trained VLM" in capsys.readouterr().err
 
 
 @pytest.fixture(scope="module")
