@@ -163,7 +163,8 @@ def _decode(read: Any, name: str) -> Image.Image:
     except MemoryError as err:
         raise ImageLoadError(f"{name}: not enough memory to decode the image") from err
     except Exception as err:  # noqa: BLE001 - any decoder failure on bad data
-        raise ImageLoadError(f"{name}: cannot read the image (truncated or corrupt?): {type(err).__name__}: {err}") from err
+        kind = type(err).__qualname__ if type(err).__module__ == "builtins" else f"{type(err).__module__}.{type(err).__qualname__}"
+        raise ImageLoadError(f"{name}: cannot read the image (truncated or corrupt?): {kind}: {err}") from err
 
 
 def _decode_file(path: str, name: str) -> Image.Image:

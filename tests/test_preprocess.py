@@ -12,19 +12,22 @@ from PIL import Image, ImageDraw
 from arrcoc.errors import ImageLoadError, InvalidInputError, InvalidTypeError
 from arrcoc.preprocess import Preprocessor, load_image
 
-MODES = ["RGB", "RGBA", "LA", "PA", "P", "L", "1", "CMYK", "YCbCr", "LAB", "HSV", "I;16", "I;16B", "I", "F"]
+MODES = ["RGB", "RGBA", "LA", "La", "RGBa", "RGBX", "PA", "P", "L", "1", "CMYK", "YCbCr", "LAB", "HSV", "I;16",
+         "I;16B", "I;16L", "I;16N", "I", "F"]
 
 
 def _picture(mode: str, size: tuple[int, int] = (120, 80)) -> Image.Image:
     base = Image.new("RGB", size, (30, 120, 200))
     ImageDraw.Draw(base).rectangle((10, 10, 60, 50), fill=(250, 200, 20))
-    if mode in ("I;16", "I;16B", "I"):
+    if mode.startswith("I"):
         wide = base.convert("L").convert("I").point(lambda v: v * 200)  # use the 16-bit range
         return wide if mode == "I" else wide.convert(mode)
     if mode == "F":
         return Image.fromarray(np.asarray(base.convert("L"), dtype=np.float32) / 255.0, mode="F")
     if mode == "PA":
         return base.convert("P").convert("PA")
+    if mode == "La":
+        return base.convert("LA").convert("La")
     return base.convert(mode)
 
 
@@ -165,3 +168,61 @@ def test_empty_list_and_bad_buckets() -> None:
         Preprocessor()([])
     with pytest.raises(InvalidInputError, match="multiples of 32"):
         Preprocessor((224, 300))
+
+
+def test_every_pillow_mode_is_covered() -> None:
+    assert set(MODES) == set(Image.MODES)
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG", "GIF", "BMP", "TIFF", "WEBP"])
+@pytest.mark.parametrize("damage", ["truncated", "header", "empty"])
+def test_damaged_files_of_each_format(tmp_path, fmt: str, damage: str) -> None:
+    buffer = io.BytesIO()
+    Image.effect_noise((64, 48), 64).convert("L" if fmt == "GIF" else "RGB").save(buffer, fmt)
+    data = buffer.getvalue()
+    data = {"truncated": data[: len(data) // 2], "header": bytes(16) + data[16:], "empty": b""}[damage]
+    path = tmp_path / f"{damage}.{fmt.lower()}"
+    path.write_bytes(data)
+    with pytest.raises(ImageLoadError, match=path.name):
+        load_image(path)
+
+
+def test_any_decoder_failure_is_an_image_load_error(tmp_path, monkeypatch) -> None:
+    """Pillow's plugins raise struct.error, EOFError, IndexError... on bad data: all mean 'cannot read'."""
+    import struct
+
+    path = tmp_path / "odd.png"
+    Image.new("RGB", (4, 4)).save(path)
+
+    def fails(*args, **kwargs):
+        raise struct.error("unpack requires a buffer of 4 bytes")
+
+    monkeypatch.setattr(Image.Image, "load", fails)
+    with pytest.raises(ImageLoadError, match=r"odd\.png.*struct\.error: unpack"):
+        load_image(path)
+
+
+def test_bomb_header_respects_the_default_limit(tmp_path) -> None:
+    from arrcoc.fuzz import _png_header
+
+    limit = Image.MAX_IMAGE_PIXELS
+    for width, height in ((limit // 1000 + 1, 1000), (100_000, 100_000)):  # warning zone, error zone
+        path = tmp_path / f"bomb-{width}.png"
+        path.write_bytes(_png_header(width, height, 2))
+        with pytest.raises(ImageLoadError, match=f"MAX_IMAGE_PIXELS = {limit}"):
+            load_image(path)
+
+
+def test_odd_arrays_and_tensors() -> None:
+    reference = load_image(np.arange(12, dtype=np.uint16).reshape(3, 4) * 5000)
+    assert torch.equal(load_image((np.arange(12, dtype=np.uint16).reshape(3, 4) * 5000).astype(">u2")), reference)
+    with pytest.raises(InvalidInputError, match="empty batch"):
+        Preprocessor()(torch.zeros(0, 3, 8, 8))
+    with pytest.raises(InvalidInputError, match="empty batch"):
+        Preprocessor()(np.zeros((0, 8, 8, 3), np.uint8))
+    with pytest.raises(InvalidTypeError, match="sparse"):
+        load_image(torch.zeros(3, 4, 4).to_sparse())
+    with pytest.raises(InvalidInputError, match="meta"):
+        load_image(torch.zeros(3, 4, 4, device="meta"))
+    with pytest.raises(InvalidTypeError, match="complex"):
+        load_image(np.zeros((4, 4), np.complex64))
