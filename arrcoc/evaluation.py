@@ -507,7 +507,7 @@ def plot(report: dict[str, Any], path: str | Path) -> None:
     from matplotlib.figure import Figure
 
     sizes = [s for s in report["sizes"] if any(r["size"] == s for r in report["results"])]
-    figure = Figure(figsize=(6.0 * max(1, len(sizes)), 4.6), layout="constrained")
+    figure = Figure(figsize=(5.2 * max(1, len(sizes)) + 1.8, 4.4), layout="constrained")
     FigureCanvasAgg(figure)
     axes = figure.subplots(1, max(1, len(sizes)), squeeze=False)[0]
     for ax, size in zip(axes, sizes):
@@ -519,12 +519,18 @@ def plot(report: dict[str, Any], path: str | Path) -> None:
             ours = _is_arrcoc(method)
             ax.plot([r["tokens"] for r in rows], [100 * r["accuracy"] for r in rows], marker="o",
                     linewidth=2.6 if method == "arrcoc" else 1.4, linestyle="-" if ours else "--", label=method)
+        tokens = sorted({r["tokens"] for r in report["results"] if r["size"] == size})
+        patches = next(r["patches"] for r in report["results"] if r["size"] == size)
         ax.set_xscale("log")
-        ax.set_xlabel("visual tokens per image")
+        ax.set_xticks(tokens, [f"{t}\n{100 * t / patches:.3g}%" for t in tokens])
+        ax.minorticks_off()
+        ax.set_ylim(-2, 102)
+        ax.set_xlabel("visual tokens per image (share of the patches)")
         ax.set_ylabel("accuracy (%)")
-        ax.set_title(f"{size} px ({rows[0]['patches'] if rows else '?'} patches)")
+        ax.set_title(f"{size} px ({patches} patches)")
         ax.grid(True, alpha=0.3)
-    axes[-1].legend(fontsize=8, loc="lower right")
+    handles, labels = axes[0].get_legend_handles_labels()
+    figure.legend(handles, labels, loc="outside right center", fontsize=8)
     figure.savefig(path, dpi=110)
 
 
