@@ -170,6 +170,15 @@ class _Bench:
                     rows.append({"batch": batch, "tokens": budget, "method": self.args.method, **total,
                                  "sequence": int(prepared.input_ids.shape[1]), "vision_tower_ms": tower,
                                  "arrcoc_ms": prep - tower, "prefill_ms": measure(prefill, reps)["median_ms"]})
+                budget = min(self.args.budgets)  # the same, first token from arrcoc's graphed prefill
+
+                def graphed(budget: int = budget, pixels: torch.Tensor = pixels, prompts: list = prompts) -> torch.Tensor:
+                    return self.adapter.generate(pixels, prompts, budget, decode="graphed", max_new_tokens=1)
+
+                row = {"batch": batch, "tokens": budget, "method": f"{self.args.method} + graphed prefill",
+                       **measure(graphed, reps)}
+                row["sequence"] = int(adapter.prepare(pixels, prompts, budget).input_ids.shape[1])
+                rows.append(row)
         base = {r["batch"]: r["median_ms"] for r in rows if r["method"] == "unmodified"}
         for r in rows:
             r["speedup_vs_unmodified"] = base[r["batch"]] / r["median_ms"]
@@ -236,15 +245,11 @@ def _targets(report: dict[str, Any]) -> list[str]:
     lines = []
     sections = report["sections"]
     if "ttft" in sections:
-        rows = [r for r in sections["ttft"]["rows"] if r["batch"] == 1]
-        low = [r for r in rows if r["method"] != "unmodified" and r["tokens"] == min(report["budgets"])]
-        if low:
-            s = low[0]["speedup_vs_unmodified"]
-            lines.append(f"prefill (TTFT, batch 1) at {low[0]['tokens']} tokens vs {report['full_image_tokens']}: "
-                         f"{s:.2f}x (target >= 4x: {'met' if s >= 4 else 'missed'})")
         for r in sections["ttft"]["rows"]:
-            if r["batch"] != 1 and r["method"] != "unmodified" and r["tokens"] == min(report["budgets"]):
-                lines.append(f"prefill (TTFT, batch {r['batch']}) at {r['tokens']} tokens: {r['speedup_vs_unmodified']:.2f}x")
+            if r["method"] != "unmodified" and r["tokens"] == min(report["budgets"]):
+                s = r["speedup_vs_unmodified"]
+                lines.append(f"TTFT, batch {r['batch']}, {r['method']} at {r['tokens']} tokens vs unmodified at "
+                             f"{report['full_image_tokens']}: {s:.2f}x (target >= 4x: {'met' if s >= 4 else 'missed'})")
     if "decode" in sections:
         for r in sections["decode"]["rows"]:
             if r["batch"] == 1 and "CUDA graph" in r["case"]:

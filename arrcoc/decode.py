@@ -10,7 +10,8 @@ window, Qwen2/3: RMSNorm, rotary q/k, gated MLP) from ``inputs_embeds``. It reus
 - a key-validity mask ``(B, L)`` (left padding and unwritten slots are False), so padding never reaches
   attention.
 
-The prefill runs eagerly (its length varies); each decode step replays one graph per bucket. On CPU, or with
+The prefill is captured too, per prompt length (with a fixed budget the length repeats); each decode step
+replays one graph per bucket. On CPU, or with
 ``graphs=False``, the same step runs eagerly. No host reads happen inside the decode loop: stopping at EOS
 is applied to the finished tensor afterwards (tokens after a row's EOS become the pad id).
 
@@ -74,10 +75,9 @@ class _State:
     pos: Tensor  # (Bb,) int64 its rotary position
     slot: Tensor  # (1,) int64 the cache slot it is written to
     logits: Tensor | None = None  # (Bb, V) float32 static output of the step
-    graph: Any = None
-    captured: bool = False
-    failed: str | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
+    graph: Any = None  # the captured step
+    failed: str | None = None  # why a capture failed (then everything of this state runs eagerly)
+    extra: dict[int, Any] = field(default_factory=dict)  # prompt length -> (prefill graph, inputs, logits)
 
 
 class GraphedDecoder:
@@ -191,32 +191,53 @@ class GraphedDecoder:
     def _run_step(self, state: _State) -> Tensor:
         if not self.graphs or state.failed:
             return self._step(state)
-        if not state.captured:
-            self._capture(state)
-            if state.failed:
+        if state.graph is None:
+            state.graph, state.logits = self._capture(lambda: self._step(state), "decode step", state)
+            if state.graph is None:
                 return self._step(state)
         state.graph.replay()
         return state.logits
 
-    def _capture(self, state: _State) -> None:
-        """Warm up on a side stream, then capture the step (the warm-up repeats the step the replay will do)."""
+    def _run_prefill(self, state: _State, embeds: Tensor, mask: Tensor) -> Tensor:
+        """The prefill, replayed as a CUDA graph per prompt length (a fixed budget keeps the length fixed)."""
+        t = embeds.shape[1]
+        if not self.graphs or state.failed:
+            return self._prefill(state, embeds, mask)
+        if t not in state.extra:
+            inputs = (embeds.clone(), mask.clone())
+            graph, logits = self._capture(lambda: self._prefill(state, *inputs), f"prefill of {t} tokens", state)
+            state.extra[t] = (graph, inputs, logits)
+        graph, (static_embeds, static_mask), logits = state.extra[t]
+        if graph is None:
+            return self._prefill(state, embeds, mask)
+        static_embeds.copy_(embeds)
+        static_mask.copy_(mask)
+        graph.replay()
+        return logits
+
+    def _capture(self, fn: Any, what: str, state: _State) -> tuple[Any, Tensor | None]:
+        """Warm ``fn`` up on a side stream, then capture it; ``(None, None)`` (and one warning) when it fails.
+
+        The warm-up runs repeat exactly what the first replay does (same inputs, same cache slots).
+        """
         try:
             stream = torch.cuda.Stream()
             stream.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(stream):
                 for _ in range(2):
-                    self._step(state)
+                    fn()
             torch.cuda.current_stream().wait_stream(stream)
             if self._pool is None:
                 self._pool = torch.cuda.graph_pool_handle()
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=self._pool):
-                state.logits = self._step(state)
-            state.graph, state.captured = graph, True
+                out = fn()
             self.captures += 1
-        except RuntimeError as err:  # a failed capture falls back to eager, once, with the reason
-            state.failed = str(err)
-            logger.warning("decode step capture failed (%s); decoding eagerly", err)
+            return graph, out
+        except RuntimeError as err:  # a failed capture falls back to eager, with the reason
+            state.failed = f"{what}: {err}"
+            logger.warning("%s capture failed (%s); running eagerly", what, err)
+            return None, None
 
     @torch.no_grad()
     def generate(self, inputs_embeds: Tensor, attention_mask: Tensor, *, max_new_tokens: int = 32,
@@ -251,7 +272,7 @@ class GraphedDecoder:
             embeds = torch.cat((embeds, embeds[:1].expand(bucket - b, -1, -1)))
             mask = torch.cat((mask, mask[:1].expand(bucket - b, -1)))
         out = torch.empty(bucket, max_new_tokens, dtype=torch.long, device=self.device)
-        logits = self._prefill(state, embeds, mask)
+        logits = self._run_prefill(state, embeds, mask)
         for i in range(max_new_tokens):
             if do_sample:
                 probs = torch.softmax(logits / temperature, -1)

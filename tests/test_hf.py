@@ -322,7 +322,7 @@ def test_graphed_decode_equals_eager_decode_for_64_tokens(batch: int) -> None:
     decoder = GraphedDecoder.from_llava(model)
     assert decoder.graphs
     graphed = decoder.generate(prepared.inputs_embeds, prepared.attention_mask, max_new_tokens=64)
-    assert decoder.captures == 1 and all(s.failed is None for s in decoder._states.values())
+    assert decoder.captures == 2 and all(s.failed is None for s in decoder._states.values())  # prefill + step
     assert torch.equal(graphed, eager)
     # A replay (no new capture) gives the same tokens, without a host sync in prefill or decode.
     torch.cuda.synchronize()
@@ -331,7 +331,7 @@ def test_graphed_decode_equals_eager_decode_for_64_tokens(batch: int) -> None:
         again = decoder.generate(prepared.inputs_embeds, prepared.attention_mask, max_new_tokens=64)
     finally:
         torch.cuda.set_sync_debug_mode("default")
-    assert decoder.captures == 1 and torch.equal(again, eager)
+    assert decoder.captures == 2 and torch.equal(again, eager)
 
 
 def test_generation_benchmark_smoke(tmp_path) -> None:
@@ -345,7 +345,7 @@ def test_generation_benchmark_smoke(tmp_path) -> None:
     assert bench_main(argv) == 0
     report = json.loads((tmp_path / "generation-cpu.json").read_text())
     assert report["errors"] == {} and set(report["sections"]) == {"ttft", "decode", "end_to_end"}
-    assert [r["tokens"] for r in report["sections"]["ttft"]["rows"]] == [64, 64, 8]
+    assert [r["tokens"] for r in report["sections"]["ttft"]["rows"]] == [64, 64, 8, 8]
     assert len(report["sections"]["decode"]["rows"]) == 3 and len(report["sections"]["end_to_end"]["rows"]) == 3
     assert "## Targets" in (tmp_path / "generation-cpu.md").read_text()
 
