@@ -105,11 +105,18 @@ class PackedTensors:
     """
 
     def __init__(self, specs: Mapping[str, tuple[Sequence[int], torch.dtype]], device: torch.device | str) -> None:
-        self.names = sorted(specs, key=lambda n: -_itemsize(specs[n][1]))  # stable: equal sizes keep their order
+        # largest items first, one run per dtype (stable: a dtype's tensors keep their order)
+        self.names = sorted(specs, key=lambda n: (-_itemsize(specs[n][1]), str(specs[n][1])))
         self.shapes = [tuple(int(s) for s in specs[n][0]) for n in self.names]
         self.dtypes = [specs[n][1] for n in self.names]
         self.sizes = [math.prod(shape) * _itemsize(dtype) for shape, dtype in zip(self.shapes, self.dtypes)]
         self.nbytes = sum(self.sizes)
+        self._runs: list[tuple[torch.dtype, int, list[int], list[tuple[int, ...]]]] = []  # dtype, bytes, numels, shapes
+        for dtype, size, shape in zip(self.dtypes, self.sizes, self.shapes):
+            if not self._runs or self._runs[-1][0] != dtype:
+                self._runs.append((dtype, 0, [], []))
+            run = self._runs[-1]
+            self._runs[-1] = (dtype, run[1] + size, run[2] + [math.prod(shape)], run[3] + [shape])
         self.batch = self.shapes[0][0] if self.shapes else 0
         self.buffer = torch.zeros(self.nbytes, dtype=torch.uint8, device=device)
         self.views = self.unpack(self.buffer)
@@ -124,8 +131,9 @@ class PackedTensors:
 
     def unpack(self, buffer: Tensor, rows: int | None = None) -> dict[str, Tensor]:
         """Typed views ``(rows, *shape[1:])`` of every tensor in ``buffer`` (a copy of :attr:`buffer`)."""
-        parts = buffer.split_with_sizes(self.sizes)  # one call for all blocks
-        views = [p.view(d).view(s) for p, d, s in zip(parts, self.dtypes, self.shapes)]
+        views = []  # one typed view and one split per dtype, then one view per tensor: the host cost of a call
+        for run, (dtype, _, numels, shapes) in zip(buffer.split_with_sizes([r[1] for r in self._runs]), self._runs):
+            views += [p.view(s) for p, s in zip(run.view(dtype).split_with_sizes(numels), shapes)]
         if rows is not None and rows != self.batch:
             views = [v[:rows] for v in views]
         return dict(zip(self.names, views))
