@@ -71,7 +71,7 @@ def build_llava(preset: str, device: torch.device, dtype: torch.dtype) -> torch.
             model = LlavaForConditionalGeneration(config)
     finally:
         torch.set_default_dtype(previous)
-    model = model.to(device=device, dtype=dtype).eval()
+    model.eval()  # already on the device in its dtype; float32 buffers (rotary inv_freq) stay float32
     model.generation_config.eos_token_id = None  # random weights: always generate the asked number of tokens
     model.generation_config.pad_token_id = 0
     return model
