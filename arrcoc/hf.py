@@ -152,7 +152,8 @@ class ArrcocLlava(nn.Module):
         reducer_graphs: ``"auto"`` runs the reducer as a CUDA graph (:class:`arrcoc.graphs.GraphChain`, one per
             budget and input shapes) on CUDA and directly elsewhere; ``"eager"`` uses the chain's eager backend
             (the same host-side path, for tests); ``"off"`` always calls the reducer directly. A reducer that
-            cannot be captured falls back to a direct call, with one warning.
+            cannot be captured falls back to a direct call, with one warning; so does any call that needs
+            gradients (graphs replay without autograd).
     """
 
     def __init__(self, model: nn.Module, processor_or_tokenizer: Any, *, method: str = "arrcoc",
@@ -192,6 +193,8 @@ class ArrcocLlava(nn.Module):
         self.keeps_cls = self.strategy == "full" and not self.timm_tower
         self.method = method
         self.reducer = create_reducer(method, config=config)
+        if isinstance(self.reducer, torch.nn.Module):  # its constant buffers (colour matrix, filters) go with the model
+            self.reducer.to(next(model.parameters()).device)
         self.needs = frozenset(getattr(self.reducer, "needs", frozenset()))
         mean, std = self._normalisation(image_mean, image_std)
         self.register_buffer("_mean", None if mean is None else torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
@@ -369,6 +372,8 @@ class ArrcocLlava(nn.Module):
         device = visual.features.device
         backend = {"auto": "cuda" if device.type == "cuda" else None, "eager": "eager", "off": None}[self.reducer_graphs]
         inputs = {f: getattr(visual, f) for f in _VISUAL_FIELDS if getattr(visual, f) is not None}
+        if torch.is_grad_enabled() and any(v.requires_grad for v in inputs.values()):
+            backend = None  # a graph replay has no autograd: with gradients wanted, call the reducer directly
         key = (budget, backend, tuple((k, tuple(v.shape), v.dtype) for k, v in inputs.items()))
         chain = self._chains.get(key) if backend else False
         if chain is None:

@@ -128,9 +128,12 @@ def test_the_model_reads_exactly_budget_image_tokens(clip: tuple, method: str) -
     # The graph path (its eager backend here: same static buffers, same host contract) gives the same tokens.
     chained = ArrcocLlava(model, processor, method=method, reducer_graphs="eager")
     for _ in range(2):  # capture, then replay
-        again = chained.prepare(_images(2), PROMPTS[:2], 5)
+        with torch.no_grad():
+            again = chained.prepare(_images(2), PROMPTS[:2], 5)
         assert torch.equal(again.inputs_embeds, prepared.inputs_embeds)
     assert len(chained._chains) == 1
+    with_grad = chained.prepare(_images(2), PROMPTS[:2], 5)  # autograd on: the reducer is called directly
+    assert with_grad.inputs_embeds.requires_grad and len(chained._chains) == 1
 
 
 def test_batch_equals_single_images_greedy(clip: tuple) -> None:
