@@ -34,8 +34,33 @@ EPILOG = """examples:
 """
 
 
+def _device(name: str | None) -> torch.device:
+    """``--device`` as a torch device, checked: a usage error (not a traceback) when it cannot be used here."""
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as err:
+        raise InvalidInputError(f"--device must be a torch device such as cpu or cuda; got {name!r}") from err
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise InvalidInputError(f"--device {name}: no CUDA GPU is available here; use --device cpu")
+    if device.type not in ("cpu", "cuda"):
+        raise InvalidInputError(f"--device must be cpu or cuda; got {name!r}")
+    return device
+
+
+def _out_folder(name: str) -> Path:
+    """``--out``, created if needed; a usage error when it cannot be."""
+    folder = Path(name)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise InvalidInputError(f"--out {name!r} cannot be used as an output folder: {err}") from err
+    return folder
+
+
 def _pipeline(args: argparse.Namespace) -> Pipeline:
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = _device(args.device)
     if args.preset:
         return Pipeline(PipelineConfig.from_name(args.preset), device=device)
     return Pipeline.from_pretrained(args.pretrained, device=device)
@@ -46,14 +71,20 @@ def _load_query(args: argparse.Namespace) -> tuple[Any, torch.Tensor | None]:
         path = Path(args.query_embedding)
         if not path.is_file():
             raise InvalidInputError(f"--query-embedding {os.fspath(path)!r}: no such file")
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
+        try:
+            if path.suffix == ".safetensors":
+                from safetensors.torch import load_file
 
-            tensors = load_file(path)
-            if "query" not in tensors:
-                raise InvalidInputError(f"--query-embedding {os.fspath(path)!r} holds no tensor named 'query'")
-            return tensors["query"], tensors.get("query_mask")
-        return torch.load(path, map_location="cpu", weights_only=True), None
+                tensors = load_file(path)
+            else:
+                tensors = {"query": torch.load(path, map_location="cpu", weights_only=True)}
+        except Exception as err:  # noqa: BLE001 - safetensors and pickle raise many types on a bad file
+            raise InvalidInputError(f"--query-embedding {os.fspath(path)!r} cannot be read: {type(err).__name__}: "
+                                    f"{err}") from err
+        if not isinstance(tensors.get("query"), torch.Tensor):
+            raise InvalidInputError(f"--query-embedding {os.fspath(path)!r} must hold a tensor named 'query' (or be "
+                                    f"one tensor); got {type(tensors.get('query')).__name__}")
+        return tensors["query"], tensors.get("query_mask")
     return getattr(args, "query", None), None
 
 
@@ -164,8 +195,7 @@ def _run_files(args: argparse.Namespace, compress: bool) -> int:
     pipe = _pipeline(args)
     query, query_mask = _load_query(args)
     pipe.prepare_query(query, query_mask, 1)  # a bad query is a usage error, found before any work
-    out_dir = Path(args.out)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = _out_folder(args.out)
     files = _image_files(args.inputs, args.recursive)
     if not files:
         raise InvalidInputError(f"no image files found in {args.inputs}")
@@ -187,7 +217,11 @@ def _run_files(args: argparse.Namespace, compress: bool) -> int:
             for result, items in _run_batch(pipe, loaded, query, query_mask, args, compress, job):
                 for i, (path, stem, image) in enumerate(items):
                     extra = {"source": os.fspath(path), "job": key, "timings_ms": result.timings, "batch_size": len(items)}
-                    _save(result, i, image, out_dir, stem, extra)
+                    try:
+                        _save(result, i, image, out_dir, stem, extra)
+                    except OSError as err:  # a full disk or a lost mount: list it, keep going
+                        job.fail(path, InvalidInputError(f"cannot write its outputs to {out_dir}/: {err}"))
+                        continue
                     job.written += 1
             bar.update(len(loaded))
     seconds = time.perf_counter() - start
@@ -241,8 +275,7 @@ def _demo(args: argparse.Namespace) -> int:
 
     pipe = _pipeline(args)
     scene = demo_scene()
-    out_dir = Path(args.out)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = _out_folder(args.out)
     pipe(scene, budget=args.budget)  # warm-up: first use builds the bucket's encoder
     result = pipe(scene, budget=args.budget, profile=True)
     assert isinstance(result, CompressionOutput)
@@ -268,10 +301,11 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def common(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--preset", default=None, help="build a pipeline from a named preset (default, tiny) instead "
-                                                      "of the pretrained one")
-        p.add_argument("--pretrained", default=None, help="a folder saved by Pipeline.save_pretrained "
-                                                          "(default: the embedded default)")
+        model = p.add_mutually_exclusive_group()
+        model.add_argument("--preset", default=None, help="build a pipeline from a named preset (default, tiny) "
+                                                          "instead of the pretrained one")
+        model.add_argument("--pretrained", default=None, help="a folder saved by Pipeline.save_pretrained "
+                                                              "(default: the embedded default)")
         p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
 
     def files(p: argparse.ArgumentParser) -> None:

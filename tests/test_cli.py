@@ -207,3 +207,50 @@ def test_resume_only_keeps_valid_outputs_of_the_same_job(folder, tmp_path) -> No
     (out / "street.png").write_bytes(picture)
     (out / "street.json").write_text('{"source": ')  # half-written report
     assert not _complete(out, "street", source, key)
+
+
+@pytest.mark.parametrize("extra, words", [
+    (["--budget", "0"], ("--budget", "got 0")),
+    (["--budget", "8", "--batch-size", "0"], ("--batch-size", "got 0")),
+    (["--budget", "8", "--device", "bogus"], ("--device", "bogus")),
+    (["--budget", "8", "--device", "cuda:0"] if not torch.cuda.is_available() else ["--budget", "8", "--device", "meta"],
+     ("--device",)),
+    (["--budget", "8", "--preset", "huge"], ("preset", "huge")),
+    (["--budget", "8", "--pretrained", "/nonexistent/folder"], ("/nonexistent/folder", "config.json")),
+    (["--budget", "8", "--query-embedding", "/nonexistent.pt"], ("--query-embedding", "no such file")),
+    (["--budget", "8", "--query", "a red sign"], ("query", "text encoder")),
+    (["--budget", "8", "--query-embedding", "GARBAGE"], ("--query-embedding", "cannot be read")),
+    (["--budget", "8", "--query-embedding", "LIST"], ("--query-embedding", "tensor named 'query'", "list")),
+    (["--budget", "8", "--out", "FILE"], ("--out", "output folder")),
+])
+def test_usage_errors_exit_2_and_name_the_option(folder, tmp_path, capsys, extra: list[str], words: tuple[str, ...]) -> None:
+    (tmp_path / "garbage.pt").write_bytes(b"not a pickle at all")
+    torch.save([1, 2, 3], tmp_path / "list.pt")
+    (tmp_path / "file").write_text("x")
+    names = {"GARBAGE": str(tmp_path / "garbage.pt"), "LIST": str(tmp_path / "list.pt"), "FILE": str(tmp_path / "file")}
+    extra = [names.get(a, a) for a in extra]
+    out = ["--out", str(tmp_path / "o")] if "--out" not in extra else []
+    preset = ["--preset", "tiny"] if "--pretrained" not in extra else []
+    code = main(["compress", str(folder / "street.png"), *preset, "--quiet", *out, *extra])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("arrcoc: error:"), err
+    for word in words:
+        assert word in err, err
+
+
+def test_an_unwritable_output_is_listed_and_the_job_goes_on(folder, tmp_path, monkeypatch, capsys) -> None:
+    import arrcoc.cli as cli
+
+    original = cli._write_atomic
+
+    def full_disk(path, write):
+        if path.stem == "wide":
+            raise OSError(28, "No space left on device")
+        original(path, write)
+
+    monkeypatch.setattr(cli, "_write_atomic", full_disk)
+    out = tmp_path / "o"
+    assert main(["compress", str(folder), "--preset", "tiny", "--budget", "8", "--out", str(out), "--quiet"]) == 1
+    err = capsys.readouterr().err
+    assert "wide.jpg: cannot write its outputs" in err and "No space left" in err and "broken.png" in err
+    assert sorted(p.stem for p in out.glob("*.json")) == ["street", "tall"]
