@@ -21,6 +21,8 @@ from __future__ import annotations
 import argparse
 import datetime
 import logging
+import os
+import platform
 import statistics
 import threading
 import time
@@ -327,6 +329,80 @@ def time_warmup(config: PipelineConfig, sizes: tuple[int, ...] = (224, 384, 512,
     return out
 
 
+def _old_call(chain: GraphChain, values: dict[str, Tensor], rows: int) -> dict[str, Tensor]:
+    """The previous design's host work per call, for comparison: per-tensor input copies, one clone per result."""
+    static = chain.inputs.views
+    for name in ("pixels", "valid", "budget"):
+        static[name][:rows].copy_(values[name])
+        static[name][rows:].copy_(values[name][:1].expand_as(static[name][rows:]))
+    for name in ("query", "query_mask"):
+        tokens = values[name].shape[1]
+        static[name].zero_()
+        static[name][:rows, :tokens].copy_(values[name])
+        static[name][rows:, :tokens].copy_(values[name][:1].expand_as(static[name][rows:, :tokens]))
+    chain.replay()
+    return {k: v[:rows].clone() for k, v in chain.outputs.views.items()}
+
+
+@torch.inference_mode()
+def time_host(preset: str = "tiny", reps: int = 20000) -> dict[str, Any]:
+    """Host cost of one graphed call at batch 1, on any machine: the replay is a no-op, so only Python, dispatch
+    and the copy ops remain (tensors are tiny: a 32px bucket with the pipeline's real inputs and 17 results).
+    CPU ops stand in for kernel launches; on a GPU host the same calls launch CUDA kernels instead."""
+    pipe = Pipeline(PipelineConfig.from_name(preset, buckets=(32,)), graph_cache=GraphCache(backend="eager"))
+    key = pipe._graph_key(32, 1, 64, 1)
+    chain = pipe._chain(key)
+    chain.replay = lambda: setattr(chain, "generation", chain.generation + 1)  # the GPU's part
+    values = _fill_static(key, {k: v.clone() for k, v in chain.inputs.views.items()})
+    cache = pipe.graph_cache
+
+    def median_us(fn: Callable[[], Any]) -> float:
+        for _ in range(min(reps, 500)):
+            fn()
+        times = []
+        for _ in range(reps):
+            start = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - start)
+        return statistics.median(times) * 1e6
+
+    build = lambda: pipe._build(key)  # noqa: E731
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # CUDA launches use no intra-op threads; a busy CPU pool would time its barriers instead
+    try:
+        return _host_figures(chain, cache, key, build, values, median_us, reps, preset)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _host_figures(chain: GraphChain, cache: GraphCache, key: Any, build: Callable[[], Any], values: dict[str, Tensor],
+                  median_us: Callable[[Callable[[], Any]], float], reps: int, preset: str) -> dict[str, Any]:
+    out = {"preset": preset, "inputs": len(chain.inputs.names), "results": len(chain.outputs.names), "reps": reps,
+           "cpu": f"{os.cpu_count()}cpu-{platform.machine()}",
+           "load_average": os.getloadavg()[0] if hasattr(os, "getloadavg") else None}
+    out["previous_design_us"] = median_us(lambda: _old_call(chain, values, 1))
+    out["call_us"] = median_us(lambda: cache.run(key, build, values, 1, True))
+    out["zero_copy_call_us"] = median_us(lambda: cache.run(key, build, values, 1, False))
+    out["call_with_views_us"] = median_us(lambda: dict(cache.run(key, build, values, 1, True)))
+    out["zero_copy_with_views_us"] = median_us(lambda: dict(cache.run(key, build, values, 1, False)))
+    return out
+
+
+def _host_markdown(report: dict[str, Any]) -> str:
+    h = report["host"]
+    return "\n".join([
+        f"# arrcoc graph call, host cost per call — {h['cpu']}", "",
+        f"torch {report['torch']}, {report['date']}, preset `{h['preset']}`, batch 1, median of {h['reps']} calls; the "
+        f"replay is a no-op, so this is Python, dispatch and copy ops only ({h['inputs']} inputs, {h['results']} results; "
+        f"CPU ops stand in for kernel launches; one intra-op thread; load average {h['load_average']}).", "",
+        "| path | µs per call |", "|---|---:|",
+        f"| previous design: per-tensor input copies + one clone per result | {h['previous_design_us']:.1f} |",
+        f"| `GraphCache.run`, copy=True (one input cat, replay, one clone) | {h['call_us']:.1f} |",
+        f"| `GraphCache.run`, copy=False (zero-copy) | {h['zero_copy_call_us']:.1f} |",
+        f"| copy=True + building every result view | {h['call_with_views_us']:.1f} |",
+        f"| copy=False + every result view | {h['zero_copy_with_views_us']:.1f} |", ""])
+
+
 def _cell(row: dict[str, Any], key: str, fmt: str) -> str:
     return fmt.format(row[key]) if key in row else "—"
 
@@ -401,7 +477,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="sizes 224 512, batches 1 8, 20 reps")
     parser.add_argument("--out", default="bench/results", help="output folder")
     parser.add_argument("--tag", default="", help="suffix of the result file names")
+    parser.add_argument("--host", action="store_true",
+                        help="only the host cost of a call (no GPU needed): writes graphs-host-<cpu>.json/.md")
     args = parser.parse_args(argv)
+    if args.host:
+        host = {"torch": torch.__version__, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
+                "host": time_host()}
+        write_report(host, _host_markdown(host), args.out, f"graphs-host-{host['host']['cpu']}", args.tag)
+        return 0
     if not torch.cuda.is_available():
         parser.error("the graph benchmark needs a CUDA GPU")
     if args.quick:
