@@ -197,7 +197,8 @@ def _error(err: BaseException) -> str:
 
 
 @torch.inference_mode()
-def time_compiled(pipe: Pipeline, result: dict[str, Any], *, reps: int = 50) -> None:
+def time_compiled(pipe: Pipeline, result: dict[str, Any], *, reps: int = 50,
+                  save: Callable[[], None] = lambda: None) -> None:
     """Add ``torch.compile(mode="reduce-overhead")`` and graphed+compiled timings of the same chain to ``result``.
 
     Where inductor fails on the whole chain, each stage is compiled alone (default mode) to name the stage
@@ -217,7 +218,8 @@ def time_compiled(pipe: Pipeline, result: dict[str, Any], *, reps: int = 50) -> 
         except Exception as err:  # a compiler bug must not end the benchmark
             result.setdefault("compile_errors", {})[backend] = _error(err)
             if backend == "inductor":
-                result["inductor_stage_errors"] = _isolate(stages, inputs)
+                save()
+                _isolate(stages, inputs, result, save)
             continue
         result["compile_backend"] = backend
         result["compile_s"] = time.perf_counter() - start
@@ -244,19 +246,22 @@ def time_compiled(pipe: Pipeline, result: dict[str, Any], *, reps: int = 50) -> 
     torch._dynamo.reset()
 
 
-def _isolate(stages: list[Any], inputs: dict[str, Any]) -> dict[str, str]:
-    """Compile each stage alone with inductor; the stages that fail, with their error."""
-    failures, state = {}, dict(inputs)
-    for name, fn in stages:
+def _isolate(stages: list[Any], inputs: dict[str, Any], result: dict[str, Any], save: Callable[[], None]) -> None:
+    """Compile each stage alone with inductor (post-encode stages first: the likelier culprits, and quicker);
+    the failures go to ``result["inductor_stage_errors"]``, the stages that compile to ``inductor_stages_ok``."""
+    state = dict(inputs)
+    for _, fn in stages:  # eager first, so every stage has its inputs
+        state.update(fn(state))
+    failures, ok = result.setdefault("inductor_stage_errors", {}), result.setdefault("inductor_stages_ok", [])
+    for name, fn in sorted(stages, key=lambda stage: stage[0] == "encode"):
         torch._dynamo.reset()
         try:
-            out = torch.compile(fn)(state)
+            torch.compile(fn)(state)
             torch.cuda.synchronize()
+            ok.append(name)
         except Exception as err:
             failures[name] = _error(err)
-            out = fn(state)
-        state.update(out)
-    return failures
+        save()
 
 
 def time_threads(config: PipelineConfig, *, threads: int = 8, calls: int = 100, size: int = 224) -> dict[str, Any]:
@@ -437,6 +442,8 @@ def _markdown(report: dict[str, Any]) -> str:
     if errors:
         lines += ["", "torch.compile failures (the cell then times the next backend that worked):", ""]
         lines += [f"- {case} {backend}: `{message}`" for case, d in errors.items() for backend, message in d.items()]
+        lines += [f"- {r['size']}x{r['batch']}: stages inductor compiles alone: {', '.join(r['inductor_stages_ok']) or 'none'}"
+                  for r in report["results"] if "inductor_stages_ok" in r]
     syncing = next((r for r in report["results"] if r.get("pipe_call_sync_ops")), None)
     if syncing:
         lines += ["", f"Host syncs in one whole `pipe()` call ({syncing['size']}x{syncing['batch']}, first of "
@@ -532,7 +539,7 @@ def main(argv: list[str] | None = None) -> int:
     for result in report["results"]:  # compiled last: its CUDA graph trees stay resident
         if f"{result['size']}x{result['batch']}" in args.compile:
             try:
-                time_compiled(pipe, result, reps=args.reps)
+                time_compiled(pipe, result, reps=args.reps, save=save)
             except Exception as err:
                 result.setdefault("compile_errors", {})["benchmark"] = _error(err)
             save()

@@ -23,7 +23,7 @@ if [ "${TESTS:-1}" = 1 ]; then
     --junitxml="$OUT/cuda-tests.xml" tests/
 fi
 if [ "${BENCH:-1}" = 1 ]; then
-  step bench-host 60 python3 -m arrcoc.bench_graphs --host --out "$OUT"
+  step bench-host 45 python3 -m arrcoc.bench_graphs --host --out "$OUT"
   step bench-fp32 130 python3 -m arrcoc.bench_graphs --out "$OUT" --skip 1024x64 --threads --compile 224x1 --seconds 0.25 $QUICK_ARGS
   step bench-bf16 90 python3 -m arrcoc.bench_graphs --out "$OUT" --dtype bfloat16 --tag bf16 --skip 1024x64 --compile 224x1 --seconds 0.25 $QUICK_ARGS
   step bench-vitb-fp32 55 python3 -m arrcoc.bench_graphs --out "$OUT" --encoder vit_base_patch16_224 --tag vitb \
