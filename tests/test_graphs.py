@@ -221,7 +221,7 @@ def test_bf16_graphed_equals_eager(size: int) -> None:
     images = _images(64, size, seed=size + 1)
     for start in range(0, 64, 8):
         batch = images[start : start + 8]
-        budget = torch.randint(1, 200, (len(batch),), generator=g).tolist()
+        budget = torch.randint(1, 197, (len(batch),), generator=g).tolist()  # up to the 14x14 patches of 224px
         query = None if start % 16 == 0 else torch.randn(3, graphed.width, generator=g).cuda()
         a, b = graphed(batch, query=query, budget=budget), eager(batch, query=query, budget=budget)
         assert a.tokens.dtype == b.tokens.dtype
