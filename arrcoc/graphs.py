@@ -15,7 +15,8 @@ Host cost per call is what limits batch-1 serving, so a call touches as few tens
 
 Sharing one pool is safe because replays are serialised (``GraphCache.lock``) and ordered on one stream:
 a graph may reuse memory another entry's graph used for temporaries. Results live in the entry's own
-buffer, which no other entry writes.
+buffer, which no other entry writes. With per-thread entries (``GraphCache(threads="per_thread")``) each
+thread has its own entries and its own pool, so threads replay without waiting for each other.
 
 This module knows nothing about relevance: it chains functions ``state -> new state entries``.
 """
@@ -35,7 +36,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .errors import ArrcocError
+from .errors import ArrcocError, InvalidInputError
 
 __all__ = ["GraphKey", "GraphChain", "GraphCache", "PackedTensors", "ChainResult", "CaptureError",
            "CaptureMemoryError", "StaleOutputError", "guard_output"]
@@ -278,7 +279,7 @@ class GraphChain:
     def __init__(self, stages: list[Stage], inputs: Mapping[str, Tensor], pool: Any, *, outputs: Sequence[str],
                  warmup: int = 2, per_stage: bool = False, backend: str = "cuda", name: str = "chain") -> None:
         if backend not in BACKENDS:
-            raise ArrcocError(f"backend must be one of {BACKENDS}; got {backend!r}")
+            raise InvalidInputError(f"backend must be one of {BACKENDS}; got {backend!r}")
         self.name, self.backend, self.stages, self.output_keys = name, backend, stages, tuple(outputs)
         self.inputs = PackedTensors.like(inputs)
         self.device = self.inputs.buffer.device
@@ -441,11 +442,11 @@ class GraphCache:
     def __init__(self, max_entries: int = 32, max_bytes: int | None = None, *, threads: str = "lock",
                  backend: str = "cuda", per_stage: bool = False) -> None:
         if threads not in THREAD_MODES:
-            raise ArrcocError(f"threads must be one of {THREAD_MODES}; got {threads!r}")
+            raise InvalidInputError(f"threads must be one of {THREAD_MODES}; got {threads!r}")
         if backend not in BACKENDS:
-            raise ArrcocError(f"backend must be one of {BACKENDS}; got {backend!r}")
+            raise InvalidInputError(f"backend must be one of {BACKENDS}; got {backend!r}")
         if max_entries < 1:
-            raise ArrcocError(f"max_entries must be at least 1; got {max_entries}")
+            raise InvalidInputError(f"max_entries must be a whole number of at least 1; got {max_entries!r}")
         self.max_entries, self.max_bytes = max_entries, max_bytes
         self.threads, self.backend, self.per_stage = threads, backend, per_stage
         self._entries: OrderedDict[GraphKey, GraphChain] = OrderedDict()

@@ -482,3 +482,11 @@ def test_a_call_issues_one_input_kernel_one_replay_and_one_copy_out() -> None:
                    and (e.cpu_parent is None or not e.cpu_parent.name.startswith("aten::"))]
         assert kernels == expected
     assert len(replays) == 2
+
+
+@pytest.mark.parametrize("kwargs, match", [({"threads": "per_call"}, "threads must be one of"),
+                                           ({"backend": "tpu"}, "backend must be one of"),
+                                           ({"max_entries": 0}, "max_entries must be")])
+def test_cache_rejects_bad_arguments_by_name(kwargs: dict, match: str) -> None:
+    with pytest.raises(arrcoc.InvalidInputError, match=match):
+        GraphCache(**kwargs)
