@@ -148,8 +148,9 @@ def _budget_values(capacity: int = 196) -> st.SearchStrategy[int]:
     return st.one_of(st.integers(1, 64), st.integers(1, capacity), st.sampled_from([1, capacity]))
 
 
-def _compress(images: Any, budget: Any, count: int, query: Any = None, query_mask: Any = None,
+def _compress(images: Any, budget: Any, query: Any = None, query_mask: Any = None,
               score: bool = False) -> Callable[[Any], Any]:
+    """``pipe(images, ...)``, or ``pipe.score`` with ``score``, as a call on a pipeline."""
     if score:
         return lambda pipe: pipe.score(images, query=query, query_mask=query_mask)
     return lambda pipe: pipe(images, query=query, query_mask=query_mask, budget=budget)
@@ -176,7 +177,7 @@ def _sizes(draw: st.DrawFn) -> Case:
         images.append(image)
         shapes.append(f"{h}x{w}{' HWC' if last else ''}")
     budget = draw(_budget_values())
-    return Case("sizes", f"{shapes} budget {budget}", _compress(images, budget, count), ("image", "budget"),
+    return Case("sizes", f"{shapes} budget {budget}", _compress(images, budget), ("image", "budget"),
                 _expect(count, budget))
 
 
@@ -193,7 +194,7 @@ def _pil_modes(draw: st.DrawFn) -> Case:
     if mode == "P" and draw(st.booleans()):
         image.info["transparency"] = draw(st.integers(0, 255))
     budget = draw(_budget_values())
-    return Case("pil_modes", f"{mode} {size} budget {budget}", _compress(image, budget, 1), ("image",),
+    return Case("pil_modes", f"{mode} {size} budget {budget}", _compress(image, budget), ("image",),
                 _expect(1, budget))
 
 
@@ -300,7 +301,7 @@ def _tensors(draw: st.DrawFn) -> Case:
     batch = shape[0] if layout in ("1HW-batch", "CHW-batch") else 1
     budget = draw(_budget_values())
     return Case("tensors", f"{dtype} {layout} {tuple(shape)}{' numpy' if as_numpy else ''} budget {budget}",
-                _compress(image, budget, batch), ("image",), _expect(batch, budget))
+                _compress(image, budget), ("image",), _expect(batch, budget))
 
 
 def _small_image(seed_: int, side: int = 48) -> Tensor:
@@ -331,7 +332,7 @@ def _budgets(draw: st.DrawFn) -> Case:
         budget = torch.from_numpy(array) if kind == "tensor" else array
     whole = _whole(budget, count)
     expect = _expect(count, whole) if whole is not None else {"images": count, "budget": [None]}
-    return Case("budgets", f"{count} images, budget {budget!r}", _compress(images, budget, count), ("budget",), expect)
+    return Case("budgets", f"{count} images, budget {budget!r}", _compress(images, budget), ("budget",), expect)
 
 
 def _whole(budget: Any, count: int) -> list[int] | None:
@@ -387,7 +388,7 @@ def _queries(draw: st.DrawFn, width: int) -> Case:
     score = draw(st.booleans())
     budget = 16
     return Case("queries", f"{count} images, query {_short(query)} mask {_short(query_mask)}{' score' if score else ''}",
-                _compress(images, budget, count, query, query_mask, score), ("query",), _expect(count, budget, score))
+                _compress(images, budget, query, query_mask, score), ("query",), _expect(count, budget, score))
 
 
 def _short(value: Any) -> str:
