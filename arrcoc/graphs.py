@@ -386,19 +386,20 @@ class _Stats:
 
 
 class _SharedLock:
-    """Many holders of ``shared()`` at once, or one of ``exclusive()``; re-entrant for the exclusive holder."""
+    """Many holders of ``shared()`` at once, or one of ``exclusive()`` (re-entrant for its holder). A waiting
+    ``exclusive()`` stops new shared holders, so a capture is not starved by a stream of replays."""
 
     def __init__(self) -> None:
         self._cond = threading.Condition()
         self._readers = 0
+        self._waiting = 0  # threads waiting for exclusive access
         self._writer: int | None = None
         self._depth = 0
 
     @contextlib.contextmanager
     def shared(self) -> Iterator[None]:
-        me = threading.get_ident()
         with self._cond:
-            while self._writer not in (None, me):
+            while self._writer is not None or self._waiting:
                 self._cond.wait()
             self._readers += 1
         try:
@@ -412,9 +413,13 @@ class _SharedLock:
     def exclusive(self) -> Iterator[None]:
         me = threading.get_ident()
         with self._cond:
-            while self._writer not in (None, me) or (self._writer is None and self._readers):
-                self._cond.wait()
-            self._writer, self._depth = me, self._depth + 1
+            if self._writer != me:
+                self._waiting += 1
+                while self._writer is not None or self._readers:
+                    self._cond.wait()
+                self._waiting -= 1
+                self._writer = me
+            self._depth += 1
         try:
             yield
         finally:

@@ -490,3 +490,32 @@ def test_a_call_issues_one_input_kernel_one_replay_and_one_copy_out() -> None:
 def test_cache_rejects_bad_arguments_by_name(kwargs: dict, match: str) -> None:
     with pytest.raises(arrcoc.InvalidInputError, match=match):
         GraphCache(**kwargs)
+
+
+def test_shared_lock_is_reentrant_exclusive_and_lets_a_waiting_capture_go_first() -> None:
+    from arrcoc.graphs import _SharedLock
+
+    lock, order = _SharedLock(), []
+    with lock.exclusive(), lock.exclusive():  # re-entrant for its holder
+        pass
+
+    def writer() -> None:
+        with lock.exclusive():
+            order.append("capture")
+
+    def reader() -> None:
+        with lock.shared():
+            order.append("replay")
+
+    with lock.shared():
+        w = threading.Thread(target=writer)
+        w.start()
+        while not lock._waiting:  # the capture is now waiting for this replay to finish
+            threading.Event().wait(0.001)
+        r = threading.Thread(target=reader)
+        r.start()
+        threading.Event().wait(0.05)
+        assert order == []  # neither the capture nor the new replay got in while the first replay held on
+    w.join()
+    r.join()
+    assert order == ["capture", "replay"]
