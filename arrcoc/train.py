@@ -145,8 +145,9 @@ def answer_loss(logits: Tensor, labels: Tensor) -> Tensor:
     its answer (else the many characters of text answers would drown the one-word families)."""
     token = torch.nn.functional.cross_entropy(logits[:, :-1].float().transpose(1, 2), labels[:, 1:],
                                               ignore_index=-100, reduction="none")  # (B, L-1)
-    counted = (labels[:, 1:] != -100).float()
-    return ((token * counted).sum(1) / counted.sum(1).clamp_min(1)).mean()
+    counted = labels[:, 1:] != -100
+    token = torch.where(counted, token, 0.0)  # padding rows may hold NaN logits; never let them in
+    return (token.sum(1) / counted.sum(1).clamp_min(1)).mean()
 
 
 def dense_loss(head: torch.nn.Linear, features: Tensor, labels: Tensor) -> Tensor:
@@ -154,6 +155,22 @@ def dense_loss(head: torch.nn.Linear, features: Tensor, labels: Tensor) -> Tenso
     logits = head(features).float().split(DENSE_CLASSES, dim=-1)  # 3 x (B, N, C)
     return sum(torch.nn.functional.cross_entropy(lg.flatten(0, 1), labels[..., i].flatten())
                for i, lg in enumerate(logits)) / len(logits)
+
+
+def object_subset(features: Tensor, dense: Tensor, targets: Tensor, generator: torch.Generator,
+                  fraction: float = 0.3) -> Tensor:
+    """Keep ``round(fraction * N)`` full-detail patches per image, in raster order: every patch that shows an
+    object, a text frame or an answer first, then random background patches.
+
+    A curriculum: the language model finds the asked object among a few dozen tokens (all the distractor
+    objects still there) before it has to among all of them.
+    """
+    b, n, d = features.shape
+    keep = max(1, round(fraction * n))
+    shows = (dense.amax(-1) > 0) | (targets > 0)  # (B, N)
+    score = shows.float() * 2 + torch.rand(b, n, generator=generator, device=features.device)
+    index = score.topk(keep, dim=1).indices.sort(dim=1).values  # (B, K) raster order
+    return features.gather(1, index[..., None].expand(-1, -1, d))
 
 
 def _autocast(device: torch.device):
@@ -221,7 +238,9 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--schedule-minutes", type=float, default=20.0, help="training time the cosine schedule spans")
     p.add_argument("--workers", type=int, default=None, help="DataLoader workers (default: CPUs - 2)")
     p.add_argument("--sizes", default="224,384")
-    p.add_argument("--compress-prob", type=float, default=0.3)
+    p.add_argument("--compress-prob", type=float, default=0.15, help="share of batches compressed at random")
+    p.add_argument("--subset-prob", type=float, default=0.5, help="share of batches cut to their object patches")
+    p.add_argument("--restart-schedule", action="store_true", help="warm-up and cosine schedule start again at resume")
     p.add_argument("--query-weight", type=float, default=0.2)
     p.add_argument("--dense-weight", type=float, default=0.5, help="weight of the per-patch label loss on the ViT")
     p.add_argument("--max-steps", type=int, default=None, help="stop after this many steps in total")
@@ -264,6 +283,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     if args.resume:
         state = _resume(Path(args.resume), model, query_encoder, dense_head, opt, device)
         logger.info("resumed from %s at step %d (%.0f s trained)", args.resume, state["step"], state["train_seconds"])
+        if args.restart_schedule:
+            state["schedule_from"], state["warmup_from"] = state["train_seconds"], state["step"]
 
     def checkpoint() -> None:
         torch.save({"model": model.state_dict(), "query_encoder": query_encoder.state_dict(),
@@ -287,7 +308,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         running["wait"] += time.monotonic() - step_start  # time spent waiting for data
         if time.monotonic() > deadline or (args.max_steps is not None and state["step"] >= args.max_steps):
             break
-        lr = _lr(args.lr, state["train_seconds"], schedule, state["step"] - state.get("warmup_from", 0), args.warmup)
+        lr = _lr(args.lr, state["train_seconds"] - state.get("schedule_from", 0.0), schedule,
+                 state["step"] - state.get("warmup_from", 0), args.warmup)
         for group in opt.param_groups:
             group["lr"] = lr
         pixels = batch["pixels"].to(device, non_blocking=True).float() / 255
@@ -296,9 +318,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         with _autocast(device):
             features = vision_features(model, pixels)  # (B, N, D)
             visual = features
-            if torch.rand((), generator=generator, device=device).item() < args.compress_prob:
+            draw = torch.rand((), generator=generator, device=device).item()
+            if draw < args.compress_prob:
                 fraction = 0.05 + 0.55 * torch.rand((), generator=generator, device=device).item()
                 visual = random_compression(features, generator, fraction)
+            elif draw < args.compress_prob + args.subset_prob:
+                visual = object_subset(features, dense, targets, generator, 0.2)
             inputs = tokenizer([tokenizer.prompt(q) for q in batch["questions"]], visual.shape[1],
                                targets=batch["answers"], device=device)
             embeds = embed_inputs(model, inputs["input_ids"], visual)
@@ -311,8 +336,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             loss = lm_loss + args.query_weight * q_loss + args.dense_weight * d_loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
+        norm = torch.nn.utils.clip_grad_norm_(params, 1.0)
+        if torch.isfinite(norm):  # ok-sync: a non-finite step is skipped, not applied
+            opt.step()
+        else:
+            state["skipped"] = state.get("skipped", 0) + 1
+            logger.warning("step %d: non-finite gradient norm, step skipped", state["step"])
         now = time.monotonic()
         state["train_seconds"] += now - step_start
         step_start = now
