@@ -13,6 +13,7 @@ from .errors import (
                      InvalidTypeError,
                      MissingWeightsError,
 )
+from .graphs import CaptureError, CaptureMemoryError, GraphCache, StaleOutputError
 from .outputs import CompressionOutput, ScoreOutput
 from .pipeline import Pipeline
 
@@ -21,6 +22,7 @@ __version__ = "0.1.0"
 __all__ = [
     "Pipeline",
     "PipelineConfig",
+    "GraphCache",
     "BalanceConfig",
     "ScoreOutput",
     "CompressionOutput",
@@ -31,5 +33,8 @@ __all__ = [
     "BudgetError",
     "EncoderError",
     "MissingWeightsError",
+    "CaptureError",
+    "CaptureMemoryError",
+    "StaleOutputError",
     "__version__",
 ]
