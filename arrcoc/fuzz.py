@@ -328,7 +328,7 @@ def _budgets(draw: st.DrawFn) -> Case:
         dims = draw(st.sampled_from([0, 1, 2])) if len(values) == 1 else 1
         dtype = draw(st.sampled_from(["int64", "int32", "uint8", "float32", "bool"]))
         array = np.array(values, dtype=np.int64).reshape((1,) * dims if dims != 1 else (-1,))
-        array = np.clip(array, 0, 255).astype(dtype) if dtype in ("uint8", "bool") else array.astype(dtype)
+        array = np.asarray(np.clip(array, 0, 255) if dtype in ("uint8", "bool") else array).astype(dtype)  # 0-D stays an array
         budget = torch.from_numpy(array) if kind == "tensor" else array
     whole = _whole(budget, count)
     expect = _expect(count, whole) if whole is not None else {"images": count, "budget": [None]}
@@ -506,11 +506,14 @@ def _run_family(pipe: Any, strategy: st.SearchStrategy[Case], count: int, seed_:
         if time.perf_counter() > stop:
             raise _TimeUp
 
+    figures["time_limited"] = False
     try:
         body()
-        figures["time_limited"] = False
     except _TimeUp:
         figures["time_limited"] = True
+    except Exception as err:  # noqa: BLE001 - a fault of the fuzzer itself: record it, go on with the others
+        logger.error("fuzz family stopped by a harness error: %r", err)
+        figures["harness_error"] = f"{type(err).__name__}: {err}"[:500]
     figures.update(seconds=round(time.perf_counter() - start, 2), outcomes=dict(figures["outcomes"]),
                    errors=dict(figures["errors"]))
     return figures
@@ -545,6 +548,7 @@ def fuzz(pipe: Any, cases: int, *, seed_: int = 0, names: list[str] | None = Non
                 report["families"][name] = _run_family(pipe, strategies[name], per_family, seed_, bar, share)
         report["cases"] = sum(f["cases"] for f in report["families"].values())
         report["bugs"] = sum(f["outcomes"].get("bug", 0) for f in report["families"].values())
+        report["harness_errors"] = sum("harness_error" in f for f in report["families"].values())
         report["seconds"] = round(time.perf_counter() - start, 1)
     return report
 
@@ -561,6 +565,10 @@ def _markdown(report: dict[str, Any]) -> str:
         errors = ", ".join(f"{k} {v}" for k, v in sorted(f["errors"].items()))
         lines.append(f"| {name} | {f['cases']} | {o.get('ok', 0)} | {o.get('rejected', 0)} | {o.get('bug', 0)} | "
                      f"{errors} | {f['seconds']} |")
+    harness = [f"- {n}: stopped by a fault of the fuzzer: {f['harness_error']}" for n, f in report["families"].items()
+               if "harness_error" in f]
+    if harness:
+        lines += ["", "## harness errors", "", *harness]
     bugs = [(n, b) for n, f in report["families"].items() for b in f["bugs"]]
     if bugs:
         lines += ["", "## bugs (first 20 per family)", ""]
@@ -603,7 +611,7 @@ def main(argv: list[str] | None = None) -> int:
         write_report(report, table, args.out, "fuzz", str(pipe.device))
     else:
         print(table)
-    return 1 if report["bugs"] else 0
+    return 1 if report["bugs"] or report["harness_errors"] else 0
 
 
 if __name__ == "__main__":
