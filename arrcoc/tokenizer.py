@@ -16,10 +16,13 @@ from torch import Tensor
 
 from .errors import InvalidInputError
 
-__all__ = ["CharTokenizer", "IMAGE_PLACEHOLDER"]
+__all__ = ["CharTokenizer", "IMAGE_PLACEHOLDER", "DEFAULT_TEMPLATE"]
 
 #: Stands for the image in prompt text; ``expand`` turns it into as many image tokens as there are visual tokens.
 IMAGE_PLACEHOLDER = "<image>"
+
+#: The prompt: the question first, so that every visual token can attend to it inside the language model.
+DEFAULT_TEMPLATE = "Q: {question}\n" + IMAGE_PLACEHOLDER + "\nA: "
 
 _SPECIALS = ("<pad>", "<s>", "</s>", IMAGE_PLACEHOLDER)
 _CHARACTERS = " " + string.ascii_lowercase + string.ascii_uppercase + string.digits + "?.,:;'!-\n"
@@ -33,10 +36,12 @@ class CharTokenizer:
         vocab_size: number of ids.
     """
 
-    def __init__(self, characters: str = _CHARACTERS) -> None:
+    def __init__(self, characters: str = _CHARACTERS, template: str = DEFAULT_TEMPLATE) -> None:
         if len(set(characters)) != len(characters):
             raise InvalidInputError("tokenizer characters must be distinct")
-        self.characters = characters
+        if "{question}" not in template or template.count(IMAGE_PLACEHOLDER) != 1:
+            raise InvalidInputError(f"template must hold '{{question}}' and one {IMAGE_PLACEHOLDER}; got {template!r}")
+        self.characters, self.template = characters, template
         self.vocab = list(_SPECIALS) + list(characters)
         self._ids = {c: i + len(_SPECIALS) for i, c in enumerate(characters)}
         self.pad_token_id, self.bos_token_id, self.eos_token_id, self.image_token_id = range(len(_SPECIALS))
@@ -77,11 +82,8 @@ class CharTokenizer:
 
     # --- prompts ----------------------------------------------------------------------------------------------
     def prompt(self, question: str) -> str:
-        """The model's prompt for ``question``: the question, the image placeholder, and the answer cue.
-
-        The question comes first so that every visual token can attend to it inside the language model.
-        """
-        return f"Q: {question.strip()}\n{IMAGE_PLACEHOLDER}\nA: "
+        """The model's prompt for ``question`` (its template: the question, one image placeholder, the answer cue)."""
+        return self.template.replace("{question}", question.strip())
 
     def expand(self, text: str, image_tokens: int) -> str:
         """``text`` with each image placeholder repeated ``image_tokens`` times (one per visual token)."""
@@ -134,11 +136,11 @@ class CharTokenizer:
 
     # --- serialisation ----------------------------------------------------------------------------------------
     def to_json(self) -> str:
-        return json.dumps({"characters": self.characters, "specials": list(_SPECIALS)})
+        return json.dumps({"characters": self.characters, "specials": list(_SPECIALS), "template": self.template})
 
     @classmethod
     def from_json(cls, text: str) -> CharTokenizer:
         data: dict[str, Any] = json.loads(text)
         if tuple(data.get("specials", _SPECIALS)) != _SPECIALS:
             raise InvalidInputError(f"tokenizer specials {data.get('specials')} differ from {_SPECIALS}")
-        return cls(data["characters"])
+        return cls(data["characters"], data.get("template", DEFAULT_TEMPLATE))

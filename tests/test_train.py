@@ -96,3 +96,19 @@ def test_a_tiny_run_trains_saves_evaluates_and_resumes(tmp_path: Path) -> None:
     third = main(["--out", str(tmp_path / "c"), "--max-steps", "4", "--resume", str(tmp_path / "a" / "ckpt.pt"), *common])
     assert third["state"]["step"] == 4
     assert json.loads((tmp_path / "c" / "eval.json").read_text())["state"]["step"] == 4
+
+
+def test_shipped_query_encoder_points_at_the_answer_boxes() -> None:
+    """The shipped participatory query: answer-box patches outrank the rest (AUC) on held-out scenes."""
+    from arrcoc.train import EVAL_SEED_START, collate
+    from arrcoc.vlm import DEFAULT_VLM_DIR, load_vlm, vision_features
+
+    if not (DEFAULT_VLM_DIR / "text_query.safetensors").is_file():
+        pytest.skip("no trained query encoder in weights/ yet")
+    model, _ = load_vlm()
+    encoder = TextQueryEncoder.from_pretrained(DEFAULT_VLM_DIR)
+    batch = collate([make_sample(EVAL_SEED_START + i, 224, QUESTION_FAMILIES[i % 6]) for i in range(12)])
+    with torch.no_grad():
+        score = max_cosine(*encoder(batch["questions"]), vision_features(model, batch["pixels"].float() / 255))
+    aucs = [(s[t > 0][:, None] > s[t == 0][None, :]).float().mean() for s, t in zip(score, batch["targets"]) if t.any()]
+    assert len(aucs) >= 8 and torch.stack(aucs).mean() > 0.9

@@ -49,6 +49,11 @@ def test_tokenizer_round_trip_and_left_padding() -> None:
     with pytest.raises(InvalidInputError):
         tok.encode("caf\u00e9")
     assert CharTokenizer.from_json(tok.to_json()).vocab == tok.vocab
+    old = CharTokenizer(template="<image>\nQ: {question}\nA: ")  # the template travels with the weights
+    assert CharTokenizer.from_json(old.to_json()).prompt("Why?") == "<image>\nQ: Why?\nA: "
+    assert tok.prompt("Why?").index("Why?") < tok.prompt("Why?").index("<image>")  # question first by default
+    with pytest.raises(InvalidInputError):
+        CharTokenizer(template="no placeholder {question}")
 
 
 @pytest.mark.parametrize("size", [224, 384])
