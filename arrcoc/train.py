@@ -6,11 +6,15 @@ minutes and at the end, and ``--resume`` continues from one, with the learning-r
 total training time (``--schedule-minutes``) so that several short runs make one long one.
 
 Each step: a batch of generated scenes (DataLoader workers draw them; 224 or 384 pixels, every family equally
-often), ViT features, then with probability ``--compress-prob`` the features are compressed to a random
-budget (5%-60% of the patches) by arrcoc's own allocation and compression with a random relevance map, so
-that the language model learns to read pooled tokens too; the answer's cross-entropy, plus the text query
-encoder's patch-relevance loss (answer boxes as targets; its gradient reaches the ViT too, weighted by
-``--query-weight``). Training seeds start at ``TRAIN_SEED_START``; evaluation uses seeds below it.
+often) and their ViT features. Then either all the features go to the language model, or, with probability
+``--compress-prob``, arrcoc's own allocation and compression cut them to a random budget (5%-60% of the
+patches) with a random relevance map, so that the language model learns to read pooled tokens too; or, with
+probability ``--subset-prob``, only 20% of the patches are kept, every object's patches first (a curriculum:
+find the asked object among a few dozen tokens before among hundreds). The losses: the answer's
+cross-entropy (averaged per sample); the text query encoder's patch-relevance loss (answer boxes as
+targets; its gradient reaches the ViT too, weighted by ``--query-weight``); and per-patch colour, kind and
+glyph labels from a training-only linear head on the ViT (``--dense-weight``). Training seeds start at
+``TRAIN_SEED_START``; evaluation uses seeds from ``EVAL_SEED_START``.
 
 At the end: full-token greedy accuracy per family on held-out seeds at 224 and 384 pixels, printed and written
 to ``eval.json``; the weights go to ``OUT/weights`` in the layout ``load_vlm`` and ``Pipeline.from_pretrained``
