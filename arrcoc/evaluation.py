@@ -34,7 +34,7 @@ from torch import Tensor
 from tqdm import tqdm
 
 from .data import QUESTION_FAMILIES, VQASample, make_sample
-from .errors import ArrcocError, InvalidInputError
+from .errors import ArrcocError, InvalidInputError, MissingWeightsError
 
 if TYPE_CHECKING:
     from transformers import LlavaForConditionalGeneration
@@ -75,6 +75,8 @@ class EvalConfig:
         seed: seed of the first sample; sample ``i`` of family ``f`` at size ``s`` is
             ``make_sample(seed + i * len(families) + index(f), s, f)``.
         max_new_tokens: longest answer generated.
+        answers: generate and score answers; ``False`` measures only where the tokens land (box share),
+            which needs no language-model decoding and so runs in minutes on a CPU.
     """
 
     methods: tuple[str, ...] = field(default_factory=_default_methods)
@@ -85,6 +87,7 @@ class EvalConfig:
     batch_size: int = 16
     seed: int = DEFAULT_SEED
     max_new_tokens: int = 10
+    answers: bool = True
 
     def __post_init__(self) -> None:
         from .reducers import list_reducers
@@ -214,7 +217,7 @@ class CharTokenizerForHF:
 
 
 def project_adapter(model: LlavaForConditionalGeneration, tokenizer: CharTokenizer, method: str,
-                    shared: dict[str, Any] | None = None) -> Any:
+                    shared: dict[str, Any] | None = None, text_encoder: Any = None) -> Any:
     """An :class:`arrcoc.hf.ArrcocLlava` serving the project's small VLM (:mod:`arrcoc.vlm`) as it was trained.
 
     Three things differ from a stock LLaVA and are set here: the features are the timm tower's
@@ -229,6 +232,9 @@ def project_adapter(model: LlavaForConditionalGeneration, tokenizer: CharTokeniz
         method: a registered reducer name.
         shared: a dict shared by several adapters over the same model: the tower's output for the last pixel
             tensor seen is kept there, so several methods reading the very same tensor run the tower once.
+        text_encoder: the trained :class:`arrcoc.text_query.TextQueryEncoder` shipped with the model; when
+            given, the participatory scorer's query is its encoding of each prompt (the question), as in
+            :class:`arrcoc.Pipeline` with a text query, instead of the adapter's prompt pull-back.
     """
     from .hf import ArrcocLlava
 
@@ -246,7 +252,14 @@ def project_adapter(model: LlavaForConditionalGeneration, tokenizer: CharTokeniz
         def prepare(self, images: Any, prompts: str | Sequence[str], budget: int) -> Any:
             pixels = self.pixel_values(images)
             self._batch_grid = self.grid_of(pixels)  # host-side set-up: full_tokens and the budget check follow it
+            self._questions = [prompts] if isinstance(prompts, str) else list(prompts)
             return super().prepare(pixels, prompts, budget)
+
+        def _query(self, grid: Tensor, embeds: Tensor, query_mask: Tensor) -> tuple[Tensor, Tensor]:
+            if text_encoder is None:
+                return super()._query(grid, embeds, query_mask)
+            query, mask = text_encoder(self._questions)  # (B, L, D), (B, L)
+            return query.to(grid.device), mask.to(grid.device)
 
         def features(self, pixel_values: Tensor) -> tuple[Tensor, None, Tensor | None]:
             if shared is not None and shared.get("pixels") is pixel_values:  # the same batch, another method
@@ -295,7 +308,7 @@ def _rgb(images: list[Any], device: torch.device) -> Tensor:
 
 
 def ask(adapter: Any, pixels: Tensor, prompts: Sequence[str], budget: int,
-        max_new_tokens: int = 10) -> tuple[list[str], Tensor]:
+        max_new_tokens: int = 10) -> tuple[list[str] | None, Tensor]:
     """Greedy answers from an :class:`arrcoc.hf.ArrcocLlava` reading ``budget`` tokens per image.
 
     Args:
@@ -303,12 +316,14 @@ def ask(adapter: Any, pixels: Tensor, prompts: Sequence[str], budget: int,
         pixels: ``(B, 3, S, S)`` from :func:`pixel_values`.
         prompts: one question (or full prompt) per image.
         budget: visual tokens per image.
-        max_new_tokens: longest answer.
+        max_new_tokens: longest answer; 0 generates nothing (the answers are then ``None``).
 
     Returns:
         The answers, and the ``(B, K, 4)`` boxes (row, col, height, width in patches) of the tokens read.
     """
     prepared = adapter.prepare(pixels, list(prompts), budget)
+    if max_new_tokens == 0:
+        return None, prepared.reduced.positions
     new = adapter.model.generate(inputs_embeds=prepared.inputs_embeds, attention_mask=prepared.attention_mask,
                                  max_new_tokens=max_new_tokens, do_sample=False)
     answers = [adapter.tokenizer.decode(row, skip_special_tokens=True) for row in new.cpu()]  # ok-sync: text
@@ -329,20 +344,23 @@ def _reference(model: LlavaForConditionalGeneration, tokenizer: CharTokenizer, s
     return correct
 
 
-def _summarise(correct: list[bool], shares: list[float | None], samples: list[VQASample],
+def _summarise(correct: list[bool] | None, shares: list[float | None], samples: list[VQASample],
                families: tuple[str, ...]) -> dict[str, Any]:
-    by_family = {f: [c for c, s in zip(correct, samples) if s.family == f] for f in families}
+    """Accuracy overall and per family (``None`` without answers), and the mean box share."""
     boxed = [v for v in shares if v is not None]
-    return {
-        "accuracy": sum(correct) / len(correct), "correct": sum(correct), "samples": len(correct),
-        "families": {f: (sum(v) / len(v) if v else None) for f, v in by_family.items()},
-        "box_share": (sum(boxed) / len(boxed)) if boxed else None, "box_samples": len(boxed),
-    }
+    out: dict[str, Any] = {"accuracy": None, "correct": None, "samples": len(samples), "families": None,
+                           "box_share": (sum(boxed) / len(boxed)) if boxed else None, "box_samples": len(boxed)}
+    if correct is not None:
+        by_family = {f: [c for c, s in zip(correct, samples) if s.family == f] for f in families}
+        out.update(accuracy=sum(correct) / len(correct), correct=sum(correct),
+                   families={f: (sum(v) / len(v) if v else None) for f, v in by_family.items()})
+    return out
 
 
 @torch.no_grad()
 def evaluate(model: LlavaForConditionalGeneration, tokenizer: CharTokenizer, config: EvalConfig | None = None, *,
-             device: torch.device | str | None = None, progress: bool = True) -> dict[str, Any]:
+             device: torch.device | str | None = None, progress: bool = True,
+             text_encoder: Any = None) -> dict[str, Any]:
     """Run every method at every budget and size on the same questions.
 
     Args:
@@ -351,6 +369,8 @@ def evaluate(model: LlavaForConditionalGeneration, tokenizer: CharTokenizer, con
         config: what to cover (the defaults when omitted).
         device: where the model runs (default: the model's device).
         progress: show a progress bar.
+        text_encoder: the trained query encoder for arrcoc's participatory scorer (see :func:`project_adapter`);
+            ``None``: the adapter's prompt pull-back.
 
     Returns:
         A JSON-ready report: set-up facts, ``reference`` (full-token accuracy of the model's own path per
@@ -364,12 +384,15 @@ def evaluate(model: LlavaForConditionalGeneration, tokenizer: CharTokenizer, con
     model = model.to(device).eval()
     patch = int(vision_tower(model).patch_embed.patch_size[0])
     shared: dict[str, Any] = {}  # the tower's output for the current batch, read by every method
-    adapters = {m: project_adapter(model, tokenizer, m, shared) for m in config.methods}
+    if text_encoder is not None:
+        text_encoder = text_encoder.to(device).eval()
+    adapters = {m: project_adapter(model, tokenizer, m, shared, text_encoder) for m in config.methods}
     report: dict[str, Any] = {
         "device": _device_name(device), "torch": torch.__version__, "date": datetime.date.today().isoformat(),
         "samples_per_family": config.samples_per_family, "families": list(config.families), "seed": config.seed,
         "shares": list(config.shares), "sizes": list(config.sizes), "methods": list(config.methods),
-        "patch_size": patch, "reference": {}, "results": [], "skipped": {},
+        "patch_size": patch, "reference": {}, "results": [], "skipped": {}, "answers": config.answers,
+        "query": "the trained text query encoder" if text_encoder is not None else "the adapter's prompt pull-back",
     }
     cases = len(config.methods) * len(config.shares)
     bar = tqdm(total=cases * len(config.sizes), desc="eval", unit="case", disable=not progress, file=sys.stderr)
@@ -381,8 +404,9 @@ def evaluate(model: LlavaForConditionalGeneration, tokenizer: CharTokenizer, con
         patches = grid[0] * grid[1]
         budgets = token_budgets(patches, config.shares)
         samples = _samples(config, size)
-        reference = _reference(model, tokenizer, samples, config, device)
-        report["reference"][str(size)] = _summarise(reference, [None] * len(samples), samples, config.families)
+        if config.answers:
+            reference = _reference(model, tokenizer, samples, config, device)
+            report["reference"][str(size)] = _summarise(reference, [None] * len(samples), samples, config.families)
         keys = [(m, j) for m in config.methods for j in range(len(config.shares))]  # (method, budget index)
         correct: dict[tuple[str, int], list[bool]] = {key: [] for key in keys}
         inside: dict[tuple[str, int], list[float | None]] = {key: [] for key in correct}
@@ -399,12 +423,13 @@ def evaluate(model: LlavaForConditionalGeneration, tokenizer: CharTokenizer, con
                     continue
                 try:
                     answers, positions = ask(adapters[method], pixels, [s.question for s in batch], budget,
-                                             config.max_new_tokens)
+                                             config.max_new_tokens if config.answers else 0)
                 except ArrcocError as err:  # a method the adapter cannot serve here: reported, not fatal
                     logger.warning("%s at %d px, %d tokens: skipped: %s", method, size, budget, err)
                     failed[key] = str(err)
                     continue
-                correct[key] += [same_answer(a, s.answer) for a, s in zip(answers, batch)]
+                if answers is not None:
+                    correct[key] += [same_answer(a, s.answer) for a, s in zip(answers, batch)]
                 share_in = box_share(positions, coverage).tolist()  # ok-sync: reporting
                 inside[key] += [v if s.boxes else None for v, s in zip(share_in, batch)]
         for key in keys:
@@ -415,7 +440,8 @@ def evaluate(model: LlavaForConditionalGeneration, tokenizer: CharTokenizer, con
                 continue
             report["results"].append({"size": size, "patches": patches, "method": method, "share": float(share),
                                       "tokens": budget,
-                                      **_summarise(correct[key], inside[key], samples, config.families)})
+                                      **_summarise(correct[key] if config.answers else None, inside[key], samples,
+                                                   config.families)})
     bar.close()
     report["seconds"] = round(time.perf_counter() - start, 1)
     return report
@@ -435,63 +461,80 @@ def _is_arrcoc(method: str) -> bool:
     return method == "arrcoc" or method.startswith("arrcoc-")
 
 
+_METRICS = {"accuracy": "accuracy", "box_share": "box share"}
+
+
+def _has_answers(report: dict[str, Any]) -> bool:
+    return any(r["accuracy"] is not None for r in report["results"])
+
+
 def findings(report: dict[str, Any]) -> list[str]:
-    """Plain-sentence comparisons: arrcoc at 11% against full tokens, and arrcoc against every baseline at
-    every budget of 33% or less (by accuracy over all families)."""
+    """Plain-sentence comparisons: arrcoc at 11% against full tokens (accuracy), and arrcoc against every
+    baseline at every budget of 33% or less, by accuracy (when answers were scored) and by box share."""
     lines = []
+    metrics = ["accuracy", "box_share"] if _has_answers(report) else ["box_share"]
     for size in report["sizes"]:
         rows = {(r["method"], r["share"]): r for r in report["results"] if r["size"] == size}
-        full = rows.get(("arrcoc", 1.0))
-        low = rows.get(("arrcoc", 0.11))
-        if full and low:
+        full, low = rows.get(("arrcoc", 1.0)), rows.get(("arrcoc", 0.11))
+        if full and low and full["accuracy"] is not None:
             kept = low["accuracy"] / full["accuracy"] if full["accuracy"] else float("nan")
             lines.append(f"{size} px: arrcoc at 11% ({low['tokens']} tokens) answers {_pct(low['accuracy'])}% vs "
                          f"{_pct(full['accuracy'])}% with all {full['tokens']}: {100 * kept:.1f}% of full-token accuracy.")
-        for share in sorted({r["share"] for r in report["results"]}, reverse=True):
-            if share > 0.33 or ("arrcoc", share) not in rows:
-                continue
-            ours = rows[("arrcoc", share)]
-            others = [r for (m, s), r in rows.items() if s == share and not _is_arrcoc(m)]
-            if not others:
-                continue
-            ahead = [r["method"] for r in others if r["accuracy"] < ours["accuracy"]]
-            behind = [f"{r['method']} {_pct(r['accuracy'])}" for r in others if r["accuracy"] >= ours["accuracy"]]
-            lines.append(f"{size} px, {ours['tokens']} tokens ({100 * share:g}%): arrcoc {_pct(ours['accuracy'])}%; "
-                         f"ahead of {len(ahead)}/{len(others)} baselines"
-                         + (f"; not ahead of: {', '.join(behind)}" if behind else "") + ".")
+        for metric in metrics:
+            for share in sorted({r["share"] for r in report["results"]}, reverse=True):
+                ours = rows.get(("arrcoc", share))
+                others = [r for (m, s), r in rows.items() if s == share and not _is_arrcoc(m) and r[metric] is not None]
+                if share > 0.33 or ours is None or ours[metric] is None or not others:
+                    continue
+                ahead = [r["method"] for r in others if r[metric] < ours[metric]]
+                behind = [f"{r['method']} {_pct(r[metric])}" for r in others if r[metric] >= ours[metric]]
+                lines.append(f"{size} px, {ours['tokens']} tokens ({100 * share:g}%), {_METRICS[metric]}: arrcoc "
+                             f"{_pct(ours[metric])}%; ahead of {len(ahead)}/{len(others)} baselines"
+                             + (f"; not ahead of: {', '.join(behind)}" if behind else "") + ".")
     return lines
 
 
+def _table(rows: list[dict[str, Any]], methods: list[str], metric: str) -> list[str]:
+    """Methods x budgets of one metric (in %)."""
+    budgets = sorted({(r["share"], r["tokens"]) for r in rows}, reverse=True)
+    lines = [f"| {_METRICS[metric]} | " + " | ".join(f"{t} ({100 * s:g}%)" for s, t in budgets) + " |",
+             "|---|" + "---:|" * len(budgets)]
+    for method in methods:
+        cells = {r["share"]: r for r in rows if r["method"] == method}
+        if cells:
+            lines.append(f"| {method} | " + " | ".join(_pct(cells[s][metric]) if s in cells else "–"
+                                                       for s, _ in budgets) + " |")
+    return lines + [""]
+
+
 def to_markdown(report: dict[str, Any]) -> str:
-    """The report as markdown: a summary table per size, then every family and the box share."""
+    """The report as markdown: accuracy and box share per method and budget for each size, then every family."""
     families = report["families"]
-    lines = [f"# arrcoc eval: answer accuracy vs visual tokens — {report['device']}", "",
-             f"torch {report['torch']}, {report['date']}, model `{report.get('model', '?')}`; "
-             f"{report['samples_per_family']} questions per family x {len(families)} families per size "
-             f"(seed {report['seed']}), greedy answers, exact match. Accuracy in %; box share: % of each token's "
-             f"area inside the answer boxes, averaged over tokens.", ""]
+    answers = _has_answers(report)
+    scoring = ("greedy answers, exact match; accuracy in %" if answers else
+               "answers not generated (box share only)")
+    lines = [f"# arrcoc eval: visual tokens vs answers — {report['device']}", "",
+             f"torch {report['torch']}, {report['date']}, model `{report.get('model', '?')}`, query for arrcoc: "
+             f"{report.get('query', '?')}; {report['samples_per_family']} questions per family x {len(families)} "
+             f"families per size (seed {report['seed']}); {scoring}. Box share: % of each token's area inside the "
+             f"answer boxes, averaged over tokens (at the full budget: the boxes' share of the image).", ""]
     for size in report["sizes"]:
         rows = [r for r in report["results"] if r["size"] == size]
         if not rows:
             continue
-        budgets = sorted({(r["share"], r["tokens"]) for r in rows}, reverse=True)
         ref = report["reference"].get(str(size))
         lines += [f"## {size} px ({rows[0]['patches']} patches)", ""]
         if ref:
             lines += [f"Reference (the model's own full-token path, no adapter): {_pct(ref['accuracy'])}%.", ""]
-        lines += ["| method | " + " | ".join(f"{t} ({100 * s:g}%)" for s, t in budgets) + " |",
-                  "|---|" + "---:|" * len(budgets)]
-        for method in report["methods"]:
-            cells = {r["share"]: r for r in rows if r["method"] == method}
-            if cells:
-                lines.append(f"| {method} | " + " | ".join(_pct(cells[s]["accuracy"]) if s in cells else "–"
-                                                           for s, _ in budgets) + " |")
-        lines += ["", "| method | tokens | all | " + " | ".join(families) + " | box share |",
-                  "|---|---:|---:|" + "---:|" * len(families) + "---:|"]
-        for r in sorted(rows, key=lambda r: (report["methods"].index(r["method"]), -r["share"])):
-            lines.append(f"| {r['method']} | {r['tokens']} | {_pct(r['accuracy'])} | "
-                         + " | ".join(_pct(r["families"][f]) for f in families) + f" | {_pct(r['box_share'])} |")
-        lines.append("")
+        for metric in (["accuracy", "box_share"] if answers else ["box_share"]):
+            lines += _table(rows, report["methods"], metric)
+        if answers:
+            lines += ["| method | tokens | all | " + " | ".join(families) + " | box share |",
+                      "|---|---:|---:|" + "---:|" * len(families) + "---:|"]
+            for r in sorted(rows, key=lambda r: (report["methods"].index(r["method"]), -r["share"])):
+                lines.append(f"| {r['method']} | {r['tokens']} | {_pct(r['accuracy'])} | "
+                             + " | ".join(_pct(r["families"][f]) for f in families) + f" | {_pct(r['box_share'])} |")
+            lines.append("")
     found = findings(report)
     if found:
         lines += ["## Findings", ""] + [f"- {line}" for line in found] + [""]
@@ -502,31 +545,33 @@ def to_markdown(report: dict[str, Any]) -> str:
 
 
 def plot(report: dict[str, Any], path: str | Path) -> None:
-    """Accuracy against tokens (log scale), one line per method, one panel per image size; writes a PNG."""
+    """Accuracy (or, without answers, box share) against tokens, one line per method, one panel per size."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
+    metric = "accuracy" if _has_answers(report) else "box_share"
     sizes = [s for s in report["sizes"] if any(r["size"] == s for r in report["results"])]
     figure = Figure(figsize=(5.2 * max(1, len(sizes)) + 1.8, 4.4), layout="constrained")
     FigureCanvasAgg(figure)
     axes = figure.subplots(1, max(1, len(sizes)), squeeze=False)[0]
     for ax, size in zip(axes, sizes):
         for method in report["methods"]:
-            rows = sorted((r for r in report["results"] if r["size"] == size and r["method"] == method),
-                          key=lambda r: r["tokens"])
+            rows = sorted((r for r in report["results"] if r["size"] == size and r["method"] == method
+                           and r[metric] is not None), key=lambda r: r["tokens"])
             if not rows:
                 continue
             ours = _is_arrcoc(method)
-            ax.plot([r["tokens"] for r in rows], [100 * r["accuracy"] for r in rows], marker="o",
+            ax.plot([r["tokens"] for r in rows], [100 * r[metric] for r in rows], marker="o",
                     linewidth=2.6 if method == "arrcoc" else 1.4, linestyle="-" if ours else "--", label=method)
         tokens = sorted({r["tokens"] for r in report["results"] if r["size"] == size})
         patches = next(r["patches"] for r in report["results"] if r["size"] == size)
         ax.set_xscale("log")
         ax.set_xticks(tokens, [f"{t}\n{100 * t / patches:.3g}%" for t in tokens])
         ax.minorticks_off()
-        ax.set_ylim(-2, 102)
+        if metric == "accuracy":
+            ax.set_ylim(-2, 102)
         ax.set_xlabel("visual tokens per image (share of the patches)")
-        ax.set_ylabel("accuracy (%)")
+        ax.set_ylabel("accuracy (%)" if metric == "accuracy" else "token area inside the answer boxes (%)")
         ax.set_title(f"{size} px ({patches} patches)")
         ax.grid(True, alpha=0.3)
     handles, labels = axes[0].get_legend_handles_labels()
@@ -546,6 +591,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch-size", type=int, default=16, help="questions per model call (default 16)")
     parser.add_argument("--seed", type=int, default=DEFAULT_SEED, help="seed of the first sample")
     parser.add_argument("--max-new-tokens", type=int, default=10, help="longest answer generated (default 10)")
+    parser.add_argument("--box-share-only", action="store_true",
+                        help="measure only where the tokens land (no answers generated): minutes on a CPU")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
     parser.add_argument("--out", default="bench/results", help="output folder (default bench/results)")
     parser.add_argument("--tag", default="", help="suffix of the output file names")
@@ -573,17 +620,25 @@ def main(argv: list[str] | None = None) -> int:
             methods=_names(args.methods, str, "--methods") if args.methods else _default_methods(),
             shares=_names(args.budgets, float, "--budgets"), sizes=_names(args.sizes, int, "--sizes"),
             samples_per_family=args.samples_per_family, batch_size=args.batch_size, seed=args.seed,
-            max_new_tokens=args.max_new_tokens)
+            max_new_tokens=args.max_new_tokens, answers=not args.box_share_only)
         from .vlm import VLMConfig, build_vlm, load_vlm
 
         device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        text_encoder = None
         if args.random_init:
             model, tokenizer = build_vlm(VLMConfig.from_name(args.random_init))
             source = f"random init ({args.random_init})"
         else:
+            from .text_query import TextQueryEncoder
+            from .vlm import DEFAULT_VLM_DIR
+
             model, tokenizer = load_vlm(args.model)
             source = args.model or "weights/"
-        report = evaluate(model, tokenizer, config, device=device, progress=not args.quiet)
+            try:
+                text_encoder = TextQueryEncoder.from_pretrained(args.model or DEFAULT_VLM_DIR)
+            except MissingWeightsError:
+                logger.warning("no trained text query encoder beside the model: arrcoc's query is the prompt pull-back")
+        report = evaluate(model, tokenizer, config, device=device, progress=not args.quiet, text_encoder=text_encoder)
         report["model"] = source
         from .bench import write_report
 

@@ -139,7 +139,7 @@ def test_outputs_are_written(run: tuple[dict[str, Any], Path]) -> None:
     assert (out / "eval-ci.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     lines = findings(report)
     assert any("arrcoc at 11%" in line for line in lines)
-    assert sum("ahead of" in line for line in lines) == len(SIZES)  # the 11% budget, per size
+    assert sum("ahead of" in line for line in lines) == 2 * len(SIZES)  # 11%: accuracy and box share, per size
 
 
 def test_findings_compare_arrcoc_with_full_tokens_and_each_baseline() -> None:
@@ -150,8 +150,12 @@ def test_findings_compare_arrcoc_with_full_tokens_and_each_baseline() -> None:
     report = {"sizes": [224], "results": [row("arrcoc", 1.0, 0.9), row("arrcoc", 0.11, 0.81), row("tome", 0.11, 0.85),
                                           row("uniform", 0.11, 0.5), row("arrcoc-perspectival", 0.11, 0.95)]}
     lines = findings(report)
-    assert lines[0] == "224 px: arrcoc at 11% (22 tokens) answers 81.0% vs 90.0% with all 196: 90.0% of full-token accuracy."
-    assert lines[1] == "224 px, 22 tokens (11%): arrcoc 81.0%; ahead of 1/2 baselines; not ahead of: tome 85.0."
+    assert lines == ["224 px: arrcoc at 11% (22 tokens) answers 81.0% vs 90.0% with all 196: 90.0% of full-token accuracy.",
+                     "224 px, 22 tokens (11%), accuracy: arrcoc 81.0%; ahead of 1/2 baselines; not ahead of: tome 85.0."]
+    for r in report["results"]:
+        r["box_share"], r["accuracy"] = r["accuracy"] / 2, None  # a box-share-only run
+    assert findings(report) == ["224 px, 22 tokens (11%), box share: arrcoc 40.5%; ahead of 1/2 baselines; "
+                                "not ahead of: tome 42.5."]
 
 
 def test_project_adapter_reads_the_trained_features_and_the_cls_attention() -> None:
@@ -181,3 +185,35 @@ def test_project_adapter_reads_the_trained_features_and_the_cls_attention() -> N
         block.attn.fused_attn = True
     expected = seen[0].mean(1)[:, 0, tower.num_prefix_tokens:].unflatten(-1, (4, 4))
     torch.testing.assert_close(attention, expected)
+
+
+def test_box_share_only_skips_answers(tmp_path: Path) -> None:
+    code = main(["--random-init", "tiny", "--samples-per-family", "1", "--sizes", "64", "--budgets", "1,0.25",
+                 "--methods", "arrcoc,uniform", "--box-share-only", "--out", str(tmp_path), "--quiet"])
+    assert code == 0
+    report = json.loads((tmp_path / "eval.json").read_text())
+    assert report["answers"] is False and report["reference"] == {}
+    assert len(report["results"]) == 4
+    assert all(r["accuracy"] is None and 0 <= r["box_share"] <= 1 for r in report["results"])
+    table = (tmp_path / "eval.md").read_text()
+    assert "| box share | 16 (100%) | 4 (25%) |" in table and "| accuracy |" not in table
+
+
+def test_the_trained_text_encoder_gives_arrcocs_query() -> None:
+    """With a text encoder, the participatory scorer reads its encoding of the question."""
+    from arrcoc.data import make_sample
+    from arrcoc.evaluation import pixel_values, project_adapter
+    from arrcoc.text_query import TextQueryConfig, TextQueryEncoder
+    from arrcoc.vlm import VLMConfig, build_vlm
+
+    model, tokenizer = build_vlm(VLMConfig.from_name("tiny"))
+    encoder = TextQueryEncoder(TextQueryConfig(width=32, dim=16, layers=1, heads=2)).eval()
+    seen: list[list[str]] = []
+    encoder.register_forward_pre_hook(lambda _, args: seen.append(list(args[0])))
+    samples = [make_sample(i, 64, "text") for i in range(2)]
+    pixels = pixel_values(model, [s.image for s in samples])
+    questions = [s.question for s in samples]
+    project_adapter(model, tokenizer, "uniform", text_encoder=encoder).prepare(pixels, questions, 8)
+    assert seen == []  # a reducer that reads no query does not run the encoder
+    prepared = project_adapter(model, tokenizer, "arrcoc-participatory", text_encoder=encoder).prepare(pixels, questions, 8)
+    assert seen == [questions] and prepared.reduced.tokens.shape == (2, 8, 32)
