@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import numbers
 from dataclasses import dataclass, field
 from typing import Any
 
-from .errors import InvalidInputError
+from .errors import InvalidInputError, InvalidTypeError
 
 __all__ = ["BalanceConfig", "PipelineConfig", "SCORER_NAMES"]
 
@@ -20,6 +21,30 @@ CONFIG_VERSION = 1
 def _check(condition: bool, message: str) -> None:
     if not condition:
         raise InvalidInputError(message)
+
+
+def _number(value: Any, name: str) -> float:
+    """A real number (not a bool), as float; anything else is an ``InvalidTypeError`` naming the field."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise InvalidTypeError(f"{name} must be a number; got {value!r} ({type(value).__name__})")
+    return float(value)
+
+
+def _whole(value: Any, name: str, optional: bool = False) -> int | None:
+    """A whole number (not a bool), or ``None`` where ``optional``."""
+    if optional and value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        expected = "a whole number or None" if optional else "a whole number"
+        raise InvalidTypeError(f"{name} must be {expected}; got {value!r} ({type(value).__name__})")
+    return int(value)
+
+
+def _numbers(value: Any, name: str, length: int) -> tuple[float, ...]:
+    if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)):
+        raise InvalidTypeError(f"{name} must be a sequence of {length} numbers; got {value!r}")
+    _check(len(value) == length, f"{name} must hold {length} numbers; got {len(value)}: {value!r}")
+    return tuple(_number(v, f"{name}[{i}]") for i, v in enumerate(value))
 
 
 @dataclass(frozen=True)
@@ -47,15 +72,16 @@ class BalanceConfig:
     temperature_range: tuple[float, float] = (0.15, 2.0)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "weights", tuple(float(w) for w in self.weights))
-        object.__setattr__(self, "temperature_range", tuple(float(t) for t in self.temperature_range))
-        _check(len(self.weights) == 3 and all(w >= 0 for w in self.weights) and sum(self.weights) > 0,
-               f"balance.weights must be 3 non-negative numbers with a positive sum; got {self.weights}")
+        object.__setattr__(self, "weights", _numbers(self.weights, "balance.weights", 3))
+        object.__setattr__(self, "temperature_range", _numbers(self.temperature_range, "balance.temperature_range", 2))
+        _check(all(0 <= w < float("inf") for w in self.weights) and sum(self.weights) > 0,
+               f"balance.weights must be 3 finite non-negative numbers with a positive sum; got {self.weights}")
         for name in ("exploit", "diversify", "particularize"):
-            value = getattr(self, name)
+            value = _number(getattr(self, name), f"balance.{name}")
             _check(0.0 <= value <= 1.0, f"balance.{name} must be in [0, 1]; got {value}")
+            object.__setattr__(self, name, value)
         low, high = self.temperature_range
-        _check(0 < low <= high, f"balance.temperature_range must be 0 < low <= high; got {self.temperature_range}")
+        _check(0 < low <= high < float("inf"), f"balance.temperature_range must be 0 < low <= high, finite; got {self.temperature_range}")
 
 
 @dataclass(frozen=True)
@@ -90,9 +116,22 @@ class PipelineConfig:
 
     def __post_init__(self) -> None:
         if isinstance(self.balance, dict):
-            object.__setattr__(self, "balance", BalanceConfig(**self.balance))
-        object.__setattr__(self, "buckets", tuple(sorted(set(int(b) for b in self.buckets))))
+            object.__setattr__(self, "balance", _balance_from_dict(self.balance))
+        if not isinstance(self.balance, BalanceConfig):
+            raise InvalidTypeError(f"balance must be a BalanceConfig or a dict of its fields; got {type(self.balance).__name__}")
+        if isinstance(self.buckets, (str, bytes)) or not isinstance(self.buckets, (list, tuple)):
+            raise InvalidTypeError(f"buckets must be a sequence of whole numbers; got {self.buckets!r}")
+        buckets = [_whole(b, f"buckets[{i}]") for i, b in enumerate(self.buckets)]
+        object.__setattr__(self, "buckets", tuple(sorted(set(buckets))))  # type: ignore[arg-type]
+        if not isinstance(self.encoder_kwargs, dict) or not all(isinstance(k, str) for k in self.encoder_kwargs):
+            raise InvalidTypeError(f"encoder_kwargs must be a dict with string keys; got {self.encoder_kwargs!r}")
         object.__setattr__(self, "encoder_kwargs", dict(self.encoder_kwargs))
+        for name in ("region_size", "min_tokens", "seed", "version"):
+            object.__setattr__(self, name, _whole(getattr(self, name), name))
+        for name in ("max_tokens", "token_capacity"):
+            object.__setattr__(self, name, _whole(getattr(self, name), name, optional=True))
+        if not isinstance(self.encoder_dtype, str):
+            raise InvalidTypeError(f"encoder_dtype must be a string; got {self.encoder_dtype!r}")
         _check(isinstance(self.encoder, str) and bool(self.encoder), f"encoder must be a timm model name; got {self.encoder!r}")
         _check(len(self.buckets) > 0 and all(b > 0 for b in self.buckets), f"buckets must be positive sizes; got {self.buckets}")
         _check(self.region_size >= 1, f"region_size must be >= 1 patch; got {self.region_size}")
@@ -114,10 +153,14 @@ class PipelineConfig:
         """A named preset (``"default"``, ``"tiny"``), with any field overridden."""
         if name not in _PRESETS:
             raise InvalidInputError(f"unknown preset {name!r}; choose one of {sorted(_PRESETS)}")
-        return dataclasses.replace(_PRESETS[name], **overrides)
+        return _PRESETS[name].replace(**overrides)
 
     def replace(self, **changes: Any) -> PipelineConfig:
         """A copy with some fields changed (validated again)."""
+        known = {f.name for f in dataclasses.fields(self)}
+        unknown = sorted(set(changes) - known)
+        if unknown:
+            raise InvalidInputError(f"unknown config fields {unknown}; known fields are {sorted(known)}")
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict[str, Any]:
@@ -125,13 +168,13 @@ class PipelineConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> PipelineConfig:
+        """A config from a dict of its fields (as :meth:`to_dict` writes); unknown fields are an error."""
+        if not isinstance(data, dict):
+            raise InvalidTypeError(f"config must be a JSON object / dict of fields; got {type(data).__name__}")
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
             raise InvalidInputError(f"unknown config fields {unknown}; known fields are {sorted(known)}")
-        data = dict(data)
-        if "balance" in data:
-            data["balance"] = BalanceConfig(**data["balance"])
         return cls(**data)
 
     def to_json(self) -> str:
@@ -139,7 +182,20 @@ class PipelineConfig:
 
     @classmethod
     def from_json(cls, text: str) -> PipelineConfig:
-        return cls.from_dict(json.loads(text))
+        """A config from the JSON :meth:`to_json` writes."""
+        try:
+            data = json.loads(text)
+        except (TypeError, ValueError) as err:  # JSONDecodeError is a ValueError
+            raise InvalidInputError(f"config JSON cannot be read: {err}") from err
+        return cls.from_dict(data)
+
+
+def _balance_from_dict(data: dict[str, Any]) -> BalanceConfig:
+    known = {f.name for f in dataclasses.fields(BalanceConfig)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise InvalidInputError(f"unknown balance fields {unknown}; known fields are {sorted(known)}")
+    return BalanceConfig(**data)
 
 
 _PRESETS: dict[str, PipelineConfig] = {

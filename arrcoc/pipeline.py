@@ -108,6 +108,14 @@ class Pipeline(nn.Module):
                  device: torch.device | str | None = None, cuda_graphs: bool | None = None, compile: bool = False,
                  graph_cache: GraphCache | None = None) -> None:
         super().__init__()
+        if config is not None and not isinstance(config, PipelineConfig):
+            raise InvalidTypeError(f"config must be a PipelineConfig (PipelineConfig.from_dict reads a dict); got "
+                                   f"{type(config).__name__}")
+        if device is not None:
+            try:
+                device = torch.device(device)
+            except (RuntimeError, TypeError) as err:
+                raise InvalidInputError(f'device must be a torch device such as "cpu" or "cuda"; got {device!r}') from err
         self.config = config = config or PipelineConfig()
         self.weights_path = None if weights is None else os.fspath(weights)
         self.preprocessor = Preprocessor(config.buckets, multiple=1)
@@ -151,9 +159,14 @@ class Pipeline(nn.Module):
         folder = Path(path) if path is not None else DEFAULT_WEIGHTS_DIR
         config_file, weights_file = folder / "config.json", folder / "encoder.safetensors"
         if path is not None and not config_file.is_file():
-            raise MissingWeightsError(f"{os.fspath(folder)!r} holds no config.json; expected a folder saved by Pipeline.save_pretrained")
+            raise MissingWeightsError(f"path {os.fspath(folder)!r} holds no config.json; expected a folder saved by "
+                                      "Pipeline.save_pretrained")
         if config_file.is_file():
-            config = PipelineConfig.from_json(config_file.read_text()).replace(**overrides)
+            try:
+                config = PipelineConfig.from_json(config_file.read_text())
+            except InvalidInputError as err:
+                raise type(err)(f"{os.fspath(config_file)!r}: {err}") from err
+            config = config.replace(**overrides)
             weights = weights_file if weights_file.is_file() else None
         else:
             logger.info("no trained weights in %s: using the untrained default (random encoder, weight-free scorers)", folder)
@@ -483,6 +496,9 @@ class Pipeline(nn.Module):
         Returns:
             :class:`CompressionOutput`.
         """
+        if budget is None:  # None means relevance only: that is score(), not a compression
+            raise BudgetError("budget must be a positive whole number of tokens, or one per image; got None "
+                              "(for relevance maps without compression, call Pipeline.score)")
         return self._run(images, query, query_mask, budget, profile, copy)  # type: ignore[return-value]
 
     def score(self, images: Any, query: Any = None, *, query_mask: Tensor | None = None,

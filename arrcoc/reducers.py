@@ -25,13 +25,13 @@ from .allocation import Allocator
 from .balance import Balance
 from .compression import Compressor
 from .config import SCORER_NAMES, PipelineConfig
-from .errors import BudgetError, InvalidInputError
+from .errors import BudgetError, InvalidInputError, InvalidTypeError
 from .regions import capacity_of, region_bounds
 from .scorers import create_scorer
 from .texture import Texture
 
 __all__ = ["VisualInput", "ReducedTokens", "Reducer", "REDUCERS", "register_reducer", "create_reducer",
-           "list_reducers", "check_budget", "ArrcocReducer"]
+           "list_reducers", "check_budget", "check_visual", "ArrcocReducer"]
 
 
 @dataclass
@@ -138,6 +138,52 @@ def create_reducer(name: str, **kwargs: Any) -> Reducer:
     return REDUCERS[name](**kwargs)
 
 
+def _capturing(tensor: Tensor) -> bool:
+    """Whether a CUDA graph is being captured on ``tensor``'s device (a host query: no sync)."""
+    return tensor.is_cuda and torch.cuda.is_current_stream_capturing()
+
+
+def check_visual(visual: VisualInput) -> None:
+    """Host-side check shared by reducers: shapes and dtypes of every given field, and finite features.
+
+    The value check (finite features) reads one flag from the device; it is skipped while a CUDA graph is
+    being captured, where the caller validated the inputs it copies into the graph.
+
+    Raises:
+        InvalidTypeError: ``features`` is not a floating-point tensor.
+        InvalidInputError: a field has the wrong shape, or ``features`` holds NaN or infinite values.
+    """
+    if not isinstance(visual, VisualInput):
+        raise InvalidTypeError(f"visual must be an arrcoc.reducers.VisualInput; got {type(visual).__name__}")
+    features = visual.features
+    if not isinstance(features, Tensor) or not features.is_floating_point():
+        given = features.dtype if isinstance(features, Tensor) else type(features).__name__
+        raise InvalidTypeError(f"visual.features must be a floating-point tensor (B, gh, gw, D); got {given}")
+    if features.ndim != 4 or 0 in features.shape:
+        raise InvalidInputError(f"visual.features must have shape (B, gh, gw, D), none of them 0; got {tuple(features.shape)}")
+    b, gh, gw, d = features.shape
+    expected = {"patch_valid": (b, gh, gw), "cls_attention": (b, gh, gw), "text_attention": (b, gh, gw)}
+    for name, shape in expected.items():
+        value = getattr(visual, name)
+        if value is not None and tuple(value.shape) != shape:
+            raise InvalidInputError(f"visual.{name} must have shape {shape}; got {tuple(value.shape)}")
+    if visual.pixels is not None:
+        pixels = visual.pixels
+        if pixels.ndim != 4 or pixels.shape[:2] != (b, 3) or pixels.shape[2] % gh or pixels.shape[3] % gw:
+            raise InvalidInputError(f"visual.pixels must have shape ({b}, 3, S, S') with S a multiple of {gh} and S' of "
+                                    f"{gw}; got {tuple(pixels.shape)}")
+    if visual.query is not None:
+        query = visual.query
+        if query.ndim != 3 or query.shape[0] not in (1, b) or query.shape[2] != d:
+            raise InvalidInputError(f"visual.query must have shape (1 or {b}, L, {d}); got {tuple(query.shape)}")
+        mask = visual.query_mask
+        if mask is not None and (mask.dtype != torch.bool or tuple(mask.shape) != (query.shape[0], query.shape[1])):
+            raise InvalidInputError(f"visual.query_mask must be bool of shape {tuple(query.shape[:2])}; got "
+                                    f"{mask.dtype} {tuple(mask.shape)}")
+    if not _capturing(features) and not bool(torch.isfinite(features).all()):  # ok-sync: validation, outside capture
+        raise InvalidInputError("visual.features hold NaN or infinite values")
+
+
 def check_budget(visual: VisualInput, budget: int) -> None:
     """Host-side check shared by reducers: ``budget`` is a whole number in ``[1, gh * gw]``."""
     if isinstance(budget, bool) or not isinstance(budget, int):
@@ -180,11 +226,12 @@ class ArrcocReducer(nn.Module):
 
     def forward(self, visual: VisualInput, budget: int) -> ReducedTokens:
         """Reduce ``visual.features`` ``(B, gh, gw, D)`` to ``budget`` tokens per image."""
+        check_visual(visual)
+        check_budget(visual, budget)
         cfg = self.config
         features = visual.features.float()
         b, gh, gw, d = features.shape
         patch_valid = visual.valid_patches().float()
-        check_budget(visual, budget)
         limit = capacity_of((gh, gw), cfg.region_size, cfg.max_tokens)
         if budget > limit:
             raise BudgetError(f"budget must be at most {limit}, the token capacity of a {gh}x{gw} grid under "
@@ -195,9 +242,9 @@ class ArrcocReducer(nn.Module):
         else:
             texture = features.new_zeros(b, gh, gw, 5)  # no pixels: the feature terms alone
         if visual.query is not None:
-            query = visual.query.float()
-            query_mask = visual.query_mask if visual.query_mask is not None else torch.ones(
-                query.shape[:2], dtype=torch.bool, device=query.device)
+            query = visual.query.float().expand(b, -1, -1)
+            query_mask = (visual.query_mask.expand(b, -1) if visual.query_mask is not None
+                          else torch.ones(query.shape[:2], dtype=torch.bool, device=query.device))
         else:
             query = features.new_zeros(b, 1, d)
             query_mask = torch.zeros(b, 1, dtype=torch.bool, device=features.device)

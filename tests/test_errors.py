@@ -2,9 +2,7 @@
 
 A table of bad inputs per entry point. Each row says which error it must raise (a subclass of
 ``ArrcocError``, and of ``ValueError`` or ``TypeError`` where that is the natural base) and words the message
-must contain: the argument's name, and where useful what was given. Rows marked ``outside`` fail today
-because of code outside this change; they are strict xfails whose reason gives the fix, so they turn red
-(XPASS) the moment the fix lands and the mark can go.
+must contain: the argument's name, and where useful what was given.
 """
 
 from __future__ import annotations
@@ -45,33 +43,17 @@ def _bad_json_folder(tmp: Any) -> str:
     return str(tmp)
 
 
-def outside(reason: str) -> pytest.MarkDecorator:
-    return pytest.mark.xfail(strict=True, reason=f"outside this change: {reason}")
-
-
-def _param(*values: Any, marks: pytest.MarkDecorator) -> Any:
-    return pytest.param(*values, id=values[0], marks=marks)
-
-
 # (id, call(pipe, tmp_path), error class, words the message must contain)
 Row = tuple[str, Callable[[Pipeline, Any], Any], type[ArrcocError], tuple[str, ...]]
-ROWS: list[Row | Any] = [
+ROWS: list[Row] = [
     # --- Pipeline(...) and from_pretrained ------------------------------------------------------------------
     ("pipeline-encoder", lambda p, t: Pipeline(PipelineConfig(encoder="no_such_model")), EncoderError, ("encoder", "no_such_model")),
     ("pipeline-weights", lambda p, t: Pipeline(p.config, weights=t / "none.safetensors"), MissingWeightsError, ("weights", "none.safetensors")),
-    _param("pipeline-config-type", lambda p, t: Pipeline({"region_size": 4}), InvalidTypeError, ("config", "dict"),
-                 marks=outside("pipeline.py Pipeline.__init__: `if config is not None and not isinstance(config, PipelineConfig): "
-                               "raise InvalidTypeError(f'config must be a PipelineConfig; got {type(config).__name__}')`")),
-    _param("pipeline-device", lambda p, t: Pipeline(p.config, device="bogus"), InvalidInputError, ("device", "bogus"),
-                 marks=outside("pipeline.py Pipeline.__init__: wrap `torch.device(device)` in try/except RuntimeError -> "
-                               "InvalidInputError(f'device must be a torch device such as \"cpu\" or \"cuda\"; got {device!r}')")),
-    _param("from-pretrained-missing", lambda p, t: Pipeline.from_pretrained(t / "nothing"), MissingWeightsError, ("path", "nothing"),
-                 marks=outside("pipeline.py from_pretrained: say `path {folder!r} holds no config.json ...` (name the argument)")),
-    _param("from-pretrained-json", lambda p, t: Pipeline.from_pretrained(_bad_json_folder(t)), InvalidInputError, ("config.json",),
-                 marks=outside("config.py from_json: catch json.JSONDecodeError -> InvalidInputError(f'config JSON cannot be "
-                               "parsed: {err}')")),
-    _param("from-pretrained-override", lambda p, t: Pipeline.from_pretrained(bogus=1), InvalidInputError, ("bogus",),
-                 marks=outside("config.py replace/from_name: check the override names against the fields like from_dict does")),
+    ("pipeline-config-type", lambda p, t: Pipeline({"region_size": 4}), InvalidTypeError, ("config", "dict")),
+    ("pipeline-device", lambda p, t: Pipeline(p.config, device="bogus"), InvalidInputError, ("device", "bogus")),
+    ("from-pretrained-missing", lambda p, t: Pipeline.from_pretrained(t / "nothing"), MissingWeightsError, ("path", "nothing")),
+    ("from-pretrained-json", lambda p, t: Pipeline.from_pretrained(_bad_json_folder(t)), InvalidInputError, ("config.json",)),
+    ("from-pretrained-override", lambda p, t: Pipeline.from_pretrained(bogus=1), InvalidInputError, ("bogus",)),
     # --- __call__ / forward: images ----------------------------------------------------------------------------
     ("images-none", lambda p, t: p(None, budget=8), InvalidTypeError, ("image 0", "NoneType")),
     ("images-empty-list", lambda p, t: p([], budget=8), InvalidInputError, ("images", "empty")),
@@ -98,10 +80,7 @@ ROWS: list[Row | Any] = [
     ("budget-float-tensor", lambda p, t: p(IMAGE, budget=torch.tensor(8.0)), BudgetError, ("budget", "float32")),
     ("budget-2d-tensor", lambda p, t: p(IMAGE, budget=torch.tensor([[8]])), BudgetError, ("budget", "(1, 1)")),
     ("budget-list-item", lambda p, t: p([IMAGE, IMAGE], budget=[8, None]), BudgetError, ("budget", "value 1", "None")),
-    _param("budget-none", lambda p, t: p(IMAGE, budget=None), BudgetError, ("budget", "None"),
-                 marks=outside("pipeline.py forward: `if budget is None: raise BudgetError('budget must be a positive whole "
-                               "number of tokens (use Pipeline.score for relevance only); got None')` (today it returns a "
-                               "ScoreOutput, not the CompressionOutput forward promises)")),
+    ("budget-none", lambda p, t: p(IMAGE, budget=None), BudgetError, ("budget", "None")),
     # --- query -------------------------------------------------------------------------------------------------
     ("query-width", lambda p, t: p(IMAGE, query=torch.randn(5), budget=8), InvalidInputError, ("query", f"{WIDTH}", "5")),
     ("query-type", lambda p, t: p(IMAGE, query=3, budget=8), InvalidTypeError, ("query", "int")),
@@ -148,45 +127,30 @@ ROWS: list[Row | Any] = [
     ("config-unknown-field", lambda p, t: PipelineConfig.from_dict({"regions": 4}), InvalidInputError, ("fields", "regions")),
     ("balance-exploit", lambda p, t: BalanceConfig(exploit=2.0), InvalidInputError, ("exploit", "2.0")),
     ("balance-weights", lambda p, t: BalanceConfig(weights=(1.0, 2.0)), InvalidInputError, ("weights",)),
-    _param("config-region-type", lambda p, t: PipelineConfig(region_size="4"), InvalidTypeError, ("region_size", "'4'"),
-                 marks=outside("config.py __post_init__: check each int field with `isinstance(v, int) and not isinstance(v, "
-                               "bool)` before comparing, raising InvalidTypeError naming the field, expected and given")),
-    _param("config-buckets-type", lambda p, t: PipelineConfig(buckets=224), InvalidTypeError, ("buckets", "224"),
-                 marks=outside("config.py __post_init__: buckets must be a sequence of ints (InvalidTypeError) before "
-                               "`sorted(set(int(b) ...))`")),
-    _param("config-json-syntax", lambda p, t: PipelineConfig.from_json("{"), InvalidInputError, ("JSON",),
-                 marks=outside("config.py from_json: json.JSONDecodeError -> InvalidInputError")),
-    _param("config-json-list", lambda p, t: PipelineConfig.from_json("[]"), InvalidTypeError, ("object", "list"),
-                 marks=outside("config.py from_dict: `if not isinstance(data, dict): raise InvalidTypeError(f'config must be a "
-                               "JSON object / dict; got {type(data).__name__}')` (today '[]' gives the default config)")),
-    _param("config-balance-field", lambda p, t: PipelineConfig.from_dict({"balance": {"foo": 1}}), InvalidInputError, ("foo",),
-                 marks=outside("config.py from_dict: check balance's keys against BalanceConfig's fields like the top level")),
-    _param("balance-exploit-type", lambda p, t: BalanceConfig(exploit="a"), InvalidTypeError, ("exploit", "'a'"),
-                 marks=outside("config.py BalanceConfig.__post_init__: float fields must be real numbers (InvalidTypeError)")),
-    _param("balance-temperature", lambda p, t: BalanceConfig(temperature_range=(1.0,)), InvalidInputError, ("temperature_range",),
-                 marks=outside("config.py BalanceConfig.__post_init__: check len(temperature_range) == 2 before unpacking")),
+    ("config-region-type", lambda p, t: PipelineConfig(region_size="4"), InvalidTypeError, ("region_size", "'4'")),
+    ("config-buckets-type", lambda p, t: PipelineConfig(buckets=224), InvalidTypeError, ("buckets", "224")),
+    ("config-json-syntax", lambda p, t: PipelineConfig.from_json("{"), InvalidInputError, ("JSON",)),
+    ("config-json-list", lambda p, t: PipelineConfig.from_json("[]"), InvalidTypeError, ("object", "list")),
+    ("config-balance-field", lambda p, t: PipelineConfig.from_dict({"balance": {"foo": 1}}), InvalidInputError, ("foo",)),
+    ("balance-exploit-type", lambda p, t: BalanceConfig(exploit="a"), InvalidTypeError, ("exploit", "'a'")),
+    ("balance-temperature", lambda p, t: BalanceConfig(temperature_range=(1.0,)), InvalidInputError, ("temperature_range",)),
     # --- reducers -----------------------------------------------------------------------------------------------
     ("reducer-name", lambda p, t: create_reducer("no-such-reducer"), InvalidInputError, ("reducer", "no-such-reducer")),
     ("reducer-budget-fraction", lambda p, t: create_reducer("arrcoc")(VisualInput(torch.randn(1, 8, 8, 16)), 2.5),
      BudgetError, ("budget", "2.5")),
     ("reducer-budget-zero", lambda p, t: create_reducer("arrcoc")(VisualInput(torch.randn(1, 8, 8, 16)), 0), BudgetError, ("budget", "0")),
-    _param("reducer-features-rank", lambda p, t: create_reducer("arrcoc")(VisualInput(torch.randn(8, 8, 16)), 4),
-                 InvalidInputError, ("features", "(8, 8, 16)"),
-                 marks=outside("reducers.py ArrcocReducer.forward: check `visual.features.ndim == 4` (B, gh, gw, D) first")),
-    _param("reducer-visual-type", lambda p, t: create_reducer("arrcoc")(torch.randn(1, 8, 8, 16), 4),
-                 InvalidTypeError, ("visual", "Tensor"),
-                 marks=outside("reducers.py ArrcocReducer.forward: `if not isinstance(visual, VisualInput): raise InvalidTypeError`")),
-    _param("reducer-query-width", lambda p, t: create_reducer("arrcoc")(
-                 VisualInput(torch.randn(1, 8, 8, 16), query=torch.randn(1, 2, 5)), 4), InvalidInputError, ("query", "5"),
-                 marks=outside("reducers.py ArrcocReducer.forward: query.shape[-1] must equal features.shape[-1]")),
-    _param("reducer-features-nan", lambda p, t: create_reducer("arrcoc")(
-                 VisualInput(torch.full((1, 8, 8, 16), float("nan"))), 4), InvalidInputError, ("features", "NaN"),
-                 marks=outside("reducers.py ArrcocReducer.forward: NaN features reach compression and index out of bounds "
-                               "(RuntimeError); reject non-finite features on the host, as Pipeline does for pixels")),
+    ("reducer-features-rank", lambda p, t: create_reducer("arrcoc")(VisualInput(torch.randn(8, 8, 16)), 4),
+                 InvalidInputError, ("features", "(8, 8, 16)")),
+    ("reducer-visual-type", lambda p, t: create_reducer("arrcoc")(torch.randn(1, 8, 8, 16), 4),
+                 InvalidTypeError, ("visual", "Tensor")),
+    ("reducer-query-width", lambda p, t: create_reducer("arrcoc")(
+                 VisualInput(torch.randn(1, 8, 8, 16), query=torch.randn(1, 2, 5)), 4), InvalidInputError, ("query", "5")),
+    ("reducer-features-nan", lambda p, t: create_reducer("arrcoc")(
+                 VisualInput(torch.full((1, 8, 8, 16), float("nan"))), 4), InvalidInputError, ("features", "NaN")),
 ]
 
 
-@pytest.mark.parametrize("name, call, error, words", [pytest.param(*r, id=r[0]) if type(r) is tuple else r for r in ROWS])
+@pytest.mark.parametrize("name, call, error, words", [pytest.param(*r, id=r[0]) for r in ROWS])
 def test_bad_input_raises_a_named_arrcoc_error(name: str, call: Callable, error: type[ArrcocError], words: tuple[str, ...],
                                                tiny_pipe: Pipeline, tmp_path) -> None:
     with pytest.raises(ArrcocError) as caught:
