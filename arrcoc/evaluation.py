@@ -217,7 +217,8 @@ class CharTokenizerForHF:
 
 
 def project_adapter(model: LlavaForConditionalGeneration, tokenizer: CharTokenizer, method: str,
-                    shared: dict[str, Any] | None = None, text_encoder: Any = None) -> Any:
+                    shared: dict[str, Any] | None = None, text_encoder: Any = None,
+                    reducer_graphs: str = "auto") -> Any:
     """An :class:`arrcoc.hf.ArrcocLlava` serving the project's small VLM (:mod:`arrcoc.vlm`) as it was trained.
 
     Three things differ from a stock LLaVA and are set here: the features are the timm tower's
@@ -235,6 +236,8 @@ def project_adapter(model: LlavaForConditionalGeneration, tokenizer: CharTokeniz
         text_encoder: the trained :class:`arrcoc.text_query.TextQueryEncoder` shipped with the model; when
             given, the participatory scorer's query is its encoding of each prompt (the question), as in
             :class:`arrcoc.Pipeline` with a text query, instead of the adapter's prompt pull-back.
+        reducer_graphs: passed to the adapter (``"auto"``: the reducer replays as a CUDA graph on CUDA;
+            ``"off"``: eager).
     """
     from .hf import ArrcocLlava
 
@@ -282,7 +285,7 @@ def project_adapter(model: LlavaForConditionalGeneration, tokenizer: CharTokeniz
     layers = int(model.config.text_config.num_hidden_layers)
     prompt = tokenizer.prompt("{question}").replace("<image>", "{image}")
     return ProjectLlava(model, CharTokenizerForHF(tokenizer), method=method, template=prompt,
-                        fastv_layer=min(2, layers - 1))
+                        fastv_layer=min(2, layers - 1), reducer_graphs=reducer_graphs)
 
 
 def _last_block_cls_attention(tower: Any, x: Tensor, grid: tuple[int, int]) -> Tensor:
@@ -360,7 +363,7 @@ def _summarise(correct: list[bool] | None, shares: list[float | None], samples: 
 @torch.no_grad()
 def evaluate(model: LlavaForConditionalGeneration, tokenizer: CharTokenizer, config: EvalConfig | None = None, *,
              device: torch.device | str | None = None, progress: bool = True,
-             text_encoder: Any = None) -> dict[str, Any]:
+             text_encoder: Any = None, reducer_graphs: str = "auto") -> dict[str, Any]:
     """Run every method at every budget and size on the same questions.
 
     Args:
@@ -371,6 +374,7 @@ def evaluate(model: LlavaForConditionalGeneration, tokenizer: CharTokenizer, con
         progress: show a progress bar.
         text_encoder: the trained query encoder for arrcoc's participatory scorer (see :func:`project_adapter`);
             ``None``: the adapter's prompt pull-back.
+        reducer_graphs: ``"auto"`` (CUDA graphs for the reducers on CUDA) or ``"off"`` (see :func:`project_adapter`).
 
     Returns:
         A JSON-ready report: set-up facts, ``reference`` (full-token accuracy of the model's own path per
@@ -386,7 +390,7 @@ def evaluate(model: LlavaForConditionalGeneration, tokenizer: CharTokenizer, con
     shared: dict[str, Any] = {}  # the tower's output for the current batch, read by every method
     if text_encoder is not None:
         text_encoder = text_encoder.to(device).eval()
-    adapters = {m: project_adapter(model, tokenizer, m, shared, text_encoder) for m in config.methods}
+    adapters = {m: project_adapter(model, tokenizer, m, shared, text_encoder, reducer_graphs) for m in config.methods}
     report: dict[str, Any] = {
         "device": _device_name(device), "torch": torch.__version__, "date": datetime.date.today().isoformat(),
         "samples_per_family": config.samples_per_family, "families": list(config.families), "seed": config.seed,
@@ -600,6 +604,8 @@ def _parser() -> argparse.ArgumentParser:
     model.add_argument("--model", default=None, help="a folder saved by arrcoc.vlm.save_vlm (default: weights/)")
     model.add_argument("--random-init", default=None, metavar="PRESET",
                        help="a randomly initialised VLM preset (default, tiny) instead of trained weights: a smoke test")
+    parser.add_argument("--eager-reducers", action="store_true", help="run the reducers eagerly on CUDA too "
+                                                                      "(default: replayed as CUDA graphs)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     return parser
 
@@ -638,7 +644,8 @@ def main(argv: list[str] | None = None) -> int:
                 text_encoder = TextQueryEncoder.from_pretrained(args.model or DEFAULT_VLM_DIR)
             except MissingWeightsError:
                 logger.warning("no trained text query encoder beside the model: arrcoc's query is the prompt pull-back")
-        report = evaluate(model, tokenizer, config, device=device, progress=not args.quiet, text_encoder=text_encoder)
+        report = evaluate(model, tokenizer, config, device=device, progress=not args.quiet, text_encoder=text_encoder,
+                          reducer_graphs="off" if args.eager_reducers else "auto")
         report["model"] = source
         from .bench import write_report
 

@@ -189,7 +189,7 @@ def test_project_adapter_reads_the_trained_features_and_the_cls_attention() -> N
 
 def test_box_share_only_skips_answers(tmp_path: Path) -> None:
     code = main(["--random-init", "tiny", "--samples-per-family", "1", "--sizes", "64", "--budgets", "1,0.25",
-                 "--methods", "arrcoc,uniform", "--box-share-only", "--out", str(tmp_path), "--quiet"])
+                 "--methods", "arrcoc,uniform", "--box-share-only", "--eager-reducers", "--out", str(tmp_path), "--quiet"])
     assert code == 0
     report = json.loads((tmp_path / "eval.json").read_text())
     assert report["answers"] is False and report["reference"] == {}
