@@ -1,7 +1,7 @@
 """Fuzzing: every family of bad and odd inputs ends in a valid output or an ArrcocError naming the argument.
 
 A short, derandomised hypothesis profile of each family of :mod:`arrcoc.fuzz` (``ARRCOC_FUZZ_EXAMPLES``
-cases each, default 12); ``python -m arrcoc.fuzz --cases 10000`` runs the long one.
+cases each, default 8); ``python -m arrcoc.fuzz --cases 10000`` runs the long one.
 """
 
 from __future__ import annotations
@@ -15,18 +15,16 @@ import torch
 from hypothesis import HealthCheck, given, settings
 
 import arrcoc
-from arrcoc.errors import BudgetError, InvalidInputError
+from arrcoc.errors import InvalidInputError
 from arrcoc.fuzz import FUZZ_BUCKETS, Case, Outcome, families, fuzz, main, run_case
 
-EXAMPLES = int(os.environ.get("ARRCOC_FUZZ_EXAMPLES", "12"))
+EXAMPLES = int(os.environ.get("ARRCOC_FUZZ_EXAMPLES", "8"))
 FAMILIES = list(families(1, ".").keys())  # type: ignore[arg-type]
 
-#: Bugs the fuzzer finds in files outside this change; each is pinned by an xfail test in test_errors.py, and
-#: the family tests tolerate exactly these, so any other failure still fails.
+#: Bugs the fuzzer finds in files outside this change; each is pinned by a strict xfail below, and the family
+#: tests tolerate exactly these, so any other failure still fails.
 KNOWN: dict[str, Callable[[Case, Outcome], bool]] = {
-    "budgets": lambda case, outcome: case.describe.endswith("budget None"),  # Pipeline.forward(budget=None)
-    "configs": lambda case, outcome: outcome.error in ("TypeError", "ValueError", "JSONDecodeError"),  # config.py
-    "reducers": lambda case, outcome: outcome.error in ("ValueError", "RuntimeError", "AttributeError"),  # reducers.py
+    "reducers": lambda case, outcome: outcome.error == "RuntimeError" and "out of bounds" in outcome.message,
 }
 
 
@@ -94,9 +92,19 @@ def test_long_run_figures(fuzz_pipe: arrcoc.Pipeline, tmp_path) -> None:
     assert "| bombs |" in written.with_suffix(".md").read_text()
 
 
-def test_forward_budget_none_is_pinned(fuzz_pipe: arrcoc.Pipeline) -> None:
-    """The one KNOWN budgets case really is the forward(budget=None) gap (see test_errors.py)."""
-    out = fuzz_pipe(torch.zeros(3, 8, 8), budget=None)
-    assert not isinstance(out, arrcoc.CompressionOutput)
-    with pytest.raises(BudgetError):
-        fuzz_pipe(torch.zeros(3, 8, 8), budget=[None])
+@pytest.mark.xfail(strict=True, raises=RuntimeError, reason=(
+    "outside this change: finite but huge features (1e20) overflow float32 in the scorers, the relevance turns NaN "
+    "and allocation._allocate casts NaN to int64 (an out-of-bounds index in compression). Fix in allocation.py "
+    "_allocate: `relevance = torch.nan_to_num(relevance.double(), nan=0.0, posinf=0.0).clamp_min(0)` (graph-safe), "
+    "or compute the scorers' norms in a scaled way"))
+def test_huge_finite_features_are_pinned() -> None:
+    """The one KNOWN reducers case: the reducer must return finite tokens or raise an ArrcocError."""
+    from arrcoc.reducers import VisualInput, create_reducer
+
+    features = torch.randn(1, 6, 9, 5, generator=torch.Generator().manual_seed(1))
+    features[0, 0, 0, 0] = 1e20
+    try:
+        out = create_reducer("arrcoc")(VisualInput(features), 8)
+    except arrcoc.ArrcocError:
+        return
+    assert torch.isfinite(out.tokens).all() and out.tokens.shape[1] == 8
