@@ -27,7 +27,7 @@ from .config import PipelineConfig
 from .pipeline import Pipeline
 from .samples import demo_scene
 
-__all__ = ["main", "time_stages", "write_report"]
+__all__ = ["main", "time_stages", "write_report", "device_name"]
 
 logger = logging.getLogger(__name__)
 
@@ -114,9 +114,10 @@ def time_stages(pipe: Pipeline, size: int, batch: int, *, budget_share: float = 
     return result
 
 
-def _device_name(device: torch.device) -> str:
+def device_name(device: torch.device) -> str:
+    """The device as reports name it: the GPU's name, or the CPU with its thread count."""
     if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
+        return torch.cuda.getdevice_name(device)
     return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
 
 
@@ -169,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     import timm
 
     report: dict[str, Any] = {
-        "device": _device_name(device), "cuda": device.type == "cuda", "torch": torch.__version__,
+        "device": device_name(device), "cuda": device.type == "cuda", "torch": torch.__version__,
         "timm": timm.__version__, "encoder": config.encoder, "encoder_dtype": args.dtype,
         "date": datetime.date.today().isoformat(), "reps": args.reps, "warmup": args.warmup, "results": [],
     }

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from .bench import _busy_ms, _device_name, write_report
+from .bench import _busy_ms, device_name, write_report
 from .compress_dataset import _TOKEN_DTYPES, DatasetStats, _Decode, compress_dataset, list_sources
 from .config import PipelineConfig
 from .pipeline import BATCH_BUCKETS, Pipeline
@@ -213,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
     generate_s = time.perf_counter() - start
     device = torch.device(args.device)
     report: dict[str, Any] = {
-        "device": _device_name(device), "torch": torch.__version__, "date": datetime.date.today().isoformat(),
+        "device": device_name(device), "torch": torch.__version__, "date": datetime.date.today().isoformat(),
         "preset": args.preset, "images": args.images, "small_share": args.small_share, "budget": args.budget,
         "batch_size": args.batch_size, "workers": args.workers, "shard_size": args.shard_size,
         "token_dtype": args.token_dtype, "cpu_count": os.cpu_count(), "generate_s": generate_s,

@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import logging
-import platform
 import sys
 import time
 from collections.abc import Sequence
@@ -33,6 +32,7 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
+from .bench import device_name
 from .data import QUESTION_FAMILIES, VQASample, make_sample
 from .errors import ArrcocError, InvalidInputError, MissingWeightsError
 
@@ -392,7 +392,7 @@ def evaluate(model: LlavaForConditionalGeneration, tokenizer: CharTokenizer, con
         text_encoder = text_encoder.to(device).eval()
     adapters = {m: project_adapter(model, tokenizer, m, shared, text_encoder, reducer_graphs) for m in config.methods}
     report: dict[str, Any] = {
-        "device": _device_name(device), "torch": torch.__version__, "date": datetime.date.today().isoformat(),
+        "device": device_name(device), "torch": torch.__version__, "date": datetime.date.today().isoformat(),
         "samples_per_family": config.samples_per_family, "families": list(config.families), "seed": config.seed,
         "shares": list(config.shares), "sizes": list(config.sizes), "methods": list(config.methods),
         "patch_size": patch, "reference": {}, "results": [], "skipped": {}, "answers": config.answers,
@@ -449,12 +449,6 @@ def evaluate(model: LlavaForConditionalGeneration, tokenizer: CharTokenizer, con
     bar.close()
     report["seconds"] = round(time.perf_counter() - start, 1)
     return report
-
-
-def _device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"cpu ({platform.machine()}, {torch.get_num_threads()} threads)"
 
 
 def _pct(value: float | None) -> str:
