@@ -138,6 +138,11 @@ def create_reducer(name: str, **kwargs: Any) -> Reducer:
     return REDUCERS[name](**kwargs)
 
 
+#: Largest feature magnitude reducers accept: the scorers' second moments (sums of squares over up to a few
+#: thousand channels) must stay inside float32.
+FEATURE_LIMIT = 1e15
+
+
 def _capturing(tensor: Tensor) -> bool:
     """Whether a CUDA graph is being captured on ``tensor``'s device (a host query: no sync)."""
     return tensor.is_cuda and torch.cuda.is_current_stream_capturing()
@@ -146,12 +151,12 @@ def _capturing(tensor: Tensor) -> bool:
 def check_visual(visual: VisualInput) -> None:
     """Host-side check shared by reducers: shapes and dtypes of every given field, and finite features.
 
-    The value check (finite features) reads one flag from the device; it is skipped while a CUDA graph is
+    The value check (finite features of usable magnitude) reads one flag from the device; it is skipped while a CUDA graph is
     being captured, where the caller validated the inputs it copies into the graph.
 
     Raises:
         InvalidTypeError: ``features`` is not a floating-point tensor.
-        InvalidInputError: a field has the wrong shape, or ``features`` holds NaN or infinite values.
+        InvalidInputError: a field has the wrong shape, or ``features`` holds NaN, infinite or overflowing values.
     """
     if not isinstance(visual, VisualInput):
         raise InvalidTypeError(f"visual must be an arrcoc.reducers.VisualInput; got {type(visual).__name__}")
@@ -180,8 +185,11 @@ def check_visual(visual: VisualInput) -> None:
         if mask is not None and (mask.dtype != torch.bool or tuple(mask.shape) != (query.shape[0], query.shape[1])):
             raise InvalidInputError(f"visual.query_mask must be bool of shape {tuple(query.shape[:2])}; got "
                                     f"{mask.dtype} {tuple(mask.shape)}")
-    if not _capturing(features) and not bool(torch.isfinite(features).all()):  # ok-sync: validation, outside capture
-        raise InvalidInputError("visual.features hold NaN or infinite values")
+    if not _capturing(features):
+        usable = torch.isfinite(features) & (features.abs() <= FEATURE_LIMIT)
+        if not bool(usable.all()):  # ok-sync: validation, outside capture
+            raise InvalidInputError(f"visual.features hold NaN, infinite or overflowing values (|x| > {FEATURE_LIMIT:g}: "
+                                    "their squares overflow float32 statistics); rescale the features")
 
 
 def check_budget(visual: VisualInput, budget: int) -> None:
