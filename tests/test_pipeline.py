@@ -134,11 +134,17 @@ def test_save_and_load_pretrained(tmp_path, tiny_pipe: arrcoc.Pipeline) -> None:
     torch.testing.assert_close(again(image, budget=12).tokens, tiny_pipe(image, budget=12).tokens)
 
 
-def test_from_pretrained_default_is_offline_and_untrained() -> None:
+def test_from_pretrained_default_loads_the_shipped_weights_offline() -> None:
+    """The default is weights/: its config, its trained encoder and its question encoder; nothing is downloaded."""
+    from arrcoc.pipeline import DEFAULT_WEIGHTS_DIR
+
     pipe = arrcoc.Pipeline.from_pretrained(buckets=(224,))
-    assert pipe.config.encoder == arrcoc.PipelineConfig().encoder
-    out = pipe(_photo(224, 224, 0), budget=32)
+    shipped = arrcoc.PipelineConfig.from_json((DEFAULT_WEIGHTS_DIR / "config.json").read_text())
+    assert pipe.config == shipped.replace(buckets=(224,))
+    assert pipe.text_encoder is not None
+    out = pipe(_photo(224, 224, 0), query="what color is the triangle?", budget=32)
     _check_contract(out, [32])
+    assert bool(out.balance["has_query"][0])
 
 
 def test_convnet_encoder() -> None:
