@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import subprocess
 import sys
@@ -12,7 +13,7 @@ import torch
 from PIL import Image
 
 import arrcoc
-from arrcoc.cli import main
+from arrcoc.cli import MODULE_COMMANDS, main
 from arrcoc.overlay import render_overlay
 from arrcoc.samples import demo_scene
 
@@ -254,3 +255,14 @@ def test_an_unwritable_output_is_listed_and_the_job_goes_on(folder, tmp_path, mo
     err = capsys.readouterr().err
     assert "wide.jpg: cannot write its outputs" in err and "No space left" in err and "broken.png" in err
     assert sorted(p.stem for p in out.glob("*.json")) == ["street", "tall"]
+
+
+@pytest.mark.parametrize("name", sorted(MODULE_COMMANDS))
+def test_every_module_command_has_a_main_and_help(name: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """`arrcoc NAME --help` reaches the module's own parser: the module imports and its main() prints usage."""
+    module = importlib.import_module(MODULE_COMMANDS[name][0])
+    assert callable(module.main)
+    with pytest.raises(SystemExit) as exit_info:
+        main([name, "--help"])
+    assert exit_info.value.code == 0
+    assert "usage:" in capsys.readouterr().out
