@@ -340,7 +340,7 @@ def _whole(budget: Any, count: int) -> list[int] | None:
     if isinstance(budget, (Tensor, np.ndarray)):
         if budget.ndim > 1 or str(budget.dtype).rsplit(".", 1)[-1] in ("bool", "float32"):
             return None
-        values = budget.reshape(-1).tolist()
+        values = budget.reshape(-1).tolist()  # ok-sync: building a test case on the CPU
     else:
         values = list(budget) if isinstance(budget, list) else [budget]
     if any(isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, np.integer)) for v in values):
@@ -383,7 +383,7 @@ def _queries(draw: st.DrawFn, width: int) -> Case:
             lead_ = (count,) if mask_kind == "batch" else ()
             mask = torch.rand((*lead_, length_), generator=g) > 0.5
             mask = {"all": torch.ones_like(mask), "none": torch.zeros_like(mask), "float": mask.float(),
-                    "list": mask.tolist()}.get(mask_kind, mask)
+                    "list": mask.tolist()}.get(mask_kind, mask)  # ok-sync: test case
             query_mask = mask
     score = draw(st.booleans())
     budget = 16
@@ -422,7 +422,7 @@ def _allocations(draw: st.DrawFn) -> Case:
     if isinstance(budget, int) and isinstance(low, (int, Tensor)) and isinstance(high, (int, Tensor)):
         expect["allocation"] = ([budget] * b, low, high)
     elif isinstance(budget, Tensor):
-        expect["allocation"] = (budget.tolist(), low, high)
+        expect["allocation"] = (budget.tolist(), low, high)  # ok-sync: test case
     else:
         expect["allocation"] = (None, low, high)
     return Case("allocate", f"relevance {tuple(relevance.shape)} {dtype}, budget {_short(budget)}, bounds "

@@ -124,7 +124,7 @@ class TextQueryEncoder(nn.Module):
         from safetensors.torch import save_file
 
         Path(folder).mkdir(parents=True, exist_ok=True)
-        state = {k: (v.to(dtype) if v.is_floating_point() else v).detach().cpu().clone()
+        state = {k: (v.to(dtype) if v.is_floating_point() else v).detach().cpu().clone()  # ok-sync: saving
                  for k, v in self.state_dict().items()}
         save_file(state, Path(folder) / TEXT_QUERY_FILE, metadata={"config": json.dumps(dataclasses.asdict(self.config))})
 

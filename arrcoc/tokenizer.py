@@ -68,7 +68,7 @@ class CharTokenizer:
     def decode(self, ids: Sequence[int] | Tensor, skip_special_tokens: bool = True) -> str:
         """Text of ``ids``; stops at the first ``</s>``. Special tokens are dropped unless asked for."""
         if isinstance(ids, Tensor):
-            ids = ids.tolist()
+            ids = ids.tolist()  # ok-sync: decoding to text
         out = []
         for i in ids:
             if i == self.eos_token_id:

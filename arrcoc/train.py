@@ -322,9 +322,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         with _autocast(device):
             features = vision_features(model, pixels)  # (B, N, D)
             visual = features
-            draw = torch.rand((), generator=generator, device=device).item()
+            draw = torch.rand((), generator=generator, device=device).item()  # ok-sync: per-batch choice, training loop
             if draw < args.compress_prob:
-                fraction = 0.05 + 0.55 * torch.rand((), generator=generator, device=device).item()
+                fraction = 0.05 + 0.55 * torch.rand((), generator=generator, device=device).item()  # ok-sync: per-batch choice
                 visual = random_compression(features, generator, fraction)
             elif draw < args.compress_prob + args.subset_prob:
                 visual = object_subset(features, dense, targets, generator, 0.2)
@@ -376,7 +376,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     query_encoder.save_pretrained(out / "weights")
     from safetensors.torch import save_file
 
-    save_file({k: v.detach().cpu().clone() for k, v in dense_head.state_dict().items()}, out / "dense_head.safetensors")
+    save_file({k: v.detach().cpu().clone() for k, v in dense_head.state_dict().items()}, out / "dense_head.safetensors")  # ok-sync: saving
     accuracy = {str(size): evaluate(model, tokenizer, size, args.eval_per_family, device) for size in sizes}
     summary = {"state": state, "accuracy": accuracy, "device": torch.cuda.get_device_name() if device.type == "cuda"
                else "cpu", "torch": torch.__version__, "args": vars(args), "wall_seconds": time.monotonic() - started}

@@ -215,7 +215,7 @@ def save_vlm(model: LlavaForConditionalGeneration, tokenizer: CharTokenizer, fol
     folder.mkdir(parents=True, exist_ok=True)
 
     def cast(state: dict[str, Tensor]) -> dict[str, Tensor]:
-        return {k: (v.to(dtype) if v.is_floating_point() else v).detach().cpu().clone() for k, v in state.items()}  # clone: tied tensors
+        return {k: (v.to(dtype) if v.is_floating_point() else v).detach().cpu().clone() for k, v in state.items()}  # ok-sync: saving; clone: tied tensors
 
     save_file(cast(vision_tower(model).state_dict()), folder / "encoder.safetensors")
     save_file(cast(_language_parts(model)), folder / "vlm.safetensors")
