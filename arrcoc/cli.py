@@ -8,7 +8,6 @@ import json
 import logging
 import os
 import sys
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,6 +16,8 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
+from .atomic import remove_partial
+from .atomic import write_atomic as _write_atomic  # a module global: tests patch it
 from .config import PipelineConfig
 from .errors import ArrcocError, InvalidInputError
 from .outputs import CompressionOutput, ScoreOutput
@@ -101,19 +102,6 @@ def _image_files(inputs: list[str], recursive: bool) -> list[Path]:
     return files
 
 
-def _write_atomic(path: Path, write: Any) -> None:
-    """Write through a temporary file in the same folder, then rename: no half-written outputs."""
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(handle)
-    try:
-        write(temporary)
-        os.replace(temporary, path)
-    except BaseException:
-        if os.path.exists(temporary):
-            os.remove(temporary)
-        raise
-
-
 def _stems(files: list[Path]) -> list[str]:
     seen: dict[str, int] = {}
     out = []
@@ -166,17 +154,6 @@ def _complete(out_dir: Path, stem: str, source: Path, key: str) -> bool:
     return True
 
 
-def _remove_stale_temporaries(out_dir: Path, stems: list[str]) -> int:
-    """Delete the temporary files a killed run left behind (only ours: ``.<stem>.(png|json).*.tmp``)."""
-    wanted = {f".{stem}.{suffix}." for stem in stems for suffix in ("png", "json")}
-    removed = 0
-    for path in out_dir.glob(".*.tmp"):
-        if any(path.name.startswith(prefix) for prefix in wanted):
-            path.unlink(missing_ok=True)
-            removed += 1
-    return removed
-
-
 class _Job:
     """Counts of a folder job: images written, skipped as complete, failed (with reasons), processed by the stages."""
 
@@ -201,7 +178,7 @@ def _run_files(args: argparse.Namespace, compress: bool) -> int:
         raise InvalidInputError(f"no image files found in {args.inputs}")
     work = list(zip(files, _stems(files)))
     key = _job_key(args, compress, query)
-    stale = _remove_stale_temporaries(out_dir, [stem for _, stem in work])
+    stale = remove_partial(out_dir, [f"{stem}.{suffix}" for _, stem in work for suffix in ("png", "json")])
     if stale:
         logger.warning("removed %d temporary files left by an interrupted run", stale)
     job = _Job()

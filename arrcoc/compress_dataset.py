@@ -41,6 +41,7 @@ import torch.distributed as dist
 from torch import Tensor
 from tqdm import tqdm
 
+from .atomic import remove_partial
 from .cli import IMAGE_SUFFIXES, _image_files, _load_query
 from .config import PipelineConfig
 from .errors import ArrcocError, InvalidInputError
@@ -52,7 +53,6 @@ from .shards import (
     MANIFEST_NAME,
     merge_index,
     read_shard_records,
-    remove_partial,
     shard_file,
     stack_rows,
     write_shard,
@@ -339,7 +339,7 @@ def compress_dataset(source: str | os.PathLike[str], dest: str | os.PathLike[str
     todo = []
     for shard in range(rank, shards, world):
         path = shard_file(dest, shard)
-        remove_partial(path)
+        remove_partial(path.parent, [path.name])  # a killed writer's temporaries
         found = read_shard_records(path)
         if found is not None and found[0] == fingerprint:
             stats.shards_skipped += 1

@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .cli import _write_atomic as write_atomic  # temporary name, then rename
+from .atomic import write_atomic
 from .errors import InvalidInputError
 
 __all__ = [
@@ -44,7 +44,6 @@ __all__ = [
     "FORMAT",
     "ROW_KEYS",
     "shard_file",
-    "remove_partial",
     "write_shard",
     "write_text_atomic",
     "read_shard_records",
@@ -76,21 +75,6 @@ def shard_file(root: str | os.PathLike[str], shard: int) -> Path:
     return Path(root) / SHARD_DIR / f"shard-{shard:06d}.safetensors"
 
 
-def remove_partial(path: Path) -> int:
-    """Delete the temporary files a killed writer of ``path`` left behind; returns how many."""
-    stale = list(path.parent.glob(f".{path.name}.*.tmp"))
-    for leftover in stale:
-        leftover.unlink(missing_ok=True)
-    return len(stale)
-
-
-def readable(path: str) -> None:
-    """Give a temporary file (created 0600) the permissions of a normal new file under the current umask."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(path, 0o666 & ~umask)
-
-
 def stack_rows(rows: Sequence[dict[str, Tensor]]) -> dict[str, Tensor]:
     """Stack per-image rows into shard tensors ``(N, ...)``, padding per-region maps to the largest grid."""
     if not rows:
@@ -119,11 +103,7 @@ def write_shard(path: Path, tensors: dict[str, Tensor], records: list[dict[str, 
     metadata = {"format": FORMAT, "fingerprint": fingerprint, "records": json.dumps(records, separators=(",", ":"))}
     path.parent.mkdir(parents=True, exist_ok=True)
 
-    def write(temporary: str) -> None:
-        save_file(tensors, temporary, metadata=metadata)
-        readable(temporary)
-
-    write_atomic(path, write)
+    write_atomic(path, lambda temporary: save_file(tensors, temporary, metadata=metadata))
 
 
 def read_shard_records(path: Path) -> tuple[str, list[dict[str, Any]]] | None:
@@ -145,12 +125,7 @@ def read_shard_records(path: Path) -> tuple[str, list[dict[str, Any]]] | None:
 
 def write_text_atomic(path: Path, text: str) -> None:
     """Write a text file through a temporary name and a rename, with normal permissions."""
-
-    def write(temporary: str) -> None:
-        Path(temporary).write_text(text)
-        readable(temporary)
-
-    write_atomic(path, write)
+    write_atomic(path, lambda temporary: Path(temporary).write_text(text))
 
 
 def merge_index(root: str | os.PathLike[str], shards: int, total: int, fingerprint: str) -> list[dict[str, Any]]:
