@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 
-from .bench import write_report
+from .bench import device_name, write_report
 from .decode import GraphedDecoder
 
 __all__ = ["main", "build_llava", "PRESETS"]
@@ -122,7 +122,7 @@ class _Bench:
         import transformers
 
         self.report: dict[str, Any] = {
-            "device": torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu",
+            "device": device_name(self.device),
             "torch": torch.__version__, "transformers": transformers.__version__,
             "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
             "preset": args.preset, "dtype": args.dtype, "method": args.method, "full_image_tokens": self.full,

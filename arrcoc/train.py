@@ -39,6 +39,7 @@ import torch
 from torch import Tensor
 
 from .allocation import allocate
+from .bench import device_name
 from .compression import compress
 from .data import COLORS, QUESTION_FAMILIES, SHAPES, TEXT_ALPHABET, make_sample
 from .regions import region_grid, to_regions
@@ -378,8 +379,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
     save_file({k: v.detach().cpu().clone() for k, v in dense_head.state_dict().items()}, out / "dense_head.safetensors")  # ok-sync: saving
     accuracy = {str(size): evaluate(model, tokenizer, size, args.eval_per_family, device) for size in sizes}
-    summary = {"state": state, "accuracy": accuracy, "device": torch.cuda.get_device_name() if device.type == "cuda"
-               else "cpu", "torch": torch.__version__, "args": vars(args), "wall_seconds": time.monotonic() - started}
+    summary = {"state": state, "accuracy": accuracy, "device": device_name(device), "torch": torch.__version__, "args": vars(args), "wall_seconds": time.monotonic() - started}
     (out / "eval.json").write_text(json.dumps(summary, indent=2))
     for size, per in accuracy.items():
         logger.info("full-token accuracy at %s px: %s", size, "  ".join(f"{f} {a:.3f}" for f, a in per.items()))
