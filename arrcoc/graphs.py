@@ -11,7 +11,11 @@ Host cost per call is what limits batch-1 serving, so a call touches as few tens
   the batch bucket writes all of its inputs with one ``torch.cat`` (one kernel);
 - the last step inside the graph packs every result into one byte buffer the entry owns (outside the
   pool), so copying results out is one ``clone`` and zero-copy results (``copy=False``) are views of it,
-  valid until the next replay of that entry and checked by a generation counter (:class:`StaleOutputError`).
+  valid until the next replay of that entry and checked by a generation counter (:class:`StaleOutputError`);
+- a result's views are built when first read (:class:`ChainResult`, :func:`lazy_output`): one ``as_strided``
+  each, from offsets computed once per entry, so a caller that reads three results builds three views;
+- what a call would otherwise rebuild is made once: keys carry their hash, and small inputs passed again
+  (a caller's cached zeros) keep their byte views.
 
 Sharing one pool is safe because replays are serialised (``GraphCache.lock``) and ordered on one stream:
 a graph may reuse memory another entry's graph used for temporaries. Results live in the entry's own
@@ -29,7 +33,7 @@ import math
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -39,7 +43,7 @@ from torch import Tensor
 from .errors import ArrcocError, InvalidInputError
 
 __all__ = ["GraphKey", "GraphChain", "GraphCache", "PackedTensors", "ChainResult", "CaptureError",
-           "CaptureMemoryError", "StaleOutputError", "guard_output"]
+           "CaptureMemoryError", "StaleOutputError", "guard_output", "lazy_output"]
 
 logger = logging.getLogger(__name__)
 
@@ -63,6 +67,13 @@ class GraphKey:
     query_tokens: int
     thread: int = 0
 
+    def __post_init__(self) -> None:  # hashed once: every call looks its key up three times
+        object.__setattr__(self, "_hash", hash((self.bucket, self.batch, self.dtype, self.device, self.capacity,
+                                                self.query_tokens, self.thread)))
+
+    def __hash__(self) -> int:
+        return self._hash  # type: ignore[attr-defined,no-any-return]
+
 
 class CaptureError(ArrcocError, RuntimeError):
     """A stage could not be captured; the message names the stage and the reason."""
@@ -81,6 +92,12 @@ class StaleOutputError(ArrcocError, RuntimeError):
 
 
 # --- packing ---------------------------------------------------------------------------------------------
+#: Inputs up to this size keep the byte view of the last tensor written (kept alive: small ones only).
+_MEMO_BYTES = 1 << 16
+#: Packed buffers are padded to a multiple of this many bytes (the widest item of any dtype a stage returns).
+_ALIGN = 16
+
+
 def _leaves(state: Mapping[str, Any], keys: Sequence[str]) -> dict[str, Tensor]:
     """``{"balance": {"x": t}}`` -> ``{"balance.x": t}`` for the given top-level keys present in ``state``."""
     out: dict[str, Tensor] = {}
@@ -107,6 +124,7 @@ class PackedTensors:
 
     def __init__(self, specs: Mapping[str, tuple[Sequence[int], torch.dtype]], device: torch.device | str) -> None:
         # largest items first, one run per dtype (stable: a dtype's tensors keep their order)
+        self.order = tuple(specs)  # as given (results are handed out in this order)
         self.names = sorted(specs, key=lambda n: (-_itemsize(specs[n][1]), str(specs[n][1])))
         self.shapes = [tuple(int(s) for s in specs[n][0]) for n in self.names]
         self.dtypes = [specs[n][1] for n in self.names]
@@ -119,7 +137,24 @@ class PackedTensors:
             run = self._runs[-1]
             self._runs[-1] = (dtype, run[1] + size, run[2] + [math.prod(shape)], run[3] + [shape])
         self.batch = self.shapes[0][0] if self.shapes else 0
-        self.buffer = torch.zeros(self.nbytes, dtype=torch.uint8, device=device)
+        # name -> (dtype run, storage offset in that dtype's elements, shape, contiguous strides): one view of a
+        # packed buffer is then one as_strided on its run's typed view, with nothing recomputed per call
+        self.layout: dict[str, tuple[int, int, tuple[int, ...], tuple[int, ...]]] = {}
+        start, index = 0, 0
+        for run, (dtype, run_bytes, numels, shapes) in enumerate(self._runs):
+            itemsize, offset = _itemsize(dtype), start
+            for numel, shape in zip(numels, shapes):
+                self.layout[self.names[index]] = (run, offset // itemsize, shape, _contiguous_strides(shape))
+                offset += numel * itemsize
+                index += 1
+            start += run_bytes
+        # per tensor in buffer order: name, shape, dtype, and whether it is small enough to remember its bytes
+        self._plan = [(n, shape, dtype, size <= _MEMO_BYTES)
+                      for n, shape, dtype, size in zip(self.names, self.shapes, self.dtypes, self.sizes)]
+        self._memo: dict[str, tuple[Tensor, Tensor]] = {}  # name -> (the last small value written, its byte view)
+        # padded to a whole number of the widest item, so the whole buffer has a typed view for every dtype
+        self.buffer = torch.zeros(-(-self.nbytes // _ALIGN) * _ALIGN, dtype=torch.uint8, device=device)
+        self.body = self.buffer[: self.nbytes]  # what one torch.cat writes: every tensor, no padding
         self.views = self.unpack(self.buffer)
 
     @classmethod
@@ -132,29 +167,54 @@ class PackedTensors:
 
     def unpack(self, buffer: Tensor, rows: int | None = None) -> dict[str, Tensor]:
         """Typed views ``(rows, *shape[1:])`` of every tensor in ``buffer`` (a copy of :attr:`buffer`)."""
-        views = []  # one typed view and one split per dtype, then one view per tensor: the host cost of a call
-        for run, (dtype, _, numels, shapes) in zip(buffer.split_with_sizes([r[1] for r in self._runs]), self._runs):
-            views += [p.view(s) for p, s in zip(run.view(dtype).split_with_sizes(numels), shapes)]
-        if rows is not None and rows != self.batch:
-            views = [v[:rows] for v in views]
-        return dict(zip(self.names, views))
+        runs: dict[int, tuple[Tensor, int]] = {}
+        return {name: self.view(buffer, name, rows, runs) for name in self.names}
+
+    def view(self, buffer: Tensor, name: str, rows: int | None = None,
+             runs: dict[int, tuple[Tensor, int]] | None = None) -> Tensor:
+        """One tensor's contiguous view ``(rows, *shape[1:])`` in ``buffer`` (a copy of :attr:`buffer`).
+
+        ``runs`` caches the typed view of ``buffer`` for each dtype between calls (one per buffer): with it, a
+        view costs one ``as_strided``, so a caller can build only the views it reads.
+        """
+        run, offset, shape, strides = self.layout[name]
+        typed = None if runs is None else runs.get(run)
+        if typed is None:
+            whole = buffer.view(self._runs[run][0])  # the padded buffer divides into whole items of any dtype
+            typed = (whole, whole.storage_offset())
+            if runs is not None:
+                runs[run] = typed
+        if rows is not None and rows != shape[0]:
+            shape = (rows, *shape[1:])  # the first rows of a contiguous block: still one contiguous block
+        return typed[0].as_strided(shape, strides, typed[1] + offset)
 
     def write(self, values: Mapping[str, Tensor], rows: int | None = None) -> None:
         """Copy ``values`` (each ``(rows, *shape[1:])``) into the first ``rows`` of every view.
 
-        With every tensor present, contiguous, of its dtype and full shape this is one kernel (``torch.cat``
-        into the buffer); otherwise one copy per tensor (which converts dtypes and broadcasts).
+        With every tensor present, of its dtype and full shape this is one kernel (``torch.cat`` into the
+        buffer, after one copy of each non-contiguous value); otherwise one copy per tensor (which converts
+        dtypes and broadcasts).
         """
         if (rows is None or rows == self.batch) and len(values) == len(self.names):
-            parts = []
-            for name, shape, dtype in zip(self.names, self.shapes, self.dtypes):
+            parts, memo = [], self._memo
+            for name, shape, dtype, small in self._plan:
                 value = values[name]
-                if value.dtype != dtype or value.shape != shape or not value.is_contiguous():
+                if small:  # the same small tensor as last time (a caller's cached zeros): its bytes are known
+                    known = memo.get(name)
+                    if known is not None and known[0] is value:
+                        parts.append(known[1])
+                        continue
+                if value.dtype != dtype or value.shape != shape:
                     break
-                parts.append(_bytes(value))
+                if value.is_contiguous():
+                    parts.append(_bytes(value))
+                    if small:
+                        memo[name] = (value, parts[-1])  # a view: it follows in-place changes of the tensor
+                else:  # e.g. one query expanded over the batch: one copy here still beats a copy per tensor below
+                    parts.append(_bytes(value.contiguous()))
             else:
                 try:
-                    torch.cat(parts, out=self.buffer)  # shapes and dtypes match: the buffer is never resized
+                    torch.cat(parts, out=self.body)  # shapes and dtypes match: the buffer is never resized
                     return
                 except RuntimeError:  # e.g. a value on another device: copy one by one below
                     pass
@@ -175,20 +235,33 @@ def _itemsize(dtype: torch.dtype) -> int:
     return torch.empty((), dtype=dtype).element_size()
 
 
+def _contiguous_strides(shape: tuple[int, ...]) -> tuple[int, ...]:
+    strides, step = [], 1
+    for size in reversed(shape):
+        strides.append(step)
+        step *= max(size, 1)
+    return tuple(reversed(strides))
+
+
 # --- results ---------------------------------------------------------------------------------------------
 class ChainResult(Mapping[str, Any]):
     """A chain's results for the first ``rows`` images: top-level keys, nested dicts rebuilt (``"balance"``).
 
-    Views are built on first access. With ``copy=False`` they view the entry's own output buffer; every
-    access checks that no replay of the entry happened since (:meth:`check`).
+    Each key's views are built on its first access (one ``as_strided`` per tensor), so a caller pays only
+    for what it reads. With ``copy=False`` they view the entry's own output buffer, and every access checks
+    that no replay of the entry happened since (:meth:`check`).
     """
+
+    __slots__ = ("_chain", "_rows", "_owned", "_generation", "_buffer", "_views", "_runs", "_cache")
 
     def __init__(self, chain: GraphChain, buffer: Tensor, rows: int, owned: bool) -> None:
         self._chain, self._rows, self._owned = chain, rows, owned
         self._generation = chain.generation
-        self._views = buffer is chain.outputs.buffer and rows == chain.outputs.batch
         self._buffer = buffer
-        self._cache: dict[str, Any] | None = None
+        # zero-copy at a full batch bucket: the entry's own views, built once at capture
+        self._views = chain.outputs.views if buffer is chain.outputs.buffer and rows == chain.outputs.batch else None
+        self._runs: dict[int, tuple[Tensor, int]] = {}  # typed view of the buffer per dtype, on first use
+        self._cache: dict[str, Any] = {}
 
     @property
     def owned(self) -> bool:
@@ -201,47 +274,142 @@ class ChainResult(Mapping[str, Any]):
 
     def check(self) -> None:
         """Raise :class:`StaleOutputError` when :meth:`valid` is False."""
-        if not self.valid():
+        if not self._owned and self._chain.generation != self._generation:
             raise StaleOutputError(
                 f"this zero-copy result (copy=False) of the {self._chain.name} graph was overwritten by a later "
                 f"call on the same entry ({self._chain.generation - self._generation} since); read results "
                 "before the next call, or call with copy=True to own them")
 
-    def _all(self) -> dict[str, Any]:
-        if self._cache is None:
-            flat = self._chain.outputs.views if self._views else self._chain.outputs.unpack(self._buffer, self._rows)
-            tree: dict[str, Any] = {}
-            for name, value in flat.items():
-                head, _, leaf = name.partition(".")
-                if leaf:
-                    tree.setdefault(head, {})[leaf] = value
-                else:
-                    tree[head] = value
-            self._cache = tree
-        return self._cache
+    def _leaf(self, name: str) -> Tensor:
+        if self._views is not None:
+            return self._views[name]
+        return self._chain.outputs.view(self._buffer, name, self._rows, self._runs)
+
+    def get_unchecked(self, key: str) -> Any:
+        """``self[key]`` without the staleness check (for a caller that has just made it)."""
+        value = self._cache.get(key)
+        if value is None:
+            node = self._chain.tree[key]  # KeyError for an unknown key, as a Mapping should
+            value = self._leaf(node) if isinstance(node, str) else {leaf: self._leaf(name) for leaf, name in node}
+            self._cache[key] = value
+        return value
 
     def __getitem__(self, key: str) -> Any:
         self.check()
-        return self._all()[key]
+        return self.get_unchecked(key)
 
     def __iter__(self) -> Iterator[str]:
-        return iter(self._all())
+        return iter(self._chain.tree)
 
     def __len__(self) -> int:
-        return len(self._all())
+        return len(self._chain.tree)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._chain.tree
 
 
-_GUARDED: dict[type, type] = {}
+def _tree(names: Sequence[str]) -> dict[str, str | tuple[tuple[str, str], ...]]:
+    """Flat packed names -> top-level key: its name, or its leaves ``(leaf, name)`` (``"balance.x"`` -> ``x``)."""
+    tree: dict[str, Any] = {}
+    for name in names:
+        head, _, leaf = name.partition(".")
+        if leaf:
+            tree.setdefault(head, []).append((leaf, name))
+        else:
+            tree[head] = name
+    return {k: v if isinstance(v, str) else tuple(v) for k, v in tree.items()}
 
 
-class _Guarded:
-    """Mixin of a zero-copy output: reading a field that views graph buffers first checks they are current."""
+# --- outputs built on first read, checked when zero-copy -----------------------------------------------------
+class _LazyField:
+    """A field built on its first read by the instance's ``_arrcoc_source(name)``, then a plain attribute (a
+    non-data descriptor: once the value sits in the instance's ``__dict__``, reads never come here again)."""
 
-    def __getattribute__(self, name: str) -> Any:
-        state = object.__getattribute__(self, "__dict__")
-        if name in state["_arrcoc_fields"]:
-            state["_arrcoc_result"].check()
-        return object.__getattribute__(self, name)
+    __slots__ = ("name",)
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __get__(self, obj: Any, owner: type | None = None) -> Any:
+        if obj is None:
+            return self
+        value = obj.__dict__[self.name] = obj.__dict__["_arrcoc_source"](self.name)
+        return value
+
+
+class _CheckedField(_LazyField):
+    """A zero-copy field: every read first runs the instance's ``_arrcoc_check()`` (which raises
+    :class:`StaleOutputError` once the buffers it views were overwritten), then builds the value on first read."""
+
+    __slots__ = ()
+
+    def __get__(self, obj: Any, owner: type | None = None) -> Any:
+        if obj is None:
+            return self
+        state = obj.__dict__
+        check = state.get("_arrcoc_check")
+        if check is not None:
+            check()
+        try:
+            return state[self.name]
+        except KeyError:
+            source = state.get("_arrcoc_source")
+            if source is None:  # a guarded plain instance whose field was never set
+                raise AttributeError(self.name) from None
+            value = state[self.name] = source(self.name)
+            return value
+
+    def __set__(self, obj: Any, value: Any) -> None:  # a data descriptor: reads always come through __get__
+        obj.__dict__[self.name] = value
+
+
+_CLASSES: dict[tuple[type, frozenset[str], frozenset[str]], type] = {}
+
+
+def _rebuild(cls: type, state: dict[str, Any]) -> Any:
+    obj = cls.__new__(cls)
+    obj.__dict__.update(state)
+    return obj
+
+
+def _materialise(self: Any) -> tuple[Any, ...]:
+    """Pickling and copying give an instance of the plain class, every field built (and checked)."""
+    names = (*self._arrcoc_lazy, *self._arrcoc_checked)
+    state = {k: v for k, v in self.__dict__.items() if not k.startswith("_arrcoc_")}
+    state.update({name: getattr(self, name) for name in names})
+    return _rebuild, (self._arrcoc_base, state)
+
+
+def _lazy_class(cls: type, lazy: frozenset[str], checked: frozenset[str]) -> type:
+    """A cached subclass of ``cls`` whose ``lazy`` fields are built on first read and ``checked`` fields checked."""
+    key = (cls, lazy, checked)
+    sub = _CLASSES.get(key)
+    if sub is None:
+        attrs: dict[str, Any] = {name: _LazyField(name) for name in lazy - checked}
+        attrs.update({name: _CheckedField(name) for name in checked})
+        attrs.update(__doc__=cls.__doc__, __module__=cls.__module__, __reduce__=_materialise, _arrcoc_base=cls,
+                     _arrcoc_lazy=tuple(sorted(lazy - checked)), _arrcoc_checked=tuple(sorted(checked)))
+        sub = _CLASSES[key] = type(f"{'ZeroCopy' if checked else 'Lazy'}{cls.__name__}", (cls,), attrs)
+    return sub
+
+
+def lazy_output(cls: type, values: Mapping[str, Any], source: Callable[[str], Any], lazy: Collection[str], *,
+                check: Callable[[], None] | None = None, checked: Collection[str] = ()) -> Any:
+    """An instance of (a cached subclass of) ``cls`` without running its ``__init__``.
+
+    Fields in ``values`` are set now; each field in ``lazy`` is built by ``source(name)`` on its first read and
+    kept. With ``check`` (zero-copy results), every read of a field in ``checked`` calls it first, so a read
+    after the buffers were overwritten raises (:class:`StaleOutputError`) even where the view was never built.
+    ``isinstance(out, cls)`` holds; pickling or copying gives a plain ``cls`` with every field built.
+    """
+    checked = frozenset(checked) if check is not None else frozenset()
+    obj = object.__new__(_lazy_class(cls, frozenset(lazy), checked))
+    state = obj.__dict__
+    state.update(values)
+    state["_arrcoc_source"] = source
+    if check is not None:
+        state["_arrcoc_check"] = check
+    return obj
 
 
 def guard_output(output: Any, result: ChainResult, fields: Sequence[str]) -> Any:
@@ -251,12 +419,8 @@ def guard_output(output: Any, result: ChainResult, fields: Sequence[str]) -> Any
     that checks ``result`` before returning any of ``fields``. Tensors taken out of it before the next
     call are plain views and are not checked: keep the output object, not the tensor, across calls.
     """
-    cls = type(output)
-    if cls not in _GUARDED:
-        _GUARDED[cls] = type(f"ZeroCopy{cls.__name__}", (_Guarded, cls), {"__doc__": cls.__doc__})
-    output.__dict__["_arrcoc_result"] = result
-    output.__dict__["_arrcoc_fields"] = frozenset(fields)
-    output.__class__ = _GUARDED[cls]
+    output.__class__ = _lazy_class(type(output), frozenset(), frozenset(fields))
+    output.__dict__["_arrcoc_check"] = result.check
     return output
 
 
@@ -288,11 +452,13 @@ class GraphChain:
         if backend == "eager":
             state = self._run_stages()
             self.outputs = PackedTensors.like(_leaves(state, self.output_keys))
+            self.tree = _tree(self.outputs.order)
             self.pool_bytes = 0
             self.bytes = self.inputs.nbytes + self.outputs.nbytes
             return
         state = self._warm(warmup)
         self.outputs = PackedTensors.like(_leaves(state, self.output_keys))  # outside the pool: the entry owns it
+        self.tree = _tree(self.outputs.order)  # top-level result key -> its packed tensors
         del state
         before = torch.cuda.memory_allocated(self.device)
         self.state: dict[str, Any] = dict(self.inputs.views)
@@ -341,8 +507,7 @@ class GraphChain:
     def _pack(self, state: Mapping[str, Any]) -> None:
         """Inside the graph: every result into the entry's output buffer (one kernel for contiguous results)."""
         leaves = _leaves(state, self.output_keys)
-        torch.cat([_bytes(leaves[n].contiguous()) for n in self.outputs.names],
-                  out=self.outputs.buffer)
+        torch.cat([_bytes(leaves[n].contiguous()) for n in self.outputs.names], out=self.outputs.body)
 
     def replay(self) -> None:
         """Run the chain on whatever the static inputs hold; the results land in ``outputs``."""
@@ -461,6 +626,7 @@ class GraphCache:
         self._rlock = threading.RLock()  # lock mode: everything under one plain (cheaper) lock
         self._meta = threading.Lock()  # LRU order and hit counts under a shared lock
         self._stream: Any = None  # the stream of the last replay (lock mode orders replays on other streams after it)
+        self._raw_stream: tuple[int | None, int] | None = None  # its (device index, raw handle)
         self.chain_factory: Callable[..., GraphChain] = GraphChain  # tests inject faults here
 
     def __len__(self) -> int:
@@ -545,8 +711,8 @@ class GraphCache:
     def run(self, key: GraphKey, build: Callable[[], tuple[list[Stage], dict[str, Tensor], Sequence[str]]],
             values: Mapping[str, Tensor], rows: int, copy: bool = True) -> ChainResult:
         """Fill, replay and read out the chain for ``key`` (captured on a miss), safely across threads."""
-        key = self.key_for(key)
         if self.threads == "per_thread":
+            key = self.key_for(key)
             while True:
                 with self._lock.shared():  # captures and evictions wait; other threads replay their own entries
                     chain = self._entries.get(key)
@@ -566,10 +732,13 @@ class GraphCache:
                 self._stats.hits += 1
                 self._entries.move_to_end(key)
             if self.backend == "cuda":
-                stream = torch.cuda.current_stream(chain.device)
-                if self._stream is not None and stream != self._stream:
-                    stream.wait_stream(self._stream)  # one pool: never overlap another stream's replay
-                self._stream = stream
+                # the raw handle is an int (no Stream object per call); a Stream only when the stream changes
+                raw = (chain.device.index, torch._C._cuda_getCurrentRawStream(chain.device.index))
+                if raw != self._raw_stream:
+                    stream = torch.cuda.current_stream(chain.device)
+                    if self._stream is not None:
+                        stream.wait_stream(self._stream)  # one pool: never overlap another stream's replay
+                    self._stream, self._raw_stream = stream, raw
             return chain.run(values, rows, copy)
 
     def clear(self) -> None:

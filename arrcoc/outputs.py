@@ -75,7 +75,9 @@ class ScoreOutput:
             elif isinstance(value, dict) and value and isinstance(next(iter(value.values())), Tensor):
                 value = {k: v.to(device) for k, v in value.items()}
             moved[f.name] = value
-        return type(self)(**moved)
+        # the dataclass itself, not a lazily built or zero-copy subclass (arrcoc.graphs.lazy_output): a plain copy
+        cls = next(c for c in type(self).__mro__ if "__dataclass_fields__" in vars(c))
+        return cls(**moved)
 
 
 @dataclass

@@ -28,7 +28,7 @@ from .compression import Compressor
 from .config import SCORER_NAMES, PipelineConfig
 from .encoders import ENCODER_DTYPES, Encoder, create_backbone, encoder_for_bucket, patch_stride
 from .errors import BudgetError, InvalidInputError, InvalidTypeError, MissingWeightsError
-from .graphs import CaptureError, ChainResult, GraphCache, GraphKey, guard_output
+from .graphs import CaptureError, ChainResult, GraphCache, GraphKey, lazy_output
 from .outputs import CompressionOutput, ScoreOutput
 from .preprocess import PreprocessedBatch, Preprocessor
 from .regions import capacity_of, region_bounds, region_grid
@@ -63,6 +63,9 @@ def _query_bucket(tokens: int) -> int:
     return 1 << max(0, tokens - 1).bit_length()  # 1, 2, 4, 8, ...
 
 
+_UNTIMED = contextlib.nullcontext()
+
+
 class _StageTimer:
     """Wall time per stage in milliseconds; synchronises the device only when profiling is on."""
 
@@ -71,11 +74,11 @@ class _StageTimer:
         self.device = device
         self.times: dict[str, float] = {}
 
+    def __call__(self, stage: str) -> contextlib.AbstractContextManager[None]:
+        return self._timed(stage) if self.enabled else _UNTIMED  # off: no generator per stage and call
+
     @contextlib.contextmanager
-    def __call__(self, stage: str) -> Iterator[None]:
-        if not self.enabled:
-            yield
-            return
+    def _timed(self, stage: str) -> Iterator[None]:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         start = time.perf_counter()
@@ -83,6 +86,9 @@ class _StageTimer:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         self.times[stage] = self.times.get(stage, 0.0) + (time.perf_counter() - start) * 1e3
+
+
+_UNTIMED_STAGES = _StageTimer(False, torch.device("cpu"))  # profiling off: one shared timer that records nothing
 
 
 class Pipeline(nn.Module):
@@ -135,6 +141,12 @@ class Pipeline(nn.Module):
         self.compile = compile
         self.graph_cache = graph_cache if graph_cache is not None else GraphCache()  # an empty cache is falsy
         self._eager_only: dict[GraphKey, str] = {}  # keys whose capture failed, with the reason
+        # per-call work done once: graph keys, the no-query tensors, budget limits (cleared when moved)
+        self._keys: dict[tuple[int, int, int, int], GraphKey] = {}
+        self._no_query: dict[int, tuple[Tensor, Tensor]] = {}
+        self._limits: dict[int, int] = {}
+        self._budget_cache: dict[tuple[int, int], Tensor] = {}
+        self._first_param: tuple[nn.Parameter] | None = None
         if device is not None:
             self.to(device)
 
@@ -191,12 +203,19 @@ class Pipeline(nn.Module):
 
     @property
     def device(self) -> torch.device:
-        return next(self.backbone.parameters()).device
+        held = self._first_param
+        if held is None:  # found once: a parameter keeps its identity when moved (its data is swapped)
+            held = self._first_param = (next(self.backbone.parameters()),)  # a tuple: not registered as ours
+        return held[0].device
 
     def _apply(self, fn: Any, recurse: bool = True) -> Pipeline:
         self._encoders.clear()  # rebuilt lazily on the new device / dtype
         if hasattr(self, "graph_cache"):
             self.graph_cache.clear()
+            self._keys.clear()
+            self._no_query.clear()
+            self._budget_cache.clear()
+            self._first_param = None
         return super()._apply(fn, recurse)
 
     def encoder(self, bucket: int) -> Encoder:
@@ -268,46 +287,29 @@ class Pipeline(nn.Module):
             raise InvalidInputError("query embedding must be finite (in float32); it holds NaN or infinite values")
         return query.expand(batch, -1, -1), query_mask.reshape(-1, tokens).to(device).expand(batch, -1)
 
-    def _budgets(self, budget: Any, groups: list[PreprocessedBatch], batch: int) -> tuple[Tensor, int]:
-        """Validate budgets on the host; returns ``(B,)`` int64 and the token capacity ``T``.
+    def _budgets(self, budget: Any, groups: list[PreprocessedBatch], batch: int) -> tuple[list[int], int]:
+        """Validate budgets on the host; returns one whole number per image and the token capacity ``T``.
 
         A budget is a whole number (``int`` or a numpy integer, not ``bool``), a sequence of them, or a 0-D/1-D
         integer tensor or array; one value serves every image.
         """
-        if isinstance(budget, (Tensor, np.ndarray)):
-            kind = budget.dtype
-            if (budget.is_floating_point() or budget.is_complex() or kind == torch.bool) if isinstance(budget, Tensor) \
-                    else kind.kind not in "iu":
-                raise BudgetError(f"budget must hold whole numbers; got a {kind} {type(budget).__name__}")
-            if budget.ndim > 1 or (isinstance(budget, Tensor) and budget.device.type == "meta"):
-                raise BudgetError(f"budget must be a number or a 1-D sequence of one per image; got shape {tuple(budget.shape)}")
-            values = budget.reshape(-1).tolist()  # ok-sync: host-side validation before the stages
-        elif isinstance(budget, Sequence) and not isinstance(budget, (str, bytes)):
-            values = list(budget)
-        else:
-            values = [budget]
-        for position, value in enumerate(values):
-            if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
-                where = "" if len(values) == 1 else f" (value {position})"
-                raise BudgetError(f"budget must be a positive whole number of tokens{where}; got {value!r} "
-                                  f"({type(value).__name__})")
-        values = [int(v) for v in values]
-        if len(values) == 1:
-            values = values * batch
-        if len(values) != batch:
-            raise BudgetError(f"budget must be one number or one per image ({batch}); got {len(values)} values")
+        values = [budget] * batch if type(budget) is int else _budget_values(budget, batch)  # a plain int: no detours
         cfg = self.config
         for group in groups:
-            grid = self.encoder(group.bucket).grid
-            limit = capacity_of(grid, cfg.region_size, cfg.max_tokens)
+            limit = self._limits.get(group.bucket)
+            if limit is None:
+                limit = self._limits[group.bucket] = capacity_of(self.encoder(group.bucket).grid, cfg.region_size,
+                                                                 cfg.max_tokens)
             for i, name in zip(group.indices, group.names):
                 if not 1 <= values[i] <= limit:
+                    grid = self.encoder(group.bucket).grid
                     raise BudgetError(f"budget for image {i} ({name}) must be between 1 and {limit}, the token "
                                       f"capacity of its {group.bucket}px bucket ({grid[0]}x{grid[1]} patches); got {values[i]}")
-        capacity = cfg.token_capacity or token_capacity(max(values))
-        if max(values) > capacity:
-            raise BudgetError(f"budget {max(values)} exceeds the configured token_capacity {capacity}")
-        return torch.tensor(values, dtype=torch.long), capacity
+        most = max(values)
+        capacity = cfg.token_capacity or token_capacity(most)
+        if most > capacity:
+            raise BudgetError(f"budget {most} exceeds the configured token_capacity {capacity}")
+        return values, capacity
 
     # --- running ----------------------------------------------------------------------------------------
     def stages(self, bucket: int, capacity: int = 0) -> list[tuple[str, Callable[[dict[str, Any]], dict[str, Any]]]]:
@@ -347,8 +349,12 @@ class Pipeline(nn.Module):
 
     # --- graphs ----------------------------------------------------------------------------------------------
     def _graph_key(self, bucket: int, batch: int, capacity: int, query_tokens: int) -> GraphKey:
-        return GraphKey(bucket, _batch_bucket(batch), ENCODER_DTYPES[self.config.encoder_dtype], self.device, capacity,
-                        _query_bucket(query_tokens))
+        spec = (bucket, batch, capacity, query_tokens)
+        key = self._keys.get(spec)
+        if key is None:  # one key object per case: no dataclass built per call
+            key = self._keys[spec] = GraphKey(bucket, _batch_bucket(batch), ENCODER_DTYPES[self.config.encoder_dtype],
+                                              self.device, capacity, _query_bucket(query_tokens))
+        return key
 
     def _static_inputs(self, key: GraphKey) -> dict[str, Tensor]:
         b, s, device = key.batch, key.bucket, key.device
@@ -366,8 +372,8 @@ class Pipeline(nn.Module):
             stages = [(name, torch.compile(fn, dynamic=False)) for name, fn in stages]
         return stages, self._static_inputs(key), _RESULT_KEYS
 
-    def _uses_graphs(self) -> bool:
-        return self.cuda_graphs and (self.device.type == "cuda" or self.graph_cache.backend == "eager")
+    def _uses_graphs(self, device: torch.device | None = None) -> bool:
+        return self.cuda_graphs and ((device or self.device).type == "cuda" or self.graph_cache.backend == "eager")
 
     def _capture_failed(self, key: GraphKey, err: CaptureError) -> None:
         self._eager_only[key] = str(err)
@@ -407,14 +413,14 @@ class Pipeline(nn.Module):
         return self.graph_cache.stats()
 
     def _run_stages(self, state: dict[str, Any], bucket: int, capacity: int, timer: _StageTimer,
-                    copy: bool = True) -> Mapping[str, Any]:
+                    copy: bool = True, device: torch.device | None = None) -> Mapping[str, Any]:
         """Run one bucket's stages, as one graph when possible; returns the result entries.
 
         Graphed, the results are a :class:`~arrcoc.graphs.ChainResult`: the caller's own copies, or with
         ``copy=False`` views of the entry's buffers, valid until the entry's next replay.
         """
         batch = state["pixels"].shape[0]
-        key = self._graph_key(bucket, batch, capacity, state["query"].shape[1]) if self._uses_graphs() else None
+        key = self._graph_key(bucket, batch, capacity, state["query"].shape[1]) if self._uses_graphs(device) else None
         if key is not None and key not in self._eager_only:
             try:
                 with timer("graphs"):
@@ -426,54 +432,88 @@ class Pipeline(nn.Module):
                 state.update(stage(state))
         return {k: state[k] for k in _RESULT_KEYS if k in state}
 
+    def _no_query_for(self, batch: int) -> tuple[Tensor, Tensor]:
+        """``prepare_query(None)``'s zeros for ``batch`` images, made once: no allocation per call without a query.
+
+        Shared between calls, so only for the stages, which never write their inputs.
+        """
+        pair = self._no_query.get(batch)
+        if pair is None:
+            bucket = _batch_bucket(batch)  # one pair per batch bucket (a bounded cache), sliced to the batch
+            if bucket > BATCH_BUCKETS[-1]:
+                return self.prepare_query(None, None, batch)
+            whole = self._no_query.get(-bucket) or self.prepare_query(None, None, bucket)
+            self._no_query[-bucket] = whole
+            pair = self._no_query[batch] = (whole[0][:batch], whole[1][:batch])
+        return pair
+
+    def _budget_on_device(self, budgets: list[int] | None, device: torch.device) -> Tensor | None:
+        """``(B,)`` int64 budgets on ``device``; a budget shared by the batch is made once (read-only, like the
+        no-query tensors), others with one fill or one copy."""
+        if budgets is None:
+            return None
+        first = budgets[0]
+        if budgets.count(first) != len(budgets):
+            return torch.tensor(budgets, dtype=torch.long, device=device)
+        key = (len(budgets), first)
+        tensor = self._budget_cache.get(key)
+        if tensor is None:
+            if len(self._budget_cache) >= 256:  # bounded: a service cycling through budgets refills it
+                self._budget_cache.clear()
+            # a fill on the device: no host-to-device copy (which would wait for the device)
+            tensor = self._budget_cache[key] = torch.full((len(budgets),), first, dtype=torch.long, device=device)
+        return tensor
+
     @torch.inference_mode()
     def _run(self, images: Any, query: Any, query_mask: Tensor | None, budget: Any, profile: bool,
              copy: bool = True) -> ScoreOutput:
-        timer = _StageTimer(profile, self.device)
+        device = self.device
+        timer = _StageTimer(profile, device) if profile else _UNTIMED_STAGES
         with timer("preprocess"):
-            groups = self.preprocessor(images, device=self.device)
+            groups = self.preprocessor(images, device=device)
         batch = sum(len(g.indices) for g in groups)
-        query, query_mask = self.prepare_query(query, query_mask, batch)
+        if query is None and query_mask is None:
+            query, query_mask = self._no_query_for(batch)
+        else:
+            query, query_mask = self.prepare_query(query, query_mask, batch)
         budgets, capacity = self._budgets(budget, groups, batch) if budget is not None else (None, 0)
 
-        side = self.config.region_size
-        grids = {g.bucket: region_grid(self.encoder(g.bucket).grid, side) for g in groups}
-        rh, rw = max(v[0] for v in grids.values()), max(v[1] for v in grids.values())
-        merged: dict[str, Any] = {}
-        for group in groups:
-            index = torch.tensor(group.indices, device=self.device)
-            group_budget = None if budgets is None else budgets[group.indices].to(self.device)
-            state: dict[str, Any] = {"pixels": group.pixels, "valid": group.valid, "query": query[index],
-                                     "query_mask": query_mask[index], "budget": group_budget}
-            result = self._run_stages(state, group.bucket, capacity, timer, copy)
-            if len(groups) == 1 and group.indices == list(range(batch)):
-                merged = dict(result)  # one bucket in order: the results are already the call's own (or zero-copy)
-            else:
-                _scatter_into(merged, result, index, batch, (rh, rw))
-
-        names = [""] * batch
-        info = torch.zeros(batch, 8)
-        for group in groups:
-            gh, gw = self.encoder(group.bucket).grid
-            for row, i in enumerate(group.indices):
-                names[i] = group.names[row]
-                info[i] = torch.tensor([*grids[group.bucket], gh, gw, group.bucket, group.scale[row],
-                                        *group.source_size[row].tolist()])  # ok-sync: CPU tensor
-        common = dict(
-            scores=dict(zip(SCORER_NAMES, merged["scores"].unbind(1))), relevance=merged["relevance"],
-            balance=merged["balance"], region_grid=info[:, 0:2].long(), patch_grid=info[:, 2:4].long(),
-            bucket=info[:, 4].long(), scale=info[:, 5].float(), source_size=info[:, 6:8].long(), names=names,
-            region_size=side, timings=timer.times,
-        )
-        if budgets is None:
-            output = ScoreOutput(**common)
+        if len(groups) == 1:  # one bucket, images in order: the results are already the call's own (or zero-copy)
+            (group,) = groups
+            state: dict[str, Any] = {"pixels": group.pixels, "valid": group.valid, "query": query,
+                                     "query_mask": query_mask, "budget": self._budget_on_device(budgets, device)}
+            merged: Mapping[str, Any] = self._run_stages(state, group.bucket, capacity, timer, copy, device)
+            names = list(group.names)
         else:
-            output = CompressionOutput(**common, tokens=merged["tokens"], positions=merged["positions"],
-                                       mask=merged["mask"], weights=merged["weights"], allocation=merged["allocation"],
-                                       prefix=merged["prefix"], budget=budgets)
-        if isinstance(result, ChainResult) and not result.owned and len(groups) == 1:
-            output = guard_output(output, result, _RESULT_KEYS)  # zero-copy: reads check the entry's generation
-        return output
+            side = self.config.region_size
+            grids = [region_grid(self.encoder(g.bucket).grid, side) for g in groups]
+            rh, rw = max(g[0] for g in grids), max(g[1] for g in grids)
+            merged, names = {}, [""] * batch
+            for group in groups:
+                index = torch.tensor(group.indices, device=device)
+                rows = None if budgets is None else [budgets[i] for i in group.indices]
+                state = {"pixels": group.pixels, "valid": group.valid, "query": query[index],
+                         "query_mask": query_mask[index], "budget": self._budget_on_device(rows, device)}
+                result = self._run_stages(state, group.bucket, capacity, timer, device=device)
+                _scatter_into(merged, result, index, batch, (rh, rw))
+                for i, name in zip(group.indices, group.names):
+                    names[i] = name
+
+        # the output's tensors are built when first read: most callers read a few of its 17 results
+        source = _OutputSource(merged, groups, self._grids, batch, budgets)
+        values = {"names": names, "region_size": self.config.region_size, "timings": timer.times if profile else {}}
+        if budgets is None:
+            cls, lazy, checked = ScoreOutput, _SCORE_FIELDS, _SCORE_CHECKED
+        else:
+            cls, lazy, checked = CompressionOutput, _COMPRESSION_FIELDS, _COMPRESSION_CHECKED
+        if isinstance(merged, ChainResult) and not merged.owned:  # zero-copy: reads check the entry's generation
+            return lazy_output(cls, values, source, lazy, check=merged.check, checked=checked)
+        return lazy_output(cls, values, source, lazy)
+
+    def _grids(self, bucket: int) -> tuple[tuple[int, int], tuple[int, int]]:
+        """``(region grid, patch grid)`` of a bucket."""
+        grid = self.encoder(bucket).grid
+        return region_grid(grid, self.config.region_size), grid
 
     def forward(self, images: Any, query: Any = None, budget: int | Sequence[int] | Tensor = 256, *,
                 query_mask: Tensor | None = None, profile: bool = False, copy: bool = True) -> CompressionOutput:
@@ -528,6 +568,81 @@ def _fill_static(key: GraphKey, state: dict[str, Any]) -> dict[str, Tensor]:
 
 
 _RESULT_KEYS = ("scores", "relevance", "balance", "prefix", "allocation", "tokens", "positions", "mask", "weights")
+#: Per-image facts of a call, from preprocessing (built together on the first read of any of them).
+_INFO_FIELDS = ("region_grid", "patch_grid", "bucket", "scale", "source_size")
+#: The output fields built on first read (the rest are set at once: names, region_size, timings).
+_SCORE_FIELDS = frozenset(("scores", "relevance", "balance", *_INFO_FIELDS))
+_COMPRESSION_FIELDS = _SCORE_FIELDS | {"tokens", "positions", "mask", "weights", "allocation", "prefix", "budget"}
+#: The fields that view graph buffers: a zero-copy output checks them on every read.
+_SCORE_CHECKED = _SCORE_FIELDS.intersection(_RESULT_KEYS)
+_COMPRESSION_CHECKED = _COMPRESSION_FIELDS.intersection(_RESULT_KEYS)
+
+
+def _budget_values(budget: Any, batch: int) -> list[int]:
+    """Any accepted form of a budget -> one whole number per image (not yet checked against the buckets)."""
+    if isinstance(budget, (Tensor, np.ndarray)):
+        kind = budget.dtype
+        if (budget.is_floating_point() or budget.is_complex() or kind == torch.bool) if isinstance(budget, Tensor) \
+                else kind.kind not in "iu":
+            raise BudgetError(f"budget must hold whole numbers; got a {kind} {type(budget).__name__}")
+        if budget.ndim > 1 or (isinstance(budget, Tensor) and budget.device.type == "meta"):
+            raise BudgetError(f"budget must be a number or a 1-D sequence of one per image; got shape {tuple(budget.shape)}")
+        values = budget.reshape(-1).tolist()  # ok-sync: host-side validation before the stages
+    elif isinstance(budget, Sequence) and not isinstance(budget, (str, bytes)):
+        values = list(budget)
+    else:
+        values = [budget]
+    for position, value in enumerate(values):
+        if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
+            where = "" if len(values) == 1 else f" (value {position})"
+            raise BudgetError(f"budget must be a positive whole number of tokens{where}; got {value!r} "
+                              f"({type(value).__name__})")
+    values = [int(v) for v in values]
+    if len(values) == 1:
+        values = values * batch
+    if len(values) != batch:
+        raise BudgetError(f"budget must be one number or one per image ({batch}); got {len(values)} values")
+    return values
+
+
+class _OutputSource:
+    """Builds an output's fields on first read: results from the chain (or the merged buckets), the per-image
+    facts from preprocessing, the budgets from the validated values."""
+
+    __slots__ = ("results", "groups", "grids", "batch", "budgets", "_info")
+
+    def __init__(self, results: Mapping[str, Any], groups: list[PreprocessedBatch],
+                 grids: Callable[[int], tuple[tuple[int, int], tuple[int, int]]], batch: int,
+                 budgets: list[int] | None) -> None:
+        self.results, self.groups, self.grids, self.batch, self.budgets = results, groups, grids, batch, budgets
+        self._info: dict[str, Tensor] | None = None
+
+    def __call__(self, name: str) -> Any:
+        results = self.results
+        get = results.get_unchecked if isinstance(results, ChainResult) else results.__getitem__  # the output checks
+        if name == "scores":
+            return dict(zip(SCORER_NAMES, get("scores").unbind(1)))
+        if name in _INFO_FIELDS:
+            if self._info is None:
+                self._info = self._image_info()
+            return self._info[name]
+        if name == "budget":
+            return torch.tensor(self.budgets, dtype=torch.long)
+        return get(name)
+
+    def _image_info(self) -> dict[str, Tensor]:
+        """Region and patch grids, bucket, scale and source size of every image, in the caller's order (CPU)."""
+        region, patch, bucket = [(0, 0)] * self.batch, [(0, 0)] * self.batch, [0] * self.batch
+        scale, source = [0.0] * self.batch, [[0, 0]] * self.batch
+        for group in self.groups:
+            sizes, scales = group.source_size.tolist(), group.scale.tolist()  # ok-sync: CPU tensors
+            regions, patches = self.grids(group.bucket)
+            for row, i in enumerate(group.indices):
+                region[i], patch[i], bucket[i] = regions, patches, group.bucket
+                scale[i], source[i] = scales[row], sizes[row]
+        return {"region_grid": torch.tensor(region, dtype=torch.long), "patch_grid": torch.tensor(patch, dtype=torch.long),
+                "bucket": torch.tensor(bucket, dtype=torch.long), "scale": torch.tensor(scale, dtype=torch.float32),
+                "source_size": torch.tensor(source, dtype=torch.long)}
 
 
 def _scatter_into(merged: dict[str, Any], result: dict[str, Any], index: Tensor, batch: int,

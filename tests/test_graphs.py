@@ -340,6 +340,31 @@ def test_chain_results_owned_or_zero_copy_with_a_generation_check() -> None:
     torch.testing.assert_close(partial["y"], _toy_expected(_toy_inputs(3, seed=3))["y"])
 
 
+def test_chain_results_build_only_the_views_read() -> None:
+    """Listing a result builds nothing; reading a key builds its views only (one as_strided per tensor plus one
+    typed view of the copy per dtype), once; owned views are contiguous blocks of the copy."""
+    chain = GraphChain(_toy_stages(), _toy_inputs(4), None, outputs=_TOY_OUT, backend="eager")
+    assert chain.outputs.buffer.numel() % 16 == 0 and chain.outputs.body.numel() == chain.outputs.nbytes
+    result = chain.run(_toy_inputs(3, seed=11), 3)
+
+    def ops(fn) -> list[str]:
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            fn()
+        return sorted(e.name for e in prof.events() if e.cpu_parent is None)
+
+    assert ops(lambda: (list(result), len(result), "stats" in result)) == []
+    assert ops(lambda: result["stats"]) == ["aten::as_strided"] * 2 + ["aten::view"] * 2  # float32 and int64
+    assert ops(lambda: result["stats"]) == []
+    stats = result["stats"]
+    assert list(stats) == ["mean", "count"] and stats["mean"].shape == (3,) and stats["count"].is_contiguous()
+    expected = _toy_expected(_toy_inputs(3, seed=11))
+    torch.testing.assert_close(stats["mean"], expected["stats"]["mean"])
+    assert torch.equal(stats["count"], expected["stats"]["count"]) and torch.equal(result["flag"], expected["flag"])
+    with pytest.raises(KeyError):
+        result["missing"]  # noqa: B018
+    assert result.get("missing") is None
+
+
 def test_guarded_output_raises_on_stale_fields_only() -> None:
     @dataclasses.dataclass
     class Out:
