@@ -117,7 +117,7 @@ def time_stages(pipe: Pipeline, size: int, batch: int, *, budget_share: float = 
 def device_name(device: torch.device) -> str:
     """The device as reports name it: the GPU's name, or the CPU with its thread count."""
     if device.type == "cuda":
-        return torch.cuda.getdevice_name(device)
+        return torch.cuda.get_device_name(device)
     return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
 
 
