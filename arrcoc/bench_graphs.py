@@ -220,7 +220,7 @@ def time_compiled(pipe: Pipeline, result: dict[str, Any], *, reps: int = 50,
             result.setdefault("compile_errors", {})[backend] = _error(err)
             if backend == "inductor":
                 save()
-                _isolate(stages, inputs, result, save)
+                _isolate(stages, inputs, result, save, pipe)
             continue
         result["compile_backend"] = backend
         result["compile_s"] = time.perf_counter() - start
@@ -247,22 +247,49 @@ def time_compiled(pipe: Pipeline, result: dict[str, Any], *, reps: int = 50,
     torch._dynamo.reset()
 
 
-def _isolate(stages: list[Any], inputs: dict[str, Any], result: dict[str, Any], save: Callable[[], None]) -> None:
+def _isolate(stages: list[Any], inputs: dict[str, Any], result: dict[str, Any], save: Callable[[], None],
+             pipe: Pipeline | None = None, backend: str | Callable[..., Any] = "inductor") -> None:
     """Compile each stage alone with inductor (post-encode stages first: the likelier culprits, and quicker);
-    the failures go to ``result["inductor_stage_errors"]``, the stages that compile to ``inductor_stages_ok``."""
+    the failures go to ``result["inductor_stage_errors"]``, the stages that compile to ``inductor_stages_ok``.
+    Where the score stage fails, each of ``pipe``'s scorers is compiled alone too (``inductor_scorer_errors``,
+    ``inductor_scorers_ok``), to name the scorer."""
     state = dict(inputs)
     for _, fn in stages:  # eager first, so every stage has its inputs
         state.update(fn(state))
     failures, ok = result.setdefault("inductor_stage_errors", {}), result.setdefault("inductor_stages_ok", [])
     for name, fn in sorted(stages, key=lambda stage: stage[0] == "encode"):
-        torch._dynamo.reset()
-        try:
-            torch.compile(fn)(state)
-            torch.cuda.synchronize()
+        ok_or_error = _try_compile(fn, state, backend)
+        if ok_or_error is None:
             ok.append(name)
-        except Exception as err:
-            failures[name] = _error(err)
+        else:
+            failures[name] = ok_or_error
         save()
+    if "score" in failures and pipe is not None:
+        failures, ok = result.setdefault("inductor_scorer_errors", {}), result.setdefault("inductor_scorers_ok", [])
+        for name, scorer in pipe.scorers.items():
+            def one(s: dict[str, Any], scorer: Any = scorer) -> Tensor:
+                return scorer(s["features"], s["texture"], s["patch_valid"], s["query"], s["query_mask"])
+
+            ok_or_error = _try_compile(one, state, backend)
+            if ok_or_error is None:
+                ok.append(name)
+            else:
+                failures[name] = ok_or_error
+            save()
+    torch._dynamo.reset()
+
+
+def _try_compile(fn: Callable[[dict[str, Any]], Any], state: dict[str, Any],
+                 backend: str | Callable[..., Any] = "inductor") -> str | None:
+    """Compile ``fn`` (fresh dynamo state) and run it once; ``None``, or the error's description."""
+    torch._dynamo.reset()
+    try:
+        torch.compile(fn, backend=backend)(state)
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        return None
+    except Exception as err:
+        return _error(err)
 
 
 def time_threads(config: PipelineConfig, *, threads: int = 8, calls: int = 100, size: int = 224) -> dict[str, Any]:
@@ -489,13 +516,17 @@ def _markdown(report: dict[str, Any]) -> str:
             f"{r['call_zero_copy_issue_us']:.1f} | {r['views_us']:.1f} | {r['per_stage_issue_us']:.1f} | "
             f"{r['eager_issue_us']:.0f} | {r['capture_s']:.2f} | {_cell(r, 'compile_s', '{:.1f}')} | {r['pool_bytes'] / 2**20:.1f} | "
             f"{_cell(r, 'pipe_call_ms', '{:.3f}')} | {_cell(r, 'pipe_call_syncs', '{}')} |")
-    errors = {f"{r['size']}x{r['batch']}": {**r.get("compile_errors", {}), **{f"inductor, stage {k}": v for k, v in
-              r.get("inductor_stage_errors", {}).items()}} for r in report["results"] if "compile_errors" in r}
+    errors = {f"{r['size']}x{r['batch']}": {**r.get("compile_errors", {}),
+                                            **{f"inductor, stage {k}": v for k, v in r.get("inductor_stage_errors", {}).items()},
+                                            **{f"inductor, scorer {k}": v for k, v in r.get("inductor_scorer_errors", {}).items()}}
+              for r in report["results"] if "compile_errors" in r}
     if errors:
         lines += ["", "torch.compile failures (the cell then times the next backend that worked):", ""]
         lines += [f"- {case} {backend}: `{message}`" for case, d in errors.items() for backend, message in d.items()]
         lines += [f"- {r['size']}x{r['batch']}: stages inductor compiles alone: {', '.join(r['inductor_stages_ok']) or 'none'}"
                   for r in report["results"] if "inductor_stages_ok" in r]
+        lines += [f"- {r['size']}x{r['batch']}: scorers inductor compiles alone: {', '.join(r['inductor_scorers_ok']) or 'none'}"
+                  for r in report["results"] if "inductor_scorers_ok" in r]
     syncing = next((r for r in report["results"] if r.get("pipe_call_sync_ops")), None)
     if syncing:
         lines += ["", f"Host syncs in one whole `pipe()` call ({syncing['size']}x{syncing['batch']}, first of "

@@ -106,6 +106,31 @@ class PropositionalScorer(Scorer):
         return normalize_per_image((terms * self.term_weights).sum(1), valid)
 
 
+def _surround_mean(values: Tensor, weights: Tensor, size: int) -> Tensor:
+    """Weighted surround mean: the mean of ``values`` over each ``size x size`` window (the part of it on the grid)
+    over the mean of ``weights`` there, clamped.
+
+    Bit for bit ``avg_pool2d(values) / avg_pool2d(weights).clamp_min(1e-6)`` with ``count_include_pad=False``,
+    but built from window sums (``divisor_override=1``) and a count of each window's cells on the grid: inductor
+    lowers ``count_include_pad=False`` to a divisor of ``Max(-2 + index, 0)`` index expressions, on which the
+    Triton code generator of torch 2.11 fails (``'-2 + ((0))' is not comparable``, the score stage on the H100).
+
+    Args:
+        values: ``(B, C, gh, gw)`` weighted values.
+        weights: ``(B, 1, gh, gw)`` their weights.
+
+    Returns:
+        ``(B, C, gh, gw)``, the dtype of ``values``.
+    """
+    pool = dict(kernel_size=size, stride=1, padding=size // 2, divisor_override=1)  # window sums, zero padding
+    # sums at least in float32 (as avg_pool2d accumulates), each mean rounded to the input dtype as it rounds it
+    acc = torch.promote_types(values.dtype, torch.float32)
+    inside = F.avg_pool2d(torch.ones_like(weights, dtype=acc), **pool)  # (B, 1, gh, gw) cells of each window on the grid
+    mean_values = (F.avg_pool2d(values.to(acc), **pool) / inside).to(values.dtype)
+    mean_weights = (F.avg_pool2d(weights.to(acc), **pool) / inside).to(weights.dtype)
+    return mean_values / mean_weights.clamp_min(1e-6)
+
+
 @register_scorer("perspectival")
 class PerspectivalScorer(Scorer):
     """Salience: colour contrast with the surround and with the whole image, and feature distinctness.
@@ -124,8 +149,7 @@ class PerspectivalScorer(Scorer):
                 query_mask: Tensor) -> Tensor:
         w = patch_valid[:, None]  # (B, 1, gh, gw)
         lab = texture[..., :3].permute(0, 3, 1, 2)  # (B, 3, gh, gw)
-        pool = dict(kernel_size=self.surround, stride=1, padding=self.surround // 2, count_include_pad=False)
-        surround = F.avg_pool2d(lab * w, **pool) / F.avg_pool2d(w, **pool).clamp_min(1e-6)
+        surround = _surround_mean(lab * w, w, self.surround)
         local = (lab - surround).norm(dim=1)  # (B, gh, gw)
         image_mean = (lab * w).sum((2, 3), keepdim=True) / w.sum((2, 3), keepdim=True).clamp_min(1e-6)
         global_ = (lab - image_mean).norm(dim=1)  # (B, gh, gw)
