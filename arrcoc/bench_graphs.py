@@ -227,6 +227,7 @@ def time_compiled(pipe: Pipeline, result: dict[str, Any], *, reps: int = 50,
         result["compiled_ms"] = _gpu_ms(lambda c=compiled: c(*args), reps)
         result["compiled_issue_us"] = _issue_us(lambda c=compiled: c(*args), reps)
         result["graphed_over_compiled"] = result["graphed_ms"] / result["compiled_ms"]
+        save()  # before the graphed+compiled pipeline compiles again: a time limit keeps this much
         break
     torch._dynamo.reset()
     # graphed + compiled: each stage compiled (fusion), then the chain captured as one graph
@@ -569,10 +570,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tag", default="", help="suffix of the result file names")
     parser.add_argument("--host", action="store_true",
                         help="only the host cost of a call (no GPU needed): writes graphs-host-<cpu>.json/.md")
+    parser.add_argument("--host-reps", type=int, default=20000, help="timed calls per --host measurement")
     args = parser.parse_args(argv)
     if args.host:
         host = {"torch": torch.__version__, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
-                "host": time_host()}
+                "host": time_host(reps=args.host_reps)}
         write_report(host, _host_markdown(host), args.out, f"graphs-host-{host['host']['cpu']}", args.tag)
         return 0
     if not torch.cuda.is_available():

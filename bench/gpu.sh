@@ -1,41 +1,104 @@
 #!/usr/bin/env bash
-# One call on the lent GPU: the cuda-marked tests (reliability figures included), then the graph benchmark
-# (vit_small fp32 and bf16, vit_base fp32 and bf16), each step bounded so the whole fits in 10 minutes.
-# Usage: bash bench/gpu.sh   — everything lands under $OUT (default bench/results).
-# Knobs: TESTS=0 skips the tests, BENCH=0 the benchmark, QUICK=1 runs the benchmark's --quick matrix,
-# STAGES=1 adds the eager stage benchmark.
+# One call on the lent GPU: the cuda-marked tests (reliability figures included), then the graph benchmark, each
+# step bounded by `timeout` so the script always finishes. Everything lands under $OUT (default bench/results):
+# one log per step, steps.log (start, limit, exit code of each), junit XML of the tests, the reports.
+#
+# Usage: bash bench/gpu.sh                  the full run (vit_small fp32 and bf16, vit_base fp32 and bf16)
+#        PROFILE=final bash bench/gpu.sh    the final figures in at most 300 s (BUDGET), in order of priority:
+#            the graph cuda tests, the other cuda tests, the host cost per call (--host), the whole-chain fp32
+#            table (224/384/512/1024 x 1/8/64 without 1024x64), torch.compile at 224x1, bf16 (224/1024 x 1/64),
+#            vit_base fp32 and bf16 (224/1024 x 1/8). Each step has its own cap and never runs past the
+#            deadline: a late step is cut short (the benchmark saves after every case) or skipped. While the tests
+#            run, a background run of the compile case fills torch.compile's caches (PREWARM=0: not).
+# Knobs: TESTS=0 skips the tests, BENCH=0 the benchmark, QUICK=1 runs the benchmark's --quick matrix (full run),
+# STAGES=1 adds the eager stage benchmark (full run), BUDGET=<s> bounds the whole script (final: 300 by default),
+# DRY=1 prints each step and its limit without running it.
 set -uo pipefail
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 OUT="${OUT:-bench/results}"
+PROFILE="${PROFILE:-full}"
+[ "$PROFILE" = final ] && BUDGET="${BUDGET:-300}"
+BUDGET="${BUDGET:-}"
+START=$(date +%s)
 mkdir -p "$OUT" "$OUT/reliability"
 export ARRCOC_RELIABILITY_OUT="$OUT/reliability"
+
 step() {  # step NAME SECONDS COMMAND...: run with a time bound, tee the output, never stop the script
   local name=$1 limit=$2; shift 2
-  echo "=== $name (limit ${limit}s) $(date -u +%H:%M:%S)" | tee -a "$OUT/steps.log"
-  timeout -k 10 "$limit" "$@" > >(tee "$OUT/$name.log") 2>&1
-  echo "=== $name exit $? $(date -u +%H:%M:%S)" | tee -a "$OUT/steps.log"
+  if [ -n "$BUDGET" ]; then  # the deadline: leave 5 s for timeout's kill and 3 s for the summary
+    local left=$(( START + BUDGET - $(date +%s) - 8 ))
+    if [ "$left" -lt 10 ]; then
+      echo "=== $name skipped: ${left}s left of the ${BUDGET}s budget" | tee -a "$OUT/steps.log"
+      return
+    fi
+    [ "$left" -lt "$limit" ] && limit=$left
+  fi
+  echo "=== $name (limit ${limit}s) $(date -u +%H:%M:%S) +$(( $(date +%s) - START ))s" | tee -a "$OUT/steps.log"
+  if [ "${DRY:-0}" = 1 ]; then
+    echo "    $*" | tee -a "$OUT/steps.log"
+    return
+  fi
+  timeout -k 5 "$limit" "$@" > >(tee "$OUT/$name.log") 2>&1
+  echo "=== $name exit $? $(date -u +%H:%M:%S) +$(( $(date +%s) - START ))s" | tee -a "$OUT/steps.log"
 }
-QUICK_ARGS=""
-[ "${QUICK:-0}" = 1 ] && QUICK_ARGS="--quick"
-step env 60 python3 -c "import torch, timm; print('torch', torch.__version__, 'timm', timm.__version__, torch.cuda.get_device_name())"
-if [ "${TESTS:-1}" = 1 ]; then
-  step cuda-tests-graphs 170 python3 -m pytest -m cuda -q -p no:cacheprovider -o addopts="" --durations=15 \
+
+cuda_tests() {  # cuda_tests GRAPHS_LIMIT OTHER_LIMIT: the graph tests first, then every other cuda-marked test
+  step cuda-tests-graphs "$1" python3 -m pytest -m cuda -q -p no:cacheprovider -o addopts="" --durations=15 \
     --junitxml="$OUT/cuda-tests-graphs.xml" tests/test_graphs.py tests/test_graphs_reliability.py
-  step cuda-tests-other 40 python3 -m pytest -m cuda -q -p no:cacheprovider -o addopts="" --durations=5 \
+  step cuda-tests-other "$2" python3 -m pytest -m cuda -q -p no:cacheprovider -o addopts="" --durations=5 \
     --junitxml="$OUT/cuda-tests-other.xml" tests/ --ignore=tests/test_graphs.py --ignore=tests/test_graphs_reliability.py
+}
+
+GRAPHS=(python3 -m arrcoc.bench_graphs --out "$OUT")
+step env 20 python3 -c "import torch, timm; print('torch', torch.__version__, 'timm', timm.__version__, torch.cuda.get_device_name())"
+
+if [ "$PROFILE" = final ]; then
+  # caps sum past the budget on purpose: the deadline decides, and a step that ends early leaves its time to the next
+  FAST=(--no-warmup --seconds 0.15 --reps 25)
+  COMPILE=(--sizes 224 --batches 1 --compile 224x1 --tag compile "${FAST[@]}")
+  VITB=(--encoder vit_base_patch16_224 --sizes 224 1024 --batches 1 8 --compile "${FAST[@]}")
+  PREWARM_PID=""
+  if [ "${BENCH:-1}" = 1 ] && [ "${TESTS:-1}" = 1 ] && [ "${PREWARM:-1}" = 1 ] && [ "${DRY:-0}" != 1 ]; then
+    # torch.compile's cold start (dynamo, inductor, Triton builds: about a minute) overlaps the tests on idle CPU
+    # cores: a background run of the compile case fills the on-disk caches; its figures (under $OUT/prewarm, taken
+    # beside the tests) are not the results. It is stopped when the tests end, before anything is timed.
+    mkdir -p "$OUT/prewarm"
+    echo "=== prewarm (background, until the tests end) +$(( $(date +%s) - START ))s" | tee -a "$OUT/steps.log"
+    timeout -k 5 150 python3 -m arrcoc.bench_graphs --out "$OUT/prewarm" "${COMPILE[@]}" > "$OUT/prewarm/prewarm.log" 2>&1 &
+    PREWARM_PID=$!
+  fi
+  [ "${TESTS:-1}" = 1 ] && cuda_tests 95 50
+  if [ -n "$PREWARM_PID" ]; then
+    kill -TERM "$PREWARM_PID" 2>/dev/null  # timeout passes it on to the benchmark
+    wait "$PREWARM_PID"
+    echo "=== prewarm exit $? +$(( $(date +%s) - START ))s" | tee -a "$OUT/steps.log"
+  fi
+  if [ "${BENCH:-1}" = 1 ]; then
+    step bench-host 25 "${GRAPHS[@]}" --host --host-reps 5000
+    step bench-fp32 70 "${GRAPHS[@]}" --sizes 224 384 512 1024 --batches 1 8 64 --skip 1024x64 --compile "${FAST[@]}"
+    step bench-compile 90 "${GRAPHS[@]}" "${COMPILE[@]}"
+    step bench-bf16 35 "${GRAPHS[@]}" --dtype bfloat16 --tag bf16 --sizes 224 1024 --batches 1 64 --compile "${FAST[@]}"
+    step bench-vitb-fp32 40 "${GRAPHS[@]}" --tag vitb "${VITB[@]}"
+    step bench-vitb-bf16 40 "${GRAPHS[@]}" --dtype bfloat16 --tag vitb-bf16 "${VITB[@]}"
+  fi
+else
+  QUICK_ARGS=()
+  [ "${QUICK:-0}" = 1 ] && QUICK_ARGS=(--quick)
+  [ "${TESTS:-1}" = 1 ] && cuda_tests 170 40
+  if [ "${BENCH:-1}" = 1 ]; then
+    step bench-host 45 "${GRAPHS[@]}" --host
+    step bench-fp32 130 "${GRAPHS[@]}" --skip 1024x64 --threads --compile 224x1 --seconds 0.25 "${QUICK_ARGS[@]}"
+    step bench-bf16 90 "${GRAPHS[@]}" --dtype bfloat16 --tag bf16 --skip 1024x64 --compile 224x1 --seconds 0.25 "${QUICK_ARGS[@]}"
+    step bench-vitb-fp32 50 "${GRAPHS[@]}" --encoder vit_base_patch16_224 --tag vitb \
+      --sizes 224 512 1024 --batches 1 8 --skip 1024x8 --no-warmup --compile --seconds 0.25 "${QUICK_ARGS[@]}"
+    step bench-vitb-bf16 50 "${GRAPHS[@]}" --encoder vit_base_patch16_224 --dtype bfloat16 \
+      --tag vitb-bf16 --sizes 224 512 1024 --batches 1 8 --skip 1024x8 --no-warmup --compile --seconds 0.25 "${QUICK_ARGS[@]}"
+  fi
+  if [ "${STAGES:-0}" = 1 ]; then
+    step stages-fp32 120 python3 -m arrcoc.bench --out "$OUT" --reps 30
+    step stages-bf16 120 python3 -m arrcoc.bench --out "$OUT" --reps 30 --dtype bfloat16 --tag bf16
+  fi
 fi
-if [ "${BENCH:-1}" = 1 ]; then
-  step bench-host 45 python3 -m arrcoc.bench_graphs --host --out "$OUT"
-  step bench-fp32 130 python3 -m arrcoc.bench_graphs --out "$OUT" --skip 1024x64 --threads --compile 224x1 --seconds 0.25 $QUICK_ARGS
-  step bench-bf16 90 python3 -m arrcoc.bench_graphs --out "$OUT" --dtype bfloat16 --tag bf16 --skip 1024x64 --compile 224x1 --seconds 0.25 $QUICK_ARGS
-  step bench-vitb-fp32 50 python3 -m arrcoc.bench_graphs --out "$OUT" --encoder vit_base_patch16_224 --tag vitb \
-    --sizes 224 512 1024 --batches 1 8 --skip 1024x8 --no-warmup --compile --seconds 0.25 $QUICK_ARGS
-  step bench-vitb-bf16 50 python3 -m arrcoc.bench_graphs --out "$OUT" --encoder vit_base_patch16_224 --dtype bfloat16 \
-    --tag vitb-bf16 --sizes 224 512 1024 --batches 1 8 --skip 1024x8 --no-warmup --compile --seconds 0.25 $QUICK_ARGS
-fi
-if [ "${STAGES:-0}" = 1 ]; then
-  step stages-fp32 120 python3 -m arrcoc.bench --out "$OUT" --reps 30
-  step stages-bf16 120 python3 -m arrcoc.bench --out "$OUT" --reps 30 --dtype bfloat16 --tag bf16
-fi
+echo "=== done +$(( $(date +%s) - START ))s (profile $PROFILE${BUDGET:+, budget ${BUDGET}s})" | tee -a "$OUT/steps.log"
 cat "$OUT/steps.log"
 true
