@@ -25,7 +25,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from .errors import InvalidInputError
 
-__all__ = ["QUESTION_FAMILIES", "COLORS", "SHAPES", "TEXT_ALPHABET", "VQASample", "make_sample", "VQADataset",
+__all__ = ["QUESTION_FAMILIES", "COLORS", "SHAPES", "TEXT_ALPHABET", "WORDS", "VQASample", "make_sample", "VQADataset",
            "answer_vocabulary"]
 
 logger = logging.getLogger(__name__)
@@ -47,6 +47,12 @@ SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "cross")
 
 #: Glyphs of the framed text: capitals and digits minus look-alikes (O/0, I/1, S/5, Z/2, B/8).
 TEXT_ALPHABET = "ACDEFGHJKLMNPQRTUVWXY34679"
+
+#: Every word the questions and the one-word answers use (texts to read are spelled glyph by glyph instead):
+#: the small VLM's tokenizer gives each one id (see :class:`arrcoc.tokenizer.CharTokenizer`).
+WORDS: tuple[str, ...] = (
+    "What", "Which", "How", "Is", "color", "shape", "side", "is", "the", "on", "one", "many", "shapes", "are",
+    "there", "does", "text", "in", "box", "say", *COLORS, *SHAPES, "yes", "no", "left", "right")
 
 MAX_COUNT = 4
 _MIN_OBJECTS, _MAX_OBJECTS = 3, 12

@@ -192,7 +192,7 @@ class CharTokenizerForHF:
     ids, ``convert_ids_to_tokens`` and ``decode``.
     """
 
-    is_fast = True  # offsets are exact: one character per token, the image placeholder as one token
+    is_fast = True  # offsets are exact: each token spans its own text (a character, a word or the placeholder)
 
     def __init__(self, tokenizer: CharTokenizer) -> None:
         self.inner = tokenizer
@@ -204,7 +204,7 @@ class CharTokenizerForHF:
         ids = self.inner.encode(text, add_bos=True)  # <s> first, as in training
         offsets, at = [(0, 0)], 0
         for i in ids[1:]:
-            width = len(self.inner.vocab[i]) if i == self.image_token_id else 1
+            width = len(self.inner.vocab[i])
             offsets.append((at, at + width))
             at += width
         return {"input_ids": ids, "offset_mapping": offsets} if return_offsets_mapping else {"input_ids": ids}

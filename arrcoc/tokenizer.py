@@ -1,12 +1,17 @@
-"""A character tokenizer for the small VLM: one id per character, four special tokens, left padding.
+"""A character tokenizer for the small VLM: one id per character (and per listed word), four special tokens,
+left padding.
 
 The generated world's questions and answers use a few dozen characters, so a character vocabulary keeps the
-language model's embedding table tiny and needs no trained merges or files.
+language model's embedding table tiny and needs no trained merges or files. Optional whole words (the
+world's question and answer words, :data:`arrcoc.data.WORDS`) get one id each, as a subword tokenizer would
+give them: a character model must first assemble "purple" from six ids inside its few layers before it
+can look for purple in the image.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import string
 from collections.abc import Sequence
 from typing import Any
@@ -26,24 +31,37 @@ DEFAULT_TEMPLATE = "Q: {question}\n" + IMAGE_PLACEHOLDER + "\nA: "
 
 _SPECIALS = ("<pad>", "<s>", "</s>", IMAGE_PLACEHOLDER)
 _CHARACTERS = " " + string.ascii_lowercase + string.ascii_uppercase + string.digits + "?.,:;'!-\n"
+_LETTER_RUN = re.compile(r"[A-Za-z]+")
 
 
 class CharTokenizer:
-    """Characters <-> ids, with ``<pad>``, ``<s>``, ``</s>`` and ``<image>``.
+    """Characters (and whole words) <-> ids, with ``<pad>``, ``<s>``, ``</s>`` and ``<image>``.
+
+    Args:
+        characters: one id each; every text must be spelled from them.
+        template: the prompt, holding ``{question}`` and one ``<image>``.
+        words: letter-only words that get one id each when a whole run of letters in the text equals one
+            (``"purple"`` in ``"purple shapes"``, not in ``"purples"``); the rest is spelled by character.
 
     Attributes:
         pad_token_id, bos_token_id, eos_token_id, image_token_id: the special ids.
         vocab_size: number of ids.
     """
 
-    def __init__(self, characters: str = _CHARACTERS, template: str = DEFAULT_TEMPLATE) -> None:
+    def __init__(self, characters: str = _CHARACTERS, template: str = DEFAULT_TEMPLATE,
+                 words: Sequence[str] = ()) -> None:
         if len(set(characters)) != len(characters):
             raise InvalidInputError("tokenizer characters must be distinct")
         if "{question}" not in template or template.count(IMAGE_PLACEHOLDER) != 1:
             raise InvalidInputError(f"template must hold '{{question}}' and one {IMAGE_PLACEHOLDER}; got {template!r}")
-        self.characters, self.template = characters, template
-        self.vocab = list(_SPECIALS) + list(characters)
+        words = list(dict.fromkeys(words))
+        bad = [w for w in words if not _LETTER_RUN.fullmatch(w) or len(w) < 2 or set(w) - set(characters)]
+        if bad:
+            raise InvalidInputError(f"tokenizer words must be runs of 2+ letters spelled from its characters; got {bad}")
+        self.characters, self.template, self.words = characters, template, tuple(words)
+        self.vocab = list(_SPECIALS) + list(characters) + words
         self._ids = {c: i + len(_SPECIALS) for i, c in enumerate(characters)}
+        self._word_ids = {w: i + len(_SPECIALS) + len(characters) for i, w in enumerate(words)}
         self.pad_token_id, self.bos_token_id, self.eos_token_id, self.image_token_id = range(len(_SPECIALS))
         self.vocab_size = len(self.vocab)
 
@@ -59,11 +77,22 @@ class CharTokenizer:
             if i:
                 ids.append(self.image_token_id)
             try:
-                ids.extend(self._ids[c] for c in part)
+                ids.extend(self._encode_part(part))
             except KeyError as err:
                 raise InvalidInputError(f"character {err.args[0]!r} is not in the tokenizer's vocabulary "
                                         f"({self.characters!r})") from None
         return ids
+
+    def _encode_part(self, text: str) -> list[int]:
+        if not self._word_ids:
+            return [self._ids[c] for c in text]
+        ids, at = [], 0
+        for run in _LETTER_RUN.finditer(text):
+            ids += [self._ids[c] for c in text[at:run.start()]]
+            word = self._word_ids.get(run.group())
+            ids += [word] if word is not None else [self._ids[c] for c in run.group()]
+            at = run.end()
+        return ids + [self._ids[c] for c in text[at:]]
 
     def decode(self, ids: Sequence[int] | Tensor, skip_special_tokens: bool = True) -> str:
         """Text of ``ids``; stops at the first ``</s>``. Special tokens are dropped unless asked for."""
@@ -136,11 +165,12 @@ class CharTokenizer:
 
     # --- serialisation ----------------------------------------------------------------------------------------
     def to_json(self) -> str:
-        return json.dumps({"characters": self.characters, "specials": list(_SPECIALS), "template": self.template})
+        return json.dumps({"characters": self.characters, "specials": list(_SPECIALS), "template": self.template,
+                           "words": list(self.words)})
 
     @classmethod
     def from_json(cls, text: str) -> CharTokenizer:
         data: dict[str, Any] = json.loads(text)
         if tuple(data.get("specials", _SPECIALS)) != _SPECIALS:
             raise InvalidInputError(f"tokenizer specials {data.get('specials')} differ from {_SPECIALS}")
-        return cls(data["characters"], data.get("template", DEFAULT_TEMPLATE))
+        return cls(data["characters"], data.get("template", DEFAULT_TEMPLATE), data.get("words", ()))

@@ -32,6 +32,7 @@ import torch
 from torch import Tensor, nn
 
 from .config import PipelineConfig
+from .data import WORDS
 from .errors import InvalidInputError, MissingWeightsError
 from .tokenizer import CharTokenizer
 
@@ -102,7 +103,7 @@ def build_vlm(config: VLMConfig | None = None, tokenizer: CharTokenizer | None =
     from transformers import LlamaConfig, LlavaConfig, LlavaForConditionalGeneration, TimmWrapperConfig
 
     config = config or VLMConfig()
-    tokenizer = tokenizer or CharTokenizer()
+    tokenizer = tokenizer or CharTokenizer(words=WORDS)
     width = int(config.encoder_kwargs.get("embed_dim", 384))
     # dynamic_img_size: one tower serves 224 and 384 (position embeddings resampled the way the pipeline does).
     vision = TimmWrapperConfig(architecture=config.encoder, do_pooling=False, hidden_size=width,

@@ -56,6 +56,30 @@ def test_tokenizer_round_trip_and_left_padding() -> None:
         CharTokenizer(template="no placeholder {question}")
 
 
+def test_tokenizer_words_take_one_id_only_as_whole_runs_of_letters() -> None:
+    from arrcoc.data import WORDS, make_sample
+
+    tok = CharTokenizer(words=("purple", "shapes", "Is"))
+    ids = tok.encode("Is purple purples shapes3?")
+    names = [tok.vocab[i] for i in ids]
+    assert names[:4] == ["Is", " ", "purple", " "]
+    assert names[4:11] == list("purples")  # not a listed word: spelled
+    assert names[11:] == [" ", "shapes", "3", "?"]
+    assert tok.decode(ids) == "Is purple purples shapes3?"
+    assert tok.vocab_size == CharTokenizer().vocab_size + 3
+    again = CharTokenizer.from_json(tok.to_json())
+    assert again.vocab == tok.vocab and again.encode("purple") == tok.encode("purple")
+    for bad in (["a"], ["two words"], ["caf\u00e9"], ["x1"]):
+        with pytest.raises(InvalidInputError, match="words"):
+            CharTokenizer(words=bad)
+    # The world's questions tokenize to words; its texts to read stay glyph by glyph.
+    world = CharTokenizer(words=WORDS)
+    sample = make_sample(4, 224, "text")
+    assert len(world.encode(sample.answer)) == len(sample.answer)
+    assert len(world.encode(sample.question)) < len(sample.question) / 2
+    assert all(len(world.encode(make_sample(i, 224, f).answer)) == 1 for i in range(3) for f in ("color", "shape", "side"))
+
+
 @pytest.mark.parametrize("size", [224, 384])
 def test_vision_features_equal_the_pipeline_encoder(tiny, size: int) -> None:
     model, _, folder = tiny
