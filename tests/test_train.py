@@ -112,3 +112,92 @@ def test_shipped_query_encoder_points_at_the_answer_boxes() -> None:
         score = max_cosine(*encoder(batch["questions"]), vision_features(model, batch["pixels"].float() / 255))
     aucs = [(s[t > 0][:, None] > s[t == 0][None, :]).float().mean() for s, t in zip(score, batch["targets"]) if t.any()]
     assert len(aucs) >= 8 and torch.stack(aucs).mean() > 0.9
+
+
+def test_grounding_loss_rewards_states_that_mark_the_answer_tokens() -> None:
+    from arrcoc.train import grounding_loss
+
+    head = torch.nn.Linear(4, 1, bias=False)
+    head.weight.data = torch.tensor([[1.0, 0, 0, 0]])
+    image = torch.tensor([[False, True, True, True, False], [False, True, True, True, False]])
+    targets = torch.tensor([[1.0, 0, 0], [0, 0, 1]])
+    hidden = torch.zeros(2, 5, 4)
+    marked = hidden.clone()
+    marked[0, 1, 0], marked[0, 2:4, 0] = 4.0, -4.0  # row 0: token 0 of 3 is the answer
+    marked[1, 3, 0], marked[1, 1:3, 0] = 4.0, -4.0  # row 1: token 2 of 3
+    wrong = -marked
+    good, blank, bad = (grounding_loss(head, h, image, targets) for h in (marked, hidden, wrong))
+    assert good < blank < bad
+    torch.testing.assert_close(blank, torch.tensor(0.6931), atol=1e-4, rtol=0)  # balanced: ln 2 at no evidence
+    # Balanced per row: one answer token weighs as much as all the others together.
+    only_answer = hidden.clone()
+    only_answer[0, 1, 0] = only_answer[1, 3, 0] = 4.0
+    assert grounding_loss(head, only_answer, image, targets) < blank
+
+
+def test_fresh_language_model_keeps_the_vision_side(tmp_path: Path) -> None:
+    from arrcoc.train import main
+    from arrcoc.vlm import load_vlm, vision_tower
+
+    common = ["--preset", "tiny", "--batch-size", "6", "--workers", "0", "--sizes", "64", "--eval-per-family", "1",
+              "--warmup", "1", "--lr", "3e-3"]
+    main(["--out", str(tmp_path / "a"), "--max-steps", "2", *common])
+    weights = tmp_path / "a" / "weights"
+    (weights / "eval.json").write_text((tmp_path / "a" / "eval.json").read_text())
+    # lr 0 keeps every weight where resuming put it, so what is compared is what was loaded.
+    main(["--out", str(tmp_path / "b"), "--max-steps", "3", "--resume", str(weights), "--fresh-lm",
+          *common[:-1], "0"])
+    old, _ = load_vlm(weights)
+    new, _ = load_vlm(tmp_path / "b" / "weights")
+    for (name, a), b in zip(vision_tower(old).state_dict().items(), vision_tower(new).state_dict().values()):
+        torch.testing.assert_close(a, b, msg=name)
+    projector = "model.multi_modal_projector.linear_1.weight"
+    assert not torch.equal(old.state_dict()[projector], new.state_dict()[projector])
+
+
+def test_answer_attention_equals_the_models_own_attention_weights() -> None:
+    """The hook's head reproduces the layer's eager attention at the answer cue, and its loss falls as the
+    head looks at the answer tokens."""
+    from arrcoc.train import AnswerAttention
+    from arrcoc.vlm import VLMConfig, build_vlm, embed_inputs
+
+    model, tok = build_vlm(VLMConfig.from_name("tiny", num_layers=2, num_heads=2, hidden_size=32))
+    model.config.text_config._attn_implementation = "eager"  # output_attentions needs the eager kernel
+    model.model.language_model.config._attn_implementation = "eager"
+    reader = AnswerAttention(model, layer=1, head=1)
+    inputs = tok([tok.prompt("What color is the cross?"), tok.prompt("Is there a red one?")], 5,
+                 targets=["red", "no"])
+    visual = torch.randn(2, 5, 32)
+    with torch.no_grad():
+        out = model(inputs_embeds=embed_inputs(model, inputs["input_ids"], visual),
+                    attention_mask=inputs["attention_mask"], position_ids=inputs["position_ids"], output_attentions=True)
+    cue = (inputs["labels"] != -100).int().argmax(1)[:, None] - 1 + torch.arange(2)  # answer tokens 0 and 1
+    expected = out.attentions[1][torch.arange(2)[:, None], 1, cue]  # (B, 2, L): layer 1, head 1, from the cues
+    torch.testing.assert_close(reader.weights(inputs["attention_mask"], cue), expected, atol=1e-5, rtol=1e-4)
+    image = inputs["input_ids"] == tok.image_token_id
+    # Row 0: token 0's evidence is visual token 1, token 1's visual token 3; row 1 has none: not counted.
+    targets = torch.zeros(2, 2, 5)
+    targets[0, 0, 1] = targets[0, 1, 3] = 1.0
+    mass = [(expected[0, t][image[0]] * targets[0, t]).sum() for t in range(2)]
+    torch.testing.assert_close(reader.loss(inputs["attention_mask"], inputs["labels"], image, targets),
+                               -(torch.stack(mass) + 1e-4).log().mean(), atol=1e-5, rtol=1e-4)
+    reader.close()
+    assert reader._handle.id not in reader.attention._forward_hooks  # transformers keeps hooks of its own
+
+
+def test_glyph_targets_follow_the_asked_text_left_to_right() -> None:
+    from arrcoc.train import MAX_GLYPHS, dense_labels, glyph_targets
+
+    sample = next(s for s in (make_sample(i, 224, "text") for i in range(20)) if len(s.layout) > 8)
+    marks = glyph_targets(sample, 224)
+    assert marks.shape == (MAX_GLYPHS, 196)
+    frame = sample.boxes[0]
+    glyphs = sorted((b, ch) for k, ch, b in sample.layout if k == "glyph" and frame[0] <= b[0] and b[2] <= frame[2]
+                    and frame[1] <= b[1] and b[3] <= frame[3])
+    assert "".join(ch for _, ch in glyphs) == sample.answer  # the frame's glyphs, left to right, spell the answer
+    for i, ((x0, y0, x1, y1), _) in enumerate(glyphs):  # each answer token marks its glyph's centre patch
+        assert marks[i, (y0 + y1) // 2 // 16 * 14 + (x0 + x1) // 2 // 16] == 1
+    assert marks[len(sample.answer):].sum() == 0
+    assert glyph_targets(make_sample(1, 224, "color"), 224).sum() == 0
+    side = dense_labels(sample.layout, 224)[:, 3].view(14, 14)
+    assert (side[:, :7] == 0).all() and (side[:, 7:] == 1).all()
