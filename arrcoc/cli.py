@@ -269,7 +269,64 @@ def _demo(args: argparse.Namespace) -> int:
     print(f"  most tokens: region (row,col): tokens -> {regions}")
     print("  stages (ms): " + ", ".join(f"{k} {v:.1f}" for k, v in result.timings.items()))
     print(f"  wrote {out_dir}/scene.png, {out_dir}/scene-overlay.png, {out_dir}/scene.json")
+    if args.question:
+        _demo_question(out_dir, pipe.device, args.question_share)
     return 0
+
+
+#: The demo's question: a generated 384-pixel scene (held out from training) and its "color" question.
+DEMO_QUESTION_SEED = 600_000
+
+
+def _demo_question(out_dir: Path, device: torch.device, share: float) -> None:
+    """Ask the shipped VLM (``weights/``) a question about a generated scene, reading all of the visual tokens
+    and then ``share`` of them as arrcoc keeps them; print both answers. Skipped, with the reason, when
+    transformers or the trained VLM is missing."""
+    try:
+        from .data import make_sample
+        from .evaluation import ask, pixel_values, project_adapter
+        from .text_query import TextQueryEncoder
+        from .vlm import DEFAULT_VLM_DIR, load_vlm
+
+        model, tokenizer = load_vlm(device=device)
+        text_encoder = TextQueryEncoder.from_pretrained(DEFAULT_VLM_DIR)
+    except ImportError as err:
+        print(f"  question skipped: it needs transformers ({err.name}): pip install 'arrcoc[hf]'")
+        return
+    except ArrcocError as err:
+        print(f"  question skipped: {err}")
+        return
+    sample = make_sample(DEMO_QUESTION_SEED, 384, "color")
+    adapter = project_adapter(model, tokenizer, "arrcoc", text_encoder=text_encoder)
+    pixels = pixel_values(model, [sample.image], device)
+    patches = (384 // 16) ** 2
+    budget = max(1, round(share * patches))
+    with torch.inference_mode():
+        full, _ = ask(adapter, pixels, [sample.question], patches)
+        few, positions = ask(adapter, pixels, [sample.question], budget)
+    assert full is not None and few is not None
+    sample.image.save(out_dir / "question.png")
+    kept = positions[0].cpu()  # ok-sync: reporting; (K, 4) row, col, height, width in patches
+    boxes = [tuple(int(v) * 16 for v in (c, r, c + w, r + h)) for r, c, h, w in kept.tolist()]
+    _token_boxes(sample.image, boxes).save(out_dir / "question-tokens.png")
+    print(f"arrcoc demo question (the shipped VLM, {sample.image.width}px scene): {sample.question!r} "
+          f"(expected {sample.answer!r})")
+    print(f"  all {patches} visual tokens: {full[0]!r}; arrcoc's {budget} tokens ({100 * budget / patches:.0f}%): "
+          f"{few[0]!r}")
+    print(f"  wrote {out_dir}/question.png, {out_dir}/question-tokens.png (the tokens read)")
+
+
+def _token_boxes(image: Any, boxes: list[tuple[int, int, int, int]]) -> Any:
+    """``image`` dimmed outside the kept tokens, each token's area outlined."""
+    from PIL import Image, ImageDraw
+
+    dim = Image.blend(image.convert("RGB"), Image.new("RGB", image.size, (0, 0, 0)), 0.6)
+    for box in boxes:
+        dim.paste(image.crop(box), box[:2])
+    draw = ImageDraw.Draw(dim)
+    for x0, y0, x1, y1 in boxes:
+        draw.rectangle((x0, y0, x1 - 1, y1 - 1), outline=(255, 255, 255))
+    return dim
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -311,6 +368,10 @@ def _parser() -> argparse.ArgumentParser:
                           description="Compress a drawn street scene with the embedded default; writes the overlay.")
     demo.add_argument("--out", default="demo", help="output folder (default demo/)")
     demo.add_argument("--budget", type=int, default=64, help="tokens (default 64)")
+    demo.add_argument("--no-question", dest="question", action="store_false",
+                      help="skip asking the shipped VLM a question (needs transformers)")
+    demo.add_argument("--question-share", type=float, default=0.11,
+                      help="share of the visual tokens arrcoc keeps for the question (default 0.11)")
     common(demo)
     for name, (_, help_text) in MODULE_COMMANDS.items():
         sub.add_parser(name, help=f"{help_text} (arrcoc {name} --help)", add_help=False)

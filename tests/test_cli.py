@@ -113,9 +113,24 @@ def test_query_embedding_file(folder, tmp_path, tiny_pipe: arrcoc.Pipeline) -> N
 
 
 def test_demo(tmp_path, capsys) -> None:
-    assert main(["demo", "--preset", "tiny", "--out", str(tmp_path / "demo")]) == 0
-    assert "tokens kept" in capsys.readouterr().out
+    assert main(["demo", "--preset", "tiny", "--out", str(tmp_path / "demo"), "--no-question"]) == 0
+    out = capsys.readouterr().out
+    assert "tokens kept" in out and "question" not in out
     assert (tmp_path / "demo" / "scene-overlay.png").is_file()
+
+
+def test_demo_asks_the_shipped_vlm_with_all_and_with_few_tokens(tmp_path, capsys) -> None:
+    pytest.importorskip("transformers")
+    from arrcoc.vlm import DEFAULT_VLM_DIR
+
+    if not (DEFAULT_VLM_DIR / "vlm.safetensors").is_file():
+        pytest.skip("no trained VLM in weights/")
+    assert main(["demo", "--preset", "tiny", "--out", str(tmp_path / "demo"), "--question-share", "0.2"]) == 0
+    out = capsys.readouterr().out
+    assert "What color is the" in out
+    assert "all 576 visual tokens" in out and "arrcoc's 115 tokens (20%)" in out
+    for name in ("question.png", "question-tokens.png"):
+        assert (tmp_path / "demo" / name).is_file()
 
 
 def test_help_as_a_module() -> None:
