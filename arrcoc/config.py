@@ -65,7 +65,10 @@ class BalanceConfig:
             normalised to [0, 1].
     """
 
-    weights: tuple[float, float, float] = (1.0, 1.0, 2.0)
+    # With a question, the participatory map leads (8 of 10): on held-out validation scenes (seeds from 700,000,
+    # the shipped VLM) weights (1, 1, 8) kept 1-3 points more accuracy at 5.5% of the tokens than (1, 1, 2),
+    # and put 20-30% more of each token inside the answer boxes.
+    weights: tuple[float, float, float] = (1.0, 1.0, 8.0)
     exploit: float = 0.5
     diversify: float = 0.3
     particularize: float = 0.8
