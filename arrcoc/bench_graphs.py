@@ -257,26 +257,26 @@ def _isolate(stages: list[Any], inputs: dict[str, Any], result: dict[str, Any], 
     state = dict(inputs)
     for _, fn in stages:  # eager first, so every stage has its inputs
         state.update(fn(state))
-    failures, ok = result.setdefault("inductor_stage_errors", {}), result.setdefault("inductor_stages_ok", [])
-    for name, fn in sorted(stages, key=lambda stage: stage[0] == "encode"):
+    def attempt(kind: str, name: str, fn: Callable[[dict[str, Any]], Any]) -> None:
         ok_or_error = _try_compile(fn, state, backend)
         if ok_or_error is None:
-            ok.append(name)
+            result.setdefault(f"inductor_{kind}s_ok", []).append(name)
         else:
-            failures[name] = ok_or_error
+            result.setdefault(f"inductor_{kind}_errors", {})[name] = ok_or_error
         save()
-    if "score" in failures and pipe is not None:
-        failures, ok = result.setdefault("inductor_scorer_errors", {}), result.setdefault("inductor_scorers_ok", [])
+
+    result.setdefault("inductor_stage_errors", {})
+    result.setdefault("inductor_stages_ok", [])
+    for name, fn in sorted(stages, key=lambda stage: stage[0] == "encode"):
+        attempt("stage", name, fn)
+    if "score" in result["inductor_stage_errors"] and pipe is not None:
+        result.setdefault("inductor_scorer_errors", {})
+        result.setdefault("inductor_scorers_ok", [])
         for name, scorer in pipe.scorers.items():
             def one(s: dict[str, Any], scorer: Any = scorer) -> Tensor:
                 return scorer(s["features"], s["texture"], s["patch_valid"], s["query"], s["query_mask"])
 
-            ok_or_error = _try_compile(one, state, backend)
-            if ok_or_error is None:
-                ok.append(name)
-            else:
-                failures[name] = ok_or_error
-            save()
+            attempt("scorer", name, one)
     torch._dynamo.reset()
 
 
