@@ -11,9 +11,12 @@ often) and their ViT features. Then either all the features go to the language m
 patches) with a random relevance map, so that the language model learns to read pooled tokens too; or, with
 probability ``--subset-prob``, only 20% of the patches are kept, every object's patches first (a curriculum:
 find the asked object among a few dozen tokens before among hundreds). The losses: the answer's
-cross-entropy (averaged per sample); the text query encoder's patch-relevance loss (answer boxes as
-targets; its gradient reaches the ViT too, weighted by ``--query-weight``); and per-patch colour, kind and
-glyph labels from a training-only linear head on the ViT (``--dense-weight``). Training seeds start at
+cross-entropy (averaged per sample); grounding, a training-only head on the language model's middle layer
+that marks the answer-box visual tokens (``--grounding-weight``); answer attention, one head of the next
+layer asked to look from each answer position at that token's evidence (``--attention-weight``); the text
+query encoder's patch-relevance loss (answer boxes as targets; its gradient reaches the ViT too, weighted by
+``--query-weight``); and per-patch colour, kind, glyph and side labels from a training-only linear head on
+the ViT (``--dense-weight``). Training seeds start at
 ``TRAIN_SEED_START``; evaluation uses seeds from ``EVAL_SEED_START``.
 
 At the end: full-token greedy accuracy per family on held-out seeds at 224 and 384 pixels, printed and written
@@ -531,7 +534,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             g_loss = (grounding_loss(grounding_head, result.hidden_states[grounding_layer], image, visual_targets)
                       if grounded else lm_loss.new_zeros(()))
             a_loss = (answer_attention.loss(inputs["attention_mask"], inputs["labels"], image, evidence)
-                      if grounded and args.attention_weight > 0 else lm_loss.new_zeros(()))
+                      if visual_targets is not None and args.attention_weight > 0 else lm_loss.new_zeros(()))
             query, qmask = query_encoder(batch["questions"])
             q_loss = relevance_loss(query_encoder, query, qmask, features, targets)
             d_loss = dense_loss(dense_head, features, dense)
