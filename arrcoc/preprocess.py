@@ -60,6 +60,9 @@ class PreprocessedBatch:
         return replace(self, pixels=self.pixels.to(device), valid=self.valid.to(device))
 
 
+_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
 def _describe(source: Any, index: int | None) -> str:
     where = "" if index is None else f"image {index}"
     if isinstance(source, (str, os.PathLike)):
@@ -273,6 +276,33 @@ class Preprocessor:
         valid[:, : size[0], : size[1]] = 1
         return canvas, valid, scale, size
 
+    def _bucket_batch(self, images: Any, device: torch.device | None) -> PreprocessedBatch | None:
+        """A ``(B, 3, S, S)`` uint8 or floating tensor with ``S`` a bucket, as one batch made where it lies.
+
+        Such a batch needs no resize and no padding, so it skips the per-image path, which reads each image
+        back to the host (a sync per image on a GPU). Float pixels are checked with one host read for the whole
+        batch. ``None``: anything else, or float pixels outside [0, 1] (the per-image path then names the image).
+        The result equals the per-image path's.
+        """
+        if not (isinstance(images, Tensor) and images.ndim == 4 and images.shape[0] > 0 and images.shape[1] == 3
+                and images.shape[2] == images.shape[3] and images.shape[2] in self.buckets
+                and (images.dtype == torch.uint8 or images.dtype in _FLOATS) and images.layout == torch.strided
+                and not images.is_quantized and not images.is_nested and images.device.type != "meta"):
+            return None
+        data = images.detach().to(device if device is not None else torch.device("cpu"))  # uint8 travels small
+        if data.dtype == torch.uint8:
+            pixels = data.float() / 255.0
+        else:
+            pixels = data.float()  # the per-image path checks after the same cast (float64 1e300 is inf in float32)
+            inside = torch.isfinite(pixels).all() & (pixels.amin() >= 0) & (pixels.amax() <= 1)
+            if not bool(inside):  # ok-sync: one read for the batch instead of one per image
+                return None
+        b, _, size, _ = pixels.shape
+        sizes = torch.tensor([[size, size]] * b, dtype=torch.long)
+        return PreprocessedBatch(pixels=pixels.contiguous(), valid=pixels.new_ones((b, 1, size, size)),
+                                 scale=torch.ones(b, dtype=torch.float32), source_size=sizes, content_size=sizes.clone(),
+                                 indices=list(range(b)), names=[_describe(data, i) for i in range(b)], bucket=size)
+
     def __call__(self, images: Any, *, device: torch.device | str | None = None) -> list[PreprocessedBatch]:
         """Preprocess one image or a batch (a list mixing any supported kinds, or a 4-D tensor).
 
@@ -281,6 +311,9 @@ class Preprocessor:
             image came from.
         """
         device = torch.device(device) if device is not None else None
+        ready = self._bucket_batch(images, device)
+        if ready is not None:
+            return [ready]
         items = _as_list(images)
         groups: dict[int, list[tuple[int, str, Tensor, Tensor, float, tuple[int, int], tuple[int, int]]]] = {}
         for index, item in enumerate(items):

@@ -226,3 +226,34 @@ def test_odd_arrays_and_tensors() -> None:
         load_image(torch.zeros(3, 4, 4, device="meta"))
     with pytest.raises(InvalidTypeError, match="complex"):
         load_image(np.zeros((4, 4), np.complex64))
+
+
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.float16, torch.bfloat16, torch.float32, torch.float64])
+def test_a_batch_at_a_bucket_size_equals_the_per_image_path(dtype: torch.dtype) -> None:
+    """(B, 3, S, S) at a bucket size takes one batched path (no per-image host reads); its result is the
+    per-image path's, field by field."""
+    pre = Preprocessor(buckets=(32, 64))
+    g = torch.Generator().manual_seed(0)
+    batch = torch.randint(0, 256, (3, 3, 64, 64), generator=g, dtype=torch.uint8)
+    if dtype != torch.uint8:
+        batch = (batch.to(torch.float64) / 255).to(dtype)
+    [fast] = pre(batch)
+    [slow] = pre(list(batch))  # a list of images always takes the per-image path
+    assert fast.bucket == slow.bucket == 64 and fast.indices == slow.indices and fast.names == slow.names
+    for field in ("pixels", "valid", "scale", "source_size", "content_size"):
+        a, b = getattr(fast, field), getattr(slow, field)
+        assert a.dtype == b.dtype and a.device == b.device and torch.equal(a, b), field
+
+
+def test_a_bucket_batch_out_of_range_names_the_image_as_before() -> None:
+    pre = Preprocessor(buckets=(32,))
+    batch = torch.rand(3, 3, 32, 32)
+    batch[2, 0, 0, 0] = 1.5
+    with pytest.raises(InvalidInputError, match=r"image 2 \(Tensor\).*\[0, 1\]"):
+        pre(batch)
+    batch[2, 0, 0, 0] = float("nan")
+    with pytest.raises(InvalidInputError, match=r"image 2 \(Tensor\).*finite"):
+        pre(batch)
+    # Other shapes keep the per-image path: letterboxed, with the same names.
+    [odd] = pre(torch.rand(2, 3, 20, 32))
+    assert odd.content_size.tolist() == [[20, 32], [20, 32]] and odd.names == ["image 0 (Tensor)", "image 1 (Tensor)"]
