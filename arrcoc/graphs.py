@@ -707,6 +707,20 @@ class GraphCache:
             self._stats.entries.pop(key, None)
             self._stats.evictions += 1
             evicted += 1
+        if evicted:
+            self._drop_unused_pools()
+
+    def _drop_unused_pools(self) -> None:
+        """Forget the pool of a thread with no entries left: its next capture starts a new pool.
+
+        Once the last graph of a pool is gone, the allocator keeps the pool only while something still holds
+        its memory (a compiled stage's buffer, a tensor a caller kept), with a use count of 0; capturing into
+        it again then fails an internal assert (``use_count > 0``, pytorch/pytorch#189126). It happened in the
+        benchmark after ``torch.compile`` ran inside a capture and the cache was cleared.
+        """
+        live = {key.thread for key in self._entries}
+        for thread in [t for t in self._pools if t not in live]:
+            del self._pools[thread]
 
     def run(self, key: GraphKey, build: Callable[[], tuple[list[Stage], dict[str, Tensor], Sequence[str]]],
             values: Mapping[str, Tensor], rows: int, copy: bool = True) -> ChainResult:
@@ -745,6 +759,7 @@ class GraphCache:
         with self.lock:
             self._entries.clear()
             self._stats.entries.clear()
+            self._drop_unused_pools()
 
     def stats(self) -> dict[str, Any]:
         """Hits, misses, captures, evictions, out-of-memory retries, capture seconds, and bytes per entry."""

@@ -195,6 +195,31 @@ def test_warmup_and_lru_bound() -> None:
 
 
 @cuda
+def test_a_pool_still_holding_memory_after_its_last_graph_is_not_captured_into_again() -> None:
+    """A stage that keeps a tensor made inside its capture (as a compiled stage's buffers can) holds the pool's
+    memory after the cache is cleared. Capturing into that pool again failed an allocator assert (use_count > 0,
+    pytorch/pytorch#189126); the cache starts a new pool instead."""
+    device = torch.device("cuda")
+    kept: list[torch.Tensor] = []
+
+    def keep(state: dict) -> dict:
+        y = state["x"] * 2
+        kept.append(y)  # allocated from the pool during capture; outlives the graph
+        return {"y": y + 1}
+
+    def build():
+        return [("keep", keep)], {"x": torch.zeros(2, 5, device=device)}, ("y",)
+
+    values = {"x": torch.ones(2, 5, device=device)}
+    cache = GraphCache()
+    for bucket in (224, 384, 512):  # capture, clear, capture again: each time into a fresh pool
+        out = cache.run(GraphKey(bucket, 2, torch.float32, device, 0, 1), build, values, 2)
+        torch.testing.assert_close(out["y"], torch.full((2, 5), 3.0, device=device))
+        cache.clear()
+    assert cache.stats()["captures"] == 3 and len(kept) >= 3
+
+
+@cuda
 def test_compile_option_gives_the_same_results(pipes) -> None:
     """compile=True compiles each stage before capture; where the compiler fails, the warning names the stage."""
     _, eager = pipes
