@@ -93,6 +93,8 @@ class SceneBatches(torch.utils.data.IterableDataset):
 #: Dense per-patch label sets: colour (none + 6), kind (none + shapes + text), glyph (none + alphabet), and the
 #: image half the patch lies in (left, right: the "side" family needs the position to survive into the features).
 DENSE_CLASSES: tuple[int, int, int, int] = (1 + len(COLORS), 2 + len(SHAPES), 1 + len(TEXT_ALPHABET), 2)
+#: The losses in the log line, in the order the training step stacks them.
+LOSS_NAMES: tuple[str, ...] = ("lm", "query", "dense", "grounding", "attention")
 #: Longest text to read (the answer positions whose attention is supervised).
 MAX_GLYPHS = 5
 
@@ -491,14 +493,15 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     generator = torch.Generator(device=device).manual_seed(args.seed * 7919 + state["step"])
     schedule = 60 * args.schedule_minutes
     last_ckpt = last_log = time.monotonic()
-    running: dict[str, float] = {"lm": 0.0, "query": 0.0, "dense": 0.0, "grounding": 0.0, "attention": 0.0,
-                                 "wait": 0.0, "n": 0}
+    # Losses since the last log line, summed on the device: read back once per log line, not once per loss and step.
+    loss_sum = torch.zeros(len(LOSS_NAMES), device=device)
+    logged_steps, waited = 0, 0.0
     from tqdm import tqdm
 
     progress = tqdm(desc="train", unit="step", initial=state["step"], mininterval=30, disable=None)
     step_start = time.monotonic()
     for batch in loader:
-        running["wait"] += time.monotonic() - step_start  # time spent waiting for data
+        waited += time.monotonic() - step_start  # time spent waiting for data
         if time.monotonic() > deadline or (args.max_steps is not None and state["step"] >= args.max_steps):
             break
         lr = _lr(args.lr, state["train_seconds"] - state.get("schedule_from", 0.0), schedule,
@@ -555,20 +558,15 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         state["batch"] += 1
         state["samples"] += len(batch["questions"])
         progress.update()
-        running["lm"] += float(lm_loss.detach())
-        running["query"] += float(q_loss.detach())
-        running["dense"] += float(d_loss.detach())
-        running["grounding"] += float(g_loss.detach())
-        running["attention"] += float(a_loss.detach())
-        running["n"] += 1
+        loss_sum += torch.stack([part.detach().float() for part in (lm_loss, q_loss, d_loss, g_loss, a_loss)])
+        logged_steps += 1
         if now - last_log > 30 or state["step"] <= 2:
-            n = running["n"]
-            logger.info("step %d  samples %d  lr %.2e  lm %.4f  query %.4f  dense %.4f  grounding %.4f  attention %.4f"
-                        "  data wait %.0f%%  (%.0f s trained)", state["step"], state["samples"], lr, running["lm"] / n,
-                        running["query"] / n, running["dense"] / n, running["grounding"] / n, running["attention"] / n,
-                        100 * running["wait"] / max(1e-9, now - last_log), state["train_seconds"])
-            running = {"lm": 0.0, "query": 0.0, "dense": 0.0, "grounding": 0.0, "attention": 0.0, "wait": 0.0, "n": 0}
-            last_log = now
+            means = (loss_sum / logged_steps).tolist()  # ok-sync: the log line
+            logger.info("step %d  samples %d  lr %.2e  %s  data wait %.0f%%  (%.0f s trained)", state["step"],
+                        state["samples"], lr, "  ".join(f"{name} {m:.4f}" for name, m in zip(LOSS_NAMES, means)),
+                        100 * waited / max(1e-9, now - last_log), state["train_seconds"])
+            loss_sum.zero_()
+            logged_steps, waited, last_log = 0, 0.0, now
         if now - last_ckpt > 60 * args.checkpoint_minutes:
             checkpoint()
             last_ckpt = now
