@@ -285,6 +285,7 @@ def _demo_question(out_dir: Path, device: torch.device, share: float) -> None:
     try:
         from .data import make_sample
         from .evaluation import ask, pixel_values, project_adapter
+        from .overlay import render_token_boxes
         from .text_query import TextQueryEncoder
         from .vlm import DEFAULT_VLM_DIR, load_vlm
 
@@ -308,25 +309,12 @@ def _demo_question(out_dir: Path, device: torch.device, share: float) -> None:
     sample.image.save(out_dir / "question.png")
     kept = positions[0].cpu()  # ok-sync: reporting; (K, 4) row, col, height, width in patches
     boxes = [tuple(int(v) * 16 for v in (c, r, c + w, r + h)) for r, c, h, w in kept.tolist()]
-    _token_boxes(sample.image, boxes).save(out_dir / "question-tokens.png")
+    render_token_boxes(sample.image, boxes).save(out_dir / "question-tokens.png")
     print(f"arrcoc demo question (the shipped VLM, {sample.image.width}px scene): {sample.question!r} "
           f"(expected {sample.answer!r})")
     print(f"  all {patches} visual tokens: {full[0]!r}; arrcoc's {budget} tokens ({100 * budget / patches:.0f}%): "
           f"{few[0]!r}")
     print(f"  wrote {out_dir}/question.png, {out_dir}/question-tokens.png (the tokens read)")
-
-
-def _token_boxes(image: Any, boxes: list[tuple[int, int, int, int]]) -> Any:
-    """``image`` dimmed outside the kept tokens, each token's area outlined."""
-    from PIL import Image, ImageDraw
-
-    dim = Image.blend(image.convert("RGB"), Image.new("RGB", image.size, (0, 0, 0)), 0.6)
-    for box in boxes:
-        dim.paste(image.crop(box), box[:2])
-    draw = ImageDraw.Draw(dim)
-    for x0, y0, x1, y1 in boxes:
-        draw.rectangle((x0, y0, x1 - 1, y1 - 1), outline=(255, 255, 255))
-    return dim
 
 
 def _parser() -> argparse.ArgumentParser:

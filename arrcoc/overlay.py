@@ -9,7 +9,7 @@ from torch import Tensor
 
 from .outputs import CompressionOutput, ScoreOutput
 
-__all__ = ["render_overlay", "heat_colors"]
+__all__ = ["render_overlay", "render_token_boxes", "heat_colors"]
 
 # Anchors of a perceptually ordered dark-to-bright ramp (after matplotlib's "inferno").
 _RAMP = np.array([[0, 0, 4], [87, 16, 110], [188, 55, 84], [249, 142, 9], [252, 255, 164]], dtype=np.float64)
@@ -79,3 +79,15 @@ def render_overlay(image: Image.Image | Tensor, result: ScoreOutput, index: int 
                     draw.text(centre, str(int(allocation[row, col])), fill=(255, 255, 255), font=font, anchor="mm",
                               stroke_width=2, stroke_fill=(0, 0, 0))
     return picture
+
+
+def render_token_boxes(image: Image.Image, boxes: list[tuple[int, int, int, int]]) -> Image.Image:
+    """``image`` dimmed outside the areas that visual tokens cover, each ``(x0, y0, x1, y1)`` pixel box outlined."""
+    rgb = image.convert("RGB")
+    dim = Image.blend(rgb, Image.new("RGB", image.size, (0, 0, 0)), 0.6)
+    for box in boxes:
+        dim.paste(rgb.crop(box), box[:2])
+    draw = ImageDraw.Draw(dim)
+    for x0, y0, x1, y1 in boxes:
+        draw.rectangle((x0, y0, x1 - 1, y1 - 1), outline=(255, 255, 255))
+    return dim

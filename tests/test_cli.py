@@ -281,3 +281,16 @@ def test_every_module_command_has_a_main_and_help(name: str, capsys: pytest.Capt
         main([name, "--help"])
     assert exit_info.value.code == 0
     assert "usage:" in capsys.readouterr().out
+
+
+def test_token_boxes_keep_the_read_areas_and_dim_the_rest() -> None:
+    import numpy as np
+    from PIL import Image
+
+    from arrcoc.overlay import render_token_boxes
+
+    image = Image.new("RGB", (64, 64), (200, 100, 50))
+    out = np.asarray(render_token_boxes(image, [(16, 16, 48, 32)]))
+    assert out[24, 30].tolist() == [200, 100, 50]  # inside a box: the image as it is
+    assert out[16, 30].tolist() == [255, 255, 255]  # the box's outline
+    assert (out[5, 5] < np.array([200, 100, 50])).all()  # outside: dimmed
