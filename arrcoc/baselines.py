@@ -35,6 +35,7 @@ from torch import Tensor, nn
 
 from .errors import InvalidInputError
 from .reducers import ReducedTokens, VisualInput, check_budget, register_reducer
+from .token_positions import patch_boxes
 
 __all__ = ["UniformPooling", "RandomSelection", "VisionZip", "DivPrune", "ToMe", "FastV", "pool_assigned",
            "select_patches"]
@@ -74,13 +75,6 @@ def _image_first(score: Tensor, visual: VisualInput) -> Tensor:
     return score - padding * _PADDING_PENALTY
 
 
-def _patch_boxes(gh: int, gw: int, device: torch.device) -> Tensor:
-    """``(N, 4)`` int64 ``(row, col, 1, 1)`` box of every patch, in raster order."""
-    index = torch.arange(gh * gw, device=device)
-    ones = torch.ones_like(index)
-    return torch.stack((index // gw, index % gw, ones, ones), -1)
-
-
 def select_patches(visual: VisualInput, index: Tensor) -> ReducedTokens:
     """Keep the patches ``index`` ``(B, K)`` (raster indices), returned in reading order.
 
@@ -90,7 +84,7 @@ def select_patches(visual: VisualInput, index: Tensor) -> ReducedTokens:
     b, gh, gw, d = visual.features.shape
     index = torch.sort(index, dim=1).values  # reading order
     tokens = visual.features.flatten(1, 2).gather(1, index[..., None].expand(-1, -1, d))
-    positions = _patch_boxes(gh, gw, index.device)[index]  # (B, K, 4)
+    positions = patch_boxes(gh, gw, index.device)[index]  # (B, K, 4)
     weights = torch.ones(index.shape, dtype=torch.float32, device=index.device)
     return ReducedTokens(tokens, positions, weights)
 

@@ -12,8 +12,10 @@ decode step).
 Covered families: LLaVA-1.5-style models (a CLIP/SigLIP-like vision tower whose ``hidden_states`` are
 ``(B, [CLS +] N, D)``) and LLaVA whose tower is a timm ViT behind ``TimmWrapperConfig``. LLaVA-NeXT is not
 covered: its any-resolution packing (a base view plus crops, with ``image_newline`` tokens) is a different
-token layout. LLaVA uses 1-D rotary positions, so the tokens' 2-D ``positions`` are not passed to the model;
-they are returned in :class:`Prepared` for models that can use them.
+token layout. LLaVA uses 1-D rotary positions, so a stock model does not read the tokens' 2-D ``positions``
+(they are returned in :class:`Prepared`); a model with a ``token_positions`` submodule
+(:class:`arrcoc.token_positions.TokenPositions`, as the project's own VLM may have) gets them added to the
+projected tokens.
 
 Importing this module does not import transformers (only :func:`main` and :func:`word_tokenizer` do); the
 adapter works on whatever transformers objects it is handed.
@@ -37,6 +39,7 @@ from .config import PipelineConfig
 from .decode import language_model, rope
 from .errors import ArrcocError, BudgetError, InvalidInputError, InvalidTypeError
 from .reducers import ReducedTokens, VisualInput, create_reducer
+from .token_positions import token_position_embedding
 
 __all__ = ["ArrcocLlava", "Prepared", "raster_order", "word_tokenizer", "main"]
 
@@ -191,6 +194,9 @@ class ArrcocLlava(nn.Module):
         # Decided once: a timm tower gives NCHW block outputs with the prefix tokens already removed.
         self.timm_tower = hasattr(self.vision_tower, "timm_model")
         self.keeps_cls = self.strategy == "full" and not self.timm_tower
+        if self.keeps_cls and getattr(model, "token_positions", None) is not None:
+            raise InvalidInputError("a model with token_positions places patch tokens only; its [CLS] token has no "
+                                    "box: use vision_feature_select_strategy='default'")
         self.method = method
         self.reducer = create_reducer(method, config=config)
         if isinstance(self.reducer, torch.nn.Module):  # its constant buffers (colour matrix, filters) go with the model
@@ -363,7 +369,8 @@ class ArrcocLlava(nn.Module):
             visual.text_attention = self._text_attention(prompts, grid, cls)
         reduced = raster_order(self.reduce(visual, budget - int(self.keeps_cls)), grid.shape[2])
         tokens = reduced.tokens if cls is None else torch.cat((cls, reduced.tokens), 1)
-        image_tokens = self.projector(tokens.to(grid.dtype))  # (B, budget, H)
+        image_tokens = self._with_positions(self.projector(tokens.to(grid.dtype)), reduced.positions,
+                                            grid.shape[1:3])  # (B, budget, H)
         embeds = _fill_slots(embeds, ids == self.image_token_id, image_tokens)
         return Prepared(embeds, mask, ids, reduced, query_mask, image_tokens)
 
@@ -401,6 +408,12 @@ class ArrcocLlava(nn.Module):
             logger.warning("the %s reducer cannot be captured as a CUDA graph (%s); calling it directly", self.method, err)
             return False
 
+    def _with_positions(self, projected: Tensor, boxes: Tensor | None, grid: tuple[int, int]) -> Tensor:
+        """Projected image tokens plus their 2-D position vectors, for a model that has them (a ``token_positions``
+        submodule, :mod:`arrcoc.token_positions`); a stock LLaVA gets ``projected`` unchanged."""
+        where = token_position_embedding(self.model, projected.shape[1], boxes, grid)
+        return projected if where is None else projected + where.to(projected.dtype)
+
     def _query(self, grid: Tensor, embeds: Tensor, query_mask: Tensor) -> tuple[Tensor, Tensor]:
         """Pull the prompt's question tokens back into the vision space (see the class docstring)."""
         patches = grid.flatten(1, 2)  # (B, N, D)
@@ -417,7 +430,8 @@ class ArrcocLlava(nn.Module):
         ids, mask, _ = self._batch_ids(prompts, self.full_tokens, grid.device)
         tokens = grid.flatten(1, 2) if cls is None else torch.cat((cls, grid.flatten(1, 2)), 1)
         slots = ids == self.image_token_id
-        embeds = _fill_slots(self.model.get_input_embeddings()(ids), slots, self.projector(tokens))
+        embeds = _fill_slots(self.model.get_input_embeddings()(ids), slots,
+                             self._with_positions(self.projector(tokens), None, grid.shape[1:3]))
         attention = _text_to_image_attention(language_model(self.model), self.fastv_layer, embeds, mask, slots,
                                              self.full_tokens)
         return attention[:, int(self.keeps_cls):].unflatten(-1, grid.shape[1:3])

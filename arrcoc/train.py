@@ -27,6 +27,7 @@ read.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import math
@@ -47,6 +48,7 @@ from .compression import compress
 from .data import COLORS, QUESTION_FAMILIES, SHAPES, TEXT_ALPHABET, make_sample
 from .regions import region_grid, to_regions
 from .text_query import TextQueryConfig, TextQueryEncoder, patch_targets, relevance_loss
+from .token_positions import patch_boxes
 from .vlm import VLMConfig, build_vlm, embed_inputs, generate_answers, save_vlm, vision_features
 
 __all__ = ["TRAIN_SEED_START", "EVAL_SEED_START", "SceneBatches", "collate", "random_compression", "evaluate", "main"]
@@ -158,11 +160,14 @@ def collate(samples: Sequence[Any]) -> dict[str, Any]:
 
 
 def random_compression(features: Tensor, generator: torch.Generator, fraction: float, region_size: int = 4,
-                       ) -> Tensor:
+                       ) -> tuple[Tensor, Tensor]:
     """Compress ``(B, N, D)`` square-grid features to ``round(fraction * N)`` tokens with a random relevance map.
 
     Uses arrcoc's allocation and compression, so the tokens look like the pipeline's (kept patches and
     pooled region means, region by region).
+
+    Returns:
+        The tokens ``(B, K, D)`` and their boxes ``(B, K, 4)`` (row, col, height, width in patches).
     """
     b, n, d = features.shape
     side = math.isqrt(n)
@@ -173,8 +178,8 @@ def random_compression(features: Tensor, generator: torch.Generator, fraction: f
     budget = max(rh * rw, min(n, round(fraction * n)))
     relevance = torch.rand(b, rh, rw, generator=generator, device=features.device) ** 4  # peaked: some detail
     alloc = allocate(relevance.float(), budget, 1, most, check=False)
-    tokens, _, _, _ = compress(grid.float(), ones, alloc, budget, region_size)
-    return tokens.to(features.dtype)  # (B, budget, D): every slot filled, since allocations sum to the budget
+    tokens, boxes, _, _ = compress(grid.float(), ones, alloc, budget, region_size)
+    return tokens.to(features.dtype), boxes  # every slot filled, since allocations sum to the budget
 
 
 def answer_loss(logits: Tensor, labels: Tensor) -> Tensor:
@@ -190,15 +195,21 @@ def answer_loss(logits: Tensor, labels: Tensor) -> Tensor:
 def dense_loss(head: torch.nn.Linear, features: Tensor, labels: Tensor) -> Tensor:
     """Cross-entropy of the per-patch colour, kind, glyph and side labels from the ViT features (training only).
 
-    The side label counts on the patches that show something (an object or a text frame) only: background
-    patches learn their side from the background alone (92% right after run 3) while object patches, whose
-    features the answer reads, stayed at 55%.
+    Two labels count on some patches only. The glyph label counts on the patches that hold a glyph: over all
+    patches, "no glyph" is right for ~97% of them and the glyph's identity barely weighs (the ViT told 15% of
+    glyph patches right after run 4). The side label counts on the patches that show something (an object or
+    a text frame): background patches learn their side from the background alone (92% right after run 3)
+    while object patches, whose features the answer reads, stayed at 55%.
     """
+    def counted_on(where: Tensor, logits: Tensor, target: Tensor) -> Tensor:
+        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), target.flatten(), reduction="none")
+        where = where.flatten()
+        return torch.where(where, loss, 0.0).sum() / where.sum().clamp_min(1)
+
     logits = head(features).float().split(DENSE_CLASSES, dim=-1)  # 4 x (B, N, C)
-    losses = [torch.nn.functional.cross_entropy(lg.flatten(0, 1), labels[..., i].flatten()) for i, lg in enumerate(logits[:3])]
-    shows = (labels[..., 1] > 0).flatten()
-    side = torch.nn.functional.cross_entropy(logits[3].flatten(0, 1), labels[..., 3].flatten(), reduction="none")
-    losses.append(torch.where(shows, side, 0.0).sum() / shows.sum().clamp_min(1))
+    losses = [torch.nn.functional.cross_entropy(lg.flatten(0, 1), labels[..., i].flatten()) for i, lg in enumerate(logits[:2])]
+    losses.append(counted_on(labels[..., 2] > 0, logits[2], labels[..., 2]))
+    losses.append(counted_on(labels[..., 1] > 0, logits[3], labels[..., 3]))
     return sum(losses) / len(losses)
 
 
@@ -370,6 +381,9 @@ def _resume(path: Path, model: Any, query_encoder: TextQueryEncoder, dense_head:
         if not fresh_language_model:
             result = model.load_state_dict(load_file(path / "vlm.safetensors"), strict=False)
             missing = [k for k in result.missing_keys if "vision_tower." not in k and k != "lm_head.weight"]
+            if any(k.startswith("token_positions.") for k in missing):  # --token-positions added: starts at zero
+                logger.info("%s has no token positions: they start at zero", path)
+                missing = [k for k in missing if not k.startswith("token_positions.")]
             if missing or result.unexpected_keys:
                 raise ValueError(f"{path} does not fit the model: missing {missing[:5]}, "
                                  f"unexpected {result.unexpected_keys[:5]}")
@@ -418,6 +432,8 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
                    help="weight of the loss that marks answer-box visual tokens in the language model's middle layer")
     p.add_argument("--attention-weight", type=float, default=1.0,
                    help="weight of the loss that points one attention head at the answer-box visual tokens")
+    p.add_argument("--token-positions", action="store_true",
+                   help="add each visual token's 2-D box to it (arrcoc.token_positions), to a resumed model too")
     p.add_argument("--fresh-lm", action="store_true",
                    help="with --resume: keep the ViT and query encoder, start the projector and language model anew")
     p.add_argument("--max-steps", type=int, default=None, help="stop after this many steps in total")
@@ -450,6 +466,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             raise ValueError(f"--lm-layers {args.lm_layers} differs from the {saved.num_layers} layers of "
                              f"{args.resume}; add --fresh-lm to start a new language model")
         config = saved
+    if args.token_positions:
+        config = dataclasses.replace(config, token_positions=True)
     model, tokenizer = build_vlm(config)
     width = int(config.encoder_kwargs["embed_dim"])
     qconfig = TextQueryConfig(width=width) if args.preset == "default" else TextQueryConfig(width=width, dim=32, layers=1)
@@ -518,17 +536,20 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             is_text = evidence.sum((1, 2)) > 0
             evidence[:, 0] = torch.where(is_text[:, None], evidence[:, 0], targets)
             visual, visual_targets = features, targets  # visual_targets: None when tokens are pooled
+            side = math.isqrt(features.shape[1])
+            boxes = None  # every patch: embed_inputs places them
             draw = torch.rand((), generator=generator, device=device).item()  # ok-sync: per-batch choice, training loop
             if draw < args.compress_prob:
                 fraction = 0.05 + 0.55 * torch.rand((), generator=generator, device=device).item()  # ok-sync: per-batch choice
-                visual, visual_targets = random_compression(features, generator, fraction), None
+                (visual, boxes), visual_targets = random_compression(features, generator, fraction), None
             elif draw < args.compress_prob + args.subset_prob:
                 visual, kept = object_subset(features, dense, targets, generator, args.subset_fraction)
+                boxes = patch_boxes(side, side, device)[kept]  # (B, K, 4)
                 visual_targets = targets.gather(1, kept)
                 evidence = evidence.gather(2, kept[:, None].expand(-1, evidence.shape[1], -1))
             inputs = tokenizer([tokenizer.prompt(q) for q in batch["questions"]], visual.shape[1],
                                targets=batch["answers"], device=device)
-            embeds = embed_inputs(model, inputs["input_ids"], visual)
+            embeds = embed_inputs(model, inputs["input_ids"], visual, boxes, (side, side))
             grounded = args.grounding_weight > 0 and visual_targets is not None
             result = model(inputs_embeds=embeds, attention_mask=inputs["attention_mask"],
                            position_ids=inputs["position_ids"], output_hidden_states=grounded)

@@ -34,6 +34,7 @@ from torch import Tensor, nn
 from .config import PipelineConfig
 from .data import WORDS
 from .errors import InvalidInputError, MissingWeightsError
+from .token_positions import TokenPositions, token_position_embedding
 from .tokenizer import CharTokenizer
 
 if TYPE_CHECKING:
@@ -56,6 +57,8 @@ class VLMConfig:
         encoder: timm ViT name (patch 16); ``encoder_kwargs`` resize it (e.g. ``embed_dim``, ``depth``).
         hidden_size, num_layers, num_heads, intermediate_size: the Llama-style language model.
         max_positions: longest prompt plus answer, in tokens (a 384-pixel image alone is 576 tokens).
+        token_positions: add each visual token's 2-D box to it (:class:`~arrcoc.token_positions.TokenPositions`),
+            so that compressed tokens say where they lie. Off in models saved before it existed.
         seed: initialisation seed of :func:`build_vlm`.
     """
 
@@ -66,6 +69,7 @@ class VLMConfig:
     num_heads: int = 4
     intermediate_size: int = 768
     max_positions: int = 1280
+    token_positions: bool = False
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -121,6 +125,8 @@ def build_vlm(config: VLMConfig | None = None, tokenizer: CharTokenizer | None =
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)
         model = LlavaForConditionalGeneration(llava)
+    if config.token_positions:  # a submodule: saved, loaded and moved with the language parts
+        model.token_positions = TokenPositions(config.hidden_size)
     model.arrcoc_config = config  # read by save_vlm
     return model.eval(), tokenizer
 
@@ -153,18 +159,22 @@ def vision_features(model: LlavaForConditionalGeneration, pixels: Tensor) -> Ten
     return out[:, tower.num_prefix_tokens:]
 
 
-def embed_inputs(model: LlavaForConditionalGeneration, input_ids: Tensor, visual: Tensor) -> Tensor:
+def embed_inputs(model: LlavaForConditionalGeneration, input_ids: Tensor, visual: Tensor,
+                 boxes: Tensor | None = None, grid: tuple[int, int] | None = None) -> Tensor:
     """Token embeddings with the projected visual tokens written at the image-token positions, in order.
 
     Args:
         input_ids: ``(B, L)`` holding ``K`` image tokens per row.
         visual: ``(B, K, D)`` visual features in the ViT's space (full or compressed tokens).
+        boxes, grid: where the tokens lie, ``(B, K, 4)`` (row, col, height, width in patches) on a ``(gh, gw)``
+            grid; read by a model with ``token_positions`` only, and optional for full square grids.
 
     Returns:
         ``(B, L, H)`` inputs for the language model.
 
     Raises:
-        InvalidInputError: the number of image tokens in a row differs from ``K``.
+        InvalidInputError: the number of image tokens in a row differs from ``K``; or the model needs boxes
+            that are missing.
     """
     image = input_ids == model.config.image_token_id  # (B, L)
     embeds = model.get_input_embeddings()(input_ids)
@@ -172,19 +182,24 @@ def embed_inputs(model: LlavaForConditionalGeneration, input_ids: Tensor, visual
     if image.shape[0] != visual.shape[0] or image.sum() != visual.shape[0] * visual.shape[1]:  # ok-sync: a check
         raise InvalidInputError(f"{int(image.sum())} image tokens in the prompts, but {visual.shape[0]} x "
                                 f"{visual.shape[1]} visual tokens given")
+    where = token_position_embedding(model, visual.shape[1], boxes, grid)
+    if where is not None:
+        projected = projected + where.to(projected.dtype)
     return embeds.masked_scatter(image[..., None], projected.to(embeds.dtype))
 
 
 @torch.no_grad()
 def generate_answers(model: LlavaForConditionalGeneration, tokenizer: CharTokenizer, questions: Sequence[str],
-                     visual: Tensor, max_new_tokens: int = 8) -> list[str]:
-    """Greedy answers to ``questions`` about images given as visual tokens ``(B, K, D)``.
+                     visual: Tensor, max_new_tokens: int = 8, boxes: Tensor | None = None,
+                     grid: tuple[int, int] | None = None) -> list[str]:
+    """Greedy answers to ``questions`` about images given as visual tokens ``(B, K, D)`` (placed by ``boxes`` on
+    ``grid``, as in :func:`embed_inputs`).
 
     Decoding recomputes the (short) sequence each step instead of keeping a cache: answers are a few
     characters, and this keeps to the part of the transformers API that is the same in every version.
     """
     batch = tokenizer([tokenizer.prompt(q) for q in questions], visual.shape[1], device=visual.device)
-    embeds = embed_inputs(model, batch["input_ids"], visual)
+    embeds = embed_inputs(model, batch["input_ids"], visual, boxes, grid)
     mask, positions = batch["attention_mask"], batch["position_ids"]
     out = torch.full((len(questions), max_new_tokens), tokenizer.eos_token_id, dtype=torch.long, device=visual.device)
     done = torch.zeros(len(questions), dtype=torch.bool, device=visual.device)

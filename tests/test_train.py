@@ -59,11 +59,37 @@ def test_random_compression_spends_exactly_the_budget() -> None:
 
     features = torch.randn(2, 196, 8)
     g = torch.Generator().manual_seed(0)
-    tokens = random_compression(features, g, 0.2)
-    assert tokens.shape == (2, round(0.2 * 196), 8)
-    full = random_compression(features, g, 1.0)  # every patch kept, only reordered
+    tokens, boxes = random_compression(features, g, 0.2)
+    assert tokens.shape == (2, round(0.2 * 196), 8) and boxes.shape == (2, round(0.2 * 196), 4)
+    full, boxes = random_compression(features, g, 1.0)  # every patch kept, only reordered
     assert full.shape == features.shape
     torch.testing.assert_close(full.sort(1).values, features.sort(1).values)
+    # Each token's box is the patch it came from: gathering by the boxes gives the tokens back.
+    assert (boxes[..., 2:] == 1).all()
+    index = boxes[..., 0] * 14 + boxes[..., 1]
+    torch.testing.assert_close(features.gather(1, index[..., None].expand(-1, -1, 8)), full)
+
+
+def test_dense_glyph_label_counts_on_glyph_patches_only() -> None:
+    from arrcoc.train import DENSE_CLASSES, dense_loss
+
+    torch.manual_seed(0)
+    head = torch.nn.Linear(8, sum(DENSE_CLASSES))
+    with torch.no_grad():  # only the glyph outputs depend on the features: the other losses stay constant
+        start = sum(DENSE_CLASSES[:2])
+        keep = torch.zeros(sum(DENSE_CLASSES), 1)
+        keep[start:start + DENSE_CLASSES[2]] = 1
+        head.weight.mul_(keep)
+    features = torch.randn(1, 6, 8)
+    labels = torch.zeros(1, 6, 4, dtype=torch.long)
+    labels[0, :2, 1] = 5  # two text patches holding glyphs; four background patches
+    labels[0, :2, 2] = torch.tensor([3, 7])
+    base = dense_loss(head, features, labels)
+    background, glyphs = features.clone(), features.clone()
+    background[0, 2:] += 5
+    glyphs[0, :2] += 5
+    assert torch.isclose(dense_loss(head, background, labels), base)  # "no glyph" patches do not count
+    assert not torch.isclose(dense_loss(head, glyphs, labels), base)
 
 
 def test_scene_batches_are_deterministic_and_balanced() -> None:
@@ -201,3 +227,20 @@ def test_glyph_targets_follow_the_asked_text_left_to_right() -> None:
     assert glyph_targets(make_sample(1, 224, "color"), 224).sum() == 0
     side = dense_labels(sample.layout, 224)[:, 3].view(14, 14)
     assert (side[:, :7] == 0).all() and (side[:, 7:] == 1).all()
+
+
+def test_token_positions_join_a_resumed_model_at_zero(tmp_path: Path) -> None:
+    from arrcoc.train import main
+    from arrcoc.vlm import load_vlm
+
+    common = ["--preset", "tiny", "--batch-size", "6", "--workers", "0", "--sizes", "64", "--eval-per-family", "1",
+              "--warmup", "1", "--lr", "3e-3"]
+    main(["--out", str(tmp_path / "a"), "--max-steps", "1", *common])
+    weights = tmp_path / "a" / "weights"
+    (weights / "eval.json").write_text((tmp_path / "a" / "eval.json").read_text())
+    # compress-prob 1: every batch compressed, so the boxes of pooled tokens reach the model.
+    main(["--out", str(tmp_path / "b"), "--max-steps", "3", "--resume", str(weights), "--token-positions",
+          "--compress-prob", "1", *common])
+    model, _ = load_vlm(tmp_path / "b" / "weights")
+    assert model.arrcoc_config.token_positions
+    assert model.token_positions.proj.weight.abs().sum() > 0  # started at zero, trained since

@@ -1,0 +1,74 @@
+"""Where each visual token lies, as a vector the language model adds to it: :class:`TokenPositions`.
+
+A LLaVA-style model numbers its image tokens in one dimension, in raster order. For a model that reads every
+patch that says where each one lies (token ``r * W + c`` is row ``r``, column ``c``), though only implicitly.
+For compressed tokens it says nothing: the ``k``-th of 63 tokens can lie anywhere, and a merged token covers
+a whole region. The reducers return each token's box (row, column, height, width in patches) next to the
+token; this module turns the box, relative to the image's patch grid, into a vector added to the projected
+token, so "which side is the cross on" has an answer in the token the question attends to.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from .errors import InvalidInputError
+
+__all__ = ["TokenPositions", "patch_boxes", "token_position_embedding"]
+
+
+def patch_boxes(gh: int, gw: int, device: torch.device | str | None = None) -> Tensor:
+    """``(gh * gw, 4)`` int64 ``(row, col, 1, 1)`` box of every patch, in raster order."""
+    index = torch.arange(gh * gw, device=device)
+    ones = torch.ones_like(index)
+    return torch.stack((index // gw, index % gw, ones, ones), -1)
+
+
+class TokenPositions(nn.Module):
+    """Boxes ``(B, K, 4)`` in patches -> ``(B, K, hidden_size)`` vectors to add to the projected tokens.
+
+    The box's centre and size, as shares of the grid (so 224 and 384 px images agree), go through sines and
+    cosines at ``frequencies`` octaves and one linear layer. The layer starts at zero: a model trained
+    without positions gets this module added and starts exactly where it was.
+    """
+
+    def __init__(self, hidden_size: int, frequencies: int = 6) -> None:
+        super().__init__()
+        self.register_buffer("scales", math.pi * 2.0 ** torch.arange(frequencies), persistent=False)
+        self.proj = nn.Linear(4 * 2 * frequencies, hidden_size)
+        nn.init.zeros_(self.proj.weight)
+        nn.init.zeros_(self.proj.bias)
+
+    def forward(self, boxes: Tensor, grid: tuple[int, int]) -> Tensor:
+        """``boxes`` ``(B, K, 4)`` (row, col, height, width) on a ``grid`` of ``(gh, gw)`` patches."""
+        gh, gw = grid
+        row, col, height, width = boxes.to(self.scales.dtype).unbind(-1)  # (B, K) each
+        shares = torch.stack(((row + height / 2) / gh, (col + width / 2) / gw, height / gh, width / gw), -1)
+        angles = shares[..., None] * self.scales  # (B, K, 4, F)
+        return self.proj(torch.cat((angles.sin(), angles.cos()), -1).flatten(-2))
+
+
+def token_position_embedding(model: nn.Module, count: int, boxes: Tensor | None,
+                             grid: tuple[int, int] | None) -> Tensor | None:
+    """``(B, K, H)`` position vectors of ``count`` visual tokens from ``model.token_positions`` (a
+    :class:`TokenPositions`), or ``None`` for a model without that submodule.
+
+    ``boxes`` ``(B, K, 4)`` and ``grid`` ``(gh, gw)`` place the tokens. Without boxes the ``count`` tokens must be
+    every patch of ``grid`` (or, without a grid too, of a square grid) in raster order: full tokens.
+    """
+    positions = getattr(model, "token_positions", None)
+    if positions is None:
+        return None
+    if boxes is None:
+        side = math.isqrt(count)
+        grid = grid or (side, side)
+        if grid[0] * grid[1] != count:
+            raise InvalidInputError(f"this model adds each visual token's position: pass the boxes of the {count} "
+                                    f"tokens (only every patch of the grid, {grid[0]} x {grid[1]}, may leave them out)")
+        boxes = patch_boxes(*grid, positions.scales.device)[None]
+    elif grid is None:
+        raise InvalidInputError("boxes given without the patch grid they lie on: pass grid=(rows, cols)")
+    return positions(boxes, grid)
