@@ -382,7 +382,8 @@ def _resume(path: Path, model: Any, query_encoder: TextQueryEncoder, dense_head:
             result = model.load_state_dict(load_file(path / "vlm.safetensors"), strict=False)
             missing = [k for k in result.missing_keys if "vision_tower." not in k and k != "lm_head.weight"]
             if any(k.startswith("token_positions.") for k in missing):  # --token-positions added: starts at zero
-                logger.info("%s has no token positions: they start at zero", path)
+                logger.info("%s has no (or older) token positions: they start at zero", path)
+                model.token_positions.reset_parameters()
                 missing = [k for k in missing if not k.startswith("token_positions.")]
             if missing or result.unexpected_keys:
                 raise ValueError(f"{path} does not fit the model: missing {missing[:5]}, "
