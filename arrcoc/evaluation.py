@@ -159,6 +159,16 @@ def same_answer(predicted: str, expected: str) -> bool:
     return " ".join(predicted.split()).lower() == " ".join(expected.split()).lower()
 
 
+def glyphs_right(predicted: str, expected: str) -> int:
+    """How many of the expected text's glyphs the answer has at their place (spaces and case ignored).
+
+    Partial credit for the "text" family: exact reading is all or nothing, and a method that keeps three of
+    four glyphs legible differs from one that keeps none.
+    """
+    said, wanted = "".join(predicted.split()).upper(), "".join(expected.split()).upper()
+    return sum(a == b for a, b in zip(said, wanted))
+
+
 def _samples(config: EvalConfig, size: int) -> list[VQASample]:
     families = config.families
     return [make_sample(config.seed + i * len(families) + j, size, family)
@@ -334,8 +344,9 @@ def ask(adapter: Any, pixels: Tensor, prompts: Sequence[str], budget: int,
 
 
 def _reference(model: LlavaForConditionalGeneration, tokenizer: CharTokenizer, samples: list[VQASample],
-               config: EvalConfig, device: torch.device) -> list[bool]:
-    """Full-token answers through the model's own path (no adapter, no reducer): the adapter's yardstick."""
+               config: EvalConfig, device: torch.device) -> list[tuple[bool, int]]:
+    """Full-token answers through the model's own path (no adapter, no reducer): the adapter's yardstick.
+    One ``(exact, glyphs right)`` pair per sample."""
     from .vlm import generate_answers, vision_features
 
     correct = []
@@ -343,20 +354,27 @@ def _reference(model: LlavaForConditionalGeneration, tokenizer: CharTokenizer, s
         batch = samples[start: start + config.batch_size]
         features = vision_features(model, _rgb([s.image for s in batch], device))
         answers = generate_answers(model, tokenizer, [s.question for s in batch], features, config.max_new_tokens)
-        correct += [same_answer(a, s.answer) for a, s in zip(answers, batch)]
+        correct += [(same_answer(a, s.answer), glyphs_right(a, s.answer)) for a, s in zip(answers, batch)]
     return correct
 
 
-def _summarise(correct: list[bool] | None, shares: list[float | None], samples: list[VQASample],
+def _summarise(correct: list[tuple[bool, int]] | None, shares: list[float | None], samples: list[VQASample],
                families: tuple[str, ...]) -> dict[str, Any]:
-    """Accuracy overall and per family (``None`` without answers), and the mean box share."""
+    """Accuracy overall and per family (``None`` without answers), the share of text glyphs read at their
+    place (``text_glyphs``, over the "text" questions) and the mean box share.
+
+    ``correct`` holds one ``(exact, glyphs right)`` pair per sample."""
     boxed = [v for v in shares if v is not None]
     out: dict[str, Any] = {"accuracy": None, "correct": None, "samples": len(samples), "families": None,
-                           "box_share": (sum(boxed) / len(boxed)) if boxed else None, "box_samples": len(boxed)}
+                           "text_glyphs": None, "box_share": (sum(boxed) / len(boxed)) if boxed else None,
+                           "box_samples": len(boxed)}
     if correct is not None:
-        by_family = {f: [c for c, s in zip(correct, samples) if s.family == f] for f in families}
-        out.update(accuracy=sum(correct) / len(correct), correct=sum(correct),
-                   families={f: (sum(v) / len(v) if v else None) for f, v in by_family.items()})
+        exact = [c for c, _ in correct]
+        by_family = {f: [c for c, s in zip(exact, samples) if s.family == f] for f in families}
+        glyphs = [(right, len("".join(s.answer.split()))) for (_, right), s in zip(correct, samples) if s.family == "text"]
+        out.update(accuracy=sum(exact) / len(exact), correct=sum(exact),
+                   families={f: (sum(v) / len(v) if v else None) for f, v in by_family.items()},
+                   text_glyphs=sum(r for r, _ in glyphs) / max(1, sum(t for _, t in glyphs)) if glyphs else None)
     return out
 
 
@@ -412,7 +430,7 @@ def evaluate(model: LlavaForConditionalGeneration, tokenizer: CharTokenizer, con
             reference = _reference(model, tokenizer, samples, config, device)
             report["reference"][str(size)] = _summarise(reference, [None] * len(samples), samples, config.families)
         keys = [(m, j) for m in config.methods for j in range(len(config.shares))]  # (method, budget index)
-        correct: dict[tuple[str, int], list[bool]] = {key: [] for key in keys}
+        correct: dict[tuple[str, int], list[tuple[bool, int]]] = {key: [] for key in keys}
         inside: dict[tuple[str, int], list[float | None]] = {key: [] for key in correct}
         failed: dict[tuple[str, int], str] = {}
         batches = range(0, len(samples), config.batch_size)
@@ -433,7 +451,7 @@ def evaluate(model: LlavaForConditionalGeneration, tokenizer: CharTokenizer, con
                     failed[key] = str(err)
                     continue
                 if answers is not None:
-                    correct[key] += [same_answer(a, s.answer) for a, s in zip(answers, batch)]
+                    correct[key] += [(same_answer(a, s.answer), glyphs_right(a, s.answer)) for a, s in zip(answers, batch)]
                 share_in = box_share(positions, coverage).tolist()  # ok-sync: reporting
                 inside[key] += [v if s.boxes else None for v, s in zip(share_in, batch)]
         for key in keys:
@@ -459,7 +477,7 @@ def _is_arrcoc(method: str) -> bool:
     return method == "arrcoc" or method.startswith("arrcoc-")
 
 
-_METRICS = {"accuracy": "accuracy", "box_share": "box share"}
+_METRICS = {"accuracy": "accuracy", "text_glyphs": "text glyphs read", "box_share": "box share"}
 
 
 def _has_answers(report: dict[str, Any]) -> bool:
@@ -500,7 +518,7 @@ def _table(rows: list[dict[str, Any]], methods: list[str], metric: str) -> list[
     for method in methods:
         cells = {r["share"]: r for r in rows if r["method"] == method}
         if cells:
-            lines.append(f"| {method} | " + " | ".join(_pct(cells[s][metric]) if s in cells else "–"
+            lines.append(f"| {method} | " + " | ".join(_pct(cells[s].get(metric)) if s in cells else "–"
                                                        for s, _ in budgets) + " |")
     return lines + [""]
 
@@ -523,8 +541,12 @@ def to_markdown(report: dict[str, Any]) -> str:
         ref = report["reference"].get(str(size))
         lines += [f"## {size} px ({rows[0]['patches']} patches)", ""]
         if ref:
-            lines += [f"Reference (the model's own full-token path, no adapter): {_pct(ref['accuracy'])}%.", ""]
-        for metric in (["accuracy", "box_share"] if answers else ["box_share"]):
+            glyphs_read = (f"; text glyphs read at their place: {_pct(ref['text_glyphs'])}%"
+                           if ref.get("text_glyphs") is not None else "")
+            lines += [f"Reference (the model's own full-token path, no adapter): {_pct(ref['accuracy'])}%{glyphs_read}.",
+                      ""]
+        glyphs = answers and any(r.get("text_glyphs") is not None for r in rows)
+        for metric in (["accuracy", *(["text_glyphs"] if glyphs else []), "box_share"] if answers else ["box_share"]):
             lines += _table(rows, report["methods"], metric)
         if answers:
             lines += ["| method | tokens | all | " + " | ".join(families) + " | box share |",

@@ -16,6 +16,7 @@ from arrcoc.evaluation import (
     answer_coverage,
     box_share,
     findings,
+    glyphs_right,
     main,
     same_answer,
     to_markdown,
@@ -68,6 +69,11 @@ def test_answers_match_ignoring_case_and_spacing() -> None:
     assert not same_answer("re", "red") and not same_answer("", "no")
 
 
+def test_glyphs_right_counts_glyphs_at_their_place() -> None:
+    assert glyphs_right("k4p", "K4PX") == 3 and glyphs_right("K 4 X", "K4P") == 2
+    assert glyphs_right("4KP", "K4P") == 1 and glyphs_right("", "K4") == 0
+
+
 @pytest.mark.parametrize(("kwargs", "message"), [
     ({"methods": ("nope",)}, "unknown"), ({"shares": (0.0,)}, r"\(0, 1\]"), ({"shares": (1.5,)}, r"\(0, 1\]"),
     ({"sizes": ()}, "sizes must not be empty"), ({"families": ("colour",)}, "colour"),
@@ -110,6 +116,8 @@ def test_every_method_budget_size_and_family_is_reported(run: tuple[dict[str, An
         assert set(r["families"]) == set(QUESTION_FAMILIES)
         assert all(0.0 <= v <= 1.0 for v in r["families"].values())
         assert r["box_share"] is not None and 0.0 <= r["box_share"] <= 1.0
+        assert 0.0 <= r["text_glyphs"] <= 1.0
+        assert r["text_glyphs"] >= r["families"]["text"]  # an exact reading has every glyph right
 
 
 def test_full_budget_is_the_same_for_every_method(run: tuple[dict[str, Any], Path]) -> None:
@@ -127,6 +135,7 @@ def test_adapter_reproduces_the_models_own_full_token_answers(run: tuple[dict[st
     for size in SIZES:
         full = next(r for r in report["results"] if r["size"] == size and r["share"] == 1.0 and r["method"] == "uniform")
         assert report["reference"][str(size)]["families"] == full["families"]
+        assert report["reference"][str(size)]["text_glyphs"] == full["text_glyphs"]
 
 
 def test_outputs_are_written(run: tuple[dict[str, Any], Path]) -> None:
@@ -136,6 +145,7 @@ def test_outputs_are_written(run: tuple[dict[str, Any], Path]) -> None:
     for method in list_reducers():
         assert f"| {method} |" in table
     assert "## 64 px (16 patches)" in table and "## 96 px (36 patches)" in table
+    assert table.count("| text glyphs read |") == len(SIZES)
     assert (out / "eval-ci.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     lines = findings(report)
     assert any("arrcoc at 11%" in line for line in lines)
