@@ -1,8 +1,8 @@
 """Where each visual token lies, as a vector the language model adds to it: :class:`TokenPositions`.
 
-A LLaVA-style model numbers its image tokens in one dimension, in raster order. For a model that reads every
-patch that says where each one lies (token ``r * W + c`` is row ``r``, column ``c``), though only implicitly.
-For compressed tokens it says nothing: the ``k``-th of 63 tokens can lie anywhere, and a merged token covers
+A LLaVA-style model numbers its image tokens in one dimension, in raster order. When every patch is read, that
+order tells where each token lies, if only implicitly (token ``r * W + c`` is row ``r``, column ``c``). For
+compressed tokens it tells nothing: the ``k``-th of 63 tokens can lie anywhere, and a merged token covers
 a whole region. The reducers return each token's box (row, column, height, width in patches) next to the
 token; this module turns the box, relative to the image's patch grid, into a vector added to the projected
 token, so "which side is the cross on" has an answer in the token the question attends to.

@@ -102,13 +102,26 @@ def test_scene_batches_are_deterministic_and_balanced() -> None:
     assert sorted(a["families"]) == sorted(QUESTION_FAMILIES)
 
 
+#: A training run small enough for the CPU: tiny preset, 64 px, a few samples.
+TINY_RUN = ["--preset", "tiny", "--batch-size", "6", "--workers", "0", "--sizes", "64", "--eval-per-family", "1",
+            "--warmup", "1", "--lr", "3e-3"]
+
+
+def _resumable_run(folder: Path, steps: int) -> Path:
+    """Train a tiny run into ``folder`` and return its weights folder, made resumable (its eval.json beside)."""
+    from arrcoc.train import main
+
+    main(["--out", str(folder), "--max-steps", str(steps), *TINY_RUN])
+    weights = folder / "weights"
+    (weights / "eval.json").write_text((folder / "eval.json").read_text())
+    return weights
+
+
 def test_a_tiny_run_trains_saves_evaluates_and_resumes(tmp_path: Path) -> None:
     from arrcoc.train import main
     from arrcoc.vlm import load_vlm
 
-    common = ["--preset", "tiny", "--batch-size", "6", "--workers", "0", "--sizes", "64", "--eval-per-family", "1",
-              "--warmup", "1", "--lr", "3e-3"]
-    first = main(["--out", str(tmp_path / "a"), "--max-steps", "2", *common])
+    first = main(["--out", str(tmp_path / "a"), "--max-steps", "2", *TINY_RUN])
     assert first["state"]["step"] == 2 and set(first["accuracy"]["64"]) == set(QUESTION_FAMILIES)
     weights = tmp_path / "a" / "weights"
     for name in ("config.json", "encoder.safetensors", "vlm.json", "vlm.safetensors", "text_query.safetensors"):
@@ -117,9 +130,9 @@ def test_a_tiny_run_trains_saves_evaluates_and_resumes(tmp_path: Path) -> None:
     assert TextQueryEncoder.from_pretrained(weights)(["Is there a red cross?"])[0].shape == (1, 4, 32)
     # Resume from the shipped-weights folder (what a GPU call brings back) and from the full checkpoint.
     (weights / "eval.json").write_text((tmp_path / "a" / "eval.json").read_text())
-    second = main(["--out", str(tmp_path / "b"), "--max-steps", "3", "--resume", str(weights), *common])
+    second = main(["--out", str(tmp_path / "b"), "--max-steps", "3", "--resume", str(weights), *TINY_RUN])
     assert second["state"]["step"] == 3 and second["state"]["samples"] == 18
-    third = main(["--out", str(tmp_path / "c"), "--max-steps", "4", "--resume", str(tmp_path / "a" / "ckpt.pt"), *common])
+    third = main(["--out", str(tmp_path / "c"), "--max-steps", "4", "--resume", str(tmp_path / "a" / "ckpt.pt"), *TINY_RUN])
     assert third["state"]["step"] == 4
     assert json.loads((tmp_path / "c" / "eval.json").read_text())["state"]["step"] == 4
 
@@ -165,14 +178,10 @@ def test_fresh_language_model_keeps_the_vision_side(tmp_path: Path) -> None:
     from arrcoc.train import main
     from arrcoc.vlm import load_vlm, vision_tower
 
-    common = ["--preset", "tiny", "--batch-size", "6", "--workers", "0", "--sizes", "64", "--eval-per-family", "1",
-              "--warmup", "1", "--lr", "3e-3"]
-    main(["--out", str(tmp_path / "a"), "--max-steps", "2", *common])
-    weights = tmp_path / "a" / "weights"
-    (weights / "eval.json").write_text((tmp_path / "a" / "eval.json").read_text())
+    weights = _resumable_run(tmp_path / "a", 2)
     # lr 0 keeps every weight where resuming put it, so what is compared is what was loaded.
     main(["--out", str(tmp_path / "b"), "--max-steps", "3", "--resume", str(weights), "--fresh-lm",
-          *common[:-1], "0"])
+          *TINY_RUN[:-1], "0"])
     old, _ = load_vlm(weights)
     new, _ = load_vlm(tmp_path / "b" / "weights")
     for (name, a), b in zip(vision_tower(old).state_dict().items(), vision_tower(new).state_dict().values()):
@@ -233,14 +242,10 @@ def test_token_positions_join_a_resumed_model_at_zero(tmp_path: Path) -> None:
     from arrcoc.train import main
     from arrcoc.vlm import load_vlm
 
-    common = ["--preset", "tiny", "--batch-size", "6", "--workers", "0", "--sizes", "64", "--eval-per-family", "1",
-              "--warmup", "1", "--lr", "3e-3"]
-    main(["--out", str(tmp_path / "a"), "--max-steps", "1", *common])
-    weights = tmp_path / "a" / "weights"
-    (weights / "eval.json").write_text((tmp_path / "a" / "eval.json").read_text())
+    weights = _resumable_run(tmp_path / "a", 1)
     # compress-prob 1: every batch compressed, so the boxes of pooled tokens reach the model.
     main(["--out", str(tmp_path / "b"), "--max-steps", "3", "--resume", str(weights), "--token-positions",
-          "--compress-prob", "1", *common])
+          "--compress-prob", "1", *TINY_RUN])
     model, _ = load_vlm(tmp_path / "b" / "weights")
     assert model.arrcoc_config.token_positions
     assert model.token_positions.proj.weight.abs().sum() > 0  # started at zero, trained since
