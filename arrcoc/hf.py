@@ -39,7 +39,7 @@ from .config import PipelineConfig
 from .decode import language_model, rope
 from .errors import ArrcocError, BudgetError, InvalidInputError, InvalidTypeError
 from .reducers import ReducedTokens, VisualInput, create_reducer
-from .token_positions import token_position_embedding
+from .token_positions import add_token_positions
 
 __all__ = ["ArrcocLlava", "Prepared", "raster_order", "word_tokenizer", "main"]
 
@@ -369,8 +369,8 @@ class ArrcocLlava(nn.Module):
             visual.text_attention = self._text_attention(prompts, grid, cls)
         reduced = raster_order(self.reduce(visual, budget - int(self.keeps_cls)), grid.shape[2])
         tokens = reduced.tokens if cls is None else torch.cat((cls, reduced.tokens), 1)
-        image_tokens = self._with_positions(self.projector(tokens.to(grid.dtype)), reduced.positions,
-                                            grid.shape[1:3])  # (B, budget, H)
+        image_tokens = add_token_positions(self.model, self.projector(tokens.to(grid.dtype)), reduced.positions,
+                                           grid.shape[1:3])  # (B, budget, H)
         embeds = _fill_slots(embeds, ids == self.image_token_id, image_tokens)
         return Prepared(embeds, mask, ids, reduced, query_mask, image_tokens)
 
@@ -408,12 +408,6 @@ class ArrcocLlava(nn.Module):
             logger.warning("the %s reducer cannot be captured as a CUDA graph (%s); calling it directly", self.method, err)
             return False
 
-    def _with_positions(self, projected: Tensor, boxes: Tensor | None, grid: tuple[int, int]) -> Tensor:
-        """Projected image tokens plus their 2-D position vectors, for a model that has them (a ``token_positions``
-        submodule, :mod:`arrcoc.token_positions`); a stock LLaVA gets ``projected`` unchanged."""
-        where = token_position_embedding(self.model, projected.shape[1], boxes, grid)
-        return projected if where is None else projected + where.to(projected.dtype)
-
     def _query(self, grid: Tensor, embeds: Tensor, query_mask: Tensor) -> tuple[Tensor, Tensor]:
         """Pull the prompt's question tokens back into the vision space (see the class docstring)."""
         patches = grid.flatten(1, 2)  # (B, N, D)
@@ -431,7 +425,7 @@ class ArrcocLlava(nn.Module):
         tokens = grid.flatten(1, 2) if cls is None else torch.cat((cls, grid.flatten(1, 2)), 1)
         slots = ids == self.image_token_id
         embeds = _fill_slots(self.model.get_input_embeddings()(ids), slots,
-                             self._with_positions(self.projector(tokens), None, grid.shape[1:3]))
+                             add_token_positions(self.model, self.projector(tokens), None, grid.shape[1:3]))
         attention = _text_to_image_attention(language_model(self.model), self.fastv_layer, embeds, mask, slots,
                                              self.full_tokens)
         return attention[:, int(self.keeps_cls):].unflatten(-1, grid.shape[1:3])

@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from .errors import InvalidInputError
 
-__all__ = ["TokenPositions", "patch_boxes", "token_position_embedding"]
+__all__ = ["TokenPositions", "patch_boxes", "add_token_positions"]
 
 
 def patch_boxes(gh: int, gw: int, device: torch.device | str | None = None) -> Tensor:
@@ -63,17 +63,18 @@ class TokenPositions(nn.Module):
         return self.gain * self.proj(torch.cat((angles.sin(), angles.cos()), -1).flatten(-2))
 
 
-def token_position_embedding(model: nn.Module, count: int, boxes: Tensor | None,
-                             grid: tuple[int, int] | None) -> Tensor | None:
-    """``(B, K, H)`` position vectors of ``count`` visual tokens from ``model.token_positions`` (a
-    :class:`TokenPositions`), or ``None`` for a model without that submodule.
+def add_token_positions(model: nn.Module, projected: Tensor, boxes: Tensor | None,
+                        grid: tuple[int, int] | None) -> Tensor:
+    """``projected`` ``(B, K, H)`` visual tokens plus their position vectors from ``model.token_positions`` (a
+    :class:`TokenPositions`); unchanged for a model without that submodule.
 
-    ``boxes`` ``(B, K, 4)`` and ``grid`` ``(gh, gw)`` place the tokens. Without boxes the ``count`` tokens must be
+    ``boxes`` ``(B, K, 4)`` and ``grid`` ``(gh, gw)`` place the tokens. Without boxes the ``K`` tokens must be
     every patch of ``grid`` (or, without a grid too, of a square grid) in raster order: full tokens.
     """
     positions = getattr(model, "token_positions", None)
     if positions is None:
-        return None
+        return projected
+    count = projected.shape[1]
     if boxes is None:
         side = math.isqrt(count)
         grid = grid or (side, side)
@@ -83,4 +84,4 @@ def token_position_embedding(model: nn.Module, count: int, boxes: Tensor | None,
         boxes = patch_boxes(*grid, positions.scales.device)[None]
     elif grid is None:
         raise InvalidInputError("boxes given without the patch grid they lie on: pass grid=(rows, cols)")
-    return positions(boxes, grid)
+    return projected + positions(boxes, grid).to(projected.dtype)

@@ -34,7 +34,7 @@ from torch import Tensor, nn
 from .config import PipelineConfig
 from .data import WORDS
 from .errors import InvalidInputError, MissingWeightsError
-from .token_positions import TokenPositions, token_position_embedding
+from .token_positions import TokenPositions, add_token_positions
 from .tokenizer import CharTokenizer
 
 if TYPE_CHECKING:
@@ -182,9 +182,7 @@ def embed_inputs(model: LlavaForConditionalGeneration, input_ids: Tensor, visual
     if image.shape[0] != visual.shape[0] or image.sum() != visual.shape[0] * visual.shape[1]:  # ok-sync: a check
         raise InvalidInputError(f"{int(image.sum())} image tokens in the prompts, but {visual.shape[0]} x "
                                 f"{visual.shape[1]} visual tokens given")
-    where = token_position_embedding(model, visual.shape[1], boxes, grid)
-    if where is not None:
-        projected = projected + where.to(projected.dtype)
+    projected = add_token_positions(model, projected, boxes, grid)
     return embeds.masked_scatter(image[..., None], projected.to(embeds.dtype))
 
 

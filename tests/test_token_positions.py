@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from arrcoc import InvalidInputError
-from arrcoc.token_positions import TokenPositions, patch_boxes, token_position_embedding
+from arrcoc.token_positions import TokenPositions, add_token_positions, patch_boxes
 
 pytest.importorskip("transformers")
 
@@ -31,17 +31,18 @@ def test_positions_start_at_zero_and_then_tell_boxes_apart() -> None:
 
 def test_full_grids_may_leave_the_boxes_out() -> None:
     model = torch.nn.Module()
-    assert token_position_embedding(model, 9, None, None) is None  # a model without positions
+    projected = torch.randn(1, 9, 8)
+    assert add_token_positions(model, projected, None, None) is projected  # a model without positions
     model.token_positions = TokenPositions(8)
     torch.nn.init.normal_(model.token_positions.proj.weight)
-    torch.testing.assert_close(token_position_embedding(model, 9, None, None),
-                               model.token_positions(patch_boxes(3, 3)[None], (3, 3)))
-    torch.testing.assert_close(token_position_embedding(model, 6, None, (2, 3)),
-                               model.token_positions(patch_boxes(2, 3)[None], (2, 3)))
+    torch.testing.assert_close(add_token_positions(model, projected, None, None),
+                               projected + model.token_positions(patch_boxes(3, 3)[None], (3, 3)))
+    torch.testing.assert_close(add_token_positions(model, projected[:, :6], None, (2, 3)),
+                               projected[:, :6] + model.token_positions(patch_boxes(2, 3)[None], (2, 3)))
     with pytest.raises(InvalidInputError, match="boxes of the 7 tokens"):
-        token_position_embedding(model, 7, None, None)
+        add_token_positions(model, torch.randn(1, 7, 8), None, None)
     with pytest.raises(InvalidInputError, match="grid"):
-        token_position_embedding(model, 2, patch_boxes(1, 2)[None], None)
+        add_token_positions(model, projected[:, :2], patch_boxes(1, 2)[None], None)
 
 
 def test_the_vlm_reads_positions_and_keeps_them_through_save_and_load(tmp_path) -> None:
