@@ -375,19 +375,15 @@ def _resume(path: Path, model: Any, query_encoder: TextQueryEncoder, dense_head:
     if path.is_dir():
         from safetensors.torch import load_file
 
-        from .vlm import vision_tower
+        from .vlm import load_language_parts, vision_tower
 
         vision_tower(model).load_state_dict(load_file(path / "encoder.safetensors"))
         if not fresh_language_model:
-            result = model.load_state_dict(load_file(path / "vlm.safetensors"), strict=False)
-            missing = [k for k in result.missing_keys if "vision_tower." not in k and k != "lm_head.weight"]
-            if any(k.startswith("token_positions.") for k in missing):  # --token-positions added: starts at zero
+            lacked = load_language_parts(model, load_file(path / "vlm.safetensors"), path / "vlm.safetensors",
+                                         optional=("token_positions",))
+            if lacked:  # --token-positions added: they start at zero
                 logger.info("%s has no (or older) token positions: they start at zero", path)
                 model.token_positions.reset_parameters()
-                missing = [k for k in missing if not k.startswith("token_positions.")]
-            if missing or result.unexpected_keys:
-                raise ValueError(f"{path} does not fit the model: missing {missing[:5]}, "
-                                 f"unexpected {result.unexpected_keys[:5]}")
         query_encoder.load_state_dict(TextQueryEncoder.from_pretrained(path).state_dict())
         for head, name in ((dense_head, "dense_head"), (grounding_head, "grounding_head")):
             if (path / f"{name}.safetensors").is_file() and not (fresh_language_model and name == "grounding_head"):

@@ -41,7 +41,7 @@ if TYPE_CHECKING:
     from transformers import LlavaForConditionalGeneration
 
 __all__ = ["VLMConfig", "build_vlm", "load_vlm", "save_vlm", "vision_tower", "vision_features", "embed_inputs",
-           "generate_answers", "DEFAULT_VLM_DIR"]
+           "generate_answers", "load_language_parts", "DEFAULT_VLM_DIR"]
 
 logger = logging.getLogger(__name__)
 
@@ -238,6 +238,32 @@ def save_vlm(model: LlavaForConditionalGeneration, tokenizer: CharTokenizer, fol
                                                 indent=2))
 
 
+def load_language_parts(model: LlavaForConditionalGeneration, state: dict[str, Tensor], source: str | os.PathLike[str],
+                        optional: Sequence[str] = ()) -> set[str]:
+    """Load the projector and language model (a ``vlm.safetensors``) into ``model``.
+
+    Args:
+        source: named in the error.
+        optional: top-level submodules the state may lack (e.g. ``"token_positions"`` added to a saved model);
+            they keep their initialisation.
+
+    Returns:
+        The ``optional`` submodules the state lacked.
+
+    Raises:
+        InvalidInputError: any other key is missing (the vision tower and the tied ``lm_head`` aside), or a key is
+            unexpected.
+    """
+    result = model.load_state_dict(state, strict=False)
+    missing = [k for k in result.missing_keys if "vision_tower." not in k and k != "lm_head.weight"]
+    absent = {name for name in optional if any(k.startswith(f"{name}.") for k in missing)}
+    missing = [k for k in missing if k.partition(".")[0] not in absent]
+    if missing or result.unexpected_keys:
+        raise InvalidInputError(f"{os.fspath(source)} does not fit the model: missing {missing[:5]}, "
+                                f"unexpected {result.unexpected_keys[:5]}")
+    return absent
+
+
 def load_vlm(path: str | os.PathLike[str] | None = None, device: torch.device | str | None = None,
              ) -> tuple[LlavaForConditionalGeneration, CharTokenizer]:
     """Load the trained VLM (``weights/`` by default), float32, eval mode, offline.
@@ -256,11 +282,7 @@ def load_vlm(path: str | os.PathLike[str] | None = None, device: torch.device | 
     meta = json.loads(files[0].read_text())
     model, tokenizer = build_vlm(VLMConfig(**meta["vlm"]), CharTokenizer.from_json(json.dumps(meta["tokenizer"])))
     vision_tower(model).load_state_dict(load_file(files[2]))
-    result = model.load_state_dict(load_file(files[1]), strict=False)
-    unexpected = result.unexpected_keys
-    missing_keys = [k for k in result.missing_keys if "vision_tower." not in k and k != "lm_head.weight"]
-    if unexpected or missing_keys:
-        raise InvalidInputError(f"{files[1]} does not fit the model: missing {missing_keys[:5]}, unexpected {unexpected[:5]}")
+    load_language_parts(model, load_file(files[1]), files[1])
     if device is not None:
         model.to(device)
     return model.eval(), tokenizer
