@@ -169,6 +169,11 @@ def glyphs_right(predicted: str, expected: str) -> int:
     return sum(a == b for a, b in zip(said, wanted))
 
 
+def _score(answers: Sequence[str], samples: Sequence[VQASample]) -> list[tuple[bool, int]]:
+    """One ``(exact, glyphs right)`` pair per answer."""
+    return [(same_answer(a, s.answer), glyphs_right(a, s.answer)) for a, s in zip(answers, samples)]
+
+
 def _samples(config: EvalConfig, size: int) -> list[VQASample]:
     families = config.families
     return [make_sample(config.seed + i * len(families) + j, size, family)
@@ -354,7 +359,7 @@ def _reference(model: LlavaForConditionalGeneration, tokenizer: CharTokenizer, s
         batch = samples[start: start + config.batch_size]
         features = vision_features(model, _rgb([s.image for s in batch], device))
         answers = generate_answers(model, tokenizer, [s.question for s in batch], features, config.max_new_tokens)
-        correct += [(same_answer(a, s.answer), glyphs_right(a, s.answer)) for a, s in zip(answers, batch)]
+        correct += _score(answers, batch)
     return correct
 
 
@@ -451,7 +456,7 @@ def evaluate(model: LlavaForConditionalGeneration, tokenizer: CharTokenizer, con
                     failed[key] = str(err)
                     continue
                 if answers is not None:
-                    correct[key] += [(same_answer(a, s.answer), glyphs_right(a, s.answer)) for a, s in zip(answers, batch)]
+                    correct[key] += _score(answers, batch)
                 share_in = box_share(positions, coverage).tolist()  # ok-sync: reporting
                 inside[key] += [v if s.boxes else None for v, s in zip(share_in, batch)]
         for key in keys:
