@@ -2,8 +2,8 @@
 
 A LLaVA-style model numbers its image tokens in one dimension, in raster order. When every patch is read, that
 order tells where each token lies, if only implicitly (token ``r * W + c`` is row ``r``, column ``c``). For
-compressed tokens it tells nothing: the ``k``-th of 63 tokens can lie anywhere, and a merged token covers
-a whole region. The reducers return each token's box (row, column, height, width in patches) next to the
+compressed tokens it tells nothing: the ``k``-th of 63 tokens can lie anywhere, and a region's summary covers
+the whole region. The reducers return each token's box (row, column, height, width in patches) next to the
 token; this module turns the box, relative to the image's patch grid, into a vector added to the projected
 token, so "which side is the cross on" has an answer in the token the question attends to.
 """

@@ -139,24 +139,31 @@ def test_balance_knobs_move_the_tensions() -> None:
     assert rep_u["evenness"] > 0.999
 
 
-def test_compress_conserves_region_means_and_packs() -> None:
+def test_compress_summarises_one_token_regions_and_shows_the_most_distinctive_patches() -> None:
     features, _, valid, _, _ = _inputs(b=2, gh=6, gw=7, d=5)
-    allocation = torch.tensor([[[1, 4], [8, 2]], [[3, 0], [5, 0]]])
+    allocation = torch.tensor([[[1, 4], [8, 2]], [[3, 0], [5, 1]]])
     tokens, positions, mask, weights = compress(features, valid, allocation, 20, 4)
     assert tokens.shape == (2, 20, 5) and positions.shape == (2, 20, 4) and mask.dtype == torch.bool
-    assert mask.sum(1).tolist() == [15, 8]
+    assert mask.sum(1).tolist() == [15, 9]
     assert (tokens[~mask] == 0).all() and (weights[~mask] == 0).all()
     regions = to_regions(features, 4).flatten(1, 2)  # (B, R, P, D)
     inside = to_regions(valid[..., None], 4)[..., 0].flatten(1, 2) > 0
+    exists = to_regions(torch.ones_like(valid)[..., None], 4)[..., 0].flatten(1, 2) > 0
+    assert (~inside.any(-1) & (allocation.flatten(1) > 0)).any()  # a padding-only region is asked for a token
     for b in range(2):
         start = 0
         for r, k in enumerate(allocation[b].flatten().tolist()):
-            if k == 0:
-                continue
-            tok, w = tokens[b, start : start + k], weights[b, start : start + k]
-            expected = regions[b, r][inside[b, r]].mean(0)
-            torch.testing.assert_close((tok * w[:, None]).sum(0) / w.sum(), expected, rtol=1e-5, atol=1e-5)
-            assert w.sum() == inside[b, r].sum()
+            tok, w, pos = tokens[b, start : start + k], weights[b, start : start + k], positions[b, start : start + k]
+            pooled = inside[b, r] if inside[b, r].any() else exists[b, r]  # a padding-only region pools its padding
+            patches = regions[b, r][pooled]
+            if k == 1:  # the region's mean, standing for all of its image patches
+                torch.testing.assert_close(tok[0], patches.mean(0), rtol=1e-5, atol=1e-5)
+                assert w.item() == pooled.sum()
+            elif k >= 2:  # real patches, at their own place, the farthest from the region's mean
+                assert (w == 1).all() and (pos[:, 2:] == 1).all()
+                torch.testing.assert_close(tok, features[b, pos[:, 0], pos[:, 1]])
+                distance = (patches - patches.mean(0)).square().sum(-1)
+                torch.testing.assert_close((tok - patches.mean(0)).square().sum(-1), distance.sort(descending=True).values[:k])
             start += k
 
 
