@@ -96,7 +96,10 @@ class PipelineConfig:
         encoder_kwargs: extra keyword arguments for ``timm.create_model`` (e.g. ``{"depth": 2}``).
         buckets: square input sizes; each image goes to the smallest that holds its long side.
         region_size: side of a region, in patches; allocation hands out tokens per region.
-        min_tokens: tokens every region with image content gets (when the budget allows one per region).
+        min_tokens: tokens every region with image content gets (when the budget allows one per region). The
+            default 0 lets allocation skip the least relevant regions: on the generated benchmark it read
+            1.4 points more at 11% of the tokens than 1 (run-9 weights, 224 px, 600 questions) and the same
+            at 33% and 5.5%.
         max_tokens: most tokens a region may get; ``None`` means all of its patches (full detail).
         token_capacity: the fixed token dimension ``T`` of the output; ``None`` uses the largest budget of
             the call. Budgets may not exceed it.
@@ -109,7 +112,7 @@ class PipelineConfig:
     encoder_kwargs: dict[str, Any] = field(default_factory=dict)
     buckets: tuple[int, ...] = (224, 384, 512, 768, 1024)
     region_size: int = 4
-    min_tokens: int = 1
+    min_tokens: int = 0
     max_tokens: int | None = None
     token_capacity: int | None = None
     encoder_dtype: str = "float32"
