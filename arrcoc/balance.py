@@ -1,7 +1,8 @@
 """Opponent processing: three relevance maps -> one, with the tensions explicit and reported per image.
 
 - exploit <-> explore: a softmax temperature. The more the scorers agree on an image, the more it exploits
-  (lower temperature); where they disagree it explores.
+  (lower temperature); where they disagree it explores. Given the budget, it also exploits more the scarcer the
+  tokens are (``scarcity``).
 - focus <-> diversify: a region similar to a more relevant region is discounted (maximal marginal
   relevance), so tokens are not spent twice on the same content.
 - compress <-> particularize: a mix of the uniform share and the relevance-driven share; 0 is uniform
@@ -51,13 +52,14 @@ class Balance(nn.Module):
         self.region_size = region_size
         self.register_buffer("base_weights", torch.tensor(config.weights), persistent=False)
         self.register_buffer("exploit", torch.tensor(config.exploit), persistent=False)
+        self.register_buffer("scarcity", torch.tensor(config.scarcity), persistent=False)
         self.register_buffer("diversify", torch.tensor(config.diversify), persistent=False)
         self.register_buffer("particularize", torch.tensor(config.particularize), persistent=False)
         low, high = config.temperature_range
         self.log_t_low, self.log_t_high = math.log(low), math.log(high)
 
-    def forward(self, scores: Tensor, features: Tensor, patch_valid: Tensor,
-                query_mask: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+    def forward(self, scores: Tensor, features: Tensor, patch_valid: Tensor, query_mask: Tensor,
+                budget: Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
         """Combine the maps.
 
         Args:
@@ -65,6 +67,8 @@ class Balance(nn.Module):
             features: ``(B, gh, gw, D)`` patch features (for redundancy between regions).
             patch_valid: ``(B, gh, gw)`` share of each patch that is image.
             query_mask: ``(B, L)`` bool, True on real query tokens.
+            budget: ``(B,)`` tokens per image, when known: ``exploit`` moves by ``scarcity`` per halving of the
+                budget relative to an eighth of the image's patches. ``None`` (relevance alone): no move.
 
         Returns:
             relevance ``(B, rh, rw)``: non-negative, summing to 1 over the regions with image content (0
@@ -87,7 +91,11 @@ class Balance(nn.Module):
         corr = _correlation(maps, valid)
         agreement = ((corr * pair).sum((1, 2)) / pair.sum((1, 2)).clamp_min(1e-12) + 1) / 2
         agreement = torch.where(pair.sum((1, 2)) > 0, agreement, 1.0)  # (B,)
-        exploit = (self.exploit + 0.5 * (agreement - 0.5)).clamp(0, 1)  # (B,)
+        exploit = self.exploit + 0.5 * (agreement - 0.5)  # (B,)
+        if budget is not None:
+            patches = (patch_valid > 0).flatten(1).sum(1).clamp_min(1)
+            exploit = exploit + self.scarcity * torch.log2(patches / (8 * budget.clamp_min(1)))
+        exploit = exploit.clamp(0, 1)
         temperature = torch.exp(self.log_t_high + (self.log_t_low - self.log_t_high) * exploit)  # (B,)
 
         # Redundancy: best cosine with any region that ranks higher (ties: lower index ranks higher).

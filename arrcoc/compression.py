@@ -1,19 +1,20 @@
 """Compression: each region yields its allocated number of tokens, packed into a fixed-shape batch.
 
-A region given one token is summarised by it: the mean of its patches, placed on the region's box. A region
-given ``k >= 2`` tokens is looked at: it shows its ``k`` most distinctive patches at full detail (the patches
-farthest from the region's mean feature, which are the ones a summary would describe worst), each at its own
-place, and its other patches are left out. ``k`` equal to its patch count is every patch.
+A region given ``k`` tokens shows its ``k`` most distinctive patches at full detail (the patches farthest from
+the region's mean feature, which are the ones a summary of the region would describe worst), each at its own
+place; its other patches are left out. ``k`` equal to its patch count is every patch, ``k = 0`` drops the
+region. Detail varies by region through ``k``; every token is a real patch.
 
-Why not ``k - 1`` patches plus the mean of the others, which conserves the region's mean: a language model
-reads real patches better than averaged ones. On the generated benchmark (``arrcoc eval``, run-9 weights,
-224 px, 100 questions per family, CPU) that leftover mean cost 4.3 points of accuracy and 22 points of text
-glyphs read at 33% of the tokens, and 0.6 points at 11%. A lone region mean still beats a lone patch where the
-budget is too small to look closely anywhere: 79.3 vs 70.7% right at 5.5%. Tokens are weighted by the number
-of patches they stand for.
+Why no pooled tokens: a language model reads real patches better than averaged ones. On the generated
+benchmark (``arrcoc eval``, CPU, 50 questions per family, validation seeds from 700,000) a one-token region
+shown as its most distinctive patch instead of its mean read 4.0 points more at 11% of the tokens at 224 px
+and 7.0 at 384 px (text questions 66 -> 86% and 36 -> 72%), and 0-4.3 points more at 33% and 22%. It read
+1.6 points less at 5.5% at 224 px (11 tokens), where a mean told the model more about counts of colours.
+Merging the leftover patches of a region given ``k >= 2`` tokens into one mean token (which conserves the
+region's mean) cost 4.3 points at 33% of the tokens in an earlier check.
 
-Patches from the letterbox padding rank after every image patch, so they are only kept individually when
-a budget asks for more tokens than a region has image patches.
+Patches from the letterbox padding rank after every image patch, so they are only kept when a budget asks
+for more tokens than a region has image patches.
 """
 
 from __future__ import annotations
@@ -53,16 +54,17 @@ def compress(features: Tensor, patch_valid: Tensor, allocation: Tensor, capacity
     Args:
         features: ``(B, gh, gw, D)`` patch features.
         patch_valid: ``(B, gh, gw)`` share of each patch that is image.
-        allocation: ``(B, rh, rw)`` int64 tokens per region; per image it sums to at most ``capacity``.
+        allocation: ``(B, rh, rw)`` int64 tokens per region, each at most the region's patch count; per image
+            it sums to at most ``capacity``.
         capacity: ``T``, the fixed token dimension.
         region_size: region side in patches.
 
     Returns:
         tokens ``(B, T, D)`` (zeros past the budget); positions ``(B, T, 4)`` int64 (row, col, height, width
-        of the area a token stands for, in patches: a kept patch's own box, a summary's region box); mask
-        ``(B, T)`` bool, True on the first ``allocation.sum()`` tokens; weights ``(B, T)`` float, the number
-        of patches each token stands for (1 for a kept patch). Tokens come region by region in raster order
-        of regions; inside a region, most distinctive first.
+        in patches of the area a token stands for: its patch, so height and width are 1); mask ``(B, T)``
+        bool, True on the first ``allocation.sum()`` tokens; weights ``(B, T)`` float, the number of patches
+        each token stands for (1 on every token, 0 past the budget). Tokens come region by region in raster
+        order of regions; inside a region, most distinctive first.
     """
     b, gh, gw, d = features.shape
     side = region_size
@@ -74,48 +76,28 @@ def compress(features: Tensor, patch_valid: Tensor, allocation: Tensor, capacity
     count = allocation.flatten(1)  # (B, R)
     rank = _rank_patches(regions, valid, exists)  # (B, R, P)
 
-    # Where each region's tokens start in the packed output.
+    # A region's first `count` patches by rank go to the slots after the tokens of the regions before it.
     start = torch.cumsum(count, -1) - count  # (B, R)
-    trash = capacity  # scatter target for slots that hold no token; cut off at the end
-    kept = rank < torch.where(count >= 2, count, 0)[..., None]  # (B, R, P)
-    kept_dest = torch.where(kept, start[..., None] + rank, trash)
-    summary_dest = torch.where(count == 1, start, trash)  # (B, R)
+    kept = rank < count[..., None]  # (B, R, P)
+    dest = torch.where(kept, start[..., None] + rank, capacity).flatten(1)  # slot `capacity` is cut off at the end
 
-    # A summary pools the region's image patches (an all-padding region's summary pools its padding).
-    pool = torch.where(valid.any(-1, keepdim=True), valid, exists).float()  # (B, R, P)
-    pooled = pool.sum(-1)  # (B, R)
-    summary = torch.einsum("brp,brpd->brd", pool, regions) / pooled.clamp_min(1)[..., None]  # (B, R, D)
-
-    # Positions: a kept patch is its own 1x1 box; a summary of one patch is that patch's box, otherwise the
-    # region's box (clipped to the grid).
     slot = torch.arange(p, device=features.device)
     region = torch.arange(rh * rw, device=features.device)
-    row0 = (region // rw * side).expand(b, -1)  # (B, R)
-    col0 = (region % rw * side).expand(b, -1)
-    patch_row = row0[..., None] + slot // side  # (B, R, P)
-    patch_col = col0[..., None] + slot % side
-    ones = torch.ones_like(patch_row)
-    kept_pos = torch.stack((patch_row, patch_col, ones, ones), -1)  # (B, R, P, 4)
-    single = pool.argmax(-1, keepdim=True)  # (B, R, 1): the patch, when only one is pooled
-    box = torch.stack((row0, col0, (gh - row0).clamp(max=side), (gw - col0).clamp(max=side)), -1)
-    one_patch = kept_pos.gather(2, single[..., None].expand(-1, -1, -1, 4))[:, :, 0]  # (B, R, 4)
-    summary_pos = torch.where((pooled == 1)[..., None], one_patch, box)
+    rows = (region // rw * side)[:, None] + slot // side  # (R, P)
+    cols = (region % rw * side)[:, None] + slot % side
+    boxes = torch.stack((rows, cols, torch.ones_like(rows), torch.ones_like(rows)), -1).expand(b, -1, -1, -1)
 
     out_tokens = features.new_zeros(b, capacity + 1, d)
     out_pos = torch.zeros(b, capacity + 1, 4, dtype=torch.long, device=features.device)
-    out_weight = features.new_zeros(b, capacity + 1)
-    dest = torch.cat((kept_dest.flatten(1), summary_dest), 1)  # (B, R*P + R)
-    out_tokens.scatter_(1, dest[..., None].expand(-1, -1, d), torch.cat((regions.flatten(1, 2), summary), 1))
-    out_pos.scatter_(1, dest[..., None].expand(-1, -1, 4), torch.cat((kept_pos.flatten(1, 2), summary_pos), 1))
-    out_weight.scatter_(1, dest, torch.cat((kept.float().flatten(1), pooled), 1))
+    out_tokens.scatter_(1, dest[..., None].expand(-1, -1, d), regions.flatten(1, 2))
+    out_pos.scatter_(1, dest[..., None].expand(-1, -1, 4), boxes.flatten(1, 2))
     mask = torch.arange(capacity, device=features.device) < count.sum(-1, keepdim=True)  # (B, T)
     keep = mask[..., None]
-    return (out_tokens[:, :capacity] * keep, out_pos[:, :capacity] * keep, mask,
-            out_weight[:, :capacity] * mask)
+    return out_tokens[:, :capacity] * keep, out_pos[:, :capacity] * keep, mask, mask.to(features.dtype)
 
 
 class Compressor(nn.Module):
-    """Stage: patch features + allocation -> packed tokens, positions, mask and pooling weights."""
+    """Stage: patch features + allocation -> packed tokens, positions, mask and weights (patches per token)."""
 
     region_size: Final[int]
 

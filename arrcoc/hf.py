@@ -77,8 +77,8 @@ class Prepared:
 def raster_order(reduced: ReducedTokens, grid_width: int) -> ReducedTokens:
     """Reorder tokens by the raster position (row, then column) of their box's top-left patch.
 
-    At full detail this is exactly the vision tower's patch order; a token that stands for an area (a region's
-    summary, a merged token) follows a kept patch that shares its corner (stable sort). Sorting happens on the
+    At full detail this is exactly the vision tower's patch order; a token that stands for an area (a merged
+    token of a baseline) follows a kept patch that shares its corner (stable sort). Sorting happens on the
     device (no host read).
 
     Args:

@@ -87,9 +87,11 @@ class CompressionOutput(ScoreOutput):
     Attributes:
         tokens: ``(B, T, D)`` float: ``T`` is the token capacity (>= every budget), ``D`` the encoder width;
             zeros past an image's budget.
-        positions: ``(B, T, 4)`` int64 ``(row, col, height, width)`` of each token's pooled area, in patches.
+        positions: ``(B, T, 4)`` int64 ``(row, col, height, width)`` of each token's area, in patches: every
+            token is one patch, so height and width are 1 (0 past the budget).
         mask: ``(B, T)`` bool, exactly ``budget`` True per image (the first ``budget`` tokens).
-        weights: ``(B, T)`` float, the number of patches each token pools.
+        weights: ``(B, T)`` float, the number of patches each token stands for: 1, and 0 past the budget (the
+            field a pooling reducer such as ``"uniform"`` fills with larger counts).
         allocation: ``(B, rh, rw)`` int64 tokens per region; sums to the budget per image.
         prefix: ``(B, P, D)`` the encoder's class/register tokens (``P`` may be 0).
         budget: ``(B,)`` int64.

@@ -331,7 +331,8 @@ class Pipeline(nn.Module):
             return {"scores": torch.stack([scorer(*args) for scorer in self.scorers.values()], 1)}
 
         def balance(s: dict[str, Any]) -> dict[str, Any]:
-            relevance, report = self.balance(s["scores"], s["features"], s["patch_valid"], s["query_mask"])
+            budget = s["budget"] if capacity else None  # relevance alone (score()) has no budget to be scarce
+            relevance, report = self.balance(s["scores"], s["features"], s["patch_valid"], s["query_mask"], budget)
             return {"relevance": relevance, "balance": report}
 
         def allocate(s: dict[str, Any]) -> dict[str, Any]:

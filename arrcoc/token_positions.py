@@ -2,10 +2,10 @@
 
 A LLaVA-style model numbers its image tokens in one dimension, in raster order. When every patch is read, that
 order tells where each token lies, if only implicitly (token ``r * W + c`` is row ``r``, column ``c``). For
-compressed tokens it tells nothing: the ``k``-th of 63 tokens can lie anywhere, and a region's summary covers
-the whole region. The reducers return each token's box (row, column, height, width in patches) next to the
-token; this module turns the box, relative to the image's patch grid, into a vector added to the projected
-token, so "which side is the cross on" has an answer in the token the question attends to.
+compressed tokens it tells nothing: the ``k``-th of 63 tokens can lie anywhere, and a merged token (uniform
+pooling, ToMe) covers an area. The reducers return each token's box (row, column, height, width in patches)
+next to the token; this module turns the box, relative to the image's patch grid, into a vector added to the
+projected token, so "which side is the cross on" has an answer in the token the question attends to.
 """
 
 from __future__ import annotations

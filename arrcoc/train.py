@@ -8,7 +8,7 @@ total training time (``--schedule-minutes``) so that several short runs make one
 Each step: a batch of generated scenes (DataLoader workers draw them; 224 or 384 pixels, every family equally
 often) and their ViT features. Then either all the features go to the language model, or, with probability
 ``--compress-prob``, arrcoc's own allocation and compression cut them to a random budget (5%-60% of the
-patches) with a random relevance map, so that the language model learns to read pooled tokens too; or, with
+patches) with a random relevance map, so that the language model learns to read a sparse, uneven set of patches too; or, with
 probability ``--subset-prob``, only 20% of the patches are kept, every object's patches first (a curriculum:
 find the asked object among a few dozen tokens before among hundreds). The losses: the answer's
 cross-entropy (averaged per sample); grounding, a training-only head on the language model's middle layer
@@ -163,8 +163,8 @@ def random_compression(features: Tensor, generator: torch.Generator, fraction: f
                        ) -> tuple[Tensor, Tensor]:
     """Compress ``(B, N, D)`` square-grid features to ``round(fraction * N)`` tokens with a random relevance map.
 
-    Uses arrcoc's allocation and compression, so the tokens look like the pipeline's (kept patches and
-    pooled region means, region by region).
+    Uses arrcoc's allocation and compression, so the tokens look like the pipeline's (each region's most
+    distinctive patches, region by region).
 
     Returns:
         The tokens ``(B, K, D)`` and their boxes ``(B, K, 4)`` (row, col, height, width in patches).

@@ -30,7 +30,8 @@ def test_bad_fields_are_named(field: str, value, match: str) -> None:
 
 
 @pytest.mark.parametrize("kwargs, match", [({"exploit": 1.5}, "exploit"), ({"weights": (1, -1, 1)}, "weights"),
-                                           ({"temperature_range": (1.0, 0.1)}, "temperature_range")])
+                                           ({"temperature_range": (1.0, 0.1)}, "temperature_range"),
+                                           ({"scarcity": -0.1}, "scarcity")])
 def test_bad_balance(kwargs, match: str) -> None:
     with pytest.raises(InvalidInputError, match=match):
         BalanceConfig(**kwargs)

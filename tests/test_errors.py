@@ -133,6 +133,8 @@ ROWS: list[Row] = [
     ("config-json-list", lambda p, t: PipelineConfig.from_json("[]"), InvalidTypeError, ("object", "list")),
     ("config-balance-field", lambda p, t: PipelineConfig.from_dict({"balance": {"foo": 1}}), InvalidInputError, ("foo",)),
     ("balance-exploit-type", lambda p, t: BalanceConfig(exploit="a"), InvalidTypeError, ("exploit", "'a'")),
+    ("balance-scarcity", lambda p, t: BalanceConfig(scarcity=1.5), InvalidInputError, ("scarcity", "1.5")),
+    ("balance-scarcity-type", lambda p, t: BalanceConfig(scarcity=None), InvalidTypeError, ("scarcity", "None")),
     ("balance-temperature", lambda p, t: BalanceConfig(temperature_range=(1.0,)), InvalidInputError, ("temperature_range",)),
     # --- reducers -----------------------------------------------------------------------------------------------
     ("reducer-name", lambda p, t: create_reducer("no-such-reducer"), InvalidInputError, ("reducer", "no-such-reducer")),

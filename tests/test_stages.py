@@ -139,13 +139,28 @@ def test_balance_knobs_move_the_tensions() -> None:
     assert rep_u["evenness"] > 0.999
 
 
-def test_compress_summarises_one_token_regions_and_shows_the_most_distinctive_patches() -> None:
+def test_balance_exploits_more_the_scarcer_the_budget() -> None:
+    features, _, valid, _, mask = _inputs(b=1, gh=8, gw=8)
+    valid = torch.ones_like(valid)  # 64 patches: a budget of 8 is an eighth of them
+    scores = torch.rand(1, 3, 2, 2, generator=torch.Generator().manual_seed(5))
+    balance = Balance(BalanceConfig(scarcity=0.2, particularize=1.0), 4)
+    alone, rep_none = balance(scores, features, valid, mask)
+    reports = {b: balance(scores, features, valid, mask, torch.tensor([b]))[1] for b in (2, 4, 8, 16)}
+    torch.testing.assert_close(reports[8]["exploit"], rep_none["exploit"])  # an eighth of the patches: no move
+    torch.testing.assert_close(reports[4]["exploit"] - reports[8]["exploit"], torch.tensor([0.2]))  # one halving
+    torch.testing.assert_close(reports[8]["exploit"] - reports[16]["exploit"], torch.tensor([0.2]))
+    assert reports[2]["evenness"] < reports[8]["evenness"] < reports[16]["evenness"]
+    still = Balance(BalanceConfig(scarcity=0.0, particularize=1.0), 4)
+    torch.testing.assert_close(still(scores, features, valid, mask, torch.tensor([2]))[0], still(scores, features, valid, mask)[0])
+
+
+def test_compress_shows_each_regions_most_distinctive_patches() -> None:
     features, _, valid, _, _ = _inputs(b=2, gh=6, gw=7, d=5)
     allocation = torch.tensor([[[1, 4], [8, 2]], [[3, 0], [5, 1]]])
     tokens, positions, mask, weights = compress(features, valid, allocation, 20, 4)
     assert tokens.shape == (2, 20, 5) and positions.shape == (2, 20, 4) and mask.dtype == torch.bool
     assert mask.sum(1).tolist() == [15, 9]
-    assert (tokens[~mask] == 0).all() and (weights[~mask] == 0).all()
+    assert (tokens[~mask] == 0).all() and (weights[~mask] == 0).all() and (weights[mask] == 1).all()
     regions = to_regions(features, 4).flatten(1, 2)  # (B, R, P, D)
     inside = to_regions(valid[..., None], 4)[..., 0].flatten(1, 2) > 0
     exists = to_regions(torch.ones_like(valid)[..., None], 4)[..., 0].flatten(1, 2) > 0
@@ -153,17 +168,18 @@ def test_compress_summarises_one_token_regions_and_shows_the_most_distinctive_pa
     for b in range(2):
         start = 0
         for r, k in enumerate(allocation[b].flatten().tolist()):
-            tok, w, pos = tokens[b, start : start + k], weights[b, start : start + k], positions[b, start : start + k]
-            pooled = inside[b, r] if inside[b, r].any() else exists[b, r]  # a padding-only region pools its padding
-            patches = regions[b, r][pooled]
-            if k == 1:  # the region's mean, standing for all of its image patches
-                torch.testing.assert_close(tok[0], patches.mean(0), rtol=1e-5, atol=1e-5)
-                assert w.item() == pooled.sum()
-            elif k >= 2:  # real patches, at their own place, the farthest from the region's mean
-                assert (w == 1).all() and (pos[:, 2:] == 1).all()
-                torch.testing.assert_close(tok, features[b, pos[:, 0], pos[:, 1]])
+            tok, pos = tokens[b, start : start + k], positions[b, start : start + k]
+            # real patches at their own place, inside the region, the farthest from the region's image mean
+            assert (pos[:, 2:] == 1).all()
+            torch.testing.assert_close(tok, features[b, pos[:, 0], pos[:, 1]])
+            assert ((pos[:, 0] // 4) * 2 + pos[:, 1] // 4 == r).all()
+            if inside[b, r].any():
+                patches = regions[b, r][inside[b, r]]
                 distance = (patches - patches.mean(0)).square().sum(-1)
                 torch.testing.assert_close((tok - patches.mean(0)).square().sum(-1), distance.sort(descending=True).values[:k])
+                assert valid[b, pos[:, 0], pos[:, 1]].gt(0).all()
+            else:  # a padding-only region shows padding patches of the grid
+                assert k <= exists[b, r].sum()
             start += k
 
 
@@ -177,12 +193,20 @@ def test_compress_full_detail_is_every_patch() -> None:
     torch.testing.assert_close(rebuilt, features)
 
 
-def test_compress_one_token_is_the_region_box() -> None:
+def test_compress_one_token_is_the_regions_most_distinctive_image_patch() -> None:
     features, _, valid, _, _ = _inputs(b=2, gh=6, gw=7, d=4)
     tokens, positions, mask, weights = compress(features, valid, torch.ones(2, 2, 2, dtype=torch.long), 4, 4)
-    assert positions[0].tolist() == [[0, 0, 4, 4], [0, 4, 4, 3], [4, 0, 2, 4], [4, 4, 2, 3]]
-    assert weights[0].tolist() == [16, 12, 8, 6]
-    assert weights[1].tolist() == [16, 12, 8, 6]  # all-padding regions pool their padding when asked for a token
+    assert (positions[..., 2:] == 1).all() and (weights == 1).all()
+    assert [(r // 4, c // 4) for r, c in positions[0, :, :2].tolist()] == [(0, 0), (0, 1), (1, 0), (1, 1)]
+    regions = to_regions(features, 4).flatten(1, 2)[0]  # (R, P, D)
+    inside = to_regions(valid[..., None], 4)[..., 0].flatten(1, 2)[0] > 0
+    for r in range(4):
+        if inside[r].any():
+            patches = regions[r][inside[r]]
+            best = (patches - patches.mean(0)).square().sum(-1).argmax()
+            torch.testing.assert_close(tokens[0, r], patches[best])
+    rows, cols = positions[1, :, 0], positions[1, :, 1]
+    assert valid[1, rows, cols].tolist() == [1, 0, 1, 0]  # all-padding regions asked for a token show padding
 
 
 def test_stages_run_on_meta_tensors() -> None:

@@ -243,7 +243,7 @@ def test_token_positions_join_a_resumed_model_at_zero(tmp_path: Path) -> None:
     from arrcoc.vlm import load_vlm
 
     weights = _resumable_run(tmp_path / "a", 1)
-    # compress-prob 1: every batch compressed, so the boxes of pooled tokens reach the model.
+    # compress-prob 1: every batch compressed, so the boxes of compressed tokens reach the model.
     main(["--out", str(tmp_path / "b"), "--max-steps", "3", "--resume", str(weights), "--token-positions",
           "--compress-prob", "1", *TINY_RUN])
     model, _ = load_vlm(tmp_path / "b" / "weights")
