@@ -89,10 +89,7 @@ class BalanceConfig:
         object.__setattr__(self, "temperature_range", _numbers(self.temperature_range, "balance.temperature_range", 2))
         _check(all(0 <= w < float("inf") for w in self.weights) and sum(self.weights) > 0,
                f"balance.weights must be 3 finite non-negative numbers with a positive sum; got {self.weights}")
-        scarcity = _number(self.scarcity, "balance.scarcity")
-        _check(0.0 <= scarcity <= 1.0, f"balance.scarcity must be in [0, 1]; got {scarcity}")
-        object.__setattr__(self, "scarcity", scarcity)
-        for name in ("exploit", "diversify", "particularize"):
+        for name in ("exploit", "scarcity", "diversify", "particularize"):
             value = _number(getattr(self, name), f"balance.{name}")
             _check(0.0 <= value <= 1.0, f"balance.{name} must be in [0, 1]; got {value}")
             object.__setattr__(self, name, value)

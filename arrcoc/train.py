@@ -8,10 +8,10 @@ total training time (``--schedule-minutes``) so that several short runs make one
 Each step: a batch of generated scenes (DataLoader workers draw them; 224 or 384 pixels, every family equally
 often) and their ViT features. Then either all the features go to the language model, or, with probability
 ``--compress-prob``, arrcoc's own allocation and compression cut them to a random budget (5%-60% of the
-patches) with a random relevance map, so that the language model learns to read a sparse, uneven set of patches too; or, with
-probability ``--subset-prob``, only 20% of the patches are kept, every object's patches first (a curriculum:
-find the asked object among a few dozen tokens before among hundreds). The losses: the answer's
-cross-entropy (averaged per sample); grounding, a training-only head on the language model's middle layer
+patches) with a random relevance map, so that the language model learns to read a sparse, uneven set of
+patches too; or, with probability ``--subset-prob``, only 20% of the patches are kept, every object's patches
+first (a curriculum: find the asked object among a few dozen tokens before among hundreds). The losses: the
+answer's cross-entropy (averaged per sample); grounding, a training-only head on the language model's middle layer
 that marks the answer-box visual tokens (``--grounding-weight``); answer attention, one head of the next
 layer asked to look from each answer position at that token's evidence (``--attention-weight``); the text
 query encoder's patch-relevance loss (answer boxes as targets; its gradient reaches the ViT too, weighted by
