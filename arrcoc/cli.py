@@ -284,10 +284,10 @@ def _demo_question(out_dir: Path, device: torch.device, share: float) -> None:
     transformers or the trained VLM is missing."""
     try:
         from .data import make_sample
-        from .evaluation import ask, pixel_values, project_adapter
         from .overlay import render_token_boxes
         from .text_query import TextQueryEncoder
         from .vlm import DEFAULT_VLM_DIR, load_vlm
+        from .vlm_adapter import ask, pixel_values, project_adapter
 
         model, tokenizer = load_vlm(device=device)
         text_encoder = TextQueryEncoder.from_pretrained(DEFAULT_VLM_DIR)

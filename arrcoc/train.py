@@ -7,17 +7,17 @@ total training time (``--schedule-minutes``) so that several short runs make one
 
 Each step: a batch of generated scenes (DataLoader workers draw them; 224 or 384 pixels, every family equally
 often) and their ViT features. Then either all the features go to the language model, or, with probability
-``--compress-prob``, arrcoc's own allocation and compression cut them to a random budget (5%-60% of the
-patches) with a random relevance map, so that the language model learns to read a sparse, uneven set of
-patches too; or, with probability ``--subset-prob``, only 20% of the patches are kept, every object's patches
-first (a curriculum: find the asked object among a few dozen tokens before among hundreds). The losses: the
-answer's cross-entropy (averaged per sample); grounding, a training-only head on the language model's middle layer
-that marks the answer-box visual tokens (``--grounding-weight``); answer attention, one head of the next
-layer asked to look from each answer position at that token's evidence (``--attention-weight``); the text
-query encoder's patch-relevance loss (answer boxes as targets; its gradient reaches the ViT too, weighted by
-``--query-weight``); and per-patch colour, kind, glyph and side labels from a training-only linear head on
-the ViT (``--dense-weight``). Training seeds start at
-``TRAIN_SEED_START``; evaluation uses seeds from ``EVAL_SEED_START``.
+``--compress-prob``, arrcoc's own allocation and compression cut them to a random budget (from 5% of the patches
+up to ``--compress-max``) with a random relevance map, so that the language model learns to read a sparse, uneven
+set of patches too; or, with probability ``--subset-prob``, only 20% of the patches are kept, every object's
+patches first (a curriculum: find the asked object among a few dozen tokens before among hundreds). The losses:
+the answer's cross-entropy (averaged per sample); grounding, a training-only head on the language model's middle
+layer that marks the answer-box visual tokens (``--grounding-weight``); answer attention, one head of the next
+layer asked to look from each answer position at that token's evidence (``--attention-weight``); the text query
+encoder's patch-relevance loss (answer boxes as targets; its gradient reaches the ViT too, weighted by
+``--query-weight``); and per-patch colour, kind, glyph and side labels from a training-only linear head on the ViT
+(``--dense-weight``). Training seeds start at ``TRAIN_SEED_START``; evaluation uses seeds from
+``EVAL_SEED_START``.
 
 At the end: full-token greedy accuracy per family on held-out seeds at 224 and 384 pixels, printed and written
 to ``eval.json``; the weights go to ``OUT/weights`` in the layout ``load_vlm`` and ``Pipeline.from_pretrained``
@@ -420,6 +420,8 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
                    help="comma-separated question families cycled through in each batch; repeat one to ask it more "
                         "often (default: the six, equally)")
     p.add_argument("--compress-prob", type=float, default=0.15, help="share of batches compressed at random")
+    p.add_argument("--compress-max", type=float, default=0.6,
+                   help="largest share of the patches a compressed batch keeps (the smallest is 5%%)")
     p.add_argument("--subset-prob", type=float, default=0.5, help="share of batches cut to their object patches")
     p.add_argument("--restart-schedule", action="store_true", help="warm-up and cosine schedule start again at resume")
     p.add_argument("--query-weight", type=float, default=0.2)
@@ -501,6 +503,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     unknown = sorted(set(families) - set(QUESTION_FAMILIES))
     if unknown:
         raise ValueError(f"--families: unknown {unknown}; choose from {QUESTION_FAMILIES}")
+    if not 0.05 <= args.compress_max <= 1:
+        raise ValueError(f"--compress-max must be in [0.05, 1], got {args.compress_max}")
     data = SceneBatches(args.batch_size, start_batch=state["batch"], seed=TRAIN_SEED_START + args.seed, sizes=sizes,
                         families=families)
     loader = torch.utils.data.DataLoader(data, batch_size=None, num_workers=workers, pin_memory=device.type == "cuda",
@@ -537,7 +541,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             boxes = None  # every patch: embed_inputs places them
             draw = torch.rand((), generator=generator, device=device).item()  # ok-sync: per-batch choice, training loop
             if draw < args.compress_prob:
-                fraction = 0.05 + 0.55 * torch.rand((), generator=generator, device=device).item()  # ok-sync: per-batch choice
+                share = torch.rand((), generator=generator, device=device).item()  # ok-sync: per-batch choice
+                fraction = 0.05 + (args.compress_max - 0.05) * share
                 (visual, boxes), visual_targets = random_compression(features, generator, fraction), None
             elif draw < args.compress_prob + args.subset_prob:
                 visual, kept = object_subset(features, dense, targets, generator, args.subset_fraction)

@@ -172,8 +172,9 @@ def test_project_adapter_reads_the_trained_features_and_the_cls_attention() -> N
     """The adapter's full-budget tokens are the features the VLM trains on, at 64 and 96 px; the [CLS]
     attention VisionZip reads equals the attention matrix timm itself computes in the last block."""
     from arrcoc.data import make_sample
-    from arrcoc.evaluation import _rgb, pixel_values, project_adapter
+    from arrcoc.evaluation import _rgb
     from arrcoc.vlm import VLMConfig, build_vlm, vision_features, vision_tower
+    from arrcoc.vlm_adapter import pixel_values, project_adapter
 
     model, tokenizer = build_vlm(VLMConfig.from_name("tiny"))
     adapter = project_adapter(model, tokenizer, "visionzip")
@@ -212,9 +213,9 @@ def test_box_share_only_skips_answers(tmp_path: Path) -> None:
 def test_the_trained_text_encoder_gives_arrcocs_query() -> None:
     """With a text encoder, the participatory scorer reads its encoding of the question."""
     from arrcoc.data import make_sample
-    from arrcoc.evaluation import pixel_values, project_adapter
     from arrcoc.text_query import TextQueryConfig, TextQueryEncoder
     from arrcoc.vlm import VLMConfig, build_vlm
+    from arrcoc.vlm_adapter import pixel_values, project_adapter
 
     model, tokenizer = build_vlm(VLMConfig.from_name("tiny"))
     encoder = TextQueryEncoder(TextQueryConfig(width=32, dim=16, layers=1, heads=2)).eval()

@@ -69,8 +69,8 @@ def test_the_vlm_reads_positions_and_keeps_them_through_save_and_load(tmp_path) 
 def test_the_adapter_adds_the_reduced_tokens_positions() -> None:
     """Compressed tokens reach the language model with their boxes added, full tokens exactly as in training."""
     from arrcoc.data import make_sample
-    from arrcoc.evaluation import pixel_values, project_adapter
     from arrcoc.vlm import VLMConfig, build_vlm, embed_inputs
+    from arrcoc.vlm_adapter import pixel_values, project_adapter
 
     model, tokenizer = build_vlm(VLMConfig.from_name("tiny", token_positions=True))
     torch.nn.init.normal_(model.token_positions.proj.weight)

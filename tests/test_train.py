@@ -137,6 +137,16 @@ def test_a_tiny_run_trains_saves_evaluates_and_resumes(tmp_path: Path) -> None:
     assert json.loads((tmp_path / "c" / "eval.json").read_text())["state"]["step"] == 4
 
 
+@pytest.mark.parametrize("argv, named", [(["--compress-max", "1.5"], "--compress-max"),
+                                          (["--compress-max", "0.01"], "--compress-max"),
+                                          (["--families", "color,colour"], "--families")])
+def test_bad_training_options_are_named(tmp_path: Path, argv: list[str], named: str) -> None:
+    from arrcoc.train import main
+
+    with pytest.raises(ValueError, match=named):
+        main(["--out", str(tmp_path), "--max-steps", "1", *TINY_RUN, *argv])
+
+
 def test_shipped_query_encoder_points_at_the_answer_boxes() -> None:
     """The shipped participatory query: answer-box patches outrank the rest (AUC) on held-out scenes."""
     from arrcoc.train import EVAL_SEED_START, collate
