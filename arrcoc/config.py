@@ -85,7 +85,8 @@ class BalanceConfig:
     # weights; bench/results/validation/balance-sweep-h100.md), at 33 / 22 / 11 / 5.5% of the tokens: 97.4 / 97.1
     # / 94.3 / 89.7% at 224 px (+0.3 / +0.5 / +0.4 / +1.8) and 97.9 / 98.5 / 97.8 / 95.6% at 384 px (+0.1 / +0.1 /
     # +0.6 / +0.8). exploit 0.6 and particularize 1.0 did as well (0 to +2.6 in every cell); scarcity 0.4 cost 1.8
-    # points at 224 px, 22%, and scarcity 0 cost 8.0 at 224 px, 5.5%.
+    # points at 224 px, 22%, and scarcity 0 cost 8.0 at 224 px, 5.5%. A second sweep around 0.9
+    # (balance-sweep2-h100.md) found no variant ahead in every cell.
     particularize: float = 0.9
     temperature_range: tuple[float, float] = (0.15, 2.0)
 
