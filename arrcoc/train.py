@@ -59,6 +59,8 @@ logger = logging.getLogger(__name__)
 TRAIN_SEED_START = 1_000_000
 #: Held-out evaluation seeds start here (far from the seeds tests and examples use).
 EVAL_SEED_START = 500_000
+#: Smallest share of the patches a compressed training batch keeps (the largest is ``--compress-max``).
+COMPRESS_MIN = 0.05
 
 
 class SceneBatches(torch.utils.data.IterableDataset):
@@ -421,7 +423,7 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
                         "often (default: the six, equally)")
     p.add_argument("--compress-prob", type=float, default=0.15, help="share of batches compressed at random")
     p.add_argument("--compress-max", type=float, default=0.6,
-                   help="largest share of the patches a compressed batch keeps (the smallest is 5%%)")
+                   help=f"largest share of the patches a compressed batch keeps (the smallest is {COMPRESS_MIN:g})")
     p.add_argument("--subset-prob", type=float, default=0.5, help="share of batches cut to their object patches")
     p.add_argument("--restart-schedule", action="store_true", help="warm-up and cosine schedule start again at resume")
     p.add_argument("--query-weight", type=float, default=0.2)
@@ -446,6 +448,13 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Train (or continue), evaluate, save; returns the summary written to ``OUT/eval.json``."""
     args = _parse(argv)
+    # Options are checked before anything is built or resumed.
+    families = tuple(args.families.split(",")) if args.families else QUESTION_FAMILIES
+    unknown = sorted(set(families) - set(QUESTION_FAMILIES))
+    if unknown:
+        raise ValueError(f"--families: unknown {unknown}; choose from {QUESTION_FAMILIES}")
+    if not COMPRESS_MIN <= args.compress_max <= 1:
+        raise ValueError(f"--compress-max must be in [{COMPRESS_MIN}, 1], got {args.compress_max}")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     started = time.monotonic()
     deadline = started + 60 * (args.minutes - args.eval_minutes)
@@ -499,12 +508,6 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
     sizes = tuple(int(s) for s in args.sizes.split(","))
     workers = args.workers if args.workers is not None else max(0, (torch.multiprocessing.cpu_count() or 2) - 2)
-    families = tuple(args.families.split(",")) if args.families else QUESTION_FAMILIES
-    unknown = sorted(set(families) - set(QUESTION_FAMILIES))
-    if unknown:
-        raise ValueError(f"--families: unknown {unknown}; choose from {QUESTION_FAMILIES}")
-    if not 0.05 <= args.compress_max <= 1:
-        raise ValueError(f"--compress-max must be in [0.05, 1], got {args.compress_max}")
     data = SceneBatches(args.batch_size, start_batch=state["batch"], seed=TRAIN_SEED_START + args.seed, sizes=sizes,
                         families=families)
     loader = torch.utils.data.DataLoader(data, batch_size=None, num_workers=workers, pin_memory=device.type == "cuda",
@@ -542,7 +545,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             draw = torch.rand((), generator=generator, device=device).item()  # ok-sync: per-batch choice, training loop
             if draw < args.compress_prob:
                 share = torch.rand((), generator=generator, device=device).item()  # ok-sync: per-batch choice
-                fraction = 0.05 + (args.compress_max - 0.05) * share
+                fraction = COMPRESS_MIN + (args.compress_max - COMPRESS_MIN) * share
                 (visual, boxes), visual_targets = random_compression(features, generator, fraction), None
             elif draw < args.compress_prob + args.subset_prob:
                 visual, kept = object_subset(features, dense, targets, generator, args.subset_fraction)
