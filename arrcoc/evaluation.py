@@ -35,7 +35,7 @@ from tqdm import tqdm
 from .bench import device_name
 from .data import QUESTION_FAMILIES, VQASample, make_sample
 from .errors import ArrcocError, InvalidInputError, MissingWeightsError
-from .vlm_adapter import ask, pixel_values, project_adapter
+from .vlm_adapter import ask, pixel_values, project_adapter, rgb_values
 
 if TYPE_CHECKING:
     from transformers import LlavaForConditionalGeneration
@@ -181,12 +181,6 @@ def _samples(config: EvalConfig, size: int) -> list[VQASample]:
             for i in range(config.samples_per_family) for j, family in enumerate(families)]
 
 
-def _rgb(images: list[Any], device: torch.device) -> Tensor:
-    from torchvision.transforms.functional import pil_to_tensor
-
-    return (torch.stack([pil_to_tensor(image.convert("RGB")) for image in images]).float() / 255).to(device)
-
-
 def _reference(model: LlavaForConditionalGeneration, tokenizer: CharTokenizer, samples: list[VQASample],
                config: EvalConfig, device: torch.device) -> list[tuple[bool, int]]:
     """Full-token answers through the model's own path (no adapter, no reducer): the adapter's yardstick.
@@ -196,7 +190,7 @@ def _reference(model: LlavaForConditionalGeneration, tokenizer: CharTokenizer, s
     correct = []
     for start in range(0, len(samples), config.batch_size):
         batch = samples[start: start + config.batch_size]
-        features = vision_features(model, _rgb([s.image for s in batch], device))
+        features = vision_features(model, rgb_values([s.image for s in batch], device))
         answers = generate_answers(model, tokenizer, [s.question for s in batch], features, config.max_new_tokens)
         correct += _score(answers, batch)
     return correct

@@ -20,7 +20,15 @@ if TYPE_CHECKING:
 
     from .tokenizer import CharTokenizer
 
-__all__ = ["pixel_values", "CharTokenizerForHF", "project_adapter", "ask"]
+__all__ = ["rgb_values", "pixel_values", "CharTokenizerForHF", "project_adapter", "ask"]
+
+
+def rgb_values(images: Sequence[Any], device: torch.device | str | None = None) -> Tensor:
+    """``(B, 3, S, S)`` RGB values in [0, 1] of same-sized PIL images (what :func:`arrcoc.vlm.vision_features`
+    reads), on ``device`` (default: the CPU)."""
+    from torchvision.transforms.functional import pil_to_tensor
+
+    return (torch.stack([pil_to_tensor(image.convert("RGB")) for image in images]).float() / 255).to(device or "cpu")
 
 
 def pixel_values(model: LlavaForConditionalGeneration, images: Sequence[Any],
@@ -33,15 +41,13 @@ def pixel_values(model: LlavaForConditionalGeneration, images: Sequence[Any],
         device: where the tensor goes (default: the CPU).
     """
     import timm.data
-    from torchvision.transforms.functional import pil_to_tensor
 
     from .vlm import vision_tower
 
     data = timm.data.resolve_model_data_config(vision_tower(model))
     mean = torch.tensor(data["mean"]).view(1, 3, 1, 1)
     std = torch.tensor(data["std"]).view(1, 3, 1, 1)
-    pixels = torch.stack([pil_to_tensor(image.convert("RGB")) for image in images]).float() / 255
-    return ((pixels - mean) / std).to(device or "cpu")
+    return ((rgb_values(images) - mean) / std).to(device or "cpu")
 
 
 class CharTokenizerForHF:

@@ -172,9 +172,8 @@ def test_project_adapter_reads_the_trained_features_and_the_cls_attention() -> N
     """The adapter's full-budget tokens are the features the VLM trains on, at 64 and 96 px; the [CLS]
     attention VisionZip reads equals the attention matrix timm itself computes in the last block."""
     from arrcoc.data import make_sample
-    from arrcoc.evaluation import _rgb
     from arrcoc.vlm import VLMConfig, build_vlm, vision_features, vision_tower
-    from arrcoc.vlm_adapter import pixel_values, project_adapter
+    from arrcoc.vlm_adapter import pixel_values, project_adapter, rgb_values
 
     model, tokenizer = build_vlm(VLMConfig.from_name("tiny"))
     adapter = project_adapter(model, tokenizer, "visionzip")
@@ -182,7 +181,7 @@ def test_project_adapter_reads_the_trained_features_and_the_cls_attention() -> N
         samples = [make_sample(i, size, "color") for i in range(2)]
         prepared = adapter.prepare(pixel_values(model, [s.image for s in samples]), [s.question for s in samples],
                                    (size // 16) ** 2)
-        torch.testing.assert_close(prepared.reduced.tokens, vision_features(model, _rgb([s.image for s in samples], "cpu")))
+        torch.testing.assert_close(prepared.reduced.tokens, vision_features(model, rgb_values([s.image for s in samples], "cpu")))
     tower = vision_tower(model)
     block = tower.blocks[-1]
     seen: list[torch.Tensor] = []
