@@ -33,6 +33,7 @@ from .outputs import CompressionOutput, ScoreOutput
 from .preprocess import PreprocessedBatch, Preprocessor
 from .regions import capacity_of, region_bounds, region_grid
 from .scorers import create_scorer
+from .streams import run_branches
 from .text_query import TEXT_QUERY_FILE, TextQueryEncoder
 
 __all__ = ["Pipeline", "DEFAULT_WEIGHTS_DIR", "BATCH_BUCKETS"]
@@ -106,13 +107,17 @@ class Pipeline(nn.Module):
         device: where to run; the default is CPU (move later with ``.to``).
         cuda_graphs: on CUDA, run the stages as captured CUDA graphs (default: on, unless the environment
             sets ``ARRCOC_CUDA_GRAPHS=0``). On CPU the stages always run eagerly, with identical results.
-        compile: ``torch.compile`` each stage before capture (fusion inside the graphs).
+        compile: ``torch.compile`` each stage (each branch, where a stage runs branches side by side) before
+            capture: fusion inside the graphs.
+        concurrent: on CUDA, run independent work side by side on side streams (parallel branches of the
+            graph): the backbone beside the texture features, the three scorers beside each other. The
+            results are the same either way.
         graph_cache: the cache of captured chains (a new one, bounded to 32 entries, by default).
     """
 
     def __init__(self, config: PipelineConfig | None = None, *, weights: str | os.PathLike[str] | None = None,
                  device: torch.device | str | None = None, cuda_graphs: bool | None = None, compile: bool = False,
-                 graph_cache: GraphCache | None = None) -> None:
+                 concurrent: bool = True, graph_cache: GraphCache | None = None) -> None:
         super().__init__()
         if config is not None and not isinstance(config, PipelineConfig):
             raise InvalidTypeError(f"config must be a PipelineConfig (PipelineConfig.from_dict reads a dict); got "
@@ -139,6 +144,7 @@ class Pipeline(nn.Module):
         self._encoders: dict[int, Encoder] = {}  # per bucket; they share the backbone's tensors
         self.cuda_graphs = cuda_graphs if cuda_graphs is not None else os.environ.get("ARRCOC_CUDA_GRAPHS", "1") != "0"
         self.compile = compile
+        self.concurrent = concurrent
         self.graph_cache = graph_cache if graph_cache is not None else GraphCache()  # an empty cache is falsy
         self._eager_only: dict[GraphKey, str] = {}  # keys whose capture failed, with the reason
         # per-call work done once: graph keys, the no-query tensors, budget limits (cleared when moved)
@@ -312,23 +318,41 @@ class Pipeline(nn.Module):
         return values, capacity
 
     # --- running ----------------------------------------------------------------------------------------
-    def stages(self, bucket: int, capacity: int = 0) -> list[tuple[str, Callable[[dict[str, Any]], dict[str, Any]]]]:
+    def stages(self, bucket: int, capacity: int = 0, *, concurrent: bool | None = None,
+               compile: bool = False) -> list[tuple[str, Callable[[dict[str, Any]], dict[str, Any]]]]:
         """The stages after preprocess for one bucket, in order, as ``(name, fn)``.
 
         Each ``fn`` reads named tensors from a state dict and returns the new ones; the chain starts from
         ``pixels``, ``valid``, ``query``, ``query_mask`` (and ``budget`` for allocation). With
         ``capacity=0`` the chain stops after balance (relevance only). Benchmarks time these one by one,
         and the graph cache captures them one by one.
+
+        Args:
+            bucket: the bucket size.
+            capacity: the token capacity ``T`` (0: relevance only).
+            concurrent: run independent branches on CUDA side streams (default: the pipeline's setting):
+                the backbone beside the texture features, the three scorers beside each other.
+            compile: ``torch.compile`` each branch and stage body (the forks stay outside compiled code).
         """
-        encoder, side, cfg = self.encoder(bucket), self.config.region_size, self.config
+        encoder, side, cfg, device = self.encoder(bucket), self.config.region_size, self.config, self.device
+        concurrent = self.concurrent if concurrent is None else concurrent
+
+        def body(fn: Callable[..., Any]) -> Callable[..., Any]:
+            return torch.compile(fn, dynamic=False) if compile else fn
+
+        features_of, layout_of = body(encoder.features), body(encoder.layout)
+        scorers = [body(scorer) for scorer in self.scorers.values()]
 
         def encode(s: dict[str, Any]) -> dict[str, Any]:
-            features, prefix, texture, patch_valid = encoder(s["pixels"], s["valid"])
+            pixels = s["pixels"]
+            (features, prefix), (texture, patch_valid) = run_branches(
+                (lambda: features_of(pixels), lambda: layout_of(pixels, s["valid"])), device, concurrent)
             return {"features": features, "prefix": prefix, "texture": texture, "patch_valid": patch_valid}
 
         def score(s: dict[str, Any]) -> dict[str, Any]:
             args = (s["features"], s["texture"], s["patch_valid"], s["query"], s["query_mask"])
-            return {"scores": torch.stack([scorer(*args) for scorer in self.scorers.values()], 1)}
+            maps = run_branches([lambda scorer=scorer: scorer(*args) for scorer in scorers], device, concurrent)
+            return {"scores": torch.stack(maps, 1)}
 
         def balance(s: dict[str, Any]) -> dict[str, Any]:
             budget = s["budget"] if capacity else None  # relevance alone (score()) has no budget to be scarce
@@ -343,9 +367,9 @@ class Pipeline(nn.Module):
             tokens, positions, mask, weights = self.compressor(s["features"], s["patch_valid"], s["allocation"], capacity)
             return {"tokens": tokens, "positions": positions, "mask": mask, "weights": weights}
 
-        chain = [("encode", encode), ("score", score), ("balance", balance)]
+        chain = [("encode", encode), ("score", score), ("balance", body(balance))]
         if capacity:
-            chain += [("allocate", allocate), ("compress", compress)]
+            chain += [("allocate", body(allocate)), ("compress", body(compress))]
         return chain
 
     # --- graphs ----------------------------------------------------------------------------------------------
@@ -368,10 +392,7 @@ class Pipeline(nn.Module):
 
     def _build(self, key: GraphKey) -> tuple[list[Any], dict[str, Tensor], tuple[str, ...]]:
         """What the cache captures for ``key``: the stages, their static inputs, the result keys."""
-        stages = self.stages(key.bucket, key.capacity)
-        if self.compile:
-            stages = [(name, torch.compile(fn, dynamic=False)) for name, fn in stages]
-        return stages, self._static_inputs(key), _RESULT_KEYS
+        return self.stages(key.bucket, key.capacity, compile=self.compile), self._static_inputs(key), _RESULT_KEYS
 
     def _uses_graphs(self, device: torch.device | None = None) -> bool:
         return self.cuda_graphs and ((device or self.device).type == "cuda" or self.graph_cache.backend == "eager")

@@ -138,8 +138,8 @@ def test_capture_failure_falls_back_with_one_warning(monkeypatch) -> None:
     pipe = arrcoc.Pipeline(arrcoc.PipelineConfig.from_name("tiny"), device="cuda")
     original = pipe.stages
 
-    def syncing(bucket, capacity=0):
-        chain = original(bucket, capacity)
+    def syncing(bucket, capacity=0, **options):
+        chain = original(bucket, capacity, **options)
         name, fn = chain[1]
         chain[1] = (name, lambda s: (s["features"].sum().item(), fn(s))[1])  # a host sync: cannot be captured
         return chain
@@ -285,6 +285,34 @@ def test_per_stage_graphs_equal_one_graph(pipes) -> None:
         a, b = one.run(values, 2), many.run(values, 2)
     assert [n for n, _ in many.graphs] == ["encode", "score", "balance", "allocate", "compress", "pack"]
     assert torch.equal(a["allocation"], b["allocation"]) and torch.equal(a["tokens"], b["tokens"])
+
+
+@cuda
+@pytest.mark.parametrize("size", [224, 512])
+def test_side_stream_branches_equal_one_stream(pipes, size: int) -> None:
+    """The backbone beside the texture, the scorers beside each other: the same results as on one stream,
+    graphed and eager, with budgets and queries changing; and the forked capture syncs no more than before."""
+    graphed, eager = pipes
+    config = graphed.config
+    one_stream = arrcoc.Pipeline(config, device="cuda", concurrent=False)
+    eager_one_stream = arrcoc.Pipeline(config, device="cuda", cuda_graphs=False, concurrent=False)
+    g = torch.Generator().manual_seed(size + 7)
+    images = _images(48, size, seed=size + 7)
+    with torch.inference_mode():
+        graphed.encoder(size)  # the encoder's weights move before the checked capture
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            assert graphed._chain(graphed._graph_key(size, 8, 512, 1)) is not None
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    for start in range(0, 48, 8):
+        batch = images[start : start + 8]
+        budget = torch.randint(1, 197, (len(batch),), generator=g).tolist()
+        query = None if start % 16 == 0 else torch.randn(2, graphed.width, generator=g).cuda()
+        forked = graphed(batch, query=query, budget=budget)
+        _assert_same(forked, one_stream(batch, query=query, budget=budget))
+        _assert_same(eager(batch, query=query, budget=budget), eager_one_stream(batch, query=query, budget=budget))
 
 
 @cuda

@@ -1,16 +1,19 @@
-"""The stages after encode, one by one: texture, regions, scorers, balance, compression."""
+"""The stages one by one: the encoder's patch projection, texture, regions, scorers, balance, compression."""
 
 from __future__ import annotations
 
 import pytest
+import timm
 import torch
+import torch.nn.functional as F
 
 from arrcoc.balance import BALANCE_KEYS, Balance
 from arrcoc.compression import compress
 from arrcoc.config import BalanceConfig
+from arrcoc.encoders import PatchProjection
 from arrcoc.regions import capacity_of, normalize_per_image, region_bounds, region_grid, to_regions
 from arrcoc.scorers import SCORERS, create_scorer
-from arrcoc.texture import rgb_to_lab, texture_features
+from arrcoc.texture import patch_mean, rgb_to_lab, texture_features
 
 
 def _inputs(b: int = 2, gh: int = 6, gw: int = 7, d: int = 8, seed: int = 0, device: str = "cpu"):
@@ -22,6 +25,31 @@ def _inputs(b: int = 2, gh: int = 6, gw: int = 7, d: int = 8, seed: int = 0, dev
     query = torch.randn(b, 3, d, generator=g)
     mask = torch.tensor([[True, True, False]] * b)
     return [t.to(device) for t in (features, texture, valid, query, mask)]
+
+
+def test_patch_projection_is_the_patch_convolution_as_a_matmul() -> None:
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0, depth=1, img_size=(64, 96)).eval()
+    conv = model.patch_embed.proj
+    pixels = torch.rand(2, 3, 64, 96, generator=torch.Generator().manual_seed(0))
+    before = model.state_dict()
+    with torch.no_grad():
+        expected = model.forward_features(pixels)
+        assert PatchProjection.fits(conv)
+        model.patch_embed.proj = PatchProjection(conv)
+        got = model.forward_features(pixels)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    after = model.state_dict()  # same names, same storage: saving and loading are unchanged
+    assert after.keys() == before.keys() and all(after[k].data_ptr() == before[k].data_ptr() for k in before)
+    assert not PatchProjection.fits(torch.nn.Conv2d(3, 8, 3, stride=2, padding=1))  # overlapping windows stay convolutions
+
+
+def test_encoder_uses_the_patch_projection(tiny_pipe) -> None:
+    assert isinstance(tiny_pipe.encoder(224).model.patch_embed.proj, PatchProjection)
+
+
+def test_patch_mean_is_average_pooling() -> None:
+    values = torch.rand(2, 3, 48, 40, generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(patch_mean(values, (16, 8)), F.avg_pool2d(values, (16, 8)), rtol=1e-6, atol=1e-6)
 
 
 def test_lab_of_known_colours() -> None:
