@@ -5,6 +5,8 @@
 
 - GPU time (CUDA events, median) of the whole chain eager, as one graph, as one graph per stage, compiled
   with ``torch.compile(mode="reduce-overhead")`` and graphed after ``torch.compile`` (``Pipeline(compile=True)``);
+- the graphed chain with its independent branches on side streams and on one stream (``concurrent=False``),
+  plain and compiled;
 - GPU time of each stage eager and as its own graph;
 - CPU issue time (``perf_counter`` around the issuing call, no sync inside; the queue drains between calls):
   replay alone, and a whole graphed call (input copy + replay + copy-out, ``copy=True`` and ``copy=False``),
@@ -40,7 +42,7 @@ from .config import PipelineConfig
 from .graphs import GraphCache, GraphChain
 from .pipeline import Pipeline, _fill_static, token_capacity
 
-__all__ = ["main", "time_graphs", "time_compiled", "time_threads", "time_warmup"]
+__all__ = ["main", "time_graphs", "time_compiled", "time_threads", "time_warmup", "profile_kernels"]
 
 logger = logging.getLogger(__name__)
 
@@ -139,6 +141,16 @@ def time_graphs(pipe: Pipeline, size: int, batch: int, *, reps: int = 50, second
     except Exception as err:  # a diagnostic: never lose the case for it
         result["pipe_call_error"] = _error(err)
 
+    # the same chain with every branch on one stream: what running branches side by side saves
+    serial = GraphChain(pipe.stages(size, result["capacity"], concurrent=False), pipe._static_inputs(key),
+                        torch.cuda.graph_pool_handle(), outputs=("tokens", "allocation"))
+    serial_out = serial.run(values, batch)
+    result["serial_equal"] = bool(torch.equal(serial_out["tokens"], out["tokens"])  # ok-sync: report
+                                  and torch.equal(serial_out["allocation"], out["allocation"]))
+    result["graphed_serial_ms"] = _gpu_ms(serial.replay, reps)
+    result["concurrency_speedup"] = result["graphed_serial_ms"] / result["graphed_ms"]
+    del serial, serial_out
+
     # one graph per stage, chained (the earlier design), for per-stage times and the launch-count comparison
     start = time.perf_counter()
     per_stage = GraphChain(stages, pipe._static_inputs(key), torch.cuda.graph_pool_handle(), outputs=("tokens",),
@@ -206,7 +218,8 @@ def time_compiled(pipe: Pipeline, result: dict[str, Any], *, reps: int = 50,
     that fails, and the ``cudagraphs`` backend (dynamo + CUDA graph trees, no inductor) is timed instead.
     """
     size, batch, reps = result["size"], result["batch"], min(reps, result.get("reps", reps))
-    stages, inputs, _ = _case(pipe, size, batch)
+    _, inputs, _ = _case(pipe, size, batch)
+    stages = pipe.stages(size, result["capacity"], concurrent=False)  # the plain chain a user would compile
     args = tuple(inputs[k] for k in ("pixels", "valid", "query", "query_mask", "budget"))
     for backend, options in (("inductor", {"mode": "reduce-overhead"}), ("cudagraphs", {})):
         torch._dynamo.reset()
@@ -240,11 +253,17 @@ def time_compiled(pipe: Pipeline, result: dict[str, Any], *, reps: int = 50,
         result["graphed_compiled_error"] = both._eager_only[key]
         return
     result["graphed_compiled_capture_s"] = time.perf_counter() - start
-    chain.inputs.write(_fill_static(key, inputs))
+    values = _fill_static(key, inputs)
+    chain.inputs.write(values)
     result["graphed_compiled_ms"] = _gpu_ms(chain.replay, reps)
+    # the same compiled bodies on one stream (dynamo's cache holds them: no second compile)
+    serial = GraphChain(both.stages(size, result["capacity"], concurrent=False, compile=True), both._static_inputs(key),
+                        torch.cuda.graph_pool_handle(), outputs=("tokens",))
+    serial.inputs.write(values)
+    result["graphed_compiled_serial_ms"] = _gpu_ms(serial.replay, reps)
     if "compiled_ms" in result:
         result["graphed_compiled_over_compiled"] = result["graphed_compiled_ms"] / result["compiled_ms"]
-    del both, chain
+    del both, chain, serial
     torch._dynamo.reset()
 
 
@@ -291,6 +310,38 @@ def _try_compile(fn: Callable[[dict[str, Any]], Any], state: dict[str, Any],
         return None
     except Exception as err:
         return _error(err)
+
+
+@torch.inference_mode()
+def profile_kernels(pipe: Pipeline, size: int, batch: int, *, compile: bool = False) -> dict[str, Any]:
+    """Per stage, eager: how many GPU kernels it launches and their summed time (``torch.profiler``).
+
+    Next to a stage's graphed time this splits it into kernel time and the gaps between kernels, which is
+    what a graph of many small kernels spends most of its time on. ``compile=True`` profiles the bodies
+    ``Pipeline(compile=True)`` captures (inductor's fused kernels).
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    _, inputs, info = _case(pipe, size, batch)
+    stages = pipe.stages(size, info["capacity"], concurrent=False, compile=compile)
+    state = dict(inputs)
+    for _ in range(2):  # compile and warm up first
+        for _, fn in stages:
+            state.update(fn(state))
+    torch.cuda.synchronize()
+    result: dict[str, Any] = {"size": size, "batch": batch, "compiled": compile, "stages": {}}
+    for name, fn in stages:
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            state.update(fn(state))
+            torch.cuda.synchronize()
+        kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+        totals: dict[str, float] = {}
+        for e in kernels:
+            totals[e.name] = totals.get(e.name, 0.0) + e.time_range.elapsed_us()
+        top = sorted(totals.items(), key=lambda item: -item[1])[:8]
+        result["stages"][name] = {"kernels": len(kernels), "kernel_us": sum(totals.values()),
+                                  "top": [(k[:90], round(v, 1)) for k, v in top]}
+    return result
 
 
 def time_threads(config: PipelineConfig, *, threads: int = 8, calls: int = 100, size: int = 224) -> dict[str, Any]:
@@ -497,23 +548,24 @@ def _markdown(report: dict[str, Any]) -> str:
              f"torch {report['torch']}, encoder `{report['encoder']}` ({report['encoder_dtype']}), {report['date']}. "
              "Median over an adaptive number of runs after warm-up; GPU ms from CUDA events; CPU issue µs from "
              "perf_counter around the issuing call (no sync inside). Budget = 25% of the patches, 4 query tokens. "
-             "*graphed* = the chain as one CUDA graph; *call issue* = input copy + replay + copy-out "
+             "*graphed* = the chain as one CUDA graph, independent branches on side streams (*one stream*: without); *call issue* = input copy + replay + copy-out "
              "(`GraphCache.run`), *zero-copy* the same with `copy=False`; *views* = building the result tensors.", ""]
     if "warmup" in report:
         w = report["warmup"]
         lines += [f"Warm-up of sizes {w['sizes']} x batches {w['batches']} (compression and relevance-only chains, "
                   f"{w['captures']} captures, one pool): **{w['seconds']:.2f} s**, {w['bytes'] / 2**20:.0f} MiB kept "
                   f"by the entries, {w['reserved_growth_bytes'] / 2**20:.0f} MiB reserved.", ""]
-    lines += ["| size | batch | eager ms | graphed ms | speed-up | per-stage graphs ms | compiled ms | graphed / compiled "
-              "| graphed+compiled ms | replay issue µs | call issue µs | zero-copy issue µs | views µs | per-stage graphs issue µs "
+    lines += ["| size | batch | eager ms | graphed ms | speed-up | graphed, one stream ms | per-stage graphs ms | compiled ms "
+              "| graphed / compiled | graphed+compiled ms | graphed+compiled, one stream ms | replay issue µs | call issue µs | zero-copy issue µs | views µs | per-stage graphs issue µs "
               "| eager issue µs | capture s | compile s | pool MiB | whole pipe() call ms | host syncs per call |",
-              "|" + "---:|" * 20]
+              "|" + "---:|" * 22]
     for r in report["results"]:
         note = "" if r.get("compile_backend", "inductor") == "inductor" else f" ({r['compile_backend']})"
         lines.append(
             f"| {r['size']} | {r['batch']} | {r['eager_ms']:.3f} | {r['graphed_ms']:.3f} | {r['speedup']:.1f}x | "
-            f"{r['per_stage_ms']:.3f} | {_cell(r, 'compiled_ms', '{:.3f}')}{note} | {_cell(r, 'graphed_over_compiled', '{:.2f}')} | "
-            f"{_cell(r, 'graphed_compiled_ms', '{:.3f}')} | {r['replay_issue_us']:.1f} | {r['call_issue_us']:.1f} | "
+            f"{_cell(r, 'graphed_serial_ms', '{:.3f}')} | {r['per_stage_ms']:.3f} | {_cell(r, 'compiled_ms', '{:.3f}')}{note} | "
+            f"{_cell(r, 'graphed_over_compiled', '{:.2f}')} | {_cell(r, 'graphed_compiled_ms', '{:.3f}')} | "
+            f"{_cell(r, 'graphed_compiled_serial_ms', '{:.3f}')} | {r['replay_issue_us']:.1f} | {r['call_issue_us']:.1f} | "
             f"{r['call_zero_copy_issue_us']:.1f} | {r['views_us']:.1f} | {r['per_stage_issue_us']:.1f} | "
             f"{r['eager_issue_us']:.0f} | {r['capture_s']:.2f} | {_cell(r, 'compile_s', '{:.1f}')} | {r['pool_bytes'] / 2**20:.1f} | "
             f"{_cell(r, 'pipe_call_ms', '{:.3f}')} | {_cell(r, 'pipe_call_syncs', '{}')} |")
@@ -538,6 +590,15 @@ def _markdown(report: dict[str, Any]) -> str:
         cells = [f"{r['eager_stage_ms'][n]:.3f} → {r['graphed_stage_ms'][n]:.3f} ({r['stage_speedup'][n]:.1f}x)"
                  for n in STAGE_NAMES]
         lines.append(f"| {r['size']} | {r['batch']} | " + " | ".join(cells) + " |")
+    for p in report.get("profiles", []):
+        graphed = next((r for r in report["results"] if (r["size"], r["batch"]) == (p["size"], p["batch"])), None)
+        lines += ["", f"Kernels per stage at {p['size']}x{p['batch']}, " + ("compiled" if p["compiled"] else "eager")
+                  + " (torch.profiler; graphed ms from the table above, where it applies):", "",
+                  "| stage | kernels | kernel ms | graphed ms | top kernels (µs) |", "|---|---:|---:|---:|---|"]
+        for name, st in p["stages"].items():
+            own = _cell(graphed["graphed_stage_ms"], name, "{:.3f}") if graphed and not p["compiled"] else "—"
+            top = "; ".join(f"`{k}` {v}" for k, v in st["top"][:3])
+            lines.append(f"| {name} | {st['kernels']} | {st['kernel_us'] / 1e3:.3f} | {own} | {top} |")
     if "threads" in report:
         t = report["threads"]
         lines += ["", f"{t['threads']} threads x {t['calls_per_thread']} calls at {t['size']}px batch 1 on one pipeline "
@@ -565,6 +626,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--skip", nargs="*", default=[], help="SIZExBATCH cases to leave out (e.g. 1024x64)")
     parser.add_argument("--no-warmup", action="store_true", help="skip the 5 sizes x 3 batches warm-up measurement")
     parser.add_argument("--threads", action="store_true", help="also compare a lock with per-thread entries")
+    parser.add_argument("--profile", nargs="*", default=[],
+                        help="SIZExBATCH cases whose stages are profiled (kernel count and time, eager and compiled)")
     parser.add_argument("--quick", action="store_true", help="sizes 224 512, batches 1 8, 20 reps")
     parser.add_argument("--out", default="bench/results", help="output folder")
     parser.add_argument("--tag", default="", help="suffix of the result file names")
@@ -621,6 +684,15 @@ def main(argv: list[str] | None = None) -> int:
         except Exception as err:
             report.setdefault("failures", {})["threads"] = _error(err)
         save()
+    for case in args.profile:
+        size, batch = (int(v) for v in case.split("x"))
+        for compiled in (False, True):
+            try:
+                report.setdefault("profiles", []).append(profile_kernels(pipe, size, batch, compile=compiled))
+            except Exception as err:  # a diagnostic: never lose the benchmark for it
+                report.setdefault("failures", {})[f"profile {case} compile={compiled}"] = _error(err)
+            save()
+        torch._dynamo.reset()
     for result in report["results"]:  # compiled last: its CUDA graph trees stay resident
         if f"{result['size']}x{result['batch']}" in args.compile:
             try:

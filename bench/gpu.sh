@@ -55,7 +55,7 @@ step env 20 python3 -c "import torch, timm; print('torch', torch.__version__, 't
 if [ "$PROFILE" = final ]; then
   # caps sum past the budget on purpose: the deadline decides, and a step that ends early leaves its time to the next
   FAST=(--no-warmup --seconds 0.15 --reps 25)
-  COMPILE=(--sizes 224 --batches 1 --compile 224x1 --tag compile "${FAST[@]}")
+  COMPILE=(--sizes 224 --batches 1 --compile 224x1 --profile 224x1 --tag compile "${FAST[@]}")
   VITB=(--encoder vit_base_patch16_224 --sizes 224 1024 --batches 1 8 --compile "${FAST[@]}")
   PREWARM_PID=""
   if [ "${BENCH:-1}" = 1 ] && [ "${TESTS:-1}" = 1 ] && [ "${PREWARM:-1}" = 1 ] && [ "${DRY:-0}" != 1 ]; then
