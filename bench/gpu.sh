@@ -6,7 +6,8 @@
 # Usage: bash bench/gpu.sh                  the full run (vit_small fp32 and bf16, vit_base fp32 and bf16)
 #        PROFILE=final bash bench/gpu.sh    the final figures in at most 300 s (BUDGET), in order of priority:
 #            the graph cuda tests, the other cuda tests, the host cost per call (--host), the whole-chain fp32
-#            table (224/384/512/1024 x 1/8/64 without 1024x64), torch.compile at 224x1, bf16 (224/1024 x 1/64),
+#            table (224/384/512/1024 x 1/8/64 without 1024x64), torch.compile and the kernel profile at 224x1, bf16
+#            (224/1024 x 1/64, compile and profile at 224x1),
 #            vit_base fp32 and bf16 (224/1024 x 1/8). Each step has its own cap and never runs past the
 #            deadline: a late step is cut short (the benchmark saves after every case) or skipped. While the tests
 #            run, a background run of the compile case fills torch.compile's caches (PREWARM=0: not).
@@ -77,8 +78,9 @@ if [ "$PROFILE" = final ]; then
     step bench-host 25 "${GRAPHS[@]}" --host --host-reps 5000
     # this step alone keeps the warm-up measurement (5 sizes x 3 batch buckets into one pool: about 10 s)
     step bench-fp32 85 "${GRAPHS[@]}" --sizes 224 384 512 1024 --batches 1 8 64 --skip 1024x64 --compile --seconds 0.15 --reps 25
-    step bench-compile 90 "${GRAPHS[@]}" "${COMPILE[@]}"
-    step bench-bf16 35 "${GRAPHS[@]}" --dtype bfloat16 --tag bf16 --sizes 224 1024 --batches 1 64 --compile "${FAST[@]}"
+    step bench-compile 120 "${GRAPHS[@]}" "${COMPILE[@]}"
+    step bench-bf16 100 "${GRAPHS[@]}" --dtype bfloat16 --tag bf16 --sizes 224 1024 --batches 1 64 --compile 224x1 \
+      --profile 224x1 "${FAST[@]}"
     step bench-vitb-fp32 40 "${GRAPHS[@]}" --tag vitb "${VITB[@]}"
     step bench-vitb-bf16 40 "${GRAPHS[@]}" --dtype bfloat16 --tag vitb-bf16 "${VITB[@]}"
   fi
