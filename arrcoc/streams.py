@@ -5,13 +5,17 @@ At batch 1 most kernels of the chain fill a few of the GPU's SMs, so work that d
 current stream and joined back into it, the branches become parallel branches of a captured CUDA graph:
 ``torch.compile(mode="reduce-overhead")`` records one stream and cannot do this.
 
-Memory stays safe without ``record_stream``: a branch's inputs outlive the join (the caller holds them), a
-branch's temporaries live on its own stream, and every fork first waits for the current stream, so a side
-stream never reuses a block that queued work on the current stream still reads.
+Memory stays safe: a branch's inputs outlive the join (the caller holds them), a branch's temporaries live on
+its own stream, and every fork first waits for the current stream, so a side stream never reuses a block that
+queued work on the current stream still reads. Outside a capture, a side branch's results are also marked as
+used on the current stream (``record_stream``): freed, their blocks go back to the side stream, and the next
+fork may come from another stream, which the side stream would not wait for.
 
 Side streams are per thread, so a capture in one thread never pulls in another thread's branches. They come
-from PyTorch's stream pool (32 per device, handed out in turn), at the default priority: a higher one lets a
-short branch take SMs from the backbone's matmuls, which lengthens the path the call waits for.
+from PyTorch's stream pool (32 per device, handed out in turn, so two threads share one only once the pool has
+wrapped around), at the default priority. With high-priority side streams the compiled fp32 chain with branches
+took 1.40 ms on the H100 against 1.31 ms on one stream; at the default priority (and with the texture's pooling
+made one reduction in the same step) it takes 1.27 against 1.29 ms.
 """
 
 from __future__ import annotations
@@ -56,4 +60,17 @@ def run_branches(branches: Sequence[Callable[[], Any]], device: torch.device, co
     results[0] = branches[0]()
     for stream in sides:
         current.wait_stream(stream)
+    if not torch.cuda.is_current_stream_capturing():  # a capture's memory lives in its graph's pool instead
+        for result in results[1:]:
+            for tensor in _tensors(result):
+                tensor.record_stream(current)
     return results
+
+
+def _tensors(result: Any) -> list[torch.Tensor]:
+    """The tensors of a branch result: a tensor, or a tuple or list of them."""
+    if isinstance(result, torch.Tensor):
+        return [result]
+    if isinstance(result, (tuple, list)):
+        return [t for item in result for t in _tensors(item)]
+    return []
