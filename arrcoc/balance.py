@@ -58,8 +58,16 @@ class Balance(nn.Module):
         low, high = config.temperature_range
         self.log_t_low, self.log_t_high = math.log(low), math.log(high)
 
+    def similarity(self, features: Tensor, patch_valid: Tensor) -> Tensor:
+        """Cosine similarity between the regions' mean features, ``(B, R, R)``: what redundancy is measured
+        with. It needs no scores, so a pipeline can compute it beside the scorers and pass it to ``forward``."""
+        region_w = to_regions(patch_valid[..., None], self.region_size)[..., 0]  # (B, rh, rw, P)
+        region_feat = F.normalize(masked_mean(to_regions(features, self.region_size), region_w[..., None], -2)
+                                  .flatten(1, 2), dim=-1)  # (B, R, D)
+        return region_feat @ region_feat.transpose(1, 2)
+
     def forward(self, scores: Tensor, features: Tensor, patch_valid: Tensor, query_mask: Tensor,
-                budget: Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+                budget: Tensor | None = None, similarity: Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
         """Combine the maps.
 
         Args:
@@ -69,6 +77,7 @@ class Balance(nn.Module):
             query_mask: ``(B, L)`` bool, True on real query tokens.
             budget: ``(B,)`` tokens per image, when known: ``exploit`` moves by ``scarcity`` per halving of the
                 budget relative to an eighth of the image's patches. ``None`` (relevance alone): no move.
+            similarity: :meth:`similarity` of ``features`` and ``patch_valid``, when already computed.
 
         Returns:
             relevance ``(B, rh, rw)``: non-negative, summing to 1 over the regions with image content (0
@@ -99,9 +108,8 @@ class Balance(nn.Module):
         temperature = torch.exp(self.log_t_high + (self.log_t_low - self.log_t_high) * exploit)  # (B,)
 
         # Redundancy: best cosine with any region that ranks higher (ties: lower index ranks higher).
-        region_feat = F.normalize(masked_mean(to_regions(features, self.region_size), region_w[..., None], -2)
-                                  .flatten(1, 2), dim=-1)  # (B, R, D)
-        similarity = region_feat @ region_feat.transpose(1, 2)  # (B, R, R)
+        if similarity is None:
+            similarity = self.similarity(features, patch_valid)  # (B, R, R)
         index = torch.arange(rh * rw, device=scores.device)
         higher = (combined[:, None, :] > combined[:, :, None]) | (
             (combined[:, None, :] == combined[:, :, None]) & (index[None, :] < index[:, None]))  # [b, r, j]: j ranks above r

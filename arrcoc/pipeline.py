@@ -110,8 +110,8 @@ class Pipeline(nn.Module):
         compile: ``torch.compile`` each stage (each branch, where a stage runs branches side by side) before
             capture: fusion inside the graphs.
         concurrent: on CUDA, run independent work side by side on side streams (parallel branches of the
-            graph): the backbone beside the texture features, the three scorers beside each other. The
-            results are the same either way.
+            graph): the backbone beside the texture features and allocation bounds, the three scorers and
+            the balance's region similarity beside each other. The results are the same either way.
         graph_cache: the cache of captured chains (a new one, bounded to 32 entries, by default).
     """
 
@@ -331,7 +331,8 @@ class Pipeline(nn.Module):
             bucket: the bucket size.
             capacity: the token capacity ``T`` (0: relevance only).
             concurrent: run independent branches on CUDA side streams (default: the pipeline's setting):
-                the backbone beside the texture features, the three scorers beside each other.
+                the backbone beside the texture features and allocation bounds, the three scorers and the
+                balance's region similarity beside each other.
             compile: ``torch.compile`` each branch and stage body (the forks stay outside compiled code).
         """
         encoder, side, cfg, device = self.encoder(bucket), self.config.region_size, self.config, self.device
@@ -340,28 +341,38 @@ class Pipeline(nn.Module):
         def body(fn: Callable[..., Any]) -> Callable[..., Any]:
             return torch.compile(fn, dynamic=False) if compile else fn
 
-        features_of, layout_of = body(encoder.features), body(encoder.layout)
+        def layout(pixels: Tensor, valid: Tensor) -> tuple[Tensor, ...]:
+            texture, patch_valid = encoder.layout(pixels, valid)
+            if not capacity:  # relevance alone allocates nothing
+                return texture, patch_valid
+            return texture, patch_valid, *region_bounds(patch_valid, side, cfg.min_tokens, cfg.max_tokens)
+
+        features_of, layout_of, similarity_of = body(encoder.features), body(layout), body(self.balance.similarity)
         scorers = [body(scorer) for scorer in self.scorers.values()]
 
+        # Independent work runs as branches: the image layout and the allocation bounds (patch validity only)
+        # beside the ViT; the balance's region similarity (features only) beside the three scorers.
         def encode(s: dict[str, Any]) -> dict[str, Any]:
             pixels = s["pixels"]
-            (features, prefix), (texture, patch_valid) = run_branches(
+            (features, prefix), layout_out = run_branches(
                 (lambda: features_of(pixels), lambda: layout_of(pixels, s["valid"])), device, concurrent)
-            return {"features": features, "prefix": prefix, "texture": texture, "patch_valid": patch_valid}
+            return {"features": features, "prefix": prefix, **dict(zip(_LAYOUT_KEYS, layout_out))}
 
         def score(s: dict[str, Any]) -> dict[str, Any]:
             args = (s["features"], s["texture"], s["patch_valid"], s["query"], s["query_mask"])
-            maps = run_branches([lambda scorer=scorer: scorer(*args) for scorer in scorers], device, concurrent)
-            return {"scores": torch.stack(maps, 1)}
+            branches = [lambda scorer=scorer: scorer(*args) for scorer in scorers]
+            *maps, similarity = run_branches([*branches, lambda: similarity_of(s["features"], s["patch_valid"])],
+                                             device, concurrent)
+            return {"scores": torch.stack(maps, 1), "similarity": similarity}
 
         def balance(s: dict[str, Any]) -> dict[str, Any]:
             budget = s["budget"] if capacity else None  # relevance alone (score()) has no budget to be scarce
-            relevance, report = self.balance(s["scores"], s["features"], s["patch_valid"], s["query_mask"], budget)
+            relevance, report = self.balance(s["scores"], s["features"], s["patch_valid"], s["query_mask"], budget,
+                                             s["similarity"])
             return {"relevance": relevance, "balance": report}
 
         def allocate(s: dict[str, Any]) -> dict[str, Any]:
-            low, high = region_bounds(s["patch_valid"], side, cfg.min_tokens, cfg.max_tokens)
-            return {"allocation": self.allocator(s["relevance"], s["budget"], low, high)}
+            return {"allocation": self.allocator(s["relevance"], s["budget"], s["min_tokens"], s["max_tokens"])}
 
         def compress(s: dict[str, Any]) -> dict[str, Any]:
             tokens, positions, mask, weights = self.compressor(s["features"], s["patch_valid"], s["allocation"], capacity)
@@ -589,6 +600,8 @@ def _fill_static(key: GraphKey, state: dict[str, Any]) -> dict[str, Tensor]:
     return values
 
 
+#: What the encode stage's layout branch returns, in order (the bounds only for a chain that allocates).
+_LAYOUT_KEYS = ("texture", "patch_valid", "min_tokens", "max_tokens")
 _RESULT_KEYS = ("scores", "relevance", "balance", "prefix", "allocation", "tokens", "positions", "mask", "weights")
 #: Per-image facts of a call, from preprocessing (built together on the first read of any of them).
 _INFO_FIELDS = ("region_grid", "patch_grid", "bucket", "scale", "source_size")

@@ -291,7 +291,7 @@ class Preprocessor:
             return None
         data = images.detach().to(device if device is not None else torch.device("cpu"))  # uint8 travels small
         if data.dtype == torch.uint8:
-            pixels = data.float() / 255.0
+            pixels = data / 255.0  # float32 in one kernel (a cast, then a division, would launch two)
         else:
             pixels = data.float()  # the per-image path checks after the same cast (float64 1e300 is inf in float32)
             inside = torch.isfinite(pixels).all() & (pixels.amin() >= 0) & (pixels.amax() <= 1)

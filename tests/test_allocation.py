@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from unittest import mock
+
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from arrcoc import allocation
 from arrcoc.allocation import Allocator, allocate
 from arrcoc.errors import BudgetError, InvalidInputError, InvalidTypeError
 
@@ -44,6 +47,26 @@ def test_exact_bounded_monotone_deterministic(problem) -> None:
     for i in range(relevance.shape[0]):  # an image alone gets what it gets in the batch
         alone = allocate(relevance[i : i + 1], budget[i : i + 1], low[i : i + 1], high[i : i + 1])
         assert torch.equal(alone[0], out[i])
+
+
+def sorted_orders() -> mock._patch:
+    """Force the sort-based orders (the path of large problems) on any problem size."""
+    return mock.patch.object(allocation, "PAIRWISE_PAIRS", 0)
+
+
+@settings(max_examples=300, deadline=None)
+@given(problems())
+def test_sorted_and_pairwise_orders_allocate_alike(problem) -> None:
+    relevance, budget, low, high = problem
+    pairwise = allocate(relevance, budget, low, high)
+    with sorted_orders():
+        assert torch.equal(allocate(relevance, budget, low, high), pairwise)
+
+
+def test_sorted_orders_keep_the_guarantees() -> None:
+    with sorted_orders():
+        test_exact_bounded_monotone_deterministic()
+        test_proportional()
 
 
 @settings(max_examples=100, deadline=None)
@@ -133,3 +156,5 @@ def test_cuda_matches_cpu_without_syncs() -> None:
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert torch.equal(out.cpu(), expected)
+    with sorted_orders():  # the other path, on the device too
+        assert torch.equal(Allocator()(*args).cpu(), expected)

@@ -155,6 +155,21 @@ def test_balance_reports_every_tension_per_image() -> None:
         assert report[key].shape == (2,)
 
 
+def test_balance_with_its_similarity_given_equals_balance_alone() -> None:
+    """The pipeline computes the region similarity beside the scorers and passes it in."""
+    features, _, valid, _, mask = _inputs(b=2)
+    scores = torch.rand(2, 3, 2, 2, generator=torch.Generator().manual_seed(4))
+    balance = Balance(BalanceConfig(diversify=0.8), 4)
+    similarity = balance.similarity(features, valid)
+    assert similarity.shape == (2, 4, 4)
+    torch.testing.assert_close(similarity.diagonal(dim1=1, dim2=2)[0], torch.ones(4))  # each region with itself
+    alone, report = balance(scores, features, valid, mask)
+    given, report_given = balance(scores, features, valid, mask, None, similarity)
+    assert torch.equal(given, alone) and torch.equal(report_given["redundancy"], report["redundancy"])
+    _, other = balance(scores, features, valid, mask, None, torch.zeros_like(similarity))
+    assert not torch.equal(other["redundancy"], report["redundancy"])  # the given similarity is the one used
+
+
 def test_balance_knobs_move_the_tensions() -> None:
     features, _, valid, _, mask = _inputs(b=1, gh=8, gw=8)
     valid = torch.ones_like(valid)
