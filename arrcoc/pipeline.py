@@ -278,8 +278,8 @@ class Pipeline(nn.Module):
         if query.shape[0] not in (1, batch):
             raise InvalidInputError(f"query batch size must be 1 or the number of images {batch}; got {query.shape[0]}")
         tokens = query.shape[1]
-        if query_mask is None:
-            query_mask = torch.ones(query.shape[:2], dtype=torch.bool)
+        if query_mask is None:  # made where it is used: a copy from the host would sync with the device
+            query_mask = torch.ones(query.shape[:2], dtype=torch.bool, device=device)
         else:
             query_mask = _dense_tensor(query_mask, "query_mask", f"a bool tensor of shape (L,) or (B, L) with L = {tokens}")
             if (query_mask.dtype != torch.bool or query_mask.ndim not in (1, 2) or query_mask.shape[-1] != tokens

@@ -77,7 +77,7 @@ if [ "$PROFILE" = final ]; then
   if [ "${BENCH:-1}" = 1 ]; then
     step bench-host 25 "${GRAPHS[@]}" --host --host-reps 5000
     # this step alone keeps the warm-up measurement (5 sizes x 3 batch buckets into one pool: about 10 s)
-    step bench-fp32 85 "${GRAPHS[@]}" --sizes 224 384 512 1024 --batches 1 8 64 --skip 1024x64 --compile --seconds 0.15 --reps 25
+    step bench-fp32 100 "${GRAPHS[@]}" --sizes 224 384 512 1024 --batches 1 8 64 --skip 1024x64 --compile --seconds 0.15 --reps 25
     step bench-compile 120 "${GRAPHS[@]}" "${COMPILE[@]}"
     step bench-bf16 130 "${GRAPHS[@]}" --dtype bfloat16 --tag bf16 --sizes 224 1024 --batches 1 64 --compile 224x1 \
       --profile 224x1 "${FAST[@]}"

@@ -203,6 +203,33 @@ def test_cuda_stages_do_not_sync(tiny_config: arrcoc.PipelineConfig) -> None:
     assert int(state["mask"].sum()) == 40
 
 
+@pytest.mark.cuda
+@pytest.mark.parametrize("graphs", [True, False])
+def test_a_call_on_a_gpu_batch_syncs_only_to_check_the_query(tiny_config: arrcoc.PipelineConfig, graphs: bool) -> None:
+    """A uint8 batch already on the GPU: no sync without a query; with a query embedding, one (its finite check)."""
+    import warnings
+
+    pipe = arrcoc.Pipeline(tiny_config, device="cuda", cuda_graphs=graphs)
+    bucket = tiny_config.buckets[0]
+    images = torch.randint(0, 256, (2, 3, bucket, bucket), dtype=torch.uint8, device="cuda")
+    query = torch.randn(1, 3, pipe.width, device="cuda")
+
+    def syncs(**kwargs: object) -> int:
+        pipe(images, budget=16, **kwargs)  # warm-up: captures and lazy initialisation may sync
+        torch.cuda.synchronize()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                pipe(images, budget=16, **kwargs)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        return sum("called a synchronizing" in str(w.message) for w in caught)
+
+    assert syncs() == 0
+    assert syncs(query=query) == 1
+
+
 @pytest.mark.parametrize("height, width", [(1, 1), (4000, 90), (37, 2500)])
 def test_tiny_and_extreme_images(tiny_pipe: arrcoc.Pipeline, height: int, width: int) -> None:
     image = torch.randint(0, 256, (3, height, width), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
