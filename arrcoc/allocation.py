@@ -8,7 +8,7 @@ budget is met.
 
 Both steps need an order over the regions. For small problems it is counted pairwise (``O(R^2)`` elementwise
 work, a few kernels); for large ones it is sorted. On the lent H100 the sorts (float64 radix sorts) were most of
-the stage's GPU time at 1024 px, 256 regions: pairwise, the graphed stage took 0.139 ms instead of 0.219. The
+the stage's GPU time at 1024 px (256 regions, one image): pairwise, the graphed stage took 0.139 ms, not 0.219. The
 choice depends on shapes only, so it is fixed at capture; both give the same allocation.
 
 Guarantees: exact sum; bounds; monotone (more relevance never means fewer tokens, bounds permitting);
