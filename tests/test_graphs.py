@@ -290,8 +290,9 @@ def test_per_stage_graphs_equal_one_graph(pipes) -> None:
 @cuda
 @pytest.mark.parametrize("size", [224, 512])
 def test_side_stream_branches_equal_one_stream(pipes, size: int) -> None:
-    """The backbone beside the texture, the scorers beside each other: the same results as on one stream,
-    graphed and eager, with budgets and queries changing; and the forked capture syncs no more than before."""
+    """The independent branches (the backbone beside the layout and allocation bounds, the scorers beside each
+    other and the region similarity): the same results as on one stream, graphed and eager, with budgets and
+    queries changing; and the forked capture syncs no more than before."""
     graphed, eager = pipes
     config = graphed.config
     one_stream = arrcoc.Pipeline(config, device="cuda", concurrent=False)
