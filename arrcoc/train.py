@@ -9,8 +9,10 @@ Each step: a batch of generated scenes (DataLoader workers draw them; 224 or 384
 often) and their ViT features. Then either all the features go to the language model, or, with probability
 ``--compress-prob``, arrcoc's own allocation and compression cut them to a random budget (from 5% of the patches
 up to ``--compress-max``) with a random relevance map, so that the language model learns to read a sparse, uneven
-set of patches too; or, with probability ``--subset-prob``, only 20% of the patches are kept, every object's
-patches first (a curriculum: find the asked object among a few dozen tokens before among hundreds). The losses:
+set of patches too; or, with probability ``--subset-prob``, only ``--subset-fraction`` of the patches are kept
+(20% by default; with ``--subset-max``, a share drawn per batch up to it), every object's patches first (a
+curriculum: find the asked object among a few dozen tokens before among hundreds; with a drawn share, also: the
+background left out does not change what is in the image, so counts stay counts). The losses:
 the answer's cross-entropy (averaged per sample); grounding, a training-only head on the language model's middle
 layer that marks the answer-box visual tokens (``--grounding-weight``); answer attention, one head of the next
 layer asked to look from each answer position at that token's evidence (``--attention-weight``); the text query
@@ -213,6 +215,12 @@ def dense_loss(head: torch.nn.Linear, features: Tensor, labels: Tensor) -> Tenso
     losses.append(counted_on(labels[..., 2] > 0, logits[2], labels[..., 2]))
     losses.append(counted_on(labels[..., 1] > 0, logits[3], labels[..., 3]))
     return sum(losses) / len(losses)
+
+
+def draw_share(low: float, high: float, generator: torch.Generator) -> float:
+    """A share of the patches drawn uniformly from ``[low, high]`` for one training batch."""
+    share = torch.rand((), generator=generator, device=generator.device).item()  # ok-sync: per-batch choice
+    return low + (high - low) * share
 
 
 def object_subset(features: Tensor, dense: Tensor, targets: Tensor, generator: torch.Generator,
@@ -429,6 +437,8 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--query-weight", type=float, default=0.2)
     p.add_argument("--dense-weight", type=float, default=0.5, help="weight of the per-patch label loss on the ViT")
     p.add_argument("--subset-fraction", type=float, default=0.2, help="share of the patches a subset batch keeps")
+    p.add_argument("--subset-max", type=float, default=None,
+                   help="draw each subset batch's share uniformly from [--subset-fraction, this] (default: fixed)")
     p.add_argument("--grounding-weight", type=float, default=1.0,
                    help="weight of the loss that marks answer-box visual tokens in the language model's middle layer")
     p.add_argument("--attention-weight", type=float, default=1.0,
@@ -455,6 +465,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         raise ValueError(f"--families: unknown {unknown}; choose from {QUESTION_FAMILIES}")
     if not COMPRESS_MIN <= args.compress_max <= 1:
         raise ValueError(f"--compress-max must be in [{COMPRESS_MIN}, 1], got {args.compress_max}")
+    if not 0 < args.subset_fraction <= 1:
+        raise ValueError(f"--subset-fraction must be in (0, 1], got {args.subset_fraction}")
+    if args.subset_max is not None and not args.subset_fraction <= args.subset_max <= 1:
+        raise ValueError(f"--subset-max must be in [--subset-fraction, 1] = [{args.subset_fraction}, 1], "
+                         f"got {args.subset_max}")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     started = time.monotonic()
     deadline = started + 60 * (args.minutes - args.eval_minutes)
@@ -544,11 +559,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             boxes = None  # every patch: embed_inputs places them
             draw = torch.rand((), generator=generator, device=device).item()  # ok-sync: per-batch choice, training loop
             if draw < args.compress_prob:
-                share = torch.rand((), generator=generator, device=device).item()  # ok-sync: per-batch choice
-                fraction = COMPRESS_MIN + (args.compress_max - COMPRESS_MIN) * share
+                fraction = draw_share(COMPRESS_MIN, args.compress_max, generator)
                 (visual, boxes), visual_targets = random_compression(features, generator, fraction), None
             elif draw < args.compress_prob + args.subset_prob:
-                visual, kept = object_subset(features, dense, targets, generator, args.subset_fraction)
+                fraction = args.subset_fraction
+                if args.subset_max is not None:  # background left out at every share: counts must not move
+                    fraction = draw_share(fraction, args.subset_max, generator)
+                visual, kept = object_subset(features, dense, targets, generator, fraction)
                 boxes = patch_boxes(side, side, device)[kept]  # (B, K, 4)
                 visual_targets = targets.gather(1, kept)
                 evidence = evidence.gather(2, kept[:, None].expand(-1, evidence.shape[1], -1))

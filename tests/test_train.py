@@ -137,9 +137,31 @@ def test_a_tiny_run_trains_saves_evaluates_and_resumes(tmp_path: Path) -> None:
     assert json.loads((tmp_path / "c" / "eval.json").read_text())["state"]["step"] == 4
 
 
+def test_drawn_shares_cover_their_range_and_follow_the_generator() -> None:
+    from arrcoc.train import draw_share
+
+    shares = [draw_share(0.2, 0.9, torch.Generator().manual_seed(0)) for _ in range(2)]
+    assert shares[0] == shares[1]  # the generator decides, nothing else
+    generator = torch.Generator().manual_seed(1)
+    drawn = [draw_share(0.2, 0.9, generator) for _ in range(400)]
+    assert all(0.2 <= s <= 0.9 for s in drawn)
+    assert min(drawn) < 0.3 and max(drawn) > 0.8  # the whole range, not a corner of it
+
+
+def test_a_run_with_drawn_subset_shares_trains(tmp_path: Path) -> None:
+    from arrcoc.train import main
+
+    summary = main(["--out", str(tmp_path), "--max-steps", "2", *TINY_RUN, "--compress-prob", "0", "--subset-prob",
+                    "1", "--subset-max", "0.9"])
+    assert summary["state"]["step"] == 2 and summary["args"]["subset_max"] == 0.9
+
+
 @pytest.mark.parametrize("argv, named", [(["--compress-max", "1.5"], "--compress-max"),
                                           (["--compress-max", "0.01"], "--compress-max"),
-                                          (["--families", "color,colour"], "--families")])
+                                          (["--families", "color,colour"], "--families"),
+                                          (["--subset-fraction", "0"], "--subset-fraction"),
+                                          (["--subset-fraction", "0.3", "--subset-max", "0.2"], "--subset-max"),
+                                          (["--subset-max", "1.5"], "--subset-max")])
 def test_bad_training_options_are_named(tmp_path: Path, argv: list[str], named: str) -> None:
     from arrcoc.train import main
 
