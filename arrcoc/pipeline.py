@@ -139,7 +139,7 @@ class Pipeline(nn.Module):
         self.scorers = nn.ModuleDict({name: create_scorer(name, side) for name in SCORER_NAMES})
         self.balance = Balance(config.balance, side)
         self.allocator = Allocator()
-        self.compressor = Compressor(side)
+        self.compressor = Compressor(side, config.query_detail)
         self.text_encoder: nn.Module | None = None
         self._encoders: dict[int, Encoder] = {}  # per bucket; they share the backbone's tensors
         self.cuda_graphs = cuda_graphs if cuda_graphs is not None else os.environ.get("ARRCOC_CUDA_GRAPHS", "1") != "0"
@@ -375,7 +375,8 @@ class Pipeline(nn.Module):
             return {"allocation": self.allocator(s["relevance"], s["budget"], s["min_tokens"], s["max_tokens"])}
 
         def compress(s: dict[str, Any]) -> dict[str, Any]:
-            tokens, positions, mask, weights = self.compressor(s["features"], s["patch_valid"], s["allocation"], capacity)
+            tokens, positions, mask, weights = self.compressor(s["features"], s["patch_valid"], s["allocation"], capacity,
+                                                               s["query"], s["query_mask"])
             return {"tokens": tokens, "positions": positions, "mask": mask, "weights": weights}
 
         chain = [("encode", encode), ("score", score), ("balance", body(balance))]

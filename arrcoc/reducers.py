@@ -224,13 +224,15 @@ class ArrcocReducer(nn.Module):
         weights = tuple(w if name in scorers else 0.0 for name, w in zip(SCORER_NAMES, config.balance.weights))
         if sum(weights) == 0:
             weights = tuple(1.0 if name in scorers else 0.0 for name in SCORER_NAMES)
-        self.config = config.replace(balance=dataclasses.replace(config.balance, weights=weights))
+        # a variant without the participatory scorer reads no query anywhere (nor in compression): a clean ablation
+        query_detail = config.query_detail if "participatory" in scorers else 0.0
+        self.config = config.replace(balance=dataclasses.replace(config.balance, weights=weights), query_detail=query_detail)
         side = config.region_size
         self.texture = Texture()
         self.scorers = nn.ModuleDict({name: create_scorer(name, side) for name in SCORER_NAMES})
         self.balance = Balance(self.config.balance, side)
         self.allocator = Allocator()
-        self.compressor = Compressor(side)
+        self.compressor = Compressor(side, self.config.query_detail)
 
     def forward(self, visual: VisualInput, budget: int) -> ReducedTokens:
         """Reduce ``visual.features`` ``(B, gh, gw, D)`` to ``budget`` tokens per image."""
@@ -261,7 +263,7 @@ class ArrcocReducer(nn.Module):
         relevance, _ = self.balance(scores, features, patch_valid, query_mask, budgets)  # (B, rh, rw)
         low, high = region_bounds(patch_valid, cfg.region_size, cfg.min_tokens, cfg.max_tokens)
         allocation = self.allocator(relevance, budgets, low, high)
-        tokens, positions, _, weights = self.compressor(features, patch_valid, allocation, budget)
+        tokens, positions, _, weights = self.compressor(features, patch_valid, allocation, budget, query, query_mask)
         return ReducedTokens(tokens.to(visual.features.dtype), positions, weights, relevance, allocation)
 
 

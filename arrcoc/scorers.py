@@ -27,7 +27,7 @@ from .errors import InvalidInputError
 from .regions import masked_mean, normalize_per_image, to_regions
 
 __all__ = ["SCORERS", "register_scorer", "create_scorer", "Scorer",
-           "PropositionalScorer", "PerspectivalScorer", "ParticipatoryScorer"]
+           "PropositionalScorer", "PerspectivalScorer", "ParticipatoryScorer", "query_coupling"]
 
 SCORERS: dict[str, type[Scorer]] = {}
 
@@ -163,6 +163,18 @@ class PerspectivalScorer(Scorer):
         return normalize_per_image(score, weights.sum(-1) > 0)
 
 
+def query_coupling(features: Tensor, query: Tensor, query_mask: Tensor) -> Tensor:
+    """Per patch, the best cosine with any real query token: ``(B, gh, gw, D), (B, L, D), (B, L) -> (B, gh, gw)``.
+
+    -2 everywhere for an image without a query (all of ``query_mask`` False): padding tokens never win the max.
+    """
+    patches = F.normalize(features.flatten(1, 2), dim=-1)  # (B, N, D)
+    tokens = F.normalize(query.float(), dim=-1)  # (B, L, D)
+    cosine = torch.einsum("bnd,bld->bnl", patches, tokens)  # (B, N, L)
+    cosine = torch.where(query_mask[:, None, :], cosine, -2.0)
+    return cosine.amax(-1).view(features.shape[:3])
+
+
 @register_scorer("participatory")
 class ParticipatoryScorer(Scorer):
     """Coupling to the query: the best cosine between a patch and any real query token, peak per region.
@@ -174,11 +186,7 @@ class ParticipatoryScorer(Scorer):
 
     def forward(self, features: Tensor, texture: Tensor, patch_valid: Tensor, query: Tensor,
                 query_mask: Tensor) -> Tensor:
-        patches = F.normalize(features.flatten(1, 2), dim=-1)  # (B, N, D)
-        tokens = F.normalize(query.float(), dim=-1)  # (B, L, D)
-        cosine = torch.einsum("bnd,bld->bnl", patches, tokens)  # (B, N, L)
-        cosine = torch.where(query_mask[:, None, :], cosine, -2.0)  # padding never wins the max
-        coupling = cosine.amax(-1).view_as(patch_valid)  # (B, gh, gw)
+        coupling = query_coupling(features, query, query_mask)  # (B, gh, gw)
         weights = self.regions(patch_valid[..., None])[..., 0]  # (B, rh, rw, P)
         per_region = self.regions(coupling[..., None])[..., 0]
         peak = torch.where(weights > 0, per_region, -2.0).amax(-1)  # (B, rh, rw)

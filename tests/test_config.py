@@ -22,7 +22,8 @@ def test_overrides_and_bucket_normalisation() -> None:
 @pytest.mark.parametrize("field, value, match", [
     ("region_size", 0, "region_size"), ("min_tokens", -1, "min_tokens"), ("max_tokens", 17, "max_tokens"),
     ("token_capacity", 0, "token_capacity"), ("encoder_dtype", "int8", "encoder_dtype"), ("buckets", (), "buckets"),
-    ("version", 99, "version"),
+    ("version", 99, "version"), ("query_detail", 1.5, "query_detail"), ("query_detail", -0.1, "query_detail"),
+    ("query_detail", float("nan"), "query_detail"),
 ])
 def test_bad_fields_are_named(field: str, value, match: str) -> None:
     with pytest.raises(InvalidInputError, match=match):

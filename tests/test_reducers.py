@@ -54,17 +54,32 @@ def test_query_moves_tokens_towards_the_queried_patch() -> None:
     assert queried.allocation[0, 1, 0] > plain.allocation[0, 1, 0]
 
 
-def test_matches_the_pipeline_on_its_own_features(tiny_pipe: arrcoc.Pipeline) -> None:
-    """Run on the encoder's own features, the reducer reproduces the pipeline's tokens exactly."""
+@pytest.mark.parametrize("with_query", [False, True])
+def test_matches_the_pipeline_on_its_own_features(tiny_pipe: arrcoc.Pipeline, with_query: bool) -> None:
+    """Run on the encoder's own features, the reducer reproduces the pipeline's tokens exactly (with a query,
+    which moves both the allocation and the patches each region shows)."""
     images = [torch.rand(3, 200, 150, generator=torch.Generator().manual_seed(1))]
-    out = tiny_pipe(images, budget=40)
+    query = torch.randn(tiny_pipe.width, generator=torch.Generator().manual_seed(2)) if with_query else None
+    out = tiny_pipe(images, query=query, budget=40)
     group = tiny_pipe.preprocessor(images)[0]
     features, _, _, patch_valid = tiny_pipe.encoder(group.bucket)(group.pixels, group.valid)
-    visual = VisualInput(features=features, patch_valid=patch_valid, pixels=group.pixels, valid=group.valid)
+    visual = VisualInput(features=features, patch_valid=patch_valid, pixels=group.pixels, valid=group.valid,
+                         query=None if query is None else query[None, None])
     reduced = ArrcocReducer(tiny_pipe.config)(visual, 40)
     assert torch.equal(reduced.allocation, out.allocation[:, : reduced.allocation.shape[1], : reduced.allocation.shape[2]])
     torch.testing.assert_close(reduced.tokens, out.tokens[:, :40])
     assert torch.equal(reduced.positions, out.positions[:, :40])
+
+
+@pytest.mark.parametrize("name", ["arrcoc-propositional", "arrcoc-perspectival"])
+def test_ablations_without_the_participatory_scorer_read_no_query(name: str) -> None:
+    reducer = create_reducer(name)
+    assert reducer.config.query_detail == 0 and create_reducer("arrcoc").config.query_detail > 0
+    visual = _visual(b=1, d=32, seed=3)
+    plain = reducer(visual, 8)
+    visual.query = visual.features[0, 6, 1][None, None]
+    queried = reducer(visual, 8)
+    assert torch.equal(plain.positions, queried.positions) and torch.equal(plain.allocation, queried.allocation)
 
 
 @pytest.mark.parametrize("budget", [0, -1, 65, 2.5, True, "8"])

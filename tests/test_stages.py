@@ -8,11 +8,11 @@ import torch
 import torch.nn.functional as F
 
 from arrcoc.balance import BALANCE_KEYS, Balance
-from arrcoc.compression import compress
+from arrcoc.compression import Compressor, compress, query_priority
 from arrcoc.config import BalanceConfig
 from arrcoc.encoders import PatchProjection
 from arrcoc.regions import capacity_of, normalize_per_image, region_bounds, region_grid, to_regions
-from arrcoc.scorers import SCORERS, create_scorer
+from arrcoc.scorers import SCORERS, create_scorer, query_coupling
 from arrcoc.texture import patch_mean, rgb_to_lab, texture_features
 
 
@@ -250,6 +250,57 @@ def test_compress_one_token_is_the_regions_most_distinctive_image_patch() -> Non
             torch.testing.assert_close(tokens[0, r], patches[best])
     rows, cols = positions[1, :, 0], positions[1, :, 1]
     assert valid[1, rows, cols].tolist() == [1, 0, 1, 0]  # all-padding regions asked for a token show padding
+
+
+def test_query_priority_scales_the_coupling_per_image_and_is_zero_without_a_query() -> None:
+    features, _, valid, query, mask = _inputs(b=2, gh=6, gw=7, d=8)
+    priority = query_priority(features, valid, query, mask)
+    coupling = query_coupling(features, query, mask)
+    for b in range(2):
+        image = valid[b] > 0
+        assert priority[b][image].min() == 0 and priority[b][image].max() == 1
+        assert (priority[b][~image] == 0).all()  # letterbox padding takes no part
+        # the same order as the coupling itself, on image patches
+        assert torch.equal(priority[b][image].argsort(stable=True), coupling[b][image].argsort(stable=True))
+    assert (query_priority(features, valid, query, torch.zeros_like(mask)) == 0).all()
+
+
+def _region_with_a_distinct_and_a_coupled_patch() -> tuple[torch.Tensor, ...]:
+    """One 4x4 region of grey patches: patch 5 the most distinct from the region's mean, patch 10 the one the
+    query points at (close to the mean, so distinctness alone would never show it first)."""
+    d = 6
+    features = torch.zeros(1, 4, 4, d)
+    features[..., 0] = 1.0  # the grey background
+    features[0, 1, 1] = torch.tensor([1.0, 9.0, 0, 0, 0, 0])  # patch 5: far from the mean
+    features[0, 2, 2] = torch.tensor([1.0, 0, 0, 0, 0, 0.6])  # patch 10: near the mean, along the query
+    query = torch.tensor([[[0, 0, 0, 0, 0, 1.0]]])
+    return features, torch.ones(1, 4, 4), query, torch.ones(1, 1, dtype=torch.bool)
+
+
+@pytest.mark.parametrize("query_detail, shown", [(0.0, (1, 1)), (1.0, (2, 2)), (0.5, (2, 2))])
+def test_the_query_picks_the_patches_a_region_shows_by_query_detail(query_detail: float, shown) -> None:
+    features, valid, query, mask = _region_with_a_distinct_and_a_coupled_patch()
+    one = torch.ones(1, 1, 1, dtype=torch.long)
+    _, positions, _, _ = Compressor(4, query_detail)(features, valid, one, 1, query, mask)
+    assert tuple(positions[0, 0, :2].tolist()) == shown
+    # the key by hand: (1 - w) * distinctness / its region maximum + w * scaled coupling
+    distinct = (features - features.mean((1, 2), keepdim=True)).square().sum(-1)
+    key = (1 - query_detail) * distinct / distinct.max() + query_detail * query_priority(features, valid, query, mask)
+    assert divmod(int(key.flatten().argmax()), 4) == shown
+
+
+def test_without_a_query_the_compressor_ranks_by_distinctness_alone() -> None:
+    features, _, valid, query, mask = _inputs(b=2, gh=6, gw=7, d=8)
+    allocation = torch.tensor([[[1, 4], [8, 2]], [[3, 0], [5, 1]]])
+    plain = compress(features, valid, allocation, 20, 4)
+    for got in (Compressor(4, 0.5)(features, valid, allocation, 20, query, torch.zeros_like(mask)),  # all padding
+                Compressor(4, 0.5)(features, valid, allocation, 20),  # no query given
+                Compressor(4, 0.0)(features, valid, allocation, 20, query, mask)):  # the query ignored
+        for a, b in zip(got, plain):
+            assert torch.equal(a, b)
+    with_query = Compressor(4, 0.5)(features, valid, allocation, 20, query, mask)
+    assert not torch.equal(with_query[1], plain[1])  # these random patches: the query moves some picks
+    assert torch.equal(with_query[2], plain[2])  # the same counts per region either way
 
 
 def test_stages_run_on_meta_tensors() -> None:
