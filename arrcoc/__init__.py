@@ -13,9 +13,9 @@ from .errors import (
                      InvalidTypeError,
                      MissingWeightsError,
 )
-from .graphs import CaptureError, CaptureMemoryError, GraphCache, StaleOutputError
 from .outputs import CompressionOutput, ScoreOutput
 from .pipeline import Pipeline
+from .runtime.graphs import CaptureError, CaptureMemoryError, GraphCache, StaleOutputError
 
 __version__ = "0.1.0"
 

@@ -16,9 +16,10 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from .atomic import remove_partial
-from .atomic import write_atomic as _write_atomic  # a module global: tests patch it
 from .config import PipelineConfig
+from .datasets.atomic import remove_partial
+from .datasets.atomic import write_atomic as _write_atomic  # a module global: tests patch it
+from .datasets.sources import image_files, load_query
 from .errors import ArrcocError, InvalidInputError
 from .outputs import CompressionOutput, ScoreOutput
 from .pipeline import Pipeline
@@ -27,7 +28,6 @@ __all__ = ["main"]
 
 logger = logging.getLogger(__name__)
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm", ".jp2"}
 
 EPILOG = """examples:
   arrcoc compress photos/ --budget 128 --out out/      # out/<name>.png heat map + allocation, out/<name>.json
@@ -67,39 +67,6 @@ def _pipeline(args: argparse.Namespace) -> Pipeline:
     return Pipeline.from_pretrained(args.pretrained, device=device)
 
 
-def _load_query(args: argparse.Namespace) -> tuple[Any, torch.Tensor | None]:
-    if getattr(args, "query_embedding", None):
-        path = Path(args.query_embedding)
-        if not path.is_file():
-            raise InvalidInputError(f"--query-embedding {os.fspath(path)!r}: no such file")
-        try:
-            if path.suffix == ".safetensors":
-                from safetensors.torch import load_file
-
-                tensors = load_file(path)
-            else:
-                tensors = {"query": torch.load(path, map_location="cpu", weights_only=True)}
-        except Exception as err:  # noqa: BLE001 - safetensors and pickle raise many types on a bad file
-            raise InvalidInputError(f"--query-embedding {os.fspath(path)!r} cannot be read: {type(err).__name__}: "
-                                    f"{err}") from err
-        if not isinstance(tensors.get("query"), torch.Tensor):
-            raise InvalidInputError(f"--query-embedding {os.fspath(path)!r} must hold a tensor named 'query' (or be "
-                                    f"one tensor); got {type(tensors.get('query')).__name__}")
-        return tensors["query"], tensors.get("query_mask")
-    return getattr(args, "query", None), None
-
-
-def _image_files(inputs: list[str], recursive: bool) -> list[Path]:
-    """Files named, and image files inside folders named (sorted); missing paths are kept to be reported."""
-    files: list[Path] = []
-    for name in inputs:
-        path = Path(name)
-        if path.is_dir():
-            found = path.rglob("*") if recursive else path.iterdir()
-            files.extend(sorted(p for p in found if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES))
-        else:
-            files.append(path)
-    return files
 
 
 def _stems(files: list[Path]) -> list[str]:
@@ -119,7 +86,7 @@ def _chunks(items: list[Any], size: int) -> Iterator[list[Any]]:
 
 def _save(result: ScoreOutput, index: int, image: torch.Tensor, out_dir: Path, stem: str, extra: dict[str, Any]) -> None:
     """Write ``<stem>.png`` then ``<stem>.json``, each atomically: the JSON's presence marks the pair complete."""
-    from .overlay import render_overlay
+    from .tools.overlay import render_overlay
 
     picture = render_overlay(image, result, index)
     _write_atomic(out_dir / f"{stem}.png", lambda p: picture.save(p, format="PNG"))
@@ -170,10 +137,10 @@ class _Job:
 
 def _run_files(args: argparse.Namespace, compress: bool) -> int:
     pipe = _pipeline(args)
-    query, query_mask = _load_query(args)
+    query, query_mask = load_query(args)
     pipe.prepare_query(query, query_mask, 1)  # a bad query is a usage error, found before any work
     out_dir = _out_folder(args.out)
-    files = _image_files(args.inputs, args.recursive)
+    files = image_files(args.inputs, args.recursive)
     if not files:
         raise InvalidInputError(f"no image files found in {args.inputs}")
     work = list(zip(files, _stems(files)))
@@ -212,7 +179,7 @@ def _run_files(args: argparse.Namespace, compress: bool) -> int:
 
 def _load_chunk(chunk: list[tuple[Path, str]], job: _Job) -> list[tuple[Path, str, torch.Tensor]]:
     """Load each file of a chunk; a file that cannot be read is listed with its reason and the rest go on."""
-    from .preprocess import load_image
+    from .stages.preprocess import load_image
 
     loaded = []
     for path, stem in chunk:
@@ -247,8 +214,8 @@ def _run_batch(pipe: Pipeline, loaded: list[tuple[Path, str, torch.Tensor]], que
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from .overlay import render_overlay
-    from .samples import demo_scene
+    from .tools.overlay import render_overlay
+    from .world.samples import demo_scene
 
     pipe = _pipeline(args)
     scene = demo_scene()
@@ -283,11 +250,11 @@ def _demo_question(out_dir: Path, device: torch.device, share: float) -> None:
     and then ``share`` of them as arrcoc keeps them; print both answers. Skipped, with the reason, when
     transformers or the trained VLM is missing."""
     try:
-        from .data import make_sample
-        from .overlay import render_token_boxes
-        from .text_query import TextQueryEncoder
-        from .vlm import DEFAULT_VLM_DIR, load_vlm
-        from .vlm_adapter import ask, pixel_values, project_adapter
+        from .stages.text_query import TextQueryEncoder
+        from .tools.overlay import render_token_boxes
+        from .world.data import make_sample
+        from .world.vlm import DEFAULT_VLM_DIR, load_vlm
+        from .world.vlm_adapter import ask, pixel_values, project_adapter
 
         model, tokenizer = load_vlm(device=device)
         text_encoder = TextQueryEncoder.from_pretrained(DEFAULT_VLM_DIR)
@@ -369,11 +336,11 @@ def _parser() -> argparse.ArgumentParser:
 #: Commands that live in their own module, imported only when used (each module has ``main(argv) -> int``
 #: with its own argument parser): name -> (module, one-line help).
 MODULE_COMMANDS: dict[str, tuple[str, str]] = {
-    "bench": ("arrcoc.bench", "time every stage, eager; with --graphs: CUDA graphs vs eager vs torch.compile"),
-    "compress-dataset": ("arrcoc.compress_dataset", "compress a folder or list of images into sharded safetensors "
+    "bench": ("arrcoc.tools.bench", "time every stage, eager; with --graphs: CUDA graphs vs eager vs torch.compile"),
+    "compress-dataset": ("arrcoc.datasets.compress_dataset", "compress a folder or list of images into sharded safetensors "
                                                     "(one process, or one per GPU under torchrun)"),
-    "generate": ("arrcoc.hf", "answer a prompt about an image with a local Hugging Face VLM reading arrcoc tokens"),
-    "eval": ("arrcoc.evaluation", "accuracy vs token budget, per method, on the generated VQA benchmark"),
+    "generate": ("arrcoc.integrations.hf", "answer a prompt about an image with a local Hugging Face VLM reading arrcoc tokens"),
+    "eval": ("arrcoc.tools.evaluation", "accuracy vs token budget, per method, on the generated VQA benchmark"),
 }
 
 
@@ -381,7 +348,7 @@ def _run_module_command(name: str, argv: list[str]) -> int:
     import importlib
 
     if name == "bench" and "--graphs" in argv:
-        from .bench_graphs import main as graphs_main
+        from .tools.bench_graphs import main as graphs_main
 
         return graphs_main([a for a in argv if a != "--graphs"])
     module = importlib.import_module(MODULE_COMMANDS[name][0])

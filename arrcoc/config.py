@@ -6,16 +6,30 @@ import dataclasses
 import json
 import numbers
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from .errors import InvalidInputError, InvalidTypeError
 
-__all__ = ["BalanceConfig", "PipelineConfig", "SCORER_NAMES"]
+__all__ = ["BalanceConfig", "PipelineConfig", "SCORER_NAMES", "DEFAULT_WEIGHTS_DIR"]
 
 #: The three relevance scorers, in the order their maps are stacked everywhere.
 SCORER_NAMES: tuple[str, ...] = ("propositional", "perspectival", "participatory")
 
 CONFIG_VERSION = 1
+
+
+def _shipped_weights() -> Path:
+    """The shipped weights: ``arrcoc/weights/`` in an installed wheel, the top-level ``weights/`` in a checkout."""
+    here = Path(__file__).resolve().parent
+    for folder in (here / "weights", here.parent / "weights"):
+        if (folder / "config.json").is_file():
+            return folder
+    return here / "weights"
+
+
+#: The embedded default: the trained encoder, text query encoder and small VLM the project ships.
+DEFAULT_WEIGHTS_DIR = _shipped_weights()
 
 
 def _check(condition: bool, message: str) -> None:
@@ -74,7 +88,7 @@ class BalanceConfig:
     weights: tuple[float, float, float] = (1.0, 1.0, 8.0)
     # exploit 0.6 (was 0.5), chosen together with ``PipelineConfig.query_detail`` 0.5 (see there).
     exploit: float = 0.6
-    # scarcity 0.2 and diversify 0 (was 0.3), chosen with one-patch tokens (arrcoc/compression.py) on the same
+    # scarcity 0.2 and diversify 0 (was 0.3), chosen with one-patch tokens (arrcoc/stages/compression.py) on the same
     # validation scenes (50 questions per family and size, shipped weights, CPU). Against the old pair, at 33 / 22 /
     # 11 / 5.5% of the tokens: scarcity alone +-0.7 / +-0.7 / +0.7 / +9.6 points at 224 px and -0.6 / -0.3 / +1.3 /
     # +4.3 at 384 px; diversify 0 alone up to +0.7, then +2.3 / +2.6 and +2.0 / +2.0 at 11 / 5.5%; both: 97.3 /
@@ -119,7 +133,7 @@ class PipelineConfig:
             at 33% and 5.5%.
         max_tokens: most tokens a region may get; ``None`` means all of its patches (full detail).
         query_detail: in [0, 1], how much the query's coupling, against distinctness, picks the patches a
-            region given fewer tokens than patches shows (``arrcoc.compression``); 0 ignores the query there.
+            region given fewer tokens than patches shows (``arrcoc.stages.compression``); 0 ignores the query there.
         token_capacity: the fixed token dimension ``T`` of the output; ``None`` uses the largest budget of
             the call. Budgets may not exceed it.
         encoder_dtype: ``"float32"``, ``"bfloat16"`` or ``"float16"``; scoring always runs in float32.
@@ -135,7 +149,7 @@ class PipelineConfig:
     max_tokens: int | None = None
     # query_detail 0.5 with balance.exploit 0.6 (was 0 and 0.5), chosen on two validation seed ranges of the
     # generated world (from 700,000 and 800,000; 300 questions per family each, H100, shipped weights;
-    # bench/results/validation/within-region*-h100.md): the figures are in arrcoc/compression.py. Exploit 0.6 or
+    # bench/results/validation/within-region*-h100.md): the figures are in arrcoc/stages/compression.py. Exploit 0.6 or
     # 0.7 alone and shares 0.3 and 0.7 did less well on average over the 8 cells of the first range.
     query_detail: float = 0.5
     token_capacity: int | None = None

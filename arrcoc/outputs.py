@@ -21,7 +21,7 @@ class ScoreOutput:
     Attributes:
         scores: ``{"propositional", "perspectival", "participatory"} -> (B, rh, rw)`` in [0, 1] per image.
         relevance: ``(B, rh, rw)`` balanced relevance, summing to 1 over an image's regions.
-        balance: the opponent-processing weights and tensions used, per image (``arrcoc.balance.BALANCE_KEYS``).
+        balance: the opponent-processing weights and tensions used, per image (``arrcoc.stages.balance.BALANCE_KEYS``).
         region_grid: ``(B, 2)`` int64, each image's ``(rh, rw)``.
         patch_grid: ``(B, 2)`` int64, each image's encoder grid ``(gh, gw)``.
         bucket: ``(B,)`` int64 bucket size ``S`` of each image.
@@ -75,7 +75,7 @@ class ScoreOutput:
             elif isinstance(value, dict) and value and isinstance(next(iter(value.values())), Tensor):
                 value = {k: v.to(device) for k, v in value.items()}
             moved[f.name] = value
-        # the dataclass itself, not a lazily built or zero-copy subclass (arrcoc.graphs.lazy_output): a plain copy
+        # the dataclass itself, not a lazily built or zero-copy subclass (arrcoc.runtime.graphs.lazy_output): a plain copy
         cls = next(c for c in type(self).__mro__ if "__dataclass_fields__" in vars(c))
         return cls(**moved)
 

@@ -22,26 +22,24 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .allocation import Allocator
-from .balance import Balance
-from .compression import Compressor
-from .config import SCORER_NAMES, PipelineConfig
-from .encoders import ENCODER_DTYPES, Encoder, create_backbone, encoder_for_bucket, patch_stride
+from .config import DEFAULT_WEIGHTS_DIR, SCORER_NAMES, PipelineConfig
 from .errors import BudgetError, InvalidInputError, InvalidTypeError, MissingWeightsError
-from .graphs import CaptureError, ChainResult, GraphCache, GraphKey, lazy_output
 from .outputs import CompressionOutput, ScoreOutput
-from .preprocess import PreprocessedBatch, Preprocessor
-from .regions import capacity_of, region_bounds, region_grid
-from .scorers import create_scorer
-from .streams import run_branches
-from .text_query import TEXT_QUERY_FILE, TextQueryEncoder
+from .runtime.graphs import CaptureError, ChainResult, GraphCache, GraphKey, lazy_output
+from .runtime.streams import run_branches
+from .stages.allocation import Allocator
+from .stages.balance import Balance
+from .stages.compression import Compressor
+from .stages.encoders import ENCODER_DTYPES, Encoder, create_backbone, encoder_for_bucket, patch_stride
+from .stages.preprocess import PreprocessedBatch, Preprocessor
+from .stages.regions import capacity_of, region_bounds, region_grid
+from .stages.scorers import create_scorer
+from .stages.text_query import TEXT_QUERY_FILE, TextQueryEncoder
 
 __all__ = ["Pipeline", "DEFAULT_WEIGHTS_DIR", "BATCH_BUCKETS"]
 
 logger = logging.getLogger(__name__)
 
-#: Where ``Pipeline.from_pretrained()`` looks for the embedded default (``config.json`` + ``encoder.safetensors``).
-DEFAULT_WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "weights"
 
 #: With CUDA graphs, a batch pads up to the nearest of these (beyond the last: the next multiple of it).
 BATCH_BUCKETS: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64)
@@ -450,7 +448,7 @@ class Pipeline(nn.Module):
                     copy: bool = True, device: torch.device | None = None) -> Mapping[str, Any]:
         """Run one bucket's stages, as one graph when possible; returns the result entries.
 
-        Graphed, the results are a :class:`~arrcoc.graphs.ChainResult`: the caller's own copies, or with
+        Graphed, the results are a :class:`~arrcoc.runtime.graphs.ChainResult`: the caller's own copies, or with
         ``copy=False`` views of the entry's buffers, valid until the entry's next replay.
         """
         batch = state["pixels"].shape[0]
@@ -564,7 +562,7 @@ class Pipeline(nn.Module):
             copy: with CUDA graphs, ``False`` returns views of the graph entry's own buffers instead of copies
                 (zero-copy) when all images fall in one bucket. They stay valid until the next call that
                 uses the same entry (same bucket, batch bucket, capacity and query bucket); reading a field
-                of the output after that raises :class:`~arrcoc.graphs.StaleOutputError`. Eagerly the
+                of the output after that raises :class:`~arrcoc.runtime.graphs.StaleOutputError`. Eagerly the
                 results are always the caller's own.
 
         Returns:

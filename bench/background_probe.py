@@ -28,14 +28,14 @@ from typing import Any
 
 import torch
 
-from arrcoc.baselines import _select_top
-from arrcoc.bench import device_name, write_report
-from arrcoc.data import QUESTION_FAMILIES, VQASample, make_sample
-from arrcoc.evaluation import answer_coverage, same_answer
 from arrcoc.reducers import ReducedTokens, VisualInput, register_reducer
-from arrcoc.text_query import TextQueryEncoder
-from arrcoc.vlm import DEFAULT_VLM_DIR, load_vlm
-from arrcoc.vlm_adapter import ask, pixel_values, project_adapter
+from arrcoc.reducers.baselines import _select_top
+from arrcoc.stages.text_query import TextQueryEncoder
+from arrcoc.tools.bench import device_name, write_report
+from arrcoc.tools.evaluation import answer_coverage, same_answer
+from arrcoc.world.data import QUESTION_FAMILIES, VQASample, make_sample
+from arrcoc.world.vlm import DEFAULT_VLM_DIR, load_vlm
+from arrcoc.world.vlm_adapter import ask, pixel_values, project_adapter
 
 VALIDATION_SEED = 700_000
 

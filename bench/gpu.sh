@@ -50,7 +50,7 @@ cuda_tests() {  # cuda_tests GRAPHS_LIMIT OTHER_LIMIT: the graph tests first, th
     --junitxml="$OUT/cuda-tests-other.xml" tests/ --ignore=tests/test_graphs.py --ignore=tests/test_graphs_reliability.py
 }
 
-GRAPHS=(python3 -m arrcoc.bench_graphs --out "$OUT")
+GRAPHS=(python3 -m arrcoc.tools.bench_graphs --out "$OUT")
 step env 20 python3 -c "import torch, timm; print('torch', torch.__version__, 'timm', timm.__version__, torch.cuda.get_device_name())"
 
 if [ "$PROFILE" = final ]; then
@@ -65,7 +65,7 @@ if [ "$PROFILE" = final ]; then
     # beside the tests) are not the results. It is stopped when the tests end, before anything is timed.
     mkdir -p "$OUT/prewarm"
     echo "=== prewarm (background, until the tests end) +$(( $(date +%s) - START ))s" | tee -a "$OUT/steps.log"
-    timeout -k 5 150 python3 -m arrcoc.bench_graphs --out "$OUT/prewarm" "${COMPILE[@]}" > "$OUT/prewarm/prewarm.log" 2>&1 &
+    timeout -k 5 150 python3 -m arrcoc.tools.bench_graphs --out "$OUT/prewarm" "${COMPILE[@]}" > "$OUT/prewarm/prewarm.log" 2>&1 &
     PREWARM_PID=$!
   fi
   [ "${TESTS:-1}" = 1 ] && cuda_tests 150 70  # the 26 graph tests took 90-113 s; the others 31-35 s plus ~15 s of start-up
@@ -98,8 +98,8 @@ else
       --tag vitb-bf16 --sizes 224 512 1024 --batches 1 8 --skip 1024x8 --no-warmup --compile --seconds 0.25 "${QUICK_ARGS[@]}"
   fi
   if [ "${STAGES:-0}" = 1 ]; then
-    step stages-fp32 120 python3 -m arrcoc.bench --out "$OUT" --reps 30
-    step stages-bf16 120 python3 -m arrcoc.bench --out "$OUT" --reps 30 --dtype bfloat16 --tag bf16
+    step stages-fp32 120 python3 -m arrcoc.tools.bench --out "$OUT" --reps 30
+    step stages-bf16 120 python3 -m arrcoc.tools.bench --out "$OUT" --reps 30 --dtype bfloat16 --tag bf16
   fi
 fi
 echo "=== done +$(( $(date +%s) - START ))s (profile $PROFILE${BUDGET:+, budget ${BUDGET}s})" | tee -a "$OUT/steps.log"

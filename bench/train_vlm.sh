@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One lent-GPU call of VLM training (python -m arrcoc.train), packed for the trip back: the two large
+# One lent-GPU call of VLM training (python -m arrcoc.world.train), packed for the trip back: the two large
 # safetensors as they are, everything else in one tgz (a call returns at most 8 files of 16 MiB).
 # Usage: OUT=/some/dir bash bench/train_vlm.sh --resume FOLDER [train options...]
 set -uo pipefail
@@ -10,7 +10,7 @@ mkdir -p "$OUT" "$RUN"
 python3 -c "import torch, timm, transformers; print('torch', torch.__version__, 'timm', timm.__version__, \
 'transformers', transformers.__version__, torch.cuda.get_device_name())" | tee "$RUN/env.log"
 # The run stops itself (--minutes); the timeout only guards against a hang.
-timeout -k 10 "${LIMIT:-580}" python3 -m arrcoc.train --out "$RUN" "$@" 2>&1 | tr '\r' '\n' | grep -v '^train:' | tee "$RUN/train.log"
+timeout -k 10 "${LIMIT:-580}" python3 -m arrcoc.world.train --out "$RUN" "$@" 2>&1 | tr '\r' '\n' | grep -v '^train:' | tee "$RUN/train.log"
 cp "$RUN/weights/encoder.safetensors" "$RUN/weights/vlm.safetensors" "$OUT/" 2>/dev/null
 tar czf "$OUT/run.tgz" -C "$RUN" --exclude ckpt.pt --exclude weights/encoder.safetensors --exclude weights/vlm.safetensors .
 ls -la "$OUT"

@@ -9,9 +9,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from arrcoc import allocation
-from arrcoc.allocation import Allocator, allocate
 from arrcoc.errors import BudgetError, InvalidInputError, InvalidTypeError
+from arrcoc.stages import allocation
+from arrcoc.stages.allocation import Allocator, allocate
 
 
 @st.composite

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from arrcoc.atomic import remove_partial, write_atomic
+from arrcoc.datasets.atomic import remove_partial, write_atomic
 
 
 def test_written_file_has_the_permissions_of_an_ordinary_new_file(tmp_path: Path) -> None:

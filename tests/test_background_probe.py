@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from arrcoc.data import make_sample
+from arrcoc.world.data import make_sample
 
 _PATH = Path(__file__).resolve().parent.parent / "bench" / "background_probe.py"
 _spec = importlib.util.spec_from_file_location("background_probe", _PATH)

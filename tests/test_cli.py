@@ -14,8 +14,8 @@ from PIL import Image
 
 import arrcoc
 from arrcoc.cli import MODULE_COMMANDS, main
-from arrcoc.overlay import render_overlay
-from arrcoc.samples import demo_scene
+from arrcoc.tools.overlay import render_overlay
+from arrcoc.world.samples import demo_scene
 
 
 @pytest.fixture
@@ -121,7 +121,7 @@ def test_demo(tmp_path, capsys) -> None:
 
 def test_demo_asks_the_shipped_vlm_with_all_and_with_few_tokens(tmp_path, capsys) -> None:
     pytest.importorskip("transformers")
-    from arrcoc.vlm import DEFAULT_VLM_DIR
+    from arrcoc.world.vlm import DEFAULT_VLM_DIR
 
     if not (DEFAULT_VLM_DIR / "vlm.safetensors").is_file():
         pytest.skip("no trained VLM in weights/")
@@ -287,7 +287,7 @@ def test_token_boxes_keep_the_read_areas_and_dim_the_rest() -> None:
     import numpy as np
     from PIL import Image
 
-    from arrcoc.overlay import render_token_boxes
+    from arrcoc.tools.overlay import render_token_boxes
 
     image = Image.new("RGB", (64, 64), (200, 100, 50))
     out = np.asarray(render_token_boxes(image, [(16, 16, 48, 32)]))

@@ -18,10 +18,10 @@ from PIL import Image
 from safetensors import safe_open
 
 import arrcoc
-from arrcoc import compress_dataset
-from arrcoc.compress_dataset import EXIT_INCOMPLETE, list_sources
-from arrcoc.compress_dataset import main as compress_main
-from arrcoc.shards import INDEX_NAME, SHARD_DIR, load_index, load_record
+from arrcoc.datasets import compress_dataset
+from arrcoc.datasets.compress_dataset import EXIT_INCOMPLETE, list_sources
+from arrcoc.datasets.compress_dataset import main as compress_main
+from arrcoc.datasets.shards import INDEX_NAME, SHARD_DIR, load_index, load_record
 
 BROKEN = {"broken.jpg": b"this is not a JPEG", "empty.png": b""}
 SHARD_SIZE = 5
@@ -283,7 +283,7 @@ def test_a_query_file_steers_every_image_and_is_part_of_the_settings(tmp_path: P
 
 @pytest.mark.cuda
 def test_cuda_graphs_write_what_the_pipeline_returns_for_the_same_batch(tmp_path: Path, source: Path, model: Path) -> None:
-    from arrcoc.compress_dataset import _Decode
+    from arrcoc.datasets.compress_dataset import _Decode
 
     small = [p for p in list_sources(source) if Path(p).name in {f"img{i:02d}.png" for i in (1, 2, 3, 5, 6, 7)}]
     listing = tmp_path / "list.txt"
@@ -318,7 +318,7 @@ def test_torchrun_on_one_gpu_with_nccl_matches_one_process(tmp_path: Path, sourc
 
 
 def test_compressed_dataset_serves_every_ok_record_through_a_dataloader(reference: Path) -> None:
-    from arrcoc.shards import CompressedDataset
+    from arrcoc.datasets.shards import CompressedDataset
 
     dataset = CompressedDataset(reference)
     ok = [r for r in load_index(reference) if r["status"] == "ok"]

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from arrcoc import InvalidInputError
-from arrcoc.data import COLORS, QUESTION_FAMILIES, TEXT_ALPHABET, VQADataset, answer_vocabulary, make_sample
+from arrcoc.world.data import COLORS, QUESTION_FAMILIES, TEXT_ALPHABET, VQADataset, answer_vocabulary, make_sample
 
 
 @pytest.mark.parametrize("size", [224, 384])

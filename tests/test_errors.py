@@ -16,7 +16,6 @@ import torch
 
 import arrcoc
 from arrcoc import BalanceConfig, Pipeline, PipelineConfig
-from arrcoc.allocation import allocate
 from arrcoc.errors import (
     ArrcocError,
     BudgetError,
@@ -27,6 +26,7 @@ from arrcoc.errors import (
     MissingWeightsError,
 )
 from arrcoc.reducers import VisualInput, create_reducer
+from arrcoc.stages.allocation import allocate
 
 IMAGE = torch.randint(0, 256, (3, 40, 56), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
 WIDTH = 192  # vit_tiny

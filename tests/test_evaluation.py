@@ -10,8 +10,8 @@ import pytest
 import torch
 
 import arrcoc
-from arrcoc.data import QUESTION_FAMILIES
-from arrcoc.evaluation import (
+from arrcoc.reducers import list_reducers
+from arrcoc.tools.evaluation import (
     EvalConfig,
     answer_coverage,
     box_share,
@@ -22,7 +22,7 @@ from arrcoc.evaluation import (
     to_markdown,
     token_budgets,
 )
-from arrcoc.reducers import list_reducers
+from arrcoc.world.data import QUESTION_FAMILIES
 
 pytest.importorskip("transformers")
 pytest.importorskip("matplotlib")
@@ -171,9 +171,9 @@ def test_findings_compare_arrcoc_with_full_tokens_and_each_baseline() -> None:
 def test_project_adapter_reads_the_trained_features_and_the_cls_attention() -> None:
     """The adapter's full-budget tokens are the features the VLM trains on, at 64 and 96 px; the [CLS]
     attention VisionZip reads equals the attention matrix timm itself computes in the last block."""
-    from arrcoc.data import make_sample
-    from arrcoc.vlm import VLMConfig, build_vlm, vision_features, vision_tower
-    from arrcoc.vlm_adapter import pixel_values, project_adapter, rgb_values
+    from arrcoc.world.data import make_sample
+    from arrcoc.world.vlm import VLMConfig, build_vlm, vision_features, vision_tower
+    from arrcoc.world.vlm_adapter import pixel_values, project_adapter, rgb_values
 
     model, tokenizer = build_vlm(VLMConfig.from_name("tiny"))
     adapter = project_adapter(model, tokenizer, "visionzip")
@@ -211,10 +211,10 @@ def test_box_share_only_skips_answers(tmp_path: Path) -> None:
 
 def test_the_trained_text_encoder_gives_arrcocs_query() -> None:
     """With a text encoder, the participatory scorer reads its encoding of the question."""
-    from arrcoc.data import make_sample
-    from arrcoc.text_query import TextQueryConfig, TextQueryEncoder
-    from arrcoc.vlm import VLMConfig, build_vlm
-    from arrcoc.vlm_adapter import pixel_values, project_adapter
+    from arrcoc.stages.text_query import TextQueryConfig, TextQueryEncoder
+    from arrcoc.world.data import make_sample
+    from arrcoc.world.vlm import VLMConfig, build_vlm
+    from arrcoc.world.vlm_adapter import pixel_values, project_adapter
 
     model, tokenizer = build_vlm(VLMConfig.from_name("tiny"))
     encoder = TextQueryEncoder(TextQueryConfig(width=32, dim=16, layers=1, heads=2)).eval()

@@ -1,7 +1,7 @@
 """Fuzzing: every family of bad and odd inputs ends in a valid output or an ArrcocError naming the argument.
 
-A short, derandomised hypothesis profile of each family of :mod:`arrcoc.fuzz` (``ARRCOC_FUZZ_EXAMPLES``
-cases each, default 8); ``python -m arrcoc.fuzz --cases 10000`` runs the long one.
+A short, derandomised hypothesis profile of each family of :mod:`arrcoc.tools.fuzz` (``ARRCOC_FUZZ_EXAMPLES``
+cases each, default 8); ``python -m arrcoc.tools.fuzz --cases 10000`` runs the long one.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from hypothesis import HealthCheck, given, settings
 
 import arrcoc
 from arrcoc.errors import InvalidInputError
-from arrcoc.fuzz import FUZZ_BUCKETS, Case, families, fuzz, main, run_case
+from arrcoc.tools.fuzz import FUZZ_BUCKETS, Case, families, fuzz, main, run_case
 
 EXAMPLES = int(os.environ.get("ARRCOC_FUZZ_EXAMPLES", "8"))
 FAMILIES = list(families(1, ".").keys())  # type: ignore[arg-type]

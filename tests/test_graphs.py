@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import arrcoc
-from arrcoc.graphs import (
+from arrcoc.runtime.graphs import (
     CaptureMemoryError,
     ChainResult,
     GraphCache,
@@ -572,7 +572,7 @@ def test_cache_rejects_bad_arguments_by_name(kwargs: dict, match: str) -> None:
 
 
 def test_shared_lock_is_reentrant_exclusive_and_lets_a_waiting_capture_go_first() -> None:
-    from arrcoc.graphs import _SharedLock
+    from arrcoc.runtime.graphs import _SharedLock
 
     lock, order = _SharedLock(), []
     with lock.exclusive(), lock.exclusive():  # re-entrant for its holder

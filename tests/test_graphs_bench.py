@@ -8,7 +8,7 @@ from typing import Any
 import torch
 
 import arrcoc
-from arrcoc import bench_graphs
+from arrcoc.tools import bench_graphs
 
 
 def _fails_on_avg_pool(gm: torch.fx.GraphModule, example_inputs: Any) -> Any:

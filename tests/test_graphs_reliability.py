@@ -17,7 +17,7 @@ import pytest
 import torch
 
 import arrcoc
-from arrcoc.graphs import CaptureMemoryError, GraphCache, GraphChain
+from arrcoc.runtime.graphs import CaptureMemoryError, GraphCache, GraphChain
 
 pytestmark = pytest.mark.cuda
 

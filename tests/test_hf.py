@@ -11,8 +11,8 @@ import arrcoc
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("tokenizers")
 
-from arrcoc.decode import GraphedDecoder  # noqa: E402
-from arrcoc.hf import ArrcocLlava, main, word_tokenizer  # noqa: E402
+from arrcoc.integrations.decode import GraphedDecoder  # noqa: E402
+from arrcoc.integrations.hf import ArrcocLlava, main, word_tokenizer  # noqa: E402
 from arrcoc.reducers import list_reducers  # noqa: E402
 
 WORDS = "USER ASSISTANT : what colour is the box left of red green blue a shape ? which side".split()
@@ -350,7 +350,7 @@ def test_generation_benchmark_smoke(tmp_path) -> None:
     """The GPU benchmark's every section runs on the tiny preset and writes its JSON and markdown report."""
     import json
 
-    from arrcoc.bench_generation import main as bench_main
+    from arrcoc.tools.bench_generation import main as bench_main
 
     argv = ["--preset", "tiny", "--device", "cpu", "--dtype", "float32", "--out", str(tmp_path), "--repeats", "1",
             "--warmup", "0", "--budgets", "8", "--batches", "1", "--decode-tokens", "2", "--new-tokens", "2"]

@@ -12,8 +12,8 @@ import pytest
 import torch
 
 import arrcoc
-from arrcoc.balance import BALANCE_KEYS
-from arrcoc.graphs import GraphCache, StaleOutputError
+from arrcoc.runtime.graphs import GraphCache, StaleOutputError
+from arrcoc.stages.balance import BALANCE_KEYS
 
 #: Fields that view a chain's buffers (checked on zero-copy outputs), and the per-image facts (never checked).
 _RESULTS = ("scores", "relevance", "balance", "tokens", "positions", "mask", "weights", "allocation", "prefix")

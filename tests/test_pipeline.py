@@ -8,8 +8,8 @@ import torch
 from PIL import Image
 
 import arrcoc
-from arrcoc.balance import BALANCE_KEYS
-from arrcoc.samples import demo_scene, scene_regions
+from arrcoc.stages.balance import BALANCE_KEYS
+from arrcoc.world.samples import demo_scene, scene_regions
 
 
 def _photo(width: int, height: int, seed: int) -> Image.Image:
@@ -241,7 +241,7 @@ def test_tiny_and_extreme_images(tiny_pipe: arrcoc.Pipeline, height: int, width:
 
 def test_text_query_encoder_round_trip(tmp_path, tiny_config: arrcoc.PipelineConfig) -> None:
     """A saved query encoder comes back with the pipeline, and a question then steers the participatory map."""
-    from arrcoc.text_query import TextQueryConfig, TextQueryEncoder
+    from arrcoc.stages.text_query import TextQueryConfig, TextQueryEncoder
 
     pipe = arrcoc.Pipeline(tiny_config)
     with torch.random.fork_rng():

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 import arrcoc
-from arrcoc.scorers import _surround_mean
+from arrcoc.stages.scorers import _surround_mean
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])

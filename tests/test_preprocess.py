@@ -10,7 +10,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from arrcoc.errors import ImageLoadError, InvalidInputError, InvalidTypeError
-from arrcoc.preprocess import Preprocessor, load_image
+from arrcoc.stages.preprocess import Preprocessor, load_image
 
 MODES = ["RGB", "RGBA", "LA", "La", "RGBa", "RGBX", "PA", "P", "L", "1", "CMYK", "YCbCr", "LAB", "HSV", "I;16",
          "I;16B", "I;16L", "I;16N", "I", "F"]
@@ -203,7 +203,7 @@ def test_any_decoder_failure_is_an_image_load_error(tmp_path, monkeypatch) -> No
 
 
 def test_bomb_header_respects_the_default_limit(tmp_path) -> None:
-    from arrcoc.fuzz import _png_header
+    from arrcoc.tools.fuzz import _png_header
 
     limit = Image.MAX_IMAGE_PIXELS
     for width, height in ((limit // 1000 + 1, 1000), (100_000, 100_000)):  # warning zone, error zone

@@ -7,13 +7,13 @@ import timm
 import torch
 import torch.nn.functional as F
 
-from arrcoc.balance import BALANCE_KEYS, Balance
-from arrcoc.compression import Compressor, compress, query_priority
 from arrcoc.config import BalanceConfig
-from arrcoc.encoders import PatchProjection
-from arrcoc.regions import capacity_of, normalize_per_image, region_bounds, region_grid, to_regions
-from arrcoc.scorers import SCORERS, create_scorer, query_coupling
-from arrcoc.texture import patch_mean, rgb_to_lab, texture_features
+from arrcoc.stages.balance import BALANCE_KEYS, Balance
+from arrcoc.stages.compression import Compressor, compress, query_priority
+from arrcoc.stages.encoders import PatchProjection
+from arrcoc.stages.regions import capacity_of, normalize_per_image, region_bounds, region_grid, to_regions
+from arrcoc.stages.scorers import SCORERS, create_scorer, query_coupling
+from arrcoc.stages.texture import patch_mean, rgb_to_lab, texture_features
 
 
 def _inputs(b: int = 2, gh: int = 6, gw: int = 7, d: int = 8, seed: int = 0, device: str = "cpu"):

@@ -7,8 +7,8 @@ import threading
 import pytest
 import torch
 
-from arrcoc import streams
-from arrcoc.streams import run_branches
+from arrcoc.runtime import streams
+from arrcoc.runtime.streams import run_branches
 
 
 def test_branches_return_their_results_in_order_and_run_in_order_off_cuda() -> None:

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from arrcoc import InvalidInputError
-from arrcoc.token_positions import TokenPositions, add_token_positions, patch_boxes
+from arrcoc.integrations.token_positions import TokenPositions, add_token_positions, patch_boxes
 
 pytest.importorskip("transformers")
 
@@ -46,7 +46,7 @@ def test_full_grids_may_leave_the_boxes_out() -> None:
 
 
 def test_the_vlm_reads_positions_and_keeps_them_through_save_and_load(tmp_path) -> None:
-    from arrcoc.vlm import VLMConfig, build_vlm, embed_inputs, load_vlm, save_vlm
+    from arrcoc.world.vlm import VLMConfig, build_vlm, embed_inputs, load_vlm, save_vlm
 
     model, tok = build_vlm(VLMConfig.from_name("tiny", token_positions=True))
     torch.nn.init.normal_(model.token_positions.proj.weight)
@@ -68,9 +68,9 @@ def test_the_vlm_reads_positions_and_keeps_them_through_save_and_load(tmp_path) 
 
 def test_the_adapter_adds_the_reduced_tokens_positions() -> None:
     """Compressed tokens reach the language model with their boxes added, full tokens exactly as in training."""
-    from arrcoc.data import make_sample
-    from arrcoc.vlm import VLMConfig, build_vlm, embed_inputs
-    from arrcoc.vlm_adapter import pixel_values, project_adapter
+    from arrcoc.world.data import make_sample
+    from arrcoc.world.vlm import VLMConfig, build_vlm, embed_inputs
+    from arrcoc.world.vlm_adapter import pixel_values, project_adapter
 
     model, tokenizer = build_vlm(VLMConfig.from_name("tiny", token_positions=True))
     torch.nn.init.normal_(model.token_positions.proj.weight)

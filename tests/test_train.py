@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from arrcoc import InvalidInputError, MissingWeightsError
-from arrcoc.data import QUESTION_FAMILIES, make_sample
-from arrcoc.text_query import TextQueryConfig, TextQueryEncoder, max_cosine, patch_targets, relevance_loss
+from arrcoc.stages.text_query import TextQueryConfig, TextQueryEncoder, max_cosine, patch_targets, relevance_loss
+from arrcoc.world.data import QUESTION_FAMILIES, make_sample
 
 pytest.importorskip("transformers")
 
@@ -55,7 +55,7 @@ def test_patch_targets_mark_the_covered_patches() -> None:
 
 
 def test_random_compression_spends_exactly_the_budget() -> None:
-    from arrcoc.train import random_compression
+    from arrcoc.world.train import random_compression
 
     features = torch.randn(2, 196, 8)
     g = torch.Generator().manual_seed(0)
@@ -71,7 +71,7 @@ def test_random_compression_spends_exactly_the_budget() -> None:
 
 
 def test_dense_glyph_label_counts_on_glyph_patches_only() -> None:
-    from arrcoc.train import DENSE_CLASSES, dense_loss
+    from arrcoc.world.train import DENSE_CLASSES, dense_loss
 
     torch.manual_seed(0)
     head = torch.nn.Linear(8, sum(DENSE_CLASSES))
@@ -93,7 +93,7 @@ def test_dense_glyph_label_counts_on_glyph_patches_only() -> None:
 
 
 def test_scene_batches_are_deterministic_and_balanced() -> None:
-    from arrcoc.train import SceneBatches
+    from arrcoc.world.train import SceneBatches
 
     data = SceneBatches(6, sizes=(64,))
     a, b = data.batch(3), data.batch(3)
@@ -109,7 +109,7 @@ TINY_RUN = ["--preset", "tiny", "--batch-size", "6", "--workers", "0", "--sizes"
 
 def _resumable_run(folder: Path, steps: int) -> Path:
     """Train a tiny run into ``folder`` and return its weights folder, made resumable (its eval.json beside)."""
-    from arrcoc.train import main
+    from arrcoc.world.train import main
 
     main(["--out", str(folder), "--max-steps", str(steps), *TINY_RUN])
     weights = folder / "weights"
@@ -118,8 +118,8 @@ def _resumable_run(folder: Path, steps: int) -> Path:
 
 
 def test_a_tiny_run_trains_saves_evaluates_and_resumes(tmp_path: Path) -> None:
-    from arrcoc.train import main
-    from arrcoc.vlm import load_vlm
+    from arrcoc.world.train import main
+    from arrcoc.world.vlm import load_vlm
 
     first = main(["--out", str(tmp_path / "a"), "--max-steps", "2", *TINY_RUN])
     assert first["state"]["step"] == 2 and set(first["accuracy"]["64"]) == set(QUESTION_FAMILIES)
@@ -138,7 +138,7 @@ def test_a_tiny_run_trains_saves_evaluates_and_resumes(tmp_path: Path) -> None:
 
 
 def test_drawn_shares_cover_their_range_and_follow_the_generator() -> None:
-    from arrcoc.train import draw_share
+    from arrcoc.world.train import draw_share
 
     shares = [draw_share(0.2, 0.9, torch.Generator().manual_seed(0)) for _ in range(2)]
     assert shares[0] == shares[1]  # the generator decides, nothing else
@@ -149,7 +149,7 @@ def test_drawn_shares_cover_their_range_and_follow_the_generator() -> None:
 
 
 def test_a_run_with_drawn_subset_shares_trains(tmp_path: Path) -> None:
-    from arrcoc.train import main
+    from arrcoc.world.train import main
 
     summary = main(["--out", str(tmp_path), "--max-steps", "2", *TINY_RUN, "--compress-prob", "0", "--subset-prob",
                     "1", "--subset-max", "0.9"])
@@ -163,7 +163,7 @@ def test_a_run_with_drawn_subset_shares_trains(tmp_path: Path) -> None:
                                           (["--subset-fraction", "0.3", "--subset-max", "0.2"], "--subset-max"),
                                           (["--subset-max", "1.5"], "--subset-max")])
 def test_bad_training_options_are_named(tmp_path: Path, argv: list[str], named: str) -> None:
-    from arrcoc.train import main
+    from arrcoc.world.train import main
 
     with pytest.raises(ValueError, match=named):
         main(["--out", str(tmp_path), "--max-steps", "1", *TINY_RUN, *argv])
@@ -171,8 +171,8 @@ def test_bad_training_options_are_named(tmp_path: Path, argv: list[str], named: 
 
 def test_shipped_query_encoder_points_at_the_answer_boxes() -> None:
     """The shipped participatory query: answer-box patches outrank the rest (AUC) on held-out scenes."""
-    from arrcoc.train import EVAL_SEED_START, collate
-    from arrcoc.vlm import DEFAULT_VLM_DIR, load_vlm, vision_features
+    from arrcoc.world.train import EVAL_SEED_START, collate
+    from arrcoc.world.vlm import DEFAULT_VLM_DIR, load_vlm, vision_features
 
     if not (DEFAULT_VLM_DIR / "text_query.safetensors").is_file():
         pytest.skip("no trained query encoder in weights/ yet")
@@ -186,7 +186,7 @@ def test_shipped_query_encoder_points_at_the_answer_boxes() -> None:
 
 
 def test_grounding_loss_rewards_states_that_mark_the_answer_tokens() -> None:
-    from arrcoc.train import grounding_loss
+    from arrcoc.world.train import grounding_loss
 
     head = torch.nn.Linear(4, 1, bias=False)
     head.weight.data = torch.tensor([[1.0, 0, 0, 0]])
@@ -207,8 +207,8 @@ def test_grounding_loss_rewards_states_that_mark_the_answer_tokens() -> None:
 
 
 def test_fresh_language_model_keeps_the_vision_side(tmp_path: Path) -> None:
-    from arrcoc.train import main
-    from arrcoc.vlm import load_vlm, vision_tower
+    from arrcoc.world.train import main
+    from arrcoc.world.vlm import load_vlm, vision_tower
 
     weights = _resumable_run(tmp_path / "a", 2)
     # lr 0 keeps every weight where resuming put it, so what is compared is what was loaded.
@@ -225,8 +225,8 @@ def test_fresh_language_model_keeps_the_vision_side(tmp_path: Path) -> None:
 def test_answer_attention_equals_the_models_own_attention_weights() -> None:
     """The hook's head reproduces the layer's eager attention at the answer cue, and its loss falls as the
     head looks at the answer tokens."""
-    from arrcoc.train import AnswerAttention
-    from arrcoc.vlm import VLMConfig, build_vlm, embed_inputs
+    from arrcoc.world.train import AnswerAttention
+    from arrcoc.world.vlm import VLMConfig, build_vlm, embed_inputs
 
     model, tok = build_vlm(VLMConfig.from_name("tiny", num_layers=2, num_heads=2, hidden_size=32))
     model.config.text_config._attn_implementation = "eager"  # output_attentions needs the eager kernel
@@ -253,7 +253,7 @@ def test_answer_attention_equals_the_models_own_attention_weights() -> None:
 
 
 def test_glyph_targets_follow_the_asked_text_left_to_right() -> None:
-    from arrcoc.train import MAX_GLYPHS, dense_labels, glyph_targets
+    from arrcoc.world.train import MAX_GLYPHS, dense_labels, glyph_targets
 
     sample = next(s for s in (make_sample(i, 224, "text") for i in range(20)) if len(s.layout) > 8)
     marks = glyph_targets(sample, 224)
@@ -271,8 +271,8 @@ def test_glyph_targets_follow_the_asked_text_left_to_right() -> None:
 
 
 def test_token_positions_join_a_resumed_model_at_zero(tmp_path: Path) -> None:
-    from arrcoc.train import main
-    from arrcoc.vlm import load_vlm
+    from arrcoc.world.train import main
+    from arrcoc.world.vlm import load_vlm
 
     weights = _resumable_run(tmp_path / "a", 1)
     # compress-prob 1: every batch compressed, so the boxes of compressed tokens reach the model.

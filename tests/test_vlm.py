@@ -9,8 +9,8 @@ import torch
 
 import arrcoc
 from arrcoc import InvalidInputError, MissingWeightsError
-from arrcoc.tokenizer import CharTokenizer
-from arrcoc.vlm import (
+from arrcoc.stages.tokenizer import CharTokenizer
+from arrcoc.world.vlm import (
     DEFAULT_VLM_DIR,
     VLMConfig,
     build_vlm,
@@ -57,7 +57,7 @@ def test_tokenizer_round_trip_and_left_padding() -> None:
 
 
 def test_tokenizer_words_take_one_id_only_as_whole_runs_of_letters() -> None:
-    from arrcoc.data import WORDS, make_sample
+    from arrcoc.world.data import WORDS, make_sample
 
     tok = CharTokenizer(words=("purple", "shapes", "Is"))
     ids = tok.encode("Is purple purples shapes3?")

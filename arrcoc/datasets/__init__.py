@@ -1,0 +1,1 @@
+"""Compressing whole data sets: sources, sharded outputs, atomic writes."""

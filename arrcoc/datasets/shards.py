@@ -1,0 +1,248 @@
+"""The on-disk format of a compressed data set: atomic safetensors shards, a JSONL index, and the reader.
+
+A data set written by ``arrcoc compress-dataset`` is a folder::
+
+    DST/manifest.json                 what produced it (source list hash, budget, pipeline config, ...)
+    DST/shards/shard-000000.safetensors
+    DST/shards/shard-000001.safetensors
+    DST/index.jsonl                   one record per source image, in source order (written last)
+
+Shard ``k`` holds source images ``k * shard_size`` to ``(k + 1) * shard_size - 1``. Its tensors have one row
+per image that compressed (``offset`` in the index is the row); its safetensors header carries the records
+of all of its images, broken ones included, so a shard file is complete exactly when it exists: it is
+written under a temporary name and renamed. The index is the records of all shards, merged.
+
+Reading back::
+
+    from arrcoc.datasets.shards import CompressedDataset, load_index, load_record
+    index = load_index("DST")                       # list of dicts
+    ok = [r for r in index if r["status"] == "ok"]
+    tensors = load_record("DST", ok[0])             # tokens (T, D), positions (T, 4), mask (T,), ...
+    dataset = CompressedDataset("DST")              # for training: dataset[i] -> the same dict, shards kept open
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..errors import InvalidInputError
+from .atomic import write_atomic
+
+__all__ = [
+    "INDEX_NAME",
+    "MANIFEST_NAME",
+    "SHARD_DIR",
+    "FORMAT",
+    "ROW_KEYS",
+    "shard_file",
+    "write_shard",
+    "write_text_atomic",
+    "read_shard_records",
+    "stack_rows",
+    "merge_index",
+    "load_index",
+    "load_record",
+    "CompressedDataset",
+]
+
+logger = logging.getLogger(__name__)
+
+SHARD_DIR = "shards"
+INDEX_NAME = "index.jsonl"
+MANIFEST_NAME = "manifest.json"
+#: Written into every shard header and the manifest; a reader refuses anything else.
+FORMAT = "arrcoc-dataset-1"
+
+#: Tensors stored per compressed image (one row each), and what a record read back holds.
+ROW_KEYS: tuple[str, ...] = ("tokens", "positions", "mask", "weights", "prefix", "allocation", "relevance",
+                             "region_grid", "patch_grid", "bucket", "scale", "source_size", "budget")
+
+#: Per-region maps: padded to the largest region grid of a shard, cropped back by ``region_grid`` on reading.
+_REGION_KEYS = ("allocation", "relevance")
+
+
+def shard_file(root: str | os.PathLike[str], shard: int) -> Path:
+    """The path of shard number ``shard`` under the data set folder ``root``."""
+    return Path(root) / SHARD_DIR / f"shard-{shard:06d}.safetensors"
+
+
+def stack_rows(rows: Sequence[dict[str, Tensor]]) -> dict[str, Tensor]:
+    """Stack per-image rows into shard tensors ``(N, ...)``, padding per-region maps to the largest grid."""
+    if not rows:
+        return {}
+    out = {}
+    for key in ROW_KEYS:
+        values = [row[key] for row in rows]
+        if key in _REGION_KEYS:
+            rh, rw = max(v.shape[-2] for v in values), max(v.shape[-1] for v in values)
+            values = [F.pad(v, (0, rw - v.shape[-1], 0, rh - v.shape[-2])) for v in values]
+        out[key] = torch.stack(values).contiguous()
+    return out
+
+
+def write_shard(path: Path, tensors: dict[str, Tensor], records: list[dict[str, Any]], fingerprint: str) -> None:
+    """Write one shard atomically: ``tensors`` (rows of the images that compressed) and all of its records.
+
+    Args:
+        path: the final file name (:func:`shard_file`).
+        tensors: ``{name: (N, ...)}`` CPU tensors, ``N`` = records with ``status == "ok"`` (may be empty).
+        records: index records of every image of the shard, in source order.
+        fingerprint: the run's fingerprint (from the manifest); a restart with other settings redoes the shard.
+    """
+    from safetensors.torch import save_file
+
+    metadata = {"format": FORMAT, "fingerprint": fingerprint, "records": json.dumps(records, separators=(",", ":"))}
+    path.parent.mkdir(parents=True, exist_ok=True)
+
+    write_atomic(path, lambda temporary: save_file(tensors, temporary, metadata=metadata))
+
+
+def read_shard_records(path: Path) -> tuple[str, list[dict[str, Any]]] | None:
+    """``(fingerprint, records)`` from a shard's header; ``None`` when the file is missing or unreadable."""
+    from safetensors import safe_open
+
+    if not path.is_file():
+        return None
+    try:
+        with safe_open(os.fspath(path), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+        if metadata.get("format") != FORMAT:
+            return None
+        return metadata["fingerprint"], json.loads(metadata["records"])
+    except Exception as err:  # noqa: BLE001 - any damage means: not a complete shard, redo it
+        logger.warning("%s is unreadable (%s: %s); it will be written again", path, type(err).__name__, err)
+        return None
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write a text file through a temporary name and a rename, with normal permissions."""
+    write_atomic(path, lambda temporary: Path(temporary).write_text(text))
+
+
+def merge_index(root: str | os.PathLike[str], shards: int, total: int, fingerprint: str) -> list[dict[str, Any]]:
+    """Merge the records of shards ``0 .. shards-1`` into ``root/index.jsonl`` (atomically); returns them.
+
+    Raises:
+        InvalidInputError: a shard is missing, belongs to another run, or the records do not cover source
+            images ``0 .. total-1`` exactly once.
+    """
+    records: list[dict[str, Any]] = []
+    for shard in range(shards):
+        found = read_shard_records(shard_file(root, shard))
+        if found is None or found[0] != fingerprint:
+            raise InvalidInputError(f"shard {shard} of {os.fspath(root)!r} is missing or belongs to another run")
+        records.extend(found[1])
+    records.sort(key=lambda r: r["index"])
+    if [r["index"] for r in records] != list(range(total)):
+        raise InvalidInputError(f"the shards of {os.fspath(root)!r} hold {len(records)} records for {total} source "
+                                f"images; expected each of them exactly once")
+    text = "".join(json.dumps(r, separators=(",", ":")) + "\n" for r in records)
+    write_text_atomic(Path(root) / INDEX_NAME, text)
+    return records
+
+
+def load_index(root: str | os.PathLike[str]) -> list[dict[str, Any]]:
+    """The records of a compressed data set, in source order.
+
+    Each record has ``index`` (position in the source list), ``source`` (the image path), ``shard`` (file
+    name relative to ``root``), ``offset`` (row in the shard, ``None`` when the image did not compress),
+    ``budget``, ``status`` (``"ok"`` or ``"error"``), ``error`` (the reason, or ``None``), ``bucket`` and
+    ``source_size`` (``[height, width]``; ``None`` for an image that could not be read).
+
+    Raises:
+        InvalidInputError: ``root`` holds no ``index.jsonl`` (the run is unfinished: run it again to resume).
+    """
+    path = Path(root) / INDEX_NAME
+    if not path.is_file():
+        raise InvalidInputError(f"{os.fspath(root)!r} holds no {INDEX_NAME}: not a finished compressed data set "
+                                f"(run arrcoc compress-dataset again to resume it)")
+    with path.open() as handle:
+        return [json.loads(line) for line in handle if line.strip()]
+
+
+def _check_ok(record: dict[str, Any]) -> None:
+    if record.get("status") != "ok" or record.get("offset") is None:
+        raise InvalidInputError(f"record {record.get('index')} ({record.get('source')}) holds no tensors: its status "
+                                f"is {record.get('status')!r} ({record.get('error')})")
+
+
+def _read_row(handle: Any, record: dict[str, Any]) -> dict[str, Tensor]:
+    """One record's row from an open shard, per-region maps cropped to the image's own region grid."""
+    row = int(record["offset"])
+    rows = handle.get_slice("budget").get_shape()[0]
+    if not 0 <= row < rows:
+        raise InvalidInputError(f"record {record['index']}: offset {row} is outside shard {record['shard']} ({rows} rows)")
+    out = {key: handle.get_slice(key)[row : row + 1][0] for key in ROW_KEYS}
+    rh, rw = (int(v) for v in out["region_grid"])  # ok-sync: reading a file, on the host
+    for key in _REGION_KEYS:
+        out[key] = out[key][:rh, :rw]
+    return out
+
+
+def load_record(root: str | os.PathLike[str], record: dict[str, Any], *, device: torch.device | str = "cpu") -> dict[str, Tensor]:
+    """One image's tensors, read back from its shard (only that image's rows are read).
+
+    For many records, :class:`CompressedDataset` keeps the shards open.
+
+    Args:
+        root: the data set folder.
+        record: a record from :func:`load_index` with ``status == "ok"``.
+        device: where to put the tensors.
+
+    Returns:
+        ``tokens (T, D)``, ``positions (T, 4)`` int64 (row, col, height, width in patches), ``mask (T,)`` bool
+        (``budget`` True, first), ``weights (T,)``, ``prefix (P, D)``, ``allocation (rh, rw)`` int64,
+        ``relevance (rh, rw)``, ``region_grid (2,)``, ``patch_grid (2,)``, ``bucket ()``, ``scale ()``,
+        ``source_size (2,)``, ``budget ()``; the same values the pipeline returned for that image.
+
+    Raises:
+        InvalidInputError: a record of a broken image, or one whose shard or row is missing.
+    """
+    from safetensors import safe_open
+
+    _check_ok(record)
+    path = Path(root) / record["shard"]
+    if not path.is_file():
+        raise InvalidInputError(f"record {record['index']}: shard {os.fspath(path)!r} is missing")
+    with safe_open(os.fspath(path), framework="pt", device=str(device)) as handle:
+        return _read_row(handle, record)
+
+
+class CompressedDataset(torch.utils.data.Dataset):
+    """The images of a compressed data set that compressed, as a map-style dataset for training.
+
+    ``dataset[i]`` is :func:`load_record`'s dict plus ``"record"`` (the index record). Shards are opened on
+    first use in each process (so DataLoader workers open their own) and kept open.
+
+    Args:
+        root: the data set folder (finished: it has ``index.jsonl``).
+    """
+
+    def __init__(self, root: str | os.PathLike[str]) -> None:
+        self.root = Path(root)
+        self.records = [r for r in load_index(root) if r["status"] == "ok"]
+        self._handles: dict[str, Any] = {}
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        from safetensors import safe_open
+
+        record = self.records[i]
+        handle = self._handles.get(record["shard"])
+        if handle is None:
+            handle = self._handles[record["shard"]] = safe_open(os.fspath(self.root / record["shard"]), framework="pt")
+        return {**_read_row(handle, record), "record": record}
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_handles": {}}  # open files stay in the process that opened them

@@ -1,0 +1,1 @@
+"""arrcoc inside other libraries' models: Hugging Face VLMs, graphed decoding, token positions."""

@@ -1,0 +1,138 @@
+"""Opponent processing: three relevance maps -> one, with the tensions explicit and reported per image.
+
+- exploit <-> explore: a softmax temperature. The more the scorers agree on an image, the more it exploits
+  (lower temperature); where they disagree it explores. Given the budget, it also exploits more the scarcer the
+  tokens are (``scarcity``).
+- focus <-> diversify: a region similar to a more relevant region is discounted (maximal marginal
+  relevance), so tokens are not spent twice on the same content.
+- compress <-> particularize: a mix of the uniform share and the relevance-driven share; 0 is uniform
+  pooling, 1 follows relevance fully.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Final
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..config import BalanceConfig
+from .regions import masked_mean, normalize_per_image, to_regions
+
+__all__ = ["Balance", "BALANCE_KEYS"]
+
+#: What ``Balance.forward`` reports per image, in order.
+BALANCE_KEYS: tuple[str, ...] = ("weights", "has_query", "agreement", "exploit", "temperature", "diversify",
+                                 "redundancy", "particularize", "evenness")
+
+
+def _correlation(maps: Tensor, valid: Tensor) -> Tensor:
+    """Pearson correlation between every pair of maps over valid regions: ``(B, K, R), (B, R) -> (B, K, K)``."""
+    w = valid[:, None].float()
+    centred = maps - masked_mean(maps, w, -1)[..., None]
+    centred = centred * w
+    cov = centred @ centred.transpose(1, 2)  # (B, K, K)
+    std = cov.diagonal(dim1=1, dim2=2).clamp_min(1e-12).sqrt()
+    return cov / (std[:, :, None] * std[:, None, :])
+
+
+class Balance(nn.Module):
+    """Stage: scores ``(B, 3, rh, rw)`` -> balanced relevance ``(B, rh, rw)`` plus the tensions used.
+
+    The knobs are buffers (tensors), so changing them does not change any shape.
+    """
+
+    region_size: Final[int]
+
+    def __init__(self, config: BalanceConfig | None = None, region_size: int = 4) -> None:
+        super().__init__()
+        config = config or BalanceConfig()
+        self.region_size = region_size
+        self.register_buffer("base_weights", torch.tensor(config.weights), persistent=False)
+        self.register_buffer("exploit", torch.tensor(config.exploit), persistent=False)
+        self.register_buffer("scarcity", torch.tensor(config.scarcity), persistent=False)
+        self.register_buffer("diversify", torch.tensor(config.diversify), persistent=False)
+        self.register_buffer("particularize", torch.tensor(config.particularize), persistent=False)
+        low, high = config.temperature_range
+        self.log_t_low, self.log_t_high = math.log(low), math.log(high)
+
+    def similarity(self, features: Tensor, patch_valid: Tensor) -> Tensor:
+        """Cosine similarity between the regions' mean features, ``(B, R, R)``: what redundancy is measured
+        with. It needs no scores, so a pipeline can compute it beside the scorers and pass it to ``forward``."""
+        region_w = to_regions(patch_valid[..., None], self.region_size)[..., 0]  # (B, rh, rw, P)
+        region_feat = F.normalize(masked_mean(to_regions(features, self.region_size), region_w[..., None], -2)
+                                  .flatten(1, 2), dim=-1)  # (B, R, D)
+        return region_feat @ region_feat.transpose(1, 2)
+
+    def forward(self, scores: Tensor, features: Tensor, patch_valid: Tensor, query_mask: Tensor,
+                budget: Tensor | None = None, similarity: Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+        """Combine the maps.
+
+        Args:
+            scores: ``(B, 3, rh, rw)`` in ``SCORER_NAMES`` order, each in [0, 1] per image.
+            features: ``(B, gh, gw, D)`` patch features (for redundancy between regions).
+            patch_valid: ``(B, gh, gw)`` share of each patch that is image.
+            query_mask: ``(B, L)`` bool, True on real query tokens.
+            budget: ``(B,)`` tokens per image, when known: ``exploit`` moves by ``scarcity`` per halving of the
+                budget relative to an eighth of the image's patches. ``None`` (relevance alone): no move.
+            similarity: :meth:`similarity` of ``features`` and ``patch_valid``, when already computed.
+
+        Returns:
+            relevance ``(B, rh, rw)``: non-negative, summing to 1 over the regions with image content (0
+            elsewhere); and the per-image tensions, keyed by ``BALANCE_KEYS``.
+        """
+        b, k, rh, rw = scores.shape
+        region_w = to_regions(patch_valid[..., None], self.region_size)[..., 0]  # (B, rh, rw, P)
+        valid = (region_w.sum(-1) > 0).flatten(1)  # (B, R)
+        maps = scores.flatten(2)  # (B, 3, R)
+
+        has_query = query_mask.any(-1)  # (B,)
+        weights = self.base_weights.expand(b, k).clone()
+        weights[:, 2] = weights[:, 2] * has_query  # no query: participatory contributes nothing
+        weights = weights / weights.sum(-1, keepdim=True).clamp_min(1e-12)  # (B, 3)
+        combined = normalize_per_image((weights[..., None] * maps).sum(1), valid)  # (B, R)
+
+        # Agreement: mean correlation of the active maps; a single active map agrees with itself.
+        active = (weights > 0).float()
+        pair = active[:, :, None] * active[:, None, :] * (1 - torch.eye(k, device=scores.device))
+        corr = _correlation(maps, valid)
+        agreement = ((corr * pair).sum((1, 2)) / pair.sum((1, 2)).clamp_min(1e-12) + 1) / 2
+        agreement = torch.where(pair.sum((1, 2)) > 0, agreement, 1.0)  # (B,)
+        exploit = self.exploit + 0.5 * (agreement - 0.5)  # (B,)
+        if budget is not None:
+            patches = (patch_valid > 0).flatten(1).sum(1).clamp_min(1)
+            exploit = exploit + self.scarcity * torch.log2(patches / (8 * budget.clamp_min(1)))
+        exploit = exploit.clamp(0, 1)
+        temperature = torch.exp(self.log_t_high + (self.log_t_low - self.log_t_high) * exploit)  # (B,)
+
+        # Redundancy: best cosine with any region that ranks higher (ties: lower index ranks higher).
+        if similarity is None:
+            similarity = self.similarity(features, patch_valid)  # (B, R, R)
+        index = torch.arange(rh * rw, device=scores.device)
+        higher = (combined[:, None, :] > combined[:, :, None]) | (
+            (combined[:, None, :] == combined[:, :, None]) & (index[None, :] < index[:, None]))  # [b, r, j]: j ranks above r
+        redundancy = torch.where(higher & valid[:, None, :], similarity, 0.0).amax(-1).clamp(0, 1)  # (B, R)
+        focused = combined * (1 - self.diversify * redundancy)
+
+        logits = torch.where(valid, focused / temperature[:, None], -torch.inf)
+        peaked = torch.softmax(logits, -1)  # (B, R)
+        uniform = valid / valid.sum(-1, keepdim=True).clamp_min(1)
+        relevance = (1 - self.particularize) * uniform + self.particularize * peaked
+        relevance = torch.where(valid, relevance, 0.0)
+        entropy = -(relevance * relevance.clamp_min(1e-30).log()).sum(-1)
+        evenness = entropy / valid.sum(-1).clamp_min(2).log()
+
+        report = {
+            "weights": weights,
+            "has_query": has_query,
+            "agreement": agreement,
+            "exploit": exploit,
+            "temperature": temperature,
+            "diversify": self.diversify.expand(b),
+            "redundancy": redundancy.view(b, rh, rw),
+            "particularize": self.particularize.expand(b),
+            "evenness": evenness,
+        }
+        return relevance.view(b, rh, rw), report

@@ -1,0 +1,154 @@
+"""Compression: each region yields its allocated number of tokens, packed into a fixed-shape batch.
+
+A region given ``k`` tokens shows ``k`` of its patches at full detail, each at its own place; its other patches
+are left out. ``k`` equal to its patch count is every patch, ``k = 0`` drops the region. Detail varies by region
+through ``k``; every token is a real patch.
+
+Which ``k``: the patches ranked highest by ``(1 - query_detail) * distinctness + query_detail * coupling``, both
+scaled to [0, 1]. *Distinctness* is a patch's distance from the region's mean feature (the patches a summary of
+the region would describe worst; scaled by the region's most distinct image patch); *coupling* is its best
+cosine with the query (:func:`arrcoc.stages.scorers.query_coupling`, min-max scaled per image). Without a query, or with
+``query_detail = 0``, distinctness alone ranks.
+
+Why a mix: with distinctness alone, a region that holds part of a framed label shows the frame's edge as readily
+as the glyphs (a region given 10 of its 16 patches at 384 px left glyphs out and kept border patches), and with
+coupling alone it shows the label's plain inside as readily (CPU, 150 text questions at 384 px, 22%: 142 right
+with distinctness, 130 with coupling alone, 146 with the mix). On the generated benchmark (``arrcoc eval``, H100,
+shipped weights, 300 questions per family on each of two validation seed ranges, ``bench/results/validation/``)
+the mix at 0.5, with ``exploit`` 0.6, answered 0.9 and 1.1 points more at 11% of the tokens at 224 px and 1.8
+and 3.0 more at 5.5% than distinctness alone with ``exploit`` 0.5; in the other cells it moved by -0.6 to +0.3.
+
+Why no pooled tokens: a language model reads real patches better than averaged ones. On the generated
+benchmark (CPU, 50 questions per family, validation seeds from 700,000) a one-token region shown as its most
+distinctive patch instead of its mean read 4.0 points more at 11% of the tokens at 224 px and 7.0 at 384 px
+(text questions 66 -> 86% and 36 -> 72%), and 0-4.3 points more at 33% and 22%. It read 1.6 points less at 5.5%
+at 224 px (11 tokens), where a mean told the model more about counts of colours. Merging the leftover patches
+of a region given ``k >= 2`` tokens into one mean token (which conserves the region's mean) cost 4.3 points at
+33% of the tokens in an earlier check.
+
+Patches from the letterbox padding rank after every image patch, so they are only kept when a budget asks
+for more tokens than a region has image patches.
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+import torch
+from torch import Tensor, nn
+
+from .regions import normalize_per_image, to_regions
+from .scorers import query_coupling
+
+__all__ = ["Compressor", "compress", "query_priority"]
+
+
+def _rank_patches(features: Tensor, valid: Tensor, exists: Tensor, priority: Tensor | None = None,
+                  query_detail: float = 0.0) -> Tensor:
+    """Rank of each patch inside its region: image patches first, highest key first, then index.
+
+    Args:
+        features: ``(B, R, P, D)``; valid: ``(B, R, P)`` bool image patches; exists: ``(P-slot inside the grid)``.
+        priority: ``(B, R, P)`` query coupling in [0, 1], or ``None``: the key is distinctness alone.
+        query_detail: the coupling's share of the key.
+
+    Returns:
+        ``(B, R, P)`` int64 ranks, a permutation of ``0..P-1`` per region.
+    """
+    weight = valid.float()[..., None]
+    mean = (features * weight).sum(-2, keepdim=True) / weight.sum(-2, keepdim=True).clamp_min(1)
+    key = (features - mean).square().sum(-1)  # (B, R, P) distinctness
+    if priority is not None and query_detail > 0:
+        most = torch.where(valid, key, 0.0).amax(-1, keepdim=True)  # the region's most distinct image patch
+        key = (1 - query_detail) * key / most.clamp_min(1e-12) + query_detail * priority
+    order = torch.sort(key, dim=-1, descending=True, stable=True).indices
+    group = (valid.long() + exists.long()).gather(-1, order)  # 2 image, 1 padding, 0 outside the grid
+    order = order.gather(-1, torch.sort(group, dim=-1, descending=True, stable=True).indices)
+    return torch.argsort(order, dim=-1)  # inverse permutation: rank of each patch
+
+
+def query_priority(features: Tensor, patch_valid: Tensor, query: Tensor, query_mask: Tensor) -> Tensor:
+    """``(B, gh, gw)`` each patch's coupling to the query, min-max scaled per image over its image patches.
+
+    All zeros for an image without a query (a constant map says nothing about which patch to show).
+    """
+    return normalize_per_image(query_coupling(features, query, query_mask), patch_valid > 0)
+
+
+def compress(features: Tensor, patch_valid: Tensor, allocation: Tensor, capacity: int,
+             region_size: int = 4, priority: Tensor | None = None,
+             query_detail: float = 0.0) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Pack each region's allocated tokens into ``(B, T, D)``.
+
+    Args:
+        features: ``(B, gh, gw, D)`` patch features.
+        patch_valid: ``(B, gh, gw)`` share of each patch that is image.
+        allocation: ``(B, rh, rw)`` int64 tokens per region, each at most the region's patch count; per image
+            it sums to at most ``capacity``.
+        capacity: ``T``, the fixed token dimension.
+        region_size: region side in patches.
+        priority: ``(B, gh, gw)`` query coupling in [0, 1] (:func:`query_priority`), or ``None``.
+        query_detail: the coupling's share of the key that picks a region's patches (module docstring).
+
+    Returns:
+        tokens ``(B, T, D)`` (zeros past the budget); positions ``(B, T, 4)`` int64 (row, col, height, width
+        in patches of the area a token stands for: its patch, so height and width are 1); mask ``(B, T)``
+        bool, True on the first ``allocation.sum()`` tokens; weights ``(B, T)`` float, the number of patches
+        each token stands for (1 on every token, 0 past the budget). Tokens come region by region in raster
+        order of regions; inside a region, highest key first.
+    """
+    b, gh, gw, d = features.shape
+    side = region_size
+    rh, rw = allocation.shape[1:]
+    p = side * side
+    regions = to_regions(features, side).flatten(1, 2)  # (B, R, P, D)
+    valid = to_regions((patch_valid > 0)[..., None], side)[..., 0].flatten(1, 2)  # (B, R, P)
+    exists = to_regions(torch.ones_like(patch_valid, dtype=torch.bool)[..., None], side)[..., 0].flatten(1, 2)
+    count = allocation.flatten(1)  # (B, R)
+    prio = None if priority is None else to_regions(priority[..., None], side)[..., 0].flatten(1, 2)  # (B, R, P)
+    rank = _rank_patches(regions, valid, exists, prio, query_detail)  # (B, R, P)
+
+    # A region's first `count` patches by rank go to the slots after the tokens of the regions before it.
+    start = torch.cumsum(count, -1) - count  # (B, R)
+    kept = rank < count[..., None]  # (B, R, P)
+    dest = torch.where(kept, start[..., None] + rank, capacity).flatten(1)  # slot `capacity` is cut off at the end
+
+    slot = torch.arange(p, device=features.device)
+    region = torch.arange(rh * rw, device=features.device)
+    rows = (region // rw * side)[:, None] + slot // side  # (R, P)
+    cols = (region % rw * side)[:, None] + slot % side
+    boxes = torch.stack((rows, cols, torch.ones_like(rows), torch.ones_like(rows)), -1).expand(b, -1, -1, -1)
+
+    out_tokens = features.new_zeros(b, capacity + 1, d)
+    out_pos = torch.zeros(b, capacity + 1, 4, dtype=torch.long, device=features.device)
+    out_tokens.scatter_(1, dest[..., None].expand(-1, -1, d), regions.flatten(1, 2))
+    out_pos.scatter_(1, dest[..., None].expand(-1, -1, 4), boxes.flatten(1, 2))
+    mask = torch.arange(capacity, device=features.device) < count.sum(-1, keepdim=True)  # (B, T)
+    keep = mask[..., None]
+    return out_tokens[:, :capacity] * keep, out_pos[:, :capacity] * keep, mask, mask.to(features.dtype)
+
+
+class Compressor(nn.Module):
+    """Stage: patch features + allocation (+ the query) -> packed tokens, positions, mask and weights.
+
+    Args:
+        region_size: region side in patches.
+        query_detail: in [0, 1], how much the query's coupling, against distinctness, picks the patches a region
+            shows (module docstring); 0 ignores the query here.
+    """
+
+    region_size: Final[int]
+    query_detail: Final[float]
+
+    def __init__(self, region_size: int = 4, query_detail: float = 0.0) -> None:
+        super().__init__()
+        self.region_size = region_size
+        self.query_detail = float(query_detail)
+
+    def forward(self, features: Tensor, patch_valid: Tensor, allocation: Tensor, capacity: int,
+                query: Tensor | None = None, query_mask: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """See :func:`compress`; ``query`` ``(B, L, D)`` and ``query_mask`` ``(B, L)`` as the scorers take them."""
+        priority = None
+        if self.query_detail > 0 and query is not None and query_mask is not None:
+            priority = query_priority(features, patch_valid, query, query_mask)
+        return compress(features, patch_valid, allocation, capacity, self.region_size, priority, self.query_detail)

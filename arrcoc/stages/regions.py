@@ -1,0 +1,97 @@
+"""Regions: square blocks of patches, the unit that allocation hands tokens to.
+
+Pure functions over ``(B, gh, gw, C)`` patch grids. A grid whose sides are not multiples of the region side
+is padded with invalid patches, so every region has ``side * side`` patch slots.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = ["region_grid", "to_regions", "masked_mean", "normalize_per_image", "region_bounds", "capacity_of", "patch_boxes"]
+
+
+def region_grid(patch_grid: tuple[int, int], side: int) -> tuple[int, int]:
+    """``(rh, rw)``: how many regions of ``side x side`` patches cover a ``(gh, gw)`` patch grid."""
+    return (-(-patch_grid[0] // side), -(-patch_grid[1] // side))
+
+
+def to_regions(grid: Tensor, side: int) -> Tensor:
+    """Group a patch grid into regions.
+
+    Args:
+        grid: ``(B, gh, gw, C)``.
+        side: region side in patches.
+
+    Returns:
+        ``(B, rh, rw, side * side, C)``: patches of each region in raster order, zero-filled past the grid.
+    """
+    b, gh, gw, c = grid.shape
+    rh, rw = region_grid((gh, gw), side)
+    grid = F.pad(grid, (0, 0, 0, rw * side - gw, 0, rh * side - gh))  # (B, rh*s, rw*s, C)
+    grid = grid.view(b, rh, side, rw, side, c).permute(0, 1, 3, 2, 4, 5)  # (B, rh, rw, s, s, C)
+    return grid.reshape(b, rh, rw, side * side, c)
+
+
+def masked_mean(values: Tensor, weights: Tensor, dim: int) -> Tensor:
+    """Mean of ``values`` along ``dim`` weighted by ``weights`` (broadcast); 0 where all weights are 0."""
+    total = (values * weights).sum(dim)
+    return total / weights.sum(dim).clamp_min(1e-12)
+
+
+def normalize_per_image(score: Tensor, valid: Tensor) -> Tensor:
+    """Min-max normalise each image's map to [0, 1] over its valid entries; invalid entries become 0.
+
+    Per image, never across the batch, so an image's result does not depend on its batch. A constant map
+    becomes all zeros (it says nothing about where to look).
+
+    Args:
+        score: ``(B, ...)`` float, or ``(B, K, ...)``: a stack of K maps per image, each normalised on its own.
+        valid: ``(B, ...)`` bool.
+    """
+    stacked = score.ndim == valid.ndim + 1
+    flat = score.flatten(2) if stacked else score.flatten(1)  # (B, [K,] R)
+    mask = valid.flatten(1)[:, None] if stacked else valid.flatten(1)
+    low = torch.where(mask, flat, torch.inf).amin(-1, keepdim=True)
+    high = torch.where(mask, flat, -torch.inf).amax(-1, keepdim=True)
+    scaled = torch.where(mask, (flat - low) / (high - low).clamp_min(1e-12), 0.0)
+    return scaled.view_as(score)
+
+
+def region_bounds(patch_valid: Tensor, side: int, min_tokens: int, max_tokens: int | None) -> tuple[Tensor, Tensor]:
+    """Per-region token bounds for allocation.
+
+    A region may hold at most as many tokens as it has patches inside the grid (capped by ``max_tokens``);
+    a region with image content gets at least ``min_tokens``, one that is all padding may get none.
+
+    Args:
+        patch_valid: ``(B, gh, gw)`` share of each patch that is image.
+
+    Returns:
+        ``(min, max)``, each ``(B, rh, rw)`` int64.
+    """
+    weights = to_regions(patch_valid[..., None], side)[..., 0]  # (B, rh, rw, P)
+    inside = to_regions(torch.ones_like(patch_valid)[..., None], side)[..., 0].sum(-1)  # (B, rh, rw)
+    high = inside if max_tokens is None else inside.clamp(max=max_tokens)
+    low = torch.where(weights.sum(-1) > 0, min_tokens, 0).minimum(high)
+    return low.long(), high.long()
+
+
+def capacity_of(patch_grid: tuple[int, int], side: int, max_tokens: int | None) -> int:
+    """Most tokens an image on a ``(gh, gw)`` patch grid can yield: the sum of the region maxima."""
+    gh, gw = patch_grid
+    if max_tokens is None:
+        return gh * gw
+    total = 0
+    for r0 in range(0, gh, side):
+        for c0 in range(0, gw, side):
+            total += min(max_tokens, min(side, gh - r0) * min(side, gw - c0))
+    return total
+
+def patch_boxes(gh: int, gw: int, device: torch.device | str | None = None) -> Tensor:
+    """``(gh * gw, 4)`` int64 ``(row, col, 1, 1)`` box of every patch, in raster order."""
+    index = torch.arange(gh * gw, device=device)
+    ones = torch.ones_like(index)
+    return torch.stack((index // gw, index % gw, ones, ones), -1)
