@@ -27,13 +27,10 @@ from .errors import BudgetError, InvalidInputError, InvalidTypeError, MissingWei
 from .outputs import CompressionOutput, ScoreOutput
 from .runtime.graphs import CaptureError, ChainResult, GraphCache, GraphKey, lazy_output
 from .runtime.streams import run_branches
-from .stages.allocation import Allocator
-from .stages.balance import Balance
-from .stages.compression import Compressor
 from .stages.encoders import ENCODER_DTYPES, Encoder, create_backbone, encoder_for_bucket, patch_stride
+from .stages.head import RelevanceHead, Stage
 from .stages.preprocess import PreprocessedBatch, Preprocessor
-from .stages.regions import capacity_of, region_bounds, region_grid
-from .stages.scorers import create_scorer
+from .stages.regions import capacity_of, region_grid
 from .stages.text_query import TEXT_QUERY_FILE, TextQueryEncoder
 
 __all__ = ["Pipeline", "DEFAULT_WEIGHTS_DIR", "BATCH_BUCKETS"]
@@ -133,24 +130,14 @@ class Pipeline(nn.Module):
         bad = [b for b in config.buckets if b % stride]
         if bad:
             raise InvalidInputError(f"buckets {bad} are not multiples of the encoder's patch stride {stride}")
-        side = config.region_size
-        self.scorers = nn.ModuleDict({name: create_scorer(name, side) for name in SCORER_NAMES})
-        self.balance = Balance(config.balance, side)
-        self.allocator = Allocator()
-        self.compressor = Compressor(side, config.query_detail)
-        self.text_encoder: nn.Module | None = None
-        self._encoders: dict[int, Encoder] = {}  # per bucket; they share the backbone's tensors
         self.cuda_graphs = cuda_graphs if cuda_graphs is not None else os.environ.get("ARRCOC_CUDA_GRAPHS", "1") != "0"
         self.compile = compile
         self.concurrent = concurrent
+        self.head = RelevanceHead(config, concurrent=concurrent, compile=compile)
+        self.text_encoder: nn.Module | None = None
+        self.encoders = nn.ModuleDict()  # one per bucket, built on first use; they share the backbone's tensors
         self.graph_cache = graph_cache if graph_cache is not None else GraphCache()  # an empty cache is falsy
         self._eager_only: dict[GraphKey, str] = {}  # keys whose capture failed, with the reason
-        # per-call work done once: graph keys, the no-query tensors, budget limits (cleared when moved)
-        self._keys: dict[tuple[int, int, int, int], GraphKey] = {}
-        self._no_query: dict[int, tuple[Tensor, Tensor]] = {}
-        self._limits: dict[int, int] = {}
-        self._budget_cache: dict[tuple[int, int], Tensor] = {}
-        self._first_param: tuple[nn.Parameter] | None = None
         if device is not None:
             self.to(device)
 
@@ -207,30 +194,23 @@ class Pipeline(nn.Module):
 
     @property
     def device(self) -> torch.device:
-        held = self._first_param
-        if held is None:  # found once: a parameter keeps its identity when moved (its data is swapped)
-            held = self._first_param = (next(self.backbone.parameters()),)  # a tuple: not registered as ours
-        return held[0].device
+        return next(self.backbone.parameters()).device
 
     def _apply(self, fn: Any, recurse: bool = True) -> Pipeline:
-        self._encoders.clear()  # rebuilt lazily on the new device / dtype
-        if hasattr(self, "graph_cache"):
-            self.graph_cache.clear()
-            self._keys.clear()
-            self._no_query.clear()
-            self._budget_cache.clear()
-            self._first_param = None
+        self.graph_cache.clear()  # captured graphs hold the old device's (or dtype's) tensors
+        self._eager_only.clear()
         return super()._apply(fn, recurse)
 
     def encoder(self, bucket: int) -> Encoder:
         """The encode stage for one bucket size (built on first use, weights shared with the backbone)."""
-        if bucket not in self._encoders:
+        name = str(bucket)
+        if name not in self.encoders:
             cfg = self.config
             stage = encoder_for_bucket(self.backbone, cfg.encoder, bucket, cfg.encoder_kwargs, cfg.encoder_dtype)
             if cfg.encoder_dtype != "float32":
                 stage.model.to(stage.dtype)
-            self._encoders[bucket] = stage.to(self.device)
-        return self._encoders[bucket]
+            self.encoders[name] = stage.to(self.device)
+        return self.encoders[name]  # type: ignore[return-value]
 
     @property
     def width(self) -> int:
@@ -300,10 +280,7 @@ class Pipeline(nn.Module):
         values = [budget] * batch if type(budget) is int else _budget_values(budget, batch)  # a plain int: no detours
         cfg = self.config
         for group in groups:
-            limit = self._limits.get(group.bucket)
-            if limit is None:
-                limit = self._limits[group.bucket] = capacity_of(self.encoder(group.bucket).grid, cfg.region_size,
-                                                                 cfg.max_tokens)
+            limit = capacity_of(self.encoder(group.bucket).grid, cfg.region_size, cfg.max_tokens)
             for i, name in zip(group.indices, group.names):
                 if not 1 <= values[i] <= limit:
                     grid = self.encoder(group.bucket).grid
@@ -317,23 +294,22 @@ class Pipeline(nn.Module):
 
     # --- running ----------------------------------------------------------------------------------------
     def stages(self, bucket: int, capacity: int = 0, *, concurrent: bool | None = None,
-               compile: bool = False) -> list[tuple[str, Callable[[dict[str, Any]], dict[str, Any]]]]:
-        """The stages after preprocess for one bucket, in order, as ``(name, fn)``.
+               compile: bool = False) -> list[Stage]:
+        """The chain after preprocess for one bucket, in order, as ``(name, fn)``: encode, then the head's steps.
 
         Each ``fn`` reads named tensors from a state dict and returns the new ones; the chain starts from
-        ``pixels``, ``valid``, ``query``, ``query_mask`` (and ``budget`` for allocation). With
-        ``capacity=0`` the chain stops after balance (relevance only). Benchmarks time these one by one,
-        and the graph cache captures them one by one.
+        ``pixels``, ``valid``, ``query``, ``query_mask`` (and ``budget`` for allocation). With ``capacity=0`` it
+        stops after balance (relevance only). The graph runner captures it; benchmarks time it step by step.
 
         Args:
             bucket: the bucket size.
             capacity: the token capacity ``T`` (0: relevance only).
-            concurrent: run independent branches on CUDA side streams (default: the pipeline's setting):
-                the backbone beside the texture features and allocation bounds, the three scorers and the
-                balance's region similarity beside each other.
-            compile: ``torch.compile`` each branch and stage body (the forks stay outside compiled code).
+            concurrent: side streams (default: the pipeline's setting): the backbone beside the texture and the
+                allocation bounds, and the head's scoring branches.
+            compile: ``torch.compile`` each branch and step (the graph runner asks for it when the pipeline
+                compiles).
         """
-        encoder, side, cfg, device = self.encoder(bucket), self.config.region_size, self.config, self.device
+        encoder, head = self.encoder(bucket), self.head
         concurrent = self.concurrent if concurrent is None else concurrent
 
         def body(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -343,53 +319,23 @@ class Pipeline(nn.Module):
             texture, patch_valid = encoder.layout(pixels, valid)
             if not capacity:  # relevance alone allocates nothing
                 return texture, patch_valid
-            return texture, patch_valid, *region_bounds(patch_valid, side, cfg.min_tokens, cfg.max_tokens)
+            return texture, patch_valid, *head.bounds(patch_valid)
 
-        features_of, layout_of, similarity_of = body(encoder.features), body(layout), body(self.balance.similarity)
-        scorers = [body(scorer) for scorer in self.scorers.values()]
+        features_of, layout_of = body(encoder.features), body(layout)
 
-        # Independent work runs as branches: the image layout and the allocation bounds (patch validity only)
-        # beside the ViT; the balance's region similarity (features only) beside the three scorers.
+        # The image layout and the allocation bounds need no features: they run beside the backbone.
         def encode(s: dict[str, Any]) -> dict[str, Any]:
             pixels = s["pixels"]
             (features, prefix), layout_out = run_branches(
-                (lambda: features_of(pixels), lambda: layout_of(pixels, s["valid"])), device, concurrent)
+                (lambda: features_of(pixels), lambda: layout_of(pixels, s["valid"])), pixels.device, concurrent)
             return {"features": features, "prefix": prefix, **dict(zip(_LAYOUT_KEYS, layout_out))}
 
-        def score(s: dict[str, Any]) -> dict[str, Any]:
-            args = (s["features"], s["texture"], s["patch_valid"], s["query"], s["query_mask"])
-            branches = [lambda scorer=scorer: scorer(*args) for scorer in scorers]
-            *maps, similarity = run_branches([*branches, lambda: similarity_of(s["features"], s["patch_valid"])],
-                                             device, concurrent)
-            return {"scores": torch.stack(maps, 1), "similarity": similarity}
-
-        def balance(s: dict[str, Any]) -> dict[str, Any]:
-            budget = s["budget"] if capacity else None  # relevance alone (score()) has no budget to be scarce
-            relevance, report = self.balance(s["scores"], s["features"], s["patch_valid"], s["query_mask"], budget,
-                                             s["similarity"])
-            return {"relevance": relevance, "balance": report}
-
-        def allocate(s: dict[str, Any]) -> dict[str, Any]:
-            return {"allocation": self.allocator(s["relevance"], s["budget"], s["min_tokens"], s["max_tokens"])}
-
-        def compress(s: dict[str, Any]) -> dict[str, Any]:
-            tokens, positions, mask, weights = self.compressor(s["features"], s["patch_valid"], s["allocation"], capacity,
-                                                               s["query"], s["query_mask"])
-            return {"tokens": tokens, "positions": positions, "mask": mask, "weights": weights}
-
-        chain = [("encode", encode), ("score", score), ("balance", body(balance))]
-        if capacity:
-            chain += [("allocate", body(allocate)), ("compress", body(compress))]
-        return chain
+        return [("encode", encode), *head.stages(capacity, concurrent=concurrent, compile=compile)]
 
     # --- graphs ----------------------------------------------------------------------------------------------
     def _graph_key(self, bucket: int, batch: int, capacity: int, query_tokens: int) -> GraphKey:
-        spec = (bucket, batch, capacity, query_tokens)
-        key = self._keys.get(spec)
-        if key is None:  # one key object per case: no dataclass built per call
-            key = self._keys[spec] = GraphKey(bucket, _batch_bucket(batch), ENCODER_DTYPES[self.config.encoder_dtype],
-                                              self.device, capacity, _query_bucket(query_tokens))
-        return key
+        return GraphKey(bucket, _batch_bucket(batch), ENCODER_DTYPES[self.config.encoder_dtype], self.device, capacity,
+                        _query_bucket(query_tokens))
 
     def _static_inputs(self, key: GraphKey) -> dict[str, Tensor]:
         b, s, device = key.batch, key.bucket, key.device
@@ -464,37 +410,15 @@ class Pipeline(nn.Module):
                 state.update(stage(state))
         return {k: state[k] for k in _RESULT_KEYS if k in state}
 
-    def _no_query_for(self, batch: int) -> tuple[Tensor, Tensor]:
-        """``prepare_query(None)``'s zeros for ``batch`` images, made once: no allocation per call without a query.
-
-        Shared between calls, so only for the stages, which never write their inputs.
-        """
-        pair = self._no_query.get(batch)
-        if pair is None:
-            bucket = _batch_bucket(batch)  # one pair per batch bucket (a bounded cache), sliced to the batch
-            if bucket > BATCH_BUCKETS[-1]:
-                return self.prepare_query(None, None, batch)
-            whole = self._no_query.get(-bucket) or self.prepare_query(None, None, bucket)
-            self._no_query[-bucket] = whole
-            pair = self._no_query[batch] = (whole[0][:batch], whole[1][:batch])
-        return pair
-
-    def _budget_on_device(self, budgets: list[int] | None, device: torch.device) -> Tensor | None:
-        """``(B,)`` int64 budgets on ``device``; a budget shared by the batch is made once (read-only, like the
-        no-query tensors), others with one fill or one copy."""
+    @staticmethod
+    def _budget_on_device(budgets: list[int] | None, device: torch.device) -> Tensor | None:
+        """``(B,)`` int64 budgets on ``device``; one shared by the batch is a fill on the device, which unlike a
+        copy from the host does not wait for the device."""
         if budgets is None:
             return None
-        first = budgets[0]
-        if budgets.count(first) != len(budgets):
-            return torch.tensor(budgets, dtype=torch.long, device=device)
-        key = (len(budgets), first)
-        tensor = self._budget_cache.get(key)
-        if tensor is None:
-            if len(self._budget_cache) >= 256:  # bounded: a service cycling through budgets refills it
-                self._budget_cache.clear()
-            # a fill on the device: no host-to-device copy (which would wait for the device)
-            tensor = self._budget_cache[key] = torch.full((len(budgets),), first, dtype=torch.long, device=device)
-        return tensor
+        if budgets.count(budgets[0]) == len(budgets):
+            return torch.full((len(budgets),), budgets[0], dtype=torch.long, device=device)
+        return torch.tensor(budgets, dtype=torch.long, device=device)
 
     @torch.inference_mode()
     def _run(self, images: Any, query: Any, query_mask: Tensor | None, budget: Any, profile: bool,
@@ -504,10 +428,7 @@ class Pipeline(nn.Module):
         with timer("preprocess"):
             groups = self.preprocessor(images, device=device)
         batch = sum(len(g.indices) for g in groups)
-        if query is None and query_mask is None:
-            query, query_mask = self._no_query_for(batch)
-        else:
-            query, query_mask = self.prepare_query(query, query_mask, batch)
+        query, query_mask = self.prepare_query(query, query_mask, batch)
         budgets, capacity = self._budgets(budget, groups, batch) if budget is not None else (None, 0)
 
         if len(groups) == 1:  # one bucket, images in order: the results are already the call's own (or zero-copy)

@@ -12,7 +12,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "arrcoc"
 #: Each room's rank: a module may import from rooms of a lower rank, and from its own room.
 RANKS = {
     "errors": 0, "config": 0.5, "outputs": 0.5,
-    "stages": 1, "runtime": 1,
+    "runtime": 1, "stages": 1.5,
     "pipeline": 2, "reducers": 2,
     "integrations": 3, "datasets": 3,
     "world": 4,

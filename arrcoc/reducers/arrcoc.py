@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable
 from typing import Any
 
@@ -10,12 +9,9 @@ import torch
 from torch import nn
 
 from ..config import SCORER_NAMES, PipelineConfig
-from ..errors import BudgetError, InvalidInputError
-from ..stages.allocation import Allocator
-from ..stages.balance import Balance
-from ..stages.compression import Compressor
-from ..stages.regions import capacity_of, region_bounds
-from ..stages.scorers import create_scorer
+from ..errors import BudgetError
+from ..stages.head import RelevanceHead
+from ..stages.regions import capacity_of
 from ..stages.texture import Texture
 from .registry import ReducedTokens, VisualInput, check_budget, check_visual, register_reducer
 
@@ -23,37 +19,27 @@ __all__ = ["ArrcocReducer"]
 
 
 class ArrcocReducer(nn.Module):
-    """arrcoc's relevance path on any feature grid: score x3 -> balance -> allocate -> compress to ``K``.
+    """arrcoc's relevance head on any feature grid: texture from the pixels, then the head, to ``K`` tokens.
 
-    The same stage modules as :class:`arrcoc.Pipeline`, minus the encoder, so it runs on a VLM's own
-    vision-tower features. ``scorers`` picks which relevance maps take part (the others get weight 0): all
-    three balanced, or one alone for ablations.
+    The same :class:`~arrcoc.stages.head.RelevanceHead` as :class:`arrcoc.Pipeline`, minus the encoder, so it
+    runs on a VLM's own vision-tower features.
 
     Args:
         config: region size, token bounds and balance settings (the default config when omitted).
-        scorers: names from ``SCORER_NAMES`` that take part.
+        scorers: names from ``SCORER_NAMES`` that take part (the others get weight 0): all three balanced, or
+            one alone for ablations.
+        read_query: ``False`` ignores any query given: relevance without a question, as a query-free baseline.
     """
 
     needs: frozenset[str] = frozenset({"pixels", "valid", "patch_valid", "query", "query_mask"})
 
-    def __init__(self, config: PipelineConfig | None = None, scorers: tuple[str, ...] = SCORER_NAMES) -> None:
+    def __init__(self, config: PipelineConfig | None = None, scorers: tuple[str, ...] = SCORER_NAMES, *,
+                 read_query: bool = True) -> None:
         super().__init__()
-        config = config or PipelineConfig()
-        unknown = sorted(set(scorers) - set(SCORER_NAMES))
-        if unknown or not scorers:
-            raise InvalidInputError(f"scorers must be a non-empty subset of {SCORER_NAMES}; got {scorers}")
-        weights = tuple(w if name in scorers else 0.0 for name, w in zip(SCORER_NAMES, config.balance.weights))
-        if sum(weights) == 0:
-            weights = tuple(1.0 if name in scorers else 0.0 for name in SCORER_NAMES)
-        # a variant without the participatory scorer reads no query anywhere (nor in compression): a clean ablation
-        query_detail = config.query_detail if "participatory" in scorers else 0.0
-        self.config = config.replace(balance=dataclasses.replace(config.balance, weights=weights), query_detail=query_detail)
-        side = config.region_size
+        self.head = RelevanceHead(config, scorers)
+        self.config = self.head.config
+        self.read_query = read_query
         self.texture = Texture()
-        self.scorers = nn.ModuleDict({name: create_scorer(name, side) for name in SCORER_NAMES})
-        self.balance = Balance(self.config.balance, side)
-        self.allocator = Allocator()
-        self.compressor = Compressor(side, self.config.query_detail)
 
     def forward(self, visual: VisualInput, budget: int) -> ReducedTokens:
         """Reduce ``visual.features`` ``(B, gh, gw, D)`` to ``budget`` tokens per image."""
@@ -72,30 +58,29 @@ class ArrcocReducer(nn.Module):
             texture = self.texture(visual.pixels.float(), valid.float(), (gh, gw))  # (B, gh, gw, 5)
         else:
             texture = features.new_zeros(b, gh, gw, 5)  # no pixels: the feature terms alone
-        if visual.query is not None:
+        if visual.query is not None and self.read_query:
             query = visual.query.float().expand(b, -1, -1)
             query_mask = (visual.query_mask.expand(b, -1) if visual.query_mask is not None
                           else torch.ones(query.shape[:2], dtype=torch.bool, device=query.device))
         else:
             query = features.new_zeros(b, 1, d)
             query_mask = torch.zeros(b, 1, dtype=torch.bool, device=features.device)
-        scores = torch.stack([s(features, texture, patch_valid, query, query_mask) for s in self.scorers.values()], 1)
         budgets = torch.full((b,), budget, dtype=torch.long, device=features.device)
-        relevance, _ = self.balance(scores, features, patch_valid, query_mask, budgets)  # (B, rh, rw)
-        low, high = region_bounds(patch_valid, cfg.region_size, cfg.min_tokens, cfg.max_tokens)
-        allocation = self.allocator(relevance, budgets, low, high)
-        tokens, positions, _, weights = self.compressor(features, patch_valid, allocation, budget, query, query_mask)
-        return ReducedTokens(tokens.to(visual.features.dtype), positions, weights, relevance, allocation)
+        out = self.head(features, texture, patch_valid, query, query_mask, budgets, budget)
+        return ReducedTokens(out["tokens"].to(visual.features.dtype), out["positions"], out["weights"],
+                             out["relevance"], out["allocation"])
 
 
-def _arrcoc_factory(scorers: tuple[str, ...]) -> Callable[..., ArrcocReducer]:
+def _arrcoc_factory(scorers: tuple[str, ...], read_query: bool = True) -> Callable[..., ArrcocReducer]:
     def build(config: PipelineConfig | None = None, **_: Any) -> ArrcocReducer:
-        return ArrcocReducer(config, scorers)
+        return ArrcocReducer(config, scorers, read_query=read_query)
 
-    build.__doc__ = f"arrcoc's reducer with the scorers {scorers}."
+    build.__doc__ = f"arrcoc's reducer with the scorers {scorers}{'' if read_query else ', reading no query'}."
     return build
 
 
 register_reducer("arrcoc")(_arrcoc_factory(SCORER_NAMES))
+#: What ``Pipeline`` does before any question exists: propositional and perspectival balanced, no query read.
+register_reducer("arrcoc-noquery")(_arrcoc_factory(SCORER_NAMES, read_query=False))
 for _name in SCORER_NAMES:
     register_reducer(f"arrcoc-{_name}")(_arrcoc_factory((_name,)))

@@ -295,7 +295,7 @@ def _isolate(stages: list[Any], inputs: dict[str, Any], result: dict[str, Any], 
     if "score" in result["inductor_stage_errors"] and pipe is not None:
         result.setdefault("inductor_scorer_errors", {})
         result.setdefault("inductor_scorers_ok", [])
-        for name, scorer in pipe.scorers.items():
+        for name, scorer in pipe.head.scorers.items():
             def one(s: dict[str, Any], scorer: Any = scorer) -> Tensor:
                 return scorer(s["features"], s["texture"], s["patch_valid"], s["query"], s["query_mask"])
 

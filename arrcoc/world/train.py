@@ -44,10 +44,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ..config import PipelineConfig
 from ..runtime.device import device_name
-from ..stages.allocation import allocate
-from ..stages.compression import compress
-from ..stages.regions import patch_boxes, region_grid, to_regions
+from ..stages.head import RelevanceHead
+from ..stages.regions import patch_boxes, region_grid
 from ..stages.text_query import TextQueryConfig, TextQueryEncoder, patch_targets, relevance_loss
 from .data import COLORS, QUESTION_FAMILIES, SHAPES, TEXT_ALPHABET, make_sample
 from .vlm import VLMConfig, build_vlm, embed_inputs, generate_answers, save_vlm, vision_features
@@ -174,15 +174,18 @@ def random_compression(features: Tensor, generator: torch.Generator, fraction: f
     """
     b, n, d = features.shape
     side = math.isqrt(n)
-    grid = features.view(b, side, side, d)
+    grid = features.view(b, side, side, d).float()
     rh, rw = region_grid((side, side), region_size)
-    ones = torch.ones(b, side, side, device=features.device)
-    most = to_regions(ones[..., None], region_size)[..., 0].sum(-1).long()  # (B, rh, rw) patches per region
     budget = max(rh * rw, min(n, round(fraction * n)))
     relevance = torch.rand(b, rh, rw, generator=generator, device=features.device) ** 4  # peaked: some detail
-    alloc = allocate(relevance.float(), budget, 1, most, check=False)
-    tokens, boxes, _, _ = compress(grid.float(), ones, alloc, budget, region_size)
-    return tokens.to(features.dtype), boxes  # every slot filled, since allocations sum to the budget
+    # the pipeline's own head, on a drawn relevance map: at least one token per region, at most all its patches
+    head = RelevanceHead(PipelineConfig(region_size=region_size, min_tokens=1, query_detail=0.0), concurrent=False)
+    ones = torch.ones(b, side, side, device=features.device)
+    budgets = torch.full((b,), budget, dtype=torch.long, device=features.device)
+    no_query = torch.zeros(b, 1, dtype=torch.bool, device=features.device)
+    out = head(grid, grid.new_zeros(b, side, side, 5), ones, grid.new_zeros(b, 1, d), no_query, budgets, budget,
+               relevance=relevance.float())
+    return out["tokens"].to(features.dtype), out["positions"]  # every slot filled: allocations sum to the budget
 
 
 def answer_loss(logits: Tensor, labels: Tensor) -> Tensor:

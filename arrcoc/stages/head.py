@@ -1,0 +1,163 @@
+"""The relevance head: every stage after the encoder, wired once.
+
+features, texture, patch validity, query, query mask, budget
+    -> score x3 -> balance -> allocate -> compress
+    -> scores, relevance, balance report, allocation, tokens, positions, mask, weights
+
+``Pipeline`` runs it after its encoder, the reducer behind ``arrcoc.hf`` after a VLM's own vision tower, and
+training on drawn relevance maps; nothing else wires these stages. :meth:`RelevanceHead.stages` gives the
+chain as named ``state -> new entries`` steps, which the graph runner captures and the benchmarks time one
+by one; :meth:`RelevanceHead.forward` runs the same steps in order.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any, Final
+
+import torch
+from torch import Tensor, nn
+
+from ..config import SCORER_NAMES, PipelineConfig
+from ..errors import InvalidInputError
+from ..runtime.streams import run_branches
+from .allocation import Allocator
+from .balance import Balance
+from .compression import Compressor
+from .regions import region_bounds
+from .scorers import create_scorer
+
+__all__ = ["RelevanceHead", "Stage", "HEAD_OUTPUTS"]
+
+#: One step of a chain: reads named tensors from a state dict, returns the new ones.
+Stage = tuple[str, Callable[[dict[str, Any]], dict[str, Any]]]
+
+#: What the head returns, in order (the last five only when it allocates).
+HEAD_OUTPUTS = ("scores", "relevance", "balance", "allocation", "tokens", "positions", "mask", "weights")
+
+
+class RelevanceHead(nn.Module):
+    """Score x3 -> balance -> allocate -> compress, on any patch-feature grid.
+
+    Args:
+        config: region size, token bounds, balance and compression settings.
+        scorers: the scorers that take part (the others get weight 0); a head without the participatory
+            scorer reads no query anywhere, compression included.
+        concurrent: on CUDA, run the three scorers and the balance's region similarity on side streams.
+        compile: ``torch.compile`` each step (each branch of the scoring step) before it runs or is captured.
+    """
+
+    region_size: Final[int]
+    concurrent: Final[bool]
+    compile: Final[bool]
+
+    def __init__(self, config: PipelineConfig | None = None, scorers: tuple[str, ...] = SCORER_NAMES, *,
+                 concurrent: bool = True, compile: bool = False) -> None:
+        super().__init__()
+        config = config or PipelineConfig()
+        unknown = sorted(set(scorers) - set(SCORER_NAMES))
+        if unknown or not scorers:
+            raise InvalidInputError(f"scorers must be a non-empty subset of {SCORER_NAMES}; got {scorers}")
+        if tuple(scorers) != SCORER_NAMES:
+            weights = tuple(w if name in scorers else 0.0 for name, w in zip(SCORER_NAMES, config.balance.weights))
+            if sum(weights) == 0:
+                weights = tuple(1.0 if name in scorers else 0.0 for name in SCORER_NAMES)
+            config = config.replace(balance=dataclasses.replace(config.balance, weights=weights),
+                                    query_detail=config.query_detail if "participatory" in scorers else 0.0)
+        self.config = config
+        self.region_size = side = config.region_size
+        self.concurrent, self.compile = concurrent, compile
+        self.scorers = nn.ModuleDict({name: create_scorer(name, side) for name in SCORER_NAMES})
+        self.balance = Balance(config.balance, side)
+        self.allocator = Allocator()
+        self.compressor = Compressor(side, config.query_detail)
+
+    def bounds(self, patch_valid: Tensor) -> tuple[Tensor, Tensor]:
+        """``(min, max)`` tokens per region, each ``(B, rh, rw)`` int64; needs patch validity only, so a caller
+        may compute it beside its encoder and pass it to :meth:`forward`."""
+        return region_bounds(patch_valid, self.region_size, self.config.min_tokens, self.config.max_tokens)
+
+    def stages(self, capacity: int = 0, *, concurrent: bool | None = None, compile: bool | None = None) -> list[Stage]:
+        """The head as named steps over a state dict.
+
+        The state holds ``features``, ``texture``, ``patch_valid``, ``query``, ``query_mask`` and, when
+        ``capacity > 0``, ``budget``, ``min_tokens`` and ``max_tokens`` (:meth:`bounds`). With ``capacity=0`` the
+        chain stops after balance (relevance only, no budget).
+
+        Args:
+            capacity: the token capacity ``T`` of the packed output (0: relevance only).
+            concurrent: side streams for the scoring branches (default: the head's setting).
+            compile: ``torch.compile`` each step and branch (default: the head's setting).
+        """
+        concurrent = self.concurrent if concurrent is None else concurrent
+        compile = self.compile if compile is None else compile
+
+        def body(fn: Callable[..., Any]) -> Callable[..., Any]:
+            return torch.compile(fn, dynamic=False) if compile else fn
+
+        scorers, similarity_of = [body(scorer) for scorer in self.scorers.values()], body(self.balance.similarity)
+
+        # The balance's region similarity needs features only: it runs beside the three scorers.
+        def score(s: dict[str, Any]) -> dict[str, Any]:
+            args = (s["features"], s["texture"], s["patch_valid"], s["query"], s["query_mask"])
+            branches = [lambda scorer=scorer: scorer(*args) for scorer in scorers]
+            *maps, similarity = run_branches([*branches, lambda: similarity_of(s["features"], s["patch_valid"])],
+                                             s["features"].device, concurrent)
+            return {"scores": torch.stack(maps, 1), "similarity": similarity}
+
+        def balance(s: dict[str, Any]) -> dict[str, Any]:
+            budget = s["budget"] if capacity else None  # relevance alone has no budget to be scarce
+            relevance, report = self.balance(s["scores"], s["features"], s["patch_valid"], s["query_mask"], budget,
+                                             s["similarity"])
+            return {"relevance": relevance, "balance": report}
+
+        def allocate(s: dict[str, Any]) -> dict[str, Any]:
+            return {"allocation": self.allocator(s["relevance"], s["budget"], s["min_tokens"], s["max_tokens"])}
+
+        def compress(s: dict[str, Any]) -> dict[str, Any]:
+            tokens, positions, mask, weights = self.compressor(s["features"], s["patch_valid"], s["allocation"],
+                                                               capacity, s["query"], s["query_mask"])
+            return {"tokens": tokens, "positions": positions, "mask": mask, "weights": weights}
+
+        chain: list[Stage] = [("score", score), ("balance", body(balance))]
+        if capacity:
+            chain += [("allocate", body(allocate)), ("compress", body(compress))]
+        return chain
+
+    def forward(self, features: Tensor, texture: Tensor, patch_valid: Tensor, query: Tensor, query_mask: Tensor,
+                budget: Tensor | None = None, capacity: int = 0, *, relevance: Tensor | None = None) -> dict[str, Any]:
+        """Run the head.
+
+        Args:
+            features: ``(B, gh, gw, D)`` float32 patch features.
+            texture: ``(B, gh, gw, 5)`` texture features (zeros where there are no pixels).
+            patch_valid: ``(B, gh, gw)`` share of each patch that is image.
+            query: ``(B, L, D)`` query tokens in the feature space (zeros with an all-False mask: no query).
+            query_mask: ``(B, L)`` bool, True on real query tokens.
+            budget: ``(B,)`` int64 tokens per image (``None``: relevance only).
+            capacity: ``T``, the packed output's token slots, at least the largest budget (0: relevance only).
+            relevance: ``(B, rh, rw)`` a map to allocate by instead of scoring and balancing (training draws
+                random ones); the output then has no scores or balance report.
+
+        Returns:
+            ``HEAD_OUTPUTS`` present for this call: ``scores`` ``(B, 3, rh, rw)``, ``relevance`` ``(B, rh, rw)``,
+            ``balance`` (dict of per-image tensors), and with a budget ``allocation`` ``(B, rh, rw)``, ``tokens``
+            ``(B, T, D)``, ``positions`` ``(B, T, 4)``, ``mask`` ``(B, T)``, ``weights`` ``(B, T)``.
+        """
+        if (budget is None) != (capacity == 0):
+            raise InvalidInputError("budget and capacity go together: both for compression, neither for relevance")
+        state: dict[str, Any] = {"features": features, "texture": texture, "patch_valid": patch_valid,
+                                 "query": query, "query_mask": query_mask}
+        if capacity:
+            state["budget"] = budget
+            state["min_tokens"], state["max_tokens"] = self.bounds(patch_valid)
+        steps = self.stages(capacity)
+        if relevance is not None:
+            if not capacity:
+                raise InvalidInputError("a given relevance map is only for allocation: pass a budget and capacity")
+            state["relevance"] = relevance
+            steps = [step for step in steps if step[0] in ("allocate", "compress")]
+        for _, step in steps:
+            state.update(step(state))
+        return {key: state[key] for key in HEAD_OUTPUTS if key in state}
