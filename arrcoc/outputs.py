@@ -21,7 +21,9 @@ class ScoreOutput:
     Attributes:
         scores: ``{"propositional", "perspectival", "participatory"} -> (B, rh, rw)`` in [0, 1] per image.
         relevance: ``(B, rh, rw)`` balanced relevance, summing to 1 over an image's regions.
-        balance: the opponent-processing weights and tensions used, per image (``arrcoc.stages.balance.BALANCE_KEYS``).
+        balance: the opponent-processing weights and tensions used: one dict for the batch, keyed by
+            ``arrcoc.stages.balance.BALANCE_KEYS``, each value a tensor whose first dimension is the image
+            (``(B,)``, ``(B, 3)`` weights, ``(B, rh, rw)`` redundancy); ``image(i)["balance"]`` gives image ``i``'s values.
         region_grid: ``(B, 2)`` int64, each image's ``(rh, rw)``.
         patch_grid: ``(B, 2)`` int64, each image's encoder grid ``(gh, gw)``.
         bucket: ``(B,)`` int64 bucket size ``S`` of each image.

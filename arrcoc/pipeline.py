@@ -41,6 +41,9 @@ logger = logging.getLogger(__name__)
 #: With CUDA graphs, a batch pads up to the nearest of these (beyond the last: the next multiple of it).
 BATCH_BUCKETS: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64)
 
+#: What a budget above an image's real patches does: raise a BudgetError, or cap it at them.
+BUDGET_POLICIES = ("exact", "cap")
+
 #: Token capacities are rounded up to a multiple of this, so a new budget rarely means a new capture.
 CAPACITY_STEP = 64
 
@@ -144,39 +147,44 @@ class Pipeline(nn.Module):
     # --- construction ---------------------------------------------------------------------------------
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike[str] | None = None, *, device: torch.device | str | None = None,
-                        **overrides: Any) -> Pipeline:
+                        cuda_graphs: bool | None = None, compile: bool = False, concurrent: bool = True,
+                        graph_cache: GraphCache | None = None, **overrides: Any) -> Pipeline:
         """Load a pipeline from a folder with ``config.json`` and ``encoder.safetensors``; offline.
 
         A ``text_query.safetensors`` beside them (the trained query encoder) is loaded as ``text_encoder``, so
         string queries work.
 
-        With no ``path``, the embedded default is used: the folder ``weights/`` shipped with the project
-        when it holds trained weights, otherwise the untrained default (random encoder, weight-free
-        propositional and perspectival scorers; text queries need a trained text encoder).
-
         Args:
-            path: a local folder.
-            device: where to run.
+            path: a local folder (default: the weights shipped with arrcoc, ``arrcoc.config.DEFAULT_WEIGHTS_DIR``).
+            device, cuda_graphs, compile, concurrent, graph_cache: as for :class:`Pipeline`.
             **overrides: config fields to change (e.g. ``buckets=(224, 384)``).
+
+        Raises:
+            MissingWeightsError: the folder lacks ``config.json`` or ``encoder.safetensors`` (for the default, an
+                installation without the shipped weights: ``Pipeline()`` builds the untrained model on purpose).
         """
         folder = Path(path) if path is not None else DEFAULT_WEIGHTS_DIR
         config_file, weights_file = folder / "config.json", folder / "encoder.safetensors"
-        if path is not None and not config_file.is_file():
-            raise MissingWeightsError(f"path {os.fspath(folder)!r} holds no config.json; expected a folder saved by "
-                                      "Pipeline.save_pretrained")
-        if config_file.is_file():
-            try:
-                config = PipelineConfig.from_json(config_file.read_text())
-            except InvalidInputError as err:
-                raise type(err)(f"{os.fspath(config_file)!r}: {err}") from err
-            config = config.replace(**overrides)
-            weights = weights_file if weights_file.is_file() else None
-        else:
-            logger.info("no trained weights in %s: using the untrained default (random encoder, weight-free scorers)", folder)
-            config, weights = PipelineConfig.from_name("default", **overrides), None
-        pipe = cls(config, weights=weights, device=device)
+        where = "the shipped weights folder" if path is None else "path"
+        untrained = ("(Pipeline() builds an untrained pipeline on purpose: a random encoder, weight-free "
+                     "propositional and perspectival scorers, no text queries.)")
+        if not config_file.is_file():
+            raise MissingWeightsError(f"{where} {os.fspath(folder)!r} holds no config.json; expected a folder saved by "
+                                      f"Pipeline.save_pretrained {untrained}")
+        try:
+            config = PipelineConfig.from_json(config_file.read_text())
+        except InvalidInputError as err:
+            raise type(err)(f"{os.fspath(config_file)!r}: {err}") from err
+        if not weights_file.is_file():
+            raise MissingWeightsError(f"{where} {os.fspath(folder)!r} holds no encoder.safetensors, so the encoder "
+                                      f"would be untrained {untrained}")
+        pipe = cls(config.replace(**overrides), weights=weights_file, device=device, cuda_graphs=cuda_graphs,
+                   compile=compile, concurrent=concurrent, graph_cache=graph_cache)
         if (folder / TEXT_QUERY_FILE).is_file():  # the trained query encoder: text queries become embeddings
             pipe.text_encoder = TextQueryEncoder.from_pretrained(folder, device=pipe.device)
+        elif path is None:
+            warnings.warn(f"the shipped weights folder {os.fspath(folder)!r} lacks {TEXT_QUERY_FILE}: text queries "
+                          "will raise MissingWeightsError (query embeddings still work)", stacklevel=2)
         return pipe
 
     def save_pretrained(self, path: str | os.PathLike[str]) -> None:
@@ -271,21 +279,31 @@ class Pipeline(nn.Module):
             raise InvalidInputError("query embedding must be finite (in float32); it holds NaN or infinite values")
         return query.expand(batch, -1, -1), query_mask.reshape(-1, tokens).to(device).expand(batch, -1)
 
-    def _budgets(self, budget: Any, groups: list[PreprocessedBatch], batch: int) -> tuple[list[int], int]:
+    def _budgets(self, budget: Any, groups: list[PreprocessedBatch], batch: int,
+                 policy: str = "exact") -> tuple[list[int], int]:
         """Validate budgets on the host; returns one whole number per image and the token capacity ``T``.
 
         A budget is a whole number (``int`` or a numpy integer, not ``bool``), a sequence of them, or a 0-D/1-D
-        integer tensor or array; one value serves every image.
+        integer tensor or array; one value serves every image. An image can yield at most its real patches
+        (those its content touches): above that, ``policy="exact"`` raises and ``"cap"`` lowers the budget.
         """
+        if policy not in BUDGET_POLICIES:
+            raise InvalidInputError(f"budget_policy must be one of {BUDGET_POLICIES}; got {policy!r}")
         values = [budget] * batch if type(budget) is int else _budget_values(budget, batch)  # a plain int: no detours
         cfg = self.config
         for group in groups:
-            limit = capacity_of(self.encoder(group.bucket).grid, cfg.region_size, cfg.max_tokens)
-            for i, name in zip(group.indices, group.names):
-                if not 1 <= values[i] <= limit:
-                    grid = self.encoder(group.bucket).grid
-                    raise BudgetError(f"budget for image {i} ({name}) must be between 1 and {limit}, the token "
-                                      f"capacity of its {group.bucket}px bucket ({grid[0]}x{grid[1]} patches); got {values[i]}")
+            grid = self.encoder(group.bucket).grid
+            patch = (group.bucket // grid[0], group.bucket // grid[1])
+            for (height, width), i, name in zip(group.content_size.tolist(), group.indices, group.names):  # ok-sync: CPU
+                rows, cols = -(-height // patch[0]), -(-width // patch[1])
+                limit = capacity_of((rows, cols), cfg.region_size, cfg.max_tokens)
+                if values[i] > limit and policy == "cap":
+                    values[i] = limit
+                elif not 1 <= values[i] <= limit:
+                    raise BudgetError(
+                        f"budget for {_label(i, name)} must be between 1 and {limit}, the tokens its content can "
+                        f"yield ({rows}x{cols} real patches of its {group.bucket}px bucket's {grid[0]}x{grid[1]}; "
+                        f"a token never stands for padding); got {values[i]}. budget_policy='cap' caps it")
         most = max(values)
         capacity = cfg.token_capacity or token_capacity(most)
         if most > capacity:
@@ -422,14 +440,20 @@ class Pipeline(nn.Module):
 
     @torch.inference_mode()
     def _run(self, images: Any, query: Any, query_mask: Tensor | None, budget: Any, profile: bool,
-             copy: bool = True) -> ScoreOutput:
+             copy: bool = True, budget_policy: str = "exact") -> ScoreOutput:
         device = self.device
         timer = _StageTimer(profile, device) if profile else _UNTIMED_STAGES
         with timer("preprocess"):
-            groups = self.preprocessor(images, device=device)
+            if isinstance(images, PreprocessedBatch):  # already letterboxed into one bucket (a data-set loader)
+                if images.bucket not in self.config.buckets:
+                    raise InvalidInputError(f"a PreprocessedBatch of bucket {images.bucket} is not one of this "
+                                            f"pipeline's buckets {self.config.buckets}")
+                groups = [images.to(device)]
+            else:
+                groups = self.preprocessor(images, device=device)
         batch = sum(len(g.indices) for g in groups)
         query, query_mask = self.prepare_query(query, query_mask, batch)
-        budgets, capacity = self._budgets(budget, groups, batch) if budget is not None else (None, 0)
+        budgets, capacity = self._budgets(budget, groups, batch, budget_policy) if budget is not None else (None, 0)
 
         if len(groups) == 1:  # one bucket, images in order: the results are already the call's own (or zero-copy)
             (group,) = groups
@@ -469,16 +493,20 @@ class Pipeline(nn.Module):
         return region_grid(grid, self.config.region_size), grid
 
     def forward(self, images: Any, query: Any = None, budget: int | Sequence[int] | Tensor = 256, *,
-                query_mask: Tensor | None = None, profile: bool = False, copy: bool = True) -> CompressionOutput:
+                query_mask: Tensor | None = None, budget_policy: str = "exact", profile: bool = False,
+                copy: bool = True) -> CompressionOutput:
         """Compress images to ``budget`` tokens each.
 
         Args:
-            images: a path, PIL image, array or tensor, or a list mixing them (any size, any PIL mode).
+            images: a path, PIL image, array or tensor, or a list mixing them (any size, any PIL mode); or a
+                :class:`~arrcoc.stages.preprocess.PreprocessedBatch` of one bucket, letterboxed already.
             query: ``None``; an embedding of width ``D`` shaped ``(D,)``, ``(L, D)`` or ``(B, L, D)``; or a
                 string (needs a trained text encoder).
-            budget: tokens per image: one whole number, or one per image; from 1 to the patch count of the
-                image's bucket.
+            budget: tokens per image: one whole number, or one per image; from 1 to the image's real patches
+                (those its content touches in its bucket: a token never stands for padding).
             query_mask: ``(L,)`` or ``(B, L)`` bool, True on real query tokens (padding never counts).
+            budget_policy: ``"exact"``: a budget above an image's real patches is a :class:`BudgetError`;
+                ``"cap"``: it is lowered to them, and ``out.budget`` reports the budget each image used.
             profile: record milliseconds per stage in ``out.timings`` (synchronises the device).
             copy: with CUDA graphs, ``False`` returns views of the graph entry's own buffers instead of copies
                 (zero-copy) when all images fall in one bucket. They stay valid until the next call that
@@ -492,7 +520,7 @@ class Pipeline(nn.Module):
         if budget is None:  # None means relevance only: that is score(), not a compression
             raise BudgetError("budget must be a positive whole number of tokens, or one per image; got None "
                               "(for relevance maps without compression, call Pipeline.score)")
-        return self._run(images, query, query_mask, budget, profile, copy)  # type: ignore[return-value]
+        return self._run(images, query, query_mask, budget, profile, copy, budget_policy)  # type: ignore[return-value]
 
     def score(self, images: Any, query: Any = None, *, query_mask: Tensor | None = None,
               profile: bool = False, copy: bool = True) -> ScoreOutput:
@@ -531,6 +559,11 @@ _COMPRESSION_FIELDS = _SCORE_FIELDS | {"tokens", "positions", "mask", "weights",
 #: The fields that view graph buffers: a zero-copy output checks them on every read.
 _SCORE_CHECKED = _SCORE_FIELDS.intersection(_RESULT_KEYS)
 _COMPRESSION_CHECKED = _COMPRESSION_FIELDS.intersection(_RESULT_KEYS)
+
+
+def _label(index: int, name: str) -> str:
+    """How a message names image ``index``: ``image 3 (street.jpg)``; preprocessing already names non-files so."""
+    return name if name.startswith(f"image {index} ") else f"image {index} ({name})"
 
 
 def _budget_values(budget: Any, batch: int) -> list[int]:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from PIL import Image
 
 import arrcoc
@@ -259,3 +261,49 @@ def test_text_query_encoder_round_trip(tmp_path, tiny_config: arrcoc.PipelineCon
     expected, _ = pipe.text_encoder(question)
     got, _ = loaded.text_encoder(question)
     torch.testing.assert_close(got, expected, rtol=2e-2, atol=2e-3)
+
+
+# --- a token never stands for padding --------------------------------------------------------------------
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(height=st.integers(8, 400), width=st.integers(8, 400), share=st.floats(0.01, 1.5), cap=st.booleans())
+def test_no_kept_token_lies_on_padding(tiny_pipe: arrcoc.Pipeline, height: int, width: int, share: float,
+                                       cap: bool) -> None:
+    """For random sizes, aspect ratios and budgets: every kept token's area holds image, and the budget is
+    either met exactly or refused (or, capped, lowered to the real patches and reported)."""
+    image = torch.rand(3, height, width)
+    out = tiny_pipe.score([image])
+    bucket = int(out.bucket[0])
+    gh, gw = (int(g) for g in out.patch_grid[0])
+    scale = bucket / max(height, width)
+    rows = -(-round(height * scale) // (bucket // gh))
+    cols = -(-round(width * scale) // (bucket // gw))
+    budget = max(1, round(share * rows * cols))
+    if budget > rows * cols and not cap:
+        with pytest.raises(arrcoc.BudgetError, match=f"{rows}x{cols} real patches"):
+            tiny_pipe([image], budget=budget)
+        return
+    out = tiny_pipe([image], budget=budget, budget_policy="cap" if cap else "exact")
+    used = min(budget, rows * cols)
+    assert out.budget.tolist() == [used]
+    assert int(out.mask.sum()) == used
+    kept = out.positions[0][out.mask[0]]  # (K, 4) row, col, height, width in patches
+    assert int(kept[:, 0].max()) < rows and int(kept[:, 1].max()) < cols, "a kept token lies in the padding"
+    valid = torch.zeros(gh, gw, dtype=torch.bool)
+    valid[:rows, :cols] = True
+    for r, c, h, w in kept.tolist():
+        assert valid[r : r + h, c : c + w].any(), f"token at {(r, c, h, w)} pools padding only"
+
+
+def test_from_pretrained_passes_the_pipelines_own_options_and_config_fields() -> None:
+    cache = arrcoc.GraphCache(max_entries=3)
+    pipe = arrcoc.Pipeline.from_pretrained(cuda_graphs=False, compile=False, concurrent=False, graph_cache=cache,
+                                           buckets=(224,))
+    assert pipe.cuda_graphs is False and pipe.concurrent is False and pipe.graph_cache is cache
+    assert pipe.config.buckets == (224,) and pipe.text_encoder is not None
+
+
+def test_from_pretrained_refuses_a_folder_without_trained_encoder_weights(tmp_path) -> None:
+    arrcoc.Pipeline(arrcoc.PipelineConfig.from_name("tiny")).save_pretrained(tmp_path)
+    (tmp_path / "encoder.safetensors").unlink()
+    with pytest.raises(arrcoc.MissingWeightsError, match="encoder.safetensors"):
+        arrcoc.Pipeline.from_pretrained(tmp_path)

@@ -94,3 +94,19 @@ def test_unknown_names_are_clear_errors() -> None:
     with pytest.raises(arrcoc.InvalidInputError, match="scorers"):
         ArrcocReducer(scorers=("salience",))
     assert {"arrcoc", "arrcoc-propositional", "arrcoc-perspectival", "arrcoc-participatory"} <= set(REDUCERS)
+
+
+@pytest.mark.parametrize("name", ["arrcoc", "arrcoc-noquery", "divprune", "random"])
+def test_a_budget_above_an_images_real_patches_is_refused_and_no_kept_patch_is_padding(name: str) -> None:
+    from arrcoc.reducers import VisualInput, create_reducer
+
+    features = torch.randn(2, 8, 8, 16)
+    patch_valid = torch.ones(2, 8, 8)
+    patch_valid[1, 5:] = 0  # image 1: 40 real patches, the rest letterbox padding
+    reducer = create_reducer(name)
+    visual = VisualInput(features, patch_valid=patch_valid)
+    with pytest.raises(arrcoc.BudgetError, match="40 real patches of image 1"):
+        reducer(visual, 41)
+    for budget in (40, 17):
+        kept = reducer(visual, budget).positions[1]  # (K, 4): every kept token's rows are image
+        assert int(kept[:, 0].max()) < 5

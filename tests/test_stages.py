@@ -89,9 +89,9 @@ def test_normalize_is_per_image_and_ignores_invalid() -> None:
 
 def test_bounds_and_capacity() -> None:
     valid = torch.ones(1, 6, 7)
-    valid[0, :, 4:] = 0  # the right column of regions is all padding
+    valid[0, :, 4:] = 0  # the right column of regions is all padding: no token may go there
     low, high = region_bounds(valid, 4, 1, None)
-    assert high.tolist() == [[[16, 12], [8, 6]]]
+    assert high.tolist() == [[[16, 0], [8, 0]]]
     assert low.tolist() == [[[1, 0], [1, 0]]]
     assert capacity_of((6, 7), 4, None) == 42 and capacity_of((6, 7), 4, 4) == 16
 

@@ -185,9 +185,21 @@ def check_visual(visual: VisualInput) -> None:
 
 
 def check_budget(visual: VisualInput, budget: int) -> None:
-    """Host-side check shared by reducers: ``budget`` is a whole number in ``[1, gh * gw]``."""
+    """Host-side check shared by reducers: ``budget`` is a whole number in ``[1, gh * gw]``, and no image has
+    fewer real patches (``patch_valid > 0``) than the budget: a token never stands for padding.
+
+    The real-patch count reads one number per image from the device; it is skipped while a CUDA graph is being
+    captured, where the caller validated the inputs it copies into the graph.
+    """
     if isinstance(budget, bool) or not isinstance(budget, int):
         raise BudgetError(f"budget must be a whole number of tokens; got {budget!r} ({type(budget).__name__})")
     gh, gw = visual.grid
     if not 1 <= budget <= gh * gw:
         raise BudgetError(f"budget must be between 1 and the {gh}x{gw} = {gh * gw} patches; got {budget}")
+    if visual.patch_valid is not None and not _capturing(visual.patch_valid):
+        real = (visual.patch_valid > 0).flatten(1).sum(1).tolist()  # ok-sync: validation, outside capture
+        short = [(i, n) for i, n in enumerate(real) if n < budget]
+        if short:
+            i, n = short[0]
+            raise BudgetError(f"budget {budget} is above the {n} real patches of image {i} (the rest of its "
+                              f"{gh}x{gw} grid is padding); {len(short)} image(s) are short of it")

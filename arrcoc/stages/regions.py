@@ -63,8 +63,9 @@ def normalize_per_image(score: Tensor, valid: Tensor) -> Tensor:
 def region_bounds(patch_valid: Tensor, side: int, min_tokens: int, max_tokens: int | None) -> tuple[Tensor, Tensor]:
     """Per-region token bounds for allocation.
 
-    A region may hold at most as many tokens as it has patches inside the grid (capped by ``max_tokens``);
-    a region with image content gets at least ``min_tokens``, one that is all padding may get none.
+    A region may hold at most as many tokens as it has patches with image content (capped by ``max_tokens``),
+    so no token ever stands for a patch of padding; a region with image content gets at least ``min_tokens``,
+    one that is all padding gets none.
 
     Args:
         patch_valid: ``(B, gh, gw)`` share of each patch that is image.
@@ -72,15 +73,18 @@ def region_bounds(patch_valid: Tensor, side: int, min_tokens: int, max_tokens: i
     Returns:
         ``(min, max)``, each ``(B, rh, rw)`` int64.
     """
-    weights = to_regions(patch_valid[..., None], side)[..., 0]  # (B, rh, rw, P)
-    inside = to_regions(torch.ones_like(patch_valid)[..., None], side)[..., 0].sum(-1)  # (B, rh, rw)
-    high = inside if max_tokens is None else inside.clamp(max=max_tokens)
-    low = torch.where(weights.sum(-1) > 0, min_tokens, 0).minimum(high)
+    image = (to_regions(patch_valid[..., None], side)[..., 0] > 0).sum(-1)  # (B, rh, rw) patches with image
+    high = image if max_tokens is None else image.clamp(max=max_tokens)
+    low = torch.where(image > 0, min_tokens, 0).minimum(high)
     return low.long(), high.long()
 
 
 def capacity_of(patch_grid: tuple[int, int], side: int, max_tokens: int | None) -> int:
-    """Most tokens an image on a ``(gh, gw)`` patch grid can yield: the sum of the region maxima."""
+    """Most tokens an image on a ``(gh, gw)`` patch grid can yield: the sum of the region maxima.
+
+    For a letterboxed image anchored top-left, ``patch_grid`` is the patches its content touches: the most
+    tokens it can yield without one standing for padding.
+    """
     gh, gw = patch_grid
     if max_tokens is None:
         return gh * gw
