@@ -7,33 +7,42 @@ compress, each a tensor-in/tensor-out module with static shapes.
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import numbers
 import os
-import time
 import warnings
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .config import DEFAULT_WEIGHTS_DIR, SCORER_NAMES, PipelineConfig
+from .config import DEFAULT_WEIGHTS_DIR, PipelineConfig
 from .errors import BudgetError, InvalidInputError, InvalidTypeError, MissingWeightsError
+from .frontend import (
+    BUDGET_POLICIES,
+    CAPACITY_STEP,
+    RESULT_KEYS,
+    UNTIMED,
+    StageTimer,
+    budget_tensor,
+    build_output,
+    check_budgets,
+    prepare_query,
+    scatter_into,
+    token_capacity,
+)
 from .outputs import CompressionOutput, ScoreOutput
-from .runtime.graphs import CaptureError, ChainResult, GraphCache, GraphKey, lazy_output
+from .runtime.graphs import CaptureError, GraphCache, GraphKey
 from .runtime.streams import run_branches
 from .stages.encoders import ENCODER_DTYPES, Encoder, create_backbone, encoder_for_bucket, patch_stride
 from .stages.head import RelevanceHead, Stage
 from .stages.preprocess import PreprocessedBatch, Preprocessor
-from .stages.regions import capacity_of, region_grid
+from .stages.regions import region_grid
 from .stages.text_query import TEXT_QUERY_FILE, TextQueryEncoder
 
-__all__ = ["Pipeline", "DEFAULT_WEIGHTS_DIR", "BATCH_BUCKETS"]
+__all__ = ["Pipeline", "DEFAULT_WEIGHTS_DIR", "BATCH_BUCKETS", "BUDGET_POLICIES", "token_capacity", "graph_inputs"]
 
 logger = logging.getLogger(__name__)
 
@@ -41,53 +50,13 @@ logger = logging.getLogger(__name__)
 #: With CUDA graphs, a batch pads up to the nearest of these (beyond the last: the next multiple of it).
 BATCH_BUCKETS: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64)
 
-#: What a budget above an image's real patches does: raise a BudgetError, or cap it at them.
-BUDGET_POLICIES = ("exact", "cap")
-
-#: Token capacities are rounded up to a multiple of this, so a new budget rarely means a new capture.
-CAPACITY_STEP = 64
-
-
 def _batch_bucket(batch: int) -> int:
     last = BATCH_BUCKETS[-1]
     return next((b for b in BATCH_BUCKETS if b >= batch), -(-batch // last) * last)
 
 
-def token_capacity(budget: int) -> int:
-    """The token capacity ``T`` that serves ``budget``: rounded up to a multiple of ``CAPACITY_STEP``."""
-    return -(-budget // CAPACITY_STEP) * CAPACITY_STEP
-
-
 def _query_bucket(tokens: int) -> int:
     return 1 << max(0, tokens - 1).bit_length()  # 1, 2, 4, 8, ...
-
-
-_UNTIMED = contextlib.nullcontext()
-
-
-class _StageTimer:
-    """Wall time per stage in milliseconds; synchronises the device only when profiling is on."""
-
-    def __init__(self, enabled: bool, device: torch.device) -> None:
-        self.enabled = enabled
-        self.device = device
-        self.times: dict[str, float] = {}
-
-    def __call__(self, stage: str) -> contextlib.AbstractContextManager[None]:
-        return self._timed(stage) if self.enabled else _UNTIMED  # off: no generator per stage and call
-
-    @contextlib.contextmanager
-    def _timed(self, stage: str) -> Iterator[None]:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        start = time.perf_counter()
-        yield
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        self.times[stage] = self.times.get(stage, 0.0) + (time.perf_counter() - start) * 1e3
-
-
-_UNTIMED_STAGES = _StageTimer(False, torch.device("cpu"))  # profiling off: one shared timer that records nothing
 
 
 class Pipeline(nn.Module):
@@ -227,88 +196,9 @@ class Pipeline(nn.Module):
 
     # --- inputs -----------------------------------------------------------------------------------------
     def prepare_query(self, query: Any, query_mask: Tensor | None = None, batch: int = 1) -> tuple[Tensor, Tensor]:
-        """Normalise a query to ``(B, L, D)`` float32 plus a ``(B, L)`` bool mask of its real tokens.
-
-        Args:
-            query: ``None``; an embedding of width ``D`` shaped ``(D,)``, ``(L, D)`` or ``(B, L, D)``; or a
-                string or list of strings (needs a trained text encoder). An empty embedding (``L = 0``)
-                or one whose mask is all False is no query.
-            query_mask: ``(L,)`` or ``(B, L)`` bool, True on real query tokens.
-            batch: ``B``, the number of images.
-
-        Raises:
-            InvalidTypeError: a query or mask of the wrong type or dtype.
-            InvalidInputError: a wrong shape or width, NaN or infinite values, a batch below 1.
-            MissingWeightsError: a text query with no text encoder loaded.
-        """
-        if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
-            raise InvalidInputError(f"batch must be a whole number >= 1; got {batch!r}")
-        width, device = self.width, self.device
-        if query is None:
-            return torch.zeros(batch, 1, width, device=device), torch.zeros(batch, 1, dtype=torch.bool, device=device)
-        if isinstance(query, str) or (isinstance(query, (list, tuple)) and query and all(isinstance(q, str) for q in query)):
-            if self.text_encoder is None:
-                raise MissingWeightsError(
-                    "a text query needs a trained text encoder, and none is loaded: the embedded default ships "
-                    "no trained weights yet. Pass the query as an embedding tensor of width "
-                    f"{width} ((D,), (L, D) or (B, L, D)), or query=None for relevance without a query.")
-            query, query_mask = self.text_encoder(query)
-        query = _dense_tensor(query, "query", f"None, a string, or a float tensor of width {width}")
-        if query.is_complex() or not query.is_floating_point():
-            raise InvalidTypeError(f"query must be a floating-point tensor; got dtype {query.dtype}")
-        if query.ndim not in (1, 2, 3):
-            raise InvalidInputError(f"query must have shape (D,), (L, D) or (B, L, D); got {tuple(query.shape)}")
-        query = query.reshape((1,) * (3 - query.ndim) + tuple(query.shape))
-        if query.shape[-1] != width:
-            raise InvalidInputError(f"query embedding width must equal the encoder width {width}; got {query.shape[-1]}")
-        if query.shape[0] not in (1, batch):
-            raise InvalidInputError(f"query batch size must be 1 or the number of images {batch}; got {query.shape[0]}")
-        tokens = query.shape[1]
-        if query_mask is None:  # made where it is used: a copy from the host would sync with the device
-            query_mask = torch.ones(query.shape[:2], dtype=torch.bool, device=device)
-        else:
-            query_mask = _dense_tensor(query_mask, "query_mask", f"a bool tensor of shape (L,) or (B, L) with L = {tokens}")
-            if (query_mask.dtype != torch.bool or query_mask.ndim not in (1, 2) or query_mask.shape[-1] != tokens
-                    or (query_mask.ndim == 2 and query_mask.shape[0] not in (1, batch))):
-                raise InvalidInputError(f"query_mask must be a bool tensor of shape (L,), (1, L) or ({batch}, L) with "
-                                        f"L = {tokens}; got {query_mask.dtype} {tuple(query_mask.shape)}")
-        if tokens == 0:  # an empty query is no query
-            return self.prepare_query(None, None, batch)
-        query = query.to(device, torch.float32)  # check after the cast: a float64 1e300 is inf in float32
-        if not bool(torch.isfinite(query).all()):  # ok-sync: host-side validation before the stages
-            raise InvalidInputError("query embedding must be finite (in float32); it holds NaN or infinite values")
-        return query.expand(batch, -1, -1), query_mask.reshape(-1, tokens).to(device).expand(batch, -1)
-
-    def _budgets(self, budget: Any, groups: list[PreprocessedBatch], batch: int,
-                 policy: str = "exact") -> tuple[list[int], int]:
-        """Validate budgets on the host; returns one whole number per image and the token capacity ``T``.
-
-        A budget is a whole number (``int`` or a numpy integer, not ``bool``), a sequence of them, or a 0-D/1-D
-        integer tensor or array; one value serves every image. An image can yield at most its real patches
-        (those its content touches): above that, ``policy="exact"`` raises and ``"cap"`` lowers the budget.
-        """
-        if policy not in BUDGET_POLICIES:
-            raise InvalidInputError(f"budget_policy must be one of {BUDGET_POLICIES}; got {policy!r}")
-        values = [budget] * batch if type(budget) is int else _budget_values(budget, batch)  # a plain int: no detours
-        cfg = self.config
-        for group in groups:
-            grid = self.encoder(group.bucket).grid
-            patch = (group.bucket // grid[0], group.bucket // grid[1])
-            for (height, width), i, name in zip(group.content_size.tolist(), group.indices, group.names):  # ok-sync: CPU
-                rows, cols = -(-height // patch[0]), -(-width // patch[1])
-                limit = capacity_of((rows, cols), cfg.region_size, cfg.max_tokens)
-                if values[i] > limit and policy == "cap":
-                    values[i] = limit
-                elif not 1 <= values[i] <= limit:
-                    raise BudgetError(
-                        f"budget for {_label(i, name)} must be between 1 and {limit}, the tokens its content can "
-                        f"yield ({rows}x{cols} real patches of its {group.bucket}px bucket's {grid[0]}x{grid[1]}; "
-                        f"a token never stands for padding); got {values[i]}. budget_policy='cap' caps it")
-        most = max(values)
-        capacity = cfg.token_capacity or token_capacity(most)
-        if most > capacity:
-            raise BudgetError(f"budget {most} exceeds the configured token_capacity {capacity}")
-        return values, capacity
+        """Normalise a query to ``(B, L, D)`` float32 plus a ``(B, L)`` bool mask: :func:`arrcoc.frontend.prepare_query`
+        with this pipeline's width, device and text encoder."""
+        return prepare_query(query, query_mask, batch, self.width, self.device, self.text_encoder)
 
     # --- running ----------------------------------------------------------------------------------------
     def stages(self, bucket: int, capacity: int = 0, *, concurrent: bool | None = None,
@@ -366,7 +256,7 @@ class Pipeline(nn.Module):
 
     def _build(self, key: GraphKey) -> tuple[list[Any], dict[str, Tensor], tuple[str, ...]]:
         """What the cache captures for ``key``: the stages, their static inputs, the result keys."""
-        return self.stages(key.bucket, key.capacity, compile=self.compile), self._static_inputs(key), _RESULT_KEYS
+        return self.stages(key.bucket, key.capacity, compile=self.compile), self._static_inputs(key), RESULT_KEYS
 
     def _uses_graphs(self, device: torch.device | None = None) -> bool:
         return self.cuda_graphs and ((device or self.device).type == "cuda" or self.graph_cache.backend == "eager")
@@ -408,7 +298,7 @@ class Pipeline(nn.Module):
                         self._chain(self._graph_key(size, batch, cap, query_tokens))
         return self.graph_cache.stats()
 
-    def _run_stages(self, state: dict[str, Any], bucket: int, capacity: int, timer: _StageTimer,
+    def _run_stages(self, state: dict[str, Any], bucket: int, capacity: int, timer: StageTimer,
                     copy: bool = True, device: torch.device | None = None) -> Mapping[str, Any]:
         """Run one bucket's stages, as one graph when possible; returns the result entries.
 
@@ -420,29 +310,19 @@ class Pipeline(nn.Module):
         if key is not None and key not in self._eager_only:
             try:
                 with timer("graphs"):
-                    return self.graph_cache.run(key, lambda: self._build(key), _fill_static(key, state), batch, copy)
+                    return self.graph_cache.run(key, lambda: self._build(key), graph_inputs(key, state), batch, copy)
             except CaptureError as err:
                 self._capture_failed(key, err)
         for name, stage in self.stages(bucket, capacity):
             with timer(name):
                 state.update(stage(state))
-        return {k: state[k] for k in _RESULT_KEYS if k in state}
-
-    @staticmethod
-    def _budget_on_device(budgets: list[int] | None, device: torch.device) -> Tensor | None:
-        """``(B,)`` int64 budgets on ``device``; one shared by the batch is a fill on the device, which unlike a
-        copy from the host does not wait for the device."""
-        if budgets is None:
-            return None
-        if budgets.count(budgets[0]) == len(budgets):
-            return torch.full((len(budgets),), budgets[0], dtype=torch.long, device=device)
-        return torch.tensor(budgets, dtype=torch.long, device=device)
+        return {k: state[k] for k in RESULT_KEYS if k in state}
 
     @torch.inference_mode()
     def _run(self, images: Any, query: Any, query_mask: Tensor | None, budget: Any, profile: bool,
              copy: bool = True, budget_policy: str = "exact") -> ScoreOutput:
         device = self.device
-        timer = _StageTimer(profile, device) if profile else _UNTIMED_STAGES
+        timer = StageTimer(profile, device) if profile else UNTIMED
         with timer("preprocess"):
             if isinstance(images, PreprocessedBatch):  # already letterboxed into one bucket (a data-set loader)
                 if images.bucket not in self.config.buckets:
@@ -453,12 +333,12 @@ class Pipeline(nn.Module):
                 groups = self.preprocessor(images, device=device)
         batch = sum(len(g.indices) for g in groups)
         query, query_mask = self.prepare_query(query, query_mask, batch)
-        budgets, capacity = self._budgets(budget, groups, batch, budget_policy) if budget is not None else (None, 0)
+        budgets, capacity = check_budgets(budget, groups, batch, lambda b: self.encoder(b).grid, self.config, budget_policy) if budget is not None else (None, 0)
 
         if len(groups) == 1:  # one bucket, images in order: the results are already the call's own (or zero-copy)
             (group,) = groups
             state: dict[str, Any] = {"pixels": group.pixels, "valid": group.valid, "query": query,
-                                     "query_mask": query_mask, "budget": self._budget_on_device(budgets, device)}
+                                     "query_mask": query_mask, "budget": budget_tensor(budgets, device)}
             merged: Mapping[str, Any] = self._run_stages(state, group.bucket, capacity, timer, copy, device)
             names = list(group.names)
         else:
@@ -470,22 +350,14 @@ class Pipeline(nn.Module):
                 index = torch.tensor(group.indices, device=device)
                 rows = None if budgets is None else [budgets[i] for i in group.indices]
                 state = {"pixels": group.pixels, "valid": group.valid, "query": query[index],
-                         "query_mask": query_mask[index], "budget": self._budget_on_device(rows, device)}
+                         "query_mask": query_mask[index], "budget": budget_tensor(rows, device)}
                 result = self._run_stages(state, group.bucket, capacity, timer, device=device)
-                _scatter_into(merged, result, index, batch, (rh, rw))
+                scatter_into(merged, result, index, batch, (rh, rw))
                 for i, name in zip(group.indices, group.names):
                     names[i] = name
 
-        # the output's tensors are built when first read: most callers read a few of its 17 results
-        source = _OutputSource(merged, groups, self._grids, batch, budgets)
-        values = {"names": names, "region_size": self.config.region_size, "timings": timer.times if profile else {}}
-        if budgets is None:
-            cls, lazy, checked = ScoreOutput, _SCORE_FIELDS, _SCORE_CHECKED
-        else:
-            cls, lazy, checked = CompressionOutput, _COMPRESSION_FIELDS, _COMPRESSION_CHECKED
-        if isinstance(merged, ChainResult) and not merged.owned:  # zero-copy: reads check the entry's generation
-            return lazy_output(cls, values, source, lazy, check=merged.check, checked=checked)
-        return lazy_output(cls, values, source, lazy)
+        return build_output(merged, groups, self._grids, batch, budgets, names, self.config.region_size,
+                            timer.times if profile else {})
 
     def _grids(self, bucket: int) -> tuple[tuple[int, int], tuple[int, int]]:
         """``(region grid, patch grid)`` of a bucket."""
@@ -531,7 +403,7 @@ class Pipeline(nn.Module):
         return self._run(images, query, query_mask, None, profile, copy)
 
 
-def _fill_static(key: GraphKey, state: dict[str, Any]) -> dict[str, Tensor]:
+def graph_inputs(key: GraphKey, state: dict[str, Any]) -> dict[str, Tensor]:
     """A call's values for a chain's static inputs, each ``(batch, ...)`` with the entry's trailing shapes.
 
     A query shorter than the entry's query bucket is padded with masked-out zero tokens. Padding rows of
@@ -550,110 +422,3 @@ def _fill_static(key: GraphKey, state: dict[str, Any]) -> dict[str, Tensor]:
 
 #: What the encode stage's layout branch returns, in order (the bounds only for a chain that allocates).
 _LAYOUT_KEYS = ("texture", "patch_valid", "min_tokens", "max_tokens")
-_RESULT_KEYS = ("scores", "relevance", "balance", "prefix", "allocation", "tokens", "positions", "mask", "weights")
-#: Per-image facts of a call, from preprocessing (built together on the first read of any of them).
-_INFO_FIELDS = ("region_grid", "patch_grid", "bucket", "scale", "source_size")
-#: The output fields built on first read (the rest are set at once: names, region_size, timings).
-_SCORE_FIELDS = frozenset(("scores", "relevance", "balance", *_INFO_FIELDS))
-_COMPRESSION_FIELDS = _SCORE_FIELDS | {"tokens", "positions", "mask", "weights", "allocation", "prefix", "budget"}
-#: The fields that view graph buffers: a zero-copy output checks them on every read.
-_SCORE_CHECKED = _SCORE_FIELDS.intersection(_RESULT_KEYS)
-_COMPRESSION_CHECKED = _COMPRESSION_FIELDS.intersection(_RESULT_KEYS)
-
-
-def _label(index: int, name: str) -> str:
-    """How a message names image ``index``: ``image 3 (street.jpg)``; preprocessing already names non-files so."""
-    return name if name.startswith(f"image {index} ") else f"image {index} ({name})"
-
-
-def _budget_values(budget: Any, batch: int) -> list[int]:
-    """Any accepted form of a budget -> one whole number per image (not yet checked against the buckets)."""
-    if isinstance(budget, (Tensor, np.ndarray)):
-        kind = budget.dtype
-        if (budget.is_floating_point() or budget.is_complex() or kind == torch.bool) if isinstance(budget, Tensor) \
-                else kind.kind not in "iu":
-            raise BudgetError(f"budget must hold whole numbers; got a {kind} {type(budget).__name__}")
-        if budget.ndim > 1 or (isinstance(budget, Tensor) and budget.device.type == "meta"):
-            raise BudgetError(f"budget must be a number or a 1-D sequence of one per image; got shape {tuple(budget.shape)}")
-        values = budget.reshape(-1).tolist()  # ok-sync: host-side validation before the stages
-    elif isinstance(budget, Sequence) and not isinstance(budget, (str, bytes)):
-        values = list(budget)
-    else:
-        values = [budget]
-    for position, value in enumerate(values):
-        if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
-            where = "" if len(values) == 1 else f" (value {position})"
-            raise BudgetError(f"budget must be a positive whole number of tokens{where}; got {value!r} "
-                              f"({type(value).__name__})")
-    values = [int(v) for v in values]
-    if len(values) == 1:
-        values = values * batch
-    if len(values) != batch:
-        raise BudgetError(f"budget must be one number or one per image ({batch}); got {len(values)} values")
-    return values
-
-
-class _OutputSource:
-    """Builds an output's fields on first read: results from the chain (or the merged buckets), the per-image
-    facts from preprocessing, the budgets from the validated values."""
-
-    __slots__ = ("results", "groups", "grids", "batch", "budgets", "_info")
-
-    def __init__(self, results: Mapping[str, Any], groups: list[PreprocessedBatch],
-                 grids: Callable[[int], tuple[tuple[int, int], tuple[int, int]]], batch: int,
-                 budgets: list[int] | None) -> None:
-        self.results, self.groups, self.grids, self.batch, self.budgets = results, groups, grids, batch, budgets
-        self._info: dict[str, Tensor] | None = None
-
-    def __call__(self, name: str) -> Any:
-        results = self.results
-        get = results.get_unchecked if isinstance(results, ChainResult) else results.__getitem__  # the output checks
-        if name == "scores":
-            return dict(zip(SCORER_NAMES, get("scores").unbind(1)))
-        if name in _INFO_FIELDS:
-            if self._info is None:
-                self._info = self._image_info()
-            return self._info[name]
-        if name == "budget":
-            return torch.tensor(self.budgets, dtype=torch.long)
-        return get(name)
-
-    def _image_info(self) -> dict[str, Tensor]:
-        """Region and patch grids, bucket, scale and source size of every image, in the caller's order (CPU)."""
-        region, patch, bucket = [(0, 0)] * self.batch, [(0, 0)] * self.batch, [0] * self.batch
-        scale, source = [0.0] * self.batch, [[0, 0]] * self.batch
-        for group in self.groups:
-            sizes, scales = group.source_size.tolist(), group.scale.tolist()  # ok-sync: CPU tensors
-            regions, patches = self.grids(group.bucket)
-            for row, i in enumerate(group.indices):
-                region[i], patch[i], bucket[i] = regions, patches, group.bucket
-                scale[i], source[i] = scales[row], sizes[row]
-        return {"region_grid": torch.tensor(region, dtype=torch.long), "patch_grid": torch.tensor(patch, dtype=torch.long),
-                "bucket": torch.tensor(bucket, dtype=torch.long), "scale": torch.tensor(scale, dtype=torch.float32),
-                "source_size": torch.tensor(source, dtype=torch.long)}
-
-
-def _scatter_into(merged: dict[str, Any], result: dict[str, Any], index: Tensor, batch: int,
-                  region_shape: tuple[int, int]) -> None:
-    """Write one bucket's results into the whole call's tensors, padding region grids to ``region_shape``."""
-    for key, value in result.items():
-        if isinstance(value, dict):
-            _scatter_into(merged.setdefault(key, {}), value, index, batch, region_shape)
-            continue
-        if key in ("scores", "relevance", "allocation", "redundancy"):
-            pad_h, pad_w = region_shape[0] - value.shape[-2], region_shape[1] - value.shape[-1]
-            value = F.pad(value, (0, pad_w, 0, pad_h))
-        if key == "prefix" and key in merged and merged[key].shape[1] != value.shape[1]:
-            raise InvalidInputError("prefix token counts differ between buckets")
-        if key not in merged:
-            merged[key] = value.new_zeros((batch, *value.shape[1:]))
-        merged[key][index] = value
-
-
-def _dense_tensor(value: Any, name: str, expected: str) -> Tensor:
-    """``value`` if it is a dense tensor holding data, else an error naming ``name`` and ``expected``."""
-    if not isinstance(value, Tensor):
-        raise InvalidTypeError(f"{name} must be {expected}; got {type(value).__name__}")
-    if value.layout != torch.strided or value.device.type == "meta":
-        raise InvalidTypeError(f"{name} must be a dense tensor holding data; got layout {value.layout} on {value.device}")
-    return value

@@ -13,7 +13,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "arrcoc"
 RANKS = {
     "errors": 0, "config": 0.5, "outputs": 0.5,
     "runtime": 1, "stages": 1.5,
-    "pipeline": 2, "reducers": 2,
+    "frontend": 1.8, "pipeline": 2, "reducers": 2,
     "integrations": 3, "datasets": 3,
     "world": 4,
     "tools": 5,

@@ -38,7 +38,7 @@ import torch
 from torch import Tensor
 
 from ..config import PipelineConfig
-from ..pipeline import Pipeline, _fill_static, token_capacity
+from ..pipeline import Pipeline, graph_inputs, token_capacity
 from ..runtime.graphs import GraphCache, GraphChain
 from .bench import _images, _timer, write_report
 
@@ -120,7 +120,7 @@ def time_graphs(pipe: Pipeline, size: int, batch: int, *, reps: int = 50, second
         raise RuntimeError(f"capture failed for {size}px batch {batch}: {pipe._eager_only[key]}")
     result["capture_s"] = time.perf_counter() - start
     result["pool_bytes"], result["entry_bytes"] = chain.pool_bytes, chain.bytes
-    values = _fill_static(key, inputs)
+    values = graph_inputs(key, inputs)
 
     def call(copy: bool) -> Callable[[], Any]:
         return lambda: cache.run(key, lambda: pipe._build(key), values, batch, copy)
@@ -257,7 +257,7 @@ def time_compiled(pipe: Pipeline, result: dict[str, Any], *, reps: int = 50,
         result["graphed_compiled_error"] = both._eager_only[key]
         return
     result["graphed_compiled_capture_s"] = time.perf_counter() - start
-    values = _fill_static(key, inputs)
+    values = graph_inputs(key, inputs)
     chain.inputs.write(values)
     result["graphed_compiled_ms"] = _gpu_ms(chain.replay, reps)
     # the same compiled bodies on one stream (dynamo's cache holds them: no second compile)
@@ -370,7 +370,7 @@ def _threads_one_mode(config: PipelineConfig, mode: str, threads: int, calls: in
         def call(values: dict[str, Tensor]) -> Tensor:
             return pipe.graph_cache.run(key, lambda: pipe._build(key), values, 1)["tokens"]
 
-        jobs = [_fill_static(key, {**base, "pixels": base["pixels"].roll(7 * i, -1),
+        jobs = [graph_inputs(key, {**base, "pixels": base["pixels"].roll(7 * i, -1),
                                    "budget": torch.full((1,), 10 + i, device="cuda")}) for i in range(threads)]
         expected = [call(values) for values in jobs]
     barrier, wrong = threading.Barrier(threads + 1, timeout=300), [0] * threads  # a failing thread breaks it, not hangs
@@ -442,7 +442,7 @@ def time_host(preset: str = "tiny", reps: int = 20000) -> dict[str, Any]:
     key = pipe._graph_key(32, 1, 64, 1)
     chain = pipe._chain(key)
     chain.replay = lambda: setattr(chain, "generation", chain.generation + 1)  # the GPU's part
-    values = _fill_static(key, {k: v.clone() for k, v in chain.inputs.views.items()})
+    values = graph_inputs(key, {k: v.clone() for k, v in chain.inputs.views.items()})
     # successive calls bring new image tensors (preprocessing makes them) and may pass the same small ones again
     calls = itertools.cycle([values, {**values, "pixels": values["pixels"].clone(), "valid": values["valid"].clone()}])
     cache = pipe.graph_cache
