@@ -147,10 +147,7 @@ class PipelineConfig:
     region_size: int = 4
     min_tokens: int = 0
     max_tokens: int | None = None
-    # query_detail 0.5 with balance.exploit 0.6 (was 0 and 0.5), chosen on two validation seed ranges of the
-    # generated world (from 700,000 and 800,000; 300 questions per family each, H100, shipped weights;
-    # bench/results/validation/within-region*-h100.md): the figures are in arrcoc/stages/compression.py. Exploit 0.6 or
-    # 0.7 alone and shares 0.3 and 0.7 did less well on average over the 8 cells of the first range.
+    # chosen with balance.exploit on two validation seed ranges: docs/decisions.md, bench/results/validation/
     query_detail: float = 0.5
     token_capacity: int | None = None
     encoder_dtype: str = "float32"

@@ -13,9 +13,7 @@ fork may come from another stream, which the side stream would not wait for.
 
 Side streams are per thread, so a capture in one thread never pulls in another thread's branches. They come
 from PyTorch's stream pool (32 per device, handed out in turn, so two threads share one only once the pool has
-wrapped around), at the default priority. With high-priority side streams the compiled fp32 chain with branches
-took 1.40 ms on the H100 against 1.31 ms on one stream; at the default priority (and with the texture's pooling
-made one reduction in the same step) it takes 1.27 against 1.29 ms.
+wrapped around), at the default priority: high-priority side streams measured slower (docs/decisions.md).
 """
 
 from __future__ import annotations

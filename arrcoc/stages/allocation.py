@@ -7,9 +7,9 @@ token for the regions with the largest fractional parts (ties: larger relevance,
 budget is met.
 
 Both steps need an order over the regions. For small problems it is counted pairwise (``O(R^2)`` elementwise
-work, a few kernels); for large ones it is sorted. On the lent H100 the sorts (float64 radix sorts) were most of
-the stage's GPU time at 1024 px (256 regions, one image): pairwise, the graphed stage took 0.139 ms, not 0.219. The
-choice depends on shapes only, so it is fixed at capture; both give the same allocation.
+work, a few kernels); for large ones it is sorted (float64 radix sorts dominated the stage's GPU time on small
+problems: docs/decisions.md). The choice depends on shapes only, so it is fixed at capture; both give the same
+allocation.
 
 Guarantees: exact sum; bounds; monotone (more relevance never means fewer tokens, bounds permitting);
 deterministic; static shapes.
@@ -26,7 +26,7 @@ __all__ = ["allocate", "Allocator"]
 
 _FLOOR = 1e-6  # added weight (relative to the largest) so every region has positive weight
 #: Pairwise orders up to this many compared pairs per call (``B * R * R``, or ``B * 2R * R`` for the level); sorts
-#: beyond. Measured on the H100: pairwise was faster at 768 px x 64 images (2.7M pairs), slower at 1024 px x 64 (8.4M).
+#: beyond, where pairwise measured slower (docs/decisions.md).
 PAIRWISE_PAIRS = 1 << 22
 
 

@@ -10,24 +10,12 @@ the region would describe worst; scaled by the region's most distinct image patc
 cosine with the query (:func:`arrcoc.stages.scorers.query_coupling`, min-max scaled per image). Without a query, or with
 ``query_detail = 0``, distinctness alone ranks.
 
-Why a mix: with distinctness alone, a region that holds part of a framed label shows the frame's edge as readily
-as the glyphs (a region given 10 of its 16 patches at 384 px left glyphs out and kept border patches), and with
-coupling alone it shows the label's plain inside as readily (CPU, 150 text questions at 384 px, 22%: 142 right
-with distinctness, 130 with coupling alone, 146 with the mix). On the generated benchmark (``arrcoc eval``, H100,
-shipped weights, 300 questions per family on each of two validation seed ranges, ``bench/results/validation/``)
-the mix at 0.5, with ``exploit`` 0.6, answered 0.9 and 1.1 points more at 11% of the tokens at 224 px and 1.8
-and 3.0 more at 5.5% than distinctness alone with ``exploit`` 0.5; in the other cells it moved by -0.6 to +0.3.
+Why a mix: distinctness alone shows a framed label's edge as readily as its glyphs, coupling alone its plain
+inside; the mix answered more on validation seeds. Why real patches and no pooled tokens: a language model
+reads them better. The measurements behind both are in docs/decisions.md.
 
-Why no pooled tokens: a language model reads real patches better than averaged ones. On the generated
-benchmark (CPU, 50 questions per family, validation seeds from 700,000) a one-token region shown as its most
-distinctive patch instead of its mean read 4.0 points more at 11% of the tokens at 224 px and 7.0 at 384 px
-(text questions 66 -> 86% and 36 -> 72%), and 0-4.3 points more at 33% and 22%. It read 1.6 points less at 5.5%
-at 224 px (11 tokens), where a mean told the model more about counts of colours. Merging the leftover patches
-of a region given ``k >= 2`` tokens into one mean token (which conserves the region's mean) cost 4.3 points at
-33% of the tokens in an earlier check.
-
-Patches from the letterbox padding rank after every image patch, so they are only kept when a budget asks
-for more tokens than a region has image patches.
+Patches from the letterbox padding rank after every image patch; allocation never gives a region more tokens
+than it has image patches, so none is kept.
 """
 
 from __future__ import annotations

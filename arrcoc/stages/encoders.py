@@ -112,9 +112,8 @@ class PatchProjection(nn.Module):
     """A ViT's patch embedding (a ``Conv2d`` whose kernel is its stride) as one matmul over the patches.
 
     It holds the convolution's own parameters under the same names, so state dicts do not change. cuDNN runs
-    this convolution as an implicit GEMM, which took 52 µs of the 0.43 ms bf16 encoder (vit_small, 224 px,
-    compiled) on the H100; a copy of the pixels into patch rows and one linear layer give the same numbers up
-    to rounding (with them, and the texture's pooling as one reduction, that encoder took 0.38 ms).
+    this convolution as a slow implicit GEMM; a copy of the pixels into patch rows and one linear layer give the
+    same numbers up to rounding, faster (docs/decisions.md).
     """
 
     def __init__(self, conv: nn.Conv2d) -> None:

@@ -91,8 +91,7 @@ def patch_mean(values: Tensor, patch: tuple[int, int]) -> Tensor:
     """``(B, C, H, W)`` -> ``(B, C, H / ph, W / pw)``: the mean of each patch.
 
     ``avg_pool2d(values, patch)`` in value, as one reduction over a view: pooling with a 16x16 window loops
-    over 256 reads per output in one GPU thread (the four poolings the texture used took 97 µs per 224 px
-    image on the H100).
+    over 256 reads per output in one GPU thread, which was slow (docs/decisions.md).
     """
     b, c, h, w = values.shape
     ph, pw = patch

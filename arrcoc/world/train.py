@@ -202,10 +202,9 @@ def dense_loss(head: torch.nn.Linear, features: Tensor, labels: Tensor) -> Tenso
     """Cross-entropy of the per-patch colour, kind, glyph and side labels from the ViT features (training only).
 
     Two labels count on some patches only. The glyph label counts on the patches that hold a glyph: over all
-    patches, "no glyph" is right for ~97% of them and the glyph's identity barely weighs (the ViT told 15% of
-    glyph patches right after run 4). The side label counts on the patches that show something (an object or
-    a text frame): background patches learn their side from the background alone (92% right after run 3)
-    while object patches, whose features the answer reads, stayed at 55%.
+    patches "no glyph" is right for ~97% of them, and the glyph's identity would barely weigh. The side label
+    counts on the patches that show something (an object or a text frame), whose features the answer reads;
+    background patches learn their side from the background alone (docs/model-card.md).
     """
     def counted_on(where: Tensor, logits: Tensor, target: Tensor) -> Tensor:
         loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), target.flatten(), reduction="none")
