@@ -12,6 +12,7 @@ import torch
 import arrcoc
 from arrcoc.reducers import list_reducers
 from arrcoc.tools.evaluation import (
+    QUERY_FREE,
     EvalConfig,
     answer_coverage,
     box_share,
@@ -149,7 +150,21 @@ def test_outputs_are_written(run: tuple[dict[str, Any], Path]) -> None:
     assert (out / "eval-ci.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     lines = findings(report)
     assert any("arrcoc at 11%" in line for line in lines)
-    assert sum("ahead of" in line for line in lines) == 2 * len(SIZES)  # 11%: accuracy and box share, per size
+    # 11%: accuracy and box share, per size, for arrcoc and for arrcoc-noquery
+    assert sum("ahead of" in line for line in lines) == 4 * len(SIZES)
+    assert sum("arrcoc-noquery" in line and "query-free baselines" in line for line in lines) == 2 * len(SIZES)
+
+
+def test_the_query_free_methods_get_a_table_of_their_own(run: tuple[dict[str, Any], Path]) -> None:
+    report, out = run
+    assert set(QUERY_FREE) <= set(report["methods"])  # the default methods include arrcoc-noquery
+    table = (out / "eval-ci.md").read_text()
+    for size in SIZES:
+        head = f"### {size} px without a question"
+        assert table.count(head) == 1
+        section = table.split(head)[1].split("## ")[0]  # up to the next size or the findings
+        rows = [line.split("|")[1].strip() for line in section.splitlines() if line.startswith("| ")]
+        assert rows == ["accuracy", *QUERY_FREE, "box share", *QUERY_FREE]  # no question-reading method here
 
 
 def test_findings_compare_arrcoc_with_full_tokens_and_each_baseline() -> None:
@@ -158,14 +173,21 @@ def test_findings_compare_arrcoc_with_full_tokens_and_each_baseline() -> None:
                 "accuracy": accuracy, "families": {}, "box_share": None}
 
     report = {"sizes": [224], "results": [row("arrcoc", 1.0, 0.9), row("arrcoc", 0.11, 0.81), row("tome", 0.11, 0.85),
-                                          row("uniform", 0.11, 0.5), row("arrcoc-perspectival", 0.11, 0.95)]}
+                                          row("uniform", 0.11, 0.5), row("arrcoc-perspectival", 0.11, 0.95),
+                                          row("arrcoc-noquery", 0.11, 0.6), row("fastv", 0.11, 0.99)]}
     lines = findings(report)
     assert lines == ["224 px: arrcoc at 11% (22 tokens) answers 81.0% vs 90.0% with all 196: 90.0% of full-token accuracy.",
-                     "224 px, 22 tokens (11%), accuracy: arrcoc 81.0%; ahead of 1/2 baselines; not ahead of: tome 85.0."]
+                     "224 px, 22 tokens (11%), accuracy: arrcoc 81.0%; ahead of 1/3 baselines; not ahead of: tome 85.0, "
+                     "fastv 99.0.",
+                     # FastV reads the question: not a rival without one
+                     "224 px, 22 tokens (11%), accuracy: arrcoc-noquery 60.0%; ahead of 1/2 query-free baselines; "
+                     "not ahead of: tome 85.0."]
     for r in report["results"]:
         r["box_share"], r["accuracy"] = r["accuracy"] / 2, None  # a box-share-only run
-    assert findings(report) == ["224 px, 22 tokens (11%), box share: arrcoc 40.5%; ahead of 1/2 baselines; "
-                                "not ahead of: tome 42.5."]
+    assert findings(report) == ["224 px, 22 tokens (11%), box share: arrcoc 40.5%; ahead of 1/3 baselines; "
+                                "not ahead of: tome 42.5, fastv 49.5.",
+                                "224 px, 22 tokens (11%), box share: arrcoc-noquery 30.0%; ahead of 1/2 query-free "
+                                "baselines; not ahead of: tome 42.5."]
 
 
 def test_project_adapter_reads_the_trained_features_and_the_cls_attention() -> None:

@@ -42,7 +42,7 @@ if TYPE_CHECKING:
 
     from ..stages.tokenizer import CharTokenizer
 
-__all__ = ["EvalConfig", "DEFAULT_SHARES", "token_budgets", "answer_coverage", "box_share", "same_answer",
+__all__ = ["EvalConfig", "DEFAULT_SHARES", "QUERY_FREE", "token_budgets", "answer_coverage", "box_share", "same_answer",
            "evaluate", "findings", "to_markdown", "plot", "main"]
 
 logger = logging.getLogger(__name__)
@@ -53,6 +53,9 @@ DEFAULT_SIZES: tuple[int, ...] = (224, 384)
 #: First sample seed: held out (training draws from ``arrcoc.world.train.TRAIN_SEED_START`` = 1_000_000 upwards, and
 #: its own full-token check from 500_000).
 DEFAULT_SEED = 600_000
+#: The comparison without a question: arrcoc's query-free path first, then the baselines that read no question
+#: (FastV reads the question's attention, so it is not one of them). Reported in a table of its own.
+QUERY_FREE: tuple[str, ...] = ("arrcoc-noquery", "divprune", "tome", "visionzip", "uniform", "random")
 
 
 def _default_methods() -> tuple[str, ...]:
@@ -66,7 +69,8 @@ class EvalConfig:
     """What an evaluation covers.
 
     Attributes:
-        methods: registered reducer names (default: every registered reducer).
+        methods: registered reducer names (default: every registered reducer, so ``arrcoc-noquery`` and the
+            query-free baselines of :data:`QUERY_FREE` too).
         shares: budgets, each a share of the patch count in (0, 1]; the token count is
             ``max(1, round(share * patches))``.
         sizes: image sides in pixels (multiples of the model's patch size).
@@ -324,10 +328,13 @@ def _has_answers(report: dict[str, Any]) -> bool:
 
 
 def findings(report: dict[str, Any]) -> list[str]:
-    """Plain-sentence comparisons: arrcoc at 11% against full tokens (accuracy), and arrcoc against every
-    baseline at every budget of 33% or less, by accuracy (when answers were scored) and by box share."""
+    """Plain-sentence comparisons: arrcoc at 11% against full tokens (accuracy); arrcoc against every baseline,
+    and ``arrcoc-noquery`` against the query-free baselines (:data:`QUERY_FREE`), at every budget of 33% or less,
+    by accuracy (when answers were scored) and by box share."""
     lines = []
     metrics = ["accuracy", "box_share"] if _has_answers(report) else ["box_share"]
+    contests = [("arrcoc", "baselines", lambda m: not _is_arrcoc(m)),
+                (QUERY_FREE[0], "query-free baselines", lambda m: m in QUERY_FREE[1:])]
     for size in report["sizes"]:
         rows = {(r["method"], r["share"]): r for r in report["results"] if r["size"] == size}
         full, low = rows.get(("arrcoc", 1.0)), rows.get(("arrcoc", 0.11))
@@ -335,17 +342,18 @@ def findings(report: dict[str, Any]) -> list[str]:
             kept = low["accuracy"] / full["accuracy"] if full["accuracy"] else float("nan")
             lines.append(f"{size} px: arrcoc at 11% ({low['tokens']} tokens) answers {_pct(low['accuracy'])}% vs "
                          f"{_pct(full['accuracy'])}% with all {full['tokens']}: {100 * kept:.1f}% of full-token accuracy.")
-        for metric in metrics:
-            for share in sorted({r["share"] for r in report["results"]}, reverse=True):
-                ours = rows.get(("arrcoc", share))
-                others = [r for (m, s), r in rows.items() if s == share and not _is_arrcoc(m) and r[metric] is not None]
-                if share > 0.33 or ours is None or ours[metric] is None or not others:
-                    continue
-                ahead = [r["method"] for r in others if r[metric] < ours[metric]]
-                behind = [f"{r['method']} {_pct(r[metric])}" for r in others if r[metric] >= ours[metric]]
-                lines.append(f"{size} px, {ours['tokens']} tokens ({100 * share:g}%), {_METRICS[metric]}: arrcoc "
-                             f"{_pct(ours[metric])}%; ahead of {len(ahead)}/{len(others)} baselines"
-                             + (f"; not ahead of: {', '.join(behind)}" if behind else "") + ".")
+        for name, rivals, is_rival in contests:
+            for metric in metrics:
+                for share in sorted({r["share"] for r in report["results"]}, reverse=True):
+                    ours = rows.get((name, share))
+                    others = [r for (m, s), r in rows.items() if s == share and is_rival(m) and r[metric] is not None]
+                    if share > 0.33 or ours is None or ours[metric] is None or not others:
+                        continue
+                    ahead = [r["method"] for r in others if r[metric] < ours[metric]]
+                    behind = [f"{r['method']} {_pct(r[metric])}" for r in others if r[metric] >= ours[metric]]
+                    lines.append(f"{size} px, {ours['tokens']} tokens ({100 * share:g}%), {_METRICS[metric]}: {name} "
+                                 f"{_pct(ours[metric])}%; ahead of {len(ahead)}/{len(others)} {rivals}"
+                                 + (f"; not ahead of: {', '.join(behind)}" if behind else "") + ".")
     return lines
 
 
@@ -394,6 +402,11 @@ def to_markdown(report: dict[str, Any]) -> str:
                 lines.append(f"| {r['method']} | {r['tokens']} | {_pct(r['accuracy'])} | "
                              + " | ".join(_pct(r["families"][f]) for f in families) + f" | {_pct(r['box_share'])} |")
             lines.append("")
+        query_free = [m for m in QUERY_FREE if m in report["methods"]]
+        if QUERY_FREE[0] in query_free and len(query_free) > 1:
+            lines += [f"### {size} px without a question: {QUERY_FREE[0]} and the query-free baselines", ""]
+            for metric in (["accuracy", "box_share"] if answers else ["box_share"]):
+                lines += _table(rows, query_free, metric)
     found = findings(report)
     if found:
         lines += ["## Findings", ""] + [f"- {line}" for line in found] + [""]
@@ -453,7 +466,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--box-share-only", action="store_true",
                         help="measure only where the tokens land (no answers generated): minutes on a CPU")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
-    parser.add_argument("--out", default="bench/results", help="output folder (default bench/results)")
+    parser.add_argument("--out", default="arrcoc-results",
+                        help="output folder (pass bench/results to update the committed ones)")
     parser.add_argument("--tag", default="", help="suffix of the output file names")
     model = parser.add_mutually_exclusive_group()
     model.add_argument("--model", default=None, help="a folder saved by arrcoc.world.vlm.save_vlm (default: weights/)")
