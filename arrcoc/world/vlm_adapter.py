@@ -1,10 +1,10 @@
 """The project's small VLM (:mod:`arrcoc.world.vlm`) served through :class:`arrcoc.integrations.hf.ArrcocLlava`.
 
-:func:`project_adapter` sets up the adapter for this model (its features, prompt, tokenizer and image sizes);
+:class:`ProjectLlava` is the adapter for this model (its features, prompt, tokenizer and image sizes, as hooks);
 :func:`pixel_values` turns PIL images into the tensor it reads; :func:`ask` answers questions with a budget.
 ``arrcoc eval``, ``arrcoc demo`` and the quickstart notebook all go through here.
 
-Importing this module does not import transformers; :func:`project_adapter` does.
+Importing this module does not import transformers.
 """
 
 from __future__ import annotations
@@ -15,12 +15,14 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
+from ..integrations.hf import ArrcocLlava
+
 if TYPE_CHECKING:
     from transformers import LlavaForConditionalGeneration
 
     from ..stages.tokenizer import CharTokenizer
 
-__all__ = ["rgb_values", "pixel_values", "CharTokenizerForHF", "project_adapter", "ask"]
+__all__ = ["rgb_values", "pixel_values", "CharTokenizerForHF", "ProjectLlava", "project_adapter", "ask"]
 
 
 def rgb_values(images: Sequence[Any], device: torch.device | str | None = None) -> Tensor:
@@ -80,12 +82,11 @@ class CharTokenizerForHF:
         return self.inner.decode(ids, skip_special_tokens)
 
 
-def project_adapter(model: LlavaForConditionalGeneration, tokenizer: CharTokenizer, method: str,
-                    shared: dict[str, Any] | None = None, text_encoder: Any = None,
-                    reducer_graphs: str = "auto") -> Any:
-    """An :class:`arrcoc.integrations.hf.ArrcocLlava` serving the project's small VLM (:mod:`arrcoc.world.vlm`) as it was trained.
+class ProjectLlava(ArrcocLlava):
+    """An :class:`arrcoc.integrations.hf.ArrcocLlava` serving the project's small VLM (:mod:`arrcoc.world.vlm`) as it
+    was trained.
 
-    Three things differ from a stock LLaVA and are set here: the features are the timm tower's
+    Three things differ from a stock LLaVA, each an overridden hook: the features are the timm tower's
     ``forward_features`` (after the final norm, the numbers :func:`arrcoc.world.vlm.vision_features` trains on,
     not the pre-norm block outputs LLaVA selects); the [CLS] attention of the last block is measured for
     reducers that need it (VisionZip); and the patch grid, hence the full token count, follows each batch's
@@ -103,53 +104,65 @@ def project_adapter(model: LlavaForConditionalGeneration, tokenizer: CharTokeniz
         reducer_graphs: passed to the adapter (``"auto"``: the reducer replays as a CUDA graph on CUDA;
             ``"off"``: eager).
     """
-    from ..integrations.hf import ArrcocLlava
 
-    class ProjectLlava(ArrcocLlava):
-        _batch_grid: tuple[int, int] | None = None
+    _batch_grid: tuple[int, int] | None = None  # set per batch in prepare(), before the base reads the grid
 
-        @property
-        def grid(self) -> tuple[int, int]:
-            return self._batch_grid or super().grid
+    def __init__(self, model: LlavaForConditionalGeneration, tokenizer: CharTokenizer, method: str = "arrcoc", *,
+                 shared: dict[str, Any] | None = None, text_encoder: Any = None, reducer_graphs: str = "auto") -> None:
+        layers = int(model.config.text_config.num_hidden_layers)
+        prompt = tokenizer.prompt("{question}").replace("<image>", "{image}")
+        super().__init__(model, CharTokenizerForHF(tokenizer), method=method, template=prompt,
+                         fastv_layer=min(2, layers - 1), reducer_graphs=reducer_graphs)
+        self.shared = shared
+        self._questions: list[str] = []
+        object.__setattr__(self, "text_encoder", text_encoder)  # held, not registered: it moves with its own model
 
-        def grid_of(self, pixels: Tensor) -> tuple[int, int]:
-            patch = self.vision_tower.timm_model.patch_embed.patch_size
-            return pixels.shape[-2] // patch[0], pixels.shape[-1] // patch[1]
+    @property
+    def grid(self) -> tuple[int, int]:
+        return self._batch_grid or super().grid
 
-        def prepare(self, images: Any, prompts: str | Sequence[str], budget: int) -> Any:
-            pixels = self.pixel_values(images)
-            self._batch_grid = self.grid_of(pixels)  # host-side set-up: full_tokens and the budget check follow it
-            self._questions = [prompts] if isinstance(prompts, str) else list(prompts)
-            return super().prepare(pixels, prompts, budget)
+    def grid_of(self, pixels: Tensor) -> tuple[int, int]:
+        patch = self.vision_tower.timm_model.patch_embed.patch_size
+        return pixels.shape[-2] // patch[0], pixels.shape[-1] // patch[1]
 
-        def _query(self, grid: Tensor, embeds: Tensor, query_mask: Tensor) -> tuple[Tensor, Tensor]:
-            if text_encoder is None:
-                return super()._query(grid, embeds, query_mask)
-            query, mask = text_encoder(self._questions)  # (B, L, D), (B, L)
-            return query.to(grid.device), mask.to(grid.device)
+    def prepare(self, images: Any, prompts: str | Sequence[str], budget: int) -> Any:
+        pixels = self.pixel_values(images)
+        self._batch_grid = self.grid_of(pixels)  # host-side set-up: full_tokens and the budget check follow it
+        self._questions = [prompts] if isinstance(prompts, str) else list(prompts)
+        return super().prepare(pixels, prompts, budget)
 
-        def features(self, pixel_values: Tensor) -> tuple[Tensor, None, Tensor | None]:
-            if shared is not None and shared.get("pixels") is pixel_values:  # the same batch, another method
-                return shared["out"]
-            tower = self.vision_tower.timm_model
-            captured: list[Tensor] = []
-            hook = tower.blocks[-1].register_forward_pre_hook(lambda _, args: captured.append(args[0]))
-            try:
-                out = tower.forward_features(pixel_values.to(next(tower.parameters()).dtype))  # (B, P + N, D)
-            finally:
-                hook.remove()
-            gh, gw = self.grid_of(pixel_values)
-            grid = out[:, tower.num_prefix_tokens:].unflatten(1, (gh, gw))  # (B, gh, gw, D)
-            wanted = shared is not None or "cls_attention" in self.needs
-            attention = _last_block_cls_attention(tower, captured[0], (gh, gw)) if wanted else None
-            if shared is not None:
-                shared.update(pixels=pixel_values, out=(grid, None, attention))
-            return grid, None, attention
+    def _query(self, grid: Tensor, embeds: Tensor, query_mask: Tensor) -> tuple[Tensor, Tensor]:
+        if self.text_encoder is None:
+            return super()._query(grid, embeds, query_mask)
+        query, mask = self.text_encoder(self._questions)  # (B, L, D), (B, L)
+        return query.to(grid.device), mask.to(grid.device)
 
-    layers = int(model.config.text_config.num_hidden_layers)
-    prompt = tokenizer.prompt("{question}").replace("<image>", "{image}")
-    return ProjectLlava(model, CharTokenizerForHF(tokenizer), method=method, template=prompt,
-                        fastv_layer=min(2, layers - 1), reducer_graphs=reducer_graphs)
+    def features(self, pixel_values: Tensor) -> tuple[Tensor, None, Tensor | None]:
+        shared = self.shared
+        if shared is not None and shared.get("pixels") is pixel_values:  # the same batch, another method
+            return shared["out"]
+        tower = self.vision_tower.timm_model
+        captured: list[Tensor] = []
+        hook = tower.blocks[-1].register_forward_pre_hook(lambda _, args: captured.append(args[0]))
+        try:
+            out = tower.forward_features(pixel_values.to(next(tower.parameters()).dtype))  # (B, P + N, D)
+        finally:
+            hook.remove()
+        gh, gw = self.grid_of(pixel_values)
+        grid = out[:, tower.num_prefix_tokens:].unflatten(1, (gh, gw))  # (B, gh, gw, D)
+        wanted = shared is not None or "cls_attention" in self.needs
+        attention = _last_block_cls_attention(tower, captured[0], (gh, gw)) if wanted else None
+        if shared is not None:
+            shared.update(pixels=pixel_values, out=(grid, None, attention))
+        return grid, None, attention
+
+
+def project_adapter(model: LlavaForConditionalGeneration, tokenizer: CharTokenizer, method: str,
+                    shared: dict[str, Any] | None = None, text_encoder: Any = None,
+                    reducer_graphs: str = "auto") -> ProjectLlava:
+    """:class:`ProjectLlava` for ``method`` (the arguments as there)."""
+    return ProjectLlava(model, tokenizer, method, shared=shared, text_encoder=text_encoder,
+                        reducer_graphs=reducer_graphs)
 
 
 def _last_block_cls_attention(tower: Any, x: Tensor, grid: tuple[int, int]) -> Tensor:
