@@ -20,7 +20,7 @@ from arrcoc.runtime.graphs import (
     GraphKey,
     PackedTensors,
     StaleOutputError,
-    guard_output,
+    lazy_output,
 )
 
 cuda = pytest.mark.cuda
@@ -419,7 +419,7 @@ def test_chain_results_build_only_the_views_read() -> None:
     assert result.get("missing") is None
 
 
-def test_guarded_output_raises_on_stale_fields_only() -> None:
+def test_zero_copy_output_raises_on_stale_fields_only() -> None:
     @dataclasses.dataclass
     class Out:
         tokens: torch.Tensor
@@ -427,7 +427,8 @@ def test_guarded_output_raises_on_stale_fields_only() -> None:
 
     chain = GraphChain(_toy_stages(), _toy_inputs(2), None, outputs=_TOY_OUT, backend="eager")
     result = chain.run(_toy_inputs(2, seed=4), 2, copy=False)
-    out = guard_output(Out(result["y"], ["a", "b"]), result, ["tokens"])
+    out = lazy_output(Out, {"names": ["a", "b"]}, lambda name: result.get_unchecked("y"), ["tokens"],
+                      check=result.check, checked=["tokens"])
     assert isinstance(out, Out) and type(out).__name__ == "ZeroCopyOut"
     assert torch.equal(out.tokens, result["y"])
     chain.run(_toy_inputs(2, seed=5), 2)
@@ -507,9 +508,8 @@ def test_a_failed_call_never_returns_half_written_buffers() -> None:
     assert not zero.valid()  # any later call on the entry makes an earlier zero-copy result unreadable
 
 
-@pytest.mark.parametrize("mode", ["lock", "per_thread"])
-def test_threads_get_their_own_results_on_any_device(mode: str) -> None:
-    cache = GraphCache(threads=mode, backend="eager")
+def test_threads_get_their_own_results_on_any_device() -> None:
+    cache = GraphCache(backend="eager")
     jobs = [_toy_inputs(2, seed=100 + i) for i in range(8)]
     expected = [_toy_expected(v)["y"] for v in jobs]
     wrong, barrier = [0] * 8, threading.Barrier(8)
@@ -526,7 +526,7 @@ def test_threads_get_their_own_results_on_any_device(mode: str) -> None:
     for t in threads:
         t.join()
     assert wrong == [0] * 8
-    assert len(cache) == (8 if mode == "per_thread" else 1)
+    assert len(cache) == 1
 
 
 def test_pipeline_graph_path_on_cpu_equals_eager(tiny_config) -> None:
@@ -563,38 +563,9 @@ def test_a_call_issues_one_input_kernel_one_replay_and_one_copy_out() -> None:
     assert len(replays) == 2
 
 
-@pytest.mark.parametrize("kwargs, match", [({"threads": "per_call"}, "threads must be one of"),
-                                           ({"backend": "tpu"}, "backend must be one of"),
+@pytest.mark.parametrize("kwargs, match", [({"backend": "tpu"}, "backend must be one of"),
                                            ({"max_entries": 0}, "max_entries must be")])
 def test_cache_rejects_bad_arguments_by_name(kwargs: dict, match: str) -> None:
     with pytest.raises(arrcoc.InvalidInputError, match=match):
         GraphCache(**kwargs)
 
-
-def test_shared_lock_is_reentrant_exclusive_and_lets_a_waiting_capture_go_first() -> None:
-    from arrcoc.runtime.graphs import _SharedLock
-
-    lock, order = _SharedLock(), []
-    with lock.exclusive(), lock.exclusive():  # re-entrant for its holder
-        pass
-
-    def writer() -> None:
-        with lock.exclusive():
-            order.append("capture")
-
-    def reader() -> None:
-        with lock.shared():
-            order.append("replay")
-
-    with lock.shared():
-        w = threading.Thread(target=writer)
-        w.start()
-        while not lock._waiting:  # the capture is now waiting for this replay to finish
-            threading.Event().wait(0.001)
-        r = threading.Thread(target=reader)
-        r.start()
-        threading.Event().wait(0.05)
-        assert order == []  # neither the capture nor the new replay got in while the first replay held on
-    w.join()
-    r.join()
-    assert order == ["capture", "replay"]

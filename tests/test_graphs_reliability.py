@@ -135,10 +135,9 @@ def test_memory_stays_bounded_cycling_sizes() -> None:
     assert marks[1000]["reserved"] <= marks[200]["reserved"] * 1.1 + 2**26, figures
 
 
-@pytest.mark.parametrize("mode", ["lock", "per_thread"])
-def test_threads_mixed_calls_equal_the_same_call_alone(mode: str) -> None:
+def test_threads_mixed_calls_equal_the_same_call_alone() -> None:
     """8 threads x 200 calls of mixed sizes, budgets and queries on one pipeline."""
-    pipe = _pipe(graph_cache=GraphCache(threads=mode, max_entries=128))
+    pipe = _pipe(graph_cache=GraphCache(max_entries=128))
     rng = random.Random(0)
     jobs = []
     for i in range(16):
@@ -166,6 +165,6 @@ def test_threads_mixed_calls_equal_the_same_call_alone(mode: str) -> None:
     for t in threads:
         t.join()
     stats = pipe.graph_cache.stats()
-    _record(f"threads-{mode}", {"threads": 8, "calls": 1600, "distinct_calls": len(jobs), "wrong": sum(wrong),
-                                "errors": errors, "entries": stats["entries"], "captures": stats["captures"]})
+    _record("threads", {"threads": 8, "calls": 1600, "distinct_calls": len(jobs), "wrong": sum(wrong),
+                        "errors": errors, "entries": stats["entries"], "captures": stats["captures"]})
     assert not errors and wrong == [0] * 8

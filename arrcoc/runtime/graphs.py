@@ -1,40 +1,22 @@
-"""CUDA graphs for the stages, chained, and a cache of them keyed on image size.
+"""CUDA graphs of a chain of tensor functions, and a bounded cache of them keyed on shapes.
 
-A bucket's chain (``Pipeline.stages``) is captured as ONE CUDA graph by default (one launch per call), or
-as one graph per stage (``per_stage=True``, for the per-stage benchmark). Either way the static output
-tensors of one stage are the static inputs of the next (no copies), and every graph of a cache allocates
-its temporaries from one shared memory pool.
-
-Host cost per call is what limits batch-1 serving, so a call touches as few tensors as possible:
-
-- the static inputs are views into one byte buffer (:class:`PackedTensors`), so a call whose batch fills
-  the batch bucket writes all of its inputs with one ``torch.cat`` (one kernel);
-- the last step inside the graph packs every result into one byte buffer the entry owns (outside the
-  pool), so copying results out is one ``clone`` and zero-copy results (``copy=False``) are views of it,
-  valid until the next replay of that entry and checked by a generation counter (:class:`StaleOutputError`);
-- a result's views are built when first read (:class:`ChainResult`, :func:`lazy_output`): one ``as_strided``
-  each, from offsets computed once per entry, so a caller that reads three results builds three views;
-- what a call would otherwise rebuild is made once: keys carry their hash, and small inputs passed again
-  (a caller's cached zeros) keep their byte views.
-
-Sharing one pool is safe because replays are serialised (``GraphCache.lock``) and ordered on one stream:
-a graph may reuse memory another entry's graph used for temporaries. Results live in the entry's own
-buffer, which no other entry writes. With per-thread entries (``GraphCache(threads="per_thread")``) each
-thread has its own entries and its own pool, so threads replay without waiting for each other.
-
-This module knows nothing about relevance: it chains functions ``state -> new state entries``.
+A chain is ``[(name, fn)]`` where each ``fn(state) -> new state entries``; it is captured as one CUDA graph
+(or one per stage, ``per_stage=True``) and replayed on whatever its static inputs hold. Inputs and results
+each live in one byte buffer (:class:`PackedTensors`), so a call writes its inputs with one ``torch.cat``
+and copies its results out with one ``clone``; with ``copy=False`` the results are views of the entry's
+buffer, valid until its next replay (:class:`StaleOutputError`). Per-tensor copies cost several times more
+host time (bench/results/graphs-host-2cpu-x86-64.md). All entries share one memory pool, which is safe
+because calls hold one lock and replays are ordered on one stream. This module knows nothing of relevance.
 """
 
 from __future__ import annotations
 
-import contextlib
-import logging
 import math
 import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -43,21 +25,18 @@ from torch import Tensor
 from ..errors import ArrcocError, InvalidInputError
 
 __all__ = ["GraphKey", "GraphChain", "GraphCache", "PackedTensors", "ChainResult", "CaptureError",
-           "CaptureMemoryError", "StaleOutputError", "guard_output", "lazy_output"]
-
-logger = logging.getLogger(__name__)
+           "CaptureMemoryError", "StaleOutputError", "lazy_output"]
 
 Stage = tuple[str, Callable[[dict[str, Any]], dict[str, Any]]]
+Build = Callable[[], tuple[list[Stage], dict[str, Tensor], Sequence[str]]]
 
-#: The ways a cache serves several threads (see ``GraphCache``).
-THREAD_MODES = ("lock", "per_thread")
 #: How a chain replays: captured CUDA graphs, or (anywhere, for tests) the stages re-run into the same buffers.
 BACKENDS = ("cuda", "eager")
 
 
 @dataclass(frozen=True)
 class GraphKey:
-    """What fixes every shape of a captured chain (``thread``: the owning thread in per-thread mode, else 0)."""
+    """What fixes every shape of a captured chain."""
 
     bucket: int
     batch: int
@@ -65,14 +44,10 @@ class GraphKey:
     device: torch.device
     capacity: int
     query_tokens: int
-    thread: int = 0
 
-    def __post_init__(self) -> None:  # hashed once: every call looks its key up three times
-        object.__setattr__(self, "_hash", hash((self.bucket, self.batch, self.dtype, self.device, self.capacity,
-                                                self.query_tokens, self.thread)))
-
-    def __hash__(self) -> int:
-        return self._hash  # type: ignore[attr-defined,no-any-return]
+    def __str__(self) -> str:
+        dtype = str(self.dtype).split(".")[-1]
+        return f"{self.bucket}px/b{self.batch}/{dtype}/T{self.capacity}/L{self.query_tokens}"
 
 
 class CaptureError(ArrcocError, RuntimeError):
@@ -92,10 +67,20 @@ class StaleOutputError(ArrcocError, RuntimeError):
 
 
 # --- packing ---------------------------------------------------------------------------------------------
-#: Inputs up to this size keep the byte view of the last tensor written (kept alive: small ones only).
-_MEMO_BYTES = 1 << 16
-#: Packed buffers are padded to a multiple of this many bytes (the widest item of any dtype a stage returns).
+#: Packed buffers are padded to a multiple of this many bytes, so the whole buffer views as any dtype.
 _ALIGN = 16
+
+
+def _itemsize(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+def _bytes(value: Tensor) -> Tensor:
+    """A contiguous tensor's bytes as a flat uint8 view (a single element may carry any stride: reset it)."""
+    flat = value.view(-1)
+    if flat.numel() <= 1:
+        flat = flat.as_strided((flat.numel(),), (1,))
+    return flat.view(torch.uint8)
 
 
 def _leaves(state: Mapping[str, Any], keys: Sequence[str]) -> dict[str, Tensor]:
@@ -111,11 +96,10 @@ def _leaves(state: Mapping[str, Any], keys: Sequence[str]) -> dict[str, Tensor]:
 
 
 class PackedTensors:
-    """Named tensors of mixed dtypes laid out one after another in one flat byte buffer.
+    """Named tensors of mixed dtypes, each a contiguous block of one flat byte buffer.
 
-    Each tensor keeps its own contiguous block (so the views are contiguous, as stages expect), blocks are
-    ordered by item size (largest first) so every block is aligned for its dtype, and writing all of them
-    at once is one ``torch.cat`` into the buffer.
+    Blocks are ordered by item size, largest first, so every block is aligned for its dtype; writing every
+    tensor at once is one ``torch.cat`` into the buffer.
 
     Args:
         specs: ``name -> (shape, dtype)``; the first dimension of every shape is the batch ``B``.
@@ -123,36 +107,19 @@ class PackedTensors:
     """
 
     def __init__(self, specs: Mapping[str, tuple[Sequence[int], torch.dtype]], device: torch.device | str) -> None:
-        # largest items first, one run per dtype (stable: a dtype's tensors keep their order)
-        self.order = tuple(specs)  # as given (results are handed out in this order)
-        self.names = sorted(specs, key=lambda n: (-_itemsize(specs[n][1]), str(specs[n][1])))
-        self.shapes = [tuple(int(s) for s in specs[n][0]) for n in self.names]
-        self.dtypes = [specs[n][1] for n in self.names]
-        self.sizes = [math.prod(shape) * _itemsize(dtype) for shape, dtype in zip(self.shapes, self.dtypes)]
-        self.nbytes = sum(self.sizes)
-        self._runs: list[tuple[torch.dtype, int, list[int], list[tuple[int, ...]]]] = []  # dtype, bytes, numels, shapes
-        for dtype, size, shape in zip(self.dtypes, self.sizes, self.shapes):
-            if not self._runs or self._runs[-1][0] != dtype:
-                self._runs.append((dtype, 0, [], []))
-            run = self._runs[-1]
-            self._runs[-1] = (dtype, run[1] + size, run[2] + [math.prod(shape)], run[3] + [shape])
-        self.batch = self.shapes[0][0] if self.shapes else 0
-        # name -> (dtype run, storage offset in that dtype's elements, shape, contiguous strides): one view of a
-        # packed buffer is then one as_strided on its run's typed view, with nothing recomputed per call
-        self.layout: dict[str, tuple[int, int, tuple[int, ...], tuple[int, ...]]] = {}
-        start, index = 0, 0
-        for run, (dtype, run_bytes, numels, shapes) in enumerate(self._runs):
-            itemsize, offset = _itemsize(dtype), start
-            for numel, shape in zip(numels, shapes):
-                self.layout[self.names[index]] = (run, offset // itemsize, shape, _contiguous_strides(shape))
-                offset += numel * itemsize
-                index += 1
-            start += run_bytes
-        # per tensor in buffer order: name, shape, dtype, and whether it is small enough to remember its bytes
-        self._plan = [(n, shape, dtype, size <= _MEMO_BYTES)
-                      for n, shape, dtype, size in zip(self.names, self.shapes, self.dtypes, self.sizes)]
-        self._memo: dict[str, tuple[Tensor, Tensor]] = {}  # name -> (the last small value written, its byte view)
-        # padded to a whole number of the widest item, so the whole buffer has a typed view for every dtype
+        self.order = tuple(specs)  # as given: results are handed out in this order
+        self.names = sorted(specs, key=lambda n: -_itemsize(specs[n][1]))
+        # name -> (dtype, offset in that dtype's items, shape, contiguous strides)
+        self.layout: dict[str, tuple[torch.dtype, int, tuple[int, ...], tuple[int, ...]]] = {}
+        offset = 0
+        for name in self.names:
+            shape, dtype = tuple(int(s) for s in specs[name][0]), specs[name][1]
+            itemsize = _itemsize(dtype)
+            strides = torch.empty(shape, device="meta").stride()
+            self.layout[name] = (dtype, offset // itemsize, shape, strides)
+            offset += math.prod(shape) * itemsize
+        self.nbytes = offset
+        self.batch = self.layout[self.names[0]][2][0] if self.names else 0
         self.buffer = torch.zeros(-(-self.nbytes // _ALIGN) * _ALIGN, dtype=torch.uint8, device=device)
         self.body = self.buffer[: self.nbytes]  # what one torch.cat writes: every tensor, no padding
         self.views = self.unpack(self.buffer)
@@ -166,55 +133,41 @@ class PackedTensors:
         return packed
 
     def unpack(self, buffer: Tensor, rows: int | None = None) -> dict[str, Tensor]:
-        """Typed views ``(rows, *shape[1:])`` of every tensor in ``buffer`` (a copy of :attr:`buffer`)."""
-        runs: dict[int, tuple[Tensor, int]] = {}
-        return {name: self.view(buffer, name, rows, runs) for name in self.names}
+        """Views ``(rows, *shape[1:])`` of every tensor in ``buffer`` (a copy of :attr:`buffer`)."""
+        typed: dict[torch.dtype, Tensor] = {}
+        return {name: self.view(buffer, name, rows, typed) for name in self.names}
 
     def view(self, buffer: Tensor, name: str, rows: int | None = None,
-             runs: dict[int, tuple[Tensor, int]] | None = None) -> Tensor:
+             typed: dict[torch.dtype, Tensor] | None = None) -> Tensor:
         """One tensor's contiguous view ``(rows, *shape[1:])`` in ``buffer`` (a copy of :attr:`buffer`).
 
-        ``runs`` caches the typed view of ``buffer`` for each dtype between calls (one per buffer): with it, a
-        view costs one ``as_strided``, so a caller can build only the views it reads.
+        ``typed`` keeps ``buffer`` viewed as each dtype between calls, so a view costs one ``as_strided``.
         """
-        run, offset, shape, strides = self.layout[name]
-        typed = None if runs is None else runs.get(run)
-        if typed is None:
-            whole = buffer.view(self._runs[run][0])  # the padded buffer divides into whole items of any dtype
-            typed = (whole, whole.storage_offset())
-            if runs is not None:
-                runs[run] = typed
-        if rows is not None and rows != shape[0]:
+        dtype, offset, shape, strides = self.layout[name]
+        typed = {} if typed is None else typed
+        whole = typed.get(dtype)
+        if whole is None:
+            whole = typed[dtype] = buffer.view(dtype)
+        if rows is not None:
             shape = (rows, *shape[1:])  # the first rows of a contiguous block: still one contiguous block
-        return typed[0].as_strided(shape, strides, typed[1] + offset)
+        return whole.as_strided(shape, strides, whole.storage_offset() + offset)
 
     def write(self, values: Mapping[str, Tensor], rows: int | None = None) -> None:
         """Copy ``values`` (each ``(rows, *shape[1:])``) into the first ``rows`` of every view.
 
-        With every tensor present, of its dtype and full shape this is one kernel (``torch.cat`` into the
-        buffer, after one copy of each non-contiguous value); otherwise one copy per tensor (which converts
-        dtypes and broadcasts).
+        With every tensor present, of its dtype and full shape, this is one ``torch.cat``; otherwise one copy
+        per tensor (which converts dtypes and broadcasts).
         """
         if (rows is None or rows == self.batch) and len(values) == len(self.names):
-            parts, memo = [], self._memo
-            for name, shape, dtype, small in self._plan:
-                value = values[name]
-                if small:  # the same small tensor as last time (a caller's cached zeros): its bytes are known
-                    known = memo.get(name)
-                    if known is not None and known[0] is value:
-                        parts.append(known[1])
-                        continue
-                if value.dtype != dtype or value.shape != shape:
+            parts = []
+            for name in self.names:
+                value, (dtype, _, shape, _) = values.get(name), self.layout[name]
+                if value is None or value.dtype != dtype or value.shape != shape:
                     break
-                if value.is_contiguous():
-                    parts.append(_bytes(value))
-                    if small:
-                        memo[name] = (value, parts[-1])  # a view: it follows in-place changes of the tensor
-                else:  # e.g. one query expanded over the batch: one copy here still beats a copy per tensor below
-                    parts.append(_bytes(value.contiguous()))
+                parts.append(_bytes(value.contiguous()))
             else:
                 try:
-                    torch.cat(parts, out=self.body)  # shapes and dtypes match: the buffer is never resized
+                    torch.cat(parts, out=self.body)
                     return
                 except RuntimeError:  # e.g. a value on another device: copy one by one below
                     pass
@@ -223,44 +176,20 @@ class PackedTensors:
             self.views[name][:rows].copy_(value)
 
 
-def _bytes(value: Tensor) -> Tensor:
-    """A contiguous tensor's bytes as a flat uint8 view (a single element may carry any stride: reset it)."""
-    flat = value.view(-1)
-    if flat.numel() <= 1:
-        flat = flat.as_strided((flat.numel(),), (1,))
-    return flat.view(torch.uint8)
-
-
-def _itemsize(dtype: torch.dtype) -> int:
-    return torch.empty((), dtype=dtype).element_size()
-
-
-def _contiguous_strides(shape: tuple[int, ...]) -> tuple[int, ...]:
-    strides, step = [], 1
-    for size in reversed(shape):
-        strides.append(step)
-        step *= max(size, 1)
-    return tuple(reversed(strides))
-
-
 # --- results ---------------------------------------------------------------------------------------------
 class ChainResult(Mapping[str, Any]):
     """A chain's results for the first ``rows`` images: top-level keys, nested dicts rebuilt (``"balance"``).
 
-    Each key's views are built on its first access (one ``as_strided`` per tensor), so a caller pays only
-    for what it reads. With ``copy=False`` they view the entry's own output buffer, and every access checks
-    that no replay of the entry happened since (:meth:`check`).
+    A key's views are built on its first read, so a caller pays only for what it reads (building all of
+    them costs more host time than the call itself: bench/results/graphs-host-2cpu-x86-64.md). With
+    ``copy=False`` they view the entry's own buffer, and every read checks that the entry has not replayed
+    since (:meth:`check`).
     """
 
-    __slots__ = ("_chain", "_rows", "_owned", "_generation", "_buffer", "_views", "_runs", "_cache")
-
     def __init__(self, chain: GraphChain, buffer: Tensor, rows: int, owned: bool) -> None:
-        self._chain, self._rows, self._owned = chain, rows, owned
+        self._chain, self._buffer, self._rows, self._owned = chain, buffer, rows, owned
         self._generation = chain.generation
-        self._buffer = buffer
-        # zero-copy at a full batch bucket: the entry's own views, built once at capture
-        self._views = chain.outputs.views if buffer is chain.outputs.buffer and rows == chain.outputs.batch else None
-        self._runs: dict[int, tuple[Tensor, int]] = {}  # typed view of the buffer per dtype, on first use
+        self._typed: dict[torch.dtype, Tensor] = {}
         self._cache: dict[str, Any] = {}
 
     @property
@@ -274,16 +203,17 @@ class ChainResult(Mapping[str, Any]):
 
     def check(self) -> None:
         """Raise :class:`StaleOutputError` when :meth:`valid` is False."""
-        if not self._owned and self._chain.generation != self._generation:
+        if not self.valid():
             raise StaleOutputError(
                 f"this zero-copy result (copy=False) of the {self._chain.name} graph was overwritten by a later "
                 f"call on the same entry ({self._chain.generation - self._generation} since); read results "
                 "before the next call, or call with copy=True to own them")
 
     def _leaf(self, name: str) -> Tensor:
-        if self._views is not None:
-            return self._views[name]
-        return self._chain.outputs.view(self._buffer, name, self._rows, self._runs)
+        outputs = self._chain.outputs
+        if self._buffer is outputs.buffer and self._rows == outputs.batch:
+            return outputs.views[name]  # zero-copy at a full batch: the entry's own views, built at capture
+        return outputs.view(self._buffer, name, self._rows, self._typed)
 
     def get_unchecked(self, key: str) -> Any:
         """``self[key]`` without the staleness check (for a caller that has just made it)."""
@@ -321,49 +251,27 @@ def _tree(names: Sequence[str]) -> dict[str, str | tuple[tuple[str, str], ...]]:
 
 
 # --- outputs built on first read, checked when zero-copy -----------------------------------------------------
-class _LazyField:
-    """A field built on its first read by the instance's ``_arrcoc_source(name)``, then a plain attribute (a
-    non-data descriptor: once the value sits in the instance's ``__dict__``, reads never come here again)."""
+class _Field:
+    """An output field built by the instance's ``_arrcoc_source(name)`` on first read; a ``checked`` field
+    first calls the instance's ``_arrcoc_check()``, on every read (a data descriptor: reads always come here)."""
 
-    __slots__ = ("name",)
+    __slots__ = ("name", "checked")
 
-    def __init__(self, name: str) -> None:
-        self.name = name
-
-    def __get__(self, obj: Any, owner: type | None = None) -> Any:
-        if obj is None:
-            return self
-        value = obj.__dict__[self.name] = obj.__dict__["_arrcoc_source"](self.name)
-        return value
-
-
-class _CheckedField(_LazyField):
-    """A zero-copy field: every read first runs the instance's ``_arrcoc_check()`` (which raises
-    :class:`StaleOutputError` once the buffers it views were overwritten), then builds the value on first read."""
-
-    __slots__ = ()
+    def __init__(self, name: str, checked: bool) -> None:
+        self.name, self.checked = name, checked
 
     def __get__(self, obj: Any, owner: type | None = None) -> Any:
         if obj is None:
             return self
         state = obj.__dict__
-        check = state.get("_arrcoc_check")
-        if check is not None:
-            check()
-        try:
-            return state[self.name]
-        except KeyError:
-            source = state.get("_arrcoc_source")
-            if source is None:  # a guarded plain instance whose field was never set
-                raise AttributeError(self.name) from None
-            value = state[self.name] = source(self.name)
-            return value
+        if self.checked and "_arrcoc_check" in state:  # absent in a copy made by __init__ (dataclasses.replace)
+            state["_arrcoc_check"]()
+        if self.name not in state:
+            state[self.name] = state["_arrcoc_source"](self.name)
+        return state[self.name]
 
-    def __set__(self, obj: Any, value: Any) -> None:  # a data descriptor: reads always come through __get__
+    def __set__(self, obj: Any, value: Any) -> None:
         obj.__dict__[self.name] = value
-
-
-_CLASSES: dict[tuple[type, frozenset[str], frozenset[str]], type] = {}
 
 
 def _rebuild(cls: type, state: dict[str, Any]) -> Any:
@@ -372,25 +280,14 @@ def _rebuild(cls: type, state: dict[str, Any]) -> Any:
     return obj
 
 
-def _materialise(self: Any) -> tuple[Any, ...]:
+def _plain(self: Any) -> tuple[Any, ...]:
     """Pickling and copying give an instance of the plain class, every field built (and checked)."""
-    names = (*self._arrcoc_lazy, *self._arrcoc_checked)
     state = {k: v for k, v in self.__dict__.items() if not k.startswith("_arrcoc_")}
-    state.update({name: getattr(self, name) for name in names})
+    state.update({name: getattr(self, name) for name in self._arrcoc_fields})
     return _rebuild, (self._arrcoc_base, state)
 
 
-def _lazy_class(cls: type, lazy: frozenset[str], checked: frozenset[str]) -> type:
-    """A cached subclass of ``cls`` whose ``lazy`` fields are built on first read and ``checked`` fields checked."""
-    key = (cls, lazy, checked)
-    sub = _CLASSES.get(key)
-    if sub is None:
-        attrs: dict[str, Any] = {name: _LazyField(name) for name in lazy - checked}
-        attrs.update({name: _CheckedField(name) for name in checked})
-        attrs.update(__doc__=cls.__doc__, __module__=cls.__module__, __reduce__=_materialise, _arrcoc_base=cls,
-                     _arrcoc_lazy=tuple(sorted(lazy - checked)), _arrcoc_checked=tuple(sorted(checked)))
-        sub = _CLASSES[key] = type(f"{'ZeroCopy' if checked else 'Lazy'}{cls.__name__}", (cls,), attrs)
-    return sub
+_CLASSES: dict[tuple[type, frozenset[str], frozenset[str]], type] = {}
 
 
 def lazy_output(cls: type, values: Mapping[str, Any], source: Callable[[str], Any], lazy: Collection[str], *,
@@ -402,26 +299,20 @@ def lazy_output(cls: type, values: Mapping[str, Any], source: Callable[[str], An
     after the buffers were overwritten raises (:class:`StaleOutputError`) even where the view was never built.
     ``isinstance(out, cls)`` holds; pickling or copying gives a plain ``cls`` with every field built.
     """
-    checked = frozenset(checked) if check is not None else frozenset()
-    obj = object.__new__(_lazy_class(cls, frozenset(lazy), checked))
-    state = obj.__dict__
-    state.update(values)
-    state["_arrcoc_source"] = source
+    checks = frozenset(checked) if check is not None else frozenset()
+    key = (cls, frozenset(lazy), checks)
+    sub = _CLASSES.get(key)
+    if sub is None:
+        fields = sorted(key[1] | checks)
+        attrs: dict[str, Any] = {name: _Field(name, name in checks) for name in fields}
+        attrs.update(__doc__=cls.__doc__, __module__=cls.__module__, __reduce__=_plain, _arrcoc_base=cls,
+                     _arrcoc_fields=tuple(fields))
+        sub = _CLASSES[key] = type(f"{'ZeroCopy' if checks else 'Lazy'}{cls.__name__}", (cls,), attrs)
+    obj = object.__new__(sub)
+    obj.__dict__.update(values, _arrcoc_source=source)
     if check is not None:
-        state["_arrcoc_check"] = check
+        obj.__dict__["_arrcoc_check"] = check
     return obj
-
-
-def guard_output(output: Any, result: ChainResult, fields: Sequence[str]) -> Any:
-    """Make ``output`` (a plain-class instance) raise :class:`StaleOutputError` when ``fields`` are read stale.
-
-    The instance keeps its type's behaviour (``isinstance`` holds); its class becomes a cached subclass
-    that checks ``result`` before returning any of ``fields``. Tensors taken out of it before the next
-    call are plain views and are not checked: keep the output object, not the tensor, across calls.
-    """
-    output.__class__ = _lazy_class(type(output), frozenset(), frozenset(fields))
-    output.__dict__["_arrcoc_check"] = result.check
-    return output
 
 
 # --- the chain -------------------------------------------------------------------------------------------
@@ -449,22 +340,20 @@ class GraphChain:
         self.device = self.inputs.buffer.device
         self.generation = 0  # replays so far: zero-copy results compare against it
         self.graphs: list[tuple[str, Any]] = []
-        if backend == "eager":
-            state = self._run_stages()
-            self.outputs = PackedTensors.like(_leaves(state, self.output_keys))
-            self.tree = _tree(self.outputs.order)
-            self.pool_bytes = 0
-            self.bytes = self.inputs.nbytes + self.outputs.nbytes
-            return
-        state = self._warm(warmup)
-        self.outputs = PackedTensors.like(_leaves(state, self.output_keys))  # outside the pool: the entry owns it
+        self.pool_bytes = 0
+        self.capture_seconds = 0.0  # set by the cache
+        # the results' buffer is made outside the pool: the entry owns it, no other graph reuses it
+        self.outputs = PackedTensors.like(_leaves(self._run_stages() if backend == "eager" else self._warm(warmup),
+                                                  self.output_keys))
         self.tree = _tree(self.outputs.order)  # top-level result key -> its packed tensors
-        del state
+        if backend == "cuda":
+            self._capture(pool, per_stage)
+        self.bytes = self.pool_bytes + self.inputs.nbytes + self.outputs.nbytes
+
+    def _capture(self, pool: Any, per_stage: bool) -> None:
         before = torch.cuda.memory_allocated(self.device)
         self.state: dict[str, Any] = dict(self.inputs.views)
-        steps = [[s] for s in stages] if per_stage else [list(stages)]
-        if per_stage:
-            steps.append([])  # a last graph that only packs the results
+        steps = [[s] for s in self.stages] + [[]] if per_stage else [list(self.stages)]  # [] : a graph that packs
         current, failure = "capture", None
         try:
             for step in steps:
@@ -487,12 +376,16 @@ class GraphChain:
                 raise first from None  # the cache evicts and retries
             raise CaptureError(current, first) from err
         self.pool_bytes = torch.cuda.memory_allocated(self.device) - before
-        self.bytes = self.pool_bytes + self.inputs.nbytes + self.outputs.nbytes
 
     def _run_stages(self) -> dict[str, Any]:
         state: dict[str, Any] = dict(self.inputs.views)
-        for stage_name, fn in self.stages:
-            state.update(_call(stage_name, fn, state))
+        for name, fn in self.stages:
+            try:
+                state.update(fn(state))
+            except torch.cuda.OutOfMemoryError:
+                raise  # the cache evicts and retries
+            except Exception as err:  # e.g. a host sync or a compiler error: the stage cannot be graphed
+                raise CaptureError(name, err) from err
         return state
 
     def _warm(self, runs: int) -> dict[str, Any]:
@@ -505,7 +398,7 @@ class GraphChain:
         return state
 
     def _pack(self, state: Mapping[str, Any]) -> None:
-        """Inside the graph: every result into the entry's output buffer (one kernel for contiguous results)."""
+        """Every result into the entry's output buffer, in one kernel (inside the graph when captured)."""
         leaves = _leaves(state, self.output_keys)
         torch.cat([_bytes(leaves[n].contiguous()) for n in self.outputs.names], out=self.outputs.body)
 
@@ -529,104 +422,32 @@ class GraphChain:
         return ChainResult(self, buffer, rows, owned=copy)
 
 
-def _call(name: str, fn: Callable[[dict[str, Any]], dict[str, Any]], state: dict[str, Any]) -> dict[str, Any]:
-    try:
-        return fn(state)
-    except torch.cuda.OutOfMemoryError:
-        raise  # the cache evicts and retries
-    except Exception as err:  # e.g. a host sync or a compiler error: the stage cannot be graphed
-        raise CaptureError(name, err) from err
-
-
 # --- the cache -------------------------------------------------------------------------------------------
-@dataclass
-class _Stats:
-    hits: int = 0
-    misses: int = 0
-    captures: int = 0
-    evictions: int = 0
-    oom_retries: int = 0
-    capture_seconds: float = 0.0
-    entries: dict[GraphKey, dict[str, float]] = field(default_factory=dict)
-
-
-class _SharedLock:
-    """Many holders of ``shared()`` at once, or one of ``exclusive()`` (re-entrant for its holder). A waiting
-    ``exclusive()`` stops new shared holders, so a capture is not starved by a stream of replays."""
-
-    def __init__(self) -> None:
-        self._cond = threading.Condition()
-        self._readers = 0
-        self._waiting = 0  # threads waiting for exclusive access
-        self._writer: int | None = None
-        self._depth = 0
-
-    @contextlib.contextmanager
-    def shared(self) -> Iterator[None]:
-        with self._cond:
-            while self._writer is not None or self._waiting:
-                self._cond.wait()
-            self._readers += 1
-        try:
-            yield
-        finally:
-            with self._cond:
-                self._readers -= 1
-                self._cond.notify_all()
-
-    @contextlib.contextmanager
-    def exclusive(self) -> Iterator[None]:
-        me = threading.get_ident()
-        with self._cond:
-            if self._writer != me:
-                self._waiting += 1
-                while self._writer is not None or self._readers:
-                    self._cond.wait()
-                self._waiting -= 1
-                self._writer = me
-            self._depth += 1
-        try:
-            yield
-        finally:
-            with self._cond:
-                self._depth -= 1
-                if not self._depth:
-                    self._writer = None
-                self._cond.notify_all()
-
-
 class GraphCache:
     """Captured chains keyed on :class:`GraphKey`, least recently used first out.
+
+    Calls are serialised by one lock from input copy to copy-out (the GPU work runs after it is released).
 
     Args:
         max_entries: most chains kept.
         max_bytes: most bytes (pool growth at capture plus the entries' own buffers) kept (``None``: no bound).
-        threads: ``"lock"`` (default): one entry per key, calls serialised from input copy to copy-out (the
-            GPU work itself runs after the lock is released); ``"per_thread"``: each thread gets its own
-            entries and pool and replays without waiting for other threads (captures still exclusive).
-            ``python -m arrcoc.tools.bench_graphs`` measures both.
         backend: ``"cuda"``, or ``"eager"`` to exercise the cache's host logic without a GPU.
         per_stage: capture one graph per stage instead of one per chain.
     """
 
-    def __init__(self, max_entries: int = 32, max_bytes: int | None = None, *, threads: str = "lock",
-                 backend: str = "cuda", per_stage: bool = False) -> None:
-        if threads not in THREAD_MODES:
-            raise InvalidInputError(f"threads must be one of {THREAD_MODES}; got {threads!r}")
+    def __init__(self, max_entries: int = 32, max_bytes: int | None = None, *, backend: str = "cuda",
+                 per_stage: bool = False) -> None:
         if backend not in BACKENDS:
             raise InvalidInputError(f"backend must be one of {BACKENDS}; got {backend!r}")
         if max_entries < 1:
             raise InvalidInputError(f"max_entries must be a whole number of at least 1; got {max_entries!r}")
         self.max_entries, self.max_bytes = max_entries, max_bytes
-        self.threads, self.backend, self.per_stage = threads, backend, per_stage
+        self.backend, self.per_stage = backend, per_stage
+        self.lock = threading.Lock()
         self._entries: OrderedDict[GraphKey, GraphChain] = OrderedDict()
-        self._pools: dict[int, Any] = {}
-        self._stats = _Stats()
-        self._lock = _SharedLock()  # per-thread mode: replays shared, captures exclusive
-        self._rlock = threading.RLock()  # lock mode: everything under one plain (cheaper) lock
-        self._meta = threading.Lock()  # LRU order and hit counts under a shared lock
-        self._stream: Any = None  # the stream of the last replay (lock mode orders replays on other streams after it)
-        self._raw_stream: tuple[int | None, int] | None = None  # its (device index, raw handle)
+        self._pool: Any = None
+        self._stream: Any = None  # the stream of the last replay: a call on another stream waits for it
+        self._stats = {"hits": 0, "misses": 0, "captures": 0, "evictions": 0, "oom_retries": 0, "capture_seconds": 0.0}
         self.chain_factory: Callable[..., GraphChain] = GraphChain  # tests inject faults here
 
     def __len__(self) -> int:
@@ -636,139 +457,87 @@ class GraphCache:
         return key in self._entries
 
     @property
-    def lock(self) -> contextlib.AbstractContextManager[Any]:
-        """Exclusive access to the cache (captures, eviction, and every replay in lock mode)."""
-        return self._rlock if self.threads == "lock" else self._lock.exclusive()
-
-    def key_for(self, key: GraphKey) -> GraphKey:
-        """``key`` bound to the calling thread in per-thread mode."""
-        if self.threads == "per_thread" and not key.thread:
-            return GraphKey(key.bucket, key.batch, key.dtype, key.device, key.capacity, key.query_tokens,
-                            threading.get_ident())
-        return key
-
-    def get(self, key: GraphKey, build: Callable[[], tuple[list[Stage], dict[str, Tensor], Sequence[str]]]) -> GraphChain:
-        """The chain for ``key``; a miss calls ``build() -> (stages, static inputs, output keys)`` and captures."""
-        key = self.key_for(key)
-        with self.lock:
-            chain = self._entries.get(key)
-            if chain is not None:
-                self._stats.hits += 1
-                self._entries.move_to_end(key)
-                return chain
-            self._stats.misses += 1
-            stages, inputs, outputs = build()
-            start = time.perf_counter()
-            try:
-                chain = self._capture(key, stages, inputs, outputs)
-            except torch.cuda.OutOfMemoryError as err:
-                self._stats.oom_retries += 1
-                self._free_for_retry()
-                try:
-                    chain = self._capture(key, stages, inputs, outputs)
-                except torch.cuda.OutOfMemoryError as again:
-                    raise CaptureMemoryError(
-                        f"out of GPU memory capturing {_describe(key)} (retried once after evicting least-recently-"
-                        f"used entries; {len(self._entries)} entries, {self.nbytes} bytes kept): {again}") from err
-            seconds = time.perf_counter() - start
-            self._stats.captures += 1
-            self._stats.capture_seconds += seconds
-            self._stats.entries[key] = {"capture_seconds": seconds, "bytes": chain.bytes}
-            self._entries[key] = chain
-            self._evict(0)
-            return chain
-
-    def _capture(self, key: GraphKey, stages: list[Stage], inputs: dict[str, Tensor], outputs: Sequence[str]) -> GraphChain:
-        pool = None
-        if self.backend == "cuda":
-            if key.thread not in self._pools:
-                self._pools[key.thread] = torch.cuda.graph_pool_handle()
-            pool = self._pools[key.thread]
-        return self.chain_factory(stages, inputs, pool, outputs=outputs, per_stage=self.per_stage,
-                                  backend=self.backend, name=_describe(key))
-
-    def _free_for_retry(self) -> None:
-        """After an out-of-memory capture: drop the older half of the entries (at least one), release memory."""
-        self._evict(max(1, (len(self._entries) + 1) // 2) if self._entries else 0)
-        if self.backend == "cuda":
-            torch.cuda.empty_cache()
-
-    @property
     def nbytes(self) -> int:
         return sum(c.bytes for c in self._entries.values())
 
+    def get(self, key: GraphKey, build: Build) -> GraphChain:
+        """The chain for ``key``; a miss calls ``build() -> (stages, static inputs, output keys)`` and captures."""
+        with self.lock:
+            return self._get(key, build)
+
+    def run(self, key: GraphKey, build: Build, values: Mapping[str, Tensor], rows: int,
+            copy: bool = True) -> ChainResult:
+        """Fill, replay and read out the chain for ``key`` (captured on a miss), safely across threads."""
+        with self.lock:
+            chain = self._get(key, build)
+            if self.backend == "cuda":
+                stream = torch.cuda.current_stream(chain.device)
+                if self._stream is not None and stream != self._stream:
+                    stream.wait_stream(self._stream)  # one pool: never overlap another stream's replay
+                self._stream = stream
+            return chain.run(values, rows, copy)
+
+    def _get(self, key: GraphKey, build: Build) -> GraphChain:
+        chain = self._entries.get(key)
+        if chain is not None:
+            self._stats["hits"] += 1
+            self._entries.move_to_end(key)
+            return chain
+        self._stats["misses"] += 1
+        stages, inputs, outputs = build()
+        start = time.perf_counter()
+        try:
+            chain = self._capture(key, stages, inputs, outputs)
+        except torch.cuda.OutOfMemoryError as err:
+            self._stats["oom_retries"] += 1
+            self._evict(max(1, (len(self._entries) + 1) // 2) if self._entries else 0)  # the older half
+            if self.backend == "cuda":
+                torch.cuda.empty_cache()
+            try:
+                chain = self._capture(key, stages, inputs, outputs)
+            except torch.cuda.OutOfMemoryError as again:
+                raise CaptureMemoryError(
+                    f"out of GPU memory capturing {key} (retried once after evicting least-recently-used "
+                    f"entries; {len(self._entries)} entries, {self.nbytes} bytes kept): {again}") from err
+        seconds = time.perf_counter() - start
+        self._stats["captures"] += 1
+        self._stats["capture_seconds"] += seconds
+        chain.capture_seconds = seconds
+        self._entries[key] = chain
+        self._evict(0)
+        return chain
+
+    def _capture(self, key: GraphKey, stages: list[Stage], inputs: dict[str, Tensor], outputs: Sequence[str]) -> GraphChain:
+        if self.backend == "cuda" and self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle()
+        return self.chain_factory(stages, inputs, self._pool, outputs=outputs, per_stage=self.per_stage,
+                                  backend=self.backend, name=str(key))
+
     def _evict(self, at_least: int) -> None:
-        def over() -> bool:
-            return len(self._entries) > self.max_entries or (self.max_bytes is not None and self.nbytes > self.max_bytes)
-
+        """Drop the least recently used entries: ``at_least`` of them, then while over a bound (keeping one)."""
         evicted = 0
-        while self._entries and (evicted < at_least or (over() and len(self._entries) > 1)):
-            key, _ = self._entries.popitem(last=False)
-            self._stats.entries.pop(key, None)
-            self._stats.evictions += 1
+        while self._entries and (evicted < at_least or (len(self._entries) > 1 and self._over())):
+            self._entries.popitem(last=False)
+            self._stats["evictions"] += 1
             evicted += 1
-        if evicted:
-            self._drop_unused_pools()
+        if not self._entries:
+            self._pool = None  # see clear()
 
-    def _drop_unused_pools(self) -> None:
-        """Forget the pool of a thread with no entries left: its next capture starts a new pool.
+    def _over(self) -> bool:
+        return len(self._entries) > self.max_entries or (self.max_bytes is not None and self.nbytes > self.max_bytes)
+
+    def clear(self) -> None:
+        """Drop every entry; the next capture starts a new pool.
 
         Once the last graph of a pool is gone, the allocator keeps the pool only while something still holds
         its memory (a compiled stage's buffer, a tensor a caller kept), with a use count of 0; capturing into
-        it again then fails an internal assert (``use_count > 0``, pytorch/pytorch#189126). It happened in the
-        benchmark after ``torch.compile`` ran inside a capture and the cache was cleared.
+        it again then fails an internal assert (``use_count > 0``, pytorch/pytorch#189126).
         """
-        live = {key.thread for key in self._entries}
-        for thread in [t for t in self._pools if t not in live]:
-            del self._pools[thread]
-
-    def run(self, key: GraphKey, build: Callable[[], tuple[list[Stage], dict[str, Tensor], Sequence[str]]],
-            values: Mapping[str, Tensor], rows: int, copy: bool = True) -> ChainResult:
-        """Fill, replay and read out the chain for ``key`` (captured on a miss), safely across threads."""
-        if self.threads == "per_thread":
-            key = self.key_for(key)
-            while True:
-                with self._lock.shared():  # captures and evictions wait; other threads replay their own entries
-                    chain = self._entries.get(key)
-                    if chain is not None:
-                        with self._meta:
-                            self._stats.hits += 1
-                            self._entries.move_to_end(key)
-                        return chain.run(values, rows, copy)
-                self.get(key, build)
-                with self._meta:
-                    self._stats.hits -= 1  # the loop counts the capture's first replay as a hit again
-        with self._rlock:
-            chain = self._entries.get(key)
-            if chain is None:
-                chain = self.get(key, build)
-            else:  # the hit path of get(), inlined: this is every call's host cost
-                self._stats.hits += 1
-                self._entries.move_to_end(key)
-            if self.backend == "cuda":
-                # the raw handle is an int (no Stream object per call); a Stream only when the stream changes
-                raw = (chain.device.index, torch._C._cuda_getCurrentRawStream(chain.device.index))
-                if raw != self._raw_stream:
-                    stream = torch.cuda.current_stream(chain.device)
-                    if self._stream is not None:
-                        stream.wait_stream(self._stream)  # one pool: never overlap another stream's replay
-                    self._stream, self._raw_stream = stream, raw
-            return chain.run(values, rows, copy)
-
-    def clear(self) -> None:
         with self.lock:
             self._entries.clear()
-            self._stats.entries.clear()
-            self._drop_unused_pools()
+            self._pool = None
 
     def stats(self) -> dict[str, Any]:
         """Hits, misses, captures, evictions, out-of-memory retries, capture seconds, and bytes per entry."""
-        s = self._stats
-        return {"hits": s.hits, "misses": s.misses, "captures": s.captures, "evictions": s.evictions,
-                "oom_retries": s.oom_retries, "capture_seconds": s.capture_seconds, "entries": len(self._entries),
-                "bytes": self.nbytes, "per_entry": {_describe(k): dict(v) for k, v in s.entries.items()}}
-
-
-def _describe(key: GraphKey) -> str:
-    thread = f"/t{key.thread}" if key.thread else ""
-    return f"{key.bucket}px/b{key.batch}/{str(key.dtype).split('.')[-1]}/T{key.capacity}/L{key.query_tokens}{thread}"
+        per_entry = {str(k): {"capture_seconds": c.capture_seconds, "bytes": c.bytes} for k, c in self._entries.items()}
+        return {**self._stats, "entries": len(self._entries), "bytes": self.nbytes, "per_entry": per_entry}
