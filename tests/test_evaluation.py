@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -167,27 +168,45 @@ def test_the_query_free_methods_get_a_table_of_their_own(run: tuple[dict[str, An
         assert rows == ["accuracy", *QUERY_FREE, "box share", *QUERY_FREE]  # no question-reading method here
 
 
+_CONTEST = re.compile(r"(?P<size>\d+) px, (?P<tokens>\d+) tokens \((?P<share>[\d.]+)%\), (?P<metric>accuracy|box share): "
+                      r"(?P<method>\S+) (?P<value>[\d.]+)%; ahead of (?P<ahead>\d+)/(?P<rivals>\d+) (?P<kind>[a-z -]+?)"
+                      r"(?:; not ahead of: (?P<behind>.*))?\.$")
+
+
+def _contest(line: str) -> tuple:
+    """The facts of one comparison sentence: who, at what budget, by which metric, ahead of how many, behind whom."""
+    m = _CONTEST.match(line)
+    assert m, f"not a comparison sentence: {line!r}"
+    behind = dict(item.rsplit(" ", 1) for item in m["behind"].split(", ")) if m["behind"] else {}
+    return (int(m["size"]), int(m["tokens"]), float(m["share"]), m["metric"], m["method"], float(m["value"]),
+            int(m["ahead"]), int(m["rivals"]), m["kind"], {k: float(v) for k, v in behind.items()})
+
+
 def test_findings_compare_arrcoc_with_full_tokens_and_each_baseline() -> None:
+    """The facts the sentences carry, not their wording: the numbers, who counts as a rival (arrcoc's own ablations
+    never; FastV, which reads the question, not for the query-free method), and that a tie is not "ahead"."""
     def row(method: str, share: float, accuracy: float) -> dict[str, Any]:
         return {"size": 224, "patches": 196, "method": method, "share": share, "tokens": round(196 * share),
                 "accuracy": accuracy, "families": {}, "box_share": None}
 
     report = {"sizes": [224], "results": [row("arrcoc", 1.0, 0.9), row("arrcoc", 0.11, 0.81), row("tome", 0.11, 0.85),
                                           row("uniform", 0.11, 0.5), row("arrcoc-perspectival", 0.11, 0.95),
-                                          row("arrcoc-noquery", 0.11, 0.6), row("fastv", 0.11, 0.99)]}
-    lines = findings(report)
-    assert lines == ["224 px: arrcoc at 11% (22 tokens) answers 81.0% vs 90.0% with all 196: 90.0% of full-token accuracy.",
-                     "224 px, 22 tokens (11%), accuracy: arrcoc 81.0%; ahead of 1/3 baselines; not ahead of: tome 85.0, "
-                     "fastv 99.0.",
-                     # FastV reads the question: not a rival without one
-                     "224 px, 22 tokens (11%), accuracy: arrcoc-noquery 60.0%; ahead of 1/2 query-free baselines; "
-                     "not ahead of: tome 85.0."]
+                                          row("arrcoc-noquery", 0.11, 0.6), row("fastv", 0.11, 0.99),
+                                          row("arrcoc", 0.5, 0.88), row("tome", 0.5, 0.95)]}  # 50%: above 33%, no contest
+    full, *contests = findings(report)
+    numbers = [float(x) for x in re.findall(r"\d+(?:\.\d+)?", full)]
+    assert full.startswith("224 px") and numbers == [224, 11, 22, 81.0, 90.0, 196, 90.0]  # 0.81 / 0.9 of full
+    assert [_contest(line) for line in contests] == [
+        (224, 22, 11.0, "accuracy", "arrcoc", 81.0, 1, 3, "baselines", {"tome": 85.0, "fastv": 99.0}),
+        (224, 22, 11.0, "accuracy", "arrcoc-noquery", 60.0, 1, 2, "query-free baselines", {"tome": 85.0}),
+    ]
     for r in report["results"]:
         r["box_share"], r["accuracy"] = r["accuracy"] / 2, None  # a box-share-only run
-    assert findings(report) == ["224 px, 22 tokens (11%), box share: arrcoc 40.5%; ahead of 1/3 baselines; "
-                                "not ahead of: tome 42.5, fastv 49.5.",
-                                "224 px, 22 tokens (11%), box share: arrcoc-noquery 30.0%; ahead of 1/2 query-free "
-                                "baselines; not ahead of: tome 42.5."]
+    next(r for r in report["results"] if r["method"] == "uniform")["box_share"] = 0.3  # ties arrcoc-noquery
+    assert [_contest(line) for line in findings(report)] == [
+        (224, 22, 11.0, "box share", "arrcoc", 40.5, 1, 3, "baselines", {"tome": 42.5, "fastv": 49.5}),
+        (224, 22, 11.0, "box share", "arrcoc-noquery", 30.0, 0, 2, "query-free baselines", {"tome": 42.5, "uniform": 30.0}),
+    ]
 
 
 def test_project_adapter_reads_the_trained_features_and_the_cls_attention() -> None:

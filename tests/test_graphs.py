@@ -85,17 +85,41 @@ def test_consecutive_calls_never_return_old_data(pipes) -> None:
     _assert_same(b, eager(second, budget=70))
 
 
+def _assert_the_padding_row_is_ignored(graphed: arrcoc.Pipeline, images: list, fillers: list, budget: list) -> None:
+    """Three images fill a batch bucket of 4; the 4th row of the entry's static inputs keeps what the last full
+    call left there. The same three images, after full calls that left different images (and budgets) in that
+    row, must give bit-identical results from the same entry: any difference is the padding row leaking in."""
+    results = []
+    for filler, extra in zip(fillers, (1, max(budget))):
+        graphed([*images, filler], budget=[*budget, extra])
+        captures = graphed.graph_cache.stats()["captures"]
+        results.append(graphed(images, budget=budget))
+        assert graphed.graph_cache.stats()["captures"] == captures  # replayed the entry the full call filled
+    first, second = results
+    for name in ("tokens", "positions", "mask", "weights", "allocation", "relevance", "prefix"):
+        assert torch.equal(getattr(first, name), getattr(second, name)), f"{name} depends on the padding row"
+    assert all(torch.equal(first.scores[k], second.scores[k]) for k in first.scores)
+
+
 @cuda
 def test_batch_padding_never_leaks(pipes) -> None:
     graphed, eager = pipes
-    images = _images(3, 512, seed=3)  # batch 3 pads to the batch bucket 4
-    out = graphed(images, budget=[10, 100, 200])
+    images = _images(5, 512, seed=3)
+    out = graphed(images[:3], budget=[10, 100, 200])  # batch 3 pads to the batch bucket 4
     assert out.tokens.shape[0] == 3 and out.mask.sum(1).tolist() == [10, 100, 200]
-    alone = graphed(images[1], budget=100)
-    assert out.allocation[1].sum() == 100 and alone.mask.sum() == 100
-    reference = eager(images, budget=[10, 100, 200])
+    assert out.mask[:, :10].all() and not out.mask[0, 10:].any()  # exactly the first `budget` tokens
+    reference = eager(images[:3], budget=[10, 100, 200])
     torch.testing.assert_close(out.relevance, reference.relevance, rtol=1e-3, atol=1e-5)
     assert (out.allocation == reference.allocation).float().mean() > 0.98
+    _assert_the_padding_row_is_ignored(graphed, images[:3], images[3:], [10, 100, 200])
+
+
+def test_batch_padding_never_leaks_on_any_device(tiny_config) -> None:
+    """The same check through the eager backend, which re-runs the stages over every row of the static buffers."""
+    graphed = arrcoc.Pipeline(tiny_config, graph_cache=GraphCache(backend="eager"))
+    g = torch.Generator().manual_seed(31)
+    images = [torch.rand(3, 200, 224, generator=g) for _ in range(5)]
+    _assert_the_padding_row_is_ignored(graphed, images[:3], images[3:], [5, 20, 40])
 
 
 @cuda

@@ -295,11 +295,18 @@ def test_no_kept_token_lies_on_padding(tiny_pipe: arrcoc.Pipeline, height: int, 
 
 
 def test_from_pretrained_passes_the_pipelines_own_options_and_config_fields() -> None:
-    cache = arrcoc.GraphCache(max_entries=3)
+    """The options act, not only arrive: the eager-backend cache would capture on CPU if cuda_graphs=False were
+    dropped, a large image lands in the only bucket asked for, and the shipped text encoder reads a text query."""
+    cache = arrcoc.GraphCache(max_entries=3, backend="eager")
     pipe = arrcoc.Pipeline.from_pretrained(cuda_graphs=False, compile=False, concurrent=False, graph_cache=cache,
                                            buckets=(224,))
     assert pipe.cuda_graphs is False and pipe.concurrent is False and pipe.graph_cache is cache
-    assert pipe.config.buckets == (224,) and pipe.text_encoder is not None
+    image = torch.rand(3, 500, 400, generator=torch.Generator().manual_seed(0))
+    out = pipe(image, budget=8)
+    assert out.bucket.tolist() == [224] and out.mask.sum().item() == 8
+    assert cache.stats()["misses"] == 0 and len(cache) == 0
+    asked = pipe(image, query="what colour is the square?", budget=8)
+    assert not torch.equal(asked.relevance, out.relevance)  # the question changed what is relevant
 
 
 def test_from_pretrained_refuses_a_folder_without_trained_encoder_weights(tmp_path) -> None:
