@@ -284,6 +284,8 @@ def test_a_query_file_steers_every_image_and_is_part_of_the_settings(tmp_path: P
 @pytest.mark.cuda
 def test_cuda_graphs_write_what_the_pipeline_returns_for_the_same_batch(tmp_path: Path, source: Path, model: Path) -> None:
     from arrcoc.datasets.compress_dataset import _Decode
+    from arrcoc.datasets.gpu_input import valid_mask
+    from arrcoc.stages.preprocess import PreprocessedBatch
 
     small = [p for p in list_sources(source) if Path(p).name in {f"img{i:02d}.png" for i in (1, 2, 3, 5, 6, 7)}]
     listing = tmp_path / "list.txt"
@@ -295,7 +297,12 @@ def test_cuda_graphs_write_what_the_pipeline_returns_for_the_same_batch(tmp_path
     assert stats.complete and stats.images == 6 and stats.errors == 0
     loaded = [_Decode(list(enumerate(small)), pipe.config.buckets)[i] for i in range(6)]
     assert {item.bucket for item in loaded} == {64}  # one bucket, one batch: the same graph replay
-    out = pipe([item.pixels for item in loaded], budget=8)
+    sizes = torch.tensor([item.content_size for item in loaded])
+    batch = PreprocessedBatch(pixels=torch.stack([item.pixels for item in loaded]), valid=valid_mask(sizes, 64),
+                              scale=torch.tensor([item.scale for item in loaded]),
+                              source_size=torch.tensor([item.source_size for item in loaded]), content_size=sizes,
+                              indices=list(range(6)), names=small, bucket=64)
+    out = pipe(batch, budget=8)
     for i, record in enumerate(load_index(tmp_path / "gpu")):
         got = load_record(tmp_path / "gpu", record, device="cuda")
         for key in ("tokens", "positions", "mask", "weights", "prefix"):
@@ -328,3 +335,21 @@ def test_compressed_dataset_serves_every_ok_record_through_a_dataloader(referenc
         assert item["record"] == record
         want = load_record(reference, record)
         assert all(torch.equal(item[key], want[key]) for key in want)
+
+
+def test_cap_budget_lowers_what_exact_budgets_refuse(tmp_path: Path, source: Path, model: Path) -> None:
+    """A budget above an image's real patches: an error record by default, capped with --cap-budget."""
+    exact, capped = tmp_path / "exact", tmp_path / "capped"
+    args = _args(source, exact, model, "--workers", "0")
+    args[args.index("--budget") + 1] = "14"
+    with _one_thread():
+        assert compress_main(args) == 0
+        args[1] = os.fspath(capped)
+        assert compress_main([*args, "--cap-budget"]) == 0
+    refused = [r for r in load_index(exact) if r["status"] == "error" and "budget" in r["error"]]
+    assert refused, "some small images hold fewer than 14 real patches"
+    ok = [r for r in load_index(capped) if r["status"] == "ok"]
+    assert len(ok) == 24
+    budgets = {r["source"]: int(load_record(capped, r)["budget"]) for r in ok}
+    assert max(budgets.values()) == 14 and all(budgets[r["source"]] < 14 for r in refused)
+    assert json.loads((capped / "manifest.json").read_text())["budget_policy"] == "cap"

@@ -29,10 +29,12 @@ import hashlib
 import json
 import logging
 import os
+import queue
 import sys
+import threading
 import time
-from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -44,8 +46,9 @@ from tqdm import tqdm
 from ..config import PipelineConfig
 from ..errors import ArrcocError, InvalidInputError
 from ..pipeline import Pipeline
-from ..stages.preprocess import Preprocessor, load_image
+from ..stages.preprocess import PreprocessedBatch, Preprocessor, load_image
 from .atomic import remove_partial
+from .gpu_input import decode_jpegs, jpeg_size, letterbox, placement, valid_mask
 from .shards import (
     FORMAT,
     INDEX_NAME,
@@ -53,7 +56,7 @@ from .shards import (
     merge_index,
     read_shard_records,
     shard_file,
-    stack_rows,
+    stack_batches,
     write_shard,
     write_text_atomic,
 )
@@ -65,10 +68,6 @@ logger = logging.getLogger(__name__)
 
 #: Exit code of a run that stopped before every shard was written (``--max-shards``); run it again to resume.
 EXIT_INCOMPLETE = 75
-
-#: The pipeline outputs stored per image (``scale`` and ``source_size`` come from the worker, see _Loaded).
-_RESULT_KEYS = ("tokens", "positions", "mask", "weights", "prefix", "allocation", "relevance", "region_grid",
-                "patch_grid", "bucket", "budget")
 
 _TOKEN_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -83,9 +82,15 @@ class DatasetStats:
         errors: of those, images recorded with ``status: "error"``.
         shards_written: shards this process wrote; ``shards_skipped``: its shards that were already complete.
         seconds: wall time from the first image requested to the last shard written.
-        wait_seconds: time spent waiting for the DataLoader (decoding that did not overlap the GPU).
-        pipeline_seconds: time inside pipeline calls, results copied to the host included.
-        write_seconds: time stacking and writing shards.
+        wait_seconds: host time waiting for the DataLoader (reading files, decoding on the host).
+        decode_seconds: host time handing JPEGs to nvJPEG (and decoding any it refused on the host).
+        resize_seconds: host time making the batch: letterbox on the device, host-decoded images copied in.
+        pipeline_seconds: host time inside pipeline calls.
+        copy_seconds: host time issuing the copies of the results to the host (non-blocking).
+        write_seconds: time in the writer thread (waiting for the copies, ordering rows, writing shards);
+            it overlaps the rest.
+        device_decoded, host_decoded: images decoded by nvJPEG, and by Pillow.
+        gpu_ms: device milliseconds per step (decode, resize, pipeline, copy-out) from CUDA events.
         complete: every shard of the data set exists and the index is written.
     """
 
@@ -97,8 +102,15 @@ class DatasetStats:
     shards_skipped: int = 0
     seconds: float = 0.0
     wait_seconds: float = 0.0
+    decode_seconds: float = 0.0
+    resize_seconds: float = 0.0
     pipeline_seconds: float = 0.0
+    copy_seconds: float = 0.0
     write_seconds: float = 0.0
+    device_decoded: int = 0
+    host_decoded: int = 0
+    gpu_ms: dict[str, float] = field(default_factory=lambda: dict.fromkeys(("decode", "resize", "pipeline",
+                                                                             "copy-out"), 0.0))
     complete: bool = False
 
     @property
@@ -134,22 +146,41 @@ def list_sources(source: str | os.PathLike[str]) -> list[str]:
 
 @dataclass
 class _Loaded:
-    """One source image, decoded and resized to its bucket in a DataLoader worker (or the reason it failed)."""
+    """One source image as a DataLoader worker hands it over (or the reason it failed).
+
+    A JPEG that nvJPEG decodes as Pillow does travels as its file's bytes (``data``), decoded and letterboxed
+    with its batch on the GPU; any other image is decoded and letterboxed by the Preprocessor in the worker
+    (``pixels``). ``bucket``, ``scale``, ``source_size`` and ``content_size`` are known either way.
+    """
 
     index: int
     source: str
-    pixels: Tensor | None = None  # (3, h, w) float32, long side = bucket
+    data: bytearray | None = None
+    pixels: Tensor | None = None  # (3, S, S) float32, the Preprocessor's canvas
     error: str | None = None
     bucket: int = 0
     scale: float = 0.0
     source_size: list[int] | None = None
+    content_size: tuple[int, int] = (0, 0)
+
+
+def _reason(err: Exception, source: str) -> str:
+    return str(err) if isinstance(err, ArrcocError) else f"{source}: {type(err).__name__}: {err}"
 
 
 class _Decode(torch.utils.data.Dataset):
-    """``(index, path)`` items -> :class:`_Loaded`; any failure becomes an error record, never a dead worker."""
+    """``(index, path)`` items -> :class:`_Loaded`; any failure becomes an error record, never a dead worker.
 
-    def __init__(self, items: Sequence[tuple[int, str]], buckets: Sequence[int]) -> None:
+    Args:
+        items: ``(index, path)`` pairs.
+        buckets: the pipeline's bucket sizes.
+        device_jpegs: hand JPEGs that nvJPEG decodes over as bytes (a CUDA pipeline); else decode all here.
+    """
+
+    def __init__(self, items: Sequence[tuple[int, str]], buckets: Sequence[int], device_jpegs: bool = False) -> None:
         self.items = items
+        self.buckets = tuple(buckets)
+        self.device_jpegs = device_jpegs
         self.preprocessor = Preprocessor(buckets, multiple=1)  # the pipeline's own bucketing
 
     def __len__(self) -> int:
@@ -157,32 +188,103 @@ class _Decode(torch.utils.data.Dataset):
 
     def __getitem__(self, position: int) -> _Loaded:
         index, source = self.items[position]
-        try:
-            (group,) = self.preprocessor([load_image(source, name=source)])
-            h, w = group.content_size[0].tolist()  # ok-sync: a CPU tensor, in a worker
-            # The resized image without its padding: the pipeline re-pads it (scale 1, no second resize).
-            return _Loaded(index, source, group.pixels[0, :, :h, :w].clone(), None, group.bucket,
-                           float(group.scale[0]), group.source_size[0].tolist())  # ok-sync: CPU tensors
-        except Exception as err:  # noqa: BLE001 - a broken file is a record, whatever the decoder raised
-            reason = str(err) if isinstance(err, ArrcocError) else f"{source}: {type(err).__name__}: {err}"
-            return _Loaded(index, source, error=reason)
+        if self.device_jpegs and source.lower().endswith((".jpg", ".jpeg", ".jpe", ".jfif")):
+            try:
+                with open(source, "rb") as handle:
+                    data = bytearray(os.fstat(handle.fileno()).st_size)  # writable: torch.frombuffer shares it
+                    handle.readinto(data)
+            except OSError:
+                data = bytearray()  # the CPU path below names the problem as it always has
+            size = jpeg_size(data)
+            if size is not None:
+                bucket, scale, content = placement(size[0], size[1], self.buckets)
+                return _Loaded(index, source, data=data, bucket=bucket, scale=scale, source_size=list(size),
+                               content_size=content)
+        return decode_on_host(index, source, self.preprocessor)
+
+
+def decode_on_host(index: int, source: str, preprocessor: Preprocessor) -> _Loaded:
+    """The CPU path: Pillow decodes, the Preprocessor resizes and letterboxes; a failure is an error record."""
+    try:
+        (group,) = preprocessor([load_image(source, name=source)])
+        h, w = group.content_size[0].tolist()  # ok-sync: a CPU tensor, in a worker
+        return _Loaded(index, source, pixels=group.pixels[0], bucket=group.bucket, scale=float(group.scale[0]),
+                       source_size=group.source_size[0].tolist(), content_size=(h, w))  # ok-sync: CPU tensors
+    except Exception as err:  # noqa: BLE001 - a broken file is a record, whatever the decoder raised
+        return _Loaded(index, source, error=_reason(err, source))
 
 
 def _as_list(chunk: list[_Loaded]) -> list[_Loaded]:
     return chunk
 
 
+@dataclass
+class _Compressed:
+    """One pipeline call's results on their way to the host (``ready`` fires when the copies have landed)."""
+
+    items: list[_Loaded]
+    host: dict[str, Tensor]
+    ready: Any = None  # a torch.cuda.Event, or None on the CPU
+    events: tuple[Any, ...] = ()  # CUDA events around decode, resize, pipeline, copy-out
+
+
+class _Background:
+    """One thread that writes shards in submission order while the main thread keeps the GPU busy.
+
+    A failure in the thread is raised again in the main thread at its next :meth:`submit` or :meth:`close`.
+    """
+
+    def __init__(self, depth: int = 2) -> None:
+        self.jobs: queue.Queue[Callable[[], None] | None] = queue.Queue(maxsize=depth)
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._loop, name="arrcoc-shard-writer", daemon=True)
+        self.thread.start()
+
+    def _loop(self) -> None:
+        while (job := self.jobs.get()) is not None:
+            if self.error is None:
+                try:
+                    job()
+                except BaseException as err:  # noqa: BLE001 - handed to the main thread
+                    self.error = err
+
+    def _raise(self) -> None:
+        if self.error is not None:
+            raise self.error
+
+    def submit(self, job: Callable[[], None]) -> None:
+        self._raise()
+        self.jobs.put(job)
+
+    def close(self) -> None:
+        self.jobs.put(None)
+        self.thread.join()
+        self._raise()
+
+
 class _ShardWriter:
-    """Collects one shard's images into batches of one bucket, compresses them, and writes the shard."""
+    """Collects one shard's images into batches of one bucket, compresses them, and has the shard written.
+
+    Each batch becomes one :class:`~arrcoc.stages.preprocess.PreprocessedBatch` made on the pipeline's device
+    (JPEGs decoded and letterboxed there together, other images letterboxed by the workers and copied in), one
+    pipeline call, and non-blocking copies of its results to pinned host memory; a background thread waits for
+    the copies, orders the rows and writes the shard.
+    """
 
     def __init__(self, pipe: Pipeline, dest: Path, budget: int, query: Tensor | None, query_mask: Tensor | None,
-                 batch_size: int, token_dtype: torch.dtype, fingerprint: str, stats: DatasetStats) -> None:
+                 batch_size: int, token_dtype: torch.dtype, fingerprint: str, stats: DatasetStats,
+                 budget_policy: str = "exact") -> None:
         self.pipe, self.dest, self.budget, self.query, self.query_mask = pipe, dest, budget, query, query_mask
         self.batch_size, self.token_dtype, self.fingerprint, self.stats = batch_size, token_dtype, fingerprint, stats
+        self.budget_policy = budget_policy
+        self.device = pipe.device
+        self.cuda = self.device.type == "cuda"
+        self.preprocessor = Preprocessor(pipe.config.buckets, multiple=1)
+        self.background = _Background()
         self.shard: int | None = None
         self.pending: dict[int, list[_Loaded]] = {}
-        self.rows: dict[int, dict[str, Tensor]] = {}
-        self.records: dict[int, dict[str, Any]] = {}
+        self.done: list[_Compressed] = []
+        self.errors: dict[int, tuple[_Loaded, str]] = {}
 
     def add(self, item: _Loaded, shard: int) -> None:
         if shard != self.shard:
@@ -191,63 +293,158 @@ class _ShardWriter:
         if item.error is not None:
             self._fail(item, item.error)
             return
-        queue = self.pending.setdefault(item.bucket, [])
-        queue.append(item)
-        if len(queue) == self.batch_size:
+        queue_ = self.pending.setdefault(item.bucket, [])
+        queue_.append(item)
+        if len(queue_) == self.batch_size:
             self._compress(self.pending.pop(item.bucket))
-
-    def _record(self, item: _Loaded, status: str, error: str | None) -> dict[str, Any]:
-        return {"index": item.index, "source": item.source, "shard": f"{shard_file('', self.shard).as_posix()}",
-                "offset": None, "budget": self.budget, "status": status, "error": error,
-                "bucket": item.bucket or None, "source_size": item.source_size}
 
     def _fail(self, item: _Loaded, reason: str) -> None:
         logger.info("broken: %s", reason)
-        self.records[item.index] = self._record(item, "error", reason)
+        self.errors[item.index] = (item, reason)
         self.stats.errors += 1
 
+    def _event(self) -> Any:
+        if not self.cuda:
+            return None
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+
+    def _decode(self, jpegs: list[_Loaded]) -> tuple[list[Tensor], list[_Loaded], list[_Loaded]]:
+        """Decode on the device: ``(images, their items, items nvJPEG refused, now decoded on the host)``."""
+        try:
+            return decode_jpegs([torch.frombuffer(item.data, dtype=torch.uint8) for item in jpegs], self.device), jpegs, []
+        except RuntimeError:  # one bad file fails the batched call: decode one at a time, the rest on the host
+            images, kept, refused = [], [], []
+            for item in jpegs:
+                try:
+                    images += decode_jpegs([torch.frombuffer(item.data, dtype=torch.uint8)], self.device)
+                    kept.append(item)
+                except RuntimeError:
+                    refused.append(decode_on_host(item.index, item.source, self.preprocessor))
+            return images, kept, refused
+
+    def _batch(self, items: list[_Loaded]) -> tuple[PreprocessedBatch, list[_Loaded], Any]:
+        """The batch on the device, its items in the batch's order (device-decoded JPEGs first), and a CUDA event
+        recorded after the decode."""
+        bucket = items[0].bucket
+        start = time.perf_counter()
+        jpegs = [item for item in items if item.data is not None]
+        hosted = [item for item in items if item.data is None]
+        images: list[Tensor] = []
+        if jpegs:
+            images, jpegs, refused = self._decode(jpegs)
+            for item in refused:
+                if item.error is not None:
+                    self._fail(item, item.error)
+                else:
+                    hosted.append(item)
+        decoded = self._event()
+        self.stats.decode_seconds += time.perf_counter() - start
+        start = time.perf_counter()
+        pixels, valid = [], []
+        if images:
+            made = letterbox(images, [item.content_size for item in jpegs], bucket,
+                             pad_value=self.preprocessor.pad_value)
+            pixels.append(made[0])
+            valid.append(made[1])
+        if hosted:
+            canvas = torch.stack([item.pixels for item in hosted])  # (b, 3, S, S), letterboxed by the workers
+            if self.cuda:
+                canvas = canvas.pin_memory().to(self.device, non_blocking=True)
+            pixels.append(canvas)
+            sizes = torch.tensor([item.content_size for item in hosted], dtype=torch.long)
+            valid.append(valid_mask(sizes.to(self.device, non_blocking=True), bucket))
+        ordered = jpegs + hosted
+        self.stats.device_decoded += len(jpegs)
+        self.stats.host_decoded += len(hosted)
+        batch = PreprocessedBatch(
+            pixels=pixels[0] if len(pixels) == 1 else torch.cat(pixels),
+            valid=valid[0] if len(valid) == 1 else torch.cat(valid),
+            scale=torch.tensor([item.scale for item in ordered], dtype=torch.float32),
+            source_size=torch.tensor([item.source_size for item in ordered], dtype=torch.long),
+            content_size=torch.tensor([item.content_size for item in ordered], dtype=torch.long),
+            indices=list(range(len(ordered))), names=[item.source for item in ordered], bucket=bucket)
+        self.stats.resize_seconds += time.perf_counter() - start
+        return batch, ordered, decoded
+
     def _compress(self, items: list[_Loaded]) -> None:
+        begin = self._event()
+        batch, items, decoded = self._batch(items)
+        if not items:
+            return
+        resized = self._event()
         start = time.perf_counter()
         try:
-            out = self.pipe([item.pixels for item in items], query=self.query, query_mask=self.query_mask,
-                            budget=self.budget, copy=False)  # copied to the host right below
+            out = self.pipe(batch, query=self.query, query_mask=self.query_mask, budget=self.budget, copy=False,
+                            budget_policy=self.budget_policy)  # views of the graph's buffers, copied right below
         except ArrcocError as err:  # one image the pipeline rejects must not cost the others their tokens
+            self.stats.pipeline_seconds += time.perf_counter() - start
             if len(items) == 1:
-                self._fail(items[0], f"{items[0].source}: {err}")
+                message = str(err)
+                self._fail(items[0], message if items[0].source in message else f"{items[0].source}: {message}")
                 return
             for item in items:
                 self._compress([item])
             return
-        host = {key: getattr(out, key).cpu() for key in _RESULT_KEYS}  # ok-sync: results leave the device to be written
-        for j, item in enumerate(items):
-            rh, rw = host["region_grid"][j].tolist()  # ok-sync: a CPU tensor
-            self.rows[item.index] = {
-                "tokens": host["tokens"][j].to(self.token_dtype), "positions": host["positions"][j],
-                "mask": host["mask"][j], "weights": host["weights"][j], "prefix": host["prefix"][j].to(self.token_dtype),
-                "allocation": host["allocation"][j, :rh, :rw], "relevance": host["relevance"][j, :rh, :rw],
-                "region_grid": host["region_grid"][j], "patch_grid": host["patch_grid"][j], "bucket": host["bucket"][j],
-                # the pipeline saw the resized image; scale and size refer to the source file
-                "scale": torch.tensor(item.scale, dtype=torch.float32),
-                "source_size": torch.tensor(item.source_size, dtype=torch.long), "budget": host["budget"][j]}
-            self.records[item.index] = self._record(item, "ok", None)
+        computed = self._event()
         self.stats.pipeline_seconds += time.perf_counter() - start
+        start = time.perf_counter()
+        on_device = {"tokens": out.tokens.to(self.token_dtype), "prefix": out.prefix.to(self.token_dtype),
+                     **{key: getattr(out, key) for key in _DEVICE_KEYS}}
+        # pinned destinations: the copies overlap the next batch, and the stream orders them before any replay
+        host = {key: value.to("cpu", non_blocking=True) for key, value in on_device.items()}
+        host.update({key: getattr(out, key) for key in _HOST_KEYS})  # per-image facts, on the host already
+        ready = self._event()
+        self.stats.copy_seconds += time.perf_counter() - start
+        events = (begin, decoded, resized, computed, ready) if self.cuda else ()
+        self.done.append(_Compressed(items, host, ready, events))
 
     def finish(self) -> None:
-        """Compress what is pending and write the shard (nothing when no shard is open)."""
+        """Compress what is pending and hand the shard to the writer thread (nothing when no shard is open)."""
         if self.shard is None:
             return
         for bucket in sorted(self.pending):
             self._compress(self.pending.pop(bucket))
+        shard, done, errors = self.shard, self.done, self.errors
+        self.background.submit(lambda: self._write(shard, done, errors))
+        self.shard, self.done, self.errors = None, [], {}
+
+    def _record(self, item: _Loaded, shard: int, status: str, error: str | None) -> dict[str, Any]:
+        return {"index": item.index, "source": item.source, "shard": f"{shard_file('', shard).as_posix()}",
+                "offset": None, "budget": self.budget, "status": status, "error": error,
+                "bucket": item.bucket or None, "source_size": item.source_size}
+
+    def _write(self, shard: int, done: list[_Compressed], errors: dict[int, tuple[_Loaded, str]]) -> None:
+        """In the writer thread: wait for the copies, put the rows in source order, write the shard."""
         start = time.perf_counter()
-        order = sorted(self.rows)
-        for offset, index in enumerate(order):
-            self.records[index]["offset"] = offset
-        tensors = stack_rows([self.rows[index] for index in order])
-        write_shard(shard_file(self.dest, self.shard), tensors, [self.records[i] for i in sorted(self.records)],
-                    self.fingerprint)
+        for part in done:
+            if part.ready is not None:
+                part.ready.synchronize()
+                begin, decoded, resized, computed, ready = part.events
+                self.stats.gpu_ms["decode"] += begin.elapsed_time(decoded)
+                self.stats.gpu_ms["resize"] += decoded.elapsed_time(resized)
+                self.stats.gpu_ms["pipeline"] += resized.elapsed_time(computed)
+                self.stats.gpu_ms["copy-out"] += computed.elapsed_time(ready)
+        records = {index: self._record(item, shard, "error", reason) for index, (item, reason) in errors.items()}
+        tensors: dict[str, Tensor] = {}
+        if done:
+            items = [item for part in done for item in part.items]
+            order = sorted(range(len(items)), key=lambda row: items[row].index)
+            for offset, row in enumerate(order):
+                records[items[row].index] = {**self._record(items[row], shard, "ok", None), "offset": offset}
+            batches = [{**part.host, "scale": torch.tensor([item.scale for item in part.items], dtype=torch.float32),
+                        "source_size": torch.tensor([item.source_size for item in part.items], dtype=torch.long)}
+                       for part in done]
+            tensors = stack_batches(batches, torch.tensor(order, dtype=torch.long))
+        write_shard(shard_file(self.dest, shard), tensors, [records[i] for i in sorted(records)], self.fingerprint)
         self.stats.write_seconds += time.perf_counter() - start
         self.stats.shards_written += 1
-        self.shard, self.rows, self.records = None, {}, {}
+
+
+#: Results copied from the device per batch; the rest of a row is known on the host (see _HOST_KEYS).
+_DEVICE_KEYS = ("positions", "mask", "weights", "allocation", "relevance")
+_HOST_KEYS = ("region_grid", "patch_grid", "bucket", "budget")
 
 
 def _rank_world() -> tuple[int, int]:
@@ -265,13 +462,15 @@ def _barrier(device: torch.device) -> None:
 
 
 def _manifest(sources: list[str], budget: int, shard_size: int, pipe: Pipeline, query: Tensor | None,
-              token_dtype: torch.dtype) -> dict[str, Any]:
+              token_dtype: torch.dtype, budget_policy: str = "exact") -> dict[str, Any]:
     """Everything that decides a shard's content; its hash is the run's fingerprint."""
     listing = hashlib.sha256("\n".join(sources).encode()).hexdigest()
     query_hash = None if query is None else hashlib.sha256(query.detach().float().cpu().numpy().tobytes()).hexdigest()  # ok-sync: hashing the query once, before the run
     manifest = {"format": FORMAT, "images": len(sources), "sources_sha256": listing, "shard_size": shard_size,
                 "shards": -(-len(sources) // shard_size), "budget": budget, "token_dtype": str(token_dtype).split(".")[-1],
                 "config": json.loads(pipe.config.to_json()), "weights": pipe.weights_path, "query_sha256": query_hash}
+    if budget_policy != "exact":  # absent for exact budgets: data sets made before the option keep their fingerprint
+        manifest["budget_policy"] = budget_policy
     manifest["fingerprint"] = hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest()
     return manifest
 
@@ -292,7 +491,8 @@ def _check_manifest(dest: Path, manifest: dict[str, Any], rank: int) -> None:
 def compress_dataset(source: str | os.PathLike[str], dest: str | os.PathLike[str], pipeline: Pipeline, budget: int, *,
                      query: Tensor | None = None, query_mask: Tensor | None = None, batch_size: int = 64,
                      workers: int = 4, shard_size: int = 1000, token_dtype: torch.dtype = torch.float32,
-                     max_shards: int | None = None, progress: bool = True) -> DatasetStats:
+                     max_shards: int | None = None, progress: bool = True,
+                     budget_policy: str = "exact", batch_decode: bool | None = None) -> DatasetStats:
     """Compress every image of ``source`` into shards under ``dest``; this process's share when distributed.
 
     When ``torch.distributed`` is initialised, rank ``r`` of ``K`` takes shards ``r, r+K, ...``; after a
@@ -311,6 +511,11 @@ def compress_dataset(source: str | os.PathLike[str], dest: str | os.PathLike[str
         token_dtype: dtype of the stored tokens and prefix tokens.
         max_shards: write at most this many shards in this process, then stop (the run is resumable).
         progress: show a progress bar (rank 0 only) with images/s.
+        budget_policy: ``"exact"``: an image whose content yields fewer tokens than ``budget`` is an error
+            record; ``"cap"``: its budget is lowered to what it yields (the stored ``budget`` says so).
+        batch_decode: decode JPEGs in batches on the pipeline's device (nvJPEG) and letterbox each batch there
+            (:mod:`arrcoc.datasets.gpu_input`); other files are decoded by Pillow in the workers. Default: on
+            CUDA. ``False``: Pillow and the Preprocessor in the workers for every file.
 
     Returns:
         :class:`DatasetStats` of this process.
@@ -324,12 +529,14 @@ def compress_dataset(source: str | os.PathLike[str], dest: str | os.PathLike[str
             raise InvalidInputError(f"{name} must be a whole number >= {low}; got {value!r}")
     if token_dtype not in _TOKEN_DTYPES.values():
         raise InvalidInputError(f"token_dtype must be one of {sorted(_TOKEN_DTYPES)}; got {token_dtype}")
+    if budget_policy not in ("exact", "cap"):
+        raise InvalidInputError(f"budget_policy must be 'exact' or 'cap'; got {budget_policy!r}")
     pipeline.prepare_query(query, query_mask, 1)  # a bad query fails here, before any work
     rank, world = _rank_world()
     stats = DatasetStats(rank=rank, world_size=world)
     dest = Path(dest)
     sources = list_sources(source)
-    manifest = _manifest(sources, budget, shard_size, pipeline, query, token_dtype)
+    manifest = _manifest(sources, budget, shard_size, pipeline, query, token_dtype, budget_policy)
     (dest / "shards").mkdir(parents=True, exist_ok=True)
     _check_manifest(dest, manifest, rank)
     if rank == 0:
@@ -350,19 +557,24 @@ def compress_dataset(source: str | os.PathLike[str], dest: str | os.PathLike[str
     logger.info("rank %d/%d: %d shards to write (%d images), %d already complete", rank, world, len(todo), len(items),
                 stats.shards_skipped)
 
-    writer = _ShardWriter(pipeline, dest, budget, query, query_mask, batch_size, token_dtype, fingerprint, stats)
-    loader = torch.utils.data.DataLoader(_Decode(items, pipeline.config.buckets), batch_size=min(batch_size, 16),
-                                         num_workers=workers, collate_fn=_as_list)
+    writer = _ShardWriter(pipeline, dest, budget, query, query_mask, batch_size, token_dtype, fingerprint, stats,
+                          budget_policy)
+    decode = _Decode(items, pipeline.config.buckets, device_jpegs=pipeline.device.type == "cuda" if batch_decode is None else batch_decode)
+    loader = torch.utils.data.DataLoader(decode, batch_size=min(batch_size, 32), num_workers=workers,
+                                         collate_fn=_as_list)
     start = time.perf_counter()
     with tqdm(total=len(items), unit="img", desc=f"rank {rank}/{world}", disable=not progress or rank != 0,
               file=sys.stderr, dynamic_ncols=True) as bar:
-        for chunk in _timed(loader, stats):
-            for item in chunk:
-                writer.add(item, item.index // shard_size)
-            stats.images += len(chunk)
-            bar.update(len(chunk))
-            bar.set_postfix(errors=stats.errors, refresh=False)
-        writer.finish()
+        try:
+            for chunk in _timed(loader, stats):
+                for item in chunk:
+                    writer.add(item, item.index // shard_size)
+                stats.images += len(chunk)
+                bar.update(len(chunk))
+                bar.set_postfix(errors=stats.errors, refresh=False)
+            writer.finish()
+        finally:
+            writer.background.close()  # waits for the shards handed over; a failed run writes no partial shard
     stats.seconds = time.perf_counter() - start
 
     _barrier(pipeline.device)
@@ -440,6 +652,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--shard-size", type=int, default=1000, help="images per shard (default 1000)")
     parser.add_argument("--max-shards", type=int, default=None, help="write at most this many shards per process, "
                                                                      f"then stop with exit code {EXIT_INCOMPLETE}")
+    parser.add_argument("--cap-budget", action="store_true",
+                        help="lower the budget of an image whose content yields fewer tokens to what it yields "
+                             "(default: such an image is an error record)")
     parser.add_argument("--token-dtype", default="float32", choices=sorted(_TOKEN_DTYPES), help="stored token dtype")
     parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                         help="encoder dtype (default: the pipeline's)")
@@ -471,7 +686,7 @@ def main(argv: list[str] | None = None) -> int:
         stats = compress_dataset(args.source, args.dest, pipe, args.budget, query=query, query_mask=query_mask,
                                  batch_size=args.batch_size, workers=args.workers, shard_size=args.shard_size,
                                  token_dtype=_TOKEN_DTYPES[args.token_dtype], max_shards=args.max_shards,
-                                 progress=not args.quiet)
+                                 progress=not args.quiet, budget_policy="cap" if args.cap_budget else "exact")
     except ArrcocError as err:
         print(f"arrcoc compress-dataset: error: {err}", file=sys.stderr)
         return 2

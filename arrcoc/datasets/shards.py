@@ -48,6 +48,7 @@ __all__ = [
     "write_text_atomic",
     "read_shard_records",
     "stack_rows",
+    "stack_batches",
     "merge_index",
     "load_index",
     "load_record",
@@ -86,6 +87,26 @@ def stack_rows(rows: Sequence[dict[str, Tensor]]) -> dict[str, Tensor]:
             rh, rw = max(v.shape[-2] for v in values), max(v.shape[-1] for v in values)
             values = [F.pad(v, (0, rw - v.shape[-1], 0, rh - v.shape[-2])) for v in values]
         out[key] = torch.stack(values).contiguous()
+    return out
+
+
+def stack_batches(batches: Sequence[dict[str, Tensor]], order: Tensor) -> dict[str, Tensor]:
+    """Shard tensors from batches of rows: :func:`stack_rows` of all their rows, taken in ``order``.
+
+    Args:
+        batches: ``{name: (n, ...)}`` per batch, one entry per :data:`ROW_KEYS` name; a batch's per-region maps
+            share one grid (one bucket).
+        order: ``(N,)`` int64, the row (counted over the batches, in turn) that goes to each place.
+    """
+    if not batches:
+        return {}
+    out = {}
+    for key in ROW_KEYS:
+        values = [batch[key] for batch in batches]
+        if key in _REGION_KEYS:
+            rh, rw = max(v.shape[-2] for v in values), max(v.shape[-1] for v in values)
+            values = [F.pad(v, (0, rw - v.shape[-1], 0, rh - v.shape[-2])) for v in values]
+        out[key] = torch.cat(values).index_select(0, order).contiguous()
     return out
 
 

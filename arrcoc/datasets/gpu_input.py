@@ -1,0 +1,194 @@
+"""The data-set job's batched input path: JPEG bytes -> one letterboxed bucket batch, made on the device.
+
+:func:`jpeg_size` reads a JPEG's header on the host (in a DataLoader worker) and says whether nvJPEG decodes it
+as Pillow does (8-bit, grey or YCbCr, no EXIF rotation, no trailing data); :func:`decode_jpegs` decodes such
+files in one batched call; :func:`letterbox` resizes and pads a whole bucket at once, as the
+:class:`~arrcoc.stages.preprocess.Preprocessor` does one image at a time (antialiased bilinear resize of the
+long side to the bucket, anchored top-left, padded right/bottom), with the valid mask made on the device.
+
+The resize is separable and written as two batched matrix products over images padded to the batch's largest
+source: ``out = Wy @ X @ Wxᵀ`` with ``Wy (B, S, H)`` and ``Wx (B, S, W)`` the antialiased bilinear weights
+PyTorch's ``interpolate(..., antialias=True)`` uses. Rows and columns outside an image's content have zero
+weight, so the padding comes out as zeros, and there is no per-image kernel.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+__all__ = ["decode_jpegs", "jpeg_size", "letterbox", "placement", "resize_weights", "valid_mask"]
+
+#: Start-of-frame markers nvJPEG decodes: baseline, extended sequential, progressive (Huffman coded).
+_SOF_DECODED = (0xC0, 0xC1, 0xC2)
+#: Other start-of-frame markers (lossless, hierarchical, arithmetic coding): the CPU decoder's.
+_SOF_OTHER = (0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF)
+
+
+def _exif_orientation(tiff: bytes) -> int | None:
+    """The EXIF orientation tag of a TIFF block (1 when absent); None when the block cannot be read."""
+    if len(tiff) < 8 or tiff[:2] not in (b"II", b"MM"):
+        return None
+    order = "little" if tiff[:2] == b"II" else "big"
+    ifd = int.from_bytes(tiff[4:8], order)
+    if ifd + 2 > len(tiff):
+        return None
+    count = int.from_bytes(tiff[ifd:ifd + 2], order)
+    for k in range(count):
+        entry = ifd + 2 + 12 * k
+        if entry + 12 > len(tiff):
+            return None
+        if int.from_bytes(tiff[entry:entry + 2], order) == 0x0112:
+            return int.from_bytes(tiff[entry + 8:entry + 10], order)
+    return 1
+
+
+def jpeg_size(data: bytes | bytearray) -> tuple[int, int] | None:
+    """``(height, width)`` of a JPEG that nvJPEG decodes to the pixels Pillow gives, else None.
+
+    None (the CPU decoder's file) for: not a JPEG, a CMYK/Adobe-transformed, 12-bit, lossless or arithmetic
+    coded one, an EXIF orientation other than 1 (Pillow rotates it), a header that cannot be read, or a file
+    that does not end with the end-of-image marker (truncated: Pillow refuses it, nvJPEG might not).
+    """
+    if len(data) < 4 or data[:2] != b"\xff\xd8" or data[-2:] != b"\xff\xd9":
+        return None
+    pos, size = 2, None
+    while pos + 4 <= len(data):
+        if data[pos] != 0xFF:
+            return None
+        marker = data[pos + 1]
+        if marker == 0xFF:  # fill byte
+            pos += 1
+            continue
+        if marker == 0x01 or 0xD0 <= marker <= 0xD8:  # markers without a length
+            pos += 2
+            continue
+        length = int.from_bytes(data[pos + 2:pos + 4], "big")
+        segment = data[pos + 4:pos + 2 + length]
+        if length < 2 or len(segment) != length - 2:
+            return None
+        if marker == 0xE1 and segment[:6] == b"Exif\0\0" and _exif_orientation(segment[6:]) != 1:
+            return None
+        if marker == 0xEE and segment[:5] == b"Adobe":  # colour transform flags Pillow honours
+            return None
+        if marker in _SOF_OTHER:
+            return None
+        if marker in _SOF_DECODED:
+            if len(segment) < 6 or segment[0] != 8 or segment[5] not in (1, 3):
+                return None
+            size = (int.from_bytes(segment[1:3], "big"), int.from_bytes(segment[3:5], "big"))
+            if 0 in size:
+                return None
+        if marker == 0xDA:  # start of scan: every header segment has been seen
+            return size
+        pos += 2 + length
+    return None
+
+
+def placement(height: int, width: int, buckets: Sequence[int]) -> tuple[int, float, tuple[int, int]]:
+    """``(bucket, scale, (content height, content width))`` of an image, as the Preprocessor places it."""
+    long = max(height, width)
+    bucket = next((b for b in sorted(buckets) if b >= long), max(buckets))
+    scale = bucket / long
+    return bucket, scale, (max(1, round(height * scale)), max(1, round(width * scale)))
+
+
+def decode_jpegs(data: Sequence[Tensor], device: torch.device) -> list[Tensor]:
+    """Decode JPEG files (1-D uint8 CPU tensors of their bytes) on ``device`` in one batched nvJPEG call.
+
+    Returns:
+        one ``(3, h, w)`` uint8 tensor per file (grey files as three equal channels).
+
+    Raises:
+        RuntimeError: a file nvJPEG cannot decode (the batched call returns nothing then).
+    """
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    with warnings.catch_warnings():  # torchvision >= 0.29 points to TorchCodec on every call
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return decode_jpeg(list(data), mode=ImageReadMode.RGB, device=device)
+
+
+def resize_weights(source: Tensor, content: Tensor, span_in: int, span_out: int, dtype: torch.dtype) -> Tensor:
+    """Antialiased bilinear resampling weights along one axis, as ``F.interpolate(antialias=True)`` computes them.
+
+    Args:
+        source: ``(B,)`` source lengths; ``content``: ``(B,)`` resized lengths (both on the device).
+        span_in: columns (at least ``source.max()``); ``span_out``: rows (at least ``content.max()``).
+
+    Returns:
+        ``(B, span_out, span_in)``: row ``i`` of image ``b`` holds the weights of output pixel ``i``; rows at or
+        past ``content[b]`` and columns at or past ``source[b]`` are zero.
+    """
+    device = source.device
+    scale = (source.double() / content.double())[:, None, None]  # (B, 1, 1) input pixels per output pixel
+    i = torch.arange(span_out, device=device, dtype=torch.float64)[None, :, None]
+    j = torch.arange(span_in, device=device, dtype=torch.float64)[None, None, :]
+    invscale = torch.where(scale >= 1, 1 / scale, torch.ones_like(scale))  # the filter widens when shrinking
+    weights = (1 - ((j - scale * (i + 0.5) + 0.5) * invscale).abs()).clamp_(min=0)  # (B, span_out, span_in)
+    weights = weights * ((j < source[:, None, None]) & (i < content[:, None, None]))
+    return (weights / weights.sum(-1, keepdim=True).clamp_(min=1e-30)).to(dtype)
+
+
+def letterbox(images: Sequence[Tensor], sizes: Sequence[tuple[int, int]], bucket: int, *, pad_value: float = 0.0,
+              dtype: torch.dtype | None = None) -> tuple[Tensor, Tensor]:
+    """Resize and pad images of one bucket at once: the Preprocessor's placement, batched.
+
+    Args:
+        images: ``(3, h, w)`` uint8 (0-255) or floating (0-1) tensors, all on one device.
+        sizes: each image's ``(content height, content width)`` inside the bucket (:func:`placement`).
+        bucket: the square side ``S``.
+        pad_value: the value of padding pixels.
+        dtype: the dtype of the two matrix products (default: float16 on CUDA, whose 11-bit weights move a pixel
+            by well under one 8-bit level, and float32 elsewhere).
+
+    Returns:
+        ``pixels (B, 3, S, S)`` float32 in [0, 1] and ``valid (B, 1, S, S)`` float32, 1 on the content.
+    """
+    device = images[0].device
+    dtype = dtype or (torch.float16 if device.type == "cuda" else torch.float32)
+    shapes = [(int(t.shape[-2]), int(t.shape[-1])) for t in images]  # host metadata, no sync
+    numels = [3 * h * w for h, w in shapes]
+    offsets = [0]
+    for n in numels[:-1]:
+        offsets.append(offsets[-1] + n)
+    span_h, span_w = max(h for h, _ in shapes), max(w for _, w in shapes)
+    meta = torch.tensor([[o, h, w, ch, cw] for o, (h, w), (ch, cw) in zip(offsets, shapes, sizes)], dtype=torch.long)
+    if device.type == "cuda":
+        meta = meta.pin_memory().to(device, non_blocking=True)
+    offset, height, width, content_h, content_w = meta.unbind(1)  # each (B,)
+    flat = torch.cat([t.reshape(-1) for t in images])  # every image's pixels, one after another
+    # Gather into (B, 3, H, W), padded to the largest source: positions past an image's own width read its
+    # next row (any finite value will do: their weight is zero).
+    channel = torch.arange(3, device=device)[None, :, None, None]
+    row = torch.arange(span_h, device=device)[None, None, :, None]
+    col = torch.arange(span_w, device=device)[None, None, None, :]
+    where = (offset[:, None, None, None] + channel * (height * width)[:, None, None, None]
+             + row * width[:, None, None, None] + col).clamp_(max=flat.numel() - 1)  # (B, 3, H, W)
+    source = flat[where].to(dtype)  # (B, 3, H, W)
+    if images[0].dtype == torch.uint8:
+        span = 255.0
+    else:
+        span = 1.0
+    along_w = resize_weights(width, content_w, span_w, bucket, dtype)  # (B, S, W)
+    along_h = resize_weights(height, content_h, span_h, bucket, dtype)  # (B, S, H)
+    half = source @ along_w.transpose(1, 2)[:, None]  # (B, 3, H, S)
+    pixels = (along_h[:, None] @ half).float()  # (B, 3, S, S)
+    if span != 1.0:
+        pixels = pixels.div_(span)
+    pixels = pixels.clamp_(0, 1)  # as the Preprocessor: antialiased resampling can overshoot slightly
+    valid = valid_mask(meta[:, 3:], bucket)
+    if pad_value != 0.0:
+        pixels = torch.where(valid.bool(), pixels, pad_value)
+    return pixels, valid
+
+
+def valid_mask(content: Tensor, bucket: int) -> Tensor:
+    """``(B, 1, S, S)`` float32, 1 on each image's content (top-left ``content[b]`` = ``(height, width)``)."""
+    side = torch.arange(bucket, device=content.device)
+    inside_h = side[None, :] < content[:, 0, None]  # (B, S)
+    inside_w = side[None, :] < content[:, 1, None]  # (B, S)
+    return (inside_h[:, None, :, None] & inside_w[:, None, None, :]).float()

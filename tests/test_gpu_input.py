@@ -1,0 +1,194 @@
+"""The batched input path of compress-dataset: the letterbox matches the Preprocessor; the header reader routes
+files as Pillow would read them; the batched path writes the same layout, index and resumable shards."""
+
+from __future__ import annotations
+
+import io
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors import safe_open
+
+import arrcoc
+from arrcoc.datasets import compress_dataset
+from arrcoc.datasets.gpu_input import decode_jpegs, jpeg_size, letterbox, placement, valid_mask
+from arrcoc.datasets.shards import INDEX_NAME, SHARD_DIR, load_index, load_record
+from arrcoc.stages.preprocess import Preprocessor
+
+BUCKETS = (64, 128)
+#: up- and down-sampling, portrait and landscape, an exact fit, a one-pixel row, beyond the largest bucket
+SHAPES = [(40, 64), (64, 30), (100, 128), (128, 77), (33, 20), (200, 150), (90, 300), (64, 64), (1, 5), (128, 128)]
+
+
+def _jpeg(pixels: np.ndarray, **save: object) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="JPEG", quality=90, **save)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("kind", ["uint8", "float32"])
+def test_letterbox_matches_the_preprocessor(kind: str) -> None:
+    generator = torch.Generator().manual_seed(0)
+    images = [torch.randint(0, 256, (3, h, w), dtype=torch.uint8, generator=generator) for h, w in SHAPES]
+    if kind == "float32":
+        images = [image / 255.0 for image in images]
+    preprocessor = Preprocessor(BUCKETS, multiple=1)
+    for bucket in BUCKETS:
+        chosen = [image for image in images if placement(*image.shape[1:], BUCKETS)[0] == bucket]
+        sizes = [placement(*image.shape[1:], BUCKETS)[2] for image in chosen]
+        pixels, valid = letterbox(chosen, sizes, bucket)
+        (want,) = preprocessor(chosen)
+        assert want.bucket == bucket and pixels.shape == want.pixels.shape and pixels.dtype == torch.float32
+        torch.testing.assert_close(pixels, want.pixels, atol=5e-6, rtol=0)
+        assert torch.equal(valid, want.valid)
+        assert want.content_size.tolist() == [list(size) for size in sizes]
+        scales = torch.tensor([placement(*image.shape[1:], BUCKETS)[1] for image in chosen], dtype=torch.float32)
+        assert torch.equal(scales, want.scale)
+
+
+def test_placement_and_valid_mask() -> None:
+    preprocessor = Preprocessor(BUCKETS, multiple=1)
+    for h, w in SHAPES:
+        bucket, scale, size = placement(h, w, BUCKETS)
+        assert bucket == preprocessor.bucket_for(h, w)
+        assert scale == bucket / max(h, w) and max(size) == bucket
+    mask = valid_mask(torch.tensor([[3, 5], [64, 1]]), 64)
+    assert mask.shape == (2, 1, 64, 64) and mask.sum(dim=(1, 2, 3)).tolist() == [15, 64]
+    assert mask[0, 0, :3, :5].all() and not mask[0, 0, 3:].any() and not mask[0, 0, :, 5:].any()
+
+
+def test_jpeg_size_routes_only_what_nvjpeg_reads_as_pillow_does() -> None:
+    rng = np.random.default_rng(1)
+    rgb = rng.integers(0, 256, (37, 53, 3), dtype=np.uint8)
+    assert jpeg_size(_jpeg(rgb)) == (37, 53)
+    assert jpeg_size(_jpeg(rgb, progressive=True)) == (37, 53)
+    assert jpeg_size(_jpeg(rgb[..., 0])) == (37, 53)  # grey: three equal channels either way
+    whole = _jpeg(rgb)
+    assert jpeg_size(whole[: len(whole) // 2]) is None  # truncated: Pillow refuses it
+    buffer = io.BytesIO()
+    Image.fromarray(rgb).convert("CMYK").save(buffer, format="JPEG")
+    assert jpeg_size(buffer.getvalue()) is None
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotated: Pillow turns it
+    assert jpeg_size(_jpeg(rgb, exif=exif.tobytes())) is None
+    exif[0x0112] = 1
+    assert jpeg_size(_jpeg(rgb, exif=exif.tobytes())) == (37, 53)
+    buffer = io.BytesIO()
+    Image.fromarray(rgb).save(buffer, format="PNG")
+    assert jpeg_size(buffer.getvalue()) is None
+    assert jpeg_size(b"") is None and jpeg_size(b"\xff\xd8 not a JPEG \xff\xd9") is None
+
+
+@pytest.fixture(scope="module")
+def mixed(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """JPEGs (one grey, one rotated, one truncated), PNGs and a broken file, in both buckets."""
+    folder = tmp_path_factory.mktemp("mixed")
+    rng = np.random.default_rng(3)
+    for i in range(22):
+        side = (20, 64) if i % 3 else (70, 128)
+        h, w = (int(v) for v in rng.integers(*side, size=2))
+        base = Image.fromarray(rng.integers(0, 256, (4, 4, 3), dtype=np.uint8)).resize((w, h), Image.BICUBIC)
+        if i % 4 == 1:
+            base.save(folder / f"img{i:02d}.png")
+        elif i == 6:
+            base.convert("L").save(folder / f"img{i:02d}.jpg", quality=90)
+        elif i == 10:
+            exif = Image.Exif()
+            exif[0x0112] = 8
+            base.save(folder / f"img{i:02d}.jpg", quality=90, exif=exif.tobytes())
+        else:
+            base.save(folder / f"img{i:02d}.jpg", quality=90)
+    whole = (folder / "img02.jpg").read_bytes()
+    (folder / "truncated.jpg").write_bytes(whole[: len(whole) // 2])
+    (folder / "broken.jpg").write_bytes(b"this is not a JPEG")
+    return folder
+
+
+def _run(source: Path, dest: Path, device: str, batch_decode: bool, **extra: object) -> compress_dataset.DatasetStats:
+    pipe = arrcoc.Pipeline(arrcoc.PipelineConfig.from_name("tiny", buckets=BUCKETS), device=device)
+    return compress_dataset.compress_dataset(source, dest, pipe, 8, batch_size=4, workers=0, shard_size=5,
+                                             progress=False, batch_decode=batch_decode, **extra)
+
+
+def _compare(got: Path, want: Path, exact: bool) -> float:
+    """Same index and shard layout; returns the share of images whose allocation is identical."""
+    assert (got / INDEX_NAME).read_text() == (want / INDEX_NAME).read_text()
+    assert sorted(os.listdir(got / SHARD_DIR)) == sorted(os.listdir(want / SHARD_DIR))
+    for name in os.listdir(want / SHARD_DIR):
+        with safe_open(os.fspath(got / SHARD_DIR / name), "pt") as a, safe_open(os.fspath(want / SHARD_DIR / name), "pt") as b:
+            assert a.metadata() == b.metadata() and sorted(a.keys()) == sorted(b.keys())
+            for key in b.keys():
+                x, y = a.get_tensor(key), b.get_tensor(key)
+                assert x.shape == y.shape and x.dtype == y.dtype, (name, key)
+                if exact or key in ("region_grid", "patch_grid", "bucket", "scale", "source_size", "budget"):
+                    assert torch.equal(x, y), (name, key)
+    ok = [r for r in load_index(want) if r["status"] == "ok"]
+    same = sum(torch.equal(load_record(got, r)["allocation"], load_record(want, r)["allocation"]) for r in ok)
+    return same / len(ok)
+
+
+@pytest.fixture(scope="module")
+def pil_path(tmp_path_factory: pytest.TempPathFactory, mixed: Path) -> Path:
+    dest = tmp_path_factory.mktemp("pil")
+    stats = _run(mixed, dest, "cpu", False)
+    assert stats.complete and stats.device_decoded == 0 and stats.errors == 2
+    return dest
+
+
+def test_batched_decoding_keeps_the_layout_index_and_answers(tmp_path: Path, mixed: Path, pil_path: Path) -> None:
+    """torchvision's decoder and the batched letterbox on the CPU: the same files, records, shapes and grids."""
+    stats = _run(mixed, tmp_path / "batched", "cpu", True)
+    assert stats.complete and stats.errors == 2
+    assert stats.device_decoded == 15 and stats.host_decoded == 7  # PNGs, the rotated JPEG; broken ones are errors
+    errors = {Path(r["source"]).name: r["error"] for r in load_index(tmp_path / "batched") if r["status"] == "error"}
+    assert sorted(errors) == ["broken.jpg", "truncated.jpg"] and "truncated" in errors["truncated.jpg"]
+    assert _compare(tmp_path / "batched", pil_path, exact=False) >= 0.9
+
+
+def test_batched_decoding_resumes_after_max_shards(tmp_path: Path, mixed: Path, pil_path: Path) -> None:
+    dest = tmp_path / "resumed"
+    first = _run(mixed, dest, "cpu", True, max_shards=2)
+    assert not first.complete and first.shards_written == 2 and not (dest / INDEX_NAME).exists()
+    second = _run(mixed, dest, "cpu", True)
+    assert second.complete and second.shards_written == 3 and second.shards_skipped == 2
+    whole = tmp_path / "whole"
+    _run(mixed, whole, "cpu", True)
+    _compare(dest, whole, exact=True)
+
+
+@pytest.mark.cuda
+def test_letterbox_on_the_gpu_matches_the_preprocessor() -> None:
+    generator = torch.Generator().manual_seed(0)
+    images = [torch.randint(0, 256, (3, h, w), dtype=torch.uint8, generator=generator) for h, w in SHAPES]
+    preprocessor = Preprocessor(BUCKETS, multiple=1)
+    for bucket in BUCKETS:
+        chosen = [image for image in images if placement(*image.shape[1:], BUCKETS)[0] == bucket]
+        sizes = [placement(*image.shape[1:], BUCKETS)[2] for image in chosen]
+        (want,) = preprocessor(chosen)
+        for dtype, atol in ((torch.float32, 1e-5), (None, 2e-3)):  # None: float16 products on CUDA
+            pixels, valid = letterbox([image.cuda() for image in chosen], sizes, bucket, dtype=dtype)
+            torch.testing.assert_close(pixels.cpu(), want.pixels, atol=atol, rtol=0)
+            assert torch.equal(valid.cpu(), want.valid)
+
+
+@pytest.mark.cuda
+def test_nvjpeg_decodes_close_to_pillow(mixed: Path) -> None:
+    files = sorted(p for p in mixed.glob("*.jpg") if jpeg_size(p.read_bytes()) is not None)
+    decoded = decode_jpegs([torch.frombuffer(bytearray(p.read_bytes()), dtype=torch.uint8) for p in files],
+                           torch.device("cuda"))
+    for path, image in zip(files, decoded):
+        pil = torch.from_numpy(np.asarray(Image.open(path).convert("RGB"))).permute(2, 0, 1)
+        assert image.shape == pil.shape and image.dtype == torch.uint8
+        assert (image.cpu().int() - pil.int()).abs().float().mean() < 2.0
+
+
+@pytest.mark.cuda
+def test_the_gpu_path_keeps_the_layout_and_index(tmp_path: Path, mixed: Path, pil_path: Path) -> None:
+    stats = _run(mixed, tmp_path / "gpu", "cuda", True)
+    assert stats.complete and stats.device_decoded == 15 and stats.host_decoded == 7
+    assert all(v > 0 for v in stats.gpu_ms.values())
+    assert _compare(tmp_path / "gpu", pil_path, exact=False) >= 0.6
