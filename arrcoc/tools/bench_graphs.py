@@ -12,7 +12,7 @@
   replay alone, and a whole graphed call (input copy + replay + copy-out, ``copy=True`` and ``copy=False``),
   the per-stage chain's five launches, and the time to build the result views;
 - capture time, pool bytes, compile time; the warm-up of 5 sizes x 3 batch buckets;
-- ``--threads``: 8 threads calling one pipeline, a lock around replay against per-thread entries.
+- ``--threads``: 8 threads calling one pipeline (one lock around replay), every result checked.
 
 Repetitions adapt to the case (at most ``--reps``, about ``--seconds`` per measurement) so the whole run
 stays bounded; ``--quick`` runs a small matrix.
@@ -359,20 +359,12 @@ def profile_kernels(pipe: Pipeline, size: int, batch: int, *, compile: bool = Fa
 
 
 def time_threads(config: PipelineConfig, *, threads: int = 8, calls: int = 100, size: int = 224) -> dict[str, Any]:
-    """Throughput of ``threads`` threads calling one cache at batch 1: a lock around replay vs per-thread entries.
+    """Throughput of ``threads`` threads calling one cache (one lock around replay) at batch 1.
 
     Each thread calls ``GraphCache.run`` on preprocessed inputs of its own (so the figure is the cache's
     cost, not preprocessing) and checks every result against the same call made alone.
     """
-    report: dict[str, Any] = {"threads": threads, "calls_per_thread": calls, "size": size}
-    for mode in ("lock", "per_thread"):
-        torch.cuda.empty_cache()
-        report[mode] = _threads_one_mode(config, mode, threads, calls, size)
-    return report
-
-
-def _threads_one_mode(config: PipelineConfig, mode: str, threads: int, calls: int, size: int) -> dict[str, Any]:
-    pipe = Pipeline(config, device="cuda", graph_cache=GraphCache(threads=mode, max_entries=64))
+    pipe = Pipeline(config, device="cuda", graph_cache=GraphCache(max_entries=64))
     with torch.inference_mode():
         _, base, info = _case(pipe, size, 1)
         key = pipe._graph_key(size, 1, info["capacity"], 4)
@@ -387,7 +379,7 @@ def _threads_one_mode(config: PipelineConfig, mode: str, threads: int, calls: in
 
     def work(i: int) -> None:
         with torch.inference_mode():
-            call(jobs[i])  # per-thread entries: this thread's capture, before the clock starts
+            call(jobs[i])  # warm, before the clock starts
             torch.cuda.synchronize()
             barrier.wait()
             outs = [call(jobs[i]) for _ in range(calls)]
@@ -405,7 +397,8 @@ def _threads_one_mode(config: PipelineConfig, mode: str, threads: int, calls: in
     for w in workers:
         w.join()
     stats = pipe.graph_cache.stats()
-    return {"wall_s": wall, "calls_per_s": threads * calls / wall, "ms_per_call": wall / (threads * calls) * 1e3,
+    return {"threads": threads, "calls_per_thread": calls, "size": size, "wall_s": wall,
+            "calls_per_s": threads * calls / wall, "ms_per_call": wall / (threads * calls) * 1e3,
             "wrong_results": sum(wrong), "entries": stats["entries"], "bytes": stats["bytes"], "captures": stats["captures"]}
 
 
@@ -623,11 +616,9 @@ def _markdown(report: dict[str, Any]) -> str:
         t = report["threads"]
         lines += ["", f"{t['threads']} threads x {t['calls_per_thread']} calls at {t['size']}px batch 1 on one pipeline "
                   "(`GraphCache.run`, results checked against the same call alone):", "",
-                  "| mode | calls/s | ms per call | wrong results | entries | MiB | captures |", "|---|---:|---:|---:|---:|---:|---:|"]
-        for mode in ("lock", "per_thread"):
-            m = t[mode]
-            lines.append(f"| {mode} | {m['calls_per_s']:.0f} | {m['ms_per_call']:.3f} | {m['wrong_results']} | "
-                         f"{m['entries']} | {m['bytes'] / 2**20:.1f} | {m['captures']} |")
+                  "| calls/s | ms per call | wrong results | entries | MiB | captures |", "|---:|---:|---:|---:|---:|---:|",
+                  f"| {t['calls_per_s']:.0f} | {t['ms_per_call']:.3f} | {t['wrong_results']} | {t['entries']} | "
+                  f"{t['bytes'] / 2**20:.1f} | {t['captures']} |"]
     return "\n".join(lines) + "\n"
 
 
@@ -645,7 +636,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=0.5, help="about this long per measurement (fewer reps)")
     parser.add_argument("--skip", nargs="*", default=[], help="SIZExBATCH cases to leave out (e.g. 1024x64)")
     parser.add_argument("--no-warmup", action="store_true", help="skip the 5 sizes x 3 batches warm-up measurement")
-    parser.add_argument("--threads", action="store_true", help="also compare a lock with per-thread entries")
+    parser.add_argument("--threads", action="store_true", help="also time 8 threads calling one pipeline")
     parser.add_argument("--profile", nargs="*", default=[],
                         help="SIZExBATCH cases whose stages are profiled (kernel count and time, eager and compiled)")
     parser.add_argument("--quick", action="store_true", help="sizes 224 512, batches 1 8, 20 reps")
