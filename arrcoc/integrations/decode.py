@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import InvalidInputError, InvalidTypeError
+from ..runtime.graphs import capture
 
 __all__ = ["GraphedDecoder", "language_model", "BATCH_BUCKETS"]
 
@@ -221,17 +222,9 @@ class GraphedDecoder:
         The warm-up runs repeat exactly what the first replay does (same inputs, same cache slots).
         """
         try:
-            stream = torch.cuda.Stream()
-            stream.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(stream):
-                for _ in range(2):
-                    fn()
-            torch.cuda.current_stream().wait_stream(stream)
             if self._pool is None:
                 self._pool = torch.cuda.graph_pool_handle()
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self._pool):
-                out = fn()
+            graph, out = capture(fn, self._pool, warmup=2)
             self.captures += 1
             return graph, out
         except RuntimeError as err:  # a failed capture falls back to eager, with the reason

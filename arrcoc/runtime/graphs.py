@@ -17,7 +17,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch import Tensor
@@ -25,7 +25,7 @@ from torch import Tensor
 from ..errors import ArrcocError, InvalidInputError
 
 __all__ = ["GraphKey", "GraphChain", "GraphCache", "PackedTensors", "ChainResult", "CaptureError",
-           "CaptureMemoryError", "StaleOutputError", "lazy_output"]
+           "CaptureMemoryError", "StaleOutputError", "lazy_output", "warm_up", "capture"]
 
 Stage = tuple[str, Callable[[dict[str, Any]], dict[str, Any]]]
 Build = Callable[[], tuple[list[Stage], dict[str, Tensor], Sequence[str]]]
@@ -316,6 +316,37 @@ def lazy_output(cls: type, values: Mapping[str, Any], source: Callable[[str], An
 
 
 # --- the chain -------------------------------------------------------------------------------------------
+T = TypeVar("T")
+
+
+def warm_up(fn: Callable[[], T], runs: int, device: torch.device | None = None) -> T:
+    """Run ``fn`` ``runs`` times on a side stream (lazy initialisation, cuBLAS workspaces), as a capture needs first;
+    returns the last result (``runs >= 1``)."""
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        for _ in range(runs):
+            out = fn()
+    torch.cuda.current_stream(device).wait_stream(side)
+    return out
+
+
+def capture(fn: Callable[[], T], pool: Any, *, warmup: int = 2,
+            device: torch.device | None = None) -> tuple[torch.cuda.CUDAGraph, T]:
+    """Warm ``fn`` up (``warmup`` runs, see :func:`warm_up`), then capture one call of it as a CUDA graph whose
+    temporaries come from ``pool``; returns the graph and the call's (static) result.
+
+    The one capture path of arrcoc: :class:`GraphChain` and the graphed decoder both capture through it.
+    """
+    if warmup:
+        warm_up(fn, warmup, device)
+    graph = torch.cuda.CUDAGraph()
+    # thread_local: another thread's allocation or sync (e.g. preprocessing) must not void this capture
+    with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
+        out = fn()
+    return graph, out
+
+
 class GraphChain:
     """One captured chain: packed static inputs, the graph(s), and a packed buffer of its results.
 
@@ -357,9 +388,8 @@ class GraphChain:
         current, failure = "capture", None
         try:
             for step in steps:
-                graph = torch.cuda.CUDAGraph()
-                # thread_local: another thread's allocation or sync (e.g. preprocessing) must not void this capture
-                with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
+                def run_step(step: list[Stage] = step) -> None:
+                    nonlocal current, failure
                     try:
                         for current, fn in step:  # noqa: B007 (named in the error below)
                             self.state.update(fn(self.state))
@@ -369,6 +399,8 @@ class GraphChain:
                     except Exception as err:
                         failure = err  # the capture's exit may raise over it: keep the stage's own error
                         raise
+
+                graph, _ = capture(run_step, pool, warmup=0, device=self.device)
                 self.graphs.append(("chain" if not per_stage else step[0][0] if step else "pack", graph))
         except Exception as err:
             first = failure or err
@@ -389,13 +421,7 @@ class GraphChain:
         return state
 
     def _warm(self, runs: int) -> dict[str, Any]:
-        side = torch.cuda.Stream(self.device)
-        side.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(side):
-            for _ in range(runs):
-                state = self._run_stages()
-        torch.cuda.current_stream(self.device).wait_stream(side)
-        return state
+        return warm_up(self._run_stages, runs, self.device)
 
     def _pack(self, state: Mapping[str, Any]) -> None:
         """Every result into the entry's output buffer, in one kernel (inside the graph when captured)."""
