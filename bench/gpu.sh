@@ -11,6 +11,10 @@
 #            vit_base fp32 and bf16 (224/1024 x 1/8). Each step has its own cap and never runs past the
 #            deadline: a late step is cut short (the benchmark saves after every case) or skipped. While the tests
 #            run, a background run of the compile case fills torch.compile's caches (PREWARM=0: not).
+# Extra steps (any profile, after the benchmark): QWEN=1 the Qwen-VL generation benchmark; EVAL=1 `arrcoc eval` on
+# the test seeds (200 per family, both sizes, every reducer); BEFORE=<dir> the graph benchmark of another checkout's
+# package (e.g. `git archive <commit> arrcoc | tar -x -C <dir>`) into $OUT/before, for a before/after comparison
+# on the same machine; DATASET=1 the data-set benchmark.
 # Knobs: TESTS=0 skips the tests, BENCH=0 the benchmark, QUICK=1 runs the benchmark's --quick matrix (full run),
 # STAGES=1 adds the eager stage benchmark (full run), BUDGET=<s> bounds the whole script (final: 300 by default),
 # DRY=1 prints each step and its limit without running it.
@@ -102,6 +106,16 @@ else
     step stages-bf16 120 python3 -m arrcoc.tools.bench --out "$OUT" --reps 30 --dtype bfloat16 --tag bf16
   fi
 fi
+if [ -n "${BEFORE:-}" ]; then  # the old package's own module path: it predates arrcoc.tools
+  mkdir -p "$OUT/before"
+  step bench-before 110 bash -c "cd '$BEFORE' && PYTHONPATH=. python3 -m arrcoc.bench_graphs --out '$(realpath "$OUT")/before' \
+    --sizes 224 1024 --batches 1 64 --compile --no-warmup --seconds 0.15 --reps 25"
+  step bench-after 110 "${GRAPHS[@]}" --tag after --sizes 224 1024 --batches 1 64 --compile --no-warmup --seconds 0.15 --reps 25
+fi
+[ "${QWEN:-0}" = 1 ] && step bench-qwen 150 python3 -m arrcoc.tools.bench_qwen --out "$OUT"
+[ "${EVAL:-0}" = 1 ] && step eval 240 python3 -m arrcoc.tools.evaluation --samples-per-family 200 --seed 600000 \
+  --out "$OUT" --quiet
+[ "${DATASET:-0}" = 1 ] && step bench-dataset 200 python3 -m arrcoc.tools.bench_dataset --out "$OUT"
 echo "=== done +$(( $(date +%s) - START ))s (profile $PROFILE${BUDGET:+, budget ${BUDGET}s})" | tee -a "$OUT/steps.log"
 cat "$OUT/steps.log"
 true
