@@ -15,6 +15,7 @@ RANKS = {
     "runtime": 1, "stages": 1.5,
     "frontend": 1.8, "pipeline": 2, "reducers": 2,
     "integrations": 3, "datasets": 3,
+    "hf": 3.5,
     "world": 4,
     "tools": 5,
     "cli": 6, "__main__": 7,

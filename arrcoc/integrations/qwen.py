@@ -1,0 +1,650 @@
+"""Qwen2-VL and Qwen2.5-VL read arrcoc's tokens: :class:`ArrcocQwen`.
+
+The adapter wraps a ``Qwen2VLForConditionalGeneration`` or ``Qwen2_5_VLForConditionalGeneration`` without
+changing it. It runs the model's own vision tower and patch merger (``model.get_image_features``), so the
+reducer reads the model's own *merged* visual tokens ``(gh, gw, H)``, one grid per image at that image's own
+size. Any registered reducer (:mod:`arrcoc.reducers`) keeps exactly ``budget`` tokens per image; they are
+written, in raster order, into ``budget`` image slots of the prompt, and the language model runs as usual with
+explicit multimodal rotary position ids: ``model(inputs_embeds=..., attention_mask=..., position_ids=...)`` or
+the model's own ``model.generate(...)`` (transformers carries the given ``(3, B, T)`` position ids forward).
+
+Positions. The unmodified model places the merged token at row ``r``, column ``c`` of an image that starts at
+text position ``s`` at ``(t, h, w) = (s, s + r, s + c)``, and the text after the image at ``s + max(gh, gw)``
+onwards. A kept token keeps its own ``(s, s + r, s + c)`` (a token that pools an area takes its box's centre
+cell), and the text after the image continues at ``s + max(gh, gw)``, the full image's max + 1, not at a
+compacted position. Why: rotary attention reads relative positions, so keeping them leaves every distance
+between the question and a kept token exactly as the model learned it; compacting would move the question
+closer to the image than any training example put it. It is also what makes the full budget exact, and the
+saving does not depend on it (the KV cache holds ``budget`` tokens either way).
+
+Graphs. The reducer replays as a CUDA graph (:class:`arrcoc.runtime.graphs.GraphChain`) keyed on the merged
+grid rounded up to ``grid_multiple`` per side (the padding marked by ``patch_valid``, so no token stands for
+it), the number of images in that bucket and the query length rounded up to 16. arrcoc's reducers read the
+budgets as a tensor (the relevance head packs each image's tokens into the bucket's capacity), so a share
+budget, different for every image size, does not multiply the graphs; the baselines fix their output shape by
+the budget, which joins their key. Reducers that pool padding like an image patch (those that do not read
+``patch_valid``: ``uniform``, ``tome``) are keyed on the exact grid. :func:`graph_buckets` counts the
+captures a corpus of sizes costs.
+
+Covered: Qwen2-VL and Qwen2.5-VL (images; videos are not reduced). Not covered: Qwen3-VL, whose DeepStack
+feeds per-layer visual features into the first language-model layers at the image positions (those would
+have to be reduced with the same selection), and reducers needing a vision ``[CLS]`` (``visionzip``: Qwen's
+tower has none) or early-layer text attention (``fastv``).
+
+Importing this module does not import transformers.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..config import PipelineConfig
+from ..errors import BudgetError, InvalidInputError, InvalidTypeError
+from ..reducers import ArrcocReducer, ReducedTokens, VisualInput, check_visual, create_reducer
+from ..stages.regions import capacity_of
+from .hf import raster_order
+
+__all__ = ["ArrcocQwen", "QwenPrepared", "QWEN_TEMPLATE", "QWEN_MODEL_TYPES", "graph_buckets", "merged_grid"]
+
+logger = logging.getLogger(__name__)
+
+#: ``config.model_type`` of the models this adapter serves.
+QWEN_MODEL_TYPES = frozenset({"qwen2_vl", "qwen2_5_vl"})
+
+#: Qwen's chat template for one image and one question; ``{image}`` becomes the image pad token.
+QWEN_TEMPLATE = "<|im_start|>user\n<|vision_start|>{image}<|vision_end|>{question}<|im_end|>\n<|im_start|>assistant\n"
+
+#: VisualInput fields a reducer graph takes as static inputs (when present).
+_VISUAL_FIELDS = ("features", "patch_valid", "pixels", "valid", "query", "query_mask")
+
+#: Query tokens are padded (mask False) up to a multiple of this, so question lengths share graphs.
+_QUERY_MULTIPLE = 16
+
+
+@dataclass
+class QwenPrepared:
+    """Everything the language model reads for one batch, and what the reducer chose.
+
+    Attributes:
+        inputs_embeds: ``(B, T, H)`` prompt embeddings, left padded, ``budgets[i]`` image slots in row ``i``.
+        attention_mask: ``(B, T)`` int64, 0 on left padding.
+        position_ids: ``(3, B, T)`` int64 multimodal rotary positions (time, row, column); 0 on padding.
+        input_ids: ``(B, T)`` the token ids behind ``inputs_embeds`` (image slots hold the image token id).
+        reduced: per image, the reducer's output in raster order (tokens ``(1, K_i, H)``, boxes ``(1, K_i, 4)``
+            on the merged grid).
+        query_mask: ``(B, T)`` bool, the prompt tokens the participatory scorer read.
+        image_tokens: per image ``(K_i, H)``, the tokens written into its slots.
+        grids: per image ``(gh, gw)``, its merged grid.
+        budgets: per image, the tokens kept.
+    """
+
+    inputs_embeds: Tensor
+    attention_mask: Tensor
+    position_ids: Tensor
+    input_ids: Tensor
+    reduced: list[ReducedTokens]
+    query_mask: Tensor
+    image_tokens: list[Tensor]
+    grids: list[tuple[int, int]]
+    budgets: list[int]
+
+
+def merged_grid(
+    height: int,
+    width: int,
+    *,
+    patch_size: int = 14,
+    merge_size: int = 2,
+    min_pixels: int = 56 * 56,
+    max_pixels: int = 28 * 28 * 16384,
+) -> tuple[int, int]:
+    """``(gh, gw)`` merged tokens of a ``height x width`` image under Qwen's resize (``smart_resize``).
+
+    The same arithmetic as transformers' ``smart_resize`` (sides rounded to multiples of ``patch_size *
+    merge_size``, the area clamped to ``[min_pixels, max_pixels]``), so it runs without transformers.
+    """
+    factor = patch_size * merge_size
+    h, w = max(factor, round(height / factor) * factor), max(factor, round(width / factor) * factor)
+    if h * w > max_pixels:
+        beta = math.sqrt(height * width / max_pixels)
+        h, w = (
+            max(factor, math.floor(height / beta / factor) * factor),
+            max(factor, math.floor(width / beta / factor) * factor),
+        )
+    elif h * w < min_pixels:
+        beta = math.sqrt(min_pixels / (height * width))
+        h, w = math.ceil(height * beta / factor) * factor, math.ceil(width * beta / factor) * factor
+    return h // factor, w // factor
+
+
+def _round_up(value: int, multiple: int) -> int:
+    return -(-value // multiple) * multiple
+
+
+def graph_buckets(grids: Iterable[tuple[int, int]], multiple: int) -> set[tuple[int, int]]:
+    """The distinct graph grids (sides rounded up to ``multiple``) a corpus of merged ``grids`` needs."""
+    return {(_round_up(gh, multiple), _round_up(gw, multiple)) for gh, gw in grids}
+
+
+def _parts(model: nn.Module) -> tuple[nn.Module, nn.Module]:
+    """(the inner ``Qwen*VLModel``, its language model); refuses anything else."""
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    inner = getattr(model, "model", None)
+    if model_type not in QWEN_MODEL_TYPES or inner is None or not hasattr(inner, "get_image_features"):
+        raise InvalidTypeError(
+            f"model must be a Qwen2-VL or Qwen2.5-VL ...ForConditionalGeneration (model_type in "
+            f"{sorted(QWEN_MODEL_TYPES)}); got {type(model).__name__} ({model_type!r})"
+        )
+    return inner, inner.language_model
+
+
+class ArrcocQwen(nn.Module):
+    """A Qwen2-VL / Qwen2.5-VL model that reads ``budget`` arrcoc (or baseline) tokens per image.
+
+    The query the participatory scorer reads comes from the prompt's question, as in
+    :class:`arrcoc.integrations.hf.ArrcocLlava`: each question token's embedding ``t`` is compared (cosine) with
+    the image's merged tokens ``f_p`` (already in the language model's space: Qwen's merger is its projector),
+    and stands as the token mixture it points to, ``q = sum_p softmax_p(cos(t, f_p) / tau) f_p``, so the query
+    lies among the visual tokens the scorer compares it with.
+
+    Args:
+        model: a ``Qwen2VLForConditionalGeneration`` or ``Qwen2_5_VLForConditionalGeneration``.
+        processor_or_tokenizer: a Qwen processor (images may then be PIL images, arrays or uint8 tensors), or a
+            tokenizer alone (images must then be a mapping with the image processor's ``pixel_values`` and
+            ``image_grid_thw``).
+        method: a registered reducer name (``arrcoc.reducers.list_reducers()``).
+        budget: the default budget of every call: an ``int`` is an exact count of tokens per image, a ``float`` in
+            ``(0, 1]`` a share of each image's merged tokens (rounded, at least 1); ``None``: every token.
+        config: the reducer's config (arrcoc's default when omitted).
+        template: used when a prompt holds no image placeholder; ``{image}`` and ``{question}`` are filled in,
+            and only the question's tokens form the query.
+        query_temperature: ``tau`` of the query softmax.
+        grid_multiple: graph buckets round each merged grid side up to this multiple.
+        reducer_graphs: ``"auto"`` replays the reducer as a CUDA graph on CUDA and calls it directly elsewhere;
+            ``"eager"`` uses the graph chain's eager backend (the same host-side path, for tests); ``"off"``
+            always calls the reducer directly.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        processor_or_tokenizer: Any,
+        *,
+        method: str = "arrcoc",
+        budget: int | float | None = None,
+        config: PipelineConfig | None = None,
+        template: str = QWEN_TEMPLATE,
+        query_temperature: float = 0.1,
+        grid_multiple: int = 8,
+        reducer_graphs: str = "auto",
+    ) -> None:
+        super().__init__()
+        self.model = model
+        self.inner, self.language_model = _parts(model)
+        self.tokenizer = getattr(processor_or_tokenizer, "tokenizer", processor_or_tokenizer)
+        self.image_processor = getattr(processor_or_tokenizer, "image_processor", None)
+        if not callable(self.tokenizer):
+            raise InvalidTypeError(
+                f"processor_or_tokenizer must be a processor or a tokenizer; got "
+                f"{type(processor_or_tokenizer).__name__}"
+            )
+        if "{question}" not in template or "{image}" not in template:
+            raise InvalidInputError(f"template must hold '{{image}}' and '{{question}}'; got {template!r}")
+        if not query_temperature > 0:
+            raise InvalidInputError(f"query_temperature must be > 0; got {query_temperature}")
+        if isinstance(grid_multiple, bool) or not isinstance(grid_multiple, int) or grid_multiple < 1:
+            raise InvalidInputError(f"grid_multiple must be a whole number >= 1; got {grid_multiple!r}")
+        if reducer_graphs not in ("auto", "eager", "off"):
+            raise InvalidInputError(f"reducer_graphs must be 'auto', 'eager' or 'off'; got {reducer_graphs!r}")
+        cfg, vision = model.config, model.config.vision_config
+        self.image_token_id = int(cfg.image_token_id)
+        self.image_token = self.tokenizer.convert_ids_to_tokens(self.image_token_id)
+        self.patch_size = int(vision.patch_size)
+        self.temporal_patch_size = int(vision.temporal_patch_size)
+        self.merge_size = int(vision.spatial_merge_size)
+        self.template = template
+        self.query_temperature = float(query_temperature)
+        self.grid_multiple = grid_multiple
+        self.reducer_graphs = reducer_graphs
+        self.method = method
+        self.reducer = create_reducer(method, config=config)
+        if isinstance(self.reducer, nn.Module):  # its constant buffers go with the model
+            self.reducer.to(next(model.parameters()).device)
+        self.needs = frozenset(getattr(self.reducer, "needs", frozenset()))
+        missing = self.needs & {"cls_attention", "text_attention"}
+        if missing:
+            raise InvalidInputError(
+                f"the {method!r} reducer needs {sorted(missing)}, which the Qwen-VL adapter does not "
+                "provide (Qwen's vision tower has no [CLS]; early-layer text attention is not wired)"
+            )
+        # Decided once: reducers that rank padding last may read a padded (bucketed) grid; the others pool it.
+        self.pads = "patch_valid" in self.needs
+        # arrcoc's own reducers take per-image budgets as a tensor (one graph per bucket for every budget)
+        self.budget_tensor = isinstance(self.reducer, ArrcocReducer)
+        self.default_budget = budget
+        proc = self.image_processor
+        mean, std = (getattr(proc, "image_mean", None), getattr(proc, "image_std", None)) if proc else (None, None)
+        if proc is not None and not getattr(proc, "do_normalize", True):
+            mean, std = (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)
+        if mean is None:  # Qwen's processors normalise with CLIP's statistics
+            mean, std = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
+        self.register_buffer("_mean", torch.tensor(mean, dtype=torch.float32).view(3, 1, 1), persistent=False)
+        self.register_buffer("_std", torch.tensor(std, dtype=torch.float32).view(3, 1, 1), persistent=False)
+        pad = self.tokenizer.pad_token_id
+        self.pad_token_id = int(pad if pad is not None else (self.tokenizer.eos_token_id or 0))
+        self.special_ids = frozenset(int(i) for i in getattr(self.tokenizer, "all_special_ids", []))
+        self._chains: dict[tuple, Any] = {}
+        self._pool: Any = None
+        # transformers >= 5 marks image tokens by type for its own rope index; earlier versions have no such input
+        self._mm_types = "mm_token_type_ids" in inspect.signature(model.forward).parameters
+
+    @property
+    def captures(self) -> int:
+        """Reducer graphs captured so far (one per graph key)."""
+        return sum(1 for c in self._chains.values() if c is not False)
+
+    # --- images -> merged grids ------------------------------------------------------------------------
+    def image_inputs(self, images: Any) -> tuple[Tensor, Tensor]:
+        """``(pixel_values, image_grid_thw)``: a mapping holding both passes through, anything else goes to the
+        image processor (one image per prompt)."""
+        if hasattr(images, "keys") and "pixel_values" in images and "image_grid_thw" in images:
+            return images["pixel_values"], images["image_grid_thw"]
+        if self.image_processor is None:
+            raise InvalidTypeError(
+                "images must be a mapping with 'pixel_values' and 'image_grid_thw' when the adapter "
+                f"was given a tokenizer, not a processor; got {type(images).__name__}"
+            )
+        if isinstance(images, Tensor) and images.ndim == 3:
+            images = [images]
+        out = self.image_processor(images=images, return_tensors="pt")
+        return out["pixel_values"], out["image_grid_thw"]
+
+    def merged_features(self, pixel_values: Tensor, grid_thw: Tensor) -> list[Tensor]:
+        """The model's own merged visual tokens, per image ``(gh, gw, H)`` in raster order."""
+        out = self.inner.get_image_features(pixel_values, grid_thw)
+        embeds = out.pooler_output if hasattr(out, "pooler_output") else out  # tuple of (n_i, H)
+        return [e.unflatten(0, grid) for e, grid in zip(embeds, self.merged_grids(grid_thw))]
+
+    def merged_grids(self, grid_thw: Tensor) -> list[tuple[int, int]]:
+        rows = grid_thw.tolist()  # ok-sync: a host-side input of the processor
+        if any(t != 1 for t, _, _ in rows):
+            raise InvalidInputError(f"each image must be one frame (grid t = 1); got image_grid_thw {rows}")
+        m = self.merge_size
+        return [(h // m, w // m) for _, h, w in rows]
+
+    def _rgb(self, pixel_values: Tensor, grids: list[tuple[int, int]]) -> list[Tensor]:
+        """Per image ``(3, gh * m * p, gw * m * p)`` RGB in [0, 1], undoing the processor's patch layout."""
+        m, p, tp = self.merge_size, self.patch_size, self.temporal_patch_size
+        out, start = [], 0
+        for gh, gw in grids:
+            n = gh * gw * m * m
+            patches = pixel_values[start : start + n].float().view(gh, gw, m, m, 3, tp, p, p)[..., 0, :, :]
+            start += n
+            image = patches.permute(4, 0, 2, 5, 1, 3, 6).reshape(3, gh * m * p, gw * m * p)  # (3, H, W)
+            out.append((image * self._std + self._mean).clamp(0, 1))
+        return out
+
+    # --- prompts -> ids ---------------------------------------------------------------------------------
+    def _tokenize(self, prompt: str, slots: int) -> tuple[list[int], list[bool], int]:
+        """Ids with the image placeholder expanded to ``slots`` copies, the query flags, and the placeholder's
+        index."""
+        if not isinstance(prompt, str):
+            raise InvalidTypeError(f"prompts must be strings; got {type(prompt).__name__}")
+        head, tail = (part.replace("{image}", self.image_token) for part in self.template.split("{question}"))
+        if self.image_token not in prompt:
+            span = (len(head), len(head) + len(prompt))
+            prompt = head + prompt + tail
+        elif prompt.startswith(head) and prompt.endswith(tail) and len(prompt) >= len(head) + len(tail):
+            span = (len(head), len(prompt) - len(tail))
+        else:
+            span = (0, len(prompt))
+        fast = bool(getattr(self.tokenizer, "is_fast", False))
+        encoded = self.tokenizer(prompt, return_offsets_mapping=fast)
+        ids = [int(i) for i in encoded["input_ids"]]
+        offsets = encoded["offset_mapping"] if fast else [span] * len(ids)
+        where = [i for i, t in enumerate(ids) if t == self.image_token_id]
+        if len(where) != 1:
+            raise InvalidInputError(
+                f"each prompt must hold exactly one image placeholder {self.image_token!r} (or "
+                f"none, to use the template); got {len(where)} in {prompt!r}"
+            )
+        query = [
+            t not in self.special_ids and t != self.image_token_id and o[1] > span[0] and o[0] < span[1]
+            for t, o in zip(ids, offsets)
+        ]
+        p = where[0]
+        return ids[:p] + [self.image_token_id] * slots + ids[p + 1 :], query[:p] + [False] * slots + query[p + 1 :], p
+
+    # --- budgets ----------------------------------------------------------------------------------------
+    def budgets(self, budget: int | float | None, grids: Sequence[tuple[int, int]]) -> list[int]:
+        """Tokens kept per image: an ``int`` exactly, a ``float`` share of each image's merged tokens."""
+        budget = self.default_budget if budget is None else budget
+        sizes = [gh * gw for gh, gw in grids]
+        if budget is None:
+            return sizes
+        if isinstance(budget, bool) or not isinstance(budget, (int, float)):
+            raise BudgetError(f"budget must be a whole number of tokens or a share in (0, 1]; got {budget!r}")
+        if isinstance(budget, float):
+            if not 0 < budget <= 1:
+                raise BudgetError(f"a budget share must lie in (0, 1]; got {budget}")
+            return [max(1, min(n, round(budget * n))) for n in sizes]
+        short = [(i, n) for i, n in enumerate(sizes) if not 1 <= budget <= n]
+        if short:
+            i, n = short[0]
+            raise BudgetError(
+                f"budget must be between 1 and each image's merged tokens; image {i} has {n} "
+                f"({grids[i][0]}x{grids[i][1]}), got {budget}"
+            )
+        return [budget] * len(sizes)
+
+    # --- the adapter ------------------------------------------------------------------------------------
+    def prepare(self, images: Any, prompts: str | Sequence[str], budget: int | float | None = None) -> QwenPrepared:
+        """Build the language model's input: prompts with each image's reduced tokens and their positions.
+
+        Args:
+            images: one image per prompt (PIL images, arrays or uint8 tensors with a processor), or a mapping with
+                ``pixel_values`` and ``image_grid_thw`` as the image processor makes them.
+            prompts: strings; a prompt with the image placeholder is used verbatim, one without it is put into
+                the template.
+            budget: as in the class (``None``: the adapter's default).
+        """
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        device = self.model.get_input_embeddings().weight.device
+        pixel_values, grid_thw = self.image_inputs(images)
+        grids = self.merged_grids(grid_thw)
+        if len(grids) != len(prompts):
+            raise InvalidInputError(
+                f"images and prompts must pair up one to one; got {len(grids)} images and {len(prompts)} prompts"
+            )
+        budgets = self.budgets(budget, grids)
+        pixel_values, grid_thw = pixel_values.to(device), grid_thw.to(device)
+        rows = [self._tokenize(p, k) for p, k in zip(prompts, budgets)]
+        length = max(len(ids) for ids, _, _ in rows)
+        ids = torch.full((len(rows), length), self.pad_token_id, dtype=torch.long)
+        mask = torch.zeros(len(rows), length, dtype=torch.long)
+        query_mask = torch.zeros(len(rows), length, dtype=torch.bool)
+        for i, (row, q, _) in enumerate(rows):  # left padding
+            ids[i, length - len(row) :] = torch.tensor(row)
+            mask[i, length - len(row) :] = 1
+            query_mask[i, length - len(row) :] = torch.tensor(q)
+        ids, mask, query_mask = ids.to(device), mask.to(device), query_mask.to(device)
+        embeds = self.model.get_input_embeddings()(ids)  # (B, T, H)
+        features = self.merged_features(pixel_values, grid_thw)  # per image (gh, gw, H)
+        rgb = self._rgb(pixel_values, grids) if "pixels" in self.needs else [None] * len(grids)
+        questions = [[j for j, q in enumerate(r[1]) if q] for r in rows]
+        reduced = self._reduce_all(features, rgb, embeds, questions, [length - len(r[0]) for r in rows], budgets)
+        image_tokens = [r.tokens[0] for r in reduced]  # (K_i, H) each
+        slots = ids == self.image_token_id
+        embeds = embeds.masked_scatter(slots[..., None], torch.cat(image_tokens).to(embeds.dtype))
+        position_ids = self._positions(rows, length, reduced, grids, device)
+        return QwenPrepared(embeds, mask, position_ids, ids, reduced, query_mask, image_tokens, grids, budgets)
+
+    def reference_inputs(self, images: Any, prompts: str | Sequence[str]) -> dict[str, Tensor]:
+        """The unmodified model's own inputs for the same prompts with every merged token (``model(**inputs)``,
+        ``model.generate(**inputs)``): the baseline the adapter is compared with."""
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        device = self.model.get_input_embeddings().weight.device
+        pixel_values, grid_thw = self.image_inputs(images)
+        rows = [self._tokenize(p, gh * gw)[0] for p, (gh, gw) in zip(prompts, self.merged_grids(grid_thw))]
+        length = max(len(r) for r in rows)
+        ids = torch.full((len(rows), length), self.pad_token_id, dtype=torch.long)
+        mask = torch.zeros(len(rows), length, dtype=torch.long)
+        for i, row in enumerate(rows):  # left padding, as prepare
+            ids[i, length - len(row) :] = torch.tensor(row)
+            mask[i, length - len(row) :] = 1
+        inputs = {
+            "input_ids": ids.to(device),
+            "attention_mask": mask.to(device),
+            "pixel_values": pixel_values.to(device),
+            "image_grid_thw": grid_thw.to(device),
+        }
+        if self._mm_types:
+            inputs["mm_token_type_ids"] = (inputs["input_ids"] == self.image_token_id).int()
+        return inputs
+
+    def _positions(
+        self,
+        rows: list[tuple[list[int], list[bool], int]],
+        length: int,
+        reduced: list[ReducedTokens],
+        grids: list[tuple[int, int]],
+        device: torch.device,
+    ) -> Tensor:
+        """``(3, B, T)`` positions: text 1-D, kept tokens at their own (time, row, column), text after the image
+        from the full image's ``max(gh, gw)`` on (see the module docstring)."""
+        position_ids = torch.zeros(3, len(rows), length, dtype=torch.long, device=device)
+        for i, ((row, _, start), out, (gh, gw)) in enumerate(zip(rows, reduced, grids)):
+            pad, k = length - len(row), out.tokens.shape[1]
+            position_ids[:, i, pad : pad + start] = torch.arange(start, device=device)
+            boxes = out.positions[0]  # (K, 4) row, col, height, width on the merged grid
+            image = slice(pad + start, pad + start + k)
+            position_ids[0, i, image] = start
+            position_ids[1, i, image] = start + boxes[:, 0] + (boxes[:, 2] - 1) // 2  # a pooled area: its centre cell
+            position_ids[2, i, image] = start + boxes[:, 1] + (boxes[:, 3] - 1) // 2
+            after = len(row) - start - k
+            position_ids[:, i, length - after :] = start + max(gh, gw) + torch.arange(after, device=device)
+        return position_ids
+
+    def _query(self, grid: Tensor, text: Tensor) -> Tensor:
+        """``(L, H)`` question tokens ``text`` as mixtures of the image's merged tokens ``grid`` ``(gh, gw, H)``."""
+        tokens = grid.flatten(0, 1).float()  # (N, H)
+        cosine = F.normalize(text.float(), dim=-1) @ F.normalize(tokens, dim=-1).T  # (L, N)
+        return torch.softmax(cosine / self.query_temperature, dim=-1) @ tokens  # (L, H)
+
+    def _reduce_all(
+        self,
+        features: list[Tensor],
+        rgb: list[Tensor | None],
+        embeds: Tensor,
+        questions: list[list[int]],
+        pads: list[int],
+        budgets: list[int],
+    ) -> list[ReducedTokens]:
+        """Reduce each image at its own grid; images sharing a graph key run as one batch.
+
+        arrcoc's reducers take the budgets as a tensor (the relevance head allocates per image into a packed
+        capacity of the bucket's cells), so one graph serves every budget of a bucket; the other reducers fix
+        their output shape by the budget, which joins their key.
+        """
+        groups: dict[tuple, list[int]] = {}
+        for i, (f, k) in enumerate(zip(features, budgets)):
+            gh, gw = f.shape[:2]
+            grid = (_round_up(gh, self.grid_multiple), _round_up(gw, self.grid_multiple)) if self.pads else (gh, gw)
+            length = _round_up(max(1, len(questions[i])), _QUERY_MULTIPLE)
+            groups.setdefault((grid, length, None if self.budget_tensor else k), []).append(i)
+        results: list[ReducedTokens | None] = [None] * len(features)
+        for ((bh, bw), length, k), members in groups.items():
+            visual = self._visual(members, (bh, bw), length, features, rgb, embeds, questions, pads)
+            if not self.budget_tensor:
+                out = self.reduce(visual, k)
+                kept = [k] * len(members)
+            else:
+                out = self._reduce_budgets(
+                    visual, [budgets[i] for i in members], [features[i].shape[:2] for i in members]
+                )
+                kept = [budgets[i] for i in members]
+            for j, i in enumerate(members):
+                one = ReducedTokens(
+                    out.tokens[j : j + 1, : kept[j]],
+                    out.positions[j : j + 1, : kept[j]],
+                    out.weights[j : j + 1, : kept[j]],
+                    None if out.relevance is None else out.relevance[j : j + 1],
+                    None if out.allocation is None else out.allocation[j : j + 1],
+                )
+                results[i] = raster_order(one, bw)
+        return results  # type: ignore[return-value]
+
+    def _visual(
+        self,
+        members: list[int],
+        bucket: tuple[int, int],
+        length: int,
+        features: list[Tensor],
+        rgb: list[Tensor | None],
+        embeds: Tensor,
+        questions: list[list[int]],
+        pads: list[int],
+    ) -> VisualInput:
+        """One bucket's batch: grids zero-padded to ``bucket`` with ``patch_valid`` 0 on the padding."""
+        bh, bw = bucket
+        first = features[members[0]]
+        n, h = len(members), first.shape[-1]
+        grid = first.new_zeros(n, bh, bw, h)
+        valid = first.new_zeros(n, bh, bw, dtype=torch.float32)
+        visual = VisualInput(features=grid)
+        for j, i in enumerate(members):
+            gh, gw = features[i].shape[:2]
+            grid[j, :gh, :gw] = features[i]
+            valid[j, :gh, :gw] = 1
+        if "patch_valid" in self.needs:
+            visual.patch_valid = valid
+        if "pixels" in self.needs:
+            cell = self.merge_size * self.patch_size
+            pixels = first.new_zeros(n, 3, bh * cell, bw * cell, dtype=torch.float32)
+            pixel_valid = torch.zeros_like(pixels[:, :1])
+            for j, i in enumerate(members):
+                _, ph, pw = rgb[i].shape
+                pixels[j, :, :ph, :pw] = rgb[i]
+                pixel_valid[j, :, :ph, :pw] = 1
+            visual.pixels = pixels
+            visual.valid = pixel_valid
+        if self.needs & {"query", "query_mask"}:
+            query = first.new_zeros(n, length, h, dtype=torch.float32)
+            query_mask = torch.zeros(n, length, dtype=torch.bool, device=first.device)
+            for j, i in enumerate(members):
+                if questions[i]:
+                    where = torch.tensor(questions[i], device=embeds.device) + pads[i]  # past the left padding
+                    text = embeds[i, where]  # (L_i, H)
+                    query[j, : len(questions[i])] = self._query(features[i], text)
+                    query_mask[j, : len(questions[i])] = True
+            visual.query, visual.query_mask = query, query_mask
+        return visual
+
+    def reduce(self, visual: VisualInput, budget: int) -> ReducedTokens:
+        """The reducer on ``visual`` (``budget`` tokens per image), replayed as a CUDA graph where
+        ``reducer_graphs`` allows (see the class)."""
+        inputs = {f: getattr(visual, f) for f in _VISUAL_FIELDS if getattr(visual, f) is not None}
+
+        def run(state: dict[str, Tensor]) -> dict[str, Tensor]:
+            out = self.reducer(VisualInput(**{k: state[k] for k in inputs}), budget)
+            return {k: v for k, v in vars(out).items() if v is not None}
+
+        return self._run(("reducer", budget), run, inputs)
+
+    def _reduce_budgets(self, visual: VisualInput, budgets: list[int], grids: list[tuple[int, int]]) -> ReducedTokens:
+        """arrcoc's relevance head with per-image ``budgets`` as a tensor: tokens ``(B, C, D)`` packed kept-first
+        into ``C`` = the bucket's capacity, so the graph's key holds no budget."""
+        reducer, cfg = self.reducer, self.reducer.config
+        check_visual(visual)
+        for i, ((gh, gw), k) in enumerate(zip(grids, budgets)):
+            limit = capacity_of((gh, gw), cfg.region_size, cfg.max_tokens)
+            if k > limit:
+                raise BudgetError(
+                    f"budget {k} of image {i} is above {limit}, the token capacity of its {gh}x{gw} "
+                    f"merged grid under max_tokens={cfg.max_tokens}"
+                )
+        capacity = capacity_of(visual.grid, cfg.region_size, cfg.max_tokens)
+        inputs = {f: getattr(visual, f) for f in _VISUAL_FIELDS if getattr(visual, f) is not None}
+        inputs["budget"] = torch.tensor(budgets, dtype=torch.long, device=visual.features.device)
+        read_query = reducer.read_query and "query" in inputs
+
+        def run(state: dict[str, Tensor]) -> dict[str, Tensor]:
+            features = state["features"].float()
+            b, gh, gw, d = features.shape
+            texture = (
+                reducer.texture(state["pixels"].float(), state["valid"].float(), (gh, gw))
+                if "pixels" in state
+                else features.new_zeros(b, gh, gw, 5)
+            )  # (B, gh, gw, 5)
+            if read_query:
+                query, query_mask = state["query"].float(), state["query_mask"]
+            else:
+                query, query_mask = (
+                    features.new_zeros(b, 1, d),
+                    torch.zeros(b, 1, dtype=torch.bool, device=features.device),
+                )
+            out = reducer.head(
+                features, texture, state["patch_valid"].float(), query, query_mask, state["budget"], capacity
+            )
+            return {
+                "tokens": out["tokens"].to(state["features"].dtype),
+                "positions": out["positions"],
+                "weights": out["weights"],
+                "relevance": out["relevance"],
+                "allocation": out["allocation"],
+            }
+
+        return self._run(("head", capacity), run, inputs)
+
+    def _run(self, name: tuple, fn: Any, inputs: dict[str, Tensor]) -> ReducedTokens:
+        """``fn(inputs)``, replayed as a CUDA graph keyed on ``name`` and the inputs' shapes where allowed."""
+        first = inputs["features"]
+        backend = {"auto": "cuda" if first.is_cuda else None, "eager": "eager", "off": None}[self.reducer_graphs]
+        if torch.is_grad_enabled() and any(v.requires_grad for v in inputs.values()):
+            backend = None  # a graph replay has no autograd: with gradients wanted, call the reducer directly
+        key = (*name, backend, tuple((k, tuple(v.shape), v.dtype) for k, v in inputs.items()))
+        chain = self._chains.get(key) if backend else False
+        if chain is None:
+            chain = self._chains[key] = self._chain(fn, inputs, backend)
+        result = fn(inputs) if chain is False else chain.run(inputs, rows=first.shape[0])
+        return ReducedTokens(
+            result["tokens"],
+            result["positions"],
+            result["weights"],
+            result["relevance"] if "relevance" in result else None,
+            result["allocation"] if "allocation" in result else None,
+        )
+
+    def _chain(self, fn: Any, inputs: dict[str, Tensor], backend: str) -> Any:
+        from ..runtime.graphs import CaptureError, GraphChain
+
+        if backend == "cuda" and self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle()
+        try:
+            return GraphChain(
+                [("reduce", fn)],
+                inputs,
+                self._pool if backend == "cuda" else None,
+                outputs=("tokens", "positions", "weights", "relevance", "allocation"),
+                backend=backend,
+                name=f"{self.method} reducer",
+            )
+        except CaptureError as err:
+            logger.warning(
+                "the %s reducer cannot be captured as a CUDA graph (%s); calling it directly", self.method, err
+            )
+            return False
+
+    def forward(
+        self, images: Any, prompts: str | Sequence[str], budget: int | float | None = None, **kwargs: Any
+    ) -> Any:
+        """The model's output (``.logits`` ``(B, T, vocab)``) on the prompts with each image's reduced tokens."""
+        prepared = self.prepare(images, prompts, budget)
+        return self.model(
+            inputs_embeds=prepared.inputs_embeds,
+            attention_mask=prepared.attention_mask,
+            position_ids=prepared.position_ids,
+            **kwargs,
+        )
+
+    @torch.no_grad()
+    def generate(
+        self, images: Any, prompts: str | Sequence[str], budget: int | float | None = None, **generate_kwargs: Any
+    ) -> Tensor:
+        """The model's own ``generate`` after the prompts (greedy, sampling, ...); returns new ids ``(B, new)``."""
+        prepared = self.prepare(images, prompts, budget)
+        return self.model.generate(
+            inputs_embeds=prepared.inputs_embeds,
+            attention_mask=prepared.attention_mask,
+            position_ids=prepared.position_ids,
+            **generate_kwargs,
+        )

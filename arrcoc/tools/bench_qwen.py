@@ -1,0 +1,330 @@
+"""Qwen-VL generation benchmark: time to first token and decode tokens/s, every image token vs arrcoc's share.
+
+``python -m arrcoc.tools.bench_qwen --out DIR`` builds a Qwen2.5-VL-7B-shaped model (its vision tower with window
+attention and patch merger, its 28-layer language model; bf16, random weights made directly on the GPU from a
+config: nothing is downloaded) and, on 1,280 x 960 images (34 x 46 = 1,564 merged tokens each), measures at
+batch 1 and 8:
+
+- the unmodified model reading every merged token (``model.generate(**inputs)``, the 100% row);
+- :class:`arrcoc.integrations.qwen.ArrcocQwen` keeping 25% and 11% of each image's tokens, the question
+  steering the reducer (``adapter.generate``, transformers' own ``generate`` underneath).
+
+Time to first token is ``generate(max_new_tokens=1)`` from pixel values on the device to the first token id,
+synchronised: vision tower, arrcoc's reduction (for the reduced rows), prefill. Decode tokens/s per sequence
+is ``new / (t(1 + new) - t(1))``. arrcoc's own time is the adapter's ``prepare`` minus the model's own vision
+tower (tokenising, the query, the reduction, positions, slot filling), timed alone. Wall-clock medians after a
+warm-up; image preprocessing (the processor's resize) is excluded from every row alike. ``--tiny`` runs a
+two-layer model on small images on any device (a CPU test runs it end to end). Writes
+``generation-qwen-<device>.json`` and ``.md`` under ``--out``, with the reducer-graph captures a corpus of 100
+photo sizes costs under the adapter's grid bucketing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import logging
+import random
+import statistics
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from ..integrations.hf import word_tokenizer
+from ..integrations.qwen import ArrcocQwen, graph_buckets, merged_grid
+from ..runtime.device import device_name
+from .bench import write_report
+
+__all__ = ["main", "build_qwen", "PRESETS", "corpus_captures"]
+
+logger = logging.getLogger(__name__)
+
+WORDS = "USER ASSISTANT : what is written on the sign left of the red car and which way does it point ?".split()
+TEMPLATE = "USER: {image} {question} ASSISTANT:"
+QUESTION = "what is written on the sign left of the red car and which way does it point ?"
+SHARES = (1.0, 0.25, 0.11)
+_IDS = dict(image_token_id=5, video_token_id=6, vision_start_token_id=7, vision_end_token_id=8)
+
+#: name -> (vision config, text config, image (height, width), batches)
+PRESETS: dict[str, tuple[dict, dict, tuple[int, int], tuple[int, ...]]] = {
+    "qwen2.5-vl-7b": (
+        dict(
+            depth=32,
+            hidden_size=1280,
+            intermediate_size=3420,
+            num_heads=16,
+            out_hidden_size=3584,
+            patch_size=14,
+            spatial_merge_size=2,
+            temporal_patch_size=2,
+            window_size=112,
+            fullatt_block_indexes=[7, 15, 23, 31],
+            tokens_per_second=2,
+            hidden_act="silu",
+        ),
+        dict(
+            vocab_size=152064,
+            hidden_size=3584,
+            intermediate_size=18944,
+            num_hidden_layers=28,
+            num_attention_heads=28,
+            num_key_value_heads=4,
+            max_position_embeddings=128000,
+            rms_norm_eps=1e-6,
+            rope_parameters={"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [16, 24, 24]},
+        ),
+        (960, 1280),
+        (1, 8),
+    ),
+    "tiny": (
+        dict(
+            depth=2,
+            hidden_size=32,
+            intermediate_size=64,
+            num_heads=2,
+            out_hidden_size=64,
+            patch_size=14,
+            spatial_merge_size=2,
+            temporal_patch_size=2,
+            window_size=56,
+            fullatt_block_indexes=[1],
+        ),
+        dict(
+            vocab_size=64,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=2048,
+            rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]},
+        ),
+        (240, 320),
+        (1, 2),
+    ),
+}
+
+
+def build_qwen(preset: str, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
+    """A randomly initialised Qwen2.5-VL of the preset's shape, built directly on ``device`` in ``dtype``."""
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    vision, text, _, _ = PRESETS[preset]
+    config = Qwen2_5_VLConfig(
+        vision_config=vision, text_config={**text, "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2}, **_IDS
+    )
+    previous = torch.get_default_dtype()
+    torch.manual_seed(0)
+    try:  # made on the device in its dtype: no full-precision host copy of the weights
+        torch.set_default_dtype(dtype)
+        with torch.device(device), torch.no_grad():
+            model = Qwen2_5_VLForConditionalGeneration(config)
+    finally:
+        torch.set_default_dtype(previous)
+    model.eval()
+    model.generation_config.eos_token_id = None  # random weights: always generate the asked number of tokens
+    model.generation_config.pad_token_id = 0
+    return model
+
+
+def corpus_captures(multiple: int, count: int = 100, seed: int = 0) -> dict[str, Any]:
+    """Reducer-graph captures for ``count`` photo sizes (long side 640-1,600 px, common aspect ratios, either
+    orientation) under Qwen's default resize, with grid sides rounded up to ``multiple`` (1: no bucketing)."""
+    rng = random.Random(seed)
+    ratios = (4 / 3, 3 / 2, 16 / 9, 1.0, 5 / 4)
+    sizes = []
+    for _ in range(count):
+        long = rng.randint(640, 1600)
+        short = round(long / rng.choice(ratios))
+        sizes.append((long, short) if rng.random() < 0.5 else (short, long))
+    grids = [merged_grid(h, w) for h, w in sizes]
+    return {
+        "sizes": count,
+        "distinct_grids": len(set(grids)),
+        "multiple": multiple,
+        "captures_per_budget": len(graph_buckets(grids, multiple)),
+    }
+
+
+def _timer(device: torch.device, warmups: int, repeats: int) -> Callable[[Callable[[], Any]], float]:
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)  # ok-sync: the benchmark's clock
+
+    def measure(fn: Callable[[], Any]) -> float:
+        for _ in range(warmups):
+            fn()
+        sync()
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            fn()
+            sync()
+            times.append((time.perf_counter() - start) * 1e3)
+        return statistics.median(times)
+
+    return measure
+
+
+def _images(size: tuple[int, int], batch: int) -> list[torch.Tensor]:
+    """``batch`` uint8 images: smooth colour fields with a few bright boxes, different per image."""
+    gen = torch.Generator().manual_seed(0)
+    h, w = size
+    out = []
+    for _ in range(batch):
+        base = torch.nn.functional.interpolate(torch.rand(1, 3, 6, 8, generator=gen), size=(h, w), mode="bilinear")[0]
+        for _ in range(4):
+            y, x = (
+                int(torch.randint(0, h - h // 6, (1,), generator=gen)),
+                int(torch.randint(0, w - w // 6, (1,), generator=gen)),
+            )
+            base[:, y : y + h // 6, x : x + w // 6] = torch.rand(3, 1, 1, generator=gen)
+        out.append((base * 255).to(torch.uint8))
+    return out
+
+
+def _row(adapter: ArrcocQwen, images: list[torch.Tensor], share: float, new: int, measure: Callable) -> dict[str, Any]:
+    model = adapter.model
+    prompts = [QUESTION] * len(images)
+    inputs = adapter.image_processor(images=images, return_tensors="pt")
+    device = model.get_input_embeddings().weight.device
+    pixels = {"pixel_values": inputs["pixel_values"].to(device), "image_grid_thw": inputs["image_grid_thw"].to(device)}
+    full = share == 1.0
+    if full:
+        reference = adapter.reference_inputs(pixels, prompts)
+
+        def run(n: int) -> Any:
+            return model.generate(**reference, max_new_tokens=n, min_new_tokens=n, do_sample=False)
+    else:
+
+        def run(n: int) -> Any:
+            return adapter.generate(pixels, prompts, share, max_new_tokens=n, min_new_tokens=n, do_sample=False)
+
+    with torch.inference_mode():
+        grids = adapter.merged_grids(pixels["image_grid_thw"])
+        tokens = adapter.budgets(None if full else share, grids)[0]
+        ttft = measure(lambda: run(1))
+        total = measure(lambda: run(1 + new))
+        vision = measure(lambda: adapter.merged_features(pixels["pixel_values"], pixels["image_grid_thw"]))
+        own = 0.0 if full else max(0.0, measure(lambda: adapter.prepare(pixels, prompts, share)) - vision)
+    decode = total - ttft  # a non-positive difference (noise on a tiny run) gives no rate
+    rate = new * 1e3 / decode if decode > 0 else None
+    return {
+        "share": share,
+        "batch": len(images),
+        "image_tokens": tokens,
+        "merged_tokens": grids[0][0] * grids[0][1],
+        "ttft_ms": ttft,
+        "vision_ms": vision,
+        "arrcoc_ms": own,
+        "arrcoc_share_of_ttft": own / ttft,
+        "decode_tok_s": rate,
+        "decode_tok_s_batch": None if rate is None else len(images) * rate,
+    }
+
+
+def _num(value: float | None) -> str:
+    return "—" if value is None else f"{value:.1f}"
+
+
+def _markdown(report: dict[str, Any]) -> str:
+    lines = [
+        f"# Qwen-VL generation, every image token vs arrcoc — {report['device']}",
+        "",
+        f"{report['date']}; torch {report['torch']}, transformers {report['transformers']}; model "
+        f"`{report['preset']}` ({report['dtype']}, random weights), reducer `{report['method']}`, image "
+        f"{report['image'][1]} x {report['image'][0]} px, {report['new_tokens']} new tokens, median of "
+        f"{report['repeats']}. 100% is the unmodified model; arrcoc's own time (in the time to first token) "
+        "is the adapter's prepare minus the vision tower.",
+        "",
+        "| batch | share | image tokens | TTFT ms | vs 100% | vision ms | arrcoc ms | arrcoc / TTFT "
+        "| decode tok/s (per seq) | decode tok/s (batch) |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    base = {r["batch"]: r["ttft_ms"] for r in report["rows"] if r["share"] == 1.0}
+    for r in report["rows"]:
+        speed = base.get(r["batch"], float("nan")) / r["ttft_ms"]
+        lines.append(
+            f"| {r['batch']} | {r['share']:.0%} | {r['image_tokens']} | {r['ttft_ms']:.1f} | {speed:.2f}x | "
+            f"{r['vision_ms']:.1f} | {r['arrcoc_ms']:.1f} | {r['arrcoc_share_of_ttft']:.1%} | "
+            f"{_num(r['decode_tok_s'])} | {_num(r['decode_tok_s_batch'])} |"
+        )
+    c = report["captures"]
+    lines += [
+        "",
+        f"Reducer-graph captures for {c['sizes']} photo sizes (640-1,600 px long side, "
+        f"{c['distinct_grids']} distinct merged grids): {c['captures_per_budget']} per budget with grid sides "
+        f"rounded up to {c['multiple']} (without bucketing: {report['captures_unbucketed']}).",
+    ]
+    for name, text in report["errors"].items():
+        lines.append(f"\n**{name} failed**: {text}")
+    return "\n".join(lines) + "\n"
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m arrcoc.tools.bench_qwen", description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default="bench/results", help="folder for the JSON and markdown reports")
+    parser.add_argument("--tiny", action="store_true", help="a two-layer model on small images (any device)")
+    parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when present)")
+    parser.add_argument("--method", default="arrcoc", help="reducer name (default arrcoc)")
+    parser.add_argument("--new-tokens", type=int, default=None, help="decode tokens timed (default 32, tiny 4)")
+    parser.add_argument("--repeats", type=int, default=5, help="timed runs per measurement (median)")
+    parser.add_argument("--warmups", type=int, default=1, help="untimed runs before each measurement")
+    parser.add_argument("--grid-multiple", type=int, default=8, help="graph buckets: grid sides rounded up to this")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run every (share, batch) row; returns 0 when all ran without error."""
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="arrcoc: %(message)s")
+    import transformers
+
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    preset = "tiny" if args.tiny else "qwen2.5-vl-7b"
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    new = args.new_tokens or (4 if args.tiny else 32)
+    _, _, size, batches = PRESETS[preset]
+    model = build_qwen(preset, device, dtype)
+    images = transformers.Qwen2VLImageProcessor()  # Qwen's defaults: 28-px multiples, up to 12.8 MP
+    tokenizer = word_tokenizer(WORDS, image_token_id=_IDS["image_token_id"], image_token="<|image_pad|>")
+    processor = argparse.Namespace(tokenizer=tokenizer, image_processor=images)
+    adapter = ArrcocQwen(model, processor, method=args.method, template=TEMPLATE, grid_multiple=args.grid_multiple)
+    report: dict[str, Any] = {
+        "device": device_name(device),
+        "date": datetime.date.today().isoformat(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "preset": preset,
+        "dtype": str(dtype).removeprefix("torch."),
+        "method": args.method,
+        "image": list(size),
+        "new_tokens": new,
+        "repeats": args.repeats,
+        "grid_multiple": args.grid_multiple,
+        "rows": [],
+        "errors": {},
+        "captures": corpus_captures(args.grid_multiple),
+        "captures_unbucketed": corpus_captures(1)["captures_per_budget"],
+    }
+    name = "generation-qwen-" + ("cpu" if device.type == "cpu" else report["device"])
+    measure = _timer(device, warmups=args.warmups, repeats=args.repeats)
+    for batch in batches:
+        for share in SHARES:
+            try:
+                report["rows"].append(_row(adapter, _images(size, batch), share, new, measure))
+            except Exception as err:  # recorded, and the next row still runs
+                logger.exception("row share=%s batch=%s failed", share, batch)
+                report["errors"][f"{share:.0%} x {batch}"] = f"{type(err).__name__}: {err}"[:500]
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+            write_report(report, _markdown(report), args.out, name)
+    report["reducer_captures"] = adapter.captures
+    write_report(report, _markdown(report), args.out, name)
+    return 1 if report["errors"] else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,385 @@
+"""The Qwen-VL adapter on tiny, randomly initialised Qwen2-VL and Qwen2.5-VL models built here (no downloads)."""
+
+from __future__ import annotations
+
+import json
+import types
+
+import pytest
+import torch
+
+import arrcoc
+
+transformers = pytest.importorskip("transformers")
+pytest.importorskip("tokenizers")
+
+from arrcoc import hf  # noqa: E402
+from arrcoc.integrations.hf import ArrcocLlava, word_tokenizer  # noqa: E402
+from arrcoc.integrations.qwen import ArrcocQwen, graph_buckets, merged_grid  # noqa: E402
+
+WORDS = "USER ASSISTANT : what colour is the box left of red green blue a shape ? which side".split()
+IMAGE_ID = 5
+TEMPLATE = "USER: {image} {question} ASSISTANT:"
+PROMPTS = ["what colour is the box ?", "which side ?", "what shape is left of the red box ?"]
+#: Reducers the adapter serves (visionzip needs a [CLS], fastv early-layer text attention).
+METHODS = ["arrcoc", "arrcoc-noquery", "uniform", "random", "divprune", "tome"]
+FAMILIES = ["qwen2_vl", "qwen2_5_vl"]
+
+
+def _text(family: str) -> dict:
+    # GQA (4 heads, 2 key/value heads); head_dim 8, so mrope_section sums to 4
+    return dict(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        pad_token_id=0,
+        eos_token_id=None,
+        bos_token_id=1,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [1, 1, 2]},
+    )
+
+
+def build(family: str) -> tuple[torch.nn.Module, object]:
+    """A two-block vision tower (patch 14, merge 2) and a two-layer language model; a processor built offline."""
+    ids = dict(image_token_id=IMAGE_ID, video_token_id=63, vision_start_token_id=62, vision_end_token_id=61)
+    if family == "qwen2_vl":
+        vision = dict(
+            depth=2,
+            embed_dim=32,
+            hidden_size=32,
+            num_heads=2,
+            mlp_ratio=2,
+            patch_size=14,
+            spatial_merge_size=2,
+            temporal_patch_size=2,
+        )
+        config = transformers.Qwen2VLConfig(text_config=_text(family), vision_config=vision, **ids)
+        cls = transformers.Qwen2VLForConditionalGeneration
+    else:
+        vision = dict(
+            depth=2,
+            hidden_size=32,
+            intermediate_size=64,
+            num_heads=2,
+            patch_size=14,
+            spatial_merge_size=2,
+            temporal_patch_size=2,
+            window_size=56,
+            out_hidden_size=32,
+            fullatt_block_indexes=[1],
+        )
+        config = transformers.Qwen2_5_VLConfig(text_config=_text(family), vision_config=vision, **ids)
+        cls = transformers.Qwen2_5_VLForConditionalGeneration
+    torch.manual_seed(0)
+    model = cls(config).eval()
+    model.generation_config.eos_token_id = None
+    model.generation_config.pad_token_id = 0
+    images = transformers.Qwen2VLImageProcessor(size={"shortest_edge": 56 * 56, "longest_edge": 28 * 28 * 64})
+    tokenizer = word_tokenizer(WORDS, image_token_id=IMAGE_ID, image_token="<|image_pad|>")
+    return model, types.SimpleNamespace(tokenizer=tokenizer, image_processor=images)
+
+
+def _images(n: int) -> list[torch.Tensor]:
+    """Images of different sizes (merged grids 4x5, 3x2, 5x6 ...)."""
+    sizes = [(100, 150), (90, 60), (150, 170), (60, 120)]
+    gen = torch.Generator().manual_seed(0)
+    return [torch.randint(0, 256, (3, *sizes[i % 4]), dtype=torch.uint8, generator=gen) for i in range(n)]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread() -> object:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def qwen(request: pytest.FixtureRequest) -> tuple[torch.nn.Module, object]:
+    return build(request.param)
+
+
+def _adapter(qwen: tuple, method: str = "arrcoc", **kwargs: object) -> ArrcocQwen:
+    model, processor = qwen
+    return ArrcocQwen(model, processor, method=method, template=TEMPLATE, reducer_graphs="off", **kwargs)
+
+
+def _reference(adapter: ArrcocQwen, prepared: object, images: list[torch.Tensor]) -> dict:
+    """The unmodified model's own inputs for the same full-length prompt (its vision path, its rope index)."""
+    inputs = adapter.image_processor(images=images, return_tensors="pt")
+    ids = prepared.input_ids
+    reference = dict(
+        input_ids=ids,
+        attention_mask=prepared.attention_mask,
+        pixel_values=inputs["pixel_values"],
+        image_grid_thw=inputs["image_grid_thw"],
+        mm_token_type_ids=(ids == IMAGE_ID).int(),
+    )
+    given = adapter.reference_inputs(images, PROMPTS[: len(images)])
+    assert given.keys() == reference.keys() and all(torch.equal(given[k], reference[k]) for k in given)
+    return reference
+
+
+# --- exactness at the full budget ---------------------------------------------------------------------
+@pytest.mark.parametrize("method", ["arrcoc", "uniform", "divprune"])
+@pytest.mark.parametrize("budget", [None, 1.0])
+def test_full_budget_logits_equal_the_unmodified_model(qwen: tuple, method: str, budget: float | None) -> None:
+    adapter = _adapter(qwen, method)
+    images = _images(3)  # three sizes in one batch
+    with torch.no_grad():
+        prepared = adapter.prepare(images, PROMPTS, budget)
+        got = adapter.model(
+            inputs_embeds=prepared.inputs_embeds,
+            attention_mask=prepared.attention_mask,
+            position_ids=prepared.position_ids,
+        ).logits
+        reference = _reference(adapter, prepared, images)
+        expected = adapter.model(**reference).logits
+        positions, _ = adapter.inner.get_rope_index(
+            reference["input_ids"],
+            reference["mm_token_type_ids"],
+            image_grid_thw=reference["image_grid_thw"],
+            attention_mask=reference["attention_mask"],
+        )
+    real = prepared.attention_mask.bool()
+    assert prepared.budgets == [g[0] * g[1] for g in prepared.grids] and len(set(prepared.grids)) == 3
+    assert torch.equal(prepared.position_ids[:, real], positions[:, real])  # the model's own 3-D positions
+    assert torch.equal(got[real], expected[real])
+
+
+def test_the_full_budget_test_can_fail(qwen: tuple) -> None:
+    """A defect the exactness test must catch: tokens one column off in their rotary positions."""
+    adapter = _adapter(qwen)
+    images = _images(2)
+    with torch.no_grad():
+        prepared = adapter.prepare(images, PROMPTS[:2])
+        shifted = prepared.position_ids.clone()
+        shifted[2][prepared.input_ids == IMAGE_ID] += 1
+        got = adapter.model(
+            inputs_embeds=prepared.inputs_embeds, attention_mask=prepared.attention_mask, position_ids=shifted
+        ).logits
+        expected = adapter.model(**_reference(adapter, prepared, images)).logits
+    real = prepared.attention_mask.bool()
+    assert not torch.equal(got[real], expected[real])
+
+
+# --- budgets and positions ----------------------------------------------------------------------------
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("budget", [5, 0.25])
+def test_exactly_budget_tokens_at_their_own_positions(qwen: tuple, method: str, budget: int | float) -> None:
+    adapter = _adapter(qwen, method)
+    images = _images(3)
+    with torch.no_grad():
+        prepared = adapter.prepare(images, PROMPTS, budget)
+        full = adapter.prepare(images, PROMPTS)
+        logits = adapter.model(
+            inputs_embeds=prepared.inputs_embeds,
+            attention_mask=prepared.attention_mask,
+            position_ids=prepared.position_ids,
+        ).logits
+    sizes = [gh * gw for gh, gw in prepared.grids]
+    wanted = [5] * 3 if isinstance(budget, int) else [max(1, round(budget * n)) for n in sizes]
+    slots = prepared.input_ids == IMAGE_ID
+    assert prepared.budgets == wanted and slots.sum(1).tolist() == wanted
+    assert [t.shape[0] for t in prepared.image_tokens] == wanted
+    assert torch.equal(prepared.inputs_embeds[slots], torch.cat(prepared.image_tokens))
+    assert torch.isfinite(logits).all()
+    for i, ((gh, gw), out) in enumerate(zip(prepared.grids, prepared.reduced)):
+        boxes = out.positions[0]  # (K, 4) on the merged grid: no token stands for padding
+        assert (boxes[:, 0] + boxes[:, 2] <= gh).all() and (boxes[:, 1] + boxes[:, 3] <= gw).all()
+        kept = prepared.position_ids[:, i, slots[i]]  # (3, K)
+        cells = full.position_ids[:, i, full.input_ids[i] == IMAGE_ID].view(3, gh, gw)
+        centre_r, centre_c = boxes[:, 0] + (boxes[:, 2] - 1) // 2, boxes[:, 1] + (boxes[:, 3] - 1) // 2
+        assert torch.equal(kept, cells[:, centre_r, centre_c])  # each token at its own cell's 3-D position
+        after = 4  # "ASSISTANT", ":" and the question's tail: the text after the image keeps the model's positions
+        assert torch.equal(prepared.position_ids[:, i, -after:], full.position_ids[:, i, -after:])
+    if method == "arrcoc" and isinstance(budget, int):  # tokens are the model's own merged tokens, kept whole
+        features = adapter.merged_features(*adapter.image_inputs(images))
+        for f, out in zip(features, prepared.reduced):
+            boxes = out.positions[0]
+            assert torch.equal(
+                out.tokens[0][boxes[:, 2] * boxes[:, 3] == 1],
+                f[boxes[:, 0], boxes[:, 1]][boxes[:, 2] * boxes[:, 3] == 1],
+            )
+
+
+def test_batch_equals_single_images(qwen: tuple) -> None:
+    adapter = _adapter(qwen)
+    images = _images(3)
+    with torch.no_grad():
+        batch = adapter.prepare(images, PROMPTS, 0.3)
+        logits = adapter.model(
+            inputs_embeds=batch.inputs_embeds, attention_mask=batch.attention_mask, position_ids=batch.position_ids
+        ).logits[:, -1]
+        for i in range(3):
+            single = adapter.prepare(images[i], PROMPTS[i], 0.3)
+            alone = adapter.model(
+                inputs_embeds=single.inputs_embeds,
+                attention_mask=single.attention_mask,
+                position_ids=single.position_ids,
+            ).logits[0, -1]
+            assert torch.equal(batch.reduced[i].positions, single.reduced[0].positions)
+            torch.testing.assert_close(batch.reduced[i].tokens, single.reduced[0].tokens)
+            torch.testing.assert_close(logits[i], alone, rtol=1e-5, atol=1e-5)
+
+
+def test_the_question_is_the_query(qwen: tuple) -> None:
+    adapter = _adapter(qwen)
+    prepared = adapter.prepare(_images(1), PROMPTS[1])
+    words = adapter.tokenizer.convert_ids_to_tokens(prepared.input_ids[0][prepared.query_mask[0]].tolist())
+    assert words == ["which", "side", "?"]
+
+
+# --- generation ---------------------------------------------------------------------------------------
+def test_model_generate_at_full_budget_equals_the_unmodified_model(qwen: tuple) -> None:
+    adapter = _adapter(qwen)
+    images = _images(2)
+    new = adapter.generate(images, PROMPTS[:2], max_new_tokens=5, do_sample=False)
+    prepared = adapter.prepare(images, PROMPTS[:2])
+    with torch.no_grad():
+        expected = adapter.model.generate(**_reference(adapter, prepared, images), max_new_tokens=5, do_sample=False)
+    assert new.shape == (2, 5)
+    assert torch.equal(new, expected[:, -5:])
+
+
+def test_model_generate_reduced_equals_greedy_forward(qwen: tuple) -> None:
+    """Decode steps continue the 3-D positions: generate's tokens equal a greedy loop over ``forward``."""
+    adapter = _adapter(qwen)
+    images = _images(2)
+    new = adapter.generate(images, PROMPTS[:2], budget=0.25, max_new_tokens=3, do_sample=False)
+    prepared = adapter.prepare(images, PROMPTS[:2], 0.25)
+    embeds, mask, positions = prepared.inputs_embeds, prepared.attention_mask, prepared.position_ids
+    with torch.no_grad():
+        for step in range(3):
+            token = adapter.model(inputs_embeds=embeds, attention_mask=mask, position_ids=positions).logits[:, -1]
+            token = token.argmax(-1)
+            assert torch.equal(token, new[:, step])
+            embeds = torch.cat((embeds, adapter.model.get_input_embeddings()(token)[:, None]), 1)
+            mask = torch.cat((mask, mask[:, -1:]), 1)
+            positions = torch.cat((positions, positions[..., -1:] + 1), -1)
+
+
+# --- graphs -------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("method", ["arrcoc", "divprune"])
+def test_one_graph_per_bucket(qwen: tuple, method: str) -> None:
+    model, processor = qwen
+    graphed = ArrcocQwen(model, processor, method=method, template=TEMPLATE, reducer_graphs="eager", grid_multiple=8)
+    direct = _adapter(qwen, method)
+    images = _images(3)  # merged grids 4x5, 3x2 and 5x6: one 8x8 bucket
+    with torch.no_grad():
+        got = graphed.prepare(images, PROMPTS, 4)
+        again = graphed.prepare(images[::-1], PROMPTS[::-1], 4)
+        expected = direct.prepare(images, PROMPTS, 4)
+        assert graphed.captures == 1  # three sizes, one bucket; a second call replays
+        shares = graphed.prepare(images, PROMPTS, 0.5)  # a budget per image: 10, 3 and 15 tokens
+        expected_shares = direct.prepare(images, PROMPTS, 0.5)
+    assert torch.equal(got.inputs_embeds, expected.inputs_embeds)
+    assert torch.equal(got.position_ids, expected.position_ids)
+    assert torch.equal(again.inputs_embeds[1], got.inputs_embeds[1])
+    assert shares.budgets == [10, 3, 15]
+    assert torch.equal(shares.inputs_embeds, expected_shares.inputs_embeds)
+    assert torch.equal(shares.position_ids, expected_shares.position_ids)
+    # arrcoc's budgets are a tensor: one graph for every budget; a baseline's budget fixes its output shape
+    assert graphed.captures == (1 if method == "arrcoc" else 4)
+
+
+def test_the_budget_tensor_path_equals_the_reducer(qwen: tuple) -> None:
+    """arrcoc's reducer fed per-image budgets as a tensor keeps what ``reducer(visual, budget)`` keeps."""
+    adapter = _adapter(qwen)
+    images = _images(2)
+    with torch.no_grad():
+        pixel_values, grid_thw = adapter.image_inputs(images)
+        features = adapter.merged_features(pixel_values, grid_thw)
+        rgb = adapter._rgb(pixel_values, adapter.merged_grids(grid_thw))
+        embeds = torch.randn(2, 6, features[0].shape[-1])
+        visual = adapter._visual([0, 1], (8, 8), 16, features, rgb, embeds, [[1, 2], [3]], [0, 0])
+        got = adapter._reduce_budgets(visual, [5, 5], [f.shape[:2] for f in features])
+        expected = adapter.reducer(visual, 5)
+    assert torch.equal(got.positions[:, :5], expected.positions)
+    assert torch.equal(got.tokens[:, :5], expected.tokens)
+
+
+def test_graph_buckets_and_merged_grid() -> None:
+    assert merged_grid(960, 1280) == (34, 46)  # Qwen's smart_resize: 952 x 1288 px
+    assert merged_grid(100, 150) == (4, 5)  # the tiny processor's first test image (area within bounds)
+    assert graph_buckets([(34, 46), (30, 41), (33, 47), (9, 9)], 8) == {(40, 48), (32, 48), (16, 16)}
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("method", ["arrcoc", "divprune"])
+def test_cuda_graph_replay_equals_direct_call(method: str) -> None:
+    model, processor = build("qwen2_5_vl")
+    model = model.cuda()
+    graphed = ArrcocQwen(model, processor, method=method, template=TEMPLATE, reducer_graphs="auto")
+    direct = ArrcocQwen(model, processor, method=method, template=TEMPLATE, reducer_graphs="off")
+    images = _images(4)
+    with torch.no_grad():
+        expected = direct.prepare(images, PROMPTS + PROMPTS[:1], 0.25)
+        got = graphed.prepare(images, PROMPTS + PROMPTS[:1], 0.25)
+        got = graphed.prepare(images, PROMPTS + PROMPTS[:1], 0.25)  # replayed
+    assert graphed.captures >= 1
+    torch.testing.assert_close(got.inputs_embeds, expected.inputs_embeds)
+    assert torch.equal(got.position_ids, expected.position_ids)
+
+
+# --- errors and the facade ----------------------------------------------------------------------------
+@pytest.mark.parametrize("budget", [0, 10_000, 1.5, 0.0, True, "8"])
+def test_bad_budget(qwen: tuple, budget: object) -> None:
+    with pytest.raises(arrcoc.BudgetError):
+        _adapter(qwen).prepare(_images(2), PROMPTS[:2], budget)
+
+
+def test_reducers_it_cannot_feed_are_refused(qwen: tuple) -> None:
+    for method in ("visionzip", "fastv"):
+        with pytest.raises(arrcoc.InvalidInputError, match="does not provide"):
+            _adapter(qwen, method)
+
+
+def test_wrap_picks_the_adapter(qwen: tuple) -> None:
+    model, processor = qwen
+    adapter = hf.wrap(model, processor, method="uniform", budget=0.5, template=TEMPLATE)
+    assert isinstance(adapter, ArrcocQwen) and adapter.method == "uniform"
+    assert adapter.prepare(_images(1), PROMPTS[0]).budgets == [10]
+    assert hf.ArrcocLlava is ArrcocLlava
+    with pytest.raises(arrcoc.InvalidTypeError, match="no arrcoc adapter"):
+        hf.wrap(torch.nn.Linear(2, 2), processor)
+
+
+def test_wrap_llava_takes_a_default_budget() -> None:
+    vision = transformers.CLIPVisionConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=32, patch_size=8
+    )
+    text = transformers.LlamaConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        pad_token_id=0,
+    )
+    torch.manual_seed(0)
+    model = transformers.LlavaForConditionalGeneration(
+        transformers.LlavaConfig(vision_config=vision, text_config=text, image_token_id=4)
+    ).eval()
+    adapter = hf.wrap(model, word_tokenizer(WORDS), budget=0.25)
+    assert isinstance(adapter, ArrcocLlava)
+    prepared = adapter.prepare(torch.zeros(1, 3, 32, 32), "which side ?")
+    assert prepared.image_tokens.shape[1] == 4
+
+
+# --- the benchmark ------------------------------------------------------------------------------------
+def test_bench_runs_tiny_on_cpu(tmp_path) -> None:
+    from arrcoc.tools import bench_qwen
+
+    assert bench_qwen.main(["--tiny", "--out", str(tmp_path), "--repeats", "1", "--warmups", "0"]) == 0
+    report = json.loads(next(tmp_path.glob("generation-qwen-*.json")).read_text())
+    rows = {(r["share"], r["batch"]): r for r in report["rows"]}
+    assert rows.keys() == {(s, b) for s in (1.0, 0.25, 0.11) for b in (1, 2)} and not report["errors"]
+    assert [rows[s, 1]["image_tokens"] for s in (1.0, 0.25, 0.11)] == [99, 25, 11]  # 9 x 11 merged tokens
+    assert report["captures"]["captures_per_budget"] < report["captures_unbucketed"] <= 100
+    assert next(tmp_path.glob("generation-qwen-*.md")).read_text().count("|") > 20
