@@ -1,13 +1,16 @@
-"""Benchmark of ``compress-dataset``: images/s at batch 64 on one GPU, and how busy the GPU is.
+"""Benchmark of ``compress-dataset``: images/s at batch 64 on one GPU, where the time goes, and how busy the GPU is.
 
-``python -m arrcoc.tools.bench_dataset --out bench/results`` generates a folder of random JPEGs (PIL, in a process
-pool), then per case (encoder dtype, CUDA graphs on/off) builds a pipeline, captures its graphs, and runs
-:func:`arrcoc.datasets.compress_dataset.compress_dataset` twice over the folder: once plain (images/s, and where the
-host's time went: waiting for the DataLoader, inside pipeline calls, writing shards), once under
-``torch.profiler`` (GPU busy share = kernel and copy time / wall time). It also times decoding alone (the
-DataLoader without the GPU). With ``--scaling`` on a machine of several GPUs it runs the command under
-``torchrun`` on 1, 2, 4, ... GPUs and reports images/s and the speed-up. Results go to
-``<out>/dataset-<device>[-tag].json`` and ``.md``.
+``python -m arrcoc.tools.bench_dataset`` generates two folders of random JPEGs (PIL, in a process pool): the
+benchmark set (70% with a long side of 160-224 px, the rest 300-384 px) and a photo-sized set (long side
+640-1,600 px). Per set and encoder dtype it builds a pipeline, captures its graphs, and runs
+:func:`arrcoc.datasets.compress_dataset.compress_dataset` over the folder: once to warm up, once plain (images/s,
+and the shares of the host's wall time: waiting for the DataLoader, decode, resize, pipeline, copy-out; the
+writer thread's share, which overlaps them; device milliseconds per step from CUDA events), once under
+``torch.profiler`` (GPU busy = kernel and copy time / wall time), and once through the Pillow path
+(``batch_decode=False``) to report the share of images whose allocation is identical to the batched path's
+and the largest differences. With ``--scaling`` on a machine of several GPUs it runs the command under
+``torchrun`` on 1, 2, 4, ... GPUs. Results go to ``<out>/dataset-<device>[-tag].json`` and ``.md``; ``--out`` is
+a scratch folder unless ``--out bench/results`` is given.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from tqdm import tqdm
 
 from ..config import PipelineConfig
 from ..datasets.compress_dataset import _TOKEN_DTYPES, DatasetStats, _Decode, compress_dataset, list_sources
+from ..datasets.shards import INDEX_NAME, SHARD_DIR
 from ..pipeline import BATCH_BUCKETS, Pipeline
 from ..runtime.device import device_name
 from .bench import _busy_ms, write_report
@@ -41,11 +45,14 @@ __all__ = ["main", "make_images"]
 logger = logging.getLogger(__name__)
 
 
-def _draw(job: tuple[str, int, int, float]) -> None:
+def _draw(job: tuple[str, int, int, float, tuple[int, int] | None]) -> None:
     """One random JPEG: smooth colour fields plus noise (so it decodes like a photo, not like a flat image)."""
-    folder, index, seed, small_share = job
+    folder, index, seed, small_share, sides = job
     rng = np.random.default_rng([seed, index])
-    long = int(rng.integers(160, 225) if rng.random() < small_share else rng.integers(300, 385))
+    if sides is not None:
+        long = int(rng.integers(sides[0], sides[1] + 1))
+    else:
+        long = int(rng.integers(160, 225) if rng.random() < small_share else rng.integers(300, 385))
     short = int(long * rng.uniform(0.6, 1.0))
     h, w = (long, short) if rng.random() < 0.5 else (short, long)
     from PIL import Image
@@ -56,14 +63,15 @@ def _draw(job: tuple[str, int, int, float]) -> None:
 
 
 def make_images(folder: str | os.PathLike[str], count: int, *, seed: int = 0, small_share: float = 0.7,
-                processes: int | None = None) -> Path:
+                processes: int | None = None, sides: tuple[int, int] | None = None) -> Path:
     """Write ``count`` random JPEGs to ``folder``: ``small_share`` with a long side of 160-224 px (the 224 bucket),
-    the rest 300-384 px (the 384 bucket). Returns the folder."""
+    the rest 300-384 px (the 384 bucket); or, with ``sides=(low, high)``, a long side drawn from that range.
+    Returns the folder."""
     out = Path(folder)
     out.mkdir(parents=True, exist_ok=True)
-    jobs = [(os.fspath(out), i, seed, small_share) for i in range(count)]
+    jobs = [(os.fspath(out), i, seed, small_share, sides) for i in range(count)]
     with Pool(processes or max(1, (os.cpu_count() or 2) - 1)) as pool:
-        for _ in tqdm(pool.imap_unordered(_draw, jobs, chunksize=64), total=count, desc="images", unit="img"):
+        for _ in tqdm(pool.imap_unordered(_draw, jobs, chunksize=16), total=count, desc="images", unit="img"):
             pass
     return out
 
@@ -87,26 +95,58 @@ def _decode_rate(folder: Path, buckets: tuple[int, ...], workers: int, limit: in
     return count / (time.perf_counter() - start)
 
 
-def _case(images: Path, work: Path, args: argparse.Namespace, dtype: str, graphs: bool) -> dict[str, Any]:
-    """Build, capture, then one plain and one profiled run over ``images``."""
+def _agreement(batched: Path, pil: Path) -> dict[str, Any]:
+    """The batched path's shards against the Pillow path's: identical allocations, largest differences."""
+    from safetensors import safe_open
+
+    index_a = (batched / INDEX_NAME).read_text().splitlines()
+    index_b = (pil / INDEX_NAME).read_text().splitlines()
+    status_a = [json.loads(line)["status"] for line in index_a]
+    status_b = [json.loads(line)["status"] for line in index_b]
+    images = same = 0
+    most_tokens = most_value = 0.0
+    for path in sorted((pil / SHARD_DIR).glob("*.safetensors")):
+        with safe_open(os.fspath(path), "pt") as b, safe_open(os.fspath(batched / SHARD_DIR / path.name), "pt") as a:
+            if "allocation" not in b.keys():
+                continue
+            alloc_a, alloc_b = a.get_tensor("allocation"), b.get_tensor("allocation")
+            rows = alloc_b.shape[0]
+            same += int((alloc_a == alloc_b).flatten(1).all(1).sum())
+            images += rows
+            most_tokens = max(most_tokens, float((alloc_a - alloc_b).abs().max()))
+            tokens_a, tokens_b = a.get_tensor("tokens").float(), b.get_tensor("tokens").float()
+            most_value = max(most_value, float((tokens_a - tokens_b).abs().max()))
+    return {"images": images, "identical_allocation_share": same / images if images else float("nan"),
+            "max_region_token_difference": most_tokens, "max_token_value_difference": most_value,
+            "same_statuses": status_a == status_b}
+
+
+def _case(name: str, images: Path, work: Path, args: argparse.Namespace, dtype: str, graphs: bool,
+          buckets: tuple[int, ...] | None) -> dict[str, Any]:
+    """Build, capture, then a warm-up, a plain, a profiled and a Pillow-path run over ``images``."""
     device = torch.device(args.device)
-    config = PipelineConfig.from_name(args.preset, encoder_dtype=dtype)
+    overrides: dict[str, Any] = {"encoder_dtype": dtype}
+    if buckets:
+        overrides["buckets"] = buckets
+    config = PipelineConfig.from_name(args.preset, **overrides)
     pipe = Pipeline(config, device=device, cuda_graphs=graphs)
     start = time.perf_counter()
-    pipe.warmup(sizes=(224, 384), batch_sizes=[b for b in BATCH_BUCKETS if b <= args.batch_size], budget=args.budget)
+    pipe.warmup(sizes=tuple(b for b in config.buckets if b <= 384) or None,
+                batch_sizes=[b for b in BATCH_BUCKETS if b <= args.batch_size], budget=args.budget)
     warmup_s = time.perf_counter() - start
     common = dict(batch_size=args.batch_size, workers=args.workers, shard_size=args.shard_size,
                   token_dtype=_TOKEN_DTYPES[args.token_dtype], progress=False)
 
-    def run(name: str) -> DatasetStats:
-        dest = work / name
+    def run(folder: str, keep: bool = False, **extra: Any) -> DatasetStats:
+        dest = work / folder
         shutil.rmtree(dest, ignore_errors=True)
-        stats = compress_dataset(images, dest, pipe, args.budget, **common)
-        shutil.rmtree(dest, ignore_errors=True)
+        stats = compress_dataset(images, dest, pipe, args.budget, **common, **extra)
+        if not keep:
+            shutil.rmtree(dest, ignore_errors=True)
         return stats
 
-    run("warm")  # first batches: cuDNN/cuBLAS heuristics, allocator, page cache
-    plain = run("plain")
+    run("warm")  # first batches: cuDNN/cuBLAS heuristics, nvJPEG, allocator, page cache
+    plain = run("plain", keep=True)
     held: list[DatasetStats] = []
     profiler_error = None
     try:
@@ -117,13 +157,27 @@ def _case(images: Path, work: Path, args: argparse.Namespace, dtype: str, graphs
         busy_ms, profiler_error = float("nan"), f"{type(err).__name__}: {err}"
         held[:] = [plain]
     profiled = held[0]
+    agreement: dict[str, Any] = {}
+    pil: DatasetStats | None = None
+    if args.agreement:
+        pil = run("pil", keep=True, batch_decode=False)
+        agreement = _agreement(work / "plain", work / "pil")
+        shutil.rmtree(work / "pil", ignore_errors=True)
+    shutil.rmtree(work / "plain", ignore_errors=True)
     wall = plain.seconds
-    return {"encoder_dtype": dtype, "cuda_graphs": graphs, "warmup_s": warmup_s, "images": plain.images,
-            "errors": plain.errors, "images_per_s": plain.images_per_second, "seconds": wall,
-            "loader_wait_share": plain.wait_seconds / wall, "pipeline_share": plain.pipeline_seconds / wall,
-            "write_share": plain.write_seconds / wall, "gpu_busy_ms": busy_ms,
-            "gpu_busy_share": busy_ms / 1e3 / profiled.seconds, "profiled_images_per_s": profiled.images_per_second,
-            "profiler_error": profiler_error, "graph_cache": {k: v for k, v in pipe.graph_cache.stats().items() if isinstance(v, (int, float))}}
+    shares = {"loader_wait": plain.wait_seconds, "decode": plain.decode_seconds, "resize": plain.resize_seconds,
+              "pipeline": plain.pipeline_seconds, "copy_out": plain.copy_seconds}
+    shares = {key: value / wall for key, value in shares.items()}
+    shares["other"] = max(0.0, 1 - sum(shares.values()))
+    shares["write_thread"] = plain.write_seconds / wall  # overlaps the others
+    return {"set": name, "encoder_dtype": dtype, "cuda_graphs": graphs, "buckets": list(config.buckets),
+            "warmup_s": warmup_s, "images": plain.images, "errors": plain.errors,
+            "device_decoded": plain.device_decoded, "host_decoded": plain.host_decoded,
+            "images_per_s": plain.images_per_second, "seconds": wall, "host_shares": shares,
+            "gpu_ms": plain.gpu_ms, "gpu_busy_ms": busy_ms, "gpu_busy_share": busy_ms / 1e3 / profiled.seconds,
+            "profiled_images_per_s": profiled.images_per_second, "profiler_error": profiler_error,
+            "pil_images_per_s": pil.images_per_second if pil else None, "agreement": agreement,
+            "graph_cache": {k: v for k, v in pipe.graph_cache.stats().items() if isinstance(v, (int, float))}}
 
 
 def _scaling(images: Path, work: Path, args: argparse.Namespace) -> list[dict[str, Any]]:
@@ -157,22 +211,41 @@ def _scaling(images: Path, work: Path, args: argparse.Namespace) -> list[dict[st
 
 def _markdown(report: dict[str, Any]) -> str:
     lines = [f"# arrcoc compress-dataset — {report['device']}", "",
-             f"torch {report['torch']}, preset `{report['preset']}`, {report['date']}. {report['images']} random JPEGs "
-             f"({100 * report['small_share']:.0f}% in the 224 px bucket, the rest 384 px), budget {report['budget']}, "
-             f"batch {report['batch_size']}, {report['workers']} DataLoader workers, shards of {report['shard_size']}. "
-             f"Decoding alone (DataLoader, no GPU): {report['decode_images_per_s']:.0f} images/s.", "",
-             "GPU busy = kernel + copy time from torch.profiler / wall time of the profiled run; the shares of the "
-             "host's wall time: waiting for decoded images, inside pipeline calls (results copied to the host "
-             "included), writing shards.", "",
-             "| encoder | CUDA graphs | images/s | GPU busy | waiting for loader | in pipeline | writing | capture s |",
-             "|---|---|---:|---:|---:|---:|---:|---:|"]
+             f"torch {report['torch']}, torchvision {report['torchvision']}, preset `{report['preset']}`, "
+             f"{report['date']}. Budget {report['budget']}, batch {report['batch_size']}, {report['workers']} "
+             f"DataLoader workers, shards of {report['shard_size']}, {report['token_dtype']} tokens. Sets: "
+             + "; ".join(f"`{k}` {v}" for k, v in report["sets"].items()) + ". Pillow decoding alone (DataLoader, "
+             f"no GPU, the benchmark set): {report['decode_images_per_s']:.0f} images/s.", "",
+             "JPEGs are decoded by nvJPEG in one call per batch and letterboxed on the GPU for the whole bucket; "
+             "GPU busy = kernel + copy time from torch.profiler / wall time of the profiled run. Host shares "
+             "of the wall time: waiting for the DataLoader, decode (nvJPEG calls), resize (letterbox + batch "
+             "assembly), pipeline calls, issuing the copies out; the writer thread (waiting for copies, ordering "
+             "rows, writing shards) overlaps them. GPU ms: device time per step from CUDA events.", "",
+             "| set | encoder | images/s | GPU busy | loader wait | decode | resize | pipeline | copy-out | other "
+             "| writer thread | GPU ms decode / resize / pipeline / copy | Pillow path images/s |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|"]
     for c in report["cases"]:
         if "error" in c:
-            lines.append(f"| {c['encoder_dtype']} | {c['cuda_graphs']} | failed: {c['error'][:80]} | | | | | |")
+            lines.append(f"| {c['set']} | {c['encoder_dtype']} | failed: {c['error'][:80]} |" + " |" * 10)
             continue
-        lines.append(f"| {c['encoder_dtype']} | {'on' if c['cuda_graphs'] else 'off'} | {c['images_per_s']:.0f} | "
-                     f"{100 * c['gpu_busy_share']:.1f}% | {100 * c['loader_wait_share']:.1f}% | "
-                     f"{100 * c['pipeline_share']:.1f}% | {100 * c['write_share']:.1f}% | {c['warmup_s']:.1f} |")
+        h, g = c["host_shares"], c["gpu_ms"]
+        pil = f"{c['pil_images_per_s']:.0f}" if c.get("pil_images_per_s") else "—"
+        lines.append(f"| {c['set']} | {c['encoder_dtype']}{'' if c['cuda_graphs'] else ' eager'} | "
+                     f"{c['images_per_s']:.0f} | {100 * c['gpu_busy_share']:.1f}% | {100 * h['loader_wait']:.1f}% | "
+                     f"{100 * h['decode']:.1f}% | {100 * h['resize']:.1f}% | {100 * h['pipeline']:.1f}% | "
+                     f"{100 * h['copy_out']:.1f}% | {100 * h['other']:.1f}% | {100 * h['write_thread']:.1f}% | "
+                     f"{g['decode']:.0f} / {g['resize']:.0f} / {g['pipeline']:.0f} / {g['copy-out']:.0f} | {pil} |")
+    agreed = [c for c in report["cases"] if c.get("agreement")]
+    if agreed:
+        lines += ["", "Same answers: the batched path (nvJPEG, GPU letterbox) against the Pillow path "
+                  "(Pillow decode, CPU letterbox in the workers), same pipeline, same batches.", "",
+                  "| set | encoder | images | identical allocation | largest region difference (tokens) "
+                  "| largest token value difference | same statuses |", "|---|---|---:|---:|---:|---:|---|"]
+        for c in agreed:
+            a = c["agreement"]
+            lines.append(f"| {c['set']} | {c['encoder_dtype']} | {a['images']} | "
+                         f"{100 * a['identical_allocation_share']:.1f}% | {a['max_region_token_difference']:.0f} | "
+                         f"{a['max_token_value_difference']:.3g} | {a['same_statuses']} |")
     if report.get("scaling"):
         lines += ["", "| GPUs (torchrun) | images/s | speed-up |", "|---:|---:|---:|"]
         for r in report["scaling"]:
@@ -184,19 +257,25 @@ def _markdown(report: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> int:
     """Run the benchmark; returns an exit code."""
     parser = argparse.ArgumentParser(prog="python -m arrcoc.tools.bench_dataset", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", default="bench/results", help="folder for the JSON and markdown results")
+    parser.add_argument("--out", default="arrcoc-results",
+                        help="folder for the JSON and markdown results (pass bench/results to update the committed ones)")
     parser.add_argument("--work", default=None, help="scratch folder for images and outputs (default: a temporary "
                                                      "folder, removed at the end)")
-    parser.add_argument("--images", type=int, default=4000, help="random JPEGs to generate")
+    parser.add_argument("--images", type=int, default=2000, help="random JPEGs of the benchmark set")
     parser.add_argument("--small-share", type=float, default=0.7, help="share of images in the 224 px bucket")
+    parser.add_argument("--photos", type=int, default=1000, help="photo-sized JPEGs (long side 640-1,600 px); 0: none")
+    parser.add_argument("--photo-buckets", type=int, nargs="+", default=[224, 384],
+                        help="the pipeline's buckets for the photo set (default 224 384: photos land in 384 px)")
     parser.add_argument("--budget", type=int, default=64, help="tokens per image")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--workers", type=int, default=max(1, min(12, (os.cpu_count() or 2) - 2)))
     parser.add_argument("--shard-size", type=int, default=1000)
     parser.add_argument("--token-dtype", default="float16", choices=sorted(_TOKEN_DTYPES))
     parser.add_argument("--preset", default="default")
-    parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"], help="encoder dtypes to run")
+    parser.add_argument("--dtypes", nargs="+", default=["bfloat16"], help="encoder dtypes to run")
     parser.add_argument("--eager", action="store_true", help="also run each dtype with CUDA graphs off")
+    parser.add_argument("--no-agreement", dest="agreement", action="store_false",
+                        help="skip the Pillow-path run and the comparison of allocations")
     parser.add_argument("--scaling", action="store_true", help="also run under torchrun on 1, 2, 4, ... GPUs")
     parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"], help="cpu: a smoke test of the script")
     parser.add_argument("--keep", action="store_true", help="keep the generated images")
@@ -206,33 +285,47 @@ def main(argv: list[str] | None = None) -> int:
     if args.device == "cuda" and not torch.cuda.is_available():
         print("arrcoc bench_dataset: needs a CUDA GPU (--device cpu only smoke-tests this script)", file=sys.stderr)
         return 2
+    import torchvision
+
     work = Path(args.work or tempfile.mkdtemp(prefix="arrcoc-dataset-bench-"))
-    images = work / "images"
-    shutil.rmtree(images, ignore_errors=True)
+    sets: dict[str, tuple[Path, tuple[int, ...] | None]] = {"benchmark": (work / "images", None)}
+    descriptions = {"benchmark": f"{args.images} JPEGs, {100 * args.small_share:.0f}% at 160-224 px, the rest "
+                                 "300-384 px"}
     start = time.perf_counter()
-    make_images(images, args.images, small_share=args.small_share)
+    shutil.rmtree(work / "images", ignore_errors=True)
+    make_images(work / "images", args.images, small_share=args.small_share)
+    if args.photos:
+        shutil.rmtree(work / "photos", ignore_errors=True)
+        make_images(work / "photos", args.photos, sides=(640, 1600), seed=1)
+        sets["photos"] = (work / "photos", tuple(args.photo_buckets))
+        descriptions["photos"] = (f"{args.photos} JPEGs, long side 640-1,600 px, buckets "
+                                  f"{', '.join(map(str, args.photo_buckets))}")
     generate_s = time.perf_counter() - start
     device = torch.device(args.device)
     report: dict[str, Any] = {
-        "device": device_name(device), "torch": torch.__version__, "date": datetime.date.today().isoformat(),
-        "preset": args.preset, "images": args.images, "small_share": args.small_share, "budget": args.budget,
+        "device": device_name(device), "torch": torch.__version__, "torchvision": torchvision.__version__,
+        "date": datetime.date.today().isoformat(), "preset": args.preset, "sets": descriptions,
+        "images": args.images, "photos": args.photos, "small_share": args.small_share, "budget": args.budget,
         "batch_size": args.batch_size, "workers": args.workers, "shard_size": args.shard_size,
         "token_dtype": args.token_dtype, "cpu_count": os.cpu_count(), "generate_s": generate_s,
         "shm_free_gib": _shm_free_gib(),
-        "decode_images_per_s": _decode_rate(images, PipelineConfig.from_name(args.preset).buckets, args.workers,
-                                            args.images),
+        "decode_images_per_s": _decode_rate(work / "images", PipelineConfig.from_name(args.preset).buckets,
+                                            args.workers, args.images),
         "cases": [],
     }
     cases = [(d, True) for d in args.dtypes] + ([(d, False) for d in args.dtypes] if args.eager else [])
-    for dtype, graphs in cases:
-        try:
-            report["cases"].append(_case(images, work, args, dtype, graphs))
-        except Exception as err:  # noqa: BLE001 - record the failure, keep the other cases
-            logger.exception("case %s graphs=%s failed", dtype, graphs)
-            report["cases"].append({"encoder_dtype": dtype, "cuda_graphs": graphs, "error": f"{type(err).__name__}: {err}"})
-        torch.cuda.empty_cache()
+    for name, (folder, buckets) in sets.items():
+        for dtype, graphs in cases:
+            try:
+                report["cases"].append(_case(name, folder, work, args, dtype, graphs, buckets))
+            except Exception as err:  # noqa: BLE001 - record the failure, keep the other cases
+                logger.exception("case %s %s graphs=%s failed", name, dtype, graphs)
+                report["cases"].append({"set": name, "encoder_dtype": dtype, "cuda_graphs": graphs,
+                                        "error": f"{type(err).__name__}: {err}"})
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
     if args.scaling and device.type == "cuda":
-        report["scaling"] = _scaling(images, work, args)
+        report["scaling"] = _scaling(work / "images", work, args)
     write_report(report, _markdown(report), args.out, f"dataset-{report['device']}", args.tag)
     if not args.keep:
         shutil.rmtree(work, ignore_errors=True)
