@@ -3,26 +3,29 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import logging
 import os
+import re
 import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-from tqdm import tqdm
-
-from .config import PipelineConfig
+from . import __version__
 from .datasets.atomic import remove_partial
 from .datasets.atomic import write_atomic as _write_atomic  # a module global: tests patch it
 from .datasets.sources import image_files, load_query
 from .errors import ArrcocError, InvalidInputError
-from .outputs import CompressionOutput, ScoreOutput
-from .pipeline import Pipeline
+
+if TYPE_CHECKING:  # torch and the pipeline load when a command runs, so `arrcoc --help` answers at once
+    import torch
+
+    from .outputs import ScoreOutput
+    from .pipeline import Pipeline
 
 __all__ = ["main"]
 
@@ -30,13 +33,25 @@ logger = logging.getLogger(__name__)
 
 
 EPILOG = """examples:
-  arrcoc compress photos/ --budget 128 --out out/      # out/<name>.png heat map + allocation, out/<name>.json
+  arrcoc compress photos/ --budget 128 --out out/      # out/<name>.png heat map, out/<name>-tokens.png, out/<name>.json
   arrcoc demo --out demo/                              # offline demo on a drawn street scene
+  arrcoc generate photo.jpg --prompt "What color is the circle?" --model weights/   # the shipped small VLM
 """
+
+
+class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Every option's default in its help line (unless the help already names it); descriptions and epilogs as
+    written."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        return text if "default" in text else super()._get_help_string(action)
 
 
 def _device(name: str | None) -> torch.device:
     """``--device`` as a torch device, checked: a usage error (not a traceback) when it cannot be used here."""
+    import torch
+
     if name is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
@@ -61,12 +76,13 @@ def _out_folder(name: str) -> Path:
 
 
 def _pipeline(args: argparse.Namespace) -> Pipeline:
+    from .config import PipelineConfig
+    from .pipeline import Pipeline
+
     device = _device(args.device)
     if args.preset:
         return Pipeline(PipelineConfig.from_name(args.preset), device=device)
     return Pipeline.from_pretrained(args.pretrained, device=device)
-
-
 
 
 def _stems(files: list[Path]) -> list[str]:
@@ -84,18 +100,33 @@ def _chunks(items: list[Any], size: int) -> Iterator[list[Any]]:
         yield items[start : start + size]
 
 
-def _save(result: ScoreOutput, index: int, image: torch.Tensor, out_dir: Path, stem: str, extra: dict[str, Any]) -> None:
-    """Write ``<stem>.png`` then ``<stem>.json``, each atomically: the JSON's presence marks the pair complete."""
-    from .tools.overlay import render_overlay
+def _save(
+    result: ScoreOutput, index: int, image: torch.Tensor, out_dir: Path, stem: str, extra: dict[str, Any]
+) -> None:
+    """Write ``<stem>.png`` (and for a compression ``<stem>-tokens.png``), then ``<stem>.json``, each atomically:
+    the JSON's presence marks the set complete. The JSON lists the kept tokens' areas."""
+    from .outputs import CompressionOutput
+    from .tools.overlay import kept_tokens, render_kept_tokens, render_overlay
 
     picture = render_overlay(image, result, index)
     _write_atomic(out_dir / f"{stem}.png", lambda p: picture.save(p, format="PNG"))
     report = {"source": extra.pop("source"), **result.image(index), **extra}
+    if isinstance(result, CompressionOutput):
+        kept = render_kept_tokens(image, result, index)
+        _write_atomic(out_dir / f"{stem}-tokens.png", lambda p: kept.save(p, format="PNG"))
+        report["tokens"] = {
+            "unit": "patches",
+            "patch_pixels": result.patch_pixels(index),
+            "fields": ["row", "col", "height", "width"],
+            "positions": kept_tokens(result, index),
+        }
     _write_atomic(out_dir / f"{stem}.json", lambda p: Path(p).write_text(json.dumps(report, indent=1)))
 
 
 def _job_key(args: argparse.Namespace, compress: bool, query: Any) -> str:
     """A digest of everything that decides an image's outputs, so ``--resume`` never keeps a stale result."""
+    import torch
+
     digest = hashlib.sha256(repr((compress, getattr(args, "budget", None), args.preset, args.pretrained)).encode())
     if isinstance(query, torch.Tensor):
         digest.update(query.detach().cpu().contiguous().numpy().tobytes())  # ok-sync: CLI set-up
@@ -104,21 +135,33 @@ def _job_key(args: argparse.Namespace, compress: bool, query: Any) -> str:
     return digest.hexdigest()[:16]
 
 
-def _complete(out_dir: Path, stem: str, source: Path, key: str) -> bool:
-    """Both outputs of an image exist and are valid: the JSON parses and names this source and job; the PNG decodes."""
+def _complete(out_dir: Path, stem: str, source: Path, key: str, compress: bool = False) -> bool:
+    """All outputs of an image exist and are valid: the JSON parses and names this source and job; the PNGs decode."""
     from PIL import Image
 
-    picture, report = out_dir / f"{stem}.png", out_dir / f"{stem}.json"
+    pictures = [out_dir / f"{stem}.png"] + ([out_dir / f"{stem}-tokens.png"] if compress else [])
+    report = out_dir / f"{stem}.json"
     try:
         data = json.loads(report.read_text())
         if not isinstance(data, dict) or data.get("source") != os.fspath(source) or data.get("job") != key:
             return False
-        with Image.open(picture) as image:
-            image.verify()  # reads the whole file and checks its checksums
+        for picture in pictures:
+            with Image.open(picture) as image:
+                image.verify()  # reads the whole file and checks its checksums
     except (OSError, ValueError, SyntaxError) as err:  # missing, truncated or corrupt
         logger.debug("%s: outputs incomplete (%s); recomputing", source, err)
         return False
     return True
+
+
+def _reason(path: Path, err: BaseException) -> str:
+    """Why ``path`` failed, without naming it again: the failure line names it once, in front."""
+    if not isinstance(err, ArrcocError):
+        return f"unexpected {type(err).__name__}: {err}"
+    name = os.fspath(path)
+    text = str(err).removeprefix(f"{name}: ")
+    text = re.sub(rf" ?'{re.escape(name)}'", "", text)  # Pillow's own messages quote the path again
+    return re.sub(rf"image \d+ \({re.escape(name)}\)", "this image", text)
 
 
 class _Job:
@@ -129,28 +172,52 @@ class _Job:
         self.failed: list[tuple[Path, str]] = []
 
     def fail(self, path: Path, err: BaseException) -> None:
-        reason = str(err) if isinstance(err, ArrcocError) else f"unexpected {type(err).__name__}: {err}"
         if not isinstance(err, ArrcocError):
             logger.debug("unexpected failure on %s", path, exc_info=err)
-        self.failed.append((path, reason))
+        self.failed.append((path, _reason(path, err)))
+
+
+def _report_skipped(skipped: list[Path], verbose: bool) -> None:
+    """One line for the files of the folders given that are not images (by their suffix); names with --verbose."""
+    if not skipped:
+        return
+    from .datasets.sources import IMAGE_SUFFIXES
+
+    kinds = ", ".join(sorted(IMAGE_SUFFIXES))
+    names = ": " + ", ".join(os.fspath(p) for p in skipped) if verbose else " (--verbose names them)"
+    print(
+        f"arrcoc: skipped {len(skipped)} file{'s' * (len(skipped) != 1)} in the folders given that are not "
+        f"images by their name (images end in {kinds}){names}",
+        file=sys.stderr,
+    )
 
 
 def _run_files(args: argparse.Namespace, compress: bool) -> int:
+    from tqdm import tqdm
+
+    query, query_mask = load_query(args)  # before the pipeline loads: an empty --query fails at once
     pipe = _pipeline(args)
-    query, query_mask = load_query(args)
     pipe.prepare_query(query, query_mask, 1)  # a bad query is a usage error, found before any work
     out_dir = _out_folder(args.out)
-    files = image_files(args.inputs, args.recursive)
+    skipped: list[Path] = []
+    files = image_files(args.inputs, args.recursive, skipped=skipped)
+    _report_skipped(skipped, args.verbose)
     if not files:
         raise InvalidInputError(f"no image files found in {args.inputs}")
     work = list(zip(files, _stems(files)))
     key = _job_key(args, compress, query)
-    stale = remove_partial(out_dir, [f"{stem}.{suffix}" for _, stem in work for suffix in ("png", "json")])
+    suffixes = ("png", "tokens.png", "json") if compress else ("png", "json")
+    names = [
+        f"{stem}.{suffix}" if suffix != "tokens.png" else f"{stem}-tokens.png"
+        for _, stem in work
+        for suffix in suffixes
+    ]
+    stale = remove_partial(out_dir, names)
     if stale:
         logger.warning("removed %d temporary files left by an interrupted run", stale)
     job = _Job()
     if args.resume:
-        todo = [(path, stem) for path, stem in work if not _complete(out_dir, stem, path, key)]
+        todo = [(path, stem) for path, stem in work if not _complete(out_dir, stem, path, key, compress)]
         job.skipped = len(work) - len(todo)
         work = todo
     start = time.perf_counter()
@@ -160,7 +227,12 @@ def _run_files(args: argparse.Namespace, compress: bool) -> int:
             bar.update(len(chunk) - len(loaded))
             for result, items in _run_batch(pipe, loaded, query, query_mask, args, compress, job):
                 for i, (path, stem, image) in enumerate(items):
-                    extra = {"source": os.fspath(path), "job": key, "timings_ms": result.timings, "batch_size": len(items)}
+                    extra = {
+                        "source": os.fspath(path),
+                        "job": key,
+                        "timings_ms": result.timings,
+                        "batch_size": len(items),
+                    }
                     try:
                         _save(result, i, image, out_dir, stem, extra)
                     except OSError as err:  # a full disk or a lost mount: list it, keep going
@@ -170,8 +242,10 @@ def _run_files(args: argparse.Namespace, compress: bool) -> int:
             bar.update(len(loaded))
     seconds = time.perf_counter() - start
     total = len(work) + job.skipped
-    print(f"arrcoc: wrote {job.written} of {total} images to {out_dir}/ ({job.skipped} already complete, "
-          f"{len(job.failed)} failed; {job.processed} processed, {job.processed / max(seconds, 1e-9):.1f} images/s)")
+    print(
+        f"arrcoc: wrote {job.written} of {total} images to {out_dir}/ ({job.skipped} already complete, "
+        f"{len(job.failed)} failed; {job.processed} processed, {job.processed / max(seconds, 1e-9):.1f} images/s)"
+    )
     for path, reason in job.failed:
         print(f"arrcoc: failed: {os.fspath(path)}: {reason}", file=sys.stderr)
     return 1 if job.failed else 0
@@ -190,31 +264,67 @@ def _load_chunk(chunk: list[tuple[Path, str]], job: _Job) -> list[tuple[Path, st
     return loaded
 
 
-def _run_batch(pipe: Pipeline, loaded: list[tuple[Path, str, torch.Tensor]], query: Any, query_mask: Any,
-               args: argparse.Namespace, compress: bool, job: _Job) -> list[tuple[ScoreOutput, list]]:
-    """Run a batch; if it is rejected (say a budget above one image's capacity), run its images one by one.
+def _run_batch(
+    pipe: Pipeline,
+    loaded: list[tuple[Path, str, torch.Tensor]],
+    query: Any,
+    query_mask: Any,
+    args: argparse.Namespace,
+    compress: bool,
+    job: _Job,
+) -> list[tuple[ScoreOutput, list]]:
+    """Run a batch, one pipeline call per bucket, each image named by its file; if a call is rejected (say a
+    budget above one image's real patches), run its images one by one.
 
     A rejected call stops before the stages run, so ``job.processed`` counts each image the stages ran on once.
     """
+    from dataclasses import replace
+
     if not loaded:
         return []
-    images = [image for _, _, image in loaded]
     try:
-        if compress:
-            result = pipe(images, query=query, query_mask=query_mask, budget=args.budget, profile=True)
-        else:
-            result = pipe.score(images, query=query, query_mask=query_mask, profile=True)
+        groups = pipe.preprocessor([image for _, _, image in loaded], device=pipe.device)
     except Exception as err:  # noqa: BLE001 - isolate the image at fault, keep the others
-        if len(loaded) == 1:
-            job.fail(loaded[0][0], err)
-            return []
-        return [group for item in loaded for group in _run_batch(pipe, [item], query, query_mask, args, compress, job)]
-    job.processed += len(images)
-    return [(result, loaded)]
+        return _one_by_one(pipe, loaded, err, query, query_mask, args, compress, job)
+    out = []
+    for group in groups:
+        items = [loaded[i] for i in group.indices]
+        # a call of its own: its images count from 0, and messages name the file
+        named = replace(group, indices=list(range(len(items))), names=[os.fspath(path) for path, _, _ in items])
+        try:
+            if compress:
+                result = pipe(named, query=query, query_mask=query_mask, budget=args.budget, profile=True)
+            else:
+                result = pipe.score(named, query=query, query_mask=query_mask, profile=True)
+        except Exception as err:  # noqa: BLE001 - isolate the image at fault, keep the others
+            out += _one_by_one(pipe, items, err, query, query_mask, args, compress, job)
+            continue
+        job.processed += len(items)
+        out.append((result, items))
+    return out
+
+
+def _one_by_one(
+    pipe: Pipeline,
+    items: list[tuple[Path, str, torch.Tensor]],
+    err: BaseException,
+    query: Any,
+    query_mask: Any,
+    args: argparse.Namespace,
+    compress: bool,
+    job: _Job,
+) -> list[tuple[ScoreOutput, list]]:
+    if len(items) == 1:
+        job.fail(items[0][0], err)
+        return []
+    return [group for item in items for group in _run_batch(pipe, [item], query, query_mask, args, compress, job)]
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from .tools.overlay import render_overlay
+    import torch
+
+    from .outputs import CompressionOutput
+    from .tools.overlay import render_kept_tokens, render_overlay
     from .world.samples import demo_scene
 
     pipe = _pipeline(args)
@@ -225,17 +335,20 @@ def _demo(args: argparse.Namespace) -> int:
     assert isinstance(result, CompressionOutput)
     scene.save(out_dir / "scene.png")
     render_overlay(scene, result).save(out_dir / "scene-overlay.png")
+    render_kept_tokens(scene, result).save(out_dir / "scene-tokens.png")
     (out_dir / "scene.json").write_text(json.dumps(result.image(0), indent=1))
     gh, gw = result.patch_grid[0].tolist()  # ok-sync: reporting, after the call
     rh, rw = result.region_grid[0].tolist()  # ok-sync: reporting
     top = torch.topk(result.allocation[0, :rh, :rw].flatten(), 3)
     regions = ", ".join(f"({int(i) // rw},{int(i) % rw}): {int(v)}" for v, i in zip(top.values, top.indices))
     total = sum(result.timings.values())
-    print(f"arrcoc demo: {args.budget} tokens kept of {gh * gw} patches ({100 * args.budget / (gh * gw):.1f}%) "
-          f"for a {scene.width}x{scene.height} scene in the {result.bucket[0]}px bucket, {total:.1f} ms on {pipe.device}")
+    print(
+        f"arrcoc demo: {args.budget} tokens kept of {gh * gw} patches ({100 * args.budget / (gh * gw):.1f}%) "
+        f"for a {scene.width}x{scene.height} scene in the {result.bucket[0]}px bucket, {total:.1f} ms on {pipe.device}"
+    )
     print(f"  most tokens: region (row,col): tokens -> {regions}")
     print("  stages (ms): " + ", ".join(f"{k} {v:.1f}" for k, v in result.timings.items()))
-    print(f"  wrote {out_dir}/scene.png, {out_dir}/scene-overlay.png, {out_dir}/scene.json")
+    print(f"  wrote {out_dir}/scene.png, {out_dir}/scene-overlay.png, {out_dir}/scene-tokens.png, {out_dir}/scene.json")
     if args.question:
         _demo_question(out_dir, pipe.device, args.question_share)
     return 0
@@ -249,6 +362,8 @@ def _demo_question(out_dir: Path, device: torch.device, share: float) -> None:
     """Ask the shipped VLM (``weights/``) a question about a generated scene, reading all of the visual tokens
     and then ``share`` of them as arrcoc keeps them; print both answers. Skipped, with the reason, when
     transformers or the trained VLM is missing."""
+    import torch
+
     try:
         from .stages.text_query import TextQueryEncoder
         from .tools.overlay import render_token_boxes
@@ -277,57 +392,198 @@ def _demo_question(out_dir: Path, device: torch.device, share: float) -> None:
     kept = positions[0].cpu()  # ok-sync: reporting; (K, 4) row, col, height, width in patches
     boxes = [tuple(int(v) * 16 for v in (c, r, c + w, r + h)) for r, c, h, w in kept.tolist()]
     render_token_boxes(sample.image, boxes).save(out_dir / "question-tokens.png")
-    print(f"arrcoc demo question (the shipped VLM, {sample.image.width}px scene): {sample.question!r} "
-          f"(expected {sample.answer!r})")
-    print(f"  all {patches} visual tokens: {full[0]!r}; arrcoc's {budget} tokens ({100 * budget / patches:.0f}%): "
-          f"{few[0]!r}")
+    print(
+        f"arrcoc demo question (the shipped VLM, {sample.image.width}px scene): {sample.question!r} "
+        f"(expected {sample.answer!r})"
+    )
+    print(
+        f"  all {patches} visual tokens: {full[0]!r}; arrcoc's {budget} tokens ({100 * budget / patches:.0f}%): "
+        f"{few[0]!r}"
+    )
     print(f"  wrote {out_dir}/question.png, {out_dir}/question-tokens.png (the tokens read)")
 
 
+#: Side of the square picture the shipped small VLM reads (it was trained on 224- and 384-pixel scenes).
+VLM_SIDE = 384
+
+
+def _generate(args: argparse.Namespace, argv: list[str]) -> int:
+    """``arrcoc generate``: the shipped small VLM when ``--model`` holds one (``vlm.json``), else a Hugging Face
+    LLaVA folder through :func:`arrcoc.integrations.hf.main`."""
+    folder = Path(args.model)
+    expects = (
+        "the shipped small VLM's folder (weights/, holding vlm.json, vlm.safetensors and encoder.safetensors) "
+        "or a Hugging Face LLaVA folder (config.json with model_type 'llava', and its processor files)"
+    )
+    if not folder.is_dir():
+        raise InvalidInputError(f"--model must be {expects}; {args.model!r} is not a folder")
+    if (folder / "vlm.json").is_file():
+        return _generate_project(args, folder)
+    try:
+        model_type = json.loads((folder / "config.json").read_text()).get("model_type")
+    except (OSError, ValueError, AttributeError):
+        model_type = None
+    if model_type != "llava":
+        raise InvalidInputError(f"--model must be {expects}; {args.model!r} holds neither")
+    from .integrations.hf import main as hf_main
+
+    try:
+        return hf_main(argv)
+    except OSError as err:  # transformers' message for a folder it cannot load
+        raise InvalidInputError(f"--model {args.model!r} cannot be loaded as a LLaVA model: {err}") from err
+
+
+def _generate_project(args: argparse.Namespace, folder: Path) -> int:
+    """Answer with the project's small VLM, reading ``args.budget`` tokens that ``args.method`` keeps."""
+    import torch
+    from PIL import Image
+
+    from .errors import ImageLoadError
+    from .stages.text_query import TextQueryEncoder
+    from .world.vlm import load_vlm
+    from .world.vlm_adapter import pixel_values, project_adapter
+
+    device = _device(args.device)
+    try:
+        with Image.open(args.image) as opened:
+            image = opened.convert("RGB").resize((VLM_SIDE, VLM_SIDE), Image.Resampling.BICUBIC)
+    except (OSError, ValueError) as err:
+        raise ImageLoadError(f"{args.image}: cannot read the image: {err}") from err
+    model, tokenizer = load_vlm(folder, device=device)
+    try:
+        text_encoder = TextQueryEncoder.from_pretrained(folder, device=device)
+    except ArrcocError:  # a VLM saved without arrcoc's question reader: the adapter pulls the prompt back instead
+        text_encoder = None
+    adapter = project_adapter(model, tokenizer, args.method, text_encoder=text_encoder)
+    pixels = pixel_values(model, [image], device)
+    with torch.inference_mode():
+        new = adapter.generate(
+            pixels,
+            [args.prompt],
+            budget=args.budget,
+            max_new_tokens=args.max_new_tokens,
+            decode="graphed" if args.graphed else "hf",
+            do_sample=False,
+        )
+    print(adapter.tokenizer.decode(new[0], skip_special_tokens=True).strip())
+    return 0
+
+
+def _generate_parser(sub: Any) -> None:
+    p = sub.add_parser(
+        "generate",
+        formatter_class=_Formatter,
+        help="answer a prompt about an image with the shipped small VLM or a local Hugging Face LLaVA reading arrcoc tokens",
+        description="Answer a prompt about an image with a VLM that reads the visual tokens arrcoc keeps. --model is "
+        f"the shipped small VLM's folder (weights/: the image is resized to {VLM_SIDE}x{VLM_SIDE}, the "
+        "generated world it was trained on; it knows only that world's words) or a local Hugging Face "
+        "LLaVA folder.",
+    )
+    p.add_argument("image", help="image file")
+    p.add_argument("--prompt", required=True, help="the question (put into the model's template) or a full prompt")
+    p.add_argument(
+        "--model",
+        required=True,
+        help="weights/ (the shipped small VLM) or a local LLaVA folder (LlavaForConditionalGeneration + processor)",
+    )
+    p.add_argument("--budget", type=int, default=64, help="visual tokens the model reads")
+    p.add_argument("--method", default="arrcoc", help="reducer that keeps them (a registered name)")
+    p.add_argument("--max-new-tokens", type=int, default=64, help="longest answer, in tokens")
+    p.add_argument("--device", default=None, help="cpu or cuda (None: cuda when present)")
+    p.add_argument(
+        "--dtype",
+        default="auto",
+        choices=["auto", "float32", "bfloat16", "float16"],
+        help="weights' dtype for a LLaVA folder (auto: as saved); the shipped VLM runs in float32",
+    )
+    p.add_argument("--graphed", action="store_true", help="static KV cache and a CUDA-graphed decode step")
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="arrcoc", description="Relevance-driven visual token compression.",
-                                     epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="arrcoc",
+        description="Relevance-driven visual token compression.",
+        epilog=EPILOG,
+        formatter_class=_Formatter,
+    )
+    parser.add_argument("--version", action="version", version=f"arrcoc {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def common(p: argparse.ArgumentParser) -> None:
         model = p.add_mutually_exclusive_group()
-        model.add_argument("--preset", default=None, help="build a pipeline from a named preset (default, tiny) "
-                                                          "instead of the pretrained one")
-        model.add_argument("--pretrained", default=None, help="a folder saved by Pipeline.save_pretrained "
-                                                              "(default: the embedded default)")
-        p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
+        model.add_argument(
+            "--preset",
+            default=None,
+            help="build a pipeline from a named preset (default, tiny) instead of the pretrained one",
+        )
+        model.add_argument(
+            "--pretrained", default=None, help="a folder saved by Pipeline.save_pretrained (None: the shipped weights/)"
+        )
+        p.add_argument("--device", default=None, help="cpu or cuda (None: cuda when present)")
 
     def files(p: argparse.ArgumentParser) -> None:
         p.add_argument("inputs", nargs="+", metavar="INPUT", help="image files or folders of images")
         p.add_argument("--out", required=True, help="output folder")
         query = p.add_mutually_exclusive_group()
-        query.add_argument("--query", default=None, help="a text query (needs a trained text encoder)")
-        query.add_argument("--query-embedding", default=None, help="a .safetensors file with a tensor 'query' "
-                                                                   "(D,) or (L, D) [and 'query_mask'], or a .pt tensor")
-        p.add_argument("--batch-size", type=int, default=8, help="images per pipeline call (default 8)")
+        query.add_argument(
+            "--query",
+            default=None,
+            help="a text query; the shipped text query encoder knows only "
+            "the generated world's words (colours, shapes, sides, text)",
+        )
+        query.add_argument(
+            "--query-embedding",
+            default=None,
+            help="a .safetensors file with a tensor 'query' (D,) or (L, D) [and 'query_mask'], or a .pt tensor",
+        )
+        p.add_argument("--batch-size", type=int, default=8, help="images per pipeline call")
         p.add_argument("--recursive", action="store_true", help="descend into sub-folders")
         p.add_argument("--quiet", action="store_true", help="no progress bar")
-        p.add_argument("--resume", action="store_true", help="skip images whose outputs are already complete and "
-                                                             "valid from an earlier run with the same options")
+        p.add_argument("--verbose", action="store_true", help="name each file of the folders skipped as not an image")
+        p.add_argument(
+            "--resume",
+            action="store_true",
+            help="skip images whose outputs are already complete and valid from an earlier run with the same options",
+        )
         common(p)
 
-    compress = sub.add_parser("compress", help="compress images to a token budget; writes a PNG and a JSON each",
-                              description="Compress images to a token budget. Writes OUT/<name>.png (relevance heat map, "
-                                          "region grid, tokens per region) and OUT/<name>.json (budget, allocation, maps, timings).")
+    compress = sub.add_parser(
+        "compress",
+        help="compress images to a token budget; writes two PNGs and a JSON each",
+        formatter_class=_Formatter,
+        description="Compress images to a token budget. Writes OUT/<name>.png (relevance heat "
+        "map with its colour bar, region grid, tokens per region), "
+        "OUT/<name>-tokens.png (the kept patches themselves) and OUT/<name>.json "
+        "(budget, allocation, maps, the kept tokens' positions, timings).",
+    )
     compress.add_argument("--budget", type=int, required=True, help="tokens per image")
     files(compress)
-    score = sub.add_parser("score", help="relevance maps only; writes a PNG and a JSON each",
-                           description="Relevance maps only: OUT/<name>.png (heat map and grid) and OUT/<name>.json.")
+    score = sub.add_parser(
+        "score",
+        help="relevance maps only; writes a PNG and a JSON each",
+        formatter_class=_Formatter,
+        description="Relevance maps only: OUT/<name>.png (heat map and grid) and OUT/<name>.json.",
+    )
     files(score)
-    demo = sub.add_parser("demo", help="offline demo on a drawn street scene",
-                          description="Compress a drawn street scene with the embedded default; writes the overlay.")
-    demo.add_argument("--out", default="demo", help="output folder (default demo/)")
-    demo.add_argument("--budget", type=int, default=64, help="tokens (default 64)")
-    demo.add_argument("--no-question", dest="question", action="store_false",
-                      help="skip asking the shipped VLM a question (needs transformers)")
-    demo.add_argument("--question-share", type=float, default=0.11,
-                      help="share of the visual tokens arrcoc keeps for the question (default 0.11)")
+    demo = sub.add_parser(
+        "demo",
+        help="offline demo on a drawn street scene",
+        formatter_class=_Formatter,
+        description="Compress a drawn street scene with the shipped pipeline; writes the overlay and the kept patches.",
+    )
+    demo.add_argument("--out", default="demo", help="output folder")
+    demo.add_argument("--budget", type=int, default=64, help="tokens")
+    demo.add_argument(
+        "--no-question",
+        dest="question",
+        action="store_false",
+        help="skip asking the shipped VLM a question (needs transformers)",
+    )
+    demo.add_argument(
+        "--question-share", type=float, default=0.11, help="share of the visual tokens arrcoc keeps for the question"
+    )
     common(demo)
+    _generate_parser(sub)
     for name, (_, help_text) in MODULE_COMMANDS.items():
         sub.add_parser(name, help=f"{help_text} (arrcoc {name} --help)", add_help=False)
     return parser
@@ -337,22 +593,58 @@ def _parser() -> argparse.ArgumentParser:
 #: with its own argument parser): name -> (module, one-line help).
 MODULE_COMMANDS: dict[str, tuple[str, str]] = {
     "bench": ("arrcoc.tools.bench", "time every stage, eager; with --graphs: CUDA graphs vs eager vs torch.compile"),
-    "compress-dataset": ("arrcoc.datasets.compress_dataset", "compress a folder or list of images into sharded safetensors "
-                                                    "(one process, or one per GPU under torchrun)"),
-    "generate": ("arrcoc.integrations.hf", "answer a prompt about an image with a local Hugging Face VLM reading arrcoc tokens"),
+    "compress-dataset": (
+        "arrcoc.datasets.compress_dataset",
+        "compress a folder or list of images into sharded safetensors (one process, or one per GPU under torchrun)",
+    ),
     "eval": ("arrcoc.tools.evaluation", "accuracy vs token budget, per method, on the generated VQA benchmark"),
 }
 
+#: ``arrcoc bench --graphs``: the graphs benchmark, a module of its own.
+BENCH_GRAPHS = "arrcoc.tools.bench_graphs"
+_GRAPHS_HELP = (
+    "  --graphs              run the CUDA graphs vs eager vs torch.compile benchmark instead, with its own "
+    "options\n                        (arrcoc bench --graphs --help)\n"
+)
+
 
 def _run_module_command(name: str, argv: list[str]) -> int:
+    """Run a module command; its ``--help`` lists every default, as the built-in commands' do."""
+    import contextlib
     import importlib
+    import io
 
+    module_name = MODULE_COMMANDS[name][0]
     if name == "bench" and "--graphs" in argv:
-        from .tools.bench_graphs import main as graphs_main
+        module_name, argv = BENCH_GRAPHS, [a for a in argv if a != "--graphs"]
+    main_of = importlib.import_module(module_name).main
+    if not {"-h", "--help"} & set(argv):
+        return main_of(argv)
+    text = io.StringIO()
+    with _defaults_in_help(), contextlib.redirect_stdout(text), contextlib.suppress(SystemExit):
+        main_of(argv)
+    help_text = text.getvalue()
+    if module_name == MODULE_COMMANDS["bench"][0]:  # the --graphs switch is read here, not by bench's own parser
+        help_text = help_text.replace("\noptions:\n", "\noptions:\n" + _GRAPHS_HELP, 1)
+    print(help_text, end="")
+    return 0
 
-        return graphs_main([a for a in argv if a != "--graphs"])
-    module = importlib.import_module(MODULE_COMMANDS[name][0])
-    return module.main(argv)
+
+@contextlib.contextmanager
+def _defaults_in_help() -> Iterator[None]:
+    """Parsers made meanwhile show each option's default in its help line (module commands build their own)."""
+    init = argparse.ArgumentParser.__init__
+
+    def with_defaults(self: argparse.ArgumentParser, *args: Any, **kwargs: Any) -> None:
+        if not args[5:6]:  # formatter_class is the sixth positional parameter
+            kwargs.setdefault("formatter_class", _Formatter)
+        init(self, *args, **kwargs)
+
+    argparse.ArgumentParser.__init__ = with_defaults  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        argparse.ArgumentParser.__init__ = init  # type: ignore[method-assign]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -366,6 +658,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "demo":
             return _demo(args)
+        if args.command == "generate":
+            return _generate(args, argv[1:])
         if args.command == "compress" and args.budget < 1:
             raise InvalidInputError(f"--budget must be at least 1; got {args.budget}")
         if getattr(args, "batch_size", 1) < 1:

@@ -1,4 +1,4 @@
-"""The quickstart notebook runs top to bottom on the CPU, offline, and shows what it promises."""
+"""The quickstart notebook runs top to bottom on the CPU, offline, without a warning, and shows what it promises."""
 
 from __future__ import annotations
 
@@ -22,13 +22,16 @@ def test_notebook_is_committed_without_outputs() -> None:
 def test_quickstart_runs_and_shows_overlays_and_answers() -> None:
     notebook = nbformat.read(NOTEBOOK, as_version=4)
     start = time.perf_counter()
-    nbclient.NotebookClient(notebook, timeout=120, kernel_name="python3",
-                            resources={"metadata": {"path": str(NOTEBOOK.parent)}}).execute()
+    nbclient.NotebookClient(
+        notebook, timeout=120, kernel_name="python3", resources={"metadata": {"path": str(NOTEBOOK.parent)}}
+    ).execute()
     assert time.perf_counter() - start < 120
     outputs = [o for c in notebook.cells if c.cell_type == "code" for o in c.outputs]
     assert not [o for o in outputs if o.output_type == "error"]
     images = [o for o in outputs if "image/png" in o.get("data", {})]
-    assert len(images) >= 2  # the scene's and the photograph's overlays
+    assert len(images) >= 3  # the scene's and the photograph's overlays, and the photograph's kept patches
+    errors = "".join(o.get("text", "") for o in outputs if o.output_type == "stream" and o.name == "stderr")
+    assert errors == "", errors  # no warnings in a plain run (tqdm's "IProgress not found" was one)
     text = "".join(o.get("text", "") for o in outputs if o.output_type == "stream")
     assert "kept 64 of 576 patches" in text
     assert text.count("tokens -> ") == 3  # full, compressed, and the uniform baseline each answered

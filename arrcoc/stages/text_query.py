@@ -5,7 +5,11 @@ projected to the encoder width ``D``. It is trained (``python -m arrcoc.world.tr
 between a patch feature and the query tokens, exactly what :class:`~arrcoc.stages.scorers.ParticipatoryScorer`
 takes, predicts whether the patch lies in the boxes that hold the answer (:func:`relevance_loss`).
 
-Saved as one safetensors file whose metadata holds the config: ``text_query.safetensors``.
+It knows the words of the world it was trained on (the generated scenes' colours, shapes, sides and question
+words) and nothing else: a question with other words is read, but those words are noise to it, and it says
+so with a warning naming them.
+
+Saved as one safetensors file whose metadata holds the config and the words: ``text_query.safetensors``.
 """
 
 from __future__ import annotations
@@ -14,6 +18,8 @@ import dataclasses
 import json
 import logging
 import os
+import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,6 +36,9 @@ __all__ = ["TextQueryConfig", "TextQueryEncoder", "relevance_loss", "patch_targe
 logger = logging.getLogger(__name__)
 
 TEXT_QUERY_FILE = "text_query.safetensors"
+
+#: A word, for the vocabulary check: a run of two or more letters (single letters are spelled, never unknown).
+_WORD = re.compile(r"[A-Za-z]{2,}")
 
 
 @dataclass(frozen=True)
@@ -62,16 +71,21 @@ class TextQueryEncoder(nn.Module):
 
     Args:
         config: sizes; ``config.width`` must equal the vision encoder's width.
+        words: the words of its training questions (case-insensitive). A question holding others gets a
+            warning naming them, once per question; empty: no check.
     """
 
-    def __init__(self, config: TextQueryConfig | None = None) -> None:
+    def __init__(self, config: TextQueryConfig | None = None, words: Sequence[str] = ()) -> None:
         super().__init__()
         self.config = config = config or TextQueryConfig()
+        self.words = frozenset(w.lower() for w in words)
+        self._warned: set[str] = set()  # questions already warned about
         self.tokenizer = CharTokenizer()
         self.embed = nn.Embedding(self.tokenizer.vocab_size, config.dim, padding_idx=self.tokenizer.pad_token_id)
         self.position = nn.Parameter(torch.randn(config.max_chars, config.dim) * 0.02)
-        layer = nn.TransformerEncoderLayer(config.dim, config.heads, 4 * config.dim, dropout=0.0, batch_first=True,
-                                           norm_first=True)
+        layer = nn.TransformerEncoderLayer(
+            config.dim, config.heads, 4 * config.dim, dropout=0.0, batch_first=True, norm_first=True
+        )
         self.encoder = nn.TransformerEncoder(layer, config.layers, enable_nested_tensor=False)
         self.slots = nn.Parameter(torch.randn(config.num_queries, config.dim) * 0.02)
         self.read = nn.MultiheadAttention(config.dim, config.heads, batch_first=True)
@@ -85,9 +99,37 @@ class TextQueryEncoder(nn.Module):
     def device(self) -> torch.device:
         return self.slots.device
 
+    def unknown_words(self, text: str) -> list[str]:
+        """The words of ``text`` outside :attr:`words`, in order, each once (none when ``words`` is empty)."""
+        if not self.words:
+            return []
+        return list(dict.fromkeys(w for w in _WORD.findall(text) if w.lower() not in self.words))
+
+    def _check(self, texts: list[str]) -> None:
+        """An empty question is an error; one with words never seen in training is a warning."""
+        blank = [i for i, t in enumerate(texts) if not t.strip()]
+        if blank:
+            raise InvalidInputError(
+                f"a text query must hold words; query {blank[0]} is empty or only whitespace "
+                f"({texts[blank[0]]!r}). For relevance without a query, pass query=None"
+            )
+        for text in texts:
+            unknown = self.unknown_words(text)
+            if unknown and text not in self._warned:
+                self._warned.add(text)
+                logger.warning(
+                    "text query %r: the text query encoder never saw the word%s %s; it knows only the "
+                    "generated world's vocabulary (%s), so these words steer nothing",
+                    text,
+                    "s" * (len(unknown) > 1),
+                    ", ".join(repr(w) for w in unknown),
+                    " ".join(sorted(self.words)),
+                )
+
     def _ids(self, texts: list[str]) -> tuple[Tensor, Tensor]:
-        rows = [self.tokenizer.encode(t.strip())[: self.config.max_chars] or [self.tokenizer.pad_token_id]
-                for t in texts]
+        rows = [
+            self.tokenizer.encode(t.strip())[: self.config.max_chars] or [self.tokenizer.pad_token_id] for t in texts
+        ]
         length = max(len(r) for r in rows)
         ids = torch.full((len(rows), length), self.tokenizer.pad_token_id, dtype=torch.long)
         for i, r in enumerate(rows):
@@ -105,11 +147,13 @@ class TextQueryEncoder(nn.Module):
             query ``(B, L, D)`` float32 and mask ``(B, L)`` bool.
 
         Raises:
-            InvalidInputError: an empty list, or a character outside the tokenizer's vocabulary.
+            InvalidInputError: an empty list, an empty or whitespace question, or a character outside the
+                tokenizer's vocabulary.
         """
         texts = [texts] if isinstance(texts, str) else list(texts)
         if not texts:
             raise InvalidInputError("texts must hold at least one question")
+        self._check(texts)
         ids, pad = self._ids(texts)
         x = self.embed(ids) + self.position[: ids.shape[1]]  # (B, C, dim)
         x = self.encoder(x, src_key_padding_mask=pad)
@@ -120,17 +164,25 @@ class TextQueryEncoder(nn.Module):
 
     # --- weights ----------------------------------------------------------------------------------------------
     def save_pretrained(self, folder: str | os.PathLike[str], dtype: torch.dtype = torch.float16) -> None:
-        """Write ``text_query.safetensors`` (the config in its metadata)."""
+        """Write ``text_query.safetensors`` (the config and the words in its metadata)."""
         from safetensors.torch import save_file
 
         Path(folder).mkdir(parents=True, exist_ok=True)
-        state = {k: (v.to(dtype) if v.is_floating_point() else v).detach().cpu().clone()  # ok-sync: saving
-                 for k, v in self.state_dict().items()}
-        save_file(state, Path(folder) / TEXT_QUERY_FILE, metadata={"config": json.dumps(dataclasses.asdict(self.config))})
+        state = {
+            k: (v.to(dtype) if v.is_floating_point() else v).detach().cpu().clone()  # ok-sync: saving
+            for k, v in self.state_dict().items()
+        }
+        metadata = {"config": json.dumps(dataclasses.asdict(self.config)), "words": json.dumps(sorted(self.words))}
+        save_file(state, Path(folder) / TEXT_QUERY_FILE, metadata=metadata)
 
     @classmethod
-    def from_pretrained(cls, folder: str | os.PathLike[str], device: torch.device | str | None = None) -> TextQueryEncoder:
+    def from_pretrained(
+        cls, folder: str | os.PathLike[str], device: torch.device | str | None = None
+    ) -> TextQueryEncoder:
         """Load ``text_query.safetensors`` from ``folder`` (float32, eval mode).
+
+        Its words come from the file's metadata; a file saved before it held them takes them from the tokenizer of
+        the VLM saved beside it (``vlm.json``), trained on the same generated world.
 
         Raises:
             MissingWeightsError: the folder holds no such file.
@@ -142,12 +194,24 @@ class TextQueryEncoder(nn.Module):
         if not path.is_file():
             raise MissingWeightsError(f"{os.fspath(folder)!r} holds no {TEXT_QUERY_FILE}")
         with safe_open(os.fspath(path), "pt") as handle:
-            meta: dict[str, Any] = json.loads((handle.metadata() or {}).get("config", "{}"))
-        model = cls(TextQueryConfig(**meta))
-        model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in load_file(os.fspath(path)).items()})
+            metadata = handle.metadata() or {}
+        meta: dict[str, Any] = json.loads(metadata.get("config", "{}"))
+        words = json.loads(metadata["words"]) if "words" in metadata else _vlm_words(Path(folder))
+        model = cls(TextQueryConfig(**meta), words=words)
+        model.load_state_dict(
+            {k: v.float() if v.is_floating_point() else v for k, v in load_file(os.fspath(path)).items()}
+        )
         if device is not None:
             model.to(device)
         return model.eval()
+
+
+def _vlm_words(folder: Path) -> list[str]:
+    """The word vocabulary of the VLM tokenizer saved in ``folder`` (``vlm.json``), or none."""
+    try:
+        return list(json.loads((folder / "vlm.json").read_text())["tokenizer"].get("words", []))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return []
 
 
 def max_cosine(query: Tensor, mask: Tensor, features: Tensor) -> Tensor:
@@ -171,8 +235,9 @@ def relevance_loss(encoder: TextQueryEncoder, query: Tensor, mask: Tensor, featu
     return (F.binary_cross_entropy_with_logits(logits, target, reduction="none") * weight).sum()
 
 
-def patch_targets(boxes: tuple[tuple[int, int, int, int], ...], size: int, patch: int = 16,
-                  cover: float = 0.2) -> Tensor:
+def patch_targets(
+    boxes: tuple[tuple[int, int, int, int], ...], size: int, patch: int = 16, cover: float = 0.2
+) -> Tensor:
     """``(N,)`` float: 1 for the patches of a ``size x size`` image covered at least ``cover`` by a box."""
     pixels = torch.zeros(size, size)
     for x0, y0, x1, y1 in boxes:

@@ -150,7 +150,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="encoder dtype")
     parser.add_argument("--reps", type=int, default=20, help="timed runs per measurement")
     parser.add_argument("--warmup", type=int, default=3, help="untimed runs first")
-    parser.add_argument("--out", default="bench/results", help="folder for the JSON and markdown results")
+    parser.add_argument("--out", default="arrcoc-results",
+                        help="folder for the JSON and markdown results (pass bench/results to update the committed ones)")
     parser.add_argument("--tag", default="", help="suffix for the result file names")
     args = parser.parse_args(argv)
 
