@@ -155,7 +155,8 @@ class _Loaded:
 
     index: int
     source: str
-    data: bytearray | None = None
+    data: Any = None  # the file's bytes: a bytearray in the worker, a uint8 view of its chunk's blob after
+    span: tuple[int, int] = (0, 0)  # where ``data`` lies in its chunk's blob
     pixels: Tensor | None = None  # (3, S, S) float32, the Preprocessor's canvas
     error: str | None = None
     bucket: int = 0
@@ -191,10 +192,9 @@ class _Decode(torch.utils.data.Dataset):
         if self.device_jpegs and source.lower().endswith((".jpg", ".jpeg", ".jpe", ".jfif")):
             try:
                 with open(source, "rb") as handle:
-                    data = bytearray(os.fstat(handle.fileno()).st_size)  # writable: torch.frombuffer shares it
-                    handle.readinto(data)
+                    data = handle.read()
             except OSError:
-                data = bytearray()  # the CPU path below names the problem as it always has
+                data = b""  # the CPU path below names the problem as it always has
             size = jpeg_size(data)
             if size is not None:
                 bucket, scale, content = placement(size[0], size[1], self.buckets)
@@ -214,8 +214,37 @@ def decode_on_host(index: int, source: str, preprocessor: Preprocessor) -> _Load
         return _Loaded(index, source, error=_reason(err, source))
 
 
-def _as_list(chunk: list[_Loaded]) -> list[_Loaded]:
-    return chunk
+@dataclass
+class _Chunk:
+    """A worker's batch of items; the JPEG bytes of all of them in one tensor, which crosses to the main process
+    through shared memory (pickling each file's bytes would cost the main process a copy per file)."""
+
+    items: list[_Loaded]
+    blob: Tensor | None = None  # (bytes,) uint8
+
+
+def _collate(items: list[_Loaded]) -> _Chunk:
+    """In the worker: move the items' JPEG bytes into one blob."""
+    carried = [item for item in items if item.data is not None]
+    if not carried:
+        return _Chunk(items)
+    blob = torch.empty(sum(len(item.data) for item in carried), dtype=torch.uint8)
+    view, start = memoryview(blob.numpy()), 0
+    for item in carried:
+        size = len(item.data)
+        view[start:start + size] = item.data
+        item.data, item.span = None, (start, size)
+        start += size
+    return _Chunk(items, blob)
+
+
+def _unpack(chunk: _Chunk) -> list[_Loaded]:
+    """In the main process: each JPEG's bytes as a view of the blob."""
+    if chunk.blob is not None:
+        for item in chunk.items:
+            if item.span[1]:
+                item.data = chunk.blob[item.span[0]:item.span[0] + item.span[1]]
+    return chunk.items
 
 
 @dataclass
@@ -313,14 +342,14 @@ class _ShardWriter:
     def _decode(self, jpegs: list[_Loaded]) -> tuple[list[Tensor], list[_Loaded], list[_Loaded]]:
         """Decode on the device: ``(images, their items, items nvJPEG refused, now decoded on the host)``."""
         try:
-            return decode_jpegs([torch.frombuffer(item.data, dtype=torch.uint8) for item in jpegs], self.device), jpegs, []
-        except RuntimeError:  # one bad file fails the batched call: decode one at a time, the rest on the host
+            return decode_jpegs([item.data for item in jpegs], self.device), jpegs, []
+        except (RuntimeError, ValueError):  # one bad file fails the batched call: one at a time, the rest on the host
             images, kept, refused = [], [], []
             for item in jpegs:
                 try:
-                    images += decode_jpegs([torch.frombuffer(item.data, dtype=torch.uint8)], self.device)
+                    images += decode_jpegs([item.data], self.device)
                     kept.append(item)
-                except RuntimeError:
+                except (RuntimeError, ValueError):
                     refused.append(decode_on_host(item.index, item.source, self.preprocessor))
             return images, kept, refused
 
@@ -561,12 +590,13 @@ def compress_dataset(source: str | os.PathLike[str], dest: str | os.PathLike[str
                           budget_policy)
     decode = _Decode(items, pipeline.config.buckets, device_jpegs=pipeline.device.type == "cuda" if batch_decode is None else batch_decode)
     loader = torch.utils.data.DataLoader(decode, batch_size=min(batch_size, 32), num_workers=workers,
-                                         collate_fn=_as_list)
+                                         collate_fn=_collate)
     start = time.perf_counter()
     with tqdm(total=len(items), unit="img", desc=f"rank {rank}/{world}", disable=not progress or rank != 0,
               file=sys.stderr, dynamic_ncols=True) as bar:
         try:
             for chunk in _timed(loader, stats):
+                chunk = _unpack(chunk)
                 for item in chunk:
                     writer.add(item, item.index // shard_size)
                 stats.images += len(chunk)
@@ -585,7 +615,7 @@ def compress_dataset(source: str | os.PathLike[str], dest: str | os.PathLike[str
     return stats
 
 
-def _timed(loader: torch.utils.data.DataLoader, stats: DatasetStats) -> Iterator[list[_Loaded]]:
+def _timed(loader: torch.utils.data.DataLoader, stats: DatasetStats) -> Iterator[_Chunk]:
     """Iterate ``loader``, adding the time spent waiting for it to ``stats.wait_seconds``."""
     iterator = iter(loader)
     while True:
