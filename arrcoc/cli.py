@@ -15,7 +15,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from . import __version__
+from arrcoc import __version__  # the package root, above every room
+
 from .datasets.atomic import remove_partial
 from .datasets.atomic import write_atomic as _write_atomic  # a module global: tests patch it
 from .datasets.sources import image_files, load_query
