@@ -227,6 +227,16 @@ def test_batch_equals_single_images(qwen: tuple) -> None:
             torch.testing.assert_close(logits[i], alone, rtol=1e-5, atol=1e-5)
 
 
+def test_pixels_the_reducer_reads_are_the_image(qwen: tuple) -> None:
+    """The processor's patch layout undone: an image already at 28-px multiples comes back as itself (pooled 2x2)."""
+    adapter = _adapter(qwen)
+    image = torch.randint(0, 256, (3, 84, 112), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    pixel_values, grid_thw = adapter.image_inputs([image])
+    (rgb,) = adapter._rgb(pixel_values, adapter.merged_grids(grid_thw))
+    assert adapter.merged_grids(grid_thw) == [(3, 4)] and rgb.shape == (3, 42, 56)
+    torch.testing.assert_close(rgb, torch.nn.functional.avg_pool2d(image.float() / 255, 2), atol=1e-5, rtol=0)
+
+
 def test_the_question_is_the_query(qwen: tuple) -> None:
     adapter = _adapter(qwen)
     prepared = adapter.prepare(_images(1), PROMPTS[1])

@@ -211,6 +211,9 @@ class ArrcocQwen(nn.Module):
         self.patch_size = int(vision.patch_size)
         self.temporal_patch_size = int(vision.temporal_patch_size)
         self.merge_size = int(vision.spatial_merge_size)
+        # The texture terms are read per token: one patch's pixels per merged token (14 px on 28 px tokens), as
+        # LLaVA's towers give the reducer per patch; full resolution would quadruple their cost for the same map.
+        self.texture_cell = self.patch_size
         self.template = template
         self.query_temperature = float(query_temperature)
         self.grid_multiple = grid_multiple
@@ -282,7 +285,8 @@ class ArrcocQwen(nn.Module):
         return [(h // m, w // m) for _, h, w in rows]
 
     def _rgb(self, pixel_values: Tensor, grids: list[tuple[int, int]]) -> list[Tensor]:
-        """Per image ``(3, gh * m * p, gw * m * p)`` RGB in [0, 1], undoing the processor's patch layout."""
+        """Per image ``(3, gh * p, gw * p)`` RGB in [0, 1] (one patch's pixels per merged token, each the mean of
+        its ``m x m`` source pixels), undoing the processor's patch layout."""
         m, p, tp = self.merge_size, self.patch_size, self.temporal_patch_size
         out, start = [], 0
         for gh, gw in grids:
@@ -290,6 +294,8 @@ class ArrcocQwen(nn.Module):
             patches = pixel_values[start : start + n].float().view(gh, gw, m, m, 3, tp, p, p)[..., 0, :, :]
             start += n
             image = patches.permute(4, 0, 2, 5, 1, 3, 6).reshape(3, gh * m * p, gw * m * p)  # (3, H, W)
+            if m > 1:
+                image = F.avg_pool2d(image, m)  # (3, gh * p, gw * p)
             out.append((image * self._std + self._mean).clamp(0, 1))
         return out
 
@@ -508,7 +514,7 @@ class ArrcocQwen(nn.Module):
         if "patch_valid" in self.needs:
             visual.patch_valid = valid
         if "pixels" in self.needs:
-            cell = self.merge_size * self.patch_size
+            cell = self.texture_cell
             pixels = first.new_zeros(n, 3, bh * cell, bw * cell, dtype=torch.float32)
             pixel_valid = torch.zeros_like(pixels[:, :1])
             for j, i in enumerate(members):

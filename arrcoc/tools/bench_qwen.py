@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import importlib.util
 import logging
 import random
 import statistics
@@ -236,7 +237,7 @@ def _markdown(report: dict[str, Any]) -> str:
         f"{report['date']}; torch {report['torch']}, transformers {report['transformers']}; model "
         f"`{report['preset']}` ({report['dtype']}, random weights), reducer `{report['method']}`, image "
         f"{report['image'][1]} x {report['image'][0]} px, {report['new_tokens']} new tokens, median of "
-        f"{report['repeats']}. 100% is the unmodified model; arrcoc's own time (in the time to first token) "
+        f"{report['repeats']}, attention `{report['attention']}`. 100% is the unmodified model; arrcoc's own time (in the time to first token) "
         "is the adapter's prepare minus the vision tower.",
         "",
         "| batch | share | image tokens | TTFT ms | vs 100% | vision ms | arrcoc ms | arrcoc / TTFT "
@@ -255,9 +256,14 @@ def _markdown(report: dict[str, Any]) -> str:
     lines += [
         "",
         f"Reducer-graph captures for {c['sizes']} photo sizes (640-1,600 px long side, "
-        f"{c['distinct_grids']} distinct merged grids): {c['captures_per_budget']} per budget with grid sides "
-        f"rounded up to {c['multiple']} (without bucketing: {report['captures_unbucketed']}).",
+        f"{c['distinct_grids']} distinct merged grids), per batch size and question-length bucket: "
+        f"{c['captures_per_budget']} with grid sides rounded up to {c['multiple']} (without bucketing: "
+        f"{report['captures_unbucketed']}). arrcoc's reducers read the budget as a tensor, so that count holds "
+        "for every budget and share at once; a baseline reducer needs it for each budget. This run captured "
+        f"{report.get('reducer_captures', '-')}.",
     ]
+    if report["skipped"]:
+        lines.append(f"\nSkipped past the time limit: {', '.join(report['skipped'])}.")
     for name, text in report["errors"].items():
         lines.append(f"\n**{name} failed**: {text}")
     return "\n".join(lines) + "\n"
@@ -270,9 +276,16 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when present)")
     parser.add_argument("--method", default="arrcoc", help="reducer name (default arrcoc)")
     parser.add_argument("--new-tokens", type=int, default=None, help="decode tokens timed (default 32, tiny 4)")
-    parser.add_argument("--repeats", type=int, default=5, help="timed runs per measurement (median)")
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs per measurement (median)")
     parser.add_argument("--warmups", type=int, default=1, help="untimed runs before each measurement")
     parser.add_argument("--grid-multiple", type=int, default=8, help="graph buckets: grid sides rounded up to this")
+    parser.add_argument(
+        "--attn",
+        default="auto",
+        help="attention kernel (auto: flash_attention_2 where flash-attn is installed, else sdpa; under sdpa "
+        "Qwen2.5-VL's vision tower runs one attention call per window, a cost both paths share)",
+    )
+    parser.add_argument("--time-limit", type=float, default=130.0, help="seconds; rows past it are skipped")
     return parser
 
 
@@ -287,7 +300,12 @@ def main(argv: list[str] | None = None) -> int:
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     new = args.new_tokens or (4 if args.tiny else 32)
     _, _, size, batches = PRESETS[preset]
+    start = time.perf_counter()
     model = build_qwen(preset, device, dtype)
+    attn = args.attn
+    if attn == "auto":
+        attn = "flash_attention_2" if device.type == "cuda" and importlib.util.find_spec("flash_attn") else "sdpa"
+    model.set_attn_implementation(attn)
     images = transformers.Qwen2VLImageProcessor()  # Qwen's defaults: 28-px multiples, up to 12.8 MP
     tokenizer = word_tokenizer(WORDS, image_token_id=_IDS["image_token_id"], image_token="<|image_pad|>")
     processor = argparse.Namespace(tokenizer=tokenizer, image_processor=images)
@@ -304,6 +322,8 @@ def main(argv: list[str] | None = None) -> int:
         "new_tokens": new,
         "repeats": args.repeats,
         "grid_multiple": args.grid_multiple,
+        "attention": attn,
+        "skipped": [],
         "rows": [],
         "errors": {},
         "captures": corpus_captures(args.grid_multiple),
@@ -313,6 +333,9 @@ def main(argv: list[str] | None = None) -> int:
     measure = _timer(device, warmups=args.warmups, repeats=args.repeats)
     for batch in batches:
         for share in SHARES:
+            if time.perf_counter() - start > args.time_limit:
+                report["skipped"].append(f"{share:.0%} x {batch}")
+                continue
             try:
                 report["rows"].append(_row(adapter, _images(size, batch), share, new, measure))
             except Exception as err:  # recorded, and the next row still runs
@@ -322,6 +345,7 @@ def main(argv: list[str] | None = None) -> int:
                     torch.cuda.empty_cache()
             write_report(report, _markdown(report), args.out, name)
     report["reducer_captures"] = adapter.captures
+    report["seconds"] = time.perf_counter() - start
     write_report(report, _markdown(report), args.out, name)
     return 1 if report["errors"] else 0
 
