@@ -353,7 +353,7 @@ class _ShardWriter:
                     refused.append(decode_on_host(item.index, item.source, self.preprocessor))
             return images, kept, refused
 
-    def _batch(self, items: list[_Loaded]) -> tuple[PreprocessedBatch, list[_Loaded], Any]:
+    def _batch(self, items: list[_Loaded]) -> tuple[PreprocessedBatch | None, list[_Loaded], Any]:
         """The batch on the device, its items in the batch's order (device-decoded JPEGs first), and a CUDA event
         recorded after the decode."""
         bucket = items[0].bucket
@@ -385,6 +385,8 @@ class _ShardWriter:
             sizes = torch.tensor([item.content_size for item in hosted], dtype=torch.long)
             valid.append(valid_mask(sizes.to(self.device, non_blocking=True), bucket))
         ordered = jpegs + hosted
+        if not ordered:  # every file of the batch turned out broken
+            return None, [], decoded
         self.stats.device_decoded += len(jpegs)
         self.stats.host_decoded += len(hosted)
         batch = PreprocessedBatch(
@@ -418,6 +420,8 @@ class _ShardWriter:
             return
         computed = self._event()
         self.stats.pipeline_seconds += time.perf_counter() - start
+        for item in items:  # the bytes (a shared-memory blob) and canvases are not needed again
+            item.data = item.pixels = None
         start = time.perf_counter()
         on_device = {"tokens": out.tokens.to(self.token_dtype), "prefix": out.prefix.to(self.token_dtype),
                      **{key: getattr(out, key) for key in _DEVICE_KEYS}}
