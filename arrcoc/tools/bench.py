@@ -1,6 +1,6 @@
 """Benchmark: time every stage and the whole path, eager, per bucket size and batch size.
 
-``python -m arrcoc.tools.bench`` (or ``arrcoc bench``) writes ``bench/results/stages-<device>.json`` and ``.md``.
+``python -m arrcoc.tools.bench`` (or ``arrcoc bench``) writes ``stages-<device>.json`` and ``.md`` into ``--out`` (``arrcoc-results/`` unless told; ``bench/results/`` holds the committed ones).
 GPU time is measured with CUDA events around each stage (warm-up first, median of many); CPU time with
 ``perf_counter``. Inputs are the synthetic demo scene, so no data set is needed.
 """

@@ -1,7 +1,7 @@
 """Benchmark of the CUDA-graph chain against eager stages and ``torch.compile(mode="reduce-overhead")``.
 
-``python -m arrcoc.tools.bench_graphs`` (or ``arrcoc bench --graphs``) writes ``bench/results/graphs-<device>[-tag]``
-``.json`` and ``.md``. Per bucket size and batch, on one process:
+``python -m arrcoc.tools.bench_graphs`` (or ``arrcoc bench --graphs``) writes ``graphs-<device>[-tag]`` ``.json``
+and ``.md`` into ``--out`` (``arrcoc-results/`` unless told; ``bench/results/`` holds the committed ones). Per bucket size and batch, on one process:
 
 - GPU time (CUDA events, median) of the whole chain eager, as one graph, as one graph per stage, compiled
   with ``torch.compile(mode="reduce-overhead")`` and graphed after ``torch.compile`` (``Pipeline(compile=True)``);

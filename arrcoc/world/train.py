@@ -49,7 +49,7 @@ from ..runtime.device import device_name
 from ..stages.head import RelevanceHead
 from ..stages.regions import patch_boxes, region_grid
 from ..stages.text_query import TextQueryConfig, TextQueryEncoder, patch_targets, relevance_loss
-from .data import COLORS, QUESTION_FAMILIES, SHAPES, TEXT_ALPHABET, make_sample
+from .data import COLORS, QUESTION_FAMILIES, SHAPES, TEXT_ALPHABET, WORDS, make_sample
 from .vlm import VLMConfig, build_vlm, embed_inputs, generate_answers, save_vlm, vision_features
 
 __all__ = ["TRAIN_SEED_START", "EVAL_SEED_START", "SceneBatches", "collate", "random_compression", "evaluate", "main"]
@@ -495,7 +495,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     model, tokenizer = build_vlm(config)
     width = int(config.encoder_kwargs["embed_dim"])
     qconfig = TextQueryConfig(width=width) if args.preset == "default" else TextQueryConfig(width=width, dim=32, layers=1)
-    query_encoder = TextQueryEncoder(qconfig)
+    query_encoder = TextQueryEncoder(qconfig, words=WORDS)  # saved with it: it warns on words it never saw
     dense_head = torch.nn.Linear(width, sum(DENSE_CLASSES))  # training-only: not shipped
     grounding_head = torch.nn.Linear(config.hidden_size, 1)  # training-only: not shipped
     grounding_layer = max(1, config.num_layers // 2)  # index into hidden_states: 0 is the embeddings
