@@ -80,6 +80,9 @@ class BalanceConfig:
             pooling); 1 follows relevance fully, allowing the most uneven allocation.
         temperature_range: softmax temperature at full exploitation and at full exploration, on relevance
             normalised to [0, 1].
+        cover: for images without a question only, in [0, 1]: the share of the relevance that follows how many
+            distinct things each region holds (``arrcoc.stages.balance.novelty``), linearly, instead of the
+            scorers' peaks. 0 treats images without a question like the others.
     """
 
     # With a question, the participatory map leads (8 of 10): on validation scenes of the generated world (seeds
@@ -104,13 +107,14 @@ class BalanceConfig:
     # (balance-sweep2-h100.md) found no variant ahead in every cell.
     particularize: float = 0.9
     temperature_range: tuple[float, float] = (0.15, 2.0)
+    cover: float = 0.0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "weights", _numbers(self.weights, "balance.weights", 3))
         object.__setattr__(self, "temperature_range", _numbers(self.temperature_range, "balance.temperature_range", 2))
         _check(all(0 <= w < float("inf") for w in self.weights) and sum(self.weights) > 0,
                f"balance.weights must be 3 finite non-negative numbers with a positive sum; got {self.weights}")
-        for name in ("exploit", "scarcity", "diversify", "particularize"):
+        for name in ("exploit", "scarcity", "diversify", "particularize", "cover"):
             value = _number(getattr(self, name), f"balance.{name}")
             _check(0.0 <= value <= 1.0, f"balance.{name} must be in [0, 1]; got {value}")
             object.__setattr__(self, name, value)

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from arrcoc.config import BalanceConfig
-from arrcoc.stages.balance import BALANCE_KEYS, Balance
+from arrcoc.stages.balance import BALANCE_KEYS, Balance, novelty
 from arrcoc.stages.compression import Compressor, compress, query_priority
 from arrcoc.stages.encoders import PatchProjection
 from arrcoc.stages.regions import capacity_of, normalize_per_image, region_bounds, region_grid, to_regions
@@ -197,6 +197,50 @@ def test_balance_exploits_more_the_scarcer_the_budget() -> None:
     torch.testing.assert_close(still(scores, features, valid, mask, torch.tensor([2]))[0], still(scores, features, valid, mask)[0])
 
 
+def _scene(b: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """An 8x8 grid of one-hot features: background everywhere, thing A at (1, 1) and again at (6, 6), thing B at
+    (1, 6); the last column is padding."""
+    features = torch.zeros(b, 8, 8, 8)
+    features[..., 0] = 1.0  # background
+    for row, col, channel in ((1, 1, 1), (6, 6, 1), (1, 6, 2)):
+        features[:, row, col] = F.one_hot(torch.tensor(channel), 8).float()
+    valid = torch.ones(b, 8, 8)
+    valid[:, :, 7] = 0
+    features[:, :, 7] = torch.randn(b, 8, 8)  # padding: whatever it holds never counts
+    return features, valid
+
+
+def test_novelty_counts_each_distinct_thing_once() -> None:
+    features, valid = _scene()
+    new = novelty(features, valid)
+    assert new.shape == (1, 8, 8)
+    torch.testing.assert_close(new.sum(), torch.tensor(3.0))  # A, B and the background, each once
+    assert new[0, 1, 6] == 1.0 and (new[0, 1, 1] + new[0, 6, 6]) == 1.0  # one copy of A is new, its twin is not
+    assert (new[0, :, 7] == 0).all()  # padding
+    assert (new > 0).sum() == 3 and new[0, 0, 0] == 1.0  # the background: its first patch alone
+
+
+def test_novelty_is_per_image() -> None:
+    features, valid = _scene(2)
+    features[1] = torch.randn(8, 8, 8, generator=torch.Generator().manual_seed(6))
+    torch.testing.assert_close(novelty(features, valid)[:1], novelty(features[:1], valid[:1]))
+
+
+def test_cover_follows_novelty_only_without_a_question() -> None:
+    features, valid = _scene(2)
+    mask = torch.tensor([[True], [False]])  # image 0 has a question, image 1 none
+    scores = torch.rand(2, 3, 2, 2, generator=torch.Generator().manual_seed(7))
+    covered, report = Balance(BalanceConfig(cover=1.0), 4)(scores, features, valid, mask, torch.tensor([4, 4]))
+    plain, _ = Balance(BalanceConfig(cover=0.0), 4)(scores, features, valid, mask, torch.tensor([4, 4]))
+    assert report["coverage"].tolist() == [0.0, 1.0]
+    assert torch.equal(covered[0], plain[0])  # with a question: unchanged
+    # without: each region's share of the distinct things (A and B top left and top right, the background's one
+    # new patch top left, A's twin bottom right is not new)
+    torch.testing.assert_close(covered[1], torch.tensor([[2.0, 1.0], [0.0, 0.0]]) / 3)
+    half, _ = Balance(BalanceConfig(cover=0.5), 4)(scores, features, valid, mask, torch.tensor([4, 4]))
+    torch.testing.assert_close(half[1], (covered[1] + plain[1]) / 2)
+
+
 def test_compress_shows_each_regions_most_distinctive_patches() -> None:
     features, _, valid, _, _ = _inputs(b=2, gh=6, gw=7, d=5)
     allocation = torch.tensor([[[1, 4], [8, 2]], [[3, 0], [5, 1]]])
@@ -309,6 +353,8 @@ def test_stages_run_on_meta_tensors() -> None:
     scores = torch.stack([create_scorer(n, 4).to("meta")(features, texture, valid, query, mask) for n in sorted(SCORERS)], 1)
     relevance, report = Balance(BalanceConfig(), 4).to("meta")(scores, features, valid, mask)
     assert relevance.shape == (2, 2, 2) and relevance.device.type == "meta"
+    covered, _ = Balance(BalanceConfig(cover=1.0), 4).to("meta")(scores, features, valid, mask)
+    assert covered.shape == (2, 2, 2)
     tokens, positions, out_mask, weights = compress(features, valid, torch.ones(2, 2, 2, dtype=torch.long, device="meta"), 9, 4)
     assert tokens.shape == (2, 9, 8) and positions.shape == (2, 9, 4)
     tex = texture_features(torch.empty(2, 3, 96, 112, device="meta"), torch.empty(2, 1, 96, 112, device="meta"), (6, 7))

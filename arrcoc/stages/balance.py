@@ -7,6 +7,8 @@
   relevance), so tokens are not spent twice on the same content.
 - compress <-> particularize: a mix of the uniform share and the relevance-driven share; 0 is uniform
   pooling, 1 follows relevance fully.
+- cover (without a question only): a share of the relevance follows *novelty*, how many distinct things a
+  region holds (:func:`novelty`), so that a later question finds its evidence wherever it is.
 """
 
 from __future__ import annotations
@@ -21,11 +23,11 @@ from torch import Tensor, nn
 from ..config import BalanceConfig
 from .regions import masked_mean, normalize_per_image, to_regions
 
-__all__ = ["Balance", "BALANCE_KEYS"]
+__all__ = ["Balance", "BALANCE_KEYS", "novelty"]
 
 #: What ``Balance.forward`` reports per image, in order.
 BALANCE_KEYS: tuple[str, ...] = ("weights", "has_query", "agreement", "exploit", "temperature", "diversify",
-                                 "redundancy", "particularize", "evenness")
+                                 "redundancy", "particularize", "coverage", "evenness")
 
 
 def _correlation(maps: Tensor, valid: Tensor) -> Tensor:
@@ -36,6 +38,33 @@ def _correlation(maps: Tensor, valid: Tensor) -> Tensor:
     cov = centred @ centred.transpose(1, 2)  # (B, K, K)
     std = cov.diagonal(dim1=1, dim2=2).clamp_min(1e-12).sqrt()
     return cov / (std[:, :, None] * std[:, None, :])
+
+
+def novelty(features: Tensor, patch_valid: Tensor) -> Tensor:
+    """How new each patch is: 1 minus its best cosine with any image patch that stands out more than it does.
+
+    Patches are ranked by rarity (1 - cosine with the image's mean feature; ties: lower index first); the rarest
+    patch of each group of look-alikes scores near 1, the rest of the group and a uniform background near 0. Summed
+    over a region it counts the distinct things the region holds first: the score of a greedy max-min (DivPrune-like)
+    cover, without a loop.
+
+    Args:
+        features: ``(B, gh, gw, D)`` patch features.
+        patch_valid: ``(B, gh, gw)`` share of each patch that is image.
+
+    Returns:
+        ``(B, gh, gw)`` in [0, 1], 0 on padding; at least one patch of an image with content scores 1.
+    """
+    valid = (patch_valid > 0).flatten(1)  # (B, N)
+    unit = F.normalize(features.float().flatten(1, 2), dim=-1)  # (B, N, D)
+    mean = F.normalize((unit * valid[..., None]).sum(1, keepdim=True), dim=-1)  # (B, 1, D)
+    rarity = torch.where(valid, 1 - (unit * mean).sum(-1), -torch.inf)  # (B, N) padding ranks last
+    index = torch.arange(unit.shape[1], device=unit.device)
+    above = (rarity[:, None, :] > rarity[:, :, None]) | (
+        (rarity[:, None, :] == rarity[:, :, None]) & (index[None, :] < index[:, None]))  # [b, p, q]: q ranks above p
+    similarity = unit @ unit.transpose(1, 2)  # (B, N, N)
+    nearest = torch.where(above & valid[:, None, :], similarity, -1.0).amax(-1)  # (B, N)
+    return torch.where(valid, (1 - nearest).clamp(0, 1), 0.0).view(patch_valid.shape)
 
 
 class Balance(nn.Module):
@@ -55,6 +84,7 @@ class Balance(nn.Module):
         self.register_buffer("scarcity", torch.tensor(config.scarcity), persistent=False)
         self.register_buffer("diversify", torch.tensor(config.diversify), persistent=False)
         self.register_buffer("particularize", torch.tensor(config.particularize), persistent=False)
+        self.register_buffer("cover", torch.tensor(config.cover), persistent=False)
         low, high = config.temperature_range
         self.log_t_low, self.log_t_high = math.log(low), math.log(high)
 
@@ -120,6 +150,11 @@ class Balance(nn.Module):
         peaked = torch.softmax(logits, -1)  # (B, R)
         uniform = valid / valid.sum(-1, keepdim=True).clamp_min(1)
         relevance = (1 - self.particularize) * uniform + self.particularize * peaked
+        # Without a question, a share ``cover`` follows the regions' novelty, linearly: coverage, not peaks.
+        coverage = self.cover * ~has_query  # (B,)
+        region_novelty = to_regions(novelty(features, patch_valid)[..., None], self.region_size).sum((-1, -2))
+        novel = region_novelty.flatten(1) / region_novelty.flatten(1).sum(-1, keepdim=True).clamp_min(1e-12)  # (B, R)
+        relevance = (1 - coverage[:, None]) * relevance + coverage[:, None] * novel
         relevance = torch.where(valid, relevance, 0.0)
         entropy = -(relevance * relevance.clamp_min(1e-30).log()).sum(-1)
         evenness = entropy / valid.sum(-1).clamp_min(2).log()
@@ -133,6 +168,7 @@ class Balance(nn.Module):
             "diversify": self.diversify.expand(b),
             "redundancy": redundancy.view(b, rh, rw),
             "particularize": self.particularize.expand(b),
+            "coverage": coverage,
             "evenness": evenness,
         }
         return relevance.view(b, rh, rw), report
