@@ -219,8 +219,11 @@ def _markdown(report: dict[str, Any]) -> str:
              "JPEGs are decoded by nvJPEG in one call per batch and letterboxed on the GPU for the whole bucket; "
              "GPU busy = kernel + copy time from torch.profiler / wall time of the profiled run. Host shares "
              "of the wall time: waiting for the DataLoader, decode (nvJPEG calls), resize (letterbox + batch "
-             "assembly), pipeline calls, issuing the copies out; the writer thread (waiting for copies, ordering "
-             "rows, writing shards) overlaps them. GPU ms: device time per step from CUDA events.", "",
+             "assembly), pipeline calls, issuing the copies out, and the rest (the DataLoader's worker start-up, "
+             "per-image bookkeeping, the wait for the last shard's write); the writer thread (waiting for copies, "
+             "ordering rows, writing shards) overlaps them. GPU ms: the device timeline between CUDA events "
+             "recorded around each step, summed over batches (gaps where the device waits for the host "
+             "included).", "",
              "| set | encoder | images/s | GPU busy | loader wait | decode | resize | pipeline | copy-out | other "
              "| writer thread | GPU ms decode / resize / pipeline / copy | Pillow path images/s |",
              "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|"]
