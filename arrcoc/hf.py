@@ -1,8 +1,8 @@
 """Hugging Face VLMs reading arrcoc's tokens: one entry point, :func:`wrap`, that picks the adapter.
 
 ``wrap(model, processor, method="arrcoc", budget=0.25)`` returns :class:`~arrcoc.integrations.qwen.ArrcocQwen`
-for Qwen2-VL / Qwen2.5-VL and :class:`~arrcoc.integrations.hf.ArrcocLlava` for LLaVA-1.5-style models; both
-have ``prepare``, ``forward`` and ``generate``. The adapters' modules' public names are re-exported here, so
+for Qwen2-VL / Qwen2.5-VL / Qwen3-VL and :class:`~arrcoc.integrations.hf.ArrcocLlava` for LLaVA-1.5-style
+models; both have ``prepare``, ``forward`` and ``generate``. The adapters' modules' public names are re-exported here, so
 ``arrcoc.hf.ArrcocLlava`` keeps working.
 """
 
@@ -54,7 +54,7 @@ def wrap(
     """The arrcoc adapter for ``model``, chosen from its ``config.model_type``.
 
     Args:
-        model: a Qwen2-VL / Qwen2.5-VL or LLaVA ``...ForConditionalGeneration``.
+        model: a Qwen2-VL / Qwen2.5-VL / Qwen3-VL or LLaVA ``...ForConditionalGeneration``.
         processor: its processor (or a tokenizer alone; images must then be the model's pixel inputs).
         method: a registered reducer name.
         budget: the default budget of every call: an ``int`` counts tokens per image, a ``float`` in ``(0, 1]`` is a

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import types
 
@@ -15,7 +16,7 @@ pytest.importorskip("tokenizers")
 
 from arrcoc import hf  # noqa: E402
 from arrcoc.integrations.hf import ArrcocLlava, word_tokenizer  # noqa: E402
-from arrcoc.integrations.qwen import ArrcocQwen, graph_buckets, merged_grid  # noqa: E402
+from arrcoc.integrations.qwen import ArrcocQwen, _box_means, graph_buckets, merged_grid  # noqa: E402
 
 WORDS = "USER ASSISTANT : what colour is the box left of red green blue a shape ? which side".split()
 IMAGE_ID = 5
@@ -23,28 +24,36 @@ TEMPLATE = "USER: {image} {question} ASSISTANT:"
 PROMPTS = ["what colour is the box ?", "which side ?", "what shape is left of the red box ?"]
 #: Reducers the adapter serves (visionzip needs a [CLS], fastv early-layer text attention).
 METHODS = ["arrcoc", "arrcoc-noquery", "uniform", "random", "divprune", "tome"]
-FAMILIES = ["qwen2_vl", "qwen2_5_vl"]
+FAMILIES = ["qwen2_vl", "qwen2_5_vl"] + (
+    ["qwen3_vl"] if hasattr(transformers, "Qwen3VLForConditionalGeneration") else []
+)
 
 
 def _text(family: str) -> dict:
     # GQA (4 heads, 2 key/value heads); head_dim 8, so mrope_section sums to 4
-    return dict(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        pad_token_id=0,
-        eos_token_id=None,
-        bos_token_id=1,
-        rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [1, 1, 2]},
+    rope = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [1, 1, 2]}
+    extra = dict(head_dim=8, rope_parameters={**rope, "mrope_interleaved": True}) if family == "qwen3_vl" else {}
+    return (
+        dict(
+            vocab_size=64,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=512,
+            pad_token_id=0,
+            eos_token_id=None,
+            bos_token_id=1,
+            rope_parameters=rope,
+        )
+        | extra
     )
 
 
 def build(family: str) -> tuple[torch.nn.Module, object]:
-    """A two-block vision tower (patch 14, merge 2) and a two-layer language model; a processor built offline."""
+    """A two- or three-block vision tower (patch 14, or 16 for Qwen3-VL with DeepStack from its first two blocks;
+    merge 2) and a three-layer language model; a processor built offline."""
     ids = dict(image_token_id=IMAGE_ID, video_token_id=63, vision_start_token_id=62, vision_end_token_id=61)
     if family == "qwen2_vl":
         vision = dict(
@@ -59,6 +68,21 @@ def build(family: str) -> tuple[torch.nn.Module, object]:
         )
         config = transformers.Qwen2VLConfig(text_config=_text(family), vision_config=vision, **ids)
         cls = transformers.Qwen2VLForConditionalGeneration
+    elif family == "qwen3_vl":
+        vision = dict(
+            depth=3,
+            hidden_size=32,
+            intermediate_size=64,
+            num_heads=2,
+            out_hidden_size=32,
+            patch_size=16,
+            spatial_merge_size=2,
+            temporal_patch_size=2,
+            num_position_embeddings=64,
+            deepstack_visual_indexes=[0, 1],
+        )
+        config = transformers.Qwen3VLConfig(text_config=_text(family), vision_config=vision, **ids)
+        cls = transformers.Qwen3VLForConditionalGeneration
     else:
         vision = dict(
             depth=2,
@@ -78,13 +102,16 @@ def build(family: str) -> tuple[torch.nn.Module, object]:
     model = cls(config).eval()
     model.generation_config.eos_token_id = None
     model.generation_config.pad_token_id = 0
-    images = transformers.Qwen2VLImageProcessor(size={"shortest_edge": 56 * 56, "longest_edge": 28 * 28 * 64})
+    cell = 2 * vision["patch_size"]  # pixels per merged token
+    images = transformers.Qwen2VLImageProcessor(
+        patch_size=vision["patch_size"], size={"shortest_edge": 4 * cell * cell, "longest_edge": 64 * cell * cell}
+    )
     tokenizer = word_tokenizer(WORDS, image_token_id=IMAGE_ID, image_token="<|image_pad|>")
     return model, types.SimpleNamespace(tokenizer=tokenizer, image_processor=images)
 
 
 def _images(n: int) -> list[torch.Tensor]:
-    """Images of different sizes (merged grids 4x5, 3x2, 5x6 ...)."""
+    """Images of different sizes (merged grids 4x5, 3x2, 5x6, 2x4 at patch 14; 3x5, 3x2, 5x5, 2x4 at patch 16)."""
     sizes = [(100, 150), (90, 60), (150, 170), (60, 120)]
     gen = torch.Generator().manual_seed(0)
     return [torch.randint(0, 256, (3, *sizes[i % 4]), dtype=torch.uint8, generator=gen) for i in range(n)]
@@ -132,11 +159,7 @@ def test_full_budget_logits_equal_the_unmodified_model(qwen: tuple, method: str,
     images = _images(3)  # three sizes in one batch
     with torch.no_grad():
         prepared = adapter.prepare(images, PROMPTS, budget)
-        got = adapter.model(
-            inputs_embeds=prepared.inputs_embeds,
-            attention_mask=prepared.attention_mask,
-            position_ids=prepared.position_ids,
-        ).logits
+        got = adapter.run(prepared).logits
         reference = _reference(adapter, prepared, images)
         expected = adapter.model(**reference).logits
         positions, _ = adapter.inner.get_rope_index(
@@ -159,9 +182,7 @@ def test_the_full_budget_test_can_fail(qwen: tuple) -> None:
         prepared = adapter.prepare(images, PROMPTS[:2])
         shifted = prepared.position_ids.clone()
         shifted[2][prepared.input_ids == IMAGE_ID] += 1
-        got = adapter.model(
-            inputs_embeds=prepared.inputs_embeds, attention_mask=prepared.attention_mask, position_ids=shifted
-        ).logits
+        got = adapter.run(dataclasses.replace(prepared, position_ids=shifted)).logits
         expected = adapter.model(**_reference(adapter, prepared, images)).logits
     real = prepared.attention_mask.bool()
     assert not torch.equal(got[real], expected[real])
@@ -176,11 +197,7 @@ def test_exactly_budget_tokens_at_their_own_positions(qwen: tuple, method: str, 
     with torch.no_grad():
         prepared = adapter.prepare(images, PROMPTS, budget)
         full = adapter.prepare(images, PROMPTS)
-        logits = adapter.model(
-            inputs_embeds=prepared.inputs_embeds,
-            attention_mask=prepared.attention_mask,
-            position_ids=prepared.position_ids,
-        ).logits
+        logits = adapter.run(prepared).logits
     sizes = [gh * gw for gh, gw in prepared.grids]
     wanted = [5] * 3 if isinstance(budget, int) else [max(1, round(budget * n)) for n in sizes]
     slots = prepared.input_ids == IMAGE_ID
@@ -212,16 +229,10 @@ def test_batch_equals_single_images(qwen: tuple) -> None:
     images = _images(3)
     with torch.no_grad():
         batch = adapter.prepare(images, PROMPTS, 0.3)
-        logits = adapter.model(
-            inputs_embeds=batch.inputs_embeds, attention_mask=batch.attention_mask, position_ids=batch.position_ids
-        ).logits[:, -1]
+        logits = adapter.run(batch).logits[:, -1]
         for i in range(3):
             single = adapter.prepare(images[i], PROMPTS[i], 0.3)
-            alone = adapter.model(
-                inputs_embeds=single.inputs_embeds,
-                attention_mask=single.attention_mask,
-                position_ids=single.position_ids,
-            ).logits[0, -1]
+            alone = adapter.run(single).logits[0, -1]
             assert torch.equal(batch.reduced[i].positions, single.reduced[0].positions)
             torch.testing.assert_close(batch.reduced[i].tokens, single.reduced[0].tokens)
             torch.testing.assert_close(logits[i], alone, rtol=1e-5, atol=1e-5)
@@ -230,10 +241,13 @@ def test_batch_equals_single_images(qwen: tuple) -> None:
 def test_pixels_the_reducer_reads_are_the_image(qwen: tuple) -> None:
     """The processor's patch layout undone: an image already at 28-px multiples comes back as itself (pooled 2x2)."""
     adapter = _adapter(qwen)
-    image = torch.randint(0, 256, (3, 84, 112), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    cell, p = adapter.merge_size * adapter.patch_size, adapter.patch_size
+    image = torch.randint(
+        0, 256, (3, 3 * cell, 4 * cell), dtype=torch.uint8, generator=torch.Generator().manual_seed(1)
+    )
     pixel_values, grid_thw = adapter.image_inputs([image])
     (rgb,) = adapter._rgb(pixel_values, adapter.merged_grids(grid_thw))
-    assert adapter.merged_grids(grid_thw) == [(3, 4)] and rgb.shape == (3, 42, 56)
+    assert adapter.merged_grids(grid_thw) == [(3, 4)] and rgb.shape == (3, 3 * p, 4 * p)
     torch.testing.assert_close(rgb, torch.nn.functional.avg_pool2d(image.float() / 255, 2), atol=1e-5, rtol=0)
 
 
@@ -248,12 +262,15 @@ def test_the_question_is_the_query(qwen: tuple) -> None:
 def test_model_generate_at_full_budget_equals_the_unmodified_model(qwen: tuple) -> None:
     adapter = _adapter(qwen)
     images = _images(2)
-    new = adapter.generate(images, PROMPTS[:2], max_new_tokens=5, do_sample=False)
+    greedy = dict(max_new_tokens=5, do_sample=False, output_scores=True, return_dict_in_generate=True)
+    new = adapter.generate(images, PROMPTS[:2], **greedy)
     prepared = adapter.prepare(images, PROMPTS[:2])
     with torch.no_grad():
-        expected = adapter.model.generate(**_reference(adapter, prepared, images), max_new_tokens=5, do_sample=False)
-    assert new.shape == (2, 5)
-    assert torch.equal(new, expected[:, -5:])
+        expected = adapter.model.generate(**_reference(adapter, prepared, images), **greedy)
+    assert new.sequences.shape == (2, 5)
+    assert torch.equal(new.sequences, expected.sequences[:, -5:])
+    for got, want in zip(new.scores, expected.scores, strict=True):  # every step's logits, not only the argmax
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
 def test_model_generate_reduced_equals_greedy_forward(qwen: tuple) -> None:
@@ -263,7 +280,7 @@ def test_model_generate_reduced_equals_greedy_forward(qwen: tuple) -> None:
     new = adapter.generate(images, PROMPTS[:2], budget=0.25, max_new_tokens=3, do_sample=False)
     prepared = adapter.prepare(images, PROMPTS[:2], 0.25)
     embeds, mask, positions = prepared.inputs_embeds, prepared.attention_mask, prepared.position_ids
-    with torch.no_grad():
+    with torch.no_grad(), adapter.reading(prepared):  # Qwen3-VL: DeepStack on every pass over the whole prompt
         for step in range(3):
             token = adapter.model(inputs_embeds=embeds, attention_mask=mask, position_ids=positions).logits[:, -1]
             token = token.argmax(-1)
@@ -279,18 +296,18 @@ def test_one_graph_per_bucket(qwen: tuple, method: str) -> None:
     model, processor = qwen
     graphed = ArrcocQwen(model, processor, method=method, template=TEMPLATE, reducer_graphs="eager", grid_multiple=8)
     direct = _adapter(qwen, method)
-    images = _images(3)  # merged grids 4x5, 3x2 and 5x6: one 8x8 bucket
+    images = _images(3)  # three merged grids, one 8x8 bucket
     with torch.no_grad():
         got = graphed.prepare(images, PROMPTS, 4)
         again = graphed.prepare(images[::-1], PROMPTS[::-1], 4)
         expected = direct.prepare(images, PROMPTS, 4)
         assert graphed.captures == 1  # three sizes, one bucket; a second call replays
-        shares = graphed.prepare(images, PROMPTS, 0.5)  # a budget per image: 10, 3 and 15 tokens
+        shares = graphed.prepare(images, PROMPTS, 0.5)  # a budget per image: three different counts
         expected_shares = direct.prepare(images, PROMPTS, 0.5)
     assert torch.equal(got.inputs_embeds, expected.inputs_embeds)
     assert torch.equal(got.position_ids, expected.position_ids)
     assert torch.equal(again.inputs_embeds[1], got.inputs_embeds[1])
-    assert shares.budgets == [10, 3, 15]
+    assert shares.budgets == [round(gh * gw / 2) for gh, gw in shares.grids] and len(set(shares.budgets)) == 3
     assert torch.equal(shares.inputs_embeds, expected_shares.inputs_embeds)
     assert torch.equal(shares.position_ids, expected_shares.position_ids)
     # arrcoc's budgets are a tensor: one graph for every budget; a baseline's budget fixes its output shape
@@ -313,6 +330,15 @@ def test_the_budget_tensor_path_equals_the_reducer(qwen: tuple) -> None:
     assert torch.equal(got.tokens[:, :5], expected.tokens)
 
 
+def test_deepstack_follows_the_kept_tokens() -> None:
+    """Qwen3-VL's DeepStack features: a kept cell reads its own, a pooled box the mean over the box."""
+    grid = torch.randn(2, 4, 5, 3)  # (L, gh, gw, H)
+    boxes = torch.tensor([[0, 0, 1, 1], [1, 1, 2, 3], [3, 4, 1, 1]])
+    got = _box_means(grid, boxes)
+    assert torch.equal(got[:, 0], grid[:, 0, 0]) and torch.equal(got[:, 2], grid[:, 3, 4])
+    torch.testing.assert_close(got[:, 1], grid[:, 1:3, 1:4].mean((1, 2)))
+
+
 def test_graph_buckets_and_merged_grid() -> None:
     assert merged_grid(960, 1280) == (34, 46)  # Qwen's smart_resize: 952 x 1288 px
     assert merged_grid(100, 150) == (4, 5)  # the tiny processor's first test image (area within bounds)
@@ -320,9 +346,10 @@ def test_graph_buckets_and_merged_grid() -> None:
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("method", ["arrcoc", "divprune"])
-def test_cuda_graph_replay_equals_direct_call(method: str) -> None:
-    model, processor = build("qwen2_5_vl")
+def test_cuda_graph_replay_equals_direct_call(family: str, method: str) -> None:
+    model, processor = build(family)
     model = model.cuda()
     graphed = ArrcocQwen(model, processor, method=method, template=TEMPLATE, reducer_graphs="auto")
     direct = ArrcocQwen(model, processor, method=method, template=TEMPLATE, reducer_graphs="off")
@@ -331,9 +358,12 @@ def test_cuda_graph_replay_equals_direct_call(method: str) -> None:
         expected = direct.prepare(images, PROMPTS + PROMPTS[:1], 0.25)
         got = graphed.prepare(images, PROMPTS + PROMPTS[:1], 0.25)
         got = graphed.prepare(images, PROMPTS + PROMPTS[:1], 0.25)  # replayed
-    assert graphed.captures >= 1
+        new = graphed.generate(images, PROMPTS + PROMPTS[:1], 0.25, max_new_tokens=3, do_sample=False)
+    # four sizes in one bucket: arrcoc's budgets are a tensor (one graph); a baseline captures per budget
+    assert graphed.captures == (1 if method == "arrcoc" else len(set(got.budgets)))
     torch.testing.assert_close(got.inputs_embeds, expected.inputs_embeds)
     assert torch.equal(got.position_ids, expected.position_ids)
+    assert new.shape == (4, 3)
 
 
 # --- errors and the facade ----------------------------------------------------------------------------
@@ -353,7 +383,8 @@ def test_wrap_picks_the_adapter(qwen: tuple) -> None:
     model, processor = qwen
     adapter = hf.wrap(model, processor, method="uniform", budget=0.5, template=TEMPLATE)
     assert isinstance(adapter, ArrcocQwen) and adapter.method == "uniform"
-    assert adapter.prepare(_images(1), PROMPTS[0]).budgets == [10]
+    prepared = adapter.prepare(_images(1), PROMPTS[0])
+    assert prepared.budgets == [round(prepared.grids[0][0] * prepared.grids[0][1] / 2)]
     assert hf.ArrcocLlava is ArrcocLlava
     with pytest.raises(arrcoc.InvalidTypeError, match="no arrcoc adapter"):
         hf.wrap(torch.nn.Linear(2, 2), processor)

@@ -1,7 +1,7 @@
-"""Qwen2-VL and Qwen2.5-VL read arrcoc's tokens: :class:`ArrcocQwen`.
+"""Qwen2-VL, Qwen2.5-VL and Qwen3-VL read arrcoc's tokens: :class:`ArrcocQwen`.
 
-The adapter wraps a ``Qwen2VLForConditionalGeneration`` or ``Qwen2_5_VLForConditionalGeneration`` without
-changing it. It runs the model's own vision tower and patch merger (``model.get_image_features``), so the
+The adapter wraps a ``Qwen2VLForConditionalGeneration``, ``Qwen2_5_VLForConditionalGeneration`` or
+``Qwen3VLForConditionalGeneration`` without changing it. It runs the model's own vision tower and patch merger (``model.get_image_features``), so the
 reducer reads the model's own *merged* visual tokens ``(gh, gw, H)``, one grid per image at that image's own
 size. Any registered reducer (:mod:`arrcoc.reducers`) keeps exactly ``budget`` tokens per image; they are
 written, in raster order, into ``budget`` image slots of the prompt, and the language model runs as usual with
@@ -26,20 +26,23 @@ the budget, which joins their key. Reducers that pool padding like an image patc
 ``patch_valid``: ``uniform``, ``tome``) are keyed on the exact grid. :func:`graph_buckets` counts the
 captures a corpus of sizes costs.
 
-Covered: Qwen2-VL and Qwen2.5-VL (images; videos are not reduced). Not covered: Qwen3-VL, whose DeepStack
-feeds per-layer visual features into the first language-model layers at the image positions (those would
-have to be reduced with the same selection), and reducers needing a vision ``[CLS]`` (``visionzip``: Qwen's
-tower has none) or early-layer text attention (``fastv``).
+Covered: Qwen2-VL, Qwen2.5-VL and Qwen3-VL (images; videos are not reduced). Qwen3-VL's DeepStack (features of
+early vision layers added to the first language-model layers at the image positions) follows the reduction:
+a kept token reads its own cell's features, a token pooling a box their mean over the box (exact for
+arrcoc's and ``uniform``'s boxes; for ``tome``, whose merges are not boxes, the mean over the merge's bounding
+box). Not covered: reducers needing a vision ``[CLS]`` (``visionzip``: Qwen's tower has none) or early-layer
+text attention (``fastv``).
 
 Importing this module does not import transformers.
 """
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import logging
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -58,7 +61,7 @@ __all__ = ["ArrcocQwen", "QwenPrepared", "QWEN_TEMPLATE", "QWEN_MODEL_TYPES", "g
 logger = logging.getLogger(__name__)
 
 #: ``config.model_type`` of the models this adapter serves.
-QWEN_MODEL_TYPES = frozenset({"qwen2_vl", "qwen2_5_vl"})
+QWEN_MODEL_TYPES = frozenset({"qwen2_vl", "qwen2_5_vl", "qwen3_vl"})
 
 #: Qwen's chat template for one image and one question; ``{image}`` becomes the image pad token.
 QWEN_TEMPLATE = "<|im_start|>user\n<|vision_start|>{image}<|vision_end|>{question}<|im_end|>\n<|im_start|>assistant\n"
@@ -85,6 +88,8 @@ class QwenPrepared:
         image_tokens: per image ``(K_i, H)``, the tokens written into its slots.
         grids: per image ``(gh, gw)``, its merged grid.
         budgets: per image, the tokens kept.
+        deepstack: Qwen3-VL only: per DeepStack layer ``(sum K_i, H)``, the kept tokens' features from that
+            vision layer, in slot order (``None`` for Qwen2-VL and Qwen2.5-VL).
     """
 
     inputs_embeds: Tensor
@@ -96,6 +101,7 @@ class QwenPrepared:
     image_tokens: list[Tensor]
     grids: list[tuple[int, int]]
     budgets: list[int]
+    deepstack: list[Tensor] | None = None
 
 
 def merged_grid(
@@ -141,14 +147,14 @@ def _parts(model: nn.Module) -> tuple[nn.Module, nn.Module]:
     inner = getattr(model, "model", None)
     if model_type not in QWEN_MODEL_TYPES or inner is None or not hasattr(inner, "get_image_features"):
         raise InvalidTypeError(
-            f"model must be a Qwen2-VL or Qwen2.5-VL ...ForConditionalGeneration (model_type in "
+            f"model must be a Qwen2-VL, Qwen2.5-VL or Qwen3-VL ...ForConditionalGeneration (model_type in "
             f"{sorted(QWEN_MODEL_TYPES)}); got {type(model).__name__} ({model_type!r})"
         )
     return inner, inner.language_model
 
 
 class ArrcocQwen(nn.Module):
-    """A Qwen2-VL / Qwen2.5-VL model that reads ``budget`` arrcoc (or baseline) tokens per image.
+    """A Qwen2-VL / Qwen2.5-VL / Qwen3-VL model that reads ``budget`` arrcoc (or baseline) tokens per image.
 
     The query the participatory scorer reads comes from the prompt's question, as in
     :class:`arrcoc.integrations.hf.ArrcocLlava`: each question token's embedding ``t`` is compared (cosine) with
@@ -157,7 +163,8 @@ class ArrcocQwen(nn.Module):
     lies among the visual tokens the scorer compares it with.
 
     Args:
-        model: a ``Qwen2VLForConditionalGeneration`` or ``Qwen2_5_VLForConditionalGeneration``.
+        model: a ``Qwen2VLForConditionalGeneration``, ``Qwen2_5_VLForConditionalGeneration`` or
+            ``Qwen3VLForConditionalGeneration``.
         processor_or_tokenizer: a Qwen processor (images may then be PIL images, arrays or uint8 tensors), or a
             tokenizer alone (images must then be a mapping with the image processor's ``pixel_values`` and
             ``image_grid_thw``).
@@ -190,6 +197,7 @@ class ArrcocQwen(nn.Module):
         super().__init__()
         self.model = model
         self.inner, self.language_model = _parts(model)
+        self.deepstack = model.config.model_type == "qwen3_vl"
         self.tokenizer = getattr(processor_or_tokenizer, "tokenizer", processor_or_tokenizer)
         self.image_processor = getattr(processor_or_tokenizer, "image_processor", None)
         if not callable(self.tokenizer):
@@ -273,9 +281,23 @@ class ArrcocQwen(nn.Module):
 
     def merged_features(self, pixel_values: Tensor, grid_thw: Tensor) -> list[Tensor]:
         """The model's own merged visual tokens, per image ``(gh, gw, H)`` in raster order."""
+        return self._image_features(pixel_values, grid_thw)[0]
+
+    def _image_features(self, pixel_values: Tensor, grid_thw: Tensor) -> tuple[list[Tensor], list[Tensor] | None]:
+        """Merged tokens per image ``(gh, gw, H)``, and for Qwen3-VL its DeepStack features per image
+        ``(L, gh, gw, H)``."""
+        grids = self.merged_grids(grid_thw)
         out = self.inner.get_image_features(pixel_values, grid_thw)
         embeds = out.pooler_output if hasattr(out, "pooler_output") else out  # tuple of (n_i, H)
-        return [e.unflatten(0, grid) for e, grid in zip(embeds, self.merged_grids(grid_thw))]
+        features = [e.unflatten(0, grid) for e, grid in zip(embeds, grids)]
+        layers = getattr(out, "deepstack_features", None) if self.deepstack else None
+        if layers is None:
+            return features, None
+        sizes = [gh * gw for gh, gw in grids]
+        # per layer: a tuple per image (transformers >= 5.2x) or one tensor over all images (earlier)
+        layers = [torch.split(x, sizes) if isinstance(x, Tensor) else x for x in layers]
+        deep = [torch.stack([layer[i] for layer in layers]).unflatten(1, grid) for i, grid in enumerate(grids)]
+        return features, deep
 
     def merged_grids(self, grid_thw: Tensor) -> list[tuple[int, int]]:
         rows = grid_thw.tolist()  # ok-sync: a host-side input of the processor
@@ -384,7 +406,7 @@ class ArrcocQwen(nn.Module):
             query_mask[i, length - len(row) :] = torch.tensor(q)
         ids, mask, query_mask = ids.to(device), mask.to(device), query_mask.to(device)
         embeds = self.model.get_input_embeddings()(ids)  # (B, T, H)
-        features = self.merged_features(pixel_values, grid_thw)  # per image (gh, gw, H)
+        features, deep = self._image_features(pixel_values, grid_thw)  # per image (gh, gw, H), (L, gh, gw, H)
         rgb = self._rgb(pixel_values, grids) if "pixels" in self.needs else [None] * len(grids)
         questions = [[j for j, q in enumerate(r[1]) if q] for r in rows]
         reduced = self._reduce_all(features, rgb, embeds, questions, [length - len(r[0]) for r in rows], budgets)
@@ -392,7 +414,13 @@ class ArrcocQwen(nn.Module):
         slots = ids == self.image_token_id
         embeds = embeds.masked_scatter(slots[..., None], torch.cat(image_tokens).to(embeds.dtype))
         position_ids = self._positions(rows, length, reduced, grids, device)
-        return QwenPrepared(embeds, mask, position_ids, ids, reduced, query_mask, image_tokens, grids, budgets)
+        deepstack = None
+        if deep is not None:  # the kept tokens' DeepStack features, layer by layer, in slot order
+            kept = [_box_means(d, r.positions[0]) for d, r in zip(deep, reduced)]  # (L, K_i, H) each
+            deepstack = list(torch.cat(kept, 1).unbind(0))
+        return QwenPrepared(
+            embeds, mask, position_ids, ids, reduced, query_mask, image_tokens, grids, budgets, deepstack
+        )
 
     def reference_inputs(self, images: Any, prompts: str | Sequence[str]) -> dict[str, Tensor]:
         """The unmodified model's own inputs for the same prompts with every merged token (``model(**inputs)``,
@@ -630,17 +658,49 @@ class ArrcocQwen(nn.Module):
             )
             return False
 
+    @contextlib.contextmanager
+    def reading(self, prepared: QwenPrepared) -> Iterator[None]:
+        """While open, the model reads ``prepared``'s DeepStack features (Qwen3-VL; nothing to do otherwise).
+
+        Qwen3-VL adds features of early vision layers to the hidden states of its first language-model layers at
+        the image positions; its own forward computes them only from ``pixel_values``. A forward pre-hook on the
+        language model hands it the kept tokens' features and positions for any pass over the whole prompt (a
+        prefill, or a longer sequence starting with it); decode steps read the KV cache and get none.
+        """
+        if prepared.deepstack is None:
+            yield
+            return
+        slots = prepared.input_ids == self.image_token_id  # (B, T)
+
+        def hook(_: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+            embeds = kwargs.get("inputs_embeds")
+            if embeds is not None and embeds.shape[1] >= slots.shape[1]:
+                extra = slots.new_zeros(slots.shape[0], embeds.shape[1] - slots.shape[1])
+                kwargs["visual_pos_masks"] = torch.cat((slots, extra), 1)
+                kwargs["deepstack_visual_embeds"] = prepared.deepstack
+            return args, kwargs
+
+        handle = self.language_model.register_forward_pre_hook(hook, with_kwargs=True)
+        try:
+            yield
+        finally:
+            handle.remove()
+
+    def run(self, prepared: QwenPrepared, **kwargs: Any) -> Any:
+        """The model's output (``.logits`` ``(B, T, vocab)``) on prepared inputs."""
+        with self.reading(prepared):
+            return self.model(
+                inputs_embeds=prepared.inputs_embeds,
+                attention_mask=prepared.attention_mask,
+                position_ids=prepared.position_ids,
+                **kwargs,
+            )
+
     def forward(
         self, images: Any, prompts: str | Sequence[str], budget: int | float | None = None, **kwargs: Any
     ) -> Any:
         """The model's output (``.logits`` ``(B, T, vocab)``) on the prompts with each image's reduced tokens."""
-        prepared = self.prepare(images, prompts, budget)
-        return self.model(
-            inputs_embeds=prepared.inputs_embeds,
-            attention_mask=prepared.attention_mask,
-            position_ids=prepared.position_ids,
-            **kwargs,
-        )
+        return self.run(self.prepare(images, prompts, budget), **kwargs)
 
     @torch.no_grad()
     def generate(
@@ -648,9 +708,21 @@ class ArrcocQwen(nn.Module):
     ) -> Tensor:
         """The model's own ``generate`` after the prompts (greedy, sampling, ...); returns new ids ``(B, new)``."""
         prepared = self.prepare(images, prompts, budget)
-        return self.model.generate(
-            inputs_embeds=prepared.inputs_embeds,
-            attention_mask=prepared.attention_mask,
-            position_ids=prepared.position_ids,
-            **generate_kwargs,
-        )
+        with self.reading(prepared):
+            return self.model.generate(
+                inputs_embeds=prepared.inputs_embeds,
+                attention_mask=prepared.attention_mask,
+                position_ids=prepared.position_ids,
+                **generate_kwargs,
+            )
+
+
+def _box_means(grid: Tensor, boxes: Tensor) -> Tensor:
+    """``(L, K, H)``: the mean of ``grid`` ``(L, gh, gw, H)`` over each box ``(K, 4)`` (row, col, height, width);
+    a one-cell box reads its cell exactly. Sums come from an integral image (no host reads)."""
+    r, c, h, w = boxes.unbind(-1)  # (K,) each
+    cells = grid[:, r, c]  # (L, K, H)
+    integral = F.pad(grid.float().cumsum(1).cumsum(2), (0, 0, 1, 0, 1, 0))  # (L, gh + 1, gw + 1, H)
+    total = integral[:, r + h, c + w] - integral[:, r, c + w] - integral[:, r + h, c] + integral[:, r, c]
+    area = (h * w)[None, :, None]
+    return torch.where(area == 1, cells, (total / area).to(grid.dtype))
