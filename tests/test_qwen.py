@@ -341,6 +341,10 @@ def test_deepstack_follows_the_kept_tokens() -> None:
 
 def test_graph_buckets_and_merged_grid() -> None:
     assert merged_grid(960, 1280) == (34, 46)  # Qwen's smart_resize: 952 x 1288 px
+    processor = transformers.Qwen2VLImageProcessor(size={"shortest_edge": 56 * 56, "longest_edge": 28 * 28 * 400})
+    for h, w in [(960, 1280), (37, 41), (300, 20), (500, 600)]:  # capped, raised to the minimum, thin, as is
+        thw = processor(images=[torch.zeros(3, h, w, dtype=torch.uint8)], return_tensors="pt")["image_grid_thw"]
+        assert merged_grid(h, w, max_pixels=28 * 28 * 400) == (thw[0, 1] // 2, thw[0, 2] // 2)
     assert merged_grid(100, 150) == (4, 5)  # the tiny processor's first test image (area within bounds)
     assert graph_buckets([(34, 46), (30, 41), (33, 47), (9, 9)], 8) == {(40, 48), (32, 48), (16, 16)}
 

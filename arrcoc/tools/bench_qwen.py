@@ -46,6 +46,8 @@ WORDS = "USER ASSISTANT : what is written on the sign left of the red car and wh
 TEMPLATE = "USER: {image} {question} ASSISTANT:"
 QUESTION = "what is written on the sign left of the red car and which way does it point ?"
 SHARES = (1.0, 0.25, 0.11)
+#: Qwen2.5-VL-7B-Instruct's processor bounds (``min_pixels``, ``max_pixels``).
+MIN_PIXELS, MAX_PIXELS = 56 * 56, 28 * 28 * 16384
 _IDS = dict(image_token_id=5, video_token_id=6, vision_start_token_id=7, vision_end_token_id=8)
 
 #: name -> (vision config, text config, image (height, width), batches)
@@ -140,7 +142,7 @@ def corpus_captures(multiple: int, count: int = 100, seed: int = 0) -> dict[str,
         long = rng.randint(640, 1600)
         short = round(long / rng.choice(ratios))
         sizes.append((long, short) if rng.random() < 0.5 else (short, long))
-    grids = [merged_grid(h, w) for h, w in sizes]
+    grids = [merged_grid(h, w, min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS) for h, w in sizes]
     return {
         "sizes": count,
         "distinct_grids": len(set(grids)),
@@ -306,7 +308,9 @@ def main(argv: list[str] | None = None) -> int:
     if attn == "auto":
         attn = "flash_attention_2" if device.type == "cuda" and importlib.util.find_spec("flash_attn") else "sdpa"
     model.set_attn_implementation(attn)
-    images = transformers.Qwen2VLImageProcessor()  # Qwen's defaults: 28-px multiples, up to 12.8 MP
+    # Qwen2.5-VL-7B-Instruct's released processor settings: the image at its own resolution, up to 12.8 MP
+    # (transformers' class default caps at 1 MP, which would read 1,280 x 960 at 30 x 41 tokens, not 34 x 46)
+    images = transformers.Qwen2VLImageProcessor(size={"shortest_edge": MIN_PIXELS, "longest_edge": MAX_PIXELS})
     tokenizer = word_tokenizer(WORDS, image_token_id=_IDS["image_token_id"], image_token="<|image_pad|>")
     processor = argparse.Namespace(tokenizer=tokenizer, image_processor=images)
     adapter = ArrcocQwen(model, processor, method=args.method, template=TEMPLATE, grid_multiple=args.grid_multiple)
