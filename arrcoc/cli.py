@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
 import hashlib
 import json
 import logging
@@ -601,51 +600,14 @@ MODULE_COMMANDS: dict[str, tuple[str, str]] = {
     "eval": ("arrcoc.tools.evaluation", "accuracy vs token budget, per method, on the generated VQA benchmark"),
 }
 
-#: ``arrcoc bench --graphs``: the graphs benchmark, a module of its own.
-BENCH_GRAPHS = "arrcoc.tools.bench_graphs"
-_GRAPHS_HELP = (
-    "  --graphs              run the CUDA graphs vs eager vs torch.compile benchmark instead, with its own "
-    "options\n                        (arrcoc bench --graphs --help)\n"
-)
-
-
 def _run_module_command(name: str, argv: list[str]) -> int:
-    """Run a module command; its ``--help`` lists every default, as the built-in commands' do."""
-    import contextlib
+    """Run a command that lives in its own module (imported only now), with that module's own parser."""
     import importlib
-    import io
 
-    module_name = MODULE_COMMANDS[name][0]
-    if name == "bench" and "--graphs" in argv:
-        module_name, argv = BENCH_GRAPHS, [a for a in argv if a != "--graphs"]
-    main_of = importlib.import_module(module_name).main
-    if not {"-h", "--help"} & set(argv):
-        return main_of(argv)
-    text = io.StringIO()
-    with _defaults_in_help(), contextlib.redirect_stdout(text), contextlib.suppress(SystemExit):
-        main_of(argv)
-    help_text = text.getvalue()
-    if module_name == MODULE_COMMANDS["bench"][0]:  # the --graphs switch is read here, not by bench's own parser
-        help_text = help_text.replace("\noptions:\n", "\noptions:\n" + _GRAPHS_HELP, 1)
-    print(help_text, end="")
-    return 0
-
-
-@contextlib.contextmanager
-def _defaults_in_help() -> Iterator[None]:
-    """Parsers made meanwhile show each option's default in its help line (module commands build their own)."""
-    init = argparse.ArgumentParser.__init__
-
-    def with_defaults(self: argparse.ArgumentParser, *args: Any, **kwargs: Any) -> None:
-        if not args[5:6]:  # formatter_class is the sixth positional parameter
-            kwargs.setdefault("formatter_class", _Formatter)
-        init(self, *args, **kwargs)
-
-    argparse.ArgumentParser.__init__ = with_defaults  # type: ignore[method-assign]
     try:
-        yield
-    finally:
-        argparse.ArgumentParser.__init__ = init  # type: ignore[method-assign]
+        return importlib.import_module(MODULE_COMMANDS[name][0]).main(argv)
+    except SystemExit as done:  # argparse's --help and usage errors: an exit code, as the built-in commands return
+        return done.code if isinstance(done.code, int) else 0 if done.code is None else 2
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -118,10 +118,8 @@ def test_help_through_the_console_script() -> None:
 def test_benchmarks_never_write_the_committed_results_by_default(module: str) -> None:
     import importlib
 
-    from arrcoc.cli import _defaults_in_help
-
     out = io.StringIO()
-    with _defaults_in_help(), contextlib.redirect_stdout(out), pytest.raises(SystemExit):
+    with contextlib.redirect_stdout(out), pytest.raises(SystemExit):
         importlib.import_module(f"arrcoc.tools.{module}").main(["--help"])
     text = " ".join(out.getvalue().split())
     assert "(default: arrcoc-results)" in text and "(default: bench/results)" not in text

@@ -671,6 +671,7 @@ def _launch(device: str | None, timeout_minutes: float) -> _Launch:
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="arrcoc compress-dataset",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         description="Compress a folder (searched recursively) or a list file of images into sharded safetensors "
                     "plus DST/index.jsonl. Under torchrun, one process per GPU. Run it again to resume.",
         epilog="read back: arrcoc.datasets.shards.load_index(DST), arrcoc.datasets.shards.load_record(DST, record). "

@@ -13,6 +13,7 @@ import json
 import logging
 import re
 import statistics
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -140,8 +141,18 @@ def _markdown(report: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the benchmark from the command line; returns an exit code."""
-    parser = argparse.ArgumentParser(prog="arrcoc bench", description="Time each stage of the pipeline, eager.")
+    """Run the benchmark from the command line; returns an exit code. ``--graphs`` runs
+    :mod:`arrcoc.tools.bench_graphs` instead, with the rest of the arguments."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--graphs" in argv:
+        from .bench_graphs import main as graphs_main
+
+        return graphs_main([a for a in argv if a != "--graphs"])
+    parser = argparse.ArgumentParser(prog="arrcoc bench", description="Time each stage of the pipeline, eager.",
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--graphs", action="store_true",
+                        help="run the CUDA graphs vs eager vs torch.compile benchmark instead, with its own options "
+                             "(arrcoc bench --graphs --help)")
     parser.add_argument("--device", default="auto", help="cpu, cuda or auto (cuda when present)")
     parser.add_argument("--sizes", type=int, nargs="+", default=[224, 384, 512, 1024], help="bucket sizes")
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8, 64], help="batch sizes")

@@ -259,7 +259,8 @@ def _markdown(report: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the benchmark; returns an exit code."""
-    parser = argparse.ArgumentParser(prog="python -m arrcoc.tools.bench_dataset", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m arrcoc.tools.bench_dataset", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--out", default="arrcoc-results",
                         help="folder for the JSON and markdown results (pass bench/results to update the committed ones)")
     parser.add_argument("--work", default=None, help="scratch folder for images and outputs (default: a temporary "

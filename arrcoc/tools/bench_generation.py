@@ -305,7 +305,8 @@ def _markdown(report: dict[str, Any]) -> str:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m arrcoc.tools.bench_generation", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m arrcoc.tools.bench_generation", description=__doc__.split("\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--out", default="arrcoc-results",
                         help="folder for generation-<device>.json and .md (pass bench/results to update the committed ones)")
     parser.add_argument("--preset", default="llava-1.5-7b", choices=sorted(PRESETS))

@@ -624,7 +624,8 @@ def _markdown(report: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the graph benchmark (CUDA only); returns an exit code."""
-    parser = argparse.ArgumentParser(prog="arrcoc bench --graphs", description="CUDA graphs vs eager vs torch.compile.")
+    parser = argparse.ArgumentParser(prog="arrcoc bench --graphs", description="CUDA graphs vs eager vs torch.compile.",
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--sizes", type=int, nargs="+", default=[224, 384, 512, 1024], help="bucket sizes")
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8, 64], help="batch sizes")
     parser.add_argument("--preset", default="default", help="pipeline preset")

@@ -454,7 +454,8 @@ def plot(report: dict[str, Any], path: str | Path) -> None:
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="arrcoc eval", description="Answer accuracy vs visual-token budget, per "
                                      "method and question family, on the generated VQA benchmark. Writes "
-                                     "OUT/eval[-TAG].json, .md and .png.")
+                                     "OUT/eval[-TAG].json, .md and .png.",
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--methods", default=None, help="comma-separated reducer names (default: every registered one)")
     parser.add_argument("--budgets", default=",".join(f"{s:g}" for s in DEFAULT_SHARES),
                         help="comma-separated shares of the patch count in (0, 1] (default %(default)s)")
