@@ -1,8 +1,8 @@
 """Hugging Face VLMs reading arrcoc's tokens: one entry point, :func:`wrap`, that picks the adapter.
 
-``wrap(model, processor, method="arrcoc", budget=0.25)`` returns :class:`~arrcoc.integrations.qwen.ArrcocQwen`
-for Qwen2-VL / Qwen2.5-VL / Qwen3-VL and :class:`~arrcoc.integrations.hf.ArrcocLlava` for LLaVA-1.5-style
-models; both have ``prepare``, ``forward`` and ``generate``. The adapters' modules' public names are re-exported here, so
+``wrap(model, processor, method="arrcoc", budget=0.25)`` returns :class:`~arrcoc.integrations.qwen.ArrcocQwen` for
+Qwen2-VL / Qwen2.5-VL / Qwen3-VL and :class:`~arrcoc.integrations.hf.ArrcocLlava` for LLaVA-1.5-style models; both
+have ``prepare``, ``forward`` and ``generate``. The adapters' modules' public names are re-exported here, so
 ``arrcoc.hf.ArrcocLlava`` keeps working.
 """
 

@@ -1,12 +1,13 @@
 """Qwen2-VL, Qwen2.5-VL and Qwen3-VL read arrcoc's tokens: :class:`ArrcocQwen`.
 
 The adapter wraps a ``Qwen2VLForConditionalGeneration``, ``Qwen2_5_VLForConditionalGeneration`` or
-``Qwen3VLForConditionalGeneration`` without changing it. It runs the model's own vision tower and patch merger (``model.get_image_features``), so the
-reducer reads the model's own *merged* visual tokens ``(gh, gw, H)``, one grid per image at that image's own
-size. Any registered reducer (:mod:`arrcoc.reducers`) keeps exactly ``budget`` tokens per image; they are
-written, in raster order, into ``budget`` image slots of the prompt, and the language model runs as usual with
-explicit multimodal rotary position ids: ``model(inputs_embeds=..., attention_mask=..., position_ids=...)`` or
-the model's own ``model.generate(...)`` (transformers carries the given ``(3, B, T)`` position ids forward).
+``Qwen3VLForConditionalGeneration`` without changing it. It runs the model's own vision tower and patch merger
+(``model.get_image_features``), so the reducer reads the model's own *merged* visual tokens ``(gh, gw, H)``, one
+grid per image at that image's own size. Any registered reducer (:mod:`arrcoc.reducers`) keeps exactly ``budget``
+tokens per image; they are written, in raster order, into ``budget`` image slots of the prompt, and the language
+model runs as usual with explicit multimodal rotary position ids: ``model(inputs_embeds=..., attention_mask=...,
+position_ids=...)`` or the model's own ``model.generate(...)`` (transformers carries the given ``(3, B, T)``
+position ids forward).
 
 Positions. The unmodified model places the merged token at row ``r``, column ``c`` of an image that starts at
 text position ``s`` at ``(t, h, w) = (s, s + r, s + c)``, and the text after the image at ``s + max(gh, gw)``

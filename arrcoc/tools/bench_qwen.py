@@ -239,7 +239,8 @@ def _markdown(report: dict[str, Any]) -> str:
         f"{report['date']}; torch {report['torch']}, transformers {report['transformers']}; model "
         f"`{report['preset']}` ({report['dtype']}, random weights), reducer `{report['method']}`, image "
         f"{report['image'][1]} x {report['image'][0]} px, {report['new_tokens']} new tokens, median of "
-        f"{report['repeats']}, attention `{report['attention']}`. 100% is the unmodified model; arrcoc's own time (in the time to first token) "
+        f"{report['repeats']}, attention `{report['attention']}`. 100% is the unmodified model; arrcoc's own "
+        "time (in the time to first token) "
         "is the adapter's prepare minus the vision tower.",
         "",
         "| batch | share | image tokens | TTFT ms | vs 100% | vision ms | arrcoc ms | arrcoc / TTFT "
