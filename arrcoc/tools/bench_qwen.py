@@ -255,6 +255,21 @@ def _markdown(report: dict[str, Any]) -> str:
             f"{r['vision_ms']:.1f} | {r['arrcoc_ms']:.1f} | {r['arrcoc_share_of_ttft']:.1%} | "
             f"{_num(r['decode_tok_s'])} | {_num(r['decode_tok_s_batch'])} |"
         )
+    targets = []
+    for batch, wanted in ((max(base, default=0), 3.0), (1, 1.5)):
+        row = next((r for r in report["rows"] if r["share"] == 0.11 and r["batch"] == batch), None)
+        if row is not None and batch in base:
+            speed = base[batch] / row["ttft_ms"]
+            verdict = "met" if speed >= wanted else "not met"
+            targets.append(f"TTFT at 11%, batch {batch}: {speed:.2f}x (target >= {wanted}x: {verdict})")
+    own = [r["arrcoc_share_of_ttft"] for r in report["rows"] if r["share"] < 1.0]
+    if own:
+        targets.append(
+            f"arrcoc's own share of the reduced TTFT: at most {max(own):.1%} (target <= 5%: "
+            f"{'met' if max(own) <= 0.05 else 'not met'})"
+        )
+    if targets:
+        lines += ["", "Issue 23's targets: " + "; ".join(targets) + "."]
     c = report["captures"]
     lines += [
         "",
