@@ -159,8 +159,7 @@ def _reason(path: Path, err: BaseException) -> str:
     if not isinstance(err, ArrcocError):
         return f"unexpected {type(err).__name__}: {err}"
     name = os.fspath(path)
-    text = str(err).removeprefix(f"{name}: ")
-    text = re.sub(rf" ?'{re.escape(name)}'", "", text)  # Pillow's own messages quote the path again
+    text = str(err).removeprefix(f"{name}: ")  # an ImageLoadError starts with the file's name
     return re.sub(rf"image \d+ \({re.escape(name)}\)", "this image", text)
 
 

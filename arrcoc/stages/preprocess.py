@@ -162,7 +162,7 @@ def _decode(read: Any, name: str) -> Image.Image:
         raise ImageLoadError(f"{name}: too many pixels for Pillow's decompression-bomb limit "
                              f"(Image.MAX_IMAGE_PIXELS = {Image.MAX_IMAGE_PIXELS}): {err}") from err
     except UnidentifiedImageError as err:
-        raise ImageLoadError(f"{name}: not an image file Pillow can identify: {err}") from err
+        raise ImageLoadError(f"{name}: not an image file Pillow can identify") from err  # its message: the path again
     except MemoryError as err:
         raise ImageLoadError(f"{name}: not enough memory to decode the image") from err
     except Exception as err:  # noqa: BLE001 - any decoder failure on bad data
