@@ -9,14 +9,9 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import logging
-import re
 import statistics
 import sys
-import time
-from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -27,50 +22,14 @@ from ..config import PipelineConfig
 from ..pipeline import Pipeline
 from ..runtime.device import device_name
 from ..world.samples import demo_scene
+from .timing import busy_ms as _busy_ms  # noqa: F401  (bench_dataset reads it here)
+from .timing import device_times_ms, write_report
 
-__all__ = ["main", "time_stages", "write_report", "device_name"]
+__all__ = ["main", "time_stages"]
 
 logger = logging.getLogger(__name__)
 
 POST_ENCODE = ("score", "balance", "allocate", "compress")
-
-
-def _timer(device: torch.device) -> Callable[[Callable[[], Any], int, int], list[float]]:
-    """A function timing ``fn`` ``reps`` times after ``warmup`` calls; milliseconds per call."""
-
-    def cuda(fn: Callable[[], Any], warmup: int, reps: int) -> list[float]:
-        for _ in range(warmup):
-            fn()
-        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(reps)]
-        for start, end in events:
-            start.record()
-            fn()
-            end.record()
-        torch.cuda.synchronize(device)
-        return [start.elapsed_time(end) for start, end in events]
-
-    def cpu(fn: Callable[[], Any], warmup: int, reps: int) -> list[float]:
-        for _ in range(warmup):
-            fn()
-        times = []
-        for _ in range(reps):
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-        return times
-
-    return cuda if device.type == "cuda" else cpu
-
-
-def _busy_ms(fn: Callable[[], Any], reps: int) -> float:
-    """Milliseconds per call that GPU kernels actually run (the profiler's device time), gaps excluded."""
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(reps):
-            fn()
-        torch.cuda.synchronize()
-    return sum(event.self_device_time_total for event in prof.key_averages()) / 1e3 / reps
 
 
 def _images(size: int, batch: int) -> torch.Tensor:
@@ -95,10 +54,9 @@ def time_stages(pipe: Pipeline, size: int, batch: int, *, budget_share: float = 
     chain = pipe.stages(group.bucket, capacity=budget)
     for _, stage in chain:  # fill the state once
         state.update(stage(state))
-    timer = _timer(device)
     result: dict[str, Any] = {"size": size, "batch": batch, "budget": budget, "patches": grid[0] * grid[1], "stages": {}}
     for name, stage in chain:
-        times = timer(lambda stage=stage: stage(state), warmup, reps)
+        times = device_times_ms(lambda stage=stage: stage(state), device, warmup, reps)
         result["stages"][name] = statistics.median(times)
         if device.type == "cuda":
             result.setdefault("busy", {})[name] = _busy_ms(lambda stage=stage: stage(state), reps)
@@ -107,7 +65,7 @@ def time_stages(pipe: Pipeline, size: int, batch: int, *, budget_share: float = 
         for _, stage in chain:
             state.update(stage(state))
 
-    result["chain"] = statistics.median(timer(whole, warmup, reps))
+    result["chain"] = statistics.median(device_times_ms(whole, device, warmup, reps))
     result["post_encode"] = sum(result["stages"][n] for n in POST_ENCODE)
     result["post_encode_share"] = result["post_encode"] / result["stages"]["encode"]
     if "busy" in result:
@@ -189,16 +147,6 @@ def main(argv: list[str] | None = None) -> int:
             torch.cuda.empty_cache()
     write_report(report, _markdown(report), args.out, f"stages-{'cpu' if device.type == 'cpu' else report['device']}", args.tag)
     return 0
-
-
-def write_report(report: dict[str, Any], table: str, folder: str, name: str, tag: str = "") -> None:
-    """Write ``<folder>/<slug of name>[-tag].json`` and ``.md``, and print the table."""
-    out = Path(folder)
-    out.mkdir(parents=True, exist_ok=True)
-    stem = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-") + (f"-{tag}" if tag else "")
-    (out / f"{stem}.json").write_text(json.dumps(report, indent=2))
-    (out / f"{stem}.md").write_text(table)
-    print(table)
 
 
 if __name__ == "__main__":

@@ -31,7 +31,7 @@ import torch
 
 from ..integrations.decode import GraphedDecoder
 from ..runtime.device import device_name
-from .bench import write_report
+from .timing import wall_times_ms, write_report
 
 __all__ = ["main", "build_llava", "PRESETS"]
 
@@ -79,20 +79,10 @@ def build_llava(preset: str, device: torch.device, dtype: torch.dtype) -> torch.
 
 
 def _timer(device: torch.device, warmups: int) -> Callable[..., dict[str, float]]:
-    def sync() -> None:
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)  # ok-sync: the benchmark's clock
+    """Median and least wall milliseconds of a synchronised call (:func:`arrcoc.tools.timing.wall_times_ms`)."""
 
     def measure(fn: Callable[[], Any], repeats: int) -> dict[str, float]:
-        for _ in range(warmups):
-            fn()
-        sync()
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            fn()
-            sync()
-            times.append((time.perf_counter() - start) * 1e3)
+        times = wall_times_ms(fn, device, warmups, repeats)
         return {"median_ms": statistics.median(times), "min_ms": min(times), "runs": repeats}
 
     return measure

@@ -40,7 +40,8 @@ from torch import Tensor
 from ..config import PipelineConfig
 from ..pipeline import Pipeline, graph_inputs, token_capacity
 from ..runtime.graphs import GraphCache, GraphChain
-from .bench import _images, _timer, write_report
+from .bench import _images
+from .timing import device_times_ms, write_report
 
 __all__ = ["main", "time_graphs", "time_compiled", "time_threads", "time_warmup", "profile_kernels"]
 
@@ -64,7 +65,7 @@ def _issue_us(fn: Callable[[], Any], reps: int) -> float:
 
 
 def _gpu_ms(fn: Callable[[], Any], reps: int, warmup: int = 3) -> float:
-    return statistics.median(_timer(torch.device("cuda"))(fn, warmup, reps))
+    return statistics.median(device_times_ms(fn, torch.device("cuda"), warmup, reps))
 
 
 def _reps(fn: Callable[[], Any], most: int, seconds: float) -> int:

@@ -36,7 +36,7 @@ import torch
 from ..integrations.hf import word_tokenizer
 from ..integrations.qwen import ArrcocQwen, graph_buckets, merged_grid
 from ..runtime.device import device_name
-from .bench import write_report
+from .timing import wall_times_ms, write_report
 
 __all__ = ["main", "build_qwen", "PRESETS", "corpus_captures"]
 
@@ -152,23 +152,8 @@ def corpus_captures(multiple: int, count: int = 100, seed: int = 0) -> dict[str,
 
 
 def _timer(device: torch.device, warmups: int, repeats: int) -> Callable[[Callable[[], Any]], float]:
-    def sync() -> None:
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)  # ok-sync: the benchmark's clock
-
-    def measure(fn: Callable[[], Any]) -> float:
-        for _ in range(warmups):
-            fn()
-        sync()
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            fn()
-            sync()
-            times.append((time.perf_counter() - start) * 1e3)
-        return statistics.median(times)
-
-    return measure
+    """Median wall milliseconds of a synchronised call (:func:`arrcoc.tools.timing.wall_times_ms`)."""
+    return lambda fn: statistics.median(wall_times_ms(fn, device, warmups, repeats))
 
 
 def _images(size: tuple[int, int], batch: int) -> list[torch.Tensor]:

@@ -585,7 +585,7 @@ def main(argv: list[str] | None = None) -> int:
     import PIL
 
     from ..pipeline import Pipeline
-    from .bench import write_report
+    from .timing import write_report
 
     parser = argparse.ArgumentParser(prog="python -m arrcoc.tools.fuzz", description=__doc__.split("\n")[0])
     parser.add_argument("--cases", type=int, default=10000, help="cases in all, spread over the families")
