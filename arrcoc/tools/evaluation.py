@@ -517,7 +517,7 @@ def main(argv: list[str] | None = None) -> int:
         report = evaluate(model, tokenizer, config, device=device, progress=not args.quiet, text_encoder=text_encoder,
                           reducer_graphs="off" if args.eager_reducers else "auto")
         report["model"] = source
-        from .bench import write_report
+        from .timing import write_report
 
         out = Path(args.out)
         stem = "eval" + (f"-{args.tag}" if args.tag else "")
