@@ -38,6 +38,7 @@ from torch import Tensor, nn
 from ..config import PipelineConfig
 from ..errors import ArrcocError, BudgetError, InvalidInputError, InvalidTypeError
 from ..reducers import ReducedTokens, VisualInput, create_reducer
+from .adapter import expand_prompt, reducer_chain
 from .decode import language_model, rope
 from .token_positions import add_token_positions
 
@@ -300,29 +301,10 @@ class ArrcocLlava(nn.Module):
     # --- prompts -> ids -------------------------------------------------------------------------------
     def _tokenize(self, prompt: str, slots: int) -> tuple[list[int], list[bool]]:
         """Token ids with the image placeholder expanded to ``slots`` copies, and which tokens form the query."""
-        if not isinstance(prompt, str):
-            raise InvalidTypeError(f"prompts must be strings; got {type(prompt).__name__}")
-        head, tail = (part.replace("{image}", self.image_token) for part in self.template.split("{question}"))
-        if self.image_token not in prompt:
-            span = (len(head), len(head) + len(prompt))
-            prompt = head + prompt + tail
-        elif prompt.startswith(head) and prompt.endswith(tail) and len(prompt) >= len(head) + len(tail):
-            span = (len(head), len(prompt) - len(tail))  # a prompt already in the template: its question alone
-        else:
-            span = (0, len(prompt))
-        fast = bool(getattr(self.tokenizer, "is_fast", False))
-        encoded = self.tokenizer(prompt, return_offsets_mapping=fast)
-        ids = [int(i) for i in encoded["input_ids"]]
-        offsets = encoded["offset_mapping"] if fast else [span] * len(ids)
-        where = [i for i, t in enumerate(ids) if t == self.image_token_id]
-        if len(where) != 1:
-            raise InvalidInputError(f"each prompt must hold exactly one image placeholder {self.image_token!r} (or "
-                                    f"none, to use the template); got {len(where)} in {prompt!r}")
-        query = [t not in self.special_ids and t != self.image_token_id and o[1] > span[0] and o[0] < span[1]
-                 for t, o in zip(ids, offsets)]
-        p = where[0]
-        return (ids[:p] + [self.image_token_id] * slots + ids[p + 1:],
-                query[:p] + [False] * slots + query[p + 1:])
+        ids, query, _ = expand_prompt(prompt, slots, tokenizer=self.tokenizer, template=self.template,
+                                      image_token=self.image_token, image_token_id=self.image_token_id,
+                                      special_ids=self.special_ids)
+        return ids, query
 
     def _batch_ids(self, prompts: Sequence[str], slots: int, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
         rows = [self._tokenize(p, slots) for p in prompts]
@@ -393,21 +375,13 @@ class ArrcocLlava(nn.Module):
                              result.get("relevance"), result.get("allocation"))
 
     def _chain(self, inputs: dict[str, Tensor], budget: int, backend: str) -> Any:
-        from ..runtime.graphs import CaptureError, GraphChain
-
         def reduce(state: dict[str, Any]) -> dict[str, Any]:
             out = self.reducer(VisualInput(**{k: state[k] for k in inputs}), budget)
             return {k: v for k, v in vars(out).items() if v is not None}
 
         if backend == "cuda" and self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
-        try:
-            return GraphChain([("reduce", reduce)], inputs, self._pool if backend == "cuda" else None,
-                              outputs=("tokens", "positions", "weights", "relevance", "allocation"), backend=backend,
-                              name=f"{self.method} reducer")
-        except CaptureError as err:
-            logger.warning("the %s reducer cannot be captured as a CUDA graph (%s); calling it directly", self.method, err)
-            return False
+        return reducer_chain(reduce, inputs, backend, self._pool, f"{self.method} reducer") or False
 
     def _query(self, grid: Tensor, embeds: Tensor, query_mask: Tensor) -> tuple[Tensor, Tensor]:
         """Pull the prompt's question tokens back into the vision space (see the class docstring)."""

@@ -55,6 +55,7 @@ from ..config import PipelineConfig
 from ..errors import BudgetError, InvalidInputError, InvalidTypeError
 from ..reducers import ArrcocReducer, ReducedTokens, VisualInput, check_visual, create_reducer
 from ..stages.regions import capacity_of
+from .adapter import expand_prompt, reducer_chain
 from .hf import raster_order
 
 __all__ = ["ArrcocQwen", "QwenPrepared", "QWEN_TEMPLATE", "QWEN_MODEL_TYPES", "graph_buckets", "merged_grid"]
@@ -326,32 +327,9 @@ class ArrcocQwen(nn.Module):
     def _tokenize(self, prompt: str, slots: int) -> tuple[list[int], list[bool], int]:
         """Ids with the image placeholder expanded to ``slots`` copies, the query flags, and the placeholder's
         index."""
-        if not isinstance(prompt, str):
-            raise InvalidTypeError(f"prompts must be strings; got {type(prompt).__name__}")
-        head, tail = (part.replace("{image}", self.image_token) for part in self.template.split("{question}"))
-        if self.image_token not in prompt:
-            span = (len(head), len(head) + len(prompt))
-            prompt = head + prompt + tail
-        elif prompt.startswith(head) and prompt.endswith(tail) and len(prompt) >= len(head) + len(tail):
-            span = (len(head), len(prompt) - len(tail))
-        else:
-            span = (0, len(prompt))
-        fast = bool(getattr(self.tokenizer, "is_fast", False))
-        encoded = self.tokenizer(prompt, return_offsets_mapping=fast)
-        ids = [int(i) for i in encoded["input_ids"]]
-        offsets = encoded["offset_mapping"] if fast else [span] * len(ids)
-        where = [i for i, t in enumerate(ids) if t == self.image_token_id]
-        if len(where) != 1:
-            raise InvalidInputError(
-                f"each prompt must hold exactly one image placeholder {self.image_token!r} (or "
-                f"none, to use the template); got {len(where)} in {prompt!r}"
-            )
-        query = [
-            t not in self.special_ids and t != self.image_token_id and o[1] > span[0] and o[0] < span[1]
-            for t, o in zip(ids, offsets)
-        ]
-        p = where[0]
-        return ids[:p] + [self.image_token_id] * slots + ids[p + 1 :], query[:p] + [False] * slots + query[p + 1 :], p
+        return expand_prompt(prompt, slots, tokenizer=self.tokenizer, template=self.template,
+                             image_token=self.image_token, image_token_id=self.image_token_id,
+                             special_ids=self.special_ids)
 
     # --- budgets ----------------------------------------------------------------------------------------
     def budgets(self, budget: int | float | None, grids: Sequence[tuple[int, int]]) -> list[int]:
@@ -640,24 +618,9 @@ class ArrcocQwen(nn.Module):
         )
 
     def _chain(self, fn: Any, inputs: dict[str, Tensor], backend: str) -> Any:
-        from ..runtime.graphs import CaptureError, GraphChain
-
         if backend == "cuda" and self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
-        try:
-            return GraphChain(
-                [("reduce", fn)],
-                inputs,
-                self._pool if backend == "cuda" else None,
-                outputs=("tokens", "positions", "weights", "relevance", "allocation"),
-                backend=backend,
-                name=f"{self.method} reducer",
-            )
-        except CaptureError as err:
-            logger.warning(
-                "the %s reducer cannot be captured as a CUDA graph (%s); calling it directly", self.method, err
-            )
-            return False
+        return reducer_chain(fn, inputs, backend, self._pool, f"{self.method} reducer") or False
 
     @contextlib.contextmanager
     def reading(self, prepared: QwenPrepared) -> Iterator[None]:
