@@ -72,7 +72,7 @@ if [ "$PROFILE" = final ]; then
     timeout -k 5 150 python3 -m arrcoc.tools.bench_graphs --out "$OUT/prewarm" "${COMPILE[@]}" > "$OUT/prewarm/prewarm.log" 2>&1 &
     PREWARM_PID=$!
   fi
-  [ "${TESTS:-1}" = 1 ] && cuda_tests 150 70  # the 26 graph tests took 90-113 s; the others 31-35 s plus ~15 s of start-up
+  [ "${TESTS:-1}" = 1 ] && cuda_tests 150 100  # the graph tests took 90-113 s; the others (Qwen-VL and decode among them) more
   if [ -n "$PREWARM_PID" ]; then
     kill -TERM "$PREWARM_PID" 2>/dev/null  # timeout passes it on to the benchmark
     wait "$PREWARM_PID"
@@ -108,9 +108,9 @@ else
 fi
 if [ -n "${BEFORE:-}" ]; then  # the old package's own module path: it predates arrcoc.tools
   mkdir -p "$OUT/before"
-  step bench-before 110 bash -c "cd '$BEFORE' && PYTHONPATH=. python3 -m arrcoc.bench_graphs --out '$(realpath "$OUT")/before' \
+  step bench-before 80 bash -c "cd '$BEFORE' && PYTHONPATH=. python3 -m arrcoc.bench_graphs --out '$(realpath "$OUT")/before' \
     --sizes 224 1024 --batches 1 64 --compile --no-warmup --seconds 0.15 --reps 25"
-  step bench-after 110 "${GRAPHS[@]}" --tag after --sizes 224 1024 --batches 1 64 --compile --no-warmup --seconds 0.15 --reps 25
+  step bench-after 80 "${GRAPHS[@]}" --tag after --sizes 224 1024 --batches 1 64 --compile --no-warmup --seconds 0.15 --reps 25
 fi
 [ "${QWEN:-0}" = 1 ] && step bench-qwen 150 python3 -m arrcoc.tools.bench_qwen --out "$OUT"
 [ "${EVAL:-0}" = 1 ] && step eval 240 python3 -m arrcoc.tools.evaluation --samples-per-family 200 --seed 600000 \
