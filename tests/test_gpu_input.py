@@ -3,6 +3,7 @@ files as Pillow would read them; the batched path writes the same layout, index 
 
 from __future__ import annotations
 
+import functools
 import io
 import os
 from pathlib import Path
@@ -159,6 +160,19 @@ def test_batched_decoding_resumes_after_max_shards(tmp_path: Path, mixed: Path, 
     whole = tmp_path / "whole"
     _run(mixed, whole, "cpu", True)
     _compare(dest, whole, exact=True)
+
+
+def test_the_decode_thread_writes_what_the_main_thread_does(tmp_path: Path, mixed: Path,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """The decode thread (on by default on CUDA) forced on the CPU: the same shards, bit for bit."""
+    plain = tmp_path / "plain"
+    _run(mixed, plain, "cpu", True)
+    threaded = functools.partial(compress_dataset._ShardWriter, decode_thread=True)
+    monkeypatch.setattr(compress_dataset, "_ShardWriter", threaded)
+    stats = _run(mixed, tmp_path / "threaded", "cpu", True, workers=1)
+    assert stats.complete and stats.errors == 2 and stats.device_decoded == 15 and stats.host_decoded == 7
+    assert stats.decode_thread_seconds > 0 and stats.startup_seconds > 0 and 0 < stats.drain_seconds < stats.seconds
+    _compare(tmp_path / "threaded", plain, exact=True)
 
 
 @pytest.mark.cuda

@@ -33,7 +33,10 @@ import queue
 import sys
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -82,8 +85,13 @@ class DatasetStats:
         errors: of those, images recorded with ``status: "error"``.
         shards_written: shards this process wrote; ``shards_skipped``: its shards that were already complete.
         seconds: wall time from the first image requested to the last shard written.
+        startup_seconds: of ``seconds``, starting the DataLoader's workers (a fixed cost per run).
+        drain_seconds: of ``seconds``, the wait at the end for the last shard's write.
         wait_seconds: host time waiting for the DataLoader (reading files, decoding on the host).
-        decode_seconds: host time handing JPEGs to nvJPEG (and decoding any it refused on the host).
+        decode_seconds: main-thread time getting a batch's decoded images: on CUDA, waiting for the decode
+            thread (nvJPEG's host side runs there, overlapping the rest); on the CPU, decoding.
+        decode_thread_seconds: time in the decode thread (nvJPEG calls, files it refused decoded by Pillow);
+            it overlaps the rest.
         resize_seconds: host time making the batch: letterbox on the device, host-decoded images copied in.
         pipeline_seconds: host time inside pipeline calls.
         copy_seconds: host time issuing the copies of the results to the host (non-blocking).
@@ -101,8 +109,11 @@ class DatasetStats:
     shards_written: int = 0
     shards_skipped: int = 0
     seconds: float = 0.0
+    startup_seconds: float = 0.0
+    drain_seconds: float = 0.0
     wait_seconds: float = 0.0
     decode_seconds: float = 0.0
+    decode_thread_seconds: float = 0.0
     resize_seconds: float = 0.0
     pipeline_seconds: float = 0.0
     copy_seconds: float = 0.0
@@ -248,6 +259,18 @@ def _unpack(chunk: _Chunk) -> list[_Loaded]:
 
 
 @dataclass
+class _Decoded:
+    """One batch after the decode step: JPEGs decoded on the device, the rest letterboxed by the workers."""
+
+    bucket: int
+    jpegs: list[_Loaded]  # decoded by nvJPEG, in the order of ``images``
+    images: list[Tensor]  # (3, h, w) uint8 on the device
+    hosted: list[_Loaded]  # letterboxed on the host (by the workers, or here for files nvJPEG refused)
+    failed: list[_Loaded]  # files that turned out broken
+    events: tuple[Any, ...] = ()  # CUDA events before and after the decode
+
+
+@dataclass
 class _Compressed:
     """One pipeline call's results on their way to the host (``ready`` fires when the copies have landed)."""
 
@@ -302,7 +325,7 @@ class _ShardWriter:
 
     def __init__(self, pipe: Pipeline, dest: Path, budget: int, query: Tensor | None, query_mask: Tensor | None,
                  batch_size: int, token_dtype: torch.dtype, fingerprint: str, stats: DatasetStats,
-                 budget_policy: str = "exact") -> None:
+                 budget_policy: str = "exact", decode_thread: bool | None = None) -> None:
         self.pipe, self.dest, self.budget, self.query, self.query_mask = pipe, dest, budget, query, query_mask
         self.batch_size, self.token_dtype, self.fingerprint, self.stats = batch_size, token_dtype, fingerprint, stats
         self.budget_policy = budget_policy
@@ -310,6 +333,14 @@ class _ShardWriter:
         self.cuda = self.device.type == "cuda"
         self.preprocessor = Preprocessor(pipe.config.buckets, multiple=1)
         self.background = _Background()
+        # nvJPEG's host side (about half a millisecond per photo) runs in this thread while the main thread
+        # gathers the next batch from the loader. The lock keeps its device work out of pipeline calls, which
+        # may capture a graph.
+        threaded = self.cuda if decode_thread is None else decode_thread
+        self.decoder = ThreadPoolExecutor(1, thread_name_prefix="arrcoc-decode") if threaded else None
+        self.stream = torch.cuda.current_stream(self.device) if self.cuda else None
+        self.lock = threading.Lock()
+        self.decoding: deque[Future[_Decoded]] = deque()
         self.shard: int | None = None
         self.pending: dict[int, list[_Loaded]] = {}
         self.done: list[_Compressed] = []
@@ -353,24 +384,30 @@ class _ShardWriter:
                     refused.append(decode_on_host(item.index, item.source, self.preprocessor))
             return images, kept, refused
 
-    def _batch(self, items: list[_Loaded]) -> tuple[PreprocessedBatch | None, list[_Loaded], Any]:
-        """The batch on the device, its items in the batch's order (device-decoded JPEGs first), and a CUDA event
-        recorded after the decode."""
-        bucket = items[0].bucket
+    def _decode_batch(self, items: list[_Loaded]) -> _Decoded:
+        """The decode step of one batch (in the decode thread on CUDA): JPEGs to the device, decoded."""
         start = time.perf_counter()
         jpegs = [item for item in items if item.data is not None]
         hosted = [item for item in items if item.data is None]
         images: list[Tensor] = []
-        if jpegs:
-            images, jpegs, refused = self._decode(jpegs)
-            for item in refused:
-                if item.error is not None:
-                    self._fail(item, item.error)
-                else:
-                    hosted.append(item)
-        decoded = self._event()
-        self.stats.decode_seconds += time.perf_counter() - start
-        start = time.perf_counter()
+        failed: list[_Loaded] = []
+        events: tuple[Any, ...] = ()
+        with self.lock, torch.cuda.stream(self.stream) if self.cuda else nullcontext():
+            begin = self._event()
+            if jpegs:
+                images, jpegs, refused = self._decode(jpegs)
+                for item in refused:
+                    (failed if item.error is not None else hosted).append(item)
+            if self.cuda:
+                events = (begin, self._event())
+        self.stats.decode_thread_seconds += time.perf_counter() - start
+        return _Decoded(items[0].bucket, jpegs, images, hosted, failed, events)
+
+    def _batch(self, decoded: _Decoded) -> tuple[PreprocessedBatch | None, list[_Loaded]]:
+        """The batch on the device and its items in the batch's order (device-decoded JPEGs first)."""
+        bucket, jpegs, images, hosted = decoded.bucket, decoded.jpegs, decoded.images, decoded.hosted
+        for item in decoded.failed:
+            self._fail(item, item.error)
         pixels, valid = [], []
         if images:
             made = letterbox(images, [item.content_size for item in jpegs], bucket,
@@ -386,7 +423,7 @@ class _ShardWriter:
             valid.append(valid_mask(sizes.to(self.device, non_blocking=True), bucket))
         ordered = jpegs + hosted
         if not ordered:  # every file of the batch turned out broken
-            return None, [], decoded
+            return None, []
         self.stats.device_decoded += len(jpegs)
         self.stats.host_decoded += len(hosted)
         batch = PreprocessedBatch(
@@ -396,27 +433,50 @@ class _ShardWriter:
             source_size=torch.tensor([item.source_size for item in ordered], dtype=torch.long),
             content_size=torch.tensor([item.content_size for item in ordered], dtype=torch.long),
             indices=list(range(len(ordered))), names=[item.source for item in ordered], bucket=bucket)
-        self.stats.resize_seconds += time.perf_counter() - start
-        return batch, ordered, decoded
+        return batch, ordered
 
     def _compress(self, items: list[_Loaded]) -> None:
-        begin = self._event()
-        batch, items, decoded = self._batch(items)
+        """Compress one batch: on CUDA the batch before it is compressed first, then this one's decode goes to the
+        decode thread, where it runs while this thread gathers the next batch (never during a pipeline call);
+        on the CPU at once."""
+        if self.decoder is None:
+            start = time.perf_counter()
+            decoded = self._decode_batch(items)
+            self.stats.decode_seconds += time.perf_counter() - start
+            self._compress_decoded(decoded)
+            return
+        while self.decoding:
+            self._next()
+        self.decoding.append(self.decoder.submit(self._decode_batch, items))
+
+    def _next(self) -> None:
+        """Compress the oldest batch handed to the decode thread."""
+        start = time.perf_counter()
+        decoded = self.decoding.popleft().result()
+        self.stats.decode_seconds += time.perf_counter() - start
+        self._compress_decoded(decoded)
+
+    def _compress_decoded(self, decoded: _Decoded) -> None:
+        assembling = self._event()
+        start = time.perf_counter()
+        batch, items = self._batch(decoded)
+        self.stats.resize_seconds += time.perf_counter() - start
         if not items:
             return
         resized = self._event()
         start = time.perf_counter()
         try:
-            out = self.pipe(batch, query=self.query, query_mask=self.query_mask, budget=self.budget, copy=False,
-                            budget_policy=self.budget_policy)  # views of the graph's buffers, copied right below
+            with self.lock:
+                out = self.pipe(batch, query=self.query, query_mask=self.query_mask, budget=self.budget,
+                                copy=False, budget_policy=self.budget_policy)  # views of graph buffers, copied below
         except ArrcocError as err:  # one image the pipeline rejects must not cost the others their tokens
             self.stats.pipeline_seconds += time.perf_counter() - start
             if len(items) == 1:
                 message = str(err)
                 self._fail(items[0], message if items[0].source in message else f"{items[0].source}: {message}")
                 return
-            for item in items:
-                self._compress([item])
+            for item in items:  # one at a time, in this thread
+                self._compress_decoded(self._decode_batch([item]))
             return
         computed = self._event()
         self.stats.pipeline_seconds += time.perf_counter() - start
@@ -430,7 +490,7 @@ class _ShardWriter:
         host.update({key: getattr(out, key) for key in _HOST_KEYS})  # per-image facts, on the host already
         ready = self._event()
         self.stats.copy_seconds += time.perf_counter() - start
-        events = (begin, decoded, resized, computed, ready) if self.cuda else ()
+        events = (*decoded.events, assembling, resized, computed, ready) if self.cuda and decoded.events else ()
         self.done.append(_Compressed(items, host, ready, events))
 
     def finish(self) -> None:
@@ -439,9 +499,17 @@ class _ShardWriter:
             return
         for bucket in sorted(self.pending):
             self._compress(self.pending.pop(bucket))
+        while self.decoding:
+            self._next()
         shard, done, errors = self.shard, self.done, self.errors
         self.background.submit(lambda: self._write(shard, done, errors))
         self.shard, self.done, self.errors = None, [], {}
+
+    def close(self) -> None:
+        """Stop the decode thread and wait for the shards handed to the writer thread."""
+        if self.decoder is not None:
+            self.decoder.shutdown(wait=True, cancel_futures=True)
+        self.background.close()
 
     def _record(self, item: _Loaded, shard: int, status: str, error: str | None) -> dict[str, Any]:
         return {"index": item.index, "source": item.source, "shard": f"{shard_file('', shard).as_posix()}",
@@ -454,9 +522,9 @@ class _ShardWriter:
         for part in done:
             if part.ready is not None:
                 part.ready.synchronize()
-                begin, decoded, resized, computed, ready = part.events
+                begin, decoded, assembling, resized, computed, ready = part.events
                 self.stats.gpu_ms["decode"] += begin.elapsed_time(decoded)
-                self.stats.gpu_ms["resize"] += decoded.elapsed_time(resized)
+                self.stats.gpu_ms["resize"] += assembling.elapsed_time(resized)
                 self.stats.gpu_ms["pipeline"] += resized.elapsed_time(computed)
                 self.stats.gpu_ms["copy-out"] += computed.elapsed_time(ready)
         records = {index: self._record(item, shard, "error", reason) for index, (item, reason) in errors.items()}
@@ -608,8 +676,10 @@ def compress_dataset(source: str | os.PathLike[str], dest: str | os.PathLike[str
                 bar.set_postfix(errors=stats.errors, refresh=False)
             writer.finish()
         finally:
-            writer.background.close()  # waits for the shards handed over; a failed run writes no partial shard
+            drain = time.perf_counter()
+            writer.close()  # waits for the shards handed over; a failed run writes no partial shard
     stats.seconds = time.perf_counter() - start
+    stats.drain_seconds = time.perf_counter() - drain
 
     _barrier(pipeline.device)
     if rank == 0 and all(read_shard_records(shard_file(dest, k)) is not None for k in range(shards)):
@@ -621,7 +691,9 @@ def compress_dataset(source: str | os.PathLike[str], dest: str | os.PathLike[str
 
 def _timed(loader: torch.utils.data.DataLoader, stats: DatasetStats) -> Iterator[_Chunk]:
     """Iterate ``loader``, adding the time spent waiting for it to ``stats.wait_seconds``."""
-    iterator = iter(loader)
+    start = time.perf_counter()
+    iterator = iter(loader)  # starts the worker processes
+    stats.startup_seconds += time.perf_counter() - start
     while True:
         start = time.perf_counter()
         try:

@@ -4,8 +4,9 @@
 benchmark set (70% with a long side of 160-224 px, the rest 300-384 px) and a photo-sized set (long side
 640-1,600 px). Per set and encoder dtype it builds a pipeline, captures its graphs, and runs
 :func:`arrcoc.datasets.compress_dataset.compress_dataset` over the folder: once to warm up, once plain (images/s,
-and the shares of the host's wall time: waiting for the DataLoader, decode, resize, pipeline, copy-out; the
-writer thread's share, which overlaps them; device milliseconds per step from CUDA events), once under
+and the shares of the host's wall time: worker start-up, waiting for the DataLoader, waiting for the decode
+thread, resize, pipeline, copy-out, the wait for the last shard; the decode and writer threads' shares, which
+overlap them; device milliseconds per step from CUDA events), once under
 ``torch.profiler`` (GPU busy = kernel and copy time / wall time), and once through the Pillow path
 (``batch_decode=False``) to report the share of images whose allocation is identical to the batched path's
 and the largest differences. With ``--scaling`` on a machine of several GPUs it runs the command under
@@ -165,15 +166,19 @@ def _case(name: str, images: Path, work: Path, args: argparse.Namespace, dtype: 
         shutil.rmtree(work / "pil", ignore_errors=True)
     shutil.rmtree(work / "plain", ignore_errors=True)
     wall = plain.seconds
-    shares = {"loader_wait": plain.wait_seconds, "decode": plain.decode_seconds, "resize": plain.resize_seconds,
-              "pipeline": plain.pipeline_seconds, "copy_out": plain.copy_seconds}
+    shares = {"startup": plain.startup_seconds, "loader_wait": plain.wait_seconds, "decode": plain.decode_seconds,
+              "resize": plain.resize_seconds, "pipeline": plain.pipeline_seconds, "copy_out": plain.copy_seconds,
+              "drain": plain.drain_seconds}
     shares = {key: value / wall for key, value in shares.items()}
     shares["other"] = max(0.0, 1 - sum(shares.values()))
+    shares["decode_thread"] = plain.decode_thread_seconds / wall  # overlaps the others
     shares["write_thread"] = plain.write_seconds / wall  # overlaps the others
+    running = wall - plain.startup_seconds - plain.drain_seconds  # what a long run's per-image cost approaches
     return {"set": name, "encoder_dtype": dtype, "cuda_graphs": graphs, "buckets": list(config.buckets),
             "warmup_s": warmup_s, "images": plain.images, "errors": plain.errors,
             "device_decoded": plain.device_decoded, "host_decoded": plain.host_decoded,
             "images_per_s": plain.images_per_second, "seconds": wall, "host_shares": shares,
+            "running_images_per_s": plain.images / running if running > 0 else float("nan"),
             "gpu_ms": plain.gpu_ms, "gpu_busy_ms": busy_ms, "gpu_busy_share": busy_ms / 1e3 / profiled.seconds,
             "profiled_images_per_s": profiled.images_per_second, "profiler_error": profiler_error,
             "pil_images_per_s": pil.images_per_second if pil else None, "agreement": agreement,
@@ -216,27 +221,34 @@ def _markdown(report: dict[str, Any]) -> str:
              f"DataLoader workers, shards of {report['shard_size']}, {report['token_dtype']} tokens. Sets: "
              + "; ".join(f"`{k}` {v}" for k, v in report["sets"].items()) + ". Pillow decoding alone (DataLoader, "
              f"no GPU, the benchmark set): {report['decode_images_per_s']:.0f} images/s.", "",
-             "JPEGs are decoded by nvJPEG in one call per batch and letterboxed on the GPU for the whole bucket; "
-             "GPU busy = kernel + copy time from torch.profiler / wall time of the profiled run. Host shares "
-             "of the wall time: waiting for the DataLoader, decode (nvJPEG calls), resize (letterbox + batch "
-             "assembly), pipeline calls, issuing the copies out, and the rest (the DataLoader's worker start-up, "
-             "per-image bookkeeping, the wait for the last shard's write); the writer thread (waiting for copies, "
-             "ordering rows, writing shards) overlaps them. GPU ms: the device timeline between CUDA events "
-             "recorded around each step, summed over batches (gaps where the device waits for the host "
-             "included).", "",
-             "| set | encoder | images/s | GPU busy | loader wait | decode | resize | pipeline | copy-out | other "
-             "| writer thread | GPU ms decode / resize / pipeline / copy | Pillow path images/s |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|"]
+             "JPEGs are decoded by nvJPEG in one call per batch, in a decode thread that runs while the main "
+             "thread gathers the next batch, and letterboxed on the GPU for the whole bucket. images/s: the whole "
+             "run (worker start-up and the last shard's write included); running images/s: the same run without "
+             "those two fixed costs, which a long job amortises (derived from the same run, not measured "
+             "apart). GPU busy = kernel + copy time from torch.profiler / wall time of the profiled run. Host "
+             "shares of the wall time (main thread): starting the DataLoader's workers, waiting for the "
+             "DataLoader, waiting for the decode thread, resize (letterbox + batch assembly), pipeline calls, "
+             "issuing the copies out, the wait for the last shard's write (drain), and the rest (per-image "
+             "bookkeeping: unpacking chunks, sorting items into buckets, the progress bar); the decode and writer "
+             "threads overlap them. GPU ms: the device timeline between CUDA events recorded around each step, "
+             "summed over batches (gaps where the device waits for the host included; with the decode thread, "
+             "steps of neighbouring batches can interleave, so they are approximate).", "",
+             "| set | encoder | images/s | running images/s | GPU busy | start-up | loader wait | decode wait "
+             "| resize | pipeline | copy-out | drain | other | decode thread | writer thread "
+             "| GPU ms decode / resize / pipeline / copy | Pillow path images/s |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|"]
     for c in report["cases"]:
         if "error" in c:
-            lines.append(f"| {c['set']} | {c['encoder_dtype']} | failed: {c['error'][:80]} |" + " |" * 10)
+            lines.append(f"| {c['set']} | {c['encoder_dtype']} | failed: {c['error'][:80]} |" + " |" * 14)
             continue
         h, g = c["host_shares"], c["gpu_ms"]
         pil = f"{c['pil_images_per_s']:.0f}" if c.get("pil_images_per_s") else "—"
         lines.append(f"| {c['set']} | {c['encoder_dtype']}{'' if c['cuda_graphs'] else ' eager'} | "
-                     f"{c['images_per_s']:.0f} | {100 * c['gpu_busy_share']:.1f}% | {100 * h['loader_wait']:.1f}% | "
+                     f"{c['images_per_s']:.0f} | {c['running_images_per_s']:.0f} | {100 * c['gpu_busy_share']:.1f}% | "
+                     f"{100 * h['startup']:.1f}% | {100 * h['loader_wait']:.1f}% | "
                      f"{100 * h['decode']:.1f}% | {100 * h['resize']:.1f}% | {100 * h['pipeline']:.1f}% | "
-                     f"{100 * h['copy_out']:.1f}% | {100 * h['other']:.1f}% | {100 * h['write_thread']:.1f}% | "
+                     f"{100 * h['copy_out']:.1f}% | {100 * h['drain']:.1f}% | {100 * h['other']:.1f}% | "
+                     f"{100 * h['decode_thread']:.1f}% | {100 * h['write_thread']:.1f}% | "
                      f"{g['decode']:.0f} / {g['resize']:.0f} / {g['pipeline']:.0f} / {g['copy-out']:.0f} | {pil} |")
     agreed = [c for c in report["cases"] if c.get("agreement")]
     if agreed:
