@@ -241,6 +241,17 @@ def test_cover_follows_novelty_only_without_a_question() -> None:
     torch.testing.assert_close(half[1], (covered[1] + plain[1]) / 2)
 
 
+def test_by_default_an_image_without_a_question_is_covered_by_novelty() -> None:
+    features, valid = _scene(2)
+    mask = torch.tensor([[True], [False]])
+    scores = torch.rand(2, 3, 2, 2, generator=torch.Generator().manual_seed(8))
+    relevance, report = Balance(BalanceConfig(), 4)(scores, features, valid, mask, torch.tensor([4, 4]))
+    assert report["coverage"].tolist() == [0.0, 1.0]
+    torch.testing.assert_close(relevance[1], torch.tensor([[2.0, 1.0], [0.0, 0.0]]) / 3)
+    plain, _ = Balance(BalanceConfig(cover=0.0), 4)(scores, features, valid, mask, torch.tensor([4, 4]))
+    assert torch.equal(relevance[0], plain[0])
+
+
 def test_compress_shows_each_regions_most_distinctive_patches() -> None:
     features, _, valid, _, _ = _inputs(b=2, gh=6, gw=7, d=5)
     allocation = torch.tensor([[[1, 4], [8, 2]], [[3, 0], [5, 1]]])

@@ -80,7 +80,7 @@ def render(image: np.ndarray, kept: Tensor, patch: int, dim: float = 0.3, tint: 
     return shown.round().clip(0, 255).astype(np.uint8)
 
 
-def _sheet(rows: list[list[np.ndarray]], row_labels: list[str], column_labels: list[str], side: int = 320) -> Any:
+def _sheet(rows: list[list[np.ndarray]], row_labels: list[str], column_labels: list[str], side: int = 288) -> Any:
     """A grid of panels, each scaled to ``side`` pixels on its long edge, with labels; a PIL image."""
     from PIL import Image, ImageDraw
 
@@ -140,10 +140,11 @@ def run(out: str | Path, photos: Sequence[str] = PHOTOS, budgets: Sequence[int] 
             entry["budgets"][str(budget)] = {
                 "tokens": k, "arrcoc": kept_ours.nonzero().tolist(), "divprune": kept_theirs.nonzero().tolist(),
                 "balance": {key: value[0].tolist() for key, value in ours.balance.items() if value[0].ndim <= 1}}
-        _sheet(rows, [f"{b} tokens" for b in budgets], ["arrcoc (no question)", "DivPrune"]).save(out / f"{name}.png")
+        sheet = _sheet(rows, [f"{b} tokens" for b in budgets], ["arrcoc (no question)", "DivPrune"])
+        sheet.quantize(256).save(out / f"{name}.png", optimize=True)  # a palette keeps docs/ small
         record["photos"][name] = entry
         logger.info("%s: %dx%d patches, %d real", name, grid[0], grid[1], real)
-    (out / "gallery.json").write_text(json.dumps(record, indent=1))
+    (out / "gallery.json").write_text(json.dumps(record, separators=(",", ":")))
     return record
 
 
