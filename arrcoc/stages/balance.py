@@ -62,8 +62,8 @@ def novelty(features: Tensor, patch_valid: Tensor) -> Tensor:
     index = torch.arange(unit.shape[1], device=unit.device)
     above = (rarity[:, None, :] > rarity[:, :, None]) | (
         (rarity[:, None, :] == rarity[:, :, None]) & (index[None, :] < index[:, None]))  # [b, p, q]: q ranks above p
-    similarity = unit @ unit.transpose(1, 2)  # (B, N, N)
-    nearest = torch.where(above & valid[:, None, :], similarity, -1.0).amax(-1)  # (B, N)
+    # (B, N, N) floats: 64 MiB per image at 64x64 patches; masked in place rather than copied.
+    nearest = (unit @ unit.transpose(1, 2)).masked_fill_(~(above & valid[:, None, :]), -1.0).amax(-1)  # (B, N)
     return torch.where(valid, (1 - nearest).clamp(0, 1), 0.0).view(patch_valid.shape)
 
 
@@ -74,11 +74,13 @@ class Balance(nn.Module):
     """
 
     region_size: Final[int]
+    covers: Final[bool]
 
     def __init__(self, config: BalanceConfig | None = None, region_size: int = 4) -> None:
         super().__init__()
         config = config or BalanceConfig()
         self.region_size = region_size
+        self.covers = config.cover > 0  # novelty costs (N, N) per image: only computed when it is used
         self.register_buffer("base_weights", torch.tensor(config.weights), persistent=False)
         self.register_buffer("exploit", torch.tensor(config.exploit), persistent=False)
         self.register_buffer("scarcity", torch.tensor(config.scarcity), persistent=False)
@@ -152,9 +154,10 @@ class Balance(nn.Module):
         relevance = (1 - self.particularize) * uniform + self.particularize * peaked
         # Without a question, a share ``cover`` follows the regions' novelty, linearly: coverage, not peaks.
         coverage = self.cover * ~has_query  # (B,)
-        region_novelty = to_regions(novelty(features, patch_valid)[..., None], self.region_size).sum((-1, -2))
-        novel = region_novelty.flatten(1) / region_novelty.flatten(1).sum(-1, keepdim=True).clamp_min(1e-12)  # (B, R)
-        relevance = (1 - coverage[:, None]) * relevance + coverage[:, None] * novel
+        if self.covers:
+            region_novelty = to_regions(novelty(features, patch_valid)[..., None], self.region_size).sum((-1, -2))
+            novel = region_novelty.flatten(1) / region_novelty.flatten(1).sum(-1, keepdim=True).clamp_min(1e-12)
+            relevance = (1 - coverage[:, None]) * relevance + coverage[:, None] * novel  # (B, R)
         relevance = torch.where(valid, relevance, 0.0)
         entropy = -(relevance * relevance.clamp_min(1e-30).log()).sum(-1)
         evenness = entropy / valid.sum(-1).clamp_min(2).log()
