@@ -70,7 +70,9 @@ def test_graphed_equals_eager(pipes, size: int) -> None:
         query = torch.randn(int(torch.randint(1, 6, (1,), generator=g)), graphed.width, generator=g).cuda()
         if start % 16 == 0:
             query = None
-        _assert_same(graphed(batch, query=query, budget=budget), eager(batch, query=query, budget=budget))
+        # budgets up to the bucket's patches: capped at each image's real patches, the same way on both paths
+        _assert_same(graphed(batch, query=query, budget=budget, budget_policy="cap"),
+                     eager(batch, query=query, budget=budget, budget_policy="cap"))
     assert graphed.graph_cache.stats()["hits"] > 0
 
 
@@ -272,7 +274,8 @@ def test_bf16_graphed_equals_eager(size: int) -> None:
         batch = images[start : start + 8]
         budget = torch.randint(1, 197, (len(batch),), generator=g).tolist()  # up to the 14x14 patches of 224px
         query = None if start % 16 == 0 else torch.randn(3, graphed.width, generator=g).cuda()
-        a, b = graphed(batch, query=query, budget=budget), eager(batch, query=query, budget=budget)
+        a = graphed(batch, query=query, budget=budget, budget_policy="cap")
+        b = eager(batch, query=query, budget=budget, budget_policy="cap")
         assert a.tokens.dtype == b.tokens.dtype
         assert torch.equal(a.allocation, b.allocation) and torch.equal(a.mask, b.mask)
         assert torch.equal(a.positions, b.positions)
@@ -335,9 +338,10 @@ def test_side_stream_branches_equal_one_stream(pipes, size: int) -> None:
         batch = images[start : start + 8]
         budget = torch.randint(1, 197, (len(batch),), generator=g).tolist()
         query = None if start % 16 == 0 else torch.randn(2, graphed.width, generator=g).cuda()
-        forked = graphed(batch, query=query, budget=budget)
-        _assert_same(forked, one_stream(batch, query=query, budget=budget))
-        _assert_same(eager(batch, query=query, budget=budget), eager_one_stream(batch, query=query, budget=budget))
+        cap = {"budget": budget, "budget_policy": "cap"}
+        forked = graphed(batch, query=query, **cap)
+        _assert_same(forked, one_stream(batch, query=query, **cap))
+        _assert_same(eager(batch, query=query, **cap), eager_one_stream(batch, query=query, **cap))
 
 
 @cuda

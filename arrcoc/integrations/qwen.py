@@ -320,7 +320,7 @@ class ArrcocQwen(nn.Module):
             image = patches.permute(4, 0, 2, 5, 1, 3, 6).reshape(3, gh * m * p, gw * m * p)  # (3, H, W)
             if m > 1:
                 image = F.avg_pool2d(image, m)  # (3, gh * p, gw * p)
-            out.append((image * self._std + self._mean).clamp(0, 1))
+            out.append((image * self._std.to(image.device) + self._mean.to(image.device)).clamp(0, 1))
         return out
 
     # --- prompts -> ids ---------------------------------------------------------------------------------
