@@ -109,7 +109,30 @@ def decode_jpegs(data: Sequence[Tensor], device: torch.device) -> list[Tensor]:
 
     with warnings.catch_warnings():  # torchvision >= 0.29 points to TorchCodec on every call
         warnings.simplefilter("ignore", DeprecationWarning)
-        return decode_jpeg(list(data), mode=ImageReadMode.RGB, device=device)
+        if device.type != "cuda":
+            return decode_jpeg(list(data), mode=ImageReadMode.RGB, device=device)
+        # torchvision allocates the images on the current stream but writes them on a stream of its own that
+        # does not wait for the current one, so memory the current stream's queued kernels still read could be
+        # overwritten. Allocated on a side stream instead, and marked as used by the current stream, a block
+        # is reused only once the current stream is done with it.
+        current = torch.cuda.current_stream(device)
+        side = _side_stream(current.device_index)
+        with torch.cuda.stream(side):
+            images = decode_jpeg(list(data), mode=ImageReadMode.RGB, device=device)  # side waits for the decoder
+        current.wait_stream(side)
+        for image in images:
+            image.record_stream(current)
+        return images
+
+
+#: One side stream per device for decode_jpegs' allocations, made on first use (imports stay inert).
+_SIDE_STREAMS: dict[int, torch.cuda.Stream] = {}
+
+
+def _side_stream(index: int) -> torch.cuda.Stream:
+    if index not in _SIDE_STREAMS:
+        _SIDE_STREAMS[index] = torch.cuda.Stream(index)
+    return _SIDE_STREAMS[index]
 
 
 def resize_weights(source: Tensor, content: Tensor, span_in: int, span_out: int, dtype: torch.dtype) -> Tensor:
