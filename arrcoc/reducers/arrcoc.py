@@ -28,17 +28,21 @@ class ArrcocReducer(nn.Module):
         config: region size, token bounds and balance settings (the default config when omitted).
         scorers: names from ``SCORER_NAMES`` that take part (the others get weight 0): all three balanced, or
             one alone for ablations.
-        read_query: ``False`` ignores any query given: relevance without a question, as a query-free baseline.
+        read_query: ``False`` ignores any query given: relevance without a question, as a query-free baseline (a
+            reducer without the participatory scorer never reads one).
     """
 
     needs: frozenset[str] = frozenset({"pixels", "valid", "patch_valid", "query", "query_mask"})
 
-    def __init__(self, config: PipelineConfig | None = None, scorers: tuple[str, ...] = SCORER_NAMES, *,
-                 read_query: bool = True) -> None:
+    def __init__(
+        self, config: PipelineConfig | None = None, scorers: tuple[str, ...] = SCORER_NAMES, *, read_query: bool = True
+    ) -> None:
         super().__init__()
         self.head = RelevanceHead(config, scorers)
         self.config = self.head.config
-        self.read_query = read_query
+        # without the participatory scorer no query is read anywhere: not by compression, nor by the balance's
+        # query-free tensions, which a query's presence would turn off
+        self.read_query = read_query and "participatory" in scorers
         self.texture = Texture()
 
     def forward(self, visual: VisualInput, budget: int) -> ReducedTokens:
@@ -51,8 +55,10 @@ class ArrcocReducer(nn.Module):
         patch_valid = visual.valid_patches().float()
         limit = capacity_of((gh, gw), cfg.region_size, cfg.max_tokens)
         if budget > limit:
-            raise BudgetError(f"budget must be at most {limit}, the token capacity of a {gh}x{gw} grid under "
-                              f"max_tokens={cfg.max_tokens}; got {budget}")
+            raise BudgetError(
+                f"budget must be at most {limit}, the token capacity of a {gh}x{gw} grid under "
+                f"max_tokens={cfg.max_tokens}; got {budget}"
+            )
         if visual.pixels is not None:
             valid = visual.valid if visual.valid is not None else torch.ones_like(visual.pixels[:, :1])
             texture = self.texture(visual.pixels.float(), valid.float(), (gh, gw))  # (B, gh, gw, 5)
@@ -60,15 +66,23 @@ class ArrcocReducer(nn.Module):
             texture = features.new_zeros(b, gh, gw, 5)  # no pixels: the feature terms alone
         if visual.query is not None and self.read_query:
             query = visual.query.float().expand(b, -1, -1)
-            query_mask = (visual.query_mask.expand(b, -1) if visual.query_mask is not None
-                          else torch.ones(query.shape[:2], dtype=torch.bool, device=query.device))
+            query_mask = (
+                visual.query_mask.expand(b, -1)
+                if visual.query_mask is not None
+                else torch.ones(query.shape[:2], dtype=torch.bool, device=query.device)
+            )
         else:
             query = features.new_zeros(b, 1, d)
             query_mask = torch.zeros(b, 1, dtype=torch.bool, device=features.device)
         budgets = torch.full((b,), budget, dtype=torch.long, device=features.device)
         out = self.head(features, texture, patch_valid, query, query_mask, budgets, budget)
-        return ReducedTokens(out["tokens"].to(visual.features.dtype), out["positions"], out["weights"],
-                             out["relevance"], out["allocation"])
+        return ReducedTokens(
+            out["tokens"].to(visual.features.dtype),
+            out["positions"],
+            out["weights"],
+            out["relevance"],
+            out["allocation"],
+        )
 
 
 def _arrcoc_factory(scorers: tuple[str, ...], read_query: bool = True) -> Callable[..., ArrcocReducer]:
