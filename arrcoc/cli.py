@@ -599,6 +599,7 @@ MODULE_COMMANDS: dict[str, tuple[str, str]] = {
     "eval": ("arrcoc.tools.evaluation", "accuracy vs token budget, per method, on the generated VQA benchmark"),
 }
 
+
 def _run_module_command(name: str, argv: list[str]) -> int:
     """Run a command that lives in its own module (imported only now), with that module's own parser."""
     import importlib

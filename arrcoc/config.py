@@ -117,14 +117,19 @@ class BalanceConfig:
     def __post_init__(self) -> None:
         object.__setattr__(self, "weights", _numbers(self.weights, "balance.weights", 3))
         object.__setattr__(self, "temperature_range", _numbers(self.temperature_range, "balance.temperature_range", 2))
-        _check(all(0 <= w < float("inf") for w in self.weights) and sum(self.weights) > 0,
-               f"balance.weights must be 3 finite non-negative numbers with a positive sum; got {self.weights}")
+        _check(
+            all(0 <= w < float("inf") for w in self.weights) and sum(self.weights) > 0,
+            f"balance.weights must be 3 finite non-negative numbers with a positive sum; got {self.weights}",
+        )
         for name in ("exploit", "scarcity", "diversify", "particularize", "cover"):
             value = _number(getattr(self, name), f"balance.{name}")
             _check(0.0 <= value <= 1.0, f"balance.{name} must be in [0, 1]; got {value}")
             object.__setattr__(self, name, value)
         low, high = self.temperature_range
-        _check(0 < low <= high < float("inf"), f"balance.temperature_range must be 0 < low <= high, finite; got {self.temperature_range}")
+        _check(
+            0 < low <= high < float("inf"),
+            f"balance.temperature_range must be 0 < low <= high, finite; got {self.temperature_range}",
+        )
 
 
 @dataclass(frozen=True)
@@ -168,7 +173,9 @@ class PipelineConfig:
         if isinstance(self.balance, dict):
             object.__setattr__(self, "balance", _balance_from_dict(self.balance))
         if not isinstance(self.balance, BalanceConfig):
-            raise InvalidTypeError(f"balance must be a BalanceConfig or a dict of its fields; got {type(self.balance).__name__}")
+            raise InvalidTypeError(
+                f"balance must be a BalanceConfig or a dict of its fields; got {type(self.balance).__name__}"
+            )
         if isinstance(self.buckets, (str, bytes)) or not isinstance(self.buckets, (list, tuple)):
             raise InvalidTypeError(f"buckets must be a sequence of whole numbers; got {self.buckets!r}")
         buckets = [_whole(b, f"buckets[{i}]") for i, b in enumerate(self.buckets)]
@@ -182,22 +189,36 @@ class PipelineConfig:
             object.__setattr__(self, name, _whole(getattr(self, name), name, optional=True))
         if not isinstance(self.encoder_dtype, str):
             raise InvalidTypeError(f"encoder_dtype must be a string; got {self.encoder_dtype!r}")
-        _check(isinstance(self.encoder, str) and bool(self.encoder), f"encoder must be a timm model name; got {self.encoder!r}")
-        _check(len(self.buckets) > 0 and all(b > 0 for b in self.buckets), f"buckets must be positive sizes; got {self.buckets}")
+        _check(
+            isinstance(self.encoder, str) and bool(self.encoder),
+            f"encoder must be a timm model name; got {self.encoder!r}",
+        )
+        _check(
+            len(self.buckets) > 0 and all(b > 0 for b in self.buckets),
+            f"buckets must be positive sizes; got {self.buckets}",
+        )
         _check(self.region_size >= 1, f"region_size must be >= 1 patch; got {self.region_size}")
         _check(self.min_tokens >= 0, f"min_tokens must be >= 0; got {self.min_tokens}")
         if self.max_tokens is not None:
-            _check(self.max_tokens >= max(1, self.min_tokens),
-                   f"max_tokens must be >= max(1, min_tokens={self.min_tokens}); got {self.max_tokens}")
-            _check(self.max_tokens <= self.region_size**2,
-                   f"max_tokens must be <= region_size**2 = {self.region_size**2} patches; got {self.max_tokens}")
+            _check(
+                self.max_tokens >= max(1, self.min_tokens),
+                f"max_tokens must be >= max(1, min_tokens={self.min_tokens}); got {self.max_tokens}",
+            )
+            _check(
+                self.max_tokens <= self.region_size**2,
+                f"max_tokens must be <= region_size**2 = {self.region_size**2} patches; got {self.max_tokens}",
+            )
         object.__setattr__(self, "query_detail", _number(self.query_detail, "query_detail"))
         _check(0.0 <= self.query_detail <= 1.0, f"query_detail must be in [0, 1]; got {self.query_detail}")
         if self.token_capacity is not None:
             _check(self.token_capacity >= 1, f"token_capacity must be >= 1; got {self.token_capacity}")
-        _check(self.encoder_dtype in ("float32", "bfloat16", "float16"),
-               f"encoder_dtype must be 'float32', 'bfloat16' or 'float16'; got {self.encoder_dtype!r}")
-        _check(self.version == CONFIG_VERSION, f"config version {self.version} is not supported (this is {CONFIG_VERSION})")
+        _check(
+            self.encoder_dtype in ("float32", "bfloat16", "float16"),
+            f"encoder_dtype must be 'float32', 'bfloat16' or 'float16'; got {self.encoder_dtype!r}",
+        )
+        _check(
+            self.version == CONFIG_VERSION, f"config version {self.version} is not supported (this is {CONFIG_VERSION})"
+        )
 
     # --- presets and serialisation -------------------------------------------------------------------
     @classmethod

@@ -24,8 +24,17 @@ from .runtime.graphs import ChainResult, lazy_output
 from .stages.preprocess import PreprocessedBatch
 from .stages.regions import capacity_of
 
-__all__ = ["BUDGET_POLICIES", "CAPACITY_STEP", "token_capacity", "prepare_query", "check_budgets", "budget_tensor",
-           "build_output", "StageTimer", "UNTIMED"]
+__all__ = [
+    "BUDGET_POLICIES",
+    "CAPACITY_STEP",
+    "token_capacity",
+    "prepare_query",
+    "check_budgets",
+    "budget_tensor",
+    "build_output",
+    "StageTimer",
+    "UNTIMED",
+]
 
 #: What a budget above an image's real patches does: raise a BudgetError, or cap it at them.
 BUDGET_POLICIES = ("exact", "cap")
@@ -67,8 +76,14 @@ class StageTimer:
 UNTIMED = StageTimer(False, torch.device("cpu"))  # profiling off: one shared timer that records nothing
 
 
-def prepare_query(query: Any, query_mask: Tensor | None, batch: int, width: int, device: torch.device,
-                  text_encoder: Callable[[Any], tuple[Tensor, Tensor]] | None) -> tuple[Tensor, Tensor]:
+def prepare_query(
+    query: Any,
+    query_mask: Tensor | None,
+    batch: int,
+    width: int,
+    device: torch.device,
+    text_encoder: Callable[[Any], tuple[Tensor, Tensor]] | None,
+) -> tuple[Tensor, Tensor]:
     """Normalise a query to ``(B, L, D)`` float32 plus a ``(B, L)`` bool mask of its real tokens.
 
     Args:
@@ -87,12 +102,15 @@ def prepare_query(query: Any, query_mask: Tensor | None, batch: int, width: int,
         raise InvalidInputError(f"batch must be a whole number >= 1; got {batch!r}")
     if query is None:
         return torch.zeros(batch, 1, width, device=device), torch.zeros(batch, 1, dtype=torch.bool, device=device)
-    if isinstance(query, str) or (isinstance(query, (list, tuple)) and query and all(isinstance(q, str) for q in query)):
+    if isinstance(query, str) or (
+        isinstance(query, (list, tuple)) and query and all(isinstance(q, str) for q in query)
+    ):
         if text_encoder is None:
             raise MissingWeightsError(
                 "a text query needs a trained text encoder, and none is loaded: the embedded default ships "
                 "no trained weights yet. Pass the query as an embedding tensor of width "
-                f"{width} ((D,), (L, D) or (B, L, D)), or query=None for relevance without a query.")
+                f"{width} ((D,), (L, D) or (B, L, D)), or query=None for relevance without a query."
+            )
         query, query_mask = text_encoder(query)
     query = dense_tensor(query, "query", f"None, a string, or a float tensor of width {width}")
     if query.is_complex() or not query.is_floating_point():
@@ -109,10 +127,16 @@ def prepare_query(query: Any, query_mask: Tensor | None, batch: int, width: int,
         query_mask = torch.ones(query.shape[:2], dtype=torch.bool, device=device)
     else:
         query_mask = dense_tensor(query_mask, "query_mask", f"a bool tensor of shape (L,) or (B, L) with L = {tokens}")
-        if (query_mask.dtype != torch.bool or query_mask.ndim not in (1, 2) or query_mask.shape[-1] != tokens
-                or (query_mask.ndim == 2 and query_mask.shape[0] not in (1, batch))):
-            raise InvalidInputError(f"query_mask must be a bool tensor of shape (L,), (1, L) or ({batch}, L) with "
-                                    f"L = {tokens}; got {query_mask.dtype} {tuple(query_mask.shape)}")
+        if (
+            query_mask.dtype != torch.bool
+            or query_mask.ndim not in (1, 2)
+            or query_mask.shape[-1] != tokens
+            or (query_mask.ndim == 2 and query_mask.shape[0] not in (1, batch))
+        ):
+            raise InvalidInputError(
+                f"query_mask must be a bool tensor of shape (L,), (1, L) or ({batch}, L) with "
+                f"L = {tokens}; got {query_mask.dtype} {tuple(query_mask.shape)}"
+            )
     if tokens == 0:  # an empty query is no query
         return prepare_query(None, None, batch, width, device, text_encoder)
     query = query.to(device, torch.float32)  # check after the cast: a float64 1e300 is inf in float32
@@ -121,8 +145,14 @@ def prepare_query(query: Any, query_mask: Tensor | None, batch: int, width: int,
     return query.expand(batch, -1, -1), query_mask.reshape(-1, tokens).to(device).expand(batch, -1)
 
 
-def check_budgets(budget: Any, groups: list[PreprocessedBatch], batch: int, grid_of: Callable[[int], tuple[int, int]],
-                  config: PipelineConfig, policy: str = "exact") -> tuple[list[int], int]:
+def check_budgets(
+    budget: Any,
+    groups: list[PreprocessedBatch],
+    batch: int,
+    grid_of: Callable[[int], tuple[int, int]],
+    config: PipelineConfig,
+    policy: str = "exact",
+) -> tuple[list[int], int]:
     """Validate budgets on the host; returns one whole number per image and the token capacity ``T``.
 
     A budget is a whole number (``int`` or a numpy integer, not ``bool``), a sequence of them, or a 0-D/1-D
@@ -145,7 +175,8 @@ def check_budgets(budget: Any, groups: list[PreprocessedBatch], batch: int, grid
                 raise BudgetError(
                     f"budget for {label(i, name)} must be between 1 and {limit}, the tokens its content can "
                     f"yield ({rows}x{cols} real patches of its {group.bucket}px bucket's {grid[0]}x{grid[1]}; "
-                    f"a token never stands for padding); got {values[i]}. budget_policy='cap' caps it")
+                    f"a token never stands for padding); got {values[i]}. budget_policy='cap' caps it"
+                )
     most = max(values)
     capacity = cfg.token_capacity or token_capacity(most)
     if most > capacity:
@@ -184,11 +215,16 @@ def budget_values(budget: Any, batch: int) -> list[int]:
     """Any accepted form of a budget -> one whole number per image (not yet checked against the buckets)."""
     if isinstance(budget, (Tensor, np.ndarray)):
         kind = budget.dtype
-        if (budget.is_floating_point() or budget.is_complex() or kind == torch.bool) if isinstance(budget, Tensor) \
-                else kind.kind not in "iu":
+        if (
+            (budget.is_floating_point() or budget.is_complex() or kind == torch.bool)
+            if isinstance(budget, Tensor)
+            else kind.kind not in "iu"
+        ):
             raise BudgetError(f"budget must hold whole numbers; got a {kind} {type(budget).__name__}")
         if budget.ndim > 1 or (isinstance(budget, Tensor) and budget.device.type == "meta"):
-            raise BudgetError(f"budget must be a number or a 1-D sequence of one per image; got shape {tuple(budget.shape)}")
+            raise BudgetError(
+                f"budget must be a number or a 1-D sequence of one per image; got shape {tuple(budget.shape)}"
+            )
         values = budget.reshape(-1).tolist()  # ok-sync: host-side validation before the stages
     elif isinstance(budget, Sequence) and not isinstance(budget, (str, bytes)):
         values = list(budget)
@@ -197,8 +233,9 @@ def budget_values(budget: Any, batch: int) -> list[int]:
     for position, value in enumerate(values):
         if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
             where = "" if len(values) == 1 else f" (value {position})"
-            raise BudgetError(f"budget must be a positive whole number of tokens{where}; got {value!r} "
-                              f"({type(value).__name__})")
+            raise BudgetError(
+                f"budget must be a positive whole number of tokens{where}; got {value!r} ({type(value).__name__})"
+            )
     values = [int(v) for v in values]
     if len(values) == 1:
         values = values * batch
@@ -213,9 +250,14 @@ class OutputSource:
 
     __slots__ = ("results", "groups", "grids", "batch", "budgets", "_info")
 
-    def __init__(self, results: Mapping[str, Any], groups: list[PreprocessedBatch],
-                 grids: Callable[[int], tuple[tuple[int, int], tuple[int, int]]], batch: int,
-                 budgets: list[int] | None) -> None:
+    def __init__(
+        self,
+        results: Mapping[str, Any],
+        groups: list[PreprocessedBatch],
+        grids: Callable[[int], tuple[tuple[int, int], tuple[int, int]]],
+        batch: int,
+        budgets: list[int] | None,
+    ) -> None:
         self.results, self.groups, self.grids, self.batch, self.budgets = results, groups, grids, batch, budgets
         self._info: dict[str, Tensor] | None = None
 
@@ -242,13 +284,18 @@ class OutputSource:
             for row, i in enumerate(group.indices):
                 region[i], patch[i], bucket[i] = regions, patches, group.bucket
                 scale[i], source[i] = scales[row], sizes[row]
-        return {"region_grid": torch.tensor(region, dtype=torch.long), "patch_grid": torch.tensor(patch, dtype=torch.long),
-                "bucket": torch.tensor(bucket, dtype=torch.long), "scale": torch.tensor(scale, dtype=torch.float32),
-                "source_size": torch.tensor(source, dtype=torch.long)}
+        return {
+            "region_grid": torch.tensor(region, dtype=torch.long),
+            "patch_grid": torch.tensor(patch, dtype=torch.long),
+            "bucket": torch.tensor(bucket, dtype=torch.long),
+            "scale": torch.tensor(scale, dtype=torch.float32),
+            "source_size": torch.tensor(source, dtype=torch.long),
+        }
 
 
-def scatter_into(merged: dict[str, Any], result: dict[str, Any], index: Tensor, batch: int,
-                  region_shape: tuple[int, int]) -> None:
+def scatter_into(
+    merged: dict[str, Any], result: dict[str, Any], index: Tensor, batch: int, region_shape: tuple[int, int]
+) -> None:
     """Write one bucket's results into the whole call's tensors, padding region grids to ``region_shape``."""
     for key, value in result.items():
         if isinstance(value, dict):
@@ -269,13 +316,22 @@ def dense_tensor(value: Any, name: str, expected: str) -> Tensor:
     if not isinstance(value, Tensor):
         raise InvalidTypeError(f"{name} must be {expected}; got {type(value).__name__}")
     if value.layout != torch.strided or value.device.type == "meta":
-        raise InvalidTypeError(f"{name} must be a dense tensor holding data; got layout {value.layout} on {value.device}")
+        raise InvalidTypeError(
+            f"{name} must be a dense tensor holding data; got layout {value.layout} on {value.device}"
+        )
     return value
 
 
-def build_output(merged: Mapping[str, Any], groups: list[PreprocessedBatch],
-                 grids: Callable[[int], tuple[tuple[int, int], tuple[int, int]]], batch: int, budgets: list[int] | None,
-                 names: list[str], region_size: int, timings: dict[str, float]) -> ScoreOutput:
+def build_output(
+    merged: Mapping[str, Any],
+    groups: list[PreprocessedBatch],
+    grids: Callable[[int], tuple[tuple[int, int], tuple[int, int]]],
+    batch: int,
+    budgets: list[int] | None,
+    names: list[str],
+    region_size: int,
+    timings: dict[str, float],
+) -> ScoreOutput:
     """The call's output; its tensors are built when first read (most callers read a few of its 17 results)."""
     source = OutputSource(merged, groups, grids, batch, budgets)
     values = {"names": names, "region_size": region_size, "timings": timings}

@@ -56,13 +56,19 @@ class ScoreOutput:
     def image(self, index: int) -> dict[str, Any]:
         """Image ``index``'s results as plain Python values, cropped to its own region grid (for JSON)."""
         rh, rw = (int(v) for v in self.region_grid[index])
-        out: dict[str, Any] = {"name": self.names[index], "bucket": int(self.bucket[index]),
-                               "source_size": [int(v) for v in self.source_size[index]],
-                               "patch_grid": [int(v) for v in self.patch_grid[index]],
-                               "region_grid": [rh, rw], "region_size": self.region_size}
+        out: dict[str, Any] = {
+            "name": self.names[index],
+            "bucket": int(self.bucket[index]),
+            "source_size": [int(v) for v in self.source_size[index]],
+            "patch_grid": [int(v) for v in self.patch_grid[index]],
+            "region_grid": [rh, rw],
+            "region_size": self.region_size,
+        }
         out["relevance"] = self.relevance[index, :rh, :rw].tolist()  # ok-sync: JSON export
         out["scores"] = {k: v[index, :rh, :rw].tolist() for k, v in self.scores.items()}  # ok-sync
-        out["balance"] = {k: (v[index, :rh, :rw] if v.ndim == 3 else v[index]).tolist() for k, v in self.balance.items()}  # ok-sync
+        out["balance"] = {
+            k: (v[index, :rh, :rw] if v.ndim == 3 else v[index]).tolist() for k, v in self.balance.items()
+        }  # ok-sync
         if self.timings:
             out["timings_ms"] = dict(self.timings)
         return out

@@ -50,6 +50,7 @@ logger = logging.getLogger(__name__)
 #: With CUDA graphs, a batch pads up to the nearest of these (beyond the last: the next multiple of it).
 BATCH_BUCKETS: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64)
 
+
 def _batch_bucket(batch: int) -> int:
     last = BATCH_BUCKETS[-1]
     return next((b for b in BATCH_BUCKETS if b >= batch), -(-batch // last) * last)
@@ -82,18 +83,29 @@ class Pipeline(nn.Module):
         graph_cache: the cache of captured chains (a new one, bounded to 32 entries, by default).
     """
 
-    def __init__(self, config: PipelineConfig | None = None, *, weights: str | os.PathLike[str] | None = None,
-                 device: torch.device | str | None = None, cuda_graphs: bool | None = None, compile: bool = False,
-                 concurrent: bool = True, graph_cache: GraphCache | None = None) -> None:
+    def __init__(
+        self,
+        config: PipelineConfig | None = None,
+        *,
+        weights: str | os.PathLike[str] | None = None,
+        device: torch.device | str | None = None,
+        cuda_graphs: bool | None = None,
+        compile: bool = False,
+        concurrent: bool = True,
+        graph_cache: GraphCache | None = None,
+    ) -> None:
         super().__init__()
         if config is not None and not isinstance(config, PipelineConfig):
-            raise InvalidTypeError(f"config must be a PipelineConfig (PipelineConfig.from_dict reads a dict); got "
-                                   f"{type(config).__name__}")
+            raise InvalidTypeError(
+                f"config must be a PipelineConfig (PipelineConfig.from_dict reads a dict); got {type(config).__name__}"
+            )
         if device is not None:
             try:
                 device = torch.device(device)
             except (RuntimeError, TypeError) as err:
-                raise InvalidInputError(f'device must be a torch device such as "cpu" or "cuda"; got {device!r}') from err
+                raise InvalidInputError(
+                    f'device must be a torch device such as "cpu" or "cuda"; got {device!r}'
+                ) from err
         self.config = config = config or PipelineConfig()
         self.weights_path = None if weights is None else os.fspath(weights)
         self.preprocessor = Preprocessor(config.buckets, multiple=1)
@@ -115,9 +127,17 @@ class Pipeline(nn.Module):
 
     # --- construction ---------------------------------------------------------------------------------
     @classmethod
-    def from_pretrained(cls, path: str | os.PathLike[str] | None = None, *, device: torch.device | str | None = None,
-                        cuda_graphs: bool | None = None, compile: bool = False, concurrent: bool = True,
-                        graph_cache: GraphCache | None = None, **overrides: Any) -> Pipeline:
+    def from_pretrained(
+        cls,
+        path: str | os.PathLike[str] | None = None,
+        *,
+        device: torch.device | str | None = None,
+        cuda_graphs: bool | None = None,
+        compile: bool = False,
+        concurrent: bool = True,
+        graph_cache: GraphCache | None = None,
+        **overrides: Any,
+    ) -> Pipeline:
         """Load a pipeline from a folder with ``config.json`` and ``encoder.safetensors``; offline.
 
         A ``text_query.safetensors`` beside them (the trained query encoder) is loaded as ``text_encoder``, so
@@ -135,25 +155,41 @@ class Pipeline(nn.Module):
         folder = Path(path) if path is not None else DEFAULT_WEIGHTS_DIR
         config_file, weights_file = folder / "config.json", folder / "encoder.safetensors"
         where = "the shipped weights folder" if path is None else "path"
-        untrained = ("(Pipeline() builds an untrained pipeline on purpose: a random encoder, weight-free "
-                     "propositional and perspectival scorers, no text queries.)")
+        untrained = (
+            "(Pipeline() builds an untrained pipeline on purpose: a random encoder, weight-free "
+            "propositional and perspectival scorers, no text queries.)"
+        )
         if not config_file.is_file():
-            raise MissingWeightsError(f"{where} {os.fspath(folder)!r} holds no config.json; expected a folder saved by "
-                                      f"Pipeline.save_pretrained {untrained}")
+            raise MissingWeightsError(
+                f"{where} {os.fspath(folder)!r} holds no config.json; expected a folder saved by "
+                f"Pipeline.save_pretrained {untrained}"
+            )
         try:
             config = PipelineConfig.from_json(config_file.read_text())
         except InvalidInputError as err:
             raise type(err)(f"{os.fspath(config_file)!r}: {err}") from err
         if not weights_file.is_file():
-            raise MissingWeightsError(f"{where} {os.fspath(folder)!r} holds no encoder.safetensors, so the encoder "
-                                      f"would be untrained {untrained}")
-        pipe = cls(config.replace(**overrides), weights=weights_file, device=device, cuda_graphs=cuda_graphs,
-                   compile=compile, concurrent=concurrent, graph_cache=graph_cache)
+            raise MissingWeightsError(
+                f"{where} {os.fspath(folder)!r} holds no encoder.safetensors, so the encoder "
+                f"would be untrained {untrained}"
+            )
+        pipe = cls(
+            config.replace(**overrides),
+            weights=weights_file,
+            device=device,
+            cuda_graphs=cuda_graphs,
+            compile=compile,
+            concurrent=concurrent,
+            graph_cache=graph_cache,
+        )
         if (folder / TEXT_QUERY_FILE).is_file():  # the trained query encoder: text queries become embeddings
             pipe.text_encoder = TextQueryEncoder.from_pretrained(folder, device=pipe.device)
         elif path is None:
-            warnings.warn(f"the shipped weights folder {os.fspath(folder)!r} lacks {TEXT_QUERY_FILE}: text queries "
-                          "will raise MissingWeightsError (query embeddings still work)", stacklevel=2)
+            warnings.warn(
+                f"the shipped weights folder {os.fspath(folder)!r} lacks {TEXT_QUERY_FILE}: text queries "
+                "will raise MissingWeightsError (query embeddings still work)",
+                stacklevel=2,
+            )
         return pipe
 
     def save_pretrained(self, path: str | os.PathLike[str]) -> None:
@@ -201,8 +237,9 @@ class Pipeline(nn.Module):
         return prepare_query(query, query_mask, batch, self.width, self.device, self.text_encoder)
 
     # --- running ----------------------------------------------------------------------------------------
-    def stages(self, bucket: int, capacity: int = 0, *, concurrent: bool | None = None,
-               compile: bool = False) -> list[Stage]:
+    def stages(
+        self, bucket: int, capacity: int = 0, *, concurrent: bool | None = None, compile: bool = False
+    ) -> list[Stage]:
         """The chain after preprocess for one bucket, in order, as ``(name, fn)``: encode, then the head's steps.
 
         Each ``fn`` reads named tensors from a state dict and returns the new ones; the chain starts from
@@ -235,21 +272,31 @@ class Pipeline(nn.Module):
         def encode(s: dict[str, Any]) -> dict[str, Any]:
             pixels = s["pixels"]
             (features, prefix), layout_out = run_branches(
-                (lambda: features_of(pixels), lambda: layout_of(pixels, s["valid"])), pixels.device, concurrent)
+                (lambda: features_of(pixels), lambda: layout_of(pixels, s["valid"])), pixels.device, concurrent
+            )
             return {"features": features, "prefix": prefix, **dict(zip(_LAYOUT_KEYS, layout_out))}
 
         return [("encode", encode), *head.stages(capacity, concurrent=concurrent, compile=compile)]
 
     # --- graphs ----------------------------------------------------------------------------------------------
     def _graph_key(self, bucket: int, batch: int, capacity: int, query_tokens: int) -> GraphKey:
-        return GraphKey(bucket, _batch_bucket(batch), ENCODER_DTYPES[self.config.encoder_dtype], self.device, capacity,
-                        _query_bucket(query_tokens))
+        return GraphKey(
+            bucket,
+            _batch_bucket(batch),
+            ENCODER_DTYPES[self.config.encoder_dtype],
+            self.device,
+            capacity,
+            _query_bucket(query_tokens),
+        )
 
     def _static_inputs(self, key: GraphKey) -> dict[str, Tensor]:
         b, s, device = key.batch, key.bucket, key.device
-        inputs = {"pixels": torch.full((b, 3, s, s), 0.5, device=device), "valid": torch.ones(b, 1, s, s, device=device),
-                  "query": torch.zeros(b, key.query_tokens, self.width, device=device),
-                  "query_mask": torch.zeros(b, key.query_tokens, dtype=torch.bool, device=device)}
+        inputs = {
+            "pixels": torch.full((b, 3, s, s), 0.5, device=device),
+            "valid": torch.ones(b, 1, s, s, device=device),
+            "query": torch.zeros(b, key.query_tokens, self.width, device=device),
+            "query_mask": torch.zeros(b, key.query_tokens, dtype=torch.bool, device=device),
+        }
         if key.capacity:  # relevance-only chains take no budget
             inputs["budget"] = torch.ones(b, dtype=torch.long, device=device)
         return inputs
@@ -275,8 +322,14 @@ class Pipeline(nn.Module):
             self._capture_failed(key, err)
             return None
 
-    def warmup(self, sizes: Sequence[int] | None = None, batch_sizes: Sequence[int] = (1, 8, 64), *,
-               budget: int = CAPACITY_STEP, query_tokens: int = 1) -> dict[str, Any]:
+    def warmup(
+        self,
+        sizes: Sequence[int] | None = None,
+        batch_sizes: Sequence[int] = (1, 8, 64),
+        *,
+        budget: int = CAPACITY_STEP,
+        query_tokens: int = 1,
+    ) -> dict[str, Any]:
         """Capture the graphs up front, largest first (as serving engines do), so no call pays for a capture.
 
         Args:
@@ -298,8 +351,15 @@ class Pipeline(nn.Module):
                         self._chain(self._graph_key(size, batch, cap, query_tokens))
         return self.graph_cache.stats()
 
-    def _run_stages(self, state: dict[str, Any], bucket: int, capacity: int, timer: StageTimer,
-                    copy: bool = True, device: torch.device | None = None) -> Mapping[str, Any]:
+    def _run_stages(
+        self,
+        state: dict[str, Any],
+        bucket: int,
+        capacity: int,
+        timer: StageTimer,
+        copy: bool = True,
+        device: torch.device | None = None,
+    ) -> Mapping[str, Any]:
         """Run one bucket's stages, as one graph when possible; returns the result entries.
 
         Graphed, the results are a :class:`~arrcoc.runtime.graphs.ChainResult`: the caller's own copies, or with
@@ -319,26 +379,45 @@ class Pipeline(nn.Module):
         return {k: state[k] for k in RESULT_KEYS if k in state}
 
     @torch.inference_mode()
-    def _run(self, images: Any, query: Any, query_mask: Tensor | None, budget: Any, profile: bool,
-             copy: bool = True, budget_policy: str = "exact") -> ScoreOutput:
+    def _run(
+        self,
+        images: Any,
+        query: Any,
+        query_mask: Tensor | None,
+        budget: Any,
+        profile: bool,
+        copy: bool = True,
+        budget_policy: str = "exact",
+    ) -> ScoreOutput:
         device = self.device
         timer = StageTimer(profile, device) if profile else UNTIMED
         with timer("preprocess"):
             if isinstance(images, PreprocessedBatch):  # already letterboxed into one bucket (a data-set loader)
                 if images.bucket not in self.config.buckets:
-                    raise InvalidInputError(f"a PreprocessedBatch of bucket {images.bucket} is not one of this "
-                                            f"pipeline's buckets {self.config.buckets}")
+                    raise InvalidInputError(
+                        f"a PreprocessedBatch of bucket {images.bucket} is not one of this "
+                        f"pipeline's buckets {self.config.buckets}"
+                    )
                 groups = [images.to(device)]
             else:
                 groups = self.preprocessor(images, device=device)
         batch = sum(len(g.indices) for g in groups)
         query, query_mask = self.prepare_query(query, query_mask, batch)
-        budgets, capacity = check_budgets(budget, groups, batch, lambda b: self.encoder(b).grid, self.config, budget_policy) if budget is not None else (None, 0)
+        budgets, capacity = (
+            check_budgets(budget, groups, batch, lambda b: self.encoder(b).grid, self.config, budget_policy)
+            if budget is not None
+            else (None, 0)
+        )
 
         if len(groups) == 1:  # one bucket, images in order: the results are already the call's own (or zero-copy)
             (group,) = groups
-            state: dict[str, Any] = {"pixels": group.pixels, "valid": group.valid, "query": query,
-                                     "query_mask": query_mask, "budget": budget_tensor(budgets, device)}
+            state: dict[str, Any] = {
+                "pixels": group.pixels,
+                "valid": group.valid,
+                "query": query,
+                "query_mask": query_mask,
+                "budget": budget_tensor(budgets, device),
+            }
             merged: Mapping[str, Any] = self._run_stages(state, group.bucket, capacity, timer, copy, device)
             names = list(group.names)
         else:
@@ -349,24 +428,38 @@ class Pipeline(nn.Module):
             for group in groups:
                 index = torch.tensor(group.indices, device=device)
                 rows = None if budgets is None else [budgets[i] for i in group.indices]
-                state = {"pixels": group.pixels, "valid": group.valid, "query": query[index],
-                         "query_mask": query_mask[index], "budget": budget_tensor(rows, device)}
+                state = {
+                    "pixels": group.pixels,
+                    "valid": group.valid,
+                    "query": query[index],
+                    "query_mask": query_mask[index],
+                    "budget": budget_tensor(rows, device),
+                }
                 result = self._run_stages(state, group.bucket, capacity, timer, device=device)
                 scatter_into(merged, result, index, batch, (rh, rw))
                 for i, name in zip(group.indices, group.names):
                     names[i] = name
 
-        return build_output(merged, groups, self._grids, batch, budgets, names, self.config.region_size,
-                            timer.times if profile else {})
+        return build_output(
+            merged, groups, self._grids, batch, budgets, names, self.config.region_size, timer.times if profile else {}
+        )
 
     def _grids(self, bucket: int) -> tuple[tuple[int, int], tuple[int, int]]:
         """``(region grid, patch grid)`` of a bucket."""
         grid = self.encoder(bucket).grid
         return region_grid(grid, self.config.region_size), grid
 
-    def forward(self, images: Any, query: Any = None, budget: int | Sequence[int] | Tensor = 256, *,
-                query_mask: Tensor | None = None, budget_policy: str = "exact", profile: bool = False,
-                copy: bool = True) -> CompressionOutput:
+    def forward(
+        self,
+        images: Any,
+        query: Any = None,
+        budget: int | Sequence[int] | Tensor = 256,
+        *,
+        query_mask: Tensor | None = None,
+        budget_policy: str = "exact",
+        profile: bool = False,
+        copy: bool = True,
+    ) -> CompressionOutput:
         """Compress images to ``budget`` tokens each.
 
         Args:
@@ -390,12 +483,21 @@ class Pipeline(nn.Module):
             :class:`CompressionOutput`.
         """
         if budget is None:  # None means relevance only: that is score(), not a compression
-            raise BudgetError("budget must be a positive whole number of tokens, or one per image; got None "
-                              "(for relevance maps without compression, call Pipeline.score)")
+            raise BudgetError(
+                "budget must be a positive whole number of tokens, or one per image; got None "
+                "(for relevance maps without compression, call Pipeline.score)"
+            )
         return self._run(images, query, query_mask, budget, profile, copy, budget_policy)  # type: ignore[return-value]
 
-    def score(self, images: Any, query: Any = None, *, query_mask: Tensor | None = None,
-              profile: bool = False, copy: bool = True) -> ScoreOutput:
+    def score(
+        self,
+        images: Any,
+        query: Any = None,
+        *,
+        query_mask: Tensor | None = None,
+        profile: bool = False,
+        copy: bool = True,
+    ) -> ScoreOutput:
         """Relevance only: the three maps and the balanced relevance, no allocation or compression.
 
         ``copy`` as in :meth:`forward`.
@@ -409,8 +511,12 @@ def graph_inputs(key: GraphKey, state: dict[str, Any]) -> dict[str, Tensor]:
     A query shorter than the entry's query bucket is padded with masked-out zero tokens. Padding rows of
     the batch bucket are not written: they keep an earlier call's (finite) inputs, and no stage mixes rows.
     """
-    values = {"pixels": state["pixels"], "valid": state["valid"], "query": state["query"],
-              "query_mask": state["query_mask"]}
+    values = {
+        "pixels": state["pixels"],
+        "valid": state["valid"],
+        "query": state["query"],
+        "query_mask": state["query_mask"],
+    }
     if key.capacity:
         values["budget"] = state["budget"]
     missing = key.query_tokens - values["query"].shape[1]

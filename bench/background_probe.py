@@ -64,9 +64,11 @@ def priorities(sample: VQASample, size: int, grid: int, generator: torch.Generat
     """Each oracle's ``(grid, grid)`` priority for one sample; random tie-breaking below 1."""
     noise = torch.rand(grid, grid, generator=generator)
     objects = [box for kind, _, box in sample.layout if kind != "glyph"]
-    return {"objects+background": 2 * _patches_of(objects, size, grid) + noise,
-            "answer+random": 2 * _patches_of(list(sample.boxes), size, grid) + noise,
-            "random": noise}
+    return {
+        "objects+background": 2 * _patches_of(objects, size, grid) + noise,
+        "answer+random": 2 * _patches_of(list(sample.boxes), size, grid) + noise,
+        "random": noise,
+    }
 
 
 def signed_error(answer: str, truth: str) -> str:
@@ -86,20 +88,23 @@ def run(size: int, share: float, samples: int, family: str, device: torch.device
     register_reducer("probe-priority")(lambda **_: selection)
     shared: dict[str, Any] = {}
     oracle = project_adapter(model, tokenizer, "probe-priority", shared, text_encoder, "off")
-    methods = {name: project_adapter(model, tokenizer, name, shared, text_encoder, "off") for name in ("arrcoc", "divprune")}
+    methods = {
+        name: project_adapter(model, tokenizer, name, shared, text_encoder, "off") for name in ("arrcoc", "divprune")
+    }
     grid = size // 16
     patches = grid * grid
     budget = max(1, round(share * patches))
     family_index = QUESTION_FAMILIES.index(family)
-    questions = [make_sample(VALIDATION_SEED + i * len(QUESTION_FAMILIES) + family_index, size, family)
-                 for i in range(samples)]
+    questions = [
+        make_sample(VALIDATION_SEED + i * len(QUESTION_FAMILIES) + family_index, size, family) for i in range(samples)
+    ]
     names = ["full", "objects+background", "answer+random", "random", *methods]
     right = dict.fromkeys(names, 0)
     errors: dict[str, collections.Counter[str]] = {name: collections.Counter() for name in names}
     generator = torch.Generator().manual_seed(0)
     start = time.perf_counter()
     for lo in range(0, samples, 50):
-        batch = questions[lo: lo + 50]
+        batch = questions[lo : lo + 50]
         pixels = pixel_values(model, [s.image for s in batch], device)
         prompts = [s.question for s in batch]
         drawn = [priorities(s, size, grid, generator) for s in batch]
@@ -115,20 +120,42 @@ def run(size: int, share: float, samples: int, family: str, device: torch.device
                     right[name] += 1
                 else:
                     errors[name][signed_error(answer, sample.answer)] += 1
-    return {"device": device_name(device), "torch": torch.__version__, "model": "weights/", "size": size,
-            "patches": patches, "share": share, "tokens": budget, "family": family, "samples": samples,
-            "seed": VALIDATION_SEED, "seconds": round(time.perf_counter() - start, 1),
-            "results": {name: {"tokens": patches if name == "full" else budget, "right": right[name],
-                               "accuracy": right[name] / samples, "errors": dict(errors[name])} for name in names}}
+    return {
+        "device": device_name(device),
+        "torch": torch.__version__,
+        "model": "weights/",
+        "size": size,
+        "patches": patches,
+        "share": share,
+        "tokens": budget,
+        "family": family,
+        "samples": samples,
+        "seed": VALIDATION_SEED,
+        "seconds": round(time.perf_counter() - start, 1),
+        "results": {
+            name: {
+                "tokens": patches if name == "full" else budget,
+                "right": right[name],
+                "accuracy": right[name] / samples,
+                "errors": dict(errors[name]),
+            }
+            for name in names
+        },
+    }
 
 
 def to_markdown(report: dict[str, Any]) -> str:
-    lines = [f"# Background probe: {report['family']} questions at {report['size']} px, {report['tokens']} of "
-             f"{report['patches']} tokens — {report['device']}", "",
-             f"torch {report['torch']}, model `{report['model']}`, {report['samples']} questions (validation seeds from "
-             f"{report['seed']}), greedy answers, exact match. The oracles know the scene's layout; see "
-             "`bench/background_probe.py`.", "",
-             "| selection | tokens | right | accuracy | wrong answers by signed error |", "|---|---:|---:|---:|---|"]
+    lines = [
+        f"# Background probe: {report['family']} questions at {report['size']} px, {report['tokens']} of "
+        f"{report['patches']} tokens — {report['device']}",
+        "",
+        f"torch {report['torch']}, model `{report['model']}`, {report['samples']} questions (validation seeds from "
+        f"{report['seed']}), greedy answers, exact match. The oracles know the scene's layout; see "
+        "`bench/background_probe.py`.",
+        "",
+        "| selection | tokens | right | accuracy | wrong answers by signed error |",
+        "|---|---:|---:|---:|---|",
+    ]
     for name, row in report["results"].items():
         errors = ", ".join(f"{k}: {v}" for k, v in sorted(row["errors"].items())) or "—"
         lines.append(f"| {name} | {row['tokens']} | {row['right']} | {100 * row['accuracy']:.1f} | {errors} |")

@@ -20,7 +20,9 @@ import arrcoc
 
 
 def _world(seeds: range, size: int) -> list:
-    data = importlib.import_module("arrcoc.world.data" if importlib.util.find_spec("arrcoc.world") else "arrcoc.world.data")
+    data = importlib.import_module(
+        "arrcoc.world.data" if importlib.util.find_spec("arrcoc.world") else "arrcoc.world.data"
+    )
     return [data.make_sample(s, size) for s in seeds]
 
 
@@ -37,7 +39,10 @@ def snapshot() -> dict[str, torch.Tensor]:
     pipe = arrcoc.Pipeline.from_pretrained()
     samples = _world(range(600_000, 600_012), 224) + _world(range(600_100, 600_104), 384)
     rng = np.random.default_rng(0)
-    photos = [Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)) for h, w in ((191, 384), (300, 200), (224, 224))]
+    photos = [
+        Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8))
+        for h, w in ((191, 384), (300, 200), (224, 224))
+    ]
     images = [s.image for s in samples] + photos
     questions = [s.question for s in samples] + ["what color is the circle"] * len(photos)
 
@@ -59,19 +64,30 @@ def snapshot() -> dict[str, torch.Tensor]:
     reducers = _reducers()
     grid = pipe.encoder(224)
     with torch.inference_mode():
-        batch = torch.stack([torch.from_numpy(np.asarray(s.image.convert("RGB"))).permute(2, 0, 1) for s in samples[:8]]).float() / 255
+        batch = (
+            torch.stack(
+                [torch.from_numpy(np.asarray(s.image.convert("RGB"))).permute(2, 0, 1) for s in samples[:8]]
+            ).float()
+            / 255
+        )
         features, _ = grid.features(batch)
         query, qmask = pipe.prepare_query([s.question for s in samples[:8]], None, 8)
         for name in ("arrcoc", "arrcoc-propositional", "arrcoc-perspectival", "arrcoc-participatory"):
             reducer = reducers.create_reducer(name, config=pipe.config)
             for with_query in (True, False):
-                visual = reducers.VisualInput(features.float(), pixels=batch, query=query if with_query else None,
-                                              query_mask=qmask if with_query else None)
+                visual = reducers.VisualInput(
+                    features.float(),
+                    pixels=batch,
+                    query=query if with_query else None,
+                    query_mask=qmask if with_query else None,
+                )
                 r = reducer(visual, 30)
                 tag = f"reducer.{name}.{'q' if with_query else 'noq'}"
                 out[f"{tag}.tokens"], out[f"{tag}.positions"] = r.tokens.clone(), r.positions.clone()
                 out[f"{tag}.allocation"], out[f"{tag}.relevance"] = r.allocation.clone(), r.relevance.clone()
-    train = importlib.import_module("arrcoc.world.train" if importlib.util.find_spec("arrcoc.world") else "arrcoc.world.train")
+    train = importlib.import_module(
+        "arrcoc.world.train" if importlib.util.find_spec("arrcoc.world") else "arrcoc.world.train"
+    )
     g = torch.Generator().manual_seed(3)
     tokens, boxes = train.random_compression(features.float().flatten(1, 2), g, 0.2)
     out["train.tokens"], out["train.boxes"] = tokens, boxes
@@ -86,10 +102,14 @@ def main(argv: list[str]) -> int:
         print(f"saved {len(now)} tensors to {path}")
         return 0
     before = torch.load(path)
-    differ = [k for k in before if k not in now or before[k].shape != now[k].shape or not torch.equal(before[k], now[k])]
+    differ = [
+        k for k in before if k not in now or before[k].shape != now[k].shape or not torch.equal(before[k], now[k])
+    ]
     missing = sorted(set(now) - set(before))
-    print(f"{len(before)} tensors compared: {len(before) - len(differ)} bit-identical, {len(differ)} differ"
-          + (f", {len(missing)} new" if missing else ""))
+    print(
+        f"{len(before)} tensors compared: {len(before) - len(differ)} bit-identical, {len(differ)} differ"
+        + (f", {len(missing)} new" if missing else "")
+    )
     for k in differ[:20]:
         print("  differs:", k)
     return 1 if differ else 0

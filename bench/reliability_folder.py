@@ -59,8 +59,23 @@ def _summary(stdout: str) -> dict[str, int]:
 
 
 def _command(folder: Path, out: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "arrcoc", "compress", str(folder), "--out", str(out), "--preset", "tiny",
-            "--budget", "16", "--device", "cpu", "--quiet", *extra]
+    return [
+        sys.executable,
+        "-m",
+        "arrcoc",
+        "compress",
+        str(folder),
+        "--out",
+        str(out),
+        "--preset",
+        "tiny",
+        "--budget",
+        "16",
+        "--device",
+        "cpu",
+        "--quiet",
+        *extra,
+    ]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -80,8 +95,11 @@ def main(argv: list[str] | None = None) -> int:
     # 1. One whole run.
     start = time.perf_counter()
     done = subprocess.run(_command(folder, work / "out1"), capture_output=True, text=True)
-    report["full_run"] = {"seconds": round(time.perf_counter() - start, 1), "exit_code": done.returncode,
-                          **_summary(done.stdout)}
+    report["full_run"] = {
+        "seconds": round(time.perf_counter() - start, 1),
+        "exit_code": done.returncode,
+        **_summary(done.stdout),
+    }
     listed = [line for line in done.stderr.splitlines() if line.startswith("arrcoc: failed:")]
     report["full_run"]["broken_listed_with_reason"] = sum(any(name in line for line in listed) for name in broken)
     report["full_run"]["reports_written"] = len(list((work / "out1").glob("*.json")))
@@ -103,16 +121,24 @@ def main(argv: list[str] | None = None) -> int:
     resumed = subprocess.run(_command(folder, out, "--resume"), capture_output=True, text=True)
     summary = _summary(resumed.stdout)
     report["killed_and_resumed"] = {
-        "killed_after_seconds": round(killed_seconds, 1), "exit_signal": -process.returncode,
-        "reports_complete_at_kill": complete_at_kill, "temporaries_left_by_kill": temporaries,
-        "resume_seconds": round(time.perf_counter() - start, 1), "resume_exit_code": resumed.returncode, **summary,
-        "reports_after_resume": len(list(out.glob("*.json"))), "temporaries_after_resume": len(list(out.glob(".*.tmp"))),
+        "killed_after_seconds": round(killed_seconds, 1),
+        "exit_signal": -process.returncode,
+        "reports_complete_at_kill": complete_at_kill,
+        "temporaries_left_by_kill": temporaries,
+        "resume_seconds": round(time.perf_counter() - start, 1),
+        "resume_exit_code": resumed.returncode,
+        **summary,
+        "reports_after_resume": len(list(out.glob("*.json"))),
+        "temporaries_after_resume": len(list(out.glob(".*.tmp"))),
         "recomputed_complete_images": summary["processed"] - (good - summary["skipped"]),
     }
-    report["ok"] = (report["full_run"]["reports_written"] == good and report["full_run"]["exit_code"] == 1
-                    and report["full_run"]["broken_listed_with_reason"] == len(broken)
-                    and report["killed_and_resumed"]["reports_after_resume"] == good
-                    and summary["processed"] == good - complete_at_kill)
+    report["ok"] = (
+        report["full_run"]["reports_written"] == good
+        and report["full_run"]["exit_code"] == 1
+        and report["full_run"]["broken_listed_with_reason"] == len(broken)
+        and report["killed_and_resumed"]["reports_after_resume"] == good
+        and summary["processed"] == good - complete_at_kill
+    )
     Path(args.out).mkdir(parents=True, exist_ok=True)
     (Path(args.out) / "reliability-folder-cpu.json").write_text(json.dumps(report, indent=2))
     print(json.dumps(report, indent=2))

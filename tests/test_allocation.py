@@ -19,7 +19,11 @@ def problems(draw: st.DrawFn) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
     """Random relevance (ties, zeros, huge range), per-region bounds and a feasible budget per image."""
     b = draw(st.integers(1, 4))
     r = draw(st.integers(1, 64))
-    palette = draw(st.lists(st.sampled_from([0.0, 1e-12, 1e-6, 0.5, 1.0, 3.0, 1e3, 1e6]) | st.floats(0, 1e6), min_size=1, max_size=8))
+    palette = draw(
+        st.lists(
+            st.sampled_from([0.0, 1e-12, 1e-6, 0.5, 1.0, 3.0, 1e3, 1e6]) | st.floats(0, 1e6), min_size=1, max_size=8
+        )
+    )
     values = draw(st.lists(st.sampled_from(palette), min_size=b * r, max_size=b * r))
     relevance = torch.tensor(values, dtype=torch.float32).view(b, r)
     low = torch.tensor(draw(st.lists(st.integers(0, 2), min_size=b * r, max_size=b * r))).view(b, r)
@@ -89,11 +93,14 @@ def test_shapes_and_int_budget() -> None:
     assert out.shape == (2, 3, 4) and out.flatten(1).sum(1).tolist() == [20, 20]
 
 
-@pytest.mark.parametrize("relevance, match", [
-    (torch.tensor([[1.0, float("nan")]]), "1 NaN or infinite"),
-    (torch.tensor([[1.0, float("inf")]]), "NaN or infinite"),
-    (torch.tensor([[1.0, -0.5]]), "non-negative"),
-])
+@pytest.mark.parametrize(
+    "relevance, match",
+    [
+        (torch.tensor([[1.0, float("nan")]]), "1 NaN or infinite"),
+        (torch.tensor([[1.0, float("inf")]]), "NaN or infinite"),
+        (torch.tensor([[1.0, -0.5]]), "non-negative"),
+    ],
+)
 def test_bad_relevance(relevance: torch.Tensor, match: str) -> None:
     with pytest.raises(InvalidInputError, match=match):
         allocate(relevance, 2, 0, 4)
@@ -108,8 +115,10 @@ def test_bad_types() -> None:
         allocate(torch.rand(1, 2), 2, min_tokens=0.5)
 
 
-@pytest.mark.parametrize("budget, match", [(True, "whole number"), (3.5, "whole number"),
-                                           (torch.tensor([2.0]), "integer"), (torch.tensor([1, 2]), "shape")])
+@pytest.mark.parametrize(
+    "budget, match",
+    [(True, "whole number"), (3.5, "whole number"), (torch.tensor([2.0]), "integer"), (torch.tensor([1, 2]), "shape")],
+)
 def test_bad_budget_types(budget, match: str) -> None:
     with pytest.raises(BudgetError, match=match):
         allocate(torch.rand(1, 4), budget, 0, 4)

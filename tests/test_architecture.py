@@ -11,14 +11,21 @@ PACKAGE = Path(__file__).resolve().parent.parent / "arrcoc"
 
 #: Each room's rank: a module may import from rooms of a lower rank, and from its own room.
 RANKS = {
-    "errors": 0, "config": 0.5, "outputs": 0.5,
-    "runtime": 1, "stages": 1.5,
-    "frontend": 1.8, "pipeline": 2, "reducers": 2,
-    "integrations": 3, "datasets": 3,
+    "errors": 0,
+    "config": 0.5,
+    "outputs": 0.5,
+    "runtime": 1,
+    "stages": 1.5,
+    "frontend": 1.8,
+    "pipeline": 2,
+    "reducers": 2,
+    "integrations": 3,
+    "datasets": 3,
     "hf": 3.5,
     "world": 4,
     "tools": 5,
-    "cli": 6, "__main__": 7,
+    "cli": 6,
+    "__main__": 7,
 }
 
 
@@ -44,8 +51,11 @@ def _imports(path: Path) -> list[tuple[int, tuple[str, ...]]]:
                 continue
             found += [(node.lineno, n) for n in names if n]
         elif isinstance(node, ast.Import):
-            found += [(node.lineno, tuple(a.name.split(".")[1:])) for a in node.names
-                      if a.name.split(".")[0] == "arrcoc" and len(a.name.split(".")) > 1]
+            found += [
+                (node.lineno, tuple(a.name.split(".")[1:]))
+                for a in node.names
+                if a.name.split(".")[0] == "arrcoc" and len(a.name.split(".")) > 1
+            ]
     return found
 
 

@@ -23,15 +23,22 @@ NAMES = list_reducers()
 def _visual(b: int = 2, seed: int = 0, gh: int = GH, gw: int = GW) -> VisualInput:
     """Every optional field filled, so any reducer can run."""
     g = torch.Generator().manual_seed(seed)
-    return VisualInput(features=torch.randn(b, gh, gw, D, generator=g), pixels=torch.rand(b, 3, gh * 4, gw * 4, generator=g),
-                       cls_attention=torch.rand(b, gh, gw, generator=g).softmax(-1),
-                       text_attention=torch.rand(b, gh, gw, generator=g))
+    return VisualInput(
+        features=torch.randn(b, gh, gw, D, generator=g),
+        pixels=torch.rand(b, 3, gh * 4, gw * 4, generator=g),
+        cls_attention=torch.rand(b, gh, gw, generator=g).softmax(-1),
+        text_attention=torch.rand(b, gh, gw, generator=g),
+    )
 
 
 def _take(visual: VisualInput, index: int) -> VisualInput:
     """Image ``index`` of a batch as a batch of one."""
-    return VisualInput(**{f.name: None if getattr(visual, f.name) is None else getattr(visual, f.name)[index: index + 1]
-                          for f in dataclasses.fields(visual)})
+    return VisualInput(
+        **{
+            f.name: None if getattr(visual, f.name) is None else getattr(visual, f.name)[index : index + 1]
+            for f in dataclasses.fields(visual)
+        }
+    )
 
 
 def _covered(out: ReducedTokens, b: int) -> torch.Tensor:

@@ -54,8 +54,22 @@ def source(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _args(source: Path, dest: Path, model: Path, *extra: str) -> list[str]:
-    return [os.fspath(source), os.fspath(dest), "--budget", "8", "--pretrained", os.fspath(model), "--device", "cpu",
-            "--batch-size", "4", "--shard-size", str(SHARD_SIZE), "--quiet", *extra]
+    return [
+        os.fspath(source),
+        os.fspath(dest),
+        "--budget",
+        "8",
+        "--pretrained",
+        os.fspath(model),
+        "--device",
+        "cpu",
+        "--batch-size",
+        "4",
+        "--shard-size",
+        str(SHARD_SIZE),
+        "--quiet",
+        *extra,
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -140,8 +154,14 @@ def test_records_read_back_equal_the_pipeline(reference: Path, model: Path) -> N
 
 def _rank(rank: int, world: int, port: int, args: list[str], die_after_one_shard: bool) -> None:
     """A process as torchrun starts it (its environment), forked from this one so torch is imported already."""
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    os.environ.update(
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(world),
+        LOCAL_WORLD_SIZE=str(world),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+    )
     torch.set_num_threads(1)
     if die_after_one_shard:
         real = compress_dataset.write_shard
@@ -161,8 +181,9 @@ def _run_processes(world: int, args: list[str], *, die_after_one_shard: bool = F
     """Exit codes of ``world`` processes running ``arrcoc compress-dataset args`` as torchrun would start them."""
     context = torch.multiprocessing.get_context("fork")
     port = _free_port()
-    processes = [context.Process(target=_rank, args=(rank, world, port, args, die_after_one_shard))
-                 for rank in range(world)]
+    processes = [
+        context.Process(target=_rank, args=(rank, world, port, args, die_after_one_shard)) for rank in range(world)
+    ]
     for process in processes:
         process.start()
     deadline = time.monotonic() + 120
@@ -177,7 +198,9 @@ def _run_processes(world: int, args: list[str], *, die_after_one_shard: bool = F
     return [process.exitcode for process in processes]
 
 
-def test_two_processes_write_the_same_dataset_as_one(tmp_path: Path, source: Path, model: Path, reference: Path) -> None:
+def test_two_processes_write_the_same_dataset_as_one(
+    tmp_path: Path, source: Path, model: Path, reference: Path
+) -> None:
     dest = tmp_path / "two"
     args = _args(source, dest, model, "--workers", "1", "--stats-json", os.fspath(tmp_path / "stats-{rank}.json"))
     assert _run_processes(2, args) == [0, 0]
@@ -188,9 +211,9 @@ def test_two_processes_write_the_same_dataset_as_one(tmp_path: Path, source: Pat
     _assert_same_dataset(dest, reference)
 
 
-def test_a_killed_run_restarts_and_completes_with_nothing_lost_or_duplicated(tmp_path: Path, source: Path, model: Path,
-                                                                             reference: Path,
-                                                                             capsys: pytest.CaptureFixture[str]) -> None:
+def test_a_killed_run_restarts_and_completes_with_nothing_lost_or_duplicated(
+    tmp_path: Path, source: Path, model: Path, reference: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     dest = tmp_path / "killed"
     args = _args(source, dest, model, "--workers", "1")
     assert _run_processes(1, args, die_after_one_shard=True) == [-signal.SIGKILL]
@@ -203,8 +226,9 @@ def test_a_killed_run_restarts_and_completes_with_nothing_lost_or_duplicated(tmp
     _assert_same_dataset(dest, reference)
 
 
-def test_max_shards_stops_early_and_a_rerun_resumes(tmp_path: Path, source: Path, model: Path, reference: Path,
-                                                    capsys: pytest.CaptureFixture[str]) -> None:
+def test_max_shards_stops_early_and_a_rerun_resumes(
+    tmp_path: Path, source: Path, model: Path, reference: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     dest = tmp_path / "partial"
     with _one_thread():
         assert compress_main(_args(source, dest, model, "--workers", "0", "--max-shards", "2")) == EXIT_INCOMPLETE
@@ -215,8 +239,9 @@ def test_max_shards_stops_early_and_a_rerun_resumes(tmp_path: Path, source: Path
     _assert_same_dataset(dest, reference)
 
 
-def test_other_settings_into_the_same_folder_are_refused(tmp_path: Path, reference: Path, source: Path, model: Path,
-                                                         capsys: pytest.CaptureFixture[str]) -> None:
+def test_other_settings_into_the_same_folder_are_refused(
+    tmp_path: Path, reference: Path, source: Path, model: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     args = _args(source, reference, model)
     args[args.index("--budget") + 1] = "12"
     before = tmp_path / "before"
@@ -227,11 +252,17 @@ def test_other_settings_into_the_same_folder_are_refused(tmp_path: Path, referen
     _assert_same_dataset(reference, before)
 
 
-@pytest.mark.parametrize("flag, value, message", [("--budget", "0", "budget must be a whole number >= 1"),
-                                                   ("--shard-size", "0", "shard_size must be"),
-                                                   ("--device", "cuda:3", "--device must be cpu or cuda")])
-def test_bad_arguments_are_clear_errors(tmp_path: Path, source: Path, model: Path, flag: str, value: str, message: str,
-                                        capsys: pytest.CaptureFixture[str]) -> None:
+@pytest.mark.parametrize(
+    "flag, value, message",
+    [
+        ("--budget", "0", "budget must be a whole number >= 1"),
+        ("--shard-size", "0", "shard_size must be"),
+        ("--device", "cuda:3", "--device must be cpu or cuda"),
+    ],
+)
+def test_bad_arguments_are_clear_errors(
+    tmp_path: Path, source: Path, model: Path, flag: str, value: str, message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
     args = _args(source, tmp_path / "out", model)
     if flag in args:
         args[args.index(flag) + 1] = value
@@ -244,8 +275,11 @@ def test_bad_arguments_are_clear_errors(tmp_path: Path, source: Path, model: Pat
 def test_a_list_file_keeps_its_order_and_reports_missing_files(tmp_path: Path, source: Path, model: Path) -> None:
     listing = tmp_path / "list.txt"
     listing.write_text(f"# three images\n{source / 'img03.png'}\n\nmissing.png\n{source / 'img02.png'}\n")
-    assert list_sources(listing) == [os.fspath(source / "img03.png"), os.fspath(tmp_path / "missing.png"),
-                                     os.fspath(source / "img02.png")]
+    assert list_sources(listing) == [
+        os.fspath(source / "img03.png"),
+        os.fspath(tmp_path / "missing.png"),
+        os.fspath(source / "img02.png"),
+    ]
     dest = tmp_path / "listed"
     assert compress_main(_args(listing, dest, model, "--workers", "0")) == 0
     index = load_index(dest)
@@ -255,9 +289,9 @@ def test_a_list_file_keeps_its_order_and_reports_missing_files(tmp_path: Path, s
         list_sources(source / "img02.png")
 
 
-def test_a_query_file_steers_every_image_and_is_part_of_the_settings(tmp_path: Path, source: Path, model: Path,
-                                                                     reference: Path,
-                                                                     capsys: pytest.CaptureFixture[str]) -> None:
+def test_a_query_file_steers_every_image_and_is_part_of_the_settings(
+    tmp_path: Path, source: Path, model: Path, reference: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     from safetensors.torch import save_file
 
     pipe = arrcoc.Pipeline.from_pretrained(model)
@@ -282,7 +316,9 @@ def test_a_query_file_steers_every_image_and_is_part_of_the_settings(tmp_path: P
 
 
 @pytest.mark.cuda
-def test_cuda_graphs_write_what_the_pipeline_returns_for_the_same_batch(tmp_path: Path, source: Path, model: Path) -> None:
+def test_cuda_graphs_write_what_the_pipeline_returns_for_the_same_batch(
+    tmp_path: Path, source: Path, model: Path
+) -> None:
     from arrcoc.datasets.compress_dataset import _Decode
     from arrcoc.datasets.gpu_input import valid_mask
     from arrcoc.stages.preprocess import PreprocessedBatch
@@ -292,16 +328,23 @@ def test_cuda_graphs_write_what_the_pipeline_returns_for_the_same_batch(tmp_path
     listing.write_text("\n".join(small) + "\n")
     pipe = arrcoc.Pipeline.from_pretrained(model, device="cuda")
     assert pipe.cuda_graphs
-    stats = compress_dataset.compress_dataset(listing, tmp_path / "gpu", pipe, 8, batch_size=8, workers=2,
-                                              progress=False)
+    stats = compress_dataset.compress_dataset(
+        listing, tmp_path / "gpu", pipe, 8, batch_size=8, workers=2, progress=False
+    )
     assert stats.complete and stats.images == 6 and stats.errors == 0
     loaded = [_Decode(list(enumerate(small)), pipe.config.buckets)[i] for i in range(6)]
     assert {item.bucket for item in loaded} == {64}  # one bucket, one batch: the same graph replay
     sizes = torch.tensor([item.content_size for item in loaded])
-    batch = PreprocessedBatch(pixels=torch.stack([item.pixels for item in loaded]), valid=valid_mask(sizes, 64),
-                              scale=torch.tensor([item.scale for item in loaded]),
-                              source_size=torch.tensor([item.source_size for item in loaded]), content_size=sizes,
-                              indices=list(range(6)), names=small, bucket=64)
+    batch = PreprocessedBatch(
+        pixels=torch.stack([item.pixels for item in loaded]),
+        valid=valid_mask(sizes, 64),
+        scale=torch.tensor([item.scale for item in loaded]),
+        source_size=torch.tensor([item.source_size for item in loaded]),
+        content_size=sizes,
+        indices=list(range(6)),
+        names=small,
+        bucket=64,
+    )
     out = pipe(batch, budget=8)
     for i, record in enumerate(load_index(tmp_path / "gpu")):
         got = load_record(tmp_path / "gpu", record, device="cuda")
@@ -310,18 +353,36 @@ def test_cuda_graphs_write_what_the_pipeline_returns_for_the_same_batch(tmp_path
 
 
 @pytest.mark.cuda
-def test_torchrun_on_one_gpu_with_nccl_matches_one_process(tmp_path: Path, source: Path, model: Path,
-                                                           reference: Path) -> None:
+def test_torchrun_on_one_gpu_with_nccl_matches_one_process(
+    tmp_path: Path, source: Path, model: Path, reference: Path
+) -> None:
     import subprocess
 
     args = _args(source, tmp_path / "nccl", model, "--workers", "2")
     args[args.index("--device") + 1] = "cuda"
-    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "1",
-                           "-m", "arrcoc.cli", "compress-dataset", *args], capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc-per-node",
+            "1",
+            "-m",
+            "arrcoc.cli",
+            "compress-dataset",
+            *args,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     assert "rank 0/1" in done.stdout and "complete" in done.stdout
     got, want = load_index(tmp_path / "nccl"), load_index(reference)
-    assert [(r["source"], r["status"], r["shard"]) for r in got] == [(r["source"], r["status"], r["shard"]) for r in want]
+    assert [(r["source"], r["status"], r["shard"]) for r in got] == [
+        (r["source"], r["status"], r["shard"]) for r in want
+    ]
 
 
 def test_compressed_dataset_serves_every_ok_record_through_a_dataloader(reference: Path) -> None:

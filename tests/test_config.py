@@ -19,20 +19,35 @@ def test_overrides_and_bucket_normalisation() -> None:
     assert config.buckets == (224, 384) and config.min_tokens == 0
 
 
-@pytest.mark.parametrize("field, value, match", [
-    ("region_size", 0, "region_size"), ("min_tokens", -1, "min_tokens"), ("max_tokens", 17, "max_tokens"),
-    ("token_capacity", 0, "token_capacity"), ("encoder_dtype", "int8", "encoder_dtype"), ("buckets", (), "buckets"),
-    ("version", 99, "version"), ("query_detail", 1.5, "query_detail"), ("query_detail", -0.1, "query_detail"),
-    ("query_detail", float("nan"), "query_detail"),
-])
+@pytest.mark.parametrize(
+    "field, value, match",
+    [
+        ("region_size", 0, "region_size"),
+        ("min_tokens", -1, "min_tokens"),
+        ("max_tokens", 17, "max_tokens"),
+        ("token_capacity", 0, "token_capacity"),
+        ("encoder_dtype", "int8", "encoder_dtype"),
+        ("buckets", (), "buckets"),
+        ("version", 99, "version"),
+        ("query_detail", 1.5, "query_detail"),
+        ("query_detail", -0.1, "query_detail"),
+        ("query_detail", float("nan"), "query_detail"),
+    ],
+)
 def test_bad_fields_are_named(field: str, value, match: str) -> None:
     with pytest.raises(InvalidInputError, match=match):
         PipelineConfig(**{field: value})
 
 
-@pytest.mark.parametrize("kwargs, match", [({"exploit": 1.5}, "exploit"), ({"weights": (1, -1, 1)}, "weights"),
-                                           ({"temperature_range": (1.0, 0.1)}, "temperature_range"),
-                                           ({"scarcity": -0.1}, "scarcity")])
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"exploit": 1.5}, "exploit"),
+        ({"weights": (1, -1, 1)}, "weights"),
+        ({"temperature_range": (1.0, 0.1)}, "temperature_range"),
+        ({"scarcity": -0.1}, "scarcity"),
+    ],
+)
 def test_bad_balance(kwargs, match: str) -> None:
     with pytest.raises(InvalidInputError, match=match):
         BalanceConfig(**kwargs)

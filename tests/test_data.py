@@ -72,7 +72,7 @@ def test_text_glyphs_are_about_one_patch_at_every_size() -> None:
             height = s.boxes[0][3] - s.boxes[0][1]
             patch = 16
             assert 0.8 * patch * size / 224 <= height <= 2.2 * patch * size / 224  # glyphs plus frame
-            box = np.asarray(s.image)[s.boxes[0][1]:s.boxes[0][3], s.boxes[0][0]:s.boxes[0][2]]
+            box = np.asarray(s.image)[s.boxes[0][1] : s.boxes[0][3], s.boxes[0][0] : s.boxes[0][2]]
             assert (box.max(-1) < 60).mean() > 0.05  # dark ink inside the frame
 
 
@@ -105,4 +105,9 @@ def test_generation_is_pure_it_neither_reads_nor_moves_the_global_random_state()
     assert random.getstate() == states[0] and np.array_equal(np.random.get_state()[1], states[1])
     assert torch.equal(torch.get_rng_state(), states[2])
     assert np.array_equal(np.asarray(fresh.image), np.asarray(late.image))
-    assert (fresh.question, fresh.answer, fresh.boxes, fresh.layout) == (late.question, late.answer, late.boxes, late.layout)
+    assert (fresh.question, fresh.answer, fresh.boxes, fresh.layout) == (
+        late.question,
+        late.answer,
+        late.boxes,
+        late.layout,
+    )

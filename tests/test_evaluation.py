@@ -76,10 +76,18 @@ def test_glyphs_right_counts_glyphs_at_their_place() -> None:
     assert glyphs_right("4KP", "K4P") == 1 and glyphs_right("", "K4") == 0
 
 
-@pytest.mark.parametrize(("kwargs", "message"), [
-    ({"methods": ("nope",)}, "unknown"), ({"shares": (0.0,)}, r"\(0, 1\]"), ({"shares": (1.5,)}, r"\(0, 1\]"),
-    ({"sizes": ()}, "sizes must not be empty"), ({"families": ("colour",)}, "colour"),
-    ({"samples_per_family": 0}, "samples_per_family must be >= 1"), ({"batch_size": 0}, "batch_size")])
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"methods": ("nope",)}, "unknown"),
+        ({"shares": (0.0,)}, r"\(0, 1\]"),
+        ({"shares": (1.5,)}, r"\(0, 1\]"),
+        ({"sizes": ()}, "sizes must not be empty"),
+        ({"families": ("colour",)}, "colour"),
+        ({"samples_per_family": 0}, "samples_per_family must be >= 1"),
+        ({"batch_size": 0}, "batch_size"),
+    ],
+)
 def test_config_errors_name_the_setting(kwargs: dict[str, Any], message: str) -> None:
     with pytest.raises(arrcoc.InvalidInputError, match=message):
         EvalConfig(**kwargs)
@@ -98,9 +106,29 @@ def test_a_bad_option_is_a_usage_error(tmp_path: Path, capsys: pytest.CaptureFix
 def run(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Any], Path]:
     """The command end to end on a tiny random VLM: every method, two budgets, two sizes, one question per family."""
     out = tmp_path_factory.mktemp("eval")
-    code = main(["--random-init", "tiny", "--samples-per-family", "1", "--sizes", ",".join(map(str, SIZES)),
-                 "--budgets", ",".join(map(str, SHARES)), "--device", "cpu", "--out", str(out), "--tag", "ci",
-                 "--quiet", "--batch-size", "6", "--max-new-tokens", "2"])
+    code = main(
+        [
+            "--random-init",
+            "tiny",
+            "--samples-per-family",
+            "1",
+            "--sizes",
+            ",".join(map(str, SIZES)),
+            "--budgets",
+            ",".join(map(str, SHARES)),
+            "--device",
+            "cpu",
+            "--out",
+            str(out),
+            "--tag",
+            "ci",
+            "--quiet",
+            "--batch-size",
+            "6",
+            "--max-new-tokens",
+            "2",
+        ]
+    )
     assert code == 0
     return json.loads((out / "eval-ci.json").read_text()), out
 
@@ -135,7 +163,9 @@ def test_full_budget_is_the_same_for_every_method(run: tuple[dict[str, Any], Pat
 def test_adapter_reproduces_the_models_own_full_token_answers(run: tuple[dict[str, Any], Path]) -> None:
     report, _ = run
     for size in SIZES:
-        full = next(r for r in report["results"] if r["size"] == size and r["share"] == 1.0 and r["method"] == "uniform")
+        full = next(
+            r for r in report["results"] if r["size"] == size and r["share"] == 1.0 and r["method"] == "uniform"
+        )
         assert report["reference"][str(size)]["families"] == full["families"]
         assert report["reference"][str(size)]["text_glyphs"] == full["text_glyphs"]
 
@@ -168,9 +198,11 @@ def test_the_query_free_methods_get_a_table_of_their_own(run: tuple[dict[str, An
         assert rows == ["accuracy", *QUERY_FREE, "box share", *QUERY_FREE]  # no question-reading method here
 
 
-_CONTEST = re.compile(r"(?P<size>\d+) px, (?P<tokens>\d+) tokens \((?P<share>[\d.]+)%\), (?P<metric>accuracy|box share): "
-                      r"(?P<method>\S+) (?P<value>[\d.]+)%; ahead of (?P<ahead>\d+)/(?P<rivals>\d+) (?P<kind>[a-z -]+?)"
-                      r"(?:; not ahead of: (?P<behind>.*))?\.$")
+_CONTEST = re.compile(
+    r"(?P<size>\d+) px, (?P<tokens>\d+) tokens \((?P<share>[\d.]+)%\), (?P<metric>accuracy|box share): "
+    r"(?P<method>\S+) (?P<value>[\d.]+)%; ahead of (?P<ahead>\d+)/(?P<rivals>\d+) (?P<kind>[a-z -]+?)"
+    r"(?:; not ahead of: (?P<behind>.*))?\.$"
+)
 
 
 def _contest(line: str) -> tuple:
@@ -178,21 +210,50 @@ def _contest(line: str) -> tuple:
     m = _CONTEST.match(line)
     assert m, f"not a comparison sentence: {line!r}"
     behind = dict(item.rsplit(" ", 1) for item in m["behind"].split(", ")) if m["behind"] else {}
-    return (int(m["size"]), int(m["tokens"]), float(m["share"]), m["metric"], m["method"], float(m["value"]),
-            int(m["ahead"]), int(m["rivals"]), m["kind"], {k: float(v) for k, v in behind.items()})
+    return (
+        int(m["size"]),
+        int(m["tokens"]),
+        float(m["share"]),
+        m["metric"],
+        m["method"],
+        float(m["value"]),
+        int(m["ahead"]),
+        int(m["rivals"]),
+        m["kind"],
+        {k: float(v) for k, v in behind.items()},
+    )
 
 
 def test_findings_compare_arrcoc_with_full_tokens_and_each_baseline() -> None:
     """The facts the sentences carry, not their wording: the numbers, who counts as a rival (arrcoc's own ablations
     never; FastV, which reads the question, not for the query-free method), and that a tie is not "ahead"."""
-    def row(method: str, share: float, accuracy: float) -> dict[str, Any]:
-        return {"size": 224, "patches": 196, "method": method, "share": share, "tokens": round(196 * share),
-                "accuracy": accuracy, "families": {}, "box_share": None}
 
-    report = {"sizes": [224], "results": [row("arrcoc", 1.0, 0.9), row("arrcoc", 0.11, 0.81), row("tome", 0.11, 0.85),
-                                          row("uniform", 0.11, 0.5), row("arrcoc-perspectival", 0.11, 0.95),
-                                          row("arrcoc-noquery", 0.11, 0.6), row("fastv", 0.11, 0.99),
-                                          row("arrcoc", 0.5, 0.88), row("tome", 0.5, 0.95)]}  # 50%: above 33%, no contest
+    def row(method: str, share: float, accuracy: float) -> dict[str, Any]:
+        return {
+            "size": 224,
+            "patches": 196,
+            "method": method,
+            "share": share,
+            "tokens": round(196 * share),
+            "accuracy": accuracy,
+            "families": {},
+            "box_share": None,
+        }
+
+    report = {
+        "sizes": [224],
+        "results": [
+            row("arrcoc", 1.0, 0.9),
+            row("arrcoc", 0.11, 0.81),
+            row("tome", 0.11, 0.85),
+            row("uniform", 0.11, 0.5),
+            row("arrcoc-perspectival", 0.11, 0.95),
+            row("arrcoc-noquery", 0.11, 0.6),
+            row("fastv", 0.11, 0.99),
+            row("arrcoc", 0.5, 0.88),
+            row("tome", 0.5, 0.95),
+        ],
+    }  # 50%: above 33%, no contest
     full, *contests = findings(report)
     numbers = [float(x) for x in re.findall(r"\d+(?:\.\d+)?", full)]
     assert full.startswith("224 px") and numbers == [224, 11, 22, 81.0, 90.0, 196, 90.0]  # 0.81 / 0.9 of full
@@ -205,7 +266,18 @@ def test_findings_compare_arrcoc_with_full_tokens_and_each_baseline() -> None:
     next(r for r in report["results"] if r["method"] == "uniform")["box_share"] = 0.3  # ties arrcoc-noquery
     assert [_contest(line) for line in findings(report)] == [
         (224, 22, 11.0, "box share", "arrcoc", 40.5, 1, 3, "baselines", {"tome": 42.5, "fastv": 49.5}),
-        (224, 22, 11.0, "box share", "arrcoc-noquery", 30.0, 0, 2, "query-free baselines", {"tome": 42.5, "uniform": 30.0}),
+        (
+            224,
+            22,
+            11.0,
+            "box share",
+            "arrcoc-noquery",
+            30.0,
+            0,
+            2,
+            "query-free baselines",
+            {"tome": 42.5, "uniform": 30.0},
+        ),
     ]
 
 
@@ -220,9 +292,12 @@ def test_project_adapter_reads_the_trained_features_and_the_cls_attention() -> N
     adapter = project_adapter(model, tokenizer, "visionzip")
     for size in SIZES:
         samples = [make_sample(i, size, "color") for i in range(2)]
-        prepared = adapter.prepare(pixel_values(model, [s.image for s in samples]), [s.question for s in samples],
-                                   (size // 16) ** 2)
-        torch.testing.assert_close(prepared.reduced.tokens, vision_features(model, rgb_values([s.image for s in samples], "cpu")))
+        prepared = adapter.prepare(
+            pixel_values(model, [s.image for s in samples]), [s.question for s in samples], (size // 16) ** 2
+        )
+        torch.testing.assert_close(
+            prepared.reduced.tokens, vision_features(model, rgb_values([s.image for s in samples], "cpu"))
+        )
     tower = vision_tower(model)
     block = tower.blocks[-1]
     seen: list[torch.Tensor] = []
@@ -234,13 +309,30 @@ def test_project_adapter_reads_the_trained_features_and_the_cls_attention() -> N
     finally:
         hook.remove()
         block.attn.fused_attn = True
-    expected = seen[0].mean(1)[:, 0, tower.num_prefix_tokens:].unflatten(-1, (4, 4))
+    expected = seen[0].mean(1)[:, 0, tower.num_prefix_tokens :].unflatten(-1, (4, 4))
     torch.testing.assert_close(attention, expected)
 
 
 def test_box_share_only_skips_answers(tmp_path: Path) -> None:
-    code = main(["--random-init", "tiny", "--samples-per-family", "1", "--sizes", "64", "--budgets", "1,0.25",
-                 "--methods", "arrcoc,uniform", "--box-share-only", "--eager-reducers", "--out", str(tmp_path), "--quiet"])
+    code = main(
+        [
+            "--random-init",
+            "tiny",
+            "--samples-per-family",
+            "1",
+            "--sizes",
+            "64",
+            "--budgets",
+            "1,0.25",
+            "--methods",
+            "arrcoc,uniform",
+            "--box-share-only",
+            "--eager-reducers",
+            "--out",
+            str(tmp_path),
+            "--quiet",
+        ]
+    )
     assert code == 0
     report = json.loads((tmp_path / "eval.json").read_text())
     assert report["answers"] is False and report["reference"] == {}
@@ -266,5 +358,7 @@ def test_the_trained_text_encoder_gives_arrcocs_query() -> None:
     questions = [s.question for s in samples]
     project_adapter(model, tokenizer, "uniform", text_encoder=encoder).prepare(pixels, questions, 8)
     assert seen == []  # a reducer that reads no query does not run the encoder
-    prepared = project_adapter(model, tokenizer, "arrcoc-participatory", text_encoder=encoder).prepare(pixels, questions, 8)
+    prepared = project_adapter(model, tokenizer, "arrcoc-participatory", text_encoder=encoder).prepare(
+        pixels, questions, 8
+    )
     assert seen == [questions] and prepared.reduced.tokens.shape == (2, 8, 32)

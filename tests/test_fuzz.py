@@ -21,6 +21,7 @@ from arrcoc.tools.fuzz import FUZZ_BUCKETS, Case, families, fuzz, main, run_case
 EXAMPLES = int(os.environ.get("ARRCOC_FUZZ_EXAMPLES", "8"))
 FAMILIES = list(families(1, ".").keys())  # type: ignore[arg-type]
 
+
 @pytest.fixture(scope="module")
 def fuzz_pipe(tiny_config: arrcoc.PipelineConfig) -> arrcoc.Pipeline:
     return arrcoc.Pipeline(tiny_config.replace(buckets=FUZZ_BUCKETS))
@@ -30,8 +31,9 @@ def fuzz_pipe(tiny_config: arrcoc.PipelineConfig) -> arrcoc.Pipeline:
 def test_family(name: str, fuzz_pipe: arrcoc.Pipeline, tmp_path_factory: pytest.TempPathFactory) -> None:
     strategy = families(fuzz_pipe.width, tmp_path_factory.mktemp(name))[name]
 
-    @settings(max_examples=EXAMPLES, deadline=None, database=None, derandomize=True,
-              suppress_health_check=list(HealthCheck))
+    @settings(
+        max_examples=EXAMPLES, deadline=None, database=None, derandomize=True, suppress_health_check=list(HealthCheck)
+    )
     @given(case=strategy)
     def check(case: Case) -> None:
         outcome = run_case(case, fuzz_pipe)

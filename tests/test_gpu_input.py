@@ -109,11 +109,22 @@ def mixed(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return folder
 
 
-def _run(source: Path, dest: Path, device: str, batch_decode: bool, workers: int = 0,
-         **extra: object) -> compress_dataset.DatasetStats:
+def _run(
+    source: Path, dest: Path, device: str, batch_decode: bool, workers: int = 0, **extra: object
+) -> compress_dataset.DatasetStats:
     pipe = arrcoc.Pipeline(arrcoc.PipelineConfig.from_name("tiny", buckets=BUCKETS), device=device)
-    return compress_dataset.compress_dataset(source, dest, pipe, 8, batch_size=4, workers=workers, shard_size=5,
-                                             progress=False, batch_decode=batch_decode, **extra)
+    return compress_dataset.compress_dataset(
+        source,
+        dest,
+        pipe,
+        8,
+        batch_size=4,
+        workers=workers,
+        shard_size=5,
+        progress=False,
+        batch_decode=batch_decode,
+        **extra,
+    )
 
 
 def _compare(got: Path, want: Path, exact: bool) -> float:
@@ -121,7 +132,10 @@ def _compare(got: Path, want: Path, exact: bool) -> float:
     assert (got / INDEX_NAME).read_text() == (want / INDEX_NAME).read_text()
     assert sorted(os.listdir(got / SHARD_DIR)) == sorted(os.listdir(want / SHARD_DIR))
     for name in os.listdir(want / SHARD_DIR):
-        with safe_open(os.fspath(got / SHARD_DIR / name), "pt") as a, safe_open(os.fspath(want / SHARD_DIR / name), "pt") as b:
+        with (
+            safe_open(os.fspath(got / SHARD_DIR / name), "pt") as a,
+            safe_open(os.fspath(want / SHARD_DIR / name), "pt") as b,
+        ):
             assert a.metadata() == b.metadata() and sorted(a.keys()) == sorted(b.keys())
             for key in b.keys():
                 x, y = a.get_tensor(key), b.get_tensor(key)
@@ -162,8 +176,9 @@ def test_batched_decoding_resumes_after_max_shards(tmp_path: Path, mixed: Path, 
     _compare(dest, whole, exact=True)
 
 
-def test_the_decode_thread_writes_what_the_main_thread_does(tmp_path: Path, mixed: Path,
-                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_decode_thread_writes_what_the_main_thread_does(
+    tmp_path: Path, mixed: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The decode thread (on by default on CUDA) forced on the CPU: the same shards, bit for bit."""
     plain = tmp_path / "plain"
     _run(mixed, plain, "cpu", True)
@@ -193,8 +208,9 @@ def test_letterbox_on_the_gpu_matches_the_preprocessor() -> None:
 @pytest.mark.cuda
 def test_nvjpeg_decodes_close_to_pillow(mixed: Path) -> None:
     files = sorted(p for p in mixed.glob("*.jpg") if jpeg_size(p.read_bytes()) is not None)
-    decoded = decode_jpegs([torch.frombuffer(bytearray(p.read_bytes()), dtype=torch.uint8) for p in files],
-                           torch.device("cuda"))
+    decoded = decode_jpegs(
+        [torch.frombuffer(bytearray(p.read_bytes()), dtype=torch.uint8) for p in files], torch.device("cuda")
+    )
     for path, image in zip(files, decoded):
         pil = torch.from_numpy(np.array(Image.open(path).convert("RGB"))).permute(2, 0, 1)
         assert image.shape == pil.shape and image.dtype == torch.uint8

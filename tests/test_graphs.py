@@ -71,8 +71,10 @@ def test_graphed_equals_eager(pipes, size: int) -> None:
         if start % 16 == 0:
             query = None
         # budgets up to the bucket's patches: capped at each image's real patches, the same way on both paths
-        _assert_same(graphed(batch, query=query, budget=budget, budget_policy="cap"),
-                     eager(batch, query=query, budget=budget, budget_policy="cap"))
+        _assert_same(
+            graphed(batch, query=query, budget=budget, budget_policy="cap"),
+            eager(batch, query=query, budget=budget, budget_policy="cap"),
+        )
     assert graphed.graph_cache.stats()["hits"] > 0
 
 
@@ -211,8 +213,11 @@ def test_threads_get_their_own_results(pipes) -> None:
 
 @cuda
 def test_warmup_and_lru_bound() -> None:
-    pipe = arrcoc.Pipeline(arrcoc.PipelineConfig.from_name("tiny", buckets=(224, 384)), device="cuda",
-                           graph_cache=GraphCache(max_entries=3))
+    pipe = arrcoc.Pipeline(
+        arrcoc.PipelineConfig.from_name("tiny", buckets=(224, 384)),
+        device="cuda",
+        graph_cache=GraphCache(max_entries=3),
+    )
     stats = pipe.warmup(batch_sizes=(1, 2))
     assert stats["entries"] == 3 and stats["evictions"] == 5 and stats["captures"] == 8
     assert all(v["bytes"] > 0 for v in stats["per_entry"].values())
@@ -288,7 +293,10 @@ def test_zero_copy_results_are_views_until_the_entry_replays(pipes) -> None:
     graphed, eager = pipes
     first, second, other = _images(2, 224, seed=20), _images(2, 224, seed=21), _images(2, 384, seed=22)
     zero = graphed(first, budget=30, copy=False)
-    assert zero.tokens.data_ptr() == graphed.graph_cache.get(graphed._graph_key(224, 2, 64, 1), None).outputs.views["tokens"].data_ptr()
+    assert (
+        zero.tokens.data_ptr()
+        == graphed.graph_cache.get(graphed._graph_key(224, 2, 64, 1), None).outputs.views["tokens"].data_ptr()
+    )
     graphed(other, budget=30)  # another entry (384px) shares the pool but never writes this entry's buffers
     _assert_same(zero, eager(first, budget=30))
     owned = graphed(second, budget=30)  # the same entry: the views now hold the second call's data
@@ -305,10 +313,13 @@ def test_per_stage_graphs_equal_one_graph(pipes) -> None:
     with torch.inference_mode():
         one = GraphChain(stages, inputs, torch.cuda.graph_pool_handle(), outputs=outputs)
         many = GraphChain(stages, inputs, torch.cuda.graph_pool_handle(), outputs=outputs, per_stage=True)
-        values = {"pixels": torch.rand(2, 3, 224, 224, device="cuda"), "valid": torch.ones(2, 1, 224, 224, device="cuda"),
-                  "query": torch.randn(2, 1, graphed.width, device="cuda"),
-                  "query_mask": torch.ones(2, 1, dtype=torch.bool, device="cuda"),
-                  "budget": torch.tensor([5, 60], device="cuda")}
+        values = {
+            "pixels": torch.rand(2, 3, 224, 224, device="cuda"),
+            "valid": torch.ones(2, 1, 224, 224, device="cuda"),
+            "query": torch.randn(2, 1, graphed.width, device="cuda"),
+            "query_mask": torch.ones(2, 1, dtype=torch.bool, device="cuda"),
+            "budget": torch.tensor([5, 60], device="cuda"),
+        }
         a, b = one.run(values, 2), many.run(values, 2)
     assert [n for n, _ in many.graphs] == ["encode", "score", "balance", "allocate", "compress", "pack"]
     assert torch.equal(a["allocation"], b["allocation"]) and torch.equal(a["tokens"], b["tokens"])
@@ -382,12 +393,22 @@ _TOY_OUT = ("y", "flag", "stats", "half")
 
 
 def test_packed_tensors_one_kernel_for_a_full_write() -> None:
-    specs = {"flag": ((3, 2), torch.bool), "x": ((3, 4, 5), torch.float32), "n": ((3,), torch.int64),
-             "h": ((3, 7), torch.bfloat16), "empty": ((3, 0, 4), torch.float32)}
+    specs = {
+        "flag": ((3, 2), torch.bool),
+        "x": ((3, 4, 5), torch.float32),
+        "n": ((3,), torch.int64),
+        "h": ((3, 7), torch.bfloat16),
+        "empty": ((3, 0, 4), torch.float32),
+    }
     packed = PackedTensors(specs, "cpu")
     assert packed.names[0] == "n" and packed.names[-1] == "flag"  # largest items first: every block aligned
-    values = {"flag": torch.rand(3, 2) > 0.5, "x": torch.randn(3, 4, 5), "n": torch.arange(3) - 5,
-              "h": torch.randn(3, 7).bfloat16(), "empty": torch.zeros(3, 0, 4)}
+    values = {
+        "flag": torch.rand(3, 2) > 0.5,
+        "x": torch.randn(3, 4, 5),
+        "n": torch.arange(3) - 5,
+        "h": torch.randn(3, 7).bfloat16(),
+        "empty": torch.zeros(3, 0, 4),
+    }
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         packed.write(values)
     names = [e.name for e in prof.events()]
@@ -409,7 +430,9 @@ def test_chain_results_owned_or_zero_copy_with_a_generation_check() -> None:
     for result in (owned, zero):
         assert isinstance(result, ChainResult) and set(result) == set(_TOY_OUT)
         torch.testing.assert_close(result["y"], expected["y"])
-        assert torch.equal(result["stats"]["count"], expected["stats"]["count"]) and result["half"].dtype == torch.bfloat16
+        assert (
+            torch.equal(result["stats"]["count"], expected["stats"]["count"]) and result["half"].dtype == torch.bfloat16
+        )
     assert zero["y"].data_ptr() == chain.outputs.views["y"].data_ptr()  # zero-copy: the entry's own buffer
     assert owned.owned and not zero.owned and zero.valid()
     chain.run(second, 4)
@@ -455,8 +478,14 @@ def test_zero_copy_output_raises_on_stale_fields_only() -> None:
 
     chain = GraphChain(_toy_stages(), _toy_inputs(2), None, outputs=_TOY_OUT, backend="eager")
     result = chain.run(_toy_inputs(2, seed=4), 2, copy=False)
-    out = lazy_output(Out, {"names": ["a", "b"]}, lambda name: result.get_unchecked("y"), ["tokens"],
-                      check=result.check, checked=["tokens"])
+    out = lazy_output(
+        Out,
+        {"names": ["a", "b"]},
+        lambda name: result.get_unchecked("y"),
+        ["tokens"],
+        check=result.check,
+        checked=["tokens"],
+    )
     assert isinstance(out, Out) and type(out).__name__ == "ZeroCopyOut"
     assert torch.equal(out.tokens, result["y"])
     chain.run(_toy_inputs(2, seed=5), 2)
@@ -564,7 +593,11 @@ def test_pipeline_graph_path_on_cpu_equals_eager(tiny_config) -> None:
     images = [torch.rand(3, 120, 224), torch.rand(3, 200, 90)]
     query = torch.randn(3, graphed.width)  # 3 tokens: padded to the entry's bucket of 4
     a, b = graphed(images, query=query, budget=[7, 40]), eager(images, query=query, budget=[7, 40])
-    assert torch.equal(a.allocation, b.allocation) and torch.equal(a.mask, b.mask) and torch.equal(a.positions, b.positions)
+    assert (
+        torch.equal(a.allocation, b.allocation)
+        and torch.equal(a.mask, b.mask)
+        and torch.equal(a.positions, b.positions)
+    )
     torch.testing.assert_close(a.tokens, b.tokens)
     torch.testing.assert_close(a.scores["participatory"], b.scores["participatory"])
     assert graphed.graph_cache.stats()["per_entry"].keys() == {"224px/b2/float32/T64/L4"}
@@ -585,15 +618,19 @@ def test_a_call_issues_one_input_kernel_one_replay_and_one_copy_out() -> None:
     for copy, expected in ((True, ["aten::cat", "aten::clone"]), (False, ["aten::cat"])):
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
             chain.run(values, 4, copy=copy)
-        kernels = [e.name for e in prof.events() if e.name in ("aten::cat", "aten::clone", "aten::copy_", "aten::fill_")
-                   and (e.cpu_parent is None or not e.cpu_parent.name.startswith("aten::"))]
+        kernels = [
+            e.name
+            for e in prof.events()
+            if e.name in ("aten::cat", "aten::clone", "aten::copy_", "aten::fill_")
+            and (e.cpu_parent is None or not e.cpu_parent.name.startswith("aten::"))
+        ]
         assert kernels == expected
     assert len(replays) == 2
 
 
-@pytest.mark.parametrize("kwargs, match", [({"backend": "tpu"}, "backend must be one of"),
-                                           ({"max_entries": 0}, "max_entries must be")])
+@pytest.mark.parametrize(
+    "kwargs, match", [({"backend": "tpu"}, "backend must be one of"), ({"max_entries": 0}, "max_entries must be")]
+)
 def test_cache_rejects_bad_arguments_by_name(kwargs: dict, match: str) -> None:
     with pytest.raises(arrcoc.InvalidInputError, match=match):
         GraphCache(**kwargs)
-

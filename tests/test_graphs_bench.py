@@ -23,14 +23,30 @@ def test_a_failing_score_stage_is_narrowed_to_its_scorer(tiny_config: arrcoc.Pip
     pipe = arrcoc.Pipeline(tiny_config.replace(buckets=(64,)), cuda_graphs=False)
     with torch.inference_mode():
         (group,) = pipe.preprocessor([torch.rand(3, 50, 64)])
-        inputs = {"pixels": group.pixels, "valid": group.valid, "query": torch.zeros(1, 1, pipe.width),
-                  "query_mask": torch.zeros(1, 1, dtype=torch.bool), "budget": torch.tensor([8])}
+        inputs = {
+            "pixels": group.pixels,
+            "valid": group.valid,
+            "query": torch.zeros(1, 1, pipe.width),
+            "query_mask": torch.zeros(1, 1, dtype=torch.bool),
+            "budget": torch.tensor([8]),
+        }
         result: dict[str, Any] = {}
         bench_graphs._isolate(pipe.stages(64, 64), inputs, result, lambda: None, pipe, backend=_fails_on_avg_pool)
-    assert list(result["inductor_stage_errors"]) == ["score"] and "not comparable" in result["inductor_stage_errors"]["score"]
+    assert (
+        list(result["inductor_stage_errors"]) == ["score"]
+        and "not comparable" in result["inductor_stage_errors"]["score"]
+    )
     assert result["inductor_stages_ok"] == ["balance", "allocate", "compress", "encode"]
     assert list(result["inductor_scorer_errors"]) == ["perspectival"]
     assert result["inductor_scorers_ok"] == ["propositional", "participatory"]
-    table = bench_graphs._markdown({"device": "cpu", "torch": torch.__version__, "encoder": "tiny", "encoder_dtype": "float32",
-                                    "date": "now", "results": []})
+    table = bench_graphs._markdown(
+        {
+            "device": "cpu",
+            "torch": torch.__version__,
+            "encoder": "tiny",
+            "encoder_dtype": "float32",
+            "date": "now",
+            "results": [],
+        }
+    )
     assert "graphed" in table  # the report renders without results

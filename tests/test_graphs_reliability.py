@@ -40,8 +40,13 @@ def _pipe(**kwargs: Any) -> arrcoc.Pipeline:
 
 
 def _same(a: arrcoc.CompressionOutput, b: arrcoc.CompressionOutput) -> bool:
-    return (torch.equal(a.allocation, b.allocation) and torch.equal(a.mask, b.mask) and torch.equal(a.positions, b.positions)
-            and torch.equal(a.tokens, b.tokens) and torch.equal(a.relevance, b.relevance))
+    return (
+        torch.equal(a.allocation, b.allocation)
+        and torch.equal(a.mask, b.mask)
+        and torch.equal(a.positions, b.positions)
+        and torch.equal(a.tokens, b.tokens)
+        and torch.equal(a.relevance, b.relevance)
+    )
 
 
 def test_out_of_memory_during_capture_evicts_retries_then_raises_clearly() -> None:
@@ -73,8 +78,16 @@ def test_out_of_memory_during_capture_evicts_retries_then_raises_clearly() -> No
     again = pipe(images[224] * 2, budget=20)
     assert _same(again, eager(images[224] * 2, budget=20))
     assert pipe.graph_cache.stats()["entries"] == entries + 1
-    _record("oom", {"faults_injected": 3, "retries": pipe.graph_cache.stats()["oom_retries"], "entries_before": before["entries"],
-                    "evictions": pipe.graph_cache.stats()["evictions"], "clear_error": str(info.value)})
+    _record(
+        "oom",
+        {
+            "faults_injected": 3,
+            "retries": pipe.graph_cache.stats()["oom_retries"],
+            "entries_before": before["entries"],
+            "evictions": pipe.graph_cache.stats()["evictions"],
+            "clear_error": str(info.value),
+        },
+    )
 
 
 def test_a_failed_call_never_leaves_a_buffer_a_later_call_returns(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -99,6 +112,7 @@ def test_a_failed_call_never_leaves_a_buffer_a_later_call_returns(monkeypatch: p
         assert _same(out, eager(third, budget=40))
     with pytest.raises(arrcoc.ArrcocError):
         zero.tokens  # noqa: B018 (a later call replayed the entry: the zero-copy result is refused, not wrong)
+
     # a capture that fails half-way leaves no entry behind
     def failing_capture(*args: Any, **kwargs: Any) -> GraphChain:
         raise RuntimeError("injected failure during capture")
@@ -122,12 +136,22 @@ def test_memory_stays_bounded_cycling_sizes() -> None:
         assert len(pipe.graph_cache) <= 4
         if call in (199, 599, 999):
             torch.cuda.synchronize()
-            marks[call + 1] = {"allocated": torch.cuda.memory_allocated(), "reserved": torch.cuda.memory_reserved(),
-                               "entries": len(pipe.graph_cache), "cache_bytes": pipe.graph_cache.stats()["bytes"]}
+            marks[call + 1] = {
+                "allocated": torch.cuda.memory_allocated(),
+                "reserved": torch.cuda.memory_reserved(),
+                "entries": len(pipe.graph_cache),
+                "cache_bytes": pipe.graph_cache.stats()["bytes"],
+            }
     assert int(out.mask.sum()) == 16 * len(images[999 % 20])
     stats = pipe.graph_cache.stats()
-    figures = {"calls": 1000, "image_sizes": len(sizes), "max_entries": 4, "captures": stats["captures"],
-               "evictions": stats["evictions"], "marks": marks}
+    figures = {
+        "calls": 1000,
+        "image_sizes": len(sizes),
+        "max_entries": 4,
+        "captures": stats["captures"],
+        "evictions": stats["evictions"],
+        "marks": marks,
+    }
     _record("memory", figures)
     assert stats["evictions"] >= stats["captures"] - 4 > 0
     growth = marks[1000]["allocated"] - marks[200]["allocated"]
@@ -143,8 +167,14 @@ def test_threads_mixed_calls_equal_the_same_call_alone() -> None:
     for i in range(16):
         size = rng.choice([(180, 200), (300, 250), (224, 100), (400, 380)])
         batch = rng.choice([1, 2, 3])
-        query = None if i % 3 == 0 else torch.randn(rng.choice([1, 3]), pipe.width, generator=torch.Generator().manual_seed(i)).cuda()
-        jobs.append(([_image(*size, seed=10 * i + j) for j in range(batch)], query, [rng.randint(1, 60) for _ in range(batch)]))
+        query = (
+            None
+            if i % 3 == 0
+            else torch.randn(rng.choice([1, 3]), pipe.width, generator=torch.Generator().manual_seed(i)).cuda()
+        )
+        jobs.append(
+            ([_image(*size, seed=10 * i + j) for j in range(batch)], query, [rng.randint(1, 60) for _ in range(batch)])
+        )
     alone = [pipe(images, query=query, budget=budget) for images, query, budget in jobs]
     wrong, errors, barrier = [0] * 8, [], threading.Barrier(8)
 
@@ -165,6 +195,16 @@ def test_threads_mixed_calls_equal_the_same_call_alone() -> None:
     for t in threads:
         t.join()
     stats = pipe.graph_cache.stats()
-    _record("threads", {"threads": 8, "calls": 1600, "distinct_calls": len(jobs), "wrong": sum(wrong),
-                        "errors": errors, "entries": stats["entries"], "captures": stats["captures"]})
+    _record(
+        "threads",
+        {
+            "threads": 8,
+            "calls": 1600,
+            "distinct_calls": len(jobs),
+            "wrong": sum(wrong),
+            "errors": errors,
+            "entries": stats["entries"],
+            "captures": stats["captures"],
+        },
+    )
     assert not errors and wrong == [0] * 8

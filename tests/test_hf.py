@@ -26,33 +26,62 @@ def _tokenizer() -> transformers.PreTrainedTokenizerFast:
 
 def _text_config() -> transformers.LlamaConfig:
     # GQA (4 heads, 2 key/value heads) so the decoder's grouped attention is exercised.
-    return transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
-                                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                                    pad_token_id=0, eos_token_id=None, bos_token_id=1)
+    return transformers.LlamaConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        pad_token_id=0,
+        eos_token_id=None,
+        bos_token_id=1,
+    )
 
 
 def clip_llava(strategy: str = "default", layer: int | list[int] = -2) -> tuple[torch.nn.Module, object]:
     """LLaVA-1.5-shaped: a 3-layer CLIP tower on 32x32 pixels at patch 8 (4x4 grid), a 3-layer Llama."""
-    vision = transformers.CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3,
-                                           num_attention_heads=4, image_size=32, patch_size=8)
-    config = transformers.LlavaConfig(vision_config=vision, text_config=_text_config(), image_token_id=IMAGE_ID,
-                                      vision_feature_layer=layer, vision_feature_select_strategy=strategy)
+    vision = transformers.CLIPVisionConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4, image_size=32, patch_size=8
+    )
+    config = transformers.LlavaConfig(
+        vision_config=vision,
+        text_config=_text_config(),
+        image_token_id=IMAGE_ID,
+        vision_feature_layer=layer,
+        vision_feature_select_strategy=strategy,
+    )
     torch.manual_seed(0)
     model = transformers.LlavaForConditionalGeneration(config).eval()
     model.generation_config.eos_token_id = None
     images = transformers.CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
-    processor = transformers.LlavaProcessor(image_processor=images, tokenizer=_tokenizer(), patch_size=8,
-                                            vision_feature_select_strategy=strategy, num_additional_image_tokens=1,
-                                            image_token="<image>")
+    processor = transformers.LlavaProcessor(
+        image_processor=images,
+        tokenizer=_tokenizer(),
+        patch_size=8,
+        vision_feature_select_strategy=strategy,
+        num_additional_image_tokens=1,
+        image_token="<image>",
+    )
     return model, processor
 
 
 def timm_llava() -> torch.nn.Module:
     """The issue-5 shape: a timm ViT (2 blocks, patch 8, 32x32) behind TimmWrapperConfig, a 3-layer Llama."""
-    vision = transformers.TimmWrapperConfig(architecture="vit_tiny_patch16_224", hidden_size=192, do_pooling=False,
-                                            model_args={"img_size": 32, "patch_size": 8, "depth": 2})
-    config = transformers.LlavaConfig(vision_config=vision, text_config=_text_config(), image_token_id=IMAGE_ID,
-                                      vision_feature_layer=-1, vision_feature_select_strategy="full")
+    vision = transformers.TimmWrapperConfig(
+        architecture="vit_tiny_patch16_224",
+        hidden_size=192,
+        do_pooling=False,
+        model_args={"img_size": 32, "patch_size": 8, "depth": 2},
+    )
+    config = transformers.LlavaConfig(
+        vision_config=vision,
+        text_config=_text_config(),
+        image_token_id=IMAGE_ID,
+        vision_feature_layer=-1,
+        vision_feature_select_strategy="full",
+    )
     torch.manual_seed(0)
     model = transformers.LlavaForConditionalGeneration(config).eval()
     model.generation_config.eos_token_id = None
@@ -108,7 +137,8 @@ def test_timm_tower_full_budget_equals_its_block_outputs(timm: torch.nn.Module) 
     with torch.no_grad():
         prepared = adapter.prepare(pixels, PROMPTS[:2], 16)
         blocks = timm.model.vision_tower.timm_model.forward_intermediates(
-            pixels, indices=[1], output_fmt="NLC", intermediates_only=True)[0]  # (B, 16, 192)
+            pixels, indices=[1], output_fmt="NLC", intermediates_only=True
+        )[0]  # (B, 16, 192)
         expected = timm.model.multi_modal_projector(blocks)
         logits = adapter(pixels, PROMPTS[:2], budget=16).logits
         reference = timm(inputs_embeds=prepared.inputs_embeds, attention_mask=prepared.attention_mask).logits
@@ -153,10 +183,10 @@ def test_batch_equals_single_images_greedy(clip: tuple) -> None:
     with torch.no_grad():
         logits = adapter(images, PROMPTS, budget=6).logits[:, -1]
     for i in range(3):
-        single = adapter.generate(images[i:i + 1], PROMPTS[i:i + 1], budget=6, max_new_tokens=8, do_sample=False)
+        single = adapter.generate(images[i : i + 1], PROMPTS[i : i + 1], budget=6, max_new_tokens=8, do_sample=False)
         assert torch.equal(batch[i], single[0])
         with torch.no_grad():
-            alone = adapter(images[i:i + 1], PROMPTS[i:i + 1], budget=6).logits[0, -1]
+            alone = adapter(images[i : i + 1], PROMPTS[i : i + 1], budget=6).logits[0, -1]
         torch.testing.assert_close(logits[i], alone, rtol=1e-5, atol=1e-5)
 
 
@@ -168,7 +198,10 @@ def test_padding_never_reaches_attention(clip: tuple) -> None:
     prepared = adapter.prepare(_images(3), PROMPTS, 4)
     pad = prepared.attention_mask == 0
     assert pad.any()
-    noisy = prepared.inputs_embeds.masked_fill(pad[..., None], 0) + 5 * torch.randn_like(prepared.inputs_embeds) * pad[..., None]
+    noisy = (
+        prepared.inputs_embeds.masked_fill(pad[..., None], 0)
+        + 5 * torch.randn_like(prepared.inputs_embeds) * pad[..., None]
+    )
     with torch.no_grad():
         clean = model(inputs_embeds=prepared.inputs_embeds, attention_mask=prepared.attention_mask).logits
         dirty = model(inputs_embeds=noisy, attention_mask=prepared.attention_mask).logits
@@ -186,8 +219,16 @@ def test_sampling_through_model_generate(clip: tuple) -> None:
     for seed in (0, 0, None):  # seeded twice (equal), then greedy
         if seed is not None:
             torch.manual_seed(seed)
-        runs.append(adapter.generate(_images(1), PROMPTS[:1], budget=4, max_new_tokens=4, do_sample=seed is not None,
-                                     temperature=5.0 if seed is not None else None))
+        runs.append(
+            adapter.generate(
+                _images(1),
+                PROMPTS[:1],
+                budget=4,
+                max_new_tokens=4,
+                do_sample=seed is not None,
+                temperature=5.0 if seed is not None else None,
+            )
+        )
     assert runs[0].shape == (1, 4) and torch.equal(runs[0], runs[1])
     assert not torch.equal(runs[0], runs[2])  # at temperature 5 over 64 tokens, 4 draws all equal to argmax: ~never
 
@@ -208,8 +249,11 @@ def test_attention_maps_equal_the_models_own_attentions() -> None:
         got = fastv._text_attention(PROMPTS[:2], *fastv.features(pixels)[:2])  # (B, 4, 4)
         prepared = fastv.prepare(pixels, PROMPTS[:2], 16)
         lm = model.model.language_model
-        weights = lm(inputs_embeds=prepared.inputs_embeds, attention_mask=prepared.attention_mask,
-                     output_attentions=True).attentions[2].mean(1)  # (B, T, T)
+        weights = (
+            lm(inputs_embeds=prepared.inputs_embeds, attention_mask=prepared.attention_mask, output_attentions=True)
+            .attentions[2]
+            .mean(1)
+        )  # (B, T, T)
     slots = prepared.input_ids == IMAGE_ID
     for b in range(2):
         after = torch.arange(slots.shape[1]) > slots[b].nonzero().max()
@@ -252,8 +296,12 @@ def test_decoder_equals_transformers_greedy_generate(clip: tuple) -> None:
     decoder = GraphedDecoder.from_llava(model)
     assert not decoder.graphs  # CPU: eager
     with torch.no_grad():
-        expected = model.generate(inputs_embeds=prepared.inputs_embeds, attention_mask=prepared.attention_mask,
-                                  max_new_tokens=32, do_sample=False)
+        expected = model.generate(
+            inputs_embeds=prepared.inputs_embeds,
+            attention_mask=prepared.attention_mask,
+            max_new_tokens=32,
+            do_sample=False,
+        )
     got = decoder.generate(prepared.inputs_embeds, prepared.attention_mask, max_new_tokens=32)
     assert torch.equal(got, expected)
     via_adapter = adapter.generate(_images(3), PROMPTS, budget=6, decode="graphed", max_new_tokens=32)
@@ -266,13 +314,15 @@ def test_decoder_eos_and_sampling(clip: tuple) -> None:
     decoder = GraphedDecoder.from_llava(model)
     greedy = decoder.generate(prepared.inputs_embeds, prepared.attention_mask, max_new_tokens=6)
     eos = int(greedy[0, 2])
-    cut = decoder.generate(prepared.inputs_embeds, prepared.attention_mask, max_new_tokens=6, eos_token_id=eos,
-                           pad_token_id=0)
+    cut = decoder.generate(
+        prepared.inputs_embeds, prepared.attention_mask, max_new_tokens=6, eos_token_id=eos, pad_token_id=0
+    )
     first = int((greedy[0] == eos).nonzero()[0])
-    assert torch.equal(cut[0, : first + 1], greedy[0, : first + 1]) and (cut[0, first + 1:] == 0).all()
+    assert torch.equal(cut[0, : first + 1], greedy[0, : first + 1]) and (cut[0, first + 1 :] == 0).all()
     g = torch.Generator().manual_seed(1)
-    sampled = decoder.generate(prepared.inputs_embeds, prepared.attention_mask, max_new_tokens=6, do_sample=True,
-                               temperature=5.0, generator=g)
+    sampled = decoder.generate(
+        prepared.inputs_embeds, prepared.attention_mask, max_new_tokens=6, do_sample=True, temperature=5.0, generator=g
+    )
     assert sampled.shape == (2, 6) and sampled.min() >= 0 and sampled.max() < 64 and not torch.equal(sampled, greedy)
 
 
@@ -311,8 +361,19 @@ def test_generate_command(tmp_path, capsys: pytest.CaptureFixture[str]) -> None:
     model.save_pretrained(tmp_path / "model")
     processor.save_pretrained(tmp_path / "model")
     Image.fromarray(_images(1)[0]).save(tmp_path / "scene.png")
-    argv = [str(tmp_path / "scene.png"), "--prompt", "which side ?", "--model", str(tmp_path / "model"),
-            "--budget", "4", "--max-new-tokens", "5", "--device", "cpu"]
+    argv = [
+        str(tmp_path / "scene.png"),
+        "--prompt",
+        "which side ?",
+        "--model",
+        str(tmp_path / "model"),
+        "--budget",
+        "4",
+        "--max-new-tokens",
+        "5",
+        "--device",
+        "cpu",
+    ]
     assert main(argv) == 0
     answer = capsys.readouterr().out.strip().split()
     assert 1 <= len(answer) <= 5 and all(w in WORDS + [":", "?"] for w in answer)
@@ -329,8 +390,12 @@ def test_graphed_decode_equals_eager_decode_for_64_tokens(batch: int) -> None:
     adapter = ArrcocLlava(model, processor)
     prepared = adapter.prepare(_images(batch), PROMPTS[:batch], 6)
     with torch.no_grad():
-        eager = model.generate(inputs_embeds=prepared.inputs_embeds, attention_mask=prepared.attention_mask,
-                               max_new_tokens=64, do_sample=False)
+        eager = model.generate(
+            inputs_embeds=prepared.inputs_embeds,
+            attention_mask=prepared.attention_mask,
+            max_new_tokens=64,
+            do_sample=False,
+        )
     decoder = GraphedDecoder.from_llava(model)
     assert decoder.graphs
     graphed = decoder.generate(prepared.inputs_embeds, prepared.attention_mask, max_new_tokens=64)
@@ -352,8 +417,28 @@ def test_generation_benchmark_smoke(tmp_path) -> None:
 
     from arrcoc.tools.bench_generation import main as bench_main
 
-    argv = ["--preset", "tiny", "--device", "cpu", "--dtype", "float32", "--out", str(tmp_path), "--repeats", "1",
-            "--warmup", "0", "--budgets", "8", "--batches", "1", "--decode-tokens", "2", "--new-tokens", "2"]
+    argv = [
+        "--preset",
+        "tiny",
+        "--device",
+        "cpu",
+        "--dtype",
+        "float32",
+        "--out",
+        str(tmp_path),
+        "--repeats",
+        "1",
+        "--warmup",
+        "0",
+        "--budgets",
+        "8",
+        "--batches",
+        "1",
+        "--decode-tokens",
+        "2",
+        "--new-tokens",
+        "2",
+    ]
     assert bench_main(argv) == 0
     report = json.loads((tmp_path / "generation-cpu.json").read_text())
     assert report["errors"] == {} and set(report["sections"]) == {"ttft", "decode", "end_to_end"}

@@ -29,8 +29,10 @@ def _images(seed: int) -> list[torch.Tensor]:
 @pytest.fixture(scope="module")
 def pipes(tiny_config: arrcoc.PipelineConfig) -> tuple[arrcoc.Pipeline, arrcoc.Pipeline]:
     config = tiny_config.replace(buckets=(64, 128))
-    return (arrcoc.Pipeline(config, graph_cache=GraphCache(backend="eager")),
-            arrcoc.Pipeline(config, cuda_graphs=False))
+    return (
+        arrcoc.Pipeline(config, graph_cache=GraphCache(backend="eager")),
+        arrcoc.Pipeline(config, cuda_graphs=False),
+    )
 
 
 def _same(a: object, b: object) -> bool:
@@ -69,7 +71,11 @@ def test_fields_are_built_on_first_read_with_the_values_of_the_eager_path(pipes)
 def test_several_buckets_in_one_call_equal_the_eager_path(pipes) -> None:
     graphed, eager = pipes
     g = torch.Generator().manual_seed(2)
-    images = [torch.rand(3, 100, 120, generator=g), torch.rand(3, 50, 40, generator=g), torch.rand(3, 128, 90, generator=g)]
+    images = [
+        torch.rand(3, 100, 120, generator=g),
+        torch.rand(3, 50, 40, generator=g),
+        torch.rand(3, 128, 90, generator=g),
+    ]
     out, reference = graphed(images, budget=[5, 9, 30]), eager(images, budget=[5, 9, 30])
     assert out.bucket.tolist() == [128, 64, 128]
     _assert_same_output(out, reference)
@@ -146,8 +152,15 @@ def test_a_call_builds_no_result_tensor_until_one_is_read(pipes, monkeypatch: py
         out = graphed(images, budget=10)
     ops = sorted(e.name for e in prof.events() if e.cpu_parent is None)
     views = ops.count("aten::view")
-    assert [op for op in ops if op != "aten::view"] == ["aten::cat", "aten::clone", "aten::full", "aten::resolve_conj",
-                                                         "aten::resolve_neg", "aten::zeros", "aten::zeros"]
+    assert [op for op in ops if op != "aten::view"] == [
+        "aten::cat",
+        "aten::clone",
+        "aten::full",
+        "aten::resolve_conj",
+        "aten::resolve_neg",
+        "aten::zeros",
+        "aten::zeros",
+    ]
     assert views == 2 * 5  # pixels, valid, query, query_mask, budget: each viewed as bytes
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         out.tokens  # noqa: B018

@@ -91,8 +91,16 @@ def test_text_query_without_text_encoder_is_a_clear_error(tiny_pipe: arrcoc.Pipe
         tiny_pipe(_photo(100, 100, 0), query="what does the red sign say?", budget=8)
 
 
-@pytest.mark.parametrize("budget, match", [(0, "between 1 and 196"), (197, "between 1 and 196"), (2.5, "whole number"),
-                                           (True, "whole number"), ([3, 4], "one per image")])
+@pytest.mark.parametrize(
+    "budget, match",
+    [
+        (0, "between 1 and 196"),
+        (197, "between 1 and 196"),
+        (2.5, "whole number"),
+        (True, "whole number"),
+        ([3, 4], "one per image"),
+    ],
+)
 def test_bad_budgets(tiny_pipe: arrcoc.Pipeline, budget, match: str) -> None:
     with pytest.raises(arrcoc.BudgetError, match=match):
         tiny_pipe(_photo(200, 200, 0), budget=budget)
@@ -188,9 +196,13 @@ def test_cuda_matches_cpu(tiny_config: arrcoc.PipelineConfig) -> None:
 def test_cuda_stages_do_not_sync(tiny_config: arrcoc.PipelineConfig) -> None:
     pipe = arrcoc.Pipeline(tiny_config, device="cuda")
     (group,) = pipe.preprocessor([_photo(320, 240, 0)], device="cuda")
-    state = {"pixels": group.pixels, "valid": group.valid, "query": torch.zeros(1, 1, pipe.width, device="cuda"),
-             "query_mask": torch.zeros(1, 1, dtype=torch.bool, device="cuda"),
-             "budget": torch.tensor([40], device="cuda")}
+    state = {
+        "pixels": group.pixels,
+        "valid": group.valid,
+        "query": torch.zeros(1, 1, pipe.width, device="cuda"),
+        "query_mask": torch.zeros(1, 1, dtype=torch.bool, device="cuda"),
+        "budget": torch.tensor([40], device="cuda"),
+    }
     chain = pipe.stages(group.bucket, capacity=64)
     with torch.inference_mode():
         for _, stage in chain:  # warm up (lazy init may sync once)
@@ -266,8 +278,9 @@ def test_text_query_encoder_round_trip(tmp_path, tiny_config: arrcoc.PipelineCon
 # --- a token never stands for padding --------------------------------------------------------------------
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(height=st.integers(8, 400), width=st.integers(8, 400), share=st.floats(0.01, 1.5), cap=st.booleans())
-def test_no_kept_token_lies_on_padding(tiny_pipe: arrcoc.Pipeline, height: int, width: int, share: float,
-                                       cap: bool) -> None:
+def test_no_kept_token_lies_on_padding(
+    tiny_pipe: arrcoc.Pipeline, height: int, width: int, share: float, cap: bool
+) -> None:
     """For random sizes, aspect ratios and budgets: every kept token's area holds image, and the budget is
     either met exactly or refused (or, capped, lowered to the real patches and reported)."""
     image = torch.rand(3, height, width)
@@ -298,8 +311,9 @@ def test_from_pretrained_passes_the_pipelines_own_options_and_config_fields() ->
     """The options act, not only arrive: the eager-backend cache would capture on CPU if cuda_graphs=False were
     dropped, a large image lands in the only bucket asked for, and the shipped text encoder reads a text query."""
     cache = arrcoc.GraphCache(max_entries=3, backend="eager")
-    pipe = arrcoc.Pipeline.from_pretrained(cuda_graphs=False, compile=False, concurrent=False, graph_cache=cache,
-                                           buckets=(224,))
+    pipe = arrcoc.Pipeline.from_pretrained(
+        cuda_graphs=False, compile=False, concurrent=False, graph_cache=cache, buckets=(224,)
+    )
     assert pipe.cuda_graphs is False and pipe.concurrent is False and pipe.graph_cache is cache
     image = torch.rand(3, 500, 400, generator=torch.Generator().manual_seed(0))
     out = pipe(image, budget=8)

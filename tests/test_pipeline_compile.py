@@ -40,8 +40,13 @@ def test_score_stage_compiles_with_inductor_and_matches_eager(tiny_config: arrco
     g = torch.Generator().manual_seed(0)
     with torch.inference_mode():
         (group,) = pipe.preprocessor([torch.rand(3, 200, 224, generator=g)])
-        state = {"pixels": group.pixels, "valid": group.valid, "query": torch.randn(1, 4, pipe.width, generator=g),
-                 "query_mask": torch.tensor([[True, True, False, False]]), "budget": torch.tensor([40])}
+        state = {
+            "pixels": group.pixels,
+            "valid": group.valid,
+            "query": torch.randn(1, 4, pipe.width, generator=g),
+            "query_mask": torch.tensor([[True, True, False, False]]),
+            "budget": torch.tensor([40]),
+        }
         state.update(stages["encode"](state))
         eager = stages["score"](state)["scores"]
         torch._dynamo.reset()

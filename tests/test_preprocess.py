@@ -12,8 +12,28 @@ from PIL import Image, ImageDraw
 from arrcoc.errors import ImageLoadError, InvalidInputError, InvalidTypeError
 from arrcoc.stages.preprocess import Preprocessor, load_image
 
-MODES = ["RGB", "RGBA", "LA", "La", "RGBa", "RGBX", "PA", "P", "L", "1", "CMYK", "YCbCr", "LAB", "HSV", "I;16",
-         "I;16B", "I;16L", "I;16N", "I", "F"]
+MODES = [
+    "RGB",
+    "RGBA",
+    "LA",
+    "La",
+    "RGBa",
+    "RGBX",
+    "PA",
+    "P",
+    "L",
+    "1",
+    "CMYK",
+    "YCbCr",
+    "LAB",
+    "HSV",
+    "I;16",
+    "I;16B",
+    "I;16L",
+    "I;16N",
+    "I",
+    "F",
+]
 
 
 def _picture(mode: str, size: tuple[int, int] = (120, 80)) -> Image.Image:
@@ -68,10 +88,16 @@ def test_exif_orientation(tmp_path) -> None:
     assert load_image(path).shape == (3, 60, 20)
 
 
-@pytest.mark.parametrize("size, bucket, content", [
-    ((300, 100), 384, (128, 384)), ((1, 1), 224, (224, 224)), ((224, 224), 224, (224, 224)),
-    ((5000, 300), 1024, (61, 1024)), ((800, 2000), 1024, (1024, 410)),
-])
+@pytest.mark.parametrize(
+    "size, bucket, content",
+    [
+        ((300, 100), 384, (128, 384)),
+        ((1, 1), 224, (224, 224)),
+        ((224, 224), 224, (224, 224)),
+        ((5000, 300), 1024, (61, 1024)),
+        ((800, 2000), 1024, (1024, 410)),
+    ],
+)
 def test_buckets_and_letterbox(size: tuple[int, int], bucket: int, content: tuple[int, int]) -> None:
     width, height = size
     (batch,) = Preprocessor()(torch.randint(0, 256, (3, height, width), dtype=torch.uint8))
@@ -121,8 +147,10 @@ def _jpeg_bytes() -> bytes:
     return buffer.getvalue()
 
 
-@pytest.mark.parametrize("content, name", [(b"\x89PNG not really" * 20, "corrupt.png"), (None, "truncated.jpg"),
-                                           (b"just some text\n", "notes.txt")])
+@pytest.mark.parametrize(
+    "content, name",
+    [(b"\x89PNG not really" * 20, "corrupt.png"), (None, "truncated.jpg"), (b"just some text\n", "notes.txt")],
+)
 def test_broken_files_name_the_file(tmp_path, content, name: str) -> None:
     path = tmp_path / name
     path.write_bytes(content if content is not None else _jpeg_bytes()[:600])
@@ -147,17 +175,20 @@ def test_decompression_bomb(tmp_path, monkeypatch) -> None:
         load_image(path)
 
 
-@pytest.mark.parametrize("value, error, match", [
-    (torch.tensor([[[0.5, float("nan")]]]), InvalidInputError, "NaN"),
-    (torch.full((3, 4, 4), 1.5), InvalidInputError, "outside"),
-    (torch.full((3, 4, 4), -0.1), InvalidInputError, r"min -0\.1"),
-    (torch.ones(3, 4, 4, dtype=torch.bool), InvalidTypeError, "bool"),
-    (torch.rand(2, 8, 8), InvalidInputError, "channels"),
-    (torch.rand(1, 1, 3, 8, 8), InvalidInputError, "shape"),
-    (torch.rand(3, 0, 8), InvalidInputError, "empty"),
-    (np.zeros((4, 4), dtype=object), InvalidTypeError, "object"),
-    (42, InvalidTypeError, "int"),
-])
+@pytest.mark.parametrize(
+    "value, error, match",
+    [
+        (torch.tensor([[[0.5, float("nan")]]]), InvalidInputError, "NaN"),
+        (torch.full((3, 4, 4), 1.5), InvalidInputError, "outside"),
+        (torch.full((3, 4, 4), -0.1), InvalidInputError, r"min -0\.1"),
+        (torch.ones(3, 4, 4, dtype=torch.bool), InvalidTypeError, "bool"),
+        (torch.rand(2, 8, 8), InvalidInputError, "channels"),
+        (torch.rand(1, 1, 3, 8, 8), InvalidInputError, "shape"),
+        (torch.rand(3, 0, 8), InvalidInputError, "empty"),
+        (np.zeros((4, 4), dtype=object), InvalidTypeError, "object"),
+        (42, InvalidTypeError, "int"),
+    ],
+)
 def test_bad_arrays(value, error, match: str) -> None:
     with pytest.raises(error, match=match):
         Preprocessor()(value)

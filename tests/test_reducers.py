@@ -63,10 +63,17 @@ def test_matches_the_pipeline_on_its_own_features(tiny_pipe: arrcoc.Pipeline, wi
     out = tiny_pipe(images, query=query, budget=40)
     group = tiny_pipe.preprocessor(images)[0]
     features, _, _, patch_valid = tiny_pipe.encoder(group.bucket)(group.pixels, group.valid)
-    visual = VisualInput(features=features, patch_valid=patch_valid, pixels=group.pixels, valid=group.valid,
-                         query=None if query is None else query[None, None])
+    visual = VisualInput(
+        features=features,
+        patch_valid=patch_valid,
+        pixels=group.pixels,
+        valid=group.valid,
+        query=None if query is None else query[None, None],
+    )
     reduced = ArrcocReducer(tiny_pipe.config)(visual, 40)
-    assert torch.equal(reduced.allocation, out.allocation[:, : reduced.allocation.shape[1], : reduced.allocation.shape[2]])
+    assert torch.equal(
+        reduced.allocation, out.allocation[:, : reduced.allocation.shape[1], : reduced.allocation.shape[2]]
+    )
     torch.testing.assert_close(reduced.tokens, out.tokens[:, :40])
     assert torch.equal(reduced.positions, out.positions[:, :40])
 

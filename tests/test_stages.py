@@ -28,7 +28,9 @@ def _inputs(b: int = 2, gh: int = 6, gw: int = 7, d: int = 8, seed: int = 0, dev
 
 
 def test_patch_projection_is_the_patch_convolution_as_a_matmul() -> None:
-    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0, depth=1, img_size=(64, 96)).eval()
+    model = timm.create_model(
+        "vit_tiny_patch16_224", pretrained=False, num_classes=0, depth=1, img_size=(64, 96)
+    ).eval()
     conv = model.patch_embed.proj
     pixels = torch.rand(2, 3, 64, 96, generator=torch.Generator().manual_seed(0))
     before = model.state_dict()
@@ -40,7 +42,9 @@ def test_patch_projection_is_the_patch_convolution_as_a_matmul() -> None:
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
     after = model.state_dict()  # same names, same storage: saving and loading are unchanged
     assert after.keys() == before.keys() and all(after[k].data_ptr() == before[k].data_ptr() for k in before)
-    assert not PatchProjection.fits(torch.nn.Conv2d(3, 8, 3, stride=2, padding=1))  # overlapping windows stay convolutions
+    assert not PatchProjection.fits(
+        torch.nn.Conv2d(3, 8, 3, stride=2, padding=1)
+    )  # overlapping windows stay convolutions
 
 
 def test_encoder_uses_the_patch_projection(tiny_pipe) -> None:
@@ -56,7 +60,9 @@ def test_lab_of_known_colours() -> None:
     white = rgb_to_lab(torch.ones(1, 3, 1, 1)).flatten()
     red = rgb_to_lab(torch.tensor([1.0, 0.0, 0.0]).view(1, 3, 1, 1)).flatten()
     torch.testing.assert_close(white, torch.tensor([1.0, 0.0, 0.0]), atol=1e-4, rtol=0)
-    torch.testing.assert_close(red, torch.tensor([0.5324, 0.8009, 0.6720]), atol=2e-3, rtol=0)  # CIE L*a*b* of sRGB red / 100
+    torch.testing.assert_close(
+        red, torch.tensor([0.5324, 0.8009, 0.6720]), atol=2e-3, rtol=0
+    )  # CIE L*a*b* of sRGB red / 100
 
 
 def test_texture_sees_edges_not_padding_border() -> None:
@@ -121,7 +127,9 @@ def test_participatory_without_query_is_zero_and_ignores_padding() -> None:
     assert (none == 0).all()
     padded = query.clone()
     padded[:, 2] = 1e6  # a huge padding token must not change anything
-    torch.testing.assert_close(scorer(features, texture, valid, padded, mask), scorer(features, texture, valid, query, mask))
+    torch.testing.assert_close(
+        scorer(features, texture, valid, padded, mask), scorer(features, texture, valid, query, mask)
+    )
 
 
 def test_participatory_finds_the_patch_that_matches() -> None:
@@ -137,7 +145,9 @@ def test_propositional_prefers_texture_over_flat() -> None:
     valid = torch.ones(1, 1, 128, 128)
     texture = texture_features(pixels, valid, (8, 8))
     features = torch.zeros(1, 8, 8, 4)
-    score = create_scorer("propositional", 4)(features, texture, valid[:, 0, ::16, ::16], features[:, :1, 0], torch.zeros(1, 1, dtype=torch.bool))
+    score = create_scorer("propositional", 4)(
+        features, texture, valid[:, 0, ::16, ::16], features[:, :1, 0], torch.zeros(1, 1, dtype=torch.bool)
+    )
     assert score[0, 1, 1] == 1.0 and score[0, 0, 0] == 0.0
 
 
@@ -194,7 +204,9 @@ def test_balance_exploits_more_the_scarcer_the_budget() -> None:
     torch.testing.assert_close(reports[8]["exploit"] - reports[16]["exploit"], torch.tensor([0.2]))
     assert reports[2]["evenness"] < reports[8]["evenness"] < reports[16]["evenness"]
     still = Balance(BalanceConfig(scarcity=0.0, particularize=1.0), 4)
-    torch.testing.assert_close(still(scores, features, valid, mask, torch.tensor([2]))[0], still(scores, features, valid, mask)[0])
+    torch.testing.assert_close(
+        still(scores, features, valid, mask, torch.tensor([2]))[0], still(scores, features, valid, mask)[0]
+    )
 
 
 def _scene(b: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
@@ -274,7 +286,9 @@ def test_compress_shows_each_regions_most_distinctive_patches() -> None:
             if inside[b, r].any():
                 patches = regions[b, r][inside[b, r]]
                 distance = (patches - patches.mean(0)).square().sum(-1)
-                torch.testing.assert_close((tok - patches.mean(0)).square().sum(-1), distance.sort(descending=True).values[:k])
+                torch.testing.assert_close(
+                    (tok - patches.mean(0)).square().sum(-1), distance.sort(descending=True).values[:k]
+                )
                 assert valid[b, pos[:, 0], pos[:, 1]].gt(0).all()
             else:  # a padding-only region shows padding patches of the grid
                 assert k <= exists[b, r].sum()
@@ -348,9 +362,11 @@ def test_without_a_query_the_compressor_ranks_by_distinctness_alone() -> None:
     features, _, valid, query, mask = _inputs(b=2, gh=6, gw=7, d=8)
     allocation = torch.tensor([[[1, 4], [8, 2]], [[3, 0], [5, 1]]])
     plain = compress(features, valid, allocation, 20, 4)
-    for got in (Compressor(4, 0.5)(features, valid, allocation, 20, query, torch.zeros_like(mask)),  # all padding
-                Compressor(4, 0.5)(features, valid, allocation, 20),  # no query given
-                Compressor(4, 0.0)(features, valid, allocation, 20, query, mask)):  # the query ignored
+    for got in (
+        Compressor(4, 0.5)(features, valid, allocation, 20, query, torch.zeros_like(mask)),  # all padding
+        Compressor(4, 0.5)(features, valid, allocation, 20),  # no query given
+        Compressor(4, 0.0)(features, valid, allocation, 20, query, mask),
+    ):  # the query ignored
         for a, b in zip(got, plain):
             assert torch.equal(a, b)
     with_query = Compressor(4, 0.5)(features, valid, allocation, 20, query, mask)
@@ -361,12 +377,16 @@ def test_without_a_query_the_compressor_ranks_by_distinctness_alone() -> None:
 def test_stages_run_on_meta_tensors() -> None:
     """Static-shape contract: on the meta device any host read or data-dependent shape raises."""
     features, texture, valid, query, mask = _inputs(device="meta")
-    scores = torch.stack([create_scorer(n, 4).to("meta")(features, texture, valid, query, mask) for n in sorted(SCORERS)], 1)
+    scores = torch.stack(
+        [create_scorer(n, 4).to("meta")(features, texture, valid, query, mask) for n in sorted(SCORERS)], 1
+    )
     relevance, report = Balance(BalanceConfig(), 4).to("meta")(scores, features, valid, mask)
     assert relevance.shape == (2, 2, 2) and relevance.device.type == "meta"
     covered, _ = Balance(BalanceConfig(cover=1.0), 4).to("meta")(scores, features, valid, mask)
     assert covered.shape == (2, 2, 2)
-    tokens, positions, out_mask, weights = compress(features, valid, torch.ones(2, 2, 2, dtype=torch.long, device="meta"), 9, 4)
+    tokens, positions, out_mask, weights = compress(
+        features, valid, torch.ones(2, 2, 2, dtype=torch.long, device="meta"), 9, 4
+    )
     assert tokens.shape == (2, 9, 8) and positions.shape == (2, 9, 4)
     tex = texture_features(torch.empty(2, 3, 96, 112, device="meta"), torch.empty(2, 1, 96, 112, device="meta"), (6, 7))
     assert tex.shape == (2, 6, 7, 5)

@@ -25,8 +25,9 @@ def test_positions_start_at_zero_and_then_tell_boxes_apart() -> None:
     assert out.shape == (1, 3, 16)
     assert not torch.allclose(out[0, 0], out[0, 1]) and not torch.allclose(out[0, 0], out[0, 2])
     # Shares of the grid: the same box on a grid twice as fine (384 px against 192) gives the same vector.
-    torch.testing.assert_close(module(torch.tensor([[[6, 10, 4, 2]]]), (24, 24)),
-                               module(torch.tensor([[[3, 5, 2, 1]]]), (12, 12)))
+    torch.testing.assert_close(
+        module(torch.tensor([[[6, 10, 4, 2]]]), (24, 24)), module(torch.tensor([[[3, 5, 2, 1]]]), (12, 12))
+    )
 
 
 def test_full_grids_may_leave_the_boxes_out() -> None:
@@ -35,10 +36,14 @@ def test_full_grids_may_leave_the_boxes_out() -> None:
     assert add_token_positions(model, projected, None, None) is projected  # a model without positions
     model.token_positions = TokenPositions(8)
     torch.nn.init.normal_(model.token_positions.proj.weight)
-    torch.testing.assert_close(add_token_positions(model, projected, None, None),
-                               projected + model.token_positions(patch_boxes(3, 3)[None], (3, 3)))
-    torch.testing.assert_close(add_token_positions(model, projected[:, :6], None, (2, 3)),
-                               projected[:, :6] + model.token_positions(patch_boxes(2, 3)[None], (2, 3)))
+    torch.testing.assert_close(
+        add_token_positions(model, projected, None, None),
+        projected + model.token_positions(patch_boxes(3, 3)[None], (3, 3)),
+    )
+    torch.testing.assert_close(
+        add_token_positions(model, projected[:, :6], None, (2, 3)),
+        projected[:, :6] + model.token_positions(patch_boxes(2, 3)[None], (2, 3)),
+    )
     with pytest.raises(InvalidInputError, match="boxes of the 7 tokens"):
         add_token_positions(model, torch.randn(1, 7, 8), None, None)
     with pytest.raises(InvalidInputError, match="grid"):

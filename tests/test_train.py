@@ -78,7 +78,7 @@ def test_dense_glyph_label_counts_on_glyph_patches_only() -> None:
     with torch.no_grad():  # only the glyph outputs depend on the features: the other losses stay constant
         start = sum(DENSE_CLASSES[:2])
         keep = torch.zeros(sum(DENSE_CLASSES), 1)
-        keep[start:start + DENSE_CLASSES[2]] = 1
+        keep[start : start + DENSE_CLASSES[2]] = 1
         head.weight.mul_(keep)
     features = torch.randn(1, 6, 8)
     labels = torch.zeros(1, 6, 4, dtype=torch.long)
@@ -103,8 +103,22 @@ def test_scene_batches_are_deterministic_and_balanced() -> None:
 
 
 #: A training run small enough for the CPU: tiny preset, 64 px, a few samples.
-TINY_RUN = ["--preset", "tiny", "--batch-size", "6", "--workers", "0", "--sizes", "64", "--eval-per-family", "1",
-            "--warmup", "1", "--lr", "3e-3"]
+TINY_RUN = [
+    "--preset",
+    "tiny",
+    "--batch-size",
+    "6",
+    "--workers",
+    "0",
+    "--sizes",
+    "64",
+    "--eval-per-family",
+    "1",
+    "--warmup",
+    "1",
+    "--lr",
+    "3e-3",
+]
 
 
 def _resumable_run(folder: Path, steps: int) -> Path:
@@ -132,7 +146,9 @@ def test_a_tiny_run_trains_saves_evaluates_and_resumes(tmp_path: Path) -> None:
     (weights / "eval.json").write_text((tmp_path / "a" / "eval.json").read_text())
     second = main(["--out", str(tmp_path / "b"), "--max-steps", "3", "--resume", str(weights), *TINY_RUN])
     assert second["state"]["step"] == 3 and second["state"]["samples"] == 18
-    third = main(["--out", str(tmp_path / "c"), "--max-steps", "4", "--resume", str(tmp_path / "a" / "ckpt.pt"), *TINY_RUN])
+    third = main(
+        ["--out", str(tmp_path / "c"), "--max-steps", "4", "--resume", str(tmp_path / "a" / "ckpt.pt"), *TINY_RUN]
+    )
     assert third["state"]["step"] == 4
     assert json.loads((tmp_path / "c" / "eval.json").read_text())["state"]["step"] == 4
 
@@ -151,17 +167,35 @@ def test_drawn_shares_cover_their_range_and_follow_the_generator() -> None:
 def test_a_run_with_drawn_subset_shares_trains(tmp_path: Path) -> None:
     from arrcoc.world.train import main
 
-    summary = main(["--out", str(tmp_path), "--max-steps", "2", *TINY_RUN, "--compress-prob", "0", "--subset-prob",
-                    "1", "--subset-max", "0.9"])
+    summary = main(
+        [
+            "--out",
+            str(tmp_path),
+            "--max-steps",
+            "2",
+            *TINY_RUN,
+            "--compress-prob",
+            "0",
+            "--subset-prob",
+            "1",
+            "--subset-max",
+            "0.9",
+        ]
+    )
     assert summary["state"]["step"] == 2 and summary["args"]["subset_max"] == 0.9
 
 
-@pytest.mark.parametrize("argv, named", [(["--compress-max", "1.5"], "--compress-max"),
-                                          (["--compress-max", "0.01"], "--compress-max"),
-                                          (["--families", "color,colour"], "--families"),
-                                          (["--subset-fraction", "0"], "--subset-fraction"),
-                                          (["--subset-fraction", "0.3", "--subset-max", "0.2"], "--subset-max"),
-                                          (["--subset-max", "1.5"], "--subset-max")])
+@pytest.mark.parametrize(
+    "argv, named",
+    [
+        (["--compress-max", "1.5"], "--compress-max"),
+        (["--compress-max", "0.01"], "--compress-max"),
+        (["--families", "color,colour"], "--families"),
+        (["--subset-fraction", "0"], "--subset-fraction"),
+        (["--subset-fraction", "0.3", "--subset-max", "0.2"], "--subset-max"),
+        (["--subset-max", "1.5"], "--subset-max"),
+    ],
+)
 def test_bad_training_options_are_named(tmp_path: Path, argv: list[str], named: str) -> None:
     from arrcoc.world.train import main
 
@@ -212,8 +246,9 @@ def test_fresh_language_model_keeps_the_vision_side(tmp_path: Path) -> None:
 
     weights = _resumable_run(tmp_path / "a", 2)
     # lr 0 keeps every weight where resuming put it, so what is compared is what was loaded.
-    main(["--out", str(tmp_path / "b"), "--max-steps", "3", "--resume", str(weights), "--fresh-lm",
-          *TINY_RUN[:-1], "0"])
+    main(
+        ["--out", str(tmp_path / "b"), "--max-steps", "3", "--resume", str(weights), "--fresh-lm", *TINY_RUN[:-1], "0"]
+    )
     old, _ = load_vlm(weights)
     new, _ = load_vlm(tmp_path / "b" / "weights")
     for (name, a), b in zip(vision_tower(old).state_dict().items(), vision_tower(new).state_dict().values()):
@@ -232,12 +267,15 @@ def test_answer_attention_equals_the_models_own_attention_weights() -> None:
     model.config.text_config._attn_implementation = "eager"  # output_attentions needs the eager kernel
     model.model.language_model.config._attn_implementation = "eager"
     reader = AnswerAttention(model, layer=1, head=1)
-    inputs = tok([tok.prompt("What color is the cross?"), tok.prompt("Is there a red one?")], 5,
-                 targets=["red", "no"])
+    inputs = tok([tok.prompt("What color is the cross?"), tok.prompt("Is there a red one?")], 5, targets=["red", "no"])
     visual = torch.randn(2, 5, 32)
     with torch.no_grad():
-        out = model(inputs_embeds=embed_inputs(model, inputs["input_ids"], visual),
-                    attention_mask=inputs["attention_mask"], position_ids=inputs["position_ids"], output_attentions=True)
+        out = model(
+            inputs_embeds=embed_inputs(model, inputs["input_ids"], visual),
+            attention_mask=inputs["attention_mask"],
+            position_ids=inputs["position_ids"],
+            output_attentions=True,
+        )
     cue = (inputs["labels"] != -100).int().argmax(1)[:, None] - 1 + torch.arange(2)  # answer tokens 0 and 1
     expected = out.attentions[1][torch.arange(2)[:, None], 1, cue]  # (B, 2, L): layer 1, head 1, from the cues
     torch.testing.assert_close(reader.weights(inputs["attention_mask"], cue), expected, atol=1e-5, rtol=1e-4)
@@ -246,8 +284,12 @@ def test_answer_attention_equals_the_models_own_attention_weights() -> None:
     targets = torch.zeros(2, 2, 5)
     targets[0, 0, 1] = targets[0, 1, 3] = 1.0
     mass = [(expected[0, t][image[0]] * targets[0, t]).sum() for t in range(2)]
-    torch.testing.assert_close(reader.loss(inputs["attention_mask"], inputs["labels"], image, targets),
-                               -(torch.stack(mass) + 1e-4).log().mean(), atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(
+        reader.loss(inputs["attention_mask"], inputs["labels"], image, targets),
+        -(torch.stack(mass) + 1e-4).log().mean(),
+        atol=1e-5,
+        rtol=1e-4,
+    )
     reader.close()
     assert reader._handle.id not in reader.attention._forward_hooks  # transformers keeps hooks of its own
 
@@ -259,12 +301,15 @@ def test_glyph_targets_follow_the_asked_text_left_to_right() -> None:
     marks = glyph_targets(sample, 224)
     assert marks.shape == (MAX_GLYPHS, 196)
     frame = sample.boxes[0]
-    glyphs = sorted((b, ch) for k, ch, b in sample.layout if k == "glyph" and frame[0] <= b[0] and b[2] <= frame[2]
-                    and frame[1] <= b[1] and b[3] <= frame[3])
+    glyphs = sorted(
+        (b, ch)
+        for k, ch, b in sample.layout
+        if k == "glyph" and frame[0] <= b[0] and b[2] <= frame[2] and frame[1] <= b[1] and b[3] <= frame[3]
+    )
     assert "".join(ch for _, ch in glyphs) == sample.answer  # the frame's glyphs, left to right, spell the answer
     for i, ((x0, y0, x1, y1), _) in enumerate(glyphs):  # each answer token marks its glyph's centre patch
         assert marks[i, (y0 + y1) // 2 // 16 * 14 + (x0 + x1) // 2 // 16] == 1
-    assert marks[len(sample.answer):].sum() == 0
+    assert marks[len(sample.answer) :].sum() == 0
     assert glyph_targets(make_sample(1, 224, "color"), 224).sum() == 0
     side = dense_labels(sample.layout, 224)[:, 3].view(14, 14)
     assert (side[:, :7] == 0).all() and (side[:, 7:] == 1).all()
@@ -276,8 +321,20 @@ def test_token_positions_join_a_resumed_model_at_zero(tmp_path: Path) -> None:
 
     weights = _resumable_run(tmp_path / "a", 1)
     # compress-prob 1: every batch compressed, so the boxes of compressed tokens reach the model.
-    main(["--out", str(tmp_path / "b"), "--max-steps", "3", "--resume", str(weights), "--token-positions",
-          "--compress-prob", "1", *TINY_RUN])
+    main(
+        [
+            "--out",
+            str(tmp_path / "b"),
+            "--max-steps",
+            "3",
+            "--resume",
+            str(weights),
+            "--token-positions",
+            "--compress-prob",
+            "1",
+            *TINY_RUN,
+        ]
+    )
     model, _ = load_vlm(tmp_path / "b" / "weights")
     assert model.arrcoc_config.token_positions
     assert model.token_positions.proj.weight.abs().sum() > 0  # started at zero, trained since

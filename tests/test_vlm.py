@@ -77,7 +77,9 @@ def test_tokenizer_words_take_one_id_only_as_whole_runs_of_letters() -> None:
     sample = make_sample(4, 224, "text")
     assert len(world.encode(sample.answer)) == len(sample.answer)
     assert len(world.encode(sample.question)) < len(sample.question) / 2
-    assert all(len(world.encode(make_sample(i, 224, f).answer)) == 1 for i in range(3) for f in ("color", "shape", "side"))
+    assert all(
+        len(world.encode(make_sample(i, 224, f).answer)) == 1 for i in range(3) for f in ("color", "shape", "side")
+    )
 
 
 @pytest.mark.parametrize("size", [224, 384])
@@ -99,8 +101,12 @@ def test_save_load_round_trip_gives_the_same_logits(tiny) -> None:
     visual = torch.randn(2, 7, 32)
     batch = tok([tok.prompt("What color is the circle?")] * 2, 7)
     with torch.no_grad():
-        a = model(inputs_embeds=embed_inputs(model, batch["input_ids"], visual), attention_mask=batch["attention_mask"]).logits
-        b = loaded(inputs_embeds=embed_inputs(loaded, batch["input_ids"], visual), attention_mask=batch["attention_mask"]).logits
+        a = model(
+            inputs_embeds=embed_inputs(model, batch["input_ids"], visual), attention_mask=batch["attention_mask"]
+        ).logits
+        b = loaded(
+            inputs_embeds=embed_inputs(loaded, batch["input_ids"], visual), attention_mask=batch["attention_mask"]
+        ).logits
     torch.testing.assert_close(a, b)
     answers = generate_answers(loaded, tok, ["What color is the circle?", "Is there a red cross?"], visual, 4)
     assert len(answers) == 2 and all(isinstance(a, str) and len(a) <= 4 for a in answers)

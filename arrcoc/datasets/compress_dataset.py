@@ -120,8 +120,9 @@ class DatasetStats:
     write_seconds: float = 0.0
     device_decoded: int = 0
     host_decoded: int = 0
-    gpu_ms: dict[str, float] = field(default_factory=lambda: dict.fromkeys(("decode", "resize", "pipeline",
-                                                                             "copy-out"), 0.0))
+    gpu_ms: dict[str, float] = field(
+        default_factory=lambda: dict.fromkeys(("decode", "resize", "pipeline", "copy-out"), 0.0)
+    )
     complete: bool = False
 
     @property
@@ -144,8 +145,9 @@ def list_sources(source: str | os.PathLike[str]) -> list[str]:
         found = [os.fspath(p) for p in image_files([os.fspath(path)], recursive=True)]
     elif path.is_file():
         if path.suffix.lower() in IMAGE_SUFFIXES:
-            raise InvalidInputError(f"SRC must be a folder of images or a list file (one path a line); got the image "
-                                    f"{os.fspath(path)!r}")
+            raise InvalidInputError(
+                f"SRC must be a folder of images or a list file (one path a line); got the image {os.fspath(path)!r}"
+            )
         lines = (line.strip() for line in path.read_text().splitlines())
         found = [os.fspath(path.parent / line) for line in lines if line and not line.startswith("#")]
     else:
@@ -209,8 +211,9 @@ class _Decode(torch.utils.data.Dataset):
             size = jpeg_size(data)
             if size is not None:
                 bucket, scale, content = placement(size[0], size[1], self.buckets)
-                return _Loaded(index, source, data=data, bucket=bucket, scale=scale, source_size=list(size),
-                               content_size=content)
+                return _Loaded(
+                    index, source, data=data, bucket=bucket, scale=scale, source_size=list(size), content_size=content
+                )
         return decode_on_host(index, source, self.preprocessor)
 
 
@@ -219,8 +222,15 @@ def decode_on_host(index: int, source: str, preprocessor: Preprocessor) -> _Load
     try:
         (group,) = preprocessor([load_image(source, name=source)])
         h, w = group.content_size[0].tolist()  # ok-sync: a CPU tensor, in a worker
-        return _Loaded(index, source, pixels=group.pixels[0], bucket=group.bucket, scale=float(group.scale[0]),
-                       source_size=group.source_size[0].tolist(), content_size=(h, w))  # ok-sync: CPU tensors
+        return _Loaded(
+            index,
+            source,
+            pixels=group.pixels[0],
+            bucket=group.bucket,
+            scale=float(group.scale[0]),
+            source_size=group.source_size[0].tolist(),
+            content_size=(h, w),
+        )  # ok-sync: CPU tensors
     except Exception as err:  # noqa: BLE001 - a broken file is a record, whatever the decoder raised
         return _Loaded(index, source, error=_reason(err, source))
 
@@ -243,7 +253,7 @@ def _collate(items: list[_Loaded]) -> _Chunk:
     view, start = memoryview(blob.numpy()), 0
     for item in carried:
         size = len(item.data)
-        view[start:start + size] = item.data
+        view[start : start + size] = item.data
         item.data, item.span = None, (start, size)
         start += size
     return _Chunk(items, blob)
@@ -254,7 +264,7 @@ def _unpack(chunk: _Chunk) -> list[_Loaded]:
     if chunk.blob is not None:
         for item in chunk.items:
             if item.span[1]:
-                item.data = chunk.blob[item.span[0]:item.span[0] + item.span[1]]
+                item.data = chunk.blob[item.span[0] : item.span[0] + item.span[1]]
     return chunk.items
 
 
@@ -323,9 +333,20 @@ class _ShardWriter:
     the copies, orders the rows and writes the shard.
     """
 
-    def __init__(self, pipe: Pipeline, dest: Path, budget: int, query: Tensor | None, query_mask: Tensor | None,
-                 batch_size: int, token_dtype: torch.dtype, fingerprint: str, stats: DatasetStats,
-                 budget_policy: str = "exact", decode_thread: bool | None = None) -> None:
+    def __init__(
+        self,
+        pipe: Pipeline,
+        dest: Path,
+        budget: int,
+        query: Tensor | None,
+        query_mask: Tensor | None,
+        batch_size: int,
+        token_dtype: torch.dtype,
+        fingerprint: str,
+        stats: DatasetStats,
+        budget_policy: str = "exact",
+        decode_thread: bool | None = None,
+    ) -> None:
         self.pipe, self.dest, self.budget, self.query, self.query_mask = pipe, dest, budget, query, query_mask
         self.batch_size, self.token_dtype, self.fingerprint, self.stats = batch_size, token_dtype, fingerprint, stats
         self.budget_policy = budget_policy
@@ -410,8 +431,9 @@ class _ShardWriter:
             self._fail(item, item.error)
         pixels, valid = [], []
         if images:
-            made = letterbox(images, [item.content_size for item in jpegs], bucket,
-                             pad_value=self.preprocessor.pad_value)
+            made = letterbox(
+                images, [item.content_size for item in jpegs], bucket, pad_value=self.preprocessor.pad_value
+            )
             pixels.append(made[0])
             valid.append(made[1])
         if hosted:
@@ -432,7 +454,10 @@ class _ShardWriter:
             scale=torch.tensor([item.scale for item in ordered], dtype=torch.float32),
             source_size=torch.tensor([item.source_size for item in ordered], dtype=torch.long),
             content_size=torch.tensor([item.content_size for item in ordered], dtype=torch.long),
-            indices=list(range(len(ordered))), names=[item.source for item in ordered], bucket=bucket)
+            indices=list(range(len(ordered))),
+            names=[item.source for item in ordered],
+            bucket=bucket,
+        )
         return batch, ordered
 
     def _compress(self, items: list[_Loaded]) -> None:
@@ -467,8 +492,14 @@ class _ShardWriter:
         start = time.perf_counter()
         try:
             with self.lock:
-                out = self.pipe(batch, query=self.query, query_mask=self.query_mask, budget=self.budget,
-                                copy=False, budget_policy=self.budget_policy)  # views of graph buffers, copied below
+                out = self.pipe(
+                    batch,
+                    query=self.query,
+                    query_mask=self.query_mask,
+                    budget=self.budget,
+                    copy=False,
+                    budget_policy=self.budget_policy,
+                )  # views of graph buffers, copied below
         except ArrcocError as err:  # one image the pipeline rejects must not cost the others their tokens
             self.stats.pipeline_seconds += time.perf_counter() - start
             if len(items) == 1:
@@ -483,8 +514,11 @@ class _ShardWriter:
         for item in items:  # the bytes (a shared-memory blob) and canvases are not needed again
             item.data = item.pixels = None
         start = time.perf_counter()
-        on_device = {"tokens": out.tokens.to(self.token_dtype), "prefix": out.prefix.to(self.token_dtype),
-                     **{key: getattr(out, key) for key in _DEVICE_KEYS}}
+        on_device = {
+            "tokens": out.tokens.to(self.token_dtype),
+            "prefix": out.prefix.to(self.token_dtype),
+            **{key: getattr(out, key) for key in _DEVICE_KEYS},
+        }
         # pinned destinations: the copies overlap the next batch, and the stream orders them before any replay
         host = {key: value.to("cpu", non_blocking=True) for key, value in on_device.items()}
         host.update({key: getattr(out, key) for key in _HOST_KEYS})  # per-image facts, on the host already
@@ -512,9 +546,17 @@ class _ShardWriter:
         self.background.close()
 
     def _record(self, item: _Loaded, shard: int, status: str, error: str | None) -> dict[str, Any]:
-        return {"index": item.index, "source": item.source, "shard": f"{shard_file('', shard).as_posix()}",
-                "offset": None, "budget": self.budget, "status": status, "error": error,
-                "bucket": item.bucket or None, "source_size": item.source_size}
+        return {
+            "index": item.index,
+            "source": item.source,
+            "shard": f"{shard_file('', shard).as_posix()}",
+            "offset": None,
+            "budget": self.budget,
+            "status": status,
+            "error": error,
+            "bucket": item.bucket or None,
+            "source_size": item.source_size,
+        }
 
     def _write(self, shard: int, done: list[_Compressed], errors: dict[int, tuple[_Loaded, str]]) -> None:
         """In the writer thread: wait for the copies, put the rows in source order, write the shard."""
@@ -534,9 +576,14 @@ class _ShardWriter:
             order = sorted(range(len(items)), key=lambda row: items[row].index)
             for offset, row in enumerate(order):
                 records[items[row].index] = {**self._record(items[row], shard, "ok", None), "offset": offset}
-            batches = [{**part.host, "scale": torch.tensor([item.scale for item in part.items], dtype=torch.float32),
-                        "source_size": torch.tensor([item.source_size for item in part.items], dtype=torch.long)}
-                       for part in done]
+            batches = [
+                {
+                    **part.host,
+                    "scale": torch.tensor([item.scale for item in part.items], dtype=torch.float32),
+                    "source_size": torch.tensor([item.source_size for item in part.items], dtype=torch.long),
+                }
+                for part in done
+            ]
             tensors = stack_batches(batches, torch.tensor(order, dtype=torch.long))
         write_shard(shard_file(self.dest, shard), tensors, [records[i] for i in sorted(records)], self.fingerprint)
         self.stats.write_seconds += time.perf_counter() - start
@@ -562,14 +609,32 @@ def _barrier(device: torch.device) -> None:
             dist.barrier()
 
 
-def _manifest(sources: list[str], budget: int, shard_size: int, pipe: Pipeline, query: Tensor | None,
-              token_dtype: torch.dtype, budget_policy: str = "exact") -> dict[str, Any]:
+def _manifest(
+    sources: list[str],
+    budget: int,
+    shard_size: int,
+    pipe: Pipeline,
+    query: Tensor | None,
+    token_dtype: torch.dtype,
+    budget_policy: str = "exact",
+) -> dict[str, Any]:
     """Everything that decides a shard's content; its hash is the run's fingerprint."""
     listing = hashlib.sha256("\n".join(sources).encode()).hexdigest()
-    query_hash = None if query is None else hashlib.sha256(query.detach().float().cpu().numpy().tobytes()).hexdigest()  # ok-sync: hashing the query once, before the run
-    manifest = {"format": FORMAT, "images": len(sources), "sources_sha256": listing, "shard_size": shard_size,
-                "shards": -(-len(sources) // shard_size), "budget": budget, "token_dtype": str(token_dtype).split(".")[-1],
-                "config": json.loads(pipe.config.to_json()), "weights": pipe.weights_path, "query_sha256": query_hash}
+    query_hash = (
+        None if query is None else hashlib.sha256(query.detach().float().cpu().numpy().tobytes()).hexdigest()
+    )  # ok-sync: hashing the query once, before the run
+    manifest = {
+        "format": FORMAT,
+        "images": len(sources),
+        "sources_sha256": listing,
+        "shard_size": shard_size,
+        "shards": -(-len(sources) // shard_size),
+        "budget": budget,
+        "token_dtype": str(token_dtype).split(".")[-1],
+        "config": json.loads(pipe.config.to_json()),
+        "weights": pipe.weights_path,
+        "query_sha256": query_hash,
+    }
     if budget_policy != "exact":  # absent for exact budgets: data sets made before the option keep their fingerprint
         manifest["budget_policy"] = budget_policy
     manifest["fingerprint"] = hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest()
@@ -583,17 +648,31 @@ def _check_manifest(dest: Path, manifest: dict[str, Any], rank: int) -> None:
         existing = json.loads(path.read_text())
         if existing.get("fingerprint") != manifest["fingerprint"]:
             changed = sorted(k for k in manifest if k != "fingerprint" and existing.get(k) != manifest[k])
-            raise InvalidInputError(f"DST {os.fspath(dest)!r} holds a data set made with other settings (differing: "
-                                    f"{', '.join(changed) or 'format'}); use another DST, or delete it to start over")
+            raise InvalidInputError(
+                f"DST {os.fspath(dest)!r} holds a data set made with other settings (differing: "
+                f"{', '.join(changed) or 'format'}); use another DST, or delete it to start over"
+            )
     elif rank == 0:
         write_text_atomic(path, json.dumps(manifest, indent=1, sort_keys=True))
 
 
-def compress_dataset(source: str | os.PathLike[str], dest: str | os.PathLike[str], pipeline: Pipeline, budget: int, *,
-                     query: Tensor | None = None, query_mask: Tensor | None = None, batch_size: int = 64,
-                     workers: int = 4, shard_size: int = 1000, token_dtype: torch.dtype = torch.float32,
-                     max_shards: int | None = None, progress: bool = True,
-                     budget_policy: str = "exact", batch_decode: bool | None = None) -> DatasetStats:
+def compress_dataset(
+    source: str | os.PathLike[str],
+    dest: str | os.PathLike[str],
+    pipeline: Pipeline,
+    budget: int,
+    *,
+    query: Tensor | None = None,
+    query_mask: Tensor | None = None,
+    batch_size: int = 64,
+    workers: int = 4,
+    shard_size: int = 1000,
+    token_dtype: torch.dtype = torch.float32,
+    max_shards: int | None = None,
+    progress: bool = True,
+    budget_policy: str = "exact",
+    batch_decode: bool | None = None,
+) -> DatasetStats:
     """Compress every image of ``source`` into shards under ``dest``; this process's share when distributed.
 
     When ``torch.distributed`` is initialised, rank ``r`` of ``K`` takes shards ``r, r+K, ...``; after a
@@ -624,8 +703,13 @@ def compress_dataset(source: str | os.PathLike[str], dest: str | os.PathLike[str
     Raises:
         InvalidInputError: bad arguments, no images, or a ``dest`` made with other settings.
     """
-    for name, value, low in (("budget", budget, 1), ("batch_size", batch_size, 1), ("workers", workers, 0),
-                             ("shard_size", shard_size, 1), ("max_shards", 1 if max_shards is None else max_shards, 0)):
+    for name, value, low in (
+        ("budget", budget, 1),
+        ("batch_size", batch_size, 1),
+        ("workers", workers, 0),
+        ("shard_size", shard_size, 1),
+        ("max_shards", 1 if max_shards is None else max_shards, 0),
+    ):
         if isinstance(value, bool) or not isinstance(value, int) or value < low:
             raise InvalidInputError(f"{name} must be a whole number >= {low}; got {value!r}")
     if token_dtype not in _TOKEN_DTYPES.values():
@@ -654,18 +738,40 @@ def compress_dataset(source: str | os.PathLike[str], dest: str | os.PathLike[str
         else:
             todo.append(shard)
     todo = todo[:max_shards] if max_shards is not None else todo
-    items = [(i, sources[i]) for shard in todo for i in range(shard * shard_size, min(len(sources), (shard + 1) * shard_size))]
-    logger.info("rank %d/%d: %d shards to write (%d images), %d already complete", rank, world, len(todo), len(items),
-                stats.shards_skipped)
+    items = [
+        (i, sources[i])
+        for shard in todo
+        for i in range(shard * shard_size, min(len(sources), (shard + 1) * shard_size))
+    ]
+    logger.info(
+        "rank %d/%d: %d shards to write (%d images), %d already complete",
+        rank,
+        world,
+        len(todo),
+        len(items),
+        stats.shards_skipped,
+    )
 
-    writer = _ShardWriter(pipeline, dest, budget, query, query_mask, batch_size, token_dtype, fingerprint, stats,
-                          budget_policy)
-    decode = _Decode(items, pipeline.config.buckets, device_jpegs=pipeline.device.type == "cuda" if batch_decode is None else batch_decode)
-    loader = torch.utils.data.DataLoader(decode, batch_size=min(batch_size, 32), num_workers=workers,
-                                         collate_fn=_collate)
+    writer = _ShardWriter(
+        pipeline, dest, budget, query, query_mask, batch_size, token_dtype, fingerprint, stats, budget_policy
+    )
+    decode = _Decode(
+        items,
+        pipeline.config.buckets,
+        device_jpegs=pipeline.device.type == "cuda" if batch_decode is None else batch_decode,
+    )
+    loader = torch.utils.data.DataLoader(
+        decode, batch_size=min(batch_size, 32), num_workers=workers, collate_fn=_collate
+    )
     start = time.perf_counter()
-    with tqdm(total=len(items), unit="img", desc=f"rank {rank}/{world}", disable=not progress or rank != 0,
-              file=sys.stderr, dynamic_ncols=True) as bar:
+    with tqdm(
+        total=len(items),
+        unit="img",
+        desc=f"rank {rank}/{world}",
+        disable=not progress or rank != 0,
+        file=sys.stderr,
+        dynamic_ncols=True,
+    ) as bar:
         try:
             for chunk in _timed(loader, stats):
                 chunk = _unpack(chunk)
@@ -745,32 +851,49 @@ def _parser() -> argparse.ArgumentParser:
         prog="arrcoc compress-dataset",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         description="Compress a folder (searched recursively) or a list file of images into sharded safetensors "
-                    "plus DST/index.jsonl. Under torchrun, one process per GPU. Run it again to resume.",
+        "plus DST/index.jsonl. Under torchrun, one process per GPU. Run it again to resume.",
         epilog="read back: arrcoc.datasets.shards.load_index(DST), arrcoc.datasets.shards.load_record(DST, record). "
-               f"Exit codes: 0 complete (broken images are records in the index), {EXIT_INCOMPLETE} stopped early "
-               "(--max-shards; run again to resume), 2 bad arguments.")
+        f"Exit codes: 0 complete (broken images are records in the index), {EXIT_INCOMPLETE} stopped early "
+        "(--max-shards; run again to resume), 2 bad arguments.",
+    )
     parser.add_argument("source", metavar="SRC", help="a folder of images, or a text file with one image path a line")
     parser.add_argument("dest", metavar="DST", help="output folder")
     parser.add_argument("--budget", type=int, required=True, help="tokens per image")
-    parser.add_argument("--query-file", default=None, help="one query embedding for every image: a .safetensors "
-                                                           "file with 'query' (D,) or (L, D) [and 'query_mask'], or a .pt tensor")
+    parser.add_argument(
+        "--query-file",
+        default=None,
+        help="one query embedding for every image: a .safetensors "
+        "file with 'query' (D,) or (L, D) [and 'query_mask'], or a .pt tensor",
+    )
     parser.add_argument("--batch-size", type=int, default=64, help="images per pipeline call (default 64)")
     parser.add_argument("--workers", type=int, default=4, help="DataLoader worker processes per GPU (default 4)")
     parser.add_argument("--shard-size", type=int, default=1000, help="images per shard (default 1000)")
-    parser.add_argument("--max-shards", type=int, default=None, help="write at most this many shards per process, "
-                                                                     f"then stop with exit code {EXIT_INCOMPLETE}")
-    parser.add_argument("--cap-budget", action="store_true",
-                        help="lower the budget of an image whose content yields fewer tokens to what it yields "
-                             "(default: such an image is an error record)")
+    parser.add_argument(
+        "--max-shards",
+        type=int,
+        default=None,
+        help=f"write at most this many shards per process, then stop with exit code {EXIT_INCOMPLETE}",
+    )
+    parser.add_argument(
+        "--cap-budget",
+        action="store_true",
+        help="lower the budget of an image whose content yields fewer tokens to what it yields "
+        "(default: such an image is an error record)",
+    )
     parser.add_argument("--token-dtype", default="float32", choices=sorted(_TOKEN_DTYPES), help="stored token dtype")
-    parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
-                        help="encoder dtype (default: the pipeline's)")
+    parser.add_argument(
+        "--dtype",
+        default=None,
+        choices=["float32", "bfloat16", "float16"],
+        help="encoder dtype (default: the pipeline's)",
+    )
     parser.add_argument("--preset", default=None, help="build the pipeline from a named preset (default, tiny)")
     parser.add_argument("--pretrained", default=None, help="a folder saved by Pipeline.save_pretrained")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
     parser.add_argument("--timeout-minutes", type=float, default=60.0, help="how long a rank waits for the others")
-    parser.add_argument("--stats-json", default=None, help="write this process's statistics here "
-                                                           "('{rank}' is replaced by the rank)")
+    parser.add_argument(
+        "--stats-json", default=None, help="write this process's statistics here ('{rank}' is replaced by the rank)"
+    )
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     return parser
 
@@ -790,10 +913,21 @@ def main(argv: list[str] | None = None) -> int:
         query, query_mask = (None, None)
         if args.query_file:
             query, query_mask = load_query(argparse.Namespace(query_embedding=args.query_file))
-        stats = compress_dataset(args.source, args.dest, pipe, args.budget, query=query, query_mask=query_mask,
-                                 batch_size=args.batch_size, workers=args.workers, shard_size=args.shard_size,
-                                 token_dtype=_TOKEN_DTYPES[args.token_dtype], max_shards=args.max_shards,
-                                 progress=not args.quiet, budget_policy="cap" if args.cap_budget else "exact")
+        stats = compress_dataset(
+            args.source,
+            args.dest,
+            pipe,
+            args.budget,
+            query=query,
+            query_mask=query_mask,
+            batch_size=args.batch_size,
+            workers=args.workers,
+            shard_size=args.shard_size,
+            token_dtype=_TOKEN_DTYPES[args.token_dtype],
+            max_shards=args.max_shards,
+            progress=not args.quiet,
+            budget_policy="cap" if args.cap_budget else "exact",
+        )
     except ArrcocError as err:
         print(f"arrcoc compress-dataset: error: {err}", file=sys.stderr)
         return 2
@@ -804,9 +938,11 @@ def main(argv: list[str] | None = None) -> int:
         path = Path(args.stats_json.replace("{rank}", str(stats.rank)))
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(stats.to_dict(), indent=1))
-    print(f"arrcoc compress-dataset: rank {stats.rank}/{stats.world_size}: {stats.images} images ({stats.errors} broken), "
-          f"{stats.shards_written} shards written, {stats.shards_skipped} already complete, "
-          f"{stats.images_per_second:.1f} images/s on {launch.device}")
+    print(
+        f"arrcoc compress-dataset: rank {stats.rank}/{stats.world_size}: {stats.images} images ({stats.errors} broken), "
+        f"{stats.shards_written} shards written, {stats.shards_skipped} already complete, "
+        f"{stats.images_per_second:.1f} images/s on {launch.device}"
+    )
     if stats.rank == 0:
         if stats.complete:
             print(f"arrcoc compress-dataset: complete: {Path(args.dest) / INDEX_NAME}")

@@ -36,13 +36,13 @@ def _exif_orientation(tiff: bytes) -> int | None:
     ifd = int.from_bytes(tiff[4:8], order)
     if ifd + 2 > len(tiff):
         return None
-    count = int.from_bytes(tiff[ifd:ifd + 2], order)
+    count = int.from_bytes(tiff[ifd : ifd + 2], order)
     for k in range(count):
         entry = ifd + 2 + 12 * k
         if entry + 12 > len(tiff):
             return None
-        if int.from_bytes(tiff[entry:entry + 2], order) == 0x0112:
-            return int.from_bytes(tiff[entry + 8:entry + 10], order)
+        if int.from_bytes(tiff[entry : entry + 2], order) == 0x0112:
+            return int.from_bytes(tiff[entry + 8 : entry + 10], order)
     return 1
 
 
@@ -66,8 +66,8 @@ def jpeg_size(data: bytes | bytearray) -> tuple[int, int] | None:
         if marker == 0x01 or 0xD0 <= marker <= 0xD8:  # markers without a length
             pos += 2
             continue
-        length = int.from_bytes(data[pos + 2:pos + 4], "big")
-        segment = data[pos + 4:pos + 2 + length]
+        length = int.from_bytes(data[pos + 2 : pos + 4], "big")
+        segment = data[pos + 4 : pos + 2 + length]
         if length < 2 or len(segment) != length - 2:
             return None
         if marker == 0xE1 and segment[:6] == b"Exif\0\0" and _exif_orientation(segment[6:]) != 1:
@@ -156,8 +156,14 @@ def resize_weights(source: Tensor, content: Tensor, span_in: int, span_out: int,
     return (weights / weights.sum(-1, keepdim=True).clamp_(min=1e-30)).to(dtype)
 
 
-def letterbox(images: Sequence[Tensor], sizes: Sequence[tuple[int, int]], bucket: int, *, pad_value: float = 0.0,
-              dtype: torch.dtype | None = None) -> tuple[Tensor, Tensor]:
+def letterbox(
+    images: Sequence[Tensor],
+    sizes: Sequence[tuple[int, int]],
+    bucket: int,
+    *,
+    pad_value: float = 0.0,
+    dtype: torch.dtype | None = None,
+) -> tuple[Tensor, Tensor]:
     """Resize and pad images of one bucket at once: the Preprocessor's placement, batched.
 
     Args:
@@ -189,8 +195,12 @@ def letterbox(images: Sequence[Tensor], sizes: Sequence[tuple[int, int]], bucket
     channel = torch.arange(3, device=device)[None, :, None, None]
     row = torch.arange(span_h, device=device)[None, None, :, None]
     col = torch.arange(span_w, device=device)[None, None, None, :]
-    where = (offset[:, None, None, None] + channel * (height * width)[:, None, None, None]
-             + row * width[:, None, None, None] + col).clamp_(max=flat.numel() - 1)  # (B, 3, H, W)
+    where = (
+        offset[:, None, None, None]
+        + channel * (height * width)[:, None, None, None]
+        + row * width[:, None, None, None]
+        + col
+    ).clamp_(max=flat.numel() - 1)  # (B, 3, H, W)
     source = flat[where].to(dtype)  # (B, 3, H, W)
     if images[0].dtype == torch.uint8:
         span = 255.0

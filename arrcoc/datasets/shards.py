@@ -64,8 +64,21 @@ MANIFEST_NAME = "manifest.json"
 FORMAT = "arrcoc-dataset-1"
 
 #: Tensors stored per compressed image (one row each), and what a record read back holds.
-ROW_KEYS: tuple[str, ...] = ("tokens", "positions", "mask", "weights", "prefix", "allocation", "relevance",
-                             "region_grid", "patch_grid", "bucket", "scale", "source_size", "budget")
+ROW_KEYS: tuple[str, ...] = (
+    "tokens",
+    "positions",
+    "mask",
+    "weights",
+    "prefix",
+    "allocation",
+    "relevance",
+    "region_grid",
+    "patch_grid",
+    "bucket",
+    "scale",
+    "source_size",
+    "budget",
+)
 
 #: Per-region maps: padded to the largest region grid of a shard, cropped back by ``region_grid`` on reading.
 _REGION_KEYS = ("allocation", "relevance")
@@ -164,8 +177,10 @@ def merge_index(root: str | os.PathLike[str], shards: int, total: int, fingerpri
         records.extend(found[1])
     records.sort(key=lambda r: r["index"])
     if [r["index"] for r in records] != list(range(total)):
-        raise InvalidInputError(f"the shards of {os.fspath(root)!r} hold {len(records)} records for {total} source "
-                                f"images; expected each of them exactly once")
+        raise InvalidInputError(
+            f"the shards of {os.fspath(root)!r} hold {len(records)} records for {total} source "
+            f"images; expected each of them exactly once"
+        )
     text = "".join(json.dumps(r, separators=(",", ":")) + "\n" for r in records)
     write_text_atomic(Path(root) / INDEX_NAME, text)
     return records
@@ -184,16 +199,20 @@ def load_index(root: str | os.PathLike[str]) -> list[dict[str, Any]]:
     """
     path = Path(root) / INDEX_NAME
     if not path.is_file():
-        raise InvalidInputError(f"{os.fspath(root)!r} holds no {INDEX_NAME}: not a finished compressed data set "
-                                f"(run arrcoc compress-dataset again to resume it)")
+        raise InvalidInputError(
+            f"{os.fspath(root)!r} holds no {INDEX_NAME}: not a finished compressed data set "
+            f"(run arrcoc compress-dataset again to resume it)"
+        )
     with path.open() as handle:
         return [json.loads(line) for line in handle if line.strip()]
 
 
 def _check_ok(record: dict[str, Any]) -> None:
     if record.get("status") != "ok" or record.get("offset") is None:
-        raise InvalidInputError(f"record {record.get('index')} ({record.get('source')}) holds no tensors: its status "
-                                f"is {record.get('status')!r} ({record.get('error')})")
+        raise InvalidInputError(
+            f"record {record.get('index')} ({record.get('source')}) holds no tensors: its status "
+            f"is {record.get('status')!r} ({record.get('error')})"
+        )
 
 
 def _read_row(handle: Any, record: dict[str, Any]) -> dict[str, Tensor]:
@@ -201,7 +220,9 @@ def _read_row(handle: Any, record: dict[str, Any]) -> dict[str, Tensor]:
     row = int(record["offset"])
     rows = handle.get_slice("budget").get_shape()[0]
     if not 0 <= row < rows:
-        raise InvalidInputError(f"record {record['index']}: offset {row} is outside shard {record['shard']} ({rows} rows)")
+        raise InvalidInputError(
+            f"record {record['index']}: offset {row} is outside shard {record['shard']} ({rows} rows)"
+        )
     out = {key: handle.get_slice(key)[row : row + 1][0] for key in ROW_KEYS}
     rh, rw = (int(v) for v in out["region_grid"])  # ok-sync: reading a file, on the host
     for key in _REGION_KEYS:
@@ -209,7 +230,9 @@ def _read_row(handle: Any, record: dict[str, Any]) -> dict[str, Tensor]:
     return out
 
 
-def load_record(root: str | os.PathLike[str], record: dict[str, Any], *, device: torch.device | str = "cpu") -> dict[str, Tensor]:
+def load_record(
+    root: str | os.PathLike[str], record: dict[str, Any], *, device: torch.device | str = "cpu"
+) -> dict[str, Tensor]:
     """One image's tensors, read back from its shard (only that image's rows are read).
 
     For many records, :class:`CompressedDataset` keeps the shards open.

@@ -20,8 +20,16 @@ logger = logging.getLogger(__name__)
 REDUCER_OUTPUTS = ("tokens", "positions", "weights", "relevance", "allocation")
 
 
-def expand_prompt(prompt: str, slots: int, *, tokenizer: Any, template: str, image_token: str, image_token_id: int,
-                  special_ids: Collection[int]) -> tuple[list[int], list[bool], int]:
+def expand_prompt(
+    prompt: str,
+    slots: int,
+    *,
+    tokenizer: Any,
+    template: str,
+    image_token: str,
+    image_token_id: int,
+    special_ids: Collection[int],
+) -> tuple[list[int], list[bool], int]:
     """Token ids of ``prompt`` with its image placeholder expanded to ``slots`` copies, which tokens form the query
     (the question's own words), and the placeholder's index.
 
@@ -45,21 +53,31 @@ def expand_prompt(prompt: str, slots: int, *, tokenizer: Any, template: str, ima
     offsets = encoded["offset_mapping"] if fast else [span] * len(ids)
     where = [i for i, t in enumerate(ids) if t == image_token_id]
     if len(where) != 1:
-        raise InvalidInputError(f"each prompt must hold exactly one image placeholder {image_token!r} (or none, to "
-                                f"use the template); got {len(where)} in {prompt!r}")
-    query = [t not in special_ids and t != image_token_id and o[1] > span[0] and o[0] < span[1]
-             for t, o in zip(ids, offsets)]
+        raise InvalidInputError(
+            f"each prompt must hold exactly one image placeholder {image_token!r} (or none, to "
+            f"use the template); got {len(where)} in {prompt!r}"
+        )
+    query = [
+        t not in special_ids and t != image_token_id and o[1] > span[0] and o[0] < span[1] for t, o in zip(ids, offsets)
+    ]
     p = where[0]
-    return ids[:p] + [image_token_id] * slots + ids[p + 1:], query[:p] + [False] * slots + query[p + 1:], p
+    return ids[:p] + [image_token_id] * slots + ids[p + 1 :], query[:p] + [False] * slots + query[p + 1 :], p
 
 
-def reducer_chain(fn: Callable[[dict[str, Any]], dict[str, Any]], inputs: dict[str, Tensor], backend: str, pool: Any,
-                  name: str) -> GraphChain | None:
+def reducer_chain(
+    fn: Callable[[dict[str, Any]], dict[str, Any]], inputs: dict[str, Tensor], backend: str, pool: Any, name: str
+) -> GraphChain | None:
     """``fn`` (a reducer as a state step) captured as a :class:`GraphChain` on ``inputs``; ``None``, with one
     warning, where it cannot be captured (the caller then calls the reducer directly)."""
     try:
-        return GraphChain([("reduce", fn)], inputs, pool if backend == "cuda" else None, outputs=REDUCER_OUTPUTS,
-                          backend=backend, name=name)
+        return GraphChain(
+            [("reduce", fn)],
+            inputs,
+            pool if backend == "cuda" else None,
+            outputs=REDUCER_OUTPUTS,
+            backend=backend,
+            name=name,
+        )
     except CaptureError as err:
         logger.warning("the %s cannot be captured as a CUDA graph (%s); calling it directly", name, err)
         return None

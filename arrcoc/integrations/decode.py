@@ -44,15 +44,20 @@ LENGTH_STEP = 256
 
 def language_model(model: nn.Module) -> nn.Module:
     """A LLaVA's (or causal LM's) base language model: the module owning ``embed_tokens``, ``layers``, ``norm``."""
-    for lm in (getattr(getattr(model, "model", None), "language_model", None), getattr(model, "language_model", None),
-               getattr(model, "model", None), model):
+    for lm in (
+        getattr(getattr(model, "model", None), "language_model", None),
+        getattr(model, "language_model", None),
+        getattr(model, "model", None),
+        model,
+    ):
         if lm is not None and hasattr(lm, "layers") and hasattr(lm, "embed_tokens"):
             return lm
         inner = getattr(lm, "model", None)
         if inner is not None and hasattr(inner, "layers") and hasattr(inner, "embed_tokens"):
             return inner
-    raise InvalidTypeError(f"model must hold a Llama-family language model (embed_tokens, layers, norm); "
-                           f"got {type(model).__name__}")
+    raise InvalidTypeError(
+        f"model must hold a Llama-family language model (embed_tokens, layers, norm); got {type(model).__name__}"
+    )
 
 
 def _rotate_half(x: Tensor) -> Tensor:
@@ -140,11 +145,13 @@ class GraphedDecoder:
             n = len(self.lm.layers)
             kw = {"device": self.device, "dtype": self.dtype}
             self._states[key] = _State(
-                keys=[torch.zeros(shape, **kw) for _ in range(n)], values=[torch.zeros(shape, **kw) for _ in range(n)],
+                keys=[torch.zeros(shape, **kw) for _ in range(n)],
+                values=[torch.zeros(shape, **kw) for _ in range(n)],
                 valid=torch.zeros(bucket, length, dtype=torch.bool, device=self.device),
                 token=torch.zeros(bucket, dtype=torch.long, device=self.device),
                 pos=torch.zeros(bucket, dtype=torch.long, device=self.device),
-                slot=torch.zeros(1, dtype=torch.long, device=self.device))
+                slot=torch.zeros(1, dtype=torch.long, device=self.device),
+            )
         return self._states[key]
 
     def release(self) -> None:
@@ -233,9 +240,18 @@ class GraphedDecoder:
             return None, None
 
     @torch.no_grad()
-    def generate(self, inputs_embeds: Tensor, attention_mask: Tensor, *, max_new_tokens: int = 32,
-                 do_sample: bool = False, temperature: float = 1.0, eos_token_id: int | list[int] | None = None,
-                 pad_token_id: int = 0, generator: torch.Generator | None = None) -> Tensor:
+    def generate(
+        self,
+        inputs_embeds: Tensor,
+        attention_mask: Tensor,
+        *,
+        max_new_tokens: int = 32,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        eos_token_id: int | list[int] | None = None,
+        pad_token_id: int = 0,
+        generator: torch.Generator | None = None,
+    ) -> Tensor:
         """Decode ``max_new_tokens`` after left-padded prompts.
 
         Args:
@@ -249,8 +265,10 @@ class GraphedDecoder:
             ``(B, max_new_tokens)`` int64 token ids.
         """
         if inputs_embeds.ndim != 3 or attention_mask.shape != inputs_embeds.shape[:2]:
-            raise InvalidInputError(f"inputs_embeds must be (B, T, H) and attention_mask (B, T); got "
-                                    f"{tuple(inputs_embeds.shape)} and {tuple(attention_mask.shape)}")
+            raise InvalidInputError(
+                f"inputs_embeds must be (B, T, H) and attention_mask (B, T); got "
+                f"{tuple(inputs_embeds.shape)} and {tuple(attention_mask.shape)}"
+            )
         if max_new_tokens < 1:
             raise InvalidInputError(f"max_new_tokens must be >= 1; got {max_new_tokens}")
         if do_sample and not temperature > 0:
@@ -281,8 +299,9 @@ class GraphedDecoder:
             state.slot.add_(1)
         out = out[:b]
         if eos_token_id is not None:
-            eos = torch.tensor([eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id),
-                               device=out.device)
+            eos = torch.tensor(
+                [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id), device=out.device
+            )
             hit = torch.isin(out, eos).long().cumsum(-1)  # (B, new)
             after = (hit - torch.isin(out, eos).long()) > 0  # strictly after the first EOS
             out = out.masked_fill(after, pad_token_id)

@@ -116,8 +116,14 @@ def word_tokenizer(words: Sequence[str], image_token_id: int | None = None, imag
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
     tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
-                                   unk_token="<unk>", additional_special_tokens=[image_token])
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<s>",
+        eos_token="</s>",
+        pad_token="<pad>",
+        unk_token="<unk>",
+        additional_special_tokens=[image_token],
+    )
 
 
 def _parts(model: nn.Module) -> tuple[nn.Module, nn.Module]:
@@ -125,8 +131,10 @@ def _parts(model: nn.Module) -> tuple[nn.Module, nn.Module]:
     for owner in (getattr(model, "model", None), model):
         if owner is not None and hasattr(owner, "vision_tower") and hasattr(owner, "multi_modal_projector"):
             return owner.vision_tower, owner.multi_modal_projector
-    raise InvalidTypeError(f"model must be a LlavaForConditionalGeneration (with a vision_tower and a "
-                           f"multi_modal_projector); got {type(model).__name__}")
+    raise InvalidTypeError(
+        f"model must be a LlavaForConditionalGeneration (with a vision_tower and a "
+        f"multi_modal_projector); got {type(model).__name__}"
+    )
 
 
 class ArrcocLlava(nn.Module):
@@ -161,19 +169,30 @@ class ArrcocLlava(nn.Module):
             gradients (graphs replay without autograd).
     """
 
-    def __init__(self, model: nn.Module, processor_or_tokenizer: Any, *, method: str = "arrcoc",
-                 config: PipelineConfig | None = None, template: str = LLAVA_TEMPLATE,
-                 query_temperature: float = 0.1, image_mean: Sequence[float] | None = None,
-                 image_std: Sequence[float] | None = None, fastv_layer: int = 2,
-                 reducer_graphs: str = "auto") -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        processor_or_tokenizer: Any,
+        *,
+        method: str = "arrcoc",
+        config: PipelineConfig | None = None,
+        template: str = LLAVA_TEMPLATE,
+        query_temperature: float = 0.1,
+        image_mean: Sequence[float] | None = None,
+        image_std: Sequence[float] | None = None,
+        fastv_layer: int = 2,
+        reducer_graphs: str = "auto",
+    ) -> None:
         super().__init__()
         self.model = model
         self.vision_tower, self.projector = _parts(model)
         self.tokenizer = getattr(processor_or_tokenizer, "tokenizer", processor_or_tokenizer)
         self.image_processor = getattr(processor_or_tokenizer, "image_processor", None)
         if not callable(self.tokenizer):
-            raise InvalidTypeError(f"processor_or_tokenizer must be a processor or a tokenizer; got "
-                                   f"{type(processor_or_tokenizer).__name__}")
+            raise InvalidTypeError(
+                f"processor_or_tokenizer must be a processor or a tokenizer; got "
+                f"{type(processor_or_tokenizer).__name__}"
+            )
         if "{question}" not in template or "{image}" not in template:
             raise InvalidInputError(f"template must hold '{{image}}' and '{{question}}'; got {template!r}")
         if not query_temperature > 0:
@@ -192,13 +211,17 @@ class ArrcocLlava(nn.Module):
         self.feature_layer = cfg.vision_feature_layer
         self.strategy = cfg.vision_feature_select_strategy
         if self.strategy not in ("default", "full"):
-            raise InvalidInputError(f"vision_feature_select_strategy must be 'default' or 'full'; got {self.strategy!r}")
+            raise InvalidInputError(
+                f"vision_feature_select_strategy must be 'default' or 'full'; got {self.strategy!r}"
+            )
         # Decided once: a timm tower gives NCHW block outputs with the prefix tokens already removed.
         self.timm_tower = hasattr(self.vision_tower, "timm_model")
         self.keeps_cls = self.strategy == "full" and not self.timm_tower
         if self.keeps_cls and getattr(model, "token_positions", None) is not None:
-            raise InvalidInputError("a model with token_positions places patch tokens only; its [CLS] token has no "
-                                    "box: use vision_feature_select_strategy='default'")
+            raise InvalidInputError(
+                "a model with token_positions places patch tokens only; its [CLS] token has no "
+                "box: use vision_feature_select_strategy='default'"
+            )
         self.method = method
         self.reducer = create_reducer(method, config=config)
         if isinstance(self.reducer, torch.nn.Module):  # its constant buffers (colour matrix, filters) go with the model
@@ -213,8 +236,9 @@ class ArrcocLlava(nn.Module):
         self._decoder: Any = None
 
     # --- set-up helpers ------------------------------------------------------------------------------
-    def _normalisation(self, mean: Sequence[float] | None,
-                       std: Sequence[float] | None) -> tuple[Sequence[float] | None, Sequence[float] | None]:
+    def _normalisation(
+        self, mean: Sequence[float] | None, std: Sequence[float] | None
+    ) -> tuple[Sequence[float] | None, Sequence[float] | None]:
         if mean is not None and std is not None:
             return tuple(mean), tuple(std)
         proc = self.image_processor
@@ -255,11 +279,15 @@ class ArrcocLlava(nn.Module):
         if isinstance(images, Tensor):
             pixels = images if images.ndim == 4 else images[None]
             if pixels.ndim != 4 or pixels.shape[1] != 3:
-                raise InvalidInputError(f"images as a tensor must be pixel_values (B, 3, H, W); got {tuple(images.shape)}")
+                raise InvalidInputError(
+                    f"images as a tensor must be pixel_values (B, 3, H, W); got {tuple(images.shape)}"
+                )
             return pixels
         if self.image_processor is None:
-            raise InvalidTypeError("images must be a pixel_values tensor (B, 3, H, W) when the adapter was given a "
-                                   f"tokenizer, not a processor; got {type(images).__name__}")
+            raise InvalidTypeError(
+                "images must be a pixel_values tensor (B, 3, H, W) when the adapter was given a "
+                f"tokenizer, not a processor; got {type(images).__name__}"
+            )
         return self.image_processor(images=images, return_tensors="pt")["pixel_values"]
 
     def _layer_states(self, pixel_values: Tensor) -> tuple[Tensor, ...]:
@@ -284,7 +312,7 @@ class ArrcocLlava(nn.Module):
             grids = [s.permute(0, 2, 3, 1) for s in picked]
             cls = None
         else:  # (B, prefix + N, D)
-            grids = [s[:, -gh * gw:].unflatten(1, (gh, gw)) for s in picked]
+            grids = [s[:, -gh * gw :].unflatten(1, (gh, gw)) for s in picked]
             cls = torch.cat([s[:, :1] for s in picked], -1) if self.keeps_cls else None
         grid = torch.cat(grids, -1)  # (B, gh, gw, D)
         attention = None
@@ -301,9 +329,15 @@ class ArrcocLlava(nn.Module):
     # --- prompts -> ids -------------------------------------------------------------------------------
     def _tokenize(self, prompt: str, slots: int) -> tuple[list[int], list[bool]]:
         """Token ids with the image placeholder expanded to ``slots`` copies, and which tokens form the query."""
-        ids, query, _ = expand_prompt(prompt, slots, tokenizer=self.tokenizer, template=self.template,
-                                      image_token=self.image_token, image_token_id=self.image_token_id,
-                                      special_ids=self.special_ids)
+        ids, query, _ = expand_prompt(
+            prompt,
+            slots,
+            tokenizer=self.tokenizer,
+            template=self.template,
+            image_token=self.image_token,
+            image_token_id=self.image_token_id,
+            special_ids=self.special_ids,
+        )
         return ids, query
 
     def _batch_ids(self, prompts: Sequence[str], slots: int, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
@@ -313,9 +347,9 @@ class ArrcocLlava(nn.Module):
         mask = torch.zeros(len(rows), length, dtype=torch.long)
         query = torch.zeros(len(rows), length, dtype=torch.bool)
         for i, (row, q) in enumerate(rows):  # left padding
-            ids[i, length - len(row):] = torch.tensor(row)
-            mask[i, length - len(row):] = 1
-            query[i, length - len(row):] = torch.tensor(q)
+            ids[i, length - len(row) :] = torch.tensor(row)
+            mask[i, length - len(row) :] = 1
+            query[i, length - len(row) :] = torch.tensor(q)
         return ids.to(device), mask.to(device), query.to(device)
 
     # --- the adapter ----------------------------------------------------------------------------------
@@ -323,8 +357,10 @@ class ArrcocLlava(nn.Module):
         """``budget`` counts every image token the language model reads: ``1 + keeps_cls`` up to ``full_tokens``."""
         low = 1 + int(self.keeps_cls)
         if isinstance(budget, bool) or not isinstance(budget, int) or not low <= budget <= self.full_tokens:
-            raise BudgetError(f"budget must be a whole number of image tokens in [{low}, {self.full_tokens}] "
-                              f"(the model reads {self.full_tokens} unreduced); got {budget!r}")
+            raise BudgetError(
+                f"budget must be a whole number of image tokens in [{low}, {self.full_tokens}] "
+                f"(the model reads {self.full_tokens} unreduced); got {budget!r}"
+            )
 
     def prepare(self, images: Any, prompts: str | Sequence[str], budget: int) -> Prepared:
         """Build the language model's input: prompts with ``budget`` reduced image tokens each.
@@ -340,8 +376,10 @@ class ArrcocLlava(nn.Module):
         device = self.model.get_input_embeddings().weight.device
         pixel_values = self.pixel_values(images).to(device)
         if pixel_values.shape[0] != len(prompts):
-            raise InvalidInputError(f"images and prompts must pair up one to one; got {pixel_values.shape[0]} "
-                                    f"images and {len(prompts)} prompts")
+            raise InvalidInputError(
+                f"images and prompts must pair up one to one; got {pixel_values.shape[0]} "
+                f"images and {len(prompts)} prompts"
+            )
         ids, mask, query_mask = self._batch_ids(prompts, budget, device)
         embeds = self.model.get_input_embeddings()(ids)  # (B, T, H)
         grid, cls, cls_attention = self.features(pixel_values)
@@ -352,15 +390,18 @@ class ArrcocLlava(nn.Module):
             visual.text_attention = self._text_attention(prompts, grid, cls)
         reduced = raster_order(self.reduce(visual, budget - int(self.keeps_cls)), grid.shape[2])
         tokens = reduced.tokens if cls is None else torch.cat((cls, reduced.tokens), 1)
-        image_tokens = add_token_positions(self.model, self.projector(tokens.to(grid.dtype)), reduced.positions,
-                                           grid.shape[1:3])  # (B, budget, H)
+        image_tokens = add_token_positions(
+            self.model, self.projector(tokens.to(grid.dtype)), reduced.positions, grid.shape[1:3]
+        )  # (B, budget, H)
         embeds = _fill_slots(embeds, ids == self.image_token_id, image_tokens)
         return Prepared(embeds, mask, ids, reduced, query_mask, image_tokens)
 
     def reduce(self, visual: VisualInput, budget: int) -> ReducedTokens:
         """The reducer on ``visual``, replayed as a CUDA graph where ``reducer_graphs`` allows (see the class)."""
         device = visual.features.device
-        backend = {"auto": "cuda" if device.type == "cuda" else None, "eager": "eager", "off": None}[self.reducer_graphs]
+        backend = {"auto": "cuda" if device.type == "cuda" else None, "eager": "eager", "off": None}[
+            self.reducer_graphs
+        ]
         inputs = {f: getattr(visual, f) for f in _VISUAL_FIELDS if getattr(visual, f) is not None}
         if torch.is_grad_enabled() and any(v.requires_grad for v in inputs.values()):
             backend = None  # a graph replay has no autograd: with gradients wanted, call the reducer directly
@@ -371,8 +412,9 @@ class ArrcocLlava(nn.Module):
         if chain is False:
             return self.reducer(visual, budget)
         result = chain.run(inputs, rows=visual.features.shape[0])
-        return ReducedTokens(result["tokens"], result["positions"], result["weights"],
-                             result.get("relevance"), result.get("allocation"))
+        return ReducedTokens(
+            result["tokens"], result["positions"], result["weights"], result.get("relevance"), result.get("allocation")
+        )
 
     def _chain(self, inputs: dict[str, Tensor], budget: int, backend: str) -> Any:
         def reduce(state: dict[str, Any]) -> dict[str, Any]:
@@ -387,8 +429,9 @@ class ArrcocLlava(nn.Module):
         """Pull the prompt's question tokens back into the vision space (see the class docstring)."""
         patches = grid.flatten(1, 2)  # (B, N, D)
         projected = self.projector(patches)  # (B, N, H)
-        cosine = torch.einsum("blh,bnh->bln", F.normalize(embeds.float(), dim=-1),
-                              F.normalize(projected.float(), dim=-1))  # (B, T, N)
+        cosine = torch.einsum(
+            "blh,bnh->bln", F.normalize(embeds.float(), dim=-1), F.normalize(projected.float(), dim=-1)
+        )  # (B, T, N)
         mix = torch.softmax(cosine / self.query_temperature, dim=-1)
         query = torch.einsum("btn,bnd->btd", mix, patches.float())  # (B, T, D)
         return query, query_mask
@@ -399,11 +442,15 @@ class ArrcocLlava(nn.Module):
         ids, mask, _ = self._batch_ids(prompts, self.full_tokens, grid.device)
         tokens = grid.flatten(1, 2) if cls is None else torch.cat((cls, grid.flatten(1, 2)), 1)
         slots = ids == self.image_token_id
-        embeds = _fill_slots(self.model.get_input_embeddings()(ids), slots,
-                             add_token_positions(self.model, self.projector(tokens), None, grid.shape[1:3]))
-        attention = _text_to_image_attention(language_model(self.model), self.fastv_layer, embeds, mask, slots,
-                                             self.full_tokens)
-        return attention[:, int(self.keeps_cls):].unflatten(-1, grid.shape[1:3])
+        embeds = _fill_slots(
+            self.model.get_input_embeddings()(ids),
+            slots,
+            add_token_positions(self.model, self.projector(tokens), None, grid.shape[1:3]),
+        )
+        attention = _text_to_image_attention(
+            language_model(self.model), self.fastv_layer, embeds, mask, slots, self.full_tokens
+        )
+        return attention[:, int(self.keeps_cls) :].unflatten(-1, grid.shape[1:3])
 
     def forward(self, images: Any, prompts: str | Sequence[str], budget: int, **kwargs: Any) -> Any:
         """The model's output (``.logits`` ``(B, T, vocab)``) on the prompts with ``budget`` image tokens each."""
@@ -411,8 +458,9 @@ class ArrcocLlava(nn.Module):
         return self.model(inputs_embeds=prepared.inputs_embeds, attention_mask=prepared.attention_mask, **kwargs)
 
     @torch.no_grad()
-    def generate(self, images: Any, prompts: str | Sequence[str], budget: int, *, decode: str = "hf",
-                 **generate_kwargs: Any) -> Tensor:
+    def generate(
+        self, images: Any, prompts: str | Sequence[str], budget: int, *, decode: str = "hf", **generate_kwargs: Any
+    ) -> Tensor:
         """Generate after the prompts; returns the new token ids ``(B, new)``.
 
         Args:
@@ -424,8 +472,9 @@ class ArrcocLlava(nn.Module):
         """
         prepared = self.prepare(images, prompts, budget)
         if decode == "hf":
-            return self.model.generate(inputs_embeds=prepared.inputs_embeds, attention_mask=prepared.attention_mask,
-                                       **generate_kwargs)
+            return self.model.generate(
+                inputs_embeds=prepared.inputs_embeds, attention_mask=prepared.attention_mask, **generate_kwargs
+            )
         if decode == "graphed":
             return self.decoder.generate(prepared.inputs_embeds, prepared.attention_mask, **generate_kwargs)
         raise InvalidInputError(f"decode must be 'hf' or 'graphed'; got {decode!r}")
@@ -466,15 +515,16 @@ def _cls_attention(tower: nn.Module, states: tuple[Tensor, ...], layer: int, gri
     k = attn.k_proj(x).unflatten(-1, (heads, -1)).transpose(1, 2)  # (B, h, 1 + N, hd)
     weights = torch.softmax((q.float() @ k.float().transpose(-1, -2)) / math.sqrt(q.shape[-1]), dim=-1)
     gh, gw = grid
-    return weights.mean(1)[:, 0, -gh * gw:].unflatten(-1, (gh, gw))
+    return weights.mean(1)[:, 0, -gh * gw :].unflatten(-1, (gh, gw))
 
 
 class _Stop(Exception):
     """Raised by a forward pre-hook to stop the language model once the layer input is captured."""
 
 
-def _text_to_image_attention(lm: nn.Module, index: int, embeds: Tensor, mask: Tensor, slots: Tensor,
-                             count: int) -> Tensor:
+def _text_to_image_attention(
+    lm: nn.Module, index: int, embeds: Tensor, mask: Tensor, slots: Tensor, count: int
+) -> Tensor:
     """``(B, count)`` head- and query-mean attention from text tokens after the image to the image slots.
 
     Runs the language model up to layer ``index`` (a pre-hook captures that layer's input and its rotary
@@ -513,7 +563,9 @@ def _text_to_image_attention(lm: nn.Module, index: int, embeds: Tensor, mask: Te
     scores = (q.float() @ k.float().transpose(-1, -2)) * hd**-0.5  # (B, h, T, T)
     t = embeds.shape[1]
     causal = torch.ones(t, t, dtype=torch.bool, device=embeds.device).tril()
-    allowed = (causal & mask.bool()[:, None, None, :]) | torch.eye(t, dtype=torch.bool, device=embeds.device)  # pads: self
+    allowed = (causal & mask.bool()[:, None, None, :]) | torch.eye(
+        t, dtype=torch.bool, device=embeds.device
+    )  # pads: self
     weights = torch.softmax(scores.masked_fill(~allowed, -torch.inf), -1).mean(1)  # (B, T, T)
     last_slot = torch.where(slots, torch.arange(t, device=slots.device), -1).amax(-1, keepdim=True)  # (B, 1)
     text = (torch.arange(t, device=slots.device) > last_slot) & mask.bool()  # (B, T) text after the image
@@ -524,8 +576,11 @@ def _text_to_image_attention(lm: nn.Module, index: int, embeds: Tensor, mask: Te
 
 # --- the command ----------------------------------------------------------------------------------------
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="arrcoc generate", description="Answer a prompt about an image with a "
-                                     "local Hugging Face LLaVA model that reads arrcoc's budgeted tokens.")
+    parser = argparse.ArgumentParser(
+        prog="arrcoc generate",
+        description="Answer a prompt about an image with a "
+        "local Hugging Face LLaVA model that reads arrcoc's budgeted tokens.",
+    )
     parser.add_argument("image", help="image file")
     parser.add_argument("--prompt", required=True, help="the question (put into the template) or a full prompt")
     parser.add_argument("--model", required=True, help="local model folder (LlavaForConditionalGeneration + processor)")
@@ -564,8 +619,14 @@ def main(argv: list[str] | None = None) -> int:
         model = LlavaForConditionalGeneration.from_pretrained(args.model, **{key: dtype}).to(device).eval()
         processor = AutoProcessor.from_pretrained(args.model)
         adapter = ArrcocLlava(model, processor, method=args.method)
-        new = adapter.generate([image], [args.prompt], budget=args.budget, max_new_tokens=args.max_new_tokens,
-                               decode="graphed" if args.graphed else "hf", do_sample=False)
+        new = adapter.generate(
+            [image],
+            [args.prompt],
+            budget=args.budget,
+            max_new_tokens=args.max_new_tokens,
+            decode="graphed" if args.graphed else "hf",
+            do_sample=False,
+        )
         print(adapter.tokenizer.decode(new[0], skip_special_tokens=True).strip())
         return 0
     except ArrcocError as err:

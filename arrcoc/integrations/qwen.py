@@ -327,9 +327,15 @@ class ArrcocQwen(nn.Module):
     def _tokenize(self, prompt: str, slots: int) -> tuple[list[int], list[bool], int]:
         """Ids with the image placeholder expanded to ``slots`` copies, the query flags, and the placeholder's
         index."""
-        return expand_prompt(prompt, slots, tokenizer=self.tokenizer, template=self.template,
-                             image_token=self.image_token, image_token_id=self.image_token_id,
-                             special_ids=self.special_ids)
+        return expand_prompt(
+            prompt,
+            slots,
+            tokenizer=self.tokenizer,
+            template=self.template,
+            image_token=self.image_token,
+            image_token_id=self.image_token_id,
+            special_ids=self.special_ids,
+        )
 
     # --- budgets ----------------------------------------------------------------------------------------
     def budgets(self, budget: int | float | None, grids: Sequence[tuple[int, int]]) -> list[int]:

@@ -21,7 +21,6 @@ from ..stages.regions import patch_boxes
 __all__ = ["TokenPositions", "add_token_positions"]
 
 
-
 class TokenPositions(nn.Module):
     """Boxes ``(B, K, 4)`` in patches -> ``(B, K, hidden_size)`` vectors to add to the projected tokens.
 
@@ -58,8 +57,9 @@ class TokenPositions(nn.Module):
         return self.gain * self.proj(torch.cat((angles.sin(), angles.cos()), -1).flatten(-2))
 
 
-def add_token_positions(model: nn.Module, projected: Tensor, boxes: Tensor | None,
-                        grid: tuple[int, int] | None) -> Tensor:
+def add_token_positions(
+    model: nn.Module, projected: Tensor, boxes: Tensor | None, grid: tuple[int, int] | None
+) -> Tensor:
     """``projected`` ``(B, K, H)`` visual tokens plus their position vectors from ``model.token_positions`` (a
     :class:`TokenPositions`); unchanged for a model without that submodule.
 
@@ -74,8 +74,10 @@ def add_token_positions(model: nn.Module, projected: Tensor, boxes: Tensor | Non
         side = math.isqrt(count)
         grid = grid or (side, side)
         if grid[0] * grid[1] != count:
-            raise InvalidInputError(f"this model adds each visual token's position: pass the boxes of the {count} "
-                                    f"tokens (only every patch of the grid, {grid[0]} x {grid[1]}, may leave them out)")
+            raise InvalidInputError(
+                f"this model adds each visual token's position: pass the boxes of the {count} "
+                f"tokens (only every patch of the grid, {grid[0]} x {grid[1]}, may leave them out)"
+            )
         boxes = patch_boxes(*grid, positions.scales.device)[None]
     elif grid is None:
         raise InvalidInputError("boxes given without the patch grid they lie on: pass grid=(rows, cols)")

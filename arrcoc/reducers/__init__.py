@@ -17,5 +17,15 @@ from .registry import (
     register_reducer,
 )
 
-__all__ = ["VisualInput", "ReducedTokens", "Reducer", "REDUCERS", "register_reducer", "create_reducer",
-           "list_reducers", "check_budget", "check_visual", "ArrcocReducer"]
+__all__ = [
+    "VisualInput",
+    "ReducedTokens",
+    "Reducer",
+    "REDUCERS",
+    "register_reducer",
+    "create_reducer",
+    "list_reducers",
+    "check_budget",
+    "check_visual",
+    "ArrcocReducer",
+]

@@ -37,8 +37,16 @@ from ..errors import InvalidInputError
 from ..stages.regions import patch_boxes
 from .registry import ReducedTokens, VisualInput, check_budget, register_reducer
 
-__all__ = ["UniformPooling", "RandomSelection", "VisionZip", "DivPrune", "ToMe", "FastV", "pool_assigned",
-           "select_patches"]
+__all__ = [
+    "UniformPooling",
+    "RandomSelection",
+    "VisionZip",
+    "DivPrune",
+    "ToMe",
+    "FastV",
+    "pool_assigned",
+    "select_patches",
+]
 
 # Padding patches rank after every image patch; a finite offset (not -inf) keeps ties among them ordered.
 _PADDING_PENALTY = 1e6
@@ -59,11 +67,14 @@ def _grid_map(visual: VisualInput, name: str, method: str) -> Tensor:
     value = getattr(visual, name)
     b, gh, gw = visual.features.shape[:3]
     if value is None:
-        raise InvalidInputError(f"{method} needs visual.{name}, a (B, gh, gw) = ({b}, {gh}, {gw}) map; got None "
-                                f"(the caller must fill it, see the reducer's `needs`)")
+        raise InvalidInputError(
+            f"{method} needs visual.{name}, a (B, gh, gw) = ({b}, {gh}, {gw}) map; got None "
+            f"(the caller must fill it, see the reducer's `needs`)"
+        )
     if tuple(value.shape) != (b, gh, gw):
-        raise InvalidInputError(f"visual.{name} must have shape (B, gh, gw) = ({b}, {gh}, {gw}); "
-                                f"got {tuple(value.shape)}")
+        raise InvalidInputError(
+            f"visual.{name} must have shape (B, gh, gw) = ({b}, {gh}, {gw}); got {tuple(value.shape)}"
+        )
     return value.float().flatten(1)
 
 
@@ -95,8 +106,9 @@ def _select_top(visual: VisualInput, score: Tensor, budget: int) -> ReducedToken
     return select_patches(visual, order[:, :budget])
 
 
-def pool_assigned(features: Tensor, assign: Tensor, count: int, grid: tuple[int, int],
-                  out_dtype: torch.dtype | None = None) -> ReducedTokens:
+def pool_assigned(
+    features: Tensor, assign: Tensor, count: int, grid: tuple[int, int], out_dtype: torch.dtype | None = None
+) -> ReducedTokens:
     """Merge patches into ``count`` tokens by an assignment: each token is the mean of the patches sent to it.
 
     Args:
@@ -294,8 +306,11 @@ class VisionZip(nn.Module):
         target_of = torch.cumsum(is_target, 0) - 1  # target number of each target slot
         targets = remaining[:, target_slots]  # (B, K_c)
         unit = nn.functional.normalize(features, dim=-1)
-        similarity = torch.einsum("bnd,bkd->bnk", unit.gather(1, remaining[..., None].expand(-1, -1, d)),
-                                  unit.gather(1, targets[..., None].expand(-1, -1, d)))  # (B, rest, K_c)
+        similarity = torch.einsum(
+            "bnd,bkd->bnk",
+            unit.gather(1, remaining[..., None].expand(-1, -1, d)),
+            unit.gather(1, targets[..., None].expand(-1, -1, d)),
+        )  # (B, rest, K_c)
         joins = torch.where(is_target.bool(), target_of, similarity.argmax(-1))  # (B, rest)
         assign = assign.scatter(1, remaining, dominant + joins)
         return pool_assigned(features, assign, budget, visual.grid, visual.features.dtype)

@@ -22,8 +22,17 @@ from torch import Tensor
 
 from ..errors import BudgetError, InvalidInputError, InvalidTypeError
 
-__all__ = ["VisualInput", "ReducedTokens", "Reducer", "REDUCERS", "register_reducer", "create_reducer",
-           "list_reducers", "check_budget", "check_visual"]
+__all__ = [
+    "VisualInput",
+    "ReducedTokens",
+    "Reducer",
+    "REDUCERS",
+    "register_reducer",
+    "create_reducer",
+    "list_reducers",
+    "check_budget",
+    "check_visual",
+]
 
 
 @dataclass
@@ -157,7 +166,9 @@ def check_visual(visual: VisualInput) -> None:
         given = features.dtype if isinstance(features, Tensor) else type(features).__name__
         raise InvalidTypeError(f"visual.features must be a floating-point tensor (B, gh, gw, D); got {given}")
     if features.ndim != 4 or 0 in features.shape:
-        raise InvalidInputError(f"visual.features must have shape (B, gh, gw, D), none of them 0; got {tuple(features.shape)}")
+        raise InvalidInputError(
+            f"visual.features must have shape (B, gh, gw, D), none of them 0; got {tuple(features.shape)}"
+        )
     b, gh, gw, d = features.shape
     expected = {"patch_valid": (b, gh, gw), "cls_attention": (b, gh, gw), "text_attention": (b, gh, gw)}
     for name, shape in expected.items():
@@ -167,21 +178,27 @@ def check_visual(visual: VisualInput) -> None:
     if visual.pixels is not None:
         pixels = visual.pixels
         if pixels.ndim != 4 or pixels.shape[:2] != (b, 3) or pixels.shape[2] % gh or pixels.shape[3] % gw:
-            raise InvalidInputError(f"visual.pixels must have shape ({b}, 3, S, S') with S a multiple of {gh} and S' of "
-                                    f"{gw}; got {tuple(pixels.shape)}")
+            raise InvalidInputError(
+                f"visual.pixels must have shape ({b}, 3, S, S') with S a multiple of {gh} and S' of "
+                f"{gw}; got {tuple(pixels.shape)}"
+            )
     if visual.query is not None:
         query = visual.query
         if query.ndim != 3 or query.shape[0] not in (1, b) or query.shape[2] != d:
             raise InvalidInputError(f"visual.query must have shape (1 or {b}, L, {d}); got {tuple(query.shape)}")
         mask = visual.query_mask
         if mask is not None and (mask.dtype != torch.bool or tuple(mask.shape) != (query.shape[0], query.shape[1])):
-            raise InvalidInputError(f"visual.query_mask must be bool of shape {tuple(query.shape[:2])}; got "
-                                    f"{mask.dtype} {tuple(mask.shape)}")
+            raise InvalidInputError(
+                f"visual.query_mask must be bool of shape {tuple(query.shape[:2])}; got "
+                f"{mask.dtype} {tuple(mask.shape)}"
+            )
     if not _capturing(features):
         usable = torch.isfinite(features) & (features.abs() <= FEATURE_LIMIT)
         if not bool(usable.all()):  # ok-sync: validation, outside capture
-            raise InvalidInputError(f"visual.features hold NaN, infinite or overflowing values (|x| > {FEATURE_LIMIT:g}: "
-                                    "their squares overflow float32 statistics); rescale the features")
+            raise InvalidInputError(
+                f"visual.features hold NaN, infinite or overflowing values (|x| > {FEATURE_LIMIT:g}: "
+                "their squares overflow float32 statistics); rescale the features"
+            )
 
 
 def check_budget(visual: VisualInput, budget: int) -> None:
@@ -201,5 +218,7 @@ def check_budget(visual: VisualInput, budget: int) -> None:
         short = [(i, n) for i, n in enumerate(real) if n < budget]
         if short:
             i, n = short[0]
-            raise BudgetError(f"budget {budget} is above the {n} real patches of image {i} (the rest of its "
-                              f"{gh}x{gw} grid is padding); {len(short)} image(s) are short of it")
+            raise BudgetError(
+                f"budget {budget} is above the {n} real patches of image {i} (the rest of its "
+                f"{gh}x{gw} grid is padding); {len(short)} image(s) are short of it"
+            )

@@ -8,6 +8,7 @@ import torch
 
 __all__ = ["device_name"]
 
+
 def device_name(device: torch.device) -> str:
     """The device as reports name it: the GPU's name, or the CPU with its thread count."""
     if device.type == "cuda":

@@ -24,8 +24,19 @@ from torch import Tensor
 
 from ..errors import ArrcocError, InvalidInputError
 
-__all__ = ["GraphKey", "GraphChain", "GraphCache", "PackedTensors", "ChainResult", "CaptureError",
-           "CaptureMemoryError", "StaleOutputError", "lazy_output", "warm_up", "capture"]
+__all__ = [
+    "GraphKey",
+    "GraphChain",
+    "GraphCache",
+    "PackedTensors",
+    "ChainResult",
+    "CaptureError",
+    "CaptureMemoryError",
+    "StaleOutputError",
+    "lazy_output",
+    "warm_up",
+    "capture",
+]
 
 Stage = tuple[str, Callable[[dict[str, Any]], dict[str, Any]]]
 Build = Callable[[], tuple[list[Stage], dict[str, Tensor], Sequence[str]]]
@@ -137,8 +148,9 @@ class PackedTensors:
         typed: dict[torch.dtype, Tensor] = {}
         return {name: self.view(buffer, name, rows, typed) for name in self.names}
 
-    def view(self, buffer: Tensor, name: str, rows: int | None = None,
-             typed: dict[torch.dtype, Tensor] | None = None) -> Tensor:
+    def view(
+        self, buffer: Tensor, name: str, rows: int | None = None, typed: dict[torch.dtype, Tensor] | None = None
+    ) -> Tensor:
         """One tensor's contiguous view ``(rows, *shape[1:])`` in ``buffer`` (a copy of :attr:`buffer`).
 
         ``typed`` keeps ``buffer`` viewed as each dtype between calls, so a view costs one ``as_strided``.
@@ -207,7 +219,8 @@ class ChainResult(Mapping[str, Any]):
             raise StaleOutputError(
                 f"this zero-copy result (copy=False) of the {self._chain.name} graph was overwritten by a later "
                 f"call on the same entry ({self._chain.generation - self._generation} since); read results "
-                "before the next call, or call with copy=True to own them")
+                "before the next call, or call with copy=True to own them"
+            )
 
     def _leaf(self, name: str) -> Tensor:
         outputs = self._chain.outputs
@@ -290,8 +303,15 @@ def _plain(self: Any) -> tuple[Any, ...]:
 _CLASSES: dict[tuple[type, frozenset[str], frozenset[str]], type] = {}
 
 
-def lazy_output(cls: type, values: Mapping[str, Any], source: Callable[[str], Any], lazy: Collection[str], *,
-                check: Callable[[], None] | None = None, checked: Collection[str] = ()) -> Any:
+def lazy_output(
+    cls: type,
+    values: Mapping[str, Any],
+    source: Callable[[str], Any],
+    lazy: Collection[str],
+    *,
+    check: Callable[[], None] | None = None,
+    checked: Collection[str] = (),
+) -> Any:
     """An instance of (a cached subclass of) ``cls`` without running its ``__init__``.
 
     Fields in ``values`` are set now; each field in ``lazy`` is built by ``source(name)`` on its first read and
@@ -305,8 +325,13 @@ def lazy_output(cls: type, values: Mapping[str, Any], source: Callable[[str], An
     if sub is None:
         fields = sorted(key[1] | checks)
         attrs: dict[str, Any] = {name: _Field(name, name in checks) for name in fields}
-        attrs.update(__doc__=cls.__doc__, __module__=cls.__module__, __reduce__=_plain, _arrcoc_base=cls,
-                     _arrcoc_fields=tuple(fields))
+        attrs.update(
+            __doc__=cls.__doc__,
+            __module__=cls.__module__,
+            __reduce__=_plain,
+            _arrcoc_base=cls,
+            _arrcoc_fields=tuple(fields),
+        )
         sub = _CLASSES[key] = type(f"{'ZeroCopy' if checks else 'Lazy'}{cls.__name__}", (cls,), attrs)
     obj = object.__new__(sub)
     obj.__dict__.update(values, _arrcoc_source=source)
@@ -331,8 +356,9 @@ def warm_up(fn: Callable[[], T], runs: int, device: torch.device | None = None) 
     return out
 
 
-def capture(fn: Callable[[], T], pool: Any, *, warmup: int = 2,
-            device: torch.device | None = None) -> tuple[torch.cuda.CUDAGraph, T]:
+def capture(
+    fn: Callable[[], T], pool: Any, *, warmup: int = 2, device: torch.device | None = None
+) -> tuple[torch.cuda.CUDAGraph, T]:
     """Warm ``fn`` up (``warmup`` runs, see :func:`warm_up`), then capture one call of it as a CUDA graph whose
     temporaries come from ``pool``; returns the graph and the call's (static) result.
 
@@ -362,8 +388,18 @@ class GraphChain:
         name: shown in messages.
     """
 
-    def __init__(self, stages: list[Stage], inputs: Mapping[str, Tensor], pool: Any, *, outputs: Sequence[str],
-                 warmup: int = 2, per_stage: bool = False, backend: str = "cuda", name: str = "chain") -> None:
+    def __init__(
+        self,
+        stages: list[Stage],
+        inputs: Mapping[str, Tensor],
+        pool: Any,
+        *,
+        outputs: Sequence[str],
+        warmup: int = 2,
+        per_stage: bool = False,
+        backend: str = "cuda",
+        name: str = "chain",
+    ) -> None:
         if backend not in BACKENDS:
             raise InvalidInputError(f"backend must be one of {BACKENDS}; got {backend!r}")
         self.name, self.backend, self.stages, self.output_keys = name, backend, stages, tuple(outputs)
@@ -374,8 +410,9 @@ class GraphChain:
         self.pool_bytes = 0
         self.capture_seconds = 0.0  # set by the cache
         # the results' buffer is made outside the pool: the entry owns it, no other graph reuses it
-        self.outputs = PackedTensors.like(_leaves(self._run_stages() if backend == "eager" else self._warm(warmup),
-                                                  self.output_keys))
+        self.outputs = PackedTensors.like(
+            _leaves(self._run_stages() if backend == "eager" else self._warm(warmup), self.output_keys)
+        )
         self.tree = _tree(self.outputs.order)  # top-level result key -> its packed tensors
         if backend == "cuda":
             self._capture(pool, per_stage)
@@ -388,6 +425,7 @@ class GraphChain:
         current, failure = "capture", None
         try:
             for step in steps:
+
                 def run_step(step: list[Stage] = step) -> None:
                     nonlocal current, failure
                     try:
@@ -461,8 +499,9 @@ class GraphCache:
         per_stage: capture one graph per stage instead of one per chain.
     """
 
-    def __init__(self, max_entries: int = 32, max_bytes: int | None = None, *, backend: str = "cuda",
-                 per_stage: bool = False) -> None:
+    def __init__(
+        self, max_entries: int = 32, max_bytes: int | None = None, *, backend: str = "cuda", per_stage: bool = False
+    ) -> None:
         if backend not in BACKENDS:
             raise InvalidInputError(f"backend must be one of {BACKENDS}; got {backend!r}")
         if max_entries < 1:
@@ -491,8 +530,9 @@ class GraphCache:
         with self.lock:
             return self._get(key, build)
 
-    def run(self, key: GraphKey, build: Build, values: Mapping[str, Tensor], rows: int,
-            copy: bool = True) -> ChainResult:
+    def run(
+        self, key: GraphKey, build: Build, values: Mapping[str, Tensor], rows: int, copy: bool = True
+    ) -> ChainResult:
         """Fill, replay and read out the chain for ``key`` (captured on a miss), safely across threads."""
         with self.lock:
             chain = self._get(key, build)
@@ -524,7 +564,8 @@ class GraphCache:
             except torch.cuda.OutOfMemoryError as again:
                 raise CaptureMemoryError(
                     f"out of GPU memory capturing {key} (retried once after evicting least-recently-used "
-                    f"entries; {len(self._entries)} entries, {self.nbytes} bytes kept): {again}") from err
+                    f"entries; {len(self._entries)} entries, {self.nbytes} bytes kept): {again}"
+                ) from err
         seconds = time.perf_counter() - start
         self._stats["captures"] += 1
         self._stats["capture_seconds"] += seconds
@@ -533,11 +574,14 @@ class GraphCache:
         self._evict(0)
         return chain
 
-    def _capture(self, key: GraphKey, stages: list[Stage], inputs: dict[str, Tensor], outputs: Sequence[str]) -> GraphChain:
+    def _capture(
+        self, key: GraphKey, stages: list[Stage], inputs: dict[str, Tensor], outputs: Sequence[str]
+    ) -> GraphChain:
         if self.backend == "cuda" and self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
-        return self.chain_factory(stages, inputs, self._pool, outputs=outputs, per_stage=self.per_stage,
-                                  backend=self.backend, name=str(key))
+        return self.chain_factory(
+            stages, inputs, self._pool, outputs=outputs, per_stage=self.per_stage, backend=self.backend, name=str(key)
+        )
 
     def _evict(self, at_least: int) -> None:
         """Drop the least recently used entries: ``at_least`` of them, then while over a bound (keeping one)."""

@@ -52,8 +52,9 @@ def _solve_level(weight: Tensor, low: Tensor, high: Tensor, budget: Tensor) -> T
     return torch.minimum(torch.maximum(lam * weight, low), high)
 
 
-def _last_event_sorted(events: Tensor, weight: Tensor, low: Tensor, high: Tensor,
-                       budget: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+def _last_event_sorted(
+    events: Tensor, weight: Tensor, low: Tensor, high: Tensor, budget: Tensor
+) -> tuple[Tensor, Tensor, Tensor]:
     """The last event where ``S`` does not exceed the budget, with ``S`` and its slope just after it: ``(B, 1)``
     each. ``S`` at every event from a sort and two cumulative sums."""
     slope_delta = torch.cat((weight, -weight), 1)
@@ -67,8 +68,9 @@ def _last_event_sorted(events: Tensor, weight: Tensor, low: Tensor, high: Tensor
     return events.gather(1, last), total.gather(1, last), slope.gather(1, last)
 
 
-def _last_event_pairwise(events: Tensor, weight: Tensor, low: Tensor, high: Tensor, starts: Tensor, stops: Tensor,
-                         budget: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+def _last_event_pairwise(
+    events: Tensor, weight: Tensor, low: Tensor, high: Tensor, starts: Tensor, stops: Tensor, budget: Tensor
+) -> tuple[Tensor, Tensor, Tensor]:
     """As :func:`_last_event_sorted`, with ``S`` evaluated at every event directly (``(B, 2R, R)`` work)."""
     total = (events[:, :, None] * weight[:, None, :]).clamp(low[:, None, :], high[:, None, :]).sum(2)  # (B, 2R)
     lam0 = torch.where(total <= budget[:, None], events, -torch.inf).amax(1, keepdim=True)
@@ -130,8 +132,9 @@ def _as_bounds(value: int | Tensor, like: Tensor, name: str, check: bool) -> Ten
             except RuntimeError:
                 fits = False
             if not fits:
-                raise InvalidInputError(f"{name} must broadcast to relevance's shape {tuple(like.shape)}; "
-                                        f"got shape {tuple(value.shape)}")
+                raise InvalidInputError(
+                    f"{name} must broadcast to relevance's shape {tuple(like.shape)}; got shape {tuple(value.shape)}"
+                )
         return value.to(like.device, torch.long).broadcast_to(like.shape)
     if check and (isinstance(value, bool) or not isinstance(value, int)):
         raise InvalidTypeError(f"{name} must be an int or an integer tensor; got {value!r} ({type(value).__name__})")
@@ -152,8 +155,14 @@ def _check_budget(budget: int | Tensor, batch: int) -> None:
         raise BudgetError(f"budget must be a whole number of tokens within +-2**62; got {budget}")
 
 
-def allocate(relevance: Tensor, budget: int | Tensor, min_tokens: int | Tensor = 1, max_tokens: int | Tensor = 16,
-             *, check: bool = True) -> Tensor:
+def allocate(
+    relevance: Tensor,
+    budget: int | Tensor,
+    min_tokens: int | Tensor = 1,
+    max_tokens: int | Tensor = 16,
+    *,
+    check: bool = True,
+) -> Tensor:
     """Integer tokens per region, proportional to relevance within bounds, exactly ``budget`` per image.
 
     Args:
@@ -177,16 +186,22 @@ def allocate(relevance: Tensor, budget: int | Tensor, min_tokens: int | Tensor =
     """
     if check:
         if not isinstance(relevance, Tensor) or not relevance.is_floating_point():
-            raise InvalidTypeError(f"relevance must be a floating-point tensor; got "
-                                   f"{relevance.dtype if isinstance(relevance, Tensor) else type(relevance).__name__}")
+            raise InvalidTypeError(
+                f"relevance must be a floating-point tensor; got "
+                f"{relevance.dtype if isinstance(relevance, Tensor) else type(relevance).__name__}"
+            )
         if relevance.ndim < 2 or relevance.numel() == 0:
-            raise InvalidInputError(f"relevance must have shape (B, ...regions) with at least one image and one region; "
-                                    f"got {tuple(relevance.shape)}")
+            raise InvalidInputError(
+                f"relevance must have shape (B, ...regions) with at least one image and one region; "
+                f"got {tuple(relevance.shape)}"
+            )
         bad = (~torch.isfinite(relevance)).sum().item()  # ok-sync: validation (check=True)
         if bad:
             raise InvalidInputError(f"relevance holds {bad} NaN or infinite values")
         if (relevance < 0).any().item():  # ok-sync: validation (check=True)
-            raise InvalidInputError(f"relevance must be non-negative; its minimum is {relevance.min().item():.4g}")  # ok-sync
+            raise InvalidInputError(
+                f"relevance must be non-negative; its minimum is {relevance.min().item():.4g}"
+            )  # ok-sync
         _check_budget(budget, relevance.shape[0])
     shape = relevance.shape
     flat = relevance.reshape(shape[0], -1)
@@ -202,8 +217,10 @@ def allocate(relevance: Tensor, budget: int | Tensor, min_tokens: int | Tensor =
         lows, highs, budgets = low.sum(1).tolist(), high.sum(1).tolist(), budget.tolist()  # ok-sync: validation
         for i, (b, lo, hi) in enumerate(zip(budgets, lows, highs)):
             if not lo <= b <= hi:
-                raise BudgetError(f"budget {b} for image {i} cannot be met: it must be between {lo} (sum of "
-                                  f"min_tokens) and {hi} (sum of max_tokens)")
+                raise BudgetError(
+                    f"budget {b} for image {i} cannot be met: it must be between {lo} (sum of "
+                    f"min_tokens) and {hi} (sum of max_tokens)"
+                )
     return _allocate(flat, budget, low, high).reshape(shape)
 
 

@@ -26,8 +26,18 @@ from .regions import masked_mean, normalize_per_image, to_regions
 __all__ = ["Balance", "BALANCE_KEYS", "novelty"]
 
 #: What ``Balance.forward`` reports per image, in order.
-BALANCE_KEYS: tuple[str, ...] = ("weights", "has_query", "agreement", "exploit", "temperature", "diversify",
-                                 "redundancy", "particularize", "coverage", "evenness")
+BALANCE_KEYS: tuple[str, ...] = (
+    "weights",
+    "has_query",
+    "agreement",
+    "exploit",
+    "temperature",
+    "diversify",
+    "redundancy",
+    "particularize",
+    "coverage",
+    "evenness",
+)
 
 
 def _correlation(maps: Tensor, valid: Tensor) -> Tensor:
@@ -61,7 +71,8 @@ def novelty(features: Tensor, patch_valid: Tensor) -> Tensor:
     rarity = torch.where(valid, 1 - (unit * mean).sum(-1), -torch.inf)  # (B, N) padding ranks last
     index = torch.arange(unit.shape[1], device=unit.device)
     above = (rarity[:, None, :] > rarity[:, :, None]) | (
-        (rarity[:, None, :] == rarity[:, :, None]) & (index[None, :] < index[:, None]))  # [b, p, q]: q ranks above p
+        (rarity[:, None, :] == rarity[:, :, None]) & (index[None, :] < index[:, None])
+    )  # [b, p, q]: q ranks above p
     # (B, N, N) floats: 64 MiB per image at 64x64 patches; masked in place rather than copied.
     nearest = (unit @ unit.transpose(1, 2)).masked_fill_(~(above & valid[:, None, :]), -1.0).amax(-1)  # (B, N)
     return torch.where(valid, (1 - nearest).clamp(0, 1), 0.0).view(patch_valid.shape)
@@ -94,12 +105,20 @@ class Balance(nn.Module):
         """Cosine similarity between the regions' mean features, ``(B, R, R)``: what redundancy is measured
         with. It needs no scores, so a pipeline can compute it beside the scorers and pass it to ``forward``."""
         region_w = to_regions(patch_valid[..., None], self.region_size)[..., 0]  # (B, rh, rw, P)
-        region_feat = F.normalize(masked_mean(to_regions(features, self.region_size), region_w[..., None], -2)
-                                  .flatten(1, 2), dim=-1)  # (B, R, D)
+        region_feat = F.normalize(
+            masked_mean(to_regions(features, self.region_size), region_w[..., None], -2).flatten(1, 2), dim=-1
+        )  # (B, R, D)
         return region_feat @ region_feat.transpose(1, 2)
 
-    def forward(self, scores: Tensor, features: Tensor, patch_valid: Tensor, query_mask: Tensor,
-                budget: Tensor | None = None, similarity: Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+    def forward(
+        self,
+        scores: Tensor,
+        features: Tensor,
+        patch_valid: Tensor,
+        query_mask: Tensor,
+        budget: Tensor | None = None,
+        similarity: Tensor | None = None,
+    ) -> tuple[Tensor, dict[str, Tensor]]:
         """Combine the maps.
 
         Args:
@@ -144,7 +163,8 @@ class Balance(nn.Module):
             similarity = self.similarity(features, patch_valid)  # (B, R, R)
         index = torch.arange(rh * rw, device=scores.device)
         higher = (combined[:, None, :] > combined[:, :, None]) | (
-            (combined[:, None, :] == combined[:, :, None]) & (index[None, :] < index[:, None]))  # [b, r, j]: j ranks above r
+            (combined[:, None, :] == combined[:, :, None]) & (index[None, :] < index[:, None])
+        )  # [b, r, j]: j ranks above r
         redundancy = torch.where(higher & valid[:, None, :], similarity, 0.0).amax(-1).clamp(0, 1)  # (B, R)
         focused = combined * (1 - self.diversify * redundancy)
 

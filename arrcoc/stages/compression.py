@@ -31,8 +31,9 @@ from .scorers import query_coupling
 __all__ = ["Compressor", "compress", "query_priority"]
 
 
-def _rank_patches(features: Tensor, valid: Tensor, exists: Tensor, priority: Tensor | None = None,
-                  query_detail: float = 0.0) -> Tensor:
+def _rank_patches(
+    features: Tensor, valid: Tensor, exists: Tensor, priority: Tensor | None = None, query_detail: float = 0.0
+) -> Tensor:
     """Rank of each patch inside its region: image patches first, highest key first, then index.
 
     Args:
@@ -63,9 +64,15 @@ def query_priority(features: Tensor, patch_valid: Tensor, query: Tensor, query_m
     return normalize_per_image(query_coupling(features, query, query_mask), patch_valid > 0)
 
 
-def compress(features: Tensor, patch_valid: Tensor, allocation: Tensor, capacity: int,
-             region_size: int = 4, priority: Tensor | None = None,
-             query_detail: float = 0.0) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def compress(
+    features: Tensor,
+    patch_valid: Tensor,
+    allocation: Tensor,
+    capacity: int,
+    region_size: int = 4,
+    priority: Tensor | None = None,
+    query_detail: float = 0.0,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Pack each region's allocated tokens into ``(B, T, D)``.
 
     Args:
@@ -133,8 +140,15 @@ class Compressor(nn.Module):
         self.region_size = region_size
         self.query_detail = float(query_detail)
 
-    def forward(self, features: Tensor, patch_valid: Tensor, allocation: Tensor, capacity: int,
-                query: Tensor | None = None, query_mask: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    def forward(
+        self,
+        features: Tensor,
+        patch_valid: Tensor,
+        allocation: Tensor,
+        capacity: int,
+        query: Tensor | None = None,
+        query_mask: Tensor | None = None,
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """See :func:`compress`; ``query`` ``(B, L, D)`` and ``query_mask`` ``(B, L)`` as the scorers take them."""
         priority = None
         if self.query_detail > 0 and query is not None and query_mask is not None:

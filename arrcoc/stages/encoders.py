@@ -21,7 +21,15 @@ from torch import Tensor, nn
 from ..errors import EncoderError, InvalidInputError, MissingWeightsError
 from .texture import Texture, patch_mean
 
-__all__ = ["ENCODER_DTYPES", "Encoder", "PatchProjection", "create_backbone", "load_safetensors", "encoder_for_bucket", "patch_stride"]
+__all__ = [
+    "ENCODER_DTYPES",
+    "Encoder",
+    "PatchProjection",
+    "create_backbone",
+    "load_safetensors",
+    "encoder_for_bucket",
+    "patch_stride",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -56,7 +64,9 @@ def load_safetensors(model: nn.Module, path: str | os.PathLike[str]) -> None:
     try:
         state = load_file(os.fspath(path))
     except Exception as err:  # safetensors raises its own error types for corrupt headers
-        raise InvalidInputError(f"encoder weights file {os.fspath(path)!r} is not a readable safetensors file: {err}") from err
+        raise InvalidInputError(
+            f"encoder weights file {os.fspath(path)!r} is not a readable safetensors file: {err}"
+        ) from err
     result = model.load_state_dict(state, strict=False)
     if result.missing_keys or result.unexpected_keys:
         raise InvalidInputError(
@@ -65,8 +75,9 @@ def load_safetensors(model: nn.Module, path: str | os.PathLike[str]) -> None:
         )
 
 
-def create_backbone(name: str, *, weights: str | os.PathLike[str] | None = None, seed: int = 0,
-                    **kwargs: Any) -> nn.Module:
+def create_backbone(
+    name: str, *, weights: str | os.PathLike[str] | None = None, seed: int = 0, **kwargs: Any
+) -> nn.Module:
     """The timm backbone at its native size, in eval mode.
 
     Args:
@@ -97,11 +108,14 @@ def _bucket_model(backbone: nn.Module, name: str, bucket: int, kwargs: dict[str,
     for key, tensor in backbone.state_dict().items():
         if key in own and own[key].shape != tensor.shape:
             if not key.endswith("pos_embed"):
-                raise EncoderError(f"encoder {name!r}: parameter {key!r} changes shape with the input size "
-                                   f"({tuple(tensor.shape)} -> {tuple(own[key].shape)}); it cannot serve bucket {bucket}")
+                raise EncoderError(
+                    f"encoder {name!r}: parameter {key!r} changes shape with the input size "
+                    f"({tuple(tensor.shape)} -> {tuple(own[key].shape)}); it cannot serve bucket {bucket}"
+                )
             prefix = 0 if getattr(model, "no_embed_class", False) else model.num_prefix_tokens
-            tensor = resample_abs_pos_embed(tensor, list(model.patch_embed.grid_size), list(base_grid),
-                                            num_prefix_tokens=prefix)
+            tensor = resample_abs_pos_embed(
+                tensor, list(model.patch_embed.grid_size), list(base_grid), num_prefix_tokens=prefix
+            )
         state[key] = tensor
     model.load_state_dict(state, assign=True)  # assign: share the backbone's storage, no copy
     model.requires_grad_(False)
@@ -124,8 +138,13 @@ class PatchProjection(nn.Module):
     @staticmethod
     def fits(module: nn.Module) -> bool:
         """Whether ``module`` is a plain convolution over non-overlapping patches."""
-        return (type(module) is nn.Conv2d and tuple(module.kernel_size) == tuple(module.stride)
-                and tuple(module.padding) == (0, 0) and tuple(module.dilation) == (1, 1) and module.groups == 1)
+        return (
+            type(module) is nn.Conv2d
+            and tuple(module.kernel_size) == tuple(module.stride)
+            and tuple(module.padding) == (0, 0)
+            and tuple(module.dilation) == (1, 1)
+            and module.groups == 1
+        )
 
     def forward(self, x: Tensor) -> Tensor:
         """``(B, C, H, W)`` -> ``(B, D, H / ph, W / pw)``, as the convolution returns (a channels-last view)."""
@@ -165,14 +184,18 @@ class Encoder(nn.Module):
             self.token_output = True
             self.grid = tuple(int(g) for g in model.patch_embed.grid_size)
             if probe[1] != self.num_prefix_tokens + self.grid[0] * self.grid[1]:
-                raise EncoderError(f"encoder {type(model).__name__}: {probe[1]} tokens do not form a "
-                                   f"{self.grid} grid plus {self.num_prefix_tokens} prefix tokens")
+                raise EncoderError(
+                    f"encoder {type(model).__name__}: {probe[1]} tokens do not form a "
+                    f"{self.grid} grid plus {self.num_prefix_tokens} prefix tokens"
+                )
         elif len(probe) == 4:
             self.token_output = False
             self.grid = (int(probe[2]), int(probe[3]))
         else:
-            raise EncoderError(f"encoder {type(model).__name__} yields features of shape {tuple(probe)}, "
-                               "not a spatial grid (B, C, h, w) or patch tokens (B, N, D)")
+            raise EncoderError(
+                f"encoder {type(model).__name__} yields features of shape {tuple(probe)}, "
+                "not a spatial grid (B, C, h, w) or patch tokens (B, N, D)"
+            )
         if bucket % self.grid[0] or bucket % self.grid[1]:
             raise EncoderError(f"bucket {bucket} is not a whole number of patches of the {self.grid} grid")
         self.width = int(probe[-1] if self.token_output else probe[1])
@@ -212,8 +235,9 @@ class Encoder(nn.Module):
         return texture, patch_mean(valid, patch)[:, 0]
 
 
-def encoder_for_bucket(backbone: nn.Module, name: str, bucket: int, kwargs: dict[str, Any],
-                       dtype: str = "float32") -> Encoder:
+def encoder_for_bucket(
+    backbone: nn.Module, name: str, bucket: int, kwargs: dict[str, Any], dtype: str = "float32"
+) -> Encoder:
     """Build the encode stage for one bucket size from a backbone (weights shared)."""
     sized = _takes_img_size(name, kwargs)
     with torch.device("meta"):  # a shape-only dry run: no memory, no compute
@@ -231,4 +255,6 @@ def patch_stride(backbone: nn.Module) -> int:
     if info:
         last = info[-1] if isinstance(info, list) else info.get_dicts()[-1]
         return int(last["reduction"])
-    raise EncoderError(f"cannot tell the patch stride of {type(backbone).__name__}: it has no patch_embed or feature_info")
+    raise EncoderError(
+        f"cannot tell the patch stride of {type(backbone).__name__}: it has no patch_embed or feature_info"
+    )

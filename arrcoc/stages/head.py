@@ -52,8 +52,14 @@ class RelevanceHead(nn.Module):
     concurrent: Final[bool]
     compile: Final[bool]
 
-    def __init__(self, config: PipelineConfig | None = None, scorers: tuple[str, ...] = SCORER_NAMES, *,
-                 concurrent: bool = True, compile: bool = False) -> None:
+    def __init__(
+        self,
+        config: PipelineConfig | None = None,
+        scorers: tuple[str, ...] = SCORER_NAMES,
+        *,
+        concurrent: bool = True,
+        compile: bool = False,
+    ) -> None:
         super().__init__()
         config = config or PipelineConfig()
         unknown = sorted(set(scorers) - set(SCORER_NAMES))
@@ -63,8 +69,10 @@ class RelevanceHead(nn.Module):
             weights = tuple(w if name in scorers else 0.0 for name, w in zip(SCORER_NAMES, config.balance.weights))
             if sum(weights) == 0:
                 weights = tuple(1.0 if name in scorers else 0.0 for name in SCORER_NAMES)
-            config = config.replace(balance=dataclasses.replace(config.balance, weights=weights),
-                                    query_detail=config.query_detail if "participatory" in scorers else 0.0)
+            config = config.replace(
+                balance=dataclasses.replace(config.balance, weights=weights),
+                query_detail=config.query_detail if "participatory" in scorers else 0.0,
+            )
         self.config = config
         self.region_size = side = config.region_size
         self.concurrent, self.compile = concurrent, compile
@@ -102,22 +110,25 @@ class RelevanceHead(nn.Module):
         def score(s: dict[str, Any]) -> dict[str, Any]:
             args = (s["features"], s["texture"], s["patch_valid"], s["query"], s["query_mask"])
             branches = [lambda scorer=scorer: scorer(*args) for scorer in scorers]
-            *maps, similarity = run_branches([*branches, lambda: similarity_of(s["features"], s["patch_valid"])],
-                                             s["features"].device, concurrent)
+            *maps, similarity = run_branches(
+                [*branches, lambda: similarity_of(s["features"], s["patch_valid"])], s["features"].device, concurrent
+            )
             return {"scores": torch.stack(maps, 1), "similarity": similarity}
 
         def balance(s: dict[str, Any]) -> dict[str, Any]:
             budget = s["budget"] if capacity else None  # relevance alone has no budget to be scarce
-            relevance, report = self.balance(s["scores"], s["features"], s["patch_valid"], s["query_mask"], budget,
-                                             s["similarity"])
+            relevance, report = self.balance(
+                s["scores"], s["features"], s["patch_valid"], s["query_mask"], budget, s["similarity"]
+            )
             return {"relevance": relevance, "balance": report}
 
         def allocate(s: dict[str, Any]) -> dict[str, Any]:
             return {"allocation": self.allocator(s["relevance"], s["budget"], s["min_tokens"], s["max_tokens"])}
 
         def compress(s: dict[str, Any]) -> dict[str, Any]:
-            tokens, positions, mask, weights = self.compressor(s["features"], s["patch_valid"], s["allocation"],
-                                                               capacity, s["query"], s["query_mask"])
+            tokens, positions, mask, weights = self.compressor(
+                s["features"], s["patch_valid"], s["allocation"], capacity, s["query"], s["query_mask"]
+            )
             return {"tokens": tokens, "positions": positions, "mask": mask, "weights": weights}
 
         chain: list[Stage] = [("score", score), ("balance", body(balance))]
@@ -125,8 +136,18 @@ class RelevanceHead(nn.Module):
             chain += [("allocate", body(allocate)), ("compress", body(compress))]
         return chain
 
-    def forward(self, features: Tensor, texture: Tensor, patch_valid: Tensor, query: Tensor, query_mask: Tensor,
-                budget: Tensor | None = None, capacity: int = 0, *, relevance: Tensor | None = None) -> dict[str, Any]:
+    def forward(
+        self,
+        features: Tensor,
+        texture: Tensor,
+        patch_valid: Tensor,
+        query: Tensor,
+        query_mask: Tensor,
+        budget: Tensor | None = None,
+        capacity: int = 0,
+        *,
+        relevance: Tensor | None = None,
+    ) -> dict[str, Any]:
         """Run the head.
 
         Args:
@@ -147,8 +168,13 @@ class RelevanceHead(nn.Module):
         """
         if (budget is None) != (capacity == 0):
             raise InvalidInputError("budget and capacity go together: both for compression, neither for relevance")
-        state: dict[str, Any] = {"features": features, "texture": texture, "patch_valid": patch_valid,
-                                 "query": query, "query_mask": query_mask}
+        state: dict[str, Any] = {
+            "features": features,
+            "texture": texture,
+            "patch_valid": patch_valid,
+            "query": query,
+            "query_mask": query_mask,
+        }
         if capacity:
             state["budget"] = budget
             state["min_tokens"], state["max_tokens"] = self.bounds(patch_valid)

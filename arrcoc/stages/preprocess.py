@@ -107,15 +107,18 @@ def _check_float(data: Tensor, name: str) -> None:
     low, high = float(data.min()), float(data.max())
     if low < 0 or high > 1:
         outside = int(((data < 0) | (data > 1)).sum())
-        raise InvalidInputError(f"{name}: float pixel values must be in [0, 1]; {outside} are outside "
-                                f"(min {low:.4g}, max {high:.4g})")
+        raise InvalidInputError(
+            f"{name}: float pixel values must be in [0, 1]; {outside} are outside (min {low:.4g}, max {high:.4g})"
+        )
 
 
 def _array_to_tensor(data: Tensor, name: str) -> Tensor:
     """A single image tensor, (H, W), (C, H, W) or (H, W, C) -> ``(3, H, W)`` float32 in [0, 1]."""
     if data.layout != torch.strided or data.is_quantized or data.is_nested:
-        raise InvalidTypeError(f"{name}: image tensors must be dense (strided); got layout {data.layout}"
-                               f"{' (quantized)' if data.is_quantized else ''}")
+        raise InvalidTypeError(
+            f"{name}: image tensors must be dense (strided); got layout {data.layout}"
+            f"{' (quantized)' if data.is_quantized else ''}"
+        )
     if data.device.type == "meta":
         raise InvalidInputError(f"{name}: image tensors must hold data; got a tensor on the meta device")
     data = data.cpu()  # ok-sync: preprocess reads values
@@ -128,8 +131,10 @@ def _array_to_tensor(data: Tensor, name: str) -> Tensor:
             if data.shape[-1] in (1, 3, 4):
                 data = data.permute(2, 0, 1)
             else:
-                raise InvalidInputError(f"{name}: a 3-D image must have 1, 3 or 4 channels first (C, H, W) or last "
-                                        f"(H, W, C); got shape {tuple(data.shape)}")
+                raise InvalidInputError(
+                    f"{name}: a 3-D image must have 1, 3 or 4 channels first (C, H, W) or last "
+                    f"(H, W, C); got shape {tuple(data.shape)}"
+                )
     else:
         raise InvalidInputError(f"{name}: an image must be 2-D or 3-D; got shape {tuple(data.shape)}")
     if data.shape[-1] == 0 or data.shape[-2] == 0:
@@ -159,14 +164,20 @@ def _decode(read: Any, name: str) -> Image.Image:
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             return read()
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
-        raise ImageLoadError(f"{name}: too many pixels for Pillow's decompression-bomb limit "
-                             f"(Image.MAX_IMAGE_PIXELS = {Image.MAX_IMAGE_PIXELS}): {err}") from err
+        raise ImageLoadError(
+            f"{name}: too many pixels for Pillow's decompression-bomb limit "
+            f"(Image.MAX_IMAGE_PIXELS = {Image.MAX_IMAGE_PIXELS}): {err}"
+        ) from err
     except UnidentifiedImageError as err:
         raise ImageLoadError(f"{name}: not an image file Pillow can identify") from err  # its message: the path again
     except MemoryError as err:
         raise ImageLoadError(f"{name}: not enough memory to decode the image") from err
     except Exception as err:  # noqa: BLE001 - any decoder failure on bad data
-        kind = type(err).__qualname__ if type(err).__module__ == "builtins" else f"{type(err).__module__}.{type(err).__qualname__}"
+        kind = (
+            type(err).__qualname__
+            if type(err).__module__ == "builtins"
+            else f"{type(err).__module__}.{type(err).__qualname__}"
+        )
         raise ImageLoadError(f"{name}: cannot read the image (truncated or corrupt?): {kind}: {err}") from err
 
 
@@ -218,7 +229,9 @@ def load_image(source: Any, *, name: str | None = None) -> Tensor:
         return _array_to_tensor(tensor, name)
     if isinstance(source, Tensor):
         return _array_to_tensor(source.detach(), name)
-    raise InvalidTypeError(f"{name}: expected a path, PIL image, numpy array or torch tensor; got {type(source).__name__}")
+    raise InvalidTypeError(
+        f"{name}: expected a path, PIL image, numpy array or torch tensor; got {type(source).__name__}"
+    )
 
 
 def _as_list(images: Any) -> list[Any]:
@@ -262,7 +275,9 @@ class Preprocessor:
         long = max(height, width)
         return next((b for b in self.buckets if b >= long), self.buckets[-1])
 
-    def _place(self, image: Tensor, bucket: int, device: torch.device | None) -> tuple[Tensor, Tensor, float, tuple[int, int]]:
+    def _place(
+        self, image: Tensor, bucket: int, device: torch.device | None
+    ) -> tuple[Tensor, Tensor, float, tuple[int, int]]:
         _, h, w = image.shape
         scale = bucket / max(h, w)
         size = (max(1, round(h * scale)), max(1, round(w * scale)))
@@ -284,10 +299,19 @@ class Preprocessor:
         batch. ``None``: anything else, or float pixels outside [0, 1] (the per-image path then names the image).
         The result equals the per-image path's.
         """
-        if not (isinstance(images, Tensor) and images.ndim == 4 and images.shape[0] > 0 and images.shape[1] == 3
-                and images.shape[2] == images.shape[3] and images.shape[2] in self.buckets
-                and (images.dtype == torch.uint8 or images.dtype in _FLOATS) and images.layout == torch.strided
-                and not images.is_quantized and not images.is_nested and images.device.type != "meta"):
+        if not (
+            isinstance(images, Tensor)
+            and images.ndim == 4
+            and images.shape[0] > 0
+            and images.shape[1] == 3
+            and images.shape[2] == images.shape[3]
+            and images.shape[2] in self.buckets
+            and (images.dtype == torch.uint8 or images.dtype in _FLOATS)
+            and images.layout == torch.strided
+            and not images.is_quantized
+            and not images.is_nested
+            and images.device.type != "meta"
+        ):
             return None
         data = images.detach().to(device if device is not None else torch.device("cpu"))  # uint8 travels small
         if data.dtype == torch.uint8:
@@ -299,9 +323,16 @@ class Preprocessor:
                 return None
         b, _, size, _ = pixels.shape
         sizes = torch.tensor([[size, size]] * b, dtype=torch.long)
-        return PreprocessedBatch(pixels=pixels.contiguous(), valid=pixels.new_ones((b, 1, size, size)),
-                                 scale=torch.ones(b, dtype=torch.float32), source_size=sizes, content_size=sizes.clone(),
-                                 indices=list(range(b)), names=[_describe(data, i) for i in range(b)], bucket=size)
+        return PreprocessedBatch(
+            pixels=pixels.contiguous(),
+            valid=pixels.new_ones((b, 1, size, size)),
+            scale=torch.ones(b, dtype=torch.float32),
+            source_size=sizes,
+            content_size=sizes.clone(),
+            indices=list(range(b)),
+            names=[_describe(data, i) for i in range(b)],
+            bucket=size,
+        )
 
     def __call__(self, images: Any, *, device: torch.device | str | None = None) -> list[PreprocessedBatch]:
         """Preprocess one image or a batch (a list mixing any supported kinds, or a 4-D tensor).
@@ -326,10 +357,16 @@ class Preprocessor:
         out = []
         for bucket in sorted(groups):
             rows = groups[bucket]
-            out.append(PreprocessedBatch(
-                pixels=torch.stack([r[2] for r in rows]), valid=torch.stack([r[3] for r in rows]),
-                scale=torch.tensor([r[4] for r in rows], dtype=torch.float32),
-                source_size=torch.tensor([r[5] for r in rows], dtype=torch.long),
-                content_size=torch.tensor([r[6] for r in rows], dtype=torch.long),
-                indices=[r[0] for r in rows], names=[r[1] for r in rows], bucket=bucket))
+            out.append(
+                PreprocessedBatch(
+                    pixels=torch.stack([r[2] for r in rows]),
+                    valid=torch.stack([r[3] for r in rows]),
+                    scale=torch.tensor([r[4] for r in rows], dtype=torch.float32),
+                    source_size=torch.tensor([r[5] for r in rows], dtype=torch.long),
+                    content_size=torch.tensor([r[6] for r in rows], dtype=torch.long),
+                    indices=[r[0] for r in rows],
+                    names=[r[1] for r in rows],
+                    bucket=bucket,
+                )
+            )
         return out

@@ -10,7 +10,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["region_grid", "to_regions", "masked_mean", "normalize_per_image", "region_bounds", "capacity_of", "patch_boxes"]
+__all__ = [
+    "region_grid",
+    "to_regions",
+    "masked_mean",
+    "normalize_per_image",
+    "region_bounds",
+    "capacity_of",
+    "patch_boxes",
+]
 
 
 def region_grid(patch_grid: tuple[int, int], side: int) -> tuple[int, int]:
@@ -93,6 +101,7 @@ def capacity_of(patch_grid: tuple[int, int], side: int, max_tokens: int | None) 
         for c0 in range(0, gw, side):
             total += min(max_tokens, min(side, gh - r0) * min(side, gw - c0))
     return total
+
 
 def patch_boxes(gh: int, gw: int, device: torch.device | str | None = None) -> Tensor:
     """``(gh * gw, 4)`` int64 ``(row, col, 1, 1)`` box of every patch, in raster order."""

@@ -26,8 +26,16 @@ from torch import Tensor, nn
 from ..errors import InvalidInputError
 from .regions import masked_mean, normalize_per_image, to_regions
 
-__all__ = ["SCORERS", "register_scorer", "create_scorer", "Scorer",
-           "PropositionalScorer", "PerspectivalScorer", "ParticipatoryScorer", "query_coupling"]
+__all__ = [
+    "SCORERS",
+    "register_scorer",
+    "create_scorer",
+    "Scorer",
+    "PropositionalScorer",
+    "PerspectivalScorer",
+    "ParticipatoryScorer",
+    "query_coupling",
+]
 
 SCORERS: dict[str, type[Scorer]] = {}
 
@@ -64,8 +72,9 @@ class Scorer(nn.Module):
         """``(B, gh, gw, C)`` -> ``(B, rh, rw, P, C)``."""
         return to_regions(grid, self.region_size)
 
-    def forward(self, features: Tensor, texture: Tensor, patch_valid: Tensor, query: Tensor,
-                query_mask: Tensor) -> Tensor:
+    def forward(
+        self, features: Tensor, texture: Tensor, patch_valid: Tensor, query: Tensor, query_mask: Tensor
+    ) -> Tensor:
         """Score regions.
 
         Args:
@@ -89,12 +98,15 @@ class PropositionalScorer(Scorer):
     feature spread).
     """
 
-    def __init__(self, region_size: int = 4, term_weights: tuple[float, float, float, float] = (1.0, 1.0, 1.0, 1.5)) -> None:
+    def __init__(
+        self, region_size: int = 4, term_weights: tuple[float, float, float, float] = (1.0, 1.0, 1.0, 1.5)
+    ) -> None:
         super().__init__(region_size)
         self.register_buffer("term_weights", torch.tensor(term_weights).view(-1, 1, 1), persistent=False)
 
-    def forward(self, features: Tensor, texture: Tensor, patch_valid: Tensor, query: Tensor,
-                query_mask: Tensor) -> Tensor:
+    def forward(
+        self, features: Tensor, texture: Tensor, patch_valid: Tensor, query: Tensor, query_mask: Tensor
+    ) -> Tensor:
         weights = self.regions(patch_valid[..., None])  # (B, rh, rw, P, 1)
         valid = weights.sum((-1, -2)) > 0  # (B, rh, rw)
         stats = self.regions(torch.cat((texture, features), -1))  # (B, rh, rw, P, 5 + D)
@@ -125,7 +137,9 @@ def _surround_mean(values: Tensor, weights: Tensor, size: int) -> Tensor:
     pool = dict(kernel_size=size, stride=1, padding=size // 2, divisor_override=1)  # window sums, zero padding
     # sums at least in float32 (as avg_pool2d accumulates), each mean rounded to the input dtype as it rounds it
     acc = torch.promote_types(values.dtype, torch.float32)
-    inside = F.avg_pool2d(torch.ones_like(weights, dtype=acc), **pool)  # (B, 1, gh, gw) cells of each window on the grid
+    inside = F.avg_pool2d(
+        torch.ones_like(weights, dtype=acc), **pool
+    )  # (B, 1, gh, gw) cells of each window on the grid
     mean_values = (F.avg_pool2d(values.to(acc), **pool) / inside).to(values.dtype)
     mean_weights = (F.avg_pool2d(weights.to(acc), **pool) / inside).to(weights.dtype)
     return mean_values / mean_weights.clamp_min(1e-6)
@@ -139,14 +153,16 @@ class PerspectivalScorer(Scorer):
     region as half its peak and half its mean, so a small salient object lights up its region.
     """
 
-    def __init__(self, region_size: int = 4, surround: int = 5,
-                 term_weights: tuple[float, float, float] = (1.0, 0.5, 0.5)) -> None:
+    def __init__(
+        self, region_size: int = 4, surround: int = 5, term_weights: tuple[float, float, float] = (1.0, 0.5, 0.5)
+    ) -> None:
         super().__init__(region_size)
         self.surround = surround
         self.register_buffer("term_weights", torch.tensor(term_weights).view(-1, 1, 1), persistent=False)
 
-    def forward(self, features: Tensor, texture: Tensor, patch_valid: Tensor, query: Tensor,
-                query_mask: Tensor) -> Tensor:
+    def forward(
+        self, features: Tensor, texture: Tensor, patch_valid: Tensor, query: Tensor, query_mask: Tensor
+    ) -> Tensor:
         w = patch_valid[:, None]  # (B, 1, gh, gw)
         lab = texture[..., :3].permute(0, 3, 1, 2)  # (B, 3, gh, gw)
         surround = _surround_mean(lab * w, w, self.surround)
@@ -184,8 +200,9 @@ class ParticipatoryScorer(Scorer):
     an all-zero map.
     """
 
-    def forward(self, features: Tensor, texture: Tensor, patch_valid: Tensor, query: Tensor,
-                query_mask: Tensor) -> Tensor:
+    def forward(
+        self, features: Tensor, texture: Tensor, patch_valid: Tensor, query: Tensor, query_mask: Tensor
+    ) -> Tensor:
         coupling = query_coupling(features, query, query_mask)  # (B, gh, gw)
         weights = self.regions(patch_valid[..., None])[..., 0]  # (B, rh, rw, P)
         per_region = self.regions(coupling[..., None])[..., 0]

@@ -49,8 +49,9 @@ def rgb_to_lab(rgb: Tensor, matrix: Tensor | None = None) -> Tensor:
     return lab
 
 
-def texture_features(pixels: Tensor, valid: Tensor, grid: tuple[int, int], matrix: Tensor | None = None,
-                     sobel: Tensor | None = None) -> Tensor:
+def texture_features(
+    pixels: Tensor, valid: Tensor, grid: tuple[int, int], matrix: Tensor | None = None, sobel: Tensor | None = None
+) -> Tensor:
     """Per-patch colour, edge strength and local contrast.
 
     Edges are measured with a Sobel filter on lightness; the border between the image and its letterbox

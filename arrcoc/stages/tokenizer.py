@@ -48,8 +48,9 @@ class CharTokenizer:
         vocab_size: number of ids.
     """
 
-    def __init__(self, characters: str = _CHARACTERS, template: str = DEFAULT_TEMPLATE,
-                 words: Sequence[str] = ()) -> None:
+    def __init__(
+        self, characters: str = _CHARACTERS, template: str = DEFAULT_TEMPLATE, words: Sequence[str] = ()
+    ) -> None:
         if len(set(characters)) != len(characters):
             raise InvalidInputError("tokenizer characters must be distinct")
         if "{question}" not in template or template.count(IMAGE_PLACEHOLDER) != 1:
@@ -57,7 +58,9 @@ class CharTokenizer:
         words = list(dict.fromkeys(words))
         bad = [w for w in words if not _LETTER_RUN.fullmatch(w) or len(w) < 2 or set(w) - set(characters)]
         if bad:
-            raise InvalidInputError(f"tokenizer words must be runs of 2+ letters spelled from its characters; got {bad}")
+            raise InvalidInputError(
+                f"tokenizer words must be runs of 2+ letters spelled from its characters; got {bad}"
+            )
         self.characters, self.template, self.words = characters, template, tuple(words)
         self.vocab = list(_SPECIALS) + list(characters) + words
         self._ids = {c: i + len(_SPECIALS) for i, c in enumerate(characters)}
@@ -79,8 +82,9 @@ class CharTokenizer:
             try:
                 ids.extend(self._encode_part(part))
             except KeyError as err:
-                raise InvalidInputError(f"character {err.args[0]!r} is not in the tokenizer's vocabulary "
-                                        f"({self.characters!r})") from None
+                raise InvalidInputError(
+                    f"character {err.args[0]!r} is not in the tokenizer's vocabulary ({self.characters!r})"
+                ) from None
         return ids
 
     def _encode_part(self, text: str) -> list[int]:
@@ -88,7 +92,7 @@ class CharTokenizer:
             return [self._ids[c] for c in text]
         ids, at = [], 0
         for run in _LETTER_RUN.finditer(text):
-            ids += [self._ids[c] for c in text[at:run.start()]]
+            ids += [self._ids[c] for c in text[at : run.start()]]
             word = self._word_ids.get(run.group())
             ids += [word] if word is not None else [self._ids[c] for c in run.group()]
             at = run.end()
@@ -120,8 +124,13 @@ class CharTokenizer:
             raise InvalidInputError(f"image_tokens must be >= 0; got {image_tokens}")
         return text.replace(IMAGE_PLACEHOLDER, IMAGE_PLACEHOLDER * image_tokens)
 
-    def __call__(self, texts: str | Sequence[str], image_tokens: int | Sequence[int] = 1,
-                 targets: Sequence[str] | None = None, device: torch.device | str | None = None) -> dict[str, Tensor]:
+    def __call__(
+        self,
+        texts: str | Sequence[str],
+        image_tokens: int | Sequence[int] = 1,
+        targets: Sequence[str] | None = None,
+        device: torch.device | str | None = None,
+    ) -> dict[str, Tensor]:
         """Encode a batch of prompts, left padded, each image placeholder expanded to ``image_tokens`` ids.
 
         Args:
@@ -154,9 +163,9 @@ class CharTokenizer:
         labels = torch.full((len(rows), length), -100, dtype=torch.long)
         for i, (ids, lab) in enumerate(zip(rows, label_rows)):
             if ids:
-                input_ids[i, -len(ids):] = torch.tensor(ids)
-                attention[i, -len(ids):] = 1
-                labels[i, -len(ids):] = torch.tensor(lab)
+                input_ids[i, -len(ids) :] = torch.tensor(ids)
+                attention[i, -len(ids) :] = 1
+                labels[i, -len(ids) :] = torch.tensor(lab)
         position_ids = (attention.cumsum(-1) - 1).clamp(min=0)  # left padding: real tokens count from 0
         out = {"input_ids": input_ids, "attention_mask": attention, "position_ids": position_ids}
         if targets is not None:
@@ -165,8 +174,14 @@ class CharTokenizer:
 
     # --- serialisation ----------------------------------------------------------------------------------------
     def to_json(self) -> str:
-        return json.dumps({"characters": self.characters, "specials": list(_SPECIALS), "template": self.template,
-                           "words": list(self.words)})
+        return json.dumps(
+            {
+                "characters": self.characters,
+                "specials": list(_SPECIALS),
+                "template": self.template,
+                "words": list(self.words),
+            }
+        )
 
     @classmethod
     def from_json(cls, text: str) -> CharTokenizer:

@@ -39,8 +39,9 @@ def _images(size: int, batch: int) -> torch.Tensor:
 
 
 @torch.inference_mode()
-def time_stages(pipe: Pipeline, size: int, batch: int, *, budget_share: float = 0.25, warmup: int = 3,
-                reps: int = 20) -> dict[str, Any]:
+def time_stages(
+    pipe: Pipeline, size: int, batch: int, *, budget_share: float = 0.25, warmup: int = 3, reps: int = 20
+) -> dict[str, Any]:
     """Median milliseconds of each stage and of the whole chain for one bucket size and batch size."""
     device = pipe.device
     (group,) = pipe.preprocessor(_images(size, batch), device=device)
@@ -48,13 +49,23 @@ def time_stages(pipe: Pipeline, size: int, batch: int, *, budget_share: float = 
     budget = max(1, int(grid[0] * grid[1] * budget_share))
     generator = torch.Generator().manual_seed(0)
     query = torch.randn(batch, 4, pipe.width, generator=generator).to(device)
-    state: dict[str, Any] = {"pixels": group.pixels, "valid": group.valid, "query": query,
-                             "query_mask": torch.ones(batch, 4, dtype=torch.bool, device=device),
-                             "budget": torch.full((batch,), budget, device=device)}
+    state: dict[str, Any] = {
+        "pixels": group.pixels,
+        "valid": group.valid,
+        "query": query,
+        "query_mask": torch.ones(batch, 4, dtype=torch.bool, device=device),
+        "budget": torch.full((batch,), budget, device=device),
+    }
     chain = pipe.stages(group.bucket, capacity=budget)
     for _, stage in chain:  # fill the state once
         state.update(stage(state))
-    result: dict[str, Any] = {"size": size, "batch": batch, "budget": budget, "patches": grid[0] * grid[1], "stages": {}}
+    result: dict[str, Any] = {
+        "size": size,
+        "batch": batch,
+        "budget": budget,
+        "patches": grid[0] * grid[1],
+        "stages": {},
+    }
     for name, stage in chain:
         times = device_times_ms(lambda stage=stage: stage(state), device, warmup, reps)
         result["stages"][name] = statistics.median(times)
@@ -73,17 +84,25 @@ def time_stages(pipe: Pipeline, size: int, batch: int, *, budget_share: float = 
     return result
 
 
-
 def _markdown(report: dict[str, Any]) -> str:
-    lines = [f"# arrcoc stage timings, eager — {report['device']}", "",
-             f"torch {report['torch']}, timm {report['timm']}, encoder `{report['encoder']}` ({report['encoder_dtype']}), "
-             f"{report['date']}. Median ms of {report['reps']} runs after {report['warmup']} warm-ups"
-             f"{' (CUDA events)' if report['cuda'] else ' (perf_counter)'}; budget = 25% of the patches.", ""]
+    lines = [
+        f"# arrcoc stage timings, eager — {report['device']}",
+        "",
+        f"torch {report['torch']}, timm {report['timm']}, encoder `{report['encoder']}` ({report['encoder_dtype']}), "
+        f"{report['date']}. Median ms of {report['reps']} runs after {report['warmup']} warm-ups"
+        f"{' (CUDA events)' if report['cuda'] else ' (perf_counter)'}; budget = 25% of the patches.",
+        "",
+    ]
     if report["cuda"]:
-        lines += ["Each cell: elapsed ms (CUDA events, includes the gaps while the CPU launches kernels) / busy ms "
-                  "(kernel time from the profiler). Eager small stages are launch-bound: elapsed >> busy.", ""]
-    lines += ["| size | batch | patches | budget | encode | score | balance | allocate | compress | chain | post-encode / encode |",
-              "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        lines += [
+            "Each cell: elapsed ms (CUDA events, includes the gaps while the CPU launches kernels) / busy ms "
+            "(kernel time from the profiler). Eager small stages are launch-bound: elapsed >> busy.",
+            "",
+        ]
+    lines += [
+        "| size | batch | patches | budget | encode | score | balance | allocate | compress | chain | post-encode / encode |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     for r in report["results"]:
         s, busy = r["stages"], r.get("busy")
 
@@ -93,8 +112,10 @@ def _markdown(report: dict[str, Any]) -> str:
         share = f"{100 * r['post_encode_share']:.1f}%"
         if busy:
             share += f" / {100 * r['post_encode_busy_share']:.1f}%"
-        lines.append(f"| {r['size']} | {r['batch']} | {r['patches']} | {r['budget']} | {cell('encode')} | {cell('score')} | "
-                     f"{cell('balance')} | {cell('allocate')} | {cell('compress')} | {r['chain']:.3f} | {share} |")
+        lines.append(
+            f"| {r['size']} | {r['batch']} | {r['patches']} | {r['budget']} | {cell('encode')} | {cell('score')} | "
+            f"{cell('balance')} | {cell('allocate')} | {cell('compress')} | {r['chain']:.3f} | {share} |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -106,11 +127,17 @@ def main(argv: list[str] | None = None) -> int:
         from .bench_graphs import main as graphs_main
 
         return graphs_main([a for a in argv if a != "--graphs"])
-    parser = argparse.ArgumentParser(prog="arrcoc bench", description="Time each stage of the pipeline, eager.",
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--graphs", action="store_true",
-                        help="run the CUDA graphs vs eager vs torch.compile benchmark instead, with its own options "
-                             "(arrcoc bench --graphs --help)")
+    parser = argparse.ArgumentParser(
+        prog="arrcoc bench",
+        description="Time each stage of the pipeline, eager.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument(
+        "--graphs",
+        action="store_true",
+        help="run the CUDA graphs vs eager vs torch.compile benchmark instead, with its own options "
+        "(arrcoc bench --graphs --help)",
+    )
     parser.add_argument("--device", default="auto", help="cpu, cuda or auto (cuda when present)")
     parser.add_argument("--sizes", type=int, nargs="+", default=[224, 384, 512, 1024], help="bucket sizes")
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8, 64], help="batch sizes")
@@ -119,13 +146,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="encoder dtype")
     parser.add_argument("--reps", type=int, default=20, help="timed runs per measurement")
     parser.add_argument("--warmup", type=int, default=3, help="untimed runs first")
-    parser.add_argument("--out", default="arrcoc-results",
-                        help="folder for the JSON and markdown results (pass bench/results to update the committed ones)")
+    parser.add_argument(
+        "--out",
+        default="arrcoc-results",
+        help="folder for the JSON and markdown results (pass bench/results to update the committed ones)",
+    )
     parser.add_argument("--tag", default="", help="suffix for the result file names")
     args = parser.parse_args(argv)
 
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          ("cpu" if args.device == "auto" else args.device))
+    device = torch.device(
+        "cuda"
+        if args.device == "auto" and torch.cuda.is_available()
+        else ("cpu" if args.device == "auto" else args.device)
+    )
     overrides: dict[str, Any] = {"encoder_dtype": args.dtype, "buckets": tuple(args.sizes)}
     if args.encoder:
         overrides["encoder"] = args.encoder
@@ -134,9 +167,16 @@ def main(argv: list[str] | None = None) -> int:
     import timm
 
     report: dict[str, Any] = {
-        "device": device_name(device), "cuda": device.type == "cuda", "torch": torch.__version__,
-        "timm": timm.__version__, "encoder": config.encoder, "encoder_dtype": args.dtype,
-        "date": datetime.date.today().isoformat(), "reps": args.reps, "warmup": args.warmup, "results": [],
+        "device": device_name(device),
+        "cuda": device.type == "cuda",
+        "torch": torch.__version__,
+        "timm": timm.__version__,
+        "encoder": config.encoder,
+        "encoder_dtype": args.dtype,
+        "date": datetime.date.today().isoformat(),
+        "reps": args.reps,
+        "warmup": args.warmup,
+        "results": [],
     }
     cases = [(s, b) for s in args.sizes for b in args.batches]
     for size, batch in tqdm(cases, desc="bench", unit="case"):
@@ -145,7 +185,9 @@ def main(argv: list[str] | None = None) -> int:
         except torch.cuda.OutOfMemoryError:
             logger.warning("size %d batch %d: out of GPU memory, skipped", size, batch)
             torch.cuda.empty_cache()
-    write_report(report, _markdown(report), args.out, f"stages-{'cpu' if device.type == 'cpu' else report['device']}", args.tag)
+    write_report(
+        report, _markdown(report), args.out, f"stages-{'cpu' if device.type == 'cpu' else report['device']}", args.tag
+    )
     return 0
 
 

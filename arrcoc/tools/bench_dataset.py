@@ -63,8 +63,15 @@ def _draw(job: tuple[str, int, int, float, tuple[int, int] | None]) -> None:
     Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(Path(folder) / f"{index:06d}.jpg", quality=90)
 
 
-def make_images(folder: str | os.PathLike[str], count: int, *, seed: int = 0, small_share: float = 0.7,
-                processes: int | None = None, sides: tuple[int, int] | None = None) -> Path:
+def make_images(
+    folder: str | os.PathLike[str],
+    count: int,
+    *,
+    seed: int = 0,
+    small_share: float = 0.7,
+    processes: int | None = None,
+    sides: tuple[int, int] | None = None,
+) -> Path:
     """Write ``count`` random JPEGs to ``folder``: ``small_share`` with a long side of 160-224 px (the 224 bucket),
     the rest 300-384 px (the 384 bucket); or, with ``sides=(low, high)``, a long side drawn from that range.
     Returns the folder."""
@@ -89,8 +96,9 @@ def _shm_free_gib() -> float | None:
 def _decode_rate(folder: Path, buckets: tuple[int, ...], workers: int, limit: int) -> float:
     """Images/s of the DataLoader alone (decode + resize to the bucket in ``workers`` processes)."""
     sources = list_sources(folder)[:limit]
-    loader = torch.utils.data.DataLoader(_Decode(list(enumerate(sources)), buckets), batch_size=16,
-                                         num_workers=workers, collate_fn=list)
+    loader = torch.utils.data.DataLoader(
+        _Decode(list(enumerate(sources)), buckets), batch_size=16, num_workers=workers, collate_fn=list
+    )
     start = time.perf_counter()
     count = sum(len(chunk) for chunk in loader)
     return count / (time.perf_counter() - start)
@@ -117,13 +125,24 @@ def _agreement(batched: Path, pil: Path) -> dict[str, Any]:
             most_tokens = max(most_tokens, float((alloc_a - alloc_b).abs().max()))
             tokens_a, tokens_b = a.get_tensor("tokens").float(), b.get_tensor("tokens").float()
             most_value = max(most_value, float((tokens_a - tokens_b).abs().max()))
-    return {"images": images, "identical_allocation_share": same / images if images else float("nan"),
-            "max_region_token_difference": most_tokens, "max_token_value_difference": most_value,
-            "same_statuses": status_a == status_b}
+    return {
+        "images": images,
+        "identical_allocation_share": same / images if images else float("nan"),
+        "max_region_token_difference": most_tokens,
+        "max_token_value_difference": most_value,
+        "same_statuses": status_a == status_b,
+    }
 
 
-def _case(name: str, images: Path, work: Path, args: argparse.Namespace, dtype: str, graphs: bool,
-          buckets: tuple[int, ...] | None) -> dict[str, Any]:
+def _case(
+    name: str,
+    images: Path,
+    work: Path,
+    args: argparse.Namespace,
+    dtype: str,
+    graphs: bool,
+    buckets: tuple[int, ...] | None,
+) -> dict[str, Any]:
     """Build, capture, then a warm-up, a plain, a profiled and a Pillow-path run over ``images``."""
     device = torch.device(args.device)
     overrides: dict[str, Any] = {"encoder_dtype": dtype}
@@ -132,11 +151,19 @@ def _case(name: str, images: Path, work: Path, args: argparse.Namespace, dtype: 
     config = PipelineConfig.from_name(args.preset, **overrides)
     pipe = Pipeline(config, device=device, cuda_graphs=graphs)
     start = time.perf_counter()
-    pipe.warmup(sizes=tuple(b for b in config.buckets if b <= 384) or None,
-                batch_sizes=[b for b in BATCH_BUCKETS if b <= args.batch_size], budget=args.budget)
+    pipe.warmup(
+        sizes=tuple(b for b in config.buckets if b <= 384) or None,
+        batch_sizes=[b for b in BATCH_BUCKETS if b <= args.batch_size],
+        budget=args.budget,
+    )
     warmup_s = time.perf_counter() - start
-    common = dict(batch_size=args.batch_size, workers=args.workers, shard_size=args.shard_size,
-                  token_dtype=_TOKEN_DTYPES[args.token_dtype], progress=False)
+    common = dict(
+        batch_size=args.batch_size,
+        workers=args.workers,
+        shard_size=args.shard_size,
+        token_dtype=_TOKEN_DTYPES[args.token_dtype],
+        progress=False,
+    )
 
     def run(folder: str, keep: bool = False, **extra: Any) -> DatasetStats:
         dest = work / folder
@@ -166,23 +193,43 @@ def _case(name: str, images: Path, work: Path, args: argparse.Namespace, dtype: 
         shutil.rmtree(work / "pil", ignore_errors=True)
     shutil.rmtree(work / "plain", ignore_errors=True)
     wall = plain.seconds
-    shares = {"startup": plain.startup_seconds, "loader_wait": plain.wait_seconds, "decode": plain.decode_seconds,
-              "resize": plain.resize_seconds, "pipeline": plain.pipeline_seconds, "copy_out": plain.copy_seconds,
-              "drain": plain.drain_seconds}
+    shares = {
+        "startup": plain.startup_seconds,
+        "loader_wait": plain.wait_seconds,
+        "decode": plain.decode_seconds,
+        "resize": plain.resize_seconds,
+        "pipeline": plain.pipeline_seconds,
+        "copy_out": plain.copy_seconds,
+        "drain": plain.drain_seconds,
+    }
     shares = {key: value / wall for key, value in shares.items()}
     shares["other"] = max(0.0, 1 - sum(shares.values()))
     shares["decode_thread"] = plain.decode_thread_seconds / wall  # overlaps the others
     shares["write_thread"] = plain.write_seconds / wall  # overlaps the others
     running = wall - plain.startup_seconds - plain.drain_seconds  # what a long run's per-image cost approaches
-    return {"set": name, "encoder_dtype": dtype, "cuda_graphs": graphs, "buckets": list(config.buckets),
-            "warmup_s": warmup_s, "images": plain.images, "errors": plain.errors,
-            "device_decoded": plain.device_decoded, "host_decoded": plain.host_decoded,
-            "images_per_s": plain.images_per_second, "seconds": wall, "host_shares": shares,
-            "running_images_per_s": plain.images / running if running > 0 else float("nan"),
-            "gpu_ms": plain.gpu_ms, "gpu_busy_ms": busy_ms, "gpu_busy_share": busy_ms / 1e3 / profiled.seconds,
-            "profiled_images_per_s": profiled.images_per_second, "profiler_error": profiler_error,
-            "pil_images_per_s": pil.images_per_second if pil else None, "agreement": agreement,
-            "graph_cache": {k: v for k, v in pipe.graph_cache.stats().items() if isinstance(v, (int, float))}}
+    return {
+        "set": name,
+        "encoder_dtype": dtype,
+        "cuda_graphs": graphs,
+        "buckets": list(config.buckets),
+        "warmup_s": warmup_s,
+        "images": plain.images,
+        "errors": plain.errors,
+        "device_decoded": plain.device_decoded,
+        "host_decoded": plain.host_decoded,
+        "images_per_s": plain.images_per_second,
+        "seconds": wall,
+        "host_shares": shares,
+        "running_images_per_s": plain.images / running if running > 0 else float("nan"),
+        "gpu_ms": plain.gpu_ms,
+        "gpu_busy_ms": busy_ms,
+        "gpu_busy_share": busy_ms / 1e3 / profiled.seconds,
+        "profiled_images_per_s": profiled.images_per_second,
+        "profiler_error": profiler_error,
+        "pil_images_per_s": pil.images_per_second if pil else None,
+        "agreement": agreement,
+        "graph_cache": {k: v for k, v in pipe.graph_cache.stats().items() if isinstance(v, (int, float))},
+    }
 
 
 def _scaling(images: Path, work: Path, args: argparse.Namespace) -> list[dict[str, Any]]:
@@ -195,10 +242,32 @@ def _scaling(images: Path, work: Path, args: argparse.Namespace) -> list[dict[st
         dest, stats_dir = work / f"scale-{k}", work / f"scale-{k}-stats"
         shutil.rmtree(dest, ignore_errors=True)
         shutil.rmtree(stats_dir, ignore_errors=True)
-        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(k),
-                   "-m", "arrcoc.cli", "compress-dataset", os.fspath(images), os.fspath(dest), "--budget", str(args.budget),
-                   "--preset", args.preset, "--batch-size", str(args.batch_size), "--workers", str(args.workers),
-                   "--shard-size", str(args.shard_size), "--quiet", "--stats-json", os.fspath(stats_dir / "{rank}.json")]
+        command = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc-per-node",
+            str(k),
+            "-m",
+            "arrcoc.cli",
+            "compress-dataset",
+            os.fspath(images),
+            os.fspath(dest),
+            "--budget",
+            str(args.budget),
+            "--preset",
+            args.preset,
+            "--batch-size",
+            str(args.batch_size),
+            "--workers",
+            str(args.workers),
+            "--shard-size",
+            str(args.shard_size),
+            "--quiet",
+            "--stats-json",
+            os.fspath(stats_dir / "{rank}.json"),
+        ]
         done = subprocess.run(command, capture_output=True, text=True)
         if done.returncode != 0:
             results.append({"gpus": k, "error": done.stderr[-2000:]})
@@ -215,73 +284,105 @@ def _scaling(images: Path, work: Path, args: argparse.Namespace) -> list[dict[st
 
 
 def _markdown(report: dict[str, Any]) -> str:
-    lines = [f"# arrcoc compress-dataset — {report['device']}", "",
-             f"torch {report['torch']}, torchvision {report['torchvision']}, preset `{report['preset']}`, "
-             f"{report['date']}. Budget {report['budget']}, batch {report['batch_size']}, {report['workers']} "
-             f"DataLoader workers, shards of {report['shard_size']}, {report['token_dtype']} tokens. Sets: "
-             + "; ".join(f"`{k}` {v}" for k, v in report["sets"].items()) + ". Pillow decoding alone (DataLoader, "
-             f"no GPU, the benchmark set): {report['decode_images_per_s']:.0f} images/s.", "",
-             "JPEGs are decoded by nvJPEG in one call per batch, in a decode thread that runs while the main "
-             "thread gathers the next batch, and letterboxed on the GPU for the whole bucket. images/s: the whole "
-             "run (worker start-up and the last shard's write included); running images/s: the same run without "
-             "those two fixed costs, which a long job amortises (derived from the same run, not measured "
-             "apart). GPU busy = kernel + copy time from torch.profiler / wall time of the profiled run. Host "
-             "shares of the wall time (main thread): starting the DataLoader's workers, waiting for the "
-             "DataLoader, waiting for the decode thread, resize (letterbox + batch assembly), pipeline calls, "
-             "issuing the copies out, the wait for the last shard's write (drain), and the rest (per-image "
-             "bookkeeping: unpacking chunks, sorting items into buckets, the progress bar); the decode and writer "
-             "threads overlap them. GPU ms: the device timeline between CUDA events recorded around each step, "
-             "summed over batches (gaps where the device waits for the host included; with the decode thread, "
-             "steps of neighbouring batches can interleave, so they are approximate).", "",
-             "| set | encoder | images/s | running images/s | GPU busy | start-up | loader wait | decode wait "
-             "| resize | pipeline | copy-out | drain | other | decode thread | writer thread "
-             "| GPU ms decode / resize / pipeline / copy | Pillow path images/s |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|"]
+    lines = [
+        f"# arrcoc compress-dataset — {report['device']}",
+        "",
+        f"torch {report['torch']}, torchvision {report['torchvision']}, preset `{report['preset']}`, "
+        f"{report['date']}. Budget {report['budget']}, batch {report['batch_size']}, {report['workers']} "
+        f"DataLoader workers, shards of {report['shard_size']}, {report['token_dtype']} tokens. Sets: "
+        + "; ".join(f"`{k}` {v}" for k, v in report["sets"].items())
+        + ". Pillow decoding alone (DataLoader, "
+        f"no GPU, the benchmark set): {report['decode_images_per_s']:.0f} images/s.",
+        "",
+        "JPEGs are decoded by nvJPEG in one call per batch, in a decode thread that runs while the main "
+        "thread gathers the next batch, and letterboxed on the GPU for the whole bucket. images/s: the whole "
+        "run (worker start-up and the last shard's write included); running images/s: the same run without "
+        "those two fixed costs, which a long job amortises (derived from the same run, not measured "
+        "apart). GPU busy = kernel + copy time from torch.profiler / wall time of the profiled run. Host "
+        "shares of the wall time (main thread): starting the DataLoader's workers, waiting for the "
+        "DataLoader, waiting for the decode thread, resize (letterbox + batch assembly), pipeline calls, "
+        "issuing the copies out, the wait for the last shard's write (drain), and the rest (per-image "
+        "bookkeeping: unpacking chunks, sorting items into buckets, the progress bar); the decode and writer "
+        "threads overlap them. GPU ms: the device timeline between CUDA events recorded around each step, "
+        "summed over batches (gaps where the device waits for the host included; with the decode thread, "
+        "steps of neighbouring batches can interleave, so they are approximate).",
+        "",
+        "| set | encoder | images/s | running images/s | GPU busy | start-up | loader wait | decode wait "
+        "| resize | pipeline | copy-out | drain | other | decode thread | writer thread "
+        "| GPU ms decode / resize / pipeline / copy | Pillow path images/s |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|",
+    ]
     for c in report["cases"]:
         if "error" in c:
             lines.append(f"| {c['set']} | {c['encoder_dtype']} | failed: {c['error'][:80]} |" + " |" * 14)
             continue
         h, g = c["host_shares"], c["gpu_ms"]
         pil = f"{c['pil_images_per_s']:.0f}" if c.get("pil_images_per_s") else "—"
-        lines.append(f"| {c['set']} | {c['encoder_dtype']}{'' if c['cuda_graphs'] else ' eager'} | "
-                     f"{c['images_per_s']:.0f} | {c['running_images_per_s']:.0f} | {100 * c['gpu_busy_share']:.1f}% | "
-                     f"{100 * h['startup']:.1f}% | {100 * h['loader_wait']:.1f}% | "
-                     f"{100 * h['decode']:.1f}% | {100 * h['resize']:.1f}% | {100 * h['pipeline']:.1f}% | "
-                     f"{100 * h['copy_out']:.1f}% | {100 * h['drain']:.1f}% | {100 * h['other']:.1f}% | "
-                     f"{100 * h['decode_thread']:.1f}% | {100 * h['write_thread']:.1f}% | "
-                     f"{g['decode']:.0f} / {g['resize']:.0f} / {g['pipeline']:.0f} / {g['copy-out']:.0f} | {pil} |")
+        lines.append(
+            f"| {c['set']} | {c['encoder_dtype']}{'' if c['cuda_graphs'] else ' eager'} | "
+            f"{c['images_per_s']:.0f} | {c['running_images_per_s']:.0f} | {100 * c['gpu_busy_share']:.1f}% | "
+            f"{100 * h['startup']:.1f}% | {100 * h['loader_wait']:.1f}% | "
+            f"{100 * h['decode']:.1f}% | {100 * h['resize']:.1f}% | {100 * h['pipeline']:.1f}% | "
+            f"{100 * h['copy_out']:.1f}% | {100 * h['drain']:.1f}% | {100 * h['other']:.1f}% | "
+            f"{100 * h['decode_thread']:.1f}% | {100 * h['write_thread']:.1f}% | "
+            f"{g['decode']:.0f} / {g['resize']:.0f} / {g['pipeline']:.0f} / {g['copy-out']:.0f} | {pil} |"
+        )
     agreed = [c for c in report["cases"] if c.get("agreement")]
     if agreed:
-        lines += ["", "Same answers: the batched path (nvJPEG, GPU letterbox) against the Pillow path "
-                  "(Pillow decode, CPU letterbox in the workers), same pipeline, same batches.", "",
-                  "| set | encoder | images | identical allocation | largest region difference (tokens) "
-                  "| largest token value difference | same statuses |", "|---|---|---:|---:|---:|---:|---|"]
+        lines += [
+            "",
+            "Same answers: the batched path (nvJPEG, GPU letterbox) against the Pillow path "
+            "(Pillow decode, CPU letterbox in the workers), same pipeline, same batches.",
+            "",
+            "| set | encoder | images | identical allocation | largest region difference (tokens) "
+            "| largest token value difference | same statuses |",
+            "|---|---|---:|---:|---:|---:|---|",
+        ]
         for c in agreed:
             a = c["agreement"]
-            lines.append(f"| {c['set']} | {c['encoder_dtype']} | {a['images']} | "
-                         f"{100 * a['identical_allocation_share']:.1f}% | {a['max_region_token_difference']:.0f} | "
-                         f"{a['max_token_value_difference']:.3g} | {a['same_statuses']} |")
+            lines.append(
+                f"| {c['set']} | {c['encoder_dtype']} | {a['images']} | "
+                f"{100 * a['identical_allocation_share']:.1f}% | {a['max_region_token_difference']:.0f} | "
+                f"{a['max_token_value_difference']:.3g} | {a['same_statuses']} |"
+            )
     if report.get("scaling"):
         lines += ["", "| GPUs (torchrun) | images/s | speed-up |", "|---:|---:|---:|"]
         for r in report["scaling"]:
-            lines.append(f"| {r['gpus']} | {r.get('images_per_s', float('nan')):.0f} | {r.get('speedup', float('nan')):.2f}x |"
-                         if "error" not in r else f"| {r['gpus']} | failed | |")
+            lines.append(
+                f"| {r['gpus']} | {r.get('images_per_s', float('nan')):.0f} | {r.get('speedup', float('nan')):.2f}x |"
+                if "error" not in r
+                else f"| {r['gpus']} | failed | |"
+            )
     return "\n".join(lines) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:
     """Run the benchmark; returns an exit code."""
-    parser = argparse.ArgumentParser(prog="python -m arrcoc.tools.bench_dataset", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--out", default="arrcoc-results",
-                        help="folder for the JSON and markdown results (pass bench/results to update the committed ones)")
-    parser.add_argument("--work", default=None, help="scratch folder for images and outputs (default: a temporary "
-                                                     "folder, removed at the end)")
+    parser = argparse.ArgumentParser(
+        prog="python -m arrcoc.tools.bench_dataset",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument(
+        "--out",
+        default="arrcoc-results",
+        help="folder for the JSON and markdown results (pass bench/results to update the committed ones)",
+    )
+    parser.add_argument(
+        "--work",
+        default=None,
+        help="scratch folder for images and outputs (default: a temporary folder, removed at the end)",
+    )
     parser.add_argument("--images", type=int, default=2000, help="random JPEGs of the benchmark set")
     parser.add_argument("--small-share", type=float, default=0.7, help="share of images in the 224 px bucket")
     parser.add_argument("--photos", type=int, default=1000, help="photo-sized JPEGs (long side 640-1,600 px); 0: none")
-    parser.add_argument("--photo-buckets", type=int, nargs="+", default=[224, 384],
-                        help="the pipeline's buckets for the photo set (default 224 384: photos land in 384 px)")
+    parser.add_argument(
+        "--photo-buckets",
+        type=int,
+        nargs="+",
+        default=[224, 384],
+        help="the pipeline's buckets for the photo set (default 224 384: photos land in 384 px)",
+    )
     parser.add_argument("--budget", type=int, default=64, help="tokens per image")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--workers", type=int, default=max(1, min(12, (os.cpu_count() or 2) - 2)))
@@ -290,8 +391,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--preset", default="default")
     parser.add_argument("--dtypes", nargs="+", default=["bfloat16"], help="encoder dtypes to run")
     parser.add_argument("--eager", action="store_true", help="also run each dtype with CUDA graphs off")
-    parser.add_argument("--no-agreement", dest="agreement", action="store_false",
-                        help="skip the Pillow-path run and the comparison of allocations")
+    parser.add_argument(
+        "--no-agreement",
+        dest="agreement",
+        action="store_false",
+        help="skip the Pillow-path run and the comparison of allocations",
+    )
     parser.add_argument("--scaling", action="store_true", help="also run under torchrun on 1, 2, 4, ... GPUs")
     parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"], help="cpu: a smoke test of the script")
     parser.add_argument("--keep", action="store_true", help="keep the generated images")
@@ -305,8 +410,9 @@ def main(argv: list[str] | None = None) -> int:
 
     work = Path(args.work or tempfile.mkdtemp(prefix="arrcoc-dataset-bench-"))
     sets: dict[str, tuple[Path, tuple[int, ...] | None]] = {"benchmark": (work / "images", None)}
-    descriptions = {"benchmark": f"{args.images} JPEGs, {100 * args.small_share:.0f}% at 160-224 px, the rest "
-                                 "300-384 px"}
+    descriptions = {
+        "benchmark": f"{args.images} JPEGs, {100 * args.small_share:.0f}% at 160-224 px, the rest 300-384 px"
+    }
     start = time.perf_counter()
     shutil.rmtree(work / "images", ignore_errors=True)
     make_images(work / "images", args.images, small_share=args.small_share)
@@ -314,19 +420,32 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(work / "photos", ignore_errors=True)
         make_images(work / "photos", args.photos, sides=(640, 1600), seed=1)
         sets["photos"] = (work / "photos", tuple(args.photo_buckets))
-        descriptions["photos"] = (f"{args.photos} JPEGs, long side 640-1,600 px, buckets "
-                                  f"{', '.join(map(str, args.photo_buckets))}")
+        descriptions["photos"] = (
+            f"{args.photos} JPEGs, long side 640-1,600 px, buckets {', '.join(map(str, args.photo_buckets))}"
+        )
     generate_s = time.perf_counter() - start
     device = torch.device(args.device)
     report: dict[str, Any] = {
-        "device": device_name(device), "torch": torch.__version__, "torchvision": torchvision.__version__,
-        "date": datetime.date.today().isoformat(), "preset": args.preset, "sets": descriptions,
-        "images": args.images, "photos": args.photos, "small_share": args.small_share, "budget": args.budget,
-        "batch_size": args.batch_size, "workers": args.workers, "shard_size": args.shard_size,
-        "token_dtype": args.token_dtype, "cpu_count": os.cpu_count(), "generate_s": generate_s,
+        "device": device_name(device),
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+        "date": datetime.date.today().isoformat(),
+        "preset": args.preset,
+        "sets": descriptions,
+        "images": args.images,
+        "photos": args.photos,
+        "small_share": args.small_share,
+        "budget": args.budget,
+        "batch_size": args.batch_size,
+        "workers": args.workers,
+        "shard_size": args.shard_size,
+        "token_dtype": args.token_dtype,
+        "cpu_count": os.cpu_count(),
+        "generate_s": generate_s,
         "shm_free_gib": _shm_free_gib(),
-        "decode_images_per_s": _decode_rate(work / "images", PipelineConfig.from_name(args.preset).buckets,
-                                            args.workers, args.images),
+        "decode_images_per_s": _decode_rate(
+            work / "images", PipelineConfig.from_name(args.preset).buckets, args.workers, args.images
+        ),
         "cases": [],
     }
     cases = [(d, True) for d in args.dtypes] + ([(d, False) for d in args.dtypes] if args.eager else [])
@@ -336,8 +455,14 @@ def main(argv: list[str] | None = None) -> int:
                 report["cases"].append(_case(name, folder, work, args, dtype, graphs, buckets))
             except Exception as err:  # noqa: BLE001 - record the failure, keep the other cases
                 logger.exception("case %s %s graphs=%s failed", name, dtype, graphs)
-                report["cases"].append({"set": name, "encoder_dtype": dtype, "cuda_graphs": graphs,
-                                        "error": f"{type(err).__name__}: {err}"})
+                report["cases"].append(
+                    {
+                        "set": name,
+                        "encoder_dtype": dtype,
+                        "cuda_graphs": graphs,
+                        "error": f"{type(err).__name__}: {err}",
+                    }
+                )
             if device.type == "cuda":
                 torch.cuda.empty_cache()
     if args.scaling and device.type == "cuda":

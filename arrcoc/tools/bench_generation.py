@@ -39,21 +39,54 @@ logger = logging.getLogger(__name__)
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-QUESTION = ("what is the colour of the small box on the left side of the table and what is written on the sign "
-            "above it ?")
+QUESTION = (
+    "what is the colour of the small box on the left side of the table and what is written on the sign above it ?"
+)
 
 #: name -> (vision config kwargs, text config kwargs, image size)
 PRESETS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
     "llava-1.5-7b": (
-        dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16, image_size=336,
-             patch_size=14, projection_dim=768, hidden_act="quick_gelu"),
-        dict(vocab_size=32064, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
-             num_key_value_heads=32, max_position_embeddings=4096, rms_norm_eps=1e-5)),
+        dict(
+            hidden_size=1024,
+            intermediate_size=4096,
+            num_hidden_layers=24,
+            num_attention_heads=16,
+            image_size=336,
+            patch_size=14,
+            projection_dim=768,
+            hidden_act="quick_gelu",
+        ),
+        dict(
+            vocab_size=32064,
+            hidden_size=4096,
+            intermediate_size=11008,
+            num_hidden_layers=32,
+            num_attention_heads=32,
+            num_key_value_heads=32,
+            max_position_embeddings=4096,
+            rms_norm_eps=1e-5,
+        ),
+    ),
     "tiny": (  # the same code paths in seconds on a CPU (the smoke test)
-        dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=64,
-             patch_size=8, projection_dim=32),
-        dict(vocab_size=32064, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-             num_key_value_heads=2, max_position_embeddings=1024)),
+        dict(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            image_size=64,
+            patch_size=8,
+            projection_dim=32,
+        ),
+        dict(
+            vocab_size=32064,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=1024,
+        ),
+    ),
 }
 
 
@@ -62,8 +95,13 @@ def build_llava(preset: str, device: torch.device, dtype: torch.dtype) -> torch.
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
     vision, text = PRESETS[preset]
-    config = LlavaConfig(vision_config=CLIPVisionConfig(**vision), text_config=LlamaConfig(**text, pad_token_id=0),
-                         image_token_id=32000, vision_feature_layer=-2, vision_feature_select_strategy="default")
+    config = LlavaConfig(
+        vision_config=CLIPVisionConfig(**vision),
+        text_config=LlamaConfig(**text, pad_token_id=0),
+        image_token_id=32000,
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+    )
     previous = torch.get_default_dtype()
     torch.manual_seed(0)
     try:  # made on the device in its dtype: no full-precision host copy of the weights
@@ -102,8 +140,13 @@ class _Bench:
         self.model = build_llava(args.preset, self.device, self.dtype)
         build_s = time.perf_counter() - start
         words = ("USER ASSISTANT : " + QUESTION).split()
-        self.adapter = ArrcocLlava(self.model, word_tokenizer(words, image_token_id=32000), method=args.method,
-                                   image_mean=CLIP_MEAN, image_std=CLIP_STD)
+        self.adapter = ArrcocLlava(
+            self.model,
+            word_tokenizer(words, image_token_id=32000),
+            method=args.method,
+            image_mean=CLIP_MEAN,
+            image_std=CLIP_STD,
+        )
         self.decoder = GraphedDecoder.from_llava(self.model)
         self.eager_decoder = GraphedDecoder.from_llava(self.model, graphs=False)
         self.full = self.adapter.full_tokens
@@ -114,11 +157,19 @@ class _Bench:
 
         self.report: dict[str, Any] = {
             "device": device_name(self.device),
-            "torch": torch.__version__, "transformers": transformers.__version__,
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
             "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-            "preset": args.preset, "dtype": args.dtype, "method": args.method, "full_image_tokens": self.full,
-            "parameters_b": sum(p.numel() for p in self.model.parameters()) / 1e9, "build_s": build_s,
-            "repeats": args.repeats, "sections": {}, "errors": {}, "skipped": [],
+            "preset": args.preset,
+            "dtype": args.dtype,
+            "method": args.method,
+            "full_image_tokens": self.full,
+            "parameters_b": sum(p.numel() for p in self.model.parameters()) / 1e9,
+            "build_s": build_s,
+            "repeats": args.repeats,
+            "sections": {},
+            "errors": {},
+            "skipped": [],
         }
 
     def prompts(self, batch: int) -> list[str]:
@@ -148,7 +199,9 @@ class _Bench:
                 for budget in [self.full] + list(self.args.budgets):
                     prepared = adapter.prepare(pixels, prompts, budget)
 
-                    def first(budget: int = budget, pixels: torch.Tensor = pixels, prompts: list = prompts) -> torch.Tensor:
+                    def first(
+                        budget: int = budget, pixels: torch.Tensor = pixels, prompts: list = prompts
+                    ) -> torch.Tensor:
                         p = adapter.prepare(pixels, prompts, budget)
                         out = model(inputs_embeds=p.inputs_embeds, attention_mask=p.attention_mask, logits_to_keep=1)
                         return out.logits[:, -1].argmax(-1)
@@ -158,24 +211,42 @@ class _Bench:
 
                     total = measure(first, reps)
                     prep = measure(lambda b=budget, x=pixels, q=prompts: adapter.prepare(x, q, b), reps)["median_ms"]
-                    rows.append({"batch": batch, "tokens": budget, "method": self.args.method, **total,
-                                 "sequence": int(prepared.input_ids.shape[1]), "vision_tower_ms": tower,
-                                 "arrcoc_ms": prep - tower, "prefill_ms": measure(prefill, reps)["median_ms"]})
+                    rows.append(
+                        {
+                            "batch": batch,
+                            "tokens": budget,
+                            "method": self.args.method,
+                            **total,
+                            "sequence": int(prepared.input_ids.shape[1]),
+                            "vision_tower_ms": tower,
+                            "arrcoc_ms": prep - tower,
+                            "prefill_ms": measure(prefill, reps)["median_ms"],
+                        }
+                    )
                 budget = min(self.args.budgets)  # the same, first token from arrcoc's graphed prefill
 
-                def graphed(budget: int = budget, pixels: torch.Tensor = pixels, prompts: list = prompts) -> torch.Tensor:
+                def graphed(
+                    budget: int = budget, pixels: torch.Tensor = pixels, prompts: list = prompts
+                ) -> torch.Tensor:
                     return self.adapter.generate(pixels, prompts, budget, decode="graphed", max_new_tokens=1)
 
-                row = {"batch": batch, "tokens": budget, "method": f"{self.args.method} + graphed prefill",
-                       **measure(graphed, reps)}
+                row = {
+                    "batch": batch,
+                    "tokens": budget,
+                    "method": f"{self.args.method} + graphed prefill",
+                    **measure(graphed, reps),
+                }
                 row["sequence"] = int(adapter.prepare(pixels, prompts, budget).input_ids.shape[1])
                 rows.append(row)
         base = {r["batch"]: r["median_ms"] for r in rows if r["method"] == "unmodified"}
         for r in rows:
             r["speedup_vs_unmodified"] = base[r["batch"]] / r["median_ms"]
         graphs = [key for key, chain in self.adapter._chains.items() if chain is not False]
-        return {"rows": rows, "reducer_graphs": len(graphs),
-                "reducer_graph_fallbacks": sum(1 for c in self.adapter._chains.values() if c is False)}
+        return {
+            "rows": rows,
+            "reducer_graphs": len(graphs),
+            "reducer_graph_fallbacks": sum(1 for c in self.adapter._chains.values() if c is False),
+        }
 
     def decode(self) -> dict[str, Any]:
         rows = []
@@ -187,16 +258,21 @@ class _Bench:
             embeds, mask = p.inputs_embeds, p.attention_mask
 
             def hf(count: int, embeds: torch.Tensor = embeds, mask: torch.Tensor = mask) -> Any:
-                return self.model.generate(inputs_embeds=embeds, attention_mask=mask, max_new_tokens=count,
-                                           do_sample=False)
+                return self.model.generate(
+                    inputs_embeds=embeds, attention_mask=mask, max_new_tokens=count, do_sample=False
+                )
 
-            def ours(decoder: GraphedDecoder, embeds: torch.Tensor = embeds,
-                     mask: torch.Tensor = mask) -> Callable[[int], torch.Tensor]:
+            def ours(
+                decoder: GraphedDecoder, embeds: torch.Tensor = embeds, mask: torch.Tensor = mask
+            ) -> Callable[[int], torch.Tensor]:
                 return lambda count: decoder.generate(embeds, mask, max_new_tokens=count)
 
             graphed = "arrcoc decoder, CUDA graph" if self.decoder.graphs else "arrcoc decoder (no CUDA: eager)"
-            cases = {"transformers generate (eager)": hf, "arrcoc decoder, eager": ours(self.eager_decoder),
-                     graphed: ours(self.decoder)}
+            cases = {
+                "transformers generate (eager)": hf,
+                "arrcoc decoder, eager": ours(self.eager_decoder),
+                graphed: ours(self.decoder),
+            }
             for name, run in cases.items():
                 with torch.no_grad():
                     produced = run(n + 1)
@@ -204,29 +280,49 @@ class _Bench:
                     prefill = self.measure(lambda run=run: run(1), reps)["median_ms"]
                     whole = self.measure(lambda run=run: run(n + 1), reps)["median_ms"]
                 per_token = (whole - prefill) / n
-                rows.append({"batch": batch, "case": name, "ms_per_step": per_token,
-                             "tokens_per_s": batch * 1e3 / per_token, "prompt_tokens": int(embeds.shape[1])})
+                rows.append(
+                    {
+                        "batch": batch,
+                        "case": name,
+                        "ms_per_step": per_token,
+                        "tokens_per_s": batch * 1e3 / per_token,
+                        "prompt_tokens": int(embeds.shape[1]),
+                    }
+                )
             eager = next(r for r in rows if r["batch"] == batch and r["case"].startswith("transformers"))
             for r in rows:
                 if r["batch"] == batch:
                     r["speedup_vs_transformers"] = r["tokens_per_s"] / eager["tokens_per_s"]
-        return {"rows": rows, "new_tokens": n, "image_tokens": budget, "captures": self.decoder.captures,
-                "capture_failures": [s.failed for s in self.decoder._states.values() if s.failed]}
+        return {
+            "rows": rows,
+            "new_tokens": n,
+            "image_tokens": budget,
+            "captures": self.decoder.captures,
+            "capture_failures": [s.failed for s in self.decoder._states.values() if s.failed],
+        }
 
     def end_to_end(self) -> dict[str, Any]:
         n, reps, budget = self.args.new_tokens, max(1, self.args.repeats // 3), min(self.args.budgets)
         pixels, prompts = self.pixels[:1], self.prompts(1)
         ids, mask = self._full_inputs(1)
         with torch.no_grad():
-            full = self.measure(lambda: self.model.generate(input_ids=ids, pixel_values=pixels, attention_mask=mask,
-                                                            max_new_tokens=n, do_sample=False), reps)
-            eager = self.measure(lambda: self.adapter.generate(pixels, prompts, budget, max_new_tokens=n,
-                                                               do_sample=False), reps)
-            graphed = self.measure(lambda: self.adapter.generate(pixels, prompts, budget, decode="graphed",
-                                                                 max_new_tokens=n), reps)
-        rows = [{"case": f"unmodified, {self.full} tokens, transformers generate", **full},
-                {"case": f"arrcoc {budget} tokens, transformers generate", **eager},
-                {"case": f"arrcoc {budget} tokens, graphed decoder", **graphed}]
+            full = self.measure(
+                lambda: self.model.generate(
+                    input_ids=ids, pixel_values=pixels, attention_mask=mask, max_new_tokens=n, do_sample=False
+                ),
+                reps,
+            )
+            eager = self.measure(
+                lambda: self.adapter.generate(pixels, prompts, budget, max_new_tokens=n, do_sample=False), reps
+            )
+            graphed = self.measure(
+                lambda: self.adapter.generate(pixels, prompts, budget, decode="graphed", max_new_tokens=n), reps
+            )
+        rows = [
+            {"case": f"unmodified, {self.full} tokens, transformers generate", **full},
+            {"case": f"arrcoc {budget} tokens, transformers generate", **eager},
+            {"case": f"arrcoc {budget} tokens, graphed decoder", **graphed},
+        ]
         for r in rows:
             r["speedup"] = full["median_ms"] / r["median_ms"]
         return {"rows": rows, "new_tokens": n}
@@ -239,53 +335,89 @@ def _targets(report: dict[str, Any]) -> list[str]:
         for r in sections["ttft"]["rows"]:
             if r["method"] != "unmodified" and r["tokens"] == min(report["budgets"]):
                 s = r["speedup_vs_unmodified"]
-                lines.append(f"TTFT, batch {r['batch']}, {r['method']} at {r['tokens']} tokens vs unmodified at "
-                             f"{report['full_image_tokens']}: {s:.2f}x (target >= 4x: {'met' if s >= 4 else 'missed'})")
+                lines.append(
+                    f"TTFT, batch {r['batch']}, {r['method']} at {r['tokens']} tokens vs unmodified at "
+                    f"{report['full_image_tokens']}: {s:.2f}x (target >= 4x: {'met' if s >= 4 else 'missed'})"
+                )
     if "decode" in sections:
         for r in sections["decode"]["rows"]:
             if r["batch"] == 1 and "CUDA graph" in r["case"]:
                 s = r["speedup_vs_transformers"]
-                lines.append(f"graphed decode vs transformers eager, batch 1: {s:.2f}x (target >= 2x: "
-                             f"{'met' if s >= 2 else 'missed'})")
+                lines.append(
+                    f"graphed decode vs transformers eager, batch 1: {s:.2f}x (target >= 2x: "
+                    f"{'met' if s >= 2 else 'missed'})"
+                )
     if "end_to_end" in sections:
         s = sections["end_to_end"]["rows"][-1]["speedup"]
-        lines.append(f"end to end (image -> {sections['end_to_end']['new_tokens']} tokens): {s:.2f}x "
-                     f"(target >= 3x: {'met' if s >= 3 else 'missed'})")
+        lines.append(
+            f"end to end (image -> {sections['end_to_end']['new_tokens']} tokens): {s:.2f}x "
+            f"(target >= 3x: {'met' if s >= 3 else 'missed'})"
+        )
     return lines
 
 
 def _markdown(report: dict[str, Any]) -> str:
-    out = [f"# arrcoc generation benchmark — {report['device']}", "",
-           f"{report['preset']} shape, random weights, {report['dtype']}, {report['parameters_b']:.2f} B parameters; "
-           f"torch {report['torch']}, transformers {report['transformers']}, {report['date']}. Reducer "
-           f"`{report['method']}`. Wall-clock medians of {report['repeats']} runs (decode and end to end: a third "
-           "of that) after warm-up; image preprocessing excluded from every path.", ""]
+    out = [
+        f"# arrcoc generation benchmark — {report['device']}",
+        "",
+        f"{report['preset']} shape, random weights, {report['dtype']}, {report['parameters_b']:.2f} B parameters; "
+        f"torch {report['torch']}, transformers {report['transformers']}, {report['date']}. Reducer "
+        f"`{report['method']}`. Wall-clock medians of {report['repeats']} runs (decode and end to end: a third "
+        "of that) after warm-up; image preprocessing excluded from every path.",
+        "",
+    ]
     out += ["## Targets", ""] + [f"- {line}" for line in _targets(report)] + [""]
     sections = report["sections"]
     if "ttft" in sections:
-        out += ["## Time to first token", "",
-                "| batch | image tokens | method | sequence | TTFT ms | speed-up | vision tower ms | arrcoc ms | prefill ms |",
-                "|---:|---:|---|---:|---:|---:|---:|---:|---:|"]
+        out += [
+            "## Time to first token",
+            "",
+            "| batch | image tokens | method | sequence | TTFT ms | speed-up | vision tower ms | arrcoc ms | prefill ms |",
+            "|---:|---:|---|---:|---:|---:|---:|---:|---:|",
+        ]
         for r in sections["ttft"]["rows"]:
-            extra = (f"{r['vision_tower_ms']:.2f} | {r['arrcoc_ms']:.2f} | {r['prefill_ms']:.2f}"
-                     if "prefill_ms" in r else "— | — | —")
-            out.append(f"| {r['batch']} | {r['tokens']} | {r['method']} | {r['sequence']} | {r['median_ms']:.2f} | "
-                       f"{r['speedup_vs_unmodified']:.2f}x | {extra} |")
-        out += ["", "arrcoc ms = adapter input preparation (tower, query, reduction, projector, embedding) minus the "
-                "tower alone. Reducer CUDA graphs: "
-                f"{sections['ttft']['reducer_graphs']}, fallbacks: {sections['ttft']['reducer_graph_fallbacks']}.", ""]
+            extra = (
+                f"{r['vision_tower_ms']:.2f} | {r['arrcoc_ms']:.2f} | {r['prefill_ms']:.2f}"
+                if "prefill_ms" in r
+                else "— | — | —"
+            )
+            out.append(
+                f"| {r['batch']} | {r['tokens']} | {r['method']} | {r['sequence']} | {r['median_ms']:.2f} | "
+                f"{r['speedup_vs_unmodified']:.2f}x | {extra} |"
+            )
+        out += [
+            "",
+            "arrcoc ms = adapter input preparation (tower, query, reduction, projector, embedding) minus the "
+            "tower alone. Reducer CUDA graphs: "
+            f"{sections['ttft']['reducer_graphs']}, fallbacks: {sections['ttft']['reducer_graph_fallbacks']}.",
+            "",
+        ]
     if "decode" in sections:
         d = sections["decode"]
-        out += [f"## Decode ({d['new_tokens']} new tokens after a prompt with {d['image_tokens']} image tokens)", "",
-                "| batch | case | ms / step | tokens/s | vs transformers |", "|---:|---|---:|---:|---:|"]
+        out += [
+            f"## Decode ({d['new_tokens']} new tokens after a prompt with {d['image_tokens']} image tokens)",
+            "",
+            "| batch | case | ms / step | tokens/s | vs transformers |",
+            "|---:|---|---:|---:|---:|",
+        ]
         for r in d["rows"]:
-            out.append(f"| {r['batch']} | {r['case']} | {r['ms_per_step']:.2f} | {r['tokens_per_s']:.1f} | "
-                       f"{r['speedup_vs_transformers']:.2f}x |")
-        out += ["", f"Decode graphs captured: {d['captures']}; capture failures: {d['capture_failures'] or 'none'}.", ""]
+            out.append(
+                f"| {r['batch']} | {r['case']} | {r['ms_per_step']:.2f} | {r['tokens_per_s']:.1f} | "
+                f"{r['speedup_vs_transformers']:.2f}x |"
+            )
+        out += [
+            "",
+            f"Decode graphs captured: {d['captures']}; capture failures: {d['capture_failures'] or 'none'}.",
+            "",
+        ]
     if "end_to_end" in sections:
         e = sections["end_to_end"]
-        out += [f"## End to end (image -> {e['new_tokens']} new tokens, batch 1)", "",
-                "| case | ms | speed-up |", "|---|---:|---:|"]
+        out += [
+            f"## End to end (image -> {e['new_tokens']} new tokens, batch 1)",
+            "",
+            "| case | ms | speed-up |",
+            "|---|---:|---:|",
+        ]
         out += [f"| {r['case']} | {r['median_ms']:.1f} | {r['speedup']:.2f}x |" for r in e["rows"]] + [""]
     if report["errors"]:
         out += ["## Failures", ""] + [f"- {k}: `{v}`" for k, v in report["errors"].items()] + [""]
@@ -295,10 +427,16 @@ def _markdown(report: dict[str, Any]) -> str:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m arrcoc.tools.bench_generation", description=__doc__.split("\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--out", default="arrcoc-results",
-                        help="folder for generation-<device>.json and .md (pass bench/results to update the committed ones)")
+    parser = argparse.ArgumentParser(
+        prog="python -m arrcoc.tools.bench_generation",
+        description=__doc__.split("\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument(
+        "--out",
+        default="arrcoc-results",
+        help="folder for generation-<device>.json and .md (pass bench/results to update the committed ones)",
+    )
     parser.add_argument("--preset", default="llava-1.5-7b", choices=sorted(PRESETS))
     parser.add_argument("--device", default=None)
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])

@@ -86,9 +86,13 @@ def _case(pipe: Pipeline, size: int, batch: int) -> tuple[list[Any], dict[str, A
     budget = max(1, grid[0] * grid[1] // 4)
     capacity = token_capacity(budget)
     query = torch.randn(batch, 4, pipe.width, generator=torch.Generator().manual_seed(0)).to(device)
-    inputs = {"pixels": group.pixels, "valid": group.valid, "query": query,
-              "query_mask": torch.ones(batch, 4, dtype=torch.bool, device=device),
-              "budget": torch.full((batch,), budget, device=device)}
+    inputs = {
+        "pixels": group.pixels,
+        "valid": group.valid,
+        "query": query,
+        "query_mask": torch.ones(batch, 4, dtype=torch.bool, device=device),
+        "budget": torch.full((batch,), budget, device=device),
+    }
     info = {"size": size, "batch": batch, "budget": budget, "capacity": capacity}
     return pipe.stages(group.bucket, capacity), inputs, info
 
@@ -137,7 +141,9 @@ def time_graphs(pipe: Pipeline, size: int, batch: int, *, reps: int = 50, second
     result["views_us"] = _issue_us(lambda: dict(call(True)()), issue_reps) - result["call_issue_us"]
     out = call(True)()
     eager()
-    result["max_abs_diff_tokens"] = float((out["tokens"].float() - state["tokens"].float()).abs().max())  # ok-sync: report
+    result["max_abs_diff_tokens"] = float(
+        (out["tokens"].float() - state["tokens"].float()).abs().max()
+    )  # ok-sync: report
     result["allocation_equal"] = bool(torch.equal(out["allocation"], state["allocation"]))  # ok-sync: report
 
     try:
@@ -147,37 +153,51 @@ def time_graphs(pipe: Pipeline, size: int, batch: int, *, reps: int = 50, second
 
     # the encoder alone, captured the same way (one plain graph, same batch and dtype): what arrcoc's stages add
     encoder = pipe.encoder(size)
-    alone = GraphChain([("encode", lambda s: {"features": encoder.features(s["pixels"])[0]})],
-                       {"pixels": pipe._static_inputs(key)["pixels"]}, torch.cuda.graph_pool_handle(),
-                       outputs=("features",))
+    alone = GraphChain(
+        [("encode", lambda s: {"features": encoder.features(s["pixels"])[0]})],
+        {"pixels": pipe._static_inputs(key)["pixels"]},
+        torch.cuda.graph_pool_handle(),
+        outputs=("features",),
+    )
     alone.run({"pixels": inputs["pixels"]}, batch)
     result["encoder_graphed_ms"] = _gpu_ms(alone.replay, reps)
     result["chain_over_encoder"] = result["graphed_ms"] / result["encoder_graphed_ms"]
     del alone
 
     # the same chain with every branch on one stream: what running branches side by side saves
-    serial = GraphChain(pipe.stages(size, result["capacity"], concurrent=False), pipe._static_inputs(key),
-                        torch.cuda.graph_pool_handle(), outputs=("tokens", "allocation"))
+    serial = GraphChain(
+        pipe.stages(size, result["capacity"], concurrent=False),
+        pipe._static_inputs(key),
+        torch.cuda.graph_pool_handle(),
+        outputs=("tokens", "allocation"),
+    )
     serial_out = serial.run(values, batch)
-    result["serial_equal"] = bool(torch.equal(serial_out["tokens"], out["tokens"])  # ok-sync: report
-                                  and torch.equal(serial_out["allocation"], out["allocation"]))
+    result["serial_equal"] = bool(
+        torch.equal(serial_out["tokens"], out["tokens"])  # ok-sync: report
+        and torch.equal(serial_out["allocation"], out["allocation"])
+    )
     result["graphed_serial_ms"] = _gpu_ms(serial.replay, reps)
     result["concurrency_speedup"] = result["graphed_serial_ms"] / result["graphed_ms"]
     del serial, serial_out
 
     # one graph per stage, chained (the earlier design), for per-stage times and the launch-count comparison
     start = time.perf_counter()
-    per_stage = GraphChain(stages, pipe._static_inputs(key), torch.cuda.graph_pool_handle(), outputs=("tokens",),
-                           per_stage=True)
+    per_stage = GraphChain(
+        stages, pipe._static_inputs(key), torch.cuda.graph_pool_handle(), outputs=("tokens",), per_stage=True
+    )
     torch.cuda.synchronize()
     result["per_stage_capture_s"] = time.perf_counter() - start
     per_stage.inputs.write(values)
     result["per_stage_ms"] = _gpu_ms(per_stage.replay, reps)
     result["per_stage_issue_us"] = _issue_us(per_stage.replay, reps)
-    result["graphed_stage_ms"] = {name: _gpu_ms(graph.replay, reps) for name, graph in per_stage.graphs if name != "pack"}
+    result["graphed_stage_ms"] = {
+        name: _gpu_ms(graph.replay, reps) for name, graph in per_stage.graphs if name != "pack"
+    }
     del per_stage
     result["speedup"] = result["eager_ms"] / result["graphed_ms"]
-    result["stage_speedup"] = {n: result["eager_stage_ms"][n] / result["graphed_stage_ms"][n] for n in result["graphed_stage_ms"]}
+    result["stage_speedup"] = {
+        n: result["eager_stage_ms"][n] / result["graphed_stage_ms"][n] for n in result["graphed_stage_ms"]
+    }
     return result
 
 
@@ -220,13 +240,16 @@ def _whole(stages: list[Any]) -> Callable[..., tuple[Tensor, ...]]:
 
 
 def _error(err: BaseException) -> str:
-    frames = [f"{f.filename.split('site-packages/')[-1]}:{f.lineno} {f.name}" for f in traceback.extract_tb(err.__traceback__)]
+    frames = [
+        f"{f.filename.split('site-packages/')[-1]}:{f.lineno} {f.name}" for f in traceback.extract_tb(err.__traceback__)
+    ]
     return f"{type(err).__name__}: {str(err)[:400]} [last frames: {' <- '.join(reversed(frames[-4:]))}]"
 
 
 @torch.inference_mode()
-def time_compiled(pipe: Pipeline, result: dict[str, Any], *, reps: int = 50,
-                  save: Callable[[], None] = lambda: None) -> None:
+def time_compiled(
+    pipe: Pipeline, result: dict[str, Any], *, reps: int = 50, save: Callable[[], None] = lambda: None
+) -> None:
     """Add ``torch.compile(mode="reduce-overhead")`` and graphed+compiled timings of the same chain to ``result``.
 
     Where inductor fails on the whole chain, each stage is compiled alone (default mode) to name the stage
@@ -272,8 +295,12 @@ def time_compiled(pipe: Pipeline, result: dict[str, Any], *, reps: int = 50,
     chain.inputs.write(values)
     result["graphed_compiled_ms"] = _gpu_ms(chain.replay, reps)
     # the same compiled bodies on one stream (dynamo's cache holds them: no second compile)
-    serial = GraphChain(both.stages(size, result["capacity"], concurrent=False, compile=True), both._static_inputs(key),
-                        torch.cuda.graph_pool_handle(), outputs=("tokens",))
+    serial = GraphChain(
+        both.stages(size, result["capacity"], concurrent=False, compile=True),
+        both._static_inputs(key),
+        torch.cuda.graph_pool_handle(),
+        outputs=("tokens",),
+    )
     serial.inputs.write(values)
     result["graphed_compiled_serial_ms"] = _gpu_ms(serial.replay, reps)
     if "compiled_ms" in result:
@@ -282,8 +309,14 @@ def time_compiled(pipe: Pipeline, result: dict[str, Any], *, reps: int = 50,
     torch._dynamo.reset()
 
 
-def _isolate(stages: list[Any], inputs: dict[str, Any], result: dict[str, Any], save: Callable[[], None],
-             pipe: Pipeline | None = None, backend: str | Callable[..., Any] = "inductor") -> None:
+def _isolate(
+    stages: list[Any],
+    inputs: dict[str, Any],
+    result: dict[str, Any],
+    save: Callable[[], None],
+    pipe: Pipeline | None = None,
+    backend: str | Callable[..., Any] = "inductor",
+) -> None:
     """Compile each stage alone with inductor (post-encode stages first: the likelier culprits, and quicker);
     the failures go to ``result["inductor_stage_errors"]``, the stages that compile to ``inductor_stages_ok``.
     Where the score stage fails, each of ``pipe``'s scorers is compiled alone too (``inductor_scorer_errors``,
@@ -291,6 +324,7 @@ def _isolate(stages: list[Any], inputs: dict[str, Any], result: dict[str, Any], 
     state = dict(inputs)
     for _, fn in stages:  # eager first, so every stage has its inputs
         state.update(fn(state))
+
     def attempt(kind: str, name: str, fn: Callable[[dict[str, Any]], Any]) -> None:
         ok_or_error = _try_compile(fn, state, backend)
         if ok_or_error is None:
@@ -307,6 +341,7 @@ def _isolate(stages: list[Any], inputs: dict[str, Any], result: dict[str, Any], 
         result.setdefault("inductor_scorer_errors", {})
         result.setdefault("inductor_scorers_ok", [])
         for name, scorer in pipe.head.scorers.items():
+
             def one(s: dict[str, Any], scorer: Any = scorer) -> Tensor:
                 return scorer(s["features"], s["texture"], s["patch_valid"], s["query"], s["query_mask"])
 
@@ -314,8 +349,9 @@ def _isolate(stages: list[Any], inputs: dict[str, Any], result: dict[str, Any], 
     torch._dynamo.reset()
 
 
-def _try_compile(fn: Callable[[dict[str, Any]], Any], state: dict[str, Any],
-                 backend: str | Callable[..., Any] = "inductor") -> str | None:
+def _try_compile(
+    fn: Callable[[dict[str, Any]], Any], state: dict[str, Any], backend: str | Callable[..., Any] = "inductor"
+) -> str | None:
     """Compile ``fn`` (fresh dynamo state) and run it once; ``None``, or the error's description."""
     torch._dynamo.reset()
     try:
@@ -354,8 +390,11 @@ def profile_kernels(pipe: Pipeline, size: int, batch: int, *, compile: bool = Fa
         for e in kernels:
             totals[e.name] = totals.get(e.name, 0.0) + e.time_range.elapsed_us()
         top = sorted(totals.items(), key=lambda item: -item[1])[:8]
-        result["stages"][name] = {"kernels": len(kernels), "kernel_us": sum(totals.values()),
-                                  "top": [(k[:90], round(v, 1)) for k, v in top]}
+        result["stages"][name] = {
+            "kernels": len(kernels),
+            "kernel_us": sum(totals.values()),
+            "top": [(k[:90], round(v, 1)) for k, v in top],
+        }
     return result
 
 
@@ -373,8 +412,13 @@ def time_threads(config: PipelineConfig, *, threads: int = 8, calls: int = 100, 
         def call(values: dict[str, Tensor]) -> Tensor:
             return pipe.graph_cache.run(key, lambda: pipe._build(key), values, 1)["tokens"]
 
-        jobs = [graph_inputs(key, {**base, "pixels": base["pixels"].roll(7 * i, -1),
-                                   "budget": torch.full((1,), 10 + i, device="cuda")}) for i in range(threads)]
+        jobs = [
+            graph_inputs(
+                key,
+                {**base, "pixels": base["pixels"].roll(7 * i, -1), "budget": torch.full((1,), 10 + i, device="cuda")},
+            )
+            for i in range(threads)
+        ]
         expected = [call(values) for values in jobs]
     barrier, wrong = threading.Barrier(threads + 1, timeout=300), [0] * threads  # a failing thread breaks it, not hangs
 
@@ -398,15 +442,27 @@ def time_threads(config: PipelineConfig, *, threads: int = 8, calls: int = 100, 
     for w in workers:
         w.join()
     stats = pipe.graph_cache.stats()
-    return {"threads": threads, "calls_per_thread": calls, "size": size, "wall_s": wall,
-            "calls_per_s": threads * calls / wall, "ms_per_call": wall / (threads * calls) * 1e3,
-            "wrong_results": sum(wrong), "entries": stats["entries"], "bytes": stats["bytes"], "captures": stats["captures"]}
+    return {
+        "threads": threads,
+        "calls_per_thread": calls,
+        "size": size,
+        "wall_s": wall,
+        "calls_per_s": threads * calls / wall,
+        "ms_per_call": wall / (threads * calls) * 1e3,
+        "wrong_results": sum(wrong),
+        "entries": stats["entries"],
+        "bytes": stats["bytes"],
+        "captures": stats["captures"],
+    }
 
 
-def time_warmup(config: PipelineConfig, sizes: tuple[int, ...] = (224, 384, 512, 768, 1024),
-                batches: tuple[int, ...] = (1, 8, 64)) -> dict[str, Any]:
+def time_warmup(
+    config: PipelineConfig, sizes: tuple[int, ...] = (224, 384, 512, 768, 1024), batches: tuple[int, ...] = (1, 8, 64)
+) -> dict[str, Any]:
     """Seconds and bytes to capture every size x batch bucket (compression and relevance-only chains), one pool."""
-    warm = Pipeline(config.replace(buckets=sizes), device="cuda", graph_cache=GraphCache(max_entries=4 * len(sizes) * len(batches)))
+    warm = Pipeline(
+        config.replace(buckets=sizes), device="cuda", graph_cache=GraphCache(max_entries=4 * len(sizes) * len(batches))
+    )
     for size in sizes:
         warm.encoder(size)  # build the bucket models first: the warm-up measures captures
     torch.cuda.synchronize()
@@ -414,9 +470,13 @@ def time_warmup(config: PipelineConfig, sizes: tuple[int, ...] = (224, 384, 512,
     start = time.perf_counter()
     stats = warm.warmup(sizes, batch_sizes=batches)
     torch.cuda.synchronize()
-    out = {"sizes": list(sizes), "batches": list(batches), "seconds": time.perf_counter() - start,
-           "reserved_growth_bytes": torch.cuda.memory_reserved() - before,
-           **{k: v for k, v in stats.items() if k != "per_entry"}}
+    out = {
+        "sizes": list(sizes),
+        "batches": list(batches),
+        "seconds": time.perf_counter() - start,
+        "reserved_growth_bytes": torch.cuda.memory_reserved() - before,
+        **{k: v for k, v in stats.items() if k != "per_entry"},
+    }
     del warm
     torch.cuda.empty_cache()
     return out
@@ -502,12 +562,24 @@ def _pipeline_host_figures(pipe: Pipeline, median_us: Callable[[Callable[[], Any
     return out
 
 
-def _host_figures(chain: GraphChain, cache: GraphCache, key: Any, build: Callable[[], Any],
-                  calls: Iterator[dict[str, Tensor]], median_us: Callable[[Callable[[], Any]], float], reps: int,
-                  preset: str) -> dict[str, Any]:
-    out = {"preset": preset, "inputs": len(chain.inputs.names), "results": len(chain.outputs.names), "reps": reps,
-           "cpu": f"{os.cpu_count()}cpu-{platform.machine()}",
-           "load_average": os.getloadavg()[0] if hasattr(os, "getloadavg") else None}
+def _host_figures(
+    chain: GraphChain,
+    cache: GraphCache,
+    key: Any,
+    build: Callable[[], Any],
+    calls: Iterator[dict[str, Tensor]],
+    median_us: Callable[[Callable[[], Any]], float],
+    reps: int,
+    preset: str,
+) -> dict[str, Any]:
+    out = {
+        "preset": preset,
+        "inputs": len(chain.inputs.names),
+        "results": len(chain.outputs.names),
+        "reps": reps,
+        "cpu": f"{os.cpu_count()}cpu-{platform.machine()}",
+        "load_average": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
+    }
     out["previous_design_us"] = median_us(lambda: _old_call(chain, next(calls), 1))
     out["call_us"] = median_us(lambda: cache.run(key, build, next(calls), 1, True))
     out["zero_copy_call_us"] = median_us(lambda: cache.run(key, build, next(calls), 1, False))
@@ -518,32 +590,41 @@ def _host_figures(chain: GraphChain, cache: GraphCache, key: Any, build: Callabl
 
 def _host_markdown(report: dict[str, Any]) -> str:
     h = report["host"]
-    return "\n".join([
-        f"# arrcoc graph call, host cost per call — {h['cpu']}", "",
-        f"torch {report['torch']}, {report['date']}, preset `{h['preset']}`, batch 1, median of {h['reps']} calls; the "
-        f"replay is a no-op, so this is Python, dispatch and copy ops only ({h['inputs']} inputs, {h['results']} results; "
-        f"CPU ops stand in for kernel launches; one intra-op thread; load average {h['load_average']}). Successive "
-        "calls bring new image tensors and the same small ones (query, mask, budget), as successive `pipe()` calls "
-        "do; the `pipe` rows build result tensors only where they read them.", "",
-        "| path | µs per call |", "|---|---:|",
-        f"| previous design: per-tensor input copies + one clone per result | {h['previous_design_us']:.1f} |",
-        f"| `GraphCache.run`, copy=True (one input cat, replay, one clone) | {h['call_us']:.1f} |",
-        f"| `GraphCache.run`, copy=False (zero-copy) | {h['zero_copy_call_us']:.1f} |",
-        f"| copy=True + building every result view | {h['call_with_views_us']:.1f} |",
-        f"| copy=False + every result view | {h['zero_copy_with_views_us']:.1f} |",
-        *_pipeline_rows(h), ""])
+    return "\n".join(
+        [
+            f"# arrcoc graph call, host cost per call — {h['cpu']}",
+            "",
+            f"torch {report['torch']}, {report['date']}, preset `{h['preset']}`, batch 1, median of {h['reps']} calls; the "
+            f"replay is a no-op, so this is Python, dispatch and copy ops only ({h['inputs']} inputs, {h['results']} results; "
+            f"CPU ops stand in for kernel launches; one intra-op thread; load average {h['load_average']}). Successive "
+            "calls bring new image tensors and the same small ones (query, mask, budget), as successive `pipe()` calls "
+            "do; the `pipe` rows build result tensors only where they read them.",
+            "",
+            "| path | µs per call |",
+            "|---|---:|",
+            f"| previous design: per-tensor input copies + one clone per result | {h['previous_design_us']:.1f} |",
+            f"| `GraphCache.run`, copy=True (one input cat, replay, one clone) | {h['call_us']:.1f} |",
+            f"| `GraphCache.run`, copy=False (zero-copy) | {h['zero_copy_call_us']:.1f} |",
+            f"| copy=True + building every result view | {h['call_with_views_us']:.1f} |",
+            f"| copy=False + every result view | {h['zero_copy_with_views_us']:.1f} |",
+            *_pipeline_rows(h),
+            "",
+        ]
+    )
 
 
 def _pipeline_rows(h: dict[str, Any]) -> list[str]:
     """The whole ``pipe(images)`` call's rows (absent from reports written before they were measured)."""
-    rows = [("`pipe(images, budget=4)` (uint8 1x3x32x32 tensor), copy=True", "pipe_call_us"),
-            ("`pipe(images, budget=4, copy=False)`", "pipe_zero_copy_call_us"),
-            ("`pipe(...)` copy=True + reading tokens, mask, positions", "pipe_call_read_us"),
-            ("`pipe(..., copy=False)` + reading tokens, mask, positions", "pipe_zero_copy_call_read_us"),
-            ("`pipe.score(images)`", "pipe_score_us"),
-            ("of which preprocessing (`pipe.preprocessor(images)`)", "preprocess_us"),
-            ("`pipe(...)` after preprocessing (preprocessor stubbed), copy=True", "pipe_call_after_preprocess_us"),
-            ("`pipe(...)` after preprocessing, copy=False", "pipe_zero_copy_call_after_preprocess_us")]
+    rows = [
+        ("`pipe(images, budget=4)` (uint8 1x3x32x32 tensor), copy=True", "pipe_call_us"),
+        ("`pipe(images, budget=4, copy=False)`", "pipe_zero_copy_call_us"),
+        ("`pipe(...)` copy=True + reading tokens, mask, positions", "pipe_call_read_us"),
+        ("`pipe(..., copy=False)` + reading tokens, mask, positions", "pipe_zero_copy_call_read_us"),
+        ("`pipe.score(images)`", "pipe_score_us"),
+        ("of which preprocessing (`pipe.preprocessor(images)`)", "preprocess_us"),
+        ("`pipe(...)` after preprocessing (preprocessor stubbed), copy=True", "pipe_call_after_preprocess_us"),
+        ("`pipe(...)` after preprocessing, copy=False", "pipe_zero_copy_call_after_preprocess_us"),
+    ]
     return [f"| {label} | {h[key]:.1f} |" for label, key in rows if key in h]
 
 
@@ -552,22 +633,31 @@ def _cell(row: dict[str, Any], key: str, fmt: str) -> str:
 
 
 def _markdown(report: dict[str, Any]) -> str:
-    lines = [f"# arrcoc CUDA graphs vs eager vs torch.compile — {report['device']}", "",
-             f"torch {report['torch']}, encoder `{report['encoder']}` ({report['encoder_dtype']}), {report['date']}. "
-             "Median over an adaptive number of runs after warm-up; GPU ms from CUDA events; CPU issue µs from "
-             "perf_counter around the issuing call (no sync inside; *one kernel launch* = a one-element `add_`, "
-             "this host's floor for any call that launches work). Budget = 25% of the patches, 4 query tokens. "
-             "*graphed* = the chain as one CUDA graph, independent branches on side streams (*one stream*: without); *call issue* = input copy + replay + copy-out "
-             "(`GraphCache.run`), *zero-copy* the same with `copy=False`; *views* = building the result tensors.", ""]
+    lines = [
+        f"# arrcoc CUDA graphs vs eager vs torch.compile — {report['device']}",
+        "",
+        f"torch {report['torch']}, encoder `{report['encoder']}` ({report['encoder_dtype']}), {report['date']}. "
+        "Median over an adaptive number of runs after warm-up; GPU ms from CUDA events; CPU issue µs from "
+        "perf_counter around the issuing call (no sync inside; *one kernel launch* = a one-element `add_`, "
+        "this host's floor for any call that launches work). Budget = 25% of the patches, 4 query tokens. "
+        "*graphed* = the chain as one CUDA graph, independent branches on side streams (*one stream*: without); *call issue* = input copy + replay + copy-out "
+        "(`GraphCache.run`), *zero-copy* the same with `copy=False`; *views* = building the result tensors.",
+        "",
+    ]
     if "warmup" in report:
         w = report["warmup"]
-        lines += [f"Warm-up of sizes {w['sizes']} x batches {w['batches']} (compression and relevance-only chains, "
-                  f"{w['captures']} captures, one pool): **{w['seconds']:.2f} s**, {w['bytes'] / 2**20:.0f} MiB kept "
-                  f"by the entries, {w['reserved_growth_bytes'] / 2**20:.0f} MiB reserved.", ""]
-    lines += ["| size | batch | eager ms | graphed ms | speed-up | graphed, one stream ms | per-stage graphs ms | compiled ms "
-              "| graphed / compiled | graphed+compiled ms | graphed+compiled, one stream ms | one kernel launch µs | replay issue µs | call issue µs | zero-copy issue µs | views µs | per-stage graphs issue µs "
-              "| eager issue µs | capture s | compile s | pool MiB | whole pipe() call ms | host syncs per call |",
-              "|" + "---:|" * 23]
+        lines += [
+            f"Warm-up of sizes {w['sizes']} x batches {w['batches']} (compression and relevance-only chains, "
+            f"{w['captures']} captures, one pool): **{w['seconds']:.2f} s**, {w['bytes'] / 2**20:.0f} MiB kept "
+            f"by the entries, {w['reserved_growth_bytes'] / 2**20:.0f} MiB reserved.",
+            "",
+        ]
+    lines += [
+        "| size | batch | eager ms | graphed ms | speed-up | graphed, one stream ms | per-stage graphs ms | compiled ms "
+        "| graphed / compiled | graphed+compiled ms | graphed+compiled, one stream ms | one kernel launch µs | replay issue µs | call issue µs | zero-copy issue µs | views µs | per-stage graphs issue µs "
+        "| eager issue µs | capture s | compile s | pool MiB | whole pipe() call ms | host syncs per call |",
+        "|" + "---:|" * 23,
+    ]
     for r in report["results"]:
         note = "" if r.get("compile_backend", "inductor") == "inductor" else f" ({r['compile_backend']})"
         lines.append(
@@ -577,81 +667,141 @@ def _markdown(report: dict[str, Any]) -> str:
             f"{_cell(r, 'graphed_compiled_serial_ms', '{:.3f}')} | {_cell(r, 'launch_issue_us', '{:.1f}')} | {r['replay_issue_us']:.1f} | {r['call_issue_us']:.1f} | "
             f"{r['call_zero_copy_issue_us']:.1f} | {r['views_us']:.1f} | {r['per_stage_issue_us']:.1f} | "
             f"{r['eager_issue_us']:.0f} | {r['capture_s']:.2f} | {_cell(r, 'compile_s', '{:.1f}')} | {r['pool_bytes'] / 2**20:.1f} | "
-            f"{_cell(r, 'pipe_call_ms', '{:.3f}')} | {_cell(r, 'pipe_call_syncs', '{}')} |")
-    errors = {f"{r['size']}x{r['batch']}": {**r.get("compile_errors", {}),
-                                            **{f"inductor, stage {k}": v for k, v in r.get("inductor_stage_errors", {}).items()},
-                                            **{f"inductor, scorer {k}": v for k, v in r.get("inductor_scorer_errors", {}).items()}}
-              for r in report["results"] if "compile_errors" in r}
+            f"{_cell(r, 'pipe_call_ms', '{:.3f}')} | {_cell(r, 'pipe_call_syncs', '{}')} |"
+        )
+    errors = {
+        f"{r['size']}x{r['batch']}": {
+            **r.get("compile_errors", {}),
+            **{f"inductor, stage {k}": v for k, v in r.get("inductor_stage_errors", {}).items()},
+            **{f"inductor, scorer {k}": v for k, v in r.get("inductor_scorer_errors", {}).items()},
+        }
+        for r in report["results"]
+        if "compile_errors" in r
+    }
     if errors:
         lines += ["", "torch.compile failures (the cell then times the next backend that worked):", ""]
         lines += [f"- {case} {backend}: `{message}`" for case, d in errors.items() for backend, message in d.items()]
-        lines += [f"- {r['size']}x{r['batch']}: stages inductor compiles alone: {', '.join(r['inductor_stages_ok']) or 'none'}"
-                  for r in report["results"] if "inductor_stages_ok" in r]
-        lines += [f"- {r['size']}x{r['batch']}: scorers inductor compiles alone: {', '.join(r['inductor_scorers_ok']) or 'none'}"
-                  for r in report["results"] if "inductor_scorers_ok" in r]
+        lines += [
+            f"- {r['size']}x{r['batch']}: stages inductor compiles alone: {', '.join(r['inductor_stages_ok']) or 'none'}"
+            for r in report["results"]
+            if "inductor_stages_ok" in r
+        ]
+        lines += [
+            f"- {r['size']}x{r['batch']}: scorers inductor compiles alone: {', '.join(r['inductor_scorers_ok']) or 'none'}"
+            for r in report["results"]
+            if "inductor_scorers_ok" in r
+        ]
     syncing = next((r for r in report["results"] if r.get("pipe_call_sync_ops")), None)
     if syncing:
-        lines += ["", f"Host syncs in one whole `pipe()` call ({syncing['size']}x{syncing['batch']}, first of "
-                  f"{syncing['pipe_call_syncs']}): " + "; ".join(f"`{op}`" for op in syncing["pipe_call_sync_ops"])]
-    lines += ["", "What arrcoc's own stages add beside the encoder: the graphed chain against the same encoder alone "
-              "captured as one plain graph (same batch and dtype):", "",
-              "| size | batch | encoder alone, graphed ms | whole chain, graphed ms | chain / encoder |", "|---:|---:|---:|---:|---:|"]
-    lines += [f"| {r['size']} | {r['batch']} | {r['encoder_graphed_ms']:.3f} | {r['graphed_ms']:.3f} | "
-              f"{r['chain_over_encoder']:.2f}x |" for r in report["results"] if "encoder_graphed_ms" in r]
-    lines += ["", "Per stage, GPU ms eager → as its own graph (speed-up):", "",
-              "| size | batch | " + " | ".join(STAGE_NAMES) + " |", "|---:|---:|" + "---:|" * len(STAGE_NAMES)]
+        lines += [
+            "",
+            f"Host syncs in one whole `pipe()` call ({syncing['size']}x{syncing['batch']}, first of "
+            f"{syncing['pipe_call_syncs']}): " + "; ".join(f"`{op}`" for op in syncing["pipe_call_sync_ops"]),
+        ]
+    lines += [
+        "",
+        "What arrcoc's own stages add beside the encoder: the graphed chain against the same encoder alone "
+        "captured as one plain graph (same batch and dtype):",
+        "",
+        "| size | batch | encoder alone, graphed ms | whole chain, graphed ms | chain / encoder |",
+        "|---:|---:|---:|---:|---:|",
+    ]
+    lines += [
+        f"| {r['size']} | {r['batch']} | {r['encoder_graphed_ms']:.3f} | {r['graphed_ms']:.3f} | "
+        f"{r['chain_over_encoder']:.2f}x |"
+        for r in report["results"]
+        if "encoder_graphed_ms" in r
+    ]
+    lines += [
+        "",
+        "Per stage, GPU ms eager → as its own graph (speed-up):",
+        "",
+        "| size | batch | " + " | ".join(STAGE_NAMES) + " |",
+        "|---:|---:|" + "---:|" * len(STAGE_NAMES),
+    ]
     for r in report["results"]:
-        cells = [f"{r['eager_stage_ms'][n]:.3f} → {r['graphed_stage_ms'][n]:.3f} ({r['stage_speedup'][n]:.1f}x)"
-                 for n in STAGE_NAMES]
+        cells = [
+            f"{r['eager_stage_ms'][n]:.3f} → {r['graphed_stage_ms'][n]:.3f} ({r['stage_speedup'][n]:.1f}x)"
+            for n in STAGE_NAMES
+        ]
         lines.append(f"| {r['size']} | {r['batch']} | " + " | ".join(cells) + " |")
     for p in report.get("profiles", []):
         graphed = next((r for r in report["results"] if (r["size"], r["batch"]) == (p["size"], p["batch"])), None)
-        lines += ["", f"Kernels per stage at {p['size']}x{p['batch']}, " + ("compiled" if p["compiled"] else "eager")
-                  + " (torch.profiler; graphed ms from the table above, where it applies):", "",
-                  "| stage | kernels | kernel ms | graphed ms | top kernels (µs) |", "|---|---:|---:|---:|---|"]
+        lines += [
+            "",
+            f"Kernels per stage at {p['size']}x{p['batch']}, "
+            + ("compiled" if p["compiled"] else "eager")
+            + " (torch.profiler; graphed ms from the table above, where it applies):",
+            "",
+            "| stage | kernels | kernel ms | graphed ms | top kernels (µs) |",
+            "|---|---:|---:|---:|---|",
+        ]
         for name, st in p["stages"].items():
             own = _cell(graphed["graphed_stage_ms"], name, "{:.3f}") if graphed and not p["compiled"] else "—"
             top = "; ".join(f"`{k}` {v}" for k, v in st["top"][:3])
             lines.append(f"| {name} | {st['kernels']} | {st['kernel_us'] / 1e3:.3f} | {own} | {top} |")
     if "threads" in report:
         t = report["threads"]
-        lines += ["", f"{t['threads']} threads x {t['calls_per_thread']} calls at {t['size']}px batch 1 on one pipeline "
-                  "(`GraphCache.run`, results checked against the same call alone):", "",
-                  "| calls/s | ms per call | wrong results | entries | MiB | captures |", "|---:|---:|---:|---:|---:|---:|",
-                  f"| {t['calls_per_s']:.0f} | {t['ms_per_call']:.3f} | {t['wrong_results']} | {t['entries']} | "
-                  f"{t['bytes'] / 2**20:.1f} | {t['captures']} |"]
+        lines += [
+            "",
+            f"{t['threads']} threads x {t['calls_per_thread']} calls at {t['size']}px batch 1 on one pipeline "
+            "(`GraphCache.run`, results checked against the same call alone):",
+            "",
+            "| calls/s | ms per call | wrong results | entries | MiB | captures |",
+            "|---:|---:|---:|---:|---:|---:|",
+            f"| {t['calls_per_s']:.0f} | {t['ms_per_call']:.3f} | {t['wrong_results']} | {t['entries']} | "
+            f"{t['bytes'] / 2**20:.1f} | {t['captures']} |",
+        ]
     return "\n".join(lines) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:
     """Run the graph benchmark (CUDA only); returns an exit code."""
-    parser = argparse.ArgumentParser(prog="arrcoc bench --graphs", description="CUDA graphs vs eager vs torch.compile.",
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="arrcoc bench --graphs",
+        description="CUDA graphs vs eager vs torch.compile.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     parser.add_argument("--sizes", type=int, nargs="+", default=[224, 384, 512, 1024], help="bucket sizes")
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8, 64], help="batch sizes")
     parser.add_argument("--preset", default="default", help="pipeline preset")
     parser.add_argument("--encoder", default=None, help="override the preset's timm encoder")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="encoder dtype")
-    parser.add_argument("--compile", nargs="*", default=["224x1"],
-                        help="SIZExBATCH cases also timed with torch.compile(mode='reduce-overhead') and graphed+compiled")
+    parser.add_argument(
+        "--compile",
+        nargs="*",
+        default=["224x1"],
+        help="SIZExBATCH cases also timed with torch.compile(mode='reduce-overhead') and graphed+compiled",
+    )
     parser.add_argument("--reps", type=int, default=50, help="most timed runs per measurement")
     parser.add_argument("--seconds", type=float, default=0.5, help="about this long per measurement (fewer reps)")
     parser.add_argument("--skip", nargs="*", default=[], help="SIZExBATCH cases to leave out (e.g. 1024x64)")
     parser.add_argument("--no-warmup", action="store_true", help="skip the 5 sizes x 3 batches warm-up measurement")
     parser.add_argument("--threads", action="store_true", help="also time 8 threads calling one pipeline")
-    parser.add_argument("--profile", nargs="*", default=[],
-                        help="SIZExBATCH cases whose stages are profiled (kernel count and time, eager and compiled)")
+    parser.add_argument(
+        "--profile",
+        nargs="*",
+        default=[],
+        help="SIZExBATCH cases whose stages are profiled (kernel count and time, eager and compiled)",
+    )
     parser.add_argument("--quick", action="store_true", help="sizes 224 512, batches 1 8, 20 reps")
-    parser.add_argument("--out", default="arrcoc-results",
-                        help="output folder (pass bench/results to update the committed ones)")
+    parser.add_argument(
+        "--out", default="arrcoc-results", help="output folder (pass bench/results to update the committed ones)"
+    )
     parser.add_argument("--tag", default="", help="suffix of the result file names")
-    parser.add_argument("--host", action="store_true",
-                        help="only the host cost of a call (no GPU needed): writes graphs-host-<cpu>.json/.md")
+    parser.add_argument(
+        "--host",
+        action="store_true",
+        help="only the host cost of a call (no GPU needed): writes graphs-host-<cpu>.json/.md",
+    )
     parser.add_argument("--host-reps", type=int, default=20000, help="timed calls per --host measurement")
     args = parser.parse_args(argv)
     if args.host:
-        host = {"torch": torch.__version__, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
-                "host": time_host(reps=args.host_reps)}
+        host = {
+            "torch": torch.__version__,
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
+            "host": time_host(reps=args.host_reps),
+        }
         write_report(host, _host_markdown(host), args.out, f"graphs-host-{host['host']['cpu']}", args.tag)
         return 0
     if not torch.cuda.is_available():
@@ -663,9 +813,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.encoder:
         overrides["encoder"] = args.encoder
     config = PipelineConfig.from_name(args.preset, **overrides)
-    report: dict[str, Any] = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "encoder": config.encoder,
-                              "encoder_dtype": args.dtype, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
-                              "max_reps": args.reps, "results": []}
+    report: dict[str, Any] = {
+        "device": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "encoder": config.encoder,
+        "encoder_dtype": args.dtype,
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
+        "max_reps": args.reps,
+        "results": [],
+    }
     name = f"graphs-{report['device']}"
 
     def save() -> None:  # after every step: a later failure keeps what was measured
@@ -681,9 +837,14 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             try:
                 report["results"].append(time_graphs(pipe, size, batch, reps=args.reps, seconds=args.seconds))
-                logger.info("%dx%d: eager %.3f ms, graphed %.3f ms, call issue %.1f us", size, batch,
-                            report["results"][-1]["eager_ms"], report["results"][-1]["graphed_ms"],
-                            report["results"][-1]["call_issue_us"])
+                logger.info(
+                    "%dx%d: eager %.3f ms, graphed %.3f ms, call issue %.1f us",
+                    size,
+                    batch,
+                    report["results"][-1]["eager_ms"],
+                    report["results"][-1]["graphed_ms"],
+                    report["results"][-1]["call_issue_us"],
+                )
                 save()
             except Exception as err:  # e.g. out of memory at the largest case: record, go on
                 report.setdefault("failures", {})[f"{size}x{batch}"] = _error(err)

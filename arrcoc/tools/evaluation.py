@@ -42,8 +42,20 @@ if TYPE_CHECKING:
 
     from ..stages.tokenizer import CharTokenizer
 
-__all__ = ["EvalConfig", "DEFAULT_SHARES", "QUERY_FREE", "token_budgets", "answer_coverage", "box_share", "same_answer",
-           "evaluate", "findings", "to_markdown", "plot", "main"]
+__all__ = [
+    "EvalConfig",
+    "DEFAULT_SHARES",
+    "QUERY_FREE",
+    "token_budgets",
+    "answer_coverage",
+    "box_share",
+    "same_answer",
+    "evaluate",
+    "findings",
+    "to_markdown",
+    "plot",
+    "main",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -133,7 +145,7 @@ def answer_coverage(boxes: Sequence[tuple[int, int, int, int]], size: int, grid:
     gh, gw = grid
     inside = torch.zeros(size, size)
     for x0, y0, x1, y1 in boxes:
-        inside[max(0, y0): max(0, y1), max(0, x0): max(0, x1)] = 1.0
+        inside[max(0, y0) : max(0, y1), max(0, x0) : max(0, x1)] = 1.0
     return torch.nn.functional.adaptive_avg_pool2d(inside[None, None], (gh, gw))[0, 0]
 
 
@@ -181,49 +193,79 @@ def _score(answers: Sequence[str], samples: Sequence[VQASample]) -> list[tuple[b
 
 def _samples(config: EvalConfig, size: int) -> list[VQASample]:
     families = config.families
-    return [make_sample(config.seed + i * len(families) + j, size, family)
-            for i in range(config.samples_per_family) for j, family in enumerate(families)]
+    return [
+        make_sample(config.seed + i * len(families) + j, size, family)
+        for i in range(config.samples_per_family)
+        for j, family in enumerate(families)
+    ]
 
 
-def _reference(model: LlavaForConditionalGeneration, tokenizer: CharTokenizer, samples: list[VQASample],
-               config: EvalConfig, device: torch.device) -> list[tuple[bool, int]]:
+def _reference(
+    model: LlavaForConditionalGeneration,
+    tokenizer: CharTokenizer,
+    samples: list[VQASample],
+    config: EvalConfig,
+    device: torch.device,
+) -> list[tuple[bool, int]]:
     """Full-token answers through the model's own path (no adapter, no reducer): the adapter's yardstick.
     One ``(exact, glyphs right)`` pair per sample."""
     from ..world.vlm import generate_answers, vision_features
 
     correct = []
     for start in range(0, len(samples), config.batch_size):
-        batch = samples[start: start + config.batch_size]
+        batch = samples[start : start + config.batch_size]
         features = vision_features(model, rgb_values([s.image for s in batch], device))
         answers = generate_answers(model, tokenizer, [s.question for s in batch], features, config.max_new_tokens)
         correct += _score(answers, batch)
     return correct
 
 
-def _summarise(correct: list[tuple[bool, int]] | None, shares: list[float | None], samples: list[VQASample],
-               families: tuple[str, ...]) -> dict[str, Any]:
+def _summarise(
+    correct: list[tuple[bool, int]] | None,
+    shares: list[float | None],
+    samples: list[VQASample],
+    families: tuple[str, ...],
+) -> dict[str, Any]:
     """Accuracy overall and per family (``None`` without answers), the share of text glyphs read at their
     place (``text_glyphs``, over the "text" questions) and the mean box share.
 
     ``correct`` holds one ``(exact, glyphs right)`` pair per sample."""
     boxed = [v for v in shares if v is not None]
-    out: dict[str, Any] = {"accuracy": None, "correct": None, "samples": len(samples), "families": None,
-                           "text_glyphs": None, "box_share": (sum(boxed) / len(boxed)) if boxed else None,
-                           "box_samples": len(boxed)}
+    out: dict[str, Any] = {
+        "accuracy": None,
+        "correct": None,
+        "samples": len(samples),
+        "families": None,
+        "text_glyphs": None,
+        "box_share": (sum(boxed) / len(boxed)) if boxed else None,
+        "box_samples": len(boxed),
+    }
     if correct is not None:
         exact = [c for c, _ in correct]
         by_family = {f: [c for c, s in zip(exact, samples) if s.family == f] for f in families}
-        glyphs = [(right, len("".join(s.answer.split()))) for (_, right), s in zip(correct, samples) if s.family == "text"]
-        out.update(accuracy=sum(exact) / len(exact), correct=sum(exact),
-                   families={f: (sum(v) / len(v) if v else None) for f, v in by_family.items()},
-                   text_glyphs=sum(r for r, _ in glyphs) / max(1, sum(t for _, t in glyphs)) if glyphs else None)
+        glyphs = [
+            (right, len("".join(s.answer.split()))) for (_, right), s in zip(correct, samples) if s.family == "text"
+        ]
+        out.update(
+            accuracy=sum(exact) / len(exact),
+            correct=sum(exact),
+            families={f: (sum(v) / len(v) if v else None) for f, v in by_family.items()},
+            text_glyphs=sum(r for r, _ in glyphs) / max(1, sum(t for _, t in glyphs)) if glyphs else None,
+        )
     return out
 
 
 @torch.no_grad()
-def evaluate(model: LlavaForConditionalGeneration, tokenizer: CharTokenizer, config: EvalConfig | None = None, *,
-             device: torch.device | str | None = None, progress: bool = True,
-             text_encoder: Any = None, reducer_graphs: str = "auto") -> dict[str, Any]:
+def evaluate(
+    model: LlavaForConditionalGeneration,
+    tokenizer: CharTokenizer,
+    config: EvalConfig | None = None,
+    *,
+    device: torch.device | str | None = None,
+    progress: bool = True,
+    text_encoder: Any = None,
+    reducer_graphs: str = "auto",
+) -> dict[str, Any]:
     """Run every method at every budget and size on the same questions.
 
     Args:
@@ -253,10 +295,20 @@ def evaluate(model: LlavaForConditionalGeneration, tokenizer: CharTokenizer, con
         text_encoder = text_encoder.to(device).eval()
     adapters = {m: project_adapter(model, tokenizer, m, shared, text_encoder, reducer_graphs) for m in config.methods}
     report: dict[str, Any] = {
-        "device": device_name(device), "torch": torch.__version__, "date": datetime.date.today().isoformat(),
-        "samples_per_family": config.samples_per_family, "families": list(config.families), "seed": config.seed,
-        "shares": list(config.shares), "sizes": list(config.sizes), "methods": list(config.methods),
-        "patch_size": patch, "reference": {}, "results": [], "skipped": {}, "answers": config.answers,
+        "device": device_name(device),
+        "torch": torch.__version__,
+        "date": datetime.date.today().isoformat(),
+        "samples_per_family": config.samples_per_family,
+        "families": list(config.families),
+        "seed": config.seed,
+        "shares": list(config.shares),
+        "sizes": list(config.sizes),
+        "methods": list(config.methods),
+        "patch_size": patch,
+        "reference": {},
+        "results": [],
+        "skipped": {},
+        "answers": config.answers,
         "query": "the trained text query encoder" if text_encoder is not None else "the adapter's prompt pull-back",
     }
     cases = len(config.methods) * len(config.shares)
@@ -278,7 +330,7 @@ def evaluate(model: LlavaForConditionalGeneration, tokenizer: CharTokenizer, con
         failed: dict[tuple[str, int], str] = {}
         batches = range(0, len(samples), config.batch_size)
         for number, lo in enumerate(batches):  # batch outermost: the tower runs once per batch (``shared``)
-            batch = samples[lo: lo + config.batch_size]
+            batch = samples[lo : lo + config.batch_size]
             pixels = pixel_values(model, [s.image for s in batch], device)
             coverage = torch.stack([answer_coverage(s.boxes, size, grid) for s in batch]).to(device)
             for key in keys:
@@ -287,8 +339,13 @@ def evaluate(model: LlavaForConditionalGeneration, tokenizer: CharTokenizer, con
                 if key in failed:
                     continue
                 try:
-                    answers, positions = ask(adapters[method], pixels, [s.question for s in batch], budget,
-                                             config.max_new_tokens if config.answers else 0)
+                    answers, positions = ask(
+                        adapters[method],
+                        pixels,
+                        [s.question for s in batch],
+                        budget,
+                        config.max_new_tokens if config.answers else 0,
+                    )
                 except ArrcocError as err:  # a method the adapter cannot serve here: reported, not fatal
                     logger.warning("%s at %d px, %d tokens: skipped: %s", method, size, budget, err)
                     failed[key] = str(err)
@@ -303,10 +360,16 @@ def evaluate(model: LlavaForConditionalGeneration, tokenizer: CharTokenizer, con
             if key in failed:
                 report["skipped"].setdefault(method, {})[f"{size}/{budget}"] = failed[key]
                 continue
-            report["results"].append({"size": size, "patches": patches, "method": method, "share": float(share),
-                                      "tokens": budget,
-                                      **_summarise(correct[key] if config.answers else None, inside[key], samples,
-                                                   config.families)})
+            report["results"].append(
+                {
+                    "size": size,
+                    "patches": patches,
+                    "method": method,
+                    "share": float(share),
+                    "tokens": budget,
+                    **_summarise(correct[key] if config.answers else None, inside[key], samples, config.families),
+                }
+            )
     bar.close()
     report["seconds"] = round(time.perf_counter() - start, 1)
     return report
@@ -333,15 +396,19 @@ def findings(report: dict[str, Any]) -> list[str]:
     by accuracy (when answers were scored) and by box share."""
     lines = []
     metrics = ["accuracy", "box_share"] if _has_answers(report) else ["box_share"]
-    contests = [("arrcoc", "baselines", lambda m: not _is_arrcoc(m)),
-                (QUERY_FREE[0], "query-free baselines", lambda m: m in QUERY_FREE[1:])]
+    contests = [
+        ("arrcoc", "baselines", lambda m: not _is_arrcoc(m)),
+        (QUERY_FREE[0], "query-free baselines", lambda m: m in QUERY_FREE[1:]),
+    ]
     for size in report["sizes"]:
         rows = {(r["method"], r["share"]): r for r in report["results"] if r["size"] == size}
         full, low = rows.get(("arrcoc", 1.0)), rows.get(("arrcoc", 0.11))
         if full and low and full["accuracy"] is not None:
             kept = low["accuracy"] / full["accuracy"] if full["accuracy"] else float("nan")
-            lines.append(f"{size} px: arrcoc at 11% ({low['tokens']} tokens) answers {_pct(low['accuracy'])}% vs "
-                         f"{_pct(full['accuracy'])}% with all {full['tokens']}: {100 * kept:.1f}% of full-token accuracy.")
+            lines.append(
+                f"{size} px: arrcoc at 11% ({low['tokens']} tokens) answers {_pct(low['accuracy'])}% vs "
+                f"{_pct(full['accuracy'])}% with all {full['tokens']}: {100 * kept:.1f}% of full-token accuracy."
+            )
         for name, rivals, is_rival in contests:
             for metric in metrics:
                 for share in sorted({r["share"] for r in report["results"]}, reverse=True):
@@ -351,22 +418,30 @@ def findings(report: dict[str, Any]) -> list[str]:
                         continue
                     ahead = [r["method"] for r in others if r[metric] < ours[metric]]
                     behind = [f"{r['method']} {_pct(r[metric])}" for r in others if r[metric] >= ours[metric]]
-                    lines.append(f"{size} px, {ours['tokens']} tokens ({100 * share:g}%), {_METRICS[metric]}: {name} "
-                                 f"{_pct(ours[metric])}%; ahead of {len(ahead)}/{len(others)} {rivals}"
-                                 + (f"; not ahead of: {', '.join(behind)}" if behind else "") + ".")
+                    lines.append(
+                        f"{size} px, {ours['tokens']} tokens ({100 * share:g}%), {_METRICS[metric]}: {name} "
+                        f"{_pct(ours[metric])}%; ahead of {len(ahead)}/{len(others)} {rivals}"
+                        + (f"; not ahead of: {', '.join(behind)}" if behind else "")
+                        + "."
+                    )
     return lines
 
 
 def _table(rows: list[dict[str, Any]], methods: list[str], metric: str) -> list[str]:
     """Methods x budgets of one metric (in %)."""
     budgets = sorted({(r["share"], r["tokens"]) for r in rows}, reverse=True)
-    lines = [f"| {_METRICS[metric]} | " + " | ".join(f"{t} ({100 * s:g}%)" for s, t in budgets) + " |",
-             "|---|" + "---:|" * len(budgets)]
+    lines = [
+        f"| {_METRICS[metric]} | " + " | ".join(f"{t} ({100 * s:g}%)" for s, t in budgets) + " |",
+        "|---|" + "---:|" * len(budgets),
+    ]
     for method in methods:
         cells = {r["share"]: r for r in rows if r["method"] == method}
         if cells:
-            lines.append(f"| {method} | " + " | ".join(_pct(cells[s].get(metric)) if s in cells else "–"
-                                                       for s, _ in budgets) + " |")
+            lines.append(
+                f"| {method} | "
+                + " | ".join(_pct(cells[s].get(metric)) if s in cells else "–" for s, _ in budgets)
+                + " |"
+            )
     return lines + [""]
 
 
@@ -374,13 +449,16 @@ def to_markdown(report: dict[str, Any]) -> str:
     """The report as markdown: accuracy and box share per method and budget for each size, then every family."""
     families = report["families"]
     answers = _has_answers(report)
-    scoring = ("greedy answers, exact match; accuracy in %" if answers else
-               "answers not generated (box share only)")
-    lines = [f"# arrcoc eval: visual tokens vs answers — {report['device']}", "",
-             f"torch {report['torch']}, {report['date']}, model `{report.get('model', '?')}`, query for arrcoc: "
-             f"{report.get('query', '?')}; {report['samples_per_family']} questions per family x {len(families)} "
-             f"families per size (seed {report['seed']}); {scoring}. Box share: % of each token's area inside the "
-             f"answer boxes, averaged over tokens (at the full budget: the boxes' share of the image).", ""]
+    scoring = "greedy answers, exact match; accuracy in %" if answers else "answers not generated (box share only)"
+    lines = [
+        f"# arrcoc eval: visual tokens vs answers — {report['device']}",
+        "",
+        f"torch {report['torch']}, {report['date']}, model `{report.get('model', '?')}`, query for arrcoc: "
+        f"{report.get('query', '?')}; {report['samples_per_family']} questions per family x {len(families)} "
+        f"families per size (seed {report['seed']}); {scoring}. Box share: % of each token's area inside the "
+        f"answer boxes, averaged over tokens (at the full budget: the boxes' share of the image).",
+        "",
+    ]
     for size in report["sizes"]:
         rows = [r for r in report["results"] if r["size"] == size]
         if not rows:
@@ -388,31 +466,44 @@ def to_markdown(report: dict[str, Any]) -> str:
         ref = report["reference"].get(str(size))
         lines += [f"## {size} px ({rows[0]['patches']} patches)", ""]
         if ref:
-            glyphs_read = (f"; text glyphs read at their place: {_pct(ref['text_glyphs'])}%"
-                           if ref.get("text_glyphs") is not None else "")
-            lines += [f"Reference (the model's own full-token path, no adapter): {_pct(ref['accuracy'])}%{glyphs_read}.",
-                      ""]
+            glyphs_read = (
+                f"; text glyphs read at their place: {_pct(ref['text_glyphs'])}%"
+                if ref.get("text_glyphs") is not None
+                else ""
+            )
+            lines += [
+                f"Reference (the model's own full-token path, no adapter): {_pct(ref['accuracy'])}%{glyphs_read}.",
+                "",
+            ]
         glyphs = answers and any(r.get("text_glyphs") is not None for r in rows)
-        for metric in (["accuracy", *(["text_glyphs"] if glyphs else []), "box_share"] if answers else ["box_share"]):
+        for metric in ["accuracy", *(["text_glyphs"] if glyphs else []), "box_share"] if answers else ["box_share"]:
             lines += _table(rows, report["methods"], metric)
         if answers:
-            lines += ["| method | tokens | all | " + " | ".join(families) + " | box share |",
-                      "|---|---:|---:|" + "---:|" * len(families) + "---:|"]
+            lines += [
+                "| method | tokens | all | " + " | ".join(families) + " | box share |",
+                "|---|---:|---:|" + "---:|" * len(families) + "---:|",
+            ]
             for r in sorted(rows, key=lambda r: (report["methods"].index(r["method"]), -r["share"])):
-                lines.append(f"| {r['method']} | {r['tokens']} | {_pct(r['accuracy'])} | "
-                             + " | ".join(_pct(r["families"][f]) for f in families) + f" | {_pct(r['box_share'])} |")
+                lines.append(
+                    f"| {r['method']} | {r['tokens']} | {_pct(r['accuracy'])} | "
+                    + " | ".join(_pct(r["families"][f]) for f in families)
+                    + f" | {_pct(r['box_share'])} |"
+                )
             lines.append("")
         query_free = [m for m in QUERY_FREE if m in report["methods"]]
         if QUERY_FREE[0] in query_free and len(query_free) > 1:
             lines += [f"### {size} px without a question: {QUERY_FREE[0]} and the query-free baselines", ""]
-            for metric in (["accuracy", "box_share"] if answers else ["box_share"]):
+            for metric in ["accuracy", "box_share"] if answers else ["box_share"]:
                 lines += _table(rows, query_free, metric)
     found = findings(report)
     if found:
         lines += ["## Findings", ""] + [f"- {line}" for line in found] + [""]
     if report["skipped"]:
-        lines += ["## Skipped", ""] + [f"- {m} ({', '.join(v)}): {next(iter(v.values()))}"
-                                       for m, v in report["skipped"].items()] + [""]
+        lines += (
+            ["## Skipped", ""]
+            + [f"- {m} ({', '.join(v)}): {next(iter(v.values()))}" for m, v in report["skipped"].items()]
+            + [""]
+        )
     return "\n".join(lines)
 
 
@@ -428,13 +519,21 @@ def plot(report: dict[str, Any], path: str | Path) -> None:
     axes = figure.subplots(1, max(1, len(sizes)), squeeze=False)[0]
     for ax, size in zip(axes, sizes):
         for method in report["methods"]:
-            rows = sorted((r for r in report["results"] if r["size"] == size and r["method"] == method
-                           and r[metric] is not None), key=lambda r: r["tokens"])
+            rows = sorted(
+                (r for r in report["results"] if r["size"] == size and r["method"] == method and r[metric] is not None),
+                key=lambda r: r["tokens"],
+            )
             if not rows:
                 continue
             ours = _is_arrcoc(method)
-            ax.plot([r["tokens"] for r in rows], [100 * r[metric] for r in rows], marker="o",
-                    linewidth=2.6 if method == "arrcoc" else 1.4, linestyle="-" if ours else "--", label=method)
+            ax.plot(
+                [r["tokens"] for r in rows],
+                [100 * r[metric] for r in rows],
+                marker="o",
+                linewidth=2.6 if method == "arrcoc" else 1.4,
+                linestyle="-" if ours else "--",
+                label=method,
+            )
         tokens = sorted({r["tokens"] for r in report["results"] if r["size"] == size})
         patches = next(r["patches"] for r in report["results"] if r["size"] == size)
         ax.set_xscale("log")
@@ -452,30 +551,47 @@ def plot(report: dict[str, Any], path: str | Path) -> None:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="arrcoc eval", description="Answer accuracy vs visual-token budget, per "
-                                     "method and question family, on the generated VQA benchmark. Writes "
-                                     "OUT/eval[-TAG].json, .md and .png.",
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="arrcoc eval",
+        description="Answer accuracy vs visual-token budget, per "
+        "method and question family, on the generated VQA benchmark. Writes "
+        "OUT/eval[-TAG].json, .md and .png.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     parser.add_argument("--methods", default=None, help="comma-separated reducer names (default: every registered one)")
-    parser.add_argument("--budgets", default=",".join(f"{s:g}" for s in DEFAULT_SHARES),
-                        help="comma-separated shares of the patch count in (0, 1] (default %(default)s)")
+    parser.add_argument(
+        "--budgets",
+        default=",".join(f"{s:g}" for s in DEFAULT_SHARES),
+        help="comma-separated shares of the patch count in (0, 1] (default %(default)s)",
+    )
     parser.add_argument("--sizes", default=",".join(map(str, DEFAULT_SIZES)), help="image sides (default %(default)s)")
     parser.add_argument("--samples-per-family", type=int, default=20, help="questions per family and size (default 20)")
     parser.add_argument("--batch-size", type=int, default=16, help="questions per model call (default 16)")
     parser.add_argument("--seed", type=int, default=DEFAULT_SEED, help="seed of the first sample")
     parser.add_argument("--max-new-tokens", type=int, default=10, help="longest answer generated (default 10)")
-    parser.add_argument("--box-share-only", action="store_true",
-                        help="measure only where the tokens land (no answers generated): minutes on a CPU")
+    parser.add_argument(
+        "--box-share-only",
+        action="store_true",
+        help="measure only where the tokens land (no answers generated): minutes on a CPU",
+    )
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
-    parser.add_argument("--out", default="arrcoc-results",
-                        help="output folder (pass bench/results to update the committed ones)")
+    parser.add_argument(
+        "--out", default="arrcoc-results", help="output folder (pass bench/results to update the committed ones)"
+    )
     parser.add_argument("--tag", default="", help="suffix of the output file names")
     model = parser.add_mutually_exclusive_group()
     model.add_argument("--model", default=None, help="a folder saved by arrcoc.world.vlm.save_vlm (default: weights/)")
-    model.add_argument("--random-init", default=None, metavar="PRESET",
-                       help="a randomly initialised VLM preset (default, tiny) instead of trained weights: a smoke test")
-    parser.add_argument("--eager-reducers", action="store_true", help="run the reducers eagerly on CUDA too "
-                                                                      "(default: replayed as CUDA graphs)")
+    model.add_argument(
+        "--random-init",
+        default=None,
+        metavar="PRESET",
+        help="a randomly initialised VLM preset (default, tiny) instead of trained weights: a smoke test",
+    )
+    parser.add_argument(
+        "--eager-reducers",
+        action="store_true",
+        help="run the reducers eagerly on CUDA too (default: replayed as CUDA graphs)",
+    )
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     return parser
 
@@ -494,9 +610,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = EvalConfig(
             methods=_names(args.methods, str, "--methods") if args.methods else _default_methods(),
-            shares=_names(args.budgets, float, "--budgets"), sizes=_names(args.sizes, int, "--sizes"),
-            samples_per_family=args.samples_per_family, batch_size=args.batch_size, seed=args.seed,
-            max_new_tokens=args.max_new_tokens, answers=not args.box_share_only)
+            shares=_names(args.budgets, float, "--budgets"),
+            sizes=_names(args.sizes, int, "--sizes"),
+            samples_per_family=args.samples_per_family,
+            batch_size=args.batch_size,
+            seed=args.seed,
+            max_new_tokens=args.max_new_tokens,
+            answers=not args.box_share_only,
+        )
         from ..world.vlm import VLMConfig, build_vlm, load_vlm
 
         device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -514,8 +635,15 @@ def main(argv: list[str] | None = None) -> int:
                 text_encoder = TextQueryEncoder.from_pretrained(args.model or DEFAULT_VLM_DIR)
             except MissingWeightsError:
                 logger.warning("no trained text query encoder beside the model: arrcoc's query is the prompt pull-back")
-        report = evaluate(model, tokenizer, config, device=device, progress=not args.quiet, text_encoder=text_encoder,
-                          reducer_graphs="off" if args.eager_reducers else "auto")
+        report = evaluate(
+            model,
+            tokenizer,
+            config,
+            device=device,
+            progress=not args.quiet,
+            text_encoder=text_encoder,
+            reducer_graphs="off" if args.eager_reducers else "auto",
+        )
         report["model"] = source
         from .timing import write_report
 

@@ -50,8 +50,14 @@ MAX_AREA = 1 << 22
 FUZZ_BUCKETS = (224, 384)
 FORMATS = ("PNG", "JPEG", "GIF", "BMP", "TIFF", "WEBP")
 #: A mode each format can store, for the broken-file family.
-_FORMAT_MODES = {"PNG": ("RGB", "RGBA", "L", "P", "I;16"), "JPEG": ("RGB", "L", "CMYK"), "GIF": ("P", "L"),
-                 "BMP": ("RGB", "L", "1"), "TIFF": ("RGB", "RGBA", "L", "I;16", "F", "CMYK"), "WEBP": ("RGB", "RGBA")}
+_FORMAT_MODES = {
+    "PNG": ("RGB", "RGBA", "L", "P", "I;16"),
+    "JPEG": ("RGB", "L", "CMYK"),
+    "GIF": ("P", "L"),
+    "BMP": ("RGB", "L", "1"),
+    "TIFF": ("RGB", "RGBA", "L", "I;16", "F", "CMYK"),
+    "WEBP": ("RGB", "RGBA"),
+}
 
 
 @dataclass
@@ -102,7 +108,9 @@ def check_output(out: Any, expect: dict[str, Any]) -> str:
         return "" if isinstance(out, (PipelineConfig, BalanceConfig)) else f"returned {type(out).__name__}"
     if "reduced" in expect:
         if out.tokens.shape[1] != expect["reduced"] or not bool(torch.isfinite(out.tokens).all()):  # ok-sync: check
-            return f"reducer returned {tuple(out.tokens.shape)} tokens for budget {expect['reduced']}, or non-finite ones"
+            return (
+                f"reducer returned {tuple(out.tokens.shape)} tokens for budget {expect['reduced']}, or non-finite ones"
+            )
         return ""
     if not isinstance(out, ScoreOutput):
         return f"returned {type(out).__name__}, not a ScoreOutput"
@@ -148,8 +156,9 @@ def _budget_values(capacity: int = 196) -> st.SearchStrategy[int]:
     return st.one_of(st.integers(1, 64), st.integers(1, capacity), st.sampled_from([1, capacity]))
 
 
-def _compress(images: Any, budget: Any, query: Any = None, query_mask: Any = None,
-              score: bool = False) -> Callable[[Any], Any]:
+def _compress(
+    images: Any, budget: Any, query: Any = None, query_mask: Any = None, score: bool = False
+) -> Callable[[Any], Any]:
     """``pipe(images, ...)``, or ``pipe.score`` with ``score``, as a call on a pipeline."""
     if score:
         return lambda pipe: pipe.score(images, query=query, query_mask=query_mask)
@@ -177,8 +186,9 @@ def _sizes(draw: st.DrawFn) -> Case:
         images.append(image)
         shapes.append(f"{h}x{w}{' HWC' if last else ''}")
     budget = draw(_budget_values())
-    return Case("sizes", f"{shapes} budget {budget}", _compress(images, budget), ("image", "budget"),
-                _expect(count, budget))
+    return Case(
+        "sizes", f"{shapes} budget {budget}", _compress(images, budget), ("image", "budget"), _expect(count, budget)
+    )
 
 
 @st.composite
@@ -189,20 +199,28 @@ def _pil_modes(draw: st.DrawFn) -> Case:
     length = len(Image.new(mode, size).tobytes())
     random_bytes = st.integers(0, 2**31).map(lambda s: np.random.default_rng(s).bytes(length))
     # hypothesis-chosen bytes where they fit its buffer (they find edge values), seeded random bytes beyond
-    data = draw(st.one_of(st.binary(min_size=length, max_size=length), random_bytes) if length <= 1024 else random_bytes)
+    data = draw(
+        st.one_of(st.binary(min_size=length, max_size=length), random_bytes) if length <= 1024 else random_bytes
+    )
     image = Image.frombytes(mode, size, data)
     if mode == "P" and draw(st.booleans()):
         image.info["transparency"] = draw(st.integers(0, 255))
     budget = draw(_budget_values())
-    return Case("pil_modes", f"{mode} {size} budget {budget}", _compress(image, budget), ("image",),
-                _expect(1, budget))
+    return Case("pil_modes", f"{mode} {size} budget {budget}", _compress(image, budget), ("image",), _expect(1, budget))
 
 
 def _encoded(fmt: str, mode: str, size: tuple[int, int], seed_: int) -> bytes:
     rng = np.random.default_rng(seed_)
     base = Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
-    image = base.convert("L").convert("I").point(lambda v: v * 257).convert("I;16") if mode == "I;16" else (
-        Image.fromarray(rng.random((size[1], size[0]), dtype=np.float32), mode="F") if mode == "F" else base.convert(mode))
+    image = (
+        base.convert("L").convert("I").point(lambda v: v * 257).convert("I;16")
+        if mode == "I;16"
+        else (
+            Image.fromarray(rng.random((size[1], size[0]), dtype=np.float32), mode="F")
+            if mode == "F"
+            else base.convert(mode)
+        )
+    )
     buffer = io.BytesIO()
     image.save(buffer, format=fmt)
     return buffer.getvalue()
@@ -236,12 +254,18 @@ def _files(draw: st.DrawFn, workdir: Path) -> Case:
         path.write_bytes(bytes(data))
         return pipe(str(path), budget=budget)
 
-    return Case("files", f"{fmt} {mode} {size} {damage} ({len(data)} bytes) budget {budget}", call,
-                (path.name,), _expect(1, budget))
+    return Case(
+        "files",
+        f"{fmt} {mode} {size} {damage} ({len(data)} bytes) budget {budget}",
+        call,
+        (path.name,),
+        _expect(1, budget),
+    )
 
 
 def _png_header(width: int, height: int, color: int) -> bytes:
     """A PNG that declares ``width x height`` pixels but holds almost no data (a decompression bomb's header)."""
+
     def chunk(kind: bytes, body: bytes) -> bytes:
         return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
 
@@ -272,17 +296,41 @@ _SPECIALS = {"nan": float("nan"), "inf": float("inf"), "-inf": float("-inf"), "n
 @st.composite
 def _tensors(draw: st.DrawFn) -> Case:
     """Tensors and arrays of every dtype and layout, with NaN/inf/negative/out-of-range pixels."""
-    dtype = draw(st.sampled_from(["uint8", "uint16", "float16", "float32", "float64", "bfloat16", "int8", "int32",
-                                  "int64", "bool", "complex64"]))
+    dtype = draw(
+        st.sampled_from(
+            [
+                "uint8",
+                "uint16",
+                "float16",
+                "float32",
+                "float64",
+                "bfloat16",
+                "int8",
+                "int32",
+                "int64",
+                "bool",
+                "complex64",
+            ]
+        )
+    )
     h, w = draw(st.integers(1, 200)), draw(st.integers(1, 200))
     channels = draw(st.sampled_from([1, 2, 3, 4, 5]))
     layout = draw(st.sampled_from(["CHW", "HWC", "HW", "1HW-batch", "CHW-batch", "5D", "1D"]))
-    shape = {"CHW": (channels, h, w), "HWC": (h, w, channels), "HW": (h, w), "1HW-batch": (2, channels, h, w),
-             "CHW-batch": (1, channels, h, w), "5D": (1, 1, channels, h, w), "1D": (h,)}[layout]
+    shape = {
+        "CHW": (channels, h, w),
+        "HWC": (h, w, channels),
+        "HW": (h, w),
+        "1HW-batch": (2, channels, h, w),
+        "CHW-batch": (1, channels, h, w),
+        "5D": (1, 1, channels, h, w),
+        "1D": (h,),
+    }[layout]
     g = torch.Generator().manual_seed(draw(st.integers(0, 2**31)))
     if dtype in ("uint8", "uint16", "int8", "int32", "int64"):
         high = {"uint8": 256, "uint16": 65536, "int8": 128}.get(dtype, 1000)
-        data = torch.randint(0, high, shape, generator=g, dtype=torch.int64 if dtype == "uint16" else getattr(torch, dtype))
+        data = torch.randint(
+            0, high, shape, generator=g, dtype=torch.int64 if dtype == "uint16" else getattr(torch, dtype)
+        )
         data = data.to(torch.uint16) if dtype == "uint16" else data
     elif dtype == "bool":
         data = torch.rand(shape, generator=g) > 0.5
@@ -300,12 +348,19 @@ def _tensors(draw: st.DrawFn) -> Case:
         image = image.numpy()
     batch = shape[0] if layout in ("1HW-batch", "CHW-batch") else 1
     budget = draw(_budget_values())
-    return Case("tensors", f"{dtype} {layout} {tuple(shape)}{' numpy' if as_numpy else ''} budget {budget}",
-                _compress(image, budget), ("image",), _expect(batch, budget))
+    return Case(
+        "tensors",
+        f"{dtype} {layout} {tuple(shape)}{' numpy' if as_numpy else ''} budget {budget}",
+        _compress(image, budget),
+        ("image",),
+        _expect(batch, budget),
+    )
 
 
 def _small_image(seed_: int, side: int = 48) -> Tensor:
-    return torch.randint(0, 256, (3, side, side + 16), dtype=torch.uint8, generator=torch.Generator().manual_seed(seed_))
+    return torch.randint(
+        0, 256, (3, side, side + 16), dtype=torch.uint8, generator=torch.Generator().manual_seed(seed_)
+    )
 
 
 @st.composite
@@ -314,9 +369,15 @@ def _budgets(draw: st.DrawFn) -> Case:
     count = draw(st.integers(1, 2))
     images = [_small_image(i, draw(st.sampled_from([16, 48, 300]))) for i in range(count)]
     scalar = st.one_of(
-        st.integers(-10, 0), st.integers(1, 200), st.integers(197, 10**6), st.integers(2**62, 2**80),
-        st.floats(allow_nan=True, allow_infinity=True), st.sampled_from([8.0, 0.5, True, False, None, "8", b"8"]),
-        st.integers(-5, 300).map(np.int64), st.integers(1, 50).map(np.uint8), st.just(np.bool_(True)),
+        st.integers(-10, 0),
+        st.integers(1, 200),
+        st.integers(197, 10**6),
+        st.integers(2**62, 2**80),
+        st.floats(allow_nan=True, allow_infinity=True),
+        st.sampled_from([8.0, 0.5, True, False, None, "8", b"8"]),
+        st.integers(-5, 300).map(np.int64),
+        st.integers(1, 50).map(np.uint8),
+        st.just(np.bool_(True)),
     )
     kind = draw(st.sampled_from(["scalar", "list", "tensor", "array"]))
     if kind == "scalar":
@@ -328,7 +389,9 @@ def _budgets(draw: st.DrawFn) -> Case:
         dims = draw(st.sampled_from([0, 1, 2])) if len(values) == 1 else 1
         dtype = draw(st.sampled_from(["int64", "int32", "uint8", "float32", "bool"]))
         array = np.array(values, dtype=np.int64).reshape((1,) * dims if dims != 1 else (-1,))
-        array = np.asarray(np.clip(array, 0, 255) if dtype in ("uint8", "bool") else array).astype(dtype)  # 0-D stays an array
+        array = np.asarray(np.clip(array, 0, 255) if dtype in ("uint8", "bool") else array).astype(
+            dtype
+        )  # 0-D stays an array
         budget = torch.from_numpy(array) if kind == "tensor" else array
     whole = _whole(budget, count)
     expect = _expect(count, whole) if whole is not None else {"images": count, "budget": [None]}
@@ -357,8 +420,15 @@ def _queries(draw: st.DrawFn, width: int) -> Case:
     kind = draw(st.sampled_from(["text", "texts", "embedding", "embedding", "embedding", "other"]))
     query_mask: Any = None
     if kind == "text":
-        query: Any = draw(st.one_of(st.just(""), st.just(" " * 64), st.text(max_size=40), st.just("é" * 100_000),
-                                    st.just("a photo of 猫 🐈" * 7_000)))
+        query: Any = draw(
+            st.one_of(
+                st.just(""),
+                st.just(" " * 64),
+                st.text(max_size=40),
+                st.just("é" * 100_000),
+                st.just("a photo of 猫 🐈" * 7_000),
+            )
+        )
     elif kind == "texts":
         query = draw(st.lists(st.text(max_size=20), min_size=0, max_size=3))
     elif kind == "other":
@@ -368,27 +438,40 @@ def _queries(draw: st.DrawFn, width: int) -> Case:
         length = draw(st.integers(0, 6))
         lead = draw(st.sampled_from([(), (1,), (count,), (count + 1,)])) if length else ()
         shape = (*lead, length, d) if draw(st.booleans()) or lead else ((d,) if length == 1 else (length, d))
-        dtype = draw(st.sampled_from([torch.float32] * 4 + [torch.float16, torch.float64, torch.bfloat16, torch.int64,
-                                                             torch.bool]))
+        dtype = draw(
+            st.sampled_from(
+                [torch.float32] * 4 + [torch.float16, torch.float64, torch.bfloat16, torch.int64, torch.bool]
+            )
+        )
         g = torch.Generator().manual_seed(draw(st.integers(0, 2**31)))
         query = torch.randn(shape, generator=g, dtype=torch.float64) * draw(st.sampled_from([1.0, 0.0, 1e-30, 1e30]))
         if draw(st.integers(0, 3)) == 0 and query.numel():
             query.view(-1)[0] = draw(st.sampled_from([float("nan"), float("inf"), 1e300, -1e300]))
         query = query.to(dtype) if dtype != torch.bool else query > 0
         tokens = query.shape[-2] if query.ndim >= 2 else 1
-        mask_kind = draw(st.sampled_from([None, None, None, "all", "none", "random", "wrong-length", "float", "list",
-                                          "batch"]))
+        mask_kind = draw(
+            st.sampled_from([None, None, None, "all", "none", "random", "wrong-length", "float", "list", "batch"])
+        )
         if mask_kind is not None:
             length_ = tokens + (1 if mask_kind == "wrong-length" else 0)
             lead_ = (count,) if mask_kind == "batch" else ()
             mask = torch.rand((*lead_, length_), generator=g) > 0.5
-            mask = {"all": torch.ones_like(mask), "none": torch.zeros_like(mask), "float": mask.float(),
-                    "list": mask.tolist()}.get(mask_kind, mask)  # ok-sync: test case
+            mask = {
+                "all": torch.ones_like(mask),
+                "none": torch.zeros_like(mask),
+                "float": mask.float(),
+                "list": mask.tolist(),
+            }.get(mask_kind, mask)  # ok-sync: test case
             query_mask = mask
     score = draw(st.booleans())
     budget = 16
-    return Case("queries", f"{count} images, query {_short(query)} mask {_short(query_mask)}{' score' if score else ''}",
-                _compress(images, budget, query, query_mask, score), ("query",), _expect(count, budget, score))
+    return Case(
+        "queries",
+        f"{count} images, query {_short(query)} mask {_short(query_mask)}{' score' if score else ''}",
+        _compress(images, budget, query, query_mask, score),
+        ("query",),
+        _expect(count, budget, score),
+    )
 
 
 def _short(value: Any) -> str:
@@ -412,12 +495,24 @@ def _allocations(draw: st.DrawFn) -> Case:
         low, high = draw(st.integers(0, 2)), draw(st.integers(2, 16))
         budget: Any = draw(st.integers(low * r, high * r))
     else:
-        low = draw(st.one_of(st.integers(-1, 3), st.just(torch.zeros(b, r, dtype=torch.long)),
-                             st.sampled_from([0.5, True])))
-        high = draw(st.one_of(st.integers(0, 20), st.just(torch.full((r,), 4, dtype=torch.long)),
-                              st.just(torch.ones(2, 3, dtype=torch.long))))
-        budget = draw(st.one_of(st.integers(-2, 5 * max(r, 1)), st.integers(2**62, 2**70),
-                                st.just(torch.full((b,), 3, dtype=torch.long)), st.sampled_from([2.5, None])))
+        low = draw(
+            st.one_of(st.integers(-1, 3), st.just(torch.zeros(b, r, dtype=torch.long)), st.sampled_from([0.5, True]))
+        )
+        high = draw(
+            st.one_of(
+                st.integers(0, 20),
+                st.just(torch.full((r,), 4, dtype=torch.long)),
+                st.just(torch.ones(2, 3, dtype=torch.long)),
+            )
+        )
+        budget = draw(
+            st.one_of(
+                st.integers(-2, 5 * max(r, 1)),
+                st.integers(2**62, 2**70),
+                st.just(torch.full((b,), 3, dtype=torch.long)),
+                st.sampled_from([2.5, None]),
+            )
+        )
     expect: dict[str, Any] = {"shape": relevance.shape}
     if isinstance(budget, int) and isinstance(low, (int, Tensor)) and isinstance(high, (int, Tensor)):
         expect["allocation"] = ([budget] * b, low, high)
@@ -425,13 +520,24 @@ def _allocations(draw: st.DrawFn) -> Case:
         expect["allocation"] = (budget.tolist(), low, high)  # ok-sync: test case
     else:
         expect["allocation"] = (None, low, high)
-    return Case("allocate", f"relevance {tuple(relevance.shape)} {dtype}, budget {_short(budget)}, bounds "
-                f"{_short(low)}..{_short(high)}", lambda pipe: allocate(relevance, budget, low, high),
-                ("relevance", "budget", "min_tokens", "max_tokens"), expect)
+    return Case(
+        "allocate",
+        f"relevance {tuple(relevance.shape)} {dtype}, budget {_short(budget)}, bounds {_short(low)}..{_short(high)}",
+        lambda pipe: allocate(relevance, budget, low, high),
+        ("relevance", "budget", "min_tokens", "max_tokens"),
+        expect,
+    )
 
 
-_FIELD_VALUES = st.one_of(st.integers(-3, 2000), st.floats(allow_nan=True), st.text(max_size=8), st.none(),
-                          st.booleans(), st.lists(st.integers(-1, 1100), max_size=3), st.just({"depth": 1}))
+_FIELD_VALUES = st.one_of(
+    st.integers(-3, 2000),
+    st.floats(allow_nan=True),
+    st.text(max_size=8),
+    st.none(),
+    st.booleans(),
+    st.lists(st.integers(-1, 1100), max_size=3),
+    st.just({"depth": 1}),
+)
 
 
 @st.composite
@@ -441,18 +547,33 @@ def _configs(draw: st.DrawFn) -> Case:
     if kind == "json":
         text = draw(st.one_of(st.text(max_size=60), st.just("[]"), st.just("{"), st.just('{"region_size": "4"}')))
         fields = tuple(PipelineConfig.__dataclass_fields__)  # a rejection may name the field at fault
-        return Case("configs", f"from_json({text!r})", lambda pipe: PipelineConfig.from_json(text),
-                    ("config", "json", "field", *fields), {"config": True})
+        return Case(
+            "configs",
+            f"from_json({text!r})",
+            lambda pipe: PipelineConfig.from_json(text),
+            ("config", "json", "field", *fields),
+            {"config": True},
+        )
     cls = PipelineConfig if kind == "pipeline" else BalanceConfig
     # from_dict checks field names; a direct BalanceConfig(bogus=...) is Python's own TypeError for an unknown keyword
     names = list(cls.__dataclass_fields__) + (["bogus"] if cls is PipelineConfig else [])
     name = draw(st.sampled_from(names))
     value = draw(_FIELD_VALUES)
     if cls is PipelineConfig:
-        return Case("configs", f"PipelineConfig.from_dict({{{name!r}: {value!r}}})",
-                    lambda pipe: PipelineConfig.from_dict({name: value}), (name,), {"config": True})
-    return Case("configs", f"BalanceConfig({name}={value!r})", lambda pipe: BalanceConfig(**{name: value}), (name,),
-                {"config": True})
+        return Case(
+            "configs",
+            f"PipelineConfig.from_dict({{{name!r}: {value!r}}})",
+            lambda pipe: PipelineConfig.from_dict({name: value}),
+            (name,),
+            {"config": True},
+        )
+    return Case(
+        "configs",
+        f"BalanceConfig({name}={value!r})",
+        lambda pipe: BalanceConfig(**{name: value}),
+        (name,),
+        {"config": True},
+    )
 
 
 @st.composite
@@ -465,19 +586,35 @@ def _reducers(draw: st.DrawFn) -> Case:
     if draw(st.booleans()):
         features.view(-1)[0] = draw(st.sampled_from([float("nan"), float("inf"), 1e30]))
     shape = draw(st.sampled_from(["ok", "3d", "query"]))
-    visual = VisualInput(features if shape != "3d" else features[0],
-                         query=torch.randn(1, 2, draw(st.sampled_from([d, d + 1]))) if shape == "query" else None)
+    visual = VisualInput(
+        features if shape != "3d" else features[0],
+        query=torch.randn(1, 2, draw(st.sampled_from([d, d + 1]))) if shape == "query" else None,
+    )
     budget = draw(st.one_of(st.integers(-1, gh * gw + 2), st.sampled_from([2.5, True])))
     reducer = ArrcocReducer(PipelineConfig(region_size=2))
-    return Case("reducers", f"features {tuple(visual.features.shape)} {shape} budget {budget!r}",
-                lambda pipe: reducer(visual, budget), ("budget", "features", "query", "visual"), {"reduced": budget})
+    return Case(
+        "reducers",
+        f"features {tuple(visual.features.shape)} {shape} budget {budget!r}",
+        lambda pipe: reducer(visual, budget),
+        ("budget", "features", "query", "visual"),
+        {"reduced": budget},
+    )
 
 
 def families(width: int, workdir: Path) -> dict[str, st.SearchStrategy[Case]]:
     """Every fuzz family by name, for a pipeline of encoder width ``width``; files are written under ``workdir``."""
-    return {"sizes": _sizes(), "pil_modes": _pil_modes(), "files": _files(workdir), "bombs": _bombs(workdir),
-            "tensors": _tensors(), "budgets": _budgets(), "queries": _queries(width), "allocate": _allocations(),
-            "configs": _configs(), "reducers": _reducers()}
+    return {
+        "sizes": _sizes(),
+        "pil_modes": _pil_modes(),
+        "files": _files(workdir),
+        "bombs": _bombs(workdir),
+        "tensors": _tensors(),
+        "budgets": _budgets(),
+        "queries": _queries(width),
+        "allocate": _allocations(),
+        "configs": _configs(),
+        "reducers": _reducers(),
+    }
 
 
 # --- the long run --------------------------------------------------------------------------------------------
@@ -485,16 +622,22 @@ class _TimeUp(BaseException):
     """Ends a family's run at its time share (a BaseException, so hypothesis does not take it for a failure)."""
 
 
-def _run_family(pipe: Any, strategy: st.SearchStrategy[Case], count: int, seed_: int, bar: Any,
-                seconds: float | None = None) -> dict[str, Any]:
+def _run_family(
+    pipe: Any, strategy: st.SearchStrategy[Case], count: int, seed_: int, bar: Any, seconds: float | None = None
+) -> dict[str, Any]:
     """Up to ``count`` hypothesis-generated cases of one family, for at most ``seconds`` (no shrinking)."""
     figures: dict[str, Any] = {"cases": 0, "outcomes": Counter(), "errors": Counter(), "bugs": []}
     start = time.perf_counter()
     stop = start + seconds if seconds else float("inf")
 
     @seed(seed_)
-    @settings(max_examples=count, database=None, deadline=None, phases=[Phase.generate],
-              suppress_health_check=list(HealthCheck))
+    @settings(
+        max_examples=count,
+        database=None,
+        deadline=None,
+        phases=[Phase.generate],
+        suppress_health_check=list(HealthCheck),
+    )
     @given(case=strategy)
     def body(case: Case) -> None:
         outcome = run_case(case, pipe)
@@ -516,13 +659,24 @@ def _run_family(pipe: Any, strategy: st.SearchStrategy[Case], count: int, seed_:
     except Exception as err:  # noqa: BLE001 - a fault of the fuzzer itself: record it, go on with the others
         logger.error("fuzz family stopped by a harness error: %r", err)
         figures["harness_error"] = f"{type(err).__name__}: {err}"[:500]
-    figures.update(seconds=round(time.perf_counter() - start, 2), outcomes=dict(figures["outcomes"]),
-                   errors=dict(figures["errors"]))
+    figures.update(
+        seconds=round(time.perf_counter() - start, 2),
+        outcomes=dict(figures["outcomes"]),
+        errors=dict(figures["errors"]),
+    )
     return figures
 
 
-def fuzz(pipe: Any, cases: int, *, seed_: int = 0, names: list[str] | None = None, progress: bool = True,
-         workdir: Path | None = None, max_seconds: float | None = None) -> dict[str, Any]:
+def fuzz(
+    pipe: Any,
+    cases: int,
+    *,
+    seed_: int = 0,
+    names: list[str] | None = None,
+    progress: bool = True,
+    workdir: Path | None = None,
+    max_seconds: float | None = None,
+) -> dict[str, Any]:
     """Run about ``cases`` cases spread evenly over the families; returns the figures.
 
     With ``max_seconds``, each family gets an equal share of the time left when it starts and stops when
@@ -556,19 +710,30 @@ def fuzz(pipe: Any, cases: int, *, seed_: int = 0, names: list[str] | None = Non
 
 
 def _markdown(report: dict[str, Any]) -> str:
-    lines = [f"# arrcoc fuzz: {report['cases']} cases, {report['bugs']} bugs, {report['seconds']} s",
-             "", f"{report['preset']} preset (buckets {report['buckets']}) on {report['device']}, torch {report['torch']}, Pillow {report['pillow']} "
-             f"(Image.MAX_IMAGE_PIXELS = {report['max_image_pixels']}), seed {report['seed']}, {report['date']}", "",
-             f"{report['cases']} of {report['requested_cases']} requested cases ran"
-             + (f" (time limit {report['max_seconds']} s, shared equally by the families)" if report["max_seconds"] else ""),
-             "", "| family | cases | ok | rejected | bug | distinct error types | seconds |", "|---|---:|---:|---:|---:|---|---:|"]
+    lines = [
+        f"# arrcoc fuzz: {report['cases']} cases, {report['bugs']} bugs, {report['seconds']} s",
+        "",
+        f"{report['preset']} preset (buckets {report['buckets']}) on {report['device']}, torch {report['torch']}, Pillow {report['pillow']} "
+        f"(Image.MAX_IMAGE_PIXELS = {report['max_image_pixels']}), seed {report['seed']}, {report['date']}",
+        "",
+        f"{report['cases']} of {report['requested_cases']} requested cases ran"
+        + (f" (time limit {report['max_seconds']} s, shared equally by the families)" if report["max_seconds"] else ""),
+        "",
+        "| family | cases | ok | rejected | bug | distinct error types | seconds |",
+        "|---|---:|---:|---:|---:|---|---:|",
+    ]
     for name, f in report["families"].items():
         o = f["outcomes"]
         errors = ", ".join(f"{k} {v}" for k, v in sorted(f["errors"].items()))
-        lines.append(f"| {name} | {f['cases']} | {o.get('ok', 0)} | {o.get('rejected', 0)} | {o.get('bug', 0)} | "
-                     f"{errors} | {f['seconds']} |")
-    harness = [f"- {n}: stopped by a fault of the fuzzer: {f['harness_error']}" for n, f in report["families"].items()
-               if "harness_error" in f]
+        lines.append(
+            f"| {name} | {f['cases']} | {o.get('ok', 0)} | {o.get('rejected', 0)} | {o.get('bug', 0)} | "
+            f"{errors} | {f['seconds']} |"
+        )
+    harness = [
+        f"- {n}: stopped by a fault of the fuzzer: {f['harness_error']}"
+        for n, f in report["families"].items()
+        if "harness_error" in f
+    ]
     if harness:
         lines += ["", "## harness errors", "", *harness]
     bugs = [(n, b) for n, f in report["families"].items() for b in f["bugs"]]
@@ -591,23 +756,41 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cases", type=int, default=10000, help="cases in all, spread over the families")
     parser.add_argument("--seed", type=int, default=0, help="hypothesis seed")
     parser.add_argument("--families", nargs="*", default=None, help="run only these families")
-    parser.add_argument("--max-seconds", type=float, default=None,
-                        help="stop each family at an equal share of this time (the figures say so)")
+    parser.add_argument(
+        "--max-seconds",
+        type=float,
+        default=None,
+        help="stop each family at an equal share of this time (the figures say so)",
+    )
     parser.add_argument("--out", default=None, help="write fuzz-<device>.json/.md here (e.g. bench/results)")
     parser.add_argument("--preset", default="tiny", help="pipeline preset (default tiny)")
-    parser.add_argument("--buckets", type=int, nargs="+", default=list(FUZZ_BUCKETS),
-                        help="bucket sizes (default 224 384: images up to 8192 px still resize into them, and "
-                             "the encoder stays cheap on a CPU)")
+    parser.add_argument(
+        "--buckets",
+        type=int,
+        nargs="+",
+        default=list(FUZZ_BUCKETS),
+        help="bucket sizes (default 224 384: images up to 8192 px still resize into them, and "
+        "the encoder stays cheap on a CPU)",
+    )
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="arrcoc: %(message)s")
     pipe = Pipeline(PipelineConfig.from_name(args.preset, buckets=tuple(args.buckets)))
-    report = fuzz(pipe, args.cases, seed_=args.seed, names=args.families, progress=not args.quiet,
-                  max_seconds=args.max_seconds)
+    report = fuzz(
+        pipe, args.cases, seed_=args.seed, names=args.families, progress=not args.quiet, max_seconds=args.max_seconds
+    )
     report["requested_cases"] = args.cases
-    report.update(max_seconds=args.max_seconds, preset=args.preset, buckets=list(pipe.config.buckets), device=str(pipe.device), torch=torch.__version__, pillow=PIL.__version__,
-                  max_image_pixels=Image.MAX_IMAGE_PIXELS, seed=args.seed,
-                  date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"))
+    report.update(
+        max_seconds=args.max_seconds,
+        preset=args.preset,
+        buckets=list(pipe.config.buckets),
+        device=str(pipe.device),
+        torch=torch.__version__,
+        pillow=PIL.__version__,
+        max_image_pixels=Image.MAX_IMAGE_PIXELS,
+        seed=args.seed,
+        date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+    )
     table = _markdown(report)
     if args.out:
         write_report(report, table, args.out, "fuzz", str(pipe.device))

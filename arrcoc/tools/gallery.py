@@ -29,8 +29,22 @@ logger = logging.getLogger(__name__)
 
 #: scikit-image's bundled photographs used by default: faces, animals, objects, text, a fundus photo with its black
 #: mask, a microscope slide, astronomy, and a plain grey scene.
-PHOTOS: tuple[str, ...] = ("astronaut", "camera", "chelsea", "clock", "coffee", "coins", "hubble_deep_field",
-                           "immunohistochemistry", "moon", "motorcycle", "page", "retina", "rocket", "text")
+PHOTOS: tuple[str, ...] = (
+    "astronaut",
+    "camera",
+    "chelsea",
+    "clock",
+    "coffee",
+    "coins",
+    "hubble_deep_field",
+    "immunohistochemistry",
+    "moon",
+    "motorcycle",
+    "page",
+    "retina",
+    "rocket",
+    "text",
+)
 DEFAULT_BUDGETS: tuple[int, ...] = (16, 64, 256)
 
 
@@ -60,7 +74,7 @@ def kept_patches(positions: Tensor, mask: Tensor, grid: tuple[int, int]) -> Tens
     kept = torch.zeros(grid, dtype=torch.bool)
     for (row, col, height, width), real in zip(positions.tolist(), mask.tolist()):  # ok-sync: drawing
         if real:
-            kept[row: row + height, col: col + width] = True
+            kept[row : row + height, col : col + width] = True
     return kept
 
 
@@ -100,8 +114,9 @@ def _sheet(rows: list[list[np.ndarray]], row_labels: list[str], column_labels: l
 
 
 @torch.no_grad()
-def run(out: str | Path, photos: Sequence[str] = PHOTOS, budgets: Sequence[int] = DEFAULT_BUDGETS,
-        pipeline: Any = None) -> dict[str, Any]:
+def run(
+    out: str | Path, photos: Sequence[str] = PHOTOS, budgets: Sequence[int] = DEFAULT_BUDGETS, pipeline: Any = None
+) -> dict[str, Any]:
     """Draw the gallery into ``out``; returns what ``gallery.json`` holds.
 
     Args:
@@ -138,8 +153,11 @@ def run(out: str | Path, photos: Sequence[str] = PHOTOS, budgets: Sequence[int] 
             kept_theirs = kept_patches(theirs.positions[0].cpu(), torch.ones(k, dtype=torch.bool), grid)
             rows.append([render(canvas, kept_ours, patch)[:h, :w], render(canvas, kept_theirs, patch)[:h, :w]])
             entry["budgets"][str(budget)] = {
-                "tokens": k, "arrcoc": kept_ours.nonzero().tolist(), "divprune": kept_theirs.nonzero().tolist(),
-                "balance": {key: value[0].tolist() for key, value in ours.balance.items() if value[0].ndim <= 1}}
+                "tokens": k,
+                "arrcoc": kept_ours.nonzero().tolist(),
+                "divprune": kept_theirs.nonzero().tolist(),
+                "balance": {key: value[0].tolist() for key, value in ours.balance.items() if value[0].ndim <= 1},
+            }
         sheet = _sheet(rows, [f"{b} tokens" for b in budgets], ["arrcoc (no question)", "DivPrune"])
         sheet.quantize(256).save(out / f"{name}.png", optimize=True)  # a palette keeps docs/ small
         record["photos"][name] = entry
@@ -150,8 +168,10 @@ def run(out: str | Path, photos: Sequence[str] = PHOTOS, budgets: Sequence[int] 
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m arrcoc.tools.gallery [--out DIR] [--photos a,b] [--budgets 16,64,256]``; returns the exit code."""
-    parser = argparse.ArgumentParser(prog="python -m arrcoc.tools.gallery", description="arrcoc's kept patches "
-                                     "beside DivPrune's on scikit-image's photographs, no question.")
+    parser = argparse.ArgumentParser(
+        prog="python -m arrcoc.tools.gallery",
+        description="arrcoc's kept patches beside DivPrune's on scikit-image's photographs, no question.",
+    )
     parser.add_argument("--out", default="docs/gallery", help="output folder (default %(default)s)")
     parser.add_argument("--photos", default=",".join(PHOTOS), help="comma-separated skimage.data names")
     parser.add_argument("--budgets", default=",".join(map(str, DEFAULT_BUDGETS)), help="tokens per image")

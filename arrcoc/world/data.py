@@ -25,8 +25,17 @@ from PIL import Image, ImageDraw, ImageFont
 
 from ..errors import InvalidInputError
 
-__all__ = ["QUESTION_FAMILIES", "COLORS", "SHAPES", "TEXT_ALPHABET", "WORDS", "VQASample", "make_sample", "VQADataset",
-           "answer_vocabulary"]
+__all__ = [
+    "QUESTION_FAMILIES",
+    "COLORS",
+    "SHAPES",
+    "TEXT_ALPHABET",
+    "WORDS",
+    "VQASample",
+    "make_sample",
+    "VQADataset",
+    "answer_vocabulary",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -51,8 +60,33 @@ TEXT_ALPHABET = "ACDEFGHJKLMNPQRTUVWXY34679"
 #: Every word the questions and the one-word answers use (texts to read are spelled glyph by glyph instead):
 #: the small VLM's tokenizer gives each one id (see :class:`arrcoc.stages.tokenizer.CharTokenizer`).
 WORDS: tuple[str, ...] = (
-    "What", "Which", "How", "Is", "color", "shape", "side", "is", "the", "on", "one", "many", "shapes", "are",
-    "there", "does", "text", "in", "box", "say", *COLORS, *SHAPES, "yes", "no", "left", "right")
+    "What",
+    "Which",
+    "How",
+    "Is",
+    "color",
+    "shape",
+    "side",
+    "is",
+    "the",
+    "on",
+    "one",
+    "many",
+    "shapes",
+    "are",
+    "there",
+    "does",
+    "text",
+    "in",
+    "box",
+    "say",
+    *COLORS,
+    *SHAPES,
+    "yes",
+    "no",
+    "left",
+    "right",
+)
 
 MAX_COUNT = 4
 _MIN_OBJECTS, _MAX_OBJECTS = 3, 12
@@ -95,8 +129,14 @@ class _Item:
 
 def answer_vocabulary() -> dict[str, tuple[str, ...]]:
     """The closed answer set of each family (``"text"`` is open: any 2-5 glyphs of ``TEXT_ALPHABET``)."""
-    return {"color": tuple(COLORS), "shape": SHAPES, "count": tuple(str(k) for k in range(1, MAX_COUNT + 1)),
-            "text": (), "exists": ("yes", "no"), "side": ("left", "right")}
+    return {
+        "color": tuple(COLORS),
+        "shape": SHAPES,
+        "count": tuple(str(k) for k in range(1, MAX_COUNT + 1)),
+        "text": (),
+        "exists": ("yes", "no"),
+        "side": ("left", "right"),
+    }
 
 
 # --- drawing ------------------------------------------------------------------------------------------------
@@ -170,7 +210,8 @@ def _draw(image: Image.Image, rng: random.Random, item: _Item) -> list[tuple[str
         step = glyphs.width / len(item.text)  # the bitmap font is monospaced
         return [("text", item.color, item.box)] + [
             ("glyph", ch, (gx + round(i * step), gy, gx + round((i + 1) * step), gy + glyphs.height))
-            for i, ch in enumerate(item.text)]
+            for i, ch in enumerate(item.text)
+        ]
     elif item.kind == "circle":
         draw.ellipse((x0, y0, x1 - 1, y1 - 1), fill=fill)
     elif item.kind == "square":
@@ -190,12 +231,19 @@ def _draw(image: Image.Image, rng: random.Random, item: _Item) -> list[tuple[str
 # --- layout -------------------------------------------------------------------------------------------------
 def _overlaps(box: tuple[int, int, int, int], placed: list[_Item], gap: int) -> bool:
     x0, y0, x1, y1 = box
-    return any(x0 < p.box[2] + gap and p.box[0] < x1 + gap and y0 < p.box[3] + gap and p.box[1] < y1 + gap
-               for p in placed)
+    return any(
+        x0 < p.box[2] + gap and p.box[0] < x1 + gap and y0 < p.box[3] + gap and p.box[1] < y1 + gap for p in placed
+    )
 
 
-def _place(rng: random.Random, item: _Item, placed: list[_Item], size: int, x_range: tuple[float, float] | None = None,
-           tries: int = 300) -> bool:
+def _place(
+    rng: random.Random,
+    item: _Item,
+    placed: list[_Item],
+    size: int,
+    x_range: tuple[float, float] | None = None,
+    tries: int = 300,
+) -> bool:
     """Put ``item`` where it overlaps nothing placed (its centre inside ``x_range``, in shares of the side)."""
     if item.kind == "text":
         w, h = _text_box_size(item.text, item.side)
@@ -286,8 +334,10 @@ def _scene(rng: random.Random, size: int, family: str) -> tuple[list[_Item], str
         shape, color = rng.choice(SHAPES), rng.choice(colors)
         present = rng.random() < 0.5
         target = add(shape, color) if present else None
-        near = [add(shape, rng.choice([c for c in colors if c != color])),
-                add(rng.choice([s for s in SHAPES if s != shape]), color)]
+        near = [
+            add(shape, rng.choice([c for c in colors if c != color])),
+            add(rng.choice([s for s in SHAPES if s != shape]), color),
+        ]
         texts(rng.randint(1, 2), {color})
         fill([p for p in pairs if p != (shape, color)], max(0, n - 3))
         answer = "yes" if target is not None else "no"
@@ -334,7 +384,9 @@ class VQADataset(torch.utils.data.Dataset):
         families: question families to cycle through, or ``None``.
     """
 
-    def __init__(self, num_samples: int, seed: int = 0, size: int = 224, families: tuple[str, ...] | list[str] | None = None) -> None:
+    def __init__(
+        self, num_samples: int, seed: int = 0, size: int = 224, families: tuple[str, ...] | list[str] | None = None
+    ) -> None:
         if num_samples < 0:
             raise InvalidInputError(f"num_samples must be >= 0; got {num_samples}")
         bad = [f for f in families or () if f not in QUESTION_FAMILIES]

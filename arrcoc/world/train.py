@@ -71,9 +71,15 @@ class SceneBatches(torch.utils.data.IterableDataset):
     224 pixels, ``batch_size`` samples) and cycles through ``families``. Workers take every n-th batch.
     """
 
-    def __init__(self, batch_size: int, start_batch: int = 0, seed: int = TRAIN_SEED_START,
-                 sizes: Sequence[int] = (224, 384), large_share: float = 0.3,
-                 families: Sequence[str] = QUESTION_FAMILIES) -> None:
+    def __init__(
+        self,
+        batch_size: int,
+        start_batch: int = 0,
+        seed: int = TRAIN_SEED_START,
+        sizes: Sequence[int] = (224, 384),
+        large_share: float = 0.3,
+        families: Sequence[str] = QUESTION_FAMILIES,
+    ) -> None:
         self.batch_size, self.start_batch, self.seed = batch_size, start_batch, seed
         self.sizes, self.large_share, self.families = tuple(sizes), large_share, tuple(families)
 
@@ -82,8 +88,10 @@ class SceneBatches(torch.utils.data.IterableDataset):
         size = self.sizes[-1] if len(self.sizes) > 1 and rng.random() < self.large_share else self.sizes[0]
         count = self.batch_size if size == self.sizes[0] else max(1, self.batch_size * self.sizes[0] ** 2 // size**2)
         offset = rng.randrange(len(self.families))
-        samples = [make_sample(self.seed + index * self.batch_size + i, size,
-                               self.families[(offset + i) % len(self.families)]) for i in range(count)]
+        samples = [
+            make_sample(self.seed + index * self.batch_size + i, size, self.families[(offset + i) % len(self.families)])
+            for i in range(count)
+        ]
         return collate(samples)
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
@@ -111,7 +119,7 @@ def _box_patches(box: tuple[int, int, int, int], g: int, patch: int) -> np.ndarr
     mask = np.zeros((g, g), dtype=bool)
     c0, c1 = max(0, -(-(x0 - patch // 2) // patch)), min(g, -(-(x1 - patch // 2) // patch))
     r0, r1 = max(0, -(-(y0 - patch // 2) // patch)), min(g, -(-(y1 - patch // 2) // patch))
-    mask[r0:max(r1, r0), c0:max(c1, c0)] = True
+    mask[r0 : max(r1, r0), c0 : max(c1, c0)] = True
     mask[min(g - 1, (y0 + y1) // 2 // patch), min(g - 1, (x0 + x1) // 2 // patch)] = True
     return mask
 
@@ -124,7 +132,7 @@ def dense_labels(layout: Sequence[tuple[str, str, tuple[int, int, int, int]]], s
     """
     g = size // patch
     labels = np.zeros((g, g, 4), dtype=np.int64)
-    labels[:, g // 2:, 3] = 1
+    labels[:, g // 2 :, 3] = 1
     colors, kinds = list(COLORS), [*SHAPES, "text"]
     for kind, name, box in layout:
         where = _box_patches(box, g, patch)
@@ -143,8 +151,14 @@ def glyph_targets(sample: Any, size: int, patch: int = 16) -> Tensor:
     out = np.zeros((MAX_GLYPHS, g * g), dtype=np.float32)
     if sample.family == "text" and sample.boxes:
         fx0, fy0, fx1, fy1 = sample.boxes[0]
-        inside = sorted((b for k, _, b in sample.layout if k == "glyph" and fx0 <= b[0] and b[2] <= fx1
-                         and fy0 <= b[1] and b[3] <= fy1), key=lambda b: b[0])
+        inside = sorted(
+            (
+                b
+                for k, _, b in sample.layout
+                if k == "glyph" and fx0 <= b[0] and b[2] <= fx1 and fy0 <= b[1] and b[3] <= fy1
+            ),
+            key=lambda b: b[0],
+        )
         for i, box in enumerate(inside[:MAX_GLYPHS]):
             out[i] = _box_patches(box, g, patch).reshape(-1)
     return torch.from_numpy(out)
@@ -155,15 +169,23 @@ def collate(samples: Sequence[Any]) -> dict[str, Any]:
     glyph targets ``(B, MAX_GLYPHS, N)`` and texts."""
     size = samples[0].image.size[0]
     pixels = torch.from_numpy(np.stack([np.asarray(s.image) for s in samples])).permute(0, 3, 1, 2).contiguous()
-    return {"pixels": pixels, "targets": torch.stack([patch_targets(s.boxes, size) for s in samples]),
-            "dense": torch.stack([dense_labels(s.layout, size) for s in samples]),
-            "glyphs": torch.stack([glyph_targets(s, size) for s in samples]),
-            "questions": [s.question for s in samples], "answers": [s.answer for s in samples],
-            "families": [s.family for s in samples]}
+    return {
+        "pixels": pixels,
+        "targets": torch.stack([patch_targets(s.boxes, size) for s in samples]),
+        "dense": torch.stack([dense_labels(s.layout, size) for s in samples]),
+        "glyphs": torch.stack([glyph_targets(s, size) for s in samples]),
+        "questions": [s.question for s in samples],
+        "answers": [s.answer for s in samples],
+        "families": [s.family for s in samples],
+    }
 
 
-def random_compression(features: Tensor, generator: torch.Generator, fraction: float, region_size: int = 4,
-                       ) -> tuple[Tensor, Tensor]:
+def random_compression(
+    features: Tensor,
+    generator: torch.Generator,
+    fraction: float,
+    region_size: int = 4,
+) -> tuple[Tensor, Tensor]:
     """Compress ``(B, N, D)`` square-grid features to ``round(fraction * N)`` tokens with a random relevance map.
 
     Uses arrcoc's allocation and compression, so the tokens look like the pipeline's (each region's most
@@ -183,16 +205,25 @@ def random_compression(features: Tensor, generator: torch.Generator, fraction: f
     ones = torch.ones(b, side, side, device=features.device)
     budgets = torch.full((b,), budget, dtype=torch.long, device=features.device)
     no_query = torch.zeros(b, 1, dtype=torch.bool, device=features.device)
-    out = head(grid, grid.new_zeros(b, side, side, 5), ones, grid.new_zeros(b, 1, d), no_query, budgets, budget,
-               relevance=relevance.float())
+    out = head(
+        grid,
+        grid.new_zeros(b, side, side, 5),
+        ones,
+        grid.new_zeros(b, 1, d),
+        no_query,
+        budgets,
+        budget,
+        relevance=relevance.float(),
+    )
     return out["tokens"].to(features.dtype), out["positions"]  # every slot filled: allocations sum to the budget
 
 
 def answer_loss(logits: Tensor, labels: Tensor) -> Tensor:
     """Cross-entropy per answer token, averaged per sample first: every question weighs the same, however long
     its answer (else the many characters of text answers would drown the one-word families)."""
-    token = torch.nn.functional.cross_entropy(logits[:, :-1].float().transpose(1, 2), labels[:, 1:],
-                                              ignore_index=-100, reduction="none")  # (B, L-1)
+    token = torch.nn.functional.cross_entropy(
+        logits[:, :-1].float().transpose(1, 2), labels[:, 1:], ignore_index=-100, reduction="none"
+    )  # (B, L-1)
     counted = labels[:, 1:] != -100
     token = torch.where(counted, token, 0.0)  # padding rows may hold NaN logits; never let them in
     return (token.sum(1) / counted.sum(1).clamp_min(1)).mean()
@@ -206,13 +237,16 @@ def dense_loss(head: torch.nn.Linear, features: Tensor, labels: Tensor) -> Tenso
     counts on the patches that show something (an object or a text frame), whose features the answer reads;
     background patches learn their side from the background alone (docs/model-card.md).
     """
+
     def counted_on(where: Tensor, logits: Tensor, target: Tensor) -> Tensor:
         loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), target.flatten(), reduction="none")
         where = where.flatten()
         return torch.where(where, loss, 0.0).sum() / where.sum().clamp_min(1)
 
     logits = head(features).float().split(DENSE_CLASSES, dim=-1)  # 4 x (B, N, C)
-    losses = [torch.nn.functional.cross_entropy(lg.flatten(0, 1), labels[..., i].flatten()) for i, lg in enumerate(logits[:2])]
+    losses = [
+        torch.nn.functional.cross_entropy(lg.flatten(0, 1), labels[..., i].flatten()) for i, lg in enumerate(logits[:2])
+    ]
     losses.append(counted_on(labels[..., 2] > 0, logits[2], labels[..., 2]))
     losses.append(counted_on(labels[..., 1] > 0, logits[3], labels[..., 3]))
     return sum(losses) / len(losses)
@@ -224,8 +258,9 @@ def draw_share(low: float, high: float, generator: torch.Generator) -> float:
     return low + (high - low) * share
 
 
-def object_subset(features: Tensor, dense: Tensor, targets: Tensor, generator: torch.Generator,
-                  fraction: float = 0.3) -> tuple[Tensor, Tensor]:
+def object_subset(
+    features: Tensor, dense: Tensor, targets: Tensor, generator: torch.Generator, fraction: float = 0.3
+) -> tuple[Tensor, Tensor]:
     """Keep ``round(fraction * N)`` full-detail patches per image, in raster order: every patch that shows an
     object, a text frame or an answer first, then random background patches.
 
@@ -323,8 +358,7 @@ class AnswerAttention:
         first = (labels != -100).int().argmax(1)  # the token before answer token t predicts it
         cue = (first[:, None] - 1 + torch.arange(t, device=labels.device)).clamp_max(labels.shape[1] - 1)
         attention = self.weights(attention_mask, cue)  # (B, T, L)
-        on_target = torch.zeros_like(attention).masked_scatter(image[:, None].expand_as(attention),
-                                                               targets.float())
+        on_target = torch.zeros_like(attention).masked_scatter(image[:, None].expand_as(attention), targets.float())
         mass = (attention * on_target).sum(-1)  # (B, T)
         counted = targets.sum(-1) > 0
         return torch.where(counted, -(mass + 1e-4).log(), 0.0).sum() / counted.sum().clamp_min(1)
@@ -338,15 +372,24 @@ def _autocast(device: torch.device):
 
 
 @torch.no_grad()
-def evaluate(model: Any, tokenizer: Any, size: int, per_family: int, device: torch.device,
-             batch_size: int = 128, seed: int = EVAL_SEED_START) -> dict[str, float]:
+def evaluate(
+    model: Any,
+    tokenizer: Any,
+    size: int,
+    per_family: int,
+    device: torch.device,
+    batch_size: int = 128,
+    seed: int = EVAL_SEED_START,
+) -> dict[str, float]:
     """Full-token greedy accuracy per family on held-out seeds (``per_family`` questions each)."""
     model.eval()
     correct = {f: 0 for f in QUESTION_FAMILIES}
-    samples = [make_sample(seed + i, size, QUESTION_FAMILIES[i % len(QUESTION_FAMILIES)])
-               for i in range(per_family * len(QUESTION_FAMILIES))]
+    samples = [
+        make_sample(seed + i, size, QUESTION_FAMILIES[i % len(QUESTION_FAMILIES)])
+        for i in range(per_family * len(QUESTION_FAMILIES))
+    ]
     for start in range(0, len(samples), batch_size):
-        chunk = samples[start:start + batch_size]
+        chunk = samples[start : start + batch_size]
         pixels = collate(chunk)["pixels"].to(device).float() / 255
         with _autocast(device):
             answers = generate_answers(model, tokenizer, [s.question for s in chunk], vision_features(model, pixels))
@@ -367,16 +410,27 @@ def _load_head(head: torch.nn.Linear, state: dict[str, Tensor]) -> None:
         head.load_state_dict(state)
         return
     rows = min(len(head.weight), len(state["weight"]))
-    logger.info("head of %d outputs resumed from one of %d: the first %d rows kept", len(head.weight),
-                len(state["weight"]), rows)
+    logger.info(
+        "head of %d outputs resumed from one of %d: the first %d rows kept",
+        len(head.weight),
+        len(state["weight"]),
+        rows,
+    )
     with torch.no_grad():
         head.weight[:rows].copy_(state["weight"][:rows])
         head.bias[:rows].copy_(state["bias"][:rows])
 
 
-def _resume(path: Path, model: Any, query_encoder: TextQueryEncoder, dense_head: torch.nn.Module,
-            grounding_head: torch.nn.Module, opt: torch.optim.Optimizer, device: torch.device,
-            fresh_language_model: bool = False) -> dict[str, Any]:
+def _resume(
+    path: Path,
+    model: Any,
+    query_encoder: TextQueryEncoder,
+    dense_head: torch.nn.Module,
+    grounding_head: torch.nn.Module,
+    opt: torch.optim.Optimizer,
+    device: torch.device,
+    fresh_language_model: bool = False,
+) -> dict[str, Any]:
     """Load a ``ckpt.pt`` (everything) or a folder of shipped weights plus its ``eval.json`` (no optimiser state:
     the moments restart, and the warm-up runs again). The folder form is what comes back from a GPU call.
 
@@ -390,8 +444,9 @@ def _resume(path: Path, model: Any, query_encoder: TextQueryEncoder, dense_head:
 
         vision_tower(model).load_state_dict(load_file(path / "encoder.safetensors"))
         if not fresh_language_model:
-            lacked = load_language_parts(model, load_file(path / "vlm.safetensors"), path / "vlm.safetensors",
-                                         optional=("token_positions",))
+            lacked = load_language_parts(
+                model, load_file(path / "vlm.safetensors"), path / "vlm.safetensors", optional=("token_positions",)
+            )
             if lacked:  # --token-positions added: they start at zero
                 logger.info("%s has no (or older) token positions: they start at zero", path)
                 model.token_positions.reset_parameters()
@@ -427,27 +482,52 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--schedule-minutes", type=float, default=20.0, help="training time the cosine schedule spans")
     p.add_argument("--workers", type=int, default=None, help="DataLoader workers (default: CPUs - 2)")
     p.add_argument("--sizes", default="224,384")
-    p.add_argument("--families", default=None,
-                   help="comma-separated question families cycled through in each batch; repeat one to ask it more "
-                        "often (default: the six, equally)")
+    p.add_argument(
+        "--families",
+        default=None,
+        help="comma-separated question families cycled through in each batch; repeat one to ask it more "
+        "often (default: the six, equally)",
+    )
     p.add_argument("--compress-prob", type=float, default=0.15, help="share of batches compressed at random")
-    p.add_argument("--compress-max", type=float, default=0.6,
-                   help=f"largest share of the patches a compressed batch keeps (the smallest is {COMPRESS_MIN:g})")
+    p.add_argument(
+        "--compress-max",
+        type=float,
+        default=0.6,
+        help=f"largest share of the patches a compressed batch keeps (the smallest is {COMPRESS_MIN:g})",
+    )
     p.add_argument("--subset-prob", type=float, default=0.5, help="share of batches cut to their object patches")
     p.add_argument("--restart-schedule", action="store_true", help="warm-up and cosine schedule start again at resume")
     p.add_argument("--query-weight", type=float, default=0.2)
     p.add_argument("--dense-weight", type=float, default=0.5, help="weight of the per-patch label loss on the ViT")
     p.add_argument("--subset-fraction", type=float, default=0.2, help="share of the patches a subset batch keeps")
-    p.add_argument("--subset-max", type=float, default=None,
-                   help="draw each subset batch's share uniformly from [--subset-fraction, this] (default: fixed)")
-    p.add_argument("--grounding-weight", type=float, default=1.0,
-                   help="weight of the loss that marks answer-box visual tokens in the language model's middle layer")
-    p.add_argument("--attention-weight", type=float, default=1.0,
-                   help="weight of the loss that points one attention head at the answer-box visual tokens")
-    p.add_argument("--token-positions", action="store_true",
-                   help="add each visual token's 2-D box to it (arrcoc.integrations.token_positions), to a resumed model too")
-    p.add_argument("--fresh-lm", action="store_true",
-                   help="with --resume: keep the ViT and query encoder, start the projector and language model anew")
+    p.add_argument(
+        "--subset-max",
+        type=float,
+        default=None,
+        help="draw each subset batch's share uniformly from [--subset-fraction, this] (default: fixed)",
+    )
+    p.add_argument(
+        "--grounding-weight",
+        type=float,
+        default=1.0,
+        help="weight of the loss that marks answer-box visual tokens in the language model's middle layer",
+    )
+    p.add_argument(
+        "--attention-weight",
+        type=float,
+        default=1.0,
+        help="weight of the loss that points one attention head at the answer-box visual tokens",
+    )
+    p.add_argument(
+        "--token-positions",
+        action="store_true",
+        help="add each visual token's 2-D box to it (arrcoc.integrations.token_positions), to a resumed model too",
+    )
+    p.add_argument(
+        "--fresh-lm",
+        action="store_true",
+        help="with --resume: keep the ViT and query encoder, start the projector and language model anew",
+    )
     p.add_argument("--max-steps", type=int, default=None, help="stop after this many steps in total")
     p.add_argument("--eval-per-family", type=int, default=200)
     p.add_argument("--eval-minutes", type=float, default=1.0, help="wall-clock reserved for the final evaluation")
@@ -469,8 +549,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     if not 0 < args.subset_fraction <= 1:
         raise ValueError(f"--subset-fraction must be in (0, 1], got {args.subset_fraction}")
     if args.subset_max is not None and not args.subset_fraction <= args.subset_max <= 1:
-        raise ValueError(f"--subset-max must be in [--subset-fraction, 1] = [{args.subset_fraction}, 1], "
-                         f"got {args.subset_max}")
+        raise ValueError(
+            f"--subset-max must be in [--subset-fraction, 1] = [{args.subset_fraction}, 1], got {args.subset_max}"
+        )
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     started = time.monotonic()
     deadline = started + 60 * (args.minutes - args.eval_minutes)
@@ -487,14 +568,18 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     if args.resume and Path(args.resume).is_dir() and not args.fresh_lm:  # continue the saved model as it is
         saved = VLMConfig(**json.loads((Path(args.resume) / "vlm.json").read_text())["vlm"])
         if args.lm_layers and saved.num_layers != args.lm_layers:
-            raise ValueError(f"--lm-layers {args.lm_layers} differs from the {saved.num_layers} layers of "
-                             f"{args.resume}; add --fresh-lm to start a new language model")
+            raise ValueError(
+                f"--lm-layers {args.lm_layers} differs from the {saved.num_layers} layers of "
+                f"{args.resume}; add --fresh-lm to start a new language model"
+            )
         config = saved
     if args.token_positions:
         config = dataclasses.replace(config, token_positions=True)
     model, tokenizer = build_vlm(config)
     width = int(config.encoder_kwargs["embed_dim"])
-    qconfig = TextQueryConfig(width=width) if args.preset == "default" else TextQueryConfig(width=width, dim=32, layers=1)
+    qconfig = (
+        TextQueryConfig(width=width) if args.preset == "default" else TextQueryConfig(width=width, dim=32, layers=1)
+    )
     query_encoder = TextQueryEncoder(qconfig, words=WORDS)  # saved with it: it warns on words it never saw
     dense_head = torch.nn.Linear(width, sum(DENSE_CLASSES))  # training-only: not shipped
     grounding_head = torch.nn.Linear(config.hidden_size, 1)  # training-only: not shipped
@@ -507,27 +592,55 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     params = [*model.parameters(), *query_encoder.parameters(), *dense_head.parameters(), *grounding_head.parameters()]
     decay = [p for p in params if p.ndim >= 2]
     rest = [p for p in params if p.ndim < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.05}, {"params": rest, "weight_decay": 0.0}],
-                            lr=args.lr, betas=(0.9, 0.98), fused=device.type == "cuda")
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": 0.05}, {"params": rest, "weight_decay": 0.0}],
+        lr=args.lr,
+        betas=(0.9, 0.98),
+        fused=device.type == "cuda",
+    )
     state = {"step": 0, "batch": 0, "train_seconds": 0.0, "samples": 0}
     if args.resume:
-        state = _resume(Path(args.resume), model, query_encoder, dense_head, grounding_head, opt, device,
-                        fresh_language_model=args.fresh_lm)
+        state = _resume(
+            Path(args.resume),
+            model,
+            query_encoder,
+            dense_head,
+            grounding_head,
+            opt,
+            device,
+            fresh_language_model=args.fresh_lm,
+        )
         logger.info("resumed from %s at step %d (%.0f s trained)", args.resume, state["step"], state["train_seconds"])
         if args.restart_schedule:
             state["schedule_from"], state["warmup_from"] = state["train_seconds"], state["step"]
 
     def checkpoint() -> None:
-        torch.save({"model": model.state_dict(), "query_encoder": query_encoder.state_dict(),
-                    "dense_head": dense_head.state_dict(), "grounding_head": grounding_head.state_dict(),
-                    "optimizer": opt.state_dict(), "state": state, "config": config.to_dict()}, out / "ckpt.pt")
+        torch.save(
+            {
+                "model": model.state_dict(),
+                "query_encoder": query_encoder.state_dict(),
+                "dense_head": dense_head.state_dict(),
+                "grounding_head": grounding_head.state_dict(),
+                "optimizer": opt.state_dict(),
+                "state": state,
+                "config": config.to_dict(),
+            },
+            out / "ckpt.pt",
+        )
 
     sizes = tuple(int(s) for s in args.sizes.split(","))
     workers = args.workers if args.workers is not None else max(0, (torch.multiprocessing.cpu_count() or 2) - 2)
-    data = SceneBatches(args.batch_size, start_batch=state["batch"], seed=TRAIN_SEED_START + args.seed, sizes=sizes,
-                        families=families)
-    loader = torch.utils.data.DataLoader(data, batch_size=None, num_workers=workers, pin_memory=device.type == "cuda",
-                                         prefetch_factor=4 if workers else None, persistent_workers=False)
+    data = SceneBatches(
+        args.batch_size, start_batch=state["batch"], seed=TRAIN_SEED_START + args.seed, sizes=sizes, families=families
+    )
+    loader = torch.utils.data.DataLoader(
+        data,
+        batch_size=None,
+        num_workers=workers,
+        pin_memory=device.type == "cuda",
+        prefetch_factor=4 if workers else None,
+        persistent_workers=False,
+    )
     generator = torch.Generator(device=device).manual_seed(args.seed * 7919 + state["step"])
     schedule = 60 * args.schedule_minutes
     last_ckpt = last_log = time.monotonic()
@@ -542,8 +655,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         waited += time.monotonic() - step_start  # time spent waiting for data
         if time.monotonic() > deadline or (args.max_steps is not None and state["step"] >= args.max_steps):
             break
-        lr = _lr(args.lr, state["train_seconds"] - state.get("schedule_from", 0.0), schedule,
-                 state["step"] - state.get("warmup_from", 0), args.warmup)
+        lr = _lr(
+            args.lr,
+            state["train_seconds"] - state.get("schedule_from", 0.0),
+            schedule,
+            state["step"] - state.get("warmup_from", 0),
+            args.warmup,
+        )
         for group in opt.param_groups:
             group["lr"] = lr
         pixels = batch["pixels"].to(device, non_blocking=True).float() / 255
@@ -570,23 +688,42 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                 boxes = patch_boxes(side, side, device)[kept]  # (B, K, 4)
                 visual_targets = targets.gather(1, kept)
                 evidence = evidence.gather(2, kept[:, None].expand(-1, evidence.shape[1], -1))
-            inputs = tokenizer([tokenizer.prompt(q) for q in batch["questions"]], visual.shape[1],
-                               targets=batch["answers"], device=device)
+            inputs = tokenizer(
+                [tokenizer.prompt(q) for q in batch["questions"]],
+                visual.shape[1],
+                targets=batch["answers"],
+                device=device,
+            )
             embeds = embed_inputs(model, inputs["input_ids"], visual, boxes, (side, side))
             grounded = args.grounding_weight > 0 and visual_targets is not None
-            result = model(inputs_embeds=embeds, attention_mask=inputs["attention_mask"],
-                           position_ids=inputs["position_ids"], output_hidden_states=grounded)
+            result = model(
+                inputs_embeds=embeds,
+                attention_mask=inputs["attention_mask"],
+                position_ids=inputs["position_ids"],
+                output_hidden_states=grounded,
+            )
             lm_loss = answer_loss(result.logits, inputs["labels"])
             image = inputs["input_ids"] == tokenizer.image_token_id
-            g_loss = (grounding_loss(grounding_head, result.hidden_states[grounding_layer], image, visual_targets)
-                      if grounded else lm_loss.new_zeros(()))
-            a_loss = (answer_attention.loss(inputs["attention_mask"], inputs["labels"], image, evidence)
-                      if visual_targets is not None and args.attention_weight > 0 else lm_loss.new_zeros(()))
+            g_loss = (
+                grounding_loss(grounding_head, result.hidden_states[grounding_layer], image, visual_targets)
+                if grounded
+                else lm_loss.new_zeros(())
+            )
+            a_loss = (
+                answer_attention.loss(inputs["attention_mask"], inputs["labels"], image, evidence)
+                if visual_targets is not None and args.attention_weight > 0
+                else lm_loss.new_zeros(())
+            )
             query, qmask = query_encoder(batch["questions"])
             q_loss = relevance_loss(query_encoder, query, qmask, features, targets)
             d_loss = dense_loss(dense_head, features, dense)
-            loss = (lm_loss + args.query_weight * q_loss + args.dense_weight * d_loss + args.grounding_weight * g_loss
-                    + args.attention_weight * a_loss)
+            loss = (
+                lm_loss
+                + args.query_weight * q_loss
+                + args.dense_weight * d_loss
+                + args.grounding_weight * g_loss
+                + args.attention_weight * a_loss
+            )
         opt.zero_grad(set_to_none=True)
         loss.backward()
         norm = torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -606,9 +743,15 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         logged_steps += 1
         if now - last_log > 30 or state["step"] <= 2:
             means = (loss_sum / logged_steps).tolist()  # ok-sync: the log line
-            logger.info("step %d  samples %d  lr %.2e  %s  data wait %.0f%%  (%.0f s trained)", state["step"],
-                        state["samples"], lr, "  ".join(f"{name} {m:.4f}" for name, m in zip(LOSS_NAMES, means)),
-                        100 * waited / max(1e-9, now - last_log), state["train_seconds"])
+            logger.info(
+                "step %d  samples %d  lr %.2e  %s  data wait %.0f%%  (%.0f s trained)",
+                state["step"],
+                state["samples"],
+                lr,
+                "  ".join(f"{name} {m:.4f}" for name, m in zip(LOSS_NAMES, means)),
+                100 * waited / max(1e-9, now - last_log),
+                state["train_seconds"],
+            )
             loss_sum.zero_()
             logged_steps, waited, last_log = 0, 0.0, now
         if now - last_ckpt > 60 * args.checkpoint_minutes:
@@ -625,9 +768,18 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     from safetensors.torch import save_file
 
     for head, name in ((dense_head, "dense_head"), (grounding_head, "grounding_head")):  # to resume from the folder
-        save_file({k: v.detach().cpu().clone() for k, v in head.state_dict().items()}, out / f"{name}.safetensors")  # ok-sync: saving
+        save_file(
+            {k: v.detach().cpu().clone() for k, v in head.state_dict().items()}, out / f"{name}.safetensors"
+        )  # ok-sync: saving
     accuracy = {str(size): evaluate(model, tokenizer, size, args.eval_per_family, device) for size in sizes}
-    summary = {"state": state, "accuracy": accuracy, "device": device_name(device), "torch": torch.__version__, "args": vars(args), "wall_seconds": time.monotonic() - started}
+    summary = {
+        "state": state,
+        "accuracy": accuracy,
+        "device": device_name(device),
+        "torch": torch.__version__,
+        "args": vars(args),
+        "wall_seconds": time.monotonic() - started,
+    }
     (out / "eval.json").write_text(json.dumps(summary, indent=2))
     for size, per in accuracy.items():
         logger.info("full-token accuracy at %s px: %s", size, "  ".join(f"{f} {a:.3f}" for f, a in per.items()))

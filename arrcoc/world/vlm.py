@@ -40,8 +40,18 @@ from .data import WORDS
 if TYPE_CHECKING:
     from transformers import LlavaForConditionalGeneration
 
-__all__ = ["VLMConfig", "build_vlm", "load_vlm", "save_vlm", "vision_tower", "vision_features", "embed_inputs",
-           "generate_answers", "load_language_parts", "DEFAULT_VLM_DIR"]
+__all__ = [
+    "VLMConfig",
+    "build_vlm",
+    "load_vlm",
+    "save_vlm",
+    "vision_tower",
+    "vision_features",
+    "embed_inputs",
+    "generate_answers",
+    "load_language_parts",
+    "DEFAULT_VLM_DIR",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -83,8 +93,16 @@ class VLMConfig:
     @classmethod
     def from_name(cls, name: str, **overrides: Any) -> VLMConfig:
         """A preset: ``"default"`` (the shipped size) or ``"tiny"`` (tests)."""
-        presets = {"default": cls(), "tiny": cls(encoder_kwargs={"embed_dim": 32, "depth": 1, "num_heads": 2},
-                                                  hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64)}
+        presets = {
+            "default": cls(),
+            "tiny": cls(
+                encoder_kwargs={"embed_dim": 32, "depth": 1, "num_heads": 2},
+                hidden_size=32,
+                num_layers=1,
+                num_heads=2,
+                intermediate_size=64,
+            ),
+        }
         if name not in presets:
             raise InvalidInputError(f"unknown VLM preset {name!r}; choose one of {sorted(presets)}")
         return dataclasses.replace(presets[name], **overrides)
@@ -97,8 +115,10 @@ class VLMConfig:
         return PipelineConfig(encoder=self.encoder, encoder_kwargs=self.encoder_kwargs, **overrides)
 
 
-def build_vlm(config: VLMConfig | None = None, tokenizer: CharTokenizer | None = None,
-              ) -> tuple[LlavaForConditionalGeneration, CharTokenizer]:
+def build_vlm(
+    config: VLMConfig | None = None,
+    tokenizer: CharTokenizer | None = None,
+) -> tuple[LlavaForConditionalGeneration, CharTokenizer]:
     """A randomly initialised VLM (deterministic by ``config.seed``; the global RNG is left untouched).
 
     Returns:
@@ -110,18 +130,35 @@ def build_vlm(config: VLMConfig | None = None, tokenizer: CharTokenizer | None =
     tokenizer = tokenizer or CharTokenizer(words=WORDS)
     width = int(config.encoder_kwargs.get("embed_dim", 384))
     # dynamic_img_size: one tower serves 224 and 384 (position embeddings resampled the way the pipeline does).
-    vision = TimmWrapperConfig(architecture=config.encoder, do_pooling=False, hidden_size=width,
-                               model_args={**config.encoder_kwargs, "dynamic_img_size": True})
+    vision = TimmWrapperConfig(
+        architecture=config.encoder,
+        do_pooling=False,
+        hidden_size=width,
+        model_args={**config.encoder_kwargs, "dynamic_img_size": True},
+    )
     vision.hidden_size = width  # some versions drop unknown constructor keys; the projector reads it
-    text = LlamaConfig(vocab_size=tokenizer.vocab_size, hidden_size=config.hidden_size,
-                       intermediate_size=config.intermediate_size, num_hidden_layers=config.num_layers,
-                       num_attention_heads=config.num_heads, num_key_value_heads=config.num_heads,
-                       max_position_embeddings=config.max_positions, pad_token_id=tokenizer.pad_token_id,
-                       bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                       tie_word_embeddings=True)
-    llava = LlavaConfig(vision_config=vision, text_config=text, image_token_id=tokenizer.image_token_id,
-                        vision_feature_layer=-1, vision_feature_select_strategy="full", image_seq_length=196,
-                        projector_hidden_act="gelu")
+    text = LlamaConfig(
+        vocab_size=tokenizer.vocab_size,
+        hidden_size=config.hidden_size,
+        intermediate_size=config.intermediate_size,
+        num_hidden_layers=config.num_layers,
+        num_attention_heads=config.num_heads,
+        num_key_value_heads=config.num_heads,
+        max_position_embeddings=config.max_positions,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        tie_word_embeddings=True,
+    )
+    llava = LlavaConfig(
+        vision_config=vision,
+        text_config=text,
+        image_token_id=tokenizer.image_token_id,
+        vision_feature_layer=-1,
+        vision_feature_select_strategy="full",
+        image_seq_length=196,
+        projector_hidden_act="gelu",
+    )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)
         model = LlavaForConditionalGeneration(llava)
@@ -156,11 +193,16 @@ def vision_features(model: LlavaForConditionalGeneration, pixels: Tensor) -> Ten
     mean = torch.tensor(data["mean"], device=pixels.device).view(1, 3, 1, 1)
     std = torch.tensor(data["std"], device=pixels.device).view(1, 3, 1, 1)
     out = tower.forward_features((pixels - mean) / std)  # (B, P + N, D)
-    return out[:, tower.num_prefix_tokens:]
+    return out[:, tower.num_prefix_tokens :]
 
 
-def embed_inputs(model: LlavaForConditionalGeneration, input_ids: Tensor, visual: Tensor,
-                 boxes: Tensor | None = None, grid: tuple[int, int] | None = None) -> Tensor:
+def embed_inputs(
+    model: LlavaForConditionalGeneration,
+    input_ids: Tensor,
+    visual: Tensor,
+    boxes: Tensor | None = None,
+    grid: tuple[int, int] | None = None,
+) -> Tensor:
     """Token embeddings with the projected visual tokens written at the image-token positions, in order.
 
     Args:
@@ -180,16 +222,24 @@ def embed_inputs(model: LlavaForConditionalGeneration, input_ids: Tensor, visual
     embeds = model.get_input_embeddings()(input_ids)
     projected = model.model.multi_modal_projector(visual.to(embeds.dtype))  # (B, K, H)
     if image.shape[0] != visual.shape[0] or image.sum() != visual.shape[0] * visual.shape[1]:  # ok-sync: a check
-        raise InvalidInputError(f"{int(image.sum())} image tokens in the prompts, but {visual.shape[0]} x "
-                                f"{visual.shape[1]} visual tokens given")
+        raise InvalidInputError(
+            f"{int(image.sum())} image tokens in the prompts, but {visual.shape[0]} x "
+            f"{visual.shape[1]} visual tokens given"
+        )
     projected = add_token_positions(model, projected, boxes, grid)
     return embeds.masked_scatter(image[..., None], projected.to(embeds.dtype))
 
 
 @torch.no_grad()
-def generate_answers(model: LlavaForConditionalGeneration, tokenizer: CharTokenizer, questions: Sequence[str],
-                     visual: Tensor, max_new_tokens: int = 8, boxes: Tensor | None = None,
-                     grid: tuple[int, int] | None = None) -> list[str]:
+def generate_answers(
+    model: LlavaForConditionalGeneration,
+    tokenizer: CharTokenizer,
+    questions: Sequence[str],
+    visual: Tensor,
+    max_new_tokens: int = 8,
+    boxes: Tensor | None = None,
+    grid: tuple[int, int] | None = None,
+) -> list[str]:
     """Greedy answers to ``questions`` about images given as visual tokens ``(B, K, D)`` (placed by ``boxes`` on
     ``grid``, as in :func:`embed_inputs`).
 
@@ -215,8 +265,12 @@ def generate_answers(model: LlavaForConditionalGeneration, tokenizer: CharTokeni
 
 
 # --- weights on disk ---------------------------------------------------------------------------------------
-def save_vlm(model: LlavaForConditionalGeneration, tokenizer: CharTokenizer, folder: str | os.PathLike[str],
-             dtype: torch.dtype = torch.float16) -> None:
+def save_vlm(
+    model: LlavaForConditionalGeneration,
+    tokenizer: CharTokenizer,
+    folder: str | os.PathLike[str],
+    dtype: torch.dtype = torch.float16,
+) -> None:
     """Write the model as ``config.json`` + ``encoder.safetensors`` (the pipeline's) + ``vlm.json`` + ``vlm.safetensors``.
 
     Args:
@@ -229,17 +283,24 @@ def save_vlm(model: LlavaForConditionalGeneration, tokenizer: CharTokenizer, fol
     folder.mkdir(parents=True, exist_ok=True)
 
     def cast(state: dict[str, Tensor]) -> dict[str, Tensor]:
-        return {k: (v.to(dtype) if v.is_floating_point() else v).detach().cpu().clone() for k, v in state.items()}  # ok-sync: saving; clone: tied tensors
+        return {
+            k: (v.to(dtype) if v.is_floating_point() else v).detach().cpu().clone() for k, v in state.items()
+        }  # ok-sync: saving; clone: tied tensors
 
     save_file(cast(vision_tower(model).state_dict()), folder / "encoder.safetensors")
     save_file(cast(_language_parts(model)), folder / "vlm.safetensors")
     (folder / "config.json").write_text(config.pipeline_config().to_json())
-    (folder / "vlm.json").write_text(json.dumps({"vlm": config.to_dict(), "tokenizer": json.loads(tokenizer.to_json())},
-                                                indent=2))
+    (folder / "vlm.json").write_text(
+        json.dumps({"vlm": config.to_dict(), "tokenizer": json.loads(tokenizer.to_json())}, indent=2)
+    )
 
 
-def load_language_parts(model: LlavaForConditionalGeneration, state: dict[str, Tensor], source: str | os.PathLike[str],
-                        optional: Sequence[str] = ()) -> set[str]:
+def load_language_parts(
+    model: LlavaForConditionalGeneration,
+    state: dict[str, Tensor],
+    source: str | os.PathLike[str],
+    optional: Sequence[str] = (),
+) -> set[str]:
     """Load the projector and language model (a ``vlm.safetensors``) into ``model``.
 
     Args:
@@ -259,13 +320,17 @@ def load_language_parts(model: LlavaForConditionalGeneration, state: dict[str, T
     absent = {name for name in optional if any(k.startswith(f"{name}.") for k in missing)}
     missing = [k for k in missing if k.partition(".")[0] not in absent]
     if missing or result.unexpected_keys:
-        raise InvalidInputError(f"{os.fspath(source)} does not fit the model: missing {missing[:5]}, "
-                                f"unexpected {result.unexpected_keys[:5]}")
+        raise InvalidInputError(
+            f"{os.fspath(source)} does not fit the model: missing {missing[:5]}, "
+            f"unexpected {result.unexpected_keys[:5]}"
+        )
     return absent
 
 
-def load_vlm(path: str | os.PathLike[str] | None = None, device: torch.device | str | None = None,
-             ) -> tuple[LlavaForConditionalGeneration, CharTokenizer]:
+def load_vlm(
+    path: str | os.PathLike[str] | None = None,
+    device: torch.device | str | None = None,
+) -> tuple[LlavaForConditionalGeneration, CharTokenizer]:
     """Load the trained VLM (``weights/`` by default), float32, eval mode, offline.
 
     Raises:
@@ -277,8 +342,10 @@ def load_vlm(path: str | os.PathLike[str] | None = None, device: torch.device | 
     files = [folder / n for n in ("vlm.json", "vlm.safetensors", "encoder.safetensors")]
     missing = [f.name for f in files if not f.is_file()]
     if missing:
-        raise MissingWeightsError(f"{os.fspath(folder)!r} holds no trained VLM: missing {missing}; "
-                                  "train one with `python -m arrcoc.world.train`")
+        raise MissingWeightsError(
+            f"{os.fspath(folder)!r} holds no trained VLM: missing {missing}; "
+            "train one with `python -m arrcoc.world.train`"
+        )
     meta = json.loads(files[0].read_text())
     model, tokenizer = build_vlm(VLMConfig(**meta["vlm"]), CharTokenizer.from_json(json.dumps(meta["tokenizer"])))
     vision_tower(model).load_state_dict(load_file(files[2]))

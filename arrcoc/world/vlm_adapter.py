@@ -33,8 +33,9 @@ def rgb_values(images: Sequence[Any], device: torch.device | str | None = None) 
     return (torch.stack([pil_to_tensor(image.convert("RGB")) for image in images]).float() / 255).to(device or "cpu")
 
 
-def pixel_values(model: LlavaForConditionalGeneration, images: Sequence[Any],
-                 device: torch.device | str | None = None) -> Tensor:
+def pixel_values(
+    model: LlavaForConditionalGeneration, images: Sequence[Any], device: torch.device | str | None = None
+) -> Tensor:
     """``(B, 3, S, S)`` pixel values of same-sized PIL images, normalised as the model's timm tower expects.
 
     Args:
@@ -107,12 +108,26 @@ class ProjectLlava(ArrcocLlava):
 
     _batch_grid: tuple[int, int] | None = None  # set per batch in prepare(), before the base reads the grid
 
-    def __init__(self, model: LlavaForConditionalGeneration, tokenizer: CharTokenizer, method: str = "arrcoc", *,
-                 shared: dict[str, Any] | None = None, text_encoder: Any = None, reducer_graphs: str = "auto") -> None:
+    def __init__(
+        self,
+        model: LlavaForConditionalGeneration,
+        tokenizer: CharTokenizer,
+        method: str = "arrcoc",
+        *,
+        shared: dict[str, Any] | None = None,
+        text_encoder: Any = None,
+        reducer_graphs: str = "auto",
+    ) -> None:
         layers = int(model.config.text_config.num_hidden_layers)
         prompt = tokenizer.prompt("{question}").replace("<image>", "{image}")
-        super().__init__(model, CharTokenizerForHF(tokenizer), method=method, template=prompt,
-                         fastv_layer=min(2, layers - 1), reducer_graphs=reducer_graphs)
+        super().__init__(
+            model,
+            CharTokenizerForHF(tokenizer),
+            method=method,
+            template=prompt,
+            fastv_layer=min(2, layers - 1),
+            reducer_graphs=reducer_graphs,
+        )
         self.shared = shared
         self._questions: list[str] = []
         object.__setattr__(self, "text_encoder", text_encoder)  # held, not registered: it moves with its own model
@@ -149,7 +164,7 @@ class ProjectLlava(ArrcocLlava):
         finally:
             hook.remove()
         gh, gw = self.grid_of(pixel_values)
-        grid = out[:, tower.num_prefix_tokens:].unflatten(1, (gh, gw))  # (B, gh, gw, D)
+        grid = out[:, tower.num_prefix_tokens :].unflatten(1, (gh, gw))  # (B, gh, gw, D)
         wanted = shared is not None or "cls_attention" in self.needs
         attention = _last_block_cls_attention(tower, captured[0], (gh, gw)) if wanted else None
         if shared is not None:
@@ -157,12 +172,18 @@ class ProjectLlava(ArrcocLlava):
         return grid, None, attention
 
 
-def project_adapter(model: LlavaForConditionalGeneration, tokenizer: CharTokenizer, method: str,
-                    shared: dict[str, Any] | None = None, text_encoder: Any = None,
-                    reducer_graphs: str = "auto") -> ProjectLlava:
+def project_adapter(
+    model: LlavaForConditionalGeneration,
+    tokenizer: CharTokenizer,
+    method: str,
+    shared: dict[str, Any] | None = None,
+    text_encoder: Any = None,
+    reducer_graphs: str = "auto",
+) -> ProjectLlava:
     """:class:`ProjectLlava` for ``method`` (the arguments as there)."""
-    return ProjectLlava(model, tokenizer, method, shared=shared, text_encoder=text_encoder,
-                        reducer_graphs=reducer_graphs)
+    return ProjectLlava(
+        model, tokenizer, method, shared=shared, text_encoder=text_encoder, reducer_graphs=reducer_graphs
+    )
 
 
 def _last_block_cls_attention(tower: Any, x: Tensor, grid: tuple[int, int]) -> Tensor:
@@ -178,11 +199,12 @@ def _last_block_cls_attention(tower: Any, x: Tensor, grid: tuple[int, int]) -> T
     qkv = attn.qkv(block.norm1(x)).reshape(b, t, 3, heads, -1).permute(2, 0, 3, 1, 4)  # (3, B, h, T, hd)
     q, k = attn.q_norm(qkv[0]), attn.k_norm(qkv[1])
     weights = torch.softmax((q[:, :, :1].float() @ k.float().transpose(-1, -2)) * q.shape[-1] ** -0.5, -1)
-    return weights.mean(1)[:, 0, tower.num_prefix_tokens:].unflatten(-1, grid)  # (B, gh, gw)
+    return weights.mean(1)[:, 0, tower.num_prefix_tokens :].unflatten(-1, grid)  # (B, gh, gw)
 
 
-def ask(adapter: Any, pixels: Tensor, prompts: Sequence[str], budget: int,
-        max_new_tokens: int = 10) -> tuple[list[str] | None, Tensor]:
+def ask(
+    adapter: Any, pixels: Tensor, prompts: Sequence[str], budget: int, max_new_tokens: int = 10
+) -> tuple[list[str] | None, Tensor]:
     """Greedy answers from an :class:`arrcoc.integrations.hf.ArrcocLlava` reading ``budget`` tokens per image.
 
     Args:
@@ -198,7 +220,11 @@ def ask(adapter: Any, pixels: Tensor, prompts: Sequence[str], budget: int,
     prepared = adapter.prepare(pixels, list(prompts), budget)
     if max_new_tokens == 0:
         return None, prepared.reduced.positions
-    new = adapter.model.generate(inputs_embeds=prepared.inputs_embeds, attention_mask=prepared.attention_mask,
-                                 max_new_tokens=max_new_tokens, do_sample=False)
+    new = adapter.model.generate(
+        inputs_embeds=prepared.inputs_embeds,
+        attention_mask=prepared.attention_mask,
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+    )
     answers = [adapter.tokenizer.decode(row, skip_special_tokens=True) for row in new.cpu()]  # ok-sync: text
     return answers, prepared.reduced.positions
