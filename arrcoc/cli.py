@@ -132,6 +132,8 @@ def _job_key(args: argparse.Namespace, compress: bool, query: Any) -> str:
         digest.update(query.detach().cpu().contiguous().numpy().tobytes())  # ok-sync: CLI set-up
     elif query is not None:
         digest.update(repr(query).encode())
+    if getattr(args, "cap_budget", False):  # only when set: jobs without it keep their earlier keys
+        digest.update(b"budget_policy=cap")
     return digest.hexdigest()[:16]
 
 
@@ -292,7 +294,10 @@ def _run_batch(
         named = replace(group, indices=list(range(len(items))), names=[os.fspath(path) for path, _, _ in items])
         try:
             if compress:
-                result = pipe(named, query=query, query_mask=query_mask, budget=args.budget, profile=True)
+                policy = "cap" if args.cap_budget else "exact"
+                result = pipe(
+                    named, query=query, query_mask=query_mask, budget=args.budget, budget_policy=policy, profile=True
+                )
             else:
                 result = pipe.score(named, query=query, query_mask=query_mask, profile=True)
         except Exception as err:  # noqa: BLE001 - isolate the image at fault, keep the others
@@ -556,6 +561,11 @@ def _parser() -> argparse.ArgumentParser:
         "(budget, allocation, maps, the kept tokens' positions, timings).",
     )
     compress.add_argument("--budget", type=int, required=True, help="tokens per image")
+    compress.add_argument(
+        "--cap-budget",
+        action="store_true",
+        help="cap a budget above an image's real patches at them (the JSON's budget says the budget used), instead of failing that image",
+    )
     files(compress)
     score = sub.add_parser(
         "score",

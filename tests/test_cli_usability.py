@@ -332,3 +332,23 @@ def test_demo_writes_the_kept_patches(tmp_path) -> None:
     with contextlib.redirect_stdout(io.StringIO()):
         assert main(["demo", "--preset", "tiny", "--out", str(tmp_path), "--no-question", "--device", "cpu"]) == 0
     assert Image.open(tmp_path / "scene-tokens.png").size == Image.open(tmp_path / "scene.png").size
+
+
+def test_compress_cap_budget_caps_an_over_large_budget_and_says_so(tmp_path) -> None:
+    """Through the console script: a budget above a wide image's real patches fails that image without
+    --cap-budget, and with it is capped at the real patches, the JSON giving the budget used."""
+    import json
+
+    import numpy as np
+    from PIL import Image
+
+    wide = tmp_path / "wide.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (100, 400, 3), dtype=np.uint8)).save(wide)
+    failed = _arrcoc("compress", str(wide), "--budget", "500", "--out", str(tmp_path / "a"), "--quiet")
+    assert failed.returncode == 1 and "real patches" in failed.stderr and "budget_policy='cap'" in failed.stderr
+    done = _arrcoc("compress", str(wide), "--budget", "500", "--cap-budget", "--out", str(tmp_path / "b"), "--quiet")
+    assert done.returncode == 0, done.stderr
+    report = json.loads((tmp_path / "b" / "wide.json").read_text())
+    rows, cols = report["patch_grid"]  # the 512 px bucket: the image spans every column and a quarter of the rows
+    real = cols * -(-rows * 100 // 400)
+    assert report["budget"] == real < 500 and len(report["tokens"]["positions"]) == real
