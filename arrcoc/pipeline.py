@@ -1,8 +1,10 @@
 """The pipeline: images (and a query) -> relevance maps -> budgeted, packed tokens.
 
-``Pipeline`` is the one object users hold. It runs the data path of DESIGN.md: preprocess (the only step
-that looks at Python values), then per bucket size the stages encode -> score x3 -> balance -> allocate ->
-compress, each a tensor-in/tensor-out module with static shapes.
+``Pipeline`` is the one object users hold: preprocess + an encoder per bucket + the relevance head
+(:class:`arrcoc.stages.head.RelevanceHead`). A call goes through three parts that each know one thing: the host
+front end (:mod:`arrcoc.frontend`: inputs, budgets, queries, the output), the chain of one bucket
+(:meth:`Pipeline.stages`: tensors in, tensors out, static shapes), and the graph runner
+(:class:`arrcoc.runtime.graphs.GraphCache`: keys, capture, replay), which runs the chain as one CUDA graph.
 """
 
 from __future__ import annotations
