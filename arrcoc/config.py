@@ -85,33 +85,13 @@ class BalanceConfig:
             scorers' peaks. 0 treats images without a question like the others.
     """
 
-    # With a question, the participatory map leads (8 of 10): on validation scenes of the generated world (seeds
-    # from 700,000, 120 questions per size) weights (1, 1, 8) answered 0.9-1.7 points more at 5.5% of the tokens
-    # than (1, 1, 2) (inside the noise) and put 14-19% more token area inside the answer boxes.
-    weights: tuple[float, float, float] = (1.0, 1.0, 8.0)
-    # exploit 0.6 (was 0.5), chosen together with ``PipelineConfig.query_detail`` 0.5 (see there).
-    exploit: float = 0.6
-    # scarcity 0.2 and diversify 0 (was 0.3), chosen with one-patch tokens (arrcoc/stages/compression.py) on the same
-    # validation scenes (50 questions per family and size, shipped weights, CPU). Against the old pair, at 33 / 22 /
-    # 11 / 5.5% of the tokens: scarcity alone +-0.7 / +-0.7 / +0.7 / +9.6 points at 224 px and -0.6 / -0.3 / +1.3 /
-    # +4.3 at 384 px; diversify 0 alone up to +0.7, then +2.3 / +2.6 and +2.0 / +2.0 at 11 / 5.5%; both: 97.3 /
-    # 97.3 / 95.3 / 88.3% (+0.3 / -0.7 / +2.3 / +11.6) and 99.0 / 98.7 / 98.0 / 95.3% (-0.3 / -0.6 / +2.0 / +5.3).
-    # Near-duplicate regions of one object (the glyphs of a label) are what a small budget must spend on.
+    # Each default was chosen on validation seeds of the generated world; the figures: docs/decisions.md.
+    weights: tuple[float, float, float] = (1.0, 1.0, 8.0)  # with a question, the participatory map leads
+    exploit: float = 0.6  # chosen with PipelineConfig.query_detail
     scarcity: float = 0.2
-    diversify: float = 0.0
-    # particularize 0.9 (was 0.8): on the same validation scenes at 200 questions per family (H100, shipped
-    # weights; bench/results/validation/balance-sweep-h100.md), at 33 / 22 / 11 / 5.5% of the tokens: 97.4 / 97.1
-    # / 94.3 / 89.7% at 224 px (+0.3 / +0.5 / +0.4 / +1.8) and 97.9 / 98.5 / 97.8 / 95.6% at 384 px (+0.1 / +0.1 /
-    # +0.6 / +0.8). exploit 0.6 and particularize 1.0 did as well (0 to +2.6 in every cell); scarcity 0.4 cost 1.8
-    # points at 224 px, 22%, and scarcity 0 cost 8.0 at 224 px, 5.5%. A second sweep around 0.9
-    # (balance-sweep2-h100.md) found no variant ahead in every cell.
+    diversify: float = 0.0  # near-duplicate regions of one object (a label's glyphs) are what small budgets need
     particularize: float = 0.9
     temperature_range: tuple[float, float] = (0.15, 2.0)
-    # cover 1 (was 0): without a question, every token follows novelty. On validation scenes (seeds from 700,000 and
-    # 800,000, 50 questions per family, 224 px, CPU; bench/results/validation/noquery-cpu.md) at 11 / 5.5% of the
-    # tokens: 88.0 / 62.3% and 85.0 / 62.3% (+7.0 / +4.0 and +1.7 / +8.3 over cover 0), still 1-7 points behind
-    # DivPrune; at 384 px (30 per family) level with DivPrune at 11% and 2.8 / 6.6 points ahead at 5.5%. Images
-    # with a question are unchanged.
     cover: float = 1.0
 
     def __post_init__(self) -> None:
