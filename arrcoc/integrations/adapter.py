@@ -12,12 +12,30 @@ from torch import Tensor
 from ..errors import InvalidInputError, InvalidTypeError
 from ..runtime.graphs import CaptureError, GraphChain
 
-__all__ = ["expand_prompt", "reducer_chain", "REDUCER_OUTPUTS"]
+__all__ = ["processor_parts", "check_prompting", "expand_prompt", "reducer_chain", "REDUCER_OUTPUTS"]
 
 logger = logging.getLogger(__name__)
 
 #: What a reducer graph returns (the fields of :class:`arrcoc.reducers.ReducedTokens`).
 REDUCER_OUTPUTS = ("tokens", "positions", "weights", "relevance", "allocation")
+
+
+def processor_parts(processor_or_tokenizer: Any) -> tuple[Any, Any]:
+    """``(tokenizer, image processor or None)`` of a Hugging Face processor, or of a tokenizer given alone."""
+    tokenizer = getattr(processor_or_tokenizer, "tokenizer", processor_or_tokenizer)
+    if not callable(tokenizer):
+        raise InvalidTypeError(
+            f"processor_or_tokenizer must be a processor or a tokenizer; got {type(processor_or_tokenizer).__name__}"
+        )
+    return tokenizer, getattr(processor_or_tokenizer, "image_processor", None)
+
+
+def check_prompting(template: str, query_temperature: float) -> None:
+    """The prompt template holds ``{image}`` and ``{question}``, and the query's softmax temperature is positive."""
+    if "{question}" not in template or "{image}" not in template:
+        raise InvalidInputError(f"template must hold '{{image}}' and '{{question}}'; got {template!r}")
+    if not query_temperature > 0:
+        raise InvalidInputError(f"query_temperature must be > 0; got {query_temperature}")
 
 
 def expand_prompt(

@@ -38,7 +38,7 @@ from torch import Tensor, nn
 from ..config import PipelineConfig
 from ..errors import ArrcocError, BudgetError, InvalidInputError, InvalidTypeError
 from ..reducers import ReducedTokens, VisualInput, create_reducer
-from .adapter import expand_prompt, reducer_chain
+from .adapter import check_prompting, expand_prompt, processor_parts, reducer_chain
 from .decode import language_model, rope
 from .token_positions import add_token_positions
 
@@ -186,17 +186,8 @@ class ArrcocLlava(nn.Module):
         super().__init__()
         self.model = model
         self.vision_tower, self.projector = _parts(model)
-        self.tokenizer = getattr(processor_or_tokenizer, "tokenizer", processor_or_tokenizer)
-        self.image_processor = getattr(processor_or_tokenizer, "image_processor", None)
-        if not callable(self.tokenizer):
-            raise InvalidTypeError(
-                f"processor_or_tokenizer must be a processor or a tokenizer; got "
-                f"{type(processor_or_tokenizer).__name__}"
-            )
-        if "{question}" not in template or "{image}" not in template:
-            raise InvalidInputError(f"template must hold '{{image}}' and '{{question}}'; got {template!r}")
-        if not query_temperature > 0:
-            raise InvalidInputError(f"query_temperature must be > 0; got {query_temperature}")
+        self.tokenizer, self.image_processor = processor_parts(processor_or_tokenizer)
+        check_prompting(template, query_temperature)
         cfg = model.config
         self.image_token_id = int(cfg.image_token_id if hasattr(cfg, "image_token_id") else cfg.image_token_index)
         self.image_token = self.tokenizer.convert_ids_to_tokens(self.image_token_id)

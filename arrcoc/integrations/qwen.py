@@ -55,7 +55,7 @@ from ..config import PipelineConfig
 from ..errors import BudgetError, InvalidInputError, InvalidTypeError
 from ..reducers import ArrcocReducer, ReducedTokens, VisualInput, check_visual, create_reducer
 from ..stages.regions import capacity_of
-from .adapter import expand_prompt, reducer_chain
+from .adapter import check_prompting, expand_prompt, processor_parts, reducer_chain
 from .hf import raster_order
 
 __all__ = ["ArrcocQwen", "QwenPrepared", "QWEN_TEMPLATE", "QWEN_MODEL_TYPES", "graph_buckets", "merged_grid"]
@@ -200,17 +200,8 @@ class ArrcocQwen(nn.Module):
         self.model = model
         self.inner, self.language_model = _parts(model)
         self.deepstack = model.config.model_type == "qwen3_vl"
-        self.tokenizer = getattr(processor_or_tokenizer, "tokenizer", processor_or_tokenizer)
-        self.image_processor = getattr(processor_or_tokenizer, "image_processor", None)
-        if not callable(self.tokenizer):
-            raise InvalidTypeError(
-                f"processor_or_tokenizer must be a processor or a tokenizer; got "
-                f"{type(processor_or_tokenizer).__name__}"
-            )
-        if "{question}" not in template or "{image}" not in template:
-            raise InvalidInputError(f"template must hold '{{image}}' and '{{question}}'; got {template!r}")
-        if not query_temperature > 0:
-            raise InvalidInputError(f"query_temperature must be > 0; got {query_temperature}")
+        self.tokenizer, self.image_processor = processor_parts(processor_or_tokenizer)
+        check_prompting(template, query_temperature)
         if isinstance(grid_multiple, bool) or not isinstance(grid_multiple, int) or grid_multiple < 1:
             raise InvalidInputError(f"grid_multiple must be a whole number >= 1; got {grid_multiple!r}")
         if reducer_graphs not in ("auto", "eager", "off"):
