@@ -9,7 +9,6 @@ features (arrcoc and every ablation, with and without a query) and training's ra
 
 from __future__ import annotations
 
-import importlib
 import sys
 
 import numpy as np
@@ -17,20 +16,12 @@ import torch
 from PIL import Image
 
 import arrcoc
+from arrcoc import reducers
+from arrcoc.world import data, train
 
 
 def _world(seeds: range, size: int) -> list:
-    data = importlib.import_module(
-        "arrcoc.world.data" if importlib.util.find_spec("arrcoc.world") else "arrcoc.world.data"
-    )
     return [data.make_sample(s, size) for s in seeds]
-
-
-def _reducers():
-    try:
-        return importlib.import_module("arrcoc.reducers")
-    except ImportError:  # pragma: no cover
-        raise
 
 
 def snapshot() -> dict[str, torch.Tensor]:
@@ -61,7 +52,6 @@ def snapshot() -> dict[str, torch.Tensor]:
         keep(f"pipe.noq.{i}", pipe([image], None, budget=24))
         keep(f"score.noq.{i}", pipe.score([image]))
     keep("pipe.mixed", pipe(images[10:16], None, budget=[30, 31, 32, 33, 34, 35]))
-    reducers = _reducers()
     grid = pipe.encoder(224)
     with torch.inference_mode():
         batch = (
@@ -85,9 +75,6 @@ def snapshot() -> dict[str, torch.Tensor]:
                 tag = f"reducer.{name}.{'q' if with_query else 'noq'}"
                 out[f"{tag}.tokens"], out[f"{tag}.positions"] = r.tokens.clone(), r.positions.clone()
                 out[f"{tag}.allocation"], out[f"{tag}.relevance"] = r.allocation.clone(), r.relevance.clone()
-    train = importlib.import_module(
-        "arrcoc.world.train" if importlib.util.find_spec("arrcoc.world") else "arrcoc.world.train"
-    )
     g = torch.Generator().manual_seed(3)
     tokens, boxes = train.random_compression(features.float().flatten(1, 2), g, 0.2)
     out["train.tokens"], out["train.boxes"] = tokens, boxes
