@@ -128,6 +128,9 @@ class PipelineConfig:
         max_tokens: most tokens a region may get; ``None`` means all of its patches (full detail).
         query_detail: in [0, 1], how much the query's coupling, against distinctness, picks the patches a
             region given fewer tokens than patches shows (``arrcoc.stages.compression``); 0 ignores the query there.
+        novelty_detail: in [0, 1], for images without a question: how much each patch's novelty
+            (``arrcoc.stages.balance.novelty``), against distinctness, picks the patches a region shows; 0 (the
+            default) keeps distinctness alone.
         token_capacity: the fixed token dimension ``T`` of the output; ``None`` uses the largest budget of
             the call. Budgets may not exceed it.
         encoder_dtype: ``"float32"``, ``"bfloat16"`` or ``"float16"``; scoring always runs in float32.
@@ -143,6 +146,7 @@ class PipelineConfig:
     max_tokens: int | None = None
     # chosen with balance.exploit on two validation seed ranges: docs/decisions.md, bench/results/validation/
     query_detail: float = 0.5
+    novelty_detail: float = 0.0
     token_capacity: int | None = None
     encoder_dtype: str = "float32"
     seed: int = 0
@@ -190,6 +194,8 @@ class PipelineConfig:
             )
         object.__setattr__(self, "query_detail", _number(self.query_detail, "query_detail"))
         _check(0.0 <= self.query_detail <= 1.0, f"query_detail must be in [0, 1]; got {self.query_detail}")
+        object.__setattr__(self, "novelty_detail", _number(self.novelty_detail, "novelty_detail"))
+        _check(0.0 <= self.novelty_detail <= 1.0, f"novelty_detail must be in [0, 1]; got {self.novelty_detail}")
         if self.token_capacity is not None:
             _check(self.token_capacity >= 1, f"token_capacity must be >= 1; got {self.token_capacity}")
         _check(

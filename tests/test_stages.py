@@ -390,3 +390,30 @@ def test_stages_run_on_meta_tensors() -> None:
     assert tokens.shape == (2, 9, 8) and positions.shape == (2, 9, 4)
     tex = texture_features(torch.empty(2, 3, 96, 112, device="meta"), torch.empty(2, 1, 96, 112, device="meta"), (6, 7))
     assert tex.shape == (2, 6, 7, 5)
+
+
+def test_novelty_detail_picks_the_novel_patch_for_images_without_a_question_only() -> None:
+    """A region given one token shows its most novel patch when ``novelty_detail`` is 1 and the image has no
+    question; an image with a question in the same batch is compressed exactly as with ``novelty_detail`` 0."""
+    g = torch.Generator().manual_seed(5)
+    features = torch.randn(2, 4, 4, 8, generator=g)
+    valid = torch.ones(2, 4, 4)
+    allocation = torch.ones(2, 1, 1, dtype=torch.long)  # one region of 16 patches, one token
+    patch_novelty = torch.zeros(2, 4, 4)
+    patch_novelty[:, 2, 3] = 1.0  # the one new thing in each image
+    query = torch.randn(2, 1, 8, generator=g)
+    mask = torch.tensor([[True], [False]])  # image 0 has a question, image 1 none
+    plain = Compressor(4, 0.5, 0.0)(features, valid, allocation, 1, query, mask, patch_novelty)
+    novel = Compressor(4, 0.5, 1.0)(features, valid, allocation, 1, query, mask, patch_novelty)
+    assert novel[1][1, 0, :2].tolist() == [2, 3]  # the novel patch, not the most distinctive one
+    assert plain[1][1, 0, :2].tolist() != [2, 3]  # distinctness alone picks another patch here
+    for a, b in zip(plain, novel):
+        assert torch.equal(a[0], b[0])  # the image with a question is untouched
+
+
+def test_novelty_detail_is_checked() -> None:
+    from arrcoc import InvalidInputError, PipelineConfig
+
+    with pytest.raises(InvalidInputError, match="novelty_detail"):
+        PipelineConfig(novelty_detail=1.5)
+    assert PipelineConfig.from_json(PipelineConfig(novelty_detail=0.25).to_json()).novelty_detail == 0.25

@@ -118,6 +118,7 @@ class Balance(nn.Module):
         query_mask: Tensor,
         budget: Tensor | None = None,
         similarity: Tensor | None = None,
+        patch_novelty: Tensor | None = None,
     ) -> tuple[Tensor, dict[str, Tensor]]:
         """Combine the maps.
 
@@ -129,6 +130,7 @@ class Balance(nn.Module):
             budget: ``(B,)`` tokens per image, when known: ``exploit`` moves by ``scarcity`` per halving of the
                 budget relative to an eighth of the image's patches. ``None`` (relevance alone): no move.
             similarity: :meth:`similarity` of ``features`` and ``patch_valid``, when already computed.
+            patch_novelty: :func:`novelty` of ``features`` and ``patch_valid``, when already computed.
 
         Returns:
             relevance ``(B, rh, rw)``: non-negative, summing to 1 over the regions with image content (0
@@ -175,7 +177,9 @@ class Balance(nn.Module):
         # Without a question, a share ``cover`` follows the regions' novelty, linearly: coverage, not peaks.
         coverage = self.cover * ~has_query  # (B,)
         if self.covers:
-            region_novelty = to_regions(novelty(features, patch_valid)[..., None], self.region_size).sum((-1, -2))
+            if patch_novelty is None:
+                patch_novelty = novelty(features, patch_valid)  # (B, gh, gw)
+            region_novelty = to_regions(patch_novelty[..., None], self.region_size).sum((-1, -2))
             novel = region_novelty.flatten(1) / region_novelty.flatten(1).sum(-1, keepdim=True).clamp_min(1e-12)
             relevance = (1 - coverage[:, None]) * relevance + coverage[:, None] * novel  # (B, R)
         relevance = torch.where(valid, relevance, 0.0)

@@ -38,8 +38,9 @@ def _rank_patches(
 
     Args:
         features: ``(B, R, P, D)``; valid: ``(B, R, P)`` bool image patches; exists: ``(P-slot inside the grid)``.
-        priority: ``(B, R, P)`` query coupling in [0, 1], or ``None``: the key is distinctness alone.
-        query_detail: the coupling's share of the key.
+        priority: ``(B, R, P)`` query coupling (or, without a question, novelty) in [0, 1], or ``None``: the key
+            is distinctness alone.
+        query_detail: the priority's share of the key: one number, or ``(B,)`` one per image.
 
     Returns:
         ``(B, R, P)`` int64 ranks, a permutation of ``0..P-1`` per region.
@@ -47,9 +48,10 @@ def _rank_patches(
     weight = valid.float()[..., None]
     mean = (features * weight).sum(-2, keepdim=True) / weight.sum(-2, keepdim=True).clamp_min(1)
     key = (features - mean).square().sum(-1)  # (B, R, P) distinctness
-    if priority is not None and query_detail > 0:
+    if priority is not None and (isinstance(query_detail, Tensor) or query_detail > 0):
+        share = query_detail.view(-1, 1, 1) if isinstance(query_detail, Tensor) else query_detail
         most = torch.where(valid, key, 0.0).amax(-1, keepdim=True)  # the region's most distinct image patch
-        key = (1 - query_detail) * key / most.clamp_min(1e-12) + query_detail * priority
+        key = (1 - share) * key / most.clamp_min(1e-12) + share * priority
     order = torch.sort(key, dim=-1, descending=True, stable=True).indices
     group = (valid.long() + exists.long()).gather(-1, order)  # 2 image, 1 padding, 0 outside the grid
     order = order.gather(-1, torch.sort(group, dim=-1, descending=True, stable=True).indices)
@@ -71,7 +73,7 @@ def compress(
     capacity: int,
     region_size: int = 4,
     priority: Tensor | None = None,
-    query_detail: float = 0.0,
+    query_detail: float | Tensor = 0.0,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Pack each region's allocated tokens into ``(B, T, D)``.
 
@@ -82,8 +84,10 @@ def compress(
             it sums to at most ``capacity``.
         capacity: ``T``, the fixed token dimension.
         region_size: region side in patches.
-        priority: ``(B, gh, gw)`` query coupling in [0, 1] (:func:`query_priority`), or ``None``.
-        query_detail: the coupling's share of the key that picks a region's patches (module docstring).
+        priority: ``(B, gh, gw)`` query coupling in [0, 1] (:func:`query_priority`; without a question, the
+            patches' novelty), or ``None``.
+        query_detail: the priority's share of the key that picks a region's patches (module docstring): one
+            number, or ``(B,)`` one per image.
 
     Returns:
         tokens ``(B, T, D)`` (zeros past the budget); positions ``(B, T, 4)`` int64 (row, col, height, width
@@ -130,15 +134,19 @@ class Compressor(nn.Module):
         region_size: region side in patches.
         query_detail: in [0, 1], how much the query's coupling, against distinctness, picks the patches a region
             shows (module docstring); 0 ignores the query here.
+        novelty_detail: in [0, 1], the same for images without a question, with each patch's novelty
+            (:func:`arrcoc.stages.balance.novelty`) in the query's place; 0: distinctness alone.
     """
 
     region_size: Final[int]
     query_detail: Final[float]
+    novelty_detail: Final[float]
 
-    def __init__(self, region_size: int = 4, query_detail: float = 0.0) -> None:
+    def __init__(self, region_size: int = 4, query_detail: float = 0.0, novelty_detail: float = 0.0) -> None:
         super().__init__()
         self.region_size = region_size
         self.query_detail = float(query_detail)
+        self.novelty_detail = float(novelty_detail)
 
     def forward(
         self,
@@ -148,9 +156,16 @@ class Compressor(nn.Module):
         capacity: int,
         query: Tensor | None = None,
         query_mask: Tensor | None = None,
+        novelty: Tensor | None = None,
     ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """See :func:`compress`; ``query`` ``(B, L, D)`` and ``query_mask`` ``(B, L)`` as the scorers take them."""
-        priority = None
+        """See :func:`compress`; ``query`` ``(B, L, D)`` and ``query_mask`` ``(B, L)`` as the scorers take them,
+        ``novelty`` ``(B, gh, gw)`` as :func:`arrcoc.stages.balance.novelty` gives it."""
+        priority, share = None, self.query_detail
         if self.query_detail > 0 and query is not None and query_mask is not None:
             priority = query_priority(features, patch_valid, query, query_mask)
-        return compress(features, patch_valid, allocation, capacity, self.region_size, priority, self.query_detail)
+        if self.novelty_detail > 0 and novelty is not None:  # per image: the question's coupling, else novelty
+            has_query = query_mask.any(-1) if query_mask is not None else novelty.new_zeros(len(novelty)).bool()
+            coupling = priority if priority is not None else torch.zeros_like(novelty)
+            priority = torch.where(has_query[:, None, None], coupling, novelty)  # (B, gh, gw)
+            share = torch.where(has_query, self.query_detail, self.novelty_detail)  # (B,)
+        return compress(features, patch_valid, allocation, capacity, self.region_size, priority, share)

@@ -23,7 +23,7 @@ from ..config import SCORER_NAMES, PipelineConfig
 from ..errors import InvalidInputError
 from ..runtime.streams import run_branches
 from .allocation import Allocator
-from .balance import Balance
+from .balance import Balance, novelty
 from .compression import Compressor
 from .regions import region_bounds
 from .scorers import create_scorer
@@ -79,7 +79,9 @@ class RelevanceHead(nn.Module):
         self.scorers = nn.ModuleDict({name: create_scorer(name, side) for name in SCORER_NAMES})
         self.balance = Balance(config.balance, side)
         self.allocator = Allocator()
-        self.compressor = Compressor(side, config.query_detail)
+        self.compressor = Compressor(side, config.query_detail, config.novelty_detail)
+        # the patches' novelty is computed once, beside the scorers, for the balance's cover and compression
+        self.novelty: Final[bool] = self.balance.covers or config.novelty_detail > 0
 
     def bounds(self, patch_valid: Tensor) -> tuple[Tensor, Tensor]:
         """``(min, max)`` tokens per region, each ``(B, rh, rw)`` int64; needs patch validity only, so a caller
@@ -105,20 +107,25 @@ class RelevanceHead(nn.Module):
             return torch.compile(fn, dynamic=False) if compile else fn
 
         scorers, similarity_of = [body(scorer) for scorer in self.scorers.values()], body(self.balance.similarity)
+        novelty_of = body(novelty)
 
-        # The balance's region similarity needs features only: it runs beside the three scorers.
+        # The balance's region similarity and the patches' novelty need features only: they run beside the scorers.
         def score(s: dict[str, Any]) -> dict[str, Any]:
             args = (s["features"], s["texture"], s["patch_valid"], s["query"], s["query_mask"])
             branches = [lambda scorer=scorer: scorer(*args) for scorer in scorers]
-            *maps, similarity = run_branches(
-                [*branches, lambda: similarity_of(s["features"], s["patch_valid"])], s["features"].device, concurrent
-            )
-            return {"scores": torch.stack(maps, 1), "similarity": similarity}
+            branches.append(lambda: similarity_of(s["features"], s["patch_valid"]))
+            if self.novelty:
+                branches.append(lambda: novelty_of(s["features"], s["patch_valid"]))
+            results = run_branches(branches, s["features"].device, concurrent)
+            out = {"scores": torch.stack(results[: len(scorers)], 1), "similarity": results[len(scorers)]}
+            if self.novelty:
+                out["novelty"] = results[-1]  # (B, gh, gw)
+            return out
 
         def balance(s: dict[str, Any]) -> dict[str, Any]:
             budget = s["budget"] if capacity else None  # relevance alone has no budget to be scarce
             relevance, report = self.balance(
-                s["scores"], s["features"], s["patch_valid"], s["query_mask"], budget, s["similarity"]
+                s["scores"], s["features"], s["patch_valid"], s["query_mask"], budget, s["similarity"], s.get("novelty")
             )
             return {"relevance": relevance, "balance": report}
 
@@ -127,7 +134,13 @@ class RelevanceHead(nn.Module):
 
         def compress(s: dict[str, Any]) -> dict[str, Any]:
             tokens, positions, mask, weights = self.compressor(
-                s["features"], s["patch_valid"], s["allocation"], capacity, s["query"], s["query_mask"]
+                s["features"],
+                s["patch_valid"],
+                s["allocation"],
+                capacity,
+                s["query"],
+                s["query_mask"],
+                s.get("novelty"),
             )
             return {"tokens": tokens, "positions": positions, "mask": mask, "weights": weights}
 
