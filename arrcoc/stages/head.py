@@ -80,8 +80,9 @@ class RelevanceHead(nn.Module):
         self.balance = Balance(config.balance, side)
         self.allocator = Allocator()
         self.compressor = Compressor(side, config.query_detail, config.novelty_detail)
-        # the patches' novelty is computed once, beside the scorers, for the balance's cover and compression
-        self.novelty: Final[bool] = self.balance.covers or config.novelty_detail > 0
+        # with novelty_detail, the patches' novelty is computed once, beside the scorers, for the balance's cover and
+        # compression; without it the balance computes it for its cover alone
+        self.novelty: Final[bool] = config.novelty_detail > 0
 
     def bounds(self, patch_valid: Tensor) -> tuple[Tensor, Tensor]:
         """``(min, max)`` tokens per region, each ``(B, rh, rw)`` int64; needs patch validity only, so a caller
