@@ -67,8 +67,9 @@ class ScoreOutput:
         out["relevance"] = self.relevance[index, :rh, :rw].tolist()  # ok-sync: JSON export
         out["scores"] = {k: v[index, :rh, :rw].tolist() for k, v in self.scores.items()}  # ok-sync
         out["balance"] = {
-            k: (v[index, :rh, :rw] if v.ndim == 3 else v[index]).tolist() for k, v in self.balance.items()
-        }  # ok-sync
+            k: (v[index, :rh, :rw] if v.ndim == 3 else v[index]).tolist()  # ok-sync: JSON export
+            for k, v in self.balance.items()
+        }
         if self.timings:
             out["timings_ms"] = dict(self.timings)
         return out

@@ -228,7 +228,7 @@ def decode_on_host(index: int, source: str, preprocessor: Preprocessor) -> _Load
             pixels=group.pixels[0],
             bucket=group.bucket,
             scale=float(group.scale[0]),
-            source_size=group.source_size[0].tolist(),
+            source_size=group.source_size[0].tolist(),  # ok-sync: a CPU tensor
             content_size=(h, w),
         )  # ok-sync: CPU tensors
     except Exception as err:  # noqa: BLE001 - a broken file is a record, whatever the decoder raised
@@ -621,8 +621,8 @@ def _manifest(
     """Everything that decides a shard's content; its hash is the run's fingerprint."""
     listing = hashlib.sha256("\n".join(sources).encode()).hexdigest()
     query_hash = (
-        None if query is None else hashlib.sha256(query.detach().float().cpu().numpy().tobytes()).hexdigest()
-    )  # ok-sync: hashing the query once, before the run
+        None if query is None else hashlib.sha256(query.detach().float().cpu().numpy().tobytes()).hexdigest()  # ok-sync
+    )  # hashing the query once, before the run
     manifest = {
         "format": FORMAT,
         "images": len(sources),

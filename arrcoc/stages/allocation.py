@@ -200,8 +200,8 @@ def allocate(
             raise InvalidInputError(f"relevance holds {bad} NaN or infinite values")
         if (relevance < 0).any().item():  # ok-sync: validation (check=True)
             raise InvalidInputError(
-                f"relevance must be non-negative; its minimum is {relevance.min().item():.4g}"
-            )  # ok-sync
+                f"relevance must be non-negative; its minimum is {relevance.min().item():.4g}"  # ok-sync: the message
+            )
         _check_budget(budget, relevance.shape[0])
     shape = relevance.shape
     flat = relevance.reshape(shape[0], -1)

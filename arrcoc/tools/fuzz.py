@@ -460,8 +460,8 @@ def _queries(draw: st.DrawFn, width: int) -> Case:
                 "all": torch.ones_like(mask),
                 "none": torch.zeros_like(mask),
                 "float": mask.float(),
-                "list": mask.tolist(),
-            }.get(mask_kind, mask)  # ok-sync: test case
+                "list": mask.tolist(),  # ok-sync: a test case
+            }.get(mask_kind, mask)
             query_mask = mask
     score = draw(st.booleans())
     budget = 16

@@ -143,20 +143,24 @@ def run(
         patch = batch.bucket // grid[0]
         real = int((patch_valid > 0).sum())  # ok-sync: host-side set-up
         h, w = (int(v) for v in batch.content_size[0])
-        canvas = (batch.pixels[0].permute(1, 2, 0).clamp(0, 1) * 255).round().byte().cpu().numpy()
+        canvas = (batch.pixels[0].permute(1, 2, 0).clamp(0, 1) * 255).round().byte().cpu().numpy()  # ok-sync: drawing
         rows, entry = [], {"grid": list(grid), "real_patches": real, "bucket": batch.bucket, "budgets": {}}
         for budget in budgets:
             k = min(budget, real)
             ours = pipe(batch, budget=k)
             theirs = divprune(VisualInput(features, patch_valid=patch_valid, pixels=batch.pixels, valid=batch.valid), k)
-            kept_ours = kept_patches(ours.positions[0].cpu(), ours.mask[0].cpu(), grid)
-            kept_theirs = kept_patches(theirs.positions[0].cpu(), torch.ones(k, dtype=torch.bool), grid)
+            kept_ours = kept_patches(ours.positions[0].cpu(), ours.mask[0].cpu(), grid)  # ok-sync: drawing
+            kept_theirs = kept_patches(theirs.positions[0].cpu(), torch.ones(k, dtype=torch.bool), grid)  # ok-sync
             rows.append([render(canvas, kept_ours, patch)[:h, :w], render(canvas, kept_theirs, patch)[:h, :w]])
             entry["budgets"][str(budget)] = {
                 "tokens": k,
-                "arrcoc": kept_ours.nonzero().tolist(),
-                "divprune": kept_theirs.nonzero().tolist(),
-                "balance": {key: value[0].tolist() for key, value in ours.balance.items() if value[0].ndim <= 1},
+                "arrcoc": kept_ours.nonzero().tolist(),  # ok-sync: the JSON record
+                "divprune": kept_theirs.nonzero().tolist(),  # ok-sync
+                "balance": {
+                    key: value[0].tolist()  # ok-sync: the JSON record
+                    for key, value in ours.balance.items()
+                    if value[0].ndim <= 1
+                },
             }
         sheet = _sheet(rows, [f"{b} tokens" for b in budgets], ["arrcoc (no question)", "DivPrune"])
         sheet.quantize(256).save(out / f"{name}.png", optimize=True)  # a palette keeps docs/ small

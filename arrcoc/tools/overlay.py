@@ -27,8 +27,8 @@ def heat_colors(values: np.ndarray) -> np.ndarray:
 def _to_pil(image: Image.Image | Tensor) -> Image.Image:
     if isinstance(image, Tensor):
         array = (
-            (image.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
-        )  # ok-sync: drawing
+            (image.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()  # ok-sync
+        )  # drawing
         return Image.fromarray(array, "RGB")
     return image.convert("RGB")
 

@@ -769,8 +769,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
     for head, name in ((dense_head, "dense_head"), (grounding_head, "grounding_head")):  # to resume from the folder
         save_file(
-            {k: v.detach().cpu().clone() for k, v in head.state_dict().items()}, out / f"{name}.safetensors"
-        )  # ok-sync: saving
+            {k: v.detach().cpu().clone() for k, v in head.state_dict().items()},  # ok-sync: saving
+            out / f"{name}.safetensors",
+        )
     accuracy = {str(size): evaluate(model, tokenizer, size, args.eval_per_family, device) for size in sizes}
     summary = {
         "state": state,

@@ -284,8 +284,9 @@ def save_vlm(
 
     def cast(state: dict[str, Tensor]) -> dict[str, Tensor]:
         return {
-            k: (v.to(dtype) if v.is_floating_point() else v).detach().cpu().clone() for k, v in state.items()
-        }  # ok-sync: saving; clone: tied tensors
+            k: (v.to(dtype) if v.is_floating_point() else v).detach().cpu().clone()  # ok-sync: saving
+            for k, v in state.items()
+        }  # clone: tied tensors
 
     save_file(cast(vision_tower(model).state_dict()), folder / "encoder.safetensors")
     save_file(cast(_language_parts(model)), folder / "vlm.safetensors")
