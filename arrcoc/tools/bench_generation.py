@@ -102,18 +102,26 @@ def build_llava(preset: str, device: torch.device, dtype: torch.dtype) -> torch.
         vision_feature_layer=-2,
         vision_feature_select_strategy="default",
     )
-    previous = torch.get_default_dtype()
-    torch.manual_seed(0)
-    try:  # made on the device in its dtype: no full-precision host copy of the weights
-        torch.set_default_dtype(dtype)
-        with torch.device(device), torch.no_grad():
-            model = LlavaForConditionalGeneration(config)
-    finally:
-        torch.set_default_dtype(previous)
-    model.eval()  # already on the device in its dtype; float32 buffers (rotary inv_freq) stay float32
+    model = random_model(
+        lambda: LlavaForConditionalGeneration(config), device, dtype
+    )  # already on the device in its dtype; float32 buffers (rotary inv_freq) stay float32
     model.generation_config.eos_token_id = None  # random weights: always generate the asked number of tokens
     model.generation_config.pad_token_id = 0
     return model
+
+
+def random_model(factory: Callable[[], Any], device: torch.device, dtype: torch.dtype) -> Any:
+    """``factory()``'s model with seed-0 random weights, made on ``device`` in ``dtype`` (no full-precision host copy
+    of the weights; float32 buffers such as rotary frequencies stay float32), in eval mode."""
+    previous = torch.get_default_dtype()
+    torch.manual_seed(0)
+    try:
+        torch.set_default_dtype(dtype)
+        with torch.device(device), torch.no_grad():
+            model = factory()
+    finally:
+        torch.set_default_dtype(previous)
+    return model.eval()
 
 
 def _timer(device: torch.device, warmups: int) -> Callable[..., dict[str, float]]:

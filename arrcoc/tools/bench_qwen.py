@@ -36,6 +36,7 @@ import torch
 from ..integrations.hf import word_tokenizer
 from ..integrations.qwen import ArrcocQwen, graph_buckets, merged_grid
 from ..runtime.device import device_name
+from .bench_generation import random_model
 from .timing import wall_times_ms, write_report
 
 __all__ = ["main", "build_qwen", "PRESETS", "corpus_captures"]
@@ -118,15 +119,7 @@ def build_qwen(preset: str, device: torch.device, dtype: torch.dtype) -> torch.n
     config = Qwen2_5_VLConfig(
         vision_config=vision, text_config={**text, "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2}, **_IDS
     )
-    previous = torch.get_default_dtype()
-    torch.manual_seed(0)
-    try:  # made on the device in its dtype: no full-precision host copy of the weights
-        torch.set_default_dtype(dtype)
-        with torch.device(device), torch.no_grad():
-            model = Qwen2_5_VLForConditionalGeneration(config)
-    finally:
-        torch.set_default_dtype(previous)
-    model.eval()
+    model = random_model(lambda: Qwen2_5_VLForConditionalGeneration(config), device, dtype)
     model.generation_config.eos_token_id = None  # random weights: always generate the asked number of tokens
     model.generation_config.pad_token_id = 0
     return model
