@@ -3,7 +3,8 @@
 ``wrap(model, processor, method="arrcoc", budget=0.25)`` returns :class:`~arrcoc.integrations.qwen.ArrcocQwen` for
 Qwen2-VL / Qwen2.5-VL / Qwen3-VL and :class:`~arrcoc.integrations.hf.ArrcocLlava` for LLaVA-1.5-style models; both
 have ``prepare``, ``forward`` and ``generate``. The adapters' modules' public names are re-exported here, so
-``arrcoc.hf.ArrcocLlava`` keeps working.
+``arrcoc.hf.ArrcocLlava`` keeps working. :func:`pack_vision_attention` runs a Qwen-VL vision tower with one
+attention call per layer where flash-attn is not installed.
 """
 
 from __future__ import annotations
@@ -14,8 +15,20 @@ from typing import Any
 from .errors import BudgetError, InvalidTypeError
 from .integrations.hf import ArrcocLlava, Prepared, main, raster_order, word_tokenizer
 from .integrations.qwen import QWEN_MODEL_TYPES, ArrcocQwen, QwenPrepared
+from .integrations.vision_attention import pack_vision_attention, unpack_vision_attention
 
-__all__ = ["wrap", "ArrcocLlava", "ArrcocQwen", "Prepared", "QwenPrepared", "raster_order", "word_tokenizer", "main"]
+__all__ = [
+    "wrap",
+    "ArrcocLlava",
+    "ArrcocQwen",
+    "Prepared",
+    "QwenPrepared",
+    "pack_vision_attention",
+    "unpack_vision_attention",
+    "raster_order",
+    "word_tokenizer",
+    "main",
+]
 
 
 class _BudgetedLlava(ArrcocLlava):

@@ -17,6 +17,7 @@ pytest.importorskip("tokenizers")
 from arrcoc import hf  # noqa: E402
 from arrcoc.integrations.hf import ArrcocLlava, word_tokenizer  # noqa: E402
 from arrcoc.integrations.qwen import ArrcocQwen, _box_means, graph_buckets, merged_grid  # noqa: E402
+from arrcoc.integrations.vision_attention import pack_vision_attention, unpack_vision_attention  # noqa: E402
 
 WORDS = "USER ASSISTANT : what colour is the box left of red green blue a shape ? which side".split()
 IMAGE_ID = 5
@@ -368,6 +369,90 @@ def test_cuda_graph_replay_equals_direct_call(family: str, method: str) -> None:
     torch.testing.assert_close(got.inputs_embeds, expected.inputs_embeds)
     assert torch.equal(got.position_ids, expected.position_ids)
     assert new.shape == (4, 3)
+
+
+# --- the vision tower's attention in one call ---------------------------------------------------------
+def _vision(model: torch.nn.Module, images: list[torch.Tensor], processor: object) -> list[torch.Tensor]:
+    inputs = processor.image_processor(images=images, return_tensors="pt")
+    device = next(model.parameters()).device
+    out = model.model.get_image_features(inputs["pixel_values"].to(device), inputs["image_grid_thw"].to(device))
+    return list(out.pooler_output if hasattr(out, "pooler_output") else out)
+
+
+def test_packed_vision_attention_equals_the_models_own(qwen: tuple) -> None:
+    """Several images (and, in Qwen2.5-VL, several windows each): one padded call per layer keeps every
+    sequence apart, so the merged tokens and the logits match the per-sequence loop; unpacking is exact."""
+    model, processor = qwen
+    images = _images(3)
+    adapter = _adapter(qwen)
+    with torch.no_grad():
+        expected = _vision(model, images, processor)
+        prepared = adapter.prepare(images, PROMPTS)
+        logits = adapter.run(prepared).logits
+        try:
+            assert pack_vision_attention(model, "padded") == len(model.model.visual.blocks)
+            got = _vision(model, images, processor)
+            packed_logits = adapter.run(adapter.prepare(images, PROMPTS)).logits
+        finally:
+            unpack_vision_attention(model)
+        again = _vision(model, images, processor)
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    real = prepared.attention_mask.bool()
+    torch.testing.assert_close(packed_logits[real], logits[real], rtol=1e-4, atol=1e-5)
+    assert all(torch.equal(a, b) for a, b in zip(again, expected))
+
+
+def test_packed_attention_that_mixes_sequences_would_be_caught(qwen: tuple) -> None:
+    """A defect the test above must catch: every token attending across the whole packed batch."""
+    model, processor = qwen
+    images = _images(2)
+    with torch.no_grad():
+        expected = _vision(model, images, processor)
+        pack_vision_attention(model, "padded")
+        try:
+            for block in model.model.visual.blocks:  # one sequence over everything
+                forward = block.attn.forward
+                block.attn.forward = lambda h, cu_seqlens, _f=forward, **kw: _f(h, cu_seqlens[[0, -1]], **kw)
+            got = _vision(model, images, processor)
+        finally:
+            unpack_vision_attention(model)
+    assert not all(torch.allclose(a, b, rtol=1e-5, atol=1e-5) for a, b in zip(got, expected))
+
+
+def test_pack_vision_attention_refuses_what_it_cannot_pack(qwen: tuple) -> None:
+    model, _ = qwen
+    with pytest.raises(arrcoc.InvalidInputError, match="kernel must be one of"):
+        pack_vision_attention(model, "flash")
+    with pytest.raises(arrcoc.InvalidTypeError, match="Qwen2-VL"):
+        pack_vision_attention(torch.nn.Linear(2, 2))
+    if not torch.cuda.is_available():
+        pack_vision_attention(model, "varlen")
+        try:
+            with pytest.raises(arrcoc.InvalidInputError, match="CUDA and float16/bfloat16"):
+                _vision(model, _images(1), qwen[1])
+        finally:
+            unpack_vision_attention(model)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("family", FAMILIES)
+def test_cuda_varlen_vision_attention_matches_the_models_own(family: str) -> None:
+    """bf16 on the GPU: the FlashAttention varlen kernel and the padded kernel agree with the model's own loop
+    within bf16 rounding."""
+    model, processor = build(family)
+    model = model.cuda().to(torch.bfloat16)
+    images = _images(3)
+    with torch.no_grad():
+        expected = _vision(model, images, processor)
+        results = {}
+        for kernel in ("varlen", "padded"):
+            pack_vision_attention(model, kernel)
+            results[kernel] = _vision(model, images, processor)
+        unpack_vision_attention(model)
+    for kernel, got in results.items():
+        for a, b in zip(got, expected):
+            torch.testing.assert_close(a.float(), b.float(), rtol=0.05, atol=0.05, msg=kernel)
 
 
 # --- errors and the facade ----------------------------------------------------------------------------
