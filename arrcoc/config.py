@@ -11,10 +11,13 @@ from typing import Any
 
 from .errors import InvalidInputError, InvalidTypeError
 
-__all__ = ["BalanceConfig", "PipelineConfig", "SCORER_NAMES", "DEFAULT_WEIGHTS_DIR"]
+__all__ = ["BalanceConfig", "PipelineConfig", "SCORER_NAMES", "PICK_METHODS", "DEFAULT_WEIGHTS_DIR"]
 
 #: The three relevance scorers, in the order their maps are stacked everywhere.
 SCORER_NAMES: tuple[str, ...] = ("propositional", "perspectival", "participatory")
+
+#: How ``BalanceConfig.pick`` chooses an image's patches without a question (``"off"``: it does not).
+PICK_METHODS: tuple[str, ...] = ("off", "novelty", "maxmin")
 
 CONFIG_VERSION = 1
 
@@ -83,6 +86,14 @@ class BalanceConfig:
         cover: for images without a question only, in [0, 1]: the share of the relevance that follows how many
             distinct things each region holds (``arrcoc.stages.balance.novelty``), linearly, instead of the
             scorers' peaks. 0 treats images without a question like the others.
+        pick: for images without a question, given a budget: ``"off"`` (the default), or how the image's
+            ``budget`` patches are picked (``arrcoc.stages.balance.pick_patches``): ``"novelty"`` the most novel,
+            ``"maxmin"`` greedily the farthest from those kept. The cover then counts the picked patches per
+            region, and compression shows the picked patches (with ``cover`` 1, exactly them).
+        pick_salience: in [0, 1], how much the query-free scorers' map weights each candidate's pick score
+            (``1 - pick_salience + pick_salience * salience``); 0 picks by distinctness alone.
+        pick_colour: non-negative, weight of the patches' Lab colour distance beside their feature distance
+            (``"maxmin"``), so that colour differences count.
     """
 
     # Each default was chosen on validation seeds of the generated world; the figures: docs/decisions.md.
@@ -93,6 +104,9 @@ class BalanceConfig:
     particularize: float = 0.9
     temperature_range: tuple[float, float] = (0.15, 2.0)
     cover: float = 1.0
+    pick: str = "off"  # candidates for issue 21, off until measured on the GPU
+    pick_salience: float = 0.0
+    pick_colour: float = 0.0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "weights", _numbers(self.weights, "balance.weights", 3))
@@ -101,7 +115,13 @@ class BalanceConfig:
             all(0 <= w < float("inf") for w in self.weights) and sum(self.weights) > 0,
             f"balance.weights must be 3 finite non-negative numbers with a positive sum; got {self.weights}",
         )
-        for name in ("exploit", "scarcity", "diversify", "particularize", "cover"):
+        if not isinstance(self.pick, str):
+            raise InvalidTypeError(f"balance.pick must be a string; got {self.pick!r}")
+        _check(self.pick in PICK_METHODS, f"balance.pick must be one of {PICK_METHODS}; got {self.pick!r}")
+        colour = _number(self.pick_colour, "balance.pick_colour")
+        _check(0.0 <= colour < float("inf"), f"balance.pick_colour must be finite and >= 0; got {colour}")
+        object.__setattr__(self, "pick_colour", colour)
+        for name in ("exploit", "scarcity", "diversify", "particularize", "cover", "pick_salience"):
             value = _number(getattr(self, name), f"balance.{name}")
             _check(0.0 <= value <= 1.0, f"balance.{name} must be in [0, 1]; got {value}")
             object.__setattr__(self, name, value)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from arrcoc.config import BalanceConfig, PipelineConfig
-from arrcoc.errors import InvalidInputError
+from arrcoc.errors import InvalidInputError, InvalidTypeError
 
 
 @pytest.mark.parametrize("name", ["default", "tiny"])
@@ -46,6 +46,10 @@ def test_bad_fields_are_named(field: str, value, match: str) -> None:
         ({"weights": (1, -1, 1)}, "weights"),
         ({"temperature_range": (1.0, 0.1)}, "temperature_range"),
         ({"scarcity": -0.1}, "scarcity"),
+        ({"pick": "divprune"}, "pick"),
+        ({"pick_salience": 1.5}, "pick_salience"),
+        ({"pick_colour": -1.0}, "pick_colour"),
+        ({"pick_colour": float("inf")}, "pick_colour"),
     ],
 )
 def test_bad_balance(kwargs, match: str) -> None:
@@ -58,3 +62,11 @@ def test_unknown_preset_and_fields() -> None:
         PipelineConfig.from_name("huge")
     with pytest.raises(InvalidInputError, match="unknown config fields"):
         PipelineConfig.from_dict({"encoderr": "x"})
+
+
+def test_the_pick_is_off_by_default_and_round_trips() -> None:
+    assert BalanceConfig().pick == "off" and BalanceConfig().pick_salience == 0 and BalanceConfig().pick_colour == 0
+    config = PipelineConfig(balance=BalanceConfig(pick="maxmin", pick_salience=0.3, pick_colour=0.5))
+    assert PipelineConfig.from_json(config.to_json()) == config
+    with pytest.raises(InvalidTypeError, match="pick"):
+        BalanceConfig(pick=1)

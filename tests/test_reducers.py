@@ -117,3 +117,44 @@ def test_a_budget_above_an_images_real_patches_is_refused_and_no_kept_patch_is_p
     for budget in (40, 17):
         kept = reducer(visual, budget).positions[1]  # (K, 4): every kept token's rows are image
         assert int(kept[:, 0].max()) < 5
+
+
+def _picking(pick: str, **kw) -> ArrcocReducer:
+    return ArrcocReducer(arrcoc.PipelineConfig(balance=arrcoc.BalanceConfig(pick=pick, **kw)), read_query=False)
+
+
+@pytest.mark.parametrize(
+    "kw", [{"pick": "novelty"}, {"pick": "maxmin"}, {"pick": "maxmin", "pick_salience": 0.5, "pick_colour": 0.5}]
+)
+@pytest.mark.parametrize("budget", [1, 5, 16])
+def test_query_free_picks_give_exact_budgets_independent_of_the_batch(kw: dict, budget: int) -> None:
+    visual = _visual(b=3, gh=10, gw=9)
+    out = _picking(**kw)(visual, budget)
+    assert (out.allocation.flatten(1).sum(1) == budget).all() and out.tokens.shape == (3, budget, 16)
+    for i in range(3):
+        one = VisualInput(features=visual.features[i : i + 1], pixels=visual.pixels[i : i + 1])
+        alone = _picking(**kw)(one, budget)
+        assert torch.equal(alone.tokens, out.tokens[i : i + 1]) and torch.equal(
+            alone.positions, out.positions[i : i + 1]
+        )
+
+
+def test_query_free_maxmin_pick_keeps_divprunes_patches() -> None:
+    visual = _visual(b=2, gh=12, gw=12)
+    ours, theirs = _picking("maxmin")(visual, 14), create_reducer("divprune")(visual, 14)
+    for i in range(2):
+        assert {tuple(p) for p in ours.positions[i, :, :2].tolist()} == {
+            tuple(p) for p in theirs.positions[i, :, :2].tolist()
+        }
+
+
+def test_pick_off_is_the_shipped_reducer_and_a_pick_changes_only_images_without_a_question() -> None:
+    visual = _visual(b=2, gh=12, gw=12)
+    shipped, off = create_reducer("arrcoc-noquery")(visual, 14), _picking("off")(visual, 14)
+    assert torch.equal(shipped.tokens, off.tokens) and torch.equal(shipped.relevance, off.relevance)
+    assert not torch.equal(_picking("maxmin")(visual, 14).positions, shipped.positions)
+    query = torch.randn(1, 3, 16)
+    asked = VisualInput(features=visual.features, pixels=visual.pixels, query=query)
+    config = arrcoc.PipelineConfig(balance=arrcoc.BalanceConfig(pick="maxmin", pick_salience=0.5))
+    a, b = ArrcocReducer(config)(asked, 14), create_reducer("arrcoc")(asked, 14)
+    assert torch.equal(a.tokens, b.tokens) and torch.equal(a.positions, b.positions)

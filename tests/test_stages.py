@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from arrcoc.config import BalanceConfig
-from arrcoc.stages.balance import BALANCE_KEYS, Balance, novelty
+from arrcoc.stages.balance import BALANCE_KEYS, Balance, novelty, pick_patches
 from arrcoc.stages.compression import Compressor, compress, query_priority
 from arrcoc.stages.encoders import PatchProjection
 from arrcoc.stages.regions import capacity_of, normalize_per_image, region_bounds, region_grid, to_regions
@@ -417,3 +417,99 @@ def test_novelty_detail_is_checked() -> None:
     with pytest.raises(InvalidInputError, match="novelty_detail"):
         PipelineConfig(novelty_detail=1.5)
     assert PipelineConfig.from_json(PipelineConfig(novelty_detail=0.25).to_json()).novelty_detail == 0.25
+
+
+def _pick_grid(b: int = 2, gh: int = 6, gw: int = 7, d: int = 8, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    features = torch.randn(b, gh, gw, d, generator=g)
+    valid = torch.ones(b, gh, gw)
+    valid[1, :, 5:] = 0  # a letterboxed image
+    return features, valid
+
+
+@pytest.mark.parametrize("method", ["novelty", "maxmin"])
+def test_pick_keeps_exactly_the_budget_of_image_patches_per_image(method: str) -> None:
+    features, valid = _pick_grid()
+    salience = torch.rand(2, 6, 7, generator=torch.Generator().manual_seed(1))
+    budget = torch.tensor([5, 9])
+    pick = pick_patches(method, features, valid, budget, 12, salience, 0.5, torch.rand(2, 6, 7, 3), 0.5)
+    assert pick.shape == (2, 6, 7)
+    assert pick.flatten(1).sum(1).tolist() == [5, 9]
+    assert (pick[valid == 0] == 0).all()  # never a padding patch
+    alone = pick_patches(method, features[1:], valid[1:], budget[1:], 12, salience[1:], 0.5, None, 0.0)
+    with_colour = pick_patches(
+        method, features[1:], valid[1:], budget[1:], 12, salience[1:], 0.5, torch.zeros(1, 6, 7, 3), 0.5
+    )
+    assert torch.equal(alone, with_colour)  # one colour everywhere adds the same distance to every pair
+
+
+@pytest.mark.parametrize("method", ["novelty", "maxmin"])
+def test_pick_is_per_image(method: str) -> None:
+    features, valid = _pick_grid()
+    budget = torch.tensor([6, 4])
+    both = pick_patches(method, features, valid, budget, 8)
+    for i in range(2):
+        one = pick_patches(method, features[i : i + 1], valid[i : i + 1], budget[i : i + 1], 8)
+        assert torch.equal(both[i : i + 1], one)
+
+
+def test_pick_by_novelty_is_the_top_budget_novel_patches() -> None:
+    features, valid = _pick_grid()
+    pick = pick_patches("novelty", features, valid, torch.tensor([4, 4]), 4)
+    scores = novelty(features, valid).flatten(1)
+    for i in range(2):
+        top = torch.sort(scores[i], descending=True, stable=True).indices[:4]
+        assert set(pick[i].flatten().nonzero().flatten().tolist()) == set(top.tolist())
+
+
+def test_pick_maxmin_is_greedy_max_min_and_salience_moves_it() -> None:
+    features, valid = _pick_grid()
+    pick = pick_patches("maxmin", features, valid, torch.tensor([5, 5]), 5)
+    unit = F.normalize(features[0].flatten(0, 1), dim=-1)
+    distance = 1 - unit @ unit.T
+    nearest = distance.masked_fill(torch.eye(len(unit), dtype=torch.bool), torch.inf).amin(-1)
+    kept = [int(nearest.argmax())]
+    for _ in range(4):
+        running = distance[kept].amin(0)
+        running[kept] = -torch.inf
+        kept.append(int(running.argmax()))
+    assert set(pick[0].flatten().nonzero().flatten().tolist()) == set(kept)
+    salience = torch.zeros(2, 6, 7)
+    salience[:, :3] = 1.0  # the top half is salient
+    weighted = pick_patches("maxmin", features, valid, torch.tensor([5, 5]), 5, salience, 1.0)
+    assert (weighted[:, 3:] == 0).all() and (weighted.flatten(1).sum(1) == 5).all()
+
+
+def test_cover_counts_the_picked_patches_without_a_question() -> None:
+    features, valid = _pick_grid(gh=8, gw=8)
+    valid[1] = 1
+    scores = torch.rand(2, 3, 2, 2)
+    pick = pick_patches("maxmin", features, valid, torch.tensor([7, 7]), 7)
+    no_query = torch.zeros(2, 1, dtype=torch.bool)
+    relevance, _ = Balance(BalanceConfig(cover=1.0))(
+        scores, features, valid, no_query, torch.tensor([7, 7]), None, None, pick
+    )
+    counts = to_regions(pick[..., None], 4).sum((-1, -2))  # (B, 2, 2)
+    torch.testing.assert_close(relevance, counts / 7)
+    with_query = torch.ones(2, 1, dtype=torch.bool)
+    a, _ = Balance(BalanceConfig(cover=1.0))(
+        scores, features, valid, with_query, torch.tensor([7, 7]), None, None, pick
+    )
+    b, _ = Balance(BalanceConfig(cover=1.0))(scores, features, valid, with_query, torch.tensor([7, 7]))
+    assert torch.equal(a, b)  # with a question the pick changes nothing
+
+
+def test_the_compressor_shows_the_picked_patches_only_without_a_question() -> None:
+    features, valid = _pick_grid(gh=8, gw=8)
+    valid[1] = 1
+    pick = pick_patches("maxmin", features, valid, torch.tensor([6, 6]), 6)
+    allocation = to_regions(pick[..., None], 4).sum((-1, -2)).long()  # (B, 2, 2)
+    no_query = (torch.zeros(2, 1, 8), torch.zeros(2, 1, dtype=torch.bool))
+    _, positions, mask, _ = Compressor(4, 0.5)(features, valid, allocation, 6, *no_query, None, pick)
+    for i in range(2):
+        shown = {(r, c) for r, c in positions[i, :, :2].tolist()}
+        assert shown == {tuple(x) for x in pick[i].nonzero().tolist()}
+    query = (torch.randn(2, 1, 8), torch.ones(2, 1, dtype=torch.bool))
+    a = Compressor(4, 0.5)(features, valid, allocation, 6, *query, None, pick)
+    b = Compressor(4, 0.5)(features, valid, allocation, 6, *query)
+    assert all(torch.equal(x, y) for x, y in zip(a, b))

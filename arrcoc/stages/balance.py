@@ -8,7 +8,9 @@
 - compress <-> particularize: a mix of the uniform share and the relevance-driven share; 0 is uniform
   pooling, 1 follows relevance fully.
 - cover (without a question only): a share of the relevance follows *novelty*, how many distinct things a
-  region holds (:func:`novelty`), so that a later question finds its evidence wherever it is.
+  region holds (:func:`novelty`), so that a later question finds its evidence wherever it is. With a budget and
+  ``BalanceConfig.pick`` set, the cover counts instead how many of the image's ``budget`` picked patches
+  (:func:`pick_patches`) each region holds, and compression shows exactly those patches.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from torch import Tensor, nn
 from ..config import BalanceConfig
 from .regions import masked_mean, normalize_per_image, to_regions
 
-__all__ = ["Balance", "BALANCE_KEYS", "novelty"]
+__all__ = ["Balance", "BALANCE_KEYS", "novelty", "pick_patches"]
 
 #: What ``Balance.forward`` reports per image, in order.
 BALANCE_KEYS: tuple[str, ...] = (
@@ -78,6 +80,84 @@ def novelty(features: Tensor, patch_valid: Tensor) -> Tensor:
     return torch.where(valid, (1 - nearest).clamp(0, 1), 0.0).view(patch_valid.shape)
 
 
+def _patch_map(region_map: Tensor, grid: tuple[int, int], side: int) -> Tensor:
+    """A region map ``(B, rh, rw)`` spread over its patches and cut to the grid: ``(B, gh, gw)``."""
+    return region_map.repeat_interleave(side, 1).repeat_interleave(side, 2)[:, : grid[0], : grid[1]]
+
+
+def pick_patches(
+    method: str,
+    features: Tensor,
+    patch_valid: Tensor,
+    budget: Tensor,
+    steps: int,
+    salience: Tensor | None = None,
+    salience_share: float = 0.0,
+    colour: Tensor | None = None,
+    colour_share: float = 0.0,
+    patch_novelty: Tensor | None = None,
+) -> Tensor:
+    """The ``budget`` image patches a query-free cover keeps: 1 on each, 0 elsewhere.
+
+    - ``"novelty"``: the ``budget`` patches of highest :func:`novelty` (times the salience weight; ties: lower
+      index), a one-shot max-min cover.
+    - ``"maxmin"``: greedy max-min (DivPrune) over cosine distance, plus ``colour_share`` times the Lab colour
+      distance, with each candidate's score multiplied by its salience weight: the first pick is the patch whose
+      nearest neighbour is farthest, each next one the patch farthest from those kept. ``steps`` (the token
+      capacity, a Python int) greedy steps of fixed shape; a step past an image's budget keeps nothing.
+
+    The salience weight is ``1 - salience_share + salience_share * salience``: 1 for ``salience_share = 0``.
+
+    Args:
+        method: one of ``arrcoc.config.PICK_METHODS`` other than ``"off"``.
+        features: ``(B, gh, gw, D)`` patch features.
+        patch_valid: ``(B, gh, gw)`` share of each patch that is image.
+        budget: ``(B,)`` int64 patches to keep, at most the image's patch count and ``steps``.
+        steps: the greedy steps (``"maxmin"``), at least the largest budget.
+        salience: ``(B, gh, gw)`` in [0, 1], or ``None`` (weight 1).
+        salience_share: in [0, 1].
+        colour: ``(B, gh, gw, 3)`` Lab colour of each patch (texture's first channels), or ``None``.
+        colour_share: weight of the colour distance (``"maxmin"``).
+        patch_novelty: :func:`novelty` of ``features`` and ``patch_valid`` when already computed (``"novelty"``).
+
+    Returns:
+        ``(B, gh, gw)`` float, 1 on exactly ``budget`` image patches per image (fewer only if it has fewer).
+    """
+    b, gh, gw, _ = features.shape
+    valid = (patch_valid > 0).flatten(1)  # (B, N)
+    n = valid.shape[1]
+    weight = features.new_ones(b, n)
+    if salience is not None and salience_share > 0:
+        weight = 1 - salience_share + salience_share * salience.flatten(1).float()  # (B, N)
+    if method == "novelty":
+        if patch_novelty is None:
+            patch_novelty = novelty(features, patch_valid)
+        key = torch.where(valid, patch_novelty.flatten(1) * weight, -1.0)  # padding after every image patch
+        rank = torch.argsort(torch.sort(key, dim=-1, descending=True, stable=True).indices, dim=-1)  # (B, N)
+        return ((rank < budget[:, None]) & valid).to(features.dtype).view(b, gh, gw)
+    if method != "maxmin":
+        raise ValueError(f"unknown pick method {method!r}")
+    unit = F.normalize(features.float().flatten(1, 2), dim=-1)  # (B, N, D)
+    distance = 1 - unit @ unit.transpose(1, 2)  # (B, N, N)
+    if colour is not None and colour_share > 0:
+        lab = colour.float().flatten(1, 2)  # (B, N, 3)
+        distance = distance + colour_share * torch.cdist(lab, lab)
+    others = valid[:, None, :] & ~torch.eye(n, dtype=torch.bool, device=features.device)
+    nearest = distance.masked_fill(~others, torch.inf).amin(-1)  # (B, N) distance to the nearest other patch
+    nearest = torch.where(torch.isfinite(nearest), nearest, 0.0)  # an image of one patch
+    running = nearest  # before the first pick, the score is the nearest-neighbour distance
+    chosen = torch.zeros(b, n, dtype=torch.bool, device=features.device)
+    for step in range(steps):  # a Python int: the step count depends on the capacity only
+        score = torch.where(chosen | ~valid, -torch.inf, running * weight)
+        pick = score.argmax(-1, keepdim=True)  # (B, 1)
+        take = (step < budget)[:, None] & valid.gather(1, pick) & ~chosen.gather(1, pick)  # (B, 1)
+        chosen = chosen | torch.zeros_like(chosen).scatter(1, pick, take)
+        row = distance.gather(1, pick[..., None].expand(-1, -1, n))[:, 0]  # (B, N)
+        kept = row if step == 0 else torch.minimum(running, row)
+        running = torch.where(take, kept, running)
+    return chosen.to(features.dtype).view(b, gh, gw)
+
+
 class Balance(nn.Module):
     """Stage: scores ``(B, 3, rh, rw)`` -> balanced relevance ``(B, rh, rw)`` plus the tensions used.
 
@@ -119,6 +199,7 @@ class Balance(nn.Module):
         budget: Tensor | None = None,
         similarity: Tensor | None = None,
         patch_novelty: Tensor | None = None,
+        patch_pick: Tensor | None = None,
     ) -> tuple[Tensor, dict[str, Tensor]]:
         """Combine the maps.
 
@@ -131,6 +212,8 @@ class Balance(nn.Module):
                 budget relative to an eighth of the image's patches. ``None`` (relevance alone): no move.
             similarity: :meth:`similarity` of ``features`` and ``patch_valid``, when already computed.
             patch_novelty: :func:`novelty` of ``features`` and ``patch_valid``, when already computed.
+            patch_pick: :func:`pick_patches` for this budget, or ``None``: the cover then counts picked patches
+                per region instead of summing novelty.
 
         Returns:
             relevance ``(B, rh, rw)``: non-negative, summing to 1 over the regions with image content (0
@@ -177,7 +260,9 @@ class Balance(nn.Module):
         # Without a question, a share ``cover`` follows the regions' novelty, linearly: coverage, not peaks.
         coverage = self.cover * ~has_query  # (B,)
         if self.covers:
-            if patch_novelty is None:
+            if patch_pick is not None:
+                patch_novelty = patch_pick  # (B, gh, gw) 1 on the picked patches
+            elif patch_novelty is None:
                 patch_novelty = novelty(features, patch_valid)  # (B, gh, gw)
             region_novelty = to_regions(patch_novelty[..., None], self.region_size).sum((-1, -2))
             novel = region_novelty.flatten(1) / region_novelty.flatten(1).sum(-1, keepdim=True).clamp_min(1e-12)

@@ -157,9 +157,11 @@ class Compressor(nn.Module):
         query: Tensor | None = None,
         query_mask: Tensor | None = None,
         novelty: Tensor | None = None,
+        pick: Tensor | None = None,
     ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """See :func:`compress`; ``query`` ``(B, L, D)`` and ``query_mask`` ``(B, L)`` as the scorers take them,
-        ``novelty`` ``(B, gh, gw)`` as :func:`arrcoc.stages.balance.novelty` gives it."""
+        ``novelty`` ``(B, gh, gw)`` as :func:`arrcoc.stages.balance.novelty` gives it; ``pick`` ``(B, gh, gw)``, 1 on
+        the patches :func:`arrcoc.stages.balance.pick_patches` kept: an image without a question shows those first."""
         priority, share = None, self.query_detail
         if self.query_detail > 0 and query is not None and query_mask is not None:
             priority = query_priority(features, patch_valid, query, query_mask)
@@ -168,4 +170,9 @@ class Compressor(nn.Module):
             coupling = priority if priority is not None else torch.zeros_like(novelty)
             priority = torch.where(has_query[:, None, None], coupling, novelty)  # (B, gh, gw)
             share = torch.where(has_query, self.query_detail, self.novelty_detail)  # (B,)
+        if pick is not None:  # per image: the question's coupling, else the pick alone
+            has_query = query_mask.any(-1) if query_mask is not None else pick.new_zeros(len(pick)).bool()
+            coupling = priority if priority is not None else torch.zeros_like(pick)
+            priority = torch.where(has_query[:, None, None], coupling, pick)  # (B, gh, gw)
+            share = torch.where(has_query, share, 1.0)  # (B,)
         return compress(features, patch_valid, allocation, capacity, self.region_size, priority, share)

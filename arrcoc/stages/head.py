@@ -23,7 +23,7 @@ from ..config import SCORER_NAMES, PipelineConfig
 from ..errors import InvalidInputError
 from ..runtime.streams import run_branches
 from .allocation import Allocator
-from .balance import Balance, novelty
+from .balance import Balance, _patch_map, novelty, pick_patches
 from .compression import Compressor
 from .regions import region_bounds
 from .scorers import create_scorer
@@ -80,9 +80,11 @@ class RelevanceHead(nn.Module):
         self.balance = Balance(config.balance, side)
         self.allocator = Allocator()
         self.compressor = Compressor(side, config.query_detail, config.novelty_detail)
-        # with novelty_detail, the patches' novelty is computed once, beside the scorers, for the balance's cover and
-        # compression; without it the balance computes it for its cover alone
-        self.novelty: Final[bool] = config.novelty_detail > 0
+        # without a question, given a budget, a pick of the image's patches may replace the novelty cover
+        self.pick: Final[str] = config.balance.pick if config.balance.cover > 0 else "off"
+        # with novelty_detail (or a pick by novelty), the patches' novelty is computed once, beside the scorers, for
+        # the balance's cover and compression; without it the balance computes it for its cover alone
+        self.novelty: Final[bool] = config.novelty_detail > 0 or self.pick == "novelty"
 
     def bounds(self, patch_valid: Tensor) -> tuple[Tensor, Tensor]:
         """``(min, max)`` tokens per region, each ``(B, rh, rw)`` int64; needs patch validity only, so a caller
@@ -123,12 +125,25 @@ class RelevanceHead(nn.Module):
                 out["novelty"] = results[-1]  # (B, gh, gw)
             return out
 
+        picks = self.pick != "off" and capacity > 0  # a pick needs a budget
+
         def balance(s: dict[str, Any]) -> dict[str, Any]:
             budget = s["budget"] if capacity else None  # relevance alone has no budget to be scarce
+            pick = self._pick(s, capacity) if picks else None
             relevance, report = self.balance(
-                s["scores"], s["features"], s["patch_valid"], s["query_mask"], budget, s["similarity"], s.get("novelty")
+                s["scores"],
+                s["features"],
+                s["patch_valid"],
+                s["query_mask"],
+                budget,
+                s["similarity"],
+                s.get("novelty"),
+                pick,
             )
-            return {"relevance": relevance, "balance": report}
+            out = {"relevance": relevance, "balance": report}
+            if pick is not None:
+                out["pick"] = pick  # (B, gh, gw)
+            return out
 
         def allocate(s: dict[str, Any]) -> dict[str, Any]:
             return {"allocation": self.allocator(s["relevance"], s["budget"], s["min_tokens"], s["max_tokens"])}
@@ -142,6 +157,7 @@ class RelevanceHead(nn.Module):
                 s["query"],
                 s["query_mask"],
                 s.get("novelty"),
+                s.get("pick"),
             )
             return {"tokens": tokens, "positions": positions, "mask": mask, "weights": weights}
 
@@ -149,6 +165,27 @@ class RelevanceHead(nn.Module):
         if capacity:
             chain += [("allocate", body(allocate)), ("compress", body(compress))]
         return chain
+
+    def _pick(self, s: dict[str, Any], capacity: int) -> Tensor:
+        """``(B, gh, gw)`` the query-free pick (:func:`arrcoc.stages.balance.pick_patches`) of ``budget`` patches,
+        weighted by the query-free scorers' map (propositional and perspectival, at their base weights)."""
+        cfg = self.config.balance
+        features, patch_valid = s["features"], s["patch_valid"]
+        weights = self.balance.base_weights[:2]
+        salience = (s["scores"][:, :2] * weights[:, None, None]).sum(1) / weights.sum().clamp_min(1e-12)  # (B, rh, rw)
+        salience = _patch_map(salience, features.shape[1:3], self.region_size)  # (B, gh, gw)
+        return pick_patches(
+            self.pick,
+            features,
+            patch_valid,
+            s["budget"],
+            capacity,
+            salience,
+            cfg.pick_salience,
+            s["texture"][..., :3],
+            cfg.pick_colour,
+            s.get("novelty"),
+        )
 
     def forward(
         self,
