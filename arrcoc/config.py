@@ -86,6 +86,9 @@ class BalanceConfig:
         cover: for images without a question only, in [0, 1]: the share of the relevance that follows how many
             distinct things each region holds (``arrcoc.stages.balance.novelty``), linearly, instead of the
             scorers' peaks. 0 treats images without a question like the others.
+        query_cover: for images with a question, in [0, 1]: the share of the relevance that follows the same cover
+            (novelty, or the pick), a hedge against a question whose words do not point at its evidence. 0 (the
+            default) lets the scorers' balance decide alone.
         pick: for images without a question, given a budget: ``"off"`` (the default), or how the image's
             ``budget`` patches are picked (``arrcoc.stages.balance.pick_patches``): ``"novelty"`` the most novel,
             ``"maxmin"`` greedily the farthest from those kept. The cover then counts the picked patches per
@@ -104,6 +107,7 @@ class BalanceConfig:
     particularize: float = 0.9
     temperature_range: tuple[float, float] = (0.15, 2.0)
     cover: float = 1.0
+    query_cover: float = 0.0
     pick: str = "off"  # candidates for issue 21, off until measured on the GPU
     pick_salience: float = 0.0
     pick_colour: float = 0.0
@@ -121,7 +125,7 @@ class BalanceConfig:
         colour = _number(self.pick_colour, "balance.pick_colour")
         _check(0.0 <= colour < float("inf"), f"balance.pick_colour must be finite and >= 0; got {colour}")
         object.__setattr__(self, "pick_colour", colour)
-        for name in ("exploit", "scarcity", "diversify", "particularize", "cover", "pick_salience"):
+        for name in ("exploit", "scarcity", "diversify", "particularize", "cover", "query_cover", "pick_salience"):
             value = _number(getattr(self, name), f"balance.{name}")
             _check(0.0 <= value <= 1.0, f"balance.{name} must be in [0, 1]; got {value}")
             object.__setattr__(self, name, value)

@@ -14,7 +14,8 @@
 # Extra steps (any profile, after the benchmark): QWEN=1 the Qwen-VL generation benchmark; EVAL=1 `arrcoc eval` on
 # the test seeds (200 per family, both sizes, every reducer); BEFORE=<dir> the graph benchmark of another checkout's
 # package (e.g. `git archive <commit> arrcoc | tar -x -C <dir>`) into $OUT/before, for a before/after comparison
-# on the same machine; DATASET=1 the data-set benchmark.
+# on the same machine; DATASET=1 the data-set benchmark; SWEEP=1 the query-free validation sweep
+# (bench/sweep_noquery.py, SWEEP_LIMIT seconds, SWEEP_ARGS passed on).
 # Knobs: TESTS=0 skips the tests, BENCH=0 the benchmark, QUICK=1 runs the benchmark's --quick matrix (full run),
 # STAGES=1 adds the eager stage benchmark (full run), BUDGET=<s> bounds the whole script (final: 300 by default),
 # DRY=1 prints each step and its limit without running it.
@@ -112,7 +113,11 @@ if [ -n "${BEFORE:-}" ]; then  # the old package's own module path: it predates 
     --sizes 224 1024 --batches 1 64 --compile --no-warmup --seconds 0.15 --reps 25"
   step bench-after 80 "${GRAPHS[@]}" --tag after --sizes 224 1024 --batches 1 64 --compile --no-warmup --seconds 0.15 --reps 25
 fi
-[ "${QWEN:-0}" = 1 ] && step bench-qwen 150 python3 -m arrcoc.tools.bench_qwen --out "$OUT"
+[ "${QWEN:-0}" = 1 ] && step bench-qwen 200 python3 -m arrcoc.tools.bench_qwen --out "$OUT" --time-limit 180
+# the query-free validation sweep (issue 21); SWEEP_ARGS picks variants, seeds, sizes, shares
+SWEEP_LIMIT="${SWEEP_LIMIT:-300}"
+[ "${SWEEP:-0}" = 1 ] && step sweep-noquery "$SWEEP_LIMIT" python3 bench/sweep_noquery.py --out "$OUT/sweep" \
+  --time-limit $(( SWEEP_LIMIT - 15 )) ${SWEEP_ARGS:-}
 [ "${EVAL:-0}" = 1 ] && step eval 240 python3 -m arrcoc.tools.evaluation --samples-per-family 200 --seed 600000 \
   --out "$OUT" --quiet
 [ "${DATASET:-0}" = 1 ] && step bench-dataset 200 python3 -m arrcoc.tools.bench_dataset --out "$OUT"

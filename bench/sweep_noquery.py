@@ -60,8 +60,29 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
         "pick maxmin on feature plus Lab colour distance (colour weight 0.5)",
         {"balance": {"pick": "maxmin", "pick_colour": 0.5}},
     ),
+    "nq-maxmin-s045": (
+        "pick maxmin, salience share 0.45",
+        {"balance": {"pick": "maxmin", "pick_salience": 0.45}},
+    ),
+    "nq-maxmin-s06-c05": (
+        "pick maxmin, salience share 0.6, colour weight 0.5",
+        {"balance": {"pick": "maxmin", "pick_salience": 0.6, "pick_colour": 0.5}},
+    ),
+    # with a question (issue 21 item 3): the full ``arrcoc`` reducer, judged against its best single scorer
+    "q-cover-015": (
+        "with a question: a share 0.15 of the relevance follows novelty",
+        {"balance": {"query_cover": 0.15}},
+    ),
+    "q-cover-03": ("with a question: a share 0.3 of the relevance follows novelty", {"balance": {"query_cover": 0.3}}),
 }
 BASELINES: tuple[str, ...] = ("divprune", "arrcoc-noquery")
+#: The references of the variants with a question: the balanced mix as shipped and its best single scorer.
+QUERY_BASELINES: tuple[str, ...] = ("arrcoc", "arrcoc-participatory")
+
+
+def _base(name: str) -> str:
+    """The registered reducer a variant is built from: ``arrcoc`` for the ``q-`` variants, else ``arrcoc-noquery``."""
+    return "arrcoc" if name.startswith("q-") else "arrcoc-noquery"
 
 
 def variant_config(changes: dict[str, Any]) -> PipelineConfig:
@@ -81,8 +102,8 @@ def register_variants(names: list[str]) -> None:
             continue
         config = variant_config(VARIANTS[name][1])
 
-        def build(config_: Any = None, _config: PipelineConfig = config, **_: Any) -> Any:
-            return create_reducer("arrcoc-noquery", config=_config)
+        def build(config_: Any = None, _config: PipelineConfig = config, _from: str = _base(name), **_: Any) -> Any:
+            return create_reducer(_from, config=_config)
 
         register_reducer(name)(build)
 
@@ -152,7 +173,8 @@ def write(out: Path, stem: str, report: dict[str, Any]) -> None:
         + (f"; not run (time limit): {', '.join(report['not_run'])}" if report["not_run"] else "")
         + ".",
         "",
-        "Variants (each `arrcoc-noquery` with one change to the shipped config):",
+        "Variants (each `arrcoc-noquery`, or for `q-` ones `arrcoc` with the question, with one change to the "
+        "shipped config):",
         "",
     ]
     head += [f"- `{name}`: {VARIANTS[name][0]}" for name in report["variants"]]
@@ -179,7 +201,9 @@ def main(argv: list[str] | None = None) -> int:
     sizes = [int(s) for s in args.sizes.split(",")]
     shares = [float(s) for s in args.shares.split(",")]
     register_variants(variants)
-    methods = list(BASELINES) + variants
+    methods = list(BASELINES) + [v for v in variants if _base(v) != "arrcoc"]
+    if any(_base(v) == "arrcoc" for v in variants):
+        methods += list(QUERY_BASELINES) + [v for v in variants if _base(v) == "arrcoc"]
 
     from arrcoc.stages.text_query import TextQueryEncoder
     from arrcoc.world.vlm import DEFAULT_VLM_DIR, load_vlm

@@ -253,6 +253,23 @@ def test_cover_follows_novelty_only_without_a_question() -> None:
     torch.testing.assert_close(half[1], (covered[1] + plain[1]) / 2)
 
 
+def test_query_cover_hedges_an_image_with_a_question_only() -> None:
+    features, valid = _scene(2)
+    mask = torch.tensor([[True], [False]])
+    scores = torch.rand(2, 3, 2, 2, generator=torch.Generator().manual_seed(9))
+    budget = torch.tensor([4, 4])
+    hedged, report = Balance(BalanceConfig(query_cover=0.25), 4)(scores, features, valid, mask, budget)
+    plain, _ = Balance(BalanceConfig(), 4)(scores, features, valid, mask, budget)
+    assert report["coverage"].tolist() == [0.25, 1.0]
+    novel = torch.tensor([[2.0, 1.0], [0.0, 0.0]]) / 3
+    torch.testing.assert_close(hedged[0], 0.75 * plain[0] + 0.25 * novel)
+    assert torch.equal(hedged[1], plain[1])  # without a question: the cover, unchanged
+    # a cover with a question alone still computes novelty
+    only, report = Balance(BalanceConfig(cover=0.0, query_cover=1.0), 4)(scores, features, valid, mask, budget)
+    torch.testing.assert_close(only[0], novel)
+    assert report["coverage"].tolist() == [1.0, 0.0]
+
+
 def test_by_default_an_image_without_a_question_is_covered_by_novelty() -> None:
     features, valid = _scene(2)
     mask = torch.tensor([[True], [False]])

@@ -7,8 +7,9 @@
   relevance), so tokens are not spent twice on the same content.
 - compress <-> particularize: a mix of the uniform share and the relevance-driven share; 0 is uniform
   pooling, 1 follows relevance fully.
-- cover (without a question only): a share of the relevance follows *novelty*, how many distinct things a
-  region holds (:func:`novelty`), so that a later question finds its evidence wherever it is. With a budget and
+- cover: without a question, a share ``cover`` of the relevance follows *novelty*, how many distinct things a
+  region holds (:func:`novelty`), so that a later question finds its evidence wherever it is; with one, a share
+  ``query_cover`` does, a hedge against a question whose words miss its evidence. With a budget and
   ``BalanceConfig.pick`` set, the cover counts instead how many of the image's ``budget`` picked patches
   (:func:`pick_patches`) each region holds, and compression shows exactly those patches.
 """
@@ -171,13 +172,14 @@ class Balance(nn.Module):
         super().__init__()
         config = config or BalanceConfig()
         self.region_size = region_size
-        self.covers = config.cover > 0  # novelty costs (N, N) per image: only computed when it is used
+        self.covers = config.cover > 0 or config.query_cover > 0  # novelty costs (N, N) per image: only when used
         self.register_buffer("base_weights", torch.tensor(config.weights), persistent=False)
         self.register_buffer("exploit", torch.tensor(config.exploit), persistent=False)
         self.register_buffer("scarcity", torch.tensor(config.scarcity), persistent=False)
         self.register_buffer("diversify", torch.tensor(config.diversify), persistent=False)
         self.register_buffer("particularize", torch.tensor(config.particularize), persistent=False)
         self.register_buffer("cover", torch.tensor(config.cover), persistent=False)
+        self.register_buffer("query_cover", torch.tensor(config.query_cover), persistent=False)
         low, high = config.temperature_range
         self.log_t_low, self.log_t_high = math.log(low), math.log(high)
 
@@ -257,8 +259,8 @@ class Balance(nn.Module):
         peaked = torch.softmax(logits, -1)  # (B, R)
         uniform = valid / valid.sum(-1, keepdim=True).clamp_min(1)
         relevance = (1 - self.particularize) * uniform + self.particularize * peaked
-        # Without a question, a share ``cover`` follows the regions' novelty, linearly: coverage, not peaks.
-        coverage = self.cover * ~has_query  # (B,)
+        # A share follows the regions' novelty, linearly: coverage, not peaks.
+        coverage = torch.where(has_query, self.query_cover, self.cover)  # (B,) with a question, a hedge
         if self.covers:
             if patch_pick is not None:
                 patch_novelty = patch_pick  # (B, gh, gw) 1 on the picked patches
