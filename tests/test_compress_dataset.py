@@ -414,3 +414,54 @@ def test_cap_budget_lowers_what_exact_budgets_refuse(tmp_path: Path, source: Pat
     budgets = {r["source"]: int(load_record(capped, r)["budget"]) for r in ok}
     assert max(budgets.values()) == 14 and all(budgets[r["source"]] < 14 for r in refused)
     assert json.loads((capped / "manifest.json").read_text())["budget_policy"] == "cap"
+
+
+def _image_rows(count: int, grid: tuple[int, int], seed: int) -> list[dict[str, torch.Tensor]]:
+    """``count`` images' rows of every shard key; per-region maps on ``grid``."""
+    from arrcoc.datasets.shards import ROW_KEYS
+
+    generator = torch.Generator().manual_seed(seed)
+    shapes = {"tokens": (6, 5), "prefix": (1, 5), "positions": (6, 4), "mask": (6,), "weights": (6,)}
+    shapes.update(allocation=grid, relevance=grid, region_grid=(2,), patch_grid=(2,), source_size=(2,))
+    rows = []
+    for _ in range(count):
+        row = {}
+        for key in ROW_KEYS:
+            shape = shapes.get(key, ())
+            if key in ("tokens", "prefix", "weights", "relevance", "scale"):
+                row[key] = torch.rand(shape, generator=generator).to(
+                    torch.float16 if key == "tokens" else torch.float32
+                )
+            elif key == "mask":
+                row[key] = torch.rand(shape, generator=generator) < 0.5
+            else:
+                row[key] = torch.randint(0, 99, shape, generator=generator)
+        rows.append(row)
+    return rows
+
+
+@pytest.mark.parametrize(
+    "batches",
+    [
+        [[7, 2, 9], [0, 5], [3, 1, 8, 4, 6]],  # every image of the shard, batches out of order
+        [[6, 2], [0, 3]],  # gaps: the images between failed
+        [[1, 0], [2]],  # the first images only: a last shard, shorter than the others
+    ],
+)
+def test_shard_rows_placed_batch_by_batch_equal_the_rows_stacked_in_order(batches: list[list[int]]) -> None:
+    """What the writer thread builds as batches land is what stacking the shard's rows at the end would give."""
+    from arrcoc.datasets.shards import ROW_KEYS, ShardRows, stack_rows
+
+    shard = ShardRows(10)
+    by_position = {}
+    for number, positions in enumerate(batches):
+        rows = _image_rows(len(positions), (2, 2) if number % 2 else (3, 4), seed=number)  # two buckets' grids
+        shard.place(positions, {key: torch.stack([row[key] for row in rows]) for key in ROW_KEYS})
+        by_position.update(zip(positions, rows))
+    got = shard.tensors()
+    want = stack_rows([by_position[p] for p in sorted(by_position)])
+    assert list(got) == list(want) == list(ROW_KEYS)
+    for key in ROW_KEYS:
+        assert got[key].dtype == want[key].dtype and got[key].is_contiguous(), key
+        assert torch.equal(got[key], want[key]), key
+    assert ShardRows(10).tensors() == {}

@@ -6,6 +6,7 @@ from __future__ import annotations
 import functools
 import io
 import os
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -169,7 +170,7 @@ def test_batched_decoding_resumes_after_max_shards(tmp_path: Path, mixed: Path, 
     dest = tmp_path / "resumed"
     first = _run(mixed, dest, "cpu", True, max_shards=2)
     assert not first.complete and first.shards_written == 2 and not (dest / INDEX_NAME).exists()
-    second = _run(mixed, dest, "cpu", True, workers=1)  # the bytes cross from a worker process in one blob
+    second = _run(mixed, dest, "cpu", True, workers=1)  # read by a reader thread
     assert second.complete and second.shards_written == 3 and second.shards_skipped == 2
     whole = tmp_path / "whole"
     _run(mixed, whole, "cpu", True)
@@ -188,6 +189,55 @@ def test_the_decode_thread_writes_what_the_main_thread_does(
     assert stats.complete and stats.errors == 2 and stats.device_decoded == 15 and stats.host_decoded == 7
     assert stats.decode_thread_seconds > 0 and stats.startup_seconds > 0 and 0 < stats.drain_seconds < stats.seconds
     _compare(tmp_path / "threaded", plain, exact=True)
+
+
+def _loaded(mixed: Path) -> compress_dataset._Decode:
+    items = list(enumerate(sorted(os.fspath(p) for p in mixed.iterdir())))
+    return compress_dataset._Decode(items, BUCKETS, device_jpegs=True)
+
+
+@pytest.mark.parametrize("threads", [0, 1, 3])
+def test_the_reader_hands_over_every_item_once_in_order(mixed: Path, threads: int) -> None:
+    dataset = _loaded(mixed)
+    chunks = list(compress_dataset._ThreadedReader(dataset, threads, 4))
+    count = len(dataset)
+    assert [len(chunk) for chunk in chunks] == [4] * (count // 4) + ([count % 4] if count % 4 else [])
+    got = [item for chunk in chunks for item in chunk]
+    assert [(item.index, item.source) for item in got] == list(dataset.items)
+    for item, want in zip(got, (dataset[p] for p in range(count))):
+        assert (item.data is None, item.pixels is None, item.error) == (
+            want.data is None,
+            want.pixels is None,
+            want.error,
+        )
+        assert item.data is None or torch.equal(item.data, want.data)
+        assert item.pixels is None or torch.equal(item.pixels, want.pixels)
+        assert (item.bucket, item.scale, item.content_size) == (want.bucket, want.scale, want.content_size)
+    carried = [item for item in got if item.data is not None]
+    assert len(carried) == 15 and all(item.data.dtype == torch.uint8 and item.data.ndim == 1 for item in carried)
+
+
+def test_a_consumer_that_stops_early_leaves_no_reader_threads(mixed: Path) -> None:
+    chunks = iter(compress_dataset._ThreadedReader(_loaded(mixed), 3, 2))
+    assert len(next(chunks)) == 2
+    chunks.close()
+    assert not [thread.name for thread in threading.enumerate() if thread.name.startswith("arrcoc-read")]
+
+
+def test_the_batched_path_reads_in_threads_and_starts_no_worker_process(
+    tmp_path: Path, mixed: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Reader threads (PNGs and the rotated JPEG decoded by Pillow in them) write what one thread writes."""
+    alone = tmp_path / "alone"
+    _run(mixed, alone, "cpu", True)
+
+    def no_loader(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the batched path started DataLoader worker processes")
+
+    monkeypatch.setattr(torch.utils.data, "DataLoader", no_loader)
+    stats = _run(mixed, tmp_path / "threads", "cpu", True, workers=3)
+    assert stats.complete and stats.errors == 2 and stats.device_decoded == 15 and stats.host_decoded == 7
+    _compare(tmp_path / "threads", alone, exact=True)
 
 
 @pytest.mark.cuda

@@ -9,9 +9,12 @@ on GPU ``LOCAL_RANK`` with its own pipeline and graph cache; rank 0 merges the i
 
     torchrun --nproc-per-node 4 -m arrcoc.cli compress-dataset photos/ tokens/ --budget 64
 
-DataLoader workers decode and bucket the images (resize to the bucket, on the CPU) while the GPU compresses
-the previous batch; a batch holds images of one bucket. Which images share a batch depends only on the
-shard, never on the number of processes, so one process and ``K`` processes write the same tensors.
+On CUDA (the batched path), reader threads read the files and their JPEG headers while the GPU compresses the
+previous batch, and JPEGs are decoded and letterboxed on the GPU a batch at a time; the few files nvJPEG does
+not decode as Pillow does are decoded by Pillow in the reader threads. Without CUDA (the Pillow path),
+DataLoader worker processes decode and bucket every image on the CPU. A batch holds images of one bucket. Which
+images share a batch depends only on the shard, never on the number of processes, so one process and ``K``
+processes write the same tensors.
 
 A run is resumable: a shard is written under a temporary name and renamed, and a run skips the shards that
 exist, so the same command run again after a crash (or after ``--max-shards``) finishes the job with
@@ -25,7 +28,9 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import hashlib
+import itertools
 import json
 import logging
 import os
@@ -34,7 +39,7 @@ import sys
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
@@ -56,10 +61,10 @@ from .shards import (
     FORMAT,
     INDEX_NAME,
     MANIFEST_NAME,
+    ShardRows,
     merge_index,
     read_shard_records,
     shard_file,
-    stack_batches,
     write_shard,
     write_text_atomic,
 )
@@ -85,9 +90,10 @@ class DatasetStats:
         errors: of those, images recorded with ``status: "error"``.
         shards_written: shards this process wrote; ``shards_skipped``: its shards that were already complete.
         seconds: wall time from the first image requested to the last shard written.
-        startup_seconds: of ``seconds``, starting the DataLoader's workers (a fixed cost per run).
+        startup_seconds: of ``seconds``, starting the reader (a fixed cost per run): the DataLoader's worker
+            processes on the Pillow path, a thread pool on the batched path.
         drain_seconds: of ``seconds``, the wait at the end for the last shard's write.
-        wait_seconds: host time waiting for the DataLoader (reading files, decoding on the host).
+        wait_seconds: host time waiting for the reader (reading files and headers, decoding on the host).
         decode_seconds: main-thread time getting a batch's decoded images: on CUDA, waiting for the decode
             thread (nvJPEG's host side runs there, overlapping the rest); on the CPU, decoding.
         decode_thread_seconds: time in the decode thread (nvJPEG calls, files it refused decoded by Pillow);
@@ -95,8 +101,8 @@ class DatasetStats:
         resize_seconds: host time making the batch: letterbox on the device, host-decoded images copied in.
         pipeline_seconds: host time inside pipeline calls.
         copy_seconds: host time issuing the copies of the results to the host (non-blocking).
-        write_seconds: time in the writer thread (waiting for the copies, ordering rows, writing shards);
-            it overlaps the rest.
+        write_seconds: time in the writer thread (waiting for the copies, putting rows in place, writing
+            shards); it overlaps the rest.
         device_decoded, host_decoded: images decoded by nvJPEG, and by Pillow.
         gpu_ms: device milliseconds per step (decode, resize, pipeline, copy-out) from CUDA events.
         complete: every shard of the data set exists and the index is written.
@@ -159,17 +165,16 @@ def list_sources(source: str | os.PathLike[str]) -> list[str]:
 
 @dataclass
 class _Loaded:
-    """One source image as a DataLoader worker hands it over (or the reason it failed).
+    """One source image as the reader hands it over (or the reason it failed).
 
     A JPEG that nvJPEG decodes as Pillow does travels as its file's bytes (``data``), decoded and letterboxed
-    with its batch on the GPU; any other image is decoded and letterboxed by the Preprocessor in the worker
+    with its batch on the GPU; any other image is decoded and letterboxed by the Preprocessor in the reader
     (``pixels``). ``bucket``, ``scale``, ``source_size`` and ``content_size`` are known either way.
     """
 
     index: int
     source: str
-    data: Any = None  # the file's bytes: a bytearray in the worker, a uint8 view of its chunk's blob after
-    span: tuple[int, int] = (0, 0)  # where ``data`` lies in its chunk's blob
+    data: Tensor | None = None  # (bytes,) uint8, the file's bytes
     pixels: Tensor | None = None  # (3, S, S) float32, the Preprocessor's canvas
     error: str | None = None
     bucket: int = 0
@@ -182,13 +187,26 @@ def _reason(err: Exception, source: str) -> str:
     return str(err) if isinstance(err, ArrcocError) else f"{source}: {type(err).__name__}: {err}"
 
 
+#: File name endings of the files whose header is read to route them to the batched JPEG decoder.
+_JPEG_SUFFIXES = (".jpg", ".jpeg", ".jpe", ".jfif")
+
+
+def _read_file(source: str) -> bytearray:
+    """A file's bytes, read into one writable buffer (which a tensor can then share without a copy)."""
+    with open(source, "rb") as handle:
+        data = bytearray(os.fstat(handle.fileno()).st_size)
+        got = handle.readinto(data)
+    del data[got:]  # a file that shrank meanwhile: its header check refuses what is left
+    return data
+
+
 class _Decode(torch.utils.data.Dataset):
-    """``(index, path)`` items -> :class:`_Loaded`; any failure becomes an error record, never a dead worker.
+    """``(index, path)`` items -> :class:`_Loaded`; any failure becomes an error record, never a dead reader.
 
     Args:
         items: ``(index, path)`` pairs.
         buckets: the pipeline's bucket sizes.
-        device_jpegs: hand JPEGs that nvJPEG decodes over as bytes (a CUDA pipeline); else decode all here.
+        device_jpegs: hand over JPEGs that nvJPEG decodes as their bytes (the batched path); else decode all here.
     """
 
     def __init__(self, items: Sequence[tuple[int, str]], buckets: Sequence[int], device_jpegs: bool = False) -> None:
@@ -202,26 +220,31 @@ class _Decode(torch.utils.data.Dataset):
 
     def __getitem__(self, position: int) -> _Loaded:
         index, source = self.items[position]
-        if self.device_jpegs and source.lower().endswith((".jpg", ".jpeg", ".jpe", ".jfif")):
+        if self.device_jpegs and source.lower().endswith(_JPEG_SUFFIXES):
             try:
-                with open(source, "rb") as handle:
-                    data = handle.read()
+                data = _read_file(source)
             except OSError:
-                data = b""  # the CPU path below names the problem as it always has
+                data = bytearray()  # the Pillow path below names the problem as it always has
             size = jpeg_size(data)
             if size is not None:
                 bucket, scale, content = placement(size[0], size[1], self.buckets)
                 return _Loaded(
-                    index, source, data=data, bucket=bucket, scale=scale, source_size=list(size), content_size=content
+                    index,
+                    source,
+                    data=torch.frombuffer(data, dtype=torch.uint8),
+                    bucket=bucket,
+                    scale=scale,
+                    source_size=list(size),
+                    content_size=content,
                 )
         return decode_on_host(index, source, self.preprocessor)
 
 
 def decode_on_host(index: int, source: str, preprocessor: Preprocessor) -> _Loaded:
-    """The CPU path: Pillow decodes, the Preprocessor resizes and letterboxes; a failure is an error record."""
+    """The Pillow path: Pillow decodes, the Preprocessor resizes and letterboxes; a failure is an error record."""
     try:
         (group,) = preprocessor([load_image(source, name=source)])
-        h, w = group.content_size[0].tolist()  # ok-sync: a CPU tensor, in a worker
+        h, w = group.content_size[0].tolist()  # ok-sync: a CPU tensor, in a reader
         return _Loaded(
             index,
             source,
@@ -235,47 +258,55 @@ def decode_on_host(index: int, source: str, preprocessor: Preprocessor) -> _Load
         return _Loaded(index, source, error=_reason(err, source))
 
 
-@dataclass
-class _Chunk:
-    """A worker's batch of items; the JPEG bytes of all of them in one tensor, which crosses to the main process
-    through shared memory (pickling each file's bytes would cost the main process a copy per file)."""
+class _ThreadedReader:
+    """The batched path's reader: :class:`_Decode` run by a pool of threads in this process, in order.
 
-    items: list[_Loaded]
-    blob: Tensor | None = None  # (bytes,) uint8
+    There it only reads files and their headers (and decodes the odd file that needs Pillow), work that spends
+    its time in system calls and in Pillow, both outside the GIL; threads start at once, where worker processes
+    cost a fork each (a large one in a process holding a CUDA context) and a pickle per item. Iterating it yields
+    chunks of ``chunk`` items, at most ``2 * threads`` chunks read ahead of the consumer (which bounds memory).
 
+    Args:
+        dataset: the items to read.
+        threads: reader threads (0: read in the consuming thread).
+        chunk: items per chunk (one task of a thread).
+    """
 
-def _collate(items: list[_Loaded]) -> _Chunk:
-    """In the worker: move the items' JPEG bytes into one blob."""
-    carried = [item for item in items if item.data is not None]
-    if not carried:
-        return _Chunk(items)
-    blob = torch.empty(sum(len(item.data) for item in carried), dtype=torch.uint8)
-    view, start = memoryview(blob.numpy()), 0
-    for item in carried:
-        size = len(item.data)
-        view[start : start + size] = item.data
-        item.data, item.span = None, (start, size)
-        start += size
-    return _Chunk(items, blob)
+    def __init__(self, dataset: _Decode, threads: int, chunk: int) -> None:
+        self.dataset, self.threads, self.chunk = dataset, threads, chunk
 
+    def _read(self, start: int) -> list[_Loaded]:
+        return [self.dataset[p] for p in range(start, min(start + self.chunk, len(self.dataset)))]
 
-def _unpack(chunk: _Chunk) -> list[_Loaded]:
-    """In the main process: each JPEG's bytes as a view of the blob."""
-    if chunk.blob is not None:
-        for item in chunk.items:
-            if item.span[1]:
-                item.data = chunk.blob[item.span[0] : item.span[0] + item.span[1]]
-    return chunk.items
+    def __iter__(self) -> Iterator[list[_Loaded]]:
+        starts = iter(range(0, len(self.dataset), self.chunk))
+        if self.threads == 0:
+            return map(self._read, starts)
+        pool = ThreadPoolExecutor(self.threads, thread_name_prefix="arrcoc-read")
+        ahead = deque(pool.submit(self._read, start) for start in itertools.islice(starts, 2 * self.threads))
+        return self._in_order(pool, ahead, starts)
+
+    def _in_order(
+        self, pool: ThreadPoolExecutor, ahead: deque[Future[list[_Loaded]]], starts: Iterator[int]
+    ) -> Iterator[list[_Loaded]]:
+        try:
+            while ahead:
+                chunk = ahead.popleft().result()
+                for start in itertools.islice(starts, 1):
+                    ahead.append(pool.submit(self._read, start))
+                yield chunk
+        finally:  # a consumer that stops early leaves no reads running
+            pool.shutdown(wait=True, cancel_futures=True)
 
 
 @dataclass
 class _Decoded:
-    """One batch after the decode step: JPEGs decoded on the device, the rest letterboxed by the workers."""
+    """One batch after the decode step: JPEGs decoded on the device, the rest letterboxed by the reader."""
 
     bucket: int
     jpegs: list[_Loaded]  # decoded by nvJPEG, in the order of ``images``
     images: list[Tensor]  # (3, h, w) uint8 on the device
-    hosted: list[_Loaded]  # letterboxed on the host (by the workers, or here for files nvJPEG refused)
+    hosted: list[_Loaded]  # letterboxed on the host (by the reader, or here for files nvJPEG refused)
     failed: list[_Loaded]  # files that turned out broken
     events: tuple[Any, ...] = ()  # CUDA events before and after the decode
 
@@ -290,13 +321,26 @@ class _Compressed:
     events: tuple[Any, ...] = ()  # CUDA events around decode, resize, pipeline, copy-out
 
 
+@dataclass
+class _Shard:
+    """One open shard: where its rows go and which of its images compressed (both filled in the writer thread),
+    and which failed (the main thread's)."""
+
+    number: int
+    first: int  # the index of its first image
+    rows: ShardRows
+    placed: list[_Loaded] = field(default_factory=list)
+    errors: dict[int, tuple[_Loaded, str]] = field(default_factory=dict)
+
+
 class _Background:
-    """One thread that writes shards in submission order while the main thread keeps the GPU busy.
+    """One thread that runs jobs (placing a batch's rows, writing a shard) in submission order while the main
+    thread keeps the GPU busy; at most ``depth`` wait, so the main thread runs at most that far ahead.
 
     A failure in the thread is raised again in the main thread at its next :meth:`submit` or :meth:`close`.
     """
 
-    def __init__(self, depth: int = 2) -> None:
+    def __init__(self, depth: int) -> None:
         self.jobs: queue.Queue[Callable[[], None] | None] = queue.Queue(maxsize=depth)
         self.error: BaseException | None = None
         self.thread = threading.Thread(target=self._loop, name="arrcoc-shard-writer", daemon=True)
@@ -328,9 +372,10 @@ class _ShardWriter:
     """Collects one shard's images into batches of one bucket, compresses them, and has the shard written.
 
     Each batch becomes one :class:`~arrcoc.stages.preprocess.PreprocessedBatch` made on the pipeline's device
-    (JPEGs decoded and letterboxed there together, other images letterboxed by the workers and copied in), one
+    (JPEGs decoded and letterboxed there together, other images letterboxed by the reader and copied in), one
     pipeline call, and non-blocking copies of its results to pinned host memory; a background thread waits for
-    the copies, orders the rows and writes the shard.
+    each batch's copies and puts its rows in their places in the shard at once, so that when a shard's last
+    batch is done only the file remains to be written.
     """
 
     def __init__(
@@ -341,6 +386,8 @@ class _ShardWriter:
         query: Tensor | None,
         query_mask: Tensor | None,
         batch_size: int,
+        shard_size: int,
+        images: int,
         token_dtype: torch.dtype,
         fingerprint: str,
         stats: DatasetStats,
@@ -349,11 +396,14 @@ class _ShardWriter:
     ) -> None:
         self.pipe, self.dest, self.budget, self.query, self.query_mask = pipe, dest, budget, query, query_mask
         self.batch_size, self.token_dtype, self.fingerprint, self.stats = batch_size, token_dtype, fingerprint, stats
-        self.budget_policy = budget_policy
+        self.shard_size, self.images, self.budget_policy = shard_size, images, budget_policy
         self.device = pipe.device
         self.cuda = self.device.type == "cuda"
         self.preprocessor = Preprocessor(pipe.config.buckets, multiple=1)
-        self.background = _Background()
+        # up to two shards' batches (full ones, a partial one per bucket, the write) wait for the writer thread,
+        # so that writing one shard never stalls the batches of the next
+        buckets = len(pipe.config.buckets)
+        self.background = _Background(depth=2 * (-(-shard_size // batch_size) + buckets + 1))
         # nvJPEG's host side (about half a millisecond per photo) runs in this thread while the main thread
         # gathers the next batch from the loader. The lock keeps its device work out of pipeline calls, which
         # may capture a graph.
@@ -362,15 +412,14 @@ class _ShardWriter:
         self.stream = torch.cuda.current_stream(self.device) if self.cuda else None
         self.lock = threading.Lock()
         self.decoding: deque[Future[_Decoded]] = deque()
-        self.shard: int | None = None
+        self.shard: _Shard | None = None
         self.pending: dict[int, list[_Loaded]] = {}
-        self.done: list[_Compressed] = []
-        self.errors: dict[int, tuple[_Loaded, str]] = {}
 
     def add(self, item: _Loaded, shard: int) -> None:
-        if shard != self.shard:
+        if self.shard is None or shard != self.shard.number:
             self.finish()
-            self.shard = shard
+            first = shard * self.shard_size
+            self.shard = _Shard(shard, first, ShardRows(min(self.shard_size, self.images - first)))
         if item.error is not None:
             self._fail(item, item.error)
             return
@@ -381,13 +430,15 @@ class _ShardWriter:
 
     def _fail(self, item: _Loaded, reason: str) -> None:
         logger.info("broken: %s", reason)
-        self.errors[item.index] = (item, reason)
+        self.shard.errors[item.index] = (item, reason)
         self.stats.errors += 1
 
-    def _event(self) -> Any:
+    def _event(self, blocking: bool = False) -> Any:
+        """A CUDA event recorded on the current stream (None on the CPU); ``blocking``: a thread waiting for it
+        sleeps instead of spinning on a core."""
         if not self.cuda:
             return None
-        event = torch.cuda.Event(enable_timing=True)
+        event = torch.cuda.Event(enable_timing=True, blocking=blocking)
         event.record()
         return event
 
@@ -522,10 +573,10 @@ class _ShardWriter:
         # pinned destinations: the copies overlap the next batch, and the stream orders them before any replay
         host = {key: value.to("cpu", non_blocking=True) for key, value in on_device.items()}
         host.update({key: getattr(out, key) for key in _HOST_KEYS})  # per-image facts, on the host already
-        ready = self._event()
+        ready = self._event(blocking=True)  # the writer thread waits for it
         self.stats.copy_seconds += time.perf_counter() - start
         events = (*decoded.events, assembling, resized, computed, ready) if self.cuda and decoded.events else ()
-        self.done.append(_Compressed(items, host, ready, events))
+        self.background.submit(functools.partial(self._place, self.shard, _Compressed(items, host, ready, events)))
 
     def finish(self) -> None:
         """Compress what is pending and hand the shard to the writer thread (nothing when no shard is open)."""
@@ -535,9 +586,8 @@ class _ShardWriter:
             self._compress(self.pending.pop(bucket))
         while self.decoding:
             self._next()
-        shard, done, errors = self.shard, self.done, self.errors
-        self.background.submit(lambda: self._write(shard, done, errors))
-        self.shard, self.done, self.errors = None, [], {}
+        self.background.submit(functools.partial(self._write, self.shard))
+        self.shard = None
 
     def close(self) -> None:
         """Stop the decode thread and wait for the shards handed to the writer thread."""
@@ -558,34 +608,35 @@ class _ShardWriter:
             "source_size": item.source_size,
         }
 
-    def _write(self, shard: int, done: list[_Compressed], errors: dict[int, tuple[_Loaded, str]]) -> None:
-        """In the writer thread: wait for the copies, put the rows in source order, write the shard."""
+    def _place(self, shard: _Shard, part: _Compressed) -> None:
+        """In the writer thread: wait for one batch's copies and put its rows in their places in the shard."""
         start = time.perf_counter()
-        for part in done:
-            if part.ready is not None:
-                part.ready.synchronize()
+        if part.ready is not None:
+            part.ready.synchronize()
+            if part.events:
                 begin, decoded, assembling, resized, computed, ready = part.events
                 self.stats.gpu_ms["decode"] += begin.elapsed_time(decoded)
                 self.stats.gpu_ms["resize"] += assembling.elapsed_time(resized)
                 self.stats.gpu_ms["pipeline"] += resized.elapsed_time(computed)
                 self.stats.gpu_ms["copy-out"] += computed.elapsed_time(ready)
-        records = {index: self._record(item, shard, "error", reason) for index, (item, reason) in errors.items()}
-        tensors: dict[str, Tensor] = {}
-        if done:
-            items = [item for part in done for item in part.items]
-            order = sorted(range(len(items)), key=lambda row: items[row].index)
-            for offset, row in enumerate(order):
-                records[items[row].index] = {**self._record(items[row], shard, "ok", None), "offset": offset}
-            batches = [
-                {
-                    **part.host,
-                    "scale": torch.tensor([item.scale for item in part.items], dtype=torch.float32),
-                    "source_size": torch.tensor([item.source_size for item in part.items], dtype=torch.long),
-                }
-                for part in done
-            ]
-            tensors = stack_batches(batches, torch.tensor(order, dtype=torch.long))
-        write_shard(shard_file(self.dest, shard), tensors, [records[i] for i in sorted(records)], self.fingerprint)
+        rows = {
+            **part.host,
+            "scale": torch.tensor([item.scale for item in part.items], dtype=torch.float32),
+            "source_size": torch.tensor([item.source_size for item in part.items], dtype=torch.long),
+        }
+        shard.rows.place([item.index - shard.first for item in part.items], rows)
+        shard.placed.extend(part.items)
+        self.stats.write_seconds += time.perf_counter() - start
+
+    def _write(self, shard: _Shard) -> None:
+        """In the writer thread, after the shard's last batch is placed: its records, and the file."""
+        start = time.perf_counter()
+        number = shard.number
+        records = {index: self._record(item, number, "error", reason) for index, (item, reason) in shard.errors.items()}
+        for offset, item in enumerate(sorted(shard.placed, key=lambda placed: placed.index)):
+            records[item.index] = {**self._record(item, number, "ok", None), "offset": offset}
+        tensors = shard.rows.tensors()
+        write_shard(shard_file(self.dest, number), tensors, [records[i] for i in sorted(records)], self.fingerprint)
         self.stats.write_seconds += time.perf_counter() - start
         self.stats.shards_written += 1
 
@@ -686,7 +737,8 @@ def compress_dataset(
         query: one query embedding for every image (``(D,)`` or ``(L, D)``), or None.
         query_mask: ``(L,)`` bool, True on real query tokens.
         batch_size: images per pipeline call (each call holds images of one bucket).
-        workers: DataLoader worker processes decoding images (0: decode in this process).
+        workers: readers: threads reading files on the batched path, DataLoader worker processes decoding
+            images on the Pillow path (0: read in this thread).
         shard_size: images per shard (the unit of resumption).
         token_dtype: dtype of the stored tokens and prefix tokens.
         max_shards: write at most this many shards in this process, then stop (the run is resumable).
@@ -694,8 +746,8 @@ def compress_dataset(
         budget_policy: ``"exact"``: an image whose content yields fewer tokens than ``budget`` is an error
             record; ``"cap"``: its budget is lowered to what it yields (the stored ``budget`` says so).
         batch_decode: decode JPEGs in batches on the pipeline's device (nvJPEG) and letterbox each batch there
-            (:mod:`arrcoc.datasets.gpu_input`); other files are decoded by Pillow in the workers. Default: on
-            CUDA. ``False``: Pillow and the Preprocessor in the workers for every file.
+            (:mod:`arrcoc.datasets.gpu_input`); other files are decoded by Pillow in the reader threads. Default:
+            on CUDA. ``False``: Pillow and the Preprocessor in DataLoader workers for every file.
 
     Returns:
         :class:`DatasetStats` of this process.
@@ -753,15 +805,26 @@ def compress_dataset(
     )
 
     writer = _ShardWriter(
-        pipeline, dest, budget, query, query_mask, batch_size, token_dtype, fingerprint, stats, budget_policy
+        pipeline,
+        dest,
+        budget,
+        query,
+        query_mask,
+        batch_size,
+        shard_size,
+        len(sources),
+        token_dtype,
+        fingerprint,
+        stats,
+        budget_policy,
     )
-    decode = _Decode(
-        items,
-        pipeline.config.buckets,
-        device_jpegs=pipeline.device.type == "cuda" if batch_decode is None else batch_decode,
-    )
-    loader = torch.utils.data.DataLoader(
-        decode, batch_size=min(batch_size, 32), num_workers=workers, collate_fn=_collate
+    batched = pipeline.device.type == "cuda" if batch_decode is None else batch_decode
+    decode = _Decode(items, pipeline.config.buckets, device_jpegs=batched)
+    chunk = min(batch_size, 32)
+    reader: Iterable[list[_Loaded]] = (
+        _ThreadedReader(decode, workers, chunk)
+        if batched
+        else torch.utils.data.DataLoader(decode, batch_size=chunk, num_workers=workers, collate_fn=list)
     )
     start = time.perf_counter()
     with tqdm(
@@ -773,12 +836,11 @@ def compress_dataset(
         dynamic_ncols=True,
     ) as bar:
         try:
-            for chunk in _timed(loader, stats):
-                chunk = _unpack(chunk)
-                for item in chunk:
+            for loaded in _timed(reader, stats):
+                for item in loaded:
                     writer.add(item, item.index // shard_size)
-                stats.images += len(chunk)
-                bar.update(len(chunk))
+                stats.images += len(loaded)
+                bar.update(len(loaded))
                 bar.set_postfix(errors=stats.errors, refresh=False)
             writer.finish()
         finally:
@@ -795,10 +857,11 @@ def compress_dataset(
     return stats
 
 
-def _timed(loader: torch.utils.data.DataLoader, stats: DatasetStats) -> Iterator[_Chunk]:
-    """Iterate ``loader``, adding the time spent waiting for it to ``stats.wait_seconds``."""
+def _timed(reader: Iterable[list[_Loaded]], stats: DatasetStats) -> Iterator[list[_Loaded]]:
+    """Iterate ``reader``, adding the time spent starting it to ``stats.startup_seconds`` and the time spent
+    waiting for it to ``stats.wait_seconds``."""
     start = time.perf_counter()
-    iterator = iter(loader)  # starts the worker processes
+    iterator = iter(reader)  # starts the DataLoader's worker processes, or the reader threads
     stats.startup_seconds += time.perf_counter() - start
     while True:
         start = time.perf_counter()
@@ -866,7 +929,12 @@ def _parser() -> argparse.ArgumentParser:
         "file with 'query' (D,) or (L, D) [and 'query_mask'], or a .pt tensor",
     )
     parser.add_argument("--batch-size", type=int, default=64, help="images per pipeline call (default 64)")
-    parser.add_argument("--workers", type=int, default=4, help="DataLoader worker processes per GPU (default 4)")
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=4,
+        help="readers per GPU: threads on CUDA (JPEGs decoded on the GPU), DataLoader processes on the CPU (default 4)",
+    )
     parser.add_argument("--shard-size", type=int, default=1000, help="images per shard (default 1000)")
     parser.add_argument(
         "--max-shards",

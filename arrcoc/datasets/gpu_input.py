@@ -55,8 +55,10 @@ def jpeg_size(data: bytes | bytearray) -> tuple[int, int] | None:
     """
     if len(data) < 4 or data[:2] != b"\xff\xd8" or data[-2:] != b"\xff\xd9":
         return None
-    pos, size = 2, None
-    while pos + 4 <= len(data):
+    pos, size, end = 2, None, len(data)
+    # a reader thread runs this for every JPEG, holding the GIL: segments are skipped by their length, and only
+    # those that decide the answer are sliced
+    while pos + 4 <= end:
         if data[pos] != 0xFF:
             return None
         marker = data[pos + 1]
@@ -66,24 +68,25 @@ def jpeg_size(data: bytes | bytearray) -> tuple[int, int] | None:
         if marker == 0x01 or 0xD0 <= marker <= 0xD8:  # markers without a length
             pos += 2
             continue
-        length = int.from_bytes(data[pos + 2 : pos + 4], "big")
-        segment = data[pos + 4 : pos + 2 + length]
-        if length < 2 or len(segment) != length - 2:
+        length = data[pos + 2] << 8 | data[pos + 3]
+        if length < 2 or pos + 2 + length > end:
             return None
-        if marker == 0xE1 and segment[:6] == b"Exif\0\0" and _exif_orientation(segment[6:]) != 1:
-            return None
-        if marker == 0xEE and segment[:5] == b"Adobe":  # colour transform flags Pillow honours
-            return None
-        if marker in _SOF_OTHER:
-            return None
-        if marker in _SOF_DECODED:
-            if len(segment) < 6 or segment[0] != 8 or segment[5] not in (1, 3):
-                return None
-            size = (int.from_bytes(segment[1:3], "big"), int.from_bytes(segment[3:5], "big"))
-            if 0 in size:
-                return None
         if marker == 0xDA:  # start of scan: every header segment has been seen
             return size
+        if marker in _SOF_OTHER:
+            return None
+        if marker in _SOF_DECODED or marker == 0xE1 or marker == 0xEE:
+            segment = data[pos + 4 : pos + 2 + length]
+            if marker == 0xE1 and segment[:6] == b"Exif\0\0" and _exif_orientation(segment[6:]) != 1:
+                return None
+            if marker == 0xEE and segment[:5] == b"Adobe":  # colour transform flags Pillow honours
+                return None
+            if marker in _SOF_DECODED:
+                if len(segment) < 6 or segment[0] != 8 or segment[5] not in (1, 3):
+                    return None
+                size = (segment[1] << 8 | segment[2], segment[3] << 8 | segment[4])
+                if 0 in size:
+                    return None
         pos += 2 + length
     return None
 

@@ -48,7 +48,7 @@ __all__ = [
     "write_text_atomic",
     "read_shard_records",
     "stack_rows",
-    "stack_batches",
+    "ShardRows",
     "merge_index",
     "load_index",
     "load_record",
@@ -103,24 +103,68 @@ def stack_rows(rows: Sequence[dict[str, Tensor]]) -> dict[str, Tensor]:
     return out
 
 
-def stack_batches(batches: Sequence[dict[str, Tensor]], order: Tensor) -> dict[str, Tensor]:
-    """Shard tensors from batches of rows: :func:`stack_rows` of all their rows, taken in ``order``.
+class ShardRows:
+    """One shard's tensors, filled in place batch by batch as results arrive, in any order.
+
+    Each batch's rows go straight to their places in the shard (``position``: the image's place among the shard's
+    images, its index minus the shard's first); :meth:`tensors` then keeps the rows that were filled, in order.
+    The result equals :func:`stack_rows` of the same rows sorted by position, without a gather of the whole shard
+    at the end: when the filled rows are the first ``N`` (every image of a shard compressed), the shard tensors
+    are views of the buffers.
 
     Args:
-        batches: ``{name: (n, ...)}`` per batch, one entry per :data:`ROW_KEYS` name; a batch's per-region maps
-            share one grid (one bucket).
-        order: ``(N,)`` int64, the row (counted over the batches, in turn) that goes to each place.
+        size: images in the shard (an upper bound will do).
     """
-    if not batches:
-        return {}
-    out = {}
-    for key in ROW_KEYS:
-        values = [batch[key] for batch in batches]
-        if key in _REGION_KEYS:
-            rh, rw = max(v.shape[-2] for v in values), max(v.shape[-1] for v in values)
-            values = [F.pad(v, (0, rw - v.shape[-1], 0, rh - v.shape[-2])) for v in values]
-        out[key] = torch.cat(values).index_select(0, order).contiguous()
-    return out
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.positions: list[int] = []
+        self.buffers: dict[str, Tensor] = {}  # (size, ...) per row key, row = position
+        self.regions: list[tuple[Tensor, dict[str, Tensor]]] = []  # per batch: (positions, its per-region maps)
+
+    def place(self, positions: Sequence[int], rows: dict[str, Tensor]) -> None:
+        """Put a batch's rows in their places.
+
+        Args:
+            positions: ``n`` distinct places in ``[0, size)``, not filled before.
+            rows: ``{name: (n, ...)}`` CPU tensors, one entry per :data:`ROW_KEYS` name; a batch's per-region
+                maps share one grid.
+        """
+        where = torch.tensor(positions, dtype=torch.long)  # (n,)
+        for key in ROW_KEYS:
+            if key in _REGION_KEYS:
+                continue
+            value = rows[key]
+            if key not in self.buffers:
+                self.buffers[key] = value.new_zeros((self.size, *value.shape[1:]))
+            self.buffers[key].index_copy_(0, where, value)
+        self.regions.append((where, {key: rows[key] for key in _REGION_KEYS}))
+        self.positions.extend(positions)
+
+    def tensors(self) -> dict[str, Tensor]:
+        """``{name: (N, ...)}``, the ``N`` filled rows in the order of their positions (``{}`` when none)."""
+        if not self.positions:
+            return {}
+        filled = sorted(self.positions)
+        count = len(filled)
+        # positions 0 .. N-1 (no gaps): the buffers' first rows as they are; else one gather
+        order = None if filled[-1] == count - 1 else torch.tensor(filled, dtype=torch.long)
+
+        def keep(value: Tensor) -> Tensor:
+            return value[:count] if order is None else value.index_select(0, order)
+
+        out = {}
+        for key in ROW_KEYS:
+            if key in _REGION_KEYS:
+                grids = [maps[key] for _, maps in self.regions]
+                rh, rw = max(v.shape[-2] for v in grids), max(v.shape[-1] for v in grids)
+                full = grids[0].new_zeros((self.size, rh, rw))
+                for where, value in zip((w for w, _ in self.regions), grids):
+                    full.index_copy_(0, where, F.pad(value, (0, rw - value.shape[-1], 0, rh - value.shape[-2])))
+                out[key] = keep(full)
+            else:
+                out[key] = keep(self.buffers[key])
+        return out
 
 
 def write_shard(path: Path, tensors: dict[str, Tensor], records: list[dict[str, Any]], fingerprint: str) -> None:

@@ -4,12 +4,12 @@
 benchmark set (70% with a long side of 160-224 px, the rest 300-384 px) and a photo-sized set (long side
 640-1,600 px). Per set and encoder dtype it builds a pipeline, captures its graphs, and runs
 :func:`arrcoc.datasets.compress_dataset.compress_dataset` over the folder: once to warm up, once plain (images/s,
-and the shares of the host's wall time: worker start-up, waiting for the DataLoader, waiting for the decode
-thread, resize, pipeline, copy-out, the wait for the last shard; the decode and writer threads' shares, which
-overlap them; device milliseconds per step from CUDA events), once under
-``torch.profiler`` (GPU busy = kernel and copy time / wall time), and once through the Pillow path
-(``batch_decode=False``) to report the share of images whose allocation is identical to the batched path's
-and the largest differences. With ``--scaling`` on a machine of several GPUs it runs the command under
+and the shares of the host's wall time: starting the reader, waiting for it, waiting for the decode thread,
+resize, pipeline, copy-out, the wait for the last shard; the decode and writer threads' shares, which overlap
+them; device milliseconds per step from CUDA events), once under ``torch.profiler`` (GPU busy = kernel and copy
+time / wall time), and once through the Pillow path (``batch_decode=False``, DataLoader worker processes) to
+report its images/s and start-up, the share of images whose allocation is identical to the batched path's and
+the largest differences. With ``--scaling`` on a machine of several GPUs it runs the command under
 ``torchrun`` on 1, 2, 4, ... GPUs. Results go to ``<out>/dataset-<device>[-tag].json`` and ``.md``; ``--out`` is
 a scratch folder unless ``--out bench/results`` is given.
 """
@@ -194,7 +194,7 @@ def _case(
     shutil.rmtree(work / "plain", ignore_errors=True)
     wall = plain.seconds
     shares = {
-        "startup": plain.startup_seconds,
+        "startup": plain.startup_seconds,  # the reader's thread pool
         "loader_wait": plain.wait_seconds,
         "decode": plain.decode_seconds,
         "resize": plain.resize_seconds,
@@ -227,6 +227,7 @@ def _case(
         "profiled_images_per_s": profiled.images_per_second,
         "profiler_error": profiler_error,
         "pil_images_per_s": pil.images_per_second if pil else None,
+        "pil_startup_s": pil.startup_seconds if pil else None,  # the DataLoader's worker processes
         "agreement": agreement,
         "graph_cache": {k: v for k, v in pipe.graph_cache.stats().items() if isinstance(v, (int, float))},
     }
@@ -288,36 +289,42 @@ def _markdown(report: dict[str, Any]) -> str:
         f"# arrcoc compress-dataset — {report['device']}",
         "",
         f"torch {report['torch']}, torchvision {report['torchvision']}, preset `{report['preset']}`, "
-        f"{report['date']}. Budget {report['budget']}, batch {report['batch_size']}, {report['workers']} "
-        f"DataLoader workers, shards of {report['shard_size']}, {report['token_dtype']} tokens. Sets: "
+        f"{report['date']}. Budget {report['budget']}, batch {report['batch_size']}, {report['workers']} readers "
+        f"(threads on the batched path, DataLoader worker processes on the Pillow path), shards of "
+        f"{report['shard_size']}, {report['token_dtype']} tokens. Sets: "
         + "; ".join(f"`{k}` {v}" for k, v in report["sets"].items())
         + ". Pillow decoding alone (DataLoader, "
         f"no GPU, the benchmark set): {report['decode_images_per_s']:.0f} images/s.",
         "",
-        "JPEGs are decoded by nvJPEG in one call per batch, in a decode thread that runs while the main "
-        "thread gathers the next batch, and letterboxed on the GPU for the whole bucket. images/s: the whole "
-        "run (worker start-up and the last shard's write included); running images/s: the same run without "
-        "those two fixed costs, which a long job amortises (derived from the same run, not measured "
-        "apart). GPU busy = kernel + copy time from torch.profiler / wall time of the profiled run. Host "
-        "shares of the wall time (main thread): starting the DataLoader's workers, waiting for the "
-        "DataLoader, waiting for the decode thread, resize (letterbox + batch assembly), pipeline calls, "
-        "issuing the copies out, the wait for the last shard's write (drain), and the rest (per-image "
-        "bookkeeping: unpacking chunks, sorting items into buckets, the progress bar); the decode and writer "
-        "threads overlap them. GPU ms: the device timeline between CUDA events recorded around each step, "
+        "Reader threads read the files and their JPEG headers in this process (files that need Pillow are "
+        "decoded there too); JPEGs are decoded by nvJPEG in one call per batch, in a decode thread that runs "
+        "while the main thread gathers the next batch, and letterboxed on the GPU for the whole bucket; a "
+        "writer thread puts each batch's rows in their places in the shard as its copies land, so that at a "
+        "shard's end only its file is left to write. images/s: the whole run (the reader's start-up and the "
+        "last shard's write included); running images/s: the same run without those two fixed costs, which "
+        "a long job amortises (derived from the same run, not measured apart). GPU busy = kernel + copy time "
+        "from torch.profiler / wall time of the profiled run. Host shares of the wall time (main thread): "
+        "starting the reader (a thread pool; the Pillow path's DataLoader starts worker processes: "
+        "Pillow start-up), waiting for the reader, waiting for the decode thread, resize (letterbox + batch "
+        "assembly), pipeline calls, issuing the copies out, the wait for the last shard's write (drain), and "
+        "the rest (per-image bookkeeping: sorting items into buckets, the progress bar); the decode and writer "
+        "threads overlap them (the writer thread's share: waiting for each batch's copies, placing its rows, "
+        "writing the files). GPU ms: the device timeline between CUDA events recorded around each step, "
         "summed over batches (gaps where the device waits for the host included; with the decode thread, "
         "steps of neighbouring batches can interleave, so they are approximate).",
         "",
         "| set | encoder | images/s | running images/s | GPU busy | start-up | loader wait | decode wait "
         "| resize | pipeline | copy-out | drain | other | decode thread | writer thread "
-        "| GPU ms decode / resize / pipeline / copy | Pillow path images/s |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|",
+        "| GPU ms decode / resize / pipeline / copy | Pillow path images/s | Pillow start-up |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|",
     ]
     for c in report["cases"]:
         if "error" in c:
-            lines.append(f"| {c['set']} | {c['encoder_dtype']} | failed: {c['error'][:80]} |" + " |" * 14)
+            lines.append(f"| {c['set']} | {c['encoder_dtype']} | failed: {c['error'][:80]} |" + " |" * 15)
             continue
         h, g = c["host_shares"], c["gpu_ms"]
         pil = f"{c['pil_images_per_s']:.0f}" if c.get("pil_images_per_s") else "—"
+        pil_startup = f"{c['pil_startup_s']:.2f} s" if c.get("pil_startup_s") is not None else "—"
         lines.append(
             f"| {c['set']} | {c['encoder_dtype']}{'' if c['cuda_graphs'] else ' eager'} | "
             f"{c['images_per_s']:.0f} | {c['running_images_per_s']:.0f} | {100 * c['gpu_busy_share']:.1f}% | "
@@ -325,7 +332,8 @@ def _markdown(report: dict[str, Any]) -> str:
             f"{100 * h['decode']:.1f}% | {100 * h['resize']:.1f}% | {100 * h['pipeline']:.1f}% | "
             f"{100 * h['copy_out']:.1f}% | {100 * h['drain']:.1f}% | {100 * h['other']:.1f}% | "
             f"{100 * h['decode_thread']:.1f}% | {100 * h['write_thread']:.1f}% | "
-            f"{g['decode']:.0f} / {g['resize']:.0f} / {g['pipeline']:.0f} / {g['copy-out']:.0f} | {pil} |"
+            f"{g['decode']:.0f} / {g['resize']:.0f} / {g['pipeline']:.0f} / {g['copy-out']:.0f} | {pil} | "
+            f"{pil_startup} |"
         )
     agreed = [c for c in report["cases"] if c.get("agreement")]
     if agreed:
