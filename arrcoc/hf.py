@@ -3,8 +3,8 @@
 ``wrap(model, processor, method="arrcoc", budget=0.25)`` returns :class:`~arrcoc.integrations.qwen.ArrcocQwen` for
 Qwen2-VL / Qwen2.5-VL / Qwen3-VL and :class:`~arrcoc.integrations.hf.ArrcocLlava` for LLaVA-1.5-style models; both
 have ``prepare``, ``forward`` and ``generate``. The adapters' modules' public names are re-exported here, so
-``arrcoc.hf.ArrcocLlava`` keeps working. :func:`pack_vision_attention` runs a Qwen-VL vision tower with one
-attention call per layer where flash-attn is not installed.
+``arrcoc.hf.ArrcocLlava`` keeps working. :func:`pack_vision_tower` runs a Qwen-VL vision tower with one
+attention call per layer (where flash-attn is not installed) and its patch embedding as one matrix product.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from typing import Any
 from .errors import BudgetError, InvalidTypeError
 from .integrations.hf import ArrcocLlava, Prepared, main, raster_order, word_tokenizer
 from .integrations.qwen import QWEN_MODEL_TYPES, ArrcocQwen, QwenPrepared
-from .integrations.vision_attention import pack_vision_attention, unpack_vision_attention
+from .integrations.vision_tower import pack_vision_tower, unpack_vision_tower
 
 __all__ = [
     "wrap",
@@ -23,8 +23,8 @@ __all__ = [
     "ArrcocQwen",
     "Prepared",
     "QwenPrepared",
-    "pack_vision_attention",
-    "unpack_vision_attention",
+    "pack_vision_tower",
+    "unpack_vision_tower",
     "raster_order",
     "word_tokenizer",
     "main",

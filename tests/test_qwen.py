@@ -17,7 +17,7 @@ pytest.importorskip("tokenizers")
 from arrcoc import hf  # noqa: E402
 from arrcoc.integrations.hf import ArrcocLlava, word_tokenizer  # noqa: E402
 from arrcoc.integrations.qwen import ArrcocQwen, _box_means, graph_buckets, merged_grid  # noqa: E402
-from arrcoc.integrations.vision_attention import pack_vision_attention, unpack_vision_attention  # noqa: E402
+from arrcoc.integrations.vision_tower import pack_vision_tower, unpack_vision_tower  # noqa: E402
 
 WORDS = "USER ASSISTANT : what colour is the box left of red green blue a shape ? which side".split()
 IMAGE_ID = 5
@@ -381,7 +381,8 @@ def _vision(model: torch.nn.Module, images: list[torch.Tensor], processor: objec
 
 def test_packed_vision_attention_equals_the_models_own(qwen: tuple) -> None:
     """Several images (and, in Qwen2.5-VL, several windows each): one padded call per layer keeps every
-    sequence apart, so the merged tokens and the logits match the per-sequence loop; unpacking is exact."""
+    sequence apart and the patch embedding as one matrix product is the convolution, so the merged tokens and the
+    logits match the model's own tower; unpacking is exact."""
     model, processor = qwen
     images = _images(3)
     adapter = _adapter(qwen)
@@ -390,11 +391,11 @@ def test_packed_vision_attention_equals_the_models_own(qwen: tuple) -> None:
         prepared = adapter.prepare(images, PROMPTS)
         logits = adapter.run(prepared).logits
         try:
-            assert pack_vision_attention(model, "padded") == len(model.model.visual.blocks)
+            assert pack_vision_tower(model, "padded") == len(model.model.visual.blocks)
             got = _vision(model, images, processor)
             packed_logits = adapter.run(adapter.prepare(images, PROMPTS)).logits
         finally:
-            unpack_vision_attention(model)
+            unpack_vision_tower(model)
         again = _vision(model, images, processor)
     for a, b in zip(got, expected):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
@@ -409,30 +410,43 @@ def test_packed_attention_that_mixes_sequences_would_be_caught(qwen: tuple) -> N
     images = _images(2)
     with torch.no_grad():
         expected = _vision(model, images, processor)
-        pack_vision_attention(model, "padded")
+        pack_vision_tower(model, "padded")
         try:
             for block in model.model.visual.blocks:  # one sequence over everything
                 forward = block.attn.forward
                 block.attn.forward = lambda h, cu_seqlens, _f=forward, **kw: _f(h, cu_seqlens[[0, -1]], **kw)
             got = _vision(model, images, processor)
         finally:
-            unpack_vision_attention(model)
+            unpack_vision_tower(model)
     assert not all(torch.allclose(a, b, rtol=1e-5, atol=1e-5) for a, b in zip(got, expected))
 
 
-def test_pack_vision_attention_refuses_what_it_cannot_pack(qwen: tuple) -> None:
+def test_the_patch_embedding_can_stay_a_convolution(qwen: tuple) -> None:
+    model, _ = qwen
+    embed = model.model.visual.patch_embed
+    try:
+        pack_vision_tower(model, patch_embed=False)
+        assert "forward" not in vars(embed)
+        pack_vision_tower(model)
+        assert "forward" in vars(embed)
+    finally:
+        unpack_vision_tower(model)
+    assert "forward" not in vars(embed)
+
+
+def test_pack_vision_tower_refuses_what_it_cannot_pack(qwen: tuple) -> None:
     model, _ = qwen
     with pytest.raises(arrcoc.InvalidInputError, match="kernel must be one of"):
-        pack_vision_attention(model, "flash")
+        pack_vision_tower(model, "flash")
     with pytest.raises(arrcoc.InvalidTypeError, match="Qwen2-VL"):
-        pack_vision_attention(torch.nn.Linear(2, 2))
+        pack_vision_tower(torch.nn.Linear(2, 2))
     if not torch.cuda.is_available():
-        pack_vision_attention(model, "varlen")
+        pack_vision_tower(model, "varlen")
         try:
             with pytest.raises(arrcoc.InvalidInputError, match="CUDA and float16/bfloat16"):
                 _vision(model, _images(1), qwen[1])
         finally:
-            unpack_vision_attention(model)
+            unpack_vision_tower(model)
 
 
 @pytest.mark.cuda
@@ -447,9 +461,9 @@ def test_cuda_varlen_vision_attention_matches_the_models_own(family: str) -> Non
         expected = _vision(model, images, processor)
         results = {}
         for kernel in ("varlen", "padded"):
-            pack_vision_attention(model, kernel)
+            pack_vision_tower(model, kernel)
             results[kernel] = _vision(model, images, processor)
-        unpack_vision_attention(model)
+        unpack_vision_tower(model)
     for kernel, got in results.items():
         for a, b in zip(got, expected):
             torch.testing.assert_close(a.float(), b.float(), rtol=0.05, atol=0.05, msg=kernel)

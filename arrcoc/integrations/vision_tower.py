@@ -1,20 +1,24 @@
-"""Qwen-VL's vision tower with one attention call per layer: :func:`pack_vision_attention`.
+"""Qwen-VL's vision tower in fewer, larger kernels: :func:`pack_vision_tower`.
 
 Qwen2-VL, Qwen2.5-VL and Qwen3-VL attend inside many short sequences packed end to end: each image, and in
 Qwen2.5-VL each 112 px window. Without flash-attn installed, transformers runs one attention call per sequence, a
 Python loop over ``cu_seqlens`` (about 100 windows x 28 windowed layers for one 1,280 x 960 image), and that loop,
-not the arithmetic, is most of the time to first token. :func:`pack_vision_attention` gives each vision attention
-layer a forward that attends inside every sequence in one kernel call:
+not the arithmetic, is most of the time to first token. :func:`pack_vision_tower` changes two things:
 
-- ``"varlen"``: PyTorch's FlashAttention varlen kernel (``torch.nn.attention.varlen.varlen_attn``), CUDA and
-  float16 / bfloat16 only: no padding, no mask;
-- ``"padded"``: the sequences gathered into one padded batch for ``scaled_dot_product_attention`` with a
-  key-padding mask, on any device and dtype;
-- ``"auto"`` (the default): ``"varlen"`` where it runs, else ``"padded"``, decided per call.
+- each vision attention layer attends inside every sequence in one kernel call:
 
-The math is the layer's own (its ``qkv`` and ``proj``, its module's rotary function, the default ``1/sqrt(d)``
-scale); only the kernel's rounding differs. The model's weights, config and outputs' shapes are unchanged, and
-:func:`unpack_vision_attention` puts the original forwards back.
+  - ``"varlen"``: PyTorch's FlashAttention varlen kernel (``torch.nn.attention.varlen.varlen_attn``), CUDA and
+    float16 / bfloat16 only: no padding, no mask;
+  - ``"padded"``: the sequences gathered into one padded batch for ``scaled_dot_product_attention`` with a
+    key-padding mask, on any device and dtype;
+  - ``"auto"`` (the default): ``"varlen"`` where it runs, else ``"padded"``, decided per call;
+
+- the patch embedding, a ``Conv3d`` whose kernel equals its stride over inputs already cut into patches, runs as
+  the one matrix product it is (``F.linear`` with the kernel flattened), not through a 3-D convolution.
+
+The math is the model's own (its ``qkv``, ``proj`` and convolution weights, its module's rotary function, the
+default ``1/sqrt(d)`` scale); only the kernels' rounding differs. Weights, config and output shapes are unchanged,
+and :func:`unpack_vision_tower` puts the original forwards back.
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ from torch import Tensor, nn
 
 from ..errors import InvalidInputError, InvalidTypeError
 
-__all__ = ["pack_vision_attention", "unpack_vision_attention", "KERNELS"]
+__all__ = ["pack_vision_tower", "unpack_vision_tower", "KERNELS"]
 
 KERNELS = ("auto", "varlen", "padded")
 
@@ -39,18 +43,24 @@ except ImportError:  # pragma: no cover - older torch: the padded kernel serves
     varlen_attn = None
 
 
-def _layers(model: nn.Module) -> list[nn.Module]:
-    """The vision attention layers of a Qwen-VL model (the ...ForConditionalGeneration or its inner model)."""
+def _tower(model: nn.Module) -> nn.Module:
+    """The vision tower of a Qwen-VL model (the ...ForConditionalGeneration or its inner model), checked."""
     inner = getattr(model, "model", model)
     visual = getattr(inner, "visual", None)
     blocks = getattr(visual, "blocks", None)
     layers = [getattr(block, "attn", None) for block in blocks] if blocks is not None else []
-    if not layers or not all(hasattr(a, "qkv") and hasattr(a, "proj") and hasattr(a, "num_heads") for a in layers):
+    proj = getattr(getattr(visual, "patch_embed", None), "proj", None)
+    if (
+        not layers
+        or not all(hasattr(a, "qkv") and hasattr(a, "proj") and hasattr(a, "num_heads") for a in layers)
+        or not isinstance(proj, nn.Conv3d)
+        or proj.kernel_size != proj.stride
+    ):
         raise InvalidTypeError(
-            "model must be a Qwen2-VL, Qwen2.5-VL or Qwen3-VL model whose vision tower's blocks have an attention "
-            f"layer with qkv, proj and num_heads; got {type(model).__name__}"
+            "model must be a Qwen2-VL, Qwen2.5-VL or Qwen3-VL model whose vision tower has a Conv3d patch embedding "
+            f"(kernel = stride) and attention layers with qkv, proj and num_heads; got {type(model).__name__}"
         )
-    return layers
+    return visual
 
 
 def _rotary(layer: nn.Module) -> Any:
@@ -115,32 +125,47 @@ def _unpad(out: Tensor, cu_seqlens: Tensor, n: int) -> Tensor:
     return out[seq, :, token - cu_seqlens[seq]]
 
 
-def pack_vision_attention(model: nn.Module, kernel: str = "auto") -> int:
-    """Give every vision attention layer of a Qwen-VL model a one-call forward (module docstring).
+def _patch_embed_forward(self: nn.Module, hidden_states: Tensor) -> Tensor:
+    """The patch embedding as one matrix product: each row of ``hidden_states`` is one flattened patch."""
+    weight = self.proj.weight  # (E, C, T, P, P): a kernel that covers the whole patch
+    return F.linear(hidden_states.reshape(-1, weight[0].numel()).to(weight.dtype), weight.flatten(1), self.proj.bias)
+
+
+def pack_vision_tower(model: nn.Module, kernel: str = "auto", *, patch_embed: bool = True) -> int:
+    """Run a Qwen-VL vision tower with one attention call per layer and its patch embedding as one matrix
+    product (module docstring).
 
     Args:
         model: a ``Qwen2VLForConditionalGeneration``, ``Qwen2_5_VLForConditionalGeneration`` or
             ``Qwen3VLForConditionalGeneration`` (or its inner ``.model``), changed in place.
-        kernel: ``"auto"``, ``"varlen"`` or ``"padded"`` (module docstring).
+        kernel: the attention kernel, ``"auto"``, ``"varlen"`` or ``"padded"`` (module docstring).
+        patch_embed: also run the patch embedding as one matrix product (``False`` leaves its ``Conv3d``).
 
     Returns:
-        The number of layers packed. Calling it again only changes the kernel.
+        The number of attention layers packed. Calling it again only changes the kernel.
     """
     if kernel not in KERNELS:
         raise InvalidInputError(f"kernel must be one of {KERNELS}; got {kernel!r}")
-    layers = _layers(model)
+    visual = _tower(model)
+    layers = [block.attn for block in visual.blocks]
     for layer in layers:
         layer._arrcoc_rotary = _rotary(layer)
         layer._arrcoc_kernel = kernel
         layer.forward = types.MethodType(_forward, layer)
+    if patch_embed:
+        visual.patch_embed.forward = types.MethodType(_patch_embed_forward, visual.patch_embed)
+    else:
+        vars(visual.patch_embed).pop("forward", None)
     return len(layers)
 
 
-def unpack_vision_attention(model: nn.Module) -> int:
-    """Undo :func:`pack_vision_attention`: the layers' class forwards again. Returns the layers restored."""
+def unpack_vision_tower(model: nn.Module) -> int:
+    """Undo :func:`pack_vision_tower`: the class forwards again. Returns the attention layers restored."""
+    visual = _tower(model)
     restored = 0
-    for layer in _layers(model):
+    for layer in (block.attn for block in visual.blocks):
         if "forward" in vars(layer):
             del layer.forward, layer._arrcoc_rotary, layer._arrcoc_kernel
             restored += 1
+    vars(visual.patch_embed).pop("forward", None)
     return restored
