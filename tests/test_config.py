@@ -64,8 +64,11 @@ def test_unknown_preset_and_fields() -> None:
         PipelineConfig.from_dict({"encoderr": "x"})
 
 
-def test_the_pick_is_off_by_default_and_round_trips() -> None:
-    assert BalanceConfig().pick == "off" and BalanceConfig().pick_salience == 0 and BalanceConfig().pick_colour == 0
+def test_the_pick_defaults_to_maxmin_with_colour_and_round_trips() -> None:
+    assert (
+        BalanceConfig().pick == "maxmin" and BalanceConfig().pick_salience == 0 and BalanceConfig().pick_colour == 0.5
+    )
+    assert BalanceConfig().query_cover == 0
     config = PipelineConfig(balance=BalanceConfig(pick="maxmin", pick_salience=0.3, pick_colour=0.5))
     assert PipelineConfig.from_json(config.to_json()) == config
     with pytest.raises(InvalidTypeError, match="pick"):

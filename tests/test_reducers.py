@@ -140,21 +140,26 @@ def test_query_free_picks_give_exact_budgets_independent_of_the_batch(kw: dict, 
 
 
 def test_query_free_maxmin_pick_keeps_divprunes_patches() -> None:
+    """Without colour the pick is DivPrune's set; the default's colour term then moves it (the test could fail)."""
     visual = _visual(b=2, gh=12, gw=12)
-    ours, theirs = _picking("maxmin")(visual, 14), create_reducer("divprune")(visual, 14)
+    ours, theirs = _picking("maxmin", pick_colour=0.0)(visual, 14), create_reducer("divprune")(visual, 14)
     for i in range(2):
         assert {tuple(p) for p in ours.positions[i, :, :2].tolist()} == {
             tuple(p) for p in theirs.positions[i, :, :2].tolist()
         }
+    coloured = ArrcocReducer(read_query=False)(visual, 14)  # the shipped default: pick_colour 0.5
+    assert any(not torch.equal(coloured.positions[i], ours.positions[i]) for i in range(2))
 
 
-def test_pick_off_is_the_shipped_reducer_and_a_pick_changes_only_images_without_a_question() -> None:
+def test_the_shipped_pick_is_maxmin_and_a_pick_changes_only_images_without_a_question() -> None:
     visual = _visual(b=2, gh=12, gw=12)
-    shipped, off = create_reducer("arrcoc-noquery")(visual, 14), _picking("off")(visual, 14)
-    assert torch.equal(shipped.tokens, off.tokens) and torch.equal(shipped.relevance, off.relevance)
-    assert not torch.equal(_picking("maxmin")(visual, 14).positions, shipped.positions)
+    shipped = create_reducer("arrcoc-noquery")(visual, 14)
+    default = _picking("maxmin", pick_colour=0.5)(visual, 14)
+    assert torch.equal(shipped.tokens, default.tokens) and torch.equal(shipped.relevance, default.relevance)
+    assert not torch.equal(_picking("off")(visual, 14).positions, shipped.positions)
     query = torch.randn(1, 3, 16)
     asked = VisualInput(features=visual.features, pixels=visual.pixels, query=query)
-    config = arrcoc.PipelineConfig(balance=arrcoc.BalanceConfig(pick="maxmin", pick_salience=0.5))
-    a, b = ArrcocReducer(config)(asked, 14), create_reducer("arrcoc")(asked, 14)
-    assert torch.equal(a.tokens, b.tokens) and torch.equal(a.positions, b.positions)
+    for pick in ("off", "novelty"):  # with a question the pick is not read
+        config = arrcoc.PipelineConfig(balance=arrcoc.BalanceConfig(pick=pick, pick_salience=0.5))
+        a, b = ArrcocReducer(config)(asked, 14), create_reducer("arrcoc")(asked, 14)
+        assert torch.equal(a.tokens, b.tokens) and torch.equal(a.positions, b.positions)
