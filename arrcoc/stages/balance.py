@@ -143,19 +143,22 @@ def pick_patches(
     if colour is not None and colour_share > 0:
         lab = colour.float().flatten(1, 2)  # (B, N, 3)
         distance = distance + colour_share * torch.cdist(lab, lab)
-    others = valid[:, None, :] & ~torch.eye(n, dtype=torch.bool, device=features.device)
+    others = valid[:, None, :] & ~torch.eye(n, dtype=torch.bool, device=features.device)  # [b, p, q]: q not p
     nearest = distance.masked_fill(~others, torch.inf).amin(-1)  # (B, N) distance to the nearest other patch
     nearest = torch.where(torch.isfinite(nearest), nearest, 0.0)  # an image of one patch
-    running = nearest  # before the first pick, the score is the nearest-neighbour distance
-    chosen = torch.zeros(b, n, dtype=torch.bool, device=features.device)
+    # A candidate's score is its distance from the nearest kept patch times its weight; min and a non-negative
+    # weight commute exactly, so the weight is folded into the distances once. -inf marks what cannot be picked:
+    # padding, and (the diagonal) a patch once it is kept.
+    weighted = (distance * weight[:, None, :]).masked_fill_(~others, -torch.inf)  # [b, p, q]
+    score = torch.where(valid, nearest * weight, -torch.inf)  # before the first pick: the nearest neighbour's
+    live = budget[:, None] > torch.arange(steps, device=budget.device)  # (B, steps): steps inside the budget
+    chosen = features.new_zeros(b, n, dtype=torch.float32)
     for step in range(steps):  # a Python int: the step count depends on the capacity only
-        score = torch.where(chosen | ~valid, -torch.inf, running * weight)
         pick = score.argmax(-1, keepdim=True)  # (B, 1)
-        take = (step < budget)[:, None] & valid.gather(1, pick) & ~chosen.gather(1, pick)  # (B, 1)
-        chosen = chosen | torch.zeros_like(chosen).scatter(1, pick, take)
-        row = distance.gather(1, pick[..., None].expand(-1, -1, n))[:, 0]  # (B, N)
-        kept = row if step == 0 else torch.minimum(running, row)
-        running = torch.where(take, kept, running)
+        take = live[:, step : step + 1] & (score.gather(1, pick) > -torch.inf)  # (B, 1) a real patch, not kept yet
+        chosen.scatter_add_(1, pick, take.float())
+        row = weighted.gather(1, pick[..., None].expand(-1, -1, n))[:, 0]  # (B, N)
+        score = torch.where(take, row if step == 0 else torch.minimum(score, row), score)
     return chosen.to(features.dtype).view(b, gh, gw)
 
 
