@@ -11,7 +11,14 @@ from arrcoc.config import BalanceConfig
 from arrcoc.stages.balance import BALANCE_KEYS, Balance, novelty, pick_patches
 from arrcoc.stages.compression import Compressor, compress, query_priority
 from arrcoc.stages.encoders import PatchProjection
-from arrcoc.stages.regions import capacity_of, normalize_per_image, region_bounds, region_grid, to_regions
+from arrcoc.stages.regions import (
+    capacity_of,
+    normalize_per_image,
+    region_bounds,
+    region_grid,
+    to_patches,
+    to_regions,
+)
 from arrcoc.stages.scorers import SCORERS, create_scorer, query_coupling
 from arrcoc.stages.texture import patch_mean, rgb_to_lab, texture_features
 
@@ -530,3 +537,11 @@ def test_the_compressor_shows_the_picked_patches_only_without_a_question() -> No
     a = Compressor(4, 0.5)(features, valid, allocation, 6, *query, None, pick)
     b = Compressor(4, 0.5)(features, valid, allocation, 6, *query)
     assert all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+def test_to_patches_spreads_each_region_over_its_patches_and_cuts_to_the_grid() -> None:
+    regions = torch.arange(6.0).view(1, 2, 3)
+    patches = to_patches(regions, (3, 5), 2)  # a 3x5 grid in 2x2 regions: the last row and column are cut
+    assert patches.shape == (1, 3, 5)
+    assert patches[0].tolist() == [[0, 0, 1, 1, 2], [0, 0, 1, 1, 2], [3, 3, 4, 4, 5]]
+    assert torch.equal(to_regions(patches[..., None], 2)[..., 0, 0], regions)  # each region's first patch

@@ -81,11 +81,6 @@ def novelty(features: Tensor, patch_valid: Tensor) -> Tensor:
     return torch.where(valid, (1 - nearest).clamp(0, 1), 0.0).view(patch_valid.shape)
 
 
-def _patch_map(region_map: Tensor, grid: tuple[int, int], side: int) -> Tensor:
-    """A region map ``(B, rh, rw)`` spread over its patches and cut to the grid: ``(B, gh, gw)``."""
-    return region_map.repeat_interleave(side, 1).repeat_interleave(side, 2)[:, : grid[0], : grid[1]]
-
-
 def pick_patches(
     method: str,
     features: Tensor,

@@ -23,9 +23,9 @@ from ..config import SCORER_NAMES, PipelineConfig
 from ..errors import InvalidInputError
 from ..runtime.streams import run_branches
 from .allocation import Allocator
-from .balance import Balance, _patch_map, novelty, pick_patches
+from .balance import Balance, novelty, pick_patches
 from .compression import Compressor
-from .regions import region_bounds
+from .regions import region_bounds, to_patches
 from .scorers import create_scorer
 
 __all__ = ["RelevanceHead", "Stage", "HEAD_OUTPUTS"]
@@ -173,7 +173,7 @@ class RelevanceHead(nn.Module):
         features, patch_valid = s["features"], s["patch_valid"]
         weights = self.balance.base_weights[:2]
         salience = (s["scores"][:, :2] * weights[:, None, None]).sum(1) / weights.sum().clamp_min(1e-12)  # (B, rh, rw)
-        salience = _patch_map(salience, features.shape[1:3], self.region_size)  # (B, gh, gw)
+        salience = to_patches(salience, features.shape[1:3], self.region_size)  # (B, gh, gw)
         return pick_patches(
             self.pick,
             features,

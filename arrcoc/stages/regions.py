@@ -13,6 +13,7 @@ from torch import Tensor
 __all__ = [
     "region_grid",
     "to_regions",
+    "to_patches",
     "masked_mean",
     "normalize_per_image",
     "region_bounds",
@@ -41,6 +42,12 @@ def to_regions(grid: Tensor, side: int) -> Tensor:
     grid = F.pad(grid, (0, 0, 0, rw * side - gw, 0, rh * side - gh))  # (B, rh*s, rw*s, C)
     grid = grid.view(b, rh, side, rw, side, c).permute(0, 1, 3, 2, 4, 5)  # (B, rh, rw, s, s, C)
     return grid.reshape(b, rh, rw, side * side, c)
+
+
+def to_patches(region_map: Tensor, grid: tuple[int, int], side: int) -> Tensor:
+    """The inverse of :func:`to_regions` for one value per region: ``(B, rh, rw)`` spread over each region's
+    patches and cut to the patch grid, ``(B, gh, gw)``."""
+    return region_map.repeat_interleave(side, 1).repeat_interleave(side, 2)[:, : grid[0], : grid[1]]
 
 
 def masked_mean(values: Tensor, weights: Tensor, dim: int) -> Tensor:
