@@ -11,6 +11,7 @@ from arrcoc.config import BalanceConfig
 from arrcoc.stages.balance import BALANCE_KEYS, Balance, novelty, pick_patches
 from arrcoc.stages.compression import Compressor, compress, query_priority
 from arrcoc.stages.encoders import PatchProjection
+from arrcoc.stages.head import RelevanceHead
 from arrcoc.stages.regions import (
     capacity_of,
     normalize_per_image,
@@ -545,3 +546,25 @@ def test_to_patches_spreads_each_region_over_its_patches_and_cuts_to_the_grid() 
     assert patches.shape == (1, 3, 5)
     assert patches[0].tolist() == [[0, 0, 1, 1, 2], [0, 0, 1, 1, 2], [3, 3, 4, 4, 5]]
     assert torch.equal(to_regions(patches[..., None], 2)[..., 0, 0], regions)  # each region's first patch
+
+
+def test_the_pick_is_only_read_without_a_question_and_needs_no_more_steps_than_the_budget() -> None:
+    """``pick_steps``: 0 (every image asked) leaves askers' outputs bit-identical; steps down to the largest budget
+    leave the query-free outputs bit-identical; fewer steps than a budget would change them (the test can fail)."""
+    head = RelevanceHead()
+    g = torch.Generator().manual_seed(3)
+    b, gh, gw, d = 2, 8, 8, 16
+    features, texture = torch.randn(b, gh, gw, d, generator=g), torch.rand(b, gh, gw, 5, generator=g)
+    valid = torch.ones(b, gh, gw)
+    query, budget = torch.randn(b, 3, d, generator=g), torch.tensor([5, 9])
+    asked, free = torch.ones(b, 3, dtype=torch.bool), torch.zeros(b, 3, dtype=torch.bool)
+
+    def run(mask: torch.Tensor, steps: int | None) -> dict:
+        return head(features, texture, valid, query, mask, budget, 20, pick_steps=steps)
+
+    def same(x: dict, y: dict) -> bool:
+        return all(torch.equal(x[k], y[k]) for k in ("allocation", "tokens", "positions", "mask"))
+
+    assert same(run(asked, 0), run(asked, None))
+    assert same(run(free, 9), run(free, None)) and same(run(free, 16), run(free, None))
+    assert not same(run(free, 4), run(free, None))

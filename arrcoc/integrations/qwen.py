@@ -478,8 +478,10 @@ class ArrcocQwen(nn.Module):
                 out = self.reduce(visual, k)
                 kept = [k] * len(members)
             else:
+                # the query-free pick runs only for images without a question: none when every image has one
+                asked = self.reducer.read_query and all(questions[i] for i in members)
                 out = self._reduce_budgets(
-                    visual, [budgets[i] for i in members], [features[i].shape[:2] for i in members]
+                    visual, [budgets[i] for i in members], [features[i].shape[:2] for i in members], asked
                 )
                 kept = [budgets[i] for i in members]
             for j, i in enumerate(members):
@@ -550,9 +552,13 @@ class ArrcocQwen(nn.Module):
 
         return self._run(("reducer", budget), run, inputs)
 
-    def _reduce_budgets(self, visual: VisualInput, budgets: list[int], grids: list[tuple[int, int]]) -> ReducedTokens:
+    def _reduce_budgets(
+        self, visual: VisualInput, budgets: list[int], grids: list[tuple[int, int]], asked: bool = False
+    ) -> ReducedTokens:
         """arrcoc's relevance head with per-image ``budgets`` as a tensor: tokens ``(B, C, D)`` packed kept-first
-        into ``C`` = the bucket's capacity, so the graph's key holds no budget."""
+        into ``C`` = the bucket's capacity, so the graph's key holds no budget. The query-free pick's greedy steps
+        (``BalanceConfig.pick``) are the largest budget rounded up to a power of two (which joins the key), or
+        none when every image is ``asked`` a question."""
         reducer, cfg = self.reducer, self.reducer.config
         check_visual(visual)
         for i, ((gh, gw), k) in enumerate(zip(grids, budgets)):
@@ -563,6 +569,7 @@ class ArrcocQwen(nn.Module):
                     f"merged grid under max_tokens={cfg.max_tokens}"
                 )
         capacity = capacity_of(visual.grid, cfg.region_size, cfg.max_tokens)
+        steps = 0 if asked else min(capacity, 1 << (max(budgets) - 1).bit_length())
         inputs = {f: getattr(visual, f) for f in _VISUAL_FIELDS if getattr(visual, f) is not None}
         inputs["budget"] = torch.tensor(budgets, dtype=torch.long, device=visual.features.device)
         read_query = reducer.read_query and "query" in inputs
@@ -583,7 +590,14 @@ class ArrcocQwen(nn.Module):
                     torch.zeros(b, 1, dtype=torch.bool, device=features.device),
                 )
             out = reducer.head(
-                features, texture, state["patch_valid"].float(), query, query_mask, state["budget"], capacity
+                features,
+                texture,
+                state["patch_valid"].float(),
+                query,
+                query_mask,
+                state["budget"],
+                capacity,
+                pick_steps=steps,
             )
             return {
                 "tokens": out["tokens"].to(state["features"].dtype),
@@ -593,7 +607,7 @@ class ArrcocQwen(nn.Module):
                 "allocation": out["allocation"],
             }
 
-        return self._run(("head", capacity), run, inputs)
+        return self._run(("head", capacity, steps), run, inputs)
 
     def _run(self, name: tuple, fn: Any, inputs: dict[str, Tensor]) -> ReducedTokens:
         """``fn(inputs)``, replayed as a CUDA graph keyed on ``name`` and the inputs' shapes where allowed."""

@@ -91,7 +91,14 @@ class RelevanceHead(nn.Module):
         may compute it beside its encoder and pass it to :meth:`forward`."""
         return region_bounds(patch_valid, self.region_size, self.config.min_tokens, self.config.max_tokens)
 
-    def stages(self, capacity: int = 0, *, concurrent: bool | None = None, compile: bool | None = None) -> list[Stage]:
+    def stages(
+        self,
+        capacity: int = 0,
+        *,
+        concurrent: bool | None = None,
+        compile: bool | None = None,
+        pick_steps: int | None = None,
+    ) -> list[Stage]:
         """The head as named steps over a state dict.
 
         The state holds ``features``, ``texture``, ``patch_valid``, ``query``, ``query_mask`` and, when
@@ -102,6 +109,9 @@ class RelevanceHead(nn.Module):
             capacity: the token capacity ``T`` of the packed output (0: relevance only).
             concurrent: side streams for the scoring branches (default: the head's setting).
             compile: ``torch.compile`` each step and branch (default: the head's setting).
+            pick_steps: the greedy steps of the query-free pick (``BalanceConfig.pick``), at least the largest
+                budget: ``None`` takes ``capacity``; 0 builds no pick, for a caller that knows every image has a
+                question (the pick is only read without one).
         """
         concurrent = self.concurrent if concurrent is None else concurrent
         compile = self.compile if compile is None else compile
@@ -125,11 +135,12 @@ class RelevanceHead(nn.Module):
                 out["novelty"] = results[-1]  # (B, gh, gw)
             return out
 
-        picks = self.pick != "off" and capacity > 0  # a pick needs a budget
+        steps = capacity if pick_steps is None else min(pick_steps, capacity)
+        picks = self.pick != "off" and steps > 0  # a pick needs a budget
 
         def balance(s: dict[str, Any]) -> dict[str, Any]:
             budget = s["budget"] if capacity else None  # relevance alone has no budget to be scarce
-            pick = self._pick(s, capacity) if picks else None
+            pick = self._pick(s, steps) if picks else None
             relevance, report = self.balance(
                 s["scores"],
                 s["features"],
@@ -166,7 +177,7 @@ class RelevanceHead(nn.Module):
             chain += [("allocate", body(allocate)), ("compress", body(compress))]
         return chain
 
-    def _pick(self, s: dict[str, Any], capacity: int) -> Tensor:
+    def _pick(self, s: dict[str, Any], steps: int) -> Tensor:
         """``(B, gh, gw)`` the query-free pick (:func:`arrcoc.stages.balance.pick_patches`) of ``budget`` patches,
         weighted by the query-free scorers' map (propositional and perspectival, at their base weights)."""
         cfg = self.config.balance
@@ -179,7 +190,7 @@ class RelevanceHead(nn.Module):
             features,
             patch_valid,
             s["budget"],
-            capacity,
+            steps,
             salience,
             cfg.pick_salience,
             s["texture"][..., :3],
@@ -198,6 +209,7 @@ class RelevanceHead(nn.Module):
         capacity: int = 0,
         *,
         relevance: Tensor | None = None,
+        pick_steps: int | None = None,
     ) -> dict[str, Any]:
         """Run the head.
 
@@ -211,6 +223,7 @@ class RelevanceHead(nn.Module):
             capacity: ``T``, the packed output's token slots, at least the largest budget (0: relevance only).
             relevance: ``(B, rh, rw)`` a map to allocate by instead of scoring and balancing (training draws
                 random ones); the output then has no scores or balance report.
+            pick_steps: as in :meth:`stages`.
 
         Returns:
             ``HEAD_OUTPUTS`` present for this call: ``scores`` ``(B, 3, rh, rw)``, ``relevance`` ``(B, rh, rw)``,
@@ -229,7 +242,7 @@ class RelevanceHead(nn.Module):
         if capacity:
             state["budget"] = budget
             state["min_tokens"], state["max_tokens"] = self.bounds(patch_valid)
-        steps = self.stages(capacity)
+        steps = self.stages(capacity, pick_steps=pick_steps)
         if relevance is not None:
             if not capacity:
                 raise InvalidInputError("a given relevance map is only for allocation: pass a budget and capacity")
