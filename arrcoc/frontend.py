@@ -29,6 +29,7 @@ __all__ = [
     "CAPACITY_STEP",
     "token_capacity",
     "prepare_query",
+    "asks_every_image",
     "check_budgets",
     "budget_tensor",
     "build_output",
@@ -74,6 +75,19 @@ class StageTimer:
 
 
 UNTIMED = StageTimer(False, torch.device("cpu"))  # profiling off: one shared timer that records nothing
+
+
+def asks_every_image(query: Any, query_mask: Tensor | None) -> bool:
+    """Whether ``query`` (as :func:`prepare_query` takes it) gives every image a question, known on the host:
+    text (the text encoder's slots are all real) or an embedding with at least one token and no mask. A given
+    mask is not read (that would sync with the device): such a call counts as not every image asked."""
+    if isinstance(query, str):
+        return True
+    if isinstance(query, (list, tuple)):
+        return bool(query) and all(isinstance(q, str) for q in query)
+    if isinstance(query, Tensor) and query_mask is None:
+        return query.ndim == 1 or (query.ndim in (2, 3) and query.shape[-2] > 0)
+    return False
 
 
 def prepare_query(

@@ -28,6 +28,7 @@ from .frontend import (
     RESULT_KEYS,
     UNTIMED,
     StageTimer,
+    asks_every_image,
     budget_tensor,
     build_output,
     check_budgets,
@@ -240,7 +241,13 @@ class Pipeline(nn.Module):
 
     # --- running ----------------------------------------------------------------------------------------
     def stages(
-        self, bucket: int, capacity: int = 0, *, concurrent: bool | None = None, compile: bool = False
+        self,
+        bucket: int,
+        capacity: int = 0,
+        *,
+        concurrent: bool | None = None,
+        compile: bool = False,
+        pick: bool = True,
     ) -> list[Stage]:
         """The chain after preprocess for one bucket, in order, as ``(name, fn)``: encode, then the head's steps.
 
@@ -255,6 +262,8 @@ class Pipeline(nn.Module):
                 allocation bounds, and the head's scoring branches.
             compile: ``torch.compile`` each branch and step (the graph runner asks for it when the pipeline
                 compiles).
+            pick: build the query-free pick (``BalanceConfig.pick``); ``False`` when every image has a question,
+                since the pick is only read without one.
         """
         encoder, head = self.encoder(bucket), self.head
         concurrent = self.concurrent if concurrent is None else concurrent
@@ -278,10 +287,11 @@ class Pipeline(nn.Module):
             )
             return {"features": features, "prefix": prefix, **dict(zip(_LAYOUT_KEYS, layout_out))}
 
-        return [("encode", encode), *head.stages(capacity, concurrent=concurrent, compile=compile)]
+        steps = None if pick else 0
+        return [("encode", encode), *head.stages(capacity, concurrent=concurrent, compile=compile, pick_steps=steps)]
 
     # --- graphs ----------------------------------------------------------------------------------------------
-    def _graph_key(self, bucket: int, batch: int, capacity: int, query_tokens: int) -> GraphKey:
+    def _graph_key(self, bucket: int, batch: int, capacity: int, query_tokens: int, pick: bool = True) -> GraphKey:
         return GraphKey(
             bucket,
             _batch_bucket(batch),
@@ -289,6 +299,7 @@ class Pipeline(nn.Module):
             self.device,
             capacity,
             _query_bucket(query_tokens),
+            pick or not capacity,  # a chain without a budget has no pick either way
         )
 
     def _static_inputs(self, key: GraphKey) -> dict[str, Tensor]:
@@ -305,7 +316,8 @@ class Pipeline(nn.Module):
 
     def _build(self, key: GraphKey) -> tuple[list[Any], dict[str, Tensor], tuple[str, ...]]:
         """What the cache captures for ``key``: the stages, their static inputs, the result keys."""
-        return self.stages(key.bucket, key.capacity, compile=self.compile), self._static_inputs(key), RESULT_KEYS
+        stages = self.stages(key.bucket, key.capacity, compile=self.compile, pick=key.pick)
+        return stages, self._static_inputs(key), RESULT_KEYS
 
     def _uses_graphs(self, device: torch.device | None = None) -> bool:
         return self.cuda_graphs and ((device or self.device).type == "cuda" or self.graph_cache.backend == "eager")
@@ -331,6 +343,7 @@ class Pipeline(nn.Module):
         *,
         budget: int = CAPACITY_STEP,
         query_tokens: int = 1,
+        asked: bool | None = None,
     ) -> dict[str, Any]:
         """Capture the graphs up front, largest first (as serving engines do), so no call pays for a capture.
 
@@ -339,6 +352,9 @@ class Pipeline(nn.Module):
             batch_sizes: batch sizes; each maps to its batch bucket.
             budget: the largest budget to serve; sets the token capacity of the entries.
             query_tokens: the longest query to serve, in tokens.
+            asked: the calls to serve give every image a question (``True``: text, or an embedding without a
+                mask), or not (``False``); ``None`` captures both kinds of compression chain (the query-free pick is
+                left out of the chains for calls that ask every image).
 
         Returns:
             ``graph_cache.stats()`` after the captures.
@@ -350,7 +366,8 @@ class Pipeline(nn.Module):
             for size in sorted(sizes or self.config.buckets, reverse=True):
                 for batch in sorted(batch_sizes, reverse=True):
                     for cap in (capacity, 0):  # compression and relevance-only chains
-                        self._chain(self._graph_key(size, batch, cap, query_tokens))
+                        for pick in {True: (False,), False: (True,), None: (True, False)}[asked] if cap else (True,):
+                            self._chain(self._graph_key(size, batch, cap, query_tokens, pick))
         return self.graph_cache.stats()
 
     def _run_stages(
@@ -361,6 +378,7 @@ class Pipeline(nn.Module):
         timer: StageTimer,
         copy: bool = True,
         device: torch.device | None = None,
+        pick: bool = True,
     ) -> Mapping[str, Any]:
         """Run one bucket's stages, as one graph when possible; returns the result entries.
 
@@ -368,14 +386,15 @@ class Pipeline(nn.Module):
         ``copy=False`` views of the entry's buffers, valid until the entry's next replay.
         """
         batch = state["pixels"].shape[0]
-        key = self._graph_key(bucket, batch, capacity, state["query"].shape[1]) if self._uses_graphs(device) else None
+        graphs = self._uses_graphs(device)
+        key = self._graph_key(bucket, batch, capacity, state["query"].shape[1], pick) if graphs else None
         if key is not None and key not in self._eager_only:
             try:
                 with timer("graphs"):
                     return self.graph_cache.run(key, lambda: self._build(key), graph_inputs(key, state), batch, copy)
             except CaptureError as err:
                 self._capture_failed(key, err)
-        for name, stage in self.stages(bucket, capacity):
+        for name, stage in self.stages(bucket, capacity, pick=pick):
             with timer(name):
                 state.update(stage(state))
         return {k: state[k] for k in RESULT_KEYS if k in state}
@@ -404,6 +423,7 @@ class Pipeline(nn.Module):
             else:
                 groups = self.preprocessor(images, device=device)
         batch = sum(len(g.indices) for g in groups)
+        pick = not asks_every_image(query, query_mask)  # the query-free pick is only read without a question
         query, query_mask = self.prepare_query(query, query_mask, batch)
         budgets, capacity = (
             check_budgets(budget, groups, batch, lambda b: self.encoder(b).grid, self.config, budget_policy)
@@ -420,7 +440,7 @@ class Pipeline(nn.Module):
                 "query_mask": query_mask,
                 "budget": budget_tensor(budgets, device),
             }
-            merged: Mapping[str, Any] = self._run_stages(state, group.bucket, capacity, timer, copy, device)
+            merged: Mapping[str, Any] = self._run_stages(state, group.bucket, capacity, timer, copy, device, pick)
             names = list(group.names)
         else:
             side = self.config.region_size
@@ -437,7 +457,7 @@ class Pipeline(nn.Module):
                     "query_mask": query_mask[index],
                     "budget": budget_tensor(rows, device),
                 }
-                result = self._run_stages(state, group.bucket, capacity, timer, device=device)
+                result = self._run_stages(state, group.bucket, capacity, timer, device=device, pick=pick)
                 scatter_into(merged, result, index, batch, (rh, rw))
                 for i, name in zip(group.indices, group.names):
                     names[i] = name

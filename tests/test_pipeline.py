@@ -328,3 +328,42 @@ def test_from_pretrained_refuses_a_folder_without_trained_encoder_weights(tmp_pa
     (tmp_path / "encoder.safetensors").unlink()
     with pytest.raises(arrcoc.MissingWeightsError, match="encoder.safetensors"):
         arrcoc.Pipeline.from_pretrained(tmp_path)
+
+
+def test_asks_every_image_reads_only_what_the_host_knows() -> None:
+    from arrcoc.frontend import asks_every_image
+
+    width = 8
+    assert asks_every_image("what colour?", None) and asks_every_image(["a", "b"], None)
+    assert not asks_every_image(None, None) and not asks_every_image([], None)
+    assert asks_every_image(torch.randn(width), None) and asks_every_image(torch.randn(2, 3, width), None)
+    assert not asks_every_image(torch.randn(0, width), None)  # no token: no question
+    assert not asks_every_image(torch.randn(3, width), torch.ones(3, dtype=torch.bool))  # a mask is not read
+
+
+def test_a_call_that_asks_every_image_builds_no_pick_and_answers_the_same(tiny_config) -> None:
+    """The query-free pick is only read without a question: leaving it out of the chain changes no output."""
+    from arrcoc.runtime.graphs import GraphCache
+
+    graphed = arrcoc.Pipeline(tiny_config, graph_cache=GraphCache(backend="eager"))
+    images = [torch.rand(3, 120, 224), torch.rand(3, 200, 90)]
+    query = torch.randn(2, 3, graphed.width)
+    asked = graphed(images, query=query, budget=[7, 40])
+    masked = graphed(images, query=query, query_mask=torch.ones(2, 3, dtype=torch.bool), budget=[7, 40])
+    keys = set(graphed.graph_cache.stats()["per_entry"])
+    assert keys == {"224px/b2/float32/T64/L4/asked", "224px/b2/float32/T64/L4"}  # a given mask is not read
+    for name in ("allocation", "mask", "positions", "tokens"):
+        assert torch.equal(getattr(asked, name), getattr(masked, name)), name
+    free = graphed(images, budget=[7, 40])  # no question: the pick decides
+    assert not torch.equal(free.allocation, asked.allocation)
+
+
+def test_warmup_captures_the_chains_the_calls_will_use(tiny_config) -> None:
+    from arrcoc.runtime.graphs import GraphCache
+
+    pipe = arrcoc.Pipeline(tiny_config, graph_cache=GraphCache(backend="eager"))
+    keys = lambda: set(pipe.graph_cache.stats()["per_entry"])  # noqa: E731
+    pipe.warmup([224], [1], budget=64, asked=True)
+    assert keys() == {"224px/b1/float32/T64/L1/asked", "224px/b1/float32/T0/L1"}
+    pipe.warmup([224], [1], budget=64)
+    assert keys() == {"224px/b1/float32/T64/L1/asked", "224px/b1/float32/T64/L1", "224px/b1/float32/T0/L1"}

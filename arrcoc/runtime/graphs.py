@@ -55,10 +55,13 @@ class GraphKey:
     device: torch.device
     capacity: int
     query_tokens: int
+    pick: bool = True  # False: every image has a question, so the chain builds no query-free pick
 
     def __str__(self) -> str:
         dtype = str(self.dtype).split(".")[-1]
-        return f"{self.bucket}px/b{self.batch}/{dtype}/T{self.capacity}/L{self.query_tokens}"
+        return f"{self.bucket}px/b{self.batch}/{dtype}/T{self.capacity}/L{self.query_tokens}" + (
+            "" if self.pick else "/asked"
+        )
 
 
 class CaptureError(ArrcocError, RuntimeError):
