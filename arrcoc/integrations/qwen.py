@@ -22,7 +22,8 @@ Graphs. The reducer replays as a CUDA graph (:class:`arrcoc.runtime.graphs.Graph
 grid rounded up to ``grid_multiple`` per side (the padding marked by ``patch_valid``, so no token stands for
 it), the number of images in that bucket and the query length rounded up to 16. arrcoc's reducers read the
 budgets as a tensor (the relevance head packs each image's tokens into the bucket's capacity), so a share
-budget, different for every image size, does not multiply the graphs; the baselines fix their output shape by
+budget, different for every image size, does not multiply the graphs (without a question the query-free pick's
+greedy steps, the largest budget rounded up to a power of two, join the key); the baselines fix their output shape by
 the budget, which joins their key. Reducers that pool padding like an image patch (those that do not read
 ``patch_valid``: ``uniform``, ``tome``) are keyed on the exact grid. :func:`graph_buckets` counts the
 captures a corpus of sizes costs.
