@@ -570,7 +570,8 @@ class ArrcocQwen(nn.Module):
                     f"merged grid under max_tokens={cfg.max_tokens}"
                 )
         capacity = capacity_of(visual.grid, cfg.region_size, cfg.max_tokens)
-        steps = 0 if asked else min(capacity, 1 << (max(budgets) - 1).bit_length())
+        picks = reducer.head.pick != "off" and not asked
+        steps = min(capacity, 1 << (max(budgets) - 1).bit_length()) if picks else 0
         inputs = {f: getattr(visual, f) for f in _VISUAL_FIELDS if getattr(visual, f) is not None}
         inputs["budget"] = torch.tensor(budgets, dtype=torch.long, device=visual.features.device)
         read_query = reducer.read_query and "query" in inputs

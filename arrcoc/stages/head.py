@@ -182,9 +182,11 @@ class RelevanceHead(nn.Module):
         weighted by the query-free scorers' map (propositional and perspectival, at their base weights)."""
         cfg = self.config.balance
         features, patch_valid = s["features"], s["patch_valid"]
-        weights = self.balance.base_weights[:2]
-        salience = (s["scores"][:, :2] * weights[:, None, None]).sum(1) / weights.sum().clamp_min(1e-12)  # (B, rh, rw)
-        salience = to_patches(salience, features.shape[1:3], self.region_size)  # (B, gh, gw)
+        salience = None  # only computed where it weighs
+        if cfg.pick_salience > 0:
+            weights = self.balance.base_weights[:2]
+            salience = (s["scores"][:, :2] * weights[:, None, None]).sum(1) / weights.sum().clamp_min(1e-12)
+            salience = to_patches(salience, features.shape[1:3], self.region_size)  # (B, gh, gw)
         return pick_patches(
             self.pick,
             features,
