@@ -68,6 +68,14 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
         "pick maxmin, salience share 0.6, colour weight 0.5",
         {"balance": {"pick": "maxmin", "pick_salience": 0.6, "pick_colour": 0.5}},
     ),
+    "nq-maxmin-c1": (
+        "pick maxmin, colour weight 1 (the default's 0.5 doubled)",
+        {"balance": {"pick": "maxmin", "pick_colour": 1.0}},
+    ),
+    "nq-maxmin-s015-c05": (
+        "pick maxmin, salience share 0.15 beside the default's colour weight 0.5",
+        {"balance": {"pick": "maxmin", "pick_salience": 0.15, "pick_colour": 0.5}},
+    ),
     # with a question (issue 21 item 3): the full ``arrcoc`` reducer, judged against its best single scorer
     "q-cover-015": (
         "with a question: a share 0.15 of the relevance follows novelty",
