@@ -11,7 +11,7 @@
 #            vit_base fp32 and bf16 (224/1024 x 1/8). Each step has its own cap and never runs past the
 #            deadline: a late step is cut short (the benchmark saves after every case) or skipped. While the tests
 #            run, a background run of the compile case fills torch.compile's caches (PREWARM=0: not).
-# Extra steps (any profile, after the benchmark): QWEN=1 the Qwen-VL generation benchmark; EVAL=1 `arrcoc eval` on
+# Extra steps (any profile, after the benchmark): QWEN=1 the Qwen-VL generation benchmark (QWEN_LIMIT, QWEN_ARGS); EVAL=1 `arrcoc eval` on
 # the test seeds (200 per family, both sizes, every reducer); BEFORE=<dir> the graph benchmark of another checkout's
 # package (e.g. `git archive <commit> arrcoc | tar -x -C <dir>`) into $OUT/before, for a before/after comparison
 # on the same machine; DATASET=1 the data-set benchmark; SWEEP=1 the query-free validation sweep
@@ -92,7 +92,7 @@ if [ "$PROFILE" = final ]; then
 else
   QUICK_ARGS=()
   [ "${QUICK:-0}" = 1 ] && QUICK_ARGS=(--quick)
-  [ "${TESTS:-1}" = 1 ] && cuda_tests 170 40
+  [ "${TESTS:-1}" = 1 ] && cuda_tests 170 150  # the others: Qwen-VL (compiled blocks among them), decode, data sets
   if [ "${BENCH:-1}" = 1 ]; then
     step bench-host 45 "${GRAPHS[@]}" --host
     step bench-fp32 130 "${GRAPHS[@]}" --skip 1024x64 --threads --compile 224x1 --seconds 0.25 "${QUICK_ARGS[@]}"
@@ -113,14 +113,17 @@ if [ -n "${BEFORE:-}" ]; then  # the old package's own module path: it predates 
     --sizes 224 1024 --batches 1 64 --compile --no-warmup --seconds 0.15 --reps 25"
   step bench-after 80 "${GRAPHS[@]}" --tag after --sizes 224 1024 --batches 1 64 --compile --no-warmup --seconds 0.15 --reps 25
 fi
-[ "${QWEN:-0}" = 1 ] && step bench-qwen 200 python3 -m arrcoc.tools.bench_qwen --out "$OUT" --time-limit 180
+# the Qwen-VL benchmark; QWEN_ARGS replaces its options (default: the vision blocks compiled too)
+QWEN_LIMIT="${QWEN_LIMIT:-280}"
+[ "${QWEN:-0}" = 1 ] && step bench-qwen "$QWEN_LIMIT" python3 -m arrcoc.tools.bench_qwen --out "$OUT" \
+  --time-limit $(( QWEN_LIMIT - 40 )) ${QWEN_ARGS:---compile}
 # the query-free validation sweep (issue 21); SWEEP_ARGS picks variants, seeds, sizes, shares
 SWEEP_LIMIT="${SWEEP_LIMIT:-300}"
 [ "${SWEEP:-0}" = 1 ] && step sweep-noquery "$SWEEP_LIMIT" python3 bench/sweep_noquery.py --out "$OUT/sweep" \
   --time-limit $(( SWEEP_LIMIT - 15 )) ${SWEEP_ARGS:-}
 [ "${EVAL:-0}" = 1 ] && step eval 240 python3 -m arrcoc.tools.evaluation --samples-per-family 200 --seed 600000 \
   --out "$OUT" --quiet
-[ "${DATASET:-0}" = 1 ] && step bench-dataset 200 python3 -m arrcoc.tools.bench_dataset --out "$OUT"
+[ "${DATASET:-0}" = 1 ] && step bench-dataset 240 python3 -m arrcoc.tools.bench_dataset --out "$OUT"
 echo "=== done +$(( $(date +%s) - START ))s (profile $PROFILE${BUDGET:+, budget ${BUDGET}s})" | tee -a "$OUT/steps.log"
 cat "$OUT/steps.log"
 true

@@ -521,6 +521,35 @@ def test_cache_keys_hits_and_lru_eviction() -> None:
     assert len(bounded) == 1 and b in bounded
 
 
+def test_the_capture_lock_is_held_for_captures_only() -> None:
+    """compress-dataset's decode thread takes this lock: a capture must hold it, a replay must not wait for it."""
+
+    class Recording:
+        depth = entries = 0
+
+        def __enter__(self) -> None:
+            self.depth += 1
+            self.entries += 1
+
+        def __exit__(self, *_: object) -> None:
+            self.depth -= 1
+
+    cache = GraphCache(max_entries=8, backend="eager")
+    cache.capture_lock = lock = Recording()
+    held = []
+    real = cache.chain_factory
+
+    def factory(*args, **kwargs):
+        held.append(lock.depth)
+        return real(*args, **kwargs)
+
+    cache.chain_factory = factory
+    cache.get(_toy_key(224), _toy_build())
+    cache.run(_toy_key(224), _toy_build(), _toy_inputs(2), 2)  # a hit: replayed without the lock
+    cache.run(_toy_key(384), _toy_build(), _toy_inputs(2), 2)  # a miss: captured under it
+    assert held == [1, 1] and lock.entries == 2 and lock.depth == 0
+
+
 def test_out_of_memory_during_capture_evicts_then_retries_once() -> None:
     cache = GraphCache(max_entries=8, backend="eager")
     for bucket in (224, 384, 512, 768):

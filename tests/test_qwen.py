@@ -88,7 +88,7 @@ def build(family: str) -> tuple[torch.nn.Module, object]:
         vision = dict(
             depth=2,
             hidden_size=32,
-            intermediate_size=64,
+            intermediate_size=40,  # padded to 64 by pack_vision_tower's MLP
             num_heads=2,
             patch_size=14,
             spatial_merge_size=2,
@@ -434,6 +434,23 @@ def test_the_patch_embedding_can_stay_a_convolution(qwen: tuple) -> None:
     assert "forward" not in vars(embed)
 
 
+def test_gated_mlps_are_packed_only_where_asked(qwen: tuple) -> None:
+    """Qwen2.5-VL's gated MLPs (width 40, padded to 64) are replaced by the packed product, other towers' MLPs
+    stay; mlp=False and unpacking put the module's own forward back."""
+    model, _ = qwen
+    mlps = [block.mlp for block in model.model.visual.blocks]
+    gated = all(hasattr(m, "gate_proj") for m in mlps)
+    try:
+        pack_vision_tower(model)
+        assert all(("forward" in vars(m)) == gated for m in mlps)
+        pack_vision_tower(model, mlp=False)
+        assert not any("forward" in vars(m) for m in mlps)
+        pack_vision_tower(model)
+    finally:
+        unpack_vision_tower(model)
+    assert not any("forward" in vars(m) for m in mlps)
+
+
 def test_pack_vision_tower_refuses_what_it_cannot_pack(qwen: tuple) -> None:
     model, _ = qwen
     with pytest.raises(arrcoc.InvalidInputError, match="kernel must be one of"):
@@ -467,6 +484,26 @@ def test_cuda_varlen_vision_attention_matches_the_models_own(family: str) -> Non
     for kernel, got in results.items():
         for a, b in zip(got, expected):
             torch.testing.assert_close(a.float(), b.float(), rtol=0.05, atol=0.05, msg=kernel)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("family", FAMILIES)
+def test_cuda_compiled_vision_blocks_match_the_models_own(family: str) -> None:
+    """compile=True (Inductor, Triton) on the packed tower: the model's own merged tokens within bf16 rounding,
+    for two image sets of other sizes (a recompile), and unpacking drops the compiled blocks."""
+    model, processor = build(family)
+    model = model.cuda().to(torch.bfloat16)
+    with torch.no_grad():
+        for images in (_images(3), _images(2)):
+            expected = _vision(model, images, processor)
+            pack_vision_tower(model, compile=True)
+            try:
+                got = _vision(model, images, processor)
+            finally:
+                unpack_vision_tower(model)
+            for a, b in zip(got, expected):
+                torch.testing.assert_close(a.float(), b.float(), rtol=0.05, atol=0.05)
+    assert not any("_compiled_call_impl" in vars(block) for block in model.model.visual.blocks)
 
 
 # --- errors and the facade ----------------------------------------------------------------------------

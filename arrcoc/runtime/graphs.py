@@ -16,6 +16,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -494,6 +495,8 @@ class GraphCache:
     """Captured chains keyed on :class:`GraphKey`, least recently used first out.
 
     Calls are serialised by one lock from input copy to copy-out (the GPU work runs after it is released).
+    ``capture_lock``, when set, is also held around each capture: another thread that queues device work on the
+    capturing stream (work a capture would take in) holds it too, and otherwise runs beside replays.
 
     Args:
         max_entries: most chains kept.
@@ -512,6 +515,7 @@ class GraphCache:
         self.max_entries, self.max_bytes = max_entries, max_bytes
         self.backend, self.per_stage = backend, per_stage
         self.lock = threading.Lock()
+        self.capture_lock: AbstractContextManager[Any] | None = None
         self._entries: OrderedDict[GraphKey, GraphChain] = OrderedDict()
         self._pool: Any = None
         self._stream: Any = None  # the stream of the last replay: a call on another stream waits for it
@@ -556,14 +560,16 @@ class GraphCache:
         stages, inputs, outputs = build()
         start = time.perf_counter()
         try:
-            chain = self._capture(key, stages, inputs, outputs)
+            with self.capture_lock or nullcontext():
+                chain = self._capture(key, stages, inputs, outputs)
         except torch.cuda.OutOfMemoryError as err:
             self._stats["oom_retries"] += 1
             self._evict(max(1, (len(self._entries) + 1) // 2) if self._entries else 0)  # the older half
             if self.backend == "cuda":
                 torch.cuda.empty_cache()
             try:
-                chain = self._capture(key, stages, inputs, outputs)
+                with self.capture_lock or nullcontext():
+                    chain = self._capture(key, stages, inputs, outputs)
             except torch.cuda.OutOfMemoryError as again:
                 raise CaptureMemoryError(
                     f"out of GPU memory capturing {key} (retried once after evicting least-recently-used "
