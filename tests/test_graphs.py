@@ -154,11 +154,12 @@ def test_capture_has_no_hidden_sync() -> None:
 def test_new_budget_and_query_replay_without_recapture() -> None:
     pipe = arrcoc.Pipeline(arrcoc.PipelineConfig.from_name("tiny"), device="cuda")
     images = _images(2, 224, seed=5)
-    pipe(images, budget=10)
+    pipe(images, budget=10)  # no question: the chain with the query-free pick
+    pipe(images, budget=10, query=torch.randn(pipe.width).cuda())  # every image asked: the chain without it
     captures = pipe.graph_cache.stats()["captures"]
     pipe(images, budget=40, query=torch.randn(pipe.width).cuda())
     pipe(images, budget=[3, 60])
-    assert pipe.graph_cache.stats()["captures"] == captures
+    assert captures == 2 and pipe.graph_cache.stats()["captures"] == captures
 
 
 @cuda
@@ -219,8 +220,11 @@ def test_warmup_and_lru_bound() -> None:
         graph_cache=GraphCache(max_entries=3),
     )
     stats = pipe.warmup(batch_sizes=(1, 2))
-    assert stats["entries"] == 3 and stats["evictions"] == 5 and stats["captures"] == 8
+    # per size and batch: the compression chain with the query-free pick, the one without (every image asked),
+    # the relevance-only chain; 2 sizes x 2 batches
+    assert stats["entries"] == 3 and stats["evictions"] == 9 and stats["captures"] == 12
     assert all(v["bytes"] > 0 for v in stats["per_entry"].values())
+    assert {(k.bucket, k.batch) for k in pipe.graph_cache._entries} == {(224, 1)}
     key = GraphKey(224, 1, torch.float32, pipe.device, 64, 1)
     assert key in pipe.graph_cache  # the smallest, captured last, is kept
 

@@ -10,9 +10,8 @@ on GPU ``LOCAL_RANK`` with its own pipeline and graph cache; rank 0 merges the i
     torchrun --nproc-per-node 4 -m arrcoc.cli compress-dataset photos/ tokens/ --budget 64
 
 On CUDA (the batched path), reader threads read the files and their JPEG headers while the GPU compresses the
-previous batch, and JPEGs are decoded and letterboxed on the GPU a batch at a time; a JPEG at least twice its
-size in the bucket is decoded by the reader at 1/2, 1/4 or 1/8 scale instead (``jpeg_draft``), and the few files
-nvJPEG does not decode as Pillow does are decoded by Pillow in the reader threads. Without CUDA (the Pillow path),
+previous batch, and JPEGs are decoded and letterboxed on the GPU a batch at a time; the few files nvJPEG does
+not decode as Pillow does are decoded by Pillow in the reader threads. Without CUDA (the Pillow path),
 DataLoader worker processes decode and bucket every image on the CPU. A batch holds images of one bucket. Which
 images share a batch depends only on the shard, never on the number of processes, so one process and ``K``
 processes write the same tensors.
@@ -57,7 +56,7 @@ from ..errors import ArrcocError, InvalidInputError
 from ..pipeline import Pipeline
 from ..stages.preprocess import PreprocessedBatch, Preprocessor, load_image
 from .atomic import remove_partial
-from .gpu_input import decode_draft, decode_jpegs, draft_scale, jpeg_size, letterbox, placement, valid_mask
+from .gpu_input import decode_jpegs, jpeg_size, letterbox, placement, valid_mask
 from .shards import (
     FORMAT,
     INDEX_NAME,
@@ -104,8 +103,7 @@ class DatasetStats:
         copy_seconds: host time issuing the copies of the results to the host (non-blocking).
         write_seconds: time in the writer thread (waiting for the copies, putting rows in place, writing
             shards); it overlaps the rest.
-        device_decoded, draft_decoded, host_decoded: images decoded by nvJPEG, by Pillow at a reduced scale
-            (letterboxed on the device with nvJPEG's), and by Pillow in full (letterboxed on the host).
+        device_decoded, host_decoded: images decoded by nvJPEG, and by Pillow.
         gpu_ms: device milliseconds per step (decode, resize, pipeline, copy-out) from CUDA events.
         complete: every shard of the data set exists and the index is written.
     """
@@ -127,7 +125,6 @@ class DatasetStats:
     copy_seconds: float = 0.0
     write_seconds: float = 0.0
     device_decoded: int = 0
-    draft_decoded: int = 0
     host_decoded: int = 0
     gpu_ms: dict[str, float] = field(
         default_factory=lambda: dict.fromkeys(("decode", "resize", "pipeline", "copy-out"), 0.0)
@@ -171,16 +168,13 @@ class _Loaded:
     """One source image as the reader hands it over (or the reason it failed).
 
     A JPEG that nvJPEG decodes as Pillow does travels as its file's bytes (``data``), decoded and letterboxed
-    with its batch on the GPU, or, when it is at least twice its size in the bucket, decoded by the reader at a
-    reduced scale (``image``) and letterboxed with the batch; any other image is decoded and letterboxed by the
-    Preprocessor in the reader (``pixels``). ``bucket``, ``scale``, ``source_size`` and ``content_size`` are known
-    in every case.
+    with its batch on the GPU; any other image is decoded and letterboxed by the Preprocessor in the reader
+    (``pixels``). ``bucket``, ``scale``, ``source_size`` and ``content_size`` are known either way.
     """
 
     index: int
     source: str
     data: Tensor | None = None  # (bytes,) uint8, the file's bytes
-    image: Tensor | None = None  # (3, h, w) uint8, decoded at 1/2, 1/4 or 1/8 scale
     pixels: Tensor | None = None  # (3, S, S) float32, the Preprocessor's canvas
     error: str | None = None
     bucket: int = 0
@@ -213,19 +207,12 @@ class _Decode(torch.utils.data.Dataset):
         items: ``(index, path)`` pairs.
         buckets: the pipeline's bucket sizes.
         device_jpegs: hand over JPEGs that nvJPEG decodes as their bytes (the batched path); else decode all here.
-        draft: with ``device_jpegs``, decode those at least twice their size in the bucket here, at a reduced scale.
     """
 
-    def __init__(
-        self,
-        items: Sequence[tuple[int, str]],
-        buckets: Sequence[int],
-        device_jpegs: bool = False,
-        draft: bool = False,
-    ) -> None:
+    def __init__(self, items: Sequence[tuple[int, str]], buckets: Sequence[int], device_jpegs: bool = False) -> None:
         self.items = items
         self.buckets = tuple(buckets)
-        self.device_jpegs, self.draft = device_jpegs, draft
+        self.device_jpegs = device_jpegs
         self.preprocessor = Preprocessor(buckets, multiple=1)  # the pipeline's own bucketing
 
     def __len__(self) -> int:
@@ -241,17 +228,15 @@ class _Decode(torch.utils.data.Dataset):
             size = jpeg_size(data)
             if size is not None:
                 bucket, scale, content = placement(size[0], size[1], self.buckets)
-                loaded = _Loaded(
-                    index, source, bucket=bucket, scale=scale, source_size=list(size), content_size=content
+                return _Loaded(
+                    index,
+                    source,
+                    data=torch.frombuffer(data, dtype=torch.uint8),
+                    bucket=bucket,
+                    scale=scale,
+                    source_size=list(size),
+                    content_size=content,
                 )
-                if not (self.draft and draft_scale(size, content) > 1):
-                    loaded.data = torch.frombuffer(data, dtype=torch.uint8)
-                    return loaded
-                try:
-                    loaded.image = decode_draft(data, content)
-                    return loaded
-                except Exception:  # noqa: BLE001 - the Pillow path below decodes it again and names any problem
-                    pass
         return decode_on_host(index, source, self.preprocessor)
 
 
@@ -319,7 +304,7 @@ class _Decoded:
     """One batch after the decode step: JPEGs decoded on the device, the rest letterboxed by the reader."""
 
     bucket: int
-    jpegs: list[_Loaded]  # decoded by nvJPEG or at a reduced scale by the reader, in the order of ``images``
+    jpegs: list[_Loaded]  # decoded by nvJPEG, in the order of ``images``
     images: list[Tensor]  # (3, h, w) uint8 on the device
     hosted: list[_Loaded]  # letterboxed on the host (by the reader, or here for files nvJPEG refused)
     failed: list[_Loaded]  # files that turned out broken
@@ -420,14 +405,15 @@ class _ShardWriter:
         buckets = len(pipe.config.buckets)
         self.background = _Background(depth=2 * (-(-shard_size // batch_size) + buckets + 1))
         # nvJPEG's host side (about half a millisecond per photo) runs in this thread while the main thread
-        # gathers the next batch and runs the pipeline. The lock keeps its device work, queued on the pipeline's
-        # stream, out of the pipeline's graph captures (held there through the graph cache), not its replays.
+        # compresses the batch before. The lock keeps its device work, queued on the pipeline's stream, out of the
+        # pipeline's graph captures (held there through the graph cache), not out of its replays.
         threaded = self.cuda if decode_thread is None else decode_thread
         self.decoder = ThreadPoolExecutor(1, thread_name_prefix="arrcoc-decode") if threaded else None
         self.stream = torch.cuda.current_stream(self.device) if self.cuda else None
         self.lock = threading.Lock()
         self.cache_lock = pipe.graph_cache.capture_lock  # put back by close()
-        pipe.graph_cache.capture_lock = self.lock
+        if threaded:
+            pipe.graph_cache.capture_lock = self.lock
         self.decoding: deque[Future[_Decoded]] = deque()
         self.shard: _Shard | None = None
         self.pending: dict[int, list[_Loaded]] = {}
@@ -473,20 +459,11 @@ class _ShardWriter:
                     refused.append(decode_on_host(item.index, item.source, self.preprocessor))
             return images, kept, refused
 
-    def _upload(self, images: list[Tensor]) -> list[Tensor]:
-        """Host-decoded ``(3, h, w)`` uint8 images to the device: one pinned staging buffer, one copy."""
-        sizes = [t.numel() for t in images]
-        staging = torch.empty(sum(sizes), dtype=torch.uint8, pin_memory=self.cuda)
-        torch.cat([t.permute(1, 2, 0).reshape(-1) for t in images], out=staging)  # each image's own (h, w, 3) order
-        flat = staging.to(self.device, non_blocking=True)
-        return [p.view(t.shape[1], t.shape[2], 3).permute(2, 0, 1) for p, t in zip(flat.split(sizes), images)]
-
     def _decode_batch(self, items: list[_Loaded]) -> _Decoded:
         """The decode step of one batch (in the decode thread on CUDA): JPEGs to the device, decoded."""
         start = time.perf_counter()
         jpegs = [item for item in items if item.data is not None]
-        drafted = [item for item in items if item.image is not None]
-        hosted = [item for item in items if item.data is None and item.image is None]
+        hosted = [item for item in items if item.data is None]
         images: list[Tensor] = []
         failed: list[_Loaded] = []
         events: tuple[Any, ...] = ()
@@ -496,9 +473,6 @@ class _ShardWriter:
                 images, jpegs, refused = self._decode(jpegs)
                 for item in refused:
                     (failed if item.error is not None else hosted).append(item)
-            if drafted:
-                images += self._upload([item.image for item in drafted])
-                jpegs += drafted
             if self.cuda:
                 events = (begin, self._event())
         self.stats.decode_thread_seconds += time.perf_counter() - start
@@ -526,9 +500,7 @@ class _ShardWriter:
         ordered = jpegs + hosted
         if not ordered:  # every file of the batch turned out broken
             return None, []
-        drafted = sum(item.image is not None for item in jpegs)
-        self.stats.device_decoded += len(jpegs) - drafted
-        self.stats.draft_decoded += drafted
+        self.stats.device_decoded += len(jpegs)
         self.stats.host_decoded += len(hosted)
         batch = PreprocessedBatch(
             pixels=pixels[0] if len(pixels) == 1 else torch.cat(pixels),
@@ -543,18 +515,17 @@ class _ShardWriter:
         return batch, ordered
 
     def _compress(self, items: list[_Loaded]) -> None:
-        """Compress one batch: on CUDA the batch before it is compressed first, then this one's decode goes to the
-        decode thread, where it runs while this thread gathers the next batch (never during a pipeline call);
-        on the CPU at once."""
+        """Compress one batch: on CUDA its decode goes to the decode thread, where it runs while this thread
+        compresses the batch before it; on the CPU at once."""
         if self.decoder is None:
             start = time.perf_counter()
             decoded = self._decode_batch(items)
             self.stats.decode_seconds += time.perf_counter() - start
             self._compress_decoded(decoded)
             return
-        while self.decoding:
-            self._next()
         self.decoding.append(self.decoder.submit(self._decode_batch, items))
+        while len(self.decoding) > 1:
+            self._next()
 
     def _next(self) -> None:
         """Compress the oldest batch handed to the decode thread."""
@@ -592,8 +563,8 @@ class _ShardWriter:
             return
         computed = self._event()
         self.stats.pipeline_seconds += time.perf_counter() - start
-        for item in items:  # the bytes (a shared-memory blob) and images are not needed again
-            item.data = item.image = item.pixels = None
+        for item in items:  # the bytes (a shared-memory blob) and canvases are not needed again
+            item.data = item.pixels = None
         start = time.perf_counter()
         on_device = {
             "tokens": out.tokens.to(self.token_dtype),
@@ -754,7 +725,6 @@ def compress_dataset(
     progress: bool = True,
     budget_policy: str = "exact",
     batch_decode: bool | None = None,
-    jpeg_draft: bool = True,
 ) -> DatasetStats:
     """Compress every image of ``source`` into shards under ``dest``; this process's share when distributed.
 
@@ -780,10 +750,6 @@ def compress_dataset(
         batch_decode: decode JPEGs in batches on the pipeline's device (nvJPEG) and letterbox each batch there
             (:mod:`arrcoc.datasets.gpu_input`); other files are decoded by Pillow in the reader threads. Default:
             on CUDA. ``False``: Pillow and the Preprocessor in DataLoader workers for every file.
-        jpeg_draft: on the batched path, decode a JPEG at least twice its size in the bucket at 1/2, 1/4 or 1/8
-            scale (libjpeg's DCT scaling, in the reader threads) before the resize, several times faster than a
-            full decode; its pixels differ slightly from a full decode's. Like the decoder (nvJPEG or Pillow),
-            it is not part of the run's fingerprint: the shards of either setting hold the same fields.
 
     Returns:
         :class:`DatasetStats` of this process.
@@ -809,8 +775,6 @@ def compress_dataset(
     stats = DatasetStats(rank=rank, world_size=world)
     dest = Path(dest)
     sources = list_sources(source)
-    batched = pipeline.device.type == "cuda" if batch_decode is None else batch_decode
-    draft = batched and jpeg_draft
     manifest = _manifest(sources, budget, shard_size, pipeline, query, token_dtype, budget_policy)
     (dest / "shards").mkdir(parents=True, exist_ok=True)
     _check_manifest(dest, manifest, rank)
@@ -856,7 +820,8 @@ def compress_dataset(
         stats,
         budget_policy,
     )
-    decode = _Decode(items, pipeline.config.buckets, device_jpegs=batched, draft=draft)
+    batched = pipeline.device.type == "cuda" if batch_decode is None else batch_decode
+    decode = _Decode(items, pipeline.config.buckets, device_jpegs=batched)
     chunk = min(batch_size, 32)
     reader: Iterable[list[_Loaded]] = (
         _ThreadedReader(decode, workers, chunk)
@@ -985,13 +950,6 @@ def _parser() -> argparse.ArgumentParser:
         help="lower the budget of an image whose content yields fewer tokens to what it yields "
         "(default: such an image is an error record)",
     )
-    parser.add_argument(
-        "--no-jpeg-draft",
-        dest="jpeg_draft",
-        action="store_false",
-        help="on CUDA, decode every JPEG at full size (default: one at least twice its size in the bucket is "
-        "decoded at 1/2, 1/4 or 1/8 scale, several times faster)",
-    )
     parser.add_argument("--token-dtype", default="float32", choices=sorted(_TOKEN_DTYPES), help="stored token dtype")
     parser.add_argument(
         "--dtype",
@@ -1039,7 +997,6 @@ def main(argv: list[str] | None = None) -> int:
             max_shards=args.max_shards,
             progress=not args.quiet,
             budget_policy="cap" if args.cap_budget else "exact",
-            jpeg_draft=args.jpeg_draft,
         )
     except ArrcocError as err:
         print(f"arrcoc compress-dataset: error: {err}", file=sys.stderr)

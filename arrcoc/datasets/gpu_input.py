@@ -1,10 +1,8 @@
 """The data-set job's batched input path: JPEG bytes -> one letterboxed bucket batch, made on the device.
 
-:func:`jpeg_size` reads a JPEG's header on the host (in a reader thread) and says whether nvJPEG decodes it
+:func:`jpeg_size` reads a JPEG's header on the host (in a DataLoader worker) and says whether nvJPEG decodes it
 as Pillow does (8-bit, grey or YCbCr, no EXIF rotation, no trailing data); :func:`decode_jpegs` decodes such
-files in one batched call. A JPEG at least twice its place in the bucket is better decoded on the host at 1/2,
-1/4 or 1/8 scale (:func:`draft_scale`, :func:`decode_draft`: libjpeg's DCT scaling, a fraction of a full
-decode, in the reader threads outside the GIL) and letterboxed with the others. :func:`letterbox` resizes and pads a whole bucket at once, as the
+files in one batched call; :func:`letterbox` resizes and pads a whole bucket at once, as the
 :class:`~arrcoc.stages.preprocess.Preprocessor` does one image at a time (antialiased bilinear resize of the
 long side to the bucket, anchored top-left, padded right/bottom), with the valid mask made on the device.
 
@@ -16,25 +14,13 @@ weight, so the padding comes out as zeros, and there is no per-image kernel.
 
 from __future__ import annotations
 
-import io
 import warnings
 from collections.abc import Sequence
 
-import numpy as np
 import torch
-from PIL import Image
 from torch import Tensor
 
-__all__ = [
-    "decode_draft",
-    "decode_jpegs",
-    "draft_scale",
-    "jpeg_size",
-    "letterbox",
-    "placement",
-    "resize_weights",
-    "valid_mask",
-]
+__all__ = ["decode_jpegs", "jpeg_size", "letterbox", "placement", "resize_weights", "valid_mask"]
 
 #: Start-of-frame markers nvJPEG decodes: baseline, extended sequential, progressive (Huffman coded).
 _SOF_DECODED = (0xC0, 0xC1, 0xC2)
@@ -111,27 +97,6 @@ def placement(height: int, width: int, buckets: Sequence[int]) -> tuple[int, flo
     bucket = next((b for b in sorted(buckets) if b >= long), max(buckets))
     scale = bucket / long
     return bucket, scale, (max(1, round(height * scale)), max(1, round(width * scale)))
-
-
-def draft_scale(size: tuple[int, int], content: tuple[int, int]) -> int:
-    """The DCT scale divisor (1, 2, 4 or 8) libjpeg decodes a ``size`` (height, width) JPEG at so that it still
-    covers ``content`` (height, width): the largest divisor no greater than either side's ratio, as Pillow's
-    ``draft`` picks it."""
-    ratio = min(size[0] // max(1, content[0]), size[1] // max(1, content[1]))  # 0 when enlarging
-    return 8 if ratio >= 8 else 4 if ratio >= 4 else 2 if ratio >= 2 else 1
-
-
-def decode_draft(data: bytes | bytearray, content: tuple[int, int]) -> Tensor:
-    """Decode a JPEG (one :func:`jpeg_size` accepts) on the host at :func:`draft_scale`: ``(3, h, w)`` uint8 with
-    ``h, w = ceil(size / scale)``, at least ``content``. Pillow releases the GIL while it decodes.
-
-    Raises:
-        OSError, ValueError: a file Pillow cannot decode.
-    """
-    with Image.open(io.BytesIO(data)) as image:
-        image.draft("RGB", (content[1], content[0]))
-        pixels = np.array(image.convert("RGB"))  # (h, w, 3), writable; grey files as three equal channels
-    return torch.from_numpy(pixels).permute(2, 0, 1)
 
 
 def decode_jpegs(data: Sequence[Tensor], device: torch.device) -> list[Tensor]:
@@ -227,19 +192,18 @@ def letterbox(
     if device.type == "cuda":
         meta = meta.pin_memory().to(device, non_blocking=True)
     offset, height, width, content_h, content_w = meta.unbind(1)  # each (B,)
-    flat = torch.cat([t.reshape(-1) for t in images])  # every image's pixels, one after another
-    # Gather into (B, 3, H, W), padded to the largest source: positions past an image's own width read its
-    # next row (any finite value will do: their weight is zero).
-    channel = torch.arange(3, device=device)[None, :, None, None]
-    row = torch.arange(span_h, device=device)[None, None, :, None]
-    col = torch.arange(span_w, device=device)[None, None, None, :]
-    where = (
-        offset[:, None, None, None]
-        + channel * (height * width)[:, None, None, None]
-        + row * width[:, None, None, None]
-        + col
-    ).clamp_(max=flat.numel() - 1)  # (B, 3, H, W)
-    source = flat[where].to(dtype)  # (B, 3, H, W)
+    # every image's pixels one after another, then a row's worth of zeros so that any row can start anywhere
+    flat = torch.cat([*(t.reshape(-1) for t in images), images[0].new_zeros(span_w)])
+    # Gather into (B, 3, H, W), padded to the largest source, one source row at a time: a sliding-window view of
+    # ``flat`` has a row starting at every element, so the index is (B, 3, H), not (B, 3, H, W). Past an image's
+    # own width a row reads on into the next one, past its height any row (their weights are zero).
+    channel = torch.arange(3, device=device)[None, :, None]
+    row = torch.arange(span_h, device=device)[None, None, :]
+    starts = (offset[:, None, None] + channel * (height * width)[:, None, None] + row * width[:, None, None]).clamp_(
+        max=flat.numel() - span_w
+    )  # (B, 3, H)
+    windows = flat.as_strided((flat.numel() - span_w + 1, span_w), (1, 1))
+    source = windows[starts].to(dtype)  # (B, 3, H, W)
     if images[0].dtype == torch.uint8:
         span = 255.0
     else:

@@ -142,7 +142,6 @@ def _case(
     dtype: str,
     graphs: bool,
     buckets: tuple[int, ...] | None,
-    jpeg_draft: bool = True,
 ) -> dict[str, Any]:
     """Build, capture, then a warm-up, a plain, a profiled and a Pillow-path run over ``images``."""
     device = torch.device(args.device)
@@ -164,7 +163,6 @@ def _case(
         shard_size=args.shard_size,
         token_dtype=_TOKEN_DTYPES[args.token_dtype],
         progress=False,
-        jpeg_draft=jpeg_draft,
     )
 
     def run(folder: str, keep: bool = False, **extra: Any) -> DatasetStats:
@@ -211,7 +209,6 @@ def _case(
     running = wall - plain.startup_seconds - plain.drain_seconds  # what a long run's per-image cost approaches
     return {
         "set": name,
-        "jpeg_draft": jpeg_draft,
         "encoder_dtype": dtype,
         "cuda_graphs": graphs,
         "buckets": list(config.buckets),
@@ -219,7 +216,6 @@ def _case(
         "images": plain.images,
         "errors": plain.errors,
         "device_decoded": plain.device_decoded,
-        "draft_decoded": plain.draft_decoded,
         "host_decoded": plain.host_decoded,
         "images_per_s": plain.images_per_second,
         "seconds": wall,
@@ -301,10 +297,8 @@ def _markdown(report: dict[str, Any]) -> str:
         f"no GPU, the benchmark set): {report['decode_images_per_s']:.0f} images/s.",
         "",
         "Reader threads read the files and their JPEG headers in this process (files that need Pillow are "
-        "decoded there too, and JPEGs at least twice their size in the bucket at 1/2, 1/4 or 1/8 scale unless "
-        "the set says full decode); the other JPEGs are decoded by nvJPEG in one call per batch, in a decode "
-        "thread that runs while the main thread gathers the next batch and runs the pipeline (the two exclude "
-        "each other only while a graph is captured), and every batch is letterboxed on the GPU at once; a "
+        "decoded there too); JPEGs are decoded by nvJPEG in one call per batch, in a decode thread that runs "
+        "while the main thread gathers the next batch, and letterboxed on the GPU for the whole bucket; a "
         "writer thread puts each batch's rows in their places in the shard as its copies land, so that at a "
         "shard's end only its file is left to write. images/s: the whole run (the reader's start-up and the "
         "last shard's write included); running images/s: the same run without those two fixed costs, which "
@@ -321,13 +315,12 @@ def _markdown(report: dict[str, Any]) -> str:
         "",
         "| set | encoder | images/s | running images/s | GPU busy | start-up | loader wait | decode wait "
         "| resize | pipeline | copy-out | drain | other | decode thread | writer thread "
-        "| GPU ms decode / resize / pipeline / copy | decoded nvJPEG / draft / Pillow | Pillow path images/s "
-        "| Pillow start-up |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|---:|---:|",
+        "| GPU ms decode / resize / pipeline / copy | Pillow path images/s | Pillow start-up |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|",
     ]
     for c in report["cases"]:
         if "error" in c:
-            lines.append(f"| {c['set']} | {c['encoder_dtype']} | failed: {c['error'][:80]} |" + " |" * 16)
+            lines.append(f"| {c['set']} | {c['encoder_dtype']} | failed: {c['error'][:80]} |" + " |" * 15)
             continue
         h, g = c["host_shares"], c["gpu_ms"]
         pil = f"{c['pil_images_per_s']:.0f}" if c.get("pil_images_per_s") else "—"
@@ -339,8 +332,7 @@ def _markdown(report: dict[str, Any]) -> str:
             f"{100 * h['decode']:.1f}% | {100 * h['resize']:.1f}% | {100 * h['pipeline']:.1f}% | "
             f"{100 * h['copy_out']:.1f}% | {100 * h['drain']:.1f}% | {100 * h['other']:.1f}% | "
             f"{100 * h['decode_thread']:.1f}% | {100 * h['write_thread']:.1f}% | "
-            f"{g['decode']:.0f} / {g['resize']:.0f} / {g['pipeline']:.0f} / {g['copy-out']:.0f} | "
-            f"{c['device_decoded']} / {c.get('draft_decoded', 0)} / {c['host_decoded']} | {pil} | "
+            f"{g['decode']:.0f} / {g['resize']:.0f} / {g['pipeline']:.0f} / {g['copy-out']:.0f} | {pil} | "
             f"{pil_startup} |"
         )
     agreed = [c for c in report["cases"] if c.get("agreement")]
@@ -425,7 +417,7 @@ def main(argv: list[str] | None = None) -> int:
     import torchvision
 
     work = Path(args.work or tempfile.mkdtemp(prefix="arrcoc-dataset-bench-"))
-    sets: dict[str, tuple[Path, tuple[int, ...] | None, bool]] = {"benchmark": (work / "images", None, True)}
+    sets: dict[str, tuple[Path, tuple[int, ...] | None]] = {"benchmark": (work / "images", None)}
     descriptions = {
         "benchmark": f"{args.images} JPEGs, {100 * args.small_share:.0f}% at 160-224 px, the rest 300-384 px"
     }
@@ -435,8 +427,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.photos:
         shutil.rmtree(work / "photos", ignore_errors=True)
         make_images(work / "photos", args.photos, sides=(640, 1600), seed=1)
-        sets["photos"] = (work / "photos", tuple(args.photo_buckets), True)
-        sets["photos, full decode"] = (work / "photos", tuple(args.photo_buckets), False)
+        sets["photos"] = (work / "photos", tuple(args.photo_buckets))
         descriptions["photos"] = (
             f"{args.photos} JPEGs, long side 640-1,600 px, buckets {', '.join(map(str, args.photo_buckets))}"
         )
@@ -466,10 +457,10 @@ def main(argv: list[str] | None = None) -> int:
         "cases": [],
     }
     cases = [(d, True) for d in args.dtypes] + ([(d, False) for d in args.dtypes] if args.eager else [])
-    for name, (folder, buckets, draft) in sets.items():
+    for name, (folder, buckets) in sets.items():
         for dtype, graphs in cases:
             try:
-                report["cases"].append(_case(name, folder, work, args, dtype, graphs, buckets, draft))
+                report["cases"].append(_case(name, folder, work, args, dtype, graphs, buckets))
             except Exception as err:  # noqa: BLE001 - record the failure, keep the other cases
                 logger.exception("case %s %s graphs=%s failed", name, dtype, graphs)
                 report["cases"].append(

@@ -251,9 +251,7 @@ def _markdown(report: dict[str, Any]) -> str:
             f"1, 100%: time to first token {report['unpacked_ttft_ms']:.1f} ms, vision tower "
             f"{report['unpacked_vision_ms']:.1f} ms; what each step buys, vision tower at batch 1 / batch "
             f"{report.get('steps_batch', '-')}: "
-            + "; ".join(
-                f"{name} {ms[0]:.1f} / {_num(ms[1])} ms" for name, ms in report.get("vision_steps", {}).items()
-            )
+            + "; ".join(f"{name} {ms[0]:.1f} / {_num(ms[1])} ms" for name, ms in report.get("vision_steps", {}).items())
             + ".",
             "",
         ]
