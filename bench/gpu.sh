@@ -115,7 +115,7 @@ if [ -n "${BEFORE:-}" ]; then  # the old package's own module path: it predates 
 fi
 # the Qwen-VL benchmark; QWEN_ARGS replaces its options (default: the vision blocks compiled too)
 QWEN_LIMIT="${QWEN_LIMIT:-280}"
-[ "${QWEN:-0}" = 1 ] && step bench-qwen "$QWEN_LIMIT" python3 -m arrcoc.tools.bench_qwen --out "$OUT" \
+[ "${QWEN:-0}" = 1 ] && step bench-qwen "$QWEN_LIMIT" env TORCH_LOGS=recompiles python3 -m arrcoc.tools.bench_qwen --out "$OUT" \
   --time-limit $(( QWEN_LIMIT - 40 )) ${QWEN_ARGS:---compile}
 # the query-free validation sweep (issue 21); SWEEP_ARGS picks variants, seeds, sizes, shares
 SWEEP_LIMIT="${SWEEP_LIMIT:-300}"

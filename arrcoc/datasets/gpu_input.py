@@ -189,8 +189,8 @@ def letterbox(
         offsets.append(offsets[-1] + n)
     span_h, span_w = max(h for h, _ in shapes), max(w for _, w in shapes)
     meta = torch.tensor([[o, h, w, ch, cw] for o, (h, w), (ch, cw) in zip(offsets, shapes, sizes)], dtype=torch.long)
-    if device.type == "cuda":
-        meta = meta.pin_memory().to(device, non_blocking=True)
+    # from pageable memory: the driver stages so small a copy at once, where pinning it could wait for a block
+    meta = meta.to(device, non_blocking=True)
     offset, height, width, content_h, content_w = meta.unbind(1)  # each (B,)
     # every image's pixels one after another, then a row's worth of zeros so that any row can start anywhere
     flat = torch.cat([*(t.reshape(-1) for t in images), images[0].new_zeros(span_w)])
