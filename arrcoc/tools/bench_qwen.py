@@ -338,6 +338,7 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="with --vision-tower packed: also compile each vision block (pack_vision_tower(compile=True))",
     )
+    parser.add_argument("--batches", type=int, nargs="+", default=None, help="batch sizes (default: the preset's)")
     parser.add_argument("--time-limit", type=float, default=130.0, help="seconds; rows past it are skipped")
     return parser
 
@@ -353,6 +354,7 @@ def main(argv: list[str] | None = None) -> int:
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     new = args.new_tokens or (4 if args.tiny else 32)
     _, _, size, batches = PRESETS[preset]
+    batches = tuple(args.batches or batches)
     start = time.perf_counter()
     model = build_qwen(preset, device, dtype)
     attn = args.attn
