@@ -4,7 +4,8 @@
 Qwen2-VL / Qwen2.5-VL / Qwen3-VL and :class:`~arrcoc.integrations.hf.ArrcocLlava` for LLaVA-1.5-style models; both
 have ``prepare``, ``forward`` and ``generate``. The adapters' modules' public names are re-exported here, so
 ``arrcoc.hf.ArrcocLlava`` keeps working. :func:`pack_vision_tower` runs a Qwen-VL vision tower with one
-attention call per layer (where flash-attn is not installed) and its patch embedding as one matrix product.
+attention call per layer (where flash-attn is not installed), its patch embedding as one matrix product, its gated
+MLPs at an aligned width and, with ``compile=True``, its blocks compiled.
 """
 
 from __future__ import annotations
