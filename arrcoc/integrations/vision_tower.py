@@ -19,14 +19,14 @@ not the arithmetic, is most of the time to first token. :func:`pack_vision_tower
 - a gated MLP (``gate_proj``, ``up_proj``, ``down_proj``: Qwen2.5-VL's) runs gate and up as one matrix product
   with its hidden width padded with zeros to a multiple of 64. Qwen2.5-VL's width, 3,420, leaves its rows off
   the 16-byte alignment Hopper's fast GEMM kernels need, and cuBLAS falls back to kernels about 2.7x slower
-  for those three products (on an H200 they were 44% of the tower's time); the padded weights are made per
-  call (about 26 MB a block in bf16), so that the model holds no second copy;
+  for those three products, nearly half the tower's time (docs/generation.md has the figures); the padded
+  weights are made per call (about 26 MB a block in bf16), so that the model holds no second copy;
 
 - ``compile=True``: each vision block is compiled with ``torch.compile`` (regional compilation: one compiled
   block serves all of them; the attention call stays outside), which fuses the elementwise work around the
-  matrix products (RMSNorm and rotary embedding in float32, the activation, the residual adds): 295 -> 157 ms
-  for eight 1,280 x 960 images of Qwen2.5-VL-7B on an H200. The first call compiles, and a new grid shape
-  compiles once more before the shapes turn dynamic.
+  matrix products (RMSNorm and rotary embedding in float32, the activation, the residual adds), which took
+  about as long as the products themselves. The first call compiles, and a new grid shape compiles once more
+  before the shapes turn dynamic.
 
 The math is the model's own (its ``qkv``, ``proj`` and convolution weights, its module's rotary function, the
 default ``1/sqrt(d)`` scale); only the kernels' rounding differs. Weights, config and output shapes are unchanged,
