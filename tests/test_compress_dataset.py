@@ -320,7 +320,7 @@ def test_cuda_graphs_write_what_the_pipeline_returns_for_the_same_batch(
     tmp_path: Path, source: Path, model: Path
 ) -> None:
     from arrcoc.datasets.compress_dataset import _Decode
-    from arrcoc.datasets.gpu_input import valid_mask
+    from arrcoc.stages.gpu_input import valid_mask
     from arrcoc.stages.preprocess import PreprocessedBatch
 
     small = [p for p in list_sources(source) if Path(p).name in {f"img{i:02d}.png" for i in (1, 2, 3, 5, 6, 7)}]

@@ -54,9 +54,17 @@ from tqdm import tqdm
 from ..config import PipelineConfig
 from ..errors import ArrcocError, InvalidInputError
 from ..pipeline import Pipeline
+from ..stages.gpu_input import (
+    JPEG_SUFFIXES,
+    decode_jpegs,
+    jpeg_size,
+    letterbox,
+    placement,
+    read_file,
+    valid_mask,
+)
 from ..stages.preprocess import PreprocessedBatch, Preprocessor, load_image
 from .atomic import remove_partial
-from .gpu_input import decode_jpegs, jpeg_size, letterbox, placement, valid_mask
 from .shards import (
     FORMAT,
     INDEX_NAME,
@@ -187,19 +195,6 @@ def _reason(err: Exception, source: str) -> str:
     return str(err) if isinstance(err, ArrcocError) else f"{source}: {type(err).__name__}: {err}"
 
 
-#: File name endings of the files whose header is read to route them to the batched JPEG decoder.
-_JPEG_SUFFIXES = (".jpg", ".jpeg", ".jpe", ".jfif")
-
-
-def _read_file(source: str) -> bytearray:
-    """A file's bytes, read into one writable buffer (which a tensor can then share without a copy)."""
-    with open(source, "rb") as handle:
-        data = bytearray(os.fstat(handle.fileno()).st_size)
-        got = handle.readinto(data)
-    del data[got:]  # a file that shrank meanwhile: its header check refuses what is left
-    return data
-
-
 class _Decode(torch.utils.data.Dataset):
     """``(index, path)`` items -> :class:`_Loaded`; any failure becomes an error record, never a dead reader.
 
@@ -220,9 +215,9 @@ class _Decode(torch.utils.data.Dataset):
 
     def __getitem__(self, position: int) -> _Loaded:
         index, source = self.items[position]
-        if self.device_jpegs and source.lower().endswith(_JPEG_SUFFIXES):
+        if self.device_jpegs and source.lower().endswith(JPEG_SUFFIXES):
             try:
-                data = _read_file(source)
+                data = read_file(source)
             except OSError:
                 data = bytearray()  # the Pillow path below names the problem as it always has
             size = jpeg_size(data)
@@ -748,7 +743,7 @@ def compress_dataset(
         budget_policy: ``"exact"``: an image whose content yields fewer tokens than ``budget`` is an error
             record; ``"cap"``: its budget is lowered to what it yields (the stored ``budget`` says so).
         batch_decode: decode JPEGs in batches on the pipeline's device (nvJPEG) and letterbox each batch there
-            (:mod:`arrcoc.datasets.gpu_input`); other files are decoded by Pillow in the reader threads. Default:
+            (:mod:`arrcoc.stages.gpu_input`); other files are decoded by Pillow in the reader threads. Default:
             on CUDA. ``False``: Pillow and the Preprocessor in DataLoader workers for every file.
 
     Returns:

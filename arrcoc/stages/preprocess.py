@@ -22,6 +22,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from torch import Tensor
 
 from ..errors import ImageLoadError, InvalidInputError, InvalidTypeError
+from .gpu_input import JPEG_SUFFIXES, decode_jpegs, jpeg_size, letterbox, placement, read_file
 
 __all__ = ["DEFAULT_BUCKETS", "PreprocessedBatch", "Preprocessor", "load_image"]
 
@@ -254,21 +255,51 @@ def _as_list(images: Any) -> list[Any]:
     return [images]
 
 
+#: One placed image: (index, name, canvas (3, S, S), valid (1, S, S), scale, source (h, w), content (h, w)).
+_Row = tuple[int, str, Tensor, Tensor, float, tuple[int, int], tuple[int, int]]
+
+
+def _jpeg_file(path: str) -> tuple[Tensor, tuple[int, int]] | None:
+    """A JPEG file's bytes and ``(height, width)`` when nvJPEG decodes it as Pillow does, else None (any other
+    file, or one that cannot be read: the per-image path names the problem)."""
+    if not path.lower().endswith(JPEG_SUFFIXES) or not os.path.isfile(path):
+        return None
+    try:
+        data = read_file(path)
+    except OSError:
+        return None
+    size = jpeg_size(data)
+    return None if size is None else (torch.frombuffer(data, dtype=torch.uint8), size)
+
+
 class Preprocessor:
     """Load, resize and letterbox images into square buckets.
+
+    JPEG files (paths) that nvJPEG decodes as Pillow does are, on CUDA, decoded in one batched call on the GPU and
+    letterboxed there a bucket at a time (:mod:`arrcoc.stages.gpu_input`, the data-set job's path): the same
+    placement, pixels within a few levels of Pillow's. Any other input takes the per-image path.
 
     Args:
         buckets: bucket sizes; each image goes to the smallest that holds its long side.
         pad_value: the value of padding pixels.
         multiple: every bucket must be a multiple of this (the encoder's patch stride).
+        batch_jpegs: decode JPEG files in batches on the call's device (``None``: where that device is CUDA).
     """
 
-    def __init__(self, buckets: Sequence[int] = DEFAULT_BUCKETS, *, pad_value: float = 0.0, multiple: int = 32) -> None:
+    def __init__(
+        self,
+        buckets: Sequence[int] = DEFAULT_BUCKETS,
+        *,
+        pad_value: float = 0.0,
+        multiple: int = 32,
+        batch_jpegs: bool | None = None,
+    ) -> None:
         sizes = sorted(set(int(b) for b in buckets))
         if not sizes or any(b <= 0 or b % multiple for b in sizes):
             raise InvalidInputError(f"buckets must be positive multiples of {multiple}; got {tuple(buckets)}")
         self.buckets = tuple(sizes)
         self.pad_value = float(pad_value)
+        self.batch_jpegs = batch_jpegs
 
     def bucket_for(self, height: int, width: int) -> int:
         """The smallest bucket holding the long side (the largest bucket for larger images)."""
@@ -290,6 +321,32 @@ class Preprocessor:
         valid = image.new_zeros((1, bucket, bucket))
         valid[:, : size[0], : size[1]] = 1
         return canvas, valid, scale, size
+
+    def _add(self, groups: dict[int, list[_Row]], index: int, name: str, image: Tensor, device: Any) -> None:
+        h, w = image.shape[1:]
+        bucket = self.bucket_for(h, w)
+        canvas, valid, scale, size = self._place(image, bucket, device)
+        groups.setdefault(bucket, []).append((index, name, canvas, valid, scale, (h, w), size))
+
+    def _add_jpegs(
+        self, groups: dict[int, list[_Row]], jpegs: list[tuple[int, str, Tensor, tuple[int, int]]], device: Any
+    ) -> None:
+        """Decode ``jpegs`` in one call on ``device`` and letterbox them a bucket at a time; if the decoder refuses
+        the batch (a file it cannot read), each file takes the per-image path, which names any broken one."""
+        try:
+            decoded = decode_jpegs([data for _, _, data, _ in jpegs], device)
+        except (RuntimeError, ValueError):
+            for index, name, _, _ in jpegs:
+                self._add(groups, index, name, load_image(name, name=f"image {index} ({name})"), device)
+            return
+        buckets: dict[int, list[tuple[int, str, Tensor, float, tuple[int, int], tuple[int, int]]]] = {}
+        for (index, name, _, (h, w)), image in zip(jpegs, decoded):
+            bucket, scale, content = placement(h, w, self.buckets)
+            buckets.setdefault(bucket, []).append((index, name, image, scale, (h, w), content))
+        for bucket, rows in buckets.items():
+            pixels, valid = letterbox([r[2] for r in rows], [r[5] for r in rows], bucket, pad_value=self.pad_value)
+            for (index, name, _, scale, size, content), canvas, mask in zip(rows, pixels, valid):
+                groups.setdefault(bucket, []).append((index, name, canvas, mask, scale, size, content))
 
     def _bucket_batch(self, images: Any, device: torch.device | None) -> PreprocessedBatch | None:
         """A ``(B, 3, S, S)`` uint8 or floating tensor with ``S`` a bucket, as one batch made where it lies.
@@ -346,17 +403,21 @@ class Preprocessor:
         if ready is not None:
             return [ready]
         items = _as_list(images)
-        groups: dict[int, list[tuple[int, str, Tensor, Tensor, float, tuple[int, int], tuple[int, int]]]] = {}
+        batched = (device is not None and device.type == "cuda") if self.batch_jpegs is None else self.batch_jpegs
+        groups: dict[int, list[_Row]] = {}
+        jpegs: list[tuple[int, str, Tensor, tuple[int, int]]] = []  # (index, path, bytes, (h, w))
         for index, item in enumerate(items):
-            name = _describe(item, index) if not isinstance(item, (str, os.PathLike)) else os.fspath(item)
-            image = load_image(item, name=f"image {index} ({name})" if isinstance(item, (str, os.PathLike)) else name)
-            h, w = image.shape[1:]
-            bucket = self.bucket_for(h, w)
-            canvas, valid, scale, size = self._place(image, bucket, device)
-            groups.setdefault(bucket, []).append((index, name, canvas, valid, scale, (h, w), size))
+            path = isinstance(item, (str, os.PathLike))
+            name = os.fspath(item) if path else _describe(item, index)
+            if batched and path and (found := _jpeg_file(name)) is not None:
+                jpegs.append((index, name, *found))
+                continue
+            self._add(groups, index, name, load_image(item, name=f"image {index} ({name})" if path else name), device)
+        if jpegs:
+            self._add_jpegs(groups, jpegs, device or torch.device("cpu"))
         out = []
         for bucket in sorted(groups):
-            rows = groups[bucket]
+            rows = sorted(groups[bucket], key=lambda row: row[0])
             out.append(
                 PreprocessedBatch(
                     pixels=torch.stack([r[2] for r in rows]),

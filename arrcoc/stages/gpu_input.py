@@ -1,6 +1,7 @@
-"""The data-set job's batched input path: JPEG bytes -> one letterboxed bucket batch, made on the device.
+"""The batched input path: JPEG bytes -> one letterboxed bucket batch, made on the device (the data-set job's, and
+the :class:`~arrcoc.stages.preprocess.Preprocessor`'s for JPEG files on CUDA).
 
-:func:`jpeg_size` reads a JPEG's header on the host (in a DataLoader worker) and says whether nvJPEG decodes it
+:func:`jpeg_size` reads a JPEG's header on the host and says whether nvJPEG decodes it
 as Pillow does (8-bit, grey or YCbCr, no EXIF rotation, no trailing data); :func:`decode_jpegs` decodes such
 files in one batched call; :func:`letterbox` resizes and pads a whole bucket at once, as the
 :class:`~arrcoc.stages.preprocess.Preprocessor` does one image at a time (antialiased bilinear resize of the
@@ -14,13 +15,26 @@ weight, so the padding comes out as zeros, and there is no per-image kernel.
 
 from __future__ import annotations
 
+import os
 import warnings
 from collections.abc import Sequence
 
 import torch
 from torch import Tensor
 
-__all__ = ["decode_jpegs", "jpeg_size", "letterbox", "placement", "resize_weights", "valid_mask"]
+__all__ = [
+    "JPEG_SUFFIXES",
+    "decode_jpegs",
+    "jpeg_size",
+    "letterbox",
+    "placement",
+    "read_file",
+    "resize_weights",
+    "valid_mask",
+]
+
+#: File name endings of the files whose header is read to route them to the batched JPEG decoder.
+JPEG_SUFFIXES = (".jpg", ".jpeg", ".jpe", ".jfif")
 
 #: Start-of-frame markers nvJPEG decodes: baseline, extended sequential, progressive (Huffman coded).
 _SOF_DECODED = (0xC0, 0xC1, 0xC2)
@@ -44,6 +58,15 @@ def _exif_orientation(tiff: bytes) -> int | None:
         if int.from_bytes(tiff[entry : entry + 2], order) == 0x0112:
             return int.from_bytes(tiff[entry + 8 : entry + 10], order)
     return 1
+
+
+def read_file(path: str | os.PathLike[str]) -> bytearray:
+    """A file's bytes, read into one writable buffer (which a tensor can then share without a copy)."""
+    with open(path, "rb") as handle:
+        data = bytearray(os.fstat(handle.fileno()).st_size)
+        got = handle.readinto(data)
+    del data[got:]  # a file that shrank meanwhile: its header check refuses what is left
+    return data
 
 
 def jpeg_size(data: bytes | bytearray) -> tuple[int, int] | None:
