@@ -98,6 +98,9 @@ class BalanceConfig:
             (``1 - pick_salience + pick_salience * salience``); 0 picks by distinctness alone.
         pick_colour: non-negative, weight of the patches' Lab colour distance beside their feature distance
             (``"maxmin"``), so that colour differences count.
+        pick_spatial: non-negative, weight of the patches' distance on the grid (in units of its longer side)
+            added to their feature distance (``"maxmin"``), so that alike objects in different places both count;
+            0 (off) by default: it trades text answers for count answers (docs/decisions.md).
     """
 
     # Each default was chosen on validation seeds of the generated world; the figures: docs/decisions.md.
@@ -112,6 +115,7 @@ class BalanceConfig:
     pick: str = "maxmin"  # without a question: greedy max-min, level with DivPrune on validation seeds
     pick_salience: float = 0.0
     pick_colour: float = 0.5
+    pick_spatial: float = 0.0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "weights", _numbers(self.weights, "balance.weights", 3))
@@ -123,9 +127,10 @@ class BalanceConfig:
         if not isinstance(self.pick, str):
             raise InvalidTypeError(f"balance.pick must be a string; got {self.pick!r}")
         _check(self.pick in PICK_METHODS, f"balance.pick must be one of {PICK_METHODS}; got {self.pick!r}")
-        colour = _number(self.pick_colour, "balance.pick_colour")
-        _check(0.0 <= colour < float("inf"), f"balance.pick_colour must be finite and >= 0; got {colour}")
-        object.__setattr__(self, "pick_colour", colour)
+        for name in ("pick_colour", "pick_spatial"):
+            value = _number(getattr(self, name), f"balance.{name}")
+            _check(0.0 <= value < float("inf"), f"balance.{name} must be finite and >= 0; got {value}")
+            object.__setattr__(self, name, value)
         for name in ("exploit", "scarcity", "diversify", "particularize", "cover", "query_cover", "pick_salience"):
             value = _number(getattr(self, name), f"balance.{name}")
             _check(0.0 <= value <= 1.0, f"balance.{name} must be in [0, 1]; got {value}")

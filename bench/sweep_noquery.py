@@ -76,6 +76,18 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
         "pick maxmin, salience share 0.15 beside the default's colour weight 0.5",
         {"balance": {"pick": "maxmin", "pick_salience": 0.15, "pick_colour": 0.5}},
     ),
+    "nq-maxmin-c05-p025": (
+        "pick maxmin, the default's colour weight 0.5, grid distance weight 0.25 (alike objects in two places)",
+        {"balance": {"pick": "maxmin", "pick_colour": 0.5, "pick_spatial": 0.25}},
+    ),
+    "nq-maxmin-c05-p05": (
+        "pick maxmin, the default's colour weight 0.5, grid distance weight 0.5",
+        {"balance": {"pick": "maxmin", "pick_colour": 0.5, "pick_spatial": 0.5}},
+    ),
+    "nq-maxmin-c05-p1": (
+        "pick maxmin, the default's colour weight 0.5, grid distance weight 1",
+        {"balance": {"pick": "maxmin", "pick_colour": 0.5, "pick_spatial": 1.0}},
+    ),
     # with a question (issue 21 item 3): the full ``arrcoc`` reducer, judged against its best single scorer
     "q-cover-015": (
         "with a question: a share 0.15 of the relevance follows novelty",

@@ -50,6 +50,8 @@ def test_bad_fields_are_named(field: str, value, match: str) -> None:
         ({"pick_salience": 1.5}, "pick_salience"),
         ({"pick_colour": -1.0}, "pick_colour"),
         ({"pick_colour": float("inf")}, "pick_colour"),
+        ({"pick_spatial": -0.5}, "pick_spatial"),
+        ({"pick_spatial": float("nan")}, "pick_spatial"),
     ],
 )
 def test_bad_balance(kwargs, match: str) -> None:

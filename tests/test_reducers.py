@@ -7,6 +7,7 @@ import torch
 
 import arrcoc
 from arrcoc.reducers import REDUCERS, ArrcocReducer, VisualInput, create_reducer
+from arrcoc.stages.balance import pick_patches
 
 
 def _visual(b: int = 2, gh: int = 8, gw: int = 8, d: int = 16, seed: int = 0) -> VisualInput:
@@ -124,7 +125,13 @@ def _picking(pick: str, **kw) -> ArrcocReducer:
 
 
 @pytest.mark.parametrize(
-    "kw", [{"pick": "novelty"}, {"pick": "maxmin"}, {"pick": "maxmin", "pick_salience": 0.5, "pick_colour": 0.5}]
+    "kw",
+    [
+        {"pick": "novelty"},
+        {"pick": "maxmin"},
+        {"pick": "maxmin", "pick_salience": 0.5, "pick_colour": 0.5},
+        {"pick": "maxmin", "pick_spatial": 0.5},
+    ],
 )
 @pytest.mark.parametrize("budget", [1, 5, 16])
 def test_query_free_picks_give_exact_budgets_independent_of_the_batch(kw: dict, budget: int) -> None:
@@ -149,6 +156,20 @@ def test_query_free_maxmin_pick_keeps_divprunes_patches() -> None:
         }
     coloured = ArrcocReducer(read_query=False)(visual, 14)  # the shipped default: pick_colour 0.5
     assert any(not torch.equal(coloured.positions[i], ours.positions[i]) for i in range(2))
+
+
+def test_the_grid_distance_spreads_the_pick_over_alike_patches() -> None:
+    """Patches alike in features and colour (one object drawn twice, a plain field): with ``pick_spatial`` the
+    greedy max-min keeps patches far apart on the grid; without it, the ties keep the first patches."""
+    b, gh, gw = 1, 8, 8
+    features = torch.ones(b, gh, gw, 16)
+    valid, budget = torch.ones(b, gh, gw), torch.tensor([4])
+    spread = pick_patches("maxmin", features, valid, budget, 4, spatial_share=0.5)
+    plain = pick_patches("maxmin", features, valid, budget, 4)
+    rows, cols = spread[0].nonzero().unbind(1)
+    assert spread.sum() == plain.sum() == 4
+    assert {(r, c) for r, c in zip(rows.tolist(), cols.tolist())} == {(0, 0), (0, 7), (7, 0), (7, 7)}  # the corners
+    assert plain[0].nonzero()[:, 0].max() == 0  # the first row's patches: nothing tells the ties apart
 
 
 def test_the_shipped_pick_is_maxmin_and_a_pick_changes_only_images_without_a_question() -> None:

@@ -92,6 +92,7 @@ def pick_patches(
     colour: Tensor | None = None,
     colour_share: float = 0.0,
     patch_novelty: Tensor | None = None,
+    spatial_share: float = 0.0,
 ) -> Tensor:
     """The ``budget`` image patches a query-free cover keeps: 1 on each, 0 elsewhere.
 
@@ -114,6 +115,8 @@ def pick_patches(
         salience_share: in [0, 1].
         colour: ``(B, gh, gw, 3)`` Lab colour of each patch (texture's first channels), or ``None``.
         colour_share: weight of the colour distance (``"maxmin"``).
+        spatial_share: weight of the patches' distance on the grid, in units of its longer side, added to theirs
+            (``"maxmin"``).
         patch_novelty: :func:`novelty` of ``features`` and ``patch_valid`` when already computed (``"novelty"``).
 
     Returns:
@@ -138,6 +141,10 @@ def pick_patches(
     if colour is not None and colour_share > 0:
         lab = colour.float().flatten(1, 2)  # (B, N, 3)
         distance = distance + colour_share * torch.cdist(lab, lab)
+    if spatial_share > 0:  # alike patches far apart count as apart (alike objects in two places)
+        cell = torch.arange(n, device=features.device)
+        place = torch.stack((cell // gw, cell % gw), -1).float() / max(gh, gw)  # (N, 2) row, column
+        distance = distance + spatial_share * torch.cdist(place, place)[None]
     others = valid[:, None, :] & ~torch.eye(n, dtype=torch.bool, device=features.device)  # [b, p, q]: q not p
     nearest = distance.masked_fill(~others, torch.inf).amin(-1)  # (B, N) distance to the nearest other patch
     nearest = torch.where(torch.isfinite(nearest), nearest, 0.0)  # an image of one patch

@@ -198,6 +198,7 @@ class RelevanceHead(nn.Module):
             s["texture"][..., :3],
             cfg.pick_colour,
             s.get("novelty"),
+            cfg.pick_spatial,
         )
 
     def forward(
