@@ -326,13 +326,18 @@ def _placed(groups: list) -> dict[int, tuple]:
     return out
 
 
-def test_the_preprocessor_decodes_jpeg_files_in_batches_as_the_per_image_path_places_them(mixed: Path) -> None:
+def test_the_preprocessor_decodes_jpeg_files_in_batches_as_the_per_image_path_places_them(
+    mixed: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Paths given to the Preprocessor (as the Pipeline and ``arrcoc compress`` give them): JPEGs nvJPEG reads as
     Pillow does go through the batched decoder and letterbox (torchvision's CPU decoder here, libjpeg as Pillow's),
     the rest (PNGs, the rotated JPEG) the per-image path; every image keeps its bucket, place, name and order, and
     its pixels those of the per-image path."""
+    from arrcoc.stages import preprocess
+
     paths = sorted(os.fspath(p) for p in mixed.iterdir() if p.name not in ("broken.jpg", "truncated.jpg"))
     want = _placed(Preprocessor(BUCKETS, multiple=1, batch_jpegs=False)(paths))
+    monkeypatch.setattr(preprocess, "_JPEG_CHUNK", 4)  # several decode calls, buckets mixed across them
     groups = Preprocessor(BUCKETS, multiple=1, batch_jpegs=True)(paths)
     got = _placed(groups)
     assert sorted(got) == sorted(want) == list(range(len(paths)))

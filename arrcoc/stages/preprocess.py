@@ -255,6 +255,8 @@ def _as_list(images: Any) -> list[Any]:
     return [images]
 
 
+#: JPEG files per batched decode: bounds the letterbox's source batch, padded to its largest image.
+_JPEG_CHUNK = 64
 #: One placed image: (index, name, canvas (3, S, S), valid (1, S, S), scale, source (h, w), content (h, w)).
 _Row = tuple[int, str, Tensor, Tensor, float, tuple[int, int], tuple[int, int]]
 
@@ -413,8 +415,8 @@ class Preprocessor:
                 jpegs.append((index, name, *found))
                 continue
             self._add(groups, index, name, load_image(item, name=f"image {index} ({name})" if path else name), device)
-        if jpegs:
-            self._add_jpegs(groups, jpegs, device or torch.device("cpu"))
+        for start in range(0, len(jpegs), _JPEG_CHUNK):
+            self._add_jpegs(groups, jpegs[start : start + _JPEG_CHUNK], device or torch.device("cpu"))
         out = []
         for bucket in sorted(groups):
             rows = sorted(groups[bucket], key=lambda row: row[0])
