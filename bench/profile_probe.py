@@ -37,19 +37,15 @@ def _profiled(fn, out: Path, name: str, rows: int = 30) -> None:
 
 
 def qwen(out: Path) -> None:
-    import transformers
 
-    from arrcoc.integrations.qwen import ArrcocQwen
     from arrcoc.integrations.vision_tower import pack_vision_tower
     from arrcoc.tools import bench_qwen as bq
 
     device = torch.device("cuda")
     model = bq.build_qwen("qwen2.5-vl-7b", device, torch.bfloat16)
     model.set_attn_implementation("sdpa")
-    images = transformers.Qwen2VLImageProcessor(size={"shortest_edge": bq.MIN_PIXELS, "longest_edge": bq.MAX_PIXELS})
-    tokenizer = bq.word_tokenizer(bq.WORDS, image_token_id=bq._IDS["image_token_id"], image_token="<|image_pad|>")
-    processor = argparse.Namespace(tokenizer=tokenizer, image_processor=images)
-    adapter = ArrcocQwen(model, processor, method="arrcoc", template=bq.TEMPLATE)
+    adapter = bq.qwen_adapter(model)
+    images = adapter.image_processor
     pack_vision_tower(model)
     size = bq.PRESETS["qwen2.5-vl-7b"][2]
     for batch in (1, 8):

@@ -54,15 +54,7 @@ from tqdm import tqdm
 from ..config import PipelineConfig
 from ..errors import ArrcocError, InvalidInputError
 from ..pipeline import Pipeline
-from ..stages.gpu_input import (
-    JPEG_SUFFIXES,
-    decode_jpegs,
-    jpeg_size,
-    letterbox,
-    placement,
-    read_file,
-    valid_mask,
-)
+from ..stages.gpu_input import decode_jpegs, jpeg_file, letterbox, placement, valid_mask
 from ..stages.preprocess import PreprocessedBatch, Preprocessor, load_image
 from .atomic import remove_partial
 from .shards import (
@@ -215,24 +207,14 @@ class _Decode(torch.utils.data.Dataset):
 
     def __getitem__(self, position: int) -> _Loaded:
         index, source = self.items[position]
-        if self.device_jpegs and source.lower().endswith(JPEG_SUFFIXES):
-            try:
-                data = read_file(source)
-            except OSError:
-                data = bytearray()  # the Pillow path below names the problem as it always has
-            size = jpeg_size(data)
-            if size is not None:
-                bucket, scale, content = placement(size[0], size[1], self.buckets)
-                return _Loaded(
-                    index,
-                    source,
-                    data=torch.frombuffer(data, dtype=torch.uint8),
-                    bucket=bucket,
-                    scale=scale,
-                    source_size=list(size),
-                    content_size=content,
-                )
-        return decode_on_host(index, source, self.preprocessor)
+        found = jpeg_file(source) if self.device_jpegs else None
+        if found is None:  # not a JPEG nvJPEG reads as Pillow does, or unreadable: the Pillow path names it
+            return decode_on_host(index, source, self.preprocessor)
+        data, size = found
+        bucket, scale, content = placement(size[0], size[1], self.buckets)
+        return _Loaded(
+            index, source, data=data, bucket=bucket, scale=scale, source_size=list(size), content_size=content
+        )
 
 
 def decode_on_host(index: int, source: str, preprocessor: Preprocessor) -> _Loaded:

@@ -25,10 +25,10 @@ from torch import Tensor
 __all__ = [
     "JPEG_SUFFIXES",
     "decode_jpegs",
+    "jpeg_file",
     "jpeg_size",
     "letterbox",
     "placement",
-    "read_file",
     "resize_weights",
     "valid_mask",
 ]
@@ -60,13 +60,26 @@ def _exif_orientation(tiff: bytes) -> int | None:
     return 1
 
 
-def read_file(path: str | os.PathLike[str]) -> bytearray:
+def _read_file(path: str | os.PathLike[str]) -> bytearray:
     """A file's bytes, read into one writable buffer (which a tensor can then share without a copy)."""
     with open(path, "rb") as handle:
         data = bytearray(os.fstat(handle.fileno()).st_size)
         got = handle.readinto(data)
     del data[got:]  # a file that shrank meanwhile: its header check refuses what is left
     return data
+
+
+def jpeg_file(path: str) -> tuple[Tensor, tuple[int, int]] | None:
+    """A JPEG file's bytes (``(bytes,)`` uint8) and ``(height, width)`` when nvJPEG decodes it as Pillow does; None
+    for any other file, and for one that cannot be read (Pillow's path then names the problem)."""
+    if not path.lower().endswith(JPEG_SUFFIXES):
+        return None
+    try:
+        data = _read_file(path)
+    except OSError:
+        return None
+    size = jpeg_size(data)
+    return None if size is None else (torch.frombuffer(data, dtype=torch.uint8), size)
 
 
 def jpeg_size(data: bytes | bytearray) -> tuple[int, int] | None:

@@ -22,7 +22,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from torch import Tensor
 
 from ..errors import ImageLoadError, InvalidInputError, InvalidTypeError
-from .gpu_input import JPEG_SUFFIXES, decode_jpegs, jpeg_size, letterbox, placement, read_file
+from .gpu_input import decode_jpegs, jpeg_file, letterbox, placement
 
 __all__ = ["DEFAULT_BUCKETS", "PreprocessedBatch", "Preprocessor", "load_image"]
 
@@ -261,19 +261,6 @@ _JPEG_CHUNK = 64
 _Row = tuple[int, str, Tensor, Tensor, float, tuple[int, int], tuple[int, int]]
 
 
-def _jpeg_file(path: str) -> tuple[Tensor, tuple[int, int]] | None:
-    """A JPEG file's bytes and ``(height, width)`` when nvJPEG decodes it as Pillow does, else None (any other
-    file, or one that cannot be read: the per-image path names the problem)."""
-    if not path.lower().endswith(JPEG_SUFFIXES) or not os.path.isfile(path):
-        return None
-    try:
-        data = read_file(path)
-    except OSError:
-        return None
-    size = jpeg_size(data)
-    return None if size is None else (torch.frombuffer(data, dtype=torch.uint8), size)
-
-
 class Preprocessor:
     """Load, resize and letterbox images into square buckets.
 
@@ -411,7 +398,7 @@ class Preprocessor:
         for index, item in enumerate(items):
             path = isinstance(item, (str, os.PathLike))
             name = os.fspath(item) if path else _describe(item, index)
-            if batched and path and (found := _jpeg_file(name)) is not None:
+            if batched and path and (found := jpeg_file(name)) is not None:
                 jpegs.append((index, name, *found))
                 continue
             self._add(groups, index, name, load_image(item, name=f"image {index} ({name})" if path else name), device)

@@ -47,7 +47,7 @@ from ..runtime.device import device_name
 from .bench_generation import random_model
 from .timing import wall_times_ms, write_report
 
-__all__ = ["main", "build_qwen", "PRESETS", "corpus_captures"]
+__all__ = ["main", "build_qwen", "qwen_adapter", "PRESETS", "corpus_captures"]
 
 logger = logging.getLogger(__name__)
 
@@ -131,6 +131,18 @@ def build_qwen(preset: str, device: torch.device, dtype: torch.dtype) -> torch.n
     model.generation_config.eos_token_id = None  # random weights: always generate the asked number of tokens
     model.generation_config.pad_token_id = 0
     return model
+
+
+def qwen_adapter(model: torch.nn.Module, method: str = "arrcoc", grid_multiple: int = 8) -> ArrcocQwen:
+    """The benchmark's adapter: a word tokenizer built offline and Qwen2.5-VL-7B-Instruct's released processor
+    settings, the image at its own resolution up to 12.8 MP (transformers' class default caps at 1 MP, which would
+    read 1,280 x 960 at 30 x 41 tokens, not 34 x 46)."""
+    import transformers
+
+    images = transformers.Qwen2VLImageProcessor(size={"shortest_edge": MIN_PIXELS, "longest_edge": MAX_PIXELS})
+    tokenizer = word_tokenizer(WORDS, image_token_id=_IDS["image_token_id"], image_token="<|image_pad|>")
+    processor = argparse.Namespace(tokenizer=tokenizer, image_processor=images)
+    return ArrcocQwen(model, processor, method=method, template=TEMPLATE, grid_multiple=grid_multiple)
 
 
 def corpus_captures(multiple: int, count: int = 100, seed: int = 0) -> dict[str, Any]:
@@ -361,12 +373,7 @@ def main(argv: list[str] | None = None) -> int:
     if attn == "auto":
         attn = "flash_attention_2" if device.type == "cuda" and importlib.util.find_spec("flash_attn") else "sdpa"
     model.set_attn_implementation(attn)
-    # Qwen2.5-VL-7B-Instruct's released processor settings: the image at its own resolution, up to 12.8 MP
-    # (transformers' class default caps at 1 MP, which would read 1,280 x 960 at 30 x 41 tokens, not 34 x 46)
-    images = transformers.Qwen2VLImageProcessor(size={"shortest_edge": MIN_PIXELS, "longest_edge": MAX_PIXELS})
-    tokenizer = word_tokenizer(WORDS, image_token_id=_IDS["image_token_id"], image_token="<|image_pad|>")
-    processor = argparse.Namespace(tokenizer=tokenizer, image_processor=images)
-    adapter = ArrcocQwen(model, processor, method=args.method, template=TEMPLATE, grid_multiple=args.grid_multiple)
+    adapter = qwen_adapter(model, args.method, args.grid_multiple)
     report: dict[str, Any] = {
         "device": device_name(device),
         "date": datetime.date.today().isoformat(),
