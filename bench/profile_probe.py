@@ -2,8 +2,10 @@
 
     python bench/profile_probe.py qwen --out DIR        the packed vision tower at batch 1 and 8, and prepare at 11%
     python bench/profile_probe.py dataset --out DIR     compress-dataset on the photo set and the benchmark set
+    python bench/profile_probe.py syncs --out DIR       every host sync of the Qwen-VL adapter's generate at 11%
 
-Each part writes ``<part>-<case>.txt``: wall milliseconds, the summed kernel time, and the top kernels.
+Each part writes ``<part>-<case>.txt``: wall milliseconds, the summed kernel time, and the top kernels; ``syncs``
+writes each distinct call stack that synchronised (``torch.cuda.set_sync_debug_mode("warn")``) and how often.
 """
 
 from __future__ import annotations
@@ -105,14 +107,65 @@ def dataset(out: Path) -> None:
     shutil.rmtree(work, ignore_errors=True)
 
 
+def syncs(out: Path) -> None:
+    import collections
+    import traceback
+    import warnings
+
+    from arrcoc.integrations.vision_tower import pack_vision_tower
+    from arrcoc.tools import bench_qwen as bq
+
+    device = torch.device("cuda")
+    model = bq.build_qwen("qwen2.5-vl-7b", device, torch.bfloat16)
+    model.set_attn_implementation("sdpa")
+    adapter = bq.qwen_adapter(model)
+    pack_vision_tower(model, compile=True)
+    size = bq.PRESETS["qwen2.5-vl-7b"][2]
+    for batch in (1, 8):
+        inputs = adapter.image_processor(images=bq._images(size, batch), return_tensors="pt")
+        pixels = {k: inputs[k].to(device) for k in ("pixel_values", "image_grid_thw")}
+        prompts = [bq.QUESTION] * batch
+        with torch.inference_mode():
+            for _ in range(3):  # compile, capture, warm
+                adapter.generate(pixels, prompts, 0.11, max_new_tokens=1, do_sample=False)
+            torch.cuda.synchronize()
+            start = time.perf_counter()
+            prepared = adapter.prepare(pixels, prompts, 0.11)
+            issued = time.perf_counter() - start
+            torch.cuda.synchronize()
+            done = time.perf_counter() - start
+            del prepared
+            stacks: collections.Counter = collections.Counter()
+
+            def record(message, category, filename, lineno, file=None, line=None, stacks=stacks) -> None:
+                frames = [f for f in traceback.extract_stack()[:-1] if "warnings" not in f.filename]
+                keep = [f for f in frames if "site-packages/torch/" not in f.filename][-6:]
+                stacks["\n".join(f"  {f.filename.split('/')[-1]}:{f.lineno} {f.name}: {f.line}" for f in keep)] += 1
+
+            with warnings.catch_warnings():
+                warnings.simplefilter("always")
+                warnings.showwarning = record
+                torch.cuda.set_sync_debug_mode("warn")
+                try:
+                    adapter.generate(pixels, prompts, 0.11, max_new_tokens=1, do_sample=False)
+                finally:
+                    torch.cuda.set_sync_debug_mode(0)
+        text = [
+            f"batch {batch}: prepare returned after {issued * 1e3:.1f} ms, its device work ended at {done * 1e3:.1f} ms"
+        ]
+        text += [f"{n} x\n{stack}" for stack, n in stacks.most_common()]
+        (out / f"syncs-b{batch}.txt").write_text("\n".join(text))
+        print(text[0], f"({sum(stacks.values())} syncs in generate, {len(stacks)} call sites)", flush=True)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
-    parser.add_argument("part", choices=["qwen", "dataset"])
+    parser.add_argument("part", choices=["qwen", "dataset", "syncs"])
     parser.add_argument("--out", default="/tmp/probe")
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    {"qwen": qwen, "dataset": dataset}[args.part](out)
+    {"qwen": qwen, "dataset": dataset, "syncs": syncs}[args.part](out)
     return 0
 
 

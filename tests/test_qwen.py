@@ -324,8 +324,9 @@ def test_the_budget_tensor_path_equals_the_reducer(qwen: tuple) -> None:
         features = adapter.merged_features(pixel_values, grid_thw)
         rgb = adapter._rgb(pixel_values, adapter.merged_grids(grid_thw))
         embeds = torch.randn(2, 6, features[0].shape[-1])
-        visual = adapter._visual([0, 1], (8, 8), 16, features, rgb, embeds, [[1, 2], [3]], [0, 0])
-        got = adapter._reduce_budgets(visual, [5, 5], [f.shape[:2] for f in features])
+        (group,) = adapter._groups(adapter.merged_grids(grid_thw), [[1, 2], [3]], [0, 0], [5, 5], embeds.device)
+        visual = adapter._visual(group, features, rgb, embeds, [[1, 2], [3]])
+        got = adapter._reduce_budgets(visual, [5, 5], group.budgets, [f.shape[:2] for f in features])
         expected = adapter.reducer(visual, 5)
     assert torch.equal(got.positions[:, :5], expected.positions)
     assert torch.equal(got.tokens[:, :5], expected.tokens)
@@ -369,6 +370,49 @@ def test_cuda_graph_replay_equals_direct_call(family: str, method: str) -> None:
     torch.testing.assert_close(got.inputs_embeds, expected.inputs_embeds)
     assert torch.equal(got.position_ids, expected.position_ids)
     assert new.shape == (4, 3)
+
+
+def test_the_tower_read_directly_equals_get_image_features(qwen: tuple) -> None:
+    """The adapter calls the tower itself (no read-back of the sizes after it): the same merged tokens, and for
+    Qwen3-VL the same DeepStack features, as the model's own ``get_image_features``."""
+    model, processor = qwen
+    adapter = _adapter(qwen)
+    inputs = processor.image_processor(images=_images(3), return_tensors="pt")
+    pixels, grid_thw = inputs["pixel_values"], inputs["image_grid_thw"]
+    with torch.no_grad():
+        features, deep = adapter._image_features(pixels, grid_thw, adapter.merged_grids(grid_thw))
+        out = model.model.get_image_features(pixels, grid_thw)
+    expected = out.pooler_output if hasattr(out, "pooler_output") else out
+    assert len(features) == len(expected) == 3
+    assert all(torch.equal(f.flatten(0, 1), e) for f, e in zip(features, expected))
+    assert (deep is not None) == adapter.deepstack
+    if deep is not None:
+        layers = out.deepstack_features
+        for i, d in enumerate(deep):
+            assert all(torch.equal(d[n].flatten(0, 1), layer[i]) for n, layer in enumerate(layers))
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("question", [True, False])
+def test_cuda_prepare_never_waits_for_the_vision_tower(family: str, question: bool) -> None:
+    """Once the tower is queued, ``prepare`` reads nothing back and copies nothing from the host (each would
+    wait for the tower): the reducer's launches queue behind the tower, and the language model's after them."""
+    model, processor = build(family)
+    model = model.cuda()
+    adapter = ArrcocQwen(model, processor, template=TEMPLATE)
+    images = _images(4)
+    prompts = (PROMPTS + PROMPTS[:1]) if question else [TEMPLATE.format(image="<|image_pad|>", question="")] * 4
+    with torch.no_grad():
+        adapter.prepare(images, prompts, 0.25)  # the first call captures the reducer's graph (a capture syncs)
+        handle = model.model.visual.register_forward_hook(lambda *_: torch.cuda.set_sync_debug_mode("error"))
+        try:
+            prepared = adapter.prepare(images, prompts, 0.25)
+        finally:
+            handle.remove()
+            torch.cuda.set_sync_debug_mode(0)
+    assert prepared.query_mask.any().item() == question
+    assert prepared.budgets == [round(gh * gw / 4) for gh, gw in prepared.grids]
 
 
 # --- the vision tower's attention in one call ---------------------------------------------------------

@@ -2,7 +2,7 @@
 
 The adapter wraps a ``Qwen2VLForConditionalGeneration``, ``Qwen2_5_VLForConditionalGeneration`` or
 ``Qwen3VLForConditionalGeneration`` without changing it. It runs the model's own vision tower and patch merger
-(``model.get_image_features``), so the reducer reads the model's own *merged* visual tokens ``(gh, gw, H)``, one
+(``model.model.visual``), so the reducer reads the model's own *merged* visual tokens ``(gh, gw, H)``, one
 grid per image at that image's own size. Any registered reducer (:mod:`arrcoc.reducers`) keeps exactly ``budget``
 tokens per image; they are written, in raster order, into ``budget`` image slots of the prompt, and the language
 model runs as usual with explicit multimodal rotary position ids: ``model(inputs_embeds=..., attention_mask=...,
@@ -107,6 +107,18 @@ class QwenPrepared:
     deepstack: list[Tensor] | None = None
 
 
+@dataclass
+class _Group:
+    """Images that share one reducer graph key, and what the reducer reads from the host, already on the device."""
+
+    bucket: tuple[int, int]  # the merged grid the images are padded to
+    length: int  # query slots
+    budget: int | None  # the key's budget (baselines); None: per-image budgets as a tensor (arrcoc's reducers)
+    members: list[int]  # image indices in the batch
+    budgets: Tensor | None  # (n,) int64, arrcoc's reducers
+    where: Tensor | None  # (n, length) int64, each question token's index in its prompt row; None: no query read
+
+
 def merged_grid(
     height: int,
     width: int,
@@ -148,7 +160,7 @@ def _parts(model: nn.Module) -> tuple[nn.Module, nn.Module]:
     """(the inner ``Qwen*VLModel``, its language model); refuses anything else."""
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     inner = getattr(model, "model", None)
-    if model_type not in QWEN_MODEL_TYPES or inner is None or not hasattr(inner, "get_image_features"):
+    if model_type not in QWEN_MODEL_TYPES or inner is None or not hasattr(inner, "visual"):
         raise InvalidTypeError(
             f"model must be a Qwen2-VL, Qwen2.5-VL or Qwen3-VL ...ForConditionalGeneration (model_type in "
             f"{sorted(QWEN_MODEL_TYPES)}); got {type(model).__name__} ({model_type!r})"
@@ -242,8 +254,10 @@ class ArrcocQwen(nn.Module):
             mean, std = (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)
         if mean is None:  # Qwen's processors normalise with CLIP's statistics
             mean, std = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
-        self.register_buffer("_mean", torch.tensor(mean, dtype=torch.float32).view(3, 1, 1), persistent=False)
-        self.register_buffer("_std", torch.tensor(std, dtype=torch.float32).view(3, 1, 1), persistent=False)
+        # on the model's device from the start: moving them per call would copy from the host after the tower
+        on = {"dtype": torch.float32, "device": next(model.parameters()).device}
+        self.register_buffer("_mean", torch.tensor(mean, **on).view(3, 1, 1), persistent=False)
+        self.register_buffer("_std", torch.tensor(std, **on).view(3, 1, 1), persistent=False)
         pad = self.tokenizer.pad_token_id
         self.pad_token_id = int(pad if pad is not None else (self.tokenizer.eos_token_id or 0))
         self.special_ids = frozenset(int(i) for i in getattr(self.tokenizer, "all_special_ids", []))
@@ -275,21 +289,25 @@ class ArrcocQwen(nn.Module):
 
     def merged_features(self, pixel_values: Tensor, grid_thw: Tensor) -> list[Tensor]:
         """The model's own merged visual tokens, per image ``(gh, gw, H)`` in raster order."""
-        return self._image_features(pixel_values, grid_thw)[0]
+        return self._image_features(pixel_values, grid_thw, self.merged_grids(grid_thw))[0]
 
-    def _image_features(self, pixel_values: Tensor, grid_thw: Tensor) -> tuple[list[Tensor], list[Tensor] | None]:
+    def _image_features(
+        self, pixel_values: Tensor, grid_thw: Tensor, grids: list[tuple[int, int]]
+    ) -> tuple[list[Tensor], list[Tensor] | None]:
         """Merged tokens per image ``(gh, gw, H)``, and for Qwen3-VL its DeepStack features per image
-        ``(L, gh, gw, H)``."""
-        grids = self.merged_grids(grid_thw)
-        out = self.inner.get_image_features(pixel_values, grid_thw)
-        embeds = out.pooler_output if hasattr(out, "pooler_output") else out  # tuple of (n_i, H)
-        features = [e.unflatten(0, grid) for e, grid in zip(embeds, grids)]
-        layers = getattr(out, "deepstack_features", None) if self.deepstack else None
-        if layers is None:
-            return features, None
+        ``(L, gh, gw, H)``.
+
+        The tower is called directly, not through the model's ``get_image_features``: that reads the images' sizes
+        back from ``grid_thw`` on the device after queueing the tower, a host sync that would hold every later
+        launch (the reducer, the language model) until the tower ends. Here the sizes are known on the host.
+        """
+        visual = self.inner.visual
+        merged, layers = _tower_outputs(visual(pixel_values.type(visual.dtype), grid_thw=grid_thw))
         sizes = [gh * gw for gh, gw in grids]
-        # per layer: a tuple per image (transformers >= 5.2x) or one tensor over all images (earlier)
-        layers = [torch.split(x, sizes) if isinstance(x, Tensor) else x for x in layers]
+        features = [e.unflatten(0, grid) for e, grid in zip(torch.split(merged, sizes), grids)]
+        if layers is None or not self.deepstack:
+            return features, None
+        layers = [torch.split(x, sizes) for x in layers]  # per layer, per image (n_i, H)
         deep = [torch.stack([layer[i] for layer in layers]).unflatten(1, grid) for i, grid in enumerate(grids)]
         return features, deep
 
@@ -382,14 +400,19 @@ class ArrcocQwen(nn.Module):
             mask[i, length - len(row) :] = 1
             query_mask[i, length - len(row) :] = torch.tensor(q)
         ids, mask, query_mask = ids.to(device), mask.to(device), query_mask.to(device)
-        embeds = self.model.get_input_embeddings()(ids)  # (B, T, H)
-        features, deep = self._image_features(pixel_values, grid_thw)  # per image (gh, gw, H), (L, gh, gw, H)
-        rgb = self._rgb(pixel_values, grids) if "pixels" in self.needs else [None] * len(grids)
         questions = [[j for j, q in enumerate(r[1]) if q] for r in rows]
-        reduced = self._reduce_all(features, rgb, embeds, questions, [length - len(r[0]) for r in rows], budgets)
+        pads = [length - len(r[0]) for r in rows]
+        # Everything the host sends the device goes before the tower: a copy from host memory waits for the
+        # stream, and after the tower it would hold the reducer's and the language model's launches until the
+        # tower ends instead of queueing them behind it.
+        groups = self._groups(grids, questions, pads, budgets, device)
+        embeds = self.model.get_input_embeddings()(ids)  # (B, T, H)
+        features, deep = self._image_features(pixel_values, grid_thw, grids)  # per image (gh, gw, H), (L, gh, gw, H)
+        rgb = self._rgb(pixel_values, grids) if "pixels" in self.needs else [None] * len(grids)
+        reduced = self._reduce_all(groups, features, rgb, embeds, questions, budgets)
         image_tokens = [r.tokens[0] for r in reduced]  # (K_i, H) each
-        slots = ids == self.image_token_id
-        embeds = embeds.masked_scatter(slots[..., None], torch.cat(image_tokens).to(embeds.dtype))
+        for i, ((_, _, start), tokens) in enumerate(zip(rows, image_tokens)):  # the image slots, in place
+            embeds[i, pads[i] + start : pads[i] + start + tokens.shape[0]] = tokens.to(embeds.dtype)
         position_ids = self._positions(rows, length, reduced, grids, device)
         deepstack = None
         if deep is not None:  # the kept tokens' DeepStack features, layer by layer, in slot order
@@ -451,13 +474,39 @@ class ArrcocQwen(nn.Module):
         cosine = F.normalize(text.float(), dim=-1) @ F.normalize(tokens, dim=-1).T  # (L, N)
         return torch.softmax(cosine / self.query_temperature, dim=-1) @ tokens  # (L, H)
 
+    def _groups(
+        self,
+        grids: list[tuple[int, int]],
+        questions: list[list[int]],
+        pads: list[int],
+        budgets: list[int],
+        device: torch.device,
+    ) -> list[_Group]:
+        """Images sharing a reducer graph key, with the per-image budgets and question indices on the device."""
+        keyed: dict[tuple, list[int]] = {}
+        for i, ((gh, gw), k) in enumerate(zip(grids, budgets)):
+            grid = (_round_up(gh, self.grid_multiple), _round_up(gw, self.grid_multiple)) if self.pads else (gh, gw)
+            length = _round_up(max(1, len(questions[i])), _QUERY_MULTIPLE)
+            keyed.setdefault((grid, length, None if self.budget_tensor else k), []).append(i)
+        groups = []
+        for (bucket, length, k), members in keyed.items():
+            where = None
+            if self.needs & {"query", "query_mask"}:
+                where = torch.zeros(len(members), length, dtype=torch.long)  # (n, L) past each row's left padding
+                for j, i in enumerate(members):
+                    where[j, : len(questions[i])] = torch.tensor(questions[i], dtype=torch.long) + pads[i]
+                where = where.to(device)
+            tensor = torch.tensor([budgets[i] for i in members], device=device) if self.budget_tensor else None
+            groups.append(_Group(bucket, length, k, members, tensor, where))
+        return groups
+
     def _reduce_all(
         self,
+        groups: list[_Group],
         features: list[Tensor],
         rgb: list[Tensor | None],
         embeds: Tensor,
         questions: list[list[int]],
-        pads: list[int],
         budgets: list[int],
     ) -> list[ReducedTokens]:
         """Reduce each image at its own grid; images sharing a graph key run as one batch.
@@ -466,25 +515,18 @@ class ArrcocQwen(nn.Module):
         capacity of the bucket's cells), so one graph serves every budget of a bucket; the other reducers fix
         their output shape by the budget, which joins their key.
         """
-        groups: dict[tuple, list[int]] = {}
-        for i, (f, k) in enumerate(zip(features, budgets)):
-            gh, gw = f.shape[:2]
-            grid = (_round_up(gh, self.grid_multiple), _round_up(gw, self.grid_multiple)) if self.pads else (gh, gw)
-            length = _round_up(max(1, len(questions[i])), _QUERY_MULTIPLE)
-            groups.setdefault((grid, length, None if self.budget_tensor else k), []).append(i)
         results: list[ReducedTokens | None] = [None] * len(features)
-        for ((bh, bw), length, k), members in groups.items():
-            visual = self._visual(members, (bh, bw), length, features, rgb, embeds, questions, pads)
-            if not self.budget_tensor:
-                out = self.reduce(visual, k)
-                kept = [k] * len(members)
+        for group in groups:
+            members = group.members
+            visual = self._visual(group, features, rgb, embeds, questions)
+            if group.budgets is None:
+                out = self.reduce(visual, group.budget)
+                kept = [group.budget] * len(members)
             else:
                 # the query-free pick runs only for images without a question: none when every image has one
                 asked = self.reducer.read_query and all(questions[i] for i in members)
-                out = self._reduce_budgets(
-                    visual, [budgets[i] for i in members], [features[i].shape[:2] for i in members], asked
-                )
                 kept = [budgets[i] for i in members]
+                out = self._reduce_budgets(visual, kept, group.budgets, [features[i].shape[:2] for i in members], asked)
             for j, i in enumerate(members):
                 one = ReducedTokens(
                     out.tokens[j : j + 1, : kept[j]],
@@ -493,22 +535,19 @@ class ArrcocQwen(nn.Module):
                     None if out.relevance is None else out.relevance[j : j + 1],
                     None if out.allocation is None else out.allocation[j : j + 1],
                 )
-                results[i] = raster_order(one, bw)
+                results[i] = raster_order(one, group.bucket[1])
         return results  # type: ignore[return-value]
 
     def _visual(
         self,
-        members: list[int],
-        bucket: tuple[int, int],
-        length: int,
+        group: _Group,
         features: list[Tensor],
         rgb: list[Tensor | None],
         embeds: Tensor,
         questions: list[list[int]],
-        pads: list[int],
     ) -> VisualInput:
-        """One bucket's batch: grids zero-padded to ``bucket`` with ``patch_valid`` 0 on the padding."""
-        bh, bw = bucket
+        """One bucket's batch: grids zero-padded to the bucket with ``patch_valid`` 0 on the padding."""
+        (bh, bw), length, members = group.bucket, group.length, group.members
         first = features[members[0]]
         n, h = len(members), first.shape[-1]
         grid = first.new_zeros(n, bh, bw, h)
@@ -530,13 +569,12 @@ class ArrcocQwen(nn.Module):
                 pixel_valid[j, :, :ph, :pw] = 1
             visual.pixels = pixels
             visual.valid = pixel_valid
-        if self.needs & {"query", "query_mask"}:
+        if group.where is not None:
             query = first.new_zeros(n, length, h, dtype=torch.float32)
             query_mask = torch.zeros(n, length, dtype=torch.bool, device=first.device)
             for j, i in enumerate(members):
                 if questions[i]:
-                    where = torch.tensor(questions[i], device=embeds.device) + pads[i]  # past the left padding
-                    text = embeds[i, where]  # (L_i, H)
+                    text = embeds[i, group.where[j, : len(questions[i])]]  # (L_i, H)
                     query[j, : len(questions[i])] = self._query(features[i], text)
                     query_mask[j, : len(questions[i])] = True
             visual.query, visual.query_mask = query, query_mask
@@ -554,14 +592,19 @@ class ArrcocQwen(nn.Module):
         return self._run(("reducer", budget), run, inputs)
 
     def _reduce_budgets(
-        self, visual: VisualInput, budgets: list[int], grids: list[tuple[int, int]], asked: bool = False
+        self,
+        visual: VisualInput,
+        budgets: list[int],
+        budget_tensor: Tensor,
+        grids: list[tuple[int, int]],
+        asked: bool = False,
     ) -> ReducedTokens:
         """arrcoc's relevance head with per-image ``budgets`` as a tensor: tokens ``(B, C, D)`` packed kept-first
         into ``C`` = the bucket's capacity, so the graph's key holds no budget. The query-free pick's greedy steps
         (``BalanceConfig.pick``) are the largest budget rounded up to a power of two (which joins the key), or
         none when every image is ``asked`` a question."""
         reducer, cfg = self.reducer, self.reducer.config
-        check_visual(visual)
+        check_visual(visual, values=False)  # the model's own tower made the features: no read-back
         for i, ((gh, gw), k) in enumerate(zip(grids, budgets)):
             limit = capacity_of((gh, gw), cfg.region_size, cfg.max_tokens)
             if k > limit:
@@ -573,7 +616,7 @@ class ArrcocQwen(nn.Module):
         picks = reducer.head.pick != "off" and not asked
         steps = min(capacity, 1 << (max(budgets) - 1).bit_length()) if picks else 0
         inputs = {f: getattr(visual, f) for f in _VISUAL_FIELDS if getattr(visual, f) is not None}
-        inputs["budget"] = torch.tensor(budgets, dtype=torch.long, device=visual.features.device)
+        inputs["budget"] = budget_tensor
         read_query = reducer.read_query and "query" in inputs
 
         def run(state: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -692,6 +735,20 @@ class ArrcocQwen(nn.Module):
                 position_ids=prepared.position_ids,
                 **generate_kwargs,
             )
+
+
+def _tower_outputs(out: Any) -> tuple[Tensor, list[Tensor] | None]:
+    """(every image's merged tokens end to end ``(N, H)``, DeepStack features per layer ``(N, H)`` or ``None``)
+    from the vision tower's output: a model output with ``pooler_output`` (transformers >= 5), a tuple
+    ``(merged, deepstack)`` (Qwen3-VL before) or the merged tensor (Qwen2-VL, Qwen2.5-VL before)."""
+    if isinstance(out, Tensor):
+        return out, None
+    if hasattr(out, "pooler_output"):
+        layers = getattr(out, "deepstack_features", None)
+        return out.pooler_output, None if layers is None else list(layers)
+    if isinstance(out, tuple) and out and isinstance(out[0], Tensor):
+        return out[0], list(out[1]) if len(out) > 1 and out[1] is not None else None
+    raise InvalidTypeError(f"the vision tower returned {type(out).__name__}, which this adapter does not read")
 
 
 def _box_means(grid: Tensor, boxes: Tensor) -> Tensor:

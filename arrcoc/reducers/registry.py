@@ -149,11 +149,12 @@ def _capturing(tensor: Tensor) -> bool:
     return tensor.is_cuda and torch.cuda.is_current_stream_capturing()
 
 
-def check_visual(visual: VisualInput) -> None:
+def check_visual(visual: VisualInput, values: bool = True) -> None:
     """Host-side check shared by reducers: shapes and dtypes of every given field, and finite features.
 
     The value check (finite features of usable magnitude) reads one flag from the device; it is skipped while a CUDA graph is
-    being captured, where the caller validated the inputs it copies into the graph.
+    being captured, where the caller validated the inputs it copies into the graph, and with ``values=False``, where
+    the caller made the features itself (a model's own tower) and waiting for them would stall its launches.
 
     Raises:
         InvalidTypeError: ``features`` is not a floating-point tensor.
@@ -192,7 +193,7 @@ def check_visual(visual: VisualInput) -> None:
                 f"visual.query_mask must be bool of shape {tuple(query.shape[:2])}; got "
                 f"{mask.dtype} {tuple(mask.shape)}"
             )
-    if not _capturing(features):
+    if values and not _capturing(features):
         usable = torch.isfinite(features) & (features.abs() <= FEATURE_LIMIT)
         if not bool(usable.all()):  # ok-sync: validation, outside capture
             raise InvalidInputError(
