@@ -11,8 +11,14 @@ and ``.md`` into ``--out`` (``arrcoc-results/`` unless told; ``bench/results/`` 
 - CPU issue time (``perf_counter`` around the issuing call, no sync inside; the queue drains between calls):
   replay alone, and a whole graphed call (input copy + replay + copy-out, ``copy=True`` and ``copy=False``),
   the per-stage chain's five launches, and the time to build the result views;
+- the encoder alone captured the same way as the chain (one plain graph; compiled as ``Pipeline(compile=True)``
+  compiles it, then one plain graph): what arrcoc's own stages add, plain and compiled;
 - capture time, pool bytes, compile time; the warm-up of 5 sizes x 3 batch buckets;
-- ``--threads``: 8 threads calling one pipeline (one lock around replay), every result checked.
+- ``--threads``: 8 threads calling one pipeline (one lock around replay), every result checked;
+- ``--agreement``: the share of generated scenes whose allocation a plain graphed pipeline and
+  ``Pipeline(compile=True)`` agree on;
+- ``--restart``: seconds from process start to the first compressed batch, in fresh processes one after the other
+  (plain graphs, and compiled with torch.compile's on-disk caches from the earlier runs).
 
 Repetitions adapt to the case (at most ``--reps``, about ``--seconds`` per measurement) so the whole run
 stays bounded; ``--quick`` runs a small matrix.
@@ -23,27 +29,44 @@ from __future__ import annotations
 import argparse
 import datetime
 import itertools
+import json
 import logging
 import os
 import platform
 import statistics
+import subprocess
+import sys
+import tempfile
 import threading
 import time
 import traceback
 import warnings
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
-from ..config import PipelineConfig
+from ..config import DEFAULT_WEIGHTS_DIR, PipelineConfig
 from ..pipeline import Pipeline, graph_inputs, token_capacity
 from ..runtime.graphs import GraphCache, GraphChain
 from .bench import _images
 from .timing import device_times_ms, write_report
 
-__all__ = ["main", "time_graphs", "time_compiled", "time_threads", "time_warmup", "profile_kernels"]
+__all__ = [
+    "main",
+    "time_graphs",
+    "time_compiled",
+    "time_threads",
+    "time_warmup",
+    "profile_kernels",
+    "allocation_agreement",
+    "compare_compiled",
+    "time_first_batch",
+    "time_restart",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -152,17 +175,8 @@ def time_graphs(pipe: Pipeline, size: int, batch: int, *, reps: int = 50, second
         result["pipe_call_error"] = _error(err)
 
     # the encoder alone, captured the same way (one plain graph, same batch and dtype): what arrcoc's stages add
-    encoder = pipe.encoder(size)
-    alone = GraphChain(
-        [("encode", lambda s: {"features": encoder.features(s["pixels"])[0]})],
-        {"pixels": pipe._static_inputs(key)["pixels"]},
-        torch.cuda.graph_pool_handle(),
-        outputs=("features",),
-    )
-    alone.run({"pixels": inputs["pixels"]}, batch)
-    result["encoder_graphed_ms"] = _gpu_ms(alone.replay, reps)
+    result["encoder_graphed_ms"] = _encoder_graphed_ms(pipe, key, inputs["pixels"], reps)
     result["chain_over_encoder"] = result["graphed_ms"] / result["encoder_graphed_ms"]
-    del alone
 
     # the same chain with every branch on one stream: what running branches side by side saves
     serial = GraphChain(
@@ -199,6 +213,24 @@ def time_graphs(pipe: Pipeline, size: int, batch: int, *, reps: int = 50, second
         n: result["eager_stage_ms"][n] / result["graphed_stage_ms"][n] for n in result["graphed_stage_ms"]
     }
     return result
+
+
+def _encoder_graphed_ms(pipe: Pipeline, key: Any, pixels: Tensor, reps: int, *, compile: bool = False) -> float:
+    """GPU ms of ``pipe``'s encoder alone for ``key``'s bucket and batch, captured as one plain graph.
+
+    ``compile=True`` wraps it as :meth:`Pipeline.stages` does for ``Pipeline(compile=True)``
+    (``torch.compile(encoder.features, dynamic=False)``), so that chain and encoder are compared in the same mode.
+    """
+    encoder = pipe.encoder(key.bucket)
+    features = torch.compile(encoder.features, dynamic=False) if compile else encoder.features
+    alone = GraphChain(
+        [("encode", lambda s: {"features": features(s["pixels"])[0]})],
+        {"pixels": pipe._static_inputs(key)["pixels"]},
+        torch.cuda.graph_pool_handle(),
+        outputs=("features",),
+    )
+    alone.run({"pixels": pixels}, pixels.shape[0])
+    return _gpu_ms(alone.replay, reps)
 
 
 def _time_pipeline_call(pipe: Pipeline, size: int, batch: int, query: Tensor, budget: int, reps: int) -> dict[str, Any]:
@@ -248,18 +280,25 @@ def _error(err: BaseException) -> str:
 
 @torch.inference_mode()
 def time_compiled(
-    pipe: Pipeline, result: dict[str, Any], *, reps: int = 50, save: Callable[[], None] = lambda: None
+    pipe: Pipeline,
+    result: dict[str, Any],
+    *,
+    reps: int = 50,
+    save: Callable[[], None] = lambda: None,
+    whole: bool = True,
 ) -> None:
     """Add ``torch.compile(mode="reduce-overhead")`` and graphed+compiled timings of the same chain to ``result``.
 
     Where inductor fails on the whole chain, each stage is compiled alone (default mode) to name the stage
     that fails, and the ``cudagraphs`` backend (dynamo + CUDA graph trees, no inductor) is timed instead.
+    ``whole=False`` leaves the whole-chain ``torch.compile`` out (its cold compile is the slowest step) and times
+    only the graphed+compiled chain and, beside it, the encoder alone compiled and graphed the same way.
     """
     size, batch, reps = result["size"], result["batch"], min(reps, result.get("reps", reps))
     _, inputs, _ = _case(pipe, size, batch)
     stages = pipe.stages(size, result["capacity"], concurrent=False)  # the plain chain a user would compile
     args = tuple(inputs[k] for k in ("pixels", "valid", "query", "query_mask", "budget"))
-    for backend, options in (("inductor", {"mode": "reduce-overhead"}), ("cudagraphs", {})):
+    for backend, options in (("inductor", {"mode": "reduce-overhead"}), ("cudagraphs", {})) if whole else ():
         torch._dynamo.reset()
         compiled = torch.compile(_whole(stages), backend=backend, **options)
         start = time.perf_counter()
@@ -282,7 +321,7 @@ def time_compiled(
         break
     torch._dynamo.reset()
     # graphed + compiled: each stage compiled (fusion), then the chain captured as one graph
-    both = Pipeline(pipe.config, device=pipe.device, compile=True)
+    both = Pipeline(pipe.config, weights=pipe.weights_path, device=pipe.device, compile=True)
     key = both._graph_key(size, batch, result["capacity"], 4)
     start = time.perf_counter()
     chain = both._chain(key)
@@ -305,7 +344,12 @@ def time_compiled(
     result["graphed_compiled_serial_ms"] = _gpu_ms(serial.replay, reps)
     if "compiled_ms" in result:
         result["graphed_compiled_over_compiled"] = result["graphed_compiled_ms"] / result["compiled_ms"]
-    del both, chain, serial
+    del serial
+    save()
+    # the encoder alone, compiled as the pipeline compiles it, then one plain graph: dynamo's cache holds its body
+    result["encoder_graphed_compiled_ms"] = _encoder_graphed_ms(both, key, inputs["pixels"], reps, compile=True)
+    result["compiled_chain_over_encoder"] = result["graphed_compiled_ms"] / result["encoder_graphed_compiled_ms"]
+    del both, chain
     torch._dynamo.reset()
 
 
@@ -361,6 +405,192 @@ def _try_compile(
         return None
     except Exception as err:
         return _error(err)
+
+
+def allocation_agreement(
+    plain: Tensor, compiled: Tensor, plain_tokens: Tensor | None = None, compiled_tokens: Tensor | None = None
+) -> dict[str, Any]:
+    """How far two runs' allocations of the same images agree.
+
+    Args:
+        plain, compiled: ``(N, rh, rw)`` tokens per region of the same ``N`` images from two runs.
+        plain_tokens, compiled_tokens: ``(N, T, D)`` packed tokens of the same runs (optional): their largest
+            absolute difference is taken over the images whose allocations agree (elsewhere slots hold other regions).
+
+    Returns:
+        ``images``, ``equal_images`` and ``equal_share`` (images whose allocation is identical),
+        ``max_region_diff`` (the largest change of one region's count), ``max_moved_tokens`` (the most tokens one
+        image places elsewhere: half the L1 distance, as both allocations spend the same budget) and, given tokens,
+        ``max_abs_diff_tokens`` and ``token_scale`` (the largest absolute token, to read the difference against).
+    """
+    if plain.shape != compiled.shape:
+        raise ValueError(f"allocations differ in shape: {tuple(plain.shape)} vs {tuple(compiled.shape)}")
+    diff = (plain.long() - compiled.long()).flatten(1).abs()  # (N, rh * rw)
+    equal = diff.sum(1) == 0  # (N,)
+    images = int(plain.shape[0])
+    out: dict[str, Any] = {
+        "images": images,
+        "equal_images": int(equal.sum()),  # ok-sync: report
+        "equal_share": float(equal.float().mean()) if images else float("nan"),  # ok-sync: report
+        "max_region_diff": int(diff.max()) if diff.numel() else 0,  # ok-sync: report
+        "max_moved_tokens": int(diff.sum(1).max()) // 2 if images else 0,  # ok-sync: report
+    }
+    if plain_tokens is not None and compiled_tokens is not None:
+        same = (plain_tokens[equal].float() - compiled_tokens[equal].float()).abs()  # (E, T, D)
+        out["max_abs_diff_tokens"] = float(same.max()) if same.numel() else None  # ok-sync: report
+        out["token_scale"] = float(plain_tokens.float().abs().max())  # ok-sync: report
+    return out
+
+
+def _world_images(size: int, seeds: range) -> Tensor:
+    """``(N, 3, size, size)`` uint8 scenes of the generated VQA world (shapes, text, clutter), one per seed."""
+    from ..world.data import make_sample
+
+    return torch.stack([torch.from_numpy(np.array(make_sample(s, size).image)).permute(2, 0, 1) for s in seeds])
+
+
+def compare_compiled(
+    config: PipelineConfig,
+    *,
+    weights: str | None = None,
+    size: int = 224,
+    batch: int = 64,
+    images: int = 512,
+    budget: int | None = None,
+    seed: int = 900_000,
+    device: str = "cuda",
+) -> dict[str, Any]:
+    """Allocations of a plain graphed ``Pipeline`` and a ``Pipeline(compile=True)`` on the same images.
+
+    ``images`` generated VQA-world scenes (seeds ``seed, seed + 1, ...``) go through both pipelines ``batch`` at a
+    time, with no question and ``budget`` tokens each (default: a quarter of the patches), as the data-set job
+    calls its pipeline; the result is :func:`allocation_agreement`'s, with the case and each pipeline's first-call
+    seconds (compile and capture included). On a CPU both run the same eager stages (a check of this code only).
+    """
+    config = config.replace(buckets=(size,))
+    pipes = {
+        "plain": Pipeline(config, weights=weights, device=device),
+        "compiled": Pipeline(config, weights=weights, device=device, compile=True),
+    }
+    grid = pipes["plain"].encoder(size).grid
+    budget = budget or max(1, grid[0] * grid[1] // 4)
+    allocations: dict[str, list[Tensor]] = {name: [] for name in pipes}
+    tokens: dict[str, list[Tensor]] = {name: [] for name in pipes}
+    result: dict[str, Any] = {"size": size, "batch": batch, "budget": budget, "seed": seed, "first_call_s": {}}
+    for start in range(0, images, batch):
+        pixels = _world_images(size, range(seed + start, seed + min(images, start + batch))).to(device)
+        for name, pipe in pipes.items():
+            began = time.perf_counter()
+            out = pipe(pixels, budget=budget)
+            allocations[name].append(out.allocation.cpu())  # ok-sync: compared after the runs
+            tokens[name].append(out.tokens.cpu())  # ok-sync: compared after the runs
+            result["first_call_s"].setdefault(name, time.perf_counter() - began)
+    result.update(
+        allocation_agreement(
+            torch.cat(allocations["plain"]),
+            torch.cat(allocations["compiled"]),
+            torch.cat(tokens["plain"]),
+            torch.cat(tokens["compiled"]),
+        )
+    )
+    eager = {name: [str(reason) for reason in pipe._eager_only.values()] for name, pipe in pipes.items()}
+    result["capture_failures"] = {name: reasons for name, reasons in eager.items() if reasons}
+    del pipes
+    torch._dynamo.reset()
+    torch.cuda.empty_cache()
+    return result
+
+
+#: The line a ``--first-batch`` child prints: this marker, then its JSON.
+FIRST_BATCH_MARK = "arrcoc-first-batch "
+
+
+def time_first_batch(
+    config: PipelineConfig, *, weights: str | None = None, compile: bool = False, size: int = 224, batch: int = 64
+) -> dict[str, Any]:
+    """In a fresh process: build a pipeline and compress one batch as the data-set job does (no question, a quarter
+    of the patches, ``copy=False``); returns the wall-clock time (``time.time()``) when the batch is done, with the
+    seconds spent building the pipeline and in the first call (compile and capture included)."""
+    began = time.perf_counter()
+    pipe = Pipeline(config.replace(buckets=(size,)), weights=weights, device="cuda", compile=compile)
+    grid = pipe.encoder(size).grid
+    built = time.perf_counter()
+    pixels = _images(size, batch).cuda()
+    out = pipe(pixels, budget=max(1, grid[0] * grid[1] // 4), copy=False)
+    out.tokens.sum().item()  # ok-sync: the first batch is done when its tokens are
+    done = time.perf_counter()
+    return {
+        "done_at": time.time(),
+        "build_s": built - began,
+        "first_call_s": done - built,
+        "graphed": not pipe._eager_only,
+    }
+
+
+def _first_batch_of(stdout: str) -> dict[str, Any] | None:
+    """The JSON a ``--first-batch`` child printed after :data:`FIRST_BATCH_MARK`, or None."""
+    for line in reversed(stdout.splitlines()):
+        if line.startswith(FIRST_BATCH_MARK):
+            return json.loads(line[len(FIRST_BATCH_MARK) :])
+    return None
+
+
+def time_restart(
+    config_args: list[str],
+    *,
+    modes: tuple[str, ...] = ("plain", "compiled"),
+    runs: int = 2,
+    fresh_cache: bool = False,
+    size: int = 224,
+    batch: int = 64,
+    timeout_s: float = 300.0,
+    save: Callable[[dict[str, Any]], None] = lambda _: None,
+) -> dict[str, Any]:
+    """Seconds from process start to the first compressed batch, in ``runs`` fresh processes per mode, one after
+    the other, so that each later run finds torch.compile's on-disk caches (``TORCHINDUCTOR_CACHE_DIR``) from the
+    earlier ones.
+
+    Args:
+        config_args: the pipeline's options for the child (``--preset``, ``--encoder``, ``--dtype``, ``--pretrained``).
+        size, batch: the bucket size and batch of the first batch.
+        modes: ``"plain"`` (graphs, as the data-set job runs) and/or ``"compiled"`` (``Pipeline(compile=True)``).
+        fresh_cache: give the children an empty cache folder of their own, so that the first run compiles cold;
+            otherwise they share this process's (warm, where it compiled the same case already).
+        save: called with the result after every run, so a time limit keeps what was measured.
+    """
+    env = dict(os.environ)
+    if fresh_cache:
+        env["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="arrcoc-inductor-")
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    cache = env.get("TORCHINDUCTOR_CACHE_DIR") or default_cache_dir()
+    result: dict[str, Any] = {
+        "size": size,
+        "batch": batch,
+        "cache_dir": cache,
+        "fresh_cache": fresh_cache,
+        "cache_files_before": sum(len(files) for _, _, files in os.walk(cache)),
+        "runs": [],
+    }
+    for mode in modes:
+        for run in range(1, runs + 1):
+            command = [sys.executable, "-m", "arrcoc.tools.bench_graphs", "--first-batch", mode, *config_args]
+            command += ["--sizes", str(size), "--batches", str(batch)]
+            started = time.time()
+            entry: dict[str, Any] = {"mode": mode, "run": run}
+            try:
+                proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout_s)
+                child = _first_batch_of(proc.stdout)
+                if child is None:
+                    entry["error"] = f"exit {proc.returncode}: {(proc.stderr or proc.stdout)[-600:]}"
+                else:
+                    entry.update({k: v for k, v in child.items() if k != "done_at"})
+                    entry["seconds"] = child["done_at"] - started
+            except subprocess.TimeoutExpired:
+                entry["error"] = f"no first batch within {timeout_s:.0f} s"
+            result["runs"].append(entry)
+            save(result)
+    return result
 
 
 @torch.inference_mode()
@@ -628,15 +858,98 @@ def _pipeline_rows(h: dict[str, Any]) -> list[str]:
     return [f"| {label} | {h[key]:.1f} |" for label, key in rows if key in h]
 
 
+def _kwargs(report: dict[str, Any]) -> str:
+    """The encoder's keyword arguments and weights folder, where the report names them."""
+    kwargs = ", ".join(f"{k}={v}" for k, v in report.get("encoder_kwargs", {}).items())
+    weights = f"weights `{report['pretrained']}`" if report.get("pretrained") else ""
+    inside = "; ".join(part for part in (kwargs, weights) if part)
+    return f" [{inside}]" if inside else ""
+
+
 def _cell(row: dict[str, Any], key: str, fmt: str) -> str:
     return fmt.format(row[key]) if key in row else "—"
+
+
+def _encoder_rows(results: list[dict[str, Any]]) -> list[str]:
+    """The table of what arrcoc's stages add beside the encoder, plain and compiled ('—' where not measured)."""
+    rows = [r for r in results if "encoder_graphed_ms" in r or "encoder_graphed_compiled_ms" in r]
+    return [
+        "",
+        "What arrcoc's own stages add beside the encoder: the graphed chain against the same encoder alone captured "
+        "the same way, same batch and dtype (*plain*: one plain graph of each; *compiled*: `Pipeline(compile=True)`'s "
+        "chain against the encoder compiled as it compiles it, then one plain graph):",
+        "",
+        "| size | batch | plain: encoder ms | plain: chain ms | plain: chain / encoder "
+        "| compiled: encoder ms | compiled: chain ms | compiled: chain / encoder |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|",
+        *(
+            f"| {r['size']} | {r['batch']} | {_cell(r, 'encoder_graphed_ms', '{:.3f}')} | "
+            f"{_cell(r, 'graphed_ms', '{:.3f}')} | {_cell(r, 'chain_over_encoder', '{:.2f}x')} | "
+            f"{_cell(r, 'encoder_graphed_compiled_ms', '{:.3f}')} | {_cell(r, 'graphed_compiled_ms', '{:.3f}')} | "
+            f"{_cell(r, 'compiled_chain_over_encoder', '{:.2f}x')} |"
+            for r in rows
+        ),
+    ]
+
+
+def _agreement_lines(a: dict[str, Any] | None) -> list[str]:
+    """The compiled-vs-plain allocation agreement, as a sentence and a one-row table."""
+    if not a:
+        return []
+    if "error" in a:
+        return ["", f"Compiled vs plain allocations: not measured (`{a['error']}`)."]
+    lines = [
+        "",
+        f"Compiled vs plain allocations: {a['images']} generated VQA-world scenes at {a['size']}px, batch {a['batch']}, "
+        f"no question, budget {a['budget']}, through a plain graphed `Pipeline` (the data-set job's) and "
+        f"`Pipeline(compile=True)`: **{100 * a['equal_share']:.1f}%** of the images get the identical allocation.",
+        "",
+        "| images | identical | share | most tokens one image moves | largest change of one region "
+        "| largest token difference (identical allocations) | largest token | first call s, plain / compiled |",
+        "|---:|---:|---:|---:|---:|---:|---:|---|",
+        f"| {a['images']} | {a['equal_images']} | {100 * a['equal_share']:.1f}% | {a['max_moved_tokens']} | "
+        f"{a['max_region_diff']} | {_cell(a, 'max_abs_diff_tokens', '{:.3g}')} | {_cell(a, 'token_scale', '{:.3g}')} | "
+        f"{_cell(a.get('first_call_s', {}), 'plain', '{:.1f}')} / {_cell(a.get('first_call_s', {}), 'compiled', '{:.1f}')} |",
+    ]
+    if a.get("capture_failures"):
+        lines += ["", f"Capture failed (those calls ran eagerly): {a['capture_failures']}"]
+    return lines
+
+
+def _restart_lines(r: dict[str, Any] | None) -> list[str]:
+    """Seconds from process start to the first compressed batch, one row per fresh process."""
+    if not r:
+        return []
+    cache = "an empty cache folder of their own" if r.get("fresh_cache") else "this run's cache folder"
+    lines = [
+        "",
+        f"Start-up: seconds from process start to the first compressed batch ({r.get('size', 224)}px, batch "
+        f"{r.get('batch', 64)}, no question, `copy=False`, as the data-set job calls it), in fresh processes one "
+        f"after the other; they share {cache} (`{r['cache_dir']}`, {r['cache_files_before']} files before the "
+        "first), so a later run finds torch.compile's on-disk caches from the earlier ones:",
+        "",
+        "| mode | run | to first batch s | building the pipeline s | first call s (compile, capture, run) |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for run in r["runs"]:
+        if "error" in run:
+            lines.append(f"| {run['mode']} | {run['run']} | — | — | — |")
+            continue
+        graphed = "" if run.get("graphed", True) else " (capture failed: eager)"
+        lines.append(
+            f"| {run['mode']}{graphed} | {run['run']} | {run['seconds']:.1f} | {run['build_s']:.1f} | "
+            f"{run['first_call_s']:.1f} |"
+        )
+    errors = [f"- {run['mode']} run {run['run']}: `{run['error']}`" for run in r["runs"] if "error" in run]
+    return lines + (["", *errors] if errors else [])
 
 
 def _markdown(report: dict[str, Any]) -> str:
     lines = [
         f"# arrcoc CUDA graphs vs eager vs torch.compile — {report['device']}",
         "",
-        f"torch {report['torch']}, encoder `{report['encoder']}` ({report['encoder_dtype']}), {report['date']}. "
+        f"torch {report['torch']}, encoder `{report['encoder']}`{_kwargs(report)} ({report['encoder_dtype']}), "
+        f"{report['date']}. "
         "Median over an adaptive number of runs after warm-up; GPU ms from CUDA events; CPU issue µs from "
         "perf_counter around the issuing call (no sync inside; *one kernel launch* = a one-element `add_`, "
         "this host's floor for any call that launches work). Budget = 25% of the patches, 4 query tokens. "
@@ -698,20 +1011,9 @@ def _markdown(report: dict[str, Any]) -> str:
             f"Host syncs in one whole `pipe()` call ({syncing['size']}x{syncing['batch']}, first of "
             f"{syncing['pipe_call_syncs']}): " + "; ".join(f"`{op}`" for op in syncing["pipe_call_sync_ops"]),
         ]
-    lines += [
-        "",
-        "What arrcoc's own stages add beside the encoder: the graphed chain against the same encoder alone "
-        "captured as one plain graph (same batch and dtype):",
-        "",
-        "| size | batch | encoder alone, graphed ms | whole chain, graphed ms | chain / encoder |",
-        "|---:|---:|---:|---:|---:|",
-    ]
-    lines += [
-        f"| {r['size']} | {r['batch']} | {r['encoder_graphed_ms']:.3f} | {r['graphed_ms']:.3f} | "
-        f"{r['chain_over_encoder']:.2f}x |"
-        for r in report["results"]
-        if "encoder_graphed_ms" in r
-    ]
+    lines += _encoder_rows(report["results"])
+    lines += _agreement_lines(report.get("agreement"))
+    lines += _restart_lines(report.get("restart"))
     lines += [
         "",
         "Per stage, GPU ms eager → as its own graph (speed-up):",
@@ -765,6 +1067,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sizes", type=int, nargs="+", default=[224, 384, 512, 1024], help="bucket sizes")
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8, 64], help="batch sizes")
     parser.add_argument("--preset", default="default", help="pipeline preset")
+    parser.add_argument(
+        "--pretrained",
+        nargs="?",
+        const="",
+        default=None,
+        metavar="FOLDER",
+        help="build the pipeline from a folder saved by Pipeline.save_pretrained (its config and encoder weights) "
+        "instead of --preset; without FOLDER the shipped weights, as the data-set job uses",
+    )
     parser.add_argument("--encoder", default=None, help="override the preset's timm encoder")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="encoder dtype")
     parser.add_argument(
@@ -772,6 +1083,52 @@ def main(argv: list[str] | None = None) -> int:
         nargs="*",
         default=["224x1"],
         help="SIZExBATCH cases also timed with torch.compile(mode='reduce-overhead') and graphed+compiled",
+    )
+    parser.add_argument(
+        "--no-reduce-overhead",
+        action="store_true",
+        help="in --compile cases time only the graphed+compiled chain (and the encoder compiled the same way), "
+        "not torch.compile(mode='reduce-overhead') of the whole chain",
+    )
+    parser.add_argument(
+        "--agreement",
+        nargs="?",
+        const="224x64",
+        default=None,
+        metavar="SIZExBATCH",
+        help="compare the allocations of a plain graphed Pipeline and Pipeline(compile=True) on the same "
+        "generated scenes (no question), at this case",
+    )
+    parser.add_argument("--agreement-images", type=int, default=512, help="images for --agreement")
+    parser.add_argument(
+        "--restart",
+        nargs="?",
+        const="224x64",
+        default=None,
+        metavar="SIZExBATCH",
+        help="seconds from process start to the first compressed batch of this case, in fresh processes one "
+        "after the other (the later ones find torch.compile's on-disk caches)",
+    )
+    parser.add_argument(
+        "--restart-modes",
+        nargs="+",
+        default=["plain", "compiled"],
+        choices=["plain", "compiled"],
+        help="pipelines --restart starts: plain graphs, Pipeline(compile=True)",
+    )
+    parser.add_argument("--restart-runs", type=int, default=2, help="fresh processes per --restart mode")
+    parser.add_argument(
+        "--restart-fresh",
+        action="store_true",
+        help="give the --restart processes an empty TORCHINDUCTOR_CACHE_DIR, so that the first compiles cold "
+        "(otherwise they share this run's caches)",
+    )
+    parser.add_argument(
+        "--first-batch",
+        choices=["plain", "compiled"],
+        default=None,
+        help="(what --restart runs) build one pipeline, compress one batch of the first size and batch, print "
+        "the timings and exit",
     )
     parser.add_argument("--reps", type=int, default=50, help="most timed runs per measurement")
     parser.add_argument("--seconds", type=float, default=0.5, help="about this long per measurement (fewer reps)")
@@ -808,15 +1165,20 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("the graph benchmark needs a CUDA GPU")
     if args.quick:
         args.sizes, args.batches, args.reps = [224, 512], [1, 8], min(args.reps, 20)
+    config, weights, config_args = _config(parser, args)
+    if args.first_batch:
+        first = time_first_batch(
+            config, weights=weights, compile=args.first_batch == "compiled", size=args.sizes[0], batch=args.batches[0]
+        )
+        print(FIRST_BATCH_MARK + json.dumps(first), flush=True)
+        return 0
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    overrides: dict[str, Any] = {"encoder_dtype": args.dtype}
-    if args.encoder:
-        overrides["encoder"] = args.encoder
-    config = PipelineConfig.from_name(args.preset, **overrides)
     report: dict[str, Any] = {
         "device": torch.cuda.get_device_name(),
         "torch": torch.__version__,
         "encoder": config.encoder,
+        "encoder_kwargs": config.encoder_kwargs,
+        "pretrained": weights,
         "encoder_dtype": args.dtype,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
         "max_reps": args.reps,
@@ -830,7 +1192,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_warmup:
         report["warmup"] = time_warmup(config)
         logger.info("warm-up: %.2f s, %d captures", report["warmup"]["seconds"], report["warmup"]["captures"])
-    pipe = Pipeline(config.replace(buckets=tuple(sorted(set(args.sizes)))), device="cuda")
+    pipe = Pipeline(config.replace(buckets=tuple(sorted(set(args.sizes)))), weights=weights, device="cuda")
     for size in args.sizes:
         for batch in args.batches:
             if f"{size}x{batch}" in args.skip:
@@ -871,12 +1233,58 @@ def main(argv: list[str] | None = None) -> int:
     for result in report["results"]:  # compiled last: its CUDA graph trees stay resident
         if f"{result['size']}x{result['batch']}" in args.compile:
             try:
-                time_compiled(pipe, result, reps=args.reps, save=save)
+                time_compiled(pipe, result, reps=args.reps, save=save, whole=not args.no_reduce_overhead)
             except Exception as err:
                 result.setdefault("compile_errors", {})["benchmark"] = _error(err)
             save()
+    del pipe
+    torch.cuda.empty_cache()
+    if args.agreement:
+        size, batch = (int(v) for v in args.agreement.split("x"))
+        try:
+            report["agreement"] = compare_compiled(
+                config, weights=weights, size=size, batch=batch, images=args.agreement_images
+            )
+            logger.info("agreement: %.1f%% identical", 100 * report["agreement"]["equal_share"])
+        except Exception as err:
+            report["agreement"] = {"error": _error(err)}
+        save()
+    if args.restart:
+        size, batch = (int(v) for v in args.restart.split("x"))
+
+        def keep(restart: dict[str, Any]) -> None:
+            report["restart"] = restart
+            save()
+
+        time_restart(
+            config_args,
+            modes=tuple(args.restart_modes),
+            runs=args.restart_runs,
+            fresh_cache=args.restart_fresh,
+            size=size,
+            batch=batch,
+            save=keep,
+        )
     save()
     return 0
+
+
+def _config(parser: argparse.ArgumentParser, args: argparse.Namespace) -> tuple[PipelineConfig, str | None, list[str]]:
+    """The pipeline's config, its weights file (None: random initialisation) and the options that rebuild both."""
+    overrides: dict[str, Any] = {"encoder_dtype": args.dtype}
+    if args.encoder:
+        overrides["encoder"] = args.encoder
+    config_args = ["--dtype", args.dtype] + (["--encoder", args.encoder] if args.encoder else [])
+    if args.pretrained is None:
+        return PipelineConfig.from_name(args.preset, **overrides), None, [*config_args, "--preset", args.preset]
+    if args.encoder:
+        parser.error("--encoder and --pretrained: the weights are the pretrained folder's encoder's")
+    folder = Path(args.pretrained) if args.pretrained else DEFAULT_WEIGHTS_DIR
+    try:
+        config = PipelineConfig.from_json((folder / "config.json").read_text()).replace(**overrides)
+    except OSError as err:
+        parser.error(f"--pretrained: {err}")
+    return config, os.fspath(folder / "encoder.safetensors"), [*config_args, "--pretrained", args.pretrained]
 
 
 if __name__ == "__main__":
