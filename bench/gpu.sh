@@ -15,7 +15,8 @@
 # the test seeds (200 per family, both sizes, every reducer); BEFORE=<dir> the graph benchmark of another checkout's
 # package (e.g. `git archive <commit> arrcoc | tar -x -C <dir>`) into $OUT/before, for a before/after comparison
 # on the same machine; DATASET=1 the data-set benchmark; SWEEP=1 the query-free validation sweep
-# (bench/sweep_noquery.py, SWEEP_LIMIT seconds, SWEEP_ARGS passed on).
+# (bench/sweep_noquery.py, SWEEP_LIMIT seconds, SWEEP_ARGS passed on); ITEM4=1 the chain against the encoder alone at
+# 224 px bf16 batch 64, plain and compiled, with the compiled-vs-plain agreement and a fresh process's start-up.
 # Knobs: TESTS=0 skips the tests, BENCH=0 the benchmark, QUICK=1 runs the benchmark's --quick matrix (full run),
 # STAGES=1 adds the eager stage benchmark (full run), BUDGET=<s> bounds the whole script (final: 300 by default),
 # DRY=1 prints each step and its limit without running it.
@@ -123,7 +124,16 @@ SWEEP_LIMIT="${SWEEP_LIMIT:-300}"
   --time-limit $(( SWEEP_LIMIT - 15 )) ${SWEEP_ARGS:-}
 [ "${EVAL:-0}" = 1 ] && step eval 240 python3 -m arrcoc.tools.evaluation --samples-per-family 200 --seed 600000 \
   --out "$OUT" --quiet
-[ "${DATASET:-0}" = 1 ] && step bench-dataset 240 python3 -m arrcoc.tools.bench_dataset --out "$OUT"
+# the data-set benchmark, then the same job with 1, 2 and 3 processes sharing the GPU (--procs-per-gpu)
+[ "${DATASET:-0}" = 1 ] && step bench-dataset "${DATASET_LIMIT:-420}" python3 -m arrcoc.tools.bench_dataset --out "$OUT" \
+  ${DATASET_ARGS:---procs-per-gpu 1 2 3}
+# issue 22 item 4: the chain against the encoder alone, plain and compiled, at 224 px bf16 batch 64 (the shipped
+# encoder and vit_base), compiled-vs-plain allocations and the start-up of a fresh process
+ITEM4_ARGS=(--sizes 224 --batches 64 --compile 224x64 --no-reduce-overhead --no-warmup --seconds 0.15 --reps 25 --dtype bfloat16)
+[ "${ITEM4:-0}" = 1 ] && step bench-item4-shipped 170 "${GRAPHS[@]}" --pretrained --tag shipped-bf16 "${ITEM4_ARGS[@]}" \
+  --agreement --agreement-images 256 --restart
+[ "${ITEM4:-0}" = 1 ] && step bench-item4-vitb 90 "${GRAPHS[@]}" --encoder vit_base_patch16_224 --tag vitb-bf16-item4 \
+  "${ITEM4_ARGS[@]}"
 echo "=== done +$(( $(date +%s) - START ))s (profile $PROFILE${BUDGET:+, budget ${BUDGET}s})" | tee -a "$OUT/steps.log"
 cat "$OUT/steps.log"
 true
