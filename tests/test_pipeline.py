@@ -352,10 +352,27 @@ def test_a_call_that_asks_every_image_builds_no_pick_and_answers_the_same(tiny_c
     masked = graphed(images, query=query, query_mask=torch.ones(2, 3, dtype=torch.bool), budget=[7, 40])
     keys = set(graphed.graph_cache.stats()["per_entry"])
     assert keys == {"224px/b2/float32/T64/L4/asked", "224px/b2/float32/T64/L4"}  # a given mask is not read
-    for name in ("allocation", "mask", "positions", "tokens"):
+    for name in ("relevance", "allocation", "mask", "positions", "tokens"):
         assert torch.equal(getattr(asked, name), getattr(masked, name)), name
     free = graphed(images, budget=[7, 40])  # no question: the pick decides
     assert not torch.equal(free.allocation, asked.allocation)
+
+
+def test_a_call_that_asks_every_image_computes_no_novelty(tiny_config, monkeypatch) -> None:
+    """With every image asked (and no share of the relevance following the cover then), the balance reads no
+    novelty, so its (N, N) product per image is not computed; relevance alone without a question still reads it."""
+    from arrcoc.stages import balance
+
+    assert tiny_config.balance.query_cover == 0 and tiny_config.balance.cover > 0
+    calls = []
+    real = balance.novelty
+    monkeypatch.setattr(balance, "novelty", lambda *args: calls.append(len(args)) or real(*args))
+    pipe = arrcoc.Pipeline(tiny_config)
+    images = [torch.rand(3, 120, 224), torch.rand(3, 200, 90)]
+    pipe(images, query=torch.randn(2, 3, pipe.width), budget=[7, 40])
+    assert calls == []
+    pipe.score(images)  # relevance alone, no question: the cover sums novelty per region
+    assert calls
 
 
 def test_warmup_captures_the_chains_the_calls_will_use(tiny_config) -> None:

@@ -178,6 +178,7 @@ class Balance(nn.Module):
         config = config or BalanceConfig()
         self.region_size = region_size
         self.covers = config.cover > 0 or config.query_cover > 0  # novelty costs (N, N) per image: only when used
+        self.query_covers = config.query_cover > 0
         self.register_buffer("base_weights", torch.tensor(config.weights), persistent=False)
         self.register_buffer("exploit", torch.tensor(config.exploit), persistent=False)
         self.register_buffer("scarcity", torch.tensor(config.scarcity), persistent=False)
@@ -207,6 +208,7 @@ class Balance(nn.Module):
         similarity: Tensor | None = None,
         patch_novelty: Tensor | None = None,
         patch_pick: Tensor | None = None,
+        asked: bool = False,
     ) -> tuple[Tensor, dict[str, Tensor]]:
         """Combine the maps.
 
@@ -221,6 +223,8 @@ class Balance(nn.Module):
             patch_novelty: :func:`novelty` of ``features`` and ``patch_valid``, when already computed.
             patch_pick: :func:`pick_patches` for this budget, or ``None``: the cover then counts picked patches
                 per region instead of summing novelty.
+            asked: the caller knows on the host that every image has a question: the cover then follows
+                ``query_cover`` alone, and at 0 no novelty is computed (an (N, N) product per image, read by nothing).
 
         Returns:
             relevance ``(B, rh, rw)``: non-negative, summing to 1 over the regions with image content (0
@@ -266,7 +270,7 @@ class Balance(nn.Module):
         relevance = (1 - self.particularize) * uniform + self.particularize * peaked
         # A share follows the regions' novelty, linearly: coverage, not peaks.
         coverage = torch.where(has_query, self.query_cover, self.cover)  # (B,) with a question, a hedge
-        if self.covers:
+        if self.query_covers if asked else self.covers:
             if patch_pick is not None:
                 patch_novelty = patch_pick  # (B, gh, gw) 1 on the picked patches
             elif patch_novelty is None:

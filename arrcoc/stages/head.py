@@ -137,6 +137,7 @@ class RelevanceHead(nn.Module):
 
         steps = capacity if pick_steps is None else min(pick_steps, capacity)
         picks = self.pick != "off" and steps > 0  # a pick needs a budget
+        asked = self.pick != "off" and pick_steps == 0  # the caller left the pick out: every image has a question
 
         def balance(s: dict[str, Any]) -> dict[str, Any]:
             budget = s["budget"] if capacity else None  # relevance alone has no budget to be scarce
@@ -150,6 +151,7 @@ class RelevanceHead(nn.Module):
                 s["similarity"],
                 s.get("novelty"),
                 pick,
+                asked,
             )
             out = {"relevance": relevance, "balance": report}
             if pick is not None:
