@@ -201,14 +201,11 @@ def _run_processes(world: int, args: list[str], *, die_after_one_shard: bool = F
 def test_two_processes_write_the_same_dataset_as_one(
     tmp_path: Path, source: Path, model: Path, reference: Path
 ) -> None:
-    """Two ranks on one device (the CPU, gloo), as ``--procs-per-gpu 2`` runs them on one GPU."""
     dest = tmp_path / "two"
     args = _args(source, dest, model, "--workers", "1", "--stats-json", os.fspath(tmp_path / "stats-{rank}.json"))
-    assert _run_processes(2, [*args, "--procs-per-gpu", "2", "--warmup"]) == [0, 0]
+    assert _run_processes(2, args) == [0, 0]
     stats = [json.loads((tmp_path / f"stats-{rank}.json").read_text()) for rank in (0, 1)]
     assert [s["world_size"] for s in stats] == [2, 2]
-    # the ranks start their timed runs together (a barrier), so their windows overlap
-    assert max(s["started_at"] for s in stats) < min(s["finished_at"] for s in stats)
     assert [s["shards_written"] for s in stats] == [3, 3]  # shards 0, 2, 4 and 1, 3, 5: disjoint, all of them
     assert sum(s["images"] for s in stats) == 27 and sum(s["errors"] for s in stats) == 3
     _assert_same_dataset(dest, reference)
@@ -261,7 +258,6 @@ def test_other_settings_into_the_same_folder_are_refused(
         ("--budget", "0", "budget must be a whole number >= 1"),
         ("--shard-size", "0", "shard_size must be"),
         ("--device", "cuda:3", "--device must be cpu or cuda"),
-        ("--procs-per-gpu", "0", "--procs-per-gpu must be a whole number >= 1; got 0"),
     ],
 )
 def test_bad_arguments_are_clear_errors(
@@ -274,66 +270,6 @@ def test_bad_arguments_are_clear_errors(
         args += [flag, value]
     assert compress_main(args) == 2
     assert message in capsys.readouterr().err
-
-
-@pytest.mark.parametrize(
-    "local_rank, procs_per_gpu, device_count, gpu",
-    [(0, 1, 1, 0), (3, 1, 4, 3), (0, 3, 1, 0), (2, 3, 1, 0), (3, 3, 2, 1), (5, 3, 2, 1), (7, 2, 4, 3)],
-)
-def test_local_ranks_fill_the_gpus_in_order(local_rank: int, procs_per_gpu: int, device_count: int, gpu: int) -> None:
-    from arrcoc.datasets.compress_dataset import _device_index
-
-    assert _device_index(local_rank, procs_per_gpu, device_count) == gpu
-
-
-@pytest.mark.parametrize(
-    "local_rank, procs_per_gpu, device_count, message",
-    [
-        (
-            1,
-            1,
-            1,
-            "LOCAL_RANK 1 has no GPU: 1 visible, 1 processes per GPU (torchrun --nproc-per-node must be at most 1)",
-        ),
-        (
-            6,
-            3,
-            2,
-            "LOCAL_RANK 6 has no GPU: 2 visible, 3 processes per GPU (torchrun --nproc-per-node must be at most 6)",
-        ),
-        (0, 2, 0, "LOCAL_RANK 0 has no GPU: 0 visible"),
-        (0, 0, 1, "--procs-per-gpu must be a whole number >= 1; got 0"),
-        (0, True, 1, "--procs-per-gpu must be a whole number >= 1; got True"),
-    ],
-)
-def test_a_rank_without_a_gpu_is_a_clear_error(
-    local_rank: int, procs_per_gpu: int, device_count: int, message: str
-) -> None:
-    from arrcoc.datasets.compress_dataset import _device_index
-
-    with pytest.raises(arrcoc.InvalidInputError) as caught:
-        _device_index(local_rank, procs_per_gpu, device_count)
-    assert message in str(caught.value)
-
-
-def test_launch_maps_local_ranks_past_the_gpus_to_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
-    """torchrun's environment with more processes than ``--procs-per-gpu`` x GPUs: refused before any CUDA call."""
-    from arrcoc.datasets.compress_dataset import _launch
-
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
-    for key, value in dict(RANK="2", LOCAL_RANK="2", WORLD_SIZE="3", MASTER_ADDR="127.0.0.1", MASTER_PORT="1").items():
-        monkeypatch.setenv(key, value)
-    with pytest.raises(arrcoc.InvalidInputError, match="LOCAL_RANK 2 has no GPU: 1 visible, 2 processes per GPU"):
-        _launch("cuda", 1.0, procs_per_gpu=2)
-
-
-def test_ranks_sharing_a_gpu_use_gloo_and_one_per_gpu_keeps_nccl() -> None:
-    from arrcoc.datasets.compress_dataset import _backend
-
-    assert _backend(use_cuda=True, procs_per_gpu=1) == "nccl"
-    assert _backend(use_cuda=True, procs_per_gpu=2) == "gloo"  # NCCL refuses two ranks on one GPU
-    assert _backend(use_cuda=False, procs_per_gpu=1) == _backend(use_cuda=False, procs_per_gpu=3) == "gloo"
 
 
 def test_a_list_file_keeps_its_order_and_reports_missing_files(tmp_path: Path, source: Path, model: Path) -> None:
@@ -416,34 +352,37 @@ def test_cuda_graphs_write_what_the_pipeline_returns_for_the_same_batch(
             assert torch.equal(got[key], getattr(out, key)[i]), key
 
 
-def _torchrun_on_one_gpu(processes: int, args: list[str]) -> None:
-    """``arrcoc compress-dataset args --device cuda`` under torchrun with ``processes`` processes on this node."""
-    import subprocess
-
-    args = list(args)
-    args[args.index("--device") + 1] = "cuda"
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(processes)]
-    done = subprocess.run(
-        [*command, "-m", "arrcoc.cli", "compress-dataset", *args], capture_output=True, text=True, timeout=300
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert f"rank 0/{processes}" in done.stdout and "complete" in done.stdout
-
-
 @pytest.mark.cuda
-def test_torchrun_on_one_gpu_one_process_nccl_or_two_sharing_it_match_one_process(
+def test_torchrun_on_one_gpu_with_nccl_matches_one_process(
     tmp_path: Path, source: Path, model: Path, reference: Path
 ) -> None:
-    """One process on the GPU (nccl), and two sharing it (``--procs-per-gpu 2``, gloo, graphs captured up front),
-    write the same shards; the index matches the CPU run's."""
-    one, two = tmp_path / "one", tmp_path / "two"
-    _torchrun_on_one_gpu(1, _args(source, one, model, "--workers", "2"))
-    _torchrun_on_one_gpu(2, _args(source, two, model, "--workers", "2", "--procs-per-gpu", "2", "--warmup"))
-    got, want = load_index(one), load_index(reference)
+    import subprocess
+
+    args = _args(source, tmp_path / "nccl", model, "--workers", "2")
+    args[args.index("--device") + 1] = "cuda"
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc-per-node",
+            "1",
+            "-m",
+            "arrcoc.cli",
+            "compress-dataset",
+            *args,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "rank 0/1" in done.stdout and "complete" in done.stdout
+    got, want = load_index(tmp_path / "nccl"), load_index(reference)
     assert [(r["source"], r["status"], r["shard"]) for r in got] == [
         (r["source"], r["status"], r["shard"]) for r in want
     ]
-    _assert_same_dataset(two, one)
 
 
 def test_compressed_dataset_serves_every_ok_record_through_a_dataloader(reference: Path) -> None:

@@ -9,12 +9,6 @@ on GPU ``LOCAL_RANK`` with its own pipeline and graph cache; rank 0 merges the i
 
     torchrun --nproc-per-node 4 -m arrcoc.cli compress-dataset photos/ tokens/ --budget 64
 
-Several processes per GPU (``--procs-per-gpu N`` with ``N`` x GPUs processes: local rank ``L`` runs on GPU
-``L // N``), each with its own reader, decode thread, writer and GIL, so that one process's host work no longer
-bounds a GPU; there the process group is gloo, since NCCL refuses two ranks on one GPU::
-
-    torchrun --nproc-per-node 12 -m arrcoc.cli compress-dataset photos/ tokens/ --budget 64 --procs-per-gpu 3
-
 On CUDA (the batched path), reader threads read the files and their JPEG headers while the GPU compresses the
 previous batch, and JPEGs are decoded and letterboxed on the GPU a batch at a time; the few files nvJPEG does
 not decode as Pillow does are decoded by Pillow in the reader threads. Without CUDA (the Pillow path),
@@ -59,7 +53,7 @@ from tqdm import tqdm
 
 from ..config import PipelineConfig
 from ..errors import ArrcocError, InvalidInputError
-from ..pipeline import BATCH_BUCKETS, Pipeline
+from ..pipeline import Pipeline
 from ..stages.gpu_input import decode_jpegs, jpeg_file, letterbox, placement, valid_mask
 from ..stages.preprocess import PreprocessedBatch, Preprocessor, load_image
 from .atomic import remove_partial
@@ -111,8 +105,6 @@ class DatasetStats:
             shards); it overlaps the rest.
         device_decoded, host_decoded: images decoded by nvJPEG, and by Pillow.
         gpu_ms: device milliseconds per step (decode, resize, pipeline, copy-out) from CUDA events.
-        started_at, finished_at: wall-clock times (``time.time()``) of the start and end of ``seconds``, which
-            line up the processes of one run.
         complete: every shard of the data set exists and the index is written.
     """
 
@@ -137,8 +129,6 @@ class DatasetStats:
     gpu_ms: dict[str, float] = field(
         default_factory=lambda: dict.fromkeys(("decode", "resize", "pipeline", "copy-out"), 0.0)
     )
-    started_at: float = 0.0
-    finished_at: float = 0.0
     complete: bool = False
 
     @property
@@ -635,12 +625,6 @@ _DEVICE_KEYS = ("positions", "mask", "weights", "allocation", "relevance")
 _HOST_KEYS = ("region_grid", "patch_grid", "bucket", "budget")
 
 
-def _check_whole(name: str, value: object, low: int) -> None:
-    """Raise :class:`InvalidInputError` naming ``name`` unless ``value`` is a whole number (not a bool) >= ``low``."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise InvalidInputError(f"{name} must be a whole number >= {low}; got {value!r}")
-
-
 def _rank_world() -> tuple[int, int]:
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
@@ -757,7 +741,8 @@ def compress_dataset(
         ("shard_size", shard_size, 1),
         ("max_shards", 1 if max_shards is None else max_shards, 0),
     ):
-        _check_whole(name, value, low)
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise InvalidInputError(f"{name} must be a whole number >= {low}; got {value!r}")
     if token_dtype not in _TOKEN_DTYPES.values():
         raise InvalidInputError(f"token_dtype must be one of {sorted(_TOKEN_DTYPES)}; got {token_dtype}")
     if budget_policy not in ("exact", "cap"):
@@ -820,9 +805,7 @@ def compress_dataset(
         if batched
         else torch.utils.data.DataLoader(decode, batch_size=chunk, num_workers=workers, collate_fn=list)
     )
-    _barrier(pipeline.device)  # the ranks start together, so that their timings line up
     start = time.perf_counter()
-    stats.started_at = time.time()
     with tqdm(
         total=len(items),
         unit="img",
@@ -844,7 +827,6 @@ def compress_dataset(
             writer.close()  # waits for the shards handed over; a failed run writes no partial shard
     stats.seconds = time.perf_counter() - start
     stats.drain_seconds = time.perf_counter() - drain
-    stats.finished_at = stats.started_at + stats.seconds
 
     _barrier(pipeline.device)
     if rank == 0 and all(read_shard_records(shard_file(dest, k)) is not None for k in range(shards)):
@@ -882,61 +864,24 @@ class _Launch:
     owns_group: bool = False
 
 
-def _device_index(local_rank: int, procs_per_gpu: int, device_count: int) -> int:
-    """The GPU of local rank ``local_rank`` when each of ``device_count`` GPUs runs ``procs_per_gpu`` processes.
-
-    Ranks fill the GPUs in order: with 3 per GPU, local ranks 0-2 run on GPU 0, ranks 3-5 on GPU 1.
-
-    Raises:
-        InvalidInputError: ``procs_per_gpu`` is not a whole number >= 1, or the rank's GPU is not visible.
-    """
-    _check_whole("--procs-per-gpu", procs_per_gpu, 1)
-    gpu = local_rank // procs_per_gpu
-    if local_rank < 0 or gpu >= device_count:
-        raise InvalidInputError(
-            f"LOCAL_RANK {local_rank} has no GPU: {device_count} visible, {procs_per_gpu} processes per GPU "
-            f"(torchrun --nproc-per-node must be at most {procs_per_gpu * device_count})"
-        )
-    return gpu
-
-
-def _backend(use_cuda: bool, procs_per_gpu: int) -> str:
-    """The process group's backend: nccl for one process per GPU, gloo on CPUs and when processes share a GPU.
-
-    The job's only collective is a barrier, which gloo serves between processes on one GPU (where NCCL refuses two
-    ranks); one process per GPU keeps nccl, the backend its multi-GPU runs were measured with. The choice rests on
-    the flag alone, which every rank shares, so all ranks agree.
-    """
-    return "nccl" if use_cuda and procs_per_gpu == 1 else "gloo"
-
-
-def _launch(device: str | None, timeout_minutes: float, procs_per_gpu: int = 1) -> _Launch:
-    """Join torchrun's process group when launched by it (see :func:`_backend`); choose this rank's device (GPU
-    ``LOCAL_RANK // procs_per_gpu`` on CUDA)."""
-    _check_whole("--procs-per-gpu", procs_per_gpu, 1)
+def _launch(device: str | None, timeout_minutes: float) -> _Launch:
+    """Join torchrun's process group when launched by it (nccl on GPUs, gloo on CPUs); choose this rank's device."""
     launched = all(k in os.environ for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"))
     local = int(os.environ.get("LOCAL_RANK", "0")) if launched else 0
     if device not in (None, "cpu", "cuda"):
-        raise InvalidInputError(
-            f"--device must be cpu or cuda (each process takes GPU LOCAL_RANK // --procs-per-gpu); got {device!r}"
-        )
+        raise InvalidInputError(f"--device must be cpu or cuda (each process takes GPU LOCAL_RANK); got {device!r}")
     use_cuda = device == "cuda" or (device is None and torch.cuda.is_available())
     if use_cuda and not torch.cuda.is_available():
         raise InvalidInputError("--device cuda: no CUDA GPU is available")
-    chosen = torch.device("cpu")
+    if use_cuda and local >= torch.cuda.device_count():
+        raise InvalidInputError(f"LOCAL_RANK {local} has no GPU: {torch.cuda.device_count()} visible")
+    chosen = torch.device("cuda", local) if use_cuda else torch.device("cpu")
     if use_cuda:
-        chosen = torch.device("cuda", _device_index(local, procs_per_gpu, torch.cuda.device_count()))
         torch.cuda.set_device(chosen)
-    if not launched and procs_per_gpu > 1:
-        logger.warning(
-            "--procs-per-gpu %d without torchrun runs one process; launch %d per GPU with torchrun --nproc-per-node",
-            procs_per_gpu,
-            procs_per_gpu,
-        )
     if not launched or dist.is_initialized():
         return _Launch(chosen)
     timeout = datetime.timedelta(minutes=timeout_minutes)
-    if _backend(use_cuda, procs_per_gpu) == "nccl":
+    if use_cuda:
         dist.init_process_group("nccl", timeout=timeout, device_id=chosen)
     else:
         dist.init_process_group("gloo", timeout=timeout)
@@ -948,12 +893,8 @@ def _parser() -> argparse.ArgumentParser:
         prog="arrcoc compress-dataset",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         description="Compress a folder (searched recursively) or a list file of images into sharded safetensors "
-        "plus DST/index.jsonl. Under torchrun, one process per GPU, or --procs-per-gpu N per GPU. Run it again to "
-        "resume.",
-        epilog="several GPUs: torchrun --nproc-per-node GPUS -m arrcoc.cli compress-dataset SRC DST --budget B; "
-        "N processes per GPU: torchrun --nproc-per-node N*GPUS -m arrcoc.cli compress-dataset SRC DST --budget B "
-        "--procs-per-gpu N. "
-        "read back: arrcoc.datasets.shards.load_index(DST), arrcoc.datasets.shards.load_record(DST, record). "
+        "plus DST/index.jsonl. Under torchrun, one process per GPU. Run it again to resume.",
+        epilog="read back: arrcoc.datasets.shards.load_index(DST), arrcoc.datasets.shards.load_record(DST, record). "
         f"Exit codes: 0 complete (broken images are records in the index), {EXIT_INCOMPLETE} stopped early "
         "(--max-shards; run again to resume), 2 bad arguments.",
     )
@@ -971,16 +912,7 @@ def _parser() -> argparse.ArgumentParser:
         "--workers",
         type=int,
         default=4,
-        help="readers per process (not divided by --procs-per-gpu: they mostly wait on files, and each process "
-        "needs its own to hide that wait): threads on CUDA (JPEGs decoded on the GPU), DataLoader processes on the "
-        "CPU (default 4)",
-    )
-    parser.add_argument(
-        "--procs-per-gpu",
-        type=int,
-        default=1,
-        help="processes sharing each GPU under torchrun (run N x GPUs of them): local rank L runs on GPU L // N, "
-        "with its own pipeline, reader and GIL; the process group is then gloo. No effect on the CPU",
+        help="readers per GPU: threads on CUDA (JPEGs decoded on the GPU), DataLoader processes on the CPU (default 4)",
     )
     parser.add_argument("--shard-size", type=int, default=1000, help="images per shard (default 1000)")
     parser.add_argument(
@@ -1003,15 +935,6 @@ def _parser() -> argparse.ArgumentParser:
         help="encoder dtype (default: the pipeline's)",
     )
     parser.add_argument("--preset", default=None, help="build the pipeline from a named preset (default, tiny)")
-    parser.add_argument(
-        "--buckets", type=int, nargs="+", default=None, help="the pipeline's bucket sizes (default: the pipeline's)"
-    )
-    parser.add_argument(
-        "--warmup",
-        action="store_true",
-        help="capture the CUDA graphs of each of the pipeline's buckets and batch sizes before the first image, so that "
-        "the statistics time the steady state (a long job gains nothing: it captures each graph on first use)",
-    )
     parser.add_argument("--pretrained", default=None, help="a folder saved by Pipeline.save_pretrained")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
     parser.add_argument("--timeout-minutes", type=float, default=60.0, help="how long a rank waits for the others")
@@ -1028,10 +951,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="arrcoc: %(message)s")
     launch = None
     try:
-        launch = _launch(args.device, args.timeout_minutes, args.procs_per_gpu)
-        overrides: dict[str, Any] = {"encoder_dtype": args.dtype} if args.dtype else {}
-        if args.buckets:
-            overrides["buckets"] = tuple(args.buckets)
+        launch = _launch(args.device, args.timeout_minutes)
+        overrides = {"encoder_dtype": args.dtype} if args.dtype else {}
         if args.preset:
             pipe = Pipeline(PipelineConfig.from_name(args.preset, **overrides), device=launch.device)
         else:
@@ -1039,13 +960,6 @@ def main(argv: list[str] | None = None) -> int:
         query, query_mask = (None, None)
         if args.query_file:
             query, query_mask = load_query(argparse.Namespace(query_embedding=args.query_file))
-        if args.warmup:
-            _check_whole("budget", args.budget, 1)
-            pipe.warmup(
-                batch_sizes=[b for b in BATCH_BUCKETS if b <= args.batch_size],
-                budget=args.budget,
-                asked=False if query is None else None,
-            )
         stats = compress_dataset(
             args.source,
             args.dest,

@@ -10,10 +10,8 @@ them; device milliseconds per step from CUDA events), once under ``torch.profile
 time / wall time), and once through the Pillow path (``batch_decode=False``, DataLoader worker processes) to
 report its images/s and start-up, the share of images whose allocation is identical to the batched path's and
 the largest differences. With ``--scaling`` on a machine of several GPUs it runs the command under
-``torchrun`` on 1, 2, 4, ... GPUs; with ``--procs-per-gpu 1 2 3`` it runs it under ``torchrun`` on one GPU
-shared by 1, 2 and 3 processes, over both sets (:func:`_shared_gpu` says how the rates are combined). Results go
-to ``<out>/dataset-<device>[-tag].json`` and ``.md``; ``--out`` is a scratch folder unless ``--out bench/results``
-is given.
+``torchrun`` on 1, 2, 4, ... GPUs. Results go to ``<out>/dataset-<device>[-tag].json`` and ``.md``; ``--out`` is
+a scratch folder unless ``--out bench/results`` is given.
 """
 
 from __future__ import annotations
@@ -22,7 +20,6 @@ import argparse
 import datetime
 import json
 import logging
-import math
 import os
 import shutil
 import subprocess
@@ -236,55 +233,6 @@ def _case(
     }
 
 
-def _torchrun(
-    images: Path, dest: Path, args: argparse.Namespace, processes: int, *extra: str, shard_size: int | None = None
-) -> dict[str, Any]:
-    """Run ``arrcoc compress-dataset`` over ``images`` under torchrun with ``processes`` processes on this node.
-
-    Returns ``{"ranks": [each rank's DatasetStats as a dict], "wall_s": launch to torchrun's exit}``, or
-    ``{"error": the end of torchrun's stderr}``; ``dest`` and the statistics are removed afterwards.
-    """
-    stats_dir = dest.with_name(f"{dest.name}-stats")
-    shutil.rmtree(dest, ignore_errors=True)
-    shutil.rmtree(stats_dir, ignore_errors=True)
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc-per-node",
-        str(processes),
-        "-m",
-        "arrcoc.cli",
-        "compress-dataset",
-        os.fspath(images),
-        os.fspath(dest),
-        "--budget",
-        str(args.budget),
-        "--preset",
-        args.preset,
-        "--batch-size",
-        str(args.batch_size),
-        "--workers",
-        str(args.workers),
-        "--shard-size",
-        str(shard_size or args.shard_size),
-        "--quiet",
-        "--stats-json",
-        os.fspath(stats_dir / "{rank}.json"),
-        *extra,
-    ]
-    start = time.perf_counter()
-    done = subprocess.run(command, capture_output=True, text=True)
-    wall = time.perf_counter() - start
-    ranks = [json.loads(p.read_text()) for p in sorted(stats_dir.glob("*.json"))]
-    shutil.rmtree(dest, ignore_errors=True)
-    shutil.rmtree(stats_dir, ignore_errors=True)
-    if done.returncode != 0:
-        return {"error": done.stderr[-2000:]}
-    return {"ranks": ranks, "wall_s": wall}
-
-
 def _scaling(images: Path, work: Path, args: argparse.Namespace) -> list[dict[str, Any]]:
     """Images/s under torchrun on 1, 2, 4, ... GPUs (total images / slowest rank's seconds)."""
     results = []
@@ -292,84 +240,47 @@ def _scaling(images: Path, work: Path, args: argparse.Namespace) -> list[dict[st
     if len(counts) < 2:
         logger.warning("--scaling: %d GPU visible; the scaling run needs 2 or more", torch.cuda.device_count())
     for k in counts:
-        done = _torchrun(images, work / f"scale-{k}", args, k)
-        if "error" in done:
-            results.append({"gpus": k, "error": done["error"]})
+        dest, stats_dir = work / f"scale-{k}", work / f"scale-{k}-stats"
+        shutil.rmtree(dest, ignore_errors=True)
+        shutil.rmtree(stats_dir, ignore_errors=True)
+        command = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc-per-node",
+            str(k),
+            "-m",
+            "arrcoc.cli",
+            "compress-dataset",
+            os.fspath(images),
+            os.fspath(dest),
+            "--budget",
+            str(args.budget),
+            "--preset",
+            args.preset,
+            "--batch-size",
+            str(args.batch_size),
+            "--workers",
+            str(args.workers),
+            "--shard-size",
+            str(args.shard_size),
+            "--quiet",
+            "--stats-json",
+            os.fspath(stats_dir / "{rank}.json"),
+        ]
+        done = subprocess.run(command, capture_output=True, text=True)
+        if done.returncode != 0:
+            results.append({"gpus": k, "error": done.stderr[-2000:]})
             continue
-        ranks = done["ranks"]
+        ranks = [json.loads(p.read_text()) for p in sorted(stats_dir.glob("*.json"))]
         total, slowest = sum(r["images"] for r in ranks), max(r["seconds"] for r in ranks)
         results.append({"gpus": k, "images": total, "seconds": slowest, "images_per_s": total / slowest})
+        shutil.rmtree(dest, ignore_errors=True)
     base = next((r["images_per_s"] for r in results if r.get("gpus") == 1 and "images_per_s" in r), None)
     for r in results:
         if base and "images_per_s" in r:
             r["speedup"] = r["images_per_s"] / base
-    return results
-
-
-def _shared_gpu(
-    sets: dict[str, tuple[Path, tuple[int, ...] | None]], work: Path, args: argparse.Namespace
-) -> list[dict[str, Any]]:
-    """Images/s of N processes sharing one GPU (``--procs-per-gpu N`` under torchrun), per set and N.
-
-    Each set is cut into ``lcm(N...)`` shards, so that every N splits it evenly (a rank's share is whole shards);
-    graphs are captured before the timed run (``--warmup``). Three rates, all total images over a wall time: from
-    launch to torchrun's exit (start-up included); over the ranks' timed runs (first rank's start to last rank's
-    end, the ranks starting together after a barrier); and "running", that window without the reader's start-up
-    and the last shard's write (earliest start + start-up to latest end - drain). One window over all ranks is
-    conservative where their windows do not line up exactly; a sum of per-rank rates would overstate the rate there.
-    """
-    shards = math.lcm(*args.procs_per_gpu)
-    every = PipelineConfig.from_name(args.preset).buckets
-    # the benchmark set's images are at most 384 px: the buckets up to the first that holds 384, so that --warmup
-    # captures only graphs the run can replay
-    narrow = tuple(b for b in every if b < 384) + tuple(b for b in every if b >= 384)[:1]
-    results = []
-    for name, (folder, buckets) in sets.items():
-        count = len(list_sources(folder))
-        shard_size = -(-count // shards)
-        extra = ["--device", args.device, "--dtype", args.dtypes[0], "--token-dtype", args.token_dtype, "--warmup"]
-        extra += ["--buckets", *map(str, buckets or narrow)]
-        rows = []
-        for n in args.procs_per_gpu:
-            row: dict[str, Any] = {
-                "set": name,
-                "processes": n,
-                "shard_size": shard_size,
-                "encoder_dtype": args.dtypes[0],
-            }
-            done = _torchrun(
-                folder, work / f"shared-{name}-{n}", args, n, "--procs-per-gpu", str(n), *extra, shard_size=shard_size
-            )
-            if "error" in done:
-                rows.append({**row, "error": done["error"]})
-                continue
-            ranks, wall = done["ranks"], done["wall_s"]
-            total = sum(r["images"] for r in ranks)
-            run = max(r["finished_at"] for r in ranks) - min(r["started_at"] for r in ranks)
-            running = max(r["finished_at"] - r["drain_seconds"] for r in ranks) - min(
-                r["started_at"] + r["startup_seconds"] for r in ranks
-            )
-            rows.append(
-                {
-                    **row,
-                    "images": total,
-                    "errors": sum(r["errors"] for r in ranks),
-                    "wall_s": wall,
-                    "images_per_s": total / wall,
-                    "run_s": run,
-                    "run_images_per_s": total / run if run > 0 else float("nan"),
-                    "running_s": running,
-                    "running_images_per_s": total / running if running > 0 else float("nan"),
-                    "rank_images": [r["images"] for r in ranks],
-                    "rank_seconds": [r["seconds"] for r in ranks],
-                    "rank_images_per_s": [r["images_per_second"] for r in ranks],
-                }
-            )
-        base = next((r for r in rows if r["processes"] == 1 and "error" not in r), None)
-        for r in rows:
-            if base and "error" not in r:
-                r["speedup_running"] = r["running_images_per_s"] / base["running_images_per_s"]
-        results += rows
     return results
 
 
@@ -450,36 +361,6 @@ def _markdown(report: dict[str, Any]) -> str:
                 if "error" not in r
                 else f"| {r['gpus']} | failed | |"
             )
-    if report.get("shared_gpu"):
-        lines += [
-            "",
-            "Processes sharing one GPU: `torchrun --nproc-per-node N ... --procs-per-gpu N --warmup` (gloo when N > 1), "
-            "each process with its own pipeline, graphs, reader threads (`--workers` each), decode thread, writer "
-            "and GIL; encoder and token dtypes as above. Each set is cut into shards of the size shown so that every "
-            "N splits it evenly (the rows above use shards of "
-            f"{report['shard_size']}, so the N = 1 row here is the control). From launch: total images / the "
-            "torchrun command's wall time (interpreter start, imports, pipeline build, graph capture and process "
-            "group included). Run: total images / first rank's start to last rank's end of the timed runs (the ranks "
-            "start together after a barrier; the reader's start-up and the last write included, like images/s "
-            "above). Running: that window without the reader's start-up and the last shard's write (earliest "
-            "start + start-up to latest end - drain), like running images/s above; a sum of per-rank rates would "
-            "overstate it wherever the ranks' windows do not overlap.",
-            "",
-            "| set | processes | shard size | images | wall s | images/s from launch | images/s run "
-            "| running images/s | speed-up (running) | per-rank images/s |",
-            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
-        ]
-        for r in report["shared_gpu"]:
-            if "error" in r:
-                lines.append(f"| {r['set']} | {r['processes']} | {r['shard_size']} | failed: {r['error'][-80:]!r} |")
-                continue
-            lines.append(
-                f"| {r['set']} | {r['processes']} | {r['shard_size']} | {r['images']} | {r['wall_s']:.1f} | "
-                f"{r['images_per_s']:.0f} | {r['run_images_per_s']:.0f} | {r['running_images_per_s']:.0f} | "
-                f"{r.get('speedup_running', float('nan')):.2f}x | "
-                + " / ".join(f"{v:.0f}" for v in r["rank_images_per_s"])
-                + " |"
-            )
     return "\n".join(lines) + "\n"
 
 
@@ -525,19 +406,10 @@ def main(argv: list[str] | None = None) -> int:
         help="skip the Pillow-path run and the comparison of allocations",
     )
     parser.add_argument("--scaling", action="store_true", help="also run under torchrun on 1, 2, 4, ... GPUs")
-    parser.add_argument(
-        "--procs-per-gpu",
-        type=int,
-        nargs="+",
-        default=None,
-        help="also run each set under torchrun with N processes sharing one GPU, for each N given (e.g. 1 2 3)",
-    )
     parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"], help="cpu: a smoke test of the script")
     parser.add_argument("--keep", action="store_true", help="keep the generated images")
     parser.add_argument("--tag", default="")
     args = parser.parse_args(argv)
-    if args.procs_per_gpu and min(args.procs_per_gpu) < 1:
-        parser.error(f"--procs-per-gpu: each N must be >= 1; got {args.procs_per_gpu}")
     logging.basicConfig(level=logging.WARNING, format="arrcoc: %(message)s")
     if args.device == "cuda" and not torch.cuda.is_available():
         print("arrcoc bench_dataset: needs a CUDA GPU (--device cpu only smoke-tests this script)", file=sys.stderr)
@@ -603,8 +475,6 @@ def main(argv: list[str] | None = None) -> int:
                 torch.cuda.empty_cache()
     if args.scaling and device.type == "cuda":
         report["scaling"] = _scaling(work / "images", work, args)
-    if args.procs_per_gpu:
-        report["shared_gpu"] = _shared_gpu(sets, work, args)
     write_report(report, _markdown(report), args.out, f"dataset-{report['device']}", args.tag)
     if not args.keep:
         shutil.rmtree(work, ignore_errors=True)
