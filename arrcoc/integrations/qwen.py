@@ -21,8 +21,9 @@ saving does not depend on it (the KV cache holds ``budget`` tokens either way).
 Graphs. The reducer replays as a CUDA graph (:class:`arrcoc.runtime.graphs.GraphChain`) keyed on the merged
 grid rounded up to ``grid_multiple`` per side (the padding marked by ``patch_valid``, so no token stands for
 it), the number of images in that bucket and the query length rounded up to 16. arrcoc's reducers read the
-budgets as a tensor (the relevance head packs each image's tokens into the bucket's capacity), so a share
-budget, different for every image size, does not multiply the graphs (without a question the query-free pick's
+budgets as a tensor (the relevance head packs each image's tokens into an eighth, a quarter, a half or all of
+the bucket's capacity, the smallest that holds the largest budget), so a share budget, different for every image
+size, does not multiply the graphs (without a question the query-free pick's
 greedy steps, the largest budget rounded up to a power of two, join the key); the baselines fix their output shape by
 the budget, which joins their key. Reducers that pool padding like an image patch (those that do not read
 ``patch_valid``: ``uniform``, ``tome``) are keyed on the exact grid. :func:`graph_buckets` counts the
@@ -600,7 +601,8 @@ class ArrcocQwen(nn.Module):
         asked: bool = False,
     ) -> ReducedTokens:
         """arrcoc's relevance head with per-image ``budgets`` as a tensor: tokens ``(B, C, D)`` packed kept-first
-        into ``C`` = the bucket's capacity, so the graph's key holds no budget. The query-free pick's greedy steps
+        into ``C`` = the smallest of 1/8, 1/4, 1/2 or all of the bucket's capacity that holds every budget, so the
+        graph's key holds that step, not the budget. The query-free pick's greedy steps
         (``BalanceConfig.pick``) are the largest budget rounded up to a power of two (which joins the key), or
         none when every image is ``asked`` a question."""
         reducer, cfg = self.reducer, self.reducer.config
@@ -612,7 +614,11 @@ class ArrcocQwen(nn.Module):
                     f"budget {k} of image {i} is above {limit}, the token capacity of its {gh}x{gw} "
                     f"merged grid under max_tokens={cfg.max_tokens}"
                 )
-        capacity = capacity_of(visual.grid, cfg.region_size, cfg.max_tokens)
+        full = capacity_of(visual.grid, cfg.region_size, cfg.max_tokens)
+        # The packed output's slots: the smallest of 1/8, 1/4, 1/2 or all of the bucket's capacity that holds the
+        # largest budget. Packing all of it wrote and converted every cell's token where a share keeps a few; a
+        # share budget lands on one step for every grid of a bucket, so the ladder rarely adds a capture.
+        capacity = next((full // d for d in (8, 4, 2) if max(budgets) <= full // d), full)
         picks = reducer.head.pick != "off" and not asked
         steps = min(capacity, 1 << (max(budgets) - 1).bit_length()) if picks else 0
         inputs = {f: getattr(visual, f) for f in _VISUAL_FIELDS if getattr(visual, f) is not None}
