@@ -68,6 +68,10 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
         "pick maxmin, salience share 0.6, colour weight 0.5",
         {"balance": {"pick": "maxmin", "pick_salience": 0.6, "pick_colour": 0.5}},
     ),
+    "nq-maxmin-c025": (
+        "pick maxmin, colour weight 0.25 (the default's 0.5 halved: text answers lean on feature distance)",
+        {"balance": {"pick": "maxmin", "pick_colour": 0.25}},
+    ),
     "nq-maxmin-c1": (
         "pick maxmin, colour weight 1 (the default's 0.5 doubled)",
         {"balance": {"pick": "maxmin", "pick_colour": 1.0}},
