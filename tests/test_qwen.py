@@ -17,7 +17,14 @@ pytest.importorskip("tokenizers")
 from arrcoc import hf  # noqa: E402
 from arrcoc.integrations.hf import ArrcocLlava, word_tokenizer  # noqa: E402
 from arrcoc.integrations.qwen import ArrcocQwen, _box_means, graph_buckets, merged_grid  # noqa: E402
-from arrcoc.integrations.vision_tower import pack_vision_tower, unpack_vision_tower  # noqa: E402
+from arrcoc.integrations.vision_tower import (  # noqa: E402
+    default_prune_after,
+    pack_vision_tower,
+    tower_head,
+    tower_plan,
+    tower_tail,
+    unpack_vision_tower,
+)
 
 WORDS = "USER ASSISTANT : what colour is the box left of red green blue a shape ? which side".split()
 IMAGE_ID = 5
@@ -416,6 +423,248 @@ def test_cuda_prepare_never_waits_for_the_vision_tower(family: str, question: bo
             torch.cuda.set_sync_debug_mode(0)
     assert prepared.query_mask.any().item() == question
     assert prepared.budgets == [round(gh * gw / 4) for gh, gw in prepared.grids]
+
+
+# --- pruning inside the vision tower -------------------------------------------------------------------
+def _depth(qwen: tuple) -> int:
+    return len(qwen[0].model.visual.blocks)
+
+
+@pytest.mark.parametrize("budget", [5, 0.25])
+def test_pruned_path_keeps_exactly_budget_tokens_at_their_own_positions(qwen: tuple, budget: int | float) -> None:
+    adapter = _adapter(qwen, prune_after=0)
+    images = _images(3)
+    with torch.no_grad():
+        prepared = adapter.prepare(images, PROMPTS, budget)
+        full = _adapter(qwen).prepare(images, PROMPTS)
+        logits = adapter.run(prepared).logits
+    sizes = [gh * gw for gh, gw in prepared.grids]
+    wanted = [5] * 3 if isinstance(budget, int) else [max(1, round(budget * n)) for n in sizes]
+    slots = prepared.input_ids == IMAGE_ID
+    assert prepared.budgets == wanted and slots.sum(1).tolist() == wanted
+    assert [t.shape[0] for t in prepared.image_tokens] == wanted
+    assert torch.equal(prepared.inputs_embeds[slots], torch.cat(prepared.image_tokens).to(prepared.inputs_embeds))
+    assert torch.isfinite(logits).all()
+    for i, ((gh, gw), out) in enumerate(zip(prepared.grids, prepared.reduced)):
+        cells = out.positions[0]  # (K, 4): one merged unit each, in raster order, no two alike
+        assert (cells[:, 2:] == 1).all() and (cells[:, 0] < gh).all() and (cells[:, 1] < gw).all()
+        key = cells[:, 0] * gw + cells[:, 1]
+        assert (key[1:] > key[:-1]).all()
+        grid = full.position_ids[:, i, full.input_ids[i] == IMAGE_ID].view(3, gh, gw)
+        assert torch.equal(prepared.position_ids[:, i, slots[i]], grid[:, cells[:, 0], cells[:, 1]])
+        assert torch.equal(prepared.position_ids[:, i, -4:], full.position_ids[:, i, -4:])  # the text after
+    if adapter.deepstack:
+        assert [d.shape for d in prepared.deepstack] == [(sum(wanted), prepared.inputs_embeds.shape[-1])] * 2
+
+
+def test_pruned_batch_equals_single_images(qwen: tuple) -> None:
+    """Each image keeps its own units and attends inside them: its tokens do not depend on its batch."""
+    adapter = _adapter(qwen, prune_after=0)
+    images = _images(3)
+    with torch.no_grad():
+        batch = adapter.prepare(images, PROMPTS, 0.3)
+        for i in range(3):
+            single = adapter.prepare(images[i], PROMPTS[i], 0.3)
+            assert torch.equal(batch.reduced[i].positions, single.reduced[0].positions)
+            torch.testing.assert_close(batch.reduced[i].tokens, single.reduced[0].tokens, rtol=1e-5, atol=1e-5)
+
+
+def test_pruning_after_the_last_block_is_the_post_tower_reduction(qwen: tuple) -> None:
+    """With every block run on every patch, the head sees the tower's own output: the same units, the same
+    tokens, the same positions (and for Qwen3-VL the same DeepStack features) as reducing after the tower."""
+    images = _images(3)
+    with torch.no_grad():
+        got = _adapter(qwen, prune_after=_depth(qwen) - 1).prepare(images, PROMPTS, 0.3)
+        expected = _adapter(qwen).prepare(images, PROMPTS, 0.3)
+    for a, b in zip(got.reduced, expected.reduced):
+        assert torch.equal(a.positions, b.positions)
+        torch.testing.assert_close(a.tokens, b.tokens, rtol=1e-6, atol=1e-6)
+    assert torch.equal(got.position_ids, expected.position_ids) and torch.equal(got.input_ids, expected.input_ids)
+    for a, b in zip(got.deepstack or [], expected.deepstack or [], strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("prune_after", [0, "auto"])
+def test_pruning_at_the_full_budget_is_the_unmodified_model(qwen: tuple, prune_after: int | str) -> None:
+    adapter = _adapter(qwen, prune_after=prune_after)
+    images = _images(3)
+    with torch.no_grad():
+        prepared = adapter.prepare(images, PROMPTS)
+        got = adapter.run(prepared).logits
+        expected = adapter.model(**_reference(adapter, prepared, images)).logits
+    real = prepared.attention_mask.bool()
+    assert torch.equal(got[real], expected[real])
+
+
+def test_tower_in_two_parts_keeping_every_unit_is_the_models_tower(qwen: tuple) -> None:
+    """Head (every patch up to block 0) and tail (the rest on the kept units, here all of them): the model's own
+    merged tokens and DeepStack features, in raster order."""
+    model, processor = qwen
+    visual = model.model.visual
+    adapter = _adapter(qwen)
+    inputs = processor.image_processor(images=_images(3), return_tensors="pt")
+    grids = adapter.merged_grids(inputs["image_grid_thw"])
+    sizes = [gh * gw for gh, gw in grids]
+    with torch.no_grad():
+        plan = tower_plan(visual, grids, sizes, torch.device("cpu"))
+        state = tower_head(visual, inputs["pixel_values"], plan, 0)
+        tokens, deep = tower_tail(visual, state, plan, torch.arange(sum(sizes)))
+        out = model.model.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"])
+    torch.testing.assert_close(tokens, torch.cat(list(out.pooler_output)), rtol=1e-5, atol=1e-5)
+    assert (deep is not None) == adapter.deepstack
+    for got, layer in zip(deep or [], out.deepstack_features if deep else []):
+        torch.testing.assert_close(got, torch.cat(list(layer)), rtol=1e-5, atol=1e-5)
+
+
+def _windowed_qwen25() -> tuple[torch.nn.Module, object]:
+    """A three-block Qwen2.5-VL tower (window, window, full): a tail after block 0 holds both kinds of block."""
+    model, processor = build("qwen2_5_vl")
+    vision = model.config.vision_config.to_dict() | dict(depth=3, fullatt_block_indexes=[2])
+    config = transformers.Qwen2_5_VLConfig(
+        text_config=model.config.text_config.to_dict(),
+        vision_config=vision,
+        image_token_id=IMAGE_ID,
+        video_token_id=63,
+        vision_start_token_id=62,
+        vision_end_token_id=61,
+    )
+    torch.manual_seed(0)
+    return transformers.Qwen2_5_VLForConditionalGeneration(config).eval(), processor
+
+
+@pytest.mark.parametrize("packed", [False, True])
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl-3"])
+def test_the_tail_attends_inside_each_window_and_image_of_the_kept_units(family: str, packed: bool) -> None:
+    """The tail, with the model's own attention and packed (windows left empty are sequences of length 0),
+    against a loop over the model's own blocks, one window (windowed blocks) or one image (full attention) at a
+    time, on a random kept subset."""
+    model, processor = _windowed_qwen25() if family == "qwen2_5_vl-3" else build(family)
+    visual = model.model.visual
+    inputs = processor.image_processor(images=_images(3), return_tensors="pt")
+    grids = [(int(h) // 2, int(w) // 2) for _, h, w in inputs["image_grid_thw"].tolist()]
+    budgets = [gh * gw // 3 for gh, gw in grids]
+    gen = torch.Generator().manual_seed(3)
+    units, offset = [], 0
+    for (gh, gw), k in zip(grids, budgets):
+        units.append(torch.randperm(gh * gw, generator=gen)[:k].sort().values + offset)
+        offset += gh * gw
+    units = torch.cat(units)
+    image_of = torch.repeat_interleave(torch.arange(3), torch.tensor(budgets))
+    with torch.no_grad():
+        plan = tower_plan(visual, grids, budgets, torch.device("cpu"))
+        state = tower_head(visual, inputs["pixel_values"], plan, 0)
+        if packed:
+            pack_vision_tower(model, "padded")
+        try:
+            got, _ = tower_tail(visual, state, plan, units)
+        finally:
+            unpack_vision_tower(model)
+        # the reference: each kept unit's patches, in the blocks' order, one sequence per window / image
+        rows = units if plan.rank is None else plan.rank[units]
+        patches = (rows[:, None] * 4 + torch.arange(4)).flatten()
+        hidden = state.hidden[patches]
+        cos, sin = (x[patches] for x in state.position_embeddings)
+        windowed = set(range(len(visual.blocks))) - set(getattr(visual, "fullatt_block_indexes", None) or [])
+        for index in range(1, len(visual.blocks)):
+            group = plan.window_of[rows] if plan.window_of is not None and index in windowed else image_of
+            out = torch.empty_like(hidden)
+            for g in group.unique():
+                take = (group == g).repeat_interleave(4)
+                n = int(take.sum())
+                out[take] = visual.blocks[index](
+                    hidden[take],
+                    cu_seqlens=torch.tensor([0, n], dtype=torch.int32),
+                    max_seqlen=n,
+                    position_embeddings=(cos[take], sin[take]),
+                )
+            hidden = out
+        expected = visual.merger(hidden)
+    if plan.window_of is not None:  # several windows kept, some not at all
+        assert 3 < len(plan.window_of[rows].unique()) < plan.windows
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_generate_with_pruning_equals_greedy_forward(qwen: tuple) -> None:
+    adapter = _adapter(qwen, prune_after=0)
+    images = _images(2)
+    new = adapter.generate(images, PROMPTS[:2], budget=0.25, max_new_tokens=3, do_sample=False)
+    prepared = adapter.prepare(images, PROMPTS[:2], 0.25)
+    embeds, mask, positions = prepared.inputs_embeds, prepared.attention_mask, prepared.position_ids
+    with torch.no_grad(), adapter.reading(prepared):
+        for step in range(3):
+            token = adapter.model(inputs_embeds=embeds, attention_mask=mask, position_ids=positions).logits[:, -1]
+            token = token.argmax(-1)
+            assert torch.equal(token, new[:, step])
+            embeds = torch.cat((embeds, adapter.model.get_input_embeddings()(token)[:, None]), 1)
+            mask = torch.cat((mask, mask[:, -1:]), 1)
+            positions = torch.cat((positions, positions[..., -1:] + 1), -1)
+
+
+def test_bad_prune_after_is_refused(qwen: tuple) -> None:
+    depth = _depth(qwen)
+    for value in (-1, depth, 1.5, "first", True):
+        with pytest.raises(arrcoc.InvalidInputError, match=rf"in \[0, {depth - 1}\].*got {value!r}"):
+            _adapter(qwen, prune_after=value)
+    with pytest.raises(arrcoc.InvalidInputError, match="arrcoc's reducers.*'uniform'"):
+        _adapter(qwen, "uniform", prune_after=0)
+    assert _adapter(qwen, prune_after="auto").prune_after == default_prune_after(qwen[0].config.vision_config)
+
+
+def test_default_prune_after() -> None:
+    qwen25 = transformers.Qwen2_5_VLConfig(vision_config=dict(depth=32, fullatt_block_indexes=[7, 15, 23, 31]))
+    qwen2 = transformers.Qwen2VLConfig(vision_config=dict(depth=32))
+    assert default_prune_after(qwen25.vision_config) == 7 and default_prune_after(qwen2.vision_config) == 7
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("family", FAMILIES)
+def test_cuda_pruned_prepare_never_waits_for_the_vision_tower(family: str) -> None:
+    """Pruning inside the packed tower: from the patch embedding on, nothing is read back or copied from the
+    host (the kept lengths are the budgets, the windows' counted on the device), and the reducer's graph and
+    direct call agree."""
+    model, processor = build(family)
+    model = model.cuda()
+    pack_vision_tower(model, "padded")
+    try:
+        adapter = ArrcocQwen(model, processor, template=TEMPLATE, prune_after=0)
+        direct = ArrcocQwen(model, processor, template=TEMPLATE, prune_after=0, reducer_graphs="off")
+        images, prompts = _images(4), PROMPTS + PROMPTS[:1]
+        with torch.no_grad():
+            adapter.prepare(images, prompts, 0.25)  # the first call captures the reducer's graph (a capture syncs)
+            embed = model.model.visual.patch_embed
+            handle = embed.register_forward_pre_hook(lambda *_: torch.cuda.set_sync_debug_mode("error"))
+            try:
+                prepared = adapter.prepare(images, prompts, 0.25)
+            finally:
+                handle.remove()
+                torch.cuda.set_sync_debug_mode(0)
+            expected = direct.prepare(images, prompts, 0.25)
+    finally:
+        unpack_vision_tower(model)
+    assert adapter.captures == 1
+    assert prepared.budgets == [round(gh * gw / 4) for gh, gw in prepared.grids]
+    assert torch.equal(prepared.position_ids, expected.position_ids)
+    torch.testing.assert_close(prepared.inputs_embeds, expected.inputs_embeds)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("family", FAMILIES)
+def test_cuda_pruned_varlen_and_padded_kernels_agree(family: str) -> None:
+    """bf16: FlashAttention varlen (windows left empty by the pruning are sequences of length 0) and the padded
+    kernel give the same tokens within bf16 rounding, and the pruned path at the last block equals the post-tower
+    reduction's choice."""
+    model, processor = build(family)
+    model = model.cuda().to(torch.bfloat16)
+    images, results = _images(3), {}
+    with torch.no_grad():
+        for kernel in ("varlen", "padded"):
+            pack_vision_tower(model, kernel)
+            results[kernel] = ArrcocQwen(model, processor, template=TEMPLATE, prune_after=0).prepare(
+                images, PROMPTS, 0.25
+            )
+        unpack_vision_tower(model)
+    for a, b in zip(results["varlen"].reduced, results["padded"].reduced):
+        torch.testing.assert_close(a.tokens.float(), b.tokens.float(), rtol=0.05, atol=0.05)
 
 
 # --- the vision tower's attention in one call ---------------------------------------------------------

@@ -42,6 +42,7 @@ Importing this module does not import transformers.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import inspect
 import logging
 import math
@@ -59,6 +60,7 @@ from ..reducers import ArrcocReducer, ReducedTokens, VisualInput, check_visual, 
 from ..stages.regions import capacity_of
 from .adapter import check_prompting, expand_prompt, processor_parts, reducer_chain
 from .hf import raster_order
+from .vision_tower import default_prune_after, tower_head, tower_merged, tower_plan, tower_tail
 
 __all__ = ["ArrcocQwen", "QwenPrepared", "QWEN_TEMPLATE", "QWEN_MODEL_TYPES", "graph_buckets", "merged_grid"]
 
@@ -195,6 +197,10 @@ class ArrcocQwen(nn.Module):
         reducer_graphs: ``"auto"`` replays the reducer as a CUDA graph on CUDA and calls it directly elsewhere;
             ``"eager"`` uses the graph chain's eager backend (the same host-side path, for tests); ``"off"``
             always calls the reducer directly.
+        prune_after: reduce inside the vision tower (module docstring, *Pruning inside the tower*): the index of
+            the last block that runs on every patch, ``"auto"`` for
+            :func:`~arrcoc.integrations.vision_tower.default_prune_after`, or ``None`` (the default) to reduce
+            the tower's output. arrcoc's reducers only (each of their tokens is one merged unit).
     """
 
     def __init__(
@@ -209,6 +215,7 @@ class ArrcocQwen(nn.Module):
         query_temperature: float = 0.1,
         grid_multiple: int = 8,
         reducer_graphs: str = "auto",
+        prune_after: int | str | None = None,
     ) -> None:
         super().__init__()
         self.model = model
@@ -249,6 +256,7 @@ class ArrcocQwen(nn.Module):
         # arrcoc's own reducers take per-image budgets as a tensor (one graph per bucket for every budget)
         self.budget_tensor = isinstance(self.reducer, ArrcocReducer)
         self.default_budget = budget
+        self.prune_after = self._check_prune_after(prune_after, vision)
         proc = self.image_processor
         mean, std = (getattr(proc, "image_mean", None), getattr(proc, "image_std", None)) if proc else (None, None)
         if proc is not None and not getattr(proc, "do_normalize", True):
@@ -266,6 +274,25 @@ class ArrcocQwen(nn.Module):
         self._pool: Any = None
         # transformers >= 5 marks image tokens by type for its own rope index; earlier versions have no such input
         self._mm_types = "mm_token_type_ids" in inspect.signature(model.forward).parameters
+
+    def _check_prune_after(self, prune_after: int | str | None, vision: Any) -> int | None:
+        """The block index to prune after (``None``: no pruning), checked against the tower and the reducer."""
+        if prune_after is None:
+            return None
+        depth = len(self.inner.visual.blocks)
+        if prune_after == "auto":
+            prune_after = default_prune_after(vision)
+        if isinstance(prune_after, bool) or not isinstance(prune_after, int) or not 0 <= prune_after < depth:
+            raise InvalidInputError(
+                f"prune_after must be a vision block index in [0, {depth - 1}] (the tower has {depth} blocks), "
+                f"'auto' or None; got {prune_after!r}"
+            )
+        if not self.budget_tensor:
+            raise InvalidInputError(
+                f"prune_after needs one of arrcoc's reducers, whose every token is one merged unit; the "
+                f"{self.method!r} reducer's tokens are not"
+            )
+        return prune_after
 
     @property
     def captures(self) -> int:
@@ -407,21 +434,44 @@ class ArrcocQwen(nn.Module):
         # stream, and after the tower it would hold the reducer's and the language model's launches until the
         # tower ends instead of queueing them behind it.
         groups = self._groups(grids, questions, pads, budgets, device)
+        # at every image's full budget nothing would be pruned: the tower runs whole, as without pruning
+        prune = self.prune_after is not None and any(k < gh * gw for k, (gh, gw) in zip(budgets, grids))
+        plan = tower_plan(self.inner.visual, grids, budgets, device) if prune else None
         embeds = self.model.get_input_embeddings()(ids)  # (B, T, H)
-        features, deep = self._image_features(pixel_values, grid_thw, grids)  # per image (gh, gw, H), (L, gh, gw, H)
+        if plan is not None:  # the head scores the pruning block's states, through the model's own merger
+            state = tower_head(self.inner.visual, pixel_values, plan, self.prune_after)
+            features, deep = tower_merged(self.inner.visual, state, plan), None  # per image (gh, gw, H)
+        else:
+            features, deep = self._image_features(pixel_values, grid_thw, grids)  # (gh, gw, H), (L, gh, gw, H)
         rgb = self._rgb(pixel_values, grids) if "pixels" in self.needs else [None] * len(grids)
         reduced = self._reduce_all(groups, features, rgb, embeds, questions, budgets)
+        deepstack = None
+        if plan is not None:
+            reduced, deepstack = self._tower_tail(state, plan, reduced, grids)
         image_tokens = [r.tokens[0] for r in reduced]  # (K_i, H) each
         for i, ((_, _, start), tokens) in enumerate(zip(rows, image_tokens)):  # the image slots, in place
             embeds[i, pads[i] + start : pads[i] + start + tokens.shape[0]] = tokens.to(embeds.dtype)
         position_ids = self._positions(rows, length, reduced, grids, device)
-        deepstack = None
         if deep is not None:  # the kept tokens' DeepStack features, layer by layer, in slot order
             kept = [_box_means(d, r.positions[0]) for d, r in zip(deep, reduced)]  # (L, K_i, H) each
             deepstack = list(torch.cat(kept, 1).unbind(0))
         return QwenPrepared(
             embeds, mask, position_ids, ids, reduced, query_mask, image_tokens, grids, budgets, deepstack
         )
+
+    def _tower_tail(
+        self, state: Any, plan: Any, reduced: list[ReducedTokens], grids: list[tuple[int, int]]
+    ) -> tuple[list[ReducedTokens], list[Tensor] | None]:
+        """The tower's blocks after the pruning block on the kept units only: their merged tokens replace the
+        tokens the head picked (the pruning block's), and for Qwen3-VL give the DeepStack features in slot order."""
+        units, offset = [], 0
+        for out, (gh, gw) in zip(reduced, grids):
+            cells = out.positions[0]  # (K_i, 4): one merged unit each (arrcoc's tokens are single units)
+            units.append(cells[:, 0] * gw + cells[:, 1] + offset)  # raster units counted over the batch
+            offset += gh * gw
+        tokens, deep = tower_tail(self.inner.visual, state, plan, torch.cat(units))  # (sum K_i, H)
+        parts = torch.split(tokens, [out.tokens.shape[1] for out in reduced])
+        return [dataclasses.replace(out, tokens=t[None]) for out, t in zip(reduced, parts)], deep
 
     def reference_inputs(self, images: Any, prompts: str | Sequence[str]) -> dict[str, Tensor]:
         """The unmodified model's own inputs for the same prompts with every merged token (``model(**inputs)``,

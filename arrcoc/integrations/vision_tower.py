@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import sys
 import types
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -45,7 +46,18 @@ from torch import Tensor, nn
 
 from ..errors import InvalidInputError, InvalidTypeError
 
-__all__ = ["pack_vision_tower", "unpack_vision_tower", "KERNELS"]
+__all__ = [
+    "pack_vision_tower",
+    "unpack_vision_tower",
+    "KERNELS",
+    "TowerPlan",
+    "TowerState",
+    "default_prune_after",
+    "tower_plan",
+    "tower_head",
+    "tower_merged",
+    "tower_tail",
+]
 
 KERNELS = ("auto", "varlen", "padded")
 
@@ -255,3 +267,263 @@ def unpack_vision_tower(model: nn.Module) -> int:
         vars(block).pop("_compiled_call_impl", None)
     vars(visual.patch_embed).pop("forward", None)
     return restored
+
+
+# --- the tower in two parts: every patch up to a block, the kept merge units after it ---------------------
+@dataclass
+class TowerPlan:
+    """Index tensors of one batch's run through a Qwen-VL vision tower, made on the host from the images' sizes
+    and on the device before the tower starts, so that nothing after it reads a size back.
+
+    Patches come from the image processor in merge-unit order: the ``m x m`` patches of each merged token
+    (a *unit*) are contiguous, units in raster order, images end to end. Qwen2.5-VL's blocks read the units in
+    *window order* (each window's units contiguous); the others in that raster order.
+
+    Attributes:
+        grids: per image ``(gh, gw)``, its merged units.
+        unit: ``m * m``, patches per unit.
+        position_ids: ``(N, 2)`` int64 each patch's (row, col) in patches, in the order the blocks read patches.
+        order: ``(U,)`` int64 the raster unit (counted over the batch) at each window position; ``None`` without
+            windows.
+        rank: ``(U,)`` int64 each raster unit's window position (``order``'s inverse); ``None`` without windows.
+        window_of: ``(U,)`` int64 the window of each window position; ``None`` without windows.
+        windows: the number of windows (0 without).
+        cu_seqlens: ``(n + 1,)`` int32 patch offsets of the images; ``max_seqlen`` their longest.
+        cu_window_seqlens: ``(windows + 1,)`` int32 patch offsets of the windows; ``max_window_seqlen`` their
+            longest (``None`` / 0 without windows).
+        kept_cu_seqlens: ``(n + 1,)`` int32 patch offsets of the images' kept units (``budgets`` units each);
+            ``kept_max_seqlen`` their longest.
+        interp: Qwen3-VL: ``(indices, weights)`` ``(N, taps)``, the taps that resample its learned position
+            table to each image; ``None`` otherwise.
+    """
+
+    grids: list[tuple[int, int]]
+    unit: int
+    position_ids: Tensor
+    order: Tensor | None
+    rank: Tensor | None
+    window_of: Tensor | None
+    windows: int
+    cu_seqlens: Tensor
+    max_seqlen: int
+    cu_window_seqlens: Tensor | None
+    max_window_seqlen: int
+    kept_cu_seqlens: Tensor
+    kept_max_seqlen: int
+    interp: tuple[Tensor, Tensor] | None
+
+
+@dataclass
+class TowerState:
+    """The tower after blocks ``0..stop`` on every patch: what :func:`tower_tail` continues from.
+
+    Attributes:
+        hidden: ``(N, D)`` the hidden states after block ``stop``, in the order the blocks read patches.
+        position_embeddings: the rotary ``(cos, sin)``, each ``(N, d)``, in the same order.
+        stop: the last block run on every patch.
+        deep: Qwen3-VL: the hidden states ``(N, D)`` after each DeepStack block at or before ``stop``.
+    """
+
+    hidden: Tensor
+    position_embeddings: tuple[Tensor, Tensor]
+    stop: int
+    deep: dict[int, Tensor]
+
+
+def _family(visual: nn.Module) -> str:
+    if hasattr(visual, "deepstack_merger_list"):
+        return "qwen3_vl"
+    return "qwen2_5_vl" if hasattr(visual, "fullatt_block_indexes") else "qwen2_vl"
+
+
+def _packed(visual: nn.Module) -> bool:
+    """Whether :func:`pack_vision_tower` runs the tower's attention."""
+    return all(hasattr(block.attn, "_arrcoc_kernel") for block in visual.blocks)
+
+
+def default_prune_after(vision_config: Any) -> int:
+    """The block after which :class:`arrcoc.integrations.qwen.ArrcocQwen` prunes when asked for ``"auto"``.
+
+    Qwen2.5-VL: its first full-attention block (``fullatt_block_indexes[0]``; 7 of 32 in the released models),
+    the first whose features have seen the whole image rather than one 112 px window, so that the scorers
+    compare units in context. Towers attending over the whole image in every block (Qwen2-VL, Qwen3-VL): the
+    same share of the depth, the last block of its first quarter.
+    """
+    full = getattr(vision_config, "fullatt_block_indexes", None)
+    if full:
+        return int(full[0])
+    return max(0, int(vision_config.depth) // 4 - 1)
+
+
+def tower_plan(visual: nn.Module, grids: list[tuple[int, int]], budgets: list[int], device: Any) -> TowerPlan:
+    """The :class:`TowerPlan` of images with merged ``grids`` keeping ``budgets`` units each, on ``device``.
+
+    The indices come from the installed transformers' own helpers (``transformers.vision_utils``), run on the
+    host on a host copy of the grid, so they are the model's own.
+    """
+    try:
+        from transformers import vision_utils as vu
+    except ImportError as err:  # pragma: no cover - transformers before the precomputable helpers
+        raise InvalidTypeError(
+            "pruning inside the vision tower needs transformers' vision_utils (transformers >= 5.17)"
+        ) from err
+    m = int(visual.spatial_merge_size)
+    unit = m * m
+    grid_thw = torch.tensor([(1, gh * m, gw * m) for gh, gw in grids], dtype=torch.long)
+    position_ids = vu.get_vision_position_ids(grid_thw, m)  # (N, 2) in the processor's patch order
+    sizes = torch.tensor([gh * gw * unit for gh, gw in grids])
+    cu_seqlens = F.pad(sizes.cumsum(0, dtype=torch.int32), (1, 0))
+    kept = torch.tensor(budgets) * unit
+    kept_cu_seqlens = F.pad(kept.cumsum(0, dtype=torch.int32), (1, 0))
+    order = rank = window_of = cu_window_seqlens = None
+    windows = max_window = 0
+    if _family(visual) == "qwen2_5_vl":
+        config = visual.config
+        order, cu_window_seqlens = vu.get_vision_window_index(grid_thw, m, config.window_size, config.patch_size)
+        rank = torch.argsort(order)
+        lengths = (cu_window_seqlens[1:] - cu_window_seqlens[:-1]).long()  # (W,) patches per window
+        windows, max_window = len(lengths), int(lengths.max())
+        window_of = torch.repeat_interleave(torch.arange(windows), lengths // unit)  # (U,) by window position
+        position_ids = position_ids.view(-1, unit, 2)[order].flatten(0, 1)  # the blocks' patch order
+    interp = None
+    if _family(visual) == "qwen3_vl":
+        interp = vu.get_vision_interpolation_indices_and_weights(
+            grid_thw,
+            num_grid_per_side=visual.num_grid_per_side,
+            mode=visual.interpolation_mode,
+            align_corners=visual.interpolation_align_corners,
+            spatial_merge_size=m,
+        )
+
+    def to(x: Tensor | None) -> Tensor | None:
+        return None if x is None else x.to(device)
+
+    return TowerPlan(
+        grids=list(grids),
+        unit=unit,
+        position_ids=to(position_ids),
+        order=to(order),
+        rank=to(rank),
+        window_of=to(window_of),
+        windows=windows,
+        cu_seqlens=to(cu_seqlens),
+        max_seqlen=int(sizes.max()),
+        cu_window_seqlens=to(cu_window_seqlens),
+        max_window_seqlen=max_window,
+        kept_cu_seqlens=to(kept_cu_seqlens),
+        kept_max_seqlen=int(kept.max()),
+        interp=None if interp is None else (to(interp[0]), to(interp[1])),
+    )
+
+
+def _blocks(
+    visual: nn.Module,
+    hidden: Tensor,
+    position_embeddings: tuple[Tensor, Tensor],
+    blocks: range,
+    full: tuple[Tensor, int],
+    window: tuple[Tensor, int] | None,
+    deep: dict[int, Tensor] | None = None,
+) -> Tensor:
+    """Blocks ``blocks`` on ``hidden``; full-attention blocks read the images' ``full`` (cu_seqlens, longest),
+    windowed ones ``window``. Hidden states after DeepStack blocks go into ``deep``."""
+    full_blocks = set(getattr(visual, "fullatt_block_indexes", None) or ()) if window is not None else None
+    taps = set(getattr(visual, "deepstack_visual_indexes", ()) or ())
+    for index in blocks:
+        cu, longest = full if full_blocks is None or index in full_blocks else window
+        hidden = visual.blocks[index](
+            hidden, cu_seqlens=cu, max_seqlen=longest, position_embeddings=position_embeddings
+        )
+        if deep is not None and index in taps:
+            deep[index] = hidden
+    return hidden
+
+
+def tower_head(visual: nn.Module, pixel_values: Tensor, plan: TowerPlan, stop: int) -> TowerState:
+    """The vision tower's patch embedding and blocks ``0..stop`` on every patch: the model's own forward up to
+    there (the same modules, inputs and order, so the hidden states are the ones it computes)."""
+    hidden = visual.patch_embed(pixel_values.type(visual.dtype))  # (N, D)
+    if plan.order is not None:  # window order: each unit's patches move together
+        hidden = hidden.view(-1, plan.unit, hidden.shape[-1])[plan.order].flatten(0, 1)
+    if plan.interp is not None:  # Qwen3-VL's learned positions, resampled to each image
+        indices, weights = plan.interp
+        hidden = hidden + (visual.pos_embed(indices) * weights[:, :, None]).sum(1).to(hidden.dtype)
+    position_embeddings = visual.rotary_pos_emb(hidden, plan.position_ids)
+    window = None if plan.cu_window_seqlens is None else (plan.cu_window_seqlens, plan.max_window_seqlen)
+    deep: dict[int, Tensor] = {}
+    hidden = _blocks(
+        visual, hidden, position_embeddings, range(stop + 1), (plan.cu_seqlens, plan.max_seqlen), window, deep
+    )
+    return TowerState(hidden, position_embeddings, stop, deep)
+
+
+def tower_merged(visual: nn.Module, state: TowerState, plan: TowerPlan) -> list[Tensor]:
+    """The model's patch merger on the hidden states after block ``state.stop``: per image ``(gh, gw, H)`` merged
+    units in raster order, in the language model's space (what the last block's states become through it)."""
+    merged = visual.merger(state.hidden)  # (U, H) in the blocks' order
+    if plan.rank is not None:
+        merged = merged[plan.rank]  # (U, H) raster order
+    sizes = [gh * gw for gh, gw in plan.grids]
+    return [e.unflatten(0, grid) for e, grid in zip(torch.split(merged, sizes), plan.grids)]
+
+
+def tower_tail(
+    visual: nn.Module, state: TowerState, plan: TowerPlan, units: Tensor
+) -> tuple[Tensor, list[Tensor] | None]:
+    """The blocks after ``state.stop`` and the patch merger on the kept units only.
+
+    Args:
+        visual: the vision tower :func:`tower_head` ran.
+        state: its output.
+        plan: the batch's plan (its ``kept_cu_seqlens`` give each image's number of kept units).
+        units: ``(K,)`` int64 the kept units, counted in raster order over the batch, each image's in a run of
+            its ``budgets`` entries (the order of the language model's image slots).
+
+    Returns:
+        ``(K, H)`` the kept units' merged tokens, in ``units``' order, and for Qwen3-VL the DeepStack features per
+        DeepStack layer ``(K, H)`` in the same order (``None`` otherwise). The rotary embeddings are the kept
+        patches' own; attention runs inside each image's kept units and, in windowed blocks, inside each window's.
+        With the tower packed (:func:`pack_vision_tower`) no host reads: the windows' kept lengths are counted
+        on the device (a window may keep none), and their longest is bounded by the full window's.
+    """
+    unit = plan.unit
+    if plan.rank is not None:  # window order, so that each window's kept units are contiguous
+        rows, back = torch.sort(plan.rank[units])  # (K,) window positions, their index in ``units``
+    else:
+        rows, back = units, None
+    patches = (rows[:, None] * unit + torch.arange(unit, device=rows.device)).flatten()  # (K * unit,)
+    hidden = state.hidden[patches]  # (K * unit, D)
+    cos, sin = (x[patches] for x in state.position_embeddings)
+    window = None
+    if plan.window_of is not None:
+        counts = torch.zeros(plan.windows, dtype=torch.int32, device=rows.device)
+        counts.index_add_(0, plan.window_of[rows], torch.ones_like(rows, dtype=torch.int32))  # kept units a window
+        cu_windows = F.pad(counts.cumsum(0, dtype=torch.int32) * unit, (1, 0))  # (W + 1,), empty windows too
+        if not _packed(visual):
+            # the model's own attention splits sequences on the host and fails on an empty one: drop them, a read
+            # back it would make anyway (the packed kernels take empty sequences and read nothing)
+            cu_windows = torch.unique_consecutive(cu_windows)  # ok-sync: the unpacked tower reads sizes back
+        window = (cu_windows, plan.max_window_seqlen)
+    deep: dict[int, Tensor] = {}
+    hidden = _blocks(
+        visual,
+        hidden,
+        (cos, sin),
+        range(state.stop + 1, len(visual.blocks)),
+        (plan.kept_cu_seqlens, plan.kept_max_seqlen),
+        window,
+        deep,
+    )
+
+    def slots(x: Tensor) -> Tensor:  # (K, H) from the blocks' order back to ``units``' order
+        return x if back is None else torch.empty_like(x).index_copy_(0, back, x)
+
+    tokens = slots(visual.merger(hidden))
+    mergers = getattr(visual, "deepstack_merger_list", None)
+    if mergers is None:
+        return tokens, None
+    layers = []
+    for merger, index in zip(mergers, visual.deepstack_visual_indexes):
+        seen = state.deep.get(index)
+        layers.append(slots(merger(seen[patches] if seen is not None else deep[index])))
+    return tokens, layers
