@@ -29,6 +29,21 @@ the budget, which joins their key. Reducers that pool padding like an image patc
 ``patch_valid``: ``uniform``, ``tome``) are keyed on the exact grid. :func:`graph_buckets` counts the
 captures a corpus of sizes costs.
 
+Pruning inside the tower (``prune_after=L``). Reducing after the tower leaves the tower itself, most of the
+reduced time to first token, running on every patch. With ``prune_after`` the tower runs its patch embedding and
+blocks ``0..L`` on every patch (:func:`~arrcoc.integrations.vision_tower.tower_head`); the model's own patch
+merger turns the block-``L`` states into merged units in the language model's space, and the relevance head
+scores and picks exactly ``budget`` of them per image as above (same reducer, graph keys and query: the
+participatory scorer couples the question's embeddings with these units, which is why the merger, not a plain
+2x2 mean of vision states, makes the features). Each kept unit's ``m x m`` patches (contiguous in the
+processor's order; Qwen2.5-VL's blocks read whole units in window order) are gathered with their own rotary
+embeddings, and blocks ``L+1..`` and the merger run on them alone
+(:func:`~arrcoc.integrations.vision_tower.tower_tail`): full-attention blocks inside each image's kept units
+(lengths ``budget * m * m``, known on the host), windowed blocks inside each window's kept units (counted on the
+device; a window may keep none). The kept tokens take the same original positions as above. Only arrcoc's
+reducers prune (each of their tokens is one merged unit); at every image's full budget the tower runs whole.
+``L = depth - 1`` picks what reducing after the tower picks.
+
 Covered: Qwen2-VL, Qwen2.5-VL and Qwen3-VL (images; videos are not reduced). Qwen3-VL's DeepStack (features of
 early vision layers added to the first language-model layers at the image positions) follows the reduction:
 a kept token reads its own cell's features, a token pooling a box their mean over the box (exact for
@@ -120,6 +135,9 @@ class _Group:
     members: list[int]  # image indices in the batch
     budgets: Tensor | None  # (n,) int64, arrcoc's reducers
     where: Tensor | None  # (n, length) int64, each question token's index in its prompt row; None: no query read
+    rows: Tensor | None  # (n,) int64 the members' prompt rows (with ``where``)
+    query_mask: Tensor | None  # (n, length) bool, True on question tokens (with ``where``)
+    valid: Tensor  # (n, bh, bw) float32, 1 on each member's own merged grid, 0 on the bucket's padding
 
 
 def merged_grid(
@@ -348,17 +366,20 @@ class ArrcocQwen(nn.Module):
 
     def _rgb(self, pixel_values: Tensor, grids: list[tuple[int, int]]) -> list[Tensor]:
         """Per image ``(3, gh * p, gw * p)`` RGB in [0, 1] (one patch's pixels per merged token, each the mean of
-        its ``m x m`` source pixels), undoing the processor's patch layout."""
+        its ``m x m`` source pixels), undoing the processor's patch layout. Consecutive images of one grid (a
+        batch of one size) are undone together, one chain of kernels for the run."""
         m, p, tp = self.merge_size, self.patch_size, self.temporal_patch_size
-        out, start = [], 0
-        for gh, gw in grids:
-            n = gh * gw * m * m
-            patches = pixel_values[start : start + n].float().view(gh, gw, m, m, 3, tp, p, p)[..., 0, :, :]
-            start += n
-            image = patches.permute(4, 0, 2, 5, 1, 3, 6).reshape(3, gh * m * p, gw * m * p)  # (3, H, W)
+        out, start, i = [], 0, 0
+        while i < len(grids):
+            gh, gw = grids[i]
+            run = next((j for j in range(i, len(grids)) if grids[j] != grids[i]), len(grids)) - i
+            n = gh * gw * m * m * run
+            patches = pixel_values[start : start + n].view(run, gh, gw, m, m, 3, tp, p, p)[..., 0, :, :]
+            start, i = start + n, i + run
+            image = patches.float().permute(0, 5, 1, 3, 6, 2, 4, 7).reshape(run, 3, gh * m * p, gw * m * p)
             if m > 1:
-                image = F.avg_pool2d(image, m)  # (3, gh * p, gw * p)
-            out.append((image * self._std.to(image.device) + self._mean.to(image.device)).clamp(0, 1))
+                image = F.avg_pool2d(image, m)  # (run, 3, gh * p, gw * p)
+            out.extend((image * self._std + self._mean).clamp_(0, 1).unbind(0))
         return out
 
     # --- prompts -> ids ---------------------------------------------------------------------------------
@@ -519,11 +540,13 @@ class ArrcocQwen(nn.Module):
             position_ids[:, i, length - after :] = start + max(gh, gw) + torch.arange(after, device=device)
         return position_ids
 
-    def _query(self, grid: Tensor, text: Tensor) -> Tensor:
-        """``(L, H)`` question tokens ``text`` as mixtures of the image's merged tokens ``grid`` ``(gh, gw, H)``."""
-        tokens = grid.flatten(0, 1).float()  # (N, H)
-        cosine = F.normalize(text.float(), dim=-1) @ F.normalize(tokens, dim=-1).T  # (L, N)
-        return torch.softmax(cosine / self.query_temperature, dim=-1) @ tokens  # (L, H)
+    def _query(self, grid: Tensor, valid: Tensor, text: Tensor) -> Tensor:
+        """``(n, L, H)`` question tokens ``text`` ``(n, L, H)`` as mixtures of each image's merged tokens ``grid``
+        ``(n, gh, gw, H)`` (``valid`` ``(n, gh, gw)`` 1 on the image's own cells; the others get no weight)."""
+        tokens = grid.flatten(1, 2).float()  # (n, N, H)
+        cosine = F.normalize(text.float(), dim=-1) @ F.normalize(tokens, dim=-1).transpose(1, 2)  # (n, L, N)
+        cosine = cosine.masked_fill(valid.flatten(1)[:, None] == 0, float("-inf"))
+        return torch.softmax(cosine / self.query_temperature, dim=-1) @ tokens  # (n, L, H)
 
     def _groups(
         self,
@@ -541,14 +564,21 @@ class ArrcocQwen(nn.Module):
             keyed.setdefault((grid, length, None if self.budget_tensor else k), []).append(i)
         groups = []
         for (bucket, length, k), members in keyed.items():
-            where = None
+            where = rows = query_mask = valid = None
             if self.needs & {"query", "query_mask"}:
                 where = torch.zeros(len(members), length, dtype=torch.long)  # (n, L) past each row's left padding
+                query_mask = torch.zeros(len(members), length, dtype=torch.bool)
                 for j, i in enumerate(members):
                     where[j, : len(questions[i])] = torch.tensor(questions[i], dtype=torch.long) + pads[i]
-                where = where.to(device)
+                    query_mask[j, : len(questions[i])] = True
+                where, query_mask = where.to(device), query_mask.to(device)
+                rows = torch.tensor(members, device=device)
+            valid = torch.zeros(len(members), *bucket)  # which cells are image depends on the sizes alone
+            for j, i in enumerate(members):
+                valid[j, : grids[i][0], : grids[i][1]] = 1
+            valid = valid.to(device)
             tensor = torch.tensor([budgets[i] for i in members], device=device) if self.budget_tensor else None
-            groups.append(_Group(bucket, length, k, members, tensor, where))
+            groups.append(_Group(bucket, length, k, members, tensor, where, rows, query_mask, valid))
         return groups
 
     def _reduce_all(
@@ -597,38 +627,34 @@ class ArrcocQwen(nn.Module):
         embeds: Tensor,
         questions: list[list[int]],
     ) -> VisualInput:
-        """One bucket's batch: grids zero-padded to the bucket with ``patch_valid`` 0 on the padding."""
-        (bh, bw), length, members = group.bucket, group.length, group.members
+        """One bucket's batch: grids zero-padded to the bucket with ``patch_valid`` 0 on the padding.
+
+        Per image only the copies into the padded batch; the validity maps come from the host with the group, and
+        the query is one batched computation for the whole group.
+        """
+        (bh, bw), members = group.bucket, group.members
         first = features[members[0]]
         n, h = len(members), first.shape[-1]
         grid = first.new_zeros(n, bh, bw, h)
-        valid = first.new_zeros(n, bh, bw, dtype=torch.float32)
-        visual = VisualInput(features=grid)
         for j, i in enumerate(members):
             gh, gw = features[i].shape[:2]
             grid[j, :gh, :gw] = features[i]
-            valid[j, :gh, :gw] = 1
+        visual = VisualInput(features=grid)
         if "patch_valid" in self.needs:
-            visual.patch_valid = valid
+            visual.patch_valid = group.valid
         if "pixels" in self.needs:
             cell = self.texture_cell
             pixels = first.new_zeros(n, 3, bh * cell, bw * cell, dtype=torch.float32)
-            pixel_valid = torch.zeros_like(pixels[:, :1])
             for j, i in enumerate(members):
                 _, ph, pw = rgb[i].shape
                 pixels[j, :, :ph, :pw] = rgb[i]
-                pixel_valid[j, :, :ph, :pw] = 1
             visual.pixels = pixels
-            visual.valid = pixel_valid
+            # each image's pixels cover its merged grid exactly, ``cell`` pixels a side per merged token
+            visual.valid = group.valid.repeat_interleave(cell, 1).repeat_interleave(cell, 2)[:, None]
         if group.where is not None:
-            query = first.new_zeros(n, length, h, dtype=torch.float32)
-            query_mask = torch.zeros(n, length, dtype=torch.bool, device=first.device)
-            for j, i in enumerate(members):
-                if questions[i]:
-                    text = embeds[i, group.where[j, : len(questions[i])]]  # (L_i, H)
-                    query[j, : len(questions[i])] = self._query(features[i], text)
-                    query_mask[j, : len(questions[i])] = True
-            visual.query, visual.query_mask = query, query_mask
+            text = embeds[group.rows[:, None], group.where]  # (n, L, H) the question tokens (any past them: masked)
+            visual.query = self._query(grid, group.valid, text) * group.query_mask[..., None]
+            visual.query_mask = group.query_mask
         return visual
 
     def reduce(self, visual: VisualInput, budget: int) -> ReducedTokens:
