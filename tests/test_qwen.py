@@ -860,3 +860,16 @@ def test_bench_runs_tiny_on_cpu(tmp_path) -> None:
     assert [rows[s, 1]["image_tokens"] for s in (1.0, 0.25, 0.11)] == [99, 25, 11]  # 9 x 11 merged tokens
     assert report["captures"]["captures_per_budget"] < report["captures_unbucketed"] <= 100
     assert next(tmp_path.glob("generation-qwen-*.md")).read_text().count("|") > 20
+
+
+def test_bench_times_the_pruned_path_beside_the_post_tower_one(tmp_path) -> None:
+    from arrcoc.tools import bench_qwen
+
+    argv = ["--tiny", "--device", "cpu", "--out", str(tmp_path), "--repeats", "1", "--warmups", "0"]
+    assert bench_qwen.main([*argv, "--batches", "1", "--prune-after", "0", "--new-tokens", "1"]) == 0
+    report = json.loads(next(tmp_path.glob("generation-qwen-*.json")).read_text())
+    rows = {(r["share"], r["path"]): r for r in report["rows"]}
+    assert {r["batch"] for r in report["rows"]} == {1} and not report["errors"]
+    assert rows.keys() == {(1.0, "every token")} | {(s, p) for s in (0.25, 0.11) for p in ("post-tower", "pruned")}
+    assert rows[0.11, "pruned"]["prune_after"] == 0 and rows[0.11, "pruned"]["image_tokens"] == 11
+    assert "pruned after block 0" in next(tmp_path.glob("generation-qwen-*.md")).read_text()

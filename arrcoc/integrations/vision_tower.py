@@ -209,7 +209,13 @@ def _patch_embed_forward(self: nn.Module, hidden_states: Tensor) -> Tensor:
 
 
 def pack_vision_tower(
-    model: nn.Module, kernel: str = "auto", *, patch_embed: bool = True, mlp: bool = True, compile: bool = False
+    model: nn.Module,
+    kernel: str = "auto",
+    *,
+    patch_embed: bool = True,
+    mlp: bool = True,
+    compile: bool = False,
+    dynamic: bool | None = None,
 ) -> int:
     """Run a Qwen-VL vision tower with one attention call per layer, its patch embedding as one matrix
     product, its gated MLPs aligned, and optionally its blocks compiled (module docstring).
@@ -222,6 +228,9 @@ def pack_vision_tower(
         mlp: run gated MLPs (Qwen2.5-VL's) as one padded product for gate and up (towers without them: no-op).
         compile: compile each vision block with ``torch.compile`` (needs a working Inductor backend: Triton on
             CUDA, a C++ compiler on the CPU).
+        dynamic: passed to ``torch.compile``: ``None`` (its default) compiles the first token count statically
+            and the second with a dynamic one; ``False`` compiles each token count on its own (as many compiles
+            as counts, each up to dynamo's recompile limit), ``True`` dynamic from the start.
 
     Returns:
         The number of attention layers packed. Calling it again sets every option anew.
@@ -247,7 +256,7 @@ def pack_vision_tower(
         elif block_mlp is not None:
             vars(block_mlp).pop("forward", None)
         if compile:
-            block.compile()
+            block.compile(dynamic=dynamic)
         else:
             vars(block).pop("_compiled_call_impl", None)
     return len(layers)
