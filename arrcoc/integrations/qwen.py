@@ -650,7 +650,8 @@ class ArrcocQwen(nn.Module):
                 pixels[j, :, :ph, :pw] = rgb[i]
             visual.pixels = pixels
             # each image's pixels cover its merged grid exactly, ``cell`` pixels a side per merged token
-            visual.valid = group.valid.repeat_interleave(cell, 1).repeat_interleave(cell, 2)[:, None]
+            cells = group.valid[:, :, None, :, None].expand(n, bh, cell, bw, cell)
+            visual.valid = cells.reshape(n, 1, bh * cell, bw * cell)
         if group.where is not None:
             text = embeds[group.rows[:, None], group.where]  # (n, L, H) the question tokens (any past them: masked)
             visual.query = self._query(grid, group.valid, text) * group.query_mask[..., None]
