@@ -31,6 +31,12 @@ not the arithmetic, is most of the time to first token. :func:`pack_vision_tower
 The math is the model's own (its ``qkv``, ``proj`` and convolution weights, its module's rotary function, the
 default ``1/sqrt(d)`` scale); only the kernels' rounding differs. Weights, config and output shapes are unchanged,
 and :func:`unpack_vision_tower` puts the original forwards back.
+
+The tower in two parts, for pruning inside it (:class:`arrcoc.integrations.qwen.ArrcocQwen`'s ``prune_after``):
+:func:`tower_plan` makes the batch's indices on the host (with transformers' own helpers), :func:`tower_head` runs
+the patch embedding and the first blocks on every patch, :func:`tower_merged` puts those states through the
+model's merger for scoring, and :func:`tower_tail` runs the remaining blocks and the merger on the kept merge units
+only. Packed or not, the blocks are the model's own modules.
 """
 
 from __future__ import annotations
