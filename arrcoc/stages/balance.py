@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..config import BalanceConfig
+from .greedy_pick import greedy_maxmin
 from .regions import masked_mean, normalize_per_image, to_regions
 
 __all__ = ["Balance", "BALANCE_KEYS", "novelty", "pick_patches"]
@@ -154,13 +155,7 @@ def pick_patches(
     weighted = (distance * weight[:, None, :]).masked_fill_(~others, -torch.inf)  # [b, p, q]
     score = torch.where(valid, nearest * weight, -torch.inf)  # before the first pick: the nearest neighbour's
     live = budget[:, None] > torch.arange(steps, device=budget.device)  # (B, steps): steps inside the budget
-    chosen = features.new_zeros(b, n, dtype=torch.float32)
-    for step in range(steps):  # a Python int: the step count depends on the capacity only
-        pick = score.argmax(-1, keepdim=True)  # (B, 1)
-        take = live[:, step : step + 1] & (score.gather(1, pick) > -torch.inf)  # (B, 1) a real patch, not kept yet
-        chosen.scatter_add_(1, pick, take.float())
-        row = weighted.gather(1, pick[..., None].expand(-1, -1, n))[:, 0]  # (B, N)
-        score = torch.where(take, row if step == 0 else torch.minimum(score, row), score)
+    chosen = greedy_maxmin(weighted, score, live)  # (B, N) one Triton kernel on CUDA
     return chosen.to(features.dtype).view(b, gh, gw)
 
 

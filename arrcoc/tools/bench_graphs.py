@@ -52,6 +52,7 @@ from torch import Tensor
 from ..config import DEFAULT_WEIGHTS_DIR, PipelineConfig
 from ..pipeline import Pipeline, graph_inputs, token_capacity
 from ..runtime.graphs import GraphCache, GraphChain
+from ..stages import greedy_pick
 from .bench import _images
 from .timing import device_times_ms, write_report
 
@@ -944,11 +945,19 @@ def _restart_lines(r: dict[str, Any] | None) -> list[str]:
     return lines + (["", *errors] if errors else [])
 
 
+def _pick_kernel(report: dict[str, Any]) -> str:
+    """How the query-free pick ran, for reports that say (``pick_kernel``)."""
+    if "pick_kernel" not in report:
+        return ""
+    return "query-free pick: " + ("one Triton kernel, " if report["pick_kernel"] else "the torch loop, ")
+
+
 def _markdown(report: dict[str, Any]) -> str:
     lines = [
         f"# arrcoc CUDA graphs vs eager vs torch.compile — {report['device']}",
         "",
         f"torch {report['torch']}, encoder `{report['encoder']}`{_kwargs(report)} ({report['encoder_dtype']}), "
+        f"{_pick_kernel(report)}"
         f"{report['date']}. "
         "Median over an adaptive number of runs after warm-up; GPU ms from CUDA events; CPU issue µs from "
         "perf_counter around the issuing call (no sync inside; *one kernel launch* = a one-element `add_`, "
@@ -1180,6 +1189,7 @@ def main(argv: list[str] | None = None) -> int:
         "encoder_kwargs": config.encoder_kwargs,
         "pretrained": weights,
         "encoder_dtype": args.dtype,
+        "pick_kernel": greedy_pick.USE_KERNEL,  # the query-free pick as one Triton kernel; ARRCOC_PICK_KERNEL=0: not
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
         "max_reps": args.reps,
         "results": [],
