@@ -226,6 +226,7 @@ def test_kernel_replays_in_a_cuda_graph() -> None:
 @pytest.mark.skipif(not HAS_OP, reason="torch.library.custom_op needs torch >= 2.4")
 def test_kernel_is_one_op_under_compile_on_cuda() -> None:
     w, s, live = _cuda_inputs(8, 196, 64, "cosine")
+    torch.library.opcheck(torch.ops.arrcoc.greedy_maxmin.default, (w, s, live))
     targets = _graph_of(greedy_maxmin, w, s, live)
     assert [t.removesuffix(".default") for t in targets] == ["arrcoc.greedy_maxmin"], targets
     torch._dynamo.reset()

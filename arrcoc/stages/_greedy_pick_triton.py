@@ -9,6 +9,8 @@ launches per step.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import triton
 import triton.language as tl
@@ -103,11 +105,10 @@ def greedy_maxmin_kernel(
                 tl.debug_barrier()
 
 
-def launch(weighted: Tensor, score: Tensor, live: Tensor, kernel=None, chunk: int | None = None) -> Tensor:
+def launch(weighted: Tensor, score: Tensor, live: Tensor, chunk: int | None = None) -> Tensor:
     """Run :func:`greedy_maxmin_kernel` on ``weighted`` ``(B, N, N)``, ``score`` ``(B, N)``, ``live`` ``(B, steps)``.
 
     Args:
-        kernel: the kernel to launch (tests pass Triton's interpreter of it); default the compiled one.
         chunk: force the chunked path with this power-of-two chunk (tests); default by ``N``.
 
     Returns:
@@ -130,23 +131,17 @@ def launch(weighted: Tensor, score: Tensor, live: Tensor, kernel=None, chunk: in
         work = torch.empty(b, n, dtype=torch.float32, device=score.device)  # (B, N) the scores
     else:
         work = chosen  # unused
-    num_warps = max(1, min(16, block // 512))  # about 8-16 scores per thread
-    (kernel or greedy_maxmin_kernel)[(b,)](
-        weighted,
-        score,
-        live,
-        chosen,
-        work,
-        n,
-        steps,
+    num_warps = max(1, min(16, block // 512))  # about 8-16 scores per thread; one warp reduces without barriers
+    strides = (
         weighted.stride(0),
         weighted.stride(1),
         score.stride(0),
         live.stride(0),
         chosen.stride(0),
         work.stride(0),
-        BLOCK=block,
-        CHUNKED=chunked,
-        num_warps=num_warps,
     )
+    with torch.cuda.device(score.device) if score.is_cuda else contextlib.nullcontext():  # Triton's current device
+        greedy_maxmin_kernel[(b,)](
+            weighted, score, live, chosen, work, n, steps, *strides, BLOCK=block, CHUNKED=chunked, num_warps=num_warps
+        )
     return chosen
