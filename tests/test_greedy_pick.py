@@ -174,6 +174,15 @@ def test_kernel_equals_the_loop_on_cuda(images: int, n: int, steps: int, kind: s
 
 
 @pytest.mark.cuda
+def test_kernel_output_needs_no_gradient() -> None:
+    w, s, live = _cuda_inputs(2, 37, 10, "cosine")
+    w.requires_grad_(True)
+    out = greedy_maxmin(w * 2, s, live)
+    assert not out.requires_grad and out.grad_fn is None
+    assert not greedy_maxmin_reference(w * 2, s, live).requires_grad
+
+
+@pytest.mark.cuda
 @pytest.mark.parametrize("chunk", [64, 256])
 def test_chunked_kernel_equals_the_loop_on_cuda(chunk: int) -> None:
     from arrcoc.stages import _greedy_pick_triton

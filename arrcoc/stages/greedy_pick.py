@@ -79,6 +79,6 @@ def greedy_maxmin(weighted: Tensor, score: Tensor, live: Tensor) -> Tensor:
 
     Same arguments, same result, bit for bit.
     """
-    if USE_KERNEL and weighted.is_cuda:
-        return _cuda_call(weighted, score, live)
+    if USE_KERNEL and weighted.is_cuda:  # the picks are piecewise constant: no gradient, as from the loop's argmax
+        return _cuda_call(weighted.detach(), score.detach(), live)
     return greedy_maxmin_reference(weighted, score, live)
