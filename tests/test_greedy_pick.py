@@ -237,7 +237,11 @@ def test_kernel_is_one_op_under_compile_on_cuda() -> None:
     w, s, live = _cuda_inputs(8, 196, 64, "cosine")
     torch.library.opcheck(torch.ops.arrcoc.greedy_maxmin.default, (w, s, live))
     targets = _graph_of(greedy_maxmin, w, s, live)
-    assert [t.removesuffix(".default") for t in targets] == ["arrcoc.greedy_maxmin"], targets
+    # greedy_maxmin detaches its inputs (the picks carry no gradient): views that launch no kernel
+    kernels = [
+        t.removesuffix(".default") for t in targets if t.removesuffix(".default") not in ("detach", "aten.detach")
+    ]
+    assert kernels == ["arrcoc.greedy_maxmin"], targets
     torch._dynamo.reset()
     for mode in ("default", "reduce-overhead"):
         compiled = torch.compile(greedy_maxmin, fullgraph=True, mode=mode)

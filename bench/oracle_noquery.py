@@ -1,0 +1,222 @@
+"""Issue 21 experiment: how far a query-free pick could go if it knew where the world's objects and glyphs are.
+
+An oracle reducer (``arrcoc-noquery`` whose pick reads the generated scene's layout labels, never the question)
+keeps, per image, first one patch for each drawn item in a tier order (shapes, glyphs), each at the patch it covers
+most (items in raster order of that patch, so the question's target is not favoured), then fills the budget by
+greedy max-min over the default pick's distance from what is kept. It bounds what an objectness-aware first pass
+could add over DivPrune, on one validation seed only. ``peaks-*`` methods are the learned counterpart: a logistic
+probe of shape coverage (``peaks-shapes-*``) or shape-and-glyph coverage (``peaks-all-*``) on the tower's features,
+trained on ``--train`` scenes from seed 2,000,000; its 3x3 local maxima above the threshold are picked first (in
+max-min order), then max-min.
+
+    python bench/oracle_noquery.py --out DIR          # CPU, a few minutes per variant at 100 per family
+    cd bench && python oracle_noquery.py --stem peaks-noquery --methods peaks-shapes-0.3 peaks-shapes-0.5 peaks-all-0.5
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import types
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from arrcoc.reducers import create_reducer
+from arrcoc.reducers.registry import register_reducer
+from arrcoc.tools import evaluation
+from arrcoc.tools.evaluation import EvalConfig, answer_coverage, evaluate, to_markdown
+from arrcoc.world.vlm import load_vlm
+
+_LAYOUTS: dict[int, Any] = {}  # id(image) -> the sample's layout
+_BATCH: list[Any] = []  # the layouts of the batch being evaluated
+
+_samples = evaluation._samples
+_pixel_values = evaluation.pixel_values
+
+
+def _stash_samples(config: EvalConfig, size: int) -> list[Any]:
+    samples = _samples(config, size)
+    _LAYOUTS.update({id(s.image): s.layout for s in samples})
+    return samples
+
+
+def _stash_batch(model: Any, images: list[Any], device: Any) -> torch.Tensor:
+    _BATCH[:] = [_LAYOUTS[id(im)] for im in images]
+    return _pixel_values(model, images, device)
+
+
+def _distance(features: torch.Tensor, colour: torch.Tensor, colour_share: float) -> torch.Tensor:
+    unit = F.normalize(features.float().flatten(0, 1), dim=-1)
+    lab = colour.float().flatten(0, 1)
+    return 1 - unit @ unit.T + colour_share * torch.cdist(lab, lab)
+
+
+def oracle_mask(
+    layout: Any, features: torch.Tensor, colour: torch.Tensor, budget: int, tiers: tuple[str, ...], colour_share: float
+) -> torch.Tensor:
+    gh, gw, _ = features.shape
+    size = gh * 16
+    n = gh * gw
+    chosen: list[int] = []
+    for tier in tiers:
+        kinds = {"shapes": lambda k: k not in ("text", "glyph"), "glyphs": lambda k: k == "glyph"}[tier]
+        best = []
+        for kind, _, box in layout:
+            if kinds(kind):
+                cover = answer_coverage([box], size, (gh, gw)).flatten()
+                best.append(int(cover.argmax()))
+        for p in sorted(set(best)):
+            if len(chosen) < budget and p not in chosen:
+                chosen.append(p)
+    distance = _distance(features, colour, colour_share)
+    if chosen:
+        score = distance[chosen].amin(0)
+    else:
+        score = distance.masked_fill(torch.eye(n, dtype=torch.bool), float("inf")).amin(-1)
+    score[chosen] = -float("inf")
+    while len(chosen) < budget:
+        p = int(score.argmax())
+        chosen.append(p)
+        score = torch.minimum(score, distance[p])
+        score[chosen] = -float("inf")
+    mask = torch.zeros(n)
+    mask[chosen] = 1
+    return mask.view(gh, gw)
+
+
+def peak_mask(
+    objectness: torch.Tensor,
+    features: torch.Tensor,
+    colour: torch.Tensor,
+    budget: int,
+    colour_share: float,
+    threshold: float,
+) -> torch.Tensor:
+    """Local maxima (3x3) of a learned objectness map above ``threshold`` first, in max-min order, then max-min."""
+    gh, gw = objectness.shape
+    n = gh * gw
+    pooled = F.max_pool2d(objectness[None, None], 3, 1, 1)[0, 0]
+    peak = ((objectness >= pooled) & (objectness > threshold)).flatten()
+    distance = _distance(features, colour, colour_share)
+    bonus = peak.float() * 10.0
+    weighted = distance + bonus[None, :]
+    score = distance.masked_fill(torch.eye(n, dtype=torch.bool), float("inf")).amin(-1) + bonus
+    chosen: list[int] = []
+    while len(chosen) < budget:
+        p = int(score.argmax())
+        chosen.append(p)
+        score = torch.minimum(score, weighted[p])
+        score[chosen] = -float("inf")
+    mask = torch.zeros(n)
+    mask[chosen] = 1
+    return mask.view(gh, gw)
+
+
+def register_peaks(name: str, weight: torch.Tensor, bias: torch.Tensor, threshold: float) -> None:
+    def build(config: Any = None, **_: Any) -> Any:
+        reducer = create_reducer("arrcoc-noquery")
+        head = reducer.head
+
+        def _pick(self: Any, s: dict[str, Any], steps: int) -> torch.Tensor:
+            cfg = self.config.balance
+            feats, colour, budget = s["features"], s["texture"][..., :3], s["budget"]
+            objectness = torch.sigmoid(feats.float() @ weight + bias)
+            masks = [
+                peak_mask(objectness[i], feats[i], colour[i], int(budget[i]), cfg.pick_colour, threshold)
+                for i in range(feats.shape[0])
+            ]
+            return torch.stack(masks).to(feats.dtype)
+
+        head._pick = types.MethodType(_pick, head)
+        return reducer
+
+    register_reducer(name)(build)
+
+
+def train_shapes(model: Any, size: int, count: int, kinds: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """A logistic probe of shape coverage (``kinds`` "shapes") or shape-and-glyph coverage ("all") on tower features."""
+    from objectness_probe import train_probe
+
+    from arrcoc.world.data import make_sample
+    from arrcoc.world.vlm import vision_features
+    from arrcoc.world.vlm_adapter import rgb_values
+
+    grid = (size // 16, size // 16)
+    features, targets = [], []
+    for start in range(0, count, 32):
+        samples = [make_sample(2_000_000 + i, size) for i in range(start, min(count, start + 32))]
+        with torch.no_grad():
+            features.append(vision_features(model, rgb_values([s.image for s in samples])).flatten(0, 1))
+        for s in samples:
+            boxes = [b for k, _, b in s.layout if (k not in ("text", "glyph")) or (kinds == "all" and k == "glyph")]
+            targets.append(answer_coverage(boxes, size, grid).flatten())
+    return train_probe(torch.cat(features), torch.cat(targets))
+
+
+def register_oracle(name: str, tiers: tuple[str, ...]) -> None:
+    def build(config: Any = None, **_: Any) -> Any:
+        reducer = create_reducer("arrcoc-noquery")
+        head = reducer.head
+
+        def _pick(self: Any, s: dict[str, Any], steps: int) -> torch.Tensor:
+            cfg = self.config.balance
+            feats, colour, budget = s["features"], s["texture"][..., :3], s["budget"]
+            masks = [
+                oracle_mask(_BATCH[i], feats[i], colour[i], int(budget[i]), tiers, cfg.pick_colour)
+                for i in range(feats.shape[0])
+            ]
+            return torch.stack(masks).to(feats.dtype)
+
+        head._pick = types.MethodType(_pick, head)
+        return reducer
+
+    register_reducer(name)(build)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default="bench/results/validation")
+    parser.add_argument("--size", type=int, default=224)
+    parser.add_argument("--samples-per-family", type=int, default=100)
+    parser.add_argument("--seed", type=int, default=700_000, choices=[700_000, 800_000], help="a validation seed")
+    parser.add_argument("--shares", type=float, nargs="+", default=[0.11, 0.055])
+    parser.add_argument("--stem", default="oracle-noquery", help="report file name stem (size and seed appended)")
+    parser.add_argument("--train", type=int, default=1000, help="scenes for the peaks' probe (seeds from 2,000,000)")
+    parser.add_argument("--methods", nargs="+", default=["divprune", "arrcoc-noquery", "oracle-sg", "oracle-gs"])
+    args = parser.parse_args()
+    evaluation._samples = _stash_samples
+    evaluation.pixel_values = _stash_batch
+    register_oracle("oracle-sg", ("shapes", "glyphs"))
+    register_oracle("oracle-gs", ("glyphs", "shapes"))
+    register_oracle("oracle-s", ("shapes",))
+    register_oracle("oracle-g", ("glyphs",))
+    model, tokenizer = load_vlm()
+    for kinds in ("shapes", "all"):
+        if any(m.startswith(f"peaks-{kinds}") for m in args.methods):
+            weight, bias = train_shapes(model, args.size, args.train, kinds)
+            for threshold in (0.3, 0.5):
+                register_peaks(f"peaks-{kinds}-{threshold:g}", weight, bias, threshold)
+    config = EvalConfig(
+        methods=tuple(args.methods),
+        shares=tuple(args.shares),
+        sizes=(args.size,),
+        samples_per_family=args.samples_per_family,
+        seed=args.seed,
+        batch_size=50,
+    )
+    report = evaluate(model, tokenizer, config, device="cpu", progress=False)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = f"{args.stem}-cpu-{args.size}-seed{args.seed}"
+    (out / f"{stem}.json").write_text(json.dumps(report, indent=1, default=str))
+    text = "# Issue 21 experiment: a layout oracle's query-free pick (validation)\n\n" + to_markdown(report)
+    (out / f"{stem}.md").write_text(text)
+    print(to_markdown(report))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
