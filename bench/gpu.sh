@@ -11,7 +11,8 @@
 #            vit_base fp32 and bf16 (224/1024 x 1/8). Each step has its own cap and never runs past the
 #            deadline: a late step is cut short (the benchmark saves after every case) or skipped. While the tests
 #            run, a background run of the compile case fills torch.compile's caches (PREWARM=0: not).
-# Extra steps (any profile, after the benchmark): QWEN=1 the Qwen-VL generation benchmark (QWEN_LIMIT, QWEN_ARGS); EVAL=1 `arrcoc eval` on
+# Extra steps (any profile, after the benchmark): QWEN=1 the Qwen-VL generation benchmark (QWEN_BATCHES, QWEN_LIMIT
+# per batch, QWEN_ARGS); EVAL=1 `arrcoc eval` on
 # the test seeds (200 per family, both sizes, every reducer); BEFORE=<dir> the graph benchmark of another checkout's
 # package (e.g. `git archive <commit> arrcoc | tar -x -C <dir>`) into $OUT/before, for a before/after comparison
 # on the same machine; DATASET=1 the data-set benchmark; SWEEP=1 the query-free validation sweep
@@ -114,10 +115,17 @@ if [ -n "${BEFORE:-}" ]; then  # the old package's own module path: it predates 
     --sizes 224 1024 --batches 1 64 --compile --no-warmup --seconds 0.15 --reps 25"
   step bench-after 80 "${GRAPHS[@]}" --tag after --sizes 224 1024 --batches 1 64 --compile --no-warmup --seconds 0.15 --reps 25
 fi
-# the Qwen-VL benchmark; QWEN_ARGS replaces its options (default: the vision blocks compiled too)
-QWEN_LIMIT="${QWEN_LIMIT:-280}"
-[ "${QWEN:-0}" = 1 ] && step bench-qwen "$QWEN_LIMIT" env TORCH_LOGS=recompiles python3 -m arrcoc.tools.bench_qwen --out "$OUT" \
-  --time-limit $(( QWEN_LIMIT - 40 )) ${QWEN_ARGS:---compile}
+# the Qwen-VL benchmark, each batch size of QWEN_BATCHES in a process of its own (a compiled tower that has seen
+# another batch's token count runs batch 1 on shapes compiled for both); QWEN_ARGS replaces its options (default:
+# the vision blocks compiled, the rows pruned inside the tower beside the post-tower ones)
+QWEN_LIMIT="${QWEN_LIMIT:-250}"
+if [ "${QWEN:-0}" = 1 ]; then
+  for batch in ${QWEN_BATCHES:-8 1}; do
+    step "bench-qwen-b$batch" "$QWEN_LIMIT" env TORCH_LOGS=recompiles python3 -m arrcoc.tools.bench_qwen \
+      --out "$OUT/qwen-b$batch" --batches "$batch" --time-limit $(( QWEN_LIMIT - 20 )) \
+      ${QWEN_ARGS:---compile --repeats 5 --prune-after auto}
+  done
+fi
 # the query-free validation sweep (issue 21); SWEEP_ARGS picks variants, seeds, sizes, shares
 SWEEP_LIMIT="${SWEEP_LIMIT:-300}"
 [ "${SWEEP:-0}" = 1 ] && step sweep-noquery "$SWEEP_LIMIT" python3 bench/sweep_noquery.py --out "$OUT/sweep" \
