@@ -44,6 +44,17 @@ device; a window may keep none). The kept tokens take the same original position
 reducers prune (each of their tokens is one merged unit); at every image's full budget the tower runs whole.
 ``L = depth - 1`` picks what reducing after the tower picks.
 
+Scoring on a narrow view (``score_width=d``). arrcoc's tokens are single merged units, so the relevance head
+only scores and chooses cells; it does not need the language model's full width (3,584 for Qwen2.5-VL-7B) to do
+so. With ``score_width`` the head reads the merged tokens and the question's query vectors through one fixed,
+seeded projection to ``d`` dimensions (:func:`score_projection`: ``d`` orthonormal directions scaled by
+``sqrt(D / d)``, so lengths, dot products and cosines are preserved in expectation, with errors of about
+``1 / sqrt(d)``), and the tokens the language model reads are gathered afterwards from the full-width features
+at the chosen cells, exactly. The query is the full-width mixture of the question's tokens projected, not one
+recomputed from narrow cosines. Scores, and so the chosen cells, are approximations of the full-width head's;
+the tokens, their positions and their count are exact, and at every image's full budget (every cell chosen) the
+logits equal the unmodified model's as before.
+
 Covered: Qwen2-VL, Qwen2.5-VL and Qwen3-VL (images; videos are not reduced). Qwen3-VL's DeepStack (features of
 early vision layers added to the first language-model layers at the image positions) follows the reduction:
 a kept token reads its own cell's features, a token pooling a box their mean over the box (exact for
@@ -77,7 +88,16 @@ from .adapter import check_prompting, expand_prompt, processor_parts, reducer_ch
 from .hf import raster_order
 from .vision_tower import default_prune_after, tower_head, tower_merged, tower_plan, tower_tail
 
-__all__ = ["ArrcocQwen", "QwenPrepared", "QWEN_TEMPLATE", "QWEN_MODEL_TYPES", "graph_buckets", "merged_grid"]
+__all__ = [
+    "ArrcocQwen",
+    "QwenPrepared",
+    "QWEN_TEMPLATE",
+    "QWEN_MODEL_TYPES",
+    "SCORE_WIDTH",
+    "graph_buckets",
+    "merged_grid",
+    "score_projection",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -92,6 +112,10 @@ _VISUAL_FIELDS = ("features", "patch_valid", "pixels", "valid", "query", "query_
 
 #: Query tokens are padded (mask False) up to a multiple of this, so question lengths share graphs.
 _QUERY_MULTIPLE = 16
+
+#: The relevance head's width under ``score_width="auto"`` (arrcoc's reducers on a wider language model): cosine
+#: errors of about 1/16, and at Qwen2.5-VL-7B's 3,584 a fourteenth of the head's work on every cell.
+SCORE_WIDTH = 256
 
 
 @dataclass
@@ -168,6 +192,16 @@ def merged_grid(
     return h // factor, w // factor
 
 
+def score_projection(width: int, narrow: int, seed: int = 0) -> Tensor:
+    """``(width, narrow)`` float32: ``narrow`` orthonormal directions of a seeded Gaussian draw (a QR on the CPU, so
+    the same on every device), scaled by ``sqrt(width / narrow)`` so that ``x @ P`` keeps ``x``'s length, and dot
+    products and cosines between rows, in expectation (Johnson-Lindenstrauss; errors of about ``1 / sqrt(narrow)``).
+    """
+    gen = torch.Generator().manual_seed(seed)
+    basis, _ = torch.linalg.qr(torch.randn(width, narrow, generator=gen, dtype=torch.float64))  # (width, narrow)
+    return (basis * math.sqrt(width / narrow)).float()
+
+
 def _round_up(value: int, multiple: int) -> int:
     return -(-value // multiple) * multiple
 
@@ -219,6 +253,12 @@ class ArrcocQwen(nn.Module):
             the last block that runs on every patch, ``"auto"`` for
             :func:`~arrcoc.integrations.vision_tower.default_prune_after`, or ``None`` (the default) to reduce
             the tower's output. arrcoc's reducers only (each of their tokens is one merged unit).
+        score_width: the width ``d`` the relevance head scores at (module docstring, *Scoring on a narrow view*):
+            the merged tokens and the query go through :func:`score_projection` to ``d`` dimensions for scoring
+            and choosing, and the kept tokens are gathered at full width from the chosen cells. Scores (so the
+            chosen cells) become approximate; tokens, positions and counts stay exact. ``None``: the full width;
+            ``"auto"`` (the default): :data:`SCORE_WIDTH` for arrcoc's reducers on a wider language model, else
+            ``None``. arrcoc's reducers only (a baseline's pooled tokens cannot be gathered from cells).
     """
 
     def __init__(
@@ -234,6 +274,7 @@ class ArrcocQwen(nn.Module):
         grid_multiple: int = 8,
         reducer_graphs: str = "auto",
         prune_after: int | str | None = None,
+        score_width: int | str | None = "auto",
     ) -> None:
         super().__init__()
         self.model = model
@@ -275,6 +316,11 @@ class ArrcocQwen(nn.Module):
         self.budget_tensor = isinstance(self.reducer, ArrcocReducer)
         self.default_budget = budget
         self.prune_after = self._check_prune_after(prune_after, vision)
+        on = {"dtype": torch.float32, "device": next(model.parameters()).device}
+        width = int(model.get_input_embeddings().weight.shape[1])
+        self.score_width = self._check_score_width(score_width, width)
+        projection = None if self.score_width is None else score_projection(width, self.score_width).to(on["device"])
+        self.register_buffer("_score_projection", projection, persistent=False)  # (H, d) or None
         proc = self.image_processor
         mean, std = (getattr(proc, "image_mean", None), getattr(proc, "image_std", None)) if proc else (None, None)
         if proc is not None and not getattr(proc, "do_normalize", True):
@@ -282,7 +328,6 @@ class ArrcocQwen(nn.Module):
         if mean is None:  # Qwen's processors normalise with CLIP's statistics
             mean, std = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
         # on the model's device from the start: moving them per call would copy from the host after the tower
-        on = {"dtype": torch.float32, "device": next(model.parameters()).device}
         self.register_buffer("_mean", torch.tensor(mean, **on).view(3, 1, 1), persistent=False)
         self.register_buffer("_std", torch.tensor(std, **on).view(3, 1, 1), persistent=False)
         pad = self.tokenizer.pad_token_id
@@ -311,6 +356,21 @@ class ArrcocQwen(nn.Module):
                 f"{self.method!r} reducer's tokens are not"
             )
         return prune_after
+
+    def _check_score_width(self, score_width: int | str | None, width: int) -> int | None:
+        """The head's width (``None``: the language model's own ``width``), checked against the reducer."""
+        if score_width == "auto":
+            return SCORE_WIDTH if self.budget_tensor and width > SCORE_WIDTH else None
+        if score_width is None:
+            return None
+        if isinstance(score_width, bool) or not isinstance(score_width, int) or score_width < 1:
+            raise InvalidInputError(f"score_width must be a whole number >= 1, 'auto' or None; got {score_width!r}")
+        if not self.budget_tensor:
+            raise InvalidInputError(
+                f"score_width needs one of arrcoc's reducers, whose every token is one merged unit gathered at full "
+                f"width; the {self.method!r} reducer's tokens are not (use score_width=None)"
+            )
+        return score_width if score_width < width else None  # as wide as the model: nothing to narrow
 
     @property
     def captures(self) -> int:
@@ -465,7 +525,8 @@ class ArrcocQwen(nn.Module):
         else:
             features, deep = self._image_features(pixel_values, grid_thw, grids)  # (gh, gw, H), (L, gh, gw, H)
         rgb = self._rgb(pixel_values, grids) if "pixels" in self.needs else [None] * len(grids)
-        reduced = self._reduce_all(groups, features, rgb, embeds, questions, budgets)
+        # with pruning the tail makes the kept tokens: the head's own are not gathered
+        reduced = self._reduce_all(groups, features, rgb, embeds, questions, budgets, gather=plan is None)
         deepstack = None
         if plan is not None:
             reduced, deepstack = self._tower_tail(state, plan, reduced, grids)
@@ -589,12 +650,15 @@ class ArrcocQwen(nn.Module):
         embeds: Tensor,
         questions: list[list[int]],
         budgets: list[int],
+        gather: bool = True,
     ) -> list[ReducedTokens]:
         """Reduce each image at its own grid; images sharing a graph key run as one batch.
 
         arrcoc's reducers take the budgets as a tensor (the relevance head allocates per image into a packed
         capacity of the bucket's cells), so one graph serves every budget of a bucket; the other reducers fix
-        their output shape by the budget, which joins their key.
+        their output shape by the budget, which joins their key. With ``score_width`` the head's tokens are
+        narrow: ``gather`` replaces them with the full-width ``features`` at the chosen cells (``False`` leaves
+        them, for a caller that makes the tokens itself).
         """
         results: list[ReducedTokens | None] = [None] * len(features)
         for group in groups:
@@ -616,7 +680,11 @@ class ArrcocQwen(nn.Module):
                     None if out.relevance is None else out.relevance[j : j + 1],
                     None if out.allocation is None else out.allocation[j : j + 1],
                 )
-                results[i] = raster_order(one, group.bucket[1])
+                one = raster_order(one, group.bucket[1])
+                if gather and self.score_width is not None:  # each token one cell: the cell's full-width features
+                    cells = one.positions[0]  # (K, 4)
+                    one = dataclasses.replace(one, tokens=features[i][cells[:, 0], cells[:, 1]][None])  # (1, K, H)
+                results[i] = one
         return results  # type: ignore[return-value]
 
     def _visual(
@@ -630,7 +698,8 @@ class ArrcocQwen(nn.Module):
         """One bucket's batch: grids zero-padded to the bucket with ``patch_valid`` 0 on the padding.
 
         Per image only the copies into the padded batch; the validity maps come from the host with the group, and
-        the query is one batched computation for the whole group.
+        the query is one batched computation for the whole group. With ``score_width`` the grid and the query
+        (made at full width) go through the projection: the head reads ``(n, bh, bw, d)``.
         """
         (bh, bw), members = group.bucket, group.members
         first = features[members[0]]
@@ -656,6 +725,10 @@ class ArrcocQwen(nn.Module):
             text = embeds[group.rows[:, None], group.where]  # (n, L, H) the question tokens (any past them: masked)
             visual.query = self._query(grid, group.valid, text) * group.query_mask[..., None]
             visual.query_mask = group.query_mask
+        if self._score_projection is not None:  # the head's narrow view: one product each, padding stays 0
+            visual.features = grid @ self._score_projection.to(grid.dtype)  # (n, bh, bw, d)
+            if visual.query is not None:
+                visual.query = visual.query @ self._score_projection.to(visual.query.dtype)  # (n, L, d)
         return visual
 
     def reduce(self, visual: VisualInput, budget: int) -> ReducedTokens:

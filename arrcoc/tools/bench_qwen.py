@@ -134,18 +134,29 @@ def build_qwen(preset: str, device: torch.device, dtype: torch.dtype) -> torch.n
 
 
 def qwen_adapter(
-    model: torch.nn.Module, method: str = "arrcoc", grid_multiple: int = 8, prune_after: int | str | None = None
+    model: torch.nn.Module,
+    method: str = "arrcoc",
+    grid_multiple: int = 8,
+    prune_after: int | str | None = None,
+    score_width: int | str | None = "auto",
 ) -> ArrcocQwen:
     """The benchmark's adapter: a word tokenizer built offline and Qwen2.5-VL-7B-Instruct's released processor
     settings, the image at its own resolution up to 12.8 MP (transformers' class default caps at 1 MP, which would
-    read 1,280 x 960 at 30 x 41 tokens, not 34 x 46); ``prune_after`` as in :class:`ArrcocQwen`."""
+    read 1,280 x 960 at 30 x 41 tokens, not 34 x 46); ``prune_after`` and ``score_width`` as in
+    :class:`ArrcocQwen`."""
     import transformers
 
     images = transformers.Qwen2VLImageProcessor(size={"shortest_edge": MIN_PIXELS, "longest_edge": MAX_PIXELS})
     tokenizer = word_tokenizer(WORDS, image_token_id=_IDS["image_token_id"], image_token="<|image_pad|>")
     processor = argparse.Namespace(tokenizer=tokenizer, image_processor=images)
     return ArrcocQwen(
-        model, processor, method=method, template=TEMPLATE, grid_multiple=grid_multiple, prune_after=prune_after
+        model,
+        processor,
+        method=method,
+        template=TEMPLATE,
+        grid_multiple=grid_multiple,
+        prune_after=prune_after,
+        score_width=score_width,
     )
 
 
@@ -283,7 +294,8 @@ def _markdown(report: dict[str, Any]) -> str:
         f"{report['date']}; torch {report['torch']}, transformers {report['transformers']}; model "
         f"`{report['preset']}` ({report['dtype']}, random weights), reducer `{report['method']}`, image "
         f"{report['image'][1]} x {report['image'][0]} px, {report['new_tokens']} new tokens, median of "
-        f"{report['repeats']}, attention `{report['attention']}`, vision tower `{report['vision_tower']}`. "
+        f"{report['repeats']}, attention `{report['attention']}`, vision tower `{report['vision_tower']}`, relevance head width "
+        f"{report.get('score_width') or 'full'}. "
         "100% is the model reading every token through its own generate; arrcoc's own time (in the time to first "
         "token) is the adapter's prepare minus the vision tower. Pruned rows reduce inside the tower "
         "(`ArrcocQwen(prune_after=L)`): their vision ms is the tower's own work at that budget (every patch up to "
@@ -405,6 +417,11 @@ def _parser() -> argparse.ArgumentParser:
         help="also time reducing inside the vision tower after this block (an index, or auto), as rows of their own",
     )
     parser.add_argument(
+        "--score-width",
+        default="auto",
+        help="the relevance head's width (ArrcocQwen(score_width=)): a number, auto (the default) or full",
+    )
+    parser.add_argument(
         "--batches",
         type=int,
         nargs="+",
@@ -433,12 +450,14 @@ def main(argv: list[str] | None = None) -> int:
     if attn == "auto":
         attn = "flash_attention_2" if device.type == "cuda" and importlib.util.find_spec("flash_attn") else "sdpa"
     model.set_attn_implementation(attn)
-    adapter = qwen_adapter(model, args.method, args.grid_multiple)
+    width = {"auto": "auto", "full": None}[args.score_width] if args.score_width in ("auto", "full") else None
+    width = int(args.score_width) if width is None and args.score_width != "full" else width
+    adapter = qwen_adapter(model, args.method, args.grid_multiple, score_width=width)
     prune = args.prune_after
     pruning = None
     if prune is not None:
         prune = prune if prune == "auto" else int(prune)
-        pruning = qwen_adapter(model, args.method, args.grid_multiple, prune_after=prune)
+        pruning = qwen_adapter(model, args.method, args.grid_multiple, prune_after=prune, score_width=width)
     if args.static_shapes:  # each token count its own compile: the batches' and budgets' counts in one process
         import torch._dynamo as dynamo
 
@@ -460,6 +479,7 @@ def main(argv: list[str] | None = None) -> int:
         "compiled": False,
         "static_shapes": args.static_shapes,
         "prune_after": None if pruning is None else pruning.prune_after,
+        "score_width": adapter.score_width,
         "unpacked_ttft_ms": None,
         "skipped": [],
         "rows": [],
