@@ -826,6 +826,89 @@ def test_narrow_scoring_chooses_mostly_the_full_width_cells() -> None:
     assert sum(overlap) / len(overlap) >= 0.85 and min(overlap) >= 0.6
 
 
+# --- a compiled tower's shapes on the pruned path -----------------------------------------------------
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl-3", *FAMILIES[2:]])
+def test_a_padded_tail_gives_the_unpadded_tokens(family: str) -> None:
+    """The tail's rows padded to a multiple of 64 patches (the padding a sequence of its own, last, also in the
+    windowed blocks): the kept units' tokens (and DeepStack features) are the unpadded tail's."""
+    model, processor = _windowed_qwen25() if family == "qwen2_5_vl-3" else build(family)
+    visual = model.model.visual
+    inputs = processor.image_processor(images=_images(3), return_tensors="pt")
+    grids = [(int(h) // 2, int(w) // 2) for _, h, w in inputs["image_grid_thw"].tolist()]
+    budgets = [gh * gw // 3 for gh, gw in grids]
+    gen = torch.Generator().manual_seed(3)
+    units, offset = [], 0
+    for (gh, gw), k in zip(grids, budgets):
+        units.append(torch.randperm(gh * gw, generator=gen)[:k].sort().values + offset)
+        offset += gh * gw
+    units = torch.cat(units)
+    pack_vision_tower(model, "padded")
+    try:
+        with torch.no_grad():
+            plain = tower_plan(visual, grids, budgets, torch.device("cpu"))
+            padded = tower_plan(visual, grids, budgets, torch.device("cpu"), tail_multiple=64)
+            state = tower_head(visual, inputs["pixel_values"], plain, 0)
+            expected = tower_tail(visual, state, plain, units)
+            got = tower_tail(visual, state, padded, units)
+    finally:
+        unpack_vision_tower(model)
+    rows = sum(budgets) * 4
+    assert plain.kept_rows == rows and padded.kept_rows == -(-rows // 64) * 64 > rows
+    assert padded.kept_cu_seqlens.tolist() == [*plain.kept_cu_seqlens.tolist(), padded.kept_rows]
+    torch.testing.assert_close(got[0], expected[0], rtol=1e-5, atol=1e-5)
+    for a, b in zip(got[1] or [], expected[1] or [], strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_a_padded_tail_needs_the_packed_tower(qwen: tuple) -> None:
+    visual = qwen[0].model.visual
+    with pytest.raises(arrcoc.InvalidInputError, match="tail_multiple"):
+        tower_plan(visual, [(2, 2)], [1], torch.device("cpu"), tail_multiple=0)
+    plan = tower_plan(visual, [(2, 2)], [1], torch.device("cpu"), tail_multiple=64)
+    assert plan.tail_multiple == 64 and tower_plan(visual, [(2, 2)], [1], torch.device("cpu")).tail_multiple == 1
+    with pytest.raises(arrcoc.InvalidInputError, match="packed tower"):
+        tower_tail(visual, types.SimpleNamespace(), plan, torch.zeros(1, dtype=torch.long))
+
+
+@pytest.mark.parametrize("pad", [True, False])
+def test_compiled_blocks_compile_once_for_the_budgets_of_a_bucket(pad: bool, monkeypatch) -> None:
+    """Static compiles (``dynamic=False``) of the packed blocks, pruning after block 0: a second budget whose kept
+    patches pad to the same multiple of 64 reuses every compiled graph (the longest sequence, a Python int that
+    changes with the budget, never reaches the compiled blocks), and its tokens are the uncompiled tower's. The
+    control (no padding) compiles the tail again."""
+    import torch._dynamo as dynamo
+
+    from arrcoc.integrations import vision_tower
+
+    if not pad:
+        monkeypatch.setattr(vision_tower, "TAIL_MULTIPLE", 1)
+    model, processor = _windowed_qwen25()
+    graphs = []
+
+    def backend(gm: torch.fx.GraphModule, _: list) -> object:
+        graphs.append(gm)
+        return gm.forward
+
+    adapter = ArrcocQwen(model, processor, template=TEMPLATE, reducer_graphs="off", prune_after=0)
+    images = _images(2)  # merged grids 4x5 and 3x2: 5 and 2 units at 0.25, 6 and 2 at 0.3 (28 and 32 patches)
+    dynamo.reset()
+    pack_vision_tower(model, "padded")
+    try:
+        with torch.no_grad():
+            expected = adapter.prepare(images, PROMPTS[:2], 0.3)
+            for block in model.model.visual.blocks:
+                block.compile(backend=backend, dynamic=False)
+            adapter.prepare(images, PROMPTS[:2], 0.25)  # compiles the head's and the tail's shapes
+            first = len(graphs)
+            got = adapter.prepare(images, PROMPTS[:2], 0.3)
+    finally:
+        unpack_vision_tower(model)
+        dynamo.reset()
+    assert first > 0 and (len(graphs) == first) == pad
+    assert got.budgets == expected.budgets == [6, 2]
+    torch.testing.assert_close(got.inputs_embeds, expected.inputs_embeds, rtol=1e-5, atol=1e-5)
+
+
 # --- the vision tower's attention in one call ---------------------------------------------------------
 def _vision(model: torch.nn.Module, images: list[torch.Tensor], processor: object) -> list[torch.Tensor]:
     inputs = processor.image_processor(images=images, return_tensors="pt")
@@ -959,6 +1042,45 @@ def test_cuda_compiled_vision_blocks_match_the_models_own(family: str) -> None:
             for a, b in zip(got, expected):
                 torch.testing.assert_close(a.float(), b.float(), rtol=0.05, atol=0.05)
     assert not any("_compiled_call_impl" in vars(block) for block in model.model.visual.blocks)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("family", ["qwen2_5_vl-3", *FAMILIES[2:]])
+def test_cuda_compiled_pruned_tail_compiles_once_per_bucket(family: str) -> None:
+    """compile=True, dynamic=False (Inductor, Triton), bf16, pruning after block 0 with a narrow head: a second
+    budget in the same 64-patch bucket compiles nothing more, and the tokens are the model's own (unpacked,
+    uncompiled) tower's on the units chosen, within bf16 rounding."""
+    import torch._dynamo as dynamo
+    from torch._dynamo.utils import counters
+
+    model, processor = _windowed_qwen25() if family == "qwen2_5_vl-3" else build(family)
+    model = model.cuda().to(torch.bfloat16)
+    adapter = ArrcocQwen(model, processor, template=TEMPLATE, prune_after=0, score_width=8)
+    images = _images(2)
+    dynamo.reset()
+    pack_vision_tower(model, compile=True, dynamic=False)
+    try:
+        with torch.no_grad():
+            adapter.prepare(images, PROMPTS[:2], 0.25)
+            before = counters["stats"]["unique_graphs"]
+            got = adapter.prepare(images, PROMPTS[:2], 0.4)  # other counts, the same bucket: 28 or 24, 40 or 32
+            after = counters["stats"]["unique_graphs"]
+    finally:
+        unpack_vision_tower(model)
+        dynamo.reset()
+    assert before > 0 and after == before
+    visual = model.model.visual
+    units, offset = [], 0
+    for out, (gh, gw) in zip(got.reduced, got.grids):
+        units.append(out.positions[0, :, 0] * gw + out.positions[0, :, 1] + offset)
+        offset += gh * gw
+    pixel_values, _ = adapter.image_inputs(images)
+    with torch.no_grad():
+        plan = tower_plan(visual, got.grids, got.budgets, torch.device("cuda"))
+        state = tower_head(visual, pixel_values.cuda(), plan, 0)
+        expected, _ = tower_tail(visual, state, plan, torch.cat(units))
+    assert plan.tail_multiple == 1 and got.budgets == [max(1, round(0.4 * gh * gw)) for gh, gw in got.grids]
+    torch.testing.assert_close(torch.cat(got.image_tokens).float(), expected.float(), rtol=0.05, atol=0.05)
 
 
 # --- errors and the facade ----------------------------------------------------------------------------

@@ -26,7 +26,10 @@ not the arithmetic, is most of the time to first token. :func:`pack_vision_tower
   block serves all of them; the attention call stays outside), which fuses the elementwise work around the
   matrix products (RMSNorm and rotary embedding in float32, the activation, the residual adds), which took
   about as long as the products themselves. The first call compiles, and a new grid shape compiles once more
-  before the shapes turn dynamic.
+  before the shapes turn dynamic (``dynamic=False``: each shape its own static compile). The longest sequence,
+  a Python int, reaches the attention call without passing through the compiled block (a new int would compile
+  it again), and the pruned tail's rows are padded to a multiple of :data:`TAIL_MULTIPLE` patches
+  (:func:`tower_plan`), so that the budgets of one image size compile a handful of shapes, not one each.
 
 The math is the model's own (its ``qkv``, ``proj`` and convolution weights, its module's rotary function, the
 default ``1/sqrt(d)`` scale); only the kernels' rounding differs. Weights, config and output shapes are unchanged,
@@ -56,6 +59,7 @@ __all__ = [
     "pack_vision_tower",
     "unpack_vision_tower",
     "KERNELS",
+    "TAIL_MULTIPLE",
     "TowerPlan",
     "TowerState",
     "default_prune_after",
@@ -137,18 +141,26 @@ def _forward(
 
 
 class _Longest:
-    """The longest sequence of a ``cu_seqlens`` tensor, read on the host once per tensor. The layers of one
-    forward share two such tensors (the windows', the images'), so a forward syncs twice, not once a layer."""
+    """The longest sequence of a ``cu_seqlens`` tensor: told by a caller that knows it on the host
+    (:func:`tower_head`, :func:`tower_tail`), else read back once per tensor (the model's own forward: its layers
+    share two such tensors, the windows' and the images', so a forward syncs twice, not once a layer).
+
+    Why not pass it to the blocks: a compiled block guards on a Python int argument, so every new longest (each
+    budget's) would compile the block again; looked up here, behind the compiler boundary, it is never seen.
+    """
 
     def __init__(self) -> None:
-        self.seen: list[tuple[Tensor, int]] = []  # the last two, held so that no other tensor takes their place
+        self.seen: list[tuple[Tensor, int]] = []  # the last few, held so that no other tensor takes their place
+
+    def tell(self, cu_seqlens: Tensor, longest: int) -> None:
+        self.seen = [(cu_seqlens, longest), *self.seen[:3]]
 
     def __call__(self, cu_seqlens: Tensor) -> int:
         for tensor, longest in self.seen:
             if tensor is cu_seqlens:
                 return longest
         longest = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())  # ok-sync: a shape, as transformers' own loop
-        self.seen = [(cu_seqlens, longest), *self.seen[:1]]
+        self.tell(cu_seqlens, longest)
         return longest
 
 
@@ -306,8 +318,11 @@ class TowerPlan:
         cu_seqlens: ``(n + 1,)`` int32 patch offsets of the images; ``max_seqlen`` their longest.
         cu_window_seqlens: ``(windows + 1,)`` int32 patch offsets of the windows; ``max_window_seqlen`` their
             longest (``None`` / 0 without windows).
-        kept_cu_seqlens: ``(n + 1,)`` int32 patch offsets of the images' kept units (``budgets`` units each);
+        kept_cu_seqlens: ``(n + 1,)`` int32 patch offsets of the images' kept units (``budgets`` units each),
+            and with padding (``kept_rows`` above the kept patches) one more: the padding rows' own sequence;
             ``kept_max_seqlen`` their longest.
+        kept_rows: the tail's patch rows: the kept patches, padded up to a multiple of ``tail_multiple``.
+        tail_multiple: 1 (no padding) or the multiple (the padding sequence is then always there, maybe empty).
         interp: Qwen3-VL: ``(indices, weights)`` ``(N, taps)``, the taps that resample its learned position
             table to each image; ``None`` otherwise.
     """
@@ -326,6 +341,8 @@ class TowerPlan:
     kept_cu_seqlens: Tensor
     kept_max_seqlen: int
     interp: tuple[Tensor, Tensor] | None
+    kept_rows: int = 0
+    tail_multiple: int = 1
 
 
 @dataclass
@@ -345,6 +362,12 @@ class TowerState:
     deep: dict[int, Tensor]
 
 
+#: The pruned tail's patch rows are padded up to a multiple of this when the blocks are compiled (a sequence of
+#: its own, the last, attending to itself): one compiled shape serves every kept count of a bucket; 64 patches
+#: (16 merged units) cost at most 63 rows, about 9% at 11% of a 1,280 x 960 image at batch 1, less above.
+TAIL_MULTIPLE = 64
+
+
 def _family(visual: nn.Module) -> str:
     if hasattr(visual, "deepstack_merger_list"):
         return "qwen3_vl"
@@ -354,6 +377,11 @@ def _family(visual: nn.Module) -> str:
 def _packed(visual: nn.Module) -> bool:
     """Whether :func:`pack_vision_tower` runs the tower's attention."""
     return all(hasattr(block.attn, "_arrcoc_kernel") for block in visual.blocks)
+
+
+def _compiled(visual: nn.Module) -> bool:
+    """Whether :func:`pack_vision_tower` compiled the tower's blocks."""
+    return _packed(visual) and any("_compiled_call_impl" in vars(block) for block in visual.blocks)
 
 
 def default_prune_after(vision_config: Any) -> int:
@@ -370,11 +398,23 @@ def default_prune_after(vision_config: Any) -> int:
     return max(0, int(vision_config.depth) // 4 - 1)
 
 
-def tower_plan(visual: nn.Module, grids: list[tuple[int, int]], budgets: list[int], device: Any) -> TowerPlan:
+def tower_plan(
+    visual: nn.Module,
+    grids: list[tuple[int, int]],
+    budgets: list[int],
+    device: Any,
+    tail_multiple: int | None = None,
+) -> TowerPlan:
     """The :class:`TowerPlan` of images with merged ``grids`` keeping ``budgets`` units each, on ``device``.
 
     The indices come from the installed transformers' own helpers (``transformers.vision_utils``), run on the
     host on a host copy of the grid, so they are the model's own.
+
+    ``tail_multiple``: the tail's patch rows are padded up to a multiple of it, the padding one sequence of its
+    own after the images' (and after the windows'), attending only to itself and dropped before the merger, so
+    the kept units' tokens are the same; ``None``: :data:`TAIL_MULTIPLE` when :func:`pack_vision_tower` compiled
+    the blocks (one compiled shape for every kept count of a bucket), else 1. Padding needs the packed kernels
+    (they take an empty sequence; the model's own attention does not).
     """
     try:
         from transformers import vision_utils as vu
@@ -388,8 +428,16 @@ def tower_plan(visual: nn.Module, grids: list[tuple[int, int]], budgets: list[in
     position_ids = vu.get_vision_position_ids(grid_thw, m)  # (N, 2) in the processor's patch order
     sizes = torch.tensor([gh * gw * unit for gh, gw in grids])
     cu_seqlens = F.pad(sizes.cumsum(0, dtype=torch.int32), (1, 0))
+    if tail_multiple is None:
+        tail_multiple = TAIL_MULTIPLE if _compiled(visual) else 1
+    if isinstance(tail_multiple, bool) or not isinstance(tail_multiple, int) or tail_multiple < 1:
+        raise InvalidInputError(f"tail_multiple must be a whole number >= 1 or None; got {tail_multiple!r}")
     kept = torch.tensor(budgets) * unit
+    rows = int(kept.sum())
+    padded = -(-rows // tail_multiple) * tail_multiple if tail_multiple > 1 else rows
     kept_cu_seqlens = F.pad(kept.cumsum(0, dtype=torch.int32), (1, 0))
+    if tail_multiple > 1:  # the padding rows' own sequence, always there (maybe empty) so the shape holds still
+        kept_cu_seqlens = F.pad(kept_cu_seqlens, (0, 1), value=padded)
     order = rank = window_of = cu_window_seqlens = None
     windows = max_window = 0
     if _family(visual) == "qwen2_5_vl":
@@ -426,8 +474,10 @@ def tower_plan(visual: nn.Module, grids: list[tuple[int, int]], budgets: list[in
         cu_window_seqlens=to(cu_window_seqlens),
         max_window_seqlen=max_window,
         kept_cu_seqlens=to(kept_cu_seqlens),
-        kept_max_seqlen=int(kept.max()),
+        kept_max_seqlen=max(int(kept.max()), padded - rows),
         interp=None if interp is None else (to(interp[0]), to(interp[1])),
+        kept_rows=padded,
+        tail_multiple=tail_multiple,
     )
 
 
@@ -441,13 +491,20 @@ def _blocks(
     deep: dict[int, Tensor] | None = None,
 ) -> Tensor:
     """Blocks ``blocks`` on ``hidden``; full-attention blocks read the images' ``full`` (cu_seqlens, longest),
-    windowed ones ``window``. Hidden states after DeepStack blocks go into ``deep``."""
+    windowed ones ``window``. Hidden states after DeepStack blocks go into ``deep``.
+
+    Packed, the longest sequences are told to the attention layers' :class:`_Longest` and the blocks get
+    ``max_seqlen=None`` (as from the model's own forward): a compiled block never sees the int."""
     full_blocks = set(getattr(visual, "fullatt_block_indexes", None) or ()) if window is not None else None
     taps = set(getattr(visual, "deepstack_visual_indexes", ()) or ())
+    told = _packed(visual)
+    if told:
+        for cu, longest in (full, window) if window is not None else (full,):
+            visual.blocks[0].attn._arrcoc_longest.tell(cu, longest)
     for index in blocks:
         cu, longest = full if full_blocks is None or index in full_blocks else window
         hidden = visual.blocks[index](
-            hidden, cu_seqlens=cu, max_seqlen=longest, position_embeddings=position_embeddings
+            hidden, cu_seqlens=cu, max_seqlen=None if told else longest, position_embeddings=position_embeddings
         )
         if deep is not None and index in taps:
             deep[index] = hidden
@@ -499,26 +556,33 @@ def tower_tail(
         DeepStack layer ``(K, H)`` in the same order (``None`` otherwise). The rotary embeddings are the kept
         patches' own; attention runs inside each image's kept units and, in windowed blocks, inside each window's.
         With the tower packed (:func:`pack_vision_tower`) no host reads: the windows' kept lengths are counted
-        on the device (a window may keep none), and their longest is bounded by the full window's.
+        on the device (a window may keep none), and their longest is bounded by the full window's. With
+        ``plan.tail_multiple`` the rows are padded (zeros, a sequence of their own) up to ``plan.kept_rows``.
     """
     unit = plan.unit
+    if plan.tail_multiple > 1 and not _packed(visual):
+        raise InvalidInputError("a padded tail (tail_multiple > 1) needs the packed tower (pack_vision_tower)")
     if plan.rank is not None:  # window order, so that each window's kept units are contiguous
         rows, back = torch.sort(plan.rank[units])  # (K,) window positions, their index in ``units``
     else:
         rows, back = units, None
     patches = (rows[:, None] * unit + torch.arange(unit, device=rows.device)).flatten()  # (K * unit,)
-    hidden = state.hidden[patches]  # (K * unit, D)
-    cos, sin = (x[patches] for x in state.position_embeddings)
+    kept = patches.shape[0]
+    pad = plan.kept_rows - kept if plan.tail_multiple > 1 else 0
+    hidden = F.pad(state.hidden[patches], (0, 0, 0, pad))  # (rows, D): the kept patches, then zeros
+    cos, sin = (F.pad(x[patches], (0, 0, 0, pad)) for x in state.position_embeddings)
     window = None
     if plan.window_of is not None:
         counts = torch.zeros(plan.windows, dtype=torch.int32, device=rows.device)
         counts.index_add_(0, plan.window_of[rows], torch.ones_like(rows, dtype=torch.int32))  # kept units a window
         cu_windows = F.pad(counts.cumsum(0, dtype=torch.int32) * unit, (1, 0))  # (W + 1,), empty windows too
+        if plan.tail_multiple > 1:  # the padding's own sequence, as in the plan's kept_cu_seqlens
+            cu_windows = F.pad(cu_windows, (0, 1), value=plan.kept_rows)
         if not _packed(visual):
             # the model's own attention splits sequences on the host and fails on an empty one: drop them, a read
             # back it would make anyway (the packed kernels take empty sequences and read nothing)
             cu_windows = torch.unique_consecutive(cu_windows)  # ok-sync: the unpacked tower reads sizes back
-        window = (cu_windows, plan.max_window_seqlen)
+        window = (cu_windows, max(plan.max_window_seqlen, pad))
     deep: dict[int, Tensor] = {}
     hidden = _blocks(
         visual,
@@ -533,12 +597,12 @@ def tower_tail(
     def slots(x: Tensor) -> Tensor:  # (K, H) from the blocks' order back to ``units``' order
         return x if back is None else torch.empty_like(x).index_copy_(0, back, x)
 
-    tokens = slots(visual.merger(hidden))
+    tokens = slots(visual.merger(hidden[:kept]))
     mergers = getattr(visual, "deepstack_merger_list", None)
     if mergers is None:
         return tokens, None
     layers = []
     for merger, index in zip(mergers, visual.deepstack_visual_indexes):
         seen = state.deep.get(index)
-        layers.append(slots(merger(seen[patches] if seen is not None else deep[index])))
+        layers.append(slots(merger(seen[patches] if seen is not None else deep[index][:kept])))
     return tokens, layers

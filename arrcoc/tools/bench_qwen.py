@@ -10,7 +10,8 @@ batch 1 and 8:
   steering the reducer (``adapter.generate``, transformers' own ``generate`` underneath).
 
 Time to first token is ``generate(max_new_tokens=1)`` from pixel values on the device to the first token id,
-synchronised: vision tower, arrcoc's reduction (for the reduced rows), prefill. Decode tokens/s per sequence
+synchronised: vision tower, arrcoc's reduction (for the reduced rows), prefill. Each row first runs every call it
+times once (compiles and graph captures happen there) and counts the graphs compiled while timing (0 expected). Decode tokens/s per sequence
 is ``new / (t(1 + new) - t(1))``. arrcoc's own time is the adapter's ``prepare`` minus the model's own vision
 tower (tokenising, the query, the reduction, positions, slot filling), timed alone. Wall-clock medians after a
 warm-up; image preprocessing (the processor's resize) is excluded from every row alike. ``--tiny`` runs a
@@ -225,13 +226,22 @@ def _row(
         grids = adapter.merged_grids(pixels["image_grid_thw"])
         budgets = adapter.budgets(None if full else share, grids)
         tokens = budgets[0]
+        if pruned:
+            tower = lambda: _pruned_tower(adapter, pixels["pixel_values"], grids, budgets)  # noqa: E731
+        else:
+            tower = lambda: adapter.merged_features(pixels["pixel_values"], pixels["image_grid_thw"])  # noqa: E731
+        calls = [lambda: run(1), tower] + ([lambda: run(1 + new)] if decode else [])
+        calls += [] if full else [lambda: adapter.prepare(pixels, prompts, share)]
+        for call in calls:  # every shape this row times compiles (and captures) here, before any timing
+            call()
+        compiled = _compiles()
         ttft = measure(lambda: run(1))
         total = measure(lambda: run(1 + new)) if decode else ttft
-        if pruned:
-            vision = measure(lambda: _pruned_tower(adapter, pixels["pixel_values"], grids, budgets))
-        else:
-            vision = measure(lambda: adapter.merged_features(pixels["pixel_values"], pixels["image_grid_thw"]))
+        vision = measure(tower)
         own = 0.0 if full else max(0.0, measure(lambda: adapter.prepare(pixels, prompts, share)) - vision)
+        compiled = _compiles() - compiled
+    if compiled:
+        logger.warning("%d graphs compiled while timing a row (share %s, batch %d)", compiled, share, len(images))
     decode = total - ttft  # a non-positive difference (noise on a tiny run) gives no rate
     rate = new * 1e3 / decode if decode > 0 else None
     return {
@@ -247,7 +257,15 @@ def _row(
         "arrcoc_share_of_ttft": own / ttft,
         "decode_tok_s": rate,
         "decode_tok_s_batch": None if rate is None else len(images) * rate,
+        "compiles_while_timing": compiled,
     }
+
+
+def _compiles() -> int:
+    """Graphs torch.compile has made in this process so far (dynamo's own count)."""
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])
 
 
 def _pruned_tower(
@@ -361,6 +379,14 @@ def _markdown(report: dict[str, Any]) -> str:
             )
     if targets:
         lines += ["", "Issue 23's targets: " + "; ".join(targets) + "."]
+    late = [f"{r['share']:.0%} x {r['batch']} ({_path(r)})" for r in report["rows"] if r.get("compiles_while_timing")]
+    lines += [
+        "",
+        "Each row runs every call it times once before timing it (compiles and graph captures happen there); "
+        + (
+            f"graphs still compiled while timing: {', '.join(late)}." if late else "no graph was compiled while timing."
+        ),
+    ]
     c = report["captures"]
     lines += [
         "",
