@@ -412,12 +412,14 @@ def test_the_tower_read_directly_equals_get_image_features(qwen: tuple) -> None:
 @pytest.mark.cuda
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("question", [True, False])
-def test_cuda_prepare_never_waits_for_the_vision_tower(family: str, question: bool) -> None:
+@pytest.mark.parametrize("score_width", [None, 8])
+def test_cuda_prepare_never_waits_for_the_vision_tower(family: str, question: bool, score_width: int | None) -> None:
     """Once the tower is queued, ``prepare`` reads nothing back and copies nothing from the host (each would
-    wait for the tower): the reducer's launches queue behind the tower, and the language model's after them."""
+    wait for the tower): the reducer's launches queue behind the tower, and the language model's after them
+    (with a narrow head too: the projection and the gather at the chosen cells stay on the device)."""
     model, processor = build(family)
     model = model.cuda()
-    adapter = ArrcocQwen(model, processor, template=TEMPLATE)
+    adapter = ArrcocQwen(model, processor, template=TEMPLATE, score_width=score_width)
     images = _images(4)
     prompts = (PROMPTS + PROMPTS[:1]) if question else [TEMPLATE.format(image="<|image_pad|>", question="")] * 4
     with torch.no_grad():
@@ -687,7 +689,8 @@ def _wide(family: str, width: int) -> tuple[torch.nn.Module, object]:
     """``build(family)`` with a ``width``-wide language model (and merger output), as wide as a real model's."""
     model, processor = build(family)
     text = model.config.text_config.to_dict() | dict(hidden_size=width, num_attention_heads=width // 8, head_dim=8)
-    vision = model.config.vision_config.to_dict() | dict(out_hidden_size=width)
+    out = "hidden_size" if family == "qwen2_vl" else "out_hidden_size"  # Qwen2-VL's merger width is hidden_size
+    vision = model.config.vision_config.to_dict() | {out: width}
     ids = dict(image_token_id=IMAGE_ID, video_token_id=63, vision_start_token_id=62, vision_end_token_id=61)
     torch.manual_seed(0)
     return type(model)(type(model.config)(text_config=text, vision_config=vision, **ids)).eval(), processor
@@ -723,6 +726,18 @@ def test_score_width_default_and_refusals(qwen: tuple, wide: tuple) -> None:
             _adapter(wide, score_width=value)
     with pytest.raises(arrcoc.InvalidInputError, match="arrcoc's reducers.*'uniform'"):
         _adapter(wide, "uniform", score_width=16)
+
+
+def test_auto_width_narrows_only_images_asked_a_question() -> None:
+    model, processor = _wide("qwen2_vl", 2 * SCORE_WIDTH)
+    kwargs = dict(template=TEMPLATE, reducer_graphs="off")
+    auto, narrow, full = (ArrcocQwen(model, processor, score_width=w, **kwargs) for w in ("auto", SCORE_WIDTH, None))
+    images, blank = _images(3), [TEMPLATE.format(image="<|image_pad|>", question="")] * 3
+    with torch.no_grad():
+        for prompts, same in ((PROMPTS, narrow), (blank, full)):
+            got, expected = auto.prepare(images, prompts, 0.3), same.prepare(images, prompts, 0.3)
+            for a, b in zip(got.reduced, expected.reduced):
+                assert torch.equal(a.positions, b.positions) and torch.equal(a.tokens, b.tokens)
 
 
 @pytest.mark.parametrize("prune_after", [None, 0])

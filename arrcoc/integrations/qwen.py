@@ -51,7 +51,8 @@ seeded projection to ``d`` dimensions (:func:`score_projection`: ``d`` orthonorm
 ``sqrt(D / d)``, so lengths, dot products and cosines are preserved in expectation, with errors of about
 ``1 / sqrt(d)``), and the tokens the language model reads are gathered afterwards from the full-width features
 at the chosen cells, exactly. The query is the full-width mixture of the question's tokens projected, not one
-recomputed from narrow cosines. Scores, and so the chosen cells, are approximations of the full-width head's;
+recomputed from narrow cosines. ``"auto"`` narrows only images asked a question (the query-free pick follows
+the projection's noise further). Scores, and so the chosen cells, are approximations of the full-width head's;
 the tokens, their positions and their count are exact, and at every image's full budget (every cell chosen) the
 logits equal the unmodified model's as before.
 
@@ -257,8 +258,10 @@ class ArrcocQwen(nn.Module):
             the merged tokens and the query go through :func:`score_projection` to ``d`` dimensions for scoring
             and choosing, and the kept tokens are gathered at full width from the chosen cells. Scores (so the
             chosen cells) become approximate; tokens, positions and counts stay exact. ``None``: the full width;
-            ``"auto"`` (the default): :data:`SCORE_WIDTH` for arrcoc's reducers on a wider language model, else
-            ``None``. arrcoc's reducers only (a baseline's pooled tokens cannot be gathered from cells).
+            ``"auto"`` (the default): :data:`SCORE_WIDTH` for arrcoc's reducers on a wider language model, for
+            batches whose every image has a question (without one, the query-free pick scores at full width:
+            it follows the projection's noise further), else ``None``; a number: that width for every image.
+            arrcoc's reducers only (a baseline's pooled tokens cannot be gathered from cells).
     """
 
     def __init__(
@@ -319,6 +322,9 @@ class ArrcocQwen(nn.Module):
         on = {"dtype": torch.float32, "device": next(model.parameters()).device}
         width = int(model.get_input_embeddings().weight.shape[1])
         self.score_width = self._check_score_width(score_width, width)
+        # "auto" narrows only images asked a question: the query-free pick, a greedy max-min over cosines, follows
+        # the projection's noise further (docs/generation.md); a width given as a number narrows every image
+        self._narrow_unasked = score_width != "auto"
         projection = None if self.score_width is None else score_projection(width, self.score_width).to(on["device"])
         self.register_buffer("_score_projection", projection, persistent=False)  # (H, d) or None
         proc = self.image_processor
@@ -663,13 +669,14 @@ class ArrcocQwen(nn.Module):
         results: list[ReducedTokens | None] = [None] * len(features)
         for group in groups:
             members = group.members
-            visual = self._visual(group, features, rgb, embeds, questions)
+            # the query-free pick runs only for images without a question: none when every image has one
+            asked = self.budget_tensor and self.reducer.read_query and all(questions[i] for i in members)
+            narrow = self._score_projection is not None and (asked or self._narrow_unasked)
+            visual = self._visual(group, features, rgb, embeds, questions, narrow)
             if group.budgets is None:
                 out = self.reduce(visual, group.budget)
                 kept = [group.budget] * len(members)
             else:
-                # the query-free pick runs only for images without a question: none when every image has one
-                asked = self.reducer.read_query and all(questions[i] for i in members)
                 kept = [budgets[i] for i in members]
                 out = self._reduce_budgets(visual, kept, group.budgets, [features[i].shape[:2] for i in members], asked)
             for j, i in enumerate(members):
@@ -681,7 +688,7 @@ class ArrcocQwen(nn.Module):
                     None if out.allocation is None else out.allocation[j : j + 1],
                 )
                 one = raster_order(one, group.bucket[1])
-                if gather and self.score_width is not None:  # each token one cell: the cell's full-width features
+                if gather and narrow:  # each token one cell: the cell's full-width features
                     cells = one.positions[0]  # (K, 4)
                     one = dataclasses.replace(one, tokens=features[i][cells[:, 0], cells[:, 1]][None])  # (1, K, H)
                 results[i] = one
@@ -694,12 +701,13 @@ class ArrcocQwen(nn.Module):
         rgb: list[Tensor | None],
         embeds: Tensor,
         questions: list[list[int]],
+        narrow: bool = False,
     ) -> VisualInput:
         """One bucket's batch: grids zero-padded to the bucket with ``patch_valid`` 0 on the padding.
 
         Per image only the copies into the padded batch; the validity maps come from the host with the group, and
-        the query is one batched computation for the whole group. With ``score_width`` the grid and the query
-        (made at full width) go through the projection: the head reads ``(n, bh, bw, d)``.
+        the query is one batched computation for the whole group. ``narrow``: the grid and the query (made at
+        full width) go through the ``score_width`` projection, and the head reads ``(n, bh, bw, d)``.
         """
         (bh, bw), members = group.bucket, group.members
         first = features[members[0]]
@@ -725,7 +733,7 @@ class ArrcocQwen(nn.Module):
             text = embeds[group.rows[:, None], group.where]  # (n, L, H) the question tokens (any past them: masked)
             visual.query = self._query(grid, group.valid, text) * group.query_mask[..., None]
             visual.query_mask = group.query_mask
-        if self._score_projection is not None:  # the head's narrow view: one product each, padding stays 0
+        if narrow:  # the head's narrow view: one product each, padding stays 0
             visual.features = grid @ self._score_projection.to(grid.dtype)  # (n, bh, bw, d)
             if visual.query is not None:
                 visual.query = visual.query @ self._score_projection.to(visual.query.dtype)  # (n, L, d)
