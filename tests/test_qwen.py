@@ -593,6 +593,21 @@ def test_the_tail_attends_inside_each_window_and_image_of_the_kept_units(family:
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 
 
+def test_the_adapter_keeps_its_tower_plans(qwen: tuple) -> None:
+    adapter = _adapter(qwen, prune_after=0)
+    cpu = torch.device("cpu")
+    plan = adapter.plan([(4, 5), (3, 2)], [5, 2], cpu)
+    assert (
+        adapter.plan([(4, 5), (3, 2)], [5, 2], cpu) is plan and adapter.plan([(4, 5), (3, 2)], [6, 2], cpu) is not plan
+    )
+    for k in range(1, 40):
+        adapter.plan([(4, 5)], [k % 20 + 1], cpu)
+    assert len(adapter._plans) == 16
+    with torch.no_grad():
+        prepared = adapter.prepare(_images(2), PROMPTS[:2], 0.25)
+    assert (tuple(prepared.grids), tuple(prepared.budgets)) in {key[:2] for key in adapter._plans}
+
+
 def test_generate_with_pruning_equals_greedy_forward(qwen: tuple) -> None:
     adapter = _adapter(qwen, prune_after=0)
     images = _images(2)

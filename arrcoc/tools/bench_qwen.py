@@ -43,7 +43,7 @@ import torch
 
 from ..integrations.hf import word_tokenizer
 from ..integrations.qwen import ArrcocQwen, graph_buckets, merged_grid
-from ..integrations.vision_tower import pack_vision_tower, tower_head, tower_plan, tower_tail
+from ..integrations.vision_tower import pack_vision_tower, tower_head, tower_tail
 from ..runtime.device import device_name
 from .bench_generation import random_model
 from .timing import wall_times_ms, write_report
@@ -273,9 +273,10 @@ def _pruned_tower(
 ) -> torch.Tensor:
     """The vision tower's own work when pruning after ``adapter.prune_after`` keeping ``budgets`` units (the first
     of each image: the blocks' cost does not depend on which): its plan, every patch up to the pruning block, the
-    rest and the merger on the kept units. No merger at the pruning block, no head: those are arrcoc's."""
+    rest and the merger on the kept units. No merger at the pruning block, no head: those are arrcoc's. The plan
+    is the adapter's (:meth:`ArrcocQwen.plan`, kept per shape), as in its ``prepare``."""
     visual = adapter.inner.visual
-    plan = tower_plan(visual, grids, budgets, pixel_values.device)
+    plan = adapter.plan(grids, budgets, pixel_values.device)
     starts, offset = [], 0
     for (gh, gw), k in zip(grids, budgets):
         starts.append(torch.arange(offset, offset + k, device=pixel_values.device))
@@ -317,7 +318,8 @@ def _markdown(report: dict[str, Any]) -> str:
         "100% is the model reading every token through its own generate; arrcoc's own time (in the time to first "
         "token) is the adapter's prepare minus the vision tower. Pruned rows reduce inside the tower "
         "(`ArrcocQwen(prune_after=L)`): their vision ms is the tower's own work at that budget (every patch up to "
-        "block L, the rest and the merger on the kept units, with the index plan), and their arrcoc ms all the "
+        "block L, the rest and the merger on the kept units, with the index plan, kept per shape as in prepare), and "
+        "their arrcoc ms all the "
         "adapter adds to it (the merger at block L, the query, the head, positions, slot filling).",
         "",
     ]
