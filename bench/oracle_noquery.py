@@ -76,15 +76,22 @@ def oracle_mask(
         score = distance[chosen].amin(0)
     else:
         score = distance.masked_fill(torch.eye(n, dtype=torch.bool), float("inf")).amin(-1)
+    return _greedy(score, distance, chosen, budget).view(gh, gw)
+
+
+def _greedy(score: torch.Tensor, rows: torch.Tensor, chosen: list[int], budget: int) -> torch.Tensor:
+    """Greedy max-min from ``chosen`` on: keep the best-scoring patch, lower every score to its row, until
+    ``budget``; ``(N,)`` 1 on what is kept."""
+    score = score.clone()
     score[chosen] = -float("inf")
     while len(chosen) < budget:
         p = int(score.argmax())
         chosen.append(p)
-        score = torch.minimum(score, distance[p])
+        score = torch.minimum(score, rows[p])
         score[chosen] = -float("inf")
-    mask = torch.zeros(n)
+    mask = torch.zeros(rows.shape[0])
     mask[chosen] = 1
-    return mask.view(gh, gw)
+    return mask
 
 
 def peak_mask(
@@ -104,36 +111,35 @@ def peak_mask(
     bonus = peak.float() * 10.0
     weighted = distance + bonus[None, :]
     score = distance.masked_fill(torch.eye(n, dtype=torch.bool), float("inf")).amin(-1) + bonus
-    chosen: list[int] = []
-    while len(chosen) < budget:
-        p = int(score.argmax())
-        chosen.append(p)
-        score = torch.minimum(score, weighted[p])
-        score[chosen] = -float("inf")
-    mask = torch.zeros(n)
-    mask[chosen] = 1
-    return mask.view(gh, gw)
+    return _greedy(score, weighted, [], budget).view(gh, gw)
 
 
-def register_peaks(name: str, weight: torch.Tensor, bias: torch.Tensor, threshold: float) -> None:
+def _register(name: str, mask: Any) -> None:
+    """Register ``name``: ``arrcoc-noquery`` whose pick is ``mask(i, features, colour, budget, colour_share)`` per
+    image ``i`` of the batch (``(gh, gw)`` 1 on each kept patch)."""
+
     def build(config: Any = None, **_: Any) -> Any:
         reducer = create_reducer("arrcoc-noquery")
         head = reducer.head
 
         def _pick(self: Any, s: dict[str, Any], steps: int) -> torch.Tensor:
-            cfg = self.config.balance
             feats, colour, budget = s["features"], s["texture"][..., :3], s["budget"]
-            objectness = torch.sigmoid(feats.float() @ weight + bias)
-            masks = [
-                peak_mask(objectness[i], feats[i], colour[i], int(budget[i]), cfg.pick_colour, threshold)
-                for i in range(feats.shape[0])
-            ]
+            share = self.config.balance.pick_colour
+            masks = [mask(i, feats, colour[i], int(budget[i]), share) for i in range(feats.shape[0])]
             return torch.stack(masks).to(feats.dtype)
 
         head._pick = types.MethodType(_pick, head)
         return reducer
 
     register_reducer(name)(build)
+
+
+def register_peaks(name: str, weight: torch.Tensor, bias: torch.Tensor, threshold: float) -> None:
+    def mask(i: int, feats: torch.Tensor, colour: torch.Tensor, budget: int, share: float) -> torch.Tensor:
+        objectness = torch.sigmoid(feats[i].float() @ weight + bias)
+        return peak_mask(objectness, feats[i], colour, budget, share, threshold)
+
+    _register(name, mask)
 
 
 def train_shapes(model: Any, size: int, count: int, kinds: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -157,23 +163,10 @@ def train_shapes(model: Any, size: int, count: int, kinds: str) -> tuple[torch.T
 
 
 def register_oracle(name: str, tiers: tuple[str, ...]) -> None:
-    def build(config: Any = None, **_: Any) -> Any:
-        reducer = create_reducer("arrcoc-noquery")
-        head = reducer.head
+    def mask(i: int, feats: torch.Tensor, colour: torch.Tensor, budget: int, share: float) -> torch.Tensor:
+        return oracle_mask(_BATCH[i], feats[i], colour, budget, tiers, share)
 
-        def _pick(self: Any, s: dict[str, Any], steps: int) -> torch.Tensor:
-            cfg = self.config.balance
-            feats, colour, budget = s["features"], s["texture"][..., :3], s["budget"]
-            masks = [
-                oracle_mask(_BATCH[i], feats[i], colour[i], int(budget[i]), tiers, cfg.pick_colour)
-                for i in range(feats.shape[0])
-            ]
-            return torch.stack(masks).to(feats.dtype)
-
-        head._pick = types.MethodType(_pick, head)
-        return reducer
-
-    register_reducer(name)(build)
+    _register(name, mask)
 
 
 def main() -> int:

@@ -541,14 +541,11 @@ def _windowed_qwen25() -> tuple[torch.nn.Module, object]:
     return transformers.Qwen2_5_VLForConditionalGeneration(config).eval(), processor
 
 
-@pytest.mark.parametrize("packed", [False, True])
-@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl-3"])
-def test_the_tail_attends_inside_each_window_and_image_of_the_kept_units(family: str, packed: bool) -> None:
-    """The tail, with the model's own attention and packed (windows left empty are sequences of length 0),
-    against a loop over the model's own blocks, one window (windowed blocks) or one image (full attention) at a
-    time, on a random kept subset."""
+def _random_kept(family: str) -> tuple[torch.nn.Module, object, object, list[tuple[int, int]], list[int], torch.Tensor]:
+    """A tiny model of ``family`` (``"qwen2_5_vl-3"``: :func:`_windowed_qwen25`), three images' processor inputs,
+    their merged grids, a third of each grid as the budget and a seeded random kept subset of that size: the units
+    in raster order counted over the batch."""
     model, processor = _windowed_qwen25() if family == "qwen2_5_vl-3" else build(family)
-    visual = model.model.visual
     inputs = processor.image_processor(images=_images(3), return_tensors="pt")
     grids = [(int(h) // 2, int(w) // 2) for _, h, w in inputs["image_grid_thw"].tolist()]
     budgets = [gh * gw // 3 for gh, gw in grids]
@@ -557,7 +554,26 @@ def test_the_tail_attends_inside_each_window_and_image_of_the_kept_units(family:
     for (gh, gw), k in zip(grids, budgets):
         units.append(torch.randperm(gh * gw, generator=gen)[:k].sort().values + offset)
         offset += gh * gw
-    units = torch.cat(units)
+    return model, processor, inputs, grids, budgets, torch.cat(units)
+
+
+def _kept_units(reduced: list, grids: list[tuple[int, int]]) -> torch.Tensor:
+    """The units each image's single-unit tokens name, in raster order counted over the batch."""
+    units, offset = [], 0
+    for out, (gh, gw) in zip(reduced, grids):
+        units.append(out.positions[0, :, 0] * gw + out.positions[0, :, 1] + offset)
+        offset += gh * gw
+    return torch.cat(units)
+
+
+@pytest.mark.parametrize("packed", [False, True])
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl-3"])
+def test_the_tail_attends_inside_each_window_and_image_of_the_kept_units(family: str, packed: bool) -> None:
+    """The tail, with the model's own attention and packed (windows left empty are sequences of length 0),
+    against a loop over the model's own blocks, one window (windowed blocks) or one image (full attention) at a
+    time, on a random kept subset."""
+    model, processor, inputs, grids, budgets, units = _random_kept(family)
+    visual = model.model.visual
     image_of = torch.repeat_interleave(torch.arange(3), torch.tensor(budgets))
     with torch.no_grad():
         plan = tower_plan(visual, grids, budgets, torch.device("cpu"))
@@ -676,18 +692,9 @@ def test_cuda_pruned_prepare_never_waits_for_the_vision_tower(family: str) -> No
 def test_cuda_pruned_tail_varlen_and_padded_kernels_agree(family: str) -> None:
     """bf16: the tail on a random kept subset under FlashAttention varlen (windows the pruning left empty are
     sequences of length 0) and under the padded kernel give the same tokens within bf16 rounding."""
-    model, processor = _windowed_qwen25() if family == "qwen2_5_vl-3" else build(family)
-    model = model.cuda().to(torch.bfloat16)
+    model, processor, inputs, grids, budgets, units = _random_kept(family)
+    model, units = model.cuda().to(torch.bfloat16), units.cuda()
     visual = model.model.visual
-    inputs = processor.image_processor(images=_images(3), return_tensors="pt")
-    grids = [(int(h) // 2, int(w) // 2) for _, h, w in inputs["image_grid_thw"].tolist()]
-    budgets = [gh * gw // 3 for gh, gw in grids]
-    gen = torch.Generator().manual_seed(3)
-    units, offset = [], 0
-    for (gh, gw), k in zip(grids, budgets):
-        units.append(torch.randperm(gh * gw, generator=gen)[:k].sort().values + offset)
-        offset += gh * gw
-    units = torch.cat(units).cuda()
     results = {}
     with torch.no_grad():
         plan = tower_plan(visual, grids, budgets, torch.device("cuda"))
@@ -782,12 +789,9 @@ def test_narrow_scoring_keeps_full_width_tokens_at_the_chosen_cells(wide: tuple,
         visual = adapter.inner.visual
         pixel_values, grid_thw = adapter.image_inputs(images)
         plan = tower_plan(visual, prepared.grids, prepared.budgets, torch.device("cpu"))
-        units, offset = [], 0
-        for out, (gh, gw) in zip(prepared.reduced, prepared.grids):
-            units.append(out.positions[0, :, 0] * gw + out.positions[0, :, 1] + offset)
-            offset += gh * gw
+        units = _kept_units(prepared.reduced, prepared.grids)
         with torch.no_grad():
-            tokens, _ = tower_tail(visual, tower_head(visual, pixel_values, plan, 0), plan, torch.cat(units))
+            tokens, _ = tower_tail(visual, tower_head(visual, pixel_values, plan, 0), plan, units)
         torch.testing.assert_close(torch.cat(prepared.image_tokens), tokens, rtol=1e-5, atol=1e-5)
 
 
@@ -861,17 +865,8 @@ def test_narrow_scoring_chooses_mostly_the_full_width_cells() -> None:
 def test_a_padded_tail_gives_the_unpadded_tokens(family: str) -> None:
     """The tail's rows padded to a multiple of 64 patches (the padding a sequence of its own, last, also in the
     windowed blocks): the kept units' tokens (and DeepStack features) are the unpadded tail's."""
-    model, processor = _windowed_qwen25() if family == "qwen2_5_vl-3" else build(family)
+    model, processor, inputs, grids, budgets, units = _random_kept(family)
     visual = model.model.visual
-    inputs = processor.image_processor(images=_images(3), return_tensors="pt")
-    grids = [(int(h) // 2, int(w) // 2) for _, h, w in inputs["image_grid_thw"].tolist()]
-    budgets = [gh * gw // 3 for gh, gw in grids]
-    gen = torch.Generator().manual_seed(3)
-    units, offset = [], 0
-    for (gh, gw), k in zip(grids, budgets):
-        units.append(torch.randperm(gh * gw, generator=gen)[:k].sort().values + offset)
-        offset += gh * gw
-    units = torch.cat(units)
     pack_vision_tower(model, "padded")
     try:
         with torch.no_grad():
@@ -1100,15 +1095,12 @@ def test_cuda_compiled_pruned_tail_compiles_once_per_bucket(family: str) -> None
         dynamo.reset()
     assert before > 0 and after == before
     visual = model.model.visual
-    units, offset = [], 0
-    for out, (gh, gw) in zip(got.reduced, got.grids):
-        units.append(out.positions[0, :, 0] * gw + out.positions[0, :, 1] + offset)
-        offset += gh * gw
+    units = _kept_units(got.reduced, got.grids)
     pixel_values, _ = adapter.image_inputs(images)
     with torch.no_grad():
         plan = tower_plan(visual, got.grids, got.budgets, torch.device("cuda"))
         state = tower_head(visual, pixel_values.cuda(), plan, 0)
-        expected, _ = tower_tail(visual, state, plan, torch.cat(units))
+        expected, _ = tower_tail(visual, state, plan, units)
     assert plan.tail_multiple == 1 and got.budgets == [max(1, round(0.4 * gh * gw)) for gh, gw in got.grids]
     torch.testing.assert_close(torch.cat(got.image_tokens).float(), expected.float(), rtol=0.05, atol=0.05)
 
