@@ -288,9 +288,11 @@ def test_model_generate_at_full_budget_equals_the_unmodified_model(qwen: tuple) 
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
-def test_model_generate_reduced_equals_greedy_forward(qwen: tuple) -> None:
-    """Decode steps continue the 3-D positions: generate's tokens equal a greedy loop over ``forward``."""
-    adapter = _adapter(qwen)
+@pytest.mark.parametrize("prune_after", [None, 0])
+def test_model_generate_reduced_equals_greedy_forward(qwen: tuple, prune_after: int | None) -> None:
+    """Decode steps continue the 3-D positions: generate's tokens equal a greedy loop over ``forward``, reducing
+    the tower's output and pruning inside it."""
+    adapter = _adapter(qwen, prune_after=prune_after)
     images = _images(2)
     new = adapter.generate(images, PROMPTS[:2], budget=0.25, max_new_tokens=3, do_sample=False)
     prepared = adapter.prepare(images, PROMPTS[:2], 0.25)
@@ -622,22 +624,6 @@ def test_the_adapter_keeps_its_tower_plans(qwen: tuple) -> None:
     with torch.no_grad():
         prepared = adapter.prepare(_images(2), PROMPTS[:2], 0.25)
     assert (tuple(prepared.grids), tuple(prepared.budgets)) in {key[:2] for key in adapter._plans}
-
-
-def test_generate_with_pruning_equals_greedy_forward(qwen: tuple) -> None:
-    adapter = _adapter(qwen, prune_after=0)
-    images = _images(2)
-    new = adapter.generate(images, PROMPTS[:2], budget=0.25, max_new_tokens=3, do_sample=False)
-    prepared = adapter.prepare(images, PROMPTS[:2], 0.25)
-    embeds, mask, positions = prepared.inputs_embeds, prepared.attention_mask, prepared.position_ids
-    with torch.no_grad(), adapter.reading(prepared):
-        for step in range(3):
-            token = adapter.model(inputs_embeds=embeds, attention_mask=mask, position_ids=positions).logits[:, -1]
-            token = token.argmax(-1)
-            assert torch.equal(token, new[:, step])
-            embeds = torch.cat((embeds, adapter.model.get_input_embeddings()(token)[:, None]), 1)
-            mask = torch.cat((mask, mask[:, -1:]), 1)
-            positions = torch.cat((positions, positions[..., -1:] + 1), -1)
 
 
 def test_bad_prune_after_is_refused(qwen: tuple) -> None:
