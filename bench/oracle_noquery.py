@@ -143,7 +143,8 @@ def register_peaks(name: str, weight: torch.Tensor, bias: torch.Tensor, threshol
 
 
 def train_shapes(model: Any, size: int, count: int, kinds: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """A logistic probe of shape coverage (``kinds`` "shapes") or shape-and-glyph coverage ("all") on tower features."""
+    """A logistic probe on tower features of shape coverage (``kinds`` "shapes"), shape-and-glyph coverage ("all"),
+    or the oracle's choice, the patch each shape covers most ("best")."""
     from objectness_probe import train_probe
 
     from arrcoc.world.data import make_sample
@@ -157,6 +158,13 @@ def train_shapes(model: Any, size: int, count: int, kinds: str) -> tuple[torch.T
         with torch.no_grad():
             features.append(vision_features(model, rgb_values([s.image for s in samples])).flatten(0, 1))
         for s in samples:
+            if kinds == "best":  # the oracle's own choice: 1 on the patch each shape covers most
+                target = torch.zeros(grid[0] * grid[1])
+                for k, _, b in s.layout:
+                    if k not in ("text", "glyph"):
+                        target[int(answer_coverage([b], size, grid).flatten().argmax())] = 1.0
+                targets.append(target)
+                continue
             boxes = [b for k, _, b in s.layout if (k not in ("text", "glyph")) or (kinds == "all" and k == "glyph")]
             targets.append(answer_coverage(boxes, size, grid).flatten())
     return train_probe(torch.cat(features), torch.cat(targets))
@@ -187,7 +195,7 @@ def main() -> int:
     register_oracle("oracle-s", ("shapes",))
     register_oracle("oracle-g", ("glyphs",))
     model, tokenizer = load_vlm()
-    for kinds in ("shapes", "all"):
+    for kinds in ("shapes", "all", "best"):
         if any(m.startswith(f"peaks-{kinds}") for m in args.methods):
             weight, bias = train_shapes(model, args.size, args.train, kinds)
             for threshold in (0.3, 0.5):
