@@ -3,6 +3,7 @@
     python bench/profile_probe.py qwen --out DIR        the packed vision tower at batch 1 and 8, and prepare at 11%
     python bench/profile_probe.py dataset --out DIR     compress-dataset on the photo set and the benchmark set
     python bench/profile_probe.py syncs --out DIR       every host sync of the Qwen-VL adapter's generate at 11%
+    python bench/profile_probe.py qwen-pruned --out DIR  prepare at 11%, batch 8, pruning after block 7: each step
 
 Each part writes ``<part>-<case>.txt``: wall milliseconds, the summed kernel time, and the top kernels; ``syncs``
 writes each distinct call stack that synchronised (``torch.cuda.set_sync_debug_mode("warn")``) and how often.
@@ -80,6 +81,44 @@ def qwen(out: Path) -> None:
             }
             for name, call in calls.items():
                 _profiled(call, out, f"qwen-{name}-b{batch}")
+
+
+def qwen_pruned(out: Path) -> None:
+    """``prepare`` at 11%, batch 8, pruning inside the tower after block 7, the head at width 256: each step
+    (the tower's first blocks, the merger at block 7, the colour grid, the padded batch and query, the head, the
+    tail, positions) as a named range, so that arrcoc's own time beside the tower's shows step by step."""
+    import functools
+
+    from torch.profiler import record_function
+
+    from arrcoc.integrations import qwen as qwen_module
+    from arrcoc.integrations.vision_tower import pack_vision_tower
+    from arrcoc.tools import bench_qwen as bq
+
+    device = torch.device("cuda")
+    model = bq.build_qwen("qwen2.5-vl-7b", device, torch.bfloat16)
+    model.set_attn_implementation("sdpa")
+    adapter = bq.qwen_adapter(model, prune_after="auto", score_width="auto")
+    pack_vision_tower(model, compile=True, dynamic=False)
+
+    def ranged(fn, name):
+        @functools.wraps(fn)
+        def call(*args, **kwargs):
+            with record_function(f"arrcoc_{name}"):
+                return fn(*args, **kwargs)
+
+        return call
+
+    for name in ("_groups", "_rgb", "_visual", "_reduce_budgets", "_tower_tail", "_positions"):
+        setattr(adapter, name, ranged(getattr(adapter, name), name))
+    for name in ("tower_plan", "tower_head", "tower_merged"):
+        setattr(qwen_module, name, ranged(getattr(qwen_module, name), name))
+    size = bq.PRESETS["qwen2.5-vl-7b"][2]
+    inputs = adapter.image_processor(images=bq._images(size, 8), return_tensors="pt")
+    pixels = {"pixel_values": inputs["pixel_values"].to(device), "image_grid_thw": inputs["image_grid_thw"].to(device)}
+    with torch.inference_mode():
+        adapter.prepare(pixels, [bq.QUESTION] * 8, 0.11)  # compiles and captures outside the profile
+        _profiled(lambda: adapter.prepare(pixels, [bq.QUESTION] * 8, 0.11), out, "qwen-pruned-prepare11-b8")
 
 
 def dataset(out: Path) -> None:
@@ -174,12 +213,12 @@ def syncs(out: Path) -> None:
 
 def main() -> int:
     parser = argparse.ArgumentParser()
-    parser.add_argument("part", choices=["qwen", "dataset", "syncs"])
+    parser.add_argument("part", choices=["qwen", "qwen-pruned", "dataset", "syncs"])
     parser.add_argument("--out", default="/tmp/probe")
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    {"qwen": qwen, "dataset": dataset, "syncs": syncs}[args.part](out)
+    {"qwen": qwen, "qwen-pruned": qwen_pruned, "dataset": dataset, "syncs": syncs}[args.part](out)
     return 0
 
 
