@@ -80,14 +80,17 @@ def oracle_mask(
 
 
 def _greedy(score: torch.Tensor, rows: torch.Tensor, chosen: list[int], budget: int) -> torch.Tensor:
-    """Greedy max-min from ``chosen`` on: keep the best-scoring patch, lower every score to its row, until
-    ``budget``; ``(N,)`` 1 on what is kept."""
+    """Greedy max-min from ``chosen`` on: keep the best-scoring patch, lower every score to its row (the first
+    pick of an empty start replaces them, as :func:`arrcoc.stages.balance.pick_patches` does), until ``budget``;
+    ``(N,)`` 1 on what is kept."""
     score = score.clone()
     score[chosen] = -float("inf")
+    first = not chosen  # as pick_patches: the first pick's row replaces the scores before it
     while len(chosen) < budget:
         p = int(score.argmax())
         chosen.append(p)
-        score = torch.minimum(score, rows[p])
+        score = rows[p].clone() if first else torch.minimum(score, rows[p])
+        first = False
         score[chosen] = -float("inf")
     mask = torch.zeros(rows.shape[0])
     mask[chosen] = 1
