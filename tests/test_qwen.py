@@ -204,14 +204,13 @@ def test_the_full_budget_test_can_fail(qwen: tuple) -> None:
 
 
 # --- budgets and positions ----------------------------------------------------------------------------
-@pytest.mark.parametrize("method", METHODS)
-@pytest.mark.parametrize("budget", [5, 0.25])
-def test_exactly_budget_tokens_at_their_own_positions(qwen: tuple, method: str, budget: int | float) -> None:
-    adapter = _adapter(qwen, method)
-    images = _images(3)
+def _budgeted(adapter: ArrcocQwen, reference: ArrcocQwen, images: list, budget: int | float) -> tuple:
+    """``adapter``'s prepared inputs at ``budget``, ``reference``'s with every token, the image slots and the
+    budgets wanted, after the checks every path owes: exactly the budget in each image's slots, filled with its
+    tokens, and finite logits."""
     with torch.no_grad():
         prepared = adapter.prepare(images, PROMPTS, budget)
-        full = adapter.prepare(images, PROMPTS)
+        full = reference.prepare(images, PROMPTS)
         logits = adapter.run(prepared).logits
     sizes = [gh * gw for gh, gw in prepared.grids]
     wanted = [5] * 3 if isinstance(budget, int) else [max(1, round(budget * n)) for n in sizes]
@@ -220,6 +219,15 @@ def test_exactly_budget_tokens_at_their_own_positions(qwen: tuple, method: str, 
     assert [t.shape[0] for t in prepared.image_tokens] == wanted
     assert torch.equal(prepared.inputs_embeds[slots], torch.cat(prepared.image_tokens))
     assert torch.isfinite(logits).all()
+    return prepared, full, slots, wanted
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("budget", [5, 0.25])
+def test_exactly_budget_tokens_at_their_own_positions(qwen: tuple, method: str, budget: int | float) -> None:
+    adapter = _adapter(qwen, method)
+    images = _images(3)
+    prepared, full, slots, wanted = _budgeted(adapter, adapter, images, budget)
     for i, ((gh, gw), out) in enumerate(zip(prepared.grids, prepared.reduced)):
         boxes = out.positions[0]  # (K, 4) on the merged grid: no token stands for padding
         assert (boxes[:, 0] + boxes[:, 2] <= gh).all() and (boxes[:, 1] + boxes[:, 3] <= gw).all()
@@ -445,17 +453,7 @@ def _depth(qwen: tuple) -> int:
 def test_pruned_path_keeps_exactly_budget_tokens_at_their_own_positions(qwen: tuple, budget: int | float) -> None:
     adapter = _adapter(qwen, prune_after=0)
     images = _images(3)
-    with torch.no_grad():
-        prepared = adapter.prepare(images, PROMPTS, budget)
-        full = _adapter(qwen).prepare(images, PROMPTS)
-        logits = adapter.run(prepared).logits
-    sizes = [gh * gw for gh, gw in prepared.grids]
-    wanted = [5] * 3 if isinstance(budget, int) else [max(1, round(budget * n)) for n in sizes]
-    slots = prepared.input_ids == IMAGE_ID
-    assert prepared.budgets == wanted and slots.sum(1).tolist() == wanted
-    assert [t.shape[0] for t in prepared.image_tokens] == wanted
-    assert torch.equal(prepared.inputs_embeds[slots], torch.cat(prepared.image_tokens).to(prepared.inputs_embeds))
-    assert torch.isfinite(logits).all()
+    prepared, full, slots, wanted = _budgeted(adapter, _adapter(qwen), images, budget)
     for i, ((gh, gw), out) in enumerate(zip(prepared.grids, prepared.reduced)):
         cells = out.positions[0]  # (K, 4): one merged unit each, in raster order, no two alike
         assert (cells[:, 2:] == 1).all() and (cells[:, 0] < gh).all() and (cells[:, 1] < gw).all()
