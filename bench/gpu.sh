@@ -117,14 +117,14 @@ if [ -n "${BEFORE:-}" ]; then  # the old package's own module path: it predates 
 fi
 # the Qwen-VL benchmark, each batch size of QWEN_BATCHES in a process of its own (a compiled tower that has seen
 # another batch's token count runs batch 1 on shapes compiled for both); QWEN_ARGS replaces its options (default:
-# the vision blocks compiled, one static compile per shape, the rows pruned inside the tower beside the
+# the vision blocks and the reducer compiled, one static compile per shape, the rows pruned inside the tower beside the
 # post-tower ones)
 QWEN_LIMIT="${QWEN_LIMIT:-250}"
 if [ "${QWEN:-0}" = 1 ]; then
   for batch in ${QWEN_BATCHES:-8 1}; do
     step "bench-qwen-b$batch" "$QWEN_LIMIT" env TORCH_LOGS=recompiles python3 -m arrcoc.tools.bench_qwen \
       --out "$OUT/qwen-b$batch" --batches "$batch" --time-limit $(( QWEN_LIMIT - 20 )) \
-      ${QWEN_ARGS:---compile --static-shapes --repeats 5 --prune-after auto}
+      ${QWEN_ARGS:---compile --static-shapes --compile-reducer --repeats 5 --prune-after auto}
   done
 fi
 # the query-free validation sweep (issue 21); SWEEP_ARGS picks variants, seeds, sizes, shares

@@ -98,7 +98,7 @@ def qwen_pruned(out: Path) -> None:
     device = torch.device("cuda")
     model = bq.build_qwen("qwen2.5-vl-7b", device, torch.bfloat16)
     model.set_attn_implementation("sdpa")
-    adapter = bq.qwen_adapter(model, prune_after="auto", score_width="auto")
+    adapter = bq.qwen_adapter(model, prune_after="auto", score_width="auto", compile_reducer=True)
     pack_vision_tower(model, compile=True, dynamic=False)
 
     def ranged(fn, name):

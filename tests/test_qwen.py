@@ -672,6 +672,43 @@ def test_cuda_pruned_prepare_never_waits_for_the_vision_tower(family: str) -> No
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize("prune_after", [None, 0])
+def test_cuda_compiled_reducer_replays_as_one_graph_and_keeps_the_plain_choice(prune_after: int | None) -> None:
+    """``compile_reducer``: the compiled reducer is captured once per key like the plain one, prepares without a
+    host sync from the tower on once captured, and keeps the same cells (float32)."""
+    model, processor = build("qwen2_5_vl")
+    model = model.cuda()
+    pack_vision_tower(model, "padded")
+    try:
+        kwargs = dict(template=TEMPLATE, prune_after=prune_after)
+        compiled = ArrcocQwen(model, processor, compile_reducer=True, **kwargs)
+        plain = ArrcocQwen(model, processor, **kwargs)
+        images, prompts = _images(4), PROMPTS + PROMPTS[:1]
+        with torch.no_grad():
+            compiled.prepare(images, prompts, 0.25)  # compiles and captures (both sync)
+            embed = model.model.visual.patch_embed  # from the tower on: the pixels' own copy comes before
+            handle = embed.register_forward_pre_hook(lambda *_: torch.cuda.set_sync_debug_mode("error"))
+            try:
+                got = compiled.prepare(images, prompts, 0.25)
+            finally:
+                handle.remove()
+                torch.cuda.set_sync_debug_mode(0)
+            expected = plain.prepare(images, prompts, 0.25)
+    finally:
+        unpack_vision_tower(model)
+    assert compiled.captures == plain.captures == 1
+    assert got.budgets == expected.budgets
+    assert torch.equal(got.position_ids, expected.position_ids)
+    torch.testing.assert_close(got.inputs_embeds, expected.inputs_embeds)
+
+
+def test_compile_reducer_must_be_a_bool(qwen: tuple) -> None:
+    model, processor = qwen
+    with pytest.raises(arrcoc.InvalidTypeError, match="compile_reducer must be True or False"):
+        ArrcocQwen(model, processor, template=TEMPLATE, compile_reducer="yes")
+
+
+@pytest.mark.cuda
 @pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl-3", *FAMILIES[2:]])
 def test_cuda_pruned_tail_varlen_and_padded_kernels_agree(family: str) -> None:
     """bf16: the tail on a random kept subset under FlashAttention varlen (windows the pruning left empty are

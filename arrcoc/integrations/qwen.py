@@ -84,6 +84,7 @@ from torch import Tensor, nn
 from ..config import PipelineConfig
 from ..errors import BudgetError, InvalidInputError, InvalidTypeError
 from ..reducers import ArrcocReducer, ReducedTokens, VisualInput, check_visual, create_reducer
+from ..runtime.graphs import GraphChain
 from ..stages.regions import capacity_of
 from .adapter import check_prompting, expand_prompt, processor_parts, reducer_chain
 from .hf import raster_order
@@ -265,6 +266,9 @@ class ArrcocQwen(nn.Module):
             batches whose every image has a question (without one, the query-free pick scores at full width:
             it follows the projection's noise further), else ``None``; a number: that width for every image.
             arrcoc's reducers only (a baseline's pooled tokens cannot be gathered from cells).
+        compile_reducer: ``torch.compile`` the reducer (``dynamic=False``) before its CUDA graph is captured:
+            fewer, fused kernels in each replay, so less of arrcoc's own time, for a compile of some seconds on the
+            first call of each graph key. With ``reducer_graphs="off"`` the compiled reducer is called directly.
     """
 
     def __init__(
@@ -281,6 +285,7 @@ class ArrcocQwen(nn.Module):
         reducer_graphs: str = "auto",
         prune_after: int | str | None = None,
         score_width: int | str | None = "auto",
+        compile_reducer: bool = False,
     ) -> None:
         super().__init__()
         self.model = model
@@ -305,6 +310,9 @@ class ArrcocQwen(nn.Module):
         self.query_temperature = float(query_temperature)
         self.grid_multiple = grid_multiple
         self.reducer_graphs = reducer_graphs
+        if not isinstance(compile_reducer, bool):
+            raise InvalidTypeError(f"compile_reducer must be True or False; got {compile_reducer!r}")
+        self.compile_reducer = compile_reducer
         self.method = method
         self.reducer = create_reducer(method, config=config)
         if isinstance(self.reducer, nn.Module):  # its constant buffers go with the model
@@ -385,7 +393,7 @@ class ArrcocQwen(nn.Module):
     @property
     def captures(self) -> int:
         """Reducer graphs captured so far (one per graph key)."""
-        return sum(1 for c in self._chains.values() if c is not False)
+        return sum(1 for c in self._chains.values() if isinstance(c, GraphChain))
 
     # --- images -> merged grids ------------------------------------------------------------------------
     def image_inputs(self, images: Any) -> tuple[Tensor, Tensor]:
@@ -509,7 +517,18 @@ class ArrcocQwen(nn.Module):
             )
         budgets = self.budgets(budget, grids)
         pixel_values, grid_thw = pixel_values.to(device), grid_thw.to(device)
+        # The tower goes first: the host work below (the prompts' ids, masks, the groups' index tensors) then
+        # overlaps it, and what the host sends the device travels from pinned memory without waiting for the tower.
+        # At every image's full budget nothing would be pruned: the tower runs whole, as without pruning.
+        prune = self.prune_after is not None and any(k < gh * gw for k, (gh, gw) in zip(budgets, grids))
+        plan = self.plan(grids, budgets, device) if prune else None
+        if plan is not None:  # the head scores the pruning block's states, through the model's own merger
+            state = tower_head(self.inner.visual, pixel_values, plan, self.prune_after)
+            features, deep = tower_merged(self.inner.visual, state, plan), None  # per image (gh, gw, H)
+        else:
+            features, deep = self._image_features(pixel_values, grid_thw, grids)  # (gh, gw, H), (L, gh, gw, H)
         rows = [self._tokenize(p, k) for p, k in zip(prompts, budgets)]
+        questions = [[j for j, q in enumerate(r[1]) if q] for r in rows]
         length = max(len(ids) for ids, _, _ in rows)
         ids = torch.full((len(rows), length), self.pad_token_id, dtype=torch.long)
         mask = torch.zeros(len(rows), length, dtype=torch.long)
@@ -518,22 +537,10 @@ class ArrcocQwen(nn.Module):
             ids[i, length - len(row) :] = torch.tensor(row)
             mask[i, length - len(row) :] = 1
             query_mask[i, length - len(row) :] = torch.tensor(q)
-        ids, mask, query_mask = ids.to(device), mask.to(device), query_mask.to(device)
-        questions = [[j for j, q in enumerate(r[1]) if q] for r in rows]
+        ids, mask, query_mask = (_sent(t, device) for t in (ids, mask, query_mask))
         pads = [length - len(r[0]) for r in rows]
-        # Everything the host sends the device goes before the tower: a copy from host memory waits for the
-        # stream, and after the tower it would hold the reducer's and the language model's launches until the
-        # tower ends instead of queueing them behind it.
         groups = self._groups(grids, questions, pads, budgets, device)
-        # at every image's full budget nothing would be pruned: the tower runs whole, as without pruning
-        prune = self.prune_after is not None and any(k < gh * gw for k, (gh, gw) in zip(budgets, grids))
-        plan = self.plan(grids, budgets, device) if prune else None
         embeds = self.model.get_input_embeddings()(ids)  # (B, T, H)
-        if plan is not None:  # the head scores the pruning block's states, through the model's own merger
-            state = tower_head(self.inner.visual, pixel_values, plan, self.prune_after)
-            features, deep = tower_merged(self.inner.visual, state, plan), None  # per image (gh, gw, H)
-        else:
-            features, deep = self._image_features(pixel_values, grid_thw, grids)  # (gh, gw, H), (L, gh, gw, H)
         rgb = self._rgb(pixel_values, grids) if "pixels" in self.needs else [None] * len(grids)
         # with pruning the tail makes the kept tokens: the head's own are not gathered
         reduced = self._reduce_all(groups, features, rgb, embeds, questions, budgets, gather=plan is None)
@@ -624,13 +631,20 @@ class ArrcocQwen(nn.Module):
             position_ids[:, i, length - after :] = start + max(gh, gw) + torch.arange(after, device=device)
         return position_ids
 
-    def _query(self, grid: Tensor, valid: Tensor, text: Tensor) -> Tensor:
-        """``(n, L, H)`` question tokens ``text`` ``(n, L, H)`` as mixtures of each image's merged tokens ``grid``
-        ``(n, gh, gw, H)`` (``valid`` ``(n, gh, gw)`` 1 on the image's own cells; the others get no weight)."""
-        tokens = grid.flatten(1, 2).float()  # (n, N, H)
-        cosine = F.normalize(text.float(), dim=-1) @ F.normalize(tokens, dim=-1).transpose(1, 2)  # (n, L, N)
+    def _query(self, grid: Tensor, valid: Tensor, text: Tensor, values: Tensor | None = None) -> Tensor:
+        """``(n, L, ·)`` float32 question tokens ``text`` ``(n, L, H)`` as mixtures of each image's merged tokens
+        ``grid`` ``(n, gh, gw, H)`` (``valid`` ``(n, gh, gw)`` 1 on the image's own cells; the others get no
+        weight). The mixture weights come from full-width cosines; ``values`` ``(n, gh, gw, d)`` (the narrow view
+        of ``grid``) are mixed instead of ``grid`` where given, the same query projected, since mixing is linear.
+        The cosines read ``grid`` in its own dtype (no float32 copy of the full-width grid): a product of unit
+        question vectors with the tokens, divided by the tokens' float32 norms."""
+        tokens = grid.flatten(1, 2)  # (n, N, H)
+        norms = torch.linalg.vector_norm(tokens, dim=-1, dtype=torch.float32).clamp_min(1e-12)  # (n, N)
+        unit = F.normalize(text.float(), dim=-1).to(tokens.dtype)
+        cosine = (unit @ tokens.transpose(1, 2)).float() / norms[:, None]  # (n, L, N)
         cosine = cosine.masked_fill(valid.flatten(1)[:, None] == 0, float("-inf"))
-        return torch.softmax(cosine / self.query_temperature, dim=-1) @ tokens  # (n, L, H)
+        mixed = tokens if values is None else values.flatten(1, 2)
+        return torch.softmax(cosine / self.query_temperature, dim=-1) @ mixed.float()  # (n, L, H or d)
 
     def _groups(
         self,
@@ -655,13 +669,13 @@ class ArrcocQwen(nn.Module):
                 for j, i in enumerate(members):
                     where[j, : len(questions[i])] = torch.tensor(questions[i], dtype=torch.long) + pads[i]
                     query_mask[j, : len(questions[i])] = True
-                where, query_mask = where.to(device), query_mask.to(device)
-                rows = torch.tensor(members, device=device)
+                where, query_mask = _sent(where, device), _sent(query_mask, device)
+                rows = _sent(torch.tensor(members), device)
             valid = torch.zeros(len(members), *bucket)  # which cells are image depends on the sizes alone
             for j, i in enumerate(members):
                 valid[j, : grids[i][0], : grids[i][1]] = 1
-            valid = valid.to(device)
-            tensor = torch.tensor([budgets[i] for i in members], device=device) if self.budget_tensor else None
+            valid = _sent(valid, device)
+            tensor = _sent(torch.tensor([budgets[i] for i in members]), device) if self.budget_tensor else None
             groups.append(_Group(bucket, length, k, members, tensor, where, rows, query_mask, valid))
         return groups
 
@@ -746,14 +760,13 @@ class ArrcocQwen(nn.Module):
             # each image's pixels cover its merged grid exactly, ``cell`` pixels a side per merged token
             cells = group.valid[:, :, None, :, None].expand(n, bh, cell, bw, cell)
             visual.valid = cells.reshape(n, 1, bh * cell, bw * cell)
+        narrowed = grid @ self._score_projection.to(grid.dtype) if narrow else None  # (n, bh, bw, d), padding 0
         if group.where is not None:
             text = embeds[group.rows[:, None], group.where]  # (n, L, H) the question tokens (any past them: masked)
-            visual.query = self._query(grid, group.valid, text) * group.query_mask[..., None]
+            visual.query = self._query(grid, group.valid, text, narrowed) * group.query_mask[..., None]
             visual.query_mask = group.query_mask
-        if narrow:  # the head's narrow view: one product each, padding stays 0
-            visual.features = grid @ self._score_projection.to(grid.dtype)  # (n, bh, bw, d)
-            if visual.query is not None:
-                visual.query = visual.query @ self._score_projection.to(visual.query.dtype)  # (n, L, d)
+        if narrowed is not None:  # the head's narrow view
+            visual.features = narrowed
         return visual
 
     def reduce(self, visual: VisualInput, budget: int) -> ReducedTokens:
@@ -842,10 +855,11 @@ class ArrcocQwen(nn.Module):
         if torch.is_grad_enabled() and any(v.requires_grad for v in inputs.values()):
             backend = None  # a graph replay has no autograd: with gradients wanted, call the reducer directly
         key = (*name, backend, tuple((k, tuple(v.shape), v.dtype) for k, v in inputs.items()))
-        chain = self._chains.get(key) if backend else False
-        if chain is None:
-            chain = self._chains[key] = self._chain(fn, inputs, backend)
-        result = fn(inputs) if chain is False else chain.run(inputs, rows=first.shape[0])
+        chain = self._chains.get(key) if backend or self.compile_reducer else fn
+        if chain is None:  # a graph of the (compiled) reducer, or where none can be captured, the step itself
+            step = torch.compile(fn, dynamic=False) if self.compile_reducer else fn  # one compile per key
+            chain = self._chains[key] = (self._chain(step, inputs, backend) if backend else None) or step
+        result = chain.run(inputs, rows=first.shape[0]) if isinstance(chain, GraphChain) else chain(inputs)
         return ReducedTokens(
             result["tokens"],
             result["positions"],
@@ -854,10 +868,10 @@ class ArrcocQwen(nn.Module):
             result["allocation"] if "allocation" in result else None,
         )
 
-    def _chain(self, fn: Any, inputs: dict[str, Tensor], backend: str) -> Any:
+    def _chain(self, fn: Any, inputs: dict[str, Tensor], backend: str) -> GraphChain | None:
         if backend == "cuda" and self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
-        return reducer_chain(fn, inputs, backend, self._pool, f"{self.method} reducer") or False
+        return reducer_chain(fn, inputs, backend, self._pool, f"{self.method} reducer")
 
     @contextlib.contextmanager
     def reading(self, prepared: QwenPrepared) -> Iterator[None]:
@@ -916,6 +930,14 @@ class ArrcocQwen(nn.Module):
                 position_ids=prepared.position_ids,
                 **generate_kwargs,
             )
+
+
+def _sent(tensor: Tensor, device: torch.device) -> Tensor:
+    """A host-made ``tensor`` on ``device``; to a GPU from pinned memory, so that the copy queues behind the work
+    already launched (the vision tower) instead of the host waiting for it."""
+    if device.type != "cuda":
+        return tensor.to(device)
+    return tensor.pin_memory().to(device, non_blocking=True)
 
 
 def _tower_outputs(out: Any) -> tuple[Tensor, list[Tensor] | None]:
