@@ -21,6 +21,7 @@ from arrcoc.integrations.qwen import (  # noqa: E402
     ArrcocQwen,
     _box_means,
     graph_buckets,
+    kept_units,
     merged_grid,
     score_projection,
 )
@@ -557,18 +558,9 @@ def _random_kept(family: str) -> tuple[torch.nn.Module, object, object, list[tup
     return model, processor, inputs, grids, budgets, torch.cat(units)
 
 
-def _kept_units(reduced: list, grids: list[tuple[int, int]]) -> torch.Tensor:
-    """The units each image's single-unit tokens name, in raster order counted over the batch."""
-    units, offset = [], 0
-    for out, (gh, gw) in zip(reduced, grids):
-        units.append(out.positions[0, :, 0] * gw + out.positions[0, :, 1] + offset)
-        offset += gh * gw
-    return torch.cat(units)
-
-
 @pytest.mark.parametrize("packed", [False, True])
 @pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl-3"])
-def test_the_tail_attends_inside_each_window_and_image_of_the_kept_units(family: str, packed: bool) -> None:
+def test_the_tail_attends_inside_each_window_and_image_of_thekept_units(family: str, packed: bool) -> None:
     """The tail, with the model's own attention and packed (windows left empty are sequences of length 0),
     against a loop over the model's own blocks, one window (windowed blocks) or one image (full attention) at a
     time, on a random kept subset."""
@@ -675,7 +667,7 @@ def test_cuda_pruned_prepare_never_waits_for_the_vision_tower(family: str) -> No
 @pytest.mark.parametrize("prune_after", [None, 0])
 def test_cuda_compiled_reducer_replays_as_one_graph_and_keeps_the_plain_choice(prune_after: int | None) -> None:
     """``compile_reducer``: the compiled reducer is captured once per key like the plain one, prepares without a
-    host sync from the tower on once captured, and keeps the same cells (float32)."""
+    host sync once the tower is queued, and keeps the same cells (float32)."""
     model, processor = build("qwen2_5_vl")
     model = model.cuda()
     pack_vision_tower(model, "padded")
@@ -686,8 +678,13 @@ def test_cuda_compiled_reducer_replays_as_one_graph_and_keeps_the_plain_choice(p
         images, prompts = _images(4), PROMPTS + PROMPTS[:1]
         with torch.no_grad():
             compiled.prepare(images, prompts, 0.25)  # compiles and captures (both sync)
-            embed = model.model.visual.patch_embed  # from the tower on: the pixels' own copy comes before
-            handle = embed.register_forward_pre_hook(lambda *_: torch.cuda.set_sync_debug_mode("error"))
+            # from the tower's queueing on: the whole tower after the tower; the pruned one from its patch embedding
+            error = lambda *_: torch.cuda.set_sync_debug_mode("error")  # noqa: E731
+            visual = model.model.visual
+            if prune_after is None:
+                handle = visual.register_forward_hook(error)
+            else:
+                handle = visual.patch_embed.register_forward_pre_hook(error)
             try:
                 got = compiled.prepare(images, prompts, 0.25)
             finally:
@@ -810,7 +807,7 @@ def test_narrow_scoring_keeps_full_width_tokens_at_the_chosen_cells(wide: tuple,
         visual = adapter.inner.visual
         pixel_values, grid_thw = adapter.image_inputs(images)
         plan = tower_plan(visual, prepared.grids, prepared.budgets, torch.device("cpu"))
-        units = _kept_units(prepared.reduced, prepared.grids)
+        units = kept_units(prepared.reduced, prepared.grids)
         with torch.no_grad():
             tokens, _ = tower_tail(visual, tower_head(visual, pixel_values, plan, 0), plan, units)
         torch.testing.assert_close(torch.cat(prepared.image_tokens), tokens, rtol=1e-5, atol=1e-5)
@@ -1116,7 +1113,7 @@ def test_cuda_compiled_pruned_tail_compiles_once_per_bucket(family: str) -> None
         dynamo.reset()
     assert before > 0 and after == before
     visual = model.model.visual
-    units = _kept_units(got.reduced, got.grids)
+    units = kept_units(got.reduced, got.grids)
     pixel_values, _ = adapter.image_inputs(images)
     with torch.no_grad():
         plan = tower_plan(visual, got.grids, got.budgets, torch.device("cuda"))

@@ -97,6 +97,7 @@ __all__ = [
     "QWEN_MODEL_TYPES",
     "SCORE_WIDTH",
     "graph_buckets",
+    "kept_units",
     "merged_grid",
     "score_projection",
 ]
@@ -576,12 +577,7 @@ class ArrcocQwen(nn.Module):
     ) -> tuple[list[ReducedTokens], list[Tensor] | None]:
         """The tower's blocks after the pruning block on the kept units only: their merged tokens replace the
         tokens the head picked (the pruning block's), and for Qwen3-VL give the DeepStack features in slot order."""
-        units, offset = [], 0
-        for out, (gh, gw) in zip(reduced, grids):
-            cells = out.positions[0]  # (K_i, 4): one merged unit each (arrcoc's tokens are single units)
-            units.append(cells[:, 0] * gw + cells[:, 1] + offset)  # raster units counted over the batch
-            offset += gh * gw
-        tokens, deep = tower_tail(self.inner.visual, state, plan, torch.cat(units))  # (sum K_i, H)
+        tokens, deep = tower_tail(self.inner.visual, state, plan, kept_units(reduced, grids))  # (sum K_i, H)
         parts = torch.split(tokens, [out.tokens.shape[1] for out in reduced])
         return [dataclasses.replace(out, tokens=t[None]) for out, t in zip(reduced, parts)], deep
 
@@ -930,6 +926,17 @@ class ArrcocQwen(nn.Module):
                 position_ids=prepared.position_ids,
                 **generate_kwargs,
             )
+
+
+def kept_units(reduced: Sequence[ReducedTokens], grids: Sequence[tuple[int, int]]) -> Tensor:
+    """``(sum K_i,)`` the merged units each image's single-unit tokens name (arrcoc's tokens), in raster order
+    counted over the batch, each image's in its tokens' order: what the pruned tower's tail runs on."""
+    units, offset = [], 0
+    for out, (gh, gw) in zip(reduced, grids):
+        cells = out.positions[0]  # (K_i, 4) row, column, 1, 1
+        units.append(cells[:, 0] * gw + cells[:, 1] + offset)
+        offset += gh * gw
+    return torch.cat(units)
 
 
 def _sent(tensor: Tensor, device: torch.device) -> Tensor:

@@ -42,7 +42,7 @@ from typing import Any
 import torch
 
 from ..integrations.hf import word_tokenizer
-from ..integrations.qwen import ArrcocQwen, graph_buckets, merged_grid
+from ..integrations.qwen import ArrcocQwen, graph_buckets, kept_units, merged_grid
 from ..integrations.vision_tower import pack_vision_tower, tower_head, tower_tail
 from ..runtime.device import device_name
 from .bench_generation import random_model
@@ -228,8 +228,9 @@ def _row(
         grids = adapter.merged_grids(pixels["image_grid_thw"])
         budgets = adapter.budgets(None if full else share, grids)
         tokens = budgets[0]
-        if pruned:
-            tower = lambda: _pruned_tower(adapter, pixels["pixel_values"], grids, budgets)  # noqa: E731
+        if pruned:  # the units prepare keeps: a windowed tail's cost depends on how they spread over the windows
+            units = kept_units(adapter.prepare(pixels, prompts, share).reduced, grids)
+            tower = lambda: _pruned_tower(adapter, pixels["pixel_values"], grids, budgets, units)  # noqa: E731
         else:
             tower = lambda: adapter.merged_features(pixels["pixel_values"], pixels["image_grid_thw"])  # noqa: E731
         calls = [lambda: run(1), tower] + ([lambda: run(1 + new)] if decode else [])
@@ -271,19 +272,19 @@ def _compiles() -> int:
 
 
 def _pruned_tower(
-    adapter: ArrcocQwen, pixel_values: torch.Tensor, grids: list[tuple[int, int]], budgets: list[int]
+    adapter: ArrcocQwen,
+    pixel_values: torch.Tensor,
+    grids: list[tuple[int, int]],
+    budgets: list[int],
+    units: torch.Tensor,
 ) -> torch.Tensor:
-    """The vision tower's own work when pruning after ``adapter.prune_after`` keeping ``budgets`` units (the first
-    of each image: the blocks' cost does not depend on which): its plan, every patch up to the pruning block, the
-    rest and the merger on the kept units. No merger at the pruning block, no head: those are arrcoc's. The plan
-    is the adapter's (:meth:`ArrcocQwen.plan`, kept per shape), as in its ``prepare``."""
+    """The vision tower's own work when pruning after ``adapter.prune_after`` keeping ``units``
+    (:func:`~arrcoc.integrations.qwen.kept_units` of a ``prepare``: in windowed blocks the tail's cost depends on
+    how the kept units spread over the windows): its plan, every patch up to the pruning block, the rest and the
+    merger on the kept units. No merger at the pruning block, no head: those are arrcoc's. The plan is the
+    adapter's (:meth:`ArrcocQwen.plan`, kept per shape), as in its ``prepare``."""
     visual = adapter.inner.visual
     plan = adapter.plan(grids, budgets, pixel_values.device)
-    starts, offset = [], 0
-    for (gh, gw), k in zip(grids, budgets):
-        starts.append(torch.arange(offset, offset + k, device=pixel_values.device))
-        offset += gh * gw
-    units = torch.cat(starts)  # made before the tower, as the adapter's plan is
     state = tower_head(visual, pixel_values, plan, adapter.prune_after)
     return tower_tail(visual, state, plan, units)[0]
 
@@ -320,9 +321,9 @@ def _markdown(report: dict[str, Any]) -> str:
         "100% is the model reading every token through its own generate; arrcoc's own time (in the time to first "
         "token) is the adapter's prepare minus the vision tower. Pruned rows reduce inside the tower "
         "(`ArrcocQwen(prune_after=L)`): their vision ms is the tower's own work at that budget (every patch up to "
-        "block L, the rest and the merger on the kept units, with the index plan, kept per shape as in prepare), and "
-        "their arrcoc ms all the "
-        "adapter adds to it (the merger at block L, the query, the head, positions, slot filling).",
+        "block L, the rest and the merger on the units prepare keeps, with the index plan, kept per shape as in "
+        "prepare), and their arrcoc ms all the adapter adds to it (the merger at block L, the query, the head, "
+        "positions, slot filling).",
         "",
     ]
     if report.get("unpacked_ttft_ms") is not None:
