@@ -3,13 +3,17 @@
 Every sample is a pure function of its seed (and size and family), so a dataset of any size needs no files.
 Scenes hold 3-12 shapes (4 shapes x 6 colours, 3%-12% of the side) and 1-3 framed text labels (2-5 letters
 or digits, one glyph about one ViT patch wide at every size) on a cluttered background (gradient, noise,
-grey distractor strokes). Six question families ask about them; each sample carries its answer and the
+grey distractor strokes). Seven question families ask about them; each sample carries its answer and the
 pixel boxes that hold the evidence, the relevance target of the participatory scorer and of the
 "tokens inside the answer boxes" measurement.
 
 Questions are unambiguous by construction: the shape a "color" or "side" question names is unique, the
 colour a "shape" question names is worn by exactly one shape, and text frames never share the colour a
 shape question, a count question or an exists question names.
+
+Six families name their evidence (a colour, a shape, a framed label). The seventh, "total" ("How many shapes
+are there?"), does not: its evidence is every shape in the scene, and the framed labels are distractors that
+look like objects but are not shapes.
 """
 
 from __future__ import annotations
@@ -35,12 +39,15 @@ __all__ = [
     "make_sample",
     "VQADataset",
     "answer_vocabulary",
+    "TOTAL_RANGE",
 ]
 
 logger = logging.getLogger(__name__)
 
-#: The six question families, in the order reports list them.
-QUESTION_FAMILIES: tuple[str, ...] = ("color", "shape", "count", "text", "exists", "side")
+#: The question families, in the order reports list them. "total" comes last: ``make_sample(seed)`` draws a
+#: family from this tuple, and with the new one last a seed that drew one of the first six before still draws it
+#: (and gives the same sample) or now draws "total" (``random.choice`` reads 3 bits for 6 or 7 choices alike).
+QUESTION_FAMILIES: tuple[str, ...] = ("color", "shape", "count", "text", "exists", "side", "total")
 
 #: Colour names and their RGB, saturated so that they stand apart from the muted, grey background.
 COLORS: dict[str, tuple[int, int, int]] = {
@@ -89,6 +96,11 @@ WORDS: tuple[str, ...] = (
 )
 
 MAX_COUNT = 4
+#: Shapes in a "total" scene (its answers). At the top of the range, 8 shapes and up to 2 labels are about the
+#: 11 tokens of the 5.5% budget at 224 px, so which tokens a method keeps decides the count; below 2 the
+#: question is a presence check. The small VLM was trained to count to ``MAX_COUNT`` only, so the range stays
+#: where a short fine-tune can still count with every token.
+TOTAL_RANGE = (2, 8)
 _MIN_OBJECTS, _MAX_OBJECTS = 3, 12
 _SIZE_RANGE = (0.03, 0.12)  # object side, as a share of the image side
 _GLYPH = 0.072  # glyph height as a share of the image side (about one 16-pixel patch at 224)
@@ -104,7 +116,8 @@ class VQASample:
         answer: the expected answer (lower case words, a digit, or the text's capitals and digits).
         family: one of ``QUESTION_FAMILIES``.
         boxes: ``(x0, y0, x1, y1)`` pixel boxes (exclusive ends) of what holds the answer; for an "exists"
-            question answered "no", the near misses (same shape or same colour) one has to look at.
+            question answered "no", the near misses (same shape or same colour) one has to look at; for a
+            "total" question, every shape.
         layout: everything drawn, as ``(kind, name, box)``: a shape (kind in ``SHAPES``, name its colour), a
             text frame (``"text"``, its colour) and each of its glyphs (``"glyph"``, the character); dense
             labels for training.
@@ -136,6 +149,7 @@ def answer_vocabulary() -> dict[str, tuple[str, ...]]:
         "text": (),
         "exists": ("yes", "no"),
         "side": ("left", "right"),
+        "total": tuple(str(k) for k in range(TOTAL_RANGE[0], TOTAL_RANGE[1] + 1)),
     }
 
 
@@ -343,6 +357,15 @@ def _scene(rng: random.Random, size: int, family: str) -> tuple[list[_Item], str
         answer = "yes" if target is not None else "no"
         holders = [target] if target is not None else [t for t in near if t is not None]
         return placed, f"Is there a {color} {shape}?", answer, holders
+    if family == "total":
+        k = rng.randint(*TOTAL_RANGE)
+        shapes = []
+        while len(shapes) < k:  # on an empty canvas at most 8 shapes of <= 12% of the side always fit
+            shape_item = add(*rng.choice(pairs))
+            if shape_item is not None:
+                shapes.append(shape_item)
+        texts(rng.randint(1, 2), set())  # labels of any colour: objects that are not shapes
+        return placed, "How many shapes are there?", str(len(shapes)), shapes
     raise InvalidInputError(f"unknown question family {family!r}; choose one of {QUESTION_FAMILIES}")
 
 
