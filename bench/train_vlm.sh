@@ -2,6 +2,10 @@
 # One lent-GPU call of VLM training (python -m arrcoc.world.train), packed for the trip back: the two large
 # safetensors as they are, everything else in one tgz (a call returns at most 8 files of 16 MiB).
 # Usage: OUT=/some/dir bash bench/train_vlm.sh --resume FOLDER [train options...]
+# A fine-tune of the shipped weights that keeps the ViT and the text query encoder bit-identical (only
+# vlm.safetensors changes; the run checks the frozen tensors before it saves):
+#   LIMIT=540 bash bench/train_vlm.sh --resume weights --freeze-vision --restart-schedule --minutes 8.3 ...
+# LIMIT bounds the training process, its start-up and final accuracy check included; --minutes must end first.
 set -uo pipefail
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 OUT="${OUT:-/tmp/train-out}"

@@ -95,10 +95,11 @@ def test_dense_glyph_label_counts_on_glyph_patches_only() -> None:
 def test_scene_batches_are_deterministic_and_balanced() -> None:
     from arrcoc.world.train import SceneBatches
 
-    data = SceneBatches(6, sizes=(64,))
+    n = len(QUESTION_FAMILIES)
+    data = SceneBatches(n, sizes=(64,))
     a, b = data.batch(3), data.batch(3)
     assert torch.equal(a["pixels"], b["pixels"]) and a["questions"] == b["questions"]
-    assert a["pixels"].shape == (6, 3, 64, 64) and a["targets"].shape == (6, 16)
+    assert a["pixels"].shape == (n, 3, 64, 64) and a["targets"].shape == (n, 16)
     assert sorted(a["families"]) == sorted(QUESTION_FAMILIES)
 
 
@@ -194,6 +195,7 @@ def test_a_run_with_drawn_subset_shares_trains(tmp_path: Path) -> None:
         (["--subset-fraction", "0"], "--subset-fraction"),
         (["--subset-fraction", "0.3", "--subset-max", "0.2"], "--subset-max"),
         (["--subset-max", "1.5"], "--subset-max"),
+        (["--freeze-vision"], "--freeze-vision"),
     ],
 )
 def test_bad_training_options_are_named(tmp_path: Path, argv: list[str], named: str) -> None:
@@ -338,3 +340,60 @@ def test_token_positions_join_a_resumed_model_at_zero(tmp_path: Path) -> None:
     model, _ = load_vlm(tmp_path / "b" / "weights")
     assert model.arrcoc_config.token_positions
     assert model.token_positions.proj.weight.abs().sum() > 0  # started at zero, trained since
+
+
+def test_a_frozen_vision_fine_tune_trains_the_language_side_only(tmp_path: Path) -> None:
+    """``--freeze-vision`` from a weights folder: the ViT and the text query encoder come out bit-identical (as
+    tensors), the projector and language model move, the result loads, and the new family is evaluated."""
+    from safetensors.torch import load_file
+
+    from arrcoc.world.train import main
+    from arrcoc.world.vlm import load_vlm
+
+    weights = _resumable_run(tmp_path / "a", 1)
+    summary = main(
+        [
+            "--out",
+            str(tmp_path / "b"),
+            "--max-steps",
+            "3",
+            "--resume",
+            str(weights),
+            "--freeze-vision",
+            "--restart-schedule",
+            "--families",
+            "total,total,count",
+            *TINY_RUN,
+        ]
+    )
+    tuned = tmp_path / "b" / "weights"
+    assert summary["state"]["step"] == 3 and summary["state"]["freeze_vision"]
+    assert "total" in summary["accuracy"]["64"]
+    for name in ("encoder.safetensors", "text_query.safetensors"):
+        before, after = load_file(weights / name), load_file(tuned / name)
+        assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before), name
+    before, after = load_file(weights / "vlm.safetensors"), load_file(tuned / "vlm.safetensors")
+    assert before.keys() == after.keys()
+    assert not torch.equal(
+        before["model.multi_modal_projector.linear_1.weight"], after["model.multi_modal_projector.linear_1.weight"]
+    )
+    assert any(not torch.equal(before[k], after[k]) for k in before if "language_model.layers" in k)
+    model, _ = load_vlm(tuned)
+    assert model.arrcoc_config == load_vlm(weights)[0].arrcoc_config
+    # its checkpoint continues only as a frozen run: the optimiser holds the language side alone
+    again = ["--out", str(tmp_path / "c"), "--max-steps", "4", "--resume", str(tmp_path / "b" / "ckpt.pt"), *TINY_RUN]
+    assert main([*again, "--freeze-vision"])["state"]["step"] == 4
+    with pytest.raises(ValueError, match="--freeze-vision"):
+        main(again)
+
+
+def test_check_frozen_names_the_tensors_that_moved() -> None:
+    from arrcoc.world.train import check_frozen, frozen_snapshot
+
+    part = torch.nn.Linear(3, 2)
+    snapshot = frozen_snapshot({"head": part})
+    check_frozen({"head": part}, snapshot)  # nothing moved
+    with torch.no_grad():
+        part.bias[0] += 1e-6
+    with pytest.raises(RuntimeError, match="head/bias"):
+        check_frozen({"head": part}, snapshot)

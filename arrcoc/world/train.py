@@ -21,6 +21,12 @@ encoder's patch-relevance loss (answer boxes as targets; its gradient reaches th
 (``--dense-weight``). Training seeds start at ``TRAIN_SEED_START``; evaluation uses seeds from
 ``EVAL_SEED_START``.
 
+A fine-tune (``--resume FOLDER --freeze-vision``) keeps the ViT and the text query encoder exactly as resumed,
+so that everything built on the encoder (the pipeline's features, probes, the participatory scorer) stays valid:
+they run without gradients, their two losses (query, dense) are left out, and only the projector, the language
+model and its token positions (with the grounding head) learn. The run checks at its end that the frozen tensors
+did not move.
+
 At the end: full-token greedy accuracy per family on held-out seeds at 224 and 384 pixels, printed and written
 to ``eval.json``; the weights go to ``OUT/weights`` in the layout ``load_vlm`` and ``Pipeline.from_pretrained``
 read.
@@ -50,9 +56,19 @@ from ..stages.head import RelevanceHead
 from ..stages.regions import patch_boxes, region_grid
 from ..stages.text_query import TextQueryConfig, TextQueryEncoder, patch_targets, relevance_loss
 from .data import COLORS, QUESTION_FAMILIES, SHAPES, TEXT_ALPHABET, WORDS, make_sample
-from .vlm import VLMConfig, build_vlm, embed_inputs, generate_answers, save_vlm, vision_features
+from .vlm import VLMConfig, build_vlm, embed_inputs, generate_answers, save_vlm, vision_features, vision_tower
 
-__all__ = ["TRAIN_SEED_START", "EVAL_SEED_START", "SceneBatches", "collate", "random_compression", "evaluate", "main"]
+__all__ = [
+    "TRAIN_SEED_START",
+    "EVAL_SEED_START",
+    "SceneBatches",
+    "collate",
+    "random_compression",
+    "evaluate",
+    "frozen_snapshot",
+    "check_frozen",
+    "main",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -398,6 +414,29 @@ def evaluate(
     return {f: correct[f] / per_family for f in QUESTION_FAMILIES}
 
 
+def frozen_snapshot(parts: dict[str, torch.nn.Module]) -> dict[str, Tensor]:
+    """CPU copies of every tensor (parameters and buffers) of ``parts``, keyed ``part/name``: what
+    :func:`check_frozen` compares with at the end of a run."""
+    return {
+        f"{part}/{name}": tensor.detach().cpu().clone()  # ok-sync: once per run, to compare at its end
+        for part, module in parts.items()
+        for name, tensor in module.state_dict().items()
+    }
+
+
+def check_frozen(parts: dict[str, torch.nn.Module], snapshot: dict[str, Tensor]) -> None:
+    """Raise unless every tensor of ``parts`` equals its copy in ``snapshot`` bit for bit.
+
+    Raises:
+        RuntimeError: naming the tensors that moved (a frozen part was trained after all: its weights must not
+            be saved as the shipped ones).
+    """
+    now = frozen_snapshot(parts)
+    moved = sorted(k for k in snapshot if k not in now or not torch.equal(now[k], snapshot[k]))
+    if moved or now.keys() != snapshot.keys():
+        raise RuntimeError(f"frozen tensors changed during training: {moved[:5]} ({len(moved)} in all)")
+
+
 def _lr(base: float, seconds: float, schedule: float, step: int, warmup: int) -> float:
     warm = min(1.0, (step + 1) / warmup)
     progress = min(1.0, seconds / schedule)
@@ -430,17 +469,20 @@ def _resume(
     opt: torch.optim.Optimizer,
     device: torch.device,
     fresh_language_model: bool = False,
+    freeze_vision: bool = False,
 ) -> dict[str, Any]:
     """Load a ``ckpt.pt`` (everything) or a folder of shipped weights plus its ``eval.json`` (no optimiser state:
     the moments restart, and the warm-up runs again). The folder form is what comes back from a GPU call.
 
     ``fresh_language_model`` keeps only the ViT and the query encoder (and the dense head) of a folder: the
-    projector and language model keep their fresh initialisation.
+    projector and language model keep their fresh initialisation. ``freeze_vision`` says whether this run's
+    optimiser holds the vision side; a ``ckpt.pt`` must come from a run that froze it alike, since the
+    optimiser's state is per parameter.
     """
     if path.is_dir():
         from safetensors.torch import load_file
 
-        from .vlm import load_language_parts, vision_tower
+        from .vlm import load_language_parts
 
         vision_tower(model).load_state_dict(load_file(path / "encoder.safetensors"))
         if not fresh_language_model:
@@ -460,6 +502,11 @@ def _resume(
     if fresh_language_model:
         raise ValueError("--fresh-lm takes a folder of weights, not a ckpt.pt")
     ckpt = torch.load(path, map_location=device, weights_only=False)
+    if bool(ckpt["state"].get("freeze_vision", False)) != freeze_vision:
+        raise ValueError(
+            f"--freeze-vision {'given' if freeze_vision else 'not given'}, but {path} comes from a run "
+            f"{'without' if freeze_vision else 'with'} it: resume a folder of weights instead"
+        )
     model.load_state_dict(ckpt["model"])
     query_encoder.load_state_dict(ckpt["query_encoder"])
     dense_head.load_state_dict(ckpt["dense_head"])
@@ -486,7 +533,7 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
         "--families",
         default=None,
         help="comma-separated question families cycled through in each batch; repeat one to ask it more "
-        "often (default: the six, equally)",
+        "often (default: every family, equally)",
     )
     p.add_argument("--compress-prob", type=float, default=0.15, help="share of batches compressed at random")
     p.add_argument(
@@ -528,6 +575,12 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
         action="store_true",
         help="with --resume: keep the ViT and query encoder, start the projector and language model anew",
     )
+    p.add_argument(
+        "--freeze-vision",
+        action="store_true",
+        help="with --resume: keep the ViT and the text query encoder bit-identical (no gradients, no query or dense "
+        "loss) and train the projector, language model and token positions only",
+    )
     p.add_argument("--max-steps", type=int, default=None, help="stop after this many steps in total")
     p.add_argument("--eval-per-family", type=int, default=200)
     p.add_argument("--eval-minutes", type=float, default=1.0, help="wall-clock reserved for the final evaluation")
@@ -552,6 +605,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         raise ValueError(
             f"--subset-max must be in [--subset-fraction, 1] = [{args.subset_fraction}, 1], got {args.subset_max}"
         )
+    if args.freeze_vision and not args.resume:
+        raise ValueError("--freeze-vision needs --resume: freezing a randomly initialised ViT trains nothing useful")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     started = time.monotonic()
     deadline = started + 60 * (args.minutes - args.eval_minutes)
@@ -589,7 +644,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     model.to(device).train()
     for part in (query_encoder, dense_head, grounding_head):
         part.to(device).train()
-    params = [*model.parameters(), *query_encoder.parameters(), *dense_head.parameters(), *grounding_head.parameters()]
+    # Frozen parts: no gradients and not in the optimiser, and in eval mode (whatever dropout a ViT preset has).
+    frozen = {"vision_tower": vision_tower(model), "query_encoder": query_encoder} if args.freeze_vision else {}
+    for part in frozen.values():
+        part.requires_grad_(False).eval()
+    trained = [model, grounding_head] if args.freeze_vision else [model, query_encoder, dense_head, grounding_head]
+    params = [p for part in trained for p in part.parameters() if p.requires_grad]
     decay = [p for p in params if p.ndim >= 2]
     rest = [p for p in params if p.ndim < 2]
     opt = torch.optim.AdamW(
@@ -609,10 +669,15 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             opt,
             device,
             fresh_language_model=args.fresh_lm,
+            freeze_vision=args.freeze_vision,
         )
         logger.info("resumed from %s at step %d (%.0f s trained)", args.resume, state["step"], state["train_seconds"])
         if args.restart_schedule:
             state["schedule_from"], state["warmup_from"] = state["train_seconds"], state["step"]
+    state["freeze_vision"] = args.freeze_vision  # a ckpt.pt's optimiser holds the trained parts only
+    snapshot = frozen_snapshot(frozen)  # after resuming: what the frozen parts must still be at the end
+    if frozen:
+        logger.info("frozen: %s (%d tensors)", ", ".join(frozen), len(snapshot))
 
     def checkpoint() -> None:
         torch.save(
@@ -668,7 +733,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         targets = batch["targets"].to(device, non_blocking=True)
         dense = batch["dense"].to(device, non_blocking=True)
         with _autocast(device):
-            features = vision_features(model, pixels)  # (B, N, D)
+            with torch.no_grad() if args.freeze_vision else nullcontext():  # a frozen ViT needs no backward pass
+                features = vision_features(model, pixels)  # (B, N, D)
             # Evidence of each answer token: the answer box for one-word answers, glyph by glyph for texts.
             evidence = batch["glyphs"].to(device, non_blocking=True)  # (B, T, N)
             is_text = evidence.sum((1, 2)) > 0
@@ -714,9 +780,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                 if visual_targets is not None and args.attention_weight > 0
                 else lm_loss.new_zeros(())
             )
-            query, qmask = query_encoder(batch["questions"])
-            q_loss = relevance_loss(query_encoder, query, qmask, features, targets)
-            d_loss = dense_loss(dense_head, features, dense)
+            if args.freeze_vision:  # both losses train the frozen side only (and the unshipped dense head)
+                q_loss = d_loss = lm_loss.new_zeros(())
+            else:
+                query, qmask = query_encoder(batch["questions"])
+                q_loss = relevance_loss(query_encoder, query, qmask, features, targets)
+                d_loss = dense_loss(dense_head, features, dense)
             loss = (
                 lm_loss
                 + args.query_weight * q_loss
@@ -760,6 +829,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     progress.close()
     answer_attention.close()
     del loader  # stop the workers before evaluation takes the CPUs
+    check_frozen(frozen, snapshot)  # before anything is saved: frozen weights that moved must not ship
     checkpoint()
     model.eval()
     query_encoder.eval()
