@@ -14,6 +14,7 @@ import arrcoc
 from arrcoc.reducers import list_reducers
 from arrcoc.tools.evaluation import (
     QUERY_FREE,
+    SINGLE_SCORERS,
     EvalConfig,
     answer_coverage,
     box_share,
@@ -21,10 +22,11 @@ from arrcoc.tools.evaluation import (
     glyphs_right,
     main,
     same_answer,
+    scorer_contest,
     to_markdown,
     token_budgets,
 )
-from arrcoc.world.data import QUESTION_FAMILIES
+from arrcoc.world.data import QUESTION_FAMILIES, make_sample
 
 pytest.importorskip("transformers")
 pytest.importorskip("matplotlib")
@@ -362,3 +364,109 @@ def test_the_trained_text_encoder_gives_arrcocs_query() -> None:
         pixels, questions, 8
     )
     assert seen == [questions] and prepared.reduced.tokens.shape == (2, 8, 32)
+
+
+def test_the_mix_is_set_against_each_scorer_alone_per_family(run: tuple[dict[str, Any], Path]) -> None:
+    """The run's markdown has, per size, one table of the mix against its single scorers: every family (and all)
+    at every budget below 100%, each cell the record's accuracy."""
+    report, out = run
+    assert set(SINGLE_SCORERS) <= set(report["methods"])
+    table = (out / "eval-ci.md").read_text()
+    for size in SIZES:
+        contest = scorer_contest(report, size)
+        assert [(c["family"], c["share"]) for c in contest] == [(f, 0.11) for f in ["all", *QUESTION_FAMILIES]]
+        rows = {(r["method"], r["share"]): r for r in report["results"] if r["size"] == size}
+        for c in contest:
+            cells = {m: rows[(m, 0.11)] for m in ["arrcoc", *SINGLE_SCORERS]}
+            got = {m: r["accuracy"] if c["family"] == "all" else r["families"][c["family"]] for m, r in cells.items()}
+            assert c["mix"] == got.pop("arrcoc") and c["singles"] == got
+        head = f"### {size} px with the question: the balanced mix against each scorer alone"
+        assert table.count(head) == 1
+        section = table.split(head)[1].split("###")[0]
+        assert sum(line.startswith("| total |") for line in section.splitlines()) == 1
+
+
+def test_scorer_contest_picks_the_best_single_scorer_and_the_lead() -> None:
+    def row(method: str, share: float, total: float, count: float) -> dict[str, Any]:
+        return {
+            "size": 224,
+            "method": method,
+            "share": share,
+            "tokens": round(196 * share),
+            "accuracy": (total + count) / 2,
+            "families": {"total": total, "count": count},
+            "patches": 196,
+            "box_share": None,
+            "text_glyphs": None,
+        }
+
+    report = {
+        "methods": ["arrcoc", *SINGLE_SCORERS, "tome"],
+        "families": ["total", "count"],
+        "sizes": [224],
+        "reference": {},
+        "skipped": {},
+        "samples_per_family": 2,
+        "seed": 0,
+        "shares": [1.0, 0.055],
+        "device": "cpu",
+        "torch": "x",
+        "date": "today",
+        "results": [
+            *(row(m, 1.0, 0.9, 0.9) for m in ["arrcoc", *SINGLE_SCORERS, "tome"]),  # full budget: no contest
+            row("arrcoc", 0.055, 0.80, 0.70),
+            row("arrcoc-propositional", 0.055, 0.60, 0.50),
+            row("arrcoc-perspectival", 0.055, 0.75, 0.50),
+            row("arrcoc-participatory", 0.055, 0.75, 0.705),
+            row("tome", 0.055, 0.99, 0.99),  # not a scorer of the mix
+        ],
+    }
+    contest = {c["family"]: c for c in scorer_contest(report, 224)}
+    assert set(contest) == {"all", "total", "count"}
+    assert contest["total"]["best"] == "arrcoc-perspectival"  # tied with participatory: the earlier one
+    assert contest["total"]["lead"] == pytest.approx(0.05)
+    assert contest["count"]["best"] == "arrcoc-participatory" and contest["count"]["lead"] == pytest.approx(-0.005)
+    assert contest["all"]["best"] == "arrcoc-participatory"
+    text = to_markdown(report)
+    assert "| total | 11 (5.5%) | 80.0 | 60.0 | 75.0 | 75.0 | arrcoc-perspectival | **+5.0** |" in text
+    assert "| count | 11 (5.5%) | 70.0 | 50.0 | 50.0 | 70.5 | arrcoc-participatory | -0.5 |" in text
+    report["methods"] = ["arrcoc", "tome"]  # no single scorer: no table
+    report["results"] = [r for r in report["results"] if r["method"] in report["methods"]]
+    assert scorer_contest(report, 224) == [] and "each scorer alone" not in to_markdown(report)
+
+
+def test_families_choose_the_questions(tmp_path: Path) -> None:
+    """``--families`` limits the run to those families; sample i of the j-th is seed + i * len(families) + j."""
+    from arrcoc.tools.evaluation import _samples
+
+    config = EvalConfig(methods=("uniform",), families=("total", "count"), samples_per_family=2, seed=10)
+    assert [(s.family, s.question) for s in _samples(config, 64)] == [
+        (f, make_sample(10 + i * 2 + j, 64, f).question) for i in range(2) for j, f in enumerate(("total", "count"))
+    ]
+    code = main(
+        [
+            "--random-init",
+            "tiny",
+            "--families",
+            "total",
+            "--methods",
+            "uniform",
+            "--sizes",
+            "64",
+            "--budgets",
+            "1",
+            "--samples-per-family",
+            "2",
+            "--device",
+            "cpu",
+            "--out",
+            str(tmp_path),
+            "--quiet",
+            "--max-new-tokens",
+            "1",
+        ]
+    )
+    assert code == 0
+    report = json.loads((tmp_path / "eval.json").read_text())
+    assert report["families"] == ["total"] and report["results"][0]["samples"] == 2
+    assert main(["--random-init", "tiny", "--families", "total,sum", "--out", str(tmp_path)]) == 2

@@ -32,6 +32,7 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
+from ..config import SCORER_NAMES
 from ..errors import ArrcocError, InvalidInputError, MissingWeightsError
 from ..runtime.device import device_name
 from ..world.data import QUESTION_FAMILIES, VQASample, make_sample
@@ -46,12 +47,14 @@ __all__ = [
     "EvalConfig",
     "DEFAULT_SHARES",
     "QUERY_FREE",
+    "SINGLE_SCORERS",
     "token_budgets",
     "answer_coverage",
     "box_share",
     "same_answer",
     "evaluate",
     "findings",
+    "scorer_contest",
     "to_markdown",
     "plot",
     "main",
@@ -68,6 +71,8 @@ DEFAULT_SEED = 600_000
 #: The comparison without a question: arrcoc's query-free path first, then the baselines that read no question
 #: (FastV reads the question's attention, so it is not one of them). Reported in a table of its own.
 QUERY_FREE: tuple[str, ...] = ("arrcoc-noquery", "divprune", "tome", "visionzip", "uniform", "random")
+#: arrcoc's single-scorer reducers (``arrcoc.reducers.arrcoc``), each one of the scorers the mix ``arrcoc`` balances.
+SINGLE_SCORERS: tuple[str, ...] = tuple(f"arrcoc-{name}" for name in SCORER_NAMES)
 
 
 def _default_methods() -> tuple[str, ...]:
@@ -427,6 +432,66 @@ def findings(report: dict[str, Any]) -> list[str]:
     return lines
 
 
+def scorer_contest(report: dict[str, Any], size: int) -> list[dict[str, Any]]:
+    """arrcoc's balanced mix against each of its scorers alone, by accuracy, per family and budget below 100%.
+
+    The question is asked in every case; only the mix and the participatory scorer read it for the choice of
+    tokens. One record per family (and ``"all"``, every family together) and budget: ``family``, ``share``,
+    ``tokens``, ``mix`` (arrcoc's accuracy), ``singles`` (method -> accuracy), ``best`` (the best single scorer;
+    the first in :data:`SINGLE_SCORERS` order on a tie) and ``lead`` (mix minus best, in accuracy). Empty when
+    answers were not scored, or the report lacks ``arrcoc`` or every single scorer.
+    """
+    rows = {(r["method"], r["share"]): r for r in report["results"] if r["size"] == size}
+    singles = [m for m in SINGLE_SCORERS if m in report["methods"]]
+    out: list[dict[str, Any]] = []
+    if not singles or "arrcoc" not in report["methods"] or not _has_answers(report):
+        return out
+    for family in ["all", *report["families"]]:
+        for share in sorted({s for m, s in rows if m == "arrcoc" and s < 1.0}, reverse=True):
+            cells = [rows.get((m, share)) for m in ["arrcoc", *singles]]
+            if any(c is None for c in cells):
+                continue
+            mix, *alone = [_family_accuracy(c, family) for c in cells]  # type: ignore[arg-type]
+            if mix is None or any(v is None for v in alone):
+                continue
+            scores = dict(zip(singles, alone))
+            best = max(singles, key=lambda m: (scores[m], -singles.index(m)))  # a tie goes to the earlier one
+            out.append(
+                {
+                    "family": family,
+                    "share": share,
+                    "tokens": cells[0]["tokens"],  # type: ignore[index]
+                    "mix": mix,
+                    "singles": scores,
+                    "best": best,
+                    "lead": mix - scores[best],
+                }
+            )
+    return out
+
+
+def _family_accuracy(row: dict[str, Any], family: str) -> float | None:
+    """A result row's accuracy on one family, or over all of them for ``"all"`` (``None``: not scored)."""
+    return row["accuracy"] if family == "all" else (row["families"] or {}).get(family)
+
+
+def _contest_table(contest: list[dict[str, Any]]) -> list[str]:
+    """The records of :func:`scorer_contest` as one table: a row per family and budget, the lead in points."""
+    singles = list(contest[0]["singles"])
+    lines = [
+        "| family | tokens | arrcoc (mix) | " + " | ".join(singles) + " | best single | lead |",
+        "|---|---:|---:|" + "---:|" * len(singles) + "---|---:|",
+    ]
+    for c in contest:
+        lead = f"{100 * c['lead']:+.1f}"
+        lines.append(
+            f"| {c['family']} | {c['tokens']} ({100 * c['share']:g}%) | {_pct(c['mix'])} | "
+            + " | ".join(_pct(c["singles"][m]) for m in singles)
+            + f" | {c['best']} | {f'**{lead}**' if round(100 * c['lead'], 6) >= 1 else lead} |"
+        )
+    return lines + [""]
+
+
 def _table(rows: list[dict[str, Any]], methods: list[str], metric: str) -> list[str]:
     """Methods x budgets of one metric (in %)."""
     budgets = sorted({(r["share"], r["tokens"]) for r in rows}, reverse=True)
@@ -490,6 +555,15 @@ def to_markdown(report: dict[str, Any]) -> str:
                     + f" | {_pct(r['box_share'])} |"
                 )
             lines.append("")
+        contest = scorer_contest(report, size)
+        if contest:
+            lines += [
+                f"### {size} px with the question: the balanced mix against each scorer alone",
+                "",
+                "Accuracy in %. Lead: the mix minus its best single scorer, in points (bold from +1 point).",
+                "",
+                *_contest_table(contest),
+            ]
         query_free = [m for m in QUERY_FREE if m in report["methods"]]
         if QUERY_FREE[0] in query_free and len(query_free) > 1:
             lines += [f"### {size} px without a question: {QUERY_FREE[0]} and the query-free baselines", ""]
@@ -566,6 +640,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--sizes", default=",".join(map(str, DEFAULT_SIZES)), help="image sides (default %(default)s)")
     parser.add_argument("--samples-per-family", type=int, default=20, help="questions per family and size (default 20)")
+    parser.add_argument(
+        "--families",
+        default=",".join(QUESTION_FAMILIES),
+        help="comma-separated question families (default: all of them); sample i of the j-th listed family is "
+        "make_sample(seed + i * len(families) + j), so the list fixes the questions",
+    )
     parser.add_argument("--batch-size", type=int, default=16, help="questions per model call (default 16)")
     parser.add_argument("--seed", type=int, default=DEFAULT_SEED, help="seed of the first sample")
     parser.add_argument("--max-new-tokens", type=int, default=10, help="longest answer generated (default 10)")
@@ -612,6 +692,7 @@ def main(argv: list[str] | None = None) -> int:
             methods=_names(args.methods, str, "--methods") if args.methods else _default_methods(),
             shares=_names(args.budgets, float, "--budgets"),
             sizes=_names(args.sizes, int, "--sizes"),
+            families=_names(args.families, str, "--families"),
             samples_per_family=args.samples_per_family,
             batch_size=args.batch_size,
             seed=args.seed,
