@@ -17,7 +17,7 @@ __all__ = ["BalanceConfig", "PipelineConfig", "SCORER_NAMES", "PICK_METHODS", "D
 SCORER_NAMES: tuple[str, ...] = ("propositional", "perspectival", "participatory")
 
 #: How ``BalanceConfig.pick`` chooses an image's patches without a question (``"off"``: it does not).
-PICK_METHODS: tuple[str, ...] = ("off", "novelty", "maxmin")
+PICK_METHODS: tuple[str, ...] = ("off", "novelty", "maxmin", "peaks")
 
 CONFIG_VERSION = 1
 
@@ -91,9 +91,11 @@ class BalanceConfig:
             default) lets the scorers' balance decide alone.
         pick: for images without a question, given a budget, how the image's ``budget`` patches are picked
             (``arrcoc.stages.balance.pick_patches``): ``"maxmin"`` (the default) greedily the farthest from those
-            kept, ``"novelty"`` the most novel, ``"off"`` none (the cover then sums novelty per region). With a
-            pick the cover counts the picked patches per region, and compression shows them (with ``cover`` 1,
-            exactly them).
+            kept, ``"peaks"`` the same after the peaks of a learned objectness probe (``pick_peaks``), ``"novelty"``
+            the most novel, ``"off"`` none (the cover then sums novelty per region). With a pick the cover counts
+            the picked patches per region, and compression shows them (with ``cover`` 1, exactly them). ``"peaks"``
+            needs the probe trained on the encoder's own features (``weights/objectness.safetensors`` for the
+            shipped encoder, ``arrcoc.stages.objectness``); any other encoder is refused.
         pick_salience: in [0, 1], how much the query-free scorers' map weights each candidate's pick score
             (``1 - pick_salience + pick_salience * salience``); 0 picks by distinctness alone.
         pick_colour: non-negative, weight of the patches' Lab colour distance beside their feature distance
@@ -101,6 +103,8 @@ class BalanceConfig:
         pick_spatial: non-negative, weight of the patches' distance on the grid (in units of its longer side)
             added to their feature distance (``"maxmin"``), so that alike objects in different places both count;
             0 (off) by default: it trades text answers for count answers (docs/decisions.md).
+        pick_peaks: in [0, 1], for ``pick="peaks"``: the objectness above which a 3x3 local maximum of the probe's
+            map is picked first (in max-min order among the peaks), before max-min fills the budget.
     """
 
     # Each default was chosen on validation seeds of the generated world; the figures: docs/decisions.md.
@@ -116,6 +120,7 @@ class BalanceConfig:
     pick_salience: float = 0.0
     pick_colour: float = 0.5
     pick_spatial: float = 0.0
+    pick_peaks: float = 0.3  # bench/results/validation/peaks-noquery-cpu-224-seed700000.md (peaks-best-0.3)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "weights", _numbers(self.weights, "balance.weights", 3))
@@ -131,7 +136,16 @@ class BalanceConfig:
             value = _number(getattr(self, name), f"balance.{name}")
             _check(0.0 <= value < float("inf"), f"balance.{name} must be finite and >= 0; got {value}")
             object.__setattr__(self, name, value)
-        for name in ("exploit", "scarcity", "diversify", "particularize", "cover", "query_cover", "pick_salience"):
+        for name in (
+            "exploit",
+            "scarcity",
+            "diversify",
+            "particularize",
+            "cover",
+            "query_cover",
+            "pick_salience",
+            "pick_peaks",
+        ):
             value = _number(getattr(self, name), f"balance.{name}")
             _check(0.0 <= value <= 1.0, f"balance.{name} must be in [0, 1]; got {value}")
             object.__setattr__(self, name, value)

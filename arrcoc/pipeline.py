@@ -40,7 +40,8 @@ from .outputs import CompressionOutput, ScoreOutput
 from .runtime.graphs import CaptureError, GraphCache, GraphKey
 from .runtime.streams import run_branches
 from .stages.encoders import ENCODER_DTYPES, Encoder, create_backbone, encoder_for_bucket, patch_stride
-from .stages.head import RelevanceHead, Stage
+from .stages.head import RelevanceHead, Stage, needs_objectness
+from .stages.objectness import OBJECTNESS_FILE, Objectness, encoder_fingerprint
 from .stages.preprocess import PreprocessedBatch, Preprocessor
 from .stages.regions import region_grid
 from .stages.text_query import TEXT_QUERY_FILE, TextQueryEncoder
@@ -84,6 +85,12 @@ class Pipeline(nn.Module):
             graph): the backbone beside the texture features and allocation bounds, the three scorers and
             the balance's region similarity beside each other. The results are the same either way.
         graph_cache: the cache of captured chains (a new one, bounded to 32 entries, by default).
+        objectness: for ``balance.pick="peaks"``: the objectness probe, or the path of its safetensors file (default:
+            ``objectness.safetensors`` beside ``weights``). It must have been trained on this encoder's weights.
+
+    Raises:
+        MissingWeightsError: ``balance.pick="peaks"`` without a probe trained on this encoder (an untrained encoder,
+            another width, other weights, or no probe file).
     """
 
     def __init__(
@@ -96,6 +103,7 @@ class Pipeline(nn.Module):
         compile: bool = False,
         concurrent: bool = True,
         graph_cache: GraphCache | None = None,
+        objectness: Objectness | str | os.PathLike[str] | None = None,
     ) -> None:
         super().__init__()
         if config is not None and not isinstance(config, PipelineConfig):
@@ -120,13 +128,36 @@ class Pipeline(nn.Module):
         self.cuda_graphs = cuda_graphs if cuda_graphs is not None else os.environ.get("ARRCOC_CUDA_GRAPHS", "1") != "0"
         self.compile = compile
         self.concurrent = concurrent
-        self.head = RelevanceHead(config, concurrent=concurrent, compile=compile)
-        self.text_encoder: nn.Module | None = None
         self.encoders = nn.ModuleDict()  # one per bucket, built on first use; they share the backbone's tensors
+        probe = self._objectness(objectness) if needs_objectness(config) else None
+        self.head = RelevanceHead(config, concurrent=concurrent, compile=compile, objectness=probe)
+        self.text_encoder: nn.Module | None = None
         self.graph_cache = graph_cache if graph_cache is not None else GraphCache()  # an empty cache is falsy
         self._eager_only: dict[GraphKey, str] = {}  # keys whose capture failed, with the reason
         if device is not None:
             self.to(device)
+
+    def _objectness(self, given: Objectness | str | os.PathLike[str] | None) -> Objectness:
+        """The probe of ``pick="peaks"``, checked against this pipeline's encoder (width and weights)."""
+        # fingerprinted before the width is read: reading it builds a bucket's encoder, which may cast the weights
+        trained = None if self.weights_path is None else encoder_fingerprint(self.backbone.state_dict())
+        if isinstance(given, Objectness):
+            probe = given
+        elif given is not None:
+            probe = Objectness.load(given)
+        elif self.weights_path is not None:
+            probe = Objectness.load(Path(self.weights_path).parent / OBJECTNESS_FILE)
+        else:  # an untrained encoder: no probe can know its features
+            probe = None
+        what = f"this pipeline's encoder ({self.config.encoder})"
+        if probe is None:
+            raise MissingWeightsError(
+                f"balance.pick='peaks' needs an objectness probe trained on {what}'s features, and it has no "
+                "trained weights (a random initialisation): load one with Pipeline.from_pretrained() or choose "
+                "another pick"
+            )
+        probe.check(self.width, trained, what)
+        return probe
 
     # --- construction ---------------------------------------------------------------------------------
     @classmethod
@@ -207,6 +238,8 @@ class Pipeline(nn.Module):
         save_file(state, folder / "encoder.safetensors")
         if isinstance(self.text_encoder, TextQueryEncoder):
             self.text_encoder.save_pretrained(folder)
+        if self.head.objectness is not None:  # pick="peaks" loads it back beside the encoder it belongs to
+            self.head.objectness.save(folder / OBJECTNESS_FILE)
 
     @property
     def device(self) -> torch.device:

@@ -8,9 +8,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..config import SCORER_NAMES, PipelineConfig
-from ..errors import BudgetError
-from ..stages.head import RelevanceHead
+from ..config import DEFAULT_WEIGHTS_DIR, SCORER_NAMES, PipelineConfig
+from ..errors import BudgetError, MissingWeightsError
+from ..stages.head import RelevanceHead, needs_objectness
+from ..stages.objectness import OBJECTNESS_FILE, Objectness
 from ..stages.regions import capacity_of
 from ..stages.texture import Texture
 from .registry import ReducedTokens, VisualInput, check_budget, check_visual, register_reducer
@@ -30,15 +31,26 @@ class ArrcocReducer(nn.Module):
             one alone for ablations.
         read_query: ``False`` ignores any query given: relevance without a question, as a query-free baseline (a
             reducer without the participatory scorer never reads one).
+        objectness: the probe of ``balance.pick="peaks"``, trained on the features this reducer will be given.
+            By default the shipped one (``weights/objectness.safetensors``), which is trained on the shipped
+            encoder, the vision tower of the shipped VLM: the reducer sees features only, so it checks their width
+            (features of another width raise ``MissingWeightsError``), not whose they are.
     """
 
     needs: frozenset[str] = frozenset({"pixels", "valid", "patch_valid", "query", "query_mask"})
 
     def __init__(
-        self, config: PipelineConfig | None = None, scorers: tuple[str, ...] = SCORER_NAMES, *, read_query: bool = True
+        self,
+        config: PipelineConfig | None = None,
+        scorers: tuple[str, ...] = SCORER_NAMES,
+        *,
+        read_query: bool = True,
+        objectness: Objectness | None = None,
     ) -> None:
         super().__init__()
-        self.head = RelevanceHead(config, scorers)
+        if objectness is None and needs_objectness(config or PipelineConfig()):
+            objectness = Objectness.load(DEFAULT_WEIGHTS_DIR / OBJECTNESS_FILE)
+        self.head = RelevanceHead(config, scorers, objectness=objectness)
         self.config = self.head.config
         # without the participatory scorer no query is read anywhere: not by compression, nor by the balance's
         # query-free tensions, which a query's presence would turn off
@@ -52,6 +64,13 @@ class ArrcocReducer(nn.Module):
         cfg = self.config
         features = visual.features.float()
         b, gh, gw, d = features.shape
+        probe = self.head.objectness
+        if probe is not None and d != probe.width:
+            raise MissingWeightsError(
+                f"balance.pick='peaks' reads an objectness probe of {probe.width}-wide features (the shipped "
+                f"encoder's, unless one was passed as objectness=); these features are {d} wide: train a probe on "
+                "this tower's features (`python -m arrcoc.world.objectness`) or choose another pick"
+            )
         patch_valid = visual.valid_patches().float()
         limit = capacity_of((gh, gw), cfg.region_size, cfg.max_tokens)
         if budget > limit:
@@ -86,8 +105,8 @@ class ArrcocReducer(nn.Module):
 
 
 def _arrcoc_factory(scorers: tuple[str, ...], read_query: bool = True) -> Callable[..., ArrcocReducer]:
-    def build(config: PipelineConfig | None = None, **_: Any) -> ArrcocReducer:
-        return ArrcocReducer(config, scorers, read_query=read_query)
+    def build(config: PipelineConfig | None = None, objectness: Objectness | None = None, **_: Any) -> ArrcocReducer:
+        return ArrcocReducer(config, scorers, read_query=read_query, objectness=objectness)
 
     build.__doc__ = f"arrcoc's reducer with the scorers {scorers}{'' if read_query else ', reading no query'}."
     return build

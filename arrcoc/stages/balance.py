@@ -27,7 +27,7 @@ from ..config import BalanceConfig
 from .greedy_pick import greedy_maxmin
 from .regions import masked_mean, normalize_per_image, to_regions
 
-__all__ = ["Balance", "BALANCE_KEYS", "novelty", "pick_patches"]
+__all__ = ["Balance", "BALANCE_KEYS", "novelty", "objectness_peaks", "pick_patches"]
 
 #: What ``Balance.forward`` reports per image, in order.
 BALANCE_KEYS: tuple[str, ...] = (
@@ -82,6 +82,23 @@ def novelty(features: Tensor, patch_valid: Tensor) -> Tensor:
     return torch.where(valid, (1 - nearest).clamp(0, 1), 0.0).view(patch_valid.shape)
 
 
+def objectness_peaks(objectness: Tensor, patch_valid: Tensor, threshold: float) -> Tensor:
+    """The 3x3 local maxima of an objectness map above ``threshold``, on image patches only.
+
+    Args:
+        objectness: ``(B, gh, gw)`` in [0, 1] (``arrcoc.stages.objectness.Objectness``).
+        patch_valid: ``(B, gh, gw)`` share of each patch that is image.
+        threshold: a peak's objectness must exceed it.
+
+    Returns:
+        ``(B, gh, gw)`` bool; equal neighbours are both peaks; padding never is one, nor hides one.
+    """
+    valid = patch_valid > 0
+    level = torch.where(valid, objectness.float(), -torch.inf)  # (B, gh, gw) padding below every image patch
+    top = F.max_pool2d(level[:, None], 3, 1, 1)[:, 0]  # (B, gh, gw) the 3x3 neighbourhood's maximum
+    return (level >= top) & (level > threshold) & valid
+
+
 def pick_patches(
     method: str,
     features: Tensor,
@@ -94,6 +111,8 @@ def pick_patches(
     colour_share: float = 0.0,
     patch_novelty: Tensor | None = None,
     spatial_share: float = 0.0,
+    objectness: Tensor | None = None,
+    peak_threshold: float = 0.3,
 ) -> Tensor:
     """The ``budget`` image patches a query-free cover keeps: 1 on each, 0 elsewhere.
 
@@ -103,6 +122,9 @@ def pick_patches(
       distance, with each candidate's score multiplied by its salience weight: the first pick is the patch whose
       nearest neighbour is farthest, each next one the patch farthest from those kept. ``steps`` (the token
       capacity, a Python int) greedy steps of fixed shape; a step past an image's budget keeps nothing.
+    - ``"peaks"``: ``"maxmin"`` that first keeps the :func:`objectness_peaks` (in max-min order among themselves,
+      as many as the budget allows), then fills the budget by max-min from them: every peak's score gets a bonus
+      larger than any distance of its image, so the same greedy loop (kernel) runs unchanged.
 
     The salience weight is ``1 - salience_share + salience_share * salience``: 1 for ``salience_share = 0``.
 
@@ -119,6 +141,8 @@ def pick_patches(
         spatial_share: weight of the patches' distance on the grid, in units of its longer side, added to theirs
             (``"maxmin"``).
         patch_novelty: :func:`novelty` of ``features`` and ``patch_valid`` when already computed (``"novelty"``).
+        objectness: ``(B, gh, gw)`` in [0, 1], the probe's map (``"peaks"``, required there).
+        peak_threshold: the objectness a peak must exceed (``"peaks"``).
 
     Returns:
         ``(B, gh, gw)`` float, 1 on exactly ``budget`` image patches per image (fewer only if it has fewer).
@@ -135,8 +159,10 @@ def pick_patches(
         key = torch.where(valid, patch_novelty.flatten(1) * weight, -1.0)  # padding after every image patch
         rank = torch.argsort(torch.sort(key, dim=-1, descending=True, stable=True).indices, dim=-1)  # (B, N)
         return ((rank < budget[:, None]) & valid).to(features.dtype).view(b, gh, gw)
-    if method != "maxmin":
+    if method not in ("maxmin", "peaks"):
         raise ValueError(f"unknown pick method {method!r}")
+    if method == "peaks" and objectness is None:
+        raise ValueError("pick 'peaks' needs an objectness map")
     unit = F.normalize(features.float().flatten(1, 2), dim=-1)  # (B, N, D)
     distance = 1 - unit @ unit.transpose(1, 2)  # (B, N, N)
     if colour is not None and colour_share > 0:
@@ -154,6 +180,17 @@ def pick_patches(
     # padding, and (the diagonal) a patch once it is kept.
     weighted = (distance * weight[:, None, :]).masked_fill_(~others, -torch.inf)  # [b, p, q]
     score = torch.where(valid, nearest * weight, -torch.inf)  # before the first pick: the nearest neighbour's
+    if method == "peaks":
+        assert objectness is not None  # checked above
+        peak = objectness_peaks(objectness, patch_valid, peak_threshold).flatten(1)  # (B, N)
+        # A bonus on candidate q's column adds to its score whatever is kept (min over kept p of d[p, q] + bonus[q]),
+        # so it orders peaks before non-peaks and leaves each group's max-min order alone. It exceeds the image's
+        # largest distance (scores are never above it; -inf padding and diagonal stay -inf); non-peaks get 0, so
+        # once the peaks are kept the fill is the plain max-min, bit for bit.
+        span = weighted.amax((1, 2)).clamp_min(0) + 1  # (B,) per image: no dependence on the batch
+        bonus = torch.where(peak, span[:, None], 0.0)  # (B, N)
+        weighted = weighted + bonus[:, None, :]
+        score = score + bonus
     live = budget[:, None] > torch.arange(steps, device=budget.device)  # (B, steps): steps inside the budget
     chosen = greedy_maxmin(weighted, score, live)  # (B, N) one Triton kernel on CUDA
     return chosen.to(features.dtype).view(b, gh, gw)

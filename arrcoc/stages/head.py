@@ -20,21 +20,27 @@ import torch
 from torch import Tensor, nn
 
 from ..config import SCORER_NAMES, PipelineConfig
-from ..errors import InvalidInputError
+from ..errors import InvalidInputError, MissingWeightsError
 from ..runtime.streams import run_branches
 from .allocation import Allocator
 from .balance import Balance, novelty, pick_patches
 from .compression import Compressor
+from .objectness import Objectness
 from .regions import region_bounds, to_patches
 from .scorers import create_scorer
 
-__all__ = ["RelevanceHead", "Stage", "HEAD_OUTPUTS"]
+__all__ = ["RelevanceHead", "Stage", "HEAD_OUTPUTS", "needs_objectness"]
 
 #: One step of a chain: reads named tensors from a state dict, returns the new ones.
 Stage = tuple[str, Callable[[dict[str, Any]], dict[str, Any]]]
 
 #: What the head returns, in order (the last five only when it allocates).
 HEAD_OUTPUTS = ("scores", "relevance", "balance", "allocation", "tokens", "positions", "mask", "weights")
+
+
+def needs_objectness(config: PipelineConfig) -> bool:
+    """Whether a head of ``config`` picks by an objectness probe (``balance.pick="peaks"`` with a cover to use it)."""
+    return config.balance.pick == "peaks" and config.balance.cover > 0
 
 
 class RelevanceHead(nn.Module):
@@ -46,6 +52,11 @@ class RelevanceHead(nn.Module):
             scorer reads no query anywhere, compression included.
         concurrent: on CUDA, run the three scorers and the balance's region similarity on side streams.
         compile: ``torch.compile`` each step (each branch of the scoring step) before it runs or is captured.
+        objectness: the probe of ``balance.pick="peaks"`` (:func:`needs_objectness`), trained on the features the
+            head will read; the caller checks that it belongs to its encoder (:meth:`Objectness.check`).
+
+    Raises:
+        MissingWeightsError: the config picks ``"peaks"`` and no probe is given.
     """
 
     region_size: Final[int]
@@ -59,6 +70,7 @@ class RelevanceHead(nn.Module):
         *,
         concurrent: bool = True,
         compile: bool = False,
+        objectness: Objectness | None = None,
     ) -> None:
         super().__init__()
         config = config or PipelineConfig()
@@ -85,6 +97,13 @@ class RelevanceHead(nn.Module):
         # with novelty_detail (or a pick by novelty), the patches' novelty is computed once, beside the scorers, for
         # the balance's cover and compression; without it the balance computes it for its cover alone
         self.novelty: Final[bool] = config.novelty_detail > 0 or self.pick == "novelty"
+        if self.pick == "peaks" and objectness is None:
+            raise MissingWeightsError(
+                "balance.pick='peaks' needs an objectness probe trained on the encoder's features (objectness=, "
+                "arrcoc.stages.objectness.Objectness.for_encoder); Pipeline.from_pretrained() and the arrcoc reducers "
+                "load the shipped encoder's"
+            )
+        self.objectness = objectness if self.pick == "peaks" else None
 
     def bounds(self, patch_valid: Tensor) -> tuple[Tensor, Tensor]:
         """``(min, max)`` tokens per region, each ``(B, rh, rw)`` int64; needs patch validity only, so a caller
@@ -201,6 +220,8 @@ class RelevanceHead(nn.Module):
             cfg.pick_colour,
             s.get("novelty"),
             cfg.pick_spatial,
+            self.objectness(features, patch_valid) if self.objectness is not None else None,  # (B, gh, gw)
+            cfg.pick_peaks,
         )
 
     def forward(
