@@ -7,15 +7,20 @@ greedy max-min over the default pick's distance from what is kept. It bounds wha
 could add over DivPrune, on one validation seed only. ``peaks-*`` methods are the learned counterpart: a logistic
 probe of shape coverage (``peaks-shapes-*``) or shape-and-glyph coverage (``peaks-all-*``) on the tower's features,
 trained on ``--train`` scenes from seed 2,000,000; its 3x3 local maxima above the threshold are picked first (in
-max-min order), then max-min.
+max-min order), then max-min. ``package-peaks-T`` is the package's own ``BalanceConfig(pick="peaks", pick_peaks=T)``
+with the shipped probe (``weights/objectness.safetensors``, trained at 224 and 384 px), and ``package-peaks224-T`` the
+same pick with this script's ``peaks-best`` probe: it should answer as ``peaks-best-T`` does.
 
     python bench/oracle_noquery.py --out DIR          # CPU, a few minutes per variant at 100 per family
     cd bench && python oracle_noquery.py --stem peaks-noquery --methods peaks-shapes-0.3 peaks-shapes-0.5 peaks-all-0.5
+    cd bench && python oracle_noquery.py --stem package-peaks --samples-per-family 50 \
+        --methods divprune arrcoc-noquery peaks-best-0.3 package-peaks224-0.3 package-peaks-0.3
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import types
 from pathlib import Path
@@ -24,6 +29,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from arrcoc.config import PipelineConfig
 from arrcoc.reducers import create_reducer
 from arrcoc.reducers.registry import register_reducer
 from arrcoc.tools import evaluation
@@ -145,6 +151,18 @@ def register_peaks(name: str, weight: torch.Tensor, bias: torch.Tensor, threshol
     _register(name, mask)
 
 
+def register_package(name: str, threshold: float, probe: Any = None) -> None:
+    """``arrcoc-noquery`` with the package's ``pick="peaks"`` at ``threshold``; ``probe`` an ``Objectness`` (default:
+    the shipped one)."""
+    base = PipelineConfig()
+    config = base.replace(balance=dataclasses.replace(base.balance, pick="peaks", pick_peaks=threshold))
+
+    def build(config_: Any = None, **_: Any) -> Any:
+        return create_reducer("arrcoc-noquery", config=config, objectness=probe)
+
+    register_reducer(name)(build)
+
+
 def train_shapes(model: Any, size: int, count: int, kinds: str) -> tuple[torch.Tensor, torch.Tensor]:
     """A logistic probe on tower features of shape coverage (``kinds`` "shapes"), shape-and-glyph coverage ("all"),
     or the oracle's choice, the patch each shape covers most ("best")."""
@@ -199,10 +217,19 @@ def main() -> int:
     register_oracle("oracle-g", ("glyphs",))
     model, tokenizer = load_vlm()
     for kinds in ("shapes", "all", "best"):
-        if any(m.startswith(f"peaks-{kinds}") for m in args.methods):
+        wanted = f"peaks-{kinds}", *((f"package-peaks{args.size}",) if kinds == "best" else ())
+        if any(m.startswith(wanted) for m in args.methods):
             weight, bias = train_shapes(model, args.size, args.train, kinds)
             for threshold in (0.3, 0.5):
                 register_peaks(f"peaks-{kinds}-{threshold:g}", weight, bias, threshold)
+                if kinds == "best":
+                    from arrcoc.stages.objectness import Objectness, encoder_fingerprint
+                    from arrcoc.world.vlm import vision_tower
+
+                    probe = Objectness(weight, bias, encoder_fingerprint(vision_tower(model).state_dict()))
+                    register_package(f"package-peaks{args.size}-{threshold:g}", threshold, probe)
+    for threshold in (0.3, 0.5):
+        register_package(f"package-peaks-{threshold:g}", threshold)
     config = EvalConfig(
         methods=tuple(args.methods),
         shares=tuple(args.shares),

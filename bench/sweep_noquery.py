@@ -10,6 +10,8 @@ survive a time-out.
 
     python bench/sweep_noquery.py                                   # one GPU, defaults
     python bench/sweep_noquery.py --samples-per-family 2 --device cpu --time-limit 600   # smoke test
+    python bench/sweep_noquery.py --variants nq-peaks-03,nq-peaks-05 --shares 0.11,0.055 --time-limit 560 \
+        --tag peaks-h200                                            # the object-first pick (issue 21)
 """
 
 from __future__ import annotations
@@ -91,6 +93,14 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "nq-maxmin-c05-p1": (
         "pick maxmin, the default's colour weight 0.5, grid distance weight 1",
         {"balance": {"pick": "maxmin", "pick_colour": 0.5, "pick_spatial": 1.0}},
+    ),
+    "nq-peaks-03": (
+        "pick peaks: the shipped objectness probe's 3x3 local maxima above 0.3 first (max-min order), then max-min",
+        {"balance": {"pick": "peaks", "pick_peaks": 0.3}},
+    ),
+    "nq-peaks-05": (
+        "pick peaks, objectness threshold 0.5",
+        {"balance": {"pick": "peaks", "pick_peaks": 0.5}},
     ),
     # with a question (issue 21 item 3): the full ``arrcoc`` reducer, judged against its best single scorer
     "q-cover-015": (
