@@ -9,7 +9,10 @@ probe of shape coverage (``peaks-shapes-*``) or shape-and-glyph coverage (``peak
 trained on ``--train`` scenes from seed 2,000,000; its 3x3 local maxima above the threshold are picked first (in
 max-min order), then max-min. ``package-peaks-T`` is the package's own ``BalanceConfig(pick="peaks", pick_peaks=T)``
 with the shipped probe (``weights/objectness.safetensors``, trained at 224 and 384 px), and ``package-peaks224-T`` the
-same pick with this script's ``peaks-best`` probe: it should answer as ``peaks-best-T`` does.
+same pick with this script's ``peaks-best`` probe: it should answer as ``peaks-best-T`` does. For text answers:
+``tiers-T`` adds a second tier after the shape peaks, the peaks of a probe of the patch each glyph covers most
+(``glyphs``, trained here), and ``capped-0.5-T`` keeps first only the half of the budget's worth of shape peaks of
+highest objectness.
 
     python bench/oracle_noquery.py --out DIR          # CPU, a few minutes per variant at 100 per family
     cd bench && python oracle_noquery.py --stem peaks-noquery --methods peaks-shapes-0.3 peaks-shapes-0.5 peaks-all-0.5
@@ -163,9 +166,48 @@ def register_package(name: str, threshold: float, probe: Any = None) -> None:
     register_reducer(name)(build)
 
 
+def register_tiers(
+    name: str, threshold: float, glyphs: tuple[torch.Tensor, torch.Tensor] | None, cap: float | None
+) -> None:
+    """The package's ``pick="peaks"`` (shipped probe, ``threshold``) with text in mind: ``glyphs`` a glyph probe
+    (weight, bias) whose peaks form a second tier after the shape peaks; ``cap`` keeps only the ``ceil(cap *
+    budget)`` shape peaks of highest objectness first."""
+    from arrcoc.stages.balance import objectness_peaks, pick_patches
+
+    base = PipelineConfig()
+    config = base.replace(balance=dataclasses.replace(base.balance, pick="peaks", pick_peaks=threshold))
+
+    def build(config_: Any = None, **_: Any) -> Any:
+        reducer = create_reducer("arrcoc-noquery", config=config)
+        head = reducer.head
+
+        def _pick(self: Any, s: dict[str, Any], steps: int) -> torch.Tensor:
+            features, valid, budget = s["features"], s["patch_valid"], s["budget"]
+            objectness = self.objectness(features, valid)
+            shape = objectness_peaks(objectness, valid, threshold)  # (B, gh, gw)
+            if cap is not None:
+                key = torch.where(shape, objectness, -1.0).flatten(1)
+                rank = torch.argsort(torch.sort(key, dim=-1, descending=True, stable=True).indices, -1)
+                shape = shape & (rank < torch.ceil(cap * budget)[:, None]).view_as(shape)
+            tier = shape.float()
+            if glyphs is not None:
+                glyph = torch.where(valid > 0, torch.sigmoid(features.float() @ glyphs[0] + glyphs[1]), 0.0)
+                tier = 2 * tier + (objectness_peaks(glyph, valid, threshold) & ~shape).float()
+            cfg = self.config.balance
+            colour = s["texture"][..., :3]
+            return pick_patches(
+                "maxmin", features, valid, budget, steps, None, 0.0, colour, cfg.pick_colour, priority=tier
+            )
+
+        head._pick = types.MethodType(_pick, head)
+        return reducer
+
+    register_reducer(name)(build)
+
+
 def train_shapes(model: Any, size: int, count: int, kinds: str) -> tuple[torch.Tensor, torch.Tensor]:
     """A logistic probe on tower features of shape coverage (``kinds`` "shapes"), shape-and-glyph coverage ("all"),
-    or the oracle's choice, the patch each shape covers most ("best")."""
+    or the oracle's choice, the patch each shape covers most ("best"), or each glyph ("glyphs")."""
     from objectness_probe import train_probe
 
     from arrcoc.world.data import make_sample
@@ -179,10 +221,10 @@ def train_shapes(model: Any, size: int, count: int, kinds: str) -> tuple[torch.T
         with torch.no_grad():
             features.append(vision_features(model, rgb_values([s.image for s in samples])).flatten(0, 1))
         for s in samples:
-            if kinds == "best":  # the oracle's own choice: 1 on the patch each shape covers most
+            if kinds in ("best", "glyphs"):  # the oracle's own choice: 1 on the patch each shape (glyph) covers most
                 target = torch.zeros(grid[0] * grid[1])
                 for k, _, b in s.layout:
-                    if k not in ("text", "glyph"):
+                    if (k not in ("text", "glyph")) if kinds == "best" else (k == "glyph"):
                         target[int(answer_coverage([b], size, grid).flatten().argmax())] = 1.0
                 targets.append(target)
                 continue
@@ -230,6 +272,11 @@ def main() -> int:
                     register_package(f"package-peaks{args.size}-{threshold:g}", threshold, probe)
     for threshold in (0.3, 0.5):
         register_package(f"package-peaks-{threshold:g}", threshold)
+        register_tiers(f"capped-0.5-{threshold:g}", threshold, None, 0.5)
+    if any(m.startswith("tiers-") for m in args.methods):
+        glyphs = train_shapes(model, args.size, args.train, "glyphs")
+        for threshold in (0.3, 0.5):
+            register_tiers(f"tiers-{threshold:g}", threshold, glyphs, None)
     config = EvalConfig(
         methods=tuple(args.methods),
         shares=tuple(args.shares),

@@ -34,18 +34,20 @@ def _grid(b: int = 2, gh: int = 6, gw: int = 7, d: int = 8, seed: int = 0) -> tu
     return features, valid, objectness
 
 
-def _peaks_reference(features: torch.Tensor, valid: torch.Tensor, peak: torch.Tensor, budget: int) -> list[int]:
-    """One image, in Python: the peaks by greedy max-min (cosine distance), then the rest by max-min from them."""
+def _tiers_reference(features: torch.Tensor, valid: torch.Tensor, tier: torch.Tensor, budget: int) -> list[int]:
+    """One image, in Python: the highest tier first by greedy max-min (cosine distance), then each lower tier by
+    max-min from what is kept; the first pick is the candidate whose nearest other image patch is farthest."""
     unit = F.normalize(features.flatten(0, 1), dim=-1)
     distance = (1 - unit @ unit.T).tolist()
     cells = [i for i in range(len(distance)) if valid.flatten()[i] > 0]
-    peaks = {i for i in cells if peak.flatten()[i]}
+    level = {i: int(tier.flatten()[i]) for i in cells}
     kept: list[int] = []
     while len(kept) < min(budget, len(cells)):
-        pool = [i for i in cells if i not in kept and (i in peaks or not peaks - set(kept))]
+        top = max(level[i] for i in cells if i not in kept)
+        pool = [i for i in cells if i not in kept and level[i] == top]
         if kept:
             scores = [min(distance[k][i] for k in kept) for i in pool]
-        else:  # the first: the candidate whose nearest other image patch is farthest
+        else:
             scores = [min(distance[i][j] for j in cells if j != i) for i in pool]
         kept.append(pool[max(range(len(pool)), key=lambda k: (scores[k], -pool[k]))])
     return kept
@@ -86,13 +88,24 @@ def test_peaks_are_picked_first_then_max_min_fills() -> None:
         pick = pick_patches("peaks", features, valid, torch.tensor([budget, budget]), 20, objectness=objectness)
         for i in range(2):
             want = torch.zeros(6 * 7)
-            want[_peaks_reference(features[i], valid[i], peak[i], budget)] = 1
+            want[_tiers_reference(features[i], valid[i], peak[i], budget)] = 1
             assert torch.equal(pick[i].flatten(), want), (i, budget)
         if budget >= counts[0]:  # every peak is kept once the budget allows
             assert pick[0][peak[0]].all()
     # the order matters: with the budget below the peak count, only peaks are kept
     pick = pick_patches("peaks", features, valid, torch.tensor([2, 2]), 2, objectness=objectness)
     assert (pick.bool() <= peak).all()
+
+
+def test_priority_tiers_are_kept_in_order() -> None:
+    features, valid, _ = _grid(seed=4)
+    tier = torch.randint(0, 3, (2, 6, 7), generator=torch.Generator().manual_seed(4))
+    for budget in (3, 12, 25, 40):
+        pick = pick_patches("maxmin", features, valid, torch.tensor([budget, budget]), 40, priority=tier)
+        for i in range(2):
+            want = torch.zeros(6 * 7)
+            want[_tiers_reference(features[i], valid[i], tier[i], budget)] = 1
+            assert torch.equal(pick[i].flatten(), want), (i, budget)
 
 
 def test_without_peaks_it_is_the_max_min_pick() -> None:

@@ -113,6 +113,7 @@ def pick_patches(
     spatial_share: float = 0.0,
     objectness: Tensor | None = None,
     peak_threshold: float = 0.3,
+    priority: Tensor | None = None,
 ) -> Tensor:
     """The ``budget`` image patches a query-free cover keeps: 1 on each, 0 elsewhere.
 
@@ -123,8 +124,11 @@ def pick_patches(
       nearest neighbour is farthest, each next one the patch farthest from those kept. ``steps`` (the token
       capacity, a Python int) greedy steps of fixed shape; a step past an image's budget keeps nothing.
     - ``"peaks"``: ``"maxmin"`` that first keeps the :func:`objectness_peaks` (in max-min order among themselves,
-      as many as the budget allows), then fills the budget by max-min from them: every peak's score gets a bonus
-      larger than any distance of its image, so the same greedy loop (kernel) runs unchanged.
+      as many as the budget allows), then fills the budget by max-min from them: ``priority`` 1 on the peaks.
+
+    ``priority`` (``"maxmin"``, ``"peaks"``) orders candidates in tiers: every candidate of a higher tier is kept
+    before any of a lower one, in max-min order within a tier. Each tier's score gets a bonus of that many times
+    more than any distance of its image, so the same greedy loop (kernel) runs unchanged.
 
     The salience weight is ``1 - salience_share + salience_share * salience``: 1 for ``salience_share = 0``.
 
@@ -143,6 +147,7 @@ def pick_patches(
         patch_novelty: :func:`novelty` of ``features`` and ``patch_valid`` when already computed (``"novelty"``).
         objectness: ``(B, gh, gw)`` in [0, 1], the probe's map (``"peaks"``, required there).
         peak_threshold: the objectness a peak must exceed (``"peaks"``).
+        priority: ``(B, gh, gw)`` whole non-negative tiers (``"maxmin"``), or ``None`` (one tier); ``"peaks"`` makes it.
 
     Returns:
         ``(B, gh, gw)`` float, 1 on exactly ``budget`` image patches per image (fewer only if it has fewer).
@@ -182,13 +187,14 @@ def pick_patches(
     score = torch.where(valid, nearest * weight, -torch.inf)  # before the first pick: the nearest neighbour's
     if method == "peaks":
         assert objectness is not None  # checked above
-        peak = objectness_peaks(objectness, patch_valid, peak_threshold).flatten(1)  # (B, N)
+        priority = objectness_peaks(objectness, patch_valid, peak_threshold)  # (B, gh, gw)
+    if priority is not None:
         # A bonus on candidate q's column adds to its score whatever is kept (min over kept p of d[p, q] + bonus[q]),
-        # so it orders peaks before non-peaks and leaves each group's max-min order alone. It exceeds the image's
-        # largest distance (scores are never above it; -inf padding and diagonal stay -inf); non-peaks get 0, so
-        # once the peaks are kept the fill is the plain max-min, bit for bit.
+        # so it orders the tiers and leaves the max-min order within each alone. A tier's step exceeds the image's
+        # largest distance (scores are never above it; -inf padding and diagonal stay -inf); tier 0 gets nothing,
+        # so once the higher tiers are kept the fill is the plain max-min, bit for bit.
         span = weighted.amax((1, 2)).clamp_min(0) + 1  # (B,) per image: no dependence on the batch
-        bonus = torch.where(peak, span[:, None], 0.0)  # (B, N)
+        bonus = priority.flatten(1).float() * span[:, None]  # (B, N)
         weighted = weighted + bonus[:, None, :]
         score = score + bonus
     live = budget[:, None] > torch.arange(steps, device=budget.device)  # (B, steps): steps inside the budget
