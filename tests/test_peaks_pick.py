@@ -225,6 +225,17 @@ def test_the_shipped_probe_matches_its_metadata_and_encoder() -> None:
     assert all(0 <= fit[size]["recall@0.3"] <= 1 and fit[size]["bce"] > 0 for size in ("224", "384"))
 
 
+def test_for_encoder_loads_the_shipped_probe_for_its_encoder_only() -> None:
+    from safetensors.torch import load_file
+
+    fingerprint = encoder_fingerprint(load_file(ENCODER))
+    assert Objectness.for_encoder(None, 256, fingerprint).encoder == fingerprint
+    with pytest.raises(MissingWeightsError, match="not the probe's encoder"):
+        Objectness.for_encoder(None, 256, "0" * 64)
+    with pytest.raises(MissingWeightsError, match="no trained weights"):
+        Objectness.for_encoder(DEFAULT_WEIGHTS_DIR, 256, None)
+
+
 def test_fingerprint_sees_a_changed_weight_not_a_float32_copy() -> None:
     state = {"a": torch.randn(4, 3).half(), "b": torch.randn(2).half()}
     same = encoder_fingerprint({k: v.float() for k, v in state.items()})
