@@ -152,6 +152,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", default=",".join(map(str, SEEDS)))
     p.add_argument("--sizes", default=",".join(map(str, SIZES)))
     p.add_argument("--shares", default=",".join(map(str, SHARES)))
+    p.add_argument("--families", default=None, help="comma-separated question families (default: all the world's)")
     p.add_argument("--batch-size", type=int, default=None, help="default: 64 on CUDA, 16 on CPU")
     p.add_argument("--eager-reducers", action="store_true", help="no CUDA graphs for the reducers")
     p.add_argument("--threads", type=int, default=None, help="torch threads (CPU)")
@@ -283,6 +284,7 @@ def main(argv: list[str] | None = None) -> int:
             samples_per_family=args.samples_per_family,
             batch_size=batch,
             seed=seed,
+            **({"families": tuple(args.families.split(","))} if args.families else {}),
         )
         part = evaluate(
             model,
