@@ -630,7 +630,6 @@ def _parser() -> argparse.ArgumentParser:
         description="Answer accuracy vs visual-token budget, per "
         "method and question family, on the generated VQA benchmark. Writes "
         "OUT/eval[-TAG].json, .md and .png.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument("--methods", default=None, help="comma-separated reducer names (default: every registered one)")
     parser.add_argument(
@@ -647,7 +646,7 @@ def _parser() -> argparse.ArgumentParser:
         "make_sample(seed + i * len(families) + j), so the list fixes the questions",
     )
     parser.add_argument("--batch-size", type=int, default=16, help="questions per model call (default 16)")
-    parser.add_argument("--seed", type=int, default=DEFAULT_SEED, help="seed of the first sample")
+    parser.add_argument("--seed", type=int, default=DEFAULT_SEED, help="seed of the first sample (default %(default)s: the test seeds)")
     parser.add_argument("--max-new-tokens", type=int, default=10, help="longest answer generated (default 10)")
     parser.add_argument(
         "--box-share-only",
