@@ -646,7 +646,9 @@ def _parser() -> argparse.ArgumentParser:
         "make_sample(seed + i * len(families) + j), so the list fixes the questions",
     )
     parser.add_argument("--batch-size", type=int, default=16, help="questions per model call (default 16)")
-    parser.add_argument("--seed", type=int, default=DEFAULT_SEED, help="seed of the first sample (default %(default)s: the test seeds)")
+    parser.add_argument(
+        "--seed", type=int, default=DEFAULT_SEED, help="seed of the first sample (default %(default)s: the test seeds)"
+    )
     parser.add_argument("--max-new-tokens", type=int, default=10, help="longest answer generated (default 10)")
     parser.add_argument(
         "--box-share-only",
