@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import types
+from pathlib import Path
 
 import pytest
 import torch
@@ -1194,3 +1195,25 @@ def test_bench_times_the_pruned_path_beside_the_post_tower_one(tmp_path) -> None
     assert rows.keys() == {(1.0, "every token")} | {(s, p) for s in (0.25, 0.11) for p in ("post-tower", "pruned")}
     assert rows[0.11, "pruned"]["prune_after"] == 0 and rows[0.11, "pruned"]["image_tokens"] == 11
     assert "pruned after block 0" in next(tmp_path.glob("generation-qwen-*.md")).read_text()
+
+
+@pytest.mark.parametrize("name", ["generation-qwen-nvidia-h200.json", "generation-qwen-nvidia-h200-batch1.json"])
+def test_report_tables_have_one_cell_per_heading(name: str) -> None:
+    """The reports of the lent-GPU runs (batch 8; batch 1 alone, where the vision-steps table has no second
+    batch column) render every row with as many cells as its table's heading, and no heading twice."""
+    from arrcoc.tools.bench_qwen import _markdown
+
+    report = json.loads((Path(__file__).parents[1] / "bench" / "results" / name).read_text())
+    heading: list[str] | None = None
+    tables = 0
+    for line in _markdown(report).splitlines():
+        if not line.startswith("|"):
+            heading = None
+            continue
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        if heading is None:
+            heading, tables = cells, tables + 1
+            assert len(set(cells)) == len(cells), line
+        else:
+            assert len(cells) == len(heading), line
+    assert tables >= 2
