@@ -635,9 +635,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--budgets",
         default=",".join(f"{s:g}" for s in DEFAULT_SHARES),
-        help="comma-separated shares of the patch count in (0, 1] (default %(default)s)",
+        help="comma-separated shares of the patch count in (0, 1] (default: %(default)s)",
     )
-    parser.add_argument("--sizes", default=",".join(map(str, DEFAULT_SIZES)), help="image sides (default %(default)s)")
+    parser.add_argument("--sizes", default=",".join(map(str, DEFAULT_SIZES)), help="image sides (default: %(default)s)")
     parser.add_argument("--samples-per-family", type=int, default=20, help="questions per family and size (default 20)")
     parser.add_argument(
         "--families",
@@ -647,7 +647,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--batch-size", type=int, default=16, help="questions per model call (default 16)")
     parser.add_argument(
-        "--seed", type=int, default=DEFAULT_SEED, help="seed of the first sample (default %(default)s: the test seeds)"
+        "--seed", type=int, default=DEFAULT_SEED, help="seed of the first sample (default: %(default)s, the test seeds)"
     )
     parser.add_argument("--max-new-tokens", type=int, default=10, help="longest answer generated (default 10)")
     parser.add_argument(
@@ -657,7 +657,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
     parser.add_argument(
-        "--out", default="arrcoc-results", help="output folder (pass bench/results to update the committed ones)"
+        "--out",
+        default="arrcoc-results",
+        help="output folder; pass bench/results to update the committed ones (default: %(default)s)",
     )
     parser.add_argument("--tag", default="", help="suffix of the output file names")
     model = parser.add_mutually_exclusive_group()
