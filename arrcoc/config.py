@@ -105,6 +105,10 @@ class BalanceConfig:
             0 (off) by default: it trades text answers for count answers (docs/decisions.md).
         pick_peaks: in [0, 1], for ``pick="peaks"``: the objectness above which a 3x3 local maximum of the probe's
             map is picked first (in max-min order among the peaks), before max-min fills the budget.
+        pick_frame: for ``"maxmin"`` and ``"peaks"``: keep an artificial border's patches (a constant fill reaching
+            in from the image's edge, such as a fundus photo's black mask, and its rim;
+            ``arrcoc.stages.balance.frame_patches``) until every other patch is kept. Images without such a
+            fill, the generated world's among them, pick the same either way.
     """
 
     # Each default was chosen on validation seeds of the generated world; the figures: docs/decisions.md.
@@ -121,6 +125,7 @@ class BalanceConfig:
     pick_colour: float = 0.5
     pick_spatial: float = 0.0
     pick_peaks: float = 0.3  # bench/results/validation/peaks-noquery-cpu-224-seed700000.md (peaks-best-0.3)
+    pick_frame: bool = True
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "weights", _numbers(self.weights, "balance.weights", 3))
@@ -129,6 +134,8 @@ class BalanceConfig:
             all(0 <= w < float("inf") for w in self.weights) and sum(self.weights) > 0,
             f"balance.weights must be 3 finite non-negative numbers with a positive sum; got {self.weights}",
         )
+        if not isinstance(self.pick_frame, bool):
+            raise InvalidTypeError(f"balance.pick_frame must be True or False; got {self.pick_frame!r}")
         if not isinstance(self.pick, str):
             raise InvalidTypeError(f"balance.pick must be a string; got {self.pick!r}")
         _check(self.pick in PICK_METHODS, f"balance.pick must be one of {PICK_METHODS}; got {self.pick!r}")

@@ -1,5 +1,5 @@
-"""The object-first pick (``BalanceConfig.pick="peaks"``): an objectness probe's peaks first, then max-min; the
-shipped probe and its encoder; refusal of any other encoder."""
+"""The object-first pick (``BalanceConfig.pick="peaks"``): an objectness probe's peaks first, then max-min (a border's
+patches last, ``frame``); the shipped probe and its encoder; refusal of any other encoder."""
 
 from __future__ import annotations
 
@@ -102,6 +102,22 @@ def test_priority_tiers_are_kept_in_order() -> None:
     tier = torch.randint(0, 3, (2, 6, 7), generator=torch.Generator().manual_seed(4))
     for budget in (3, 12, 25, 40):
         pick = pick_patches("maxmin", features, valid, torch.tensor([budget, budget]), 40, priority=tier)
+        for i in range(2):
+            want = torch.zeros(6 * 7)
+            want[_tiers_reference(features[i], valid[i], tier[i], budget)] = 1
+            assert torch.equal(pick[i].flatten(), want), (i, budget)
+
+
+def test_a_border_is_a_tier_below_the_rest_with_peaks_above() -> None:
+    features, valid, objectness = _grid(seed=6)
+    peak = objectness_peaks(objectness, valid, 0.3)
+    frame = torch.rand(2, 6, 7, generator=torch.Generator().manual_seed(6)) < 0.4
+    tier = peak.long() - frame.long()  # a peak on the border is neither first nor last
+    assert (tier == -1).any() and (tier == 1).any()
+    for budget in (2, 15, 30, 40):
+        pick = pick_patches(
+            "peaks", features, valid, torch.tensor([budget, budget]), 40, objectness=objectness, frame=frame
+        )
         for i in range(2):
             want = torch.zeros(6 * 7)
             want[_tiers_reference(features[i], valid[i], tier[i], budget)] = 1

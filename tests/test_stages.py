@@ -21,13 +21,13 @@ from arrcoc.stages.regions import (
     to_regions,
 )
 from arrcoc.stages.scorers import SCORERS, create_scorer, query_coupling
-from arrcoc.stages.texture import patch_mean, rgb_to_lab, texture_features
+from arrcoc.stages.texture import TEXTURE_CHANNELS, patch_mean, rgb_to_lab, texture_features
 
 
 def _inputs(b: int = 2, gh: int = 6, gw: int = 7, d: int = 8, seed: int = 0, device: str = "cpu"):
     g = torch.Generator().manual_seed(seed)
     features = torch.randn(b, gh, gw, d, generator=g)
-    texture = torch.rand(b, gh, gw, 5, generator=g)
+    texture = torch.cat((torch.rand(b, gh, gw, 5, generator=g), torch.zeros(b, gh, gw, 1)), -1)  # nothing flat
     valid = torch.ones(b, gh, gw)
     valid[-1, :, 4:] = 0  # the last image is letterboxed on the right: from patch column 4 on
     query = torch.randn(b, 3, d, generator=g)
@@ -414,7 +414,7 @@ def test_stages_run_on_meta_tensors() -> None:
     )
     assert tokens.shape == (2, 9, 8) and positions.shape == (2, 9, 4)
     tex = texture_features(torch.empty(2, 3, 96, 112, device="meta"), torch.empty(2, 1, 96, 112, device="meta"), (6, 7))
-    assert tex.shape == (2, 6, 7, 5)
+    assert tex.shape == (2, 6, 7, len(TEXTURE_CHANNELS))
 
 
 def test_novelty_detail_picks_the_novel_patch_for_images_without_a_question_only() -> None:
@@ -555,6 +555,7 @@ def test_the_pick_is_only_read_without_a_question_and_needs_no_more_steps_than_t
     g = torch.Generator().manual_seed(3)
     b, gh, gw, d = 2, 8, 8, 16
     features, texture = torch.randn(b, gh, gw, d, generator=g), torch.rand(b, gh, gw, 5, generator=g)
+    texture = torch.cat((texture, torch.zeros(b, gh, gw, 1)), -1)  # nothing flat: no border
     valid = torch.ones(b, gh, gw)
     query, budget = torch.randn(b, 3, d, generator=g), torch.tensor([5, 9])
     asked, free = torch.ones(b, 3, dtype=torch.bool), torch.zeros(b, 3, dtype=torch.bool)

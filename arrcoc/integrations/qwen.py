@@ -86,6 +86,7 @@ from ..errors import BudgetError, InvalidInputError, InvalidTypeError
 from ..reducers import ArrcocReducer, ReducedTokens, VisualInput, check_visual, create_reducer
 from ..runtime.graphs import GraphChain
 from ..stages.regions import capacity_of
+from ..stages.texture import TEXTURE_CHANNELS
 from .adapter import check_prompting, expand_prompt, processor_parts, reducer_chain
 from .hf import raster_order
 from .vision_tower import TowerPlan, _compiled, default_prune_after, tower_head, tower_merged, tower_plan, tower_tail
@@ -815,8 +816,8 @@ class ArrcocQwen(nn.Module):
             texture = (
                 reducer.texture(state["pixels"].float(), state["valid"].float(), (gh, gw))
                 if "pixels" in state
-                else features.new_zeros(b, gh, gw, 5)
-            )  # (B, gh, gw, 5)
+                else features.new_zeros(b, gh, gw, len(TEXTURE_CHANNELS))
+            )  # (B, gh, gw, 6)
             if read_query:
                 query, query_mask = state["query"].float(), state["query_mask"]
             else:

@@ -13,7 +13,7 @@ from ..errors import BudgetError, MissingWeightsError
 from ..stages.head import RelevanceHead, needs_objectness
 from ..stages.objectness import OBJECTNESS_FILE, Objectness
 from ..stages.regions import capacity_of
-from ..stages.texture import Texture
+from ..stages.texture import TEXTURE_CHANNELS, Texture
 from .registry import ReducedTokens, VisualInput, check_budget, check_visual, register_reducer
 
 __all__ = ["ArrcocReducer"]
@@ -80,9 +80,9 @@ class ArrcocReducer(nn.Module):
             )
         if visual.pixels is not None:
             valid = visual.valid if visual.valid is not None else torch.ones_like(visual.pixels[:, :1])
-            texture = self.texture(visual.pixels.float(), valid.float(), (gh, gw))  # (B, gh, gw, 5)
+            texture = self.texture(visual.pixels.float(), valid.float(), (gh, gw))  # (B, gh, gw, 6)
         else:
-            texture = features.new_zeros(b, gh, gw, 5)  # no pixels: the feature terms alone
+            texture = features.new_zeros(b, gh, gw, len(TEXTURE_CHANNELS))  # no pixels: the feature terms alone
         if visual.query is not None and self.read_query:
             query = visual.query.float().expand(b, -1, -1)
             query_mask = (

@@ -27,7 +27,7 @@ from ..config import BalanceConfig
 from .greedy_pick import greedy_maxmin
 from .regions import masked_mean, normalize_per_image, to_regions
 
-__all__ = ["Balance", "BALANCE_KEYS", "novelty", "objectness_peaks", "pick_patches"]
+__all__ = ["Balance", "BALANCE_KEYS", "frame_patches", "novelty", "objectness_peaks", "pick_patches"]
 
 #: What ``Balance.forward`` reports per image, in order.
 BALANCE_KEYS: tuple[str, ...] = (
@@ -99,6 +99,69 @@ def objectness_peaks(objectness: Tensor, patch_valid: Tensor, threshold: float) 
     return (level >= top) & (level > threshold) & valid
 
 
+def frame_patches(
+    flat: Tensor,
+    patch_valid: Tensor,
+    colour: Tensor | None = None,
+    solid: float = 0.9,
+    touched: float = 0.05,
+    chroma: float = 0.06,
+) -> Tensor:
+    """The patches of an artificial border: a constant fill reaching in from the image's edge, and its rim.
+
+    A fundus photo's black mask, a scan's blank margin, a pasted-on frame, a clipped black backdrop: patches almost
+    wholly flat (``flat >= solid``) and without colour (black, grey or white; a clear blue sky is no border) on the
+    image's edge, and those joined to them through such patches or along the edge through partly flat ones
+    (``flat >= touched``: the fill thinner than a patch there), plus every image patch next to them (where the fill
+    meets the picture, or a glint inside it). Their edge against the fill makes the rim's patches the most distinct of the
+    image to a max-min cover, and the least worth a token. A border frames a picture: when most image patches beyond
+    it are solid too (a silhouette or a diagram on a flat ground, whose outline is the content), the image has none.
+    In a framed picture every other solid patch counts too: the flat inside of a button would otherwise go before
+    its outline, which is in the border's tier.
+
+    A photographed surface is not flat (``arrcoc.stages.texture.FLAT_RANGE``); the generated world's shapes are, but
+    keep a gap to the image's edge, so none of its images has a border. The fill is followed ``max(gh, gw) // 2``
+    patches from where it starts (a fixed number of steps, so the shapes stay static).
+
+    Args:
+        flat: ``(B, gh, gw)`` share of each patch's image pixels that are flat (texture's ``"flat"`` channel).
+        patch_valid: ``(B, gh, gw)`` share of each patch that is image; padding is never a border patch.
+        colour: ``(B, gh, gw, 3)`` each patch's mean L*a*b* (texture's first channels, scaled by 1/100), or
+            ``None`` (any colour may be a fill).
+        solid: the flat share of a patch inside the fill.
+        touched: the flat share of an edge patch that a thin fill crosses.
+        chroma: the largest chroma (``sqrt(a² + b²)``, scaled by 1/100) of a patch inside the fill.
+
+    Returns:
+        ``(B, gh, gw)`` bool.
+    """
+    valid = (patch_valid > 0)[:, None].float()  # (B, 1, gh, gw)
+    flat = flat[:, None]
+
+    def grown(x: Tensor) -> Tensor:  # 8-neighbour dilation
+        return F.max_pool2d(x, 3, stride=1, padding=1)
+
+    # the image's edge: image patches with a neighbour that is padding or off the grid
+    edge = valid * (1 + F.max_pool2d(-F.pad(valid, (1, 1, 1, 1)), 3, stride=1))  # off the grid counts as padding
+    inside = (flat >= solid).float() * valid
+    if colour is not None:
+        inside = inside * (torch.linalg.vector_norm(colour[..., 1:3].float(), dim=-1) < chroma)[:, None].float()
+    passable = torch.maximum(inside, edge * (flat >= touched).float())
+    fill = inside * edge  # where a fill starts: a solid patch on the edge
+    for _ in range(max(1, max(flat.shape[-2:]) // 2)):
+        fill = grown(fill) * passable
+    border = grown(fill) * valid  # the fill and its rim
+    # A border frames a picture: the image patches beyond it are mostly not flat. Around a flat drawing (a
+    # silhouette, a diagram) the flat backdrop is the drawing's ground and its outline the content: no border.
+    rest = valid - border
+    framed = (fill.amax((-2, -1), keepdim=True) > 0) & (  # (B, 1, 1, 1)
+        (inside * rest).sum((-2, -1), keepdim=True) < 0.5 * rest.sum((-2, -1), keepdim=True)
+    )
+    # in a framed picture every solid patch is a fill too: the flat inside of a shape off the edge (a button) would
+    # otherwise go before its outline, which joined the border's tier
+    return (torch.maximum(border, inside) * framed > 0)[:, 0]
+
+
 def pick_patches(
     method: str,
     features: Tensor,
@@ -114,6 +177,7 @@ def pick_patches(
     objectness: Tensor | None = None,
     peak_threshold: float = 0.3,
     priority: Tensor | None = None,
+    frame: Tensor | None = None,
 ) -> Tensor:
     """The ``budget`` image patches a query-free cover keeps: 1 on each, 0 elsewhere.
 
@@ -128,7 +192,9 @@ def pick_patches(
 
     ``priority`` (``"maxmin"``, ``"peaks"``) orders candidates in tiers: every candidate of a higher tier is kept
     before any of a lower one, in max-min order within a tier. Each tier's score gets a bonus of that many times
-    more than any distance of its image, so the same greedy loop (kernel) runs unchanged.
+    more than any distance of its image, so the same greedy loop (kernel) runs unchanged. ``frame`` (``"maxmin"``,
+    ``"peaks"``) puts an artificial border's patches (:func:`frame_patches`) a tier below the rest: kept only once
+    every other patch is.
 
     The salience weight is ``1 - salience_share + salience_share * salience``: 1 for ``salience_share = 0``.
 
@@ -148,6 +214,7 @@ def pick_patches(
         objectness: ``(B, gh, gw)`` in [0, 1], the probe's map (``"peaks"``, required there).
         peak_threshold: the objectness a peak must exceed (``"peaks"``).
         priority: ``(B, gh, gw)`` whole non-negative tiers (``"maxmin"``), or ``None`` (one tier); ``"peaks"`` makes it.
+        frame: ``(B, gh, gw)`` bool, the border patches to keep last, or ``None`` (none).
 
     Returns:
         ``(B, gh, gw)`` float, 1 on exactly ``budget`` image patches per image (fewer only if it has fewer).
@@ -188,6 +255,8 @@ def pick_patches(
     if method == "peaks":
         assert objectness is not None  # checked above
         priority = objectness_peaks(objectness, patch_valid, peak_threshold)  # (B, gh, gw)
+    if frame is not None:  # tier -1; an image without a border adds 0 to every score: the same picks, bit for bit
+        priority = (0.0 if priority is None else priority.float()) - frame.float()
     if priority is not None:
         # A bonus on candidate q's column adds to its score whatever is kept (min over kept p of d[p, q] + bonus[q]),
         # so it orders the tiers and leaves the max-min order within each alone. A tier's step exceeds the image's

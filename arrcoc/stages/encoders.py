@@ -209,7 +209,7 @@ class Encoder(nn.Module):
 
         Returns:
             features ``(B, gh, gw, D)`` float32, prefix ``(B, P, D)`` float32 (P may be 0), texture
-            ``(B, gh, gw, 5)`` and patch validity ``(B, gh, gw)``: the share of each patch's pixels that are image.
+            ``(B, gh, gw, 6)`` and patch validity ``(B, gh, gw)``: the share of each patch's pixels that are image.
         """
         return *self.features(pixels), *self.layout(pixels, valid)
 
@@ -228,9 +228,9 @@ class Encoder(nn.Module):
         return features.float().contiguous(), prefix.float()
 
     def layout(self, pixels: Tensor, valid: Tensor) -> tuple[Tensor, Tensor]:
-        """What needs no backbone: texture ``(B, gh, gw, 5)`` and patch validity ``(B, gh, gw)``."""
+        """What needs no backbone: texture ``(B, gh, gw, 6)`` and patch validity ``(B, gh, gw)``."""
         gh, gw = self.grid
-        texture = self.texture(pixels, valid, self.grid)  # (B, gh, gw, 5)
+        texture = self.texture(pixels, valid, self.grid)  # (B, gh, gw, 6)
         patch = (pixels.shape[-2] // gh, pixels.shape[-1] // gw)
         return texture, patch_mean(valid, patch)[:, 0]
 

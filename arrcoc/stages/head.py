@@ -23,7 +23,7 @@ from ..config import SCORER_NAMES, PipelineConfig
 from ..errors import InvalidInputError, MissingWeightsError
 from ..runtime.streams import run_branches
 from .allocation import Allocator
-from .balance import Balance, novelty, pick_patches
+from .balance import Balance, frame_patches, novelty, pick_patches
 from .compression import Compressor
 from .objectness import Objectness
 from .regions import region_bounds, to_patches
@@ -200,7 +200,8 @@ class RelevanceHead(nn.Module):
 
     def _pick(self, s: dict[str, Any], steps: int) -> Tensor:
         """``(B, gh, gw)`` the query-free pick (:func:`arrcoc.stages.balance.pick_patches`) of ``budget`` patches,
-        weighted by the query-free scorers' map (propositional and perspectival, at their base weights)."""
+        weighted by the query-free scorers' map (propositional and perspectival, at their base weights), an artificial
+        border's patches last (``balance.pick_frame``)."""
         cfg = self.config.balance
         features, patch_valid = s["features"], s["patch_valid"]
         salience = None  # only computed where it weighs
@@ -222,6 +223,7 @@ class RelevanceHead(nn.Module):
             cfg.pick_spatial,
             self.objectness(features, patch_valid) if self.objectness is not None else None,  # (B, gh, gw)
             cfg.pick_peaks,
+            frame=frame_patches(s["texture"][..., 5], patch_valid, s["texture"][..., :3]) if cfg.pick_frame else None,
         )
 
     def forward(
@@ -241,7 +243,7 @@ class RelevanceHead(nn.Module):
 
         Args:
             features: ``(B, gh, gw, D)`` float32 patch features.
-            texture: ``(B, gh, gw, 5)`` texture features (zeros where there are no pixels).
+            texture: ``(B, gh, gw, 6)`` texture features (zeros where there are no pixels).
             patch_valid: ``(B, gh, gw)`` share of each patch that is image.
             query: ``(B, L, D)`` query tokens in the feature space (zeros with an all-False mask: no query).
             query_mask: ``(B, L)`` bool, True on real query tokens.

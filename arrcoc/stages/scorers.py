@@ -79,7 +79,7 @@ class Scorer(nn.Module):
 
         Args:
             features: ``(B, gh, gw, D)`` encoder patch features.
-            texture: ``(B, gh, gw, 5)`` texture features (``arrcoc.stages.texture.TEXTURE_CHANNELS``).
+            texture: ``(B, gh, gw, 6)`` texture features (``arrcoc.stages.texture.TEXTURE_CHANNELS``).
             patch_valid: ``(B, gh, gw)`` share of each patch that is image (0 on padding).
             query: ``(B, L, D)`` query embedding tokens.
             query_mask: ``(B, L)`` bool, True on real query tokens (all False: no query).
@@ -109,7 +109,7 @@ class PropositionalScorer(Scorer):
     ) -> Tensor:
         weights = self.regions(patch_valid[..., None])  # (B, rh, rw, P, 1)
         valid = weights.sum((-1, -2)) > 0  # (B, rh, rw)
-        stats = self.regions(torch.cat((texture, features), -1))  # (B, rh, rw, P, 5 + D)
+        stats = self.regions(torch.cat((texture[..., :5], features), -1))  # (B, rh, rw, P, 5 + D): flatness left out
         mean = masked_mean(stats, weights, -2)  # (B, rh, rw, 5 + D)
         var = (masked_mean(stats.square(), weights, -2) - mean.square()).clamp_min(0)
         colour = var[..., :3].mean(-1).sqrt()  # spread of L*a*b* across the region's patches

@@ -1,4 +1,4 @@
-"""Cheap texture features on the patch grid: perceptual colour, edges and local contrast.
+"""Cheap texture features on the patch grid: perceptual colour, edges, local contrast and flatness.
 
 They need no learned weights, so the weight-free scorers can read real image structure before any training.
 """
@@ -9,10 +9,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["TEXTURE_CHANNELS", "Texture", "patch_mean", "rgb_to_lab", "texture_features"]
+__all__ = ["FLAT_RANGE", "TEXTURE_CHANNELS", "Texture", "patch_mean", "rgb_to_lab", "texture_features"]
 
 #: Channels of :func:`texture_features`, in order.
-TEXTURE_CHANNELS: tuple[str, ...] = ("L", "a", "b", "edge", "contrast")
+TEXTURE_CHANNELS: tuple[str, ...] = ("L", "a", "b", "edge", "contrast", "flat")
+
+#: A pixel is flat when the lightness of the image pixels in its 5 x 5 neighbourhood spans less than this (L*/100):
+#: a constant fill such as a fundus photo's black mask or a scan's blank margin. A photographed surface's noise
+#: spans more (skin and the generated world's backgrounds do; a clear, compressed sky may not, which is why
+#: ``arrcoc.stages.balance.frame_patches`` also asks a fill to have no colour).
+FLAT_RANGE = 0.006
 
 # sRGB (D65) -> XYZ, and the D65 white point (IEC 61966-2-1, CIE 15).
 _RGB_TO_XYZ = ((0.4124564, 0.3575761, 0.1804375), (0.2126729, 0.7151522, 0.0721750), (0.0193339, 0.1191920, 0.9503041))
@@ -54,10 +60,12 @@ def rgb_to_lab(rgb: Tensor, matrix: Tensor | None = None) -> Tensor:
 def texture_features(
     pixels: Tensor, valid: Tensor, grid: tuple[int, int], matrix: Tensor | None = None, sobel: Tensor | None = None
 ) -> Tensor:
-    """Per-patch colour, edge strength and local contrast.
+    """Per-patch colour, edge strength, local contrast and flatness.
 
     Edges are measured with a Sobel filter on lightness; the border between the image and its letterbox
-    padding is not an edge of the image, so responses within one pixel of the padding are dropped.
+    padding is not an edge of the image, so responses within one pixel of the padding are dropped. Flatness is
+    the share of a patch's image pixels that are flat (:data:`FLAT_RANGE`): what tells an artificial border
+    (``arrcoc.stages.balance.frame_patches``) from the picture.
 
     Args:
         pixels: ``(B, 3, S, S)`` RGB in [0, 1].
@@ -66,8 +74,8 @@ def texture_features(
         matrix, sobel: constant tensors on the pixels' device (see :class:`Texture`, which holds them).
 
     Returns:
-        ``(B, gh, gw, 5)`` float: mean L, a, b; mean Sobel magnitude; standard deviation of L
-        (see ``TEXTURE_CHANNELS``), averaged over the valid pixels of each patch (0 for padding patches).
+        ``(B, gh, gw, 6)`` float: mean L, a, b; mean Sobel magnitude; standard deviation of L; the flat share
+        (see ``TEXTURE_CHANNELS``), over the valid pixels of each patch (0 for padding patches).
     """
     gh, gw = grid
     patch = (pixels.shape[-2] // gh, pixels.shape[-1] // gw)
@@ -86,8 +94,25 @@ def texture_features(
     mean = pooled[:, 1:5] / denom  # (B, 4, gh, gw)
     light_sq = pooled[:, 5:] / denom
     contrast = (light_sq - mean[:, :1].square()).clamp_min(0).sqrt()  # (B, 1, gh, gw)
-    features = torch.cat((mean, contrast), 1) * (weight > 0)  # (B, 5, gh, gw)
+    flat = _flat_share(light, valid, patch)  # (B, 1, gh, gw)
+    features = torch.cat((mean, contrast, flat), 1) * (weight > 0)  # (B, 6, gh, gw)
     return features.permute(0, 2, 3, 1).contiguous()
+
+
+def _flat_share(light: Tensor, valid: Tensor, patch: tuple[int, int]) -> Tensor:
+    """``(B, 1, gh, gw)``: the share of each patch's image pixels whose 5 x 5 neighbourhood of image pixels spans
+    less than :data:`FLAT_RANGE` in lightness. Read on every other pixel where the patch sides are even (a 3 x 3
+    window of samples spans the same 5 pixels): a quarter of the work on the data-set path, for a count that needs
+    no finer grain."""
+    step = 2 if patch[0] % 2 == 0 and patch[1] % 2 == 0 else 1
+    light, image = light[..., ::step, ::step], valid[..., ::step, ::step] > 0
+    size = 5 if step == 1 else 3
+    # padding left out: below every maximum, above every minimum
+    high = F.max_pool2d(light.masked_fill(~image, -1.0), size, stride=1, padding=size // 2)
+    low = -F.max_pool2d((-light).masked_fill(~image, -2.0), size, stride=1, padding=size // 2)
+    flat = (high - low < FLAT_RANGE) & image
+    counts = patch_mean(torch.cat((image, flat), 1).to(light.dtype), (patch[0] // step, patch[1] // step))
+    return counts[:, 1:] / counts[:, :1].clamp_min(1e-6)
 
 
 def patch_mean(values: Tensor, patch: tuple[int, int]) -> Tensor:

@@ -176,9 +176,17 @@ def main(argv: list[str] | None = None) -> int:
         prog="python -m arrcoc.tools.gallery",
         description="arrcoc's kept patches beside DivPrune's on scikit-image's photographs, no question.",
     )
-    parser.add_argument("--out", default="docs/gallery", help="output folder (default %(default)s)")
-    parser.add_argument("--photos", default=",".join(PHOTOS), help="comma-separated skimage.data names")
-    parser.add_argument("--budgets", default=",".join(map(str, DEFAULT_BUDGETS)), help="tokens per image")
+    parser.add_argument("--out", default="docs/gallery", help="output folder (default: %(default)s)")
+    parser.add_argument(
+        "--photos",
+        default=",".join(PHOTOS),
+        help="comma-separated skimage.data names (default: the fourteen of docs/gallery.md)",
+    )
+    parser.add_argument(
+        "--budgets",
+        default=",".join(map(str, DEFAULT_BUDGETS)),
+        help="tokens per image, comma-separated (default: %(default)s)",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="arrcoc: %(message)s")
     from ..errors import ArrcocError

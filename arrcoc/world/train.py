@@ -55,6 +55,7 @@ from ..runtime.device import device_name
 from ..stages.head import RelevanceHead
 from ..stages.regions import patch_boxes, region_grid
 from ..stages.text_query import TextQueryConfig, TextQueryEncoder, patch_targets, relevance_loss
+from ..stages.texture import TEXTURE_CHANNELS
 from .data import COLORS, QUESTION_FAMILIES, SHAPES, TEXT_ALPHABET, WORDS, make_sample
 from .vlm import VLMConfig, build_vlm, embed_inputs, generate_answers, save_vlm, vision_features, vision_tower
 
@@ -223,7 +224,7 @@ def random_compression(
     no_query = torch.zeros(b, 1, dtype=torch.bool, device=features.device)
     out = head(
         grid,
-        grid.new_zeros(b, side, side, 5),
+        grid.new_zeros(b, side, side, len(TEXTURE_CHANNELS)),
         ones,
         grid.new_zeros(b, 1, d),
         no_query,
