@@ -550,9 +550,10 @@ class ArrcocQwen(nn.Module):
         if plan is not None:
             reduced, deepstack = self._tower_tail(state, plan, reduced, grids)
         image_tokens = [r.tokens[0] for r in reduced]  # (K_i, H) each
-        for i, ((_, _, start), tokens) in enumerate(zip(rows, image_tokens)):  # the image slots, in place
-            embeds[i, pads[i] + start : pads[i] + start + tokens.shape[0]] = tokens.to(embeds.dtype)
-        position_ids = self._positions(rows, length, reduced, grids, device)
+        counts = [t.shape[0] for t in image_tokens]
+        slots = _sent(_image_slots(rows, pads, length, counts), device)  # (sum K,) each kept token's place in (B, T)
+        embeds.view(-1, embeds.shape[-1])[slots] = torch.cat(image_tokens).to(embeds.dtype)  # the image slots
+        position_ids = self._positions(rows, length, reduced, grids, slots)
         if deep is not None:  # the kept tokens' DeepStack features, layer by layer, in slot order
             kept = [_box_means(d, r.positions[0]) for d, r in zip(deep, reduced)]  # (L, K_i, H) each
             deepstack = list(torch.cat(kept, 1).unbind(0))
@@ -611,21 +612,28 @@ class ArrcocQwen(nn.Module):
         length: int,
         reduced: list[ReducedTokens],
         grids: list[tuple[int, int]],
-        device: torch.device,
+        slots: Tensor,
     ) -> Tensor:
         """``(3, B, T)`` positions: text 1-D, kept tokens at their own (time, row, column), text after the image
-        from the full image's ``max(gh, gw)`` on (see the module docstring)."""
-        position_ids = torch.zeros(3, len(rows), length, dtype=torch.long, device=device)
+        from the full image's ``max(gh, gw)`` on (see the module docstring). ``slots``: every kept token's place in
+        the flattened ``(B, T)``, image by image, on the device.
+
+        Everything but the kept tokens' rows and columns is known on the host and travels in one copy; the rows
+        and columns of every image go in with one write, so the launches do not grow with the batch."""
+        positions = torch.zeros(3, len(rows), length, dtype=torch.long)
+        offsets = []  # per kept token: its image's first position
         for i, ((row, _, start), out, (gh, gw)) in enumerate(zip(rows, reduced, grids)):
             pad, k = length - len(row), out.tokens.shape[1]
-            position_ids[:, i, pad : pad + start] = torch.arange(start, device=device)
-            boxes = out.positions[0]  # (K, 4) row, col, height, width on the merged grid
-            image = slice(pad + start, pad + start + k)
-            position_ids[0, i, image] = start
-            position_ids[1, i, image] = start + boxes[:, 0] + (boxes[:, 2] - 1) // 2  # a pooled area: its centre cell
-            position_ids[2, i, image] = start + boxes[:, 1] + (boxes[:, 3] - 1) // 2
+            positions[:, i, pad : pad + start] = torch.arange(start)
+            positions[0, i, pad + start : pad + start + k] = start
             after = len(row) - start - k
-            position_ids[:, i, length - after :] = start + max(gh, gw) + torch.arange(after, device=device)
+            positions[:, i, length - after :] = start + max(gh, gw) + torch.arange(after)
+            offsets.append(torch.full((k,), start))
+        position_ids = _sent(positions, slots.device)
+        boxes = torch.cat([out.positions[0] for out in reduced])  # (sum K, 4) row, col, height, width, merged grid
+        offset = _sent(torch.cat(offsets), slots.device)
+        centre = offset[:, None] + boxes[:, :2] + (boxes[:, 2:] - 1) // 2  # (sum K, 2) a pooled area: its centre cell
+        position_ids[1:].flatten(1)[:, slots] = centre.t().to(position_ids.dtype)
         return position_ids
 
     def _query(self, grid: Tensor, valid: Tensor, text: Tensor, values: Tensor | None = None) -> Tensor:
@@ -938,6 +946,16 @@ def kept_units(reduced: Sequence[ReducedTokens], grids: Sequence[tuple[int, int]
         units.append(cells[:, 0] * gw + cells[:, 1] + offset)
         offset += gh * gw
     return torch.cat(units)
+
+
+def _image_slots(
+    rows: list[tuple[list[int], list[bool], int]], pads: list[int], length: int, counts: list[int]
+) -> Tensor:
+    """``(sum K,)`` each kept token's place in the flattened ``(B, T)`` input, image by image: past the row's left
+    padding and the text before its image (``rows[i][2]``), ``counts[i]`` tokens."""
+    return torch.cat(
+        [i * length + pad + row[2] + torch.arange(k) for i, (pad, row, k) in enumerate(zip(pads, rows, counts))]
+    )
 
 
 def _sent(tensor: Tensor, device: torch.device) -> Tensor:
