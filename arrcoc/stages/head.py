@@ -97,6 +97,8 @@ class RelevanceHead(nn.Module):
         # with novelty_detail (or a pick by novelty), the patches' novelty is computed once, beside the scorers, for
         # the balance's cover and compression; without it the balance computes it for its cover alone
         self.novelty: Final[bool] = config.novelty_detail > 0 or self.pick == "novelty"
+        # the greedy picks keep an artificial border last; ranking by novelty has no tiers
+        self.keeps_frame: Final[bool] = config.balance.pick_frame and self.pick in ("maxmin", "peaks")
         if self.pick == "peaks" and objectness is None:
             raise MissingWeightsError(
                 "balance.pick='peaks' needs an objectness probe trained on the encoder's features (objectness=, "
@@ -223,7 +225,7 @@ class RelevanceHead(nn.Module):
             cfg.pick_spatial,
             self.objectness(features, patch_valid) if self.objectness is not None else None,  # (B, gh, gw)
             cfg.pick_peaks,
-            frame=frame_patches(s["texture"][..., 5], patch_valid, s["texture"][..., :3]) if cfg.pick_frame else None,
+            frame=frame_patches(s["texture"][..., 5], patch_valid, s["texture"][..., :3]) if self.keeps_frame else None,
         )
 
     def forward(
