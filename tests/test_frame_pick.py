@@ -12,7 +12,7 @@ import torch
 from arrcoc import InvalidTypeError, Pipeline
 from arrcoc.config import BalanceConfig
 from arrcoc.stages.balance import frame_patches
-from arrcoc.stages.texture import TEXTURE_CHANNELS, texture_features
+from arrcoc.stages.texture import TEXTURE_CHANNELS, patch_mean, texture_features
 from arrcoc.tools.gallery import kept_patches
 from arrcoc.world.data import make_sample
 
@@ -40,7 +40,7 @@ def _patches(image: torch.Tensor, patch: int = 16, pad: int = 0) -> tuple[torch.
     valid[..., pixels.shape[-1] - pad :] = 0
     grid = (pixels.shape[-2] // patch, pixels.shape[-1] // patch)
     texture = texture_features(pixels, valid, grid)
-    return texture[..., FLAT], valid.view(1, grid[0], patch, grid[1], patch).mean((2, 4))
+    return texture[..., FLAT], patch_mean(valid, (patch, patch))[:, 0]
 
 
 def test_flatness_is_a_constant_fill_not_a_photographed_surface() -> None:
