@@ -4,6 +4,11 @@
     python bench/profile_probe.py dataset --out DIR     compress-dataset on the photo set and the benchmark set
     python bench/profile_probe.py syncs --out DIR       every host sync of the Qwen-VL adapter's generate at 11%
     python bench/profile_probe.py qwen-pruned --out DIR  prepare at 11%, batch 8, pruning after block 7: each step
+    python bench/profile_probe.py dataset-steps --out DIR   each step of the batched input path alone (decode,
+        letterbox by kernel and by matrix products, the pipeline): host and device ms per batch, whether a step
+        waits for a busy stream; the whole job with either letterbox; a chrome trace of the job
+    python bench/profile_probe.py dataset-readers --out DIR  the job with 1-12 reader threads, with a 0.5 ms
+        interpreter switch interval, and with two batches decoded ahead, each twice, interleaved
 
 Each part writes ``<part>-<case>.txt``: wall milliseconds, the summed kernel time, and the top kernels; ``syncs``
 writes each distinct call stack that synchronised (``torch.cuda.set_sync_debug_mode("warn")``) and how often.
@@ -20,6 +25,24 @@ from pathlib import Path
 
 import torch
 from torch.profiler import ProfilerActivity, profile
+
+
+def _job(source: Path, dest: Path, pipe, readers: int):
+    """``compress_dataset`` as the benchmark runs it: budget 64, batch 64, shards of 1000, float16 tokens."""
+    from arrcoc.datasets.compress_dataset import compress_dataset
+
+    shutil.rmtree(dest, ignore_errors=True)
+    return compress_dataset(
+        source,
+        dest,
+        pipe,
+        64,
+        batch_size=64,
+        workers=readers,
+        shard_size=1000,
+        token_dtype=torch.float16,
+        progress=False,
+    )
 
 
 def _profiled(fn, out: Path, name: str, rows: int = 30) -> None:
@@ -123,7 +146,6 @@ def qwen_pruned(out: Path) -> None:
 
 def dataset(out: Path) -> None:
     from arrcoc.config import PipelineConfig
-    from arrcoc.datasets.compress_dataset import compress_dataset
     from arrcoc.pipeline import BATCH_BUCKETS, Pipeline
     from arrcoc.tools.bench_dataset import make_images
 
@@ -143,20 +165,213 @@ def dataset(out: Path) -> None:
         )
 
         def run(folder: Path = folder, pipe: Pipeline = pipe) -> None:
-            shutil.rmtree(work / "out", ignore_errors=True)
-            compress_dataset(
-                folder,
-                work / "out",
-                pipe,
-                64,
-                batch_size=64,
-                workers=12,
-                shard_size=1000,
-                token_dtype=torch.float16,
-                progress=False,
-            )
+            _job(folder, work / "out", pipe, 12)
 
         _profiled(run, out, f"dataset-{name}", rows=40)
+    shutil.rmtree(work, ignore_errors=True)
+
+
+def dataset_steps(out: Path) -> None:
+    import statistics
+
+    from arrcoc.tools.bench_dataset import make_images
+
+    work = Path(tempfile.mkdtemp(prefix="probe-"))
+    lines: list[str] = []
+
+    def say(text: str) -> None:
+        lines.append(text)
+        print(text, flush=True)
+        (out / "dataset-steps.txt").write_text("\n".join(lines))
+
+    def device_ms(fn, *args, **kwargs) -> tuple[float, float, object]:
+        """(host ms for ``fn(*args, **kwargs)`` to return, device ms between events around it, its result), from an
+        idle device."""
+        torch.cuda.synchronize()
+        begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start = time.perf_counter()
+        begin.record()
+        result = fn(*args, **kwargs)
+        end.record()
+        host = (time.perf_counter() - start) * 1e3
+        end.synchronize()
+        return host, begin.elapsed_time(end), result
+
+    def med(values: list[float]) -> str:
+        return f"{statistics.median(values):.2f}"
+
+    sets = {
+        "photos": (make_images(work / "photos", 640, sides=(640, 1600), seed=1), (224, 384)),
+        "benchmark": (make_images(work / "images", 1280, small_share=0.7), (224, 384)),
+    }
+    for name, (folder, buckets) in sets.items():
+        try:
+            _dataset_set(name, folder, buckets, out, work, say, device_ms, med)
+        except Exception:  # a probe: report and go on to the next set
+            import traceback
+
+            say(traceback.format_exc())
+    shutil.rmtree(work, ignore_errors=True)
+
+
+def _dataset_set(name, folder, buckets, out, work, say, device_ms, med) -> None:
+    import functools
+    import gzip
+
+    from arrcoc.config import PipelineConfig
+    from arrcoc.pipeline import BATCH_BUCKETS, Pipeline
+    from arrcoc.stages import gpu_input
+    from arrcoc.stages.gpu_input import decode_jpegs, jpeg_file, letterbox, placement
+    from arrcoc.stages.preprocess import PreprocessedBatch
+
+    device = torch.device("cuda")
+    config = PipelineConfig.from_name("default", encoder_dtype="bfloat16", buckets=buckets)
+    pipe = Pipeline(config, device=device)
+    pipe.warmup(sizes=buckets, batch_sizes=[b for b in BATCH_BUCKETS if b <= 64], budget=64)
+    files = sorted(str(p) for p in folder.iterdir())
+    grouped: dict[int, list] = {}
+    for path in files:
+        data, (h, w) = jpeg_file(path)
+        bucket, scale, content = placement(h, w, buckets)
+        grouped.setdefault(bucket, []).append((data, content, (h, w)))
+    batches = [(b, items[i : i + 64]) for b, items in grouped.items() for i in range(0, len(items) - 63, 64)]
+    say(f"== {name}: {len(batches)} full batches of 64 ({', '.join(f'{b}: {len(v)}' for b, v in grouped.items())})")
+    decode_host, decode_dev, decoded = [], [], []
+    for bucket, items in batches:
+        host, dev, images = device_ms(decode_jpegs, [d for d, _, _ in items], device)
+        decode_host.append(host)
+        decode_dev.append(dev)
+        decoded.append((bucket, images, [c for _, c, _ in items]))
+    say(f"decode alone: host {med(decode_host)} ms, device {med(decode_dev)} ms per batch (median)")
+    made = {}
+    for kernel in (True, False):
+        gpu_input.USE_KERNEL = kernel
+        hosts, devs = [], []
+        for _ in range(2):  # the first round compiles the kernels
+            hosts, devs, made[kernel] = [], [], []
+            for bucket, images, sizes in decoded:
+                host, dev, result = device_ms(letterbox, images, sizes, bucket)
+                hosts.append(host)
+                devs.append(dev)
+                made[kernel].append(result)
+        say(f"letterbox {'kernel' if kernel else 'matmul'}: host {med(hosts)} ms, device {med(devs)} ms per batch")
+    diff = max((a[0] - b[0]).abs().max().item() for a, b in zip(made[True], made[False]))
+    say(f"kernel vs matmul pixels: largest difference {diff:.2e} (in [0, 1])")
+    gpu_input.USE_KERNEL = True
+    runs = []
+    for (bucket, _images, sizes), (pixels, valid) in zip(decoded, made[True]):
+        batch = PreprocessedBatch(
+            pixels=pixels,
+            valid=valid,
+            scale=torch.ones(len(sizes)),
+            source_size=torch.tensor(sizes),
+            content_size=torch.tensor(sizes),
+            indices=list(range(len(sizes))),
+            names=[str(i) for i in range(len(sizes))],
+            bucket=bucket,
+        )
+        runs.append(batch)
+    hosts, devs = [], []
+    for batch in runs * 2:
+        host, dev, _ = device_ms(pipe, batch, budget=64, copy=False)
+        hosts.append(host)
+        devs.append(dev)
+    say(f"pipeline alone: host {med(hosts)} ms, device {med(devs)} ms per batch")
+    # does a step wait for work already queued? A 30 ms sleep kernel first, then the host time of the call
+    bucket, images, sizes = decoded[0]
+    for label, call in (
+        ("letterbox kernel", functools.partial(letterbox, images, sizes, bucket)),
+        ("pipeline", functools.partial(pipe, runs[0], budget=64, copy=False)),
+        ("decode", functools.partial(decode_jpegs, [d for d, _, _ in batches[0][1]], device)),
+    ):
+        torch.cuda.synchronize()
+        torch.cuda._sleep(int(30e-3 * 1.98e9))  # about 30 ms at the H200's clock
+        start = time.perf_counter()
+        call()
+        host = (time.perf_counter() - start) * 1e3
+        torch.cuda.synchronize()
+        say(f"{label} behind a 30 ms kernel: returned after {host:.1f} ms")
+    for kernel, workers in ((True, 12), (False, 12), (True, 4), (True, 12), (False, 12), (True, 4)):
+        gpu_input.USE_KERNEL = kernel
+        stats = _job(folder, work / "out", pipe, workers)
+        shares = {
+            k: f"{100 * getattr(stats, k) / stats.seconds:.0f}%"
+            for k in (
+                "wait_seconds",
+                "decode_seconds",
+                "resize_seconds",
+                "pipeline_seconds",
+                "copy_seconds",
+                "drain_seconds",
+                "decode_thread_seconds",
+                "write_seconds",
+            )
+        }
+        gpu = {k: round(v) for k, v in stats.gpu_ms.items()}
+        say(
+            f"job, letterbox {'kernel' if kernel else 'matmul'}, {workers} readers: {stats.images_per_second:.0f} "
+            f"images/s; {shares}; gpu ms {gpu}"
+        )
+    gpu_input.USE_KERNEL = True
+    listing = work / f"{name}.txt"  # a share of the set, so that the trace stays small
+    listing.write_text("\n".join(files[:384]) + "\n")
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        _job(listing, work / "out", pipe, 12)
+    trace = work / f"trace-{name}.json"
+    prof.export_chrome_trace(str(trace))
+    with open(trace, "rb") as src, gzip.open(out / f"trace-{name}.json.gz", "wb") as dst:
+        shutil.copyfileobj(src, dst)
+    say(f"trace: {(out / f'trace-{name}.json.gz').stat().st_size / 2**20:.1f} MiB")
+
+
+def dataset_readers(out: Path) -> None:
+    import statistics
+    import sys as system
+
+    from arrcoc.config import PipelineConfig
+    from arrcoc.datasets.compress_dataset import _ShardWriter
+    from arrcoc.pipeline import BATCH_BUCKETS, Pipeline
+    from arrcoc.tools.bench_dataset import make_images
+
+    work = Path(tempfile.mkdtemp(prefix="probe-"))
+    lines: list[str] = []
+    sets = {
+        "photos": make_images(work / "photos", 640, sides=(640, 1600), seed=1),
+        "benchmark": make_images(work / "images", 2000, small_share=0.7),
+    }
+    default_interval = system.getswitchinterval()
+    plain: dict[str, dict[str, list[int]]] = {}
+    for name, folder in sets.items():
+        config = PipelineConfig.from_name("default", encoder_dtype="bfloat16", buckets=(224, 384))
+        pipe = Pipeline(config, device=torch.device("cuda"))
+        pipe.warmup(sizes=(224, 384), batch_sizes=[b for b in BATCH_BUCKETS if b <= 64], budget=64)
+        rates: dict[str, list[int]] = {}
+        plain[name] = rates
+        cases = [(n, default_interval, 1) for n in (1, 2, 3, 4, 6, 8, 12)]
+        cases += [(2, 5e-4, 1), (4, 5e-4, 1), (2, default_interval, 2), (4, default_interval, 2)]
+        for _ in range(3):  # the first round warms the files' pages and the caches; the other two are kept
+            for readers, interval, ahead in cases:
+                _ShardWriter.decode_ahead = ahead
+                system.setswitchinterval(interval)
+                stats = _job(folder, work / "out", pipe, readers)
+                system.setswitchinterval(default_interval)
+                key = f"{readers} readers" + ("" if interval == default_interval else f", switch {interval * 1e3:g} ms")
+                key += "" if ahead == 1 else f", {ahead} batches decoded ahead"
+                _ShardWriter.decode_ahead = 1
+                rates.setdefault(key, []).append(round(stats.images_per_second))
+        lines.append(f"== {name} (images/s: warm-up round, then two rounds)")
+        lines += [f"{key}: {values}" for key, values in rates.items()]
+        print("\n".join(lines[-len(rates) - 1 :]), flush=True)
+        (out / "dataset-readers.txt").write_text("\n".join(lines))
+    # the count that read fastest over both sets: each rate a share of its set's best, the kept rounds averaged
+    share = {
+        key: sum(statistics.mean(r[key][1:]) / max(statistics.mean(v[1:]) for v in r.values()) for r in plain.values())
+        for key in plain["photos"]
+        if key.endswith("readers")
+    }
+    lines.append(f"best: {max(share, key=share.get).split()[0]} readers")
+    print(lines[-1], flush=True)
+    (out / "dataset-readers.txt").write_text("\n".join(lines))
     shutil.rmtree(work, ignore_errors=True)
 
 
@@ -213,12 +428,20 @@ def syncs(out: Path) -> None:
 
 def main() -> int:
     parser = argparse.ArgumentParser()
-    parser.add_argument("part", choices=["qwen", "qwen-pruned", "dataset", "syncs"])
+    parser.add_argument("part", choices=["qwen", "qwen-pruned", "dataset", "dataset-steps", "dataset-readers", "syncs"])
     parser.add_argument("--out", default="/tmp/probe")
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    {"qwen": qwen, "qwen-pruned": qwen_pruned, "dataset": dataset, "syncs": syncs}[args.part](out)
+    parts = {
+        "qwen": qwen,
+        "qwen-pruned": qwen_pruned,
+        "dataset": dataset,
+        "dataset-steps": dataset_steps,
+        "dataset-readers": dataset_readers,
+        "syncs": syncs,
+    }
+    parts[args.part](out)
     return 0
 
 

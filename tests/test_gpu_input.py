@@ -7,6 +7,7 @@ from __future__ import annotations
 import functools
 import io
 import os
+import shutil
 import threading
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from safetensors import safe_open
 import arrcoc
 from arrcoc.datasets import compress_dataset
 from arrcoc.datasets.shards import INDEX_NAME, SHARD_DIR, load_index, load_record
+from arrcoc.stages import gpu_input
 from arrcoc.stages.gpu_input import decode_jpegs, jpeg_size, letterbox, placement, valid_mask
 from arrcoc.stages.preprocess import Preprocessor
 
@@ -112,7 +114,7 @@ def mixed(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _run(
-    source: Path, dest: Path, device: str, batch_decode: bool, workers: int = 0, **extra: object
+    source: Path, dest: Path, device: str, batch_decode: bool, workers: int | None = 0, **extra: object
 ) -> compress_dataset.DatasetStats:
     pipe = arrcoc.Pipeline(arrcoc.PipelineConfig.from_name("tiny", buckets=BUCKETS), device=device)
     return compress_dataset.compress_dataset(
@@ -127,6 +129,19 @@ def _run(
         batch_decode=batch_decode,
         **extra,
     )
+
+
+def test_the_default_readers_follow_the_share_of_jpeg_names(tmp_path: Path, mixed: Path) -> None:
+    """One reader thread when nearly every file is a JPEG (the GPU decodes them), else several (Pillow decodes the
+    rest in them)."""
+    jpegs = tmp_path / "jpegs"
+    jpegs.mkdir()
+    for path in sorted(mixed.glob("img*.jpg")):
+        shutil.copy(path, jpegs / path.name)
+    assert _run(jpegs, tmp_path / "a", "cpu", True, workers=None).readers == compress_dataset.JPEG_READERS == 1
+    assert _run(mixed, tmp_path / "b", "cpu", True, workers=None).readers == compress_dataset.READERS > 1
+    assert _run(jpegs, tmp_path / "c", "cpu", False, workers=None).readers == compress_dataset.READERS
+    assert _run(jpegs, tmp_path / "d", "cpu", True, workers=2).readers == 2
 
 
 def _compare(got: Path, want: Path, exact: bool) -> float:
@@ -273,7 +288,9 @@ def test_the_batched_path_reads_in_threads_and_starts_no_worker_process(
 
 
 @pytest.mark.cuda
-def test_letterbox_on_the_gpu_matches_the_preprocessor() -> None:
+def test_letterbox_on_the_gpu_matches_the_preprocessor(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The matrix-product path on CUDA (the kernels' own tests: ``test_resize_kernel.py``)."""
+    monkeypatch.setattr(gpu_input, "USE_KERNEL", False)
     generator = torch.Generator().manual_seed(0)
     images = [torch.randint(0, 256, (3, h, w), dtype=torch.uint8, generator=generator) for h, w in SHAPES]
     preprocessor = Preprocessor(BUCKETS, multiple=1)

@@ -9,10 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -89,20 +86,8 @@ def _interpret_all() -> dict[str, dict]:
 
 
 @pytest.fixture(scope="module")
-def interpreted() -> dict[str, dict]:
-    if not HAS_TRITON:
-        pytest.skip("triton is not installed")
-    root = Path(__file__).resolve().parent.parent
-    env = {
-        **os.environ,
-        "TRITON_INTERPRET": "1",
-        "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")]),
-    }
-    done = subprocess.run(
-        [sys.executable, __file__], env=env, capture_output=True, text=True, timeout=300, cwd=root, check=False
-    )
-    assert done.returncode == 0, done.stderr[-4000:]
-    return json.loads(done.stdout.strip().splitlines()[-1])
+def interpreted(interpret: Callable[[str], dict[str, dict]]) -> dict[str, dict]:
+    return interpret(__file__)
 
 
 @pytest.mark.parametrize("name", list(CASES))

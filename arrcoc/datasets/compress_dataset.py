@@ -54,7 +54,7 @@ from tqdm import tqdm
 from ..config import PipelineConfig
 from ..errors import ArrcocError, InvalidInputError
 from ..pipeline import Pipeline
-from ..stages.gpu_input import decode_jpegs, jpeg_file, letterbox, placement, valid_mask
+from ..stages.gpu_input import JPEG_SUFFIXES, decode_jpegs, jpeg_file, letterbox, placement, valid_mask
 from ..stages.preprocess import PreprocessedBatch, Preprocessor, load_image
 from .atomic import remove_partial
 from .shards import (
@@ -71,6 +71,17 @@ from .shards import (
 from .sources import IMAGE_SUFFIXES, image_files, load_query
 
 __all__ = ["DatasetStats", "compress_dataset", "list_sources", "main"]
+
+#: Reader threads by default on the batched path when nearly every file is a JPEG: a reader then only reads bytes and
+#: headers, holding the interpreter lock while it parses, and each thread more takes that lock from the main and
+#: decode threads (H200, the benchmark set, two runs each: 1 reader 5,144-5,392 images/s, 4 readers 4,368-4,624,
+#: 12 readers 4,251-4,352; ``bench/profile_probe.py dataset-readers``).
+JPEG_READERS = 1
+#: Readers by default otherwise: Pillow decodes the other files in them (threads on the batched path, DataLoader
+#: worker processes on the Pillow path), and they run in parallel.
+READERS = 4
+#: The share of JPEG file names from which a data set reads with ``JPEG_READERS``.
+JPEG_SHARE = 0.9
 
 logger = logging.getLogger(__name__)
 
@@ -104,6 +115,7 @@ class DatasetStats:
         write_seconds: time in the writer thread (waiting for the copies, putting rows in place, writing
             shards); it overlaps the rest.
         device_decoded, host_decoded: images decoded by nvJPEG, and by Pillow.
+        readers: the reader threads (batched path) or DataLoader worker processes (Pillow path) this run used.
         gpu_ms: device milliseconds per step (decode, resize, pipeline, copy-out) from CUDA events.
         complete: every shard of the data set exists and the index is written.
     """
@@ -126,6 +138,7 @@ class DatasetStats:
     write_seconds: float = 0.0
     device_decoded: int = 0
     host_decoded: int = 0
+    readers: int = 0
     gpu_ms: dict[str, float] = field(
         default_factory=lambda: dict.fromkeys(("decode", "resize", "pipeline", "copy-out"), 0.0)
     )
@@ -355,6 +368,9 @@ class _ShardWriter:
     batch is done only the file remains to be written.
     """
 
+    #: Batches handed to the decode thread beyond the one being compressed.
+    decode_ahead = 1
+
     def __init__(
         self,
         pipe: Pipeline,
@@ -501,7 +517,7 @@ class _ShardWriter:
             self._compress_decoded(decoded)
             return
         self.decoding.append(self.decoder.submit(self._decode_batch, items))
-        while len(self.decoding) > 1:
+        while len(self.decoding) > self.decode_ahead:
             self._next()
 
     def _next(self) -> None:
@@ -695,7 +711,7 @@ def compress_dataset(
     query: Tensor | None = None,
     query_mask: Tensor | None = None,
     batch_size: int = 64,
-    workers: int = 4,
+    workers: int | None = None,
     shard_size: int = 1000,
     token_dtype: torch.dtype = torch.float32,
     max_shards: int | None = None,
@@ -717,7 +733,9 @@ def compress_dataset(
         query_mask: ``(L,)`` bool, True on real query tokens.
         batch_size: images per pipeline call (each call holds images of one bucket).
         workers: readers: threads reading files on the batched path, DataLoader worker processes decoding
-            images on the Pillow path (0: read in this thread).
+            images on the Pillow path (0: read in this thread). None: on the batched path ``JPEG_READERS`` (1) when
+            at least 90% of this process's files are named as JPEGs, else ``READERS`` (4). Raise it for storage
+            with a high latency per file (network file systems), where more reads in flight pay.
         shard_size: images per shard (the unit of resumption).
         token_dtype: dtype of the stored tokens and prefix tokens.
         max_shards: write at most this many shards in this process, then stop (the run is resumable).
@@ -737,7 +755,7 @@ def compress_dataset(
     for name, value, low in (
         ("budget", budget, 1),
         ("batch_size", batch_size, 1),
-        ("workers", workers, 0),
+        ("workers", 0 if workers is None else workers, 0),
         ("shard_size", shard_size, 1),
         ("max_shards", 1 if max_shards is None else max_shards, 0),
     ):
@@ -798,6 +816,10 @@ def compress_dataset(
         budget_policy,
     )
     batched = pipeline.device.type == "cuda" if batch_decode is None else batch_decode
+    if workers is None:
+        jpegs = sum(source.lower().endswith(JPEG_SUFFIXES) for _, source in items)
+        workers = JPEG_READERS if batched and jpegs >= JPEG_SHARE * len(items) else READERS
+    stats.readers = workers
     decode = _Decode(items, pipeline.config.buckets, device_jpegs=batched)
     chunk = min(batch_size, 32)
     reader: Iterable[list[_Loaded]] = (
@@ -911,8 +933,10 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--workers",
         type=int,
-        default=4,
-        help="readers per GPU: threads on CUDA (JPEGs decoded on the GPU), DataLoader processes on the CPU (default 4)",
+        default=None,
+        help="readers per GPU: threads on CUDA (JPEGs decoded on the GPU), DataLoader processes on the CPU "
+        f"(default: {JPEG_READERS} on CUDA when nearly every file is a JPEG, else {READERS}; raise it on network "
+        "storage)",
     )
     parser.add_argument("--shard-size", type=int, default=1000, help="images per shard (default 1000)")
     parser.add_argument(

@@ -7,14 +7,17 @@ files in one batched call; :func:`letterbox` resizes and pads a whole bucket at 
 :class:`~arrcoc.stages.preprocess.Preprocessor` does one image at a time (antialiased bilinear resize of the
 long side to the bucket, anchored top-left, padded right/bottom), with the valid mask made on the device.
 
-The resize is separable and written as two batched matrix products over images padded to the batch's largest
-source: ``out = Wy @ X @ Wxᵀ`` with ``Wy (B, S, H)`` and ``Wx (B, S, W)`` the antialiased bilinear weights
-PyTorch's ``interpolate(..., antialias=True)`` uses. Rows and columns outside an image's content have zero
-weight, so the padding comes out as zeros, and there is no per-image kernel.
+The resize is separable. On CUDA, for bytes, two Triton kernels (``_resize_triton``) read each output pixel's filter
+taps straight from the images' packed bytes. Elsewhere (and with ``ARRCOC_RESIZE_KERNEL=0`` in the environment, read
+at import, or ``gpu_input.USE_KERNEL = False``) it is two batched matrix products over images padded to the batch's
+largest source: ``out = Wy @ X @ Wxᵀ`` with ``Wy (B, S, H)`` and ``Wx (B, S, W)`` the antialiased bilinear weights
+PyTorch's ``interpolate(..., antialias=True)`` uses; rows and columns outside an image's content have zero weight,
+so the padding comes out as zeros. Either way there is no per-image kernel.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import warnings
 from collections.abc import Sequence
@@ -32,6 +35,9 @@ __all__ = [
     "resize_weights",
     "valid_mask",
 ]
+
+#: Resize bytes on CUDA with the Triton kernels (else the matrix products).
+USE_KERNEL: bool = os.environ.get("ARRCOC_RESIZE_KERNEL", "1") != "0" and importlib.util.find_spec("triton") is not None
 
 #: File name endings of the files whose header is read to route them to the batched JPEG decoder.
 JPEG_SUFFIXES = (".jpg", ".jpeg", ".jpe", ".jfif")
@@ -210,8 +216,8 @@ def letterbox(
         sizes: each image's ``(content height, content width)`` inside the bucket (:func:`placement`).
         bucket: the square side ``S``.
         pad_value: the value of padding pixels.
-        dtype: the dtype of the two matrix products (default: float16 on CUDA, whose 11-bit weights move a pixel
-            by well under one 8-bit level, and float32 elsewhere).
+        dtype: the dtype of the matrix products (default: float16 on CUDA, whose 11-bit weights move a pixel by
+            well under one 8-bit level, and float32 elsewhere); the kernels for bytes on CUDA compute in float32.
 
     Returns:
         ``pixels (B, 3, S, S)`` float32 in [0, 1] and ``valid (B, 1, S, S)`` float32, 1 on the content.
@@ -227,6 +233,12 @@ def letterbox(
     meta = torch.tensor([[o, h, w, ch, cw] for o, (h, w), (ch, cw) in zip(offsets, shapes, sizes)], dtype=torch.long)
     # from pageable memory: the driver stages so small a copy at once, where pinning it could wait for a block
     meta = meta.to(device, non_blocking=True)
+    valid = valid_mask(meta[:, 3:], bucket)
+    if USE_KERNEL and device.type == "cuda" and images[0].dtype == torch.uint8:
+        from . import _resize_triton  # Triton is imported on the first CUDA call only
+
+        flat = torch.cat([t.reshape(-1) for t in images])
+        return _resize_triton.launch(flat, meta, shapes, list(sizes), bucket, pad_value), valid
     offset, height, width, content_h, content_w = meta.unbind(1)  # each (B,)
     # every image's pixels one after another, then a row's worth of zeros so that any row can start anywhere
     flat = torch.cat([*(t.reshape(-1) for t in images), images[0].new_zeros(span_w)])
@@ -251,7 +263,6 @@ def letterbox(
     if span != 1.0:
         pixels = pixels.div_(span)
     pixels = pixels.clamp_(0, 1)  # as the Preprocessor: antialiased resampling can overshoot slightly
-    valid = valid_mask(meta[:, 3:], bucket)
     if pad_value != 0.0:
         pixels = torch.where(valid.bool(), pixels, pad_value)
     return pixels, valid

@@ -159,7 +159,6 @@ def _case(
     warmup_s = time.perf_counter() - start
     common = dict(
         batch_size=args.batch_size,
-        workers=args.workers,
         shard_size=args.shard_size,
         token_dtype=_TOKEN_DTYPES[args.token_dtype],
         progress=False,
@@ -168,7 +167,8 @@ def _case(
     def run(folder: str, keep: bool = False, **extra: Any) -> DatasetStats:
         dest = work / folder
         shutil.rmtree(dest, ignore_errors=True)
-        stats = compress_dataset(images, dest, pipe, args.budget, **common, **extra)
+        workers = args.workers if extra.get("batch_decode") is False else args.readers
+        stats = compress_dataset(images, dest, pipe, args.budget, workers=workers, **common, **extra)
         if not keep:
             shutil.rmtree(dest, ignore_errors=True)
         return stats
@@ -214,6 +214,7 @@ def _case(
         "buckets": list(config.buckets),
         "warmup_s": warmup_s,
         "images": plain.images,
+        "readers": plain.readers,
         "errors": plain.errors,
         "device_decoded": plain.device_decoded,
         "host_decoded": plain.host_decoded,
@@ -261,8 +262,7 @@ def _scaling(images: Path, work: Path, args: argparse.Namespace) -> list[dict[st
             args.preset,
             "--batch-size",
             str(args.batch_size),
-            "--workers",
-            str(args.workers),
+            *(["--workers", str(args.readers)] if args.readers is not None else []),
             "--shard-size",
             str(args.shard_size),
             "--quiet",
@@ -284,13 +284,22 @@ def _scaling(images: Path, work: Path, args: argparse.Namespace) -> list[dict[st
     return results
 
 
+def _readers(report: dict[str, Any]) -> str:
+    """The batched path's reader threads as run: compress-dataset's default unless ``--readers`` named a count."""
+    used = sorted({c["readers"] for c in report["cases"] if "readers" in c})
+    counts = "/".join(str(n) for n in used) or "?"
+    if report["readers"] is None:
+        return f"compress-dataset's default reader threads ({counts} here)"
+    return f"{counts} reader threads"
+
+
 def _markdown(report: dict[str, Any]) -> str:
     lines = [
         f"# arrcoc compress-dataset — {report['device']}",
         "",
         f"torch {report['torch']}, torchvision {report['torchvision']}, preset `{report['preset']}`, "
-        f"{report['date']}. Budget {report['budget']}, batch {report['batch_size']}, {report['workers']} readers "
-        f"(threads on the batched path, DataLoader worker processes on the Pillow path), shards of "
+        f"{report['date']}. Budget {report['budget']}, batch {report['batch_size']}, {_readers(report)} on the "
+        f"batched path, {report['workers']} DataLoader worker processes on the Pillow path, shards of "
         f"{report['shard_size']}, {report['token_dtype']} tokens. Sets: "
         + "; ".join(f"`{k}` {v}" for k, v in report["sets"].items())
         + ". Pillow decoding alone (DataLoader, "
@@ -298,9 +307,10 @@ def _markdown(report: dict[str, Any]) -> str:
         "",
         "Reader threads read the files and their JPEG headers in this process (files that need Pillow are "
         "decoded there too); JPEGs are decoded by nvJPEG in one call per batch, in a decode thread that runs "
-        "while the main thread gathers the next batch, and letterboxed on the GPU for the whole bucket; a "
-        "writer thread puts each batch's rows in their places in the shard as its copies land, so that at a "
-        "shard's end only its file is left to write. images/s: the whole run (the reader's start-up and the "
+        "while the main thread gathers the next batch, and letterboxed on the GPU for the whole bucket (two "
+        "Triton kernels reading each output pixel's filter taps); a writer thread puts each batch's rows in "
+        "their places in the shard as its copies land, so that at a shard's end only its file is left to write. "
+        "images/s: the whole run (the reader's start-up and the "
         "last shard's write included); running images/s: the same run without those two fixed costs, which "
         "a long job amortises (derived from the same run, not measured apart). GPU busy = kernel + copy time "
         "from torch.profiler / wall time of the profiled run. Host shares of the wall time (main thread): "
@@ -393,7 +403,18 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--budget", type=int, default=64, help="tokens per image")
     parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--workers", type=int, default=max(1, min(12, (os.cpu_count() or 2) - 2)))
+    parser.add_argument(
+        "--readers",
+        type=int,
+        default=None,
+        help="reader threads of the batched path (default: compress-dataset's, 1 for these all-JPEG sets)",
+    )
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=max(1, min(12, (os.cpu_count() or 2) - 2)),
+        help="DataLoader worker processes of the Pillow path (default: the cores less two, at most 12)",
+    )
     parser.add_argument("--shard-size", type=int, default=1000)
     parser.add_argument("--token-dtype", default="float16", choices=sorted(_TOKEN_DTYPES))
     parser.add_argument("--preset", default="default")
@@ -445,6 +466,7 @@ def main(argv: list[str] | None = None) -> int:
         "small_share": args.small_share,
         "budget": args.budget,
         "batch_size": args.batch_size,
+        "readers": args.readers,
         "workers": args.workers,
         "shard_size": args.shard_size,
         "token_dtype": args.token_dtype,
