@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from arrcoc import __version__  # the package root, above every room
 
+from .cli_help import HelpFormatter
 from .datasets.atomic import remove_partial
 from .datasets.atomic import write_atomic as _write_atomic  # a module global: tests patch it
 from .datasets.sources import image_files, load_query
@@ -37,15 +38,6 @@ EPILOG = """examples:
   arrcoc demo --out demo/                              # offline demo on a drawn street scene
   arrcoc generate photo.jpg --prompt "What color is the circle?" --model weights/   # the shipped small VLM
 """
-
-
-class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """Every option's default in its help line (unless the help already names it); descriptions and epilogs as
-    written."""
-
-    def _get_help_string(self, action: argparse.Action) -> str | None:
-        text = action.help or ""
-        return text if "default" in text else super()._get_help_string(action)
 
 
 def _device(name: str | None) -> torch.device:
@@ -476,7 +468,7 @@ def _generate_project(args: argparse.Namespace, folder: Path) -> int:
 def _generate_parser(sub: Any) -> None:
     p = sub.add_parser(
         "generate",
-        formatter_class=_Formatter,
+        formatter_class=HelpFormatter,
         help="answer a prompt about an image with the shipped small VLM or a local Hugging Face LLaVA reading arrcoc tokens",
         description="Answer a prompt about an image with a VLM that reads the visual tokens arrcoc keeps. --model is "
         f"the shipped small VLM's folder (weights/: the image is resized to {VLM_SIDE}x{VLM_SIDE}, the "
@@ -508,7 +500,7 @@ def _parser() -> argparse.ArgumentParser:
         prog="arrcoc",
         description="Relevance-driven visual token compression.",
         epilog=EPILOG,
-        formatter_class=_Formatter,
+        formatter_class=HelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"arrcoc {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -554,7 +546,7 @@ def _parser() -> argparse.ArgumentParser:
     compress = sub.add_parser(
         "compress",
         help="compress images to a token budget; writes two PNGs and a JSON each",
-        formatter_class=_Formatter,
+        formatter_class=HelpFormatter,
         description="Compress images to a token budget. Writes OUT/<name>.png (relevance heat "
         "map with its colour bar, region grid, tokens per region), "
         "OUT/<name>-tokens.png (the kept patches themselves) and OUT/<name>.json "
@@ -570,14 +562,14 @@ def _parser() -> argparse.ArgumentParser:
     score = sub.add_parser(
         "score",
         help="relevance maps only; writes a PNG and a JSON each",
-        formatter_class=_Formatter,
+        formatter_class=HelpFormatter,
         description="Relevance maps only: OUT/<name>.png (heat map and grid) and OUT/<name>.json.",
     )
     files(score)
     demo = sub.add_parser(
         "demo",
         help="offline demo on a drawn street scene",
-        formatter_class=_Formatter,
+        formatter_class=HelpFormatter,
         description="Compress a drawn street scene with the shipped pipeline; writes the overlay and the kept patches.",
     )
     demo.add_argument("--out", default="demo", help="output folder")

@@ -51,6 +51,7 @@ import torch.distributed as dist
 from torch import Tensor
 from tqdm import tqdm
 
+from ..cli_help import HelpFormatter
 from ..config import PipelineConfig
 from ..errors import ArrcocError, InvalidInputError
 from ..pipeline import Pipeline
@@ -913,12 +914,12 @@ def _launch(device: str | None, timeout_minutes: float) -> _Launch:
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="arrcoc compress-dataset",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-        description="Compress a folder (searched recursively) or a list file of images into sharded safetensors "
+        formatter_class=HelpFormatter,
+        description="Compress a folder (searched recursively) or a list file of images into sharded safetensors\n"
         "plus DST/index.jsonl. Under torchrun, one process per GPU. Run it again to resume.",
-        epilog="read back: arrcoc.datasets.shards.load_index(DST), arrcoc.datasets.shards.load_record(DST, record). "
-        f"Exit codes: 0 complete (broken images are records in the index), {EXIT_INCOMPLETE} stopped early "
-        "(--max-shards; run again to resume), 2 bad arguments.",
+        epilog="read back: arrcoc.datasets.shards.load_index(DST), arrcoc.datasets.shards.load_record(DST, record)\n"
+        f"exit codes: 0 complete (broken images are records in the index), {EXIT_INCOMPLETE} stopped early\n"
+        "(--max-shards; run again to resume), 2 bad arguments",
     )
     parser.add_argument("source", metavar="SRC", help="a folder of images, or a text file with one image path a line")
     parser.add_argument("dest", metavar="DST", help="output folder")
