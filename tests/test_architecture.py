@@ -14,6 +14,7 @@ RANKS = {
     "errors": 0,
     "config": 0.5,
     "outputs": 0.5,
+    "cli_help": 0.5,
     "runtime": 1,
     "stages": 1.5,
     "frontend": 1.8,
