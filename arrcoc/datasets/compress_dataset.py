@@ -76,7 +76,7 @@ __all__ = ["DatasetStats", "compress_dataset", "list_sources", "main"]
 #: Reader threads by default on the batched path when nearly every file is a JPEG: a reader then only reads bytes and
 #: headers, holding the interpreter lock while it parses, and each thread more takes that lock from the main and
 #: decode threads (H200, the benchmark set, two runs each: 1 reader 5,144-5,392 images/s, 4 readers 4,368-4,624,
-#: 12 readers 4,251-4,352; ``bench/profile_probe.py dataset-readers``).
+#: 12 readers 4,251-4,352; ``bench/results/dataset-readers-nvidia-h200.txt``, docs/decisions.md).
 JPEG_READERS = 1
 #: Readers by default otherwise: Pillow decodes the other files in them (threads on the batched path, DataLoader
 #: worker processes on the Pillow path), and they run in parallel.

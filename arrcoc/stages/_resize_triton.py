@@ -5,7 +5,7 @@ Imported only when a CUDA call first needs it, so that importing arrcoc does not
 form (the CPU's) pads every image to the batch's largest source, so a batch of photos moves ``B x 3 x 1,600 x 1,600``
 values, and builds dense weight matrices as large, to make ``B x 3 x 384 x 384``; here each output value reads only
 the taps of its filter, about ``2 * scale + 1`` along each axis, from its own image (64 photos on the H200: 2.6 ms of
-device time against 11.6). The weights are the ones ``F.interpolate(..., mode="bilinear", antialias=True)`` uses,
+device time against 11.6; ``bench/results/dataset-steps-nvidia-h200.txt``). The weights are the ones ``F.interpolate(..., mode="bilinear", antialias=True)`` uses,
 computed in float32 where they are read.
 """
 
