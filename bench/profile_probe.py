@@ -8,7 +8,7 @@
         letterbox by kernel and by matrix products, the pipeline): host and device ms per batch, whether a step
         waits for a busy stream; the whole job with either letterbox; a chrome trace of the job
     python bench/profile_probe.py dataset-readers --out DIR  the job with 1-12 reader threads, with a 0.5 ms
-        interpreter switch interval, and with two batches decoded ahead, each twice, interleaved
+        interpreter switch interval, with two batches decoded ahead, and with pageable reads, each twice, interleaved
 
 Each part writes ``<part>-<case>.txt``: wall milliseconds, the summed kernel time, and the top kernels; ``syncs``
 writes each distinct call stack that synchronised (``torch.cuda.set_sync_debug_mode("warn")``) and how often.
@@ -233,7 +233,7 @@ def _dataset_set(name, folder, buckets, out, work, say, device_ms, med) -> None:
     for path in files:
         data, (h, w) = jpeg_file(path)
         bucket, scale, content = placement(h, w, buckets)
-        grouped.setdefault(bucket, []).append((data, content, (h, w)))
+        grouped.setdefault(bucket, []).append((data, content, path))
     batches = [(b, items[i : i + 64]) for b, items in grouped.items() for i in range(0, len(items) - 63, 64)]
     say(f"== {name}: {len(batches)} full batches of 64 ({', '.join(f'{b}: {len(v)}' for b, v in grouped.items())})")
     decode_host, decode_dev, decoded = [], [], []
@@ -243,6 +243,11 @@ def _dataset_set(name, folder, buckets, out, work, say, device_ms, med) -> None:
         decode_dev.append(dev)
         decoded.append((bucket, images, [c for _, c, _ in items]))
     say(f"decode alone: host {med(decode_host)} ms, device {med(decode_dev)} ms per batch (median)")
+    pinned_host = []
+    for _, items in batches:  # the same files read into page-locked memory, as the job reads them on CUDA
+        pinned = [jpeg_file(path, pinned=True)[0] for _, _, path in items]
+        pinned_host.append(device_ms(decode_jpegs, pinned, device)[0])
+    say(f"decode alone, the bytes in pinned memory: host {med(pinned_host)} ms per batch (median)")
     made = {}
     for kernel in (True, False):
         gpu_input.USE_KERNEL = kernel
@@ -329,6 +334,7 @@ def dataset_readers(out: Path) -> None:
     import sys as system
 
     from arrcoc.config import PipelineConfig
+    from arrcoc.datasets import compress_dataset as dataset_module
     from arrcoc.datasets.compress_dataset import _ShardWriter
     from arrcoc.pipeline import BATCH_BUCKETS, Pipeline
     from arrcoc.tools.bench_dataset import make_images
@@ -347,17 +353,26 @@ def dataset_readers(out: Path) -> None:
         pipe.warmup(sizes=(224, 384), batch_sizes=[b for b in BATCH_BUCKETS if b <= 64], budget=64)
         rates: dict[str, list[int]] = {}
         plain[name] = rates
-        cases = [(n, default_interval, 1) for n in (1, 2, 3, 4, 6, 8, 12)]
-        cases += [(2, 5e-4, 1), (4, 5e-4, 1), (2, default_interval, 2), (4, default_interval, 2)]
+        cases = [(n, default_interval, 1, True) for n in (1, 2, 3, 4, 6, 8, 12)]
+        cases += [
+            (2, 5e-4, 1, True),
+            (4, 5e-4, 1, True),
+            (2, default_interval, 2, True),
+            (4, default_interval, 2, True),
+        ]
+        cases += [(1, default_interval, 1, False), (4, default_interval, 1, False)]
         for _ in range(3):  # the first round warms the files' pages and the caches; the other two are kept
-            for readers, interval, ahead in cases:
+            for readers, interval, ahead, pinned in cases:
                 _ShardWriter.decode_ahead = ahead
+                dataset_module.PINNED_READS = pinned
                 system.setswitchinterval(interval)
                 stats = _job(folder, work / "out", pipe, readers)
                 system.setswitchinterval(default_interval)
                 key = f"{readers} readers" + ("" if interval == default_interval else f", switch {interval * 1e3:g} ms")
                 key += "" if ahead == 1 else f", {ahead} batches decoded ahead"
+                key += "" if pinned else ", pageable reads"
                 _ShardWriter.decode_ahead = 1
+                dataset_module.PINNED_READS = True
                 rates.setdefault(key, []).append(round(stats.images_per_second))
         lines.append(f"== {name} (images/s: warm-up round, then two rounds)")
         lines += [f"{key}: {values}" for key, values in rates.items()]

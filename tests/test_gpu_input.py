@@ -88,6 +88,45 @@ def test_jpeg_size_routes_only_what_nvjpeg_reads_as_pillow_does() -> None:
     assert jpeg_size(b"") is None and jpeg_size(b"\xff\xd8 not a JPEG \xff\xd9") is None
 
 
+def test_jpeg_file_reads_the_bytes_and_the_header_as_jpeg_size_does(tmp_path: Path) -> None:
+    """The reader parses the header through a view of the tensor it read into: the same answer as from bytes."""
+    rng = np.random.default_rng(2)
+    rgb = rng.integers(0, 256, (29, 41, 3), dtype=np.uint8)
+    rotated, upright = Image.Exif(), Image.Exif()
+    rotated[0x0112], upright[0x0112] = 6, 1
+    blobs = {
+        "plain.jpg": _jpeg(rgb),
+        "progressive.jpg": _jpeg(rgb, progressive=True),
+        "rotated.jpg": _jpeg(rgb, exif=rotated.tobytes()),
+        "upright.jpg": _jpeg(rgb, exif=upright.tobytes()),
+        "truncated.jpg": _jpeg(rgb)[:200],
+        "empty.jpg": b"",
+    }
+    for name, blob in blobs.items():
+        (tmp_path / name).write_bytes(blob)
+        found = gpu_input.jpeg_file(str(tmp_path / name))
+        assert (found is None) == (jpeg_size(blob) is None), name
+        if found is not None:
+            data, size = found
+            assert size == jpeg_size(blob) == (29, 41) and bytes(data.numpy()) == blob, name
+    assert gpu_input.jpeg_file(str(tmp_path / "missing.jpg")) is None
+
+
+@pytest.mark.cuda
+def test_jpeg_files_read_into_pinned_memory_give_the_same_shards(tmp_path: Path, mixed: Path) -> None:
+    found = gpu_input.jpeg_file(str(mixed / "img00.jpg"), pinned=True)
+    assert found is not None and found[0].is_pinned()
+    assert bytes(found[0].numpy()) == (mixed / "img00.jpg").read_bytes()
+    pinned = _run(mixed, tmp_path / "pinned", "cuda", True, workers=2)
+    compress_dataset.PINNED_READS = False
+    try:
+        pageable = _run(mixed, tmp_path / "pageable", "cuda", True, workers=2)
+    finally:
+        compress_dataset.PINNED_READS = True
+    assert pinned.device_decoded == pageable.device_decoded == 15
+    assert _compare(tmp_path / "pinned", tmp_path / "pageable", exact=True) == 1.0
+
+
 @pytest.fixture(scope="module")
 def mixed(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """JPEGs (one grey, one rotated, one truncated), PNGs and a broken file, in both buckets."""

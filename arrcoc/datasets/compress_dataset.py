@@ -83,6 +83,8 @@ JPEG_READERS = 1
 READERS = 4
 #: The share of JPEG file names from which a data set reads with ``JPEG_READERS``.
 JPEG_SHARE = 0.9
+#: On CUDA, read JPEG files into page-locked memory (``ARRCOC_PINNED_READS=0``: pageable, as before).
+PINNED_READS: bool = os.environ.get("ARRCOC_PINNED_READS", "1") != "0"
 
 logger = logging.getLogger(__name__)
 
@@ -208,12 +210,21 @@ class _Decode(torch.utils.data.Dataset):
         items: ``(index, path)`` pairs.
         buckets: the pipeline's bucket sizes.
         device_jpegs: hand over JPEGs that nvJPEG decodes as their bytes (the batched path); else decode all here.
+        pinned: read those bytes into page-locked memory (the batched path on CUDA): nvJPEG's copies of pageable
+            bytes to the device are staged by the host, 115 µs a photo in the decode thread on the H200.
     """
 
-    def __init__(self, items: Sequence[tuple[int, str]], buckets: Sequence[int], device_jpegs: bool = False) -> None:
+    def __init__(
+        self,
+        items: Sequence[tuple[int, str]],
+        buckets: Sequence[int],
+        device_jpegs: bool = False,
+        pinned: bool = False,
+    ) -> None:
         self.items = items
         self.buckets = tuple(buckets)
         self.device_jpegs = device_jpegs
+        self.pinned = pinned
         self.preprocessor = Preprocessor(buckets, multiple=1)  # the pipeline's own bucketing
 
     def __len__(self) -> int:
@@ -221,7 +232,7 @@ class _Decode(torch.utils.data.Dataset):
 
     def __getitem__(self, position: int) -> _Loaded:
         index, source = self.items[position]
-        found = jpeg_file(source) if self.device_jpegs else None
+        found = jpeg_file(source, self.pinned) if self.device_jpegs else None
         if found is None:  # not a JPEG nvJPEG reads as Pillow does, or unreadable: the Pillow path names it
             return decode_on_host(index, source, self.preprocessor)
         data, size = found
@@ -821,7 +832,8 @@ def compress_dataset(
         jpegs = sum(source.lower().endswith(JPEG_SUFFIXES) for _, source in items)
         workers = JPEG_READERS if batched and jpegs >= JPEG_SHARE * len(items) else READERS
     stats.readers = workers
-    decode = _Decode(items, pipeline.config.buckets, device_jpegs=batched)
+    pinned = batched and pipeline.device.type == "cuda" and PINNED_READS
+    decode = _Decode(items, pipeline.config.buckets, device_jpegs=batched, pinned=pinned)
     chunk = min(batch_size, 32)
     reader: Iterable[list[_Loaded]] = (
         _ThreadedReader(decode, workers, chunk)

@@ -66,29 +66,36 @@ def _exif_orientation(tiff: bytes) -> int | None:
     return 1
 
 
-def _read_file(path: str | os.PathLike[str]) -> bytearray:
-    """A file's bytes, read into one writable buffer (which a tensor can then share without a copy)."""
+def _read_file(path: str | os.PathLike[str], pinned: bool = False) -> Tensor:
+    """A file's bytes as a ``(bytes,)`` uint8 tensor, read straight into its memory; ``pinned``: page-locked memory
+    (torch's caching host allocator), from which nvJPEG's copies to the device run as DMA."""
     with open(path, "rb") as handle:
-        data = bytearray(os.fstat(handle.fileno()).st_size)
-        got = handle.readinto(data)
-    del data[got:]  # a file that shrank meanwhile: its header check refuses what is left
-    return data
+        size = os.fstat(handle.fileno()).st_size
+        if pinned:
+            data = torch.empty(size, dtype=torch.uint8, pin_memory=True)
+            buffer: bytearray | memoryview = memoryview(data.numpy())
+        else:
+            buffer = bytearray(size)
+            data = torch.frombuffer(buffer, dtype=torch.uint8) if size else torch.empty(0, dtype=torch.uint8)
+        got = handle.readinto(buffer)
+    return data[:got]  # a file that shrank meanwhile: its header check refuses what is left
 
 
-def jpeg_file(path: str) -> tuple[Tensor, tuple[int, int]] | None:
-    """A JPEG file's bytes (``(bytes,)`` uint8) and ``(height, width)`` when nvJPEG decodes it as Pillow does; None
-    for any other file, and for one that cannot be read (Pillow's path then names the problem)."""
+def jpeg_file(path: str, pinned: bool = False) -> tuple[Tensor, tuple[int, int]] | None:
+    """A JPEG file's bytes (``(bytes,)`` uint8, in page-locked memory with ``pinned``) and ``(height, width)`` when
+    nvJPEG decodes it as Pillow does; None for any other file, and for one that cannot be read (Pillow's path then
+    names the problem)."""
     if not path.lower().endswith(JPEG_SUFFIXES):
         return None
     try:
-        data = _read_file(path)
+        data = _read_file(path, pinned)
     except OSError:
         return None
-    size = jpeg_size(data)
-    return None if size is None else (torch.frombuffer(data, dtype=torch.uint8), size)
+    size = jpeg_size(memoryview(data.numpy()))
+    return None if size is None else (data, size)
 
 
-def jpeg_size(data: bytes | bytearray) -> tuple[int, int] | None:
+def jpeg_size(data: bytes | bytearray | memoryview) -> tuple[int, int] | None:
     """``(height, width)`` of a JPEG that nvJPEG decodes to the pixels Pillow gives, else None.
 
     None (the CPU decoder's file) for: not a JPEG, a CMYK/Adobe-transformed, 12-bit, lossless or arithmetic
