@@ -113,7 +113,11 @@ def test_jpeg_file_reads_the_bytes_and_the_header_as_jpeg_size_does(tmp_path: Pa
 
 
 @pytest.mark.cuda
-def test_jpeg_files_read_into_pinned_memory_give_the_same_shards(tmp_path: Path, mixed: Path) -> None:
+def test_jpeg_files_read_into_pinned_memory_give_the_same_shards(
+    tmp_path: Path, mixed: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert not gpu_input.jpeg_file(str(mixed / "img00.jpg"), pinned=True)[0].is_pinned()  # small: pageable
+    monkeypatch.setattr(gpu_input, "PINNED_MIN_BYTES", 0)  # the fixture's files are small
     found = gpu_input.jpeg_file(str(mixed / "img00.jpg"), pinned=True)
     assert found is not None and found[0].is_pinned()
     assert bytes(found[0].numpy()) == (mixed / "img00.jpg").read_bytes()

@@ -83,7 +83,8 @@ JPEG_READERS = 1
 READERS = 4
 #: The share of JPEG file names from which a data set reads with ``JPEG_READERS``.
 JPEG_SHARE = 0.9
-#: On CUDA, read JPEG files into page-locked memory (``ARRCOC_PINNED_READS=0``: pageable, as before).
+#: On CUDA, read large JPEG files (``gpu_input.PINNED_MIN_BYTES``) into page-locked memory (``ARRCOC_PINNED_READS=0``:
+#: pageable).
 PINNED_READS: bool = os.environ.get("ARRCOC_PINNED_READS", "1") != "0"
 
 logger = logging.getLogger(__name__)
@@ -210,7 +211,7 @@ class _Decode(torch.utils.data.Dataset):
         items: ``(index, path)`` pairs.
         buckets: the pipeline's bucket sizes.
         device_jpegs: hand over JPEGs that nvJPEG decodes as their bytes (the batched path); else decode all here.
-        pinned: read those bytes into page-locked memory (the batched path on CUDA): nvJPEG's copies of pageable
+        pinned: read the large ones into page-locked memory (the batched path on CUDA): nvJPEG's copies of pageable
             bytes to the device are staged by the host, 115 µs a photo in the decode thread on the H200.
     """
 

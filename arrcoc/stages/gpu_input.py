@@ -39,6 +39,12 @@ __all__ = [
 #: Resize bytes on CUDA with the Triton kernels (else the matrix products).
 USE_KERNEL: bool = os.environ.get("ARRCOC_RESIZE_KERNEL", "1") != "0" and importlib.util.find_spec("triton") is not None
 
+#: Files from this size up are read into page-locked memory when the caller asks for it: nvJPEG's copies of pageable
+#: bytes are staged by the host (115 µs a photo on the H200), while a page-locked block costs more than that to hand
+#: out for a small file (H200, two runs each: photos of 142-919 KiB 2,023-2,045 images/s pinned against 1,918-1,992
+#: pageable; JPEGs of 8-59 KiB 4,654-4,703 against 5,043-5,066; ``bench/results/dataset-pinned-nvidia-h200.txt``).
+PINNED_MIN_BYTES = 128 * 1024
+
 #: File name endings of the files whose header is read to route them to the batched JPEG decoder.
 JPEG_SUFFIXES = (".jpg", ".jpeg", ".jpe", ".jfif")
 
@@ -68,10 +74,11 @@ def _exif_orientation(tiff: bytes) -> int | None:
 
 def _read_file(path: str | os.PathLike[str], pinned: bool = False) -> Tensor:
     """A file's bytes as a ``(bytes,)`` uint8 tensor, read straight into its memory; ``pinned``: page-locked memory
-    (torch's caching host allocator), from which nvJPEG's copies to the device run as DMA."""
+    (torch's caching host allocator) for a file of :data:`PINNED_MIN_BYTES` or more, from which nvJPEG's copies to the
+    device run as DMA."""
     with open(path, "rb") as handle:
         size = os.fstat(handle.fileno()).st_size
-        if pinned:
+        if pinned and size >= PINNED_MIN_BYTES:
             data = torch.empty(size, dtype=torch.uint8, pin_memory=True)
             buffer: bytearray | memoryview = memoryview(data.numpy())
         else:
@@ -82,7 +89,7 @@ def _read_file(path: str | os.PathLike[str], pinned: bool = False) -> Tensor:
 
 
 def jpeg_file(path: str, pinned: bool = False) -> tuple[Tensor, tuple[int, int]] | None:
-    """A JPEG file's bytes (``(bytes,)`` uint8, in page-locked memory with ``pinned``) and ``(height, width)`` when
+    """A JPEG file's bytes (``(bytes,)`` uint8, in page-locked memory with ``pinned`` when it is large) and ``(height, width)`` when
     nvJPEG decodes it as Pillow does; None for any other file, and for one that cannot be read (Pillow's path then
     names the problem)."""
     if not path.lower().endswith(JPEG_SUFFIXES):
