@@ -14,7 +14,7 @@ import os
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -80,7 +80,9 @@ class Pipeline(nn.Module):
         cuda_graphs: on CUDA, run the stages as captured CUDA graphs (default: on, unless the environment
             sets ``ARRCOC_CUDA_GRAPHS=0``). On CPU the stages always run eagerly, with identical results.
         compile: ``torch.compile`` each stage (each branch, where a stage runs branches side by side) before
-            capture: fusion inside the graphs.
+            capture: fusion inside the graphs. ``"head"``: only arrcoc's own stages (the texture, the relevance
+            head), the backbone as it is, so that its features, and so the allocations, are the plain chain's up to
+            float32 rounding in the head (``True`` compiles the backbone too, whose bfloat16 arithmetic then moves).
         concurrent: on CUDA, run independent work side by side on side streams (parallel branches of the
             graph): the backbone beside the texture features and allocation bounds, the three scorers and
             the balance's region similarity beside each other. The results are the same either way.
@@ -100,12 +102,14 @@ class Pipeline(nn.Module):
         weights: str | os.PathLike[str] | None = None,
         device: torch.device | str | None = None,
         cuda_graphs: bool | None = None,
-        compile: bool = False,
+        compile: bool | Literal["head"] = False,
         concurrent: bool = True,
         graph_cache: GraphCache | None = None,
         objectness: Objectness | str | os.PathLike[str] | None = None,
     ) -> None:
         super().__init__()
+        if compile not in (False, True, "head"):
+            raise InvalidInputError(f'compile must be False, True or "head"; got {compile!r}')
         if config is not None and not isinstance(config, PipelineConfig):
             raise InvalidTypeError(
                 f"config must be a PipelineConfig (PipelineConfig.from_dict reads a dict); got {type(config).__name__}"
@@ -130,7 +134,7 @@ class Pipeline(nn.Module):
         self.concurrent = concurrent
         self.encoders = nn.ModuleDict()  # one per bucket, built on first use; they share the backbone's tensors
         probe = self._objectness(objectness) if needs_objectness(config) else None
-        self.head = RelevanceHead(config, concurrent=concurrent, compile=compile, objectness=probe)
+        self.head = RelevanceHead(config, concurrent=concurrent, compile=bool(compile), objectness=probe)
         self.text_encoder: nn.Module | None = None
         self.graph_cache = graph_cache if graph_cache is not None else GraphCache()  # an empty cache is falsy
         self._eager_only: dict[GraphKey, str] = {}  # keys whose capture failed, with the reason
@@ -167,7 +171,7 @@ class Pipeline(nn.Module):
         *,
         device: torch.device | str | None = None,
         cuda_graphs: bool | None = None,
-        compile: bool = False,
+        compile: bool | Literal["head"] = False,
         concurrent: bool = True,
         graph_cache: GraphCache | None = None,
         **overrides: Any,
@@ -279,7 +283,7 @@ class Pipeline(nn.Module):
         capacity: int = 0,
         *,
         concurrent: bool | None = None,
-        compile: bool = False,
+        compile: bool | Literal["head"] = False,
         pick: bool = True,
     ) -> list[Stage]:
         """The chain after preprocess for one bucket, in order, as ``(name, fn)``: encode, then the head's steps.
@@ -294,15 +298,15 @@ class Pipeline(nn.Module):
             concurrent: side streams (default: the pipeline's setting): the backbone beside the texture and the
                 allocation bounds, and the head's scoring branches.
             compile: ``torch.compile`` each branch and step (the graph runner asks for it when the pipeline
-                compiles).
+                compiles); ``"head"``: all but the backbone's features.
             pick: build the query-free pick (``BalanceConfig.pick``); ``False`` when every image has a question,
                 since the pick is only read without one.
         """
         encoder, head = self.encoder(bucket), self.head
         concurrent = self.concurrent if concurrent is None else concurrent
 
-        def body(fn: Callable[..., Any]) -> Callable[..., Any]:
-            return torch.compile(fn, dynamic=False) if compile else fn
+        def body(fn: Callable[..., Any], compiled: bool) -> Callable[..., Any]:
+            return torch.compile(fn, dynamic=False) if compiled else fn
 
         def layout(pixels: Tensor, valid: Tensor) -> tuple[Tensor, ...]:
             texture, patch_valid = encoder.layout(pixels, valid)
@@ -310,7 +314,7 @@ class Pipeline(nn.Module):
                 return texture, patch_valid
             return texture, patch_valid, *head.bounds(patch_valid)
 
-        features_of, layout_of = body(encoder.features), body(layout)
+        features_of, layout_of = body(encoder.features, compile is True), body(layout, bool(compile))
 
         # The image layout and the allocation bounds need no features: they run beside the backbone.
         def encode(s: dict[str, Any]) -> dict[str, Any]:
@@ -321,7 +325,8 @@ class Pipeline(nn.Module):
             return {"features": features, "prefix": prefix, **dict(zip(_LAYOUT_KEYS, layout_out))}
 
         steps = None if pick else 0
-        return [("encode", encode), *head.stages(capacity, concurrent=concurrent, compile=compile, pick_steps=steps)]
+        head_steps = head.stages(capacity, concurrent=concurrent, compile=bool(compile), pick_steps=steps)
+        return [("encode", encode), *head_steps]
 
     # --- graphs ----------------------------------------------------------------------------------------------
     def _graph_key(self, bucket: int, batch: int, capacity: int, query_tokens: int, pick: bool = True) -> GraphKey:

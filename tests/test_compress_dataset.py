@@ -416,6 +416,25 @@ def test_cap_budget_lowers_what_exact_budgets_refuse(tmp_path: Path, source: Pat
     assert json.loads((capped / "manifest.json").read_text())["budget_policy"] == "cap"
 
 
+def test_compile_option_reaches_the_pipeline_and_bad_choices_are_refused(
+    tmp_path: Path, source: Path, model: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    built: list[object] = []
+    original = compress_dataset.Pipeline.from_pretrained
+
+    def recording(*args, **kwargs):
+        built.append(kwargs["compile"])
+        return original(*args, **{**kwargs, "compile": False})  # the option's path, not a CPU compile
+
+    monkeypatch.setattr(compress_dataset.Pipeline, "from_pretrained", recording)
+    with _one_thread():
+        assert compress_main([*_args(source, tmp_path / "out", model, "--workers", "0"), "--compile", "head"]) == 0
+    assert built == ["head"]
+    with pytest.raises(SystemExit):
+        compress_main([*_args(source, tmp_path / "bad", model), "--compile", "fast"])
+    assert "--compile: invalid choice: 'fast'" in capsys.readouterr().err
+
+
 def _image_rows(count: int, grid: tuple[int, int], seed: int) -> list[dict[str, torch.Tensor]]:
     """``count`` images' rows of every shard key; per-region maps on ``grid``."""
     from arrcoc.datasets.shards import ROW_KEYS

@@ -271,6 +271,24 @@ def test_compile_option_gives_the_same_results(pipes) -> None:
 
 
 @cuda
+def test_compile_head_gives_the_plain_chains_allocations() -> None:
+    """compile="head" leaves the backbone plain, so the features are the plain chain's bits and only the head's
+    float32 rounding could move a token: the allocations must be the plain pipeline's (issue 22: >= 99%)."""
+    from arrcoc.tools.bench_graphs import _world_images
+
+    config = arrcoc.PipelineConfig.from_name("tiny", encoder_dtype="bfloat16")
+    plain = arrcoc.Pipeline(config, device="cuda")
+    head = arrcoc.Pipeline(config, device="cuda", compile="head")
+    images = _world_images(224, range(900_000, 900_128)).cuda()
+    same = []
+    for start in range(0, 128, 64):
+        a, b = plain(images[start : start + 64], budget=49), head(images[start : start + 64], budget=49)
+        assert not head._eager_only and b.mask.sum().item() == 64 * 49
+        same.append((a.allocation == b.allocation).flatten(1).all(1).cpu())
+    assert torch.cat(same).sum().item() >= 127  # 99.2% of 128 scenes
+
+
+@cuda
 @pytest.mark.parametrize("size", [224, 384])
 def test_bf16_graphed_equals_eager(size: int) -> None:
     """The bf16 encoder: graphs replay the same kernels, so integer outputs are exact, floats within bf16 tolerance."""

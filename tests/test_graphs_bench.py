@@ -84,6 +84,9 @@ def test_compare_compiled_runs_every_image_through_both_pipelines(tiny_config: a
     a = bench_graphs.compare_compiled(tiny_config, size=128, batch=4, images=6, device="cpu")
     assert (a["images"], a["equal_images"], a["max_abs_diff_tokens"]) == (6, 6, 0.0)
     assert a["budget"] == 16 and set(a["first_call_s"]) == {"plain", "compiled"} and not a["capture_failures"]
+    assert a["mode"] == "compiled" and "compile=True" in "\n".join(bench_graphs._agreement_lines(a))
+    head = {**a, "mode": "head"}
+    assert 'compile="head"' in "\n".join(bench_graphs._agreement_lines(head))
 
 
 def test_restart_times_each_fresh_process_from_its_start(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -148,12 +151,14 @@ def test_the_report_renders_what_was_measured_and_dashes_the_rest() -> None:
                 "graphed_compiled_ms": 5.5,
                 "encoder_graphed_compiled_ms": 5.0,
                 "compiled_chain_over_encoder": 1.1,
+                "graphed_head_compiled_ms": 5.2,
+                "head_compiled_chain_over_encoder": 1.04,
             },
             {"size": 512, "batch": 1, "graphed_ms": 3.0},  # neither encoder measured: no row
         ]
     )
-    assert rows[-2] == "| 224 | 1 | 1.600 | 2.000 | 1.25x | — | — | — |"
-    assert rows[-1] == "| 224 | 64 | 5.000 | 6.000 | 1.20x | 5.000 | 5.500 | 1.10x |"
+    assert rows[-2] == "| 224 | 1 | 1.600 | 2.000 | 1.25x | — | — | — | — | — |"
+    assert rows[-1] == "| 224 | 64 | 5.000 | 6.000 | 1.20x | 5.000 | 5.500 | 1.10x | 5.200 | 1.04x |"
     agreement = {
         "size": 224,
         "batch": 64,

@@ -323,6 +323,22 @@ def test_from_pretrained_passes_the_pipelines_own_options_and_config_fields() ->
     assert not torch.equal(asked.relevance, out.relevance)  # the question changed what is relevant
 
 
+def test_compile_head_compiles_every_step_but_the_backbone(
+    tiny_config: arrcoc.PipelineConfig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pipe = arrcoc.Pipeline(tiny_config)
+    compiled: list[object] = []
+    monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: compiled.append(fn) or fn)
+    pipe.stages(224, 20, compile=True)
+    everything = list(compiled)
+    compiled.clear()
+    pipe.stages(224, 20, compile="head")
+    features = pipe.encoder(224).features
+    assert features in everything and features not in compiled and len(compiled) == len(everything) - 1
+    with pytest.raises(arrcoc.InvalidInputError, match="compile must be"):
+        arrcoc.Pipeline(tiny_config, compile="all")
+
+
 def test_from_pretrained_refuses_a_folder_without_trained_encoder_weights(tmp_path) -> None:
     arrcoc.Pipeline(arrcoc.PipelineConfig.from_name("tiny")).save_pretrained(tmp_path)
     (tmp_path / "encoder.safetensors").unlink()

@@ -87,6 +87,9 @@ JPEG_SHARE = 0.9
 #: pageable).
 PINNED_READS: bool = os.environ.get("ARRCOC_PINNED_READS", "1") != "0"
 
+#: ``--compile``'s choices, as ``Pipeline(compile=...)`` takes them.
+COMPILE_CHOICES: dict[str, bool | str] = {"off": False, "head": "head", "all": True}
+
 logger = logging.getLogger(__name__)
 
 #: Exit code of a run that stopped before every shard was written (``--max-shards``); run it again to resume.
@@ -974,6 +977,14 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--preset", default=None, help="build the pipeline from a named preset (default, tiny)")
     parser.add_argument("--pretrained", default=None, help="a folder saved by Pipeline.save_pretrained")
+    parser.add_argument(
+        "--compile",
+        default="off",
+        choices=sorted(COMPILE_CHOICES),
+        help="torch.compile before capture: 'head' arrcoc's own stages (the backbone as it is), 'all' the backbone "
+        "too (its bfloat16 arithmetic then moves some allocations); the first run compiles, later runs read "
+        "torch.compile's on-disk caches",
+    )
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
     parser.add_argument("--timeout-minutes", type=float, default=60.0, help="how long a rank waits for the others")
     parser.add_argument(
@@ -991,10 +1002,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         launch = _launch(args.device, args.timeout_minutes)
         overrides = {"encoder_dtype": args.dtype} if args.dtype else {}
+        compile = COMPILE_CHOICES[args.compile]
         if args.preset:
-            pipe = Pipeline(PipelineConfig.from_name(args.preset, **overrides), device=launch.device)
+            config = PipelineConfig.from_name(args.preset, **overrides)
+            pipe = Pipeline(config, device=launch.device, compile=compile)
         else:
-            pipe = Pipeline.from_pretrained(args.pretrained, device=launch.device, **overrides)
+            pipe = Pipeline.from_pretrained(args.pretrained, device=launch.device, compile=compile, **overrides)
         query, query_mask = (None, None)
         if args.query_file:
             query, query_mask = load_query(argparse.Namespace(query_embedding=args.query_file))

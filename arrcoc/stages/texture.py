@@ -1,15 +1,26 @@
 """Cheap texture features on the patch grid: perceptual colour, edges, local contrast and flatness.
 
-They need no learned weights, so the weight-free scorers can read real image structure before any training.
+They need no learned weights, so the weight-free scorers can read real image structure before any training. On
+CUDA they are one Triton kernel (``_texture_triton``), registered as the custom op ``arrcoc::texture_features``
+so that ``torch.compile`` keeps it as one call; ``ARRCOC_TEXTURE_KERNEL=0`` in the environment (read once, at
+import) or ``texture.USE_KERNEL = False`` before a pipeline first runs keeps the torch form there too.
 """
 
 from __future__ import annotations
+
+import importlib.util
+import os
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["FLAT_RANGE", "TEXTURE_CHANNELS", "Texture", "patch_mean", "rgb_to_lab", "texture_features"]
+__all__ = ["FLAT_RANGE", "TEXTURE_CHANNELS", "USE_KERNEL", "Texture", "patch_mean", "rgb_to_lab", "texture_features"]
+
+#: Whether CUDA tensors go to the Triton kernel (else the torch form everywhere).
+USE_KERNEL: bool = (
+    os.environ.get("ARRCOC_TEXTURE_KERNEL", "1") != "0" and importlib.util.find_spec("triton") is not None
+)
 
 #: Channels of :func:`texture_features`, in order.
 TEXTURE_CHANNELS: tuple[str, ...] = ("L", "a", "b", "edge", "contrast", "flat")
@@ -77,6 +88,16 @@ def texture_features(
         ``(B, gh, gw, 6)`` float: mean L, a, b; mean Sobel magnitude; standard deviation of L; the flat share
         (see ``TEXTURE_CHANNELS``), over the valid pixels of each patch (0 for padding patches).
     """
+    if USE_KERNEL and pixels.is_cuda:
+        matrix = _xyz_matrix().to(pixels.device) if matrix is None else matrix
+        return _cuda_call(pixels.detach(), valid.detach(), grid[0], grid[1], matrix)
+    return texture_reference(pixels, valid, grid, matrix, sobel)
+
+
+def texture_reference(
+    pixels: Tensor, valid: Tensor, grid: tuple[int, int], matrix: Tensor | None = None, sobel: Tensor | None = None
+) -> Tensor:
+    """:func:`texture_features` in torch (the CPU's form, and what the kernel is tested against)."""
     gh, gw = grid
     patch = (pixels.shape[-2] // gh, pixels.shape[-1] // gw)
     lab = rgb_to_lab(pixels.float(), matrix)  # (B, 3, S, S)
@@ -113,6 +134,31 @@ def _flat_share(light: Tensor, valid: Tensor, patch: tuple[int, int]) -> Tensor:
     flat = (high - low < FLAT_RANGE) & image
     counts = patch_mean(torch.cat((image, flat), 1).to(light.dtype), (patch[0] // step, patch[1] // step))
     return counts[:, 1:] / counts[:, :1].clamp_min(1e-6)
+
+
+def _kernel(pixels: Tensor, valid: Tensor, gh: int, gw: int, matrix: Tensor) -> Tensor:
+    from . import _texture_triton  # Triton is imported on the first CUDA call only
+
+    return _texture_triton.launch(pixels, valid, (gh, gw), matrix, FLAT_RANGE)
+
+
+if hasattr(torch.library, "custom_op"):  # torch >= 2.4
+
+    @torch.library.custom_op("arrcoc::texture_features", mutates_args=())
+    def _texture_op(pixels: Tensor, valid: Tensor, gh: int, gw: int, matrix: Tensor) -> Tensor:
+        return texture_reference(pixels, valid, (gh, gw), matrix)
+
+    @_texture_op.register_fake
+    def _(pixels: Tensor, valid: Tensor, gh: int, gw: int, matrix: Tensor) -> Tensor:
+        return pixels.new_empty(pixels.shape[0], gh, gw, 6, dtype=torch.float32)
+
+    @_texture_op.register_kernel("cuda")
+    def _(pixels: Tensor, valid: Tensor, gh: int, gw: int, matrix: Tensor) -> Tensor:
+        return _kernel(pixels, valid, gh, gw, matrix)
+
+    _cuda_call = _texture_op
+else:  # older torch: the kernel runs eagerly and graphs capture it; torch.compile breaks the graph around it
+    _cuda_call = _kernel
 
 
 def patch_mean(values: Tensor, patch: tuple[int, int]) -> Tensor:

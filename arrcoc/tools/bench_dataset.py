@@ -35,7 +35,14 @@ import torch
 from tqdm import tqdm
 
 from ..config import PipelineConfig
-from ..datasets.compress_dataset import _TOKEN_DTYPES, DatasetStats, _Decode, compress_dataset, list_sources
+from ..datasets.compress_dataset import (
+    _TOKEN_DTYPES,
+    COMPILE_CHOICES,
+    DatasetStats,
+    _Decode,
+    compress_dataset,
+    list_sources,
+)
 from ..datasets.shards import INDEX_NAME, SHARD_DIR
 from ..pipeline import BATCH_BUCKETS, Pipeline
 from ..runtime.device import device_name
@@ -149,7 +156,7 @@ def _case(
     if buckets:
         overrides["buckets"] = buckets
     config = PipelineConfig.from_name(args.preset, **overrides)
-    pipe = Pipeline(config, device=device, cuda_graphs=graphs)
+    pipe = Pipeline(config, device=device, cuda_graphs=graphs, compile=COMPILE_CHOICES[args.compile])
     start = time.perf_counter()
     pipe.warmup(
         sizes=tuple(b for b in config.buckets if b <= 384) or None,
@@ -298,7 +305,7 @@ def _markdown(report: dict[str, Any]) -> str:
         f"# arrcoc compress-dataset — {report['device']}",
         "",
         f"torch {report['torch']}, torchvision {report['torchvision']}, preset `{report['preset']}`, "
-        f"{report['date']}. Budget {report['budget']}, batch {report['batch_size']}, {_readers(report)} on the "
+        f"`--compile {report.get('compile', 'off')}`, {report['date']}. Budget {report['budget']}, batch {report['batch_size']}, {_readers(report)} on the "
         f"batched path, {report['workers']} DataLoader worker processes on the Pillow path, shards of "
         f"{report['shard_size']}, {report['token_dtype']} tokens. Sets: "
         + "; ".join(f"`{k}` {v}" for k, v in report["sets"].items())
@@ -418,6 +425,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--shard-size", type=int, default=1000)
     parser.add_argument("--token-dtype", default="float16", choices=sorted(_TOKEN_DTYPES))
     parser.add_argument("--preset", default="default")
+    parser.add_argument(
+        "--compile", default="off", choices=sorted(COMPILE_CHOICES), help="as compress-dataset's --compile"
+    )
     parser.add_argument("--dtypes", nargs="+", default=["bfloat16"], help="encoder dtypes to run")
     parser.add_argument("--eager", action="store_true", help="also run each dtype with CUDA graphs off")
     parser.add_argument(
@@ -460,6 +470,7 @@ def main(argv: list[str] | None = None) -> int:
         "torchvision": torchvision.__version__,
         "date": datetime.date.today().isoformat(),
         "preset": args.preset,
+        "compile": args.compile,
         "sets": descriptions,
         "images": args.images,
         "photos": args.photos,

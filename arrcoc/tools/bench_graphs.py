@@ -52,7 +52,7 @@ from torch import Tensor
 from ..config import DEFAULT_WEIGHTS_DIR, PipelineConfig
 from ..pipeline import Pipeline, graph_inputs, token_capacity
 from ..runtime.graphs import GraphCache, GraphChain
-from ..stages import greedy_pick
+from ..stages import greedy_pick, texture
 from .bench import _images
 from .timing import device_times_ms, write_report
 
@@ -352,6 +352,22 @@ def time_compiled(
     result["compiled_chain_over_encoder"] = result["graphed_compiled_ms"] / result["encoder_graphed_compiled_ms"]
     del both, chain
     torch._dynamo.reset()
+    save()
+    # arrcoc's own stages compiled, the backbone plain: against the encoder alone as one plain graph
+    head = Pipeline(pipe.config, weights=pipe.weights_path, device=pipe.device, compile="head")
+    start = time.perf_counter()
+    chain = head._chain(key)
+    torch.cuda.synchronize()
+    if chain is None:
+        result["graphed_head_compiled_error"] = head._eager_only[key]
+        return
+    result["graphed_head_compiled_capture_s"] = time.perf_counter() - start
+    chain.inputs.write(values)
+    result["graphed_head_compiled_ms"] = _gpu_ms(chain.replay, reps)
+    if "encoder_graphed_ms" in result:
+        result["head_compiled_chain_over_encoder"] = result["graphed_head_compiled_ms"] / result["encoder_graphed_ms"]
+    del head, chain
+    torch._dynamo.reset()
 
 
 def _isolate(
@@ -460,8 +476,10 @@ def compare_compiled(
     budget: int | None = None,
     seed: int = 900_000,
     device: str = "cuda",
+    mode: str = "compiled",
 ) -> dict[str, Any]:
-    """Allocations of a plain graphed ``Pipeline`` and a ``Pipeline(compile=True)`` on the same images.
+    """Allocations of a plain graphed ``Pipeline`` and a compiled one (``mode``: ``"compiled"``,
+    ``Pipeline(compile=True)``, or ``"head"``, ``compile="head"``) on the same images.
 
     ``images`` generated VQA-world scenes (seeds ``seed, seed + 1, ...``) go through both pipelines ``batch`` at a
     time, with no question and ``budget`` tokens each (default: a quarter of the patches), as the data-set job
@@ -471,13 +489,20 @@ def compare_compiled(
     config = config.replace(buckets=(size,))
     pipes = {
         "plain": Pipeline(config, weights=weights, device=device),
-        "compiled": Pipeline(config, weights=weights, device=device, compile=True),
+        "compiled": Pipeline(config, weights=weights, device=device, compile=COMPILE_MODES[mode]),
     }
     grid = pipes["plain"].encoder(size).grid
     budget = budget or max(1, grid[0] * grid[1] // 4)
     allocations: dict[str, list[Tensor]] = {name: [] for name in pipes}
     tokens: dict[str, list[Tensor]] = {name: [] for name in pipes}
-    result: dict[str, Any] = {"size": size, "batch": batch, "budget": budget, "seed": seed, "first_call_s": {}}
+    result: dict[str, Any] = {
+        "size": size,
+        "batch": batch,
+        "budget": budget,
+        "seed": seed,
+        "mode": mode,
+        "first_call_s": {},
+    }
     for start in range(0, images, batch):
         pixels = _world_images(size, range(seed + start, seed + min(images, start + batch))).to(device)
         for name, pipe in pipes.items():
@@ -502,12 +527,20 @@ def compare_compiled(
     return result
 
 
+#: How ``--first-batch``, ``--restart`` and ``--agreement`` build a pipeline: ``Pipeline(compile=...)``.
+COMPILE_MODES: dict[str, bool | str] = {"plain": False, "compiled": True, "head": "head"}
+
 #: The line a ``--first-batch`` child prints: this marker, then its JSON.
 FIRST_BATCH_MARK = "arrcoc-first-batch "
 
 
 def time_first_batch(
-    config: PipelineConfig, *, weights: str | None = None, compile: bool = False, size: int = 224, batch: int = 64
+    config: PipelineConfig,
+    *,
+    weights: str | None = None,
+    compile: bool | str = False,
+    size: int = 224,
+    batch: int = 64,
 ) -> dict[str, Any]:
     """In a fresh process: build a pipeline and compress one batch as the data-set job does (no question, a quarter
     of the patches, ``copy=False``); returns the wall-clock time (``time.time()``) when the batch is done, with the
@@ -554,7 +587,7 @@ def time_restart(
     Args:
         config_args: the pipeline's options for the child (``--preset``, ``--encoder``, ``--dtype``, ``--pretrained``).
         size, batch: the bucket size and batch of the first batch.
-        modes: ``"plain"`` (graphs, as the data-set job runs) and/or ``"compiled"`` (``Pipeline(compile=True)``).
+        modes: ``"plain"`` (graphs), ``"compiled"`` (``Pipeline(compile=True)``), ``"head"`` (``compile="head"``).
         fresh_cache: give the children an empty cache folder of their own, so that the first run compiles cold;
             otherwise they share this process's (warm, where it compiled the same case already).
         save: called with the result after every run, so a time limit keeps what was measured.
@@ -878,16 +911,20 @@ def _encoder_rows(results: list[dict[str, Any]]) -> list[str]:
         "",
         "What arrcoc's own stages add beside the encoder: the graphed chain against the same encoder alone captured "
         "the same way, same batch and dtype (*plain*: one plain graph of each; *compiled*: `Pipeline(compile=True)`'s "
-        "chain against the encoder compiled as it compiles it, then one plain graph):",
+        "chain against the encoder compiled as it compiles it, then one plain graph; *head compiled*: "
+        "`Pipeline(compile=\"head\")`'s chain, arrcoc's stages compiled and the backbone not, against the plain "
+        "encoder):",
         "",
         "| size | batch | plain: encoder ms | plain: chain ms | plain: chain / encoder "
-        "| compiled: encoder ms | compiled: chain ms | compiled: chain / encoder |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| compiled: encoder ms | compiled: chain ms | compiled: chain / encoder "
+        "| head compiled: chain ms | head compiled: chain / encoder |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
         *(
             f"| {r['size']} | {r['batch']} | {_cell(r, 'encoder_graphed_ms', '{:.3f}')} | "
             f"{_cell(r, 'graphed_ms', '{:.3f}')} | {_cell(r, 'chain_over_encoder', '{:.2f}x')} | "
             f"{_cell(r, 'encoder_graphed_compiled_ms', '{:.3f}')} | {_cell(r, 'graphed_compiled_ms', '{:.3f}')} | "
-            f"{_cell(r, 'compiled_chain_over_encoder', '{:.2f}x')} |"
+            f"{_cell(r, 'compiled_chain_over_encoder', '{:.2f}x')} | {_cell(r, 'graphed_head_compiled_ms', '{:.3f}')} | "
+            f"{_cell(r, 'head_compiled_chain_over_encoder', '{:.2f}x')} |"
             for r in rows
         ),
     ]
@@ -902,8 +939,9 @@ def _agreement_lines(a: dict[str, Any] | None) -> list[str]:
     lines = [
         "",
         f"Compiled vs plain allocations: {a['images']} generated VQA-world scenes at {a['size']}px, batch {a['batch']}, "
-        f"no question, budget {a['budget']}, through a plain graphed `Pipeline` (the data-set job's) and "
-        f"`Pipeline(compile=True)`: **{100 * a['equal_share']:.1f}%** of the images get the identical allocation.",
+        f"no question, budget {a['budget']}, through a plain graphed `Pipeline` and "
+        f"`Pipeline(compile={_compile_arg(a.get('mode', 'compiled'))})`: **{100 * a['equal_share']:.1f}%** of the "
+        "images get the identical allocation.",
         "",
         "| images | identical | share | most tokens one image moves | largest change of one region "
         "| largest token difference (identical allocations) | largest token | first call s, plain / compiled |",
@@ -915,6 +953,11 @@ def _agreement_lines(a: dict[str, Any] | None) -> list[str]:
     if a.get("capture_failures"):
         lines += ["", f"Capture failed (those calls ran eagerly): {a['capture_failures']}"]
     return lines
+
+
+def _compile_arg(mode: str) -> str:
+    """``Pipeline``'s ``compile=`` argument of a mode of :data:`COMPILE_MODES`, as written in Python."""
+    return repr(COMPILE_MODES[mode]).replace("'", '"')
 
 
 def _restart_lines(r: dict[str, Any] | None) -> list[str]:
@@ -949,7 +992,10 @@ def _pick_kernel(report: dict[str, Any]) -> str:
     """How the query-free pick ran, for reports that say (``pick_kernel``)."""
     if "pick_kernel" not in report:
         return ""
-    return "query-free pick: " + ("one Triton kernel, " if report["pick_kernel"] else "the torch loop, ")
+    said = "query-free pick: " + ("one Triton kernel, " if report["pick_kernel"] else "the torch loop, ")
+    if "texture_kernel" in report:
+        said += "texture: " + ("one Triton kernel, " if report["texture_kernel"] else "torch, ")
+    return said
 
 
 def _markdown(report: dict[str, Any]) -> str:
@@ -1110,6 +1156,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--agreement-images", type=int, default=512, help="images for --agreement")
     parser.add_argument(
+        "--agreement-mode",
+        choices=["compiled", "head"],
+        default="compiled",
+        help='the compiled pipeline --agreement compares: Pipeline(compile=True) or compile="head"',
+    )
+    parser.add_argument(
         "--restart",
         nargs="?",
         const="224x64",
@@ -1122,8 +1174,8 @@ def main(argv: list[str] | None = None) -> int:
         "--restart-modes",
         nargs="+",
         default=["plain", "compiled"],
-        choices=["plain", "compiled"],
-        help="pipelines --restart starts: plain graphs, Pipeline(compile=True)",
+        choices=list(COMPILE_MODES),
+        help='pipelines --restart starts: plain graphs, Pipeline(compile=True), Pipeline(compile="head")',
     )
     parser.add_argument("--restart-runs", type=int, default=2, help="fresh processes per --restart mode")
     parser.add_argument(
@@ -1134,7 +1186,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument(
         "--first-batch",
-        choices=["plain", "compiled"],
+        choices=list(COMPILE_MODES),
         default=None,
         help="(what --restart runs) build one pipeline, compress one batch of the first size and batch, print "
         "the timings and exit",
@@ -1177,7 +1229,7 @@ def main(argv: list[str] | None = None) -> int:
     config, weights, config_args = _config(parser, args)
     if args.first_batch:
         first = time_first_batch(
-            config, weights=weights, compile=args.first_batch == "compiled", size=args.sizes[0], batch=args.batches[0]
+            config, weights=weights, compile=COMPILE_MODES[args.first_batch], size=args.sizes[0], batch=args.batches[0]
         )
         print(FIRST_BATCH_MARK + json.dumps(first), flush=True)
         return 0
@@ -1190,6 +1242,7 @@ def main(argv: list[str] | None = None) -> int:
         "pretrained": weights,
         "encoder_dtype": args.dtype,
         "pick_kernel": greedy_pick.USE_KERNEL,  # the query-free pick as one Triton kernel; ARRCOC_PICK_KERNEL=0: not
+        "texture_kernel": texture.USE_KERNEL,  # the texture as one Triton kernel; ARRCOC_TEXTURE_KERNEL=0: not
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
         "max_reps": args.reps,
         "results": [],
@@ -1253,7 +1306,7 @@ def main(argv: list[str] | None = None) -> int:
         size, batch = (int(v) for v in args.agreement.split("x"))
         try:
             report["agreement"] = compare_compiled(
-                config, weights=weights, size=size, batch=batch, images=args.agreement_images
+                config, weights=weights, size=size, batch=batch, images=args.agreement_images, mode=args.agreement_mode
             )
             logger.info("agreement: %.1f%% identical", 100 * report["agreement"]["equal_share"])
         except Exception as err:
