@@ -64,6 +64,14 @@ def _query_bucket(tokens: int) -> int:
     return 1 << max(0, tokens - 1).bit_length()  # 1, 2, 4, 8, ...
 
 
+def _allow_recompiles(count: int) -> None:
+    """Let dynamo compile each function for ``count`` shapes: every graph key (bucket, batch bucket, capacity) is its
+    own static compile, and past dynamo's default of 8 the later keys would run uncompiled, with only a warning."""
+    config = torch._dynamo.config
+    name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"  # torch < 2.6
+    setattr(config, name, max(getattr(config, name), count))
+
+
 class Pipeline(nn.Module):
     """Relevance-driven visual token compression.
 
@@ -131,6 +139,8 @@ class Pipeline(nn.Module):
             raise InvalidInputError(f"buckets {bad} are not multiples of the encoder's patch stride {stride}")
         self.cuda_graphs = cuda_graphs if cuda_graphs is not None else os.environ.get("ARRCOC_CUDA_GRAPHS", "1") != "0"
         self.compile = compile
+        if compile:
+            _allow_recompiles(64)
         self.concurrent = concurrent
         self.encoders = nn.ModuleDict()  # one per bucket, built on first use; they share the backbone's tensors
         probe = self._objectness(objectness) if needs_objectness(config) else None

@@ -335,6 +335,8 @@ def test_compile_head_compiles_every_step_but_the_backbone(
     pipe.stages(224, 20, compile="head")
     features = pipe.encoder(224).features
     assert features in everything and features not in compiled and len(compiled) == len(everything) - 1
+    arrcoc.Pipeline(tiny_config, compile="head")
+    assert torch._dynamo.config.recompile_limit >= 64  # every graph key compiles, none silently runs eager
     with pytest.raises(arrcoc.InvalidInputError, match="compile must be"):
         arrcoc.Pipeline(tiny_config, compile="all")
 
