@@ -27,11 +27,14 @@ TOLERANCE = 2e-5
 #: the contrast is sqrt(E[L^2] - E[L]^2) in both forms: on a flat patch the difference is a float32 rounding of
 #: E[L^2] (up to about 1e-7 for L near 1), whose square root is up to 3.5e-4, whichever order the sums ran in
 CONTRAST_TOLERANCE = 1e-3
+#: the flat share is a ratio of counts: the same counts differ by the division's rounding (1.2e-7 on the H200); one
+#: sample more or less moves it by 1/64 or more
+FLAT_TOLERANCE = 1e-6
 
 
 def _close(got: torch.Tensor, want: torch.Tensor) -> float:
     """The largest difference beyond each channel's tolerance (0: within every tolerance)."""
-    over = (got - want).abs() - torch.tensor([TOLERANCE] * 4 + [CONTRAST_TOLERANCE, 0.0])
+    over = (got - want).abs() - torch.tensor([TOLERANCE] * 4 + [CONTRAST_TOLERANCE, FLAT_TOLERANCE])
     return max(over.max().item(), 0.0)
 
 
@@ -61,7 +64,6 @@ def _interpret_all() -> dict[str, object]:
         got = _texture_triton.launch(pixels, valid, grid, matrix, texture.FLAT_RANGE)
         key = f"{side}-{grid[0]}x{grid[1]}"
         out[f"error-{key}"] = _close(got, want)
-        out[f"flat-{key}"] = torch.equal(got[..., 5], want[..., 5])  # shares of counts: exact
         padding = patch_mean(valid, (side // grid[0], side // grid[1]))[:, 0] == 0  # (B, gh, gw)
         out[f"padding-{key}"] = bool(padding.any()) and bool((got[padding] == 0).all())
         out[f"alone-{key}"] = all(
@@ -87,7 +89,6 @@ def test_interpreted_kernel_gives_the_torch_forms_values(
 ) -> None:
     key = f"{side}-{grid[0]}x{grid[1]}"
     assert interpreted[f"error-{key}"] == 0 and interpreted[f"strided-{key}"] == 0, interpreted
-    assert interpreted[f"flat-{key}"], interpreted
 
 
 @pytest.mark.parametrize("side, grid", CASES)
@@ -126,8 +127,7 @@ def test_the_kernel_on_the_gpu_gives_the_torch_forms_values() -> None:
     for grid in ((14, 14), (7, 7), (32, 32)):  # 16-px patches, 32-px, 7-px (flatness on every pixel)
         got = stage(pixels.cuda(), valid.cuda(), grid).cpu()
         want = texture_reference(pixels, valid, grid)
-        assert _close(got, want) == 0, (got - want).abs().amax((0, 1, 2))
-        assert torch.equal(got[..., 5], want[..., 5])  # flatness decides the border tier: it must not move
+        assert _close(got, want) == 0, (got - want).abs().amax((0, 1, 2))  # flatness too: it decides the border tier
 
 
 if __name__ == "__main__":  # the interpreter run behind `interpreted`: prints one JSON line

@@ -1,11 +1,13 @@
-"""The Triton kernel behind :func:`arrcoc.stages.texture.texture_features` on CUDA: every patch's six texture
-values in one launch, one program per patch.
+"""The Triton kernels behind :func:`arrcoc.stages.texture.texture_features` on CUDA: the Lab colour of every pixel
+in one pass, then every patch's six texture values, one program per patch.
 
 Imported only when a CUDA call first needs it, so that importing arrcoc does not import Triton. The torch form runs
 about forty elementwise, convolution and pooling kernels over the full-resolution float32 planes (the Lab colour,
-the Sobel response, the eroded validity, the flatness windows), each a round trip through memory; here each program
-reads its patch's pixels and their neighbours once and keeps everything else in registers. Neighbours' lightness is
-computed again where it is read rather than shared between programs: arithmetic is cheap beside a pass over memory.
+the Sobel response, the eroded validity, the flatness windows), each a round trip through memory; here the Lab
+planes are written once and each patch's program reads them with their neighbours and keeps the rest in registers.
+One kernel that computed each neighbour's lightness again where it read it took 0.31 ms for 64 images at 224 px on
+the H200 (``bench/results/graphs-nvidia-h200-shipped-bf16-profile.md``): the powers and cube roots, nine times over,
+cost more than one pass over memory.
 """
 
 from __future__ import annotations
@@ -33,33 +35,41 @@ def _cie_f(t):
 
 
 @triton.jit
-def _load_linear(pixels, offsets, mask, stride_c):
-    """Linear R, G, B at ``offsets`` of one image's planes."""
-    r = tl.load(pixels + offsets, mask=mask, other=0.0).to(tl.float32)
-    g = tl.load(pixels + stride_c + offsets, mask=mask, other=0.0).to(tl.float32)
-    b = tl.load(pixels + 2 * stride_c + offsets, mask=mask, other=0.0).to(tl.float32)
-    return _linear(r), _linear(g), _linear(b)
-
-
-@triton.jit
-def _lightness(pixels, offsets, mask, stride_c, m10, m11, m12):
-    """L*/100 at ``offsets``."""
-    r, g, b = _load_linear(pixels, offsets, mask, stride_c)
-    return 1.16 * _cie_f(m10 * r + m11 * g + m12 * b) - 0.16
-
-
-@triton.jit
-def texture_kernel(
+def lab_kernel(
     pixels_ptr,  # (B, 3, H, W) float, RGB in [0, 1]
-    valid_ptr,  # (B, 1, H, W) float, 1 on image pixels
     matrix_ptr,  # (3, 3) float32, white-normalised sRGB -> XYZ
-    out_ptr,  # (B, gh, gw, 6) float32, contiguous
-    height,
+    lab_ptr,  # (B, 3, H, W) float32 out, contiguous: L/100, a/100, b/100
     width,
+    area,  # H * W
     stride_pb,
     stride_pc,
     stride_ph,
     stride_pw,
+    BLOCK: tl.constexpr,
+):
+    image = tl.program_id(0).to(tl.int64)
+    offsets = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    ok = offsets < area
+    at = pixels_ptr + image * stride_pb + (offsets // width) * stride_ph + (offsets % width) * stride_pw
+    r = _linear(tl.load(at, mask=ok, other=0.0).to(tl.float32))
+    g = _linear(tl.load(at + stride_pc, mask=ok, other=0.0).to(tl.float32))
+    b = _linear(tl.load(at + 2 * stride_pc, mask=ok, other=0.0).to(tl.float32))
+    fx = _cie_f(tl.load(matrix_ptr) * r + tl.load(matrix_ptr + 1) * g + tl.load(matrix_ptr + 2) * b)
+    fy = _cie_f(tl.load(matrix_ptr + 3) * r + tl.load(matrix_ptr + 4) * g + tl.load(matrix_ptr + 5) * b)
+    fz = _cie_f(tl.load(matrix_ptr + 6) * r + tl.load(matrix_ptr + 7) * g + tl.load(matrix_ptr + 8) * b)
+    out = lab_ptr + image * 3 * area + offsets
+    tl.store(out, 1.16 * fy - 0.16, mask=ok)
+    tl.store(out + area, 5.0 * (fx - fy), mask=ok)
+    tl.store(out + 2 * area, 2.0 * (fy - fz), mask=ok)
+
+
+@triton.jit
+def texture_kernel(
+    lab_ptr,  # (B, 3, H, W) float32, contiguous: lab_kernel's
+    valid_ptr,  # (B, 1, H, W) float, 1 on image pixels
+    out_ptr,  # (B, gh, gw, 6) float32, contiguous
+    height,
+    width,
     stride_vb,
     stride_vh,
     stride_vw,
@@ -75,11 +85,9 @@ def texture_kernel(
 ):
     image = tl.program_id(0).to(tl.int64)
     patch_row, patch_col = tl.program_id(1), tl.program_id(2)
-    pixels = pixels_ptr + image * stride_pb
+    area = height * width
+    light_of = lab_ptr + image * 3 * area  # the L plane; a and b follow
     valid = valid_ptr + image * stride_vb
-    m00, m01, m02 = tl.load(matrix_ptr), tl.load(matrix_ptr + 1), tl.load(matrix_ptr + 2)
-    m10, m11, m12 = tl.load(matrix_ptr + 3), tl.load(matrix_ptr + 4), tl.load(matrix_ptr + 5)
-    m20, m21, m22 = tl.load(matrix_ptr + 6), tl.load(matrix_ptr + 7), tl.load(matrix_ptr + 8)
 
     # the patch's pixels: Lab, validity
     ry = tl.arange(0, BLOCK_H)[:, None]
@@ -87,11 +95,9 @@ def texture_kernel(
     inside = (ry < PH) & (rx < PW)
     y = patch_row * PH + ry
     x = patch_col * PW + rx
-    r, g, b = _load_linear(pixels, y * stride_ph + x * stride_pw, inside, stride_pc)
-    fx = _cie_f(m00 * r + m01 * g + m02 * b)
-    fy = _cie_f(m10 * r + m11 * g + m12 * b)
-    fz = _cie_f(m20 * r + m21 * g + m22 * b)
-    light = 1.16 * fy - 0.16
+    light = tl.load(light_of + y * width + x, mask=inside, other=0.0)
+    a = tl.load(light_of + area + y * width + x, mask=inside, other=0.0)
+    b = tl.load(light_of + 2 * area + y * width + x, mask=inside, other=0.0)
     v = tl.load(valid + y * stride_vh + x * stride_vw, mask=inside, other=0.0).to(tl.float32)
 
     # Sobel on lightness (the bucket's edge replicated), zero within one pixel of padding (validity eroded by one)
@@ -103,7 +109,7 @@ def texture_kernel(
             if dy * dy + dx * dx > 0:
                 ny = tl.minimum(tl.maximum(y + dy, 0), height - 1)
                 nx = tl.minimum(tl.maximum(x + dx, 0), width - 1)
-                near = _lightness(pixels, ny * stride_ph + nx * stride_pw, inside, stride_pc, m10, m11, m12)
+                near = tl.load(light_of + ny * width + nx, mask=inside, other=0.0)
                 grad_x += near * (dx * (2 - dy * dy) / 8.0)
                 grad_y += near * (dy * (2 - dx * dx) / 8.0)
                 ok = inside & (y + dy >= 0) & (y + dy < height) & (x + dx >= 0) & (x + dx < width)
@@ -112,14 +118,14 @@ def texture_kernel(
     edge = tl.sqrt(grad_x * grad_x + grad_y * grad_y) * interior
 
     # the patch's means over its image pixels, and the lightness's standard deviation
-    area = PH * PW
-    weight = tl.sum(tl.sum(v, 1), 0) / area
+    patch_area = PH * PW
+    weight = tl.sum(tl.sum(v, 1), 0) / patch_area
     denom = tl.maximum(weight, 1e-6)
-    mean_l = tl.sum(tl.sum(light * v, 1), 0) / area / denom
-    mean_a = tl.sum(tl.sum(5.0 * (fx - fy) * v, 1), 0) / area / denom
-    mean_b = tl.sum(tl.sum(2.0 * (fy - fz) * v, 1), 0) / area / denom
-    mean_edge = tl.sum(tl.sum(edge * v, 1), 0) / area / denom
-    mean_l2 = tl.sum(tl.sum(light * light * v, 1), 0) / area / denom
+    mean_l = tl.sum(tl.sum(light * v, 1), 0) / patch_area / denom
+    mean_a = tl.sum(tl.sum(a * v, 1), 0) / patch_area / denom
+    mean_b = tl.sum(tl.sum(b * v, 1), 0) / patch_area / denom
+    mean_edge = tl.sum(tl.sum(edge * v, 1), 0) / patch_area / denom
+    mean_l2 = tl.sum(tl.sum(light * light * v, 1), 0) / patch_area / denom
     contrast = tl.sqrt(tl.maximum(mean_l2 - mean_l * mean_l, 0.0))
 
     # flatness on every STEP-th pixel: a sample is flat when the image samples of its window span < flat_range
@@ -135,7 +141,7 @@ def texture_kernel(
             ny = y + dy * STEP
             nx = x + dx * STEP
             ok = sampled & (ny >= 0) & (ny < height) & (nx >= 0) & (nx < width)
-            near = _lightness(pixels, ny * stride_ph + nx * stride_pw, ok, stride_pc, m10, m11, m12)
+            near = tl.load(light_of + ny * width + nx, mask=ok, other=0.0)
             picture = tl.load(valid + ny * stride_vh + nx * stride_vw, mask=ok, other=0.0) > 0
             high = tl.where(ok, tl.maximum(high, tl.where(picture, near, -1.0)), high)  # padding below every value
             low = tl.where(ok, tl.minimum(low, tl.where(picture, near, 2.0)), low)  # and above every value
@@ -155,6 +161,10 @@ def texture_kernel(
     tl.store(out + 5, flat_share * keep)
 
 
+#: Pixels per program of the Lab pass.
+LAB_BLOCK = 1024
+
+
 def launch(pixels: Tensor, valid: Tensor, grid: tuple[int, int], matrix: Tensor, flat_range: float) -> Tensor:
     """``(B, gh, gw, 6)`` float32: :func:`arrcoc.stages.texture.texture_features` of ``pixels`` ``(B, 3, H, W)``
     and ``valid`` ``(B, 1, H, W)`` on the ``grid`` ``(gh, gw)``, with ``matrix`` the white-normalised sRGB -> XYZ
@@ -166,14 +176,16 @@ def launch(pixels: Tensor, valid: Tensor, grid: tuple[int, int], matrix: Tensor,
     out = torch.empty(count, gh, gw, 6, dtype=torch.float32, device=pixels.device)
     if count == 0:
         return out
+    lab = torch.empty(count, 3, height, width, dtype=torch.float32, device=pixels.device)
+    lab_kernel[(count, triton.cdiv(height * width, LAB_BLOCK))](
+        pixels, matrix.contiguous(), lab, width, height * width, *pixels.stride(), BLOCK=LAB_BLOCK, num_warps=4
+    )
     texture_kernel[(count, gh, gw)](
-        pixels,
+        lab,
         valid,
-        matrix.contiguous(),
         out,
         height,
         width,
-        *pixels.stride(),
         valid.stride(0),
         valid.stride(2),
         valid.stride(3),
