@@ -322,15 +322,10 @@ def time_compiled(
         break
     torch._dynamo.reset()
     # graphed + compiled: each stage compiled (fusion), then the chain captured as one graph
-    both = Pipeline(pipe.config, weights=pipe.weights_path, device=pipe.device, compile=True)
-    key = both._graph_key(size, batch, result["capacity"], 4)
-    start = time.perf_counter()
-    chain = both._chain(key)
-    torch.cuda.synchronize()
+    key = pipe._graph_key(size, batch, result["capacity"], 4)
+    both, chain = _captured(pipe, True, key, result, "graphed_compiled")
     if chain is None:
-        result["graphed_compiled_error"] = both._eager_only[key]
         return
-    result["graphed_compiled_capture_s"] = time.perf_counter() - start
     values = graph_inputs(key, inputs)
     chain.inputs.write(values)
     result["graphed_compiled_ms"] = _gpu_ms(chain.replay, reps)
@@ -354,20 +349,32 @@ def time_compiled(
     torch._dynamo.reset()
     save()
     # arrcoc's own stages compiled, the backbone plain: against the encoder alone as one plain graph
-    head = Pipeline(pipe.config, weights=pipe.weights_path, device=pipe.device, compile="head")
-    start = time.perf_counter()
-    chain = head._chain(key)
-    torch.cuda.synchronize()
+    head, chain = _captured(pipe, "head", key, result, "graphed_head_compiled")
     if chain is None:
-        result["graphed_head_compiled_error"] = head._eager_only[key]
         return
-    result["graphed_head_compiled_capture_s"] = time.perf_counter() - start
     chain.inputs.write(values)
     result["graphed_head_compiled_ms"] = _gpu_ms(chain.replay, reps)
     if "encoder_graphed_ms" in result:
         result["head_compiled_chain_over_encoder"] = result["graphed_head_compiled_ms"] / result["encoder_graphed_ms"]
     del head, chain
     torch._dynamo.reset()
+
+
+def _captured(
+    pipe: Pipeline, compile: bool | str, key: Any, result: dict[str, Any], name: str
+) -> tuple[Pipeline, GraphChain | None]:
+    """``Pipeline(compile=compile)`` on ``pipe``'s config, weights and device, and its chain for ``key`` captured as one
+    graph (None where capture failed); ``result[name + "_capture_s"]``: the seconds it took, compile included, or
+    ``result[name + "_error"]``: why it failed."""
+    other = Pipeline(pipe.config, weights=pipe.weights_path, device=pipe.device, compile=compile)
+    start = time.perf_counter()
+    chain = other._chain(key)
+    torch.cuda.synchronize()
+    if chain is None:
+        result[f"{name}_error"] = other._eager_only[key]
+    else:
+        result[f"{name}_capture_s"] = time.perf_counter() - start
+    return other, chain
 
 
 def _isolate(
