@@ -17,7 +17,8 @@
 # package (e.g. `git archive <commit> arrcoc | tar -x -C <dir>`) into $OUT/before, for a before/after comparison
 # on the same machine; DATASET=1 the data-set benchmark; SWEEP=1 the query-free validation sweep
 # (bench/sweep_noquery.py, SWEEP_LIMIT seconds, SWEEP_ARGS passed on); ITEM4=1 the chain against the encoder alone at
-# 224 px bf16 batch 64, plain and compiled, with the compiled-vs-plain agreement and a fresh process's start-up.
+# 224 px bf16 batch 64, plain, compiled and head compiled, with the head-compiled-vs-plain agreement and a fresh
+# process's start-up, plain and head compiled.
 # Knobs: TESTS=0 skips the tests, BENCH=0 the benchmark, QUICK=1 runs the benchmark's --quick matrix (full run),
 # STAGES=1 adds the eager stage benchmark (full run), BUDGET=<s> bounds the whole script (final: 300 by default),
 # DRY=1 prints each step and its limit without running it.
@@ -140,7 +141,7 @@ SWEEP_LIMIT="${SWEEP_LIMIT:-300}"
 # encoder and vit_base), compiled-vs-plain allocations and the start-up of a fresh process
 ITEM4_ARGS=(--sizes 224 --batches 64 --compile 224x64 --no-reduce-overhead --no-warmup --seconds 0.15 --reps 25 --dtype bfloat16)
 [ "${ITEM4:-0}" = 1 ] && step bench-item4-shipped 170 "${GRAPHS[@]}" --pretrained --tag shipped-bf16 "${ITEM4_ARGS[@]}" \
-  --agreement --agreement-images 256 --restart
+  --agreement --agreement-mode head --agreement-images 256 --restart --restart-modes plain head
 [ "${ITEM4:-0}" = 1 ] && step bench-item4-vitb 90 "${GRAPHS[@]}" --encoder vit_base_patch16_224 --tag vitb-bf16-item4 \
   "${ITEM4_ARGS[@]}"
 echo "=== done +$(( $(date +%s) - START ))s (profile $PROFILE${BUDGET:+, budget ${BUDGET}s})" | tee -a "$OUT/steps.log"

@@ -15,6 +15,7 @@ from collections.abc import Callable
 import pytest
 import torch
 
+from arrcoc.errors import InvalidInputError
 from arrcoc.stages import texture
 from arrcoc.stages.texture import Texture, patch_mean, texture_reference
 
@@ -104,6 +105,12 @@ def test_the_texture_reads_the_torch_form_on_the_cpu(monkeypatch: pytest.MonkeyP
     want = texture_reference(pixels, valid, (4, 4))
     monkeypatch.setattr(texture, "_cuda_call", None)  # never reached off CUDA
     assert torch.equal(Texture()(pixels, valid, (4, 4)), want)
+
+
+def test_a_grid_that_does_not_divide_the_pixels_is_refused() -> None:
+    pixels, valid = _scene(30)
+    with pytest.raises(InvalidInputError, match=r"\(30, 30\) are not a whole number of patches of the \(4, 4\)"):
+        texture.texture_features(pixels, valid, (4, 4))
 
 
 @pytest.mark.cuda

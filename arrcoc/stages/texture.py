@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..errors import InvalidInputError
+
 __all__ = ["FLAT_RANGE", "TEXTURE_CHANNELS", "USE_KERNEL", "Texture", "patch_mean", "rgb_to_lab", "texture_features"]
 
 #: Whether CUDA tensors go to the Triton kernel (else the torch form everywhere).
@@ -87,7 +89,14 @@ def texture_features(
     Returns:
         ``(B, gh, gw, 6)`` float: mean L, a, b; mean Sobel magnitude; standard deviation of L; the flat share
         (see ``TEXTURE_CHANNELS``), over the valid pixels of each patch (0 for padding patches).
+
+    Raises:
+        InvalidInputError: the pixels' sides are not whole numbers of patches of ``grid``.
     """
+    if pixels.shape[-2] % grid[0] or pixels.shape[-1] % grid[1]:  # the kernel would drop the remainder silently
+        raise InvalidInputError(
+            f"texture: pixels of {tuple(pixels.shape[-2:])} are not a whole number of patches of the {tuple(grid)} grid"
+        )
     if USE_KERNEL and pixels.is_cuda:
         matrix = _xyz_matrix().to(pixels.device) if matrix is None else matrix
         return _cuda_call(pixels.detach(), valid.detach(), grid[0], grid[1], matrix)
