@@ -89,9 +89,9 @@ def _read_file(path: str | os.PathLike[str], pinned: bool = False) -> Tensor:
 
 
 def jpeg_file(path: str, pinned: bool = False) -> tuple[Tensor, tuple[int, int]] | None:
-    """A JPEG file's bytes (``(bytes,)`` uint8, in page-locked memory with ``pinned`` when it is large) and ``(height, width)`` when
-    nvJPEG decodes it as Pillow does; None for any other file, and for one that cannot be read (Pillow's path then
-    names the problem)."""
+    """A JPEG file's bytes (``(bytes,)`` uint8, in page-locked memory with ``pinned`` when it is large) and
+    ``(height, width)`` when nvJPEG decodes it as Pillow does; None for any other file, and for one that cannot be read
+    (Pillow's path then names the problem)."""
     if not path.lower().endswith(JPEG_SUFFIXES):
         return None
     try:

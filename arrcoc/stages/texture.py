@@ -1,7 +1,7 @@
 """Cheap texture features on the patch grid: perceptual colour, edges, local contrast and flatness.
 
 They need no learned weights, so the weight-free scorers can read real image structure before any training. On
-CUDA they are one Triton kernel (``_texture_triton``), registered as the custom op ``arrcoc::texture_features``
+CUDA they are two Triton kernels (``_texture_triton``), registered as the custom op ``arrcoc::texture_features``
 so that ``torch.compile`` keeps it as one call; ``ARRCOC_TEXTURE_KERNEL=0`` in the environment (read once, at
 import) or ``texture.USE_KERNEL = False`` before a pipeline first runs keeps the torch form there too.
 """

@@ -305,7 +305,8 @@ def _markdown(report: dict[str, Any]) -> str:
         f"# arrcoc compress-dataset — {report['device']}",
         "",
         f"torch {report['torch']}, torchvision {report['torchvision']}, preset `{report['preset']}`, "
-        f"`--compile {report.get('compile', 'off')}`, {report['date']}. Budget {report['budget']}, batch {report['batch_size']}, {_readers(report)} on the "
+        f"`--compile {report.get('compile', 'off')}`, {report['date']}. Budget {report['budget']}, batch "
+        f"{report['batch_size']}, {_readers(report)} on the "
         f"batched path, {report['workers']} DataLoader worker processes on the Pillow path, shards of "
         f"{report['shard_size']}, {report['token_dtype']} tokens. Sets: "
         + "; ".join(f"`{k}` {v}" for k, v in report["sets"].items())
