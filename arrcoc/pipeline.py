@@ -95,6 +95,9 @@ class Pipeline(nn.Module):
             graph): the backbone beside the texture features and allocation bounds, the three scorers and
             the balance's region similarity beside each other. The results are the same either way.
         graph_cache: the cache of captured chains (a new one, bounded to 32 entries, by default).
+        graph_batch: graphed calls pad their batch to at least this many images (default: each batch to its own
+            bucket of ``BATCH_BUCKETS``), so that a job whose batches hold at most this many uses one graph per bucket
+            size; with ``compile``, one compile per bucket size instead of one per size of its last batches.
         objectness: for ``balance.pick="peaks"``: the objectness probe, or the path of its safetensors file (default:
             ``objectness.safetensors`` beside ``weights``). It must have been trained on this encoder's weights.
 
@@ -113,9 +116,14 @@ class Pipeline(nn.Module):
         compile: bool | Literal["head"] = False,
         concurrent: bool = True,
         graph_cache: GraphCache | None = None,
+        graph_batch: int | None = None,
         objectness: Objectness | str | os.PathLike[str] | None = None,
     ) -> None:
         super().__init__()
+        if graph_batch is not None and (isinstance(graph_batch, bool) or not isinstance(graph_batch, int)):
+            raise InvalidTypeError(f"graph_batch must be an int or None; got {type(graph_batch).__name__}")
+        if graph_batch is not None and graph_batch < 1:
+            raise InvalidInputError(f"graph_batch must be at least 1; got {graph_batch}")
         if compile not in (False, True, "head"):
             raise InvalidInputError(f'compile must be False, True or "head"; got {compile!r}')
         if config is not None and not isinstance(config, PipelineConfig):
@@ -147,6 +155,7 @@ class Pipeline(nn.Module):
         self.head = RelevanceHead(config, concurrent=concurrent, compile=bool(compile), objectness=probe)
         self.text_encoder: nn.Module | None = None
         self.graph_cache = graph_cache if graph_cache is not None else GraphCache()  # an empty cache is falsy
+        self.graph_batch = graph_batch
         self._eager_only: dict[GraphKey, str] = {}  # keys whose capture failed, with the reason
         if device is not None:
             self.to(device)
@@ -184,6 +193,7 @@ class Pipeline(nn.Module):
         compile: bool | Literal["head"] = False,
         concurrent: bool = True,
         graph_cache: GraphCache | None = None,
+        graph_batch: int | None = None,
         **overrides: Any,
     ) -> Pipeline:
         """Load a pipeline from a folder with ``config.json`` and ``encoder.safetensors``; offline.
@@ -193,7 +203,7 @@ class Pipeline(nn.Module):
 
         Args:
             path: a local folder (default: the weights shipped with arrcoc, ``arrcoc.config.DEFAULT_WEIGHTS_DIR``).
-            device, cuda_graphs, compile, concurrent, graph_cache: as for :class:`Pipeline`.
+            device, cuda_graphs, compile, concurrent, graph_cache, graph_batch: as for :class:`Pipeline`.
             **overrides: config fields to change (e.g. ``buckets=(224, 384)``).
 
         Raises:
@@ -229,6 +239,7 @@ class Pipeline(nn.Module):
             compile=compile,
             concurrent=concurrent,
             graph_cache=graph_cache,
+            graph_batch=graph_batch,
         )
         if (folder / TEXT_QUERY_FILE).is_file():  # the trained query encoder: text queries become embeddings
             pipe.text_encoder = TextQueryEncoder.from_pretrained(folder, device=pipe.device)
@@ -342,7 +353,7 @@ class Pipeline(nn.Module):
     def _graph_key(self, bucket: int, batch: int, capacity: int, query_tokens: int, pick: bool = True) -> GraphKey:
         return GraphKey(
             bucket,
-            _batch_bucket(batch),
+            _batch_bucket(max(batch, self.graph_batch or 1)),
             ENCODER_DTYPES[self.config.encoder_dtype],
             self.device,
             capacity,

@@ -423,13 +423,13 @@ def test_compile_option_reaches_the_pipeline_and_bad_choices_are_refused(
     original = compress_dataset.Pipeline.from_pretrained
 
     def recording(*args, **kwargs):
-        built.append(kwargs["compile"])
+        built.append((kwargs["compile"], kwargs["graph_batch"]))
         return original(*args, **{**kwargs, "compile": False})  # the option's path, not a CPU compile
 
     monkeypatch.setattr(compress_dataset.Pipeline, "from_pretrained", recording)
     with _one_thread():
         assert compress_main([*_args(source, tmp_path / "out", model, "--workers", "0"), "--compile", "head"]) == 0
-    assert built == ["head"]
+    assert built == [("head", 4)]  # compiled: every batch pads to the job's batch size
     with pytest.raises(SystemExit):
         compress_main([*_args(source, tmp_path / "bad", model), "--compile", "fast"])
     assert "--compile: invalid choice: 'fast'" in capsys.readouterr().err

@@ -376,6 +376,25 @@ def test_a_call_that_asks_every_image_builds_no_pick_and_answers_the_same(tiny_c
     assert not torch.equal(free.allocation, asked.allocation)
 
 
+def test_graph_batch_pads_every_call_to_one_graph_per_bucket(tiny_config) -> None:
+    """A job's last, smaller batches reuse its batch size's graph (one compile per bucket when compiling), and the
+    padding changes no image's result."""
+    from arrcoc.runtime.graphs import GraphCache
+
+    padded = arrcoc.Pipeline(tiny_config, graph_cache=GraphCache(backend="eager"), graph_batch=8)
+    plain = arrcoc.Pipeline(tiny_config, graph_cache=GraphCache(backend="eager"))
+    generator = torch.Generator().manual_seed(5)
+    images = [torch.rand(3, 120 + 13 * i, 224 - 9 * i, generator=generator) for i in range(8)]
+    for count in (8, 3, 1, 5):
+        a, b = padded(images[:count], budget=12), plain(images[:count], budget=12)
+        for name in ("relevance", "allocation", "mask", "positions", "tokens"):
+            assert torch.equal(getattr(a, name), getattr(b, name)), (count, name)
+    assert set(padded.graph_cache.stats()["per_entry"]) == {"224px/b8/float32/T64/L1"}
+    assert len(plain.graph_cache.stats()["per_entry"]) == 3  # batch buckets 8, 4 and 1
+    with pytest.raises(arrcoc.InvalidInputError, match="graph_batch must be at least 1"):
+        arrcoc.Pipeline(tiny_config, graph_batch=0)
+
+
 def test_a_call_that_asks_every_image_computes_no_novelty(tiny_config, monkeypatch) -> None:
     """With every image asked (and no share of the relevance following the cover then), the balance reads no
     novelty, so its (N, N) product per image is not computed; relevance alone without a question still reads it."""

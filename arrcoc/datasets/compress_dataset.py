@@ -1002,12 +1002,15 @@ def main(argv: list[str] | None = None) -> int:
     try:
         launch = _launch(args.device, args.timeout_minutes)
         overrides = {"encoder_dtype": args.dtype} if args.dtype else {}
-        compile = COMPILE_CHOICES[args.compile]
+        # compiled: every batch pads to the job's batch size, so that each bucket compiles once, not once per tail
+        options = {
+            "compile": COMPILE_CHOICES[args.compile],
+            "graph_batch": args.batch_size if args.compile != "off" else None,
+        }
         if args.preset:
-            config = PipelineConfig.from_name(args.preset, **overrides)
-            pipe = Pipeline(config, device=launch.device, compile=compile)
+            pipe = Pipeline(PipelineConfig.from_name(args.preset, **overrides), device=launch.device, **options)
         else:
-            pipe = Pipeline.from_pretrained(args.pretrained, device=launch.device, compile=compile, **overrides)
+            pipe = Pipeline.from_pretrained(args.pretrained, device=launch.device, **options, **overrides)
         query, query_mask = (None, None)
         if args.query_file:
             query, query_mask = load_query(argparse.Namespace(query_embedding=args.query_file))
