@@ -90,6 +90,14 @@ PINNED_READS: bool = os.environ.get("ARRCOC_PINNED_READS", "1") != "0"
 #: ``--compile``'s choices, as ``Pipeline(compile=...)`` takes them.
 COMPILE_CHOICES: dict[str, bool | str] = {"off": False, "head": "head", "all": True}
 
+
+def compile_options(choice: str, batch_size: int) -> dict[str, Any]:
+    """``Pipeline`` keyword arguments for ``--compile choice``: compiled, every batch pads to the job's batch size, so
+    that each bucket size compiles once, not once per size of its last batches."""
+    compiled = COMPILE_CHOICES[choice]
+    return {"compile": compiled, "graph_batch": batch_size if compiled else None}
+
+
 logger = logging.getLogger(__name__)
 
 #: Exit code of a run that stopped before every shard was written (``--max-shards``); run it again to resume.
@@ -1002,11 +1010,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         launch = _launch(args.device, args.timeout_minutes)
         overrides = {"encoder_dtype": args.dtype} if args.dtype else {}
-        # compiled: every batch pads to the job's batch size, so that each bucket compiles once, not once per tail
-        options = {
-            "compile": COMPILE_CHOICES[args.compile],
-            "graph_batch": args.batch_size if args.compile != "off" else None,
-        }
+        options = compile_options(args.compile, args.batch_size)
         if args.preset:
             pipe = Pipeline(PipelineConfig.from_name(args.preset, **overrides), device=launch.device, **options)
         else:

@@ -4,10 +4,9 @@ in one pass, then every patch's six texture values, one program per patch.
 Imported only when a CUDA call first needs it, so that importing arrcoc does not import Triton. The torch form runs
 about forty elementwise, convolution and pooling kernels over the full-resolution float32 planes (the Lab colour,
 the Sobel response, the eroded validity, the flatness windows), each a round trip through memory; here the Lab
-planes are written once and each patch's program reads them with their neighbours and keeps the rest in registers.
-One kernel that computed each neighbour's lightness again where it read it took 0.31 ms for 64 images at 224 px on
-the H200 (``bench/results/graphs-nvidia-h200-shipped-bf16-profile.md``): the powers and cube roots, nine times over,
-cost more than one pass over memory.
+planes are written once and each patch's program reads them with their neighbours and keeps the rest in registers:
+recomputing a neighbour's lightness where it is read (powers and cube roots nine times over) costs more than one
+pass over memory (docs/decisions.md).
 """
 
 from __future__ import annotations
@@ -16,6 +15,8 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+
+from .texture import _flat_step
 
 __all__ = ["launch"]
 
@@ -172,7 +173,7 @@ def launch(pixels: Tensor, valid: Tensor, grid: tuple[int, int], matrix: Tensor,
     count, _, height, width = pixels.shape
     gh, gw = grid
     ph, pw = height // gh, width // gw
-    step = 2 if ph % 2 == 0 and pw % 2 == 0 else 1  # as the torch form: a 3 x 3 window of samples spans 5 pixels
+    step = _flat_step((ph, pw))  # as the torch form
     out = torch.empty(count, gh, gw, 6, dtype=torch.float32, device=pixels.device)
     if count == 0:
         return out

@@ -129,12 +129,18 @@ def texture_reference(
     return features.permute(0, 2, 3, 1).contiguous()
 
 
+def _flat_step(patch: tuple[int, int]) -> int:
+    """Flatness is read on every ``_flat_step(patch)``-th pixel: 2 where the patch sides are even (a 3 x 3 window of
+    samples then spans the same 5 pixels), else 1. The torch form and the CUDA kernels both read it here."""
+    return 2 if patch[0] % 2 == 0 and patch[1] % 2 == 0 else 1
+
+
 def _flat_share(light: Tensor, valid: Tensor, patch: tuple[int, int]) -> Tensor:
     """``(B, 1, gh, gw)``: the share of each patch's image pixels whose 5 x 5 neighbourhood of image pixels spans
     less than :data:`FLAT_RANGE` in lightness. Read on every other pixel where the patch sides are even (a 3 x 3
     window of samples spans the same 5 pixels): a quarter of the work on the data-set path, for a count that needs
     no finer grain."""
-    step = 2 if patch[0] % 2 == 0 and patch[1] % 2 == 0 else 1
+    step = _flat_step(patch)
     light, image = light[..., ::step, ::step], valid[..., ::step, ::step] > 0
     size = 5 if step == 1 else 3
     # padding left out: below every maximum, above every minimum
@@ -159,7 +165,7 @@ if hasattr(torch.library, "custom_op"):  # torch >= 2.4
 
     @_texture_op.register_fake
     def _(pixels: Tensor, valid: Tensor, gh: int, gw: int, matrix: Tensor) -> Tensor:
-        return pixels.new_empty(pixels.shape[0], gh, gw, 6, dtype=torch.float32)
+        return pixels.new_empty(pixels.shape[0], gh, gw, len(TEXTURE_CHANNELS), dtype=torch.float32)
 
     @_texture_op.register_kernel("cuda")
     def _(pixels: Tensor, valid: Tensor, gh: int, gw: int, matrix: Tensor) -> Tensor:

@@ -40,6 +40,7 @@ from ..datasets.compress_dataset import (
     COMPILE_CHOICES,
     DatasetStats,
     _Decode,
+    compile_options,
     compress_dataset,
     list_sources,
 )
@@ -156,18 +157,12 @@ def _case(
     if buckets:
         overrides["buckets"] = buckets
     config = PipelineConfig.from_name(args.preset, **overrides)
-    compiled = args.compile != "off"  # as compress-dataset: every batch pads to the job's, one compile per bucket
-    pipe = Pipeline(
-        config,
-        device=device,
-        cuda_graphs=graphs,
-        compile=COMPILE_CHOICES[args.compile],
-        graph_batch=args.batch_size if compiled else None,
-    )
+    options = compile_options(args.compile, args.batch_size)  # as compress-dataset's
+    pipe = Pipeline(config, device=device, cuda_graphs=graphs, **options)
     start = time.perf_counter()
     pipe.warmup(
         sizes=tuple(b for b in config.buckets if b <= 384) or None,
-        batch_sizes=[args.batch_size] if compiled else [b for b in BATCH_BUCKETS if b <= args.batch_size],
+        batch_sizes=[args.batch_size] if options["compile"] else [b for b in BATCH_BUCKETS if b <= args.batch_size],
         budget=args.budget,
     )
     warmup_s = time.perf_counter() - start
