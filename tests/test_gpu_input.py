@@ -187,6 +187,75 @@ def test_the_default_readers_follow_the_share_of_jpeg_names(tmp_path: Path, mixe
     assert _run(jpegs, tmp_path / "d", "cpu", True, workers=2).readers == 2
 
 
+def test_the_default_readers_decode_a_share_of_large_jpegs(
+    tmp_path: Path, mixed: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Readers enough to decode the share of large JPEGs meant for the host; one when there is none."""
+    jpegs = tmp_path / "jpegs"
+    jpegs.mkdir()
+    for path in sorted(mixed.glob("img*.jpg")):
+        shutil.copy(path, jpegs / path.name)
+    monkeypatch.setattr(compress_dataset, "HOST_JPEG_MIN_BYTES", 0)  # the fixture's files count as large
+    stats = _run(jpegs, tmp_path / "a", "cpu", True, workers=None, host_jpeg_share=0.5)
+    assert stats.readers == compress_dataset.HOST_JPEG_READERS > 1 and 0 < stats.host_jpegs < 15
+    stats = _run(jpegs, tmp_path / "b", "cpu", True, workers=None, host_jpeg_share=0)
+    assert stats.readers == compress_dataset.JPEG_READERS and stats.host_jpegs == 0 and stats.device_decoded == 15
+
+
+def test_host_jpeg_share_picks_files_by_their_path() -> None:
+    names = [f"/data/set/{i:06d}.jpg" for i in range(4000)]
+    picked = [compress_dataset.host_jpeg(name, 0.3) for name in names]
+    assert picked == [compress_dataset.host_jpeg(name, 0.3) for name in names]  # the same in every run
+    assert 0.27 < sum(picked) / len(names) < 0.33
+    assert all(compress_dataset.host_jpeg(name, 0.6) for name, p in zip(names, picked) if p)  # a larger share adds
+    assert not any(compress_dataset.host_jpeg(name, 0) for name in names)
+    assert all(compress_dataset.host_jpeg(name, 1) for name in names)
+
+
+@pytest.mark.parametrize("shape", [(300, 460), (520, 260), (1000, 700), (257, 129), (90, 60)])
+def test_a_jpeg_decoded_at_a_reduced_scale_letterboxes_as_the_full_decode(shape: tuple[int, int]) -> None:
+    """libjpeg's scaled decode covers the content and, letterboxed, is within a few levels of the full decode's
+    pixels (its filter is not the antialiased bilinear one)."""
+    h, w = shape
+    rng = np.random.default_rng(h * w)
+    base = Image.fromarray(rng.integers(0, 256, (6, 6, 3), dtype=np.uint8)).resize((w, h), Image.BICUBIC)
+    pixels = np.clip(np.asarray(base, dtype=np.int16) + rng.integers(-10, 11, (h, w, 3)), 0, 255).astype(np.uint8)
+    blob = _jpeg(pixels)
+    data = torch.frombuffer(bytearray(blob), dtype=torch.uint8)
+    bucket, _, content = placement(h, w, BUCKETS)
+    reduced = gpu_input.decode_jpeg_reduced(data, content)
+    assert reduced.dtype == torch.uint8 and reduced.shape[0] == 3 and reduced.is_contiguous()
+    assert reduced.shape[1] >= min(h, content[0]) and reduced.shape[2] >= min(w, content[1])
+    room = min(h // content[0], w // content[1])
+    step = next(s for s in (8, 4, 2, 1) if s <= max(room, 1))  # the largest of libjpeg's scales the content allows
+    assert reduced.shape[1:] == (-(-h // step), -(-w // step))
+    (full,) = decode_jpegs([data], torch.device("cpu"))
+    got, _ = letterbox([reduced], [content], bucket)
+    want, _ = letterbox([full], [content], bucket)
+    difference = (got - want).abs()
+    assert difference.mean() < 2 / 255 and difference.max() < 16 / 255
+
+
+def test_large_jpegs_decoded_in_the_readers_keep_the_layout_index_and_answers(
+    tmp_path: Path, mixed: Path, pil_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every large JPEG decoded by the readers (the fixture's files count as large): the same records and shapes
+    as the Pillow path; half of them: the same files on the same route in two runs, bit for bit."""
+    monkeypatch.setattr(compress_dataset, "HOST_JPEG_MIN_BYTES", 0)
+    stats = _run(mixed, tmp_path / "all", "cpu", True, workers=2, host_jpeg_share=1.0)
+    assert stats.complete and stats.errors == 2
+    assert (stats.host_jpegs, stats.device_decoded, stats.host_decoded) == (15, 0, 7)
+    assert _compare(tmp_path / "all", pil_path, exact=False) >= 0.9
+    first = _run(mixed, tmp_path / "half", "cpu", True, workers=2, host_jpeg_share=0.5)
+    again = _run(mixed, tmp_path / "again", "cpu", True, workers=0, host_jpeg_share=0.5)
+    assert 0 < first.host_jpegs < 15 and first.host_jpegs + first.device_decoded == 15
+    assert (again.host_jpegs, again.device_decoded) == (first.host_jpegs, first.device_decoded)
+    _compare(tmp_path / "again", tmp_path / "half", exact=True)
+    with pytest.raises(arrcoc.InvalidInputError, match="host_jpeg_share"):
+        _run(mixed, tmp_path / "bad", "cpu", True, host_jpeg_share=1.5)
+    assert not (tmp_path / "bad").exists()
+
+
 def _compare(got: Path, want: Path, exact: bool) -> float:
     """Same index and shard layout; returns the share of images whose allocation is identical."""
     assert (got / INDEX_NAME).read_text() == (want / INDEX_NAME).read_text()
