@@ -38,7 +38,6 @@ import queue
 import sys
 import threading
 import time
-import zlib
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -56,16 +55,7 @@ from ..cli_help import HelpFormatter
 from ..config import PipelineConfig
 from ..errors import ArrcocError, InvalidInputError
 from ..pipeline import Pipeline
-from ..stages.gpu_input import (
-    JPEG_SUFFIXES,
-    PINNED_MIN_BYTES,
-    decode_jpeg_reduced,
-    decode_jpegs,
-    jpeg_file,
-    letterbox,
-    placement,
-    valid_mask,
-)
+from ..stages.gpu_input import JPEG_SUFFIXES, decode_jpegs, jpeg_file, letterbox, placement, valid_mask
 from ..stages.preprocess import PreprocessedBatch, Preprocessor, load_image
 from .atomic import remove_partial
 from .shards import (
@@ -96,17 +86,6 @@ JPEG_SHARE = 0.9
 #: On CUDA, read large JPEG files (``gpu_input.PINNED_MIN_BYTES``) into page-locked memory (``ARRCOC_PINNED_READS=0``:
 #: pageable).
 PINNED_READS: bool = os.environ.get("ARRCOC_PINNED_READS", "1") != "0"
-
-#: The share of large JPEG files (``HOST_JPEG_MIN_BYTES`` or more) decoded by Pillow in the reader threads, at the
-#: smallest of 1/2, 1/4, 1/8 scale that covers their size in the bucket, beside nvJPEG decoding the rest: nvJPEG's
-#: device time (27 ms per 64 photos on the H200) bounds photo-sized JPEGs near 2,400 images/s on its own. Which
-#: files go is a hash of the path, so a file takes the same route in every run and in any order.
-HOST_JPEG_SHARE = 0.3
-#: Files from this size up count as large (photo-sized) JPEGs for ``HOST_JPEG_SHARE``.
-HOST_JPEG_MIN_BYTES = PINNED_MIN_BYTES
-#: Reader threads by default when nearly every file is a JPEG and some are large, with ``host_jpeg_share`` above 0:
-#: they decode that share.
-HOST_JPEG_READERS = 6
 
 #: ``--compile``'s choices, as ``Pipeline(compile=...)`` takes them.
 COMPILE_CHOICES: dict[str, bool | str] = {"off": False, "head": "head", "all": True}
@@ -150,8 +129,7 @@ class DatasetStats:
         copy_seconds: host time issuing the copies of the results to the host (non-blocking).
         write_seconds: time in the writer thread (waiting for the copies, putting rows in place, writing
             shards); it overlaps the rest.
-        device_decoded, host_decoded: images decoded by nvJPEG, and by Pillow (then letterboxed on the host).
-        host_jpegs: large JPEGs decoded by Pillow at a reduced scale in the readers (``host_jpeg_share``).
+        device_decoded, host_decoded: images decoded by nvJPEG, and by Pillow.
         readers: the reader threads (batched path) or DataLoader worker processes (Pillow path) this run used.
         gpu_ms: device milliseconds per step (decode, resize, pipeline, copy-out) from CUDA events.
         complete: every shard of the data set exists and the index is written.
@@ -175,7 +153,6 @@ class DatasetStats:
     write_seconds: float = 0.0
     device_decoded: int = 0
     host_decoded: int = 0
-    host_jpegs: int = 0
     readers: int = 0
     gpu_ms: dict[str, float] = field(
         default_factory=lambda: dict.fromkeys(("decode", "resize", "pipeline", "copy-out"), 0.0)
@@ -219,16 +196,14 @@ class _Loaded:
     """One source image as the reader hands it over (or the reason it failed).
 
     A JPEG that nvJPEG decodes as Pillow does travels as its file's bytes (``data``), decoded and letterboxed
-    with its batch on the GPU, or (a share of the large ones) decoded at a reduced scale in the reader
-    (``image``) and letterboxed with the batch; any other image is decoded and letterboxed by the Preprocessor in
-    the reader (``pixels``). ``bucket``, ``scale``, ``source_size`` and ``content_size`` are known either way.
+    with its batch on the GPU; any other image is decoded and letterboxed by the Preprocessor in the reader
+    (``pixels``). ``bucket``, ``scale``, ``source_size`` and ``content_size`` are known either way.
     """
 
     index: int
     source: str
     data: Tensor | None = None  # (bytes,) uint8, the file's bytes
     pixels: Tensor | None = None  # (3, S, S) float32, the Preprocessor's canvas
-    image: Tensor | None = None  # (3, h, w) uint8, a large JPEG decoded at a reduced scale, letterboxed with the batch
     error: str | None = None
     bucket: int = 0
     scale: float = 0.0
@@ -249,8 +224,6 @@ class _Decode(torch.utils.data.Dataset):
         device_jpegs: hand over JPEGs that nvJPEG decodes as their bytes (the batched path); else decode all here.
         pinned: read the large ones into page-locked memory (the batched path on CUDA): nvJPEG's copies of pageable
             bytes to the device are staged by the host, 115 µs a photo in the decode thread on the H200.
-        host_jpeg_share: the share of large JPEGs (``HOST_JPEG_MIN_BYTES``) decoded here at a reduced scale
-            (:func:`~arrcoc.stages.gpu_input.decode_jpeg_reduced`), chosen by a hash of the path.
     """
 
     def __init__(
@@ -259,13 +232,11 @@ class _Decode(torch.utils.data.Dataset):
         buckets: Sequence[int],
         device_jpegs: bool = False,
         pinned: bool = False,
-        host_jpeg_share: float = 0.0,
     ) -> None:
         self.items = items
         self.buckets = tuple(buckets)
         self.device_jpegs = device_jpegs
         self.pinned = pinned
-        self.host_jpeg_share = host_jpeg_share
         self.preprocessor = Preprocessor(buckets, multiple=1)  # the pipeline's own bucketing
 
     def __len__(self) -> int:
@@ -273,24 +244,14 @@ class _Decode(torch.utils.data.Dataset):
 
     def __getitem__(self, position: int) -> _Loaded:
         index, source = self.items[position]
-        on_host = host_jpeg(source, self.host_jpeg_share)
-        found = jpeg_file(source, self.pinned and not on_host) if self.device_jpegs else None
+        found = jpeg_file(source, self.pinned) if self.device_jpegs else None
         if found is None:  # not a JPEG nvJPEG reads as Pillow does, or unreadable: the Pillow path names it
             return decode_on_host(index, source, self.preprocessor)
         data, size = found
         bucket, scale, content = placement(size[0], size[1], self.buckets)
-        place = dict(bucket=bucket, scale=scale, source_size=list(size), content_size=content)
-        if on_host and data.numel() >= HOST_JPEG_MIN_BYTES:
-            try:
-                return _Loaded(index, source, image=decode_jpeg_reduced(data, content), **place)
-            except Exception:  # noqa: BLE001 - a file Pillow refuses here goes to nvJPEG, then to the Pillow path
-                pass
-        return _Loaded(index, source, data=data, **place)
-
-
-def host_jpeg(source: str, share: float) -> bool:
-    """Whether ``source`` is in the ``share`` of files decoded on the host: a hash of its path, the same in any run."""
-    return share > 0 and zlib.crc32(os.fsencode(source)) < share * 2**32
+        return _Loaded(
+            index, source, data=data, bucket=bucket, scale=scale, source_size=list(size), content_size=content
+        )
 
 
 def decode_on_host(index: int, source: str, preprocessor: Preprocessor) -> _Loaded:
@@ -357,12 +318,11 @@ class _Decoded:
     """One batch after the decode step: JPEGs decoded on the device, the rest letterboxed by the reader."""
 
     bucket: int
-    jpegs: list[_Loaded]  # decoded by nvJPEG (then those decoded at a reduced scale), in the order of ``images``
+    jpegs: list[_Loaded]  # decoded by nvJPEG, in the order of ``images``
     images: list[Tensor]  # (3, h, w) uint8 on the device
     hosted: list[_Loaded]  # letterboxed on the host (by the reader, or here for files nvJPEG refused)
     failed: list[_Loaded]  # files that turned out broken
     events: tuple[Any, ...] = ()  # CUDA events before and after the decode
-    reduced: int = 0  # of ``jpegs``, the last ones, decoded by the reader at a reduced scale
 
 
 @dataclass
@@ -520,8 +480,7 @@ class _ShardWriter:
         """The decode step of one batch (in the decode thread on CUDA): JPEGs to the device, decoded."""
         start = time.perf_counter()
         jpegs = [item for item in items if item.data is not None]
-        reduced = [item for item in items if item.image is not None]
-        hosted = [item for item in items if item.data is None and item.image is None]
+        hosted = [item for item in items if item.data is None]
         images: list[Tensor] = []
         failed: list[_Loaded] = []
         events: tuple[Any, ...] = ()
@@ -531,11 +490,10 @@ class _ShardWriter:
                 images, jpegs, refused = self._decode(jpegs)
                 for item in refused:
                     (failed if item.error is not None else hosted).append(item)
-            images += [item.image.to(self.device, non_blocking=True) for item in reduced]
             if self.cuda:
                 events = (begin, self._event())
         self.stats.decode_thread_seconds += time.perf_counter() - start
-        return _Decoded(items[0].bucket, jpegs + reduced, images, hosted, failed, events, len(reduced))
+        return _Decoded(items[0].bucket, jpegs, images, hosted, failed, events)
 
     def _batch(self, decoded: _Decoded) -> tuple[PreprocessedBatch | None, list[_Loaded]]:
         """The batch on the device and its items in the batch's order (device-decoded JPEGs first)."""
@@ -559,8 +517,7 @@ class _ShardWriter:
         ordered = jpegs + hosted
         if not ordered:  # every file of the batch turned out broken
             return None, []
-        self.stats.device_decoded += len(jpegs) - decoded.reduced
-        self.stats.host_jpegs += decoded.reduced
+        self.stats.device_decoded += len(jpegs)
         self.stats.host_decoded += len(hosted)
         batch = PreprocessedBatch(
             pixels=pixels[0] if len(pixels) == 1 else torch.cat(pixels),
@@ -623,8 +580,8 @@ class _ShardWriter:
             return
         computed = self._event()
         self.stats.pipeline_seconds += time.perf_counter() - start
-        for item in items:  # the bytes (a shared-memory blob) and pixels are not needed again
-            item.data = item.pixels = item.image = None
+        for item in items:  # the bytes (a shared-memory blob) and canvases are not needed again
+            item.data = item.pixels = None
         start = time.perf_counter()
         on_device = {
             "tokens": out.tokens.to(self.token_dtype),
@@ -785,7 +742,6 @@ def compress_dataset(
     progress: bool = True,
     budget_policy: str = "exact",
     batch_decode: bool | None = None,
-    host_jpeg_share: float | None = None,
 ) -> DatasetStats:
     """Compress every image of ``source`` into shards under ``dest``; this process's share when distributed.
 
@@ -813,9 +769,6 @@ def compress_dataset(
         batch_decode: decode JPEGs in batches on the pipeline's device (nvJPEG) and letterbox each batch there
             (:mod:`arrcoc.stages.gpu_input`); other files are decoded by Pillow in the reader threads. Default:
             on CUDA. ``False``: Pillow and the Preprocessor in DataLoader workers for every file.
-        host_jpeg_share: on the batched path, the share of large JPEG files (128 KiB or more) that Pillow decodes in
-            the reader threads at a reduced scale, beside nvJPEG (None: ``HOST_JPEG_SHARE``; 0: nvJPEG decodes
-            every JPEG). A hash of the path picks them, so a file takes the same route in every run.
 
     Returns:
         :class:`DatasetStats` of this process.
@@ -836,13 +789,6 @@ def compress_dataset(
         raise InvalidInputError(f"token_dtype must be one of {sorted(_TOKEN_DTYPES)}; got {token_dtype}")
     if budget_policy not in ("exact", "cap"):
         raise InvalidInputError(f"budget_policy must be 'exact' or 'cap'; got {budget_policy!r}")
-    host_jpeg_share = HOST_JPEG_SHARE if host_jpeg_share is None else host_jpeg_share
-    if (
-        isinstance(host_jpeg_share, bool)
-        or not isinstance(host_jpeg_share, (int, float))
-        or not 0 <= host_jpeg_share <= 1
-    ):
-        raise InvalidInputError(f"host_jpeg_share must be a number from 0 to 1; got {host_jpeg_share!r}")
     pipeline.prepare_query(query, query_mask, 1)  # a bad query fails here, before any work
     rank, world = _rank_world()
     stats = DatasetStats(rank=rank, world_size=world)
@@ -895,12 +841,11 @@ def compress_dataset(
     )
     batched = pipeline.device.type == "cuda" if batch_decode is None else batch_decode
     if workers is None:
-        workers = _default_readers(items, batched, host_jpeg_share)
+        jpegs = sum(source.lower().endswith(JPEG_SUFFIXES) for _, source in items)
+        workers = JPEG_READERS if batched and jpegs >= JPEG_SHARE * len(items) else READERS
     stats.readers = workers
     pinned = batched and pipeline.device.type == "cuda" and PINNED_READS
-    decode = _Decode(
-        items, pipeline.config.buckets, device_jpegs=batched, pinned=pinned, host_jpeg_share=host_jpeg_share
-    )
+    decode = _Decode(items, pipeline.config.buckets, device_jpegs=batched, pinned=pinned)
     chunk = min(batch_size, 32)
     reader: Iterable[list[_Loaded]] = (
         _ThreadedReader(decode, workers, chunk)
@@ -936,24 +881,6 @@ def compress_dataset(
     _barrier(pipeline.device)
     stats.complete = (dest / INDEX_NAME).is_file()
     return stats
-
-
-def _default_readers(items: Sequence[tuple[int, str]], batched: bool, host_jpeg_share: float) -> int:
-    """``JPEG_READERS`` on the batched path when nearly every file is a JPEG (``HOST_JPEG_READERS`` when some of the
-    first 32 are large and a share of those is decoded in the readers), else ``READERS``."""
-    jpegs = [source for _, source in items if source.lower().endswith(JPEG_SUFFIXES)]
-    if not batched or len(jpegs) < JPEG_SHARE * len(items):
-        return READERS
-    if host_jpeg_share > 0 and any(_file_size(source) >= HOST_JPEG_MIN_BYTES for source in jpegs[:32]):
-        return HOST_JPEG_READERS
-    return JPEG_READERS
-
-
-def _file_size(path: str) -> int:
-    try:
-        return os.stat(path).st_size
-    except OSError:
-        return 0
 
 
 def _timed(reader: Iterable[list[_Loaded]], stats: DatasetStats) -> Iterator[list[_Loaded]]:
@@ -1036,13 +963,6 @@ def _parser() -> argparse.ArgumentParser:
         f"(default: {JPEG_READERS} on CUDA when nearly every file is a JPEG, else {READERS}; raise it on network "
         "storage)",
     )
-    parser.add_argument(
-        "--host-jpeg-share",
-        type=float,
-        default=None,
-        help="on CUDA, the share of large JPEGs (128 KiB or more) that Pillow decodes in the reader threads at a "
-        f"reduced scale, beside the GPU's decoder (default {HOST_JPEG_SHARE}; 0: the GPU decodes every JPEG)",
-    )
     parser.add_argument("--shard-size", type=int, default=1000, help="images per shard (default 1000)")
     parser.add_argument(
         "--max-shards",
@@ -1112,7 +1032,6 @@ def main(argv: list[str] | None = None) -> int:
             max_shards=args.max_shards,
             progress=not args.quiet,
             budget_policy="cap" if args.cap_budget else "exact",
-            host_jpeg_share=args.host_jpeg_share,
         )
     except ArrcocError as err:
         print(f"arrcoc compress-dataset: error: {err}", file=sys.stderr)

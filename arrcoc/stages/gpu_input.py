@@ -3,8 +3,7 @@ the :class:`~arrcoc.stages.preprocess.Preprocessor`'s for JPEG files on CUDA).
 
 :func:`jpeg_size` reads a JPEG's header on the host and says whether nvJPEG decodes it
 as Pillow does (8-bit, grey or YCbCr, no EXIF rotation, no trailing data); :func:`decode_jpegs` decodes such
-files in one batched call (:func:`decode_jpeg_reduced` decodes one on the host at a reduced scale, for a share of
-large files decoded beside them); :func:`letterbox` resizes and pads a whole bucket at once, as the
+files in one batched call; :func:`letterbox` resizes and pads a whole bucket at once, as the
 :class:`~arrcoc.stages.preprocess.Preprocessor` does one image at a time (antialiased bilinear resize of the
 long side to the bucket, anchored top-left, padded right/bottom), with the valid mask made on the device.
 
@@ -19,18 +18,15 @@ so the padding comes out as zeros. Either way there is no per-image kernel.
 from __future__ import annotations
 
 import importlib.util
-import io
 import os
 import warnings
 from collections.abc import Sequence
 
-import numpy as np
 import torch
 from torch import Tensor
 
 __all__ = [
     "JPEG_SUFFIXES",
-    "decode_jpeg_reduced",
     "decode_jpegs",
     "jpeg_file",
     "jpeg_size",
@@ -186,28 +182,6 @@ def decode_jpegs(data: Sequence[Tensor], device: torch.device) -> list[Tensor]:
         for image in images:
             image.record_stream(current)
         return images
-
-
-def decode_jpeg_reduced(data: Tensor, content: tuple[int, int]) -> Tensor:
-    """Decode a JPEG on the host at the smallest scale of 1, 1/2, 1/4 or 1/8 that still covers ``content``.
-
-    libjpeg's scaled inverse DCT (Pillow's ``draft``) skips most of the work of the pixels a photo loses on its
-    way into a bucket; the result is then letterboxed with the batch's other images, from its reduced size.
-
-    Args:
-        data: ``(bytes,)`` uint8, a file :func:`jpeg_size` accepts.
-        content: ``(height, width)`` the image is resized to (:func:`placement`).
-
-    Returns:
-        ``(3, h, w)`` uint8, at least ``content`` in each side (or the file's own size, when ``content`` is larger);
-        grey files as three equal channels.
-    """
-    from PIL import Image
-
-    with Image.open(io.BytesIO(memoryview(data.numpy()))) as image:
-        image.draft("RGB", (content[1], content[0]))
-        pixels = np.array(image.convert("RGB"))  # (h, w, 3), writable
-    return torch.from_numpy(pixels).permute(2, 0, 1).contiguous()
 
 
 #: One side stream per device for decode_jpegs' allocations, made on first use (imports stay inert).

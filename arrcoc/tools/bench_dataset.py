@@ -38,7 +38,6 @@ from ..config import PipelineConfig
 from ..datasets.compress_dataset import (
     _TOKEN_DTYPES,
     COMPILE_CHOICES,
-    HOST_JPEG_SHARE,
     DatasetStats,
     _Decode,
     compile_options,
@@ -178,7 +177,6 @@ def _case(
         dest = work / folder
         shutil.rmtree(dest, ignore_errors=True)
         workers = args.workers if extra.get("batch_decode") is False else args.readers
-        workers = extra.pop("workers", workers)
         stats = compress_dataset(images, dest, pipe, args.budget, workers=workers, **common, **extra)
         if not keep:
             shutil.rmtree(dest, ignore_errors=True)
@@ -186,22 +184,6 @@ def _case(
 
     run("warm")  # first batches: cuDNN/cuBLAS heuristics, nvJPEG, allocator, page cache
     plain = run("plain", keep=True)
-    share_runs = []
-    for rounds in range(args.share_rounds):  # interleaved, so that a drift of the host's speed hits every setting
-        for share, readers in args.host_jpeg_shares:
-            stats = run(f"share-{share}", host_jpeg_share=share, **({"workers": readers} if readers else {}))
-            share_runs.append(
-                {
-                    "round": rounds,
-                    "share": share,
-                    "readers": stats.readers,
-                    "host_jpegs": stats.host_jpegs,
-                    "images_per_s": stats.images_per_second,
-                    "running_images_per_s": stats.images
-                    / max(1e-9, stats.seconds - stats.startup_seconds - stats.drain_seconds),
-                    "decode_thread_share": stats.decode_thread_seconds / stats.seconds,
-                }
-            )
     held: list[DatasetStats] = []
     profiler_error = None
     try:
@@ -245,8 +227,6 @@ def _case(
         "errors": plain.errors,
         "device_decoded": plain.device_decoded,
         "host_decoded": plain.host_decoded,
-        "host_jpegs": plain.host_jpegs,
-        "host_jpeg_shares": share_runs,
         "images_per_s": plain.images_per_second,
         "seconds": wall,
         "host_shares": shares,
@@ -393,29 +373,6 @@ def _markdown(report: dict[str, Any]) -> str:
                 f"{100 * a['identical_allocation_share']:.1f}% | {a['max_region_token_difference']:.0f} | "
                 f"{a['max_token_value_difference']:.3g} | {a['same_statuses']} |"
             )
-    swept = [c for c in report["cases"] if c.get("host_jpeg_shares")]
-    if swept:
-        lines += [
-            "",
-            "Large JPEGs (128 KiB or more) decoded by Pillow at a reduced scale in the reader threads beside nvJPEG "
-            "(`--host-jpeg-share`), one run per setting and round, interleaved; images/s (running images/s):",
-            "",
-            "| set | encoder | share | readers | host-decoded | images/s, each round | running images/s | "
-            "decode thread |",
-            "|---|---|---:|---:|---:|---|---|---:|",
-        ]
-        for c in swept:
-            settings: dict[tuple[float, int], list[dict[str, Any]]] = {}
-            for r in c["host_jpeg_shares"]:
-                settings.setdefault((r["share"], r["readers"]), []).append(r)
-            for (share, readers), runs in settings.items():
-                lines.append(
-                    f"| {c['set']} | {c['encoder_dtype']} | {share:g} | {readers} | {runs[0]['host_jpegs']} | "
-                    + " / ".join(f"{r['images_per_s']:.0f}" for r in runs)
-                    + " | "
-                    + " / ".join(f"{r['running_images_per_s']:.0f}" for r in runs)
-                    + f" | {100 * sum(r['decode_thread_share'] for r in runs) / len(runs):.0f}% |"
-                )
     if report.get("scaling"):
         lines += ["", "| GPUs (torchrun) | images/s | speed-up |", "|---:|---:|---:|"]
         for r in report["scaling"]:
@@ -425,15 +382,6 @@ def _markdown(report: dict[str, Any]) -> str:
                 else f"| {r['gpus']} | failed | |"
             )
     return "\n".join(lines) + "\n"
-
-
-def _share_setting(text: str) -> tuple[float, int | None]:
-    """``SHARE`` or ``SHARE:READERS`` -> ``(share, readers or None)``."""
-    share, _, readers = text.partition(":")
-    try:
-        return float(share), int(readers) if readers else None
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected SHARE or SHARE:READERS, e.g. 0.3 or 0.3:6; got {text!r}") from None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -477,16 +425,6 @@ def main(argv: list[str] | None = None) -> int:
         default=max(1, min(12, (os.cpu_count() or 2) - 2)),
         help="DataLoader worker processes of the Pillow path (default: the cores less two, at most 12)",
     )
-    parser.add_argument(
-        "--host-jpeg-shares",
-        type=_share_setting,
-        nargs="*",
-        default=[],
-        metavar="SHARE[:READERS]",
-        help="extra plain runs of each set, one per setting: compress-dataset's --host-jpeg-share (and --workers); "
-        f"the main runs use its default ({HOST_JPEG_SHARE})",
-    )
-    parser.add_argument("--share-rounds", type=int, default=2, help="rounds of the --host-jpeg-shares runs")
     parser.add_argument("--shard-size", type=int, default=1000)
     parser.add_argument("--token-dtype", default="float16", choices=sorted(_TOKEN_DTYPES))
     parser.add_argument("--preset", default="default")
