@@ -98,7 +98,8 @@ def test_restart_times_each_fresh_process_from_its_start(monkeypatch: pytest.Mon
         caches.append(kwargs["env"]["TORCHINDUCTOR_CACHE_DIR"])
         if command[command.index("--first-batch") + 1] == "compiled":
             return subprocess.CompletedProcess(command, 1, stdout="", stderr="Traceback: boom")
-        child = {"done_at": time.time() + 5.0, "build_s": 1.0, "first_call_s": 2.0, "graphed": True}
+        now = time.time()
+        child = {"entered_at": now + 2.0, "done_at": now + 5.0, "build_s": 1.0, "first_call_s": 2.0, "graphed": True}
         return subprocess.CompletedProcess(
             command, 0, stdout=f"log\n{bench_graphs.FIRST_BATCH_MARK}{json.dumps(child)}\n"
         )
@@ -118,12 +119,13 @@ def test_restart_times_each_fresh_process_from_its_start(monkeypatch: pytest.Mon
         ("compiled", 1),
         ("compiled", 2),
     ]
-    assert all(4.9 < run["seconds"] < 6.0 for run in r["runs"][:2])
+    assert all(4.9 < run["seconds"] < 6.0 and 1.9 < run["start_s"] < 3.0 for run in r["runs"][:2])
+    assert all("entered_at" not in run and "done_at" not in run for run in r["runs"])
     assert "boom" in r["runs"][2]["error"] and saved == [1, 2, 3, 4]
     assert len(set(caches)) == 1 and caches[0] == r["cache_dir"] and r["cache_files_before"] == 0
     assert commands[0][-4:] == ["--sizes", "224", "--batches", "64"] and "tiny" in commands[0]
     table = "\n".join(bench_graphs._restart_lines(r))
-    assert "| plain | 2 |" in table and "| compiled | 1 | — |" in table and "boom" in table
+    assert "| plain | 2 | 5.0 | 2.0 | 1.0 | 2.0 |" in table and "| compiled | 1 | — | — |" in table and "boom" in table
 
 
 def _report(**extra: Any) -> dict[str, Any]:
@@ -200,4 +202,4 @@ def test_pretrained_builds_the_shipped_config_and_help_lists_the_flags(capsys: p
 @pytest.mark.cuda
 def test_first_batch_is_graphed_on_a_gpu(tiny_config: arrcoc.PipelineConfig) -> None:
     first = bench_graphs.time_first_batch(tiny_config, size=128, batch=2)
-    assert first["graphed"] and first["done_at"] <= time.time() and first["first_call_s"] > 0
+    assert first["graphed"] and first["entered_at"] < first["done_at"] <= time.time() and first["first_call_s"] > 0

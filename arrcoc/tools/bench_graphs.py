@@ -550,8 +550,10 @@ def time_first_batch(
     batch: int = 64,
 ) -> dict[str, Any]:
     """In a fresh process: build a pipeline and compress one batch as the data-set job does (no question, a quarter
-    of the patches, ``copy=False``); returns the wall-clock time (``time.time()``) when the batch is done, with the
-    seconds spent building the pipeline and in the first call (compile and capture included)."""
+    of the patches, ``copy=False``); returns the wall-clock times (``time.time()``) when it was entered (the
+    interpreter's start and the imports are done) and when the batch is done, with the seconds spent building the
+    pipeline and in the first call (compile and capture included)."""
+    entered_at = time.time()
     began = time.perf_counter()
     pipe = Pipeline(config.replace(buckets=(size,)), weights=weights, device="cuda", compile=compile)
     grid = pipe.encoder(size).grid
@@ -561,6 +563,7 @@ def time_first_batch(
     out.tokens.sum().item()  # ok-sync: the first batch is done when its tokens are
     done = time.perf_counter()
     return {
+        "entered_at": entered_at,
         "done_at": time.time(),
         "build_s": built - began,
         "first_call_s": done - built,
@@ -625,8 +628,9 @@ def time_restart(
                 if child is None:
                     entry["error"] = f"exit {proc.returncode}: {(proc.stderr or proc.stdout)[-600:]}"
                 else:
-                    entry.update({k: v for k, v in child.items() if k != "done_at"})
+                    entry.update({k: v for k, v in child.items() if not k.endswith("_at")})
                     entry["seconds"] = child["done_at"] - started
+                    entry["start_s"] = child["entered_at"] - started  # the interpreter, imports, arguments
             except subprocess.TimeoutExpired:
                 entry["error"] = f"no first batch within {timeout_s:.0f} s"
             result["runs"].append(entry)
@@ -979,20 +983,26 @@ def _restart_lines(r: dict[str, Any] | None) -> list[str]:
         f"after the other; they share {cache} (`{r['cache_dir']}`, {r['cache_files_before']} files before the "
         "first), so a later run finds torch.compile's on-disk caches from the earlier ones:",
         "",
-        "| mode | run | to first batch s | building the pipeline s | first call s (compile, capture, run) |",
-        "|---|---:|---:|---:|---:|",
+        "| mode | run | to first batch s | interpreter and imports s | building the pipeline s "
+        "| first call s (compile, capture, run) |",
+        "|---|---:|---:|---:|---:|---:|",
     ]
     for run in r["runs"]:
         if "error" in run:
-            lines.append(f"| {run['mode']} | {run['run']} | — | — | — |")
+            lines.append(f"| {run['mode']} | {run['run']} | — | — | — | — |")
             continue
         graphed = "" if run.get("graphed", True) else " (capture failed: eager)"
         lines.append(
-            f"| {run['mode']}{graphed} | {run['run']} | {run['seconds']:.1f} | {run['build_s']:.1f} | "
+            f"| {run['mode']}{graphed} | {run['run']} | {run['seconds']:.1f} | {_seconds(run.get('start_s'))} | "
+            f"{run['build_s']:.1f} | "
             f"{run['first_call_s']:.1f} |"
         )
     errors = [f"- {run['mode']} run {run['run']}: `{run['error']}`" for run in r["runs"] if "error" in run]
     return lines + (["", *errors] if errors else [])
+
+
+def _seconds(value: float | None) -> str:
+    return "—" if value is None else f"{value:.1f}"
 
 
 def _pick_kernel(report: dict[str, Any]) -> str:
