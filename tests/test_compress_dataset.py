@@ -430,6 +430,10 @@ def test_compile_option_reaches_the_pipeline_and_bad_choices_are_refused(
     with _one_thread():
         assert compress_main([*_args(source, tmp_path / "out", model, "--workers", "0"), "--compile", "head"]) == 0
     assert built == [("head", 4)]  # compiled: every batch pads to the job's batch size
+    assert "--compile head: the first batch of each bucket size compiles" in capsys.readouterr().err
+    with _one_thread():
+        assert compress_main([*_args(source, tmp_path / "plain", model, "--workers", "0")]) == 0
+    assert "compiles" not in capsys.readouterr().err and built[-1] == (False, None)
     with pytest.raises(SystemExit):
         compress_main([*_args(source, tmp_path / "bad", model), "--compile", "fast"])
     assert "--compile: invalid choice: 'fast'" in capsys.readouterr().err

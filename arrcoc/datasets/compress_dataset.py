@@ -1015,6 +1015,12 @@ def main(argv: list[str] | None = None) -> int:
             pipe = Pipeline(PipelineConfig.from_name(args.preset, **overrides), device=launch.device, **options)
         else:
             pipe = Pipeline.from_pretrained(args.pretrained, device=launch.device, **options, **overrides)
+        if args.compile != "off" and _rank_world()[0] == 0:  # minutes of silence at the start otherwise
+            print(
+                f"arrcoc compress-dataset: --compile {args.compile}: the first batch of each bucket size compiles "
+                "(about a minute each from an empty cache); a later run reads torch.compile's on-disk cache",
+                file=sys.stderr,
+            )
         query, query_mask = (None, None)
         if args.query_file:
             query, query_mask = load_query(argparse.Namespace(query_embedding=args.query_file))
