@@ -993,16 +993,12 @@ def _restart_lines(r: dict[str, Any] | None) -> list[str]:
             continue
         graphed = "" if run.get("graphed", True) else " (capture failed: eager)"
         lines.append(
-            f"| {run['mode']}{graphed} | {run['run']} | {run['seconds']:.1f} | {_seconds(run.get('start_s'))} | "
+            f"| {run['mode']}{graphed} | {run['run']} | {run['seconds']:.1f} | {_cell(run, 'start_s', '{:.1f}')} | "
             f"{run['build_s']:.1f} | "
             f"{run['first_call_s']:.1f} |"
         )
     errors = [f"- {run['mode']} run {run['run']}: `{run['error']}`" for run in r["runs"] if "error" in run]
     return lines + (["", *errors] if errors else [])
-
-
-def _seconds(value: float | None) -> str:
-    return "—" if value is None else f"{value:.1f}"
 
 
 def _pick_kernel(report: dict[str, Any]) -> str:
@@ -1011,7 +1007,7 @@ def _pick_kernel(report: dict[str, Any]) -> str:
         return ""
     said = "query-free pick: " + ("one Triton kernel, " if report["pick_kernel"] else "the torch loop, ")
     if "texture_kernel" in report:
-        said += "texture: " + ("one Triton kernel, " if report["texture_kernel"] else "torch, ")
+        said += "texture: " + ("two Triton kernels, " if report["texture_kernel"] else "torch, ")
     return said
 
 
@@ -1259,7 +1255,7 @@ def main(argv: list[str] | None = None) -> int:
         "pretrained": weights,
         "encoder_dtype": args.dtype,
         "pick_kernel": greedy_pick.USE_KERNEL,  # the query-free pick as one Triton kernel; ARRCOC_PICK_KERNEL=0: not
-        "texture_kernel": texture.USE_KERNEL,  # the texture as one Triton kernel; ARRCOC_TEXTURE_KERNEL=0: not
+        "texture_kernel": texture.USE_KERNEL,  # the texture as Triton kernels; ARRCOC_TEXTURE_KERNEL=0: not
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
         "max_reps": args.reps,
         "results": [],
