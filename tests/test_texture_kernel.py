@@ -1,4 +1,4 @@
-"""The texture's Triton kernel (``arrcoc.stages._texture_triton``): the torch form's six values per patch, each
+"""The texture's Triton kernels (``arrcoc.stages._texture_triton``): the torch form's six values per patch, each
 image's independent of the batch around it, on every patch shape the pipeline builds.
 
 On CPU the kernel runs in Triton's interpreter, in one subprocess (``TRITON_INTERPRET`` must be set before Triton is
