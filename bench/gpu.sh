@@ -19,9 +19,10 @@
 # (bench/sweep_noquery.py, SWEEP_LIMIT seconds, SWEEP_ARGS passed on); ITEM4=1 the chain against the encoder alone at
 # 224 px bf16 batch 64, plain, compiled and head compiled, with the head-compiled-vs-plain agreement and a fresh
 # process's start-up, plain and head compiled.
-# Knobs: TESTS=0 skips the tests, BENCH=0 the benchmark, QUICK=1 runs the benchmark's --quick matrix (full run),
-# STAGES=1 adds the eager stage benchmark (full run), BUDGET=<s> bounds the whole script (final: 300 by default),
-# DRY=1 prints each step and its limit without running it.
+# Knobs: TESTS=0 skips the tests, TEST_FILES="tests/a.py ..." runs only those files' cuda tests, BENCH=0 the
+# benchmark, QUICK=1 runs the benchmark's --quick matrix (full run), STAGES=1 adds the eager stage benchmark (full
+# run), BUDGET=<s> bounds the whole script (final: 300 by default), DRY=1 prints each step and its limit without
+# running it.
 set -uo pipefail
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 OUT="${OUT:-bench/results}"
@@ -52,6 +53,11 @@ step() {  # step NAME SECONDS COMMAND...: run with a time bound, tee the output,
 }
 
 cuda_tests() {  # cuda_tests GRAPHS_LIMIT OTHER_LIMIT: the graph tests first, then every other cuda-marked test
+  if [ -n "${TEST_FILES:-}" ]; then  # only these files' cuda tests, under the second limit
+    step cuda-tests-picked "$2" python3 -m pytest -m cuda -q -p no:cacheprovider -o addopts="" --durations=5 \
+      --junitxml="$OUT/cuda-tests-picked.xml" $TEST_FILES
+    return
+  fi
   step cuda-tests-graphs "$1" python3 -m pytest -m cuda -q -p no:cacheprovider -o addopts="" --durations=15 \
     --junitxml="$OUT/cuda-tests-graphs.xml" tests/test_graphs.py tests/test_graphs_reliability.py
   step cuda-tests-other "$2" python3 -m pytest -m cuda -q -p no:cacheprovider -o addopts="" --durations=5 \

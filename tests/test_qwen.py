@@ -317,6 +317,82 @@ def test_model_generate_reduced_equals_greedy_forward(qwen: tuple, prune_after: 
             positions = torch.cat((positions, positions[..., -1:] + 1), -1)
 
 
+def test_unreduced_is_the_full_budget_without_a_reducer(qwen: tuple) -> None:
+    adapter = _adapter(qwen)
+    images = _images(3)
+    full = adapter.prepare(images, PROMPTS, 1.0)
+    every = adapter.unreduced(images, PROMPTS)
+    for name in ("inputs_embeds", "attention_mask", "position_ids", "input_ids"):
+        assert torch.equal(getattr(every, name), getattr(full, name)), name
+    assert every.budgets == full.budgets and every.reduced[0].relevance is None
+    if full.deepstack is not None:
+        assert all(torch.equal(a, b) for a, b in zip(every.deepstack, full.deepstack, strict=True))
+
+
+@pytest.mark.parametrize("budget", [0.25, 1.0])
+def test_graphed_decoder_generates_the_models_own_tokens(qwen: tuple, budget: float) -> None:
+    """The static-cache decoder (run eagerly on the CPU: the step its graphs capture) reads the 3-D positions and
+    Qwen3-VL's DeepStack as the model does: greedy tokens equal the model's own generate."""
+    adapter = _adapter(qwen)
+    images, prompts = _images(3), PROMPTS
+    prepared = adapter.prepare(images, prompts, budget)
+    expected = adapter.generate_prepared(prepared, max_new_tokens=8, do_sample=False)
+    got = adapter.generate_prepared(prepared, decode="graphed", max_new_tokens=8)
+    assert not adapter.decoder.graphs and torch.equal(got, expected)
+    assert torch.equal(adapter.generate(images, prompts, budget, decode="graphed", max_new_tokens=8), expected)
+    # its first step's logits are the model's, for the true 3-D positions and for the time axis alone on all
+    # three (which changes them beyond the tolerance), with DeepStack and (the model outside ``reading``) without
+    inputs = adapter._decoder_inputs(prepared)
+    embeds, mask, positions = prepared.inputs_embeds, prepared.attention_mask, prepared.position_ids
+    flat = positions[:1].expand_as(positions)
+    with torch.no_grad():
+        with adapter.reading(prepared):
+            want = adapter.model(inputs_embeds=embeds, attention_mask=mask, position_ids=positions).logits[:, -1]
+            want_flat = adapter.model(inputs_embeds=embeds, attention_mask=mask, position_ids=flat).logits[:, -1]
+        bare = adapter.model(inputs_embeds=embeds, attention_mask=mask, position_ids=positions).logits[:, -1]
+    logits = adapter.decoder.prefill_logits(embeds, mask, **inputs)
+    torch.testing.assert_close(logits, want, rtol=1e-5, atol=1e-5)
+    got_flat = adapter.decoder.prefill_logits(embeds, mask, **(inputs | {"position_ids": flat}))
+    torch.testing.assert_close(got_flat, want_flat, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(got_flat, logits, rtol=1e-5, atol=1e-5)
+    if inputs["deepstack"] is not None:
+        without = adapter.decoder.prefill_logits(embeds, mask, **(inputs | {"deepstack": None}))
+        torch.testing.assert_close(without, bare, rtol=1e-5, atol=1e-5)
+        assert not torch.allclose(without, logits, rtol=1e-5, atol=1e-5)
+
+
+def test_graphed_decoder_refuses_bad_positions(qwen: tuple) -> None:
+    adapter = _adapter(qwen)
+    prepared = adapter.prepare(_images(1), PROMPTS[:1], 0.25)
+    with pytest.raises(arrcoc.InvalidInputError, match=r"position_ids must be \(3, 1, \d+\)"):
+        adapter.decoder.generate(
+            prepared.inputs_embeds, prepared.attention_mask, position_ids=prepared.position_ids[:2], max_new_tokens=2
+        )
+    with pytest.raises(arrcoc.InvalidInputError, match="decode must be 'hf' or 'graphed'; got 'x'"):
+        adapter.generate_prepared(prepared, decode="x")
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("family", FAMILIES)
+def test_cuda_graphed_decoder_replays_the_eager_tokens(family: str) -> None:
+    """Prefill and step captured as CUDA graphs give the eager decoder's tokens, on a capture and on a replay."""
+    from arrcoc.integrations.decode import GraphedDecoder
+
+    model, processor = build(family)
+    adapter = ArrcocQwen(model.cuda(), processor, method="arrcoc", template=TEMPLATE)
+    images = _images(3)
+    with torch.no_grad():
+        prepared = adapter.prepare(images, PROMPTS, 0.25)
+        eager = adapter.generate_prepared(prepared, max_new_tokens=16, do_sample=False)
+        first = adapter.generate_prepared(prepared, decode="graphed", max_new_tokens=16)
+        again = adapter.generate_prepared(prepared, decode="graphed", max_new_tokens=16)
+        plain = GraphedDecoder(adapter.language_model, model.get_output_embeddings(), graphs=False)
+    decoder = adapter.decoder
+    assert decoder.graphs and decoder.captures == 2 and all(s.failed is None for s in decoder._states.values())
+    assert torch.equal(first, eager) and torch.equal(again, eager)
+    assert plain.mrope == decoder.mrope
+
+
 # --- graphs -------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("method", ["arrcoc", "divprune"])
 def test_one_graph_per_bucket(qwen: tuple, method: str) -> None:
@@ -1195,6 +1271,20 @@ def test_bench_times_the_pruned_path_beside_the_post_tower_one(tmp_path) -> None
     assert rows.keys() == {(1.0, "every token")} | {(s, p) for s in (0.25, 0.11) for p in ("post-tower", "pruned")}
     assert rows[0.11, "pruned"]["prune_after"] == 0 and rows[0.11, "pruned"]["image_tokens"] == 11
     assert "pruned after block 0" in next(tmp_path.glob("generation-qwen-*.md")).read_text()
+
+
+def test_bench_decodes_every_row_graphed(tmp_path) -> None:
+    """``--decode graphed``: the 100% row and the reduced ones through the static-cache decoder (eager on the CPU),
+    the report named apart from transformers' generate's."""
+    from arrcoc.tools import bench_qwen
+
+    argv = ["--tiny", "--device", "cpu", "--out", str(tmp_path), "--repeats", "1", "--warmups", "0"]
+    assert bench_qwen.main([*argv, "--batches", "1", "--new-tokens", "2", "--decode", "graphed"]) == 0
+    report = json.loads((tmp_path / "generation-qwen-cpu-graphed.json").read_text())
+    assert report["decode"] == "graphed" and not report["errors"]
+    assert [(r["share"], r["decode"]) for r in report["rows"]] == [(s, "graphed") for s in (1.0, 0.25, 0.11)]
+    text = (tmp_path / "generation-qwen-cpu-graphed.md").read_text()
+    assert "through transformers' generate (same vision tower) at batch 1" in text
 
 
 @pytest.mark.parametrize("name", ["generation-qwen-nvidia-h200.json", "generation-qwen-nvidia-h200-batch1.json"])

@@ -1,17 +1,21 @@
 """Graphed decode: a static KV cache and a one-token decode step captured as a CUDA graph.
 
 :class:`GraphedDecoder` runs a Hugging Face Llama-family language model (Llama, Mistral without a sliding
-window, Qwen2/3: RMSNorm, rotary q/k, gated MLP) from ``inputs_embeds``. It reuses the model's own modules
-(embedding, norms, q/k/v/o projections, MLP, rotary embedding, LM head) and owns only what a graph needs:
+window, Qwen2/3, and the language models of Qwen2-VL, Qwen2.5-VL and Qwen3-VL: RMSNorm, rotary q/k, gated MLP)
+from ``inputs_embeds``. It reuses the model's own modules (embedding, norms, q/k/v/o projections, MLP, rotary
+embedding, LM head) and owns only what a graph needs:
 
 - a static KV cache per (batch bucket 1/2/4/8/..., cache length bucket), written in place with
   ``index_copy_`` at a slot held in a tensor, so buffer addresses never move;
-- positions and the write slot as tensors (``pos``, ``slot``), advanced in place after each step;
+- positions and the write slot as tensors (``pos``, ``slot``), advanced in place after each step; a
+  multimodal-rotary model (Qwen-VL) takes the prompt's ``(3, B, T)`` (time, row, column) positions, and each new
+  token continues every axis from the prompt's last position plus one, as the model's own ``generate`` does;
 - a key-validity mask ``(B, L)`` (left padding and unwritten slots are False), so padding never reaches
   attention.
 
 The prefill is captured too, per prompt length (with a fixed budget the length repeats); each decode step
-replays one graph per bucket. On CPU, or with
+replays one graph per bucket. Qwen3-VL's DeepStack features (added to the first layers' hidden states at the image
+positions) enter the prefill as dense ``(n, B, T, H)`` additions, zero off the image. On CPU, or with
 ``graphs=False``, the same step runs eagerly. No host reads happen inside the decode loop: stopping at EOS
 is applied to the finished tensor afterwards (tokens after a row's EOS become the pad id).
 
@@ -70,6 +74,21 @@ def rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return x * cos[:, None] + _rotate_half(x) * sin[:, None]
 
 
+def mrope_section(lm: nn.Module) -> list[int] | None:
+    """The (time, row, column) split of a multimodal-rotary language model's frequencies (Qwen-VL), else ``None``."""
+    section = getattr(getattr(lm, "rotary_emb", None), "mrope_section", None)
+    for name in ("rope_parameters", "rope_scaling"):
+        rope_config = getattr(lm.config, name, None)
+        if section is None and isinstance(rope_config, dict):
+            section = rope_config.get("mrope_section")
+    return None if section is None else [int(s) for s in section]
+
+
+def _sections(freq: Tensor, section: list[int]) -> Tensor:
+    """``(B, T, hd)`` from per-axis ``(3, B, T, hd)``: each frequency band from its own axis (time, row, column)."""
+    return torch.cat([band[i % 3] for i, band in enumerate(freq.split(section * 2, dim=-1))], dim=-1)
+
+
 @dataclass
 class _State:
     """Static buffers of one (batch bucket, cache length): the KV cache, the step's inputs and outputs."""
@@ -78,12 +97,12 @@ class _State:
     values: list[Tensor]
     valid: Tensor  # (Bb, L) bool
     token: Tensor  # (Bb,) int64 the token the next step reads
-    pos: Tensor  # (Bb,) int64 its rotary position
+    pos: Tensor  # (Bb,) int64 its rotary position; (3, Bb) on a multimodal-rotary model
     slot: Tensor  # (1,) int64 the cache slot it is written to
     logits: Tensor | None = None  # (Bb, V) float32 static output of the step
     graph: Any = None  # the captured step
     failed: str | None = None  # why a capture failed (then everything of this state runs eagerly)
-    extra: dict[int, Any] = field(default_factory=dict)  # prompt length -> (prefill graph, inputs, logits)
+    extra: dict[tuple, Any] = field(default_factory=dict)  # prompt key -> (prefill graph, inputs, logits)
 
 
 class GraphedDecoder:
@@ -107,6 +126,8 @@ class GraphedDecoder:
         self.kv_heads = int(getattr(config, "num_key_value_heads", None) or self.heads)
         self.qk_norm = hasattr(first, "q_norm")  # Qwen3-style per-head norms
         self.gqa = {"enable_gqa": True} if self.kv_heads != self.heads else {}
+        self.mrope = mrope_section(lm)  # multimodal rotary: positions (3, B, T)
+        self.axes = 1 if self.mrope is None else 3
         self.device = lm.embed_tokens.weight.device
         self.dtype = lm.embed_tokens.weight.dtype
         self.graphs = (self.device.type == "cuda") if graphs is None else bool(graphs)
@@ -134,6 +155,13 @@ class GraphedDecoder:
         x = x + layer.self_attn.o_proj(attended.transpose(1, 2).flatten(2))  # (B, T, H)
         return x + layer.mlp(layer.post_attention_layernorm(x))
 
+    def _rotary(self, x: Tensor, positions: Tensor) -> tuple[Tensor, Tensor]:
+        """``cos``, ``sin`` ``(B, T, hd)`` at ``positions`` ``(B, T)`` (``(3, B, T)`` multimodal)."""
+        cos, sin = self.lm.rotary_emb(x, positions)
+        if cos.ndim == 4:  # transformers versions that leave the (time, row, column) bands to the attention
+            cos, sin = _sections(cos, self.mrope), _sections(sin, self.mrope)
+        return cos, sin
+
     def _logits(self, x: Tensor) -> Tensor:
         return self.lm_head(self.lm.norm(x)).float()  # (B, V)
 
@@ -149,7 +177,7 @@ class GraphedDecoder:
                 values=[torch.zeros(shape, **kw) for _ in range(n)],
                 valid=torch.zeros(bucket, length, dtype=torch.bool, device=self.device),
                 token=torch.zeros(bucket, dtype=torch.long, device=self.device),
-                pos=torch.zeros(bucket, dtype=torch.long, device=self.device),
+                pos=torch.zeros(self.axes, bucket, dtype=torch.long, device=self.device).squeeze(0),
                 slot=torch.zeros(1, dtype=torch.long, device=self.device),
             )
         return self._states[key]
@@ -160,12 +188,16 @@ class GraphedDecoder:
         self._pool = None
 
     # --- prefill and step -----------------------------------------------------------------------------
-    def _prefill(self, state: _State, embeds: Tensor, mask: Tensor) -> Tensor:
-        """Fill the cache with the prompt; returns the logits after its last token ``(Bb, V)``."""
+    def _prefill(
+        self, state: _State, embeds: Tensor, mask: Tensor, positions: Tensor, deepstack: Tensor | None
+    ) -> Tensor:
+        """Fill the cache with the prompt; returns the logits after its last token ``(Bb, V)``.
+
+        ``positions`` ``(Bb, T)`` (``(3, Bb, T)`` multimodal); ``deepstack`` ``(n, Bb, T, H)`` is added to the
+        hidden states after each of the first ``n`` layers (Qwen3-VL; zero off the image slots)."""
         b, t, _ = embeds.shape
         mask = mask.bool()
-        positions = (mask.long().cumsum(-1) - 1).clamp_min(0)  # (Bb, T) as transformers' generate makes them
-        cos, sin = self.lm.rotary_emb(embeds, positions)
+        cos, sin = self._rotary(embeds, positions)
         causal = torch.ones(t, t, dtype=torch.bool, device=embeds.device).tril()
         eye = torch.eye(t, dtype=torch.bool, device=embeds.device)
         allowed = ((causal & mask[:, None, :]) | eye)[:, None]  # (Bb, 1, T, T); a pad query sees itself only
@@ -176,16 +208,18 @@ class GraphedDecoder:
             state.values[i][:, :, :t].copy_(v)
             attended = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, **self.gqa)
             x = self._finish_layer(layer, x, attended)
+            if deepstack is not None and i < deepstack.shape[0]:
+                x = x + deepstack[i]
         state.valid.zero_()
         state.valid[:, :t].copy_(mask)
-        state.pos.copy_(positions[:, -1] + 1)
+        state.pos.copy_(positions[..., -1] + 1)  # every axis goes on from the prompt's last position
         state.slot.fill_(t)
         return self._logits(x[:, -1])
 
     def _step(self, state: _State) -> Tensor:
         """One decode step on the static buffers: read ``token`` at ``pos``, write the cache at ``slot``."""
         x = self.lm.embed_tokens(state.token)[:, None]  # (Bb, 1, H)
-        cos, sin = self.lm.rotary_emb(x, state.pos[:, None])
+        cos, sin = self._rotary(x, state.pos[..., None])
         state.valid.index_fill_(1, state.slot, True)
         allowed = state.valid[:, None, None, :]  # (Bb, 1, 1, L)
         for i, layer in enumerate(self.lm.layers):
@@ -206,20 +240,24 @@ class GraphedDecoder:
         state.graph.replay()
         return state.logits
 
-    def _run_prefill(self, state: _State, embeds: Tensor, mask: Tensor) -> Tensor:
+    def _run_prefill(
+        self, state: _State, embeds: Tensor, mask: Tensor, positions: Tensor, deepstack: Tensor | None
+    ) -> Tensor:
         """The prefill, replayed as a CUDA graph per prompt length (a fixed budget keeps the length fixed)."""
-        t = embeds.shape[1]
+        inputs = (embeds, mask, positions, deepstack)
         if not self.graphs or state.failed:
-            return self._prefill(state, embeds, mask)
-        if t not in state.extra:
-            inputs = (embeds.clone(), mask.clone())
-            graph, logits = self._capture(lambda: self._prefill(state, *inputs), f"prefill of {t} tokens", state)
-            state.extra[t] = (graph, inputs, logits)
-        graph, (static_embeds, static_mask), logits = state.extra[t]
+            return self._prefill(state, *inputs)
+        key = (embeds.shape[1], None if deepstack is None else deepstack.shape[0])
+        if key not in state.extra:
+            static = tuple(None if x is None else x.clone() for x in inputs)
+            graph, logits = self._capture(lambda: self._prefill(state, *static), f"prefill of {key[0]} tokens", state)
+            state.extra[key] = (graph, static, logits)
+        graph, static, logits = state.extra[key]
         if graph is None:
-            return self._prefill(state, embeds, mask)
-        static_embeds.copy_(embeds)
-        static_mask.copy_(mask)
+            return self._prefill(state, *inputs)
+        for buffer, x in zip(static, inputs):
+            if x is not None:
+                buffer.copy_(x)
         graph.replay()
         return logits
 
@@ -240,6 +278,60 @@ class GraphedDecoder:
             return None, None
 
     @torch.no_grad()
+    def prefill_logits(
+        self,
+        inputs_embeds: Tensor,
+        attention_mask: Tensor,
+        *,
+        position_ids: Tensor | None = None,
+        deepstack: Tensor | None = None,
+    ) -> Tensor:
+        """The next-token logits after each left-padded prompt, ``(B, V)`` float32: :meth:`generate`'s first step
+        (arguments as there), copied out of the graph's static output."""
+        _, logits = self._start(inputs_embeds, attention_mask, 1, position_ids, deepstack)
+        return logits[: inputs_embeds.shape[0]].clone()
+
+    def _start(
+        self,
+        inputs_embeds: Tensor,
+        attention_mask: Tensor,
+        max_new_tokens: int,
+        position_ids: Tensor | None,
+        deepstack: Tensor | None,
+    ) -> tuple[_State, Tensor]:
+        """Checks the prompt, fills the static state of its (batch bucket, cache length), runs the prefill."""
+        if inputs_embeds.ndim != 3 or attention_mask.shape != inputs_embeds.shape[:2]:
+            raise InvalidInputError(
+                f"inputs_embeds must be (B, T, H) and attention_mask (B, T); got "
+                f"{tuple(inputs_embeds.shape)} and {tuple(attention_mask.shape)}"
+            )
+        b, t, h = inputs_embeds.shape
+        want = (b, t) if self.axes == 1 else (3, b, t)
+        if position_ids is not None and tuple(position_ids.shape) not in (want, (b, t)):
+            raise InvalidInputError(
+                f"position_ids must be {want} for this language model; got {tuple(position_ids.shape)}"
+            )
+        if deepstack is not None and (deepstack.ndim != 4 or tuple(deepstack.shape[1:]) != (b, t, h)):
+            raise InvalidInputError(f"deepstack must be (n, {b}, {t}, {h}); got {tuple(deepstack.shape)}")
+        bucket = next((s for s in BATCH_BUCKETS if s >= b), b)
+        length = -(-(t + max_new_tokens) // LENGTH_STEP) * LENGTH_STEP
+        state = self._state(bucket, length)
+        embeds = inputs_embeds.to(self.device, self.dtype)
+        mask = attention_mask.to(self.device)
+        if position_ids is None:  # as transformers' generate counts them
+            position_ids = (mask.long().cumsum(-1) - 1).clamp_min(0)
+        positions = position_ids.to(self.device).expand(*want[:-2], b, t)
+        if deepstack is not None:
+            deepstack = deepstack.to(self.device, self.dtype)
+        if bucket > b:  # filler rows repeat row 0; their tokens are dropped
+            embeds = torch.cat((embeds, embeds[:1].expand(bucket - b, -1, -1)))
+            mask = torch.cat((mask, mask[:1].expand(bucket - b, -1)))
+            positions = torch.cat((positions, positions[..., :1, :].expand(*want[:-2], bucket - b, t)), -2)
+            if deepstack is not None:
+                deepstack = torch.cat((deepstack, deepstack[:, :1].expand(-1, bucket - b, -1, -1)), 1)
+        return state, self._run_prefill(state, embeds, mask, positions, deepstack)
+
+    @torch.no_grad()
     def generate(
         self,
         inputs_embeds: Tensor,
@@ -251,12 +343,18 @@ class GraphedDecoder:
         eos_token_id: int | list[int] | None = None,
         pad_token_id: int = 0,
         generator: torch.Generator | None = None,
+        position_ids: Tensor | None = None,
+        deepstack: Tensor | None = None,
     ) -> Tensor:
         """Decode ``max_new_tokens`` after left-padded prompts.
 
         Args:
             inputs_embeds: ``(B, T, H)`` prompt embeddings, left padded.
             attention_mask: ``(B, T)`` 1 on real tokens.
+            position_ids: the prompt's rotary positions, ``(B, T)``, or ``(3, B, T)`` (time, row, column) on a
+                multimodal-rotary model (Qwen-VL); default: counted along each row's real tokens, on every axis.
+            deepstack: ``(n, B, T, H)`` added to the hidden states after each of the first ``n`` layers during the
+                prefill (Qwen3-VL's DeepStack features at the image slots, zero elsewhere).
             max_new_tokens: tokens to produce per row.
             do_sample: sample from ``softmax(logits / temperature)`` instead of taking the argmax.
             eos_token_id: tokens after a row's first EOS are replaced by ``pad_token_id``.
@@ -264,26 +362,13 @@ class GraphedDecoder:
         Returns:
             ``(B, max_new_tokens)`` int64 token ids.
         """
-        if inputs_embeds.ndim != 3 or attention_mask.shape != inputs_embeds.shape[:2]:
-            raise InvalidInputError(
-                f"inputs_embeds must be (B, T, H) and attention_mask (B, T); got "
-                f"{tuple(inputs_embeds.shape)} and {tuple(attention_mask.shape)}"
-            )
         if max_new_tokens < 1:
             raise InvalidInputError(f"max_new_tokens must be >= 1; got {max_new_tokens}")
         if do_sample and not temperature > 0:
             raise InvalidInputError(f"temperature must be > 0 when sampling; got {temperature}")
-        b, t, _ = inputs_embeds.shape
-        bucket = next((s for s in BATCH_BUCKETS if s >= b), b)
-        length = -(-(t + max_new_tokens) // LENGTH_STEP) * LENGTH_STEP
-        state = self._state(bucket, length)
-        embeds = inputs_embeds.to(self.device, self.dtype)
-        mask = attention_mask.to(self.device)
-        if bucket > b:  # filler rows repeat row 0; their tokens are dropped
-            embeds = torch.cat((embeds, embeds[:1].expand(bucket - b, -1, -1)))
-            mask = torch.cat((mask, mask[:1].expand(bucket - b, -1)))
-        out = torch.empty(bucket, max_new_tokens, dtype=torch.long, device=self.device)
-        logits = self._run_prefill(state, embeds, mask)
+        b = inputs_embeds.shape[0]
+        state, logits = self._start(inputs_embeds, attention_mask, max_new_tokens, position_ids, deepstack)
+        out = torch.empty(state.token.shape[0], max_new_tokens, dtype=torch.long, device=self.device)
         for i in range(max_new_tokens):
             if do_sample:
                 probs = torch.softmax(logits / temperature, -1)

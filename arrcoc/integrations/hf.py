@@ -39,7 +39,7 @@ from ..config import PipelineConfig
 from ..errors import ArrcocError, BudgetError, InvalidInputError, InvalidTypeError
 from ..reducers import ReducedTokens, VisualInput, create_reducer
 from .adapter import check_prompting, expand_prompt, processor_parts, reducer_chain
-from .decode import language_model, rope
+from .decode import GraphedDecoder, language_model, rope
 from .token_positions import add_token_positions
 
 __all__ = ["ArrcocLlava", "Prepared", "raster_order", "word_tokenizer", "main"]
@@ -224,7 +224,7 @@ class ArrcocLlava(nn.Module):
         pad = self.tokenizer.pad_token_id
         self.pad_token_id = int(pad if pad is not None else (self.tokenizer.eos_token_id or 0))
         self.special_ids = frozenset(int(i) for i in getattr(self.tokenizer, "all_special_ids", []))
-        self._decoder: Any = None
+        self._decoder: GraphedDecoder | None = None
 
     # --- set-up helpers ------------------------------------------------------------------------------
     def _normalisation(
@@ -471,11 +471,9 @@ class ArrcocLlava(nn.Module):
         raise InvalidInputError(f"decode must be 'hf' or 'graphed'; got {decode!r}")
 
     @property
-    def decoder(self) -> Any:
+    def decoder(self) -> GraphedDecoder:
         """The :class:`arrcoc.integrations.decode.GraphedDecoder` over this model's language model (built on first use)."""
         if self._decoder is None:
-            from .decode import GraphedDecoder
-
             self._decoder = GraphedDecoder.from_llava(self.model)
         return self._decoder
 

@@ -88,6 +88,7 @@ from ..runtime.graphs import GraphChain
 from ..stages.regions import capacity_of
 from ..stages.texture import TEXTURE_CHANNELS
 from .adapter import check_prompting, expand_prompt, processor_parts, reducer_chain
+from .decode import GraphedDecoder
 from .hf import raster_order
 from .vision_tower import TowerPlan, _compiled, default_prune_after, tower_head, tower_merged, tower_plan, tower_tail
 
@@ -355,6 +356,7 @@ class ArrcocQwen(nn.Module):
         self._chains: dict[tuple, Any] = {}
         self._plans: dict[tuple, TowerPlan] = {}
         self._pool: Any = None
+        self._decoder: GraphedDecoder | None = None
         # transformers >= 5 marks image tokens by type for its own rope index; earlier versions have no such input
         self._mm_types = "mm_token_type_ids" in inspect.signature(model.forward).parameters
 
@@ -509,6 +511,17 @@ class ArrcocQwen(nn.Module):
                 the template.
             budget: as in the class (``None``: the adapter's default).
         """
+        return self._prepare(images, prompts, budget, reduce=True)
+
+    def unreduced(self, images: Any, prompts: str | Sequence[str]) -> QwenPrepared:
+        """The unmodified model's input built the adapter's way, no reducer run: every merged token in its slot at
+        its own position (what :meth:`prepare` gives at the full budget, without its relevance maps). The
+        every-token baseline of :meth:`generate_prepared` and the benchmark."""
+        return self._prepare(images, prompts, 1.0, reduce=False)
+
+    def _prepare(
+        self, images: Any, prompts: str | Sequence[str], budget: int | float | None, reduce: bool
+    ) -> QwenPrepared:
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         device = self.model.get_input_embeddings().weight.device
         pixel_values, grid_thw = self.image_inputs(images)
@@ -541,11 +554,14 @@ class ArrcocQwen(nn.Module):
             query_mask[i, length - len(row) :] = torch.tensor(q)
         ids, mask, query_mask = (_sent(t, device) for t in (ids, mask, query_mask))
         pads = [length - len(r[0]) for r in rows]
-        groups = self._groups(grids, questions, pads, budgets, device)
         embeds = self.model.get_input_embeddings()(ids)  # (B, T, H)
-        rgb = self._rgb(pixel_values, grids) if "pixels" in self.needs else [None] * len(grids)
-        # with pruning the tail makes the kept tokens: the head's own are not gathered
-        reduced = self._reduce_all(groups, features, rgb, embeds, questions, budgets, gather=plan is None)
+        if reduce:
+            groups = self._groups(grids, questions, pads, budgets, device)
+            rgb = self._rgb(pixel_values, grids) if "pixels" in self.needs else [None] * len(grids)
+            # with pruning the tail makes the kept tokens: the head's own are not gathered
+            reduced = self._reduce_all(groups, features, rgb, embeds, questions, budgets, gather=plan is None)
+        else:
+            reduced = [_every_cell(f) for f in features]
         deepstack = None
         if plan is not None:
             reduced, deepstack = self._tower_tail(state, plan, reduced, grids)
@@ -924,17 +940,68 @@ class ArrcocQwen(nn.Module):
 
     @torch.no_grad()
     def generate(
-        self, images: Any, prompts: str | Sequence[str], budget: int | float | None = None, **generate_kwargs: Any
+        self,
+        images: Any,
+        prompts: str | Sequence[str],
+        budget: int | float | None = None,
+        *,
+        decode: str = "hf",
+        **generate_kwargs: Any,
     ) -> Tensor:
-        """The model's own ``generate`` after the prompts (greedy, sampling, ...); returns new ids ``(B, new)``."""
-        prepared = self.prepare(images, prompts, budget)
-        with self.reading(prepared):
-            return self.model.generate(
-                inputs_embeds=prepared.inputs_embeds,
-                attention_mask=prepared.attention_mask,
-                position_ids=prepared.position_ids,
-                **generate_kwargs,
-            )
+        """Generate after the prompts with each image's reduced tokens; returns the new ids ``(B, new)``.
+
+        Args:
+            images, prompts, budget: as in :meth:`prepare`.
+            decode: ``"hf"``: the model's own ``generate`` (greedy, sampling, anything transformers offers);
+                ``"graphed"``: a static KV cache with the prefill and the decode step replayed as CUDA graphs
+                (:meth:`generate_prepared`).
+        """
+        return self.generate_prepared(self.prepare(images, prompts, budget), decode=decode, **generate_kwargs)
+
+    @torch.no_grad()
+    def generate_prepared(self, prepared: QwenPrepared, *, decode: str = "hf", **generate_kwargs: Any) -> Tensor:
+        """Generate after prepared inputs (:meth:`prepare`, :meth:`unreduced`); returns the new ids ``(B, new)``.
+
+        ``decode="graphed"`` runs :class:`arrcoc.integrations.decode.GraphedDecoder` over the language model: the
+        prompt's multimodal positions as given, each new token one past the prompt's last position on every axis
+        (as the model's own ``generate``), Qwen3-VL's DeepStack features added in the prefill at the image slots.
+        It takes ``max_new_tokens``, ``do_sample``, ``temperature``, ``eos_token_id``, ``pad_token_id`` and
+        ``generator``. On a batch-1 7B prefill the language model is launch-bound in transformers' eager forward,
+        so fewer image tokens shorten the time to first token only when the prefill is replayed as a graph
+        (docs/generation.md).
+        """
+        if decode == "hf":
+            with self.reading(prepared):
+                return self.model.generate(
+                    inputs_embeds=prepared.inputs_embeds,
+                    attention_mask=prepared.attention_mask,
+                    position_ids=prepared.position_ids,
+                    **generate_kwargs,
+                )
+        if decode != "graphed":
+            raise InvalidInputError(f"decode must be 'hf' or 'graphed'; got {decode!r}")
+        return self.decoder.generate(
+            prepared.inputs_embeds, prepared.attention_mask, **self._decoder_inputs(prepared), **generate_kwargs
+        )
+
+    def _decoder_inputs(self, prepared: QwenPrepared) -> dict[str, Tensor | None]:
+        """The graphed decoder's ``position_ids`` and ``deepstack``: for Qwen3-VL a dense ``(n, B, T, H)``, the kept
+        tokens' DeepStack features at their slots and zero elsewhere."""
+        deepstack = None
+        if prepared.deepstack is not None:
+            embeds = prepared.inputs_embeds
+            slots = _true_places(prepared.input_ids == self.image_token_id, sum(prepared.budgets))
+            deepstack = embeds.new_zeros(len(prepared.deepstack), embeds.shape[0] * embeds.shape[1], embeds.shape[2])
+            deepstack[:, slots] = torch.stack(prepared.deepstack).to(embeds.dtype)
+            deepstack = deepstack.unflatten(1, embeds.shape[:2])
+        return {"position_ids": prepared.position_ids, "deepstack": deepstack}
+
+    @property
+    def decoder(self) -> GraphedDecoder:
+        """The :class:`arrcoc.integrations.decode.GraphedDecoder` over this model's language model (built on first use)."""
+        if self._decoder is None:
+            self._decoder = GraphedDecoder(self.language_model, self.model.get_output_embeddings())
+        return self._decoder
 
 
 def kept_units(reduced: Sequence[ReducedTokens], grids: Sequence[tuple[int, int]]) -> Tensor:
@@ -956,6 +1023,22 @@ def _image_slots(
     return torch.cat(
         [i * length + pad + row[2] + torch.arange(k) for i, (pad, row, k) in enumerate(zip(pads, rows, counts))]
     )
+
+
+def _every_cell(features: Tensor) -> ReducedTokens:
+    """Every cell of a ``(gh, gw, H)`` grid kept, in raster order, as a reducer would return them."""
+    gh, gw, _ = features.shape
+    on = features.device
+    rows, cols = torch.meshgrid(torch.arange(gh, device=on), torch.arange(gw, device=on), indexing="ij")
+    ones = torch.ones_like(rows)
+    boxes = torch.stack((rows, cols, ones, ones), -1).flatten(0, 1)  # (N, 4)
+    weights = torch.ones(1, gh * gw, device=on)
+    return ReducedTokens(features.flatten(0, 1)[None], boxes[None], weights)
+
+
+def _true_places(mask: Tensor, count: int) -> Tensor:
+    """``(count,)`` the flat indices of ``mask``'s ``count`` True entries, in order, without a host read."""
+    return torch.sort(mask.flatten().long(), descending=True, stable=True).indices[:count]
 
 
 def _sent(tensor: Tensor, device: torch.device) -> Tensor:

@@ -9,6 +9,10 @@ batch 1 and 8:
 - :class:`arrcoc.integrations.qwen.ArrcocQwen` keeping 25% and 11% of each image's tokens, the question
   steering the reducer (``adapter.generate``, transformers' own ``generate`` underneath).
 
+``--decode graphed`` runs every row, the 100% row included (:meth:`ArrcocQwen.unreduced`), through the graphed
+decoder instead (a static KV cache, the prefill and each step replayed as CUDA graphs): transformers' eager
+forward is launch-bound at batch 1, so there the language model's time barely follows the token count.
+
 Time to first token is ``generate(max_new_tokens=1)`` from pixel values on the device to the first token id,
 synchronised: vision tower, arrcoc's reduction (for the reduced rows), prefill. Each row first runs every call it
 times once (compiles and graph captures happen there) and counts the graphs compiled while timing (0 expected). Decode tokens/s per sequence
@@ -205,7 +209,13 @@ def _images(size: tuple[int, int], batch: int) -> list[torch.Tensor]:
 
 
 def _row(
-    adapter: ArrcocQwen, images: list[torch.Tensor], share: float, new: int, measure: Callable, decode: bool = True
+    adapter: ArrcocQwen,
+    images: list[torch.Tensor],
+    share: float,
+    new: int,
+    measure: Callable,
+    decode: bool = True,
+    engine: str = "hf",
 ) -> dict[str, Any]:
     model = adapter.model
     prompts = [QUESTION] * len(images)
@@ -213,7 +223,12 @@ def _row(
     device = model.get_input_embeddings().weight.device
     pixels = {"pixel_values": inputs["pixel_values"].to(device), "image_grid_thw": inputs["image_grid_thw"].to(device)}
     full = share == 1.0
-    if full:
+    if engine == "graphed":  # the same static-cache decoder for every row, 100% included
+
+        def run(n: int) -> Any:
+            prepared = adapter.unreduced(pixels, prompts) if full else adapter.prepare(pixels, prompts, share)
+            return adapter.generate_prepared(prepared, decode="graphed", max_new_tokens=n)
+    elif full:
         reference = adapter.reference_inputs(pixels, prompts)
 
         def run(n: int) -> Any:
@@ -245,12 +260,13 @@ def _row(
         compiled = _compiles() - compiled
     if compiled:
         logger.warning("%d graphs compiled while timing a row (share %s, batch %d)", compiled, share, len(images))
-    decode = total - ttft  # a non-positive difference (noise on a tiny run) gives no rate
-    rate = new * 1e3 / decode if decode > 0 else None
+    elapsed = total - ttft  # a non-positive difference (noise on a tiny run) gives no rate
+    rate = new * 1e3 / elapsed if elapsed > 0 else None
     return {
         "share": share,
         "batch": len(images),
         "path": "every token" if full else "pruned" if pruned else "post-tower",
+        "decode": engine,
         "prune_after": adapter.prune_after if pruned else None,
         "image_tokens": tokens,
         "merged_tokens": grids[0][0] * grids[0][1],
@@ -318,8 +334,14 @@ def _markdown(report: dict[str, Any]) -> str:
         f"{report['image'][1]} x {report['image'][0]} px, {report['new_tokens']} new tokens, median of "
         f"{report['repeats']}, attention `{report['attention']}`, vision tower `{report['vision_tower']}`, relevance head width "
         f"{report.get('score_width') or 'full'}. "
-        "100% is the model reading every token through its own generate; arrcoc's own time (in the time to first "
-        "token) is the adapter's prepare minus the vision tower. Pruned rows reduce inside the tower "
+        + (
+            'Every row decodes with the graphed decoder (`decode="graphed"`: a static KV cache, the prefill and '
+            "each step replayed as CUDA graphs), the 100% row too (`ArrcocQwen.unreduced`: every merged token, no "
+            "reducer); "
+            if report.get("decode") == "graphed"
+            else "100% is the model reading every token through its own generate; "
+        )
+        + "arrcoc's own time (in the time to first token) is the adapter's prepare minus the vision tower. Pruned rows reduce inside the tower "
         "(`ArrcocQwen(prune_after=L)`): their vision ms is the tower's own work at that budget (every patch up to "
         "block L, the rest and the merger on the units prepare keeps, with the index plan, kept per shape as in "
         "prepare), and their arrcoc ms all the adapter adds to it (the merger at block L, the query, the head, "
@@ -379,6 +401,12 @@ def _markdown(report: dict[str, Any]) -> str:
         if unpacked is not None and row is not None:
             targets.append(
                 f"{_path(row)}: against the model's own unpacked 100% at batch 1: {unpacked / row['ttft_ms']:.2f}x"
+            )
+        steps = list(report.get("vision_steps", {}).values())
+        if report.get("decode") == "graphed" and steps and row is not None:  # the same tower, transformers' generate
+            targets.append(
+                f"{_path(row)}: against every token through transformers' generate (same vision tower) at batch 1: "
+                f"{steps[-1]['ttft_ms'] / row['ttft_ms']:.2f}x"
             )
         own = [r["arrcoc_share_of_ttft"] for r in rows]
         if own:
@@ -468,6 +496,13 @@ def _parser() -> argparse.ArgumentParser:
         default=None,
         help="batch sizes (default: the preset's); one per process keeps other batches' shapes out of the compiles",
     )
+    parser.add_argument(
+        "--decode",
+        choices=("hf", "graphed"),
+        default="hf",
+        help="hf: transformers' generate (the 100%% row the model's own); graphed: every row, 100%% included, through "
+        "the static-cache decoder with its prefill and steps replayed as CUDA graphs (ArrcocQwen decode='graphed')",
+    )
     parser.add_argument("--time-limit", type=float, default=130.0, help="seconds; rows past it are skipped")
     return parser
 
@@ -519,6 +554,7 @@ def main(argv: list[str] | None = None) -> int:
         "grid_multiple": args.grid_multiple,
         "attention": attn,
         "vision_tower": args.vision_tower,
+        "decode": args.decode,
         "compiled": False,
         "static_shapes": args.static_shapes,
         "prune_after": None if pruning is None else pruning.prune_after,
@@ -531,6 +567,7 @@ def main(argv: list[str] | None = None) -> int:
         "captures_unbucketed": corpus_captures(1)["captures_per_budget"],
     }
     name = "generation-qwen-" + ("cpu" if device.type == "cpu" else report["device"])
+    name += "-graphed" if args.decode == "graphed" else ""
     measure = _timer(device, warmups=args.warmups, repeats=args.repeats)
     if args.vision_tower == "packed":
         # the reference first: the model's own vision tower, every token, batch 1; then what each change buys
@@ -571,7 +608,7 @@ def main(argv: list[str] | None = None) -> int:
                 report["skipped"].append(label)
                 continue
             try:
-                report["rows"].append(_row(reducer, _images(size, batch), share, new, measure))
+                report["rows"].append(_row(reducer, _images(size, batch), share, new, measure, engine=args.decode))
             except Exception as err:  # recorded, and the next row still runs
                 logger.exception("row %s failed", label)
                 report["errors"][label] = f"{type(err).__name__}: {err}"[:500]
