@@ -21,6 +21,7 @@ from arrcoc.integrations.qwen import (  # noqa: E402
     SCORE_WIDTH,
     ArrcocQwen,
     _box_means,
+    _sent_all,
     graph_buckets,
     kept_units,
     merged_grid,
@@ -429,12 +430,13 @@ def test_the_budget_tensor_path_equals_the_reducer(qwen: tuple) -> None:
         features = adapter.merged_features(pixel_values, grid_thw)
         rgb = adapter._rgb(pixel_values, adapter.merged_grids(grid_thw))
         embeds = torch.randn(2, 6, features[0].shape[-1])
-        (group,) = adapter._groups(adapter.merged_grids(grid_thw), [[1, 2], [3]], [0, 0], [5, 5], embeds.device)
-        visual = adapter._visual(group, features, rgb, embeds, [[1, 2], [3]])
-        got = adapter._reduce_budgets(visual, [5, 5], group.budgets, [f.shape[:2] for f in features])
+        (group,) = adapter._groups(adapter.merged_grids(grid_thw), [[1, 2], [3]], [0, 0], [5, 5])
+        visual = adapter._visual(adapter._group_inputs(group, features, rgb, embeds), narrow=False)
+        capacity, steps = adapter._capacity(group.bucket, [5, 5], [f.shape[:2] for f in features], asked=False)
+        got = adapter._head(visual, group.budgets, capacity, steps)
         expected = adapter.reducer(visual, 5)
-    assert torch.equal(got.positions[:, :5], expected.positions)
-    assert torch.equal(got.tokens[:, :5], expected.tokens)
+    assert torch.equal(got["positions"][:, :5], expected.positions)
+    assert torch.equal(got["tokens"][:, :5], expected.tokens)
 
 
 def test_deepstack_follows_the_kept_tokens() -> None:
@@ -444,6 +446,24 @@ def test_deepstack_follows_the_kept_tokens() -> None:
     got = _box_means(grid, boxes)
     assert torch.equal(got[:, 0], grid[:, 0, 0]) and torch.equal(got[:, 2], grid[:, 3, 4])
     torch.testing.assert_close(got[:, 1], grid[:, 1:3, 1:4].mean((1, 2)))
+
+
+def test_host_tensors_travel_in_one_buffer_and_keep_their_values() -> None:
+    """What ``prepare`` makes on the host goes to the device as one packed buffer: each tensor comes back with its
+    dtype, shape and values, none overlapping another (a write into one leaves the rest)."""
+    tensors = [
+        torch.arange(6).view(2, 3),  # int64
+        torch.tensor([[True, False, True]]),  # bool, 3 bytes: the next starts on an 8-byte boundary
+        torch.rand(2, 3, 5),  # float32
+        torch.zeros(0, dtype=torch.long),  # empty
+        torch.arange(12).view(3, 4).t(),  # not contiguous
+    ]
+    sent = _sent_all(tensors, torch.device("cpu"))
+    for got, want in zip(sent, tensors):
+        assert got.dtype == want.dtype and got.shape == want.shape and torch.equal(got, want)
+    sent[0].fill_(-1)
+    assert all(torch.equal(got, want) for got, want in zip(sent[1:], tensors[1:]))
+    assert sent[1].untyped_storage().data_ptr() == sent[2].untyped_storage().data_ptr()  # one buffer
 
 
 def test_graph_buckets_and_merged_grid() -> None:
@@ -912,12 +932,14 @@ def test_full_width_scoring_is_the_reducer_on_the_full_width_features(wide: tupl
         features = adapter.merged_features(pixel_values, grid_thw)
         rgb = adapter._rgb(pixel_values, adapter.merged_grids(grid_thw))
         embeds = torch.randn(2, 6, 128)
-        (group,) = adapter._groups(adapter.merged_grids(grid_thw), [[1, 2], [3]], [0, 0], [5, 5], embeds.device)
-        visual = adapter._visual(group, features, rgb, embeds, [[1, 2], [3]])
+        (group,) = adapter._groups(adapter.merged_grids(grid_thw), [[1, 2], [3]], [0, 0], [5, 5])
+        visual = adapter._visual(adapter._group_inputs(group, features, rgb, embeds), narrow=False)
         assert visual.features.shape[-1] == 128
-        got = adapter._reduce_budgets(visual, [5, 5], group.budgets, [f.shape[:2] for f in features])
+        capacity, steps = adapter._capacity(group.bucket, [5, 5], [f.shape[:2] for f in features], asked=False)
+        got = adapter._head(visual, group.budgets, capacity, steps)
         expected = adapter.reducer(visual, 5)
-    assert torch.equal(got.positions[:, :5], expected.positions) and torch.equal(got.tokens[:, :5], expected.tokens)
+    assert torch.equal(got["positions"][:, :5], expected.positions)
+    assert torch.equal(got["tokens"][:, :5], expected.tokens)
 
 
 def _scenes(n: int, seed: int) -> list[torch.Tensor]:

@@ -18,16 +18,16 @@ between the question and a kept token exactly as the model learned it; compactin
 closer to the image than any training example put it. It is also what makes the full budget exact, and the
 saving does not depend on it (the KV cache holds ``budget`` tokens either way).
 
-Graphs. The reducer replays as a CUDA graph (:class:`arrcoc.runtime.graphs.GraphChain`) keyed on the merged
-grid rounded up to ``grid_multiple`` per side (the padding marked by ``patch_valid``, so no token stands for
-it), the number of images in that bucket and the query length rounded up to 16. arrcoc's reducers read the
-budgets as a tensor (the relevance head packs each image's tokens into an eighth, a quarter, a half or all of
-the bucket's capacity, the smallest that holds the largest budget), so a share budget, different for every image
-size, does not multiply the graphs (without a question the query-free pick's
-greedy steps, the largest budget rounded up to a power of two, join the key); the baselines fix their output shape by
-the budget, which joins their key. Reducers that pool padding like an image patch (those that do not read
-``patch_valid``: ``uniform``, ``tome``) are keyed on the exact grid. :func:`graph_buckets` counts the
-captures a corpus of sizes costs.
+Graphs. Each group's reduction (the query, the reducer, the raster order and the full-width gather) replays as one
+CUDA graph (:class:`arrcoc.runtime.graphs.GraphChain`) keyed on the merged grid rounded up to ``grid_multiple`` per
+side (the padding marked by ``patch_valid``, so no token stands for it), the number of images in that bucket and
+the query length rounded up to 16. arrcoc's reducers read the budgets as a tensor (the relevance head packs each
+image's tokens into an eighth, a quarter, a half or all of the bucket's capacity, the smallest that holds the
+largest budget), so a share budget, different for every image size, does not multiply the graphs (without a
+question the query-free pick's greedy steps, the largest budget rounded up to a power of two, join the key); the
+baselines fix their output shape by the budget, which joins their key. Reducers that pool padding like an image
+patch (those that do not read ``patch_valid``: ``uniform``, ``tome``) are keyed on the exact grid.
+:func:`graph_buckets` counts the captures a corpus of sizes costs.
 
 Pruning inside the tower (``prune_after=L``). Reducing after the tower leaves the tower itself, most of the
 reduced time to first token, running on every patch. With ``prune_after`` the tower runs its patch embedding and
@@ -89,7 +89,6 @@ from ..stages.regions import capacity_of
 from ..stages.texture import TEXTURE_CHANNELS
 from .adapter import check_prompting, expand_prompt, processor_parts, reducer_chain
 from .decode import GraphedDecoder
-from .hf import raster_order
 from .vision_tower import TowerPlan, _compiled, default_prune_after, tower_head, tower_merged, tower_plan, tower_tail
 
 __all__ = [
@@ -111,9 +110,6 @@ QWEN_MODEL_TYPES = frozenset({"qwen2_vl", "qwen2_5_vl", "qwen3_vl"})
 
 #: Qwen's chat template for one image and one question; ``{image}`` becomes the image pad token.
 QWEN_TEMPLATE = "<|im_start|>user\n<|vision_start|>{image}<|vision_end|>{question}<|im_end|>\n<|im_start|>assistant\n"
-
-#: VisualInput fields a reducer graph takes as static inputs (when present).
-_VISUAL_FIELDS = ("features", "patch_valid", "pixels", "valid", "query", "query_mask")
 
 #: Query tokens are padded (mask False) up to a multiple of this, so question lengths share graphs.
 _QUERY_MULTIPLE = 16
@@ -159,7 +155,7 @@ class QwenPrepared:
 
 @dataclass
 class _Group:
-    """Images that share one reducer graph key, and what the reducer reads from the host, already on the device."""
+    """Images that share one reducer graph key, and what the reducer reads from the host."""
 
     bucket: tuple[int, int]  # the merged grid the images are padded to
     length: int  # query slots
@@ -170,6 +166,10 @@ class _Group:
     rows: Tensor | None  # (n,) int64 the members' prompt rows (with ``where``)
     query_mask: Tensor | None  # (n, length) bool, True on question tokens (with ``where``)
     valid: Tensor  # (n, bh, bw) float32, 1 on each member's own merged grid, 0 on the bucket's padding
+
+
+#: The tensors of a :class:`_Group` made on the host, sent to the device with the prompts.
+_GROUP_TENSORS = ("budgets", "where", "rows", "query_mask", "valid")
 
 
 def merged_grid(
@@ -552,11 +552,20 @@ class ArrcocQwen(nn.Module):
             ids[i, length - len(row) :] = torch.tensor(row)
             mask[i, length - len(row) :] = 1
             query_mask[i, length - len(row) :] = torch.tensor(q)
-        ids, mask, query_mask = (_sent(t, device) for t in (ids, mask, query_mask))
         pads = [length - len(r[0]) for r in rows]
+        slots = _image_slots(rows, pads, length, budgets)  # (sum K,) each kept token's place in (B, T)
+        position_ids, offset = self._text_positions(rows, length, budgets, grids)
+        groups = self._groups(grids, questions, pads, budgets) if reduce else []
+        # everything the host made goes to the device in one copy; the groups' tensors are replaced by theirs
+        fields = [(g, f) for g in groups for f in _GROUP_TENSORS if getattr(g, f) is not None]
+        sent = _sent_all(
+            [ids, mask, query_mask, slots, position_ids, offset, *(getattr(g, f) for g, f in fields)], device
+        )
+        ids, mask, query_mask, slots, position_ids, offset = sent[:6]
+        for (group, field), tensor in zip(fields, sent[6:]):
+            setattr(group, field, tensor)
         embeds = self.model.get_input_embeddings()(ids)  # (B, T, H)
         if reduce:
-            groups = self._groups(grids, questions, pads, budgets, device)
             rgb = self._rgb(pixel_values, grids) if "pixels" in self.needs else [None] * len(grids)
             # with pruning the tail makes the kept tokens: the head's own are not gathered
             reduced = self._reduce_all(groups, features, rgb, embeds, questions, budgets, gather=plan is None)
@@ -565,11 +574,11 @@ class ArrcocQwen(nn.Module):
         deepstack = None
         if plan is not None:
             reduced, deepstack = self._tower_tail(state, plan, reduced, grids)
-        image_tokens = [r.tokens[0] for r in reduced]  # (K_i, H) each
-        counts = [t.shape[0] for t in image_tokens]
-        slots = _sent(_image_slots(rows, pads, length, counts), device)  # (sum K,) each kept token's place in (B, T)
+        image_tokens = [r.tokens[0] for r in reduced]  # (K_i, H) each, K_i = budgets[i]
         embeds.view(-1, embeds.shape[-1])[slots] = torch.cat(image_tokens).to(embeds.dtype)  # the image slots
-        position_ids = self._positions(rows, length, reduced, grids, slots)
+        boxes = torch.cat([out.positions[0] for out in reduced])  # (sum K, 4) row, col, height, width, merged grid
+        centre = offset[:, None] + boxes[:, :2] + (boxes[:, 2:] - 1) // 2  # (sum K, 2) a pooled area: its centre cell
+        position_ids[1:].flatten(1)[:, slots] = centre.t().to(position_ids.dtype)  # the kept tokens' rows, columns
         if deep is not None:  # the kept tokens' DeepStack features, layer by layer, in slot order
             kept = [_box_means(d, r.positions[0]) for d, r in zip(deep, reduced)]  # (L, K_i, H) each
             deepstack = list(torch.cat(kept, 1).unbind(0))
@@ -622,35 +631,26 @@ class ArrcocQwen(nn.Module):
             inputs["mm_token_type_ids"] = (inputs["input_ids"] == self.image_token_id).int()
         return inputs
 
-    def _positions(
+    def _text_positions(
         self,
         rows: list[tuple[list[int], list[bool], int]],
         length: int,
-        reduced: list[ReducedTokens],
+        budgets: list[int],
         grids: list[tuple[int, int]],
-        slots: Tensor,
-    ) -> Tensor:
-        """``(3, B, T)`` positions: text 1-D, kept tokens at their own (time, row, column), text after the image
-        from the full image's ``max(gh, gw)`` on (see the module docstring). ``slots``: every kept token's place in
-        the flattened ``(B, T)``, image by image, on the device.
-
-        Everything but the kept tokens' rows and columns is known on the host and travels in one copy; the rows
-        and columns of every image go in with one write, so the launches do not grow with the batch."""
+    ) -> tuple[Tensor, Tensor]:
+        """``(3, B, T)`` positions made on the host: text 1-D, the text after the image from the full image's
+        ``max(gh, gw)`` on (see the module docstring), each kept token's time; and ``(sum K,)`` each kept token's
+        image start, to which the device adds the token's own row and column once the reducer has chosen it."""
         positions = torch.zeros(3, len(rows), length, dtype=torch.long)
         offsets = []  # per kept token: its image's first position
-        for i, ((row, _, start), out, (gh, gw)) in enumerate(zip(rows, reduced, grids)):
-            pad, k = length - len(row), out.tokens.shape[1]
+        for i, ((row, _, start), k, (gh, gw)) in enumerate(zip(rows, budgets, grids)):
+            pad = length - len(row)
             positions[:, i, pad : pad + start] = torch.arange(start)
             positions[0, i, pad + start : pad + start + k] = start
             after = len(row) - start - k
             positions[:, i, length - after :] = start + max(gh, gw) + torch.arange(after)
             offsets.append(torch.full((k,), start))
-        position_ids = _sent(positions, slots.device)
-        boxes = torch.cat([out.positions[0] for out in reduced])  # (sum K, 4) row, col, height, width, merged grid
-        offset = _sent(torch.cat(offsets), slots.device)
-        centre = offset[:, None] + boxes[:, :2] + (boxes[:, 2:] - 1) // 2  # (sum K, 2) a pooled area: its centre cell
-        position_ids[1:].flatten(1)[:, slots] = centre.t().to(position_ids.dtype)
-        return position_ids
+        return positions, torch.cat(offsets)
 
     def _query(self, grid: Tensor, valid: Tensor, text: Tensor, values: Tensor | None = None) -> Tensor:
         """``(n, L, ·)`` float32 question tokens ``text`` ``(n, L, H)`` as mixtures of each image's merged tokens
@@ -668,14 +668,10 @@ class ArrcocQwen(nn.Module):
         return torch.softmax(cosine / self.query_temperature, dim=-1) @ mixed.float()  # (n, L, H or d)
 
     def _groups(
-        self,
-        grids: list[tuple[int, int]],
-        questions: list[list[int]],
-        pads: list[int],
-        budgets: list[int],
-        device: torch.device,
+        self, grids: list[tuple[int, int]], questions: list[list[int]], pads: list[int], budgets: list[int]
     ) -> list[_Group]:
-        """Images sharing a reducer graph key, with the per-image budgets and question indices on the device."""
+        """Images sharing a reducer graph key, with the per-image budgets, question indices and validity maps made
+        on the host (:meth:`_prepare` sends them with the prompts, in one copy)."""
         keyed: dict[tuple, list[int]] = {}
         for i, ((gh, gw), k) in enumerate(zip(grids, budgets)):
             grid = (_round_up(gh, self.grid_multiple), _round_up(gw, self.grid_multiple)) if self.pads else (gh, gw)
@@ -683,20 +679,18 @@ class ArrcocQwen(nn.Module):
             keyed.setdefault((grid, length, None if self.budget_tensor else k), []).append(i)
         groups = []
         for (bucket, length, k), members in keyed.items():
-            where = rows = query_mask = valid = None
+            where = rows = query_mask = None
             if self.needs & {"query", "query_mask"}:
                 where = torch.zeros(len(members), length, dtype=torch.long)  # (n, L) past each row's left padding
                 query_mask = torch.zeros(len(members), length, dtype=torch.bool)
                 for j, i in enumerate(members):
                     where[j, : len(questions[i])] = torch.tensor(questions[i], dtype=torch.long) + pads[i]
                     query_mask[j, : len(questions[i])] = True
-                where, query_mask = _sent(where, device), _sent(query_mask, device)
-                rows = _sent(torch.tensor(members), device)
+                rows = torch.tensor(members)
             valid = torch.zeros(len(members), *bucket)  # which cells are image depends on the sizes alone
             for j, i in enumerate(members):
                 valid[j, : grids[i][0], : grids[i][1]] = 1
-            valid = _sent(valid, device)
-            tensor = _sent(torch.tensor([budgets[i] for i in members]), device) if self.budget_tensor else None
+            tensor = torch.tensor([budgets[i] for i in members]) if self.budget_tensor else None
             groups.append(_Group(bucket, length, k, members, tensor, where, rows, query_mask, valid))
         return groups
 
@@ -712,11 +706,14 @@ class ArrcocQwen(nn.Module):
     ) -> list[ReducedTokens]:
         """Reduce each image at its own grid; images sharing a graph key run as one batch.
 
-        arrcoc's reducers take the budgets as a tensor (the relevance head allocates per image into a packed
-        capacity of the bucket's cells), so one graph serves every budget of a bucket; the other reducers fix
-        their output shape by the budget, which joins their key. With ``score_width`` the head's tokens are
-        narrow: ``gather`` replaces them with the full-width ``features`` at the chosen cells (``False`` leaves
-        them, for a caller that makes the tokens itself).
+        Each group's whole reduction after its padded inputs (the query mixture, the narrow view, the reducer, the
+        raster order and the full-width gather) is one function of tensors (:meth:`_group_step`), so one CUDA graph
+        replays it: at batch 1 the launches around the reducer, not its work, set arrcoc's own time. arrcoc's
+        reducers take the budgets as a tensor (the relevance head allocates per image into a packed capacity of the
+        bucket's cells), so one graph serves every budget of a bucket; the other reducers fix their output shape by
+        the budget, which joins their key. With ``score_width`` the head's tokens are narrow: ``gather`` replaces
+        them with the full-width features at the chosen cells (``False`` leaves them, for a caller that makes the
+        tokens itself).
         """
         results: list[ReducedTokens | None] = [None] * len(features)
         for group in groups:
@@ -724,43 +721,40 @@ class ArrcocQwen(nn.Module):
             # the query-free pick runs only for images without a question: none when every image has one
             asked = self.budget_tensor and self.reducer.read_query and all(questions[i] for i in members)
             narrow = self._score_projection is not None and (asked or self._narrow_unasked)
-            visual = self._visual(group, features, rgb, embeds, questions, narrow)
+            inputs = self._group_inputs(group, features, rgb, embeds)
+            # shapes only, on the host: the model's own tower made the features (no read-back)
+            check_visual(
+                VisualInput(inputs["features"], patch_valid=inputs["patch_valid"], pixels=inputs.get("pixels")),
+                values=False,
+            )
             if group.budgets is None:
-                out = self.reduce(visual, group.budget)
                 kept = [group.budget] * len(members)
+                name: tuple = ("reducer", group.budget)
+                step = self._group_step(group.bucket, narrow, gather, budget=group.budget)
             else:
                 kept = [budgets[i] for i in members]
-                out = self._reduce_budgets(visual, kept, group.budgets, [features[i].shape[:2] for i in members], asked)
-            for j, i in enumerate(members):
-                one = ReducedTokens(
+                capacity, steps = self._capacity(group.bucket, kept, [features[i].shape[:2] for i in members], asked)
+                name = ("head", capacity, steps)
+                step = self._group_step(group.bucket, narrow, gather, capacity=capacity, steps=steps)
+            out = self._run((*name, narrow, gather), step, inputs)
+            for j, i in enumerate(members):  # views of the group's output: its first kept[j] tokens are image i's
+                results[i] = ReducedTokens(
                     out.tokens[j : j + 1, : kept[j]],
                     out.positions[j : j + 1, : kept[j]],
                     out.weights[j : j + 1, : kept[j]],
                     None if out.relevance is None else out.relevance[j : j + 1],
                     None if out.allocation is None else out.allocation[j : j + 1],
                 )
-                one = raster_order(one, group.bucket[1])
-                if gather and narrow:  # each token one cell: the cell's full-width features
-                    cells = one.positions[0]  # (K, 4)
-                    one = dataclasses.replace(one, tokens=features[i][cells[:, 0], cells[:, 1]][None])  # (1, K, H)
-                results[i] = one
         return results  # type: ignore[return-value]
 
-    def _visual(
-        self,
-        group: _Group,
-        features: list[Tensor],
-        rgb: list[Tensor | None],
-        embeds: Tensor,
-        questions: list[list[int]],
-        narrow: bool = False,
-    ) -> VisualInput:
-        """One bucket's batch: grids zero-padded to the bucket with ``patch_valid`` 0 on the padding.
+    def _group_inputs(
+        self, group: _Group, features: list[Tensor], rgb: list[Tensor | None], embeds: Tensor
+    ) -> dict[str, Tensor]:
+        """One bucket's graph inputs: the full-width grids zero-padded to the bucket (``features``), their
+        validity (``patch_valid``, 0 on the padding), their pixels where the reducer reads them, the question
+        tokens (``text``, ``query_mask``) where it reads a query, and the budgets of arrcoc's reducers.
 
-        Per image only the copies into the padded batch; the validity maps come from the host with the group, and
-        the query is one batched computation for the whole group. ``narrow``: the grid and the query (made at
-        full width) go through the ``score_width`` projection, and the head reads ``(n, bh, bw, d)``.
-        """
+        Per image only the copies into the padded batch; everything else comes with the group."""
         (bh, bw), members = group.bucket, group.members
         first = features[members[0]]
         n, h = len(members), first.shape[-1]
@@ -768,54 +762,57 @@ class ArrcocQwen(nn.Module):
         for j, i in enumerate(members):
             gh, gw = features[i].shape[:2]
             grid[j, :gh, :gw] = features[i]
-        visual = VisualInput(features=grid)
-        if "patch_valid" in self.needs:
-            visual.patch_valid = group.valid
+        inputs = {"features": grid, "patch_valid": group.valid}
         if "pixels" in self.needs:
             cell = self.texture_cell
             pixels = first.new_zeros(n, 3, bh * cell, bw * cell, dtype=torch.float32)
             for j, i in enumerate(members):
                 _, ph, pw = rgb[i].shape
                 pixels[j, :, :ph, :pw] = rgb[i]
-            visual.pixels = pixels
-            # each image's pixels cover its merged grid exactly, ``cell`` pixels a side per merged token
-            cells = group.valid[:, :, None, :, None].expand(n, bh, cell, bw, cell)
-            visual.valid = cells.reshape(n, 1, bh * cell, bw * cell)
-        narrowed = grid @ self._score_projection.to(grid.dtype) if narrow else None  # (n, bh, bw, d), padding 0
+            inputs["pixels"] = pixels
         if group.where is not None:
-            text = embeds[group.rows[:, None], group.where]  # (n, L, H) the question tokens (any past them: masked)
-            visual.query = self._query(grid, group.valid, text, narrowed) * group.query_mask[..., None]
-            visual.query_mask = group.query_mask
+            # (n, L, H) the question tokens (any past them: masked)
+            inputs["text"] = embeds[group.rows[:, None], group.where]
+            inputs["query_mask"] = group.query_mask
+        if group.budgets is not None:
+            inputs["budget"] = group.budgets
+        return inputs
+
+    def _visual(self, state: dict[str, Tensor], narrow: bool) -> VisualInput:
+        """What the reducer reads, from a group's inputs (:meth:`_group_inputs`): the pixels' validity at pixel
+        resolution, the query mixed from the merged tokens (:meth:`_query`) and, with ``narrow``, the grid and the
+        query through the ``score_width`` projection (the head then reads ``(n, bh, bw, d)``). Tensors in, tensors
+        out: part of the group's graph."""
+        grid, valid = state["features"], state["patch_valid"]
+        n, bh, bw, _ = grid.shape
+        visual = VisualInput(features=grid)
+        if "patch_valid" in self.needs:
+            visual.patch_valid = valid
+        if "pixels" in state:
+            cell = self.texture_cell
+            visual.pixels = state["pixels"]
+            # each image's pixels cover its merged grid exactly, ``cell`` pixels a side per merged token
+            visual.valid = valid[:, :, None, :, None].expand(n, bh, cell, bw, cell).reshape(n, 1, bh * cell, bw * cell)
+        narrowed = grid @ self._score_projection.to(grid.dtype) if narrow else None  # (n, bh, bw, d), padding 0
+        if "text" in state:
+            visual.query = self._query(grid, valid, state["text"], narrowed) * state["query_mask"][..., None]
+            visual.query_mask = state["query_mask"]
         if narrowed is not None:  # the head's narrow view
             visual.features = narrowed
         return visual
 
-    def reduce(self, visual: VisualInput, budget: int) -> ReducedTokens:
-        """The reducer on ``visual`` (``budget`` tokens per image), replayed as a CUDA graph where
-        ``reducer_graphs`` allows (see the class)."""
-        inputs = {f: getattr(visual, f) for f in _VISUAL_FIELDS if getattr(visual, f) is not None}
+    def _capacity(
+        self, bucket: tuple[int, int], budgets: list[int], grids: list[tuple[int, int]], asked: bool
+    ) -> tuple[int, int]:
+        """arrcoc's reducers on a bucket: ``(C, steps)``. Tokens are packed kept-first into ``C`` = the smallest of
+        1/8, 1/4, 1/2 or all of the bucket's capacity that holds every budget, so the graph's key holds that step,
+        not the budget. The query-free pick's greedy steps (``BalanceConfig.pick``) are the largest budget rounded
+        up to a power of two (which joins the key), or none when every image is ``asked`` a question.
 
-        def run(state: dict[str, Tensor]) -> dict[str, Tensor]:
-            out = self.reducer(VisualInput(**{k: state[k] for k in inputs}), budget)
-            return {k: v for k, v in vars(out).items() if v is not None}
-
-        return self._run(("reducer", budget), run, inputs)
-
-    def _reduce_budgets(
-        self,
-        visual: VisualInput,
-        budgets: list[int],
-        budget_tensor: Tensor,
-        grids: list[tuple[int, int]],
-        asked: bool = False,
-    ) -> ReducedTokens:
-        """arrcoc's relevance head with per-image ``budgets`` as a tensor: tokens ``(B, C, D)`` packed kept-first
-        into ``C`` = the smallest of 1/8, 1/4, 1/2 or all of the bucket's capacity that holds every budget, so the
-        graph's key holds that step, not the budget. The query-free pick's greedy steps
-        (``BalanceConfig.pick``) are the largest budget rounded up to a power of two (which joins the key), or
-        none when every image is ``asked`` a question."""
-        reducer, cfg = self.reducer, self.reducer.config
-        check_visual(visual, values=False)  # the model's own tower made the features: no read-back
+        Raises:
+            BudgetError: a budget is above its image's token capacity.
+        """
+        cfg = self.reducer.config
         for i, ((gh, gw), k) in enumerate(zip(grids, budgets)):
             limit = capacity_of((gh, gw), cfg.region_size, cfg.max_tokens)
             if k > limit:
@@ -823,51 +820,80 @@ class ArrcocQwen(nn.Module):
                     f"budget {k} of image {i} is above {limit}, the token capacity of its {gh}x{gw} "
                     f"merged grid under max_tokens={cfg.max_tokens}"
                 )
-        full = capacity_of(visual.grid, cfg.region_size, cfg.max_tokens)
-        # The packed output's slots: the smallest of 1/8, 1/4, 1/2 or all of the bucket's capacity that holds the
-        # largest budget. Packing all of it wrote and converted every cell's token where a share keeps a few; a
-        # share budget lands on one step for every grid of a bucket, so the ladder rarely adds a capture.
+        full = capacity_of(bucket, cfg.region_size, cfg.max_tokens)
+        # A share budget lands on one step for every grid of a bucket, so the ladder rarely adds a capture; packing
+        # all of the capacity would write and convert every cell's token where a share keeps a few.
         capacity = next((full // d for d in (8, 4, 2) if max(budgets) <= full // d), full)
-        picks = reducer.head.pick != "off" and not asked
+        picks = self.reducer.head.pick != "off" and not asked
         steps = min(capacity, 1 << (max(budgets) - 1).bit_length()) if picks else 0
-        inputs = {f: getattr(visual, f) for f in _VISUAL_FIELDS if getattr(visual, f) is not None}
-        inputs["budget"] = budget_tensor
-        read_query = reducer.read_query and "query" in inputs
+        return capacity, steps
+
+    def _group_step(
+        self,
+        bucket: tuple[int, int],
+        narrow: bool,
+        gather: bool,
+        *,
+        budget: int | None = None,
+        capacity: int = 0,
+        steps: int = 0,
+    ) -> Any:
+        """A group's reduction as one function of its inputs (:meth:`_group_inputs`) -> the reducer's outputs in
+        raster order: a baseline keeps ``budget`` tokens; arrcoc's relevance head (``budget=None``) reads the
+        per-image budgets as a tensor and packs them kept-first into ``capacity`` slots, with ``steps`` greedy pick
+        steps (:meth:`_capacity`). With ``narrow`` and ``gather`` the tokens are the full-width features at the
+        chosen cells."""
+        reducer, (bh, bw) = self.reducer, bucket
 
         def run(state: dict[str, Tensor]) -> dict[str, Tensor]:
-            features = state["features"].float()
-            b, gh, gw, d = features.shape
-            texture = (
-                reducer.texture(state["pixels"].float(), state["valid"].float(), (gh, gw))
-                if "pixels" in state
-                else features.new_zeros(b, gh, gw, len(TEXTURE_CHANNELS))
-            )  # (B, gh, gw, 6)
-            if read_query:
-                query, query_mask = state["query"].float(), state["query_mask"]
+            visual = self._visual(state, narrow)
+            if budget is not None:
+                out = {k: v for k, v in vars(reducer(visual, budget)).items() if v is not None}
             else:
-                query, query_mask = (
-                    features.new_zeros(b, 1, d),
-                    torch.zeros(b, 1, dtype=torch.bool, device=features.device),
-                )
-            out = reducer.head(
-                features,
-                texture,
-                state["patch_valid"].float(),
-                query,
-                query_mask,
-                state["budget"],
-                capacity,
-                pick_steps=steps,
-            )
-            return {
-                "tokens": out["tokens"].to(state["features"].dtype),
-                "positions": out["positions"],
-                "weights": out["weights"],
-                "relevance": out["relevance"],
-                "allocation": out["allocation"],
-            }
+                out = self._head(visual, state["budget"], capacity, steps)
+            # raster order of each token's top-left cell; past an image's budget (the head's packed slots) last
+            key = out["positions"][..., 0] * bw + out["positions"][..., 1]  # (n, K)
+            if budget is None:
+                slot = torch.arange(key.shape[1], device=key.device)
+                key = torch.where(slot < state["budget"][:, None], key, bh * bw)
+            order = torch.sort(key, dim=-1, stable=True).indices  # (n, K)
+            positions = out["positions"].gather(1, order[..., None].expand_as(out["positions"]))
+            tokens = out["tokens"]
+            if gather and narrow:  # each token one cell: the cell's full-width features
+                cells = positions[..., 0] * bw + positions[..., 1]  # (n, K)
+                grid = state["features"].flatten(1, 2)  # (n, bh * bw, H)
+                tokens = grid.gather(1, cells[..., None].expand(-1, -1, grid.shape[-1]))
+            else:
+                tokens = tokens.gather(1, order[..., None].expand_as(tokens))
+            return {**out, "tokens": tokens, "positions": positions, "weights": out["weights"].gather(1, order)}
 
-        return self._run(("head", capacity, steps), run, inputs)
+        return run
+
+    def _head(self, visual: VisualInput, budget: Tensor, capacity: int, steps: int) -> dict[str, Tensor]:
+        """arrcoc's relevance head on ``visual`` with per-image ``budget`` ``(n,)``: tokens ``(n, capacity, d)``
+        packed kept-first, in the features' dtype."""
+        reducer = self.reducer
+        features = visual.features.float()
+        b, gh, gw, d = features.shape
+        texture = (
+            reducer.texture(visual.pixels.float(), visual.valid.float(), (gh, gw))
+            if visual.pixels is not None
+            else features.new_zeros(b, gh, gw, len(TEXTURE_CHANNELS))
+        )  # (B, gh, gw, 6)
+        if reducer.read_query and visual.query is not None:
+            query, query_mask = visual.query.float(), visual.query_mask
+        else:
+            query, query_mask = features.new_zeros(b, 1, d), torch.zeros(b, 1, dtype=torch.bool, device=features.device)
+        out = reducer.head(
+            features, texture, visual.patch_valid.float(), query, query_mask, budget, capacity, pick_steps=steps
+        )
+        return {
+            "tokens": out["tokens"].to(visual.features.dtype),
+            "positions": out["positions"],
+            "weights": out["weights"],
+            "relevance": out["relevance"],
+            "allocation": out["allocation"],
+        }
 
     def _run(self, name: tuple, fn: Any, inputs: dict[str, Tensor]) -> ReducedTokens:
         """``fn(inputs)``, replayed as a CUDA graph keyed on ``name`` and the inputs' shapes where allowed."""
@@ -1041,12 +1067,19 @@ def _true_places(mask: Tensor, count: int) -> Tensor:
     return torch.sort(mask.flatten().long(), descending=True, stable=True).indices[:count]
 
 
-def _sent(tensor: Tensor, device: torch.device) -> Tensor:
-    """A host-made ``tensor`` on ``device``; to a GPU from pinned memory, so that the copy queues behind the work
-    already launched (the vision tower) instead of the host waiting for it."""
-    if device.type != "cuda":
-        return tensor.to(device)
-    return tensor.pin_memory().to(device, non_blocking=True)
+def _sent_all(tensors: Sequence[Tensor], device: torch.device) -> list[Tensor]:
+    """Host-made ``tensors`` on ``device`` in one copy: their bytes packed (each at an 8-byte boundary) into one
+    buffer, pinned for a GPU so that the copy queues behind the work already launched (the vision tower) instead
+    of the host waiting for it, and viewed back with their own dtypes and shapes (no kernel per tensor)."""
+    flat = [t.contiguous().view(-1).view(torch.uint8) for t in tensors]
+    starts = [0]
+    for b in flat:
+        starts.append(starts[-1] + -(-b.numel() // 8) * 8)
+    buffer = torch.empty(starts[-1], dtype=torch.uint8, pin_memory=device.type == "cuda")
+    for b, start in zip(flat, starts):
+        buffer[start : start + b.numel()] = b
+    buffer = buffer.to(device, non_blocking=True)
+    return [buffer[start : start + b.numel()].view(t.dtype).view(t.shape) for t, b, start in zip(tensors, flat, starts)]
 
 
 def _tower_outputs(out: Any) -> tuple[Tensor, list[Tensor] | None]:
