@@ -87,7 +87,7 @@ from ..reducers import ArrcocReducer, ReducedTokens, VisualInput, check_visual, 
 from ..runtime.graphs import GraphChain
 from ..stages.regions import capacity_of
 from ..stages.texture import TEXTURE_CHANNELS
-from .adapter import check_prompting, expand_prompt, processor_parts, reducer_chain
+from .adapter import REDUCER_OUTPUTS, check_prompting, expand_prompt, processor_parts, reducer_chain
 from .decode import GraphedDecoder
 from .vision_tower import TowerPlan, _compiled, default_prune_after, tower_head, tower_merged, tower_plan, tower_tail
 
@@ -848,7 +848,8 @@ class ArrcocQwen(nn.Module):
         def run(state: dict[str, Tensor]) -> dict[str, Tensor]:
             visual = self._visual(state, narrow)
             if budget is not None:
-                out = {k: v for k, v in vars(reducer(visual, budget)).items() if v is not None}
+                kept = reducer(visual, budget)
+                out = {k: getattr(kept, k) for k in REDUCER_OUTPUTS if getattr(kept, k) is not None}
             else:
                 out = self._head(visual, state["budget"], capacity, steps)
             # raster order of each token's top-left cell; past an image's budget (the head's packed slots) last
