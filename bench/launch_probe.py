@@ -6,7 +6,7 @@ counted on the CPU (issue 23: at batch 1 those launches, not their work, set arr
 The benchmark's tiny Qwen2.5-VL (``bench_qwen`` preset ``tiny``, tower packed) on 1,280 x 960 images at 11%, with
 the question and without, after the tower and pruned after block 1, at batch 1 and 8. A dispatch mode follows
 every tensor that would live on the GPU (the model's weights, the pixels, what the host sends) through each aten
-op and counts the ops on them that are not views: what a CUDA run launches. The tower and the group's reducer
+op and counts the ops on them that make new memory or write in place (not views): what a CUDA run launches. The tower and the group's reducer
 step (``ArrcocQwen._run``: one graph replay on a GPU) are not counted; the host's copies to the device are
 counted apart. Writes ``qwen-prepare-launches-cpu.md`` (appending a section per run, headed by the commit).
 """
@@ -28,12 +28,6 @@ from arrcoc.integrations import qwen as Q
 from arrcoc.integrations.vision_tower import pack_vision_tower
 from arrcoc.tools.bench_qwen import QUESTION, _images, build_qwen, qwen_adapter
 
-#: Ops that only make a view (no kernel on a GPU).
-VIEWS = frozenset(
-    "view _unsafe_view slice select unsqueeze squeeze expand transpose permute t alias unbind split "
-    "split_with_sizes detach as_strided unflatten lift_fresh _reshape_alias diagonal unfold narrow".split()
-)
-
 
 def _mark(value: Any) -> Any:
     for t in tree_flatten(value)[0]:
@@ -54,10 +48,15 @@ class _Launches(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        if any(getattr(t, "_on_device", False) for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)):
+        tensors = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
+        if any(getattr(t, "_on_device", False) for t in tensors):
             _mark(out)
             name = func.overloadpacket.__name__
-            if not self.skipped and name not in VIEWS:
+            # a view shares its input's memory and launches nothing; an in-place op shares it and launches
+            memory = {t.untyped_storage().data_ptr() for t in tensors}
+            made = [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
+            view = bool(made) and all(t.untyped_storage().data_ptr() in memory for t in made)
+            if not self.skipped and (name.endswith("_") or not view):
                 self.ops[name] += 1
         return out
 
@@ -133,6 +132,7 @@ def main() -> int:
                 top = ", ".join(f"{k} {v}" for k, v in ops.most_common(4))
                 lines.append(f"| {path} | {batch} | {'yes' if question else 'no'} | {launches} | {copies} | {top} |")
                 print(lines[-1], flush=True)
+    Path(args.out).mkdir(parents=True, exist_ok=True)
     out = Path(args.out) / "qwen-prepare-launches-cpu.md"
     if not out.exists():
         out.write_text(
