@@ -8,14 +8,16 @@ the question and without, after the tower and pruned after block 1, at batch 1 a
 every tensor that would live on the GPU (the model's weights, the pixels, what the host sends) through each aten
 op and counts the ops on them that make new memory or write in place (not views): what a CUDA run launches. The tower and the group's reducer
 step (``ArrcocQwen._run``: one graph replay on a GPU) are not counted; the host's copies to the device are
-counted apart. Writes ``qwen-prepare-launches-cpu.md`` (appending a section per run, headed by the commit).
+counted apart. Also the host's own milliseconds (:func:`host_ms`). Writes ``qwen-prepare-launches-cpu.md`` (appending a section per run, headed by the commit).
 """
 
 from __future__ import annotations
 
 import argparse
 import functools
+import statistics
 import subprocess
+import time
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -113,6 +115,44 @@ def count(prune_after: str | None, batch: int, question: bool) -> tuple[int, int
     return sum(mode.ops.values()), mode.copies, mode.ops
 
 
+def host_ms(prune_after: int | None, calls: int = 300) -> float:
+    """Median host milliseconds of one ``prepare`` outside the tower and the reducer step, at batch 1 on a
+    170 x 150 image (little compute: the host's own work). On the CPU the host's copies to the device are free."""
+    model = build_qwen("tiny", torch.device("cpu"), torch.float32)
+    pack_vision_tower(model)
+    adapter = qwen_adapter(model, "arrcoc", 8, prune_after=prune_after)
+    spent = [0.0]
+
+    def timed(owner: Any, name: str) -> None:
+        fn = getattr(owner, name)
+
+        @functools.wraps(fn)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            start = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                spent[0] += time.perf_counter() - start
+
+        setattr(owner, name, wrapper)
+
+    timed(adapter, "_run")
+    timed(adapter, "_image_features")
+    for name in ("tower_head", "tower_merged", "tower_tail"):
+        timed(Q, name)
+    inputs = adapter.image_processor(images=_images((150, 170), 1), return_tensors="pt")
+    pixels = {"pixel_values": inputs["pixel_values"], "image_grid_thw": inputs["image_grid_thw"]}
+    times = []
+    with torch.inference_mode():
+        for call in range(calls + 50):
+            spent[0] = 0.0
+            start = time.perf_counter()
+            adapter.prepare(pixels, [QUESTION], 0.11)
+            if call >= 50:  # after a warm-up
+                times.append(time.perf_counter() - start - spent[0])
+    return 1e3 * statistics.median(times)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default="bench/results")
@@ -133,6 +173,12 @@ def main() -> int:
                 lines.append(f"| {path} | {batch} | {'yes' if question else 'no'} | {launches} | {copies} | {top} |")
                 print(lines[-1], flush=True)
     Path(args.out).mkdir(parents=True, exist_ok=True)
+    hosts = [f"{host_ms(p):.2f}" for p in (None, 1)]
+    lines.append(
+        f"\nHost ms outside the tower and the reducer step, batch 1, 170 x 150 px (median of 300): {hosts[0]} "
+        f"after the tower, {hosts[1]} pruned."
+    )
+    print(lines[-1], flush=True)
     out = Path(args.out) / "qwen-prepare-launches-cpu.md"
     if not out.exists():
         out.write_text(

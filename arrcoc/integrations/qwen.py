@@ -1072,15 +1072,16 @@ def _sent_all(tensors: Sequence[Tensor], device: torch.device) -> list[Tensor]:
     """Host-made ``tensors`` on ``device`` in one copy: their bytes packed (each at an 8-byte boundary) into one
     buffer, pinned for a GPU so that the copy queues behind the work already launched (the vision tower) instead
     of the host waiting for it, and viewed back with their own dtypes and shapes (no kernel per tensor)."""
-    flat = [t.contiguous().view(-1).view(torch.uint8) for t in tensors]
-    starts = [0]
-    for b in flat:
-        starts.append(starts[-1] + -(-b.numel() // 8) * 8)
-    buffer = torch.empty(starts[-1], dtype=torch.uint8, pin_memory=device.type == "cuda")
-    for b, start in zip(flat, starts):
-        buffer[start : start + b.numel()] = b
-    buffer = buffer.to(device, non_blocking=True)
-    return [buffer[start : start + b.numel()].view(t.dtype).view(t.shape) for t, b, start in zip(tensors, flat, starts)]
+    parts, sizes, gap = [], [], torch.zeros(8, dtype=torch.uint8)
+    for t in tensors:  # each tensor's bytes, then the padding to the next 8-byte boundary (possibly none)
+        data = t.contiguous().view(-1).view(torch.uint8)
+        pad = gap[: -data.numel() % 8]
+        parts += [data, pad]
+        sizes += [data.numel(), pad.numel()]
+    buffer = torch.empty(sum(sizes), dtype=torch.uint8, pin_memory=device.type == "cuda")
+    torch.cat(parts, out=buffer)
+    chunks = buffer.to(device, non_blocking=True).split(sizes)[::2]
+    return [c.view(t.dtype).view(t.shape) for c, t in zip(chunks, tensors)]
 
 
 def _tower_outputs(out: Any) -> tuple[Tensor, list[Tensor] | None]:
