@@ -859,13 +859,12 @@ class ArrcocQwen(nn.Module):
                 key = torch.where(slot < state["budget"][:, None], key, bh * bw)
             order = torch.sort(key, dim=-1, stable=True).indices  # (n, K)
             positions = out["positions"].gather(1, order[..., None].expand_as(out["positions"]))
-            tokens = out["tokens"]
             if gather and narrow:  # each token one cell: the cell's full-width features
                 cells = positions[..., 0] * bw + positions[..., 1]  # (n, K)
                 grid = state["features"].flatten(1, 2)  # (n, bh * bw, H)
                 tokens = grid.gather(1, cells[..., None].expand(-1, -1, grid.shape[-1]))
             else:
-                tokens = tokens.gather(1, order[..., None].expand_as(tokens))
+                tokens = out["tokens"].gather(1, order[..., None].expand_as(out["tokens"]))
             return {**out, "tokens": tokens, "positions": positions, "weights": out["weights"].gather(1, order)}
 
         return run
