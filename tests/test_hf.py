@@ -12,8 +12,8 @@ transformers = pytest.importorskip("transformers")
 pytest.importorskip("tokenizers")
 
 from arrcoc.integrations.decode import GraphedDecoder  # noqa: E402
-from arrcoc.integrations.hf import ArrcocLlava, main, word_tokenizer  # noqa: E402
-from arrcoc.reducers import list_reducers  # noqa: E402
+from arrcoc.integrations.hf import ArrcocLlava, main, raster_order, word_tokenizer  # noqa: E402
+from arrcoc.reducers import ReducedTokens, list_reducers  # noqa: E402
 
 WORDS = "USER ASSISTANT : what colour is the box left of red green blue a shape ? which side".split()
 IMAGE_ID = 4
@@ -461,3 +461,17 @@ def test_reducer_cuda_graph_equals_direct_call(method: str) -> None:
             torch.testing.assert_close(got.inputs_embeds, expected.inputs_embeds)
             assert torch.equal(got.reduced.positions, expected.reduced.positions)
     assert [chain is not False for chain in graphed._chains.values()] == [True]
+
+
+def test_raster_order_keeps_the_slots_past_each_budget_last() -> None:
+    """Tokens packed kept-first: each row's first ``kept`` tokens in raster order, the slots past them (zero boxes,
+    which would otherwise sort first) after them in their own order."""
+    positions = torch.tensor([[[1, 2], [0, 3], [0, 0], [0, 0]], [[2, 0], [1, 1], [0, 1], [0, 0]]])
+    boxes = torch.cat((positions, torch.ones_like(positions)), -1)  # (2, 4, 4)
+    tokens = torch.arange(8.0).view(2, 4, 1)
+    reduced = ReducedTokens(tokens, boxes, torch.tensor([[1.0, 1, 0, 0], [1, 1, 1, 0]]))
+    got = raster_order(reduced, 4, kept=torch.tensor([2, 3]))
+    assert got.tokens.flatten().tolist() == [1, 0, 2, 3, 6, 5, 4, 7]
+    assert got.weights.tolist() == [[1, 1, 0, 0], [1, 1, 1, 0]]
+    unmasked = raster_order(reduced, 4)  # every slot ordered: the zero boxes come first
+    assert unmasked.tokens.flatten().tolist() == [2, 3, 1, 0, 7, 6, 5, 4]

@@ -75,7 +75,7 @@ class Prepared:
     image_tokens: Tensor
 
 
-def raster_order(reduced: ReducedTokens, grid_width: int) -> ReducedTokens:
+def raster_order(reduced: ReducedTokens, grid_width: int, kept: Tensor | None = None) -> ReducedTokens:
     """Reorder tokens by the raster position (row, then column) of their box's top-left patch.
 
     At full detail this is exactly the vision tower's patch order; a token that stands for an area (a merged
@@ -85,8 +85,13 @@ def raster_order(reduced: ReducedTokens, grid_width: int) -> ReducedTokens:
     Args:
         reduced: tokens ``(B, K, D)``, positions ``(B, K, 4)``, weights ``(B, K)``.
         grid_width: ``gw``, patches per row.
+        kept: ``(B,)`` for tokens packed kept-first: row ``b``'s first ``kept[b]`` are ordered and the slots past
+            them stay last, in their order (``None``: every token is ordered).
     """
     key = reduced.positions[..., 0] * grid_width + reduced.positions[..., 1]  # (B, K)
+    if kept is not None:
+        slot = torch.arange(key.shape[1], device=key.device)
+        key = torch.where(slot < kept[:, None], key, torch.iinfo(key.dtype).max)
     order = torch.sort(key, dim=-1, stable=True).indices
     return ReducedTokens(
         tokens=reduced.tokens.gather(1, order[..., None].expand_as(reduced.tokens)),

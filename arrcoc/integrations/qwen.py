@@ -89,6 +89,7 @@ from ..stages.regions import capacity_of
 from ..stages.texture import TEXTURE_CHANNELS
 from .adapter import REDUCER_OUTPUTS, check_prompting, expand_prompt, processor_parts, reducer_chain
 from .decode import GraphedDecoder
+from .hf import raster_order
 from .vision_tower import TowerPlan, _compiled, default_prune_after, tower_head, tower_merged, tower_plan, tower_tail
 
 __all__ = [
@@ -843,7 +844,7 @@ class ArrcocQwen(nn.Module):
         per-image budgets as a tensor and packs them kept-first into ``capacity`` slots, with ``steps`` greedy pick
         steps (:meth:`_capacity`). With ``narrow`` and ``gather`` the tokens are the full-width features at the
         chosen cells."""
-        reducer, (bh, bw) = self.reducer, bucket
+        reducer, bw = self.reducer, bucket[1]
 
         def run(state: dict[str, Tensor]) -> dict[str, Tensor]:
             visual = self._visual(state, narrow)
@@ -852,20 +853,14 @@ class ArrcocQwen(nn.Module):
                 out = {k: getattr(kept, k) for k in REDUCER_OUTPUTS if getattr(kept, k) is not None}
             else:
                 out = self._head(visual, state["budget"], capacity, steps)
-            # raster order of each token's top-left cell; past an image's budget (the head's packed slots) last
-            key = out["positions"][..., 0] * bw + out["positions"][..., 1]  # (n, K)
-            if budget is None:
-                slot = torch.arange(key.shape[1], device=key.device)
-                key = torch.where(slot < state["budget"][:, None], key, bh * bw)
-            order = torch.sort(key, dim=-1, stable=True).indices  # (n, K)
-            positions = out["positions"].gather(1, order[..., None].expand_as(out["positions"]))
+            # the head's packed slots past each image's budget stay last
+            ordered = raster_order(ReducedTokens(**out), bw, None if budget is not None else state["budget"])
+            out = {**out, "tokens": ordered.tokens, "positions": ordered.positions, "weights": ordered.weights}
             if gather and narrow:  # each token one cell: the cell's full-width features
-                cells = positions[..., 0] * bw + positions[..., 1]  # (n, K)
+                cells = ordered.positions[..., 0] * bw + ordered.positions[..., 1]  # (n, K)
                 grid = state["features"].flatten(1, 2)  # (n, bh * bw, H)
-                tokens = grid.gather(1, cells[..., None].expand(-1, -1, grid.shape[-1]))
-            else:
-                tokens = out["tokens"].gather(1, order[..., None].expand_as(out["tokens"]))
-            return {**out, "tokens": tokens, "positions": positions, "weights": out["weights"].gather(1, order)}
+                out["tokens"] = grid.gather(1, cells[..., None].expand(-1, -1, grid.shape[-1]))
+            return out
 
         return run
 
