@@ -18,7 +18,8 @@
 # on the same machine; DATASET=1 the data-set benchmark; SWEEP=1 the query-free validation sweep
 # (bench/sweep_noquery.py, SWEEP_LIMIT seconds, SWEEP_ARGS passed on); ITEM4=1 the chain against the encoder alone at
 # 224 px bf16 batch 64, plain, compiled and head compiled, with the head-compiled-vs-plain agreement and a fresh
-# process's start-up, plain and head compiled.
+# process's start-up, plain and head compiled; PROBE="qwen-host ..." those parts of bench/profile_probe.py
+# (PROBE_LIMIT seconds each) into $OUT/probe.
 # Knobs: TESTS=0 skips the tests, TEST_FILES="tests/a.py ..." runs only those files' cuda tests, BENCH=0 the
 # benchmark, QUICK=1 runs the benchmark's --quick matrix (full run), STAGES=1 adds the eager stage benchmark (full
 # run), BUDGET=<s> bounds the whole script (final: 300 by default), DRY=1 prints each step and its limit without
@@ -150,6 +151,9 @@ ITEM4_ARGS=(--sizes 224 --batches 64 --compile 224x64 --no-reduce-overhead --no-
   --agreement --agreement-mode head --agreement-images 256 --restart --restart-modes plain head
 [ "${ITEM4:-0}" = 1 ] && step bench-item4-vitb 90 "${GRAPHS[@]}" --encoder vit_base_patch16_224 --tag vitb-bf16-item4 \
   "${ITEM4_ARGS[@]}"
+for part in ${PROBE:-}; do
+  step "probe-$part" "${PROBE_LIMIT:-200}" python3 bench/profile_probe.py "$part" --out "$OUT/probe"
+done
 echo "=== done +$(( $(date +%s) - START ))s (profile $PROFILE${BUDGET:+, budget ${BUDGET}s})" | tee -a "$OUT/steps.log"
 cat "$OUT/steps.log"
 true

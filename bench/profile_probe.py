@@ -3,6 +3,8 @@
     python bench/profile_probe.py qwen --out DIR        the packed vision tower at batch 1 and 8, and prepare at 11%
     python bench/profile_probe.py dataset --out DIR     compress-dataset on the photo set and the benchmark set
     python bench/profile_probe.py syncs --out DIR       every host sync of the Qwen-VL adapter's generate at 11%
+    python bench/profile_probe.py qwen-host --out DIR   prepare at 11%: each step's host ms (batch 1 and 8, after
+        the tower and pruned), the call's host and wall ms, the tower alone's
     python bench/profile_probe.py qwen-pruned --out DIR  prepare at 11%, batch 8, pruning after block 7: each step
     python bench/profile_probe.py dataset-steps --out DIR   each step of the batched input path alone (decode,
         letterbox by kernel and by matrix products, the pipeline): host and device ms per batch, whether a step
@@ -81,7 +83,7 @@ def qwen(out: Path) -> None:
     images = adapter.image_processor
     pack_vision_tower(model)
     # each step of prepare as a named range, so that its device time shows as one row of the table
-    for name in ("_groups", "_image_features", "_rgb", "_visual", "_reduce_budgets", "_positions"):
+    for name in ("_groups", "_image_features", "_rgb", "_reduce_all", "_run", "_text_positions"):
         method = getattr(adapter, name)
 
         def ranged(*args, _method=method, _name=name, **kwargs):
@@ -132,7 +134,7 @@ def qwen_pruned(out: Path) -> None:
 
         return call
 
-    for name in ("_groups", "_rgb", "_visual", "_reduce_budgets", "_tower_tail", "_positions"):
+    for name in ("_groups", "_rgb", "_reduce_all", "_run", "_tower_tail", "_text_positions"):
         setattr(adapter, name, ranged(getattr(adapter, name), name))
     for name in ("tower_plan", "tower_head", "tower_merged"):
         setattr(qwen_module, name, ranged(getattr(qwen_module, name), name))
@@ -142,6 +144,121 @@ def qwen_pruned(out: Path) -> None:
     with torch.inference_mode():
         adapter.prepare(pixels, [bq.QUESTION] * 8, 0.11)  # compiles and captures outside the profile
         _profiled(lambda: adapter.prepare(pixels, [bq.QUESTION] * 8, 0.11), out, "qwen-pruned-prepare11-b8")
+
+
+def qwen_host(out: Path) -> None:
+    """Where the host's time goes in ``prepare`` at 11% (issue 23: at batch 1 the host's pace, not the device's
+    work, sets arrcoc's own time). The benchmark's setting: Qwen2.5-VL-7B-shaped, bf16, 1,280 x 960, the tower
+    packed and each block compiled, the reducer compiled; after the tower and pruned after block 7, batch 1 and 8.
+    Each step's host milliseconds (``perf_counter`` around the call, no sync; nested steps are shown indented and
+    are inside their parent's time), the call's host total (returned, nothing waited for) and its synchronised
+    wall, and the tower alone's host and wall; medians of 30 calls. Writes ``qwen-host.md``."""
+    import functools
+    import statistics
+    from collections import defaultdict
+
+    import torch._dynamo as dynamo
+
+    from arrcoc.integrations import qwen as qwen_module
+    from arrcoc.integrations.vision_tower import pack_vision_tower
+    from arrcoc.tools import bench_qwen as bq
+
+    dynamo.config.recompile_limit = max(dynamo.config.recompile_limit, 64)
+    device = torch.device("cuda")
+    model = bq.build_qwen("qwen2.5-vl-7b", device, torch.bfloat16)
+    model.set_attn_implementation("sdpa")
+    pack_vision_tower(model, compile=True, dynamic=False)
+    spent: defaultdict[str, list[float]] = defaultdict(list)
+    recording = [False]
+    adapter_steps = (
+        "_image_features",
+        "_tokenize",
+        "_text_positions",
+        "_groups",
+        "_rgb",
+        "_reduce_all",
+        "_group_inputs",
+        "_capacity",
+        "_run",
+        "plan",
+        "_tower_tail",
+    )
+    module_steps = ("_sent_all", "tower_head", "tower_merged")
+    nested = {"_group_inputs", "_capacity", "_run"}
+
+    def timed(fn, name):
+        @functools.wraps(fn)
+        def call(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                if recording[0]:  # inside prepare, not the tower alone
+                    spent[name][-1] += time.perf_counter() - start
+
+        return call
+
+    for name in module_steps:
+        setattr(qwen_module, name, timed(getattr(qwen_module, name), name))
+    size = bq.PRESETS["qwen2.5-vl-7b"][2]
+    lines = [
+        f"# Qwen-VL prepare at 11%: the host's time by step — {torch.cuda.get_device_name()}",
+        "",
+        f"torch {torch.__version__}; `python bench/profile_probe.py qwen-host`, see its docstring. Host ms: "
+        "`perf_counter` around each call, nothing waited for; median of 30 calls.",
+    ]
+    for prune in (None, "auto"):
+        adapter = bq.qwen_adapter(model, prune_after=prune, compile_reducer=True)
+        for name in adapter_steps:
+            setattr(adapter, name, timed(getattr(adapter, name), name))
+        for batch in (1, 8):
+            inputs = adapter.image_processor(images=bq._images(size, batch), return_tensors="pt")
+            pixels = {k: inputs[k].to(device) for k in ("pixel_values", "image_grid_thw")}
+            prompts = [bq.QUESTION] * batch
+            host, wall, tower_host, tower_wall = [], [], [], []
+            with torch.inference_mode():
+                for _call in range(40):  # the first ten compile, capture and warm
+                    torch.cuda.synchronize()
+                    start = time.perf_counter()
+                    adapter.merged_features(pixels["pixel_values"], pixels["image_grid_thw"])
+                    issued = time.perf_counter()
+                    torch.cuda.synchronize()
+                    tower_host.append(issued - start)
+                    tower_wall.append(time.perf_counter() - start)
+                    for name in (*adapter_steps, *module_steps):  # prepare's steps from here
+                        spent[name].append(0.0)
+                    recording[0] = True
+                    start = time.perf_counter()
+                    adapter.prepare(pixels, prompts, 0.11)
+                    issued = time.perf_counter()
+                    recording[0] = False
+                    torch.cuda.synchronize()
+                    host.append(issued - start)
+                    wall.append(time.perf_counter() - start)
+            ms = lambda v: f"{1e3 * statistics.median(v[10:]):.2f}"  # noqa: E731
+            path = "after the tower" if prune is None else f"pruned after block {adapter.prune_after}"
+            lines += [
+                "",
+                f"## {path}, batch {batch}",
+                "",
+                f"prepare: host {ms(host)} ms, wall {ms(wall)} ms; the tower alone (`merged_features`): host "
+                f"{ms(tower_host)} ms, wall {ms(tower_wall)} ms",
+                "",
+                "| step | host ms |",
+                "|---|---:|",
+            ]
+            for name in (*adapter_steps, *module_steps):
+                values = spent[name][-40:][10:]
+                if any(values):
+                    label = f"&nbsp;&nbsp;{name} (in _reduce_all)" if name in nested else name
+                    lines.append(f"| {label} | {1e3 * statistics.median(values):.2f} |")
+            top = [
+                sum(spent[n][-40:][i] for n in (*adapter_steps, *module_steps) if n not in nested) for i in range(40)
+            ]
+            rest = [h - t for h, t in zip(host, top)]
+            lines.append(f"| the rest of prepare (embedding, slot and position writes, bookkeeping) | {ms(rest)} |")
+            print("\n".join(lines[-14:]), flush=True)
+    (out / "qwen-host.md").write_text("\n".join(lines) + "\n")
 
 
 def dataset(out: Path) -> None:
@@ -443,7 +560,9 @@ def syncs(out: Path) -> None:
 
 def main() -> int:
     parser = argparse.ArgumentParser()
-    parser.add_argument("part", choices=["qwen", "qwen-pruned", "dataset", "dataset-steps", "dataset-readers", "syncs"])
+    parser.add_argument(
+        "part", choices=["qwen", "qwen-pruned", "qwen-host", "dataset", "dataset-steps", "dataset-readers", "syncs"]
+    )
     parser.add_argument("--out", default="/tmp/probe")
     args = parser.parse_args()
     out = Path(args.out)
@@ -451,6 +570,7 @@ def main() -> int:
     parts = {
         "qwen": qwen,
         "qwen-pruned": qwen_pruned,
+        "qwen-host": qwen_host,
         "dataset": dataset,
         "dataset-steps": dataset_steps,
         "dataset-readers": dataset_readers,
