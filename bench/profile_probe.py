@@ -57,7 +57,8 @@ def _profiled(fn, out: Path, name: str, rows: int = 30) -> None:
         wall = (time.perf_counter() - start) * 1e3
     events = prof.key_averages()
     kernels = sum(e.self_device_time_total for e in events if e.device_type == torch.autograd.DeviceType.CUDA) / 1e3
-    text = [f"{name}: wall {wall:.1f} ms, kernels {kernels:.1f} ms"]
+    launches = sum(e.count for e in events if e.device_type == torch.autograd.DeviceType.CUDA)
+    text = [f"{name}: wall {wall:.1f} ms, kernels {kernels:.1f} ms in {launches} device calls"]
     ranges = [e for e in events if e.key.startswith("arrcoc_")]  # the named steps (qwen): host and device ms
     text += [
         f"  {e.key}: host {e.cpu_time_total / 1e3:.2f} ms, device {e.device_time_total / 1e3:.2f} ms" for e in ranges
@@ -252,6 +253,12 @@ def qwen_host(out: Path) -> None:
                 if any(values):
                     label = f"&nbsp;&nbsp;{name} (in _reduce_all)" if name in nested else name
                     lines.append(f"| {label} | {1e3 * statistics.median(values):.2f} |")
+            with torch.inference_mode():  # the kernels of one call, profiled apart from the timing above
+                _profiled(
+                    functools.partial(adapter.prepare, pixels, prompts, 0.11),
+                    out,
+                    f"qwen-host-{prune or 'post'}-b{batch}",
+                )
             top = [
                 sum(spent[n][-40:][i] for n in (*adapter_steps, *module_steps) if n not in nested) for i in range(40)
             ]
