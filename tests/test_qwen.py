@@ -1282,6 +1282,29 @@ def test_bench_runs_tiny_on_cpu(tmp_path) -> None:
     assert next(tmp_path.glob("generation-qwen-*.md")).read_text().count("|") > 20
 
 
+def test_paired_timer_differences_each_call_pair(monkeypatch) -> None:
+    """arrcoc's own time is prepare minus the tower call pair by call pair: a drift shared by both calls cancels,
+    where the difference of two separate medians would keep it."""
+    from arrcoc.tools import bench_qwen, timing
+
+    clock = iter(range(1000))
+    monkeypatch.setattr(timing.time, "perf_counter", lambda: next(clock) / 1e3)  # each read 1 ms after the last
+    calls: list[str] = []
+    first, second = lambda: calls.append("tower"), lambda: calls.append("prepare")
+    vision, own = bench_qwen._Timer(torch.device("cpu"), warmups=1, repeats=3).pair(first, second)
+    assert calls == ["tower", "prepare"] * 4  # interleaved, the warm-up pair first
+    assert (vision, own) == (1.0, 0.0)  # both calls read 1 ms on the shared clock: nothing added
+
+    def drifting(ms: list[float]):
+        times = iter(ms)
+        return lambda *args: [[next(times) for _ in range(3)] for _ in range(2)]
+
+    # the tower's calls take 10, 20, 30 ms and prepare's 11, 25, 31: 1 ms added to two pairs of three (the
+    # difference of the medians would read 5)
+    monkeypatch.setattr(bench_qwen, "paired_wall_times_ms", drifting([10, 20, 30, 11, 25, 31]))
+    assert bench_qwen._Timer(torch.device("cpu"), 0, 3).pair(first, second) == (20, 1)
+
+
 def test_bench_times_the_pruned_path_beside_the_post_tower_one(tmp_path) -> None:
     from arrcoc.tools import bench_qwen
 

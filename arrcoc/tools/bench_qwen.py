@@ -17,7 +17,8 @@ Time to first token is ``generate(max_new_tokens=1)`` from pixel values on the d
 synchronised: vision tower, arrcoc's reduction (for the reduced rows), prefill. Each row first runs every call it
 times once (compiles and graph captures happen there) and counts the graphs compiled while timing (0 expected). Decode tokens/s per sequence
 is ``new / (t(1 + new) - t(1))``. arrcoc's own time is the adapter's ``prepare`` minus the model's own vision
-tower (tokenising, the query, the reduction, positions, slot filling), timed alone. Wall-clock medians after a
+tower (tokenising, the query, the reduction, positions, slot filling), the two timed interleaved: the median of
+their call-by-call differences. Wall-clock medians after a
 warm-up; image preprocessing (the processor's resize) is excluded from every row alike. ``--tiny`` runs a
 two-layer model on small images on any device (a CPU test runs it end to end). Writes
 ``generation-qwen-<device>.json`` and ``.md`` under ``--out``, with the reducer-graph captures a corpus of 100
@@ -50,7 +51,7 @@ from ..integrations.qwen import ArrcocQwen, graph_buckets, kept_units, merged_gr
 from ..integrations.vision_tower import pack_vision_tower, tower_head, tower_tail
 from ..runtime.device import device_name
 from .bench_generation import random_model
-from .timing import wall_times_ms, write_report
+from .timing import paired_wall_times_ms, wall_times_ms, write_report
 
 __all__ = ["main", "build_qwen", "qwen_adapter", "PRESETS", "corpus_captures"]
 
@@ -186,9 +187,21 @@ def corpus_captures(multiple: int, count: int = 100, seed: int = 0) -> dict[str,
     }
 
 
-def _timer(device: torch.device, warmups: int, repeats: int) -> Callable[[Callable[[], Any]], float]:
-    """Median wall milliseconds of a synchronised call (:func:`arrcoc.tools.timing.wall_times_ms`)."""
-    return lambda fn: statistics.median(wall_times_ms(fn, device, warmups, repeats))
+class _Timer:
+    """Median wall milliseconds of a synchronised call (:func:`arrcoc.tools.timing.wall_times_ms`); :meth:`pair`
+    times two calls interleaved."""
+
+    def __init__(self, device: torch.device, warmups: int, repeats: int) -> None:
+        self.device, self.warmups, self.repeats = device, warmups, repeats
+
+    def __call__(self, fn: Callable[[], Any]) -> float:
+        return statistics.median(wall_times_ms(fn, self.device, self.warmups, self.repeats))
+
+    def pair(self, first: Callable[[], Any], second: Callable[[], Any]) -> tuple[float, float]:
+        """(median of ``first``, median of ``second`` minus ``first`` call pair by call pair): what ``second`` adds
+        to ``first``, without the drift between two separate runs of medians."""
+        a, b = paired_wall_times_ms([first, second], self.device, self.warmups, self.repeats)
+        return statistics.median(a), statistics.median([y - x for x, y in zip(a, b)])
 
 
 def _images(size: tuple[int, int], batch: int) -> list[torch.Tensor]:
@@ -213,7 +226,7 @@ def _row(
     images: list[torch.Tensor],
     share: float,
     new: int,
-    measure: Callable,
+    measure: _Timer,
     decode: bool = True,
     engine: str = "hf",
 ) -> dict[str, Any]:
@@ -255,8 +268,11 @@ def _row(
         compiled = _compiles()
         ttft = measure(lambda: run(1))
         total = measure(lambda: run(1 + new)) if decode else ttft
-        vision = measure(tower)
-        own = 0.0 if full else max(0.0, measure(lambda: adapter.prepare(pixels, prompts, share)) - vision)
+        if full:
+            vision, own = measure(tower), 0.0
+        else:  # prepare and the tower alone interleaved: their difference is taken call by call
+            vision, own = measure.pair(tower, lambda: adapter.prepare(pixels, prompts, share))
+            own = max(0.0, own)
         compiled = _compiles() - compiled
     if compiled:
         logger.warning("%d graphs compiled while timing a row (share %s, batch %d)", compiled, share, len(images))
@@ -341,7 +357,7 @@ def _markdown(report: dict[str, Any]) -> str:
             if report.get("decode") == "graphed"
             else "100% is the model reading every token through its own generate; "
         )
-        + "arrcoc's own time (in the time to first token) is the adapter's prepare minus the vision tower. Pruned rows reduce inside the tower "
+        + "arrcoc's own time (in the time to first token) is the adapter's prepare minus the vision tower, the two timed interleaved and differenced call by call (median). Pruned rows reduce inside the tower "
         "(`ArrcocQwen(prune_after=L)`): their vision ms is the tower's own work at that budget (every patch up to "
         "block L, the rest and the merger on the units prepare keeps, with the index plan, kept per shape as in "
         "prepare), and their arrcoc ms all the adapter adds to it (the merger at block L, the query, the head, "
@@ -568,7 +584,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     name = "generation-qwen-" + ("cpu" if device.type == "cpu" else report["device"])
     name += "-graphed" if args.decode == "graphed" else ""
-    measure = _timer(device, warmups=args.warmups, repeats=args.repeats)
+    measure = _Timer(device, warmups=args.warmups, repeats=args.repeats)
     if args.vision_tower == "packed":
         # the reference first: the model's own vision tower, every token, batch 1; then what each change buys
         reference = _row(adapter, _images(size, 1), 1.0, 1, measure, decode=False)

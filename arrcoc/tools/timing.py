@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +53,26 @@ def wall_times_ms(fn: Callable[[], Any], device: torch.device, warmup: int, reps
         fn()
         _sync(device)
         times.append((time.perf_counter() - start) * 1e3)
+    return times
+
+
+def paired_wall_times_ms(
+    fns: Sequence[Callable[[], Any]], device: torch.device, warmup: int, reps: int
+) -> list[list[float]]:
+    """:func:`wall_times_ms` of each of ``fns``, the calls interleaved (``fns[0]``, ``fns[1]``, ... ``reps``
+    times), so that a difference between two of them is taken call pair by call pair: the host's and the clocks'
+    drift over the run then cancels instead of landing on one side."""
+    for _ in range(warmup):
+        for fn in fns:
+            fn()
+    _sync(device)
+    times: list[list[float]] = [[] for _ in fns]
+    for _ in range(reps):
+        for fn, out in zip(fns, times):
+            start = time.perf_counter()
+            fn()
+            _sync(device)
+            out.append((time.perf_counter() - start) * 1e3)
     return times
 
 
