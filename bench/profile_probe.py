@@ -208,11 +208,12 @@ def qwen_host(out: Path) -> None:
         f"torch {torch.__version__}; `python bench/profile_probe.py qwen-host`, see its docstring. Host ms: "
         "`perf_counter` around each call, nothing waited for; median of 30 calls.",
     ]
-    for prune in ("auto", None):  # pruned first: issue 23's batch-1 share was furthest off there
-        adapter = bq.qwen_adapter(model, prune_after=prune, compile_reducer=True)
+    adapters = {prune: bq.qwen_adapter(model, prune_after=prune, compile_reducer=True) for prune in ("auto", None)}
+    for adapter in adapters.values():
         for name in adapter_steps:
             setattr(adapter, name, timed(getattr(adapter, name), name))
-        for batch in (1, 8):
+    for batch in (1, 8):  # batch 1 first, pruned first: issue 23's share is missed there
+        for prune, adapter in adapters.items():
             inputs = adapter.image_processor(images=bq._images(size, batch), return_tensors="pt")
             pixels = {k: inputs[k].to(device) for k in ("pixel_values", "image_grid_thw")}
             prompts = [bq.QUESTION] * batch
