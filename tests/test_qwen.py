@@ -729,6 +729,63 @@ def test_default_prune_after() -> None:
     assert default_prune_after(qwen25.vision_config) == 7 and default_prune_after(qwen2.vision_config) == 7
 
 
+def test_tower_graphs_replay_what_the_tower_computes(qwen: tuple) -> None:
+    """``tower_graphs`` (the eager backend: the graph chain's host path, re-run on replay): the same tokens,
+    positions, embeddings and DeepStack features as calling the tower's parts; one front graph per batch of grids,
+    one tail per grids and budgets, and a second call captures nothing."""
+    graphed, direct = _adapter(qwen, prune_after=0, tower_graphs="eager"), _adapter(qwen, prune_after=0)
+    images = _images(3)
+    with torch.no_grad():
+        for budget in (0.3, 0.3, 0.5):
+            got, expected = graphed.prepare(images, PROMPTS, budget), direct.prepare(images, PROMPTS, budget)
+            for a, b in zip(got.reduced, expected.reduced, strict=True):
+                assert torch.equal(a.positions, b.positions) and torch.equal(a.tokens, b.tokens)
+            assert torch.equal(got.inputs_embeds, expected.inputs_embeds)
+            assert torch.equal(got.position_ids, expected.position_ids)
+            for a, b in zip(got.deepstack or [], expected.deepstack or [], strict=True):
+                assert torch.equal(a, b)
+    assert sorted(key[0] for key in graphed._tower_chains) == ["head", "merged", "tail", "tail"]
+    assert {chain.backend for chain in graphed._tower_chains.values()} == {"eager"}
+
+
+def test_bad_tower_graphs_is_refused(qwen: tuple) -> None:
+    with pytest.raises(arrcoc.InvalidInputError, match="tower_graphs must be 'auto', 'eager' or 'off'; got 'yes'"):
+        _adapter(qwen, prune_after=0, tower_graphs="yes")
+    with pytest.raises(arrcoc.InvalidInputError, match="tower_graphs .* needs prune_after"):
+        _adapter(qwen, tower_graphs="auto")
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("compiled", [False, True])
+def test_cuda_tower_graphs_replay_the_direct_tower(compiled: bool) -> None:
+    """The pruned tower's two parts captured as CUDA graphs (the blocks compiled or not) and replayed: the
+    direct call's units and tokens, and a second call captures nothing."""
+    import torch._dynamo as dynamo
+
+    model, processor = _windowed_qwen25()
+    model = model.cuda()
+    dynamo.reset()
+    pack_vision_tower(model, "padded", compile=compiled, dynamic=False if compiled else None)
+    try:
+        kwargs = dict(template=TEMPLATE, prune_after=0)
+        graphed = ArrcocQwen(model, processor, tower_graphs="auto", **kwargs)
+        direct = ArrcocQwen(model, processor, **kwargs)
+        images, prompts = _images(2), PROMPTS[:2]
+        with torch.no_grad():
+            graphed.prepare(images, prompts, 0.25)  # captures both parts
+            chains = dict(graphed._tower_chains)
+            got = graphed.prepare(images, prompts, 0.25)
+            expected = direct.prepare(images, prompts, 0.25)
+    finally:
+        unpack_vision_tower(model)
+        dynamo.reset()
+    assert graphed._tower_chains == chains and len(chains) == 3
+    assert {c.backend for c in chains.values()} == {"cuda"} and all(c.graphs for c in chains.values())
+    for a, b in zip(got.reduced, expected.reduced, strict=True):
+        assert torch.equal(a.positions, b.positions)
+    torch.testing.assert_close(got.inputs_embeds, expected.inputs_embeds)
+
+
 @pytest.mark.cuda
 @pytest.mark.parametrize("family", FAMILIES)
 def test_cuda_pruned_prepare_never_waits_for_the_vision_tower(family: str) -> None:
@@ -1309,13 +1366,16 @@ def test_bench_times_the_pruned_path_beside_the_post_tower_one(tmp_path) -> None
     from arrcoc.tools import bench_qwen
 
     argv = ["--tiny", "--device", "cpu", "--out", str(tmp_path), "--repeats", "1", "--warmups", "0"]
-    assert bench_qwen.main([*argv, "--batches", "1", "--prune-after", "0", "--new-tokens", "1"]) == 0
+    assert bench_qwen.main([*argv, "--batches", "1", "--prune-after", "0", "--new-tokens", "1", "--tower-graphs"]) == 0
     report = json.loads(next(tmp_path.glob("generation-qwen-*.json")).read_text())
-    rows = {(r["share"], r["path"]): r for r in report["rows"]}
+    rows = {(r["share"], r["path"], r["tower_graphs"]): r for r in report["rows"]}
     assert {r["batch"] for r in report["rows"]} == {1} and not report["errors"]
-    assert rows.keys() == {(1.0, "every token")} | {(s, p) for s in (0.25, 0.11) for p in ("post-tower", "pruned")}
-    assert rows[0.11, "pruned"]["prune_after"] == 0 and rows[0.11, "pruned"]["image_tokens"] == 11
-    assert "pruned after block 0" in next(tmp_path.glob("generation-qwen-*.md")).read_text()
+    paths = [("post-tower", False), ("pruned", False), ("pruned", True)]
+    assert rows.keys() == {(1.0, "every token", False)} | {(s, *p) for s in (0.25, 0.11) for p in paths}
+    for graphed in (False, True):
+        assert rows[0.11, "pruned", graphed]["prune_after"] == 0 and rows[0.11, "pruned", graphed]["image_tokens"] == 11
+    text = next(tmp_path.glob("generation-qwen-*.md")).read_text()
+    assert "| pruned after block 0 |" in text and "| pruned after block 0, tower graphed |" in text
 
 
 def test_bench_decodes_every_row_graphed(tmp_path) -> None:

@@ -90,7 +90,16 @@ from ..stages.texture import TEXTURE_CHANNELS
 from .adapter import REDUCER_OUTPUTS, check_prompting, expand_prompt, processor_parts, reducer_chain
 from .decode import GraphedDecoder
 from .hf import raster_order
-from .vision_tower import TowerPlan, _compiled, default_prune_after, tower_head, tower_merged, tower_plan, tower_tail
+from .vision_tower import (
+    TowerPlan,
+    TowerState,
+    _compiled,
+    default_prune_after,
+    tower_head,
+    tower_merged,
+    tower_plan,
+    tower_tail,
+)
 
 __all__ = [
     "ArrcocQwen",
@@ -273,6 +282,11 @@ class ArrcocQwen(nn.Module):
         compile_reducer: ``torch.compile`` the reducer (``dynamic=False``) before its CUDA graph is captured:
             fewer, fused kernels in each replay, so less of arrcoc's own time, for a compile of some seconds on the
             first call of each graph key. With ``reducer_graphs="off"`` the compiled reducer is called directly.
+        tower_graphs: with ``prune_after``, replay the tower's two parts as CUDA graphs: its blocks up to the
+            pruning block with the merger on their states (one graph per batch of grids), and the blocks after it
+            on the kept units (one per grids and budgets). At batch 1 the host's launches, about 0.7 ms a compiled
+            block, not the GPU's work, set the tower's time; a replay issues them at once. ``"auto"``: on CUDA;
+            ``"eager"``: the graph chain's eager backend (for tests); ``"off"`` (the default): called directly.
     """
 
     def __init__(
@@ -290,6 +304,7 @@ class ArrcocQwen(nn.Module):
         prune_after: int | str | None = None,
         score_width: int | str | None = "auto",
         compile_reducer: bool = False,
+        tower_graphs: str = "off",
     ) -> None:
         super().__init__()
         self.model = model
@@ -299,8 +314,9 @@ class ArrcocQwen(nn.Module):
         check_prompting(template, query_temperature)
         if isinstance(grid_multiple, bool) or not isinstance(grid_multiple, int) or grid_multiple < 1:
             raise InvalidInputError(f"grid_multiple must be a whole number >= 1; got {grid_multiple!r}")
-        if reducer_graphs not in ("auto", "eager", "off"):
-            raise InvalidInputError(f"reducer_graphs must be 'auto', 'eager' or 'off'; got {reducer_graphs!r}")
+        for name, graphs in (("reducer_graphs", reducer_graphs), ("tower_graphs", tower_graphs)):
+            if graphs not in ("auto", "eager", "off"):
+                raise InvalidInputError(f"{name} must be 'auto', 'eager' or 'off'; got {graphs!r}")
         cfg, vision = model.config, model.config.vision_config
         self.image_token_id = int(cfg.image_token_id)
         self.image_token = self.tokenizer.convert_ids_to_tokens(self.image_token_id)
@@ -314,6 +330,7 @@ class ArrcocQwen(nn.Module):
         self.query_temperature = float(query_temperature)
         self.grid_multiple = grid_multiple
         self.reducer_graphs = reducer_graphs
+        self.tower_graphs = tower_graphs
         if not isinstance(compile_reducer, bool):
             raise InvalidTypeError(f"compile_reducer must be True or False; got {compile_reducer!r}")
         self.compile_reducer = compile_reducer
@@ -334,6 +351,8 @@ class ArrcocQwen(nn.Module):
         self.budget_tensor = isinstance(self.reducer, ArrcocReducer)
         self.default_budget = budget
         self.prune_after = self._check_prune_after(prune_after, vision)
+        if tower_graphs != "off" and self.prune_after is None:
+            raise InvalidInputError("tower_graphs replays the pruned tower's parts: it needs prune_after")
         on = {"dtype": torch.float32, "device": next(model.parameters()).device}
         width = int(model.get_input_embeddings().weight.shape[1])
         self.score_width = self._check_score_width(score_width, width)
@@ -355,6 +374,7 @@ class ArrcocQwen(nn.Module):
         self.pad_token_id = int(pad if pad is not None else (self.tokenizer.eos_token_id or 0))
         self.special_ids = frozenset(int(i) for i in getattr(self.tokenizer, "all_special_ids", []))
         self._chains: dict[tuple, Any] = {}
+        self._tower_chains: dict[tuple, GraphChain] = {}
         self._plans: dict[tuple, TowerPlan] = {}
         self._pool: Any = None
         self._decoder: GraphedDecoder | None = None
@@ -539,8 +559,8 @@ class ArrcocQwen(nn.Module):
         prune = self.prune_after is not None and any(k < gh * gw for k, (gh, gw) in zip(budgets, grids))
         plan = self.plan(grids, budgets, device) if prune else None
         if plan is not None:  # the head scores the pruning block's states, through the model's own merger
-            state = tower_head(self.inner.visual, pixel_values, plan, self.prune_after)
-            features, deep = tower_merged(self.inner.visual, state, plan), None  # per image (gh, gw, H)
+            features, state = self._tower_front(pixel_values, plan)  # per image (gh, gw, H)
+            deep = None
         else:
             features, deep = self._image_features(pixel_values, grid_thw, grids)  # (gh, gw, H), (L, gh, gw, H)
         rows = [self._tokenize(p, k) for p, k in zip(prompts, budgets)]
@@ -605,9 +625,86 @@ class ArrcocQwen(nn.Module):
     ) -> tuple[list[ReducedTokens], list[Tensor] | None]:
         """The tower's blocks after the pruning block on the kept units only: their merged tokens replace the
         tokens the head picked (the pruning block's), and for Qwen3-VL give the DeepStack features in slot order."""
-        tokens, deep = tower_tail(self.inner.visual, state, plan, kept_units(reduced, grids))  # (sum K_i, H)
-        parts = torch.split(tokens, [out.tokens.shape[1] for out in reduced])
+        budgets = tuple(out.tokens.shape[1] for out in reduced)
+        tokens, deep = self.tower_tail_graphed(state, plan, kept_units(reduced, grids), budgets)  # (sum K_i, H)
+        parts = torch.split(tokens, budgets)
         return [dataclasses.replace(out, tokens=t[None]) for out, t in zip(reduced, parts)], deep
+
+    def _tower_backend(self, tensor: Tensor) -> str | None:
+        """The tower graphs' backend for a call on ``tensor``'s device (``None``: call the parts directly)."""
+        return {"auto": "cuda" if tensor.is_cuda else None, "eager": "eager", "off": None}[self.tower_graphs]
+
+    def _tower_replay(self, key: tuple, fn: Any, inputs: dict[str, Tensor], outputs: Sequence[str]) -> Any:
+        """``fn(inputs)``'s ``outputs`` from the tower graph of ``key`` (captured on its first call, with the plan
+        ``fn`` holds), the results copied out of the graph's buffer: they outlive the next replay."""
+        backend = self._tower_backend(next(iter(inputs.values())))
+        key = (*key, backend, tuple((k, tuple(v.shape), v.dtype) for k, v in inputs.items()))
+        chain = self._tower_chains.get(key)
+        if chain is None:
+            if backend == "cuda" and self._pool is None:
+                self._pool = torch.cuda.graph_pool_handle()
+            pool = self._pool if backend == "cuda" else None
+            name = f"vision tower {key[0]}"
+            chain = self._tower_chains[key] = GraphChain(
+                [(key[0], fn)], inputs, pool, outputs=outputs, backend=backend, name=name
+            )
+        return chain.run(inputs, rows=None)  # whole tensors: the inputs' and results' first sizes differ
+
+    def _tower_front(self, pixel_values: Tensor, plan: TowerPlan) -> tuple[list[Tensor], TowerState]:
+        """The tower's blocks up to ``prune_after`` on every patch (:meth:`tower_head_graphed` with
+        ``tower_graphs``), and the model's merger on their states: per image ``(gh, gw, H)`` merged units, and the
+        state :func:`tower_tail` continues from."""
+        visual = self.inner.visual
+        if self._tower_backend(pixel_values) is None:
+            state = tower_head(visual, pixel_values, plan, self.prune_after)
+            return tower_merged(visual, state, plan), state
+        state = self.tower_head_graphed(pixel_values, plan)
+
+        def merged(inputs: dict[str, Tensor]) -> dict[str, Any]:
+            rebuilt = dataclasses.replace(state, hidden=inputs["hidden"])
+            return {"merged": dict(enumerate(tower_merged(visual, rebuilt, plan)))}
+
+        out = self._tower_replay(("merged", tuple(plan.grids)), merged, {"hidden": state.hidden}, ("merged",))
+        return [out["merged"][str(i)] for i in range(len(plan.grids))], state
+
+    def tower_head_graphed(self, pixel_values: Tensor, plan: TowerPlan) -> TowerState:
+        """:func:`tower_head` to ``prune_after``, replayed as a graph keyed on the grids (called directly where
+        ``tower_graphs`` gives no backend)."""
+        visual, stop = self.inner.visual, self.prune_after
+        if self._tower_backend(pixel_values) is None:
+            return tower_head(visual, pixel_values, plan, stop)
+
+        def head(inputs: dict[str, Tensor]) -> dict[str, Any]:
+            state = tower_head(visual, inputs["pixels"], plan, stop)
+            cos, sin = state.position_embeddings
+            return {"hidden": state.hidden, "cos": cos, "sin": sin, "deep": {str(k): v for k, v in state.deep.items()}}
+
+        outputs = ("hidden", "cos", "sin", "deep")
+        out = self._tower_replay(("head", tuple(plan.grids)), head, {"pixels": pixel_values}, outputs)
+        deep = {int(k): v for k, v in out["deep"].items()} if "deep" in out else {}
+        return TowerState(out["hidden"], (out["cos"], out["sin"]), stop, deep)
+
+    def tower_tail_graphed(
+        self, state: TowerState, plan: TowerPlan, units: Tensor, budgets: tuple[int, ...]
+    ) -> tuple[Tensor, list[Tensor] | None]:
+        """:func:`tower_tail` replayed as a graph keyed on the grids and ``budgets`` (the plan's kept lengths;
+        called directly where ``tower_graphs`` gives no backend)."""
+        visual, stop = self.inner.visual, state.stop
+        if self._tower_backend(units) is None:
+            return tower_tail(visual, state, plan, units)
+
+        def tail(inputs: dict[str, Tensor]) -> dict[str, Any]:
+            deep = {int(name[5:]): v for name, v in inputs.items() if name.startswith("deep.")}
+            rebuilt = TowerState(inputs["hidden"], (inputs["cos"], inputs["sin"]), stop, deep)
+            tokens, layers = tower_tail(visual, rebuilt, plan, inputs["units"])
+            return {"tokens": tokens, "deep": dict(enumerate(layers or []))}
+
+        cos, sin = state.position_embeddings
+        inputs = {"units": units, "hidden": state.hidden, "cos": cos, "sin": sin}
+        inputs.update({f"deep.{k}": v for k, v in state.deep.items()})
+        out = self._tower_replay(("tail", tuple(plan.grids), budgets), tail, inputs, ("tokens", "deep"))
+        layers = out["deep"] if "deep" in out else {}
+        return out["tokens"], [layers[str(i)] for i in range(len(layers))] if layers else None
 
     def reference_inputs(self, images: Any, prompts: str | Sequence[str]) -> dict[str, Tensor]:
         """The unmodified model's own inputs for the same prompts with every merged token (``model(**inputs)``,
