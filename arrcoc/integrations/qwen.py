@@ -282,9 +282,9 @@ class ArrcocQwen(nn.Module):
         compile_reducer: ``torch.compile`` the reducer (``dynamic=False``) before its CUDA graph is captured:
             fewer, fused kernels in each replay, so less of arrcoc's own time, for a compile of some seconds on the
             first call of each graph key. With ``reducer_graphs="off"`` the compiled reducer is called directly.
-        tower_graphs: with ``prune_after``, replay the tower's two parts as CUDA graphs: its blocks up to the
-            pruning block with the merger on their states (one graph per batch of grids), and the blocks after it
-            on the kept units (one per grids and budgets). At batch 1 the host's launches, about 0.7 ms a compiled
+        tower_graphs: with ``prune_after``, replay the pruned tower as CUDA graphs: its blocks up to the pruning
+            block and the merger on their states (a graph each per batch of grids), and the blocks after it on the
+            kept units (one per grids and budgets). At batch 1 the host's launches, about 0.7 ms a compiled
             block, not the GPU's work, set the tower's time; a replay issues them at once. ``"auto"``: on CUDA;
             ``"eager"``: the graph chain's eager backend (for tests); ``"off"`` (the default): called directly.
     """
@@ -638,7 +638,8 @@ class ArrcocQwen(nn.Module):
         """``fn(inputs)``'s ``outputs`` from the tower graph of ``key`` (captured on its first call, with the plan
         ``fn`` holds), the results copied out of the graph's buffer: they outlive the next replay."""
         backend = self._tower_backend(next(iter(inputs.values())))
-        key = (*key, backend, tuple((k, tuple(v.shape), v.dtype) for k, v in inputs.items()))
+        shapes = tuple((k, tuple(v.shape), v.dtype) for k, v in inputs.items())
+        key = (*key, backend, _compiled(self.inner.visual), shapes)  # a graph replays the kernels it captured
         chain = self._tower_chains.get(key)
         if chain is None:
             if backend == "cuda" and self._pool is None:
@@ -660,8 +661,8 @@ class ArrcocQwen(nn.Module):
             return tower_merged(visual, state, plan), state
         state = self.tower_head_graphed(pixel_values, plan)
 
-        def merged(inputs: dict[str, Tensor]) -> dict[str, Any]:
-            rebuilt = dataclasses.replace(state, hidden=inputs["hidden"])
+        def merged(inputs: dict[str, Tensor]) -> dict[str, Any]:  # the merger reads the hidden states alone
+            rebuilt = TowerState(inputs["hidden"], state.position_embeddings, state.stop, {})
             return {"merged": dict(enumerate(tower_merged(visual, rebuilt, plan)))}
 
         out = self._tower_replay(("merged", tuple(plan.grids)), merged, {"hidden": state.hidden}, ("merged",))

@@ -202,7 +202,7 @@ class ChainResult(Mapping[str, Any]):
     since (:meth:`check`).
     """
 
-    def __init__(self, chain: GraphChain, buffer: Tensor, rows: int, owned: bool) -> None:
+    def __init__(self, chain: GraphChain, buffer: Tensor, rows: int | None, owned: bool) -> None:
         self._chain, self._buffer, self._rows, self._owned = chain, buffer, rows, owned
         self._generation = chain.generation
         self._typed: dict[torch.dtype, Tensor] = {}
@@ -479,8 +479,9 @@ class GraphChain:
         for _, graph in self.graphs:
             graph.replay()
 
-    def run(self, values: Mapping[str, Tensor], rows: int, copy: bool = True) -> ChainResult:
-        """Copy ``values`` into the static inputs, replay, and return the results of the first ``rows``.
+    def run(self, values: Mapping[str, Tensor], rows: int | None, copy: bool = True) -> ChainResult:
+        """Copy ``values`` into the static inputs, replay, and return the results of the first ``rows`` (``None``:
+        every tensor whole, for chains whose tensors' first sizes are not one batch).
 
         Not thread-safe on its own: :meth:`GraphCache.run` serialises callers.
         """
