@@ -42,7 +42,9 @@ embeddings, and blocks ``L+1..`` and the merger run on them alone
 (lengths ``budget * m * m``, known on the host), windowed blocks inside each window's kept units (counted on the
 device; a window may keep none). The kept tokens take the same original positions as above. Only arrcoc's
 reducers prune (each of their tokens is one merged unit); at every image's full budget the tower runs whole.
-``L = depth - 1`` picks what reducing after the tower picks.
+``L = depth - 1`` picks what reducing after the tower picks. With ``tower_graphs="auto"`` the two parts and the
+merger at ``L`` replay as CUDA graphs: at batch 1 the compiled blocks' host launches, not their work, set the
+tower's time (docs/generation.md).
 
 Scoring on a narrow view (``score_width=d``). arrcoc's tokens are single merged units, so the relevance head
 only scores and chooses cells; it does not need the language model's full width (3,584 for Qwen2.5-VL-7B) to do

@@ -15,14 +15,13 @@ forward is launch-bound at batch 1, so there the language model's time barely fo
 
 Time to first token is ``generate(max_new_tokens=1)`` from pixel values on the device to the first token id,
 synchronised: vision tower, arrcoc's reduction (for the reduced rows), prefill. Each row first runs every call it
-times once (compiles and graph captures happen there) and counts the graphs compiled while timing (0 expected). Decode tokens/s per sequence
-is ``new / (t(1 + new) - t(1))``. arrcoc's own time is the adapter's ``prepare`` minus the model's own vision
-tower (tokenising, the query, the reduction, positions, slot filling), the two timed interleaved: the median of
-their call-by-call differences. Wall-clock medians after a
-warm-up; image preprocessing (the processor's resize) is excluded from every row alike. ``--tiny`` runs a
-two-layer model on small images on any device (a CPU test runs it end to end). Writes
-``generation-qwen-<device>.json`` and ``.md`` under ``--out``, with the reducer-graph captures a corpus of 100
-photo sizes costs under the adapter's grid bucketing.
+times once (compiles and graph captures happen there) and counts the graphs compiled while timing (0 expected).
+Decode tokens/s per sequence is ``new / (t(1 + new) - t(1))``. arrcoc's own time is the adapter's ``prepare`` minus
+the model's own vision tower (tokenising, the query, the reduction, positions, slot filling), the two timed
+interleaved: the median of their call-by-call differences. Wall-clock medians after a warm-up; image preprocessing
+(the processor's resize) is excluded from every row alike. ``--tiny`` runs a two-layer model on small images on any
+device (a CPU test runs it end to end). Writes ``generation-qwen-<device>.json`` and ``.md`` under ``--out``, with
+the reducer-graph captures a corpus of 100 photo sizes costs under the adapter's grid bucketing.
 
 Vision tower. Without flash-attn, transformers runs Qwen2.5-VL's windowed vision attention as one call per
 window; ``--vision-tower packed`` (the default) runs every row, the 100% row included, with
@@ -150,8 +149,8 @@ def qwen_adapter(
 ) -> ArrcocQwen:
     """The benchmark's adapter: a word tokenizer built offline and Qwen2.5-VL-7B-Instruct's released processor
     settings, the image at its own resolution up to 12.8 MP (transformers' class default caps at 1 MP, which would
-    read 1,280 x 960 at 30 x 41 tokens, not 34 x 46); ``prune_after``, ``score_width``, ``compile_reducer`` and ``tower_graphs`` as
-    in :class:`ArrcocQwen`."""
+    read 1,280 x 960 at 30 x 41 tokens, not 34 x 46); ``prune_after``, ``score_width``, ``compile_reducer`` and
+    ``tower_graphs`` as in :class:`ArrcocQwen`."""
     import transformers
 
     images = transformers.Qwen2VLImageProcessor(size={"shortest_edge": MIN_PIXELS, "longest_edge": MAX_PIXELS})
