@@ -243,6 +243,12 @@ def _parts(model: nn.Module) -> tuple[nn.Module, nn.Module]:
     return inner, inner.language_model
 
 
+def _graph_backend(setting: str, tensor: Tensor) -> str | None:
+    """A ``reducer_graphs`` / ``tower_graphs`` setting's backend for a call on ``tensor``'s device: ``"cuda"``,
+    ``"eager"``, or ``None`` (called directly)."""
+    return {"auto": "cuda" if tensor.is_cuda else None, "eager": "eager", "off": None}[setting]
+
+
 class ArrcocQwen(nn.Module):
     """A Qwen2-VL / Qwen2.5-VL / Qwen3-VL model that reads ``budget`` arrcoc (or baseline) tokens per image.
 
@@ -634,7 +640,14 @@ class ArrcocQwen(nn.Module):
 
     def _tower_backend(self, tensor: Tensor) -> str | None:
         """The tower graphs' backend for a call on ``tensor``'s device (``None``: call the parts directly)."""
-        return {"auto": "cuda" if tensor.is_cuda else None, "eager": "eager", "off": None}[self.tower_graphs]
+        return _graph_backend(self.tower_graphs, tensor)
+
+    def _graph_pool(self, backend: str) -> Any:
+        """The memory pool every CUDA graph of this adapter shares (made on the first capture); ``None`` for the
+        eager backend."""
+        if backend == "cuda" and self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle()
+        return self._pool if backend == "cuda" else None
 
     def _tower_replay(self, key: tuple, fn: Any, inputs: dict[str, Tensor], outputs: Sequence[str]) -> Any:
         """``fn(inputs)``'s ``outputs`` from the tower graph of ``key`` (captured on its first call, with the plan
@@ -644,10 +657,7 @@ class ArrcocQwen(nn.Module):
         key = (*key, backend, _compiled(self.inner.visual), shapes)  # a graph replays the kernels it captured
         chain = self._tower_chains.get(key)
         if chain is None:
-            if backend == "cuda" and self._pool is None:
-                self._pool = torch.cuda.graph_pool_handle()
-            pool = self._pool if backend == "cuda" else None
-            name = f"vision tower {key[0]}"
+            pool, name = self._graph_pool(backend), f"vision tower {key[0]}"
             chain = self._tower_chains[key] = GraphChain(
                 [(key[0], fn)], inputs, pool, outputs=outputs, backend=backend, name=name
             )
@@ -658,10 +668,9 @@ class ArrcocQwen(nn.Module):
         ``tower_graphs``), and the model's merger on their states: per image ``(gh, gw, H)`` merged units, and the
         state :func:`tower_tail` continues from."""
         visual = self.inner.visual
-        if self._tower_backend(pixel_values) is None:
-            state = tower_head(visual, pixel_values, plan, self.prune_after)
-            return tower_merged(visual, state, plan), state
         state = self.tower_head_graphed(pixel_values, plan)
+        if self._tower_backend(pixel_values) is None:
+            return tower_merged(visual, state, plan), state
 
         def merged(inputs: dict[str, Tensor]) -> dict[str, Any]:  # the merger reads the hidden states alone
             rebuilt = TowerState(inputs["hidden"], state.position_embeddings, state.stop, {})
@@ -993,7 +1002,7 @@ class ArrcocQwen(nn.Module):
     def _run(self, name: tuple, fn: Any, inputs: dict[str, Tensor]) -> ReducedTokens:
         """``fn(inputs)``, replayed as a CUDA graph keyed on ``name`` and the inputs' shapes where allowed."""
         first = inputs["features"]
-        backend = {"auto": "cuda" if first.is_cuda else None, "eager": "eager", "off": None}[self.reducer_graphs]
+        backend = _graph_backend(self.reducer_graphs, first)
         if torch.is_grad_enabled() and any(v.requires_grad for v in inputs.values()):
             backend = None  # a graph replay has no autograd: with gradients wanted, call the reducer directly
         key = (*name, backend, tuple((k, tuple(v.shape), v.dtype) for k, v in inputs.items()))
@@ -1011,9 +1020,7 @@ class ArrcocQwen(nn.Module):
         )
 
     def _chain(self, fn: Any, inputs: dict[str, Tensor], backend: str) -> GraphChain | None:
-        if backend == "cuda" and self._pool is None:
-            self._pool = torch.cuda.graph_pool_handle()
-        return reducer_chain(fn, inputs, backend, self._pool, f"{self.method} reducer")
+        return reducer_chain(fn, inputs, backend, self._graph_pool(backend), f"{self.method} reducer")
 
     @contextlib.contextmanager
     def reading(self, prepared: QwenPrepared) -> Iterator[None]:
