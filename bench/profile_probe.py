@@ -9,6 +9,9 @@
     python bench/profile_probe.py dataset-steps --out DIR   each step of the batched input path alone (decode,
         letterbox by kernel and by matrix products, the pipeline): host and device ms per batch, whether a step
         waits for a busy stream; the whole job with either letterbox; a chrome trace of the job
+    python bench/profile_probe.py nvjpeg-hardware --out DIR  the JPEG engines against torchvision's decode on the SMs:
+        which files they take, their pixels against torchvision's, host and device ms per batch of 64, images/s of
+        decoding alone and of the whole job, each way twice, interleaved
     python bench/profile_probe.py dataset-readers --out DIR  the job with 1-12 reader threads, with a 0.5 ms
         interpreter switch interval, with two batches decoded ahead, and with pageable reads, each twice, interleaved
 
@@ -454,6 +457,97 @@ def _dataset_set(name, folder, buckets, out, work, say, device_ms, med) -> None:
     say(f"trace: {(out / f'trace-{name}.json.gz').stat().st_size / 2**20:.1f} MiB")
 
 
+def nvjpeg_hardware(out: Path) -> None:
+    import statistics
+
+    from arrcoc.config import PipelineConfig
+    from arrcoc.pipeline import BATCH_BUCKETS, Pipeline
+    from arrcoc.stages import _nvjpeg_hardware, gpu_input
+    from arrcoc.stages.gpu_input import decode_jpegs, jpeg_file
+    from arrcoc.tools.bench_dataset import make_images
+
+    lines: list[str] = []
+
+    def say(text: str) -> None:
+        lines.append(text)
+        print(text, flush=True)
+        (out / "nvjpeg-hardware.txt").write_text("\n".join(lines))
+
+    device = torch.device("cuda")
+    engine = _nvjpeg_hardware.decoder(device)
+    say(f"library {_nvjpeg_hardware._library_path()}; engines, cores: {engine and engine.engines}")
+    if engine is None:
+        return
+    work = Path(tempfile.mkdtemp(prefix="probe-"))
+    sets = {
+        "photos": make_images(work / "photos", 640, sides=(640, 1600), seed=1),
+        "benchmark": make_images(work / "images", 1280, small_share=0.7),
+    }
+    for name, folder in sets.items():
+        try:
+            files = sorted(str(p) for p in folder.iterdir())
+            data = [jpeg_file(path, pinned=True)[0] for path in files]
+            taken = sum(engine.decodable(d) is not None for d in data)
+            say(f"== {name}: {len(files)} files, {taken} decodable by the engines")
+            batches = [data[i : i + 64] for i in range(0, len(data) - 63, 64)]
+            default_min_bytes, gpu_input.ENGINE_MIN_BYTES = gpu_input.ENGINE_MIN_BYTES, 0  # every file to the engines
+            for hardware in (True, False):  # warm-up: nvJPEG's buffers, torchvision's extension
+                _nvjpeg_hardware.USE_HARDWARE = hardware
+                decode_jpegs(batches[0], device)
+            diffs, means = [], []
+            for batch in batches[:4]:
+                _nvjpeg_hardware.USE_HARDWARE = True
+                hard = decode_jpegs(batch, device)
+                _nvjpeg_hardware.USE_HARDWARE = False
+                soft = decode_jpegs(batch, device)
+                for a, b in zip(hard, soft):
+                    d = (a.int() - b.int()).abs()
+                    diffs.append(d.max().item())
+                    means.append(d.float().mean().item())
+            say(
+                f"pixels, engines against SMs: largest difference {max(diffs)} levels, mean {statistics.mean(means):.3f}; "
+                f"images with a largest difference > 8: {sum(d > 8 for d in diffs)} of {len(diffs)}"
+            )
+            for round_ in range(2):
+                for hardware in (True, False):
+                    _nvjpeg_hardware.USE_HARDWARE = hardware
+                    hosts = []
+                    torch.cuda.synchronize()
+                    start = time.perf_counter()
+                    for batch in batches:
+                        t0 = time.perf_counter()
+                        decode_jpegs(batch, device)
+                        hosts.append((time.perf_counter() - t0) * 1e3)
+                    torch.cuda.synchronize()
+                    rate = len(batches) * 64 / (time.perf_counter() - start)
+                    say(
+                        f"round {round_}, {'engines' if hardware else 'SMs'}: decoding alone {rate:.0f} images/s, host "
+                        f"{statistics.median(hosts):.2f} ms per batch (median)"
+                    )
+            gpu_input.ENGINE_MIN_BYTES = default_min_bytes  # the job: the default split by file size
+            config = PipelineConfig.from_name("default", encoder_dtype="bfloat16", buckets=(224, 384))
+            pipe = Pipeline(config, device=device)
+            pipe.warmup(sizes=(224, 384), batch_sizes=[b for b in BATCH_BUCKETS if b <= 64], budget=64)
+            for round_ in range(2):
+                for hardware in (True, False):
+                    _nvjpeg_hardware.USE_HARDWARE = hardware
+                    stats = _job(folder, work / "out", pipe, 1)
+                    shares = {
+                        k: f"{100 * getattr(stats, k) / stats.seconds:.0f}%"
+                        for k in ("wait_seconds", "decode_seconds", "pipeline_seconds", "decode_thread_seconds")
+                    }
+                    say(
+                        f"round {round_}, job, {'engines' if hardware else 'SMs'}: {stats.images_per_second:.0f} images/s; "
+                        f"{shares}; gpu ms { ({k: round(v) for k, v in stats.gpu_ms.items()}) }"
+                    )
+        except Exception:  # a probe: report and go on to the next set
+            import traceback
+
+            say(traceback.format_exc())
+    _nvjpeg_hardware.USE_HARDWARE = True
+    shutil.rmtree(work, ignore_errors=True)
+
+
 def dataset_readers(out: Path) -> None:
     import statistics
     import sys as system
@@ -569,7 +663,17 @@ def syncs(out: Path) -> None:
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument(
-        "part", choices=["qwen", "qwen-pruned", "qwen-host", "dataset", "dataset-steps", "dataset-readers", "syncs"]
+        "part",
+        choices=[
+            "qwen",
+            "qwen-pruned",
+            "qwen-host",
+            "dataset",
+            "dataset-steps",
+            "nvjpeg-hardware",
+            "dataset-readers",
+            "syncs",
+        ],
     )
     parser.add_argument("--out", default="/tmp/probe")
     args = parser.parse_args()
@@ -581,6 +685,7 @@ def main() -> int:
         "qwen-host": qwen_host,
         "dataset": dataset,
         "dataset-steps": dataset_steps,
+        "nvjpeg-hardware": nvjpeg_hardware,
         "dataset-readers": dataset_readers,
         "syncs": syncs,
     }

@@ -450,3 +450,75 @@ def test_the_pipeline_given_jpeg_paths_on_cuda_decodes_them_on_the_gpu(
     assert torch.equal(from_paths.scale.cpu(), from_arrays.scale.cpu())
     assert torch.equal(from_paths.source_size.cpu(), from_arrays.source_size.cpu())
     assert (from_paths.mask.sum(-1).cpu() == 8).all()
+
+
+def test_the_hardware_decoder_binds_the_nvjpeg_library_torchvision_ships() -> None:
+    """Every nvJPEG entry point the hardware decoder calls exists under the name and is given the argument types
+    it is called with; without CUDA, or switched off, there is no decoder (and nothing is loaded)."""
+    import ctypes
+
+    from arrcoc.stages import _nvjpeg_hardware
+
+    path = _nvjpeg_hardware._library_path()
+    if path is None:
+        pytest.skip("this torchvision ships no nvJPEG library")
+    lib = ctypes.CDLL(path)
+    _nvjpeg_hardware._bind(lib)
+    assert lib.nvjpegDecodeBatched.argtypes[4] is ctypes.POINTER(_nvjpeg_hardware._Image)
+    assert ctypes.sizeof(_nvjpeg_hardware._Image) == 4 * ctypes.sizeof(ctypes.c_void_p) + 4 * 8
+    assert _nvjpeg_hardware.decoder(torch.device("cpu")) is None
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(_nvjpeg_hardware, "USE_HARDWARE", False)
+        assert _nvjpeg_hardware.decoder(torch.device("cuda", 0)) is None
+
+
+def test_images_packed_one_after_another_are_read_in_place() -> None:
+    """The letterbox kernel reads the hardware decoder's block as it is; anything else is gathered first."""
+    block = torch.arange(3 * (4 * 5 + 2 * 3), dtype=torch.uint8)
+    images = [block[:60].view(3, 4, 5), block[60:].view(3, 2, 3)]
+    flat = gpu_input._packed(images, [0, 60], [60, 18])
+    assert flat is not None and flat.data_ptr() == block.data_ptr() and torch.equal(flat, block)
+    moved = [images[0], images[1].clone()]
+    assert gpu_input._packed(moved, [0, 60], [60, 18]) is None
+    assert gpu_input._packed(images[::-1], [0, 18], [18, 60]) is None
+    assert gpu_input._packed([block[1:61].view(3, 4, 5)], [0], [60]).data_ptr() == block.data_ptr() + 1
+
+
+@pytest.mark.cuda
+def test_the_jpeg_engines_decode_what_they_take_as_the_sms_do(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a GPU with JPEG engines: large baseline colour files go to the engines, into one block, progressive, grey
+    and small ones to torchvision's decoder, in the caller's order; the engines' pixels are torchvision's to a few
+    levels (measured: the same bytes on the H100)."""
+    from arrcoc.stages import _nvjpeg_hardware
+
+    device = torch.device("cuda")
+    engine = _nvjpeg_hardware.decoder(device)
+    if engine is None:
+        pytest.skip("this GPU has no JPEG engines")
+    generator = np.random.default_rng(0)
+    files, expected = [], []
+    for k, (h, w) in enumerate([(37, 53), (480, 640), (999, 1601), (64, 64), (31, 17), (600, 401)]):
+        smooth = np.kron(generator.integers(0, 256, (h // 8 + 1, w // 8 + 1, 3)), np.ones((8, 8, 1)))[:h, :w]
+        pixels = smooth.astype(np.uint8)
+        save = {"subsampling": k % 3} if k < 4 else {}
+        if k == 4:
+            save = {"progressive": True}
+        blob = _jpeg(pixels if k != 5 else pixels[..., 0], **save)
+        files.append(torch.frombuffer(bytearray(blob), dtype=torch.uint8))
+        expected.append(k < 4)
+    taken = [engine.decodable(data) is not None for data in files]
+    assert taken == expected
+    large = [data.numel() >= gpu_input.ENGINE_MIN_BYTES for data in files]
+    assert large == [False, False, True, False, False, False]  # the 999 x 1601 one: 298 KiB
+    default = decode_jpegs(files, device)  # the engines take the large file only
+    monkeypatch.setattr(gpu_input, "ENGINE_MIN_BYTES", 0)
+    hardware = decode_jpegs(files, device)
+    sms = gpu_input._decode_on_sms(files, device)
+    for k, (a, b) in enumerate(zip(hardware, sms)):
+        assert a.shape == b.shape and a.dtype == torch.uint8 and a.device.type == "cuda", k
+        difference = (a.int() - b.int()).abs()
+        assert difference.float().mean() < 2.0, (k, difference.float().mean())
+        assert torch.equal(default[k], a if large[k] else b), k
+    numels = [t.numel() for t in hardware[:4]]
+    offsets = [sum(numels[:k]) for k in range(4)]
+    assert gpu_input._packed(hardware[:4], offsets, numels) is not None  # one block, read in place

@@ -3,9 +3,10 @@ the :class:`~arrcoc.stages.preprocess.Preprocessor`'s for JPEG files on CUDA).
 
 :func:`jpeg_size` reads a JPEG's header on the host and says whether nvJPEG decodes it
 as Pillow does (8-bit, grey or YCbCr, no EXIF rotation, no trailing data); :func:`decode_jpegs` decodes such
-files in one batched call; :func:`letterbox` resizes and pads a whole bucket at once, as the
-:class:`~arrcoc.stages.preprocess.Preprocessor` does one image at a time (antialiased bilinear resize of the
-long side to the bucket, anchored top-left, padded right/bottom), with the valid mask made on the device.
+files in batched calls (on the GPU's JPEG engines where it has them, ``_nvjpeg_hardware``, else on its SMs);
+:func:`letterbox` resizes and pads a whole bucket at once, as the :class:`~arrcoc.stages.preprocess.Preprocessor`
+does one image at a time (antialiased bilinear resize of the long side to the bucket, anchored top-left, padded
+right/bottom), with the valid mask made on the device.
 
 The resize is separable. On CUDA, for bytes, two Triton kernels (``_resize_triton``) read each output pixel's filter
 taps straight from the images' packed bytes. Elsewhere (and with ``ARRCOC_RESIZE_KERNEL=0`` in the environment, read
@@ -24,6 +25,8 @@ from collections.abc import Sequence
 
 import torch
 from torch import Tensor
+
+from . import _nvjpeg_hardware
 
 __all__ = [
     "JPEG_SUFFIXES",
@@ -44,6 +47,12 @@ USE_KERNEL: bool = os.environ.get("ARRCOC_RESIZE_KERNEL", "1") != "0" and import
 #: out for a small file (H200, two runs each: photos of 142-919 KiB 2,023-2,045 images/s pinned against 1,918-1,992
 #: pageable; JPEGs of 8-59 KiB 4,654-4,703 against 5,043-5,066; ``bench/results/dataset-pinned-nvidia-h200.txt``).
 PINNED_MIN_BYTES = 128 * 1024
+
+#: Files from this size up go to the GPU's JPEG engines where it has them; smaller ones decode faster on the SMs
+#: (H100, batches of 64, decoding alone, two rounds: photos of 142-919 KiB 3,696 / 4,714 images/s on the engines
+#: against 3,400 / 4,107 on the SMs; JPEGs of 8-59 KiB 25,601 / 25,547 against 28,126 / 29,757;
+#: ``bench/results/nvjpeg-hardware-nvidia-h100-80gb-hbm3.txt``).
+ENGINE_MIN_BYTES = 128 * 1024
 
 #: File name endings of the files whose header is read to route them to the batched JPEG decoder.
 JPEG_SUFFIXES = (".jpg", ".jpeg", ".jpe", ".jfif")
@@ -156,14 +165,37 @@ def placement(height: int, width: int, buckets: Sequence[int]) -> tuple[int, flo
 
 
 def decode_jpegs(data: Sequence[Tensor], device: torch.device) -> list[Tensor]:
-    """Decode JPEG files (1-D uint8 CPU tensors of their bytes) on ``device`` in one batched nvJPEG call.
+    """Decode JPEG files (1-D uint8 CPU tensors of their bytes) on ``device`` in batched nvJPEG calls.
+
+    On a GPU with JPEG engines (A100, H100, H200, ...) the baseline colour files of :data:`ENGINE_MIN_BYTES` or more
+    are decoded there, into one block, and the others on the SMs by torchvision; elsewhere torchvision decodes all of
+    them. Both give the same pixels (the same bytes on the H100).
 
     Returns:
-        one ``(3, h, w)`` uint8 tensor per file (grey files as three equal channels).
+        one ``(3, h, w)`` uint8 tensor per file, in order (grey files as three equal channels).
 
     Raises:
         RuntimeError: a file nvJPEG cannot decode (the batched call returns nothing then).
     """
+    engine = _nvjpeg_hardware.decoder(device) if device.type == "cuda" else None
+    if engine is None:
+        return _decode_on_sms(data, device)
+    sizes = [engine.decodable(t) if t.numel() >= ENGINE_MIN_BYTES else None for t in data]
+    hardware = [k for k, size in enumerate(sizes) if size is not None]
+    if not hardware:
+        return _decode_on_sms(data, device)
+    images: list[Tensor] = [None] * len(data)  # type: ignore[list-item]
+    for k, image in zip(hardware, engine.decode([data[k] for k in hardware], [sizes[k] for k in hardware])):
+        images[k] = image
+    rest = [k for k, size in enumerate(sizes) if size is None]
+    if rest:
+        for k, image in zip(rest, _decode_on_sms([data[k] for k in rest], device)):
+            images[k] = image
+    return images
+
+
+def _decode_on_sms(data: Sequence[Tensor], device: torch.device) -> list[Tensor]:
+    """torchvision's batched nvJPEG decode (on the CPU without CUDA)."""
     from torchvision.io import ImageReadMode, decode_jpeg
 
     with warnings.catch_warnings():  # torchvision >= 0.29 points to TorchCodec on every call
@@ -251,7 +283,10 @@ def letterbox(
     if USE_KERNEL and device.type == "cuda" and images[0].dtype == torch.uint8:
         from . import _resize_triton  # Triton is imported on the first CUDA call only
 
-        flat = torch.cat([t.reshape(-1) for t in images])
+        flat = _packed(images, offsets, numels)
+        if flat is None:
+            flat = torch.cat([t.reshape(-1) for t in images])
+
         return _resize_triton.launch(flat, meta, shapes, list(sizes), bucket, pad_value), valid
     offset, height, width, content_h, content_w = meta.unbind(1)  # each (B,)
     # every image's pixels one after another, then a row's worth of zeros so that any row can start anywhere
@@ -280,6 +315,21 @@ def letterbox(
     if pad_value != 0.0:
         pixels = torch.where(valid.bool(), pixels, pad_value)
     return pixels, valid
+
+
+def _packed(images: Sequence[Tensor], offsets: list[int], numels: list[int]) -> Tensor | None:
+    """The images as one flat view when they already lie one after another in one block (the hardware decoder's
+    output), else None."""
+    first = images[0]
+    base = first.data_ptr()
+    for image, offset in zip(images, offsets):
+        if (
+            not image.is_contiguous()
+            or image.data_ptr() - base != offset
+            or image.untyped_storage().data_ptr() != (first.untyped_storage().data_ptr())
+        ):
+            return None
+    return first.as_strided((offsets[-1] + numels[-1],), (1,))
 
 
 def valid_mask(content: Tensor, bucket: int) -> Tensor:

@@ -293,6 +293,17 @@ def _scaling(images: Path, work: Path, args: argparse.Namespace) -> list[dict[st
     return results
 
 
+def _jpeg_engines(device: torch.device) -> str:
+    """Which decoder the batched path gives baseline JPEGs on ``device``."""
+    from ..stages import _nvjpeg_hardware
+
+    engine = _nvjpeg_hardware.decoder(device)
+    if engine is None:
+        return "torchvision's nvJPEG decode on the SMs" if device.type == "cuda" else "torchvision's, on the CPU"
+    layout = f" ({engine.engines[0]} engines x {engine.engines[1]} cores)" if engine.engines else ""
+    return f"the GPU's JPEG engines{layout} for baseline colour files, torchvision's on the SMs for the rest"
+
+
 def _readers(report: dict[str, Any]) -> str:
     """The batched path's reader threads as run: compress-dataset's default unless ``--readers`` named a count."""
     used = sorted({c["readers"] for c in report["cases"] if "readers" in c})
@@ -312,7 +323,7 @@ def _markdown(report: dict[str, Any]) -> str:
         f"batched path, {report['workers']} DataLoader worker processes on the Pillow path, shards of "
         f"{report['shard_size']}, {report['token_dtype']} tokens. Sets: "
         + "; ".join(f"`{k}` {v}" for k, v in report["sets"].items())
-        + ". Pillow decoding alone (DataLoader, "
+        + f". JPEG decoding on the batched path: {report.get('jpeg_engines', '?')}. Pillow decoding alone (DataLoader, "
         f"no GPU, the benchmark set): {report['decode_images_per_s']:.0f} images/s.",
         "",
         "Reader threads read the files and their JPEG headers in this process (files that need Pillow are "
@@ -487,6 +498,7 @@ def main(argv: list[str] | None = None) -> int:
         "cpu_count": os.cpu_count(),
         "generate_s": generate_s,
         "shm_free_gib": _shm_free_gib(),
+        "jpeg_engines": _jpeg_engines(device),
         "decode_images_per_s": _decode_rate(
             work / "images", PipelineConfig.from_name(args.preset).buckets, args.workers, args.images
         ),
