@@ -286,7 +286,6 @@ def letterbox(
         flat = _packed(images, offsets, numels)
         if flat is None:
             flat = torch.cat([t.reshape(-1) for t in images])
-
         return _resize_triton.launch(flat, meta, shapes, list(sizes), bucket, pad_value), valid
     offset, height, width, content_h, content_w = meta.unbind(1)  # each (B,)
     # every image's pixels one after another, then a row's worth of zeros so that any row can start anywhere
@@ -321,12 +320,12 @@ def _packed(images: Sequence[Tensor], offsets: list[int], numels: list[int]) -> 
     """The images as one flat view when they already lie one after another in one block (the hardware decoder's
     output), else None."""
     first = images[0]
-    base = first.data_ptr()
+    base, storage = first.data_ptr(), first.untyped_storage().data_ptr()
     for image, offset in zip(images, offsets):
         if (
             not image.is_contiguous()
             or image.data_ptr() - base != offset
-            or image.untyped_storage().data_ptr() != (first.untyped_storage().data_ptr())
+            or image.untyped_storage().data_ptr() != storage
         ):
             return None
     return first.as_strided((offsets[-1] + numels[-1],), (1,))

@@ -295,13 +295,16 @@ def _scaling(images: Path, work: Path, args: argparse.Namespace) -> list[dict[st
 
 def _jpeg_engines(device: torch.device) -> str:
     """Which decoder the batched path gives baseline JPEGs on ``device``."""
-    from ..stages import _nvjpeg_hardware
+    from ..stages import _nvjpeg_hardware, gpu_input
 
     engine = _nvjpeg_hardware.decoder(device)
     if engine is None:
         return "torchvision's nvJPEG decode on the SMs" if device.type == "cuda" else "torchvision's, on the CPU"
     layout = f" ({engine.engines[0]} engines x {engine.engines[1]} cores)" if engine.engines else ""
-    return f"the GPU's JPEG engines{layout} for baseline colour files, torchvision's on the SMs for the rest"
+    return (
+        f"the GPU's JPEG engines{layout} for baseline colour files of {gpu_input.ENGINE_MIN_BYTES // 1024} KiB or more, "
+        "torchvision's on the SMs for the rest"
+    )
 
 
 def _readers(report: dict[str, Any]) -> str:
