@@ -32,6 +32,18 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 
+def _reporter(path: Path):
+    """``say(text)``: print a line and rewrite ``path`` with every line so far (a probe cut short keeps them)."""
+    lines: list[str] = []
+
+    def say(text: str) -> None:
+        lines.append(text)
+        print(text, flush=True)
+        path.write_text("\n".join(lines))
+
+    return say
+
+
 def _job(source: Path, dest: Path, pipe, readers: int):
     """``compress_dataset`` as the benchmark runs it: budget 64, batch 64, shards of 1000, float16 tokens."""
     from arrcoc.datasets.compress_dataset import compress_dataset
@@ -305,12 +317,7 @@ def dataset_steps(out: Path) -> None:
     from arrcoc.tools.bench_dataset import make_images
 
     work = Path(tempfile.mkdtemp(prefix="probe-"))
-    lines: list[str] = []
-
-    def say(text: str) -> None:
-        lines.append(text)
-        print(text, flush=True)
-        (out / "dataset-steps.txt").write_text("\n".join(lines))
+    say = _reporter(out / "dataset-steps.txt")
 
     def device_ms(fn, *args, **kwargs) -> tuple[float, float, object]:
         """(host ms for ``fn(*args, **kwargs)`` to return, device ms between events around it, its result), from an
@@ -466,12 +473,7 @@ def nvjpeg_hardware(out: Path) -> None:
     from arrcoc.stages.gpu_input import decode_jpegs, jpeg_file
     from arrcoc.tools.bench_dataset import make_images
 
-    lines: list[str] = []
-
-    def say(text: str) -> None:
-        lines.append(text)
-        print(text, flush=True)
-        (out / "nvjpeg-hardware.txt").write_text("\n".join(lines))
+    say = _reporter(out / "nvjpeg-hardware.txt")
 
     device = torch.device("cuda")
     engine = _nvjpeg_hardware.decoder(device)

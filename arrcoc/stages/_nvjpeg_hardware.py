@@ -63,13 +63,11 @@ def _library_path() -> str | None:
         pass
     import torchvision
 
-    roots = [os.path.dirname(os.path.dirname(torchvision.__file__))]
-    patterns = ["torchvision.libs/libnvjpeg*.so*", "nvidia/*/lib/libnvjpeg*.so*", "nvidia/cu*/lib/libnvjpeg*.so*"]
-    for root in roots:
-        for pattern in patterns:
-            found = sorted(glob.glob(os.path.join(root, pattern)))
-            if found:
-                return found[0]
+    site = os.path.dirname(os.path.dirname(torchvision.__file__))
+    for pattern in ("torchvision.libs/libnvjpeg*.so*", "nvidia/*/lib/libnvjpeg*.so*"):
+        found = sorted(glob.glob(os.path.join(site, pattern)))
+        if found:
+            return found[0]
     return ctypes.util.find_library("nvjpeg")
 
 

@@ -629,16 +629,14 @@ def main(argv: list[str] | None = None) -> int:
             }
         report["compiled"] = args.compile
         report["compiled_reducer"] = args.compile_reducer
-    runs = [(adapter, share) for share in SHARES]
+    runs = [(adapter, share, "") for share in SHARES]
     if pruning is not None:  # the pruned rows beside the post-tower ones (the 100% row is the same model's)
-        runs += [(pruning, share) for share in SHARES if share < 1.0]
+        runs += [(pruning, share, " pruned") for share in SHARES if share < 1.0]
     if graphed is not None:
-        runs += [(graphed, share) for share in SHARES if share < 1.0]
+        runs += [(graphed, share, " tower graphed") for share in SHARES if share < 1.0]
     for batch in batches:
-        for reducer, share in runs:
-            label = f"{share:.0%} x {batch}" + {id(pruning): " pruned", id(graphed): " tower graphed"}.get(
-                id(reducer), ""
-            )
+        for reducer, share, kind in runs:
+            label = f"{share:.0%} x {batch}{kind}"
             if time.perf_counter() - start > args.time_limit:
                 report["skipped"].append(label)
                 continue

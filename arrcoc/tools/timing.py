@@ -44,16 +44,7 @@ def device_times_ms(fn: Callable[[], Any], device: torch.device, warmup: int, re
 def wall_times_ms(fn: Callable[[], Any], device: torch.device, warmup: int, reps: int) -> list[float]:
     """Milliseconds per call of ``fn`` from ``perf_counter`` around a call the device has finished, ``reps`` times
     after ``warmup`` calls."""
-    for _ in range(warmup):
-        fn()
-    _sync(device)
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append((time.perf_counter() - start) * 1e3)
-    return times
+    return paired_wall_times_ms([fn], device, warmup, reps)[0]
 
 
 def paired_wall_times_ms(
