@@ -293,7 +293,8 @@ class ArrcocQwen(nn.Module):
         tower_graphs: with ``prune_after``, replay the pruned tower as CUDA graphs: its blocks up to the pruning
             block and the merger on their states (a graph each per batch of grids), and the blocks after it on the
             kept units (one per grids and budgets). At batch 1 the host's launches, about 0.7 ms a compiled
-            block, not the GPU's work, set the tower's time; a replay issues them at once. ``"auto"``: on CUDA;
+            block on the H100 (``bench/results/qwen-host-nvidia-h100-80gb-hbm3.md``), not the GPU's work, set the
+            tower's time; a replay issues them at once. ``"auto"``: on CUDA;
             ``"eager"``: the graph chain's eager backend (for tests); ``"off"`` (the default): called directly.
     """
 
