@@ -37,6 +37,7 @@ from .frontend import (
     token_capacity,
 )
 from .outputs import CompressionOutput, ScoreOutput
+from .runtime.background_capture import BackgroundCapture
 from .runtime.graphs import CaptureError, GraphCache, GraphKey
 from .runtime.streams import run_branches
 from .stages.encoders import ENCODER_DTYPES, Encoder, create_backbone, encoder_for_bucket, patch_stride
@@ -91,6 +92,10 @@ class Pipeline(nn.Module):
             capture: fusion inside the graphs. ``"head"``: only arrcoc's own stages (the texture, the relevance
             head), the backbone as it is, so that its features, and so the allocations, are the plain chain's up to
             float32 rounding in the head (``True`` compiles the backbone too, whose bfloat16 arithmetic then moves).
+        compile_in_background: with ``compile`` and graphs, never wait for the compiler: each graph key is served by
+            its plain graph at once while a helper thread compiles and captures its compiled chain, which serves the
+            key's calls from then on (:meth:`wait_for_compile` waits for it). A key whose compile fails stays plain,
+            with a warning.
         concurrent: on CUDA, run independent work side by side on side streams (parallel branches of the
             graph): the backbone beside the texture features and allocation bounds, the three scorers and
             the balance's region similarity beside each other. The results are the same either way.
@@ -114,6 +119,7 @@ class Pipeline(nn.Module):
         device: torch.device | str | None = None,
         cuda_graphs: bool | None = None,
         compile: bool | Literal["head"] = False,
+        compile_in_background: bool = False,
         concurrent: bool = True,
         graph_cache: GraphCache | None = None,
         graph_batch: int | None = None,
@@ -126,6 +132,8 @@ class Pipeline(nn.Module):
             raise InvalidInputError(f"graph_batch must be at least 1; got {graph_batch}")
         if compile not in (False, True, "head"):
             raise InvalidInputError(f'compile must be False, True or "head"; got {compile!r}')
+        if compile_in_background and not compile:
+            raise InvalidInputError('compile_in_background needs compile=True or compile="head"')
         if config is not None and not isinstance(config, PipelineConfig):
             raise InvalidTypeError(
                 f"config must be a PipelineConfig (PipelineConfig.from_dict reads a dict); got {type(config).__name__}"
@@ -155,6 +163,14 @@ class Pipeline(nn.Module):
         self.head = RelevanceHead(config, concurrent=concurrent, compile=bool(compile), objectness=probe)
         self.text_encoder: nn.Module | None = None
         self.graph_cache = graph_cache if graph_cache is not None else GraphCache()  # an empty cache is falsy
+        # the compiled chains, built beside the plain ones that serve until then
+        self.compiled_chains = (
+            BackgroundCapture(
+                lambda key: self._build(key, compile), self.graph_cache.max_entries, self.graph_cache.backend
+            )
+            if compile_in_background
+            else None
+        )
         self.graph_batch = graph_batch
         self._eager_only: dict[GraphKey, str] = {}  # keys whose capture failed, with the reason
         if device is not None:
@@ -191,6 +207,7 @@ class Pipeline(nn.Module):
         device: torch.device | str | None = None,
         cuda_graphs: bool | None = None,
         compile: bool | Literal["head"] = False,
+        compile_in_background: bool = False,
         concurrent: bool = True,
         graph_cache: GraphCache | None = None,
         graph_batch: int | None = None,
@@ -203,7 +220,8 @@ class Pipeline(nn.Module):
 
         Args:
             path: a local folder (default: the weights shipped with arrcoc, ``arrcoc.config.DEFAULT_WEIGHTS_DIR``).
-            device, cuda_graphs, compile, concurrent, graph_cache, graph_batch: as for :class:`Pipeline`.
+            device, cuda_graphs, compile, compile_in_background, concurrent, graph_cache, graph_batch: as for
+                :class:`Pipeline`.
             **overrides: config fields to change (e.g. ``buckets=(224, 384)``).
 
         Raises:
@@ -237,6 +255,7 @@ class Pipeline(nn.Module):
             device=device,
             cuda_graphs=cuda_graphs,
             compile=compile,
+            compile_in_background=compile_in_background,
             concurrent=concurrent,
             graph_cache=graph_cache,
             graph_batch=graph_batch,
@@ -272,6 +291,8 @@ class Pipeline(nn.Module):
 
     def _apply(self, fn: Any, recurse: bool = True) -> Pipeline:
         self.graph_cache.clear()  # captured graphs hold the old device's (or dtype's) tensors
+        if self.compiled_chains is not None:
+            self.compiled_chains.clear()
         self._eager_only.clear()
         return super()._apply(fn, recurse)
 
@@ -373,10 +394,29 @@ class Pipeline(nn.Module):
             inputs["budget"] = torch.ones(b, dtype=torch.long, device=device)
         return inputs
 
-    def _build(self, key: GraphKey) -> tuple[list[Any], dict[str, Tensor], tuple[str, ...]]:
-        """What the cache captures for ``key``: the stages, their static inputs, the result keys."""
-        stages = self.stages(key.bucket, key.capacity, compile=self.compile, pick=key.pick)
+    def _build(
+        self, key: GraphKey, compile: bool | Literal["head"] | None = None
+    ) -> tuple[list[Any], dict[str, Tensor], tuple[str, ...]]:
+        """What the cache captures for ``key``: the stages, their static inputs, the result keys (``compile``: as
+        the pipeline's calls capture, plain where a helper thread compiles)."""
+        if compile is None:
+            compile = False if self.compiled_chains is not None else self.compile
+        stages = self.stages(key.bucket, key.capacity, compile=compile, pick=key.pick)
         return stages, self._static_inputs(key), RESULT_KEYS
+
+    def _cache_for(self, key: GraphKey) -> GraphCache:
+        """The cache that serves ``key``: the compiled chains' once its compiled chain is captured (the first call
+        queues its compile), the plain graphs' until then."""
+        chains = self.compiled_chains
+        if chains is None:
+            return self.graph_cache
+        self.encoder(key.bucket), self.width  # built in this thread, not in the helper's beside it
+        return chains.cache if chains.ready(key, self.graph_cache.capture_lock) else self.graph_cache
+
+    def wait_for_compile(self, timeout: float | None = None) -> bool:
+        """With ``compile_in_background``, block until the compiled chain of every graph key served so far is
+        captured (or has failed and stays plain); returns whether that happened within ``timeout`` seconds."""
+        return self.compiled_chains is None or self.compiled_chains.wait(timeout)
 
     def _uses_graphs(self, device: torch.device | None = None) -> bool:
         return self.cuda_graphs and ((device or self.device).type == "cuda" or self.graph_cache.backend == "eager")
@@ -390,7 +430,9 @@ class Pipeline(nn.Module):
         if key in self._eager_only:
             return None
         try:
-            return self.graph_cache.get(key, lambda: self._build(key))
+            chain = self.graph_cache.get(key, lambda: self._build(key))
+            self._cache_for(key)  # queues the compiled chain's build
+            return chain
         except CaptureError as err:
             self._capture_failed(key, err)
             return None
@@ -450,7 +492,8 @@ class Pipeline(nn.Module):
         if key is not None and key not in self._eager_only:
             try:
                 with timer("graphs"):
-                    return self.graph_cache.run(key, lambda: self._build(key), graph_inputs(key, state), batch, copy)
+                    cache = self._cache_for(key)
+                    return cache.run(key, lambda: self._build(key), graph_inputs(key, state), batch, copy)
             except CaptureError as err:
                 self._capture_failed(key, err)
         for name, stage in self.stages(bucket, capacity, pick=pick):

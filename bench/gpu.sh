@@ -18,8 +18,8 @@
 # on the same machine; DATASET=1 the data-set benchmark; SWEEP=1 the query-free validation sweep
 # (bench/sweep_noquery.py, SWEEP_LIMIT seconds, SWEEP_ARGS passed on); ITEM4=1 the chain against the encoder alone at
 # 224 px bf16 batch 64, plain, compiled and head compiled, with the head-compiled-vs-plain agreement and a fresh
-# process's start-up, plain and head compiled; PROBE="qwen-host ..." those parts of bench/profile_probe.py
-# (PROBE_LIMIT seconds each) into $OUT/probe.
+# process's start-up, plain and head compiled in the background (ITEM4_RESTART: other --restart-modes, ITEM4_LIMIT:
+# its seconds); PROBE="qwen-host ..." those parts of bench/profile_probe.py (PROBE_LIMIT seconds each) into $OUT/probe.
 # Knobs: TESTS=0 skips the tests, TEST_FILES="tests/a.py ..." runs only those files' cuda tests, BENCH=0 the
 # benchmark, QUICK=1 runs the benchmark's --quick matrix (full run), STAGES=1 adds the eager stage benchmark (full
 # run), BUDGET=<s> bounds the whole script (final: 300 by default), DRY=1 prints each step and its limit without
@@ -147,8 +147,9 @@ SWEEP_LIMIT="${SWEEP_LIMIT:-300}"
 # issue 22 item 4: the chain against the encoder alone, plain and compiled, at 224 px bf16 batch 64 (the shipped
 # encoder and vit_base), compiled-vs-plain allocations and the start-up of a fresh process
 ITEM4_ARGS=(--sizes 224 --batches 64 --compile 224x64 --no-reduce-overhead --no-warmup --seconds 0.15 --reps 25 --dtype bfloat16)
-[ "${ITEM4:-0}" = 1 ] && step bench-item4-shipped 170 "${GRAPHS[@]}" --pretrained --tag shipped-bf16 "${ITEM4_ARGS[@]}" \
-  --agreement --agreement-mode head --agreement-images 256 --restart --restart-modes plain head
+[ "${ITEM4:-0}" = 1 ] && step bench-item4-shipped "${ITEM4_LIMIT:-240}" "${GRAPHS[@]}" --pretrained --tag shipped-bf16 \
+  "${ITEM4_ARGS[@]}" --agreement --agreement-mode head --agreement-images 256 --restart \
+  --restart-modes ${ITEM4_RESTART:-plain background}
 [ "${ITEM4:-0}" = 1 ] && step bench-item4-vitb 90 "${GRAPHS[@]}" --encoder vit_base_patch16_224 --tag vitb-bf16-item4 \
   "${ITEM4_ARGS[@]}"
 for part in ${PROBE:-}; do

@@ -423,17 +423,22 @@ def test_compile_option_reaches_the_pipeline_and_bad_choices_are_refused(
     original = compress_dataset.Pipeline.from_pretrained
 
     def recording(*args, **kwargs):
-        built.append((kwargs["compile"], kwargs["graph_batch"]))
-        return original(*args, **{**kwargs, "compile": False})  # the option's path, not a CPU compile
+        built.append((kwargs["compile"], kwargs.get("compile_in_background", False), kwargs["graph_batch"]))
+        # the option's path, not a CPU compile
+        return original(*args, **{**kwargs, "compile": False, "compile_in_background": False})
 
     monkeypatch.setattr(compress_dataset.Pipeline, "from_pretrained", recording)
     with _one_thread():
         assert compress_main([*_args(source, tmp_path / "out", model, "--workers", "0"), "--compile", "head"]) == 0
-    assert built == [("head", 4)]  # compiled: every batch pads to the job's batch size
+    assert built == [("head", False, 4)]  # compiled: every batch pads to the job's batch size
     assert "--compile head: the first batch of each bucket size compiles" in capsys.readouterr().err
     with _one_thread():
         assert compress_main([*_args(source, tmp_path / "plain", model, "--workers", "0")]) == 0
-    assert "compiles" not in capsys.readouterr().err and built[-1] == (False, None)
+    assert "compiles" not in capsys.readouterr().err and built[-1] == (False, False, None)
+    with _one_thread():  # the plain graphs at once, the head compiled on a helper thread: no wait to announce
+        args = [*_args(source, tmp_path / "background", model, "--workers", "0"), "--compile", "background"]
+        assert compress_main(args) == 0
+    assert "compiles" not in capsys.readouterr().err and built[-1] == ("head", True, 4)
     with pytest.raises(SystemExit):
         compress_main([*_args(source, tmp_path / "bad", model), "--compile", "fast"])
     assert "--compile: invalid choice: 'fast'" in capsys.readouterr().err

@@ -126,6 +126,13 @@ def test_restart_times_each_fresh_process_from_its_start(monkeypatch: pytest.Mon
     assert commands[0][-4:] == ["--sizes", "224", "--batches", "64"] and "tiny" in commands[0]
     table = "\n".join(bench_graphs._restart_lines(r))
     assert "| plain | 2 | 5.0 | 2.0 | 1.0 | 2.0 |" in table and "| compiled | 1 | — | — |" in table and "boom" in table
+    r["runs"].append({**r["runs"][0], "mode": "background", "compiled_s": 17.25, "compiled_served": True})
+    r["runs"].append({**r["runs"][0], "mode": "background", "run": 2, "compiled_s": 9.0, "compiled_served": False})
+    table = "\n".join(bench_graphs._restart_lines(r))
+    assert "| background | 1 | 5.0 |" in table
+    assert (
+        "compiled graph's first batch is done: run 1 17.2 s, run 2 9.0 s (not served by the compiled graph)." in table
+    )
 
 
 def _report(**extra: Any) -> dict[str, Any]:
@@ -203,3 +210,6 @@ def test_pretrained_builds_the_shipped_config_and_help_lists_the_flags(capsys: p
 def test_first_batch_is_graphed_on_a_gpu(tiny_config: arrcoc.PipelineConfig) -> None:
     first = bench_graphs.time_first_batch(tiny_config, size=128, batch=2)
     assert first["graphed"] and first["entered_at"] < first["done_at"] <= time.time() and first["first_call_s"] > 0
+    background = bench_graphs.time_first_batch(tiny_config, compile="head", in_background=True, size=128, batch=2)
+    assert background["graphed"] and background["compiled_served"]
+    assert background["done_at"] < background["compiled_at"] <= time.time()

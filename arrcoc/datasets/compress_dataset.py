@@ -87,15 +87,20 @@ JPEG_SHARE = 0.9
 #: pageable).
 PINNED_READS: bool = os.environ.get("ARRCOC_PINNED_READS", "1") != "0"
 
-#: ``--compile``'s choices, as ``Pipeline(compile=...)`` takes them.
-COMPILE_CHOICES: dict[str, bool | str] = {"off": False, "head": "head", "all": True}
+#: ``--compile``'s choices, as ``Pipeline`` keyword arguments.
+COMPILE_CHOICES: dict[str, dict[str, Any]] = {
+    "off": {"compile": False},
+    "head": {"compile": "head"},
+    "all": {"compile": True},
+    "background": {"compile": "head", "compile_in_background": True},
+}
 
 
 def compile_options(choice: str, batch_size: int) -> dict[str, Any]:
     """``Pipeline`` keyword arguments for ``--compile choice``: compiled, every batch pads to the job's batch size, so
     that each bucket size compiles once, not once per size of its last batches."""
-    compiled = COMPILE_CHOICES[choice]
-    return {"compile": compiled, "graph_batch": batch_size if compiled else None}
+    options = COMPILE_CHOICES[choice]
+    return {**options, "graph_batch": batch_size if options["compile"] else None}
 
 
 logger = logging.getLogger(__name__)
@@ -990,8 +995,9 @@ def _parser() -> argparse.ArgumentParser:
         default="off",
         choices=sorted(COMPILE_CHOICES),
         help="torch.compile before capture: 'head' arrcoc's own stages (the backbone as it is), 'all' the backbone "
-        "too (its bfloat16 arithmetic then moves some allocations); the first run compiles, later runs read "
-        "torch.compile's on-disk caches",
+        "too (its bfloat16 arithmetic then moves some allocations), 'background' the head on a helper thread while "
+        "plain graphs compress, each bucket size switching to its compiled graph once that is captured; the first "
+        "run compiles, later runs read torch.compile's on-disk caches",
     )
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
     parser.add_argument("--timeout-minutes", type=float, default=60.0, help="how long a rank waits for the others")
@@ -1015,7 +1021,7 @@ def main(argv: list[str] | None = None) -> int:
             pipe = Pipeline(PipelineConfig.from_name(args.preset, **overrides), device=launch.device, **options)
         else:
             pipe = Pipeline.from_pretrained(args.pretrained, device=launch.device, **options, **overrides)
-        if args.compile != "off" and _rank_world()[0] == 0:  # minutes of silence at the start otherwise
+        if args.compile not in ("off", "background") and _rank_world()[0] == 0:  # minutes of silence otherwise
             print(
                 f"arrcoc compress-dataset: --compile {args.compile}: the first batch of each bucket size compiles "
                 "(about a minute each from an empty cache); a later run reads torch.compile's on-disk cache",

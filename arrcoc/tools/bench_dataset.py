@@ -166,6 +166,9 @@ def _case(
         budget=args.budget,
     )
     warmup_s = time.perf_counter() - start
+    start = time.perf_counter()
+    pipe.wait_for_compile()  # --compile background: the figures are the compiled graphs' that take over
+    compile_wait_s = time.perf_counter() - start
     common = dict(
         batch_size=args.batch_size,
         shard_size=args.shard_size,
@@ -222,6 +225,7 @@ def _case(
         "cuda_graphs": graphs,
         "buckets": list(config.buckets),
         "warmup_s": warmup_s,
+        "compile_wait_s": compile_wait_s,
         "images": plain.images,
         "readers": plain.readers,
         "errors": plain.errors,
@@ -316,13 +320,22 @@ def _readers(report: dict[str, Any]) -> str:
     return f"{counts} reader threads"
 
 
+def _compile_wait(report: dict[str, Any]) -> str:
+    """With ``--compile background``: how long the compiled graphs took to take over, after the warm-up's captures
+    (the measured runs start then)."""
+    if report.get("compile") != "background":
+        return ""
+    waits = ", ".join(f"{r['compile_wait_s']:.1f} s" for r in report["cases"] if "compile_wait_s" in r)
+    return f" (the compiled graphs took over after {waits or '?'} past the plain graphs' warm-up)"
+
+
 def _markdown(report: dict[str, Any]) -> str:
     lines = [
         f"# arrcoc compress-dataset — {report['device']}",
         "",
         f"torch {report['torch']}, torchvision {report['torchvision']}, preset `{report['preset']}`, "
-        f"`--compile {report.get('compile', 'off')}`, {report['date']}. Budget {report['budget']}, batch "
-        f"{report['batch_size']}, {_readers(report)} on the "
+        f"`--compile {report.get('compile', 'off')}`{_compile_wait(report)}, {report['date']}. Budget "
+        f"{report['budget']}, batch {report['batch_size']}, {_readers(report)} on the "
         f"batched path, {report['workers']} DataLoader worker processes on the Pillow path, shards of "
         f"{report['shard_size']}, {report['token_dtype']} tokens. Sets: "
         + "; ".join(f"`{k}` {v}" for k, v in report["sets"].items())
