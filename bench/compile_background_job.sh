@@ -12,7 +12,7 @@ make_images(sys.argv[1], int(sys.argv[2]), sides=(640, 1600), seed=3)" "$WORK/ph
 for mode in off background; do
   export TORCHINDUCTOR_CACHE_DIR="$WORK/inductor-$mode"
   start=$(date +%s.%N)
-  timeout -k 5 150 python3 -m arrcoc compress-dataset "$WORK/photos" "$WORK/out-$mode" --budget 64 --dtype bfloat16 \
+  timeout -k 5 90 python3 -m arrcoc compress-dataset "$WORK/photos" "$WORK/out-$mode" --budget 64 --dtype bfloat16 \
     --compile "$mode" --quiet > "$WORK/$mode.log" 2>&1
   rc=$?
   echo "--compile $mode: exit $rc, $(python3 -c "import sys, time; print(f'{time.time() - float(sys.argv[1]):.1f}')" "$start") s \

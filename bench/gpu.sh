@@ -19,7 +19,8 @@
 # (bench/sweep_noquery.py, SWEEP_LIMIT seconds, SWEEP_ARGS passed on); ITEM4=1 the chain against the encoder alone at
 # 224 px bf16 batch 64, plain, compiled and head compiled, with the head-compiled-vs-plain agreement and a fresh
 # process's start-up, plain and head compiled in the background (ITEM4_RESTART: other --restart-modes, ITEM4_LIMIT:
-# its seconds); PROBE="qwen-host ..." those parts of bench/profile_probe.py (PROBE_LIMIT seconds each) into $OUT/probe.
+# its seconds); JOB_COMPILE=1 bench/compile_background_job.sh (JOB_PHOTOS photos); PROBE="qwen-host ..." those parts
+# of bench/profile_probe.py (PROBE_LIMIT seconds each) into $OUT/probe.
 # Knobs: TESTS=0 skips the tests, TEST_FILES="tests/a.py ..." runs only those files' cuda tests, BENCH=0 the
 # benchmark, QUICK=1 runs the benchmark's --quick matrix (full run), STAGES=1 adds the eager stage benchmark (full
 # run), BUDGET=<s> bounds the whole script (final: 300 by default), DRY=1 prints each step and its limit without
@@ -152,6 +153,9 @@ ITEM4_ARGS=(--sizes 224 --batches 64 --compile 224x64 --no-reduce-overhead --no-
   --restart-modes ${ITEM4_RESTART:-plain background}
 [ "${ITEM4:-0}" = 1 ] && step bench-item4-vitb 90 "${GRAPHS[@]}" --encoder vit_base_patch16_224 --tag vitb-bf16-item4 \
   "${ITEM4_ARGS[@]}"
+# compress-dataset --compile background against --compile off, fresh processes, empty compile caches: wall time, exit
+[ "${JOB_COMPILE:-0}" = 1 ] && step job-compile-background 200 env OUT="$OUT" PHOTOS="${JOB_PHOTOS:-1000}" \
+  bash bench/compile_background_job.sh
 for part in ${PROBE:-}; do
   step "probe-$part" "${PROBE_LIMIT:-200}" python3 bench/profile_probe.py "$part" --out "$OUT/probe"
 done
