@@ -166,7 +166,11 @@ class Pipeline(nn.Module):
         # the compiled chains, built beside the plain ones that serve until then
         self.compiled_chains = (
             BackgroundCapture(
-                lambda key: self._build(key, compile), self.graph_cache.max_entries, self.graph_cache.backend
+                lambda key: self._build(key, compile),
+                self.graph_cache.max_entries,
+                self.graph_cache.backend,
+                # the bucket's encoder and the width are built in the caller's thread, not beside it in the helper's
+                prepare=lambda key: (self.encoder(key.bucket), self.width),
             )
             if compile_in_background
             else None
@@ -410,7 +414,6 @@ class Pipeline(nn.Module):
         chains = self.compiled_chains
         if chains is None:
             return self.graph_cache
-        self.encoder(key.bucket), self.width  # built in this thread, not in the helper's beside it
         return chains.cache if chains.ready(key, self.graph_cache.capture_lock) else self.graph_cache
 
     def wait_for_compile(self, timeout: float | None = None) -> bool:

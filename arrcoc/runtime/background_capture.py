@@ -34,6 +34,8 @@ class BackgroundCapture:
             thread: a compiled chain compiles there, on its first run).
         max_entries: most chains kept (as :class:`GraphCache`).
         backend: :class:`GraphCache`'s (``"eager"``: the same bookkeeping without a GPU, for tests).
+        prepare: ``prepare(key)``, run in the asking thread before a key's build is queued: what the build needs
+            that must not be created on the helper thread beside the caller's own use of it.
     """
 
     def __init__(
@@ -41,8 +43,9 @@ class BackgroundCapture:
         build: Callable[[GraphKey], tuple[list[Stage], dict[str, Tensor], Sequence[str]]],
         max_entries: int = 32,
         backend: str = "cuda",
+        prepare: Callable[[GraphKey], object] | None = None,
     ) -> None:
-        self.build = build
+        self.build, self.prepare = build, prepare
         self.cache = GraphCache(max_entries, backend=backend)
         self.lock = threading.Lock()
         self._jobs: dict[GraphKey, Future[None]] = {}
@@ -56,6 +59,8 @@ class BackgroundCapture:
         with self.lock:
             job = self._jobs.get(key)
             if job is None:
+                if self.prepare is not None:
+                    self.prepare(key)
                 self._jobs[key] = job = Future()
                 self._queue.append((key, job, capture_lock))
                 if self._thread is None:
