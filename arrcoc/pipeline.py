@@ -95,7 +95,8 @@ class Pipeline(nn.Module):
         compile_in_background: with ``compile`` and graphs, never wait for the compiler: each graph key is served by
             its plain graph at once while a helper thread compiles and captures its compiled chain, which serves the
             key's calls from then on (:meth:`wait_for_compile` waits for it). A key whose compile fails stays plain,
-            with a warning.
+            with a warning. No capture runs beside a compile: a key first met while one runs is served eagerly
+            until it ends.
         concurrent: on CUDA, run independent work side by side on side streams (parallel branches of the
             graph): the backbone beside the texture features and allocation bounds, the three scorers and
             the balance's region similarity beside each other. The results are the same either way.
@@ -409,10 +410,10 @@ class Pipeline(nn.Module):
         return stages, self._static_inputs(key), RESULT_KEYS
 
     def _cache_for(self, key: GraphKey) -> GraphCache:
-        """The cache that serves ``key``: the compiled chains' once its compiled chain is captured (the first call
-        queues its compile), the plain graphs' until then."""
+        """The cache that serves ``key``: the compiled chains' once its compiled chain is captured, the plain graphs'
+        until then; the first call after the plain chain's capture queues the compile."""
         chains = self.compiled_chains
-        if chains is None:
+        if chains is None or key not in self.graph_cache:  # the plain chain is captured first
             return self.graph_cache
         return chains.cache if chains.ready(key, self.graph_cache.capture_lock) else self.graph_cache
 
@@ -428,17 +429,43 @@ class Pipeline(nn.Module):
         self._eager_only[key] = str(err)
         warnings.warn(f"arrcoc: running eagerly for {key.bucket}px, batch {key.batch}: {err}", stacklevel=5)
 
-    def _chain(self, key: GraphKey) -> Any:
-        """The captured chain for ``key``, or None where capture failed (the stages then run eagerly)."""
+    def _chain(self, key: GraphKey, queue_compile: bool = True) -> Any:
+        """The captured chain for ``key``, or None where capture failed (the stages then run eagerly);
+        ``queue_compile``: then queue its compiled build (``compile_in_background``)."""
         if key in self._eager_only:
             return None
         try:
-            chain = self.graph_cache.get(key, lambda: self._build(key))
-            self._cache_for(key)  # queues the compiled chain's build
+            if self.compiled_chains is None:
+                return self.graph_cache.get(key, lambda: self._build(key))
+            with self.compiled_chains.gate:  # waits for a build under way: see _run_graphed
+                chain = self.graph_cache.get(key, lambda: self._build(key))
+            if queue_compile:
+                self._cache_for(key)
             return chain
         except CaptureError as err:
             self._capture_failed(key, err)
             return None
+
+    def _run_graphed(self, key: GraphKey, state: dict[str, Any], batch: int, copy: bool) -> Mapping[str, Any] | None:
+        """One call of ``key``'s graph (captured first if need be); None where this call must run eagerly.
+
+        With ``compile_in_background`` a capture never runs beside a compile, which can void it (on an H100 a
+        plain capture beside the helper thread's compile failed, and the key ran eagerly for good): a key whose
+        plain chain is not captured yet runs eagerly while a build is under way, and is captured on a later call;
+        once it is, its compiled build is queued.
+        """
+        cache = self._cache_for(key)
+        chains = self.compiled_chains
+        if chains is None or key in cache:
+            return cache.run(key, lambda: self._build(key), graph_inputs(key, state), batch, copy)
+        if not chains.gate.acquire(blocking=False):
+            return None
+        try:
+            out = cache.run(key, lambda: self._build(key), graph_inputs(key, state), batch, copy)
+        finally:
+            chains.gate.release()
+        self._cache_for(key)  # queues the compiled chain's build
+        return out
 
     def warmup(
         self,
@@ -462,16 +489,25 @@ class Pipeline(nn.Module):
 
         Returns:
             ``graph_cache.stats()`` after the captures.
+
+        With ``compile_in_background`` the compiled builds are queued once every plain chain is captured (a capture
+        waits for a build under way).
         """
         if not self._uses_graphs():
             return self.graph_cache.stats()
         capacity = self.config.token_capacity or token_capacity(budget)
+        keys = [
+            self._graph_key(size, batch, cap, query_tokens, pick)
+            for size in sorted(sizes or self.config.buckets, reverse=True)
+            for batch in sorted(batch_sizes, reverse=True)
+            for cap in (capacity, 0)  # compression and relevance-only chains
+            for pick in ({True: (False,), False: (True,), None: (True, False)}[asked] if cap else (True,))
+        ]
         with torch.inference_mode():
-            for size in sorted(sizes or self.config.buckets, reverse=True):
-                for batch in sorted(batch_sizes, reverse=True):
-                    for cap in (capacity, 0):  # compression and relevance-only chains
-                        for pick in {True: (False,), False: (True,), None: (True, False)}[asked] if cap else (True,):
-                            self._chain(self._graph_key(size, batch, cap, query_tokens, pick))
+            captured = [key for key in keys if self._chain(key, queue_compile=False) is not None]
+            if self.compiled_chains is not None:
+                for key in captured:
+                    self._cache_for(key)  # queues its compiled build
         return self.graph_cache.stats()
 
     def _run_stages(
@@ -495,8 +531,9 @@ class Pipeline(nn.Module):
         if key is not None and key not in self._eager_only:
             try:
                 with timer("graphs"):
-                    cache = self._cache_for(key)
-                    return cache.run(key, lambda: self._build(key), graph_inputs(key, state), batch, copy)
+                    out = self._run_graphed(key, state, batch, copy)
+                if out is not None:
+                    return out
             except CaptureError as err:
                 self._capture_failed(key, err)
         for name, stage in self.stages(bucket, capacity, pick=pick):

@@ -19,7 +19,8 @@
 # (bench/sweep_noquery.py, SWEEP_LIMIT seconds, SWEEP_ARGS passed on); ITEM4=1 the chain against the encoder alone at
 # 224 px bf16 batch 64, plain, compiled and head compiled, with the head-compiled-vs-plain agreement and a fresh
 # process's start-up, plain and head compiled in the background (ITEM4_RESTART: other --restart-modes, ITEM4_LIMIT:
-# its seconds); JOB_COMPILE=1 bench/compile_background_job.sh (JOB_PHOTOS photos); PROBE="qwen-host ..." those parts
+# its seconds); JOB_COMPILE=1 bench/compile_background_job.sh (JOB_PHOTOS photos); RACE=1 bench/compile_race_probe.py
+# (captures beside a background compile); PROBE="qwen-host ..." those parts
 # of bench/profile_probe.py (PROBE_LIMIT seconds each) into $OUT/probe.
 # Knobs: TESTS=0 skips the tests, TEST_FILES="tests/a.py ..." runs only those files' cuda tests, BENCH=0 the
 # benchmark, QUICK=1 runs the benchmark's --quick matrix (full run), STAGES=1 adds the eager stage benchmark (full
@@ -156,6 +157,8 @@ ITEM4_ARGS=(--sizes 224 --batches 64 --compile 224x64 --no-reduce-overhead --no-
 # compress-dataset --compile background against --compile off, fresh processes, empty compile caches: wall time, exit
 [ "${JOB_COMPILE:-0}" = 1 ] && step job-compile-background 200 env OUT="$OUT" PHOTOS="${JOB_PHOTOS:-1000}" \
   bash bench/compile_background_job.sh
+# a background compile beside the plain graphs' captures: fresh processes, one and two buckets, every warning
+[ "${RACE:-0}" = 1 ] && step compile-race 240 python3 bench/compile_race_probe.py --runs 2 --keys 1 2
 for part in ${PROBE:-}; do
   step "probe-$part" "${PROBE_LIMIT:-200}" python3 bench/profile_probe.py "$part" --out "$OUT/probe"
 done

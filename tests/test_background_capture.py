@@ -40,6 +40,21 @@ def _recording_compile(calls: list[str], fail: bool = False) -> Callable[..., An
     return compile
 
 
+def _blocking_compile(release: threading.Event, building: threading.Event | None = None) -> Callable[..., Any]:
+    """A stand-in for ``torch.compile`` whose compiled bodies wait for ``release`` (setting ``building`` first)."""
+
+    def compile(fn: Callable[..., Any], **kwargs: Any) -> Callable[..., Any]:
+        def compiled(*args: Any, **kw: Any) -> Any:
+            if building is not None:
+                building.set()
+            release.wait(60)
+            return fn(*args, **kw)
+
+        return compiled
+
+    return compile
+
+
 def test_the_plain_chain_serves_until_the_compiled_one_is_captured(
     tiny_config: arrcoc.PipelineConfig, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -67,6 +82,69 @@ def test_the_plain_chain_serves_until_the_compiled_one_is_captured(
     assert set(compiled.cache._entries) == set(pipe.graph_cache._entries)
     pipe.to(torch.float64)  # the captured chains hold float32 tensors: both caches start over
     assert len(compiled.cache) == 0 and len(pipe.graph_cache) == 0
+
+
+def test_a_compile_is_queued_only_once_its_plain_chain_is_captured(
+    tiny_config: arrcoc.PipelineConfig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A compile beside a capture slows it (the GIL) and may void it; the plain capture of a key comes first."""
+    monkeypatch.setattr(torch, "compile", _recording_compile([]))
+    pipe = arrcoc.Pipeline(
+        tiny_config, compile="head", compile_in_background=True, graph_cache=GraphCache(backend="eager")
+    )
+    assert pipe.compiled_chains is not None
+    queued_after_capture: list[bool] = []
+    ready = pipe.compiled_chains.ready
+
+    def recording_ready(key: Any, *rest: Any) -> bool:
+        queued_after_capture.append(key in pipe.graph_cache)
+        return ready(key, *rest)
+
+    monkeypatch.setattr(pipe.compiled_chains, "ready", recording_ready)
+    pipe(_images(2, seed=7), budget=10)  # the first call: capture, then queue
+    assert queued_after_capture == [True]
+    pipe.warmup(sizes=(384,), batch_sizes=(2,), budget=20)
+    assert queued_after_capture and all(queued_after_capture)
+    assert pipe.wait_for_compile(timeout=120) and len(pipe.compiled_chains.cache) == len(pipe.graph_cache)
+
+
+def test_a_new_key_runs_eagerly_while_a_build_is_under_way(
+    tiny_config: arrcoc.PipelineConfig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No capture beside a compile: a key first seen during a build runs eagerly, and is captured after it."""
+    building, release = threading.Event(), threading.Event()
+    monkeypatch.setattr(torch, "compile", _blocking_compile(release, building))
+    pipe = arrcoc.Pipeline(
+        tiny_config, compile="head", compile_in_background=True, graph_cache=GraphCache(backend="eager")
+    )
+    plain = arrcoc.Pipeline(tiny_config, cuda_graphs=False)
+    pipe(_images(2, seed=8), budget=10)
+    assert building.wait(60)  # the helper thread is inside the first key's build
+    other = [torch.rand(3, 384, 384, generator=torch.Generator().manual_seed(9))]
+    out = pipe(other, budget=20)
+    assert len(pipe.graph_cache) == 1  # not captured beside the build
+    assert torch.equal(out.allocation, plain(other, budget=20).allocation)
+    release.set()
+    assert pipe.wait_for_compile(timeout=120)
+    pipe(other, budget=20)  # the build is done: captured now, and its own build queued
+    assert len(pipe.graph_cache) == 2 and pipe.wait_for_compile(timeout=120)
+    assert len(pipe.compiled_chains.cache) == 2 and not pipe.compiled_chains.failures
+
+
+def test_warmup_captures_every_plain_chain_before_any_compile_starts(
+    tiny_config: arrcoc.PipelineConfig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A build holds off captures, so warm-up queueing each compile after its capture would wait a compile per key."""
+    release = threading.Event()
+    monkeypatch.setattr(torch, "compile", _blocking_compile(release))
+    pipe = arrcoc.Pipeline(
+        tiny_config, compile="head", compile_in_background=True, graph_cache=GraphCache(backend="eager")
+    )
+    began = time.perf_counter()
+    stats = pipe.warmup(sizes=(224, 384), batch_sizes=(1, 2), budget=20)
+    assert time.perf_counter() - began < 30 and stats["captures"] == len(pipe.graph_cache) > 4
+    release.set()
+    assert pipe.wait_for_compile(timeout=120) and len(pipe.compiled_chains.cache) == len(pipe.graph_cache)
 
 
 def test_a_failed_compile_leaves_the_key_on_its_plain_chain(

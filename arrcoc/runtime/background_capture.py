@@ -3,9 +3,10 @@
 A compiled chain is the faster one, but compiling it takes seconds to a minute per graph key (dynamo traces it,
 inductor builds or loads its kernels), while a plain graph is captured in a second. So the caller serves each key
 from its plain chain at once and asks this for the compiled one; once that is captured here, calls for the key
-replay it instead. The compile runs on the helper thread's own stream, outside every lock (the calls replaying
-beside it are not held up); only its capture takes the caller's capture lock. This module knows nothing of
-relevance or of what makes one chain better than another.
+replay it instead. The compile runs on the helper thread's own stream; the calls replaying beside it are not held
+up. Each build holds :attr:`BackgroundCapture.gate`, which the caller holds through a capture of its own, so that
+no capture runs beside a compile; the build's capture also takes the caller's capture lock. This module knows
+nothing of relevance or of what makes one chain better than another.
 """
 
 from __future__ import annotations
@@ -48,6 +49,8 @@ class BackgroundCapture:
         self.build, self.prepare = build, prepare
         self.cache = GraphCache(max_entries, backend=backend)
         self.lock = threading.Lock()
+        # held through each build; a caller holds it through a capture of its own, which a build beside could void
+        self.gate = threading.Lock()
         self._jobs: dict[GraphKey, Future[None]] = {}
         self._queue: deque[tuple[GraphKey, Future[None], AbstractContextManager[Any] | None]] = deque()
         self._thread: threading.Thread | None = None  # running while the queue holds work
@@ -104,7 +107,8 @@ class BackgroundCapture:
             if not job.set_running_or_notify_cancel():
                 continue
             try:
-                self._capture(key, capture_lock)
+                with self.gate:
+                    self._capture(key, capture_lock)
             except Exception as err:  # any failure leaves the key on the caller's chain
                 self.failures[key] = f"{type(err).__name__}: {err}"
                 if threading.main_thread().is_alive():  # else the process is exiting under the compile: no news
