@@ -449,10 +449,10 @@ class Pipeline(nn.Module):
     def _run_graphed(self, key: GraphKey, state: dict[str, Any], batch: int, copy: bool) -> Mapping[str, Any] | None:
         """One call of ``key``'s graph (captured first if need be); None where this call must run eagerly.
 
-        With ``compile_in_background`` a capture never runs beside a compile, which can void it (on an H100 a
-        plain capture beside the helper thread's compile failed, and the key ran eagerly for good): a key whose
-        plain chain is not captured yet runs eagerly while a build is under way, and is captured on a later call;
-        once it is, its compiled build is queued.
+        With ``compile_in_background`` a capture never runs beside a compile, which can void it (measured:
+        ``docs/decisions.md``, compiled on a helper thread): a key whose plain chain is not captured yet runs
+        eagerly while a build is under way, and is captured on a later call; once it is, its compiled build is
+        queued.
         """
         cache = self._cache_for(key)
         chains = self.compiled_chains

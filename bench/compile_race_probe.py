@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import time
@@ -69,9 +68,7 @@ def main() -> None:
     for keys in args.keys:
         for run in range(1, args.runs + 1):
             began = time.perf_counter()
-            proc = subprocess.run(
-                [sys.executable, __file__, "--child", str(keys)], capture_output=True, text=True, env=dict(os.environ)
-            )
+            proc = subprocess.run([sys.executable, __file__, "--child", str(keys)], capture_output=True, text=True)
             lines = [line for line in proc.stdout.splitlines() if line.startswith("probe-result ")]
             result = json.loads(lines[-1][len("probe-result ") :]) if lines else {"error": proc.stderr[-3000:]}
             result.update(run=run, exit=proc.returncode, wall_s=round(time.perf_counter() - began, 1))

@@ -87,7 +87,7 @@ def test_the_plain_chain_serves_until_the_compiled_one_is_captured(
 def test_a_compile_is_queued_only_once_its_plain_chain_is_captured(
     tiny_config: arrcoc.PipelineConfig, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A compile beside a capture slowed it and voided it on an H100: the plain capture of a key comes first."""
+    """A compile beside a capture can void it (docs/decisions.md): the plain capture of a key comes first."""
     monkeypatch.setattr(torch, "compile", _recording_compile([]))
     pipe = arrcoc.Pipeline(
         tiny_config, compile="head", compile_in_background=True, graph_cache=GraphCache(backend="eager")
