@@ -21,7 +21,7 @@ import arrcoc
 from arrcoc.datasets import compress_dataset
 from arrcoc.datasets.compress_dataset import EXIT_INCOMPLETE, list_sources
 from arrcoc.datasets.compress_dataset import main as compress_main
-from arrcoc.datasets.shards import INDEX_NAME, SHARD_DIR, load_index, load_record
+from arrcoc.datasets.shards import INDEX_NAME, SHARD_DIR, ShardFile, load_index, load_record
 
 BROKEN = {"broken.jpg": b"this is not a JPEG", "empty.png": b""}
 SHARD_SIZE = 5
@@ -164,16 +164,15 @@ def _rank(rank: int, world: int, port: int, args: list[str], die_after_one_shard
     )
     torch.set_num_threads(1)
     if die_after_one_shard:
-        real = compress_dataset.write_shard
+        real = ShardFile.finish
 
-        def write_shard(path: Path, *rest: object) -> None:
-            if any(path.parent.glob("shard-*.safetensors")):
-                # die in the middle of writing the second shard: half a temporary file, no clean-up of any kind
-                (path.parent / f".{path.name}.x1y2.tmp").write_bytes(b"half a shard")
+        def finish(shard: ShardFile, *rest: object) -> None:
+            if any(shard.path.parent.glob("shard-*.safetensors")):
+                # die while writing the second shard: its temporary file left as it is, no clean-up of any kind
                 os.kill(os.getpid(), signal.SIGKILL)
-            real(path, *rest)
+            real(shard, *rest)
 
-        compress_dataset.write_shard = write_shard
+        ShardFile.finish = finish
     sys.exit(compress_main(args))
 
 
@@ -224,6 +223,26 @@ def test_a_killed_run_restarts_and_completes_with_nothing_lost_or_duplicated(
         assert compress_main(args) == 0
     assert "5 shards written, 1 already complete" in capsys.readouterr().out
     _assert_same_dataset(dest, reference)
+
+
+def test_a_run_that_fails_midway_leaves_no_temporary_file(
+    tmp_path: Path, source: Path, model: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Shards are written into temporaries as their batches land; a run that fails removes those it opened."""
+    placed = []
+    real = ShardFile.place
+
+    def place(shard: ShardFile, *args: object) -> None:
+        real(shard, *args)
+        placed.append(shard.path.name)
+        if len(set(placed)) == 2:  # the second shard has its temporary and one batch: the disk fills up
+            raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(ShardFile, "place", place)
+    dest = tmp_path / "full"
+    with _one_thread(), pytest.raises(OSError, match="No space left"):
+        compress_main(_args(source, dest, model, "--workers", "0"))
+    assert sorted(p.name for p in (dest / SHARD_DIR).iterdir()) == ["shard-000000.safetensors"]
 
 
 def test_max_shards_stops_early_and_a_rerun_resumes(
@@ -468,28 +487,82 @@ def _image_rows(count: int, grid: tuple[int, int], seed: int) -> list[dict[str, 
     return rows
 
 
+def _stacked(rows: list[dict[str, torch.Tensor]], grid: tuple[int, int]) -> dict[str, torch.Tensor]:
+    """The shard tensors of ``rows`` stacked in order, per-region maps padded to ``grid``: what a shard holds."""
+    from arrcoc.datasets.shards import ROW_KEYS
+
+    out = {}
+    for key in ROW_KEYS:
+        values = [row[key] for row in rows]
+        if key in ("allocation", "relevance"):
+            values = [torch.nn.functional.pad(v, (0, grid[1] - v.shape[1], 0, grid[0] - v.shape[0])) for v in values]
+        out[key] = torch.stack(values)
+    return out
+
+
+_RECORDS = [{"index": i, "source": f"image-{i}.jpg", "status": "ok"} for i in range(10)]
+
+
 @pytest.mark.parametrize(
-    "batches",
+    ("batches", "streamed"),
     [
-        [[7, 2, 9], [0, 5], [3, 1, 8, 4, 6]],  # every image of the shard, batches out of order
-        [[6, 2], [0, 3]],  # gaps: the images between failed
-        [[1, 0], [2]],  # the first images only: a last shard, shorter than the others
+        ([[0, 3], [1, 2, 4], [7, 8, 9], [5, 6]], True),  # every image, in the order the writer hands them over
+        ([[7, 2, 9], [0, 5], [3, 1, 8, 4, 6]], True),  # every image, out of order: written at the last batch
+        ([[6, 2], [0, 3]], False),  # gaps: the images between failed, so the rows that did are gathered
+        ([[1, 0], [2]], False),  # the first images only
     ],
 )
-def test_shard_rows_placed_batch_by_batch_equal_the_rows_stacked_in_order(batches: list[list[int]]) -> None:
-    """What the writer thread builds as batches land is what stacking the shard's rows at the end would give."""
-    from arrcoc.datasets.shards import ROW_KEYS, ShardRows, stack_rows
+def test_a_shard_file_filled_batch_by_batch_holds_the_rows_stacked_in_order(
+    tmp_path: Path, batches: list[list[int]], streamed: bool
+) -> None:
+    """What the writer thread writes as batches land is what stacking the shard's rows at the end would give, read
+    back through safetensors, whether the file was filled in place or gathered and written whole."""
+    from arrcoc.datasets.shards import ROW_KEYS, ShardFile, read_shard_records
 
-    shard = ShardRows(10)
+    path = tmp_path / "shard-000000.safetensors"
+    shard = ShardFile(path, 10, (3, 4), header_room=4096)
     by_position = {}
     for number, positions in enumerate(batches):
         rows = _image_rows(len(positions), (2, 2) if number % 2 else (3, 4), seed=number)  # two buckets' grids
         shard.place(positions, {key: torch.stack([row[key] for row in rows]) for key in ROW_KEYS})
         by_position.update(zip(positions, rows))
+    want = _stacked([by_position[p] for p in sorted(by_position)], (3, 4))
     got = shard.tensors()
-    want = stack_rows([by_position[p] for p in sorted(by_position)])
-    assert list(got) == list(want) == list(ROW_KEYS)
-    for key in ROW_KEYS:
-        assert got[key].dtype == want[key].dtype and got[key].is_contiguous(), key
-        assert torch.equal(got[key], want[key]), key
-    assert ShardRows(10).tensors() == {}
+    assert list(got) == list(ROW_KEYS)
+    assert shard.written == (10 if streamed else min(set(range(11)) - set(by_position)))
+    shard.finish(_RECORDS, "run")
+    assert list(tmp_path.iterdir()) == [path]  # no temporary left
+    assert read_shard_records(path) == ("run", _RECORDS)
+    with safe_open(os.fspath(path), framework="pt") as handle:
+        assert sorted(handle.keys()) == sorted(ROW_KEYS)
+        for key in ROW_KEYS:
+            stored = handle.get_tensor(key)
+            assert stored.dtype == want[key].dtype and torch.equal(stored, want[key]), key
+            assert torch.equal(got[key], want[key]), key
+
+
+def test_a_shard_file_whose_header_outgrows_its_room_is_written_whole(tmp_path: Path) -> None:
+    from arrcoc.datasets.shards import ROW_KEYS, ShardFile
+
+    path = tmp_path / "shard.safetensors"
+    shard = ShardFile(path, 3, (3, 4), header_room=64)  # far too small for the records
+    rows = _image_rows(3, (3, 4), seed=0)
+    shard.place([0, 1, 2], {key: torch.stack([row[key] for row in rows]) for key in ROW_KEYS})
+    shard.finish(_RECORDS[:3], "run")
+    with safe_open(os.fspath(path), framework="pt") as handle:
+        assert torch.equal(handle.get_tensor("tokens"), _stacked(rows, (3, 4))["tokens"])
+    assert list(tmp_path.iterdir()) == [path]
+
+
+def test_a_shard_file_refuses_a_region_grid_beyond_its_own_and_discards_its_temporary(tmp_path: Path) -> None:
+    from arrcoc.datasets.shards import ROW_KEYS, ShardFile
+
+    shard = ShardFile(tmp_path / "shard.safetensors", 4, (2, 2), header_room=4096)
+    rows = _image_rows(2, (2, 2), seed=0)
+    shard.place([0, 1], {key: torch.stack([row[key] for row in rows]) for key in ROW_KEYS})
+    assert len(list(tmp_path.iterdir())) == 1  # the temporary, rows 0 and 1 in it
+    wide = _image_rows(1, (2, 3), seed=1)
+    with pytest.raises(ValueError, match=r"\(2, 3\) region grid exceeds the shard's \(2, 2\)"):
+        shard.place([2], {key: torch.stack([row[key] for row in wide]) for key in ROW_KEYS})
+    shard.discard()
+    assert list(tmp_path.iterdir()) == [] and ShardFile(tmp_path / "other", 2, (1, 1), 64).tensors() == {}

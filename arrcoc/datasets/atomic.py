@@ -12,7 +12,7 @@ import tempfile
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
-__all__ = ["write_atomic", "remove_partial"]
+__all__ = ["write_atomic", "create_temporary", "commit", "remove_partial"]
 
 _SUFFIX = ".tmp"
 
@@ -29,18 +29,27 @@ def _new_file_mode() -> int:
     return 0o666 & ~umask
 
 
-def write_atomic(path: Path, write: Callable[[str], object]) -> None:
-    """Call ``write(temporary_path)``, then rename the temporary over ``path``; on any error remove it.
-
-    The file ends with the permissions of an ordinary new file (``mkstemp`` creates it 0600).
-    """
+def create_temporary(path: Path) -> str:
+    """Create an empty temporary file beside ``path``, named so that :func:`remove_partial` finds it; its name."""
     path = Path(path)
     handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=_prefix(path.name), suffix=_SUFFIX)
     os.close(handle)
+    return temporary
+
+
+def commit(temporary: str, path: Path) -> None:
+    """Give ``temporary`` the permissions of an ordinary new file (``mkstemp`` creates it 0600) and rename it over
+    ``path``."""
+    os.chmod(temporary, _new_file_mode())
+    os.replace(temporary, path)
+
+
+def write_atomic(path: Path, write: Callable[[str], object]) -> None:
+    """Call ``write(temporary_path)``, then :func:`commit` the temporary to ``path``; on any error remove it."""
+    temporary = create_temporary(path)
     try:
         write(temporary)
-        os.chmod(temporary, _new_file_mode())
-        os.replace(temporary, path)
+        commit(temporary, path)
     except BaseException:
         if os.path.exists(temporary):
             os.remove(temporary)

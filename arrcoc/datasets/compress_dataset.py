@@ -62,11 +62,10 @@ from .shards import (
     FORMAT,
     INDEX_NAME,
     MANIFEST_NAME,
-    ShardRows,
+    ShardFile,
     merge_index,
     read_shard_records,
     shard_file,
-    write_shard,
     write_text_atomic,
 )
 from .sources import IMAGE_SUFFIXES, image_files, load_query
@@ -342,12 +341,12 @@ class _Compressed:
 
 @dataclass
 class _Shard:
-    """One open shard: where its rows go and which of its images compressed (both filled in the writer thread),
-    and which failed (the main thread's)."""
+    """One open shard: its file and which of its images compressed (both filled in the writer thread), and which
+    failed (the main thread's)."""
 
     number: int
     first: int  # the index of its first image
-    rows: ShardRows
+    file: ShardFile
     placed: list[_Loaded] = field(default_factory=list)
     errors: dict[int, tuple[_Loaded, str]] = field(default_factory=dict)
 
@@ -393,8 +392,8 @@ class _ShardWriter:
     Each batch becomes one :class:`~arrcoc.stages.preprocess.PreprocessedBatch` made on the pipeline's device
     (JPEGs decoded and letterboxed there together, other images letterboxed by the reader and copied in), one
     pipeline call, and non-blocking copies of its results to pinned host memory; a background thread waits for
-    each batch's copies and puts its rows in their places in the shard at once, so that when a shard's last
-    batch is done only the file remains to be written.
+    each batch's copies and puts its rows in their places in the shard's file (:class:`ShardFile`), so that when a
+    shard's last batch is done only its header remains to be written.
     """
 
     #: Batches handed to the decode thread beyond the one being compressed.
@@ -409,7 +408,7 @@ class _ShardWriter:
         query_mask: Tensor | None,
         batch_size: int,
         shard_size: int,
-        images: int,
+        sources: Sequence[str],
         token_dtype: torch.dtype,
         fingerprint: str,
         stats: DatasetStats,
@@ -418,8 +417,10 @@ class _ShardWriter:
     ) -> None:
         self.pipe, self.dest, self.budget, self.query, self.query_mask = pipe, dest, budget, query, query_mask
         self.batch_size, self.token_dtype, self.fingerprint, self.stats = batch_size, token_dtype, fingerprint, stats
-        self.shard_size, self.images, self.budget_policy = shard_size, images, budget_policy
+        self.shard_size, self.sources, self.budget_policy = shard_size, sources, budget_policy
         self.device = pipe.device
+        grids = [pipe.grids(bucket)[0] for bucket in pipe.config.buckets]
+        self.region_grid = (max(rh for rh, _ in grids), max(rw for _, rw in grids))
         self.cuda = self.device.type == "cuda"
         self.preprocessor = Preprocessor(pipe.config.buckets, multiple=1)
         # up to two shards' batches (full ones, a partial one per bucket, the write) wait for the writer thread,
@@ -438,13 +439,13 @@ class _ShardWriter:
             pipe.graph_cache.capture_lock = self.lock
         self.decoding: deque[Future[_Decoded]] = deque()
         self.shard: _Shard | None = None
+        self.unwritten: dict[int, _Shard] = {}  # opened, not yet written: their files are temporaries
         self.pending: dict[int, list[_Loaded]] = {}
 
     def add(self, item: _Loaded, shard: int) -> None:
         if self.shard is None or shard != self.shard.number:
             self.finish()
-            first = shard * self.shard_size
-            self.shard = _Shard(shard, first, ShardRows(min(self.shard_size, self.images - first)))
+            self.shard = self._open(shard)
         if item.error is not None:
             self._fail(item, item.error)
             return
@@ -452,6 +453,25 @@ class _ShardWriter:
         queue_.append(item)
         if len(queue_) == self.batch_size:
             self._compress(self.pending.pop(item.bucket))
+
+    def _open(self, number: int) -> _Shard:
+        first = number * self.shard_size
+        images = self.sources[first : first + self.shard_size]
+        # room for the header when every image compresses: the records with their numbers at their widest, a JSON
+        # text inside the JSON header (each of its quotes escaped), and the tensor entries
+        widest = [
+            {
+                **self._record(
+                    _Loaded(first + i, source, bucket=2**31, source_size=[2**31, 2**31]), number, "ok", None
+                ),
+                "offset": i,
+            }
+            for i, source in enumerate(images)
+        ]
+        room = len(json.dumps(json.dumps(widest, separators=(",", ":")))) + 4096
+        path = shard_file(self.dest, number)
+        self.unwritten[number] = _Shard(number, first, ShardFile(path, len(images), self.region_grid, room))
+        return self.unwritten[number]
 
     def _fail(self, item: _Loaded, reason: str) -> None:
         logger.info("broken: %s", reason)
@@ -613,11 +633,16 @@ class _ShardWriter:
         self.shard = None
 
     def close(self) -> None:
-        """Stop the decode thread and wait for the shards handed to the writer thread."""
+        """Stop the decode thread and wait for the shards handed to the writer thread; the temporary files of
+        shards left unwritten (a failed run) are removed."""
         if self.decoder is not None:
             self.decoder.shutdown(wait=True, cancel_futures=True)
         self.pipe.graph_cache.capture_lock = self.cache_lock
-        self.background.close()
+        try:
+            self.background.close()
+        finally:
+            for shard in self.unwritten.values():
+                shard.file.discard()
 
     def _record(self, item: _Loaded, shard: int, status: str, error: str | None) -> dict[str, Any]:
         return {
@@ -648,7 +673,7 @@ class _ShardWriter:
             "scale": torch.tensor([item.scale for item in part.items], dtype=torch.float32),
             "source_size": torch.tensor([item.source_size for item in part.items], dtype=torch.long),
         }
-        shard.rows.place([item.index - shard.first for item in part.items], rows)
+        shard.file.place([item.index - shard.first for item in part.items], rows)
         shard.placed.extend(part.items)
         self.stats.write_seconds += time.perf_counter() - start
 
@@ -659,8 +684,8 @@ class _ShardWriter:
         records = {index: self._record(item, number, "error", reason) for index, (item, reason) in shard.errors.items()}
         for offset, item in enumerate(sorted(shard.placed, key=lambda placed: placed.index)):
             records[item.index] = {**self._record(item, number, "ok", None), "offset": offset}
-        tensors = shard.rows.tensors()
-        write_shard(shard_file(self.dest, number), tensors, [records[i] for i in sorted(records)], self.fingerprint)
+        shard.file.finish([records[i] for i in sorted(records)], self.fingerprint)
+        del self.unwritten[number]
         self.stats.write_seconds += time.perf_counter() - start
         self.stats.shards_written += 1
 
@@ -838,7 +863,7 @@ def compress_dataset(
         query_mask,
         batch_size,
         shard_size,
-        len(sources),
+        sources,
         token_dtype,
         fingerprint,
         stats,

@@ -25,7 +25,9 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
+import struct
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -35,7 +37,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..errors import InvalidInputError
-from .atomic import write_atomic
+from .atomic import commit, create_temporary, write_atomic
 
 __all__ = [
     "INDEX_NAME",
@@ -47,8 +49,7 @@ __all__ = [
     "write_shard",
     "write_text_atomic",
     "read_shard_records",
-    "stack_rows",
-    "ShardRows",
+    "ShardFile",
     "merge_index",
     "load_index",
     "load_record",
@@ -80,7 +81,7 @@ ROW_KEYS: tuple[str, ...] = (
     "budget",
 )
 
-#: Per-region maps: padded to the largest region grid of a shard, cropped back by ``region_grid`` on reading.
+#: Per-region maps: padded to the largest region grid of the run's buckets, cropped back by ``region_grid`` on reading.
 _REGION_KEYS = ("allocation", "relevance")
 
 
@@ -89,82 +90,19 @@ def shard_file(root: str | os.PathLike[str], shard: int) -> Path:
     return Path(root) / SHARD_DIR / f"shard-{shard:06d}.safetensors"
 
 
-def stack_rows(rows: Sequence[dict[str, Tensor]]) -> dict[str, Tensor]:
-    """Stack per-image rows into shard tensors ``(N, ...)``, padding per-region maps to the largest grid."""
-    if not rows:
-        return {}
-    out = {}
-    for key in ROW_KEYS:
-        values = [row[key] for row in rows]
-        if key in _REGION_KEYS:
-            rh, rw = max(v.shape[-2] for v in values), max(v.shape[-1] for v in values)
-            values = [F.pad(v, (0, rw - v.shape[-1], 0, rh - v.shape[-2])) for v in values]
-        out[key] = torch.stack(values).contiguous()
-    return out
-
-
-class ShardRows:
-    """One shard's tensors, filled in place batch by batch as results arrive, in any order.
-
-    Each batch's rows go straight to their places in the shard (``position``: the image's place among the shard's
-    images, its index minus the shard's first); :meth:`tensors` then keeps the rows that were filled, in order.
-    The result equals :func:`stack_rows` of the same rows sorted by position, without a gather of the whole shard
-    at the end: when the filled rows are the first ``N`` (every image of a shard compressed), the shard tensors
-    are views of the buffers.
-
-    Args:
-        size: images in the shard (an upper bound will do).
-    """
-
-    def __init__(self, size: int) -> None:
-        self.size = size
-        self.positions: list[int] = []
-        self.buffers: dict[str, Tensor] = {}  # (size, ...) per row key, row = position
-        self.regions: list[tuple[Tensor, dict[str, Tensor]]] = []  # per batch: (positions, its per-region maps)
-
-    def place(self, positions: Sequence[int], rows: dict[str, Tensor]) -> None:
-        """Put a batch's rows in their places.
-
-        Args:
-            positions: ``n`` distinct places in ``[0, size)``, not filled before.
-            rows: ``{name: (n, ...)}`` CPU tensors, one entry per :data:`ROW_KEYS` name; a batch's per-region
-                maps share one grid.
-        """
-        where = torch.tensor(positions, dtype=torch.long)  # (n,)
-        for key in ROW_KEYS:
-            if key in _REGION_KEYS:
-                continue
-            value = rows[key]
-            if key not in self.buffers:
-                self.buffers[key] = value.new_zeros((self.size, *value.shape[1:]))
-            self.buffers[key].index_copy_(0, where, value)
-        self.regions.append((where, {key: rows[key] for key in _REGION_KEYS}))
-        self.positions.extend(positions)
-
-    def tensors(self) -> dict[str, Tensor]:
-        """``{name: (N, ...)}``, the ``N`` filled rows in the order of their positions (``{}`` when none)."""
-        if not self.positions:
-            return {}
-        filled = sorted(self.positions)
-        count = len(filled)
-        # positions 0 .. N-1 (no gaps): the buffers' first rows as they are; else one gather
-        order = None if filled[-1] == count - 1 else torch.tensor(filled, dtype=torch.long)
-
-        def keep(value: Tensor) -> Tensor:
-            return value[:count] if order is None else value.index_select(0, order)
-
-        out = {}
-        for key in ROW_KEYS:
-            if key in _REGION_KEYS:
-                grids = [maps[key] for _, maps in self.regions]
-                rh, rw = max(v.shape[-2] for v in grids), max(v.shape[-1] for v in grids)
-                full = grids[0].new_zeros((self.size, rh, rw))
-                for where, value in zip((w for w, _ in self.regions), grids):
-                    full.index_copy_(0, where, F.pad(value, (0, rw - value.shape[-1], 0, rh - value.shape[-2])))
-                out[key] = keep(full)
-            else:
-                out[key] = keep(self.buffers[key])
-        return out
+#: safetensors' names of the dtypes a shard holds.
+_DTYPE_NAMES = {
+    torch.float64: "F64",
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.int16: "I16",
+    torch.int8: "I8",
+    torch.uint8: "U8",
+    torch.bool: "BOOL",
+}
 
 
 def write_shard(path: Path, tensors: dict[str, Tensor], records: list[dict[str, Any]], fingerprint: str) -> None:
@@ -178,10 +116,134 @@ def write_shard(path: Path, tensors: dict[str, Tensor], records: list[dict[str, 
     """
     from safetensors.torch import save_file
 
-    metadata = {"format": FORMAT, "fingerprint": fingerprint, "records": json.dumps(records, separators=(",", ":"))}
     path.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(path, lambda temporary: save_file(tensors, temporary, metadata=_metadata(records, fingerprint)))
 
-    write_atomic(path, lambda temporary: save_file(tensors, temporary, metadata=metadata))
+
+def _metadata(records: list[dict[str, Any]], fingerprint: str) -> dict[str, str]:
+    return {"format": FORMAT, "fingerprint": fingerprint, "records": json.dumps(records, separators=(",", ":"))}
+
+
+class ShardFile:
+    """One shard's file, filled batch by batch as results arrive, in any order.
+
+    Each batch's rows go to their places in buffers in memory (``position``: the image's place among the shard's
+    images). The first batch also lays the file out as the finished safetensors file for ``size`` rows, with
+    ``header_room`` bytes kept for the header, under a temporary name (:mod:`.atomic`); whenever the rows filled
+    from the first one on grow (batches come nearly in order), those rows are written there, reaching the page
+    cache while the GPU works on later batches. :meth:`finish` of a shard whose images all compressed then writes
+    only the header and renames the file, so that the end of a run does not wait for a whole shard's write. A shard
+    with images that did not compress (its tensors hold only the rows of those that did), or whose header outgrew
+    its room, is gathered and written whole by :func:`write_shard`.
+
+    Args:
+        path: the shard's final file name (:func:`shard_file`).
+        size: images in the shard.
+        region_grid: ``(rh, rw)`` the per-region maps are padded to (the largest grid of the run's buckets).
+        header_room: bytes to keep for the header (rounded up to a multiple of 8, which aligns every tensor).
+    """
+
+    def __init__(self, path: Path, size: int, region_grid: tuple[int, int], header_room: int) -> None:
+        self.path, self.size, self.region_grid = Path(path), size, region_grid
+        self.header_room = -(-header_room // 8) * 8
+        self.filled = torch.zeros(size, dtype=torch.bool)
+        self.written = 0  # rows 0 .. written-1 are in the file
+        self.entries: dict[str, dict[str, Any]] = {}  # the header's tensor entries
+        self.buffers: dict[str, Tensor] = {}  # (size, ...) per row key
+        self.temporary: str | None = None
+        self.handle: Any = None  # the temporary file, open for writing
+
+    def _create(self, rows: dict[str, Tensor]) -> None:
+        """Lay the file out for ``size`` rows shaped like ``rows``: the header's entries, the buffers, the
+        temporary file."""
+        end = 0
+        # the widest dtypes first: every tensor starts at a multiple of its element size (the data section at 8)
+        for key in sorted(ROW_KEYS, key=lambda key: -rows[key].element_size()):
+            shape = (self.size, *(self.region_grid if key in _REGION_KEYS else rows[key].shape[1:]))
+            nbytes = math.prod(shape) * rows[key].element_size()
+            self.entries[key] = {
+                "dtype": _DTYPE_NAMES[rows[key].dtype],
+                "shape": list(shape),
+                "data_offsets": [end, end + nbytes],
+            }
+            self.buffers[key] = rows[key].new_zeros(shape)
+            end += nbytes
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.temporary = create_temporary(self.path)
+        self.handle = open(self.temporary, "r+b", buffering=0)  # noqa: SIM115 - closed by finish() or discard()
+        self.handle.truncate(8 + self.header_room + end)
+
+    def _write_rows(self, first: int, last: int) -> None:
+        """Write rows ``first .. last-1`` of every tensor to their places in the file."""
+        for key, buffer in self.buffers.items():
+            rows = buffer[first:last]
+            offset = 8 + self.header_room + self.entries[key]["data_offsets"][0] + first * rows[0].nbytes
+            self._write_at(offset, rows.view(torch.uint8).numpy())
+
+    def _write_at(self, offset: int, data: Any) -> None:
+        view = memoryview(data).cast("B")
+        self.handle.seek(offset)
+        while view:
+            view = view[self.handle.write(view) :]
+
+    def place(self, positions: Sequence[int], rows: dict[str, Tensor]) -> None:
+        """Put a batch's rows in their places.
+
+        Args:
+            positions: ``n`` distinct places in ``[0, size)``, not filled before.
+            rows: ``{name: (n, ...)}`` CPU tensors, one entry per :data:`ROW_KEYS` name; a batch's per-region
+                maps share one grid, no larger than ``region_grid``.
+        """
+        if self.handle is None:
+            self._create(rows)
+        rh, rw = self.region_grid
+        grid = tuple(rows[_REGION_KEYS[0]].shape[-2:])
+        if grid[0] > rh or grid[1] > rw:
+            raise ValueError(f"a {grid} region grid exceeds the shard's {(rh, rw)}")
+        where = torch.tensor(positions, dtype=torch.long)  # (n,)
+        for key, buffer in self.buffers.items():
+            value = rows[key]
+            if key in _REGION_KEYS:
+                value = F.pad(value, (0, rw - value.shape[-1], 0, rh - value.shape[-2]))
+            buffer.index_copy_(0, where, value)
+        self.filled[where] = True
+        filled = self.written + int(self.filled[self.written :].cumprod(0).sum())  # ok-sync: host tensors
+        if filled > self.written:
+            self._write_rows(self.written, filled)
+            self.written = filled
+
+    def tensors(self) -> dict[str, Tensor]:
+        """``{name: (N, ...)}``, the ``N`` filled rows in the order of their positions (``{}`` when none)."""
+        if not self.buffers:
+            return {}
+        rows = self.filled.nonzero().squeeze(1)
+        return {key: self.buffers[key].index_select(0, rows) for key in ROW_KEYS}
+
+    def finish(self, records: list[dict[str, Any]], fingerprint: str) -> None:
+        """Write the shard under its final name: ``records`` (every image of the shard, in source order) into the
+        header, the rows placed so far as its tensors."""
+        header = json.dumps({"__metadata__": _metadata(records, fingerprint), **self.entries}, separators=(",", ":"))
+        encoded = header.encode()
+        try:
+            if self.handle is not None and self.written == self.size and len(encoded) <= self.header_room:
+                self._write_at(0, struct.pack("<Q", self.header_room) + encoded.ljust(self.header_room, b" "))
+                self.handle.close()
+                commit(self.temporary, self.path)
+                self.temporary = None
+            else:
+                write_shard(self.path, self.tensors(), records, fingerprint)
+        finally:
+            self.discard()
+
+    def discard(self) -> None:
+        """Close and remove the temporary file (nothing when none is left), and free the buffers."""
+        if self.handle is not None:
+            self.handle.close()
+            self.handle = None
+        if self.temporary is not None:
+            Path(self.temporary).unlink(missing_ok=True)
+            self.temporary = None
+        self.buffers.clear()
 
 
 def read_shard_records(path: Path) -> tuple[str, list[dict[str, Any]]] | None:
