@@ -605,11 +605,11 @@ class Pipeline(nn.Module):
                     names[i] = name
 
         return build_output(
-            merged, groups, self.grids, batch, budgets, names, self.config.region_size, timer.times if profile else {}
+            merged, groups, self._grids, batch, budgets, names, self.config.region_size, timer.times if profile else {}
         )
 
-    def grids(self, bucket: int) -> tuple[tuple[int, int], tuple[int, int]]:
-        """``(region grid, patch grid)`` of a bucket: ``(rh, rw)`` regions and ``(gh, gw)`` patches."""
+    def _grids(self, bucket: int) -> tuple[tuple[int, int], tuple[int, int]]:
+        """``(region grid, patch grid)`` of a bucket."""
         grid = self.encoder(bucket).grid
         return region_grid(grid, self.config.region_size), grid
 

@@ -7,6 +7,7 @@ import os
 import shutil
 import signal
 import socket
+import struct
 import sys
 import time
 from pathlib import Path
@@ -487,51 +488,57 @@ def _image_rows(count: int, grid: tuple[int, int], seed: int) -> list[dict[str, 
     return rows
 
 
-def _stacked(rows: list[dict[str, torch.Tensor]], grid: tuple[int, int]) -> dict[str, torch.Tensor]:
-    """The shard tensors of ``rows`` stacked in order, per-region maps padded to ``grid``: what a shard holds."""
+def _stacked(rows: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """The shard tensors of ``rows`` stacked in order, per-region maps padded to their largest grid."""
     from arrcoc.datasets.shards import ROW_KEYS
 
     out = {}
     for key in ROW_KEYS:
         values = [row[key] for row in rows]
         if key in ("allocation", "relevance"):
-            values = [torch.nn.functional.pad(v, (0, grid[1] - v.shape[1], 0, grid[0] - v.shape[0])) for v in values]
+            rh, rw = max(v.shape[0] for v in values), max(v.shape[1] for v in values)
+            values = [torch.nn.functional.pad(v, (0, rw - v.shape[1], 0, rh - v.shape[0])) for v in values]
         out[key] = torch.stack(values)
     return out
+
+
+def _header_length(path: Path) -> int:
+    return struct.unpack("<Q", path.read_bytes()[:8])[0]
 
 
 _RECORDS = [{"index": i, "source": f"image-{i}.jpg", "status": "ok"} for i in range(10)]
 
 
 @pytest.mark.parametrize(
-    ("batches", "streamed"),
+    ("batches", "in_place"),
     [
         ([[0, 3], [1, 2, 4], [7, 8, 9], [5, 6]], True),  # every image, in the order the writer hands them over
-        ([[7, 2, 9], [0, 5], [3, 1, 8, 4, 6]], True),  # every image, out of order: written at the last batch
+        ([[7, 2, 9], [0, 5], [3, 1, 8, 4, 6]], True),  # every image, out of order: streamed at the last batch
         ([[6, 2], [0, 3]], False),  # gaps: the images between failed, so the rows that did are gathered
         ([[1, 0], [2]], False),  # the first images only
     ],
 )
 def test_a_shard_file_filled_batch_by_batch_holds_the_rows_stacked_in_order(
-    tmp_path: Path, batches: list[list[int]], streamed: bool
+    tmp_path: Path, batches: list[list[int]], in_place: bool
 ) -> None:
     """What the writer thread writes as batches land is what stacking the shard's rows at the end would give, read
-    back through safetensors, whether the file was filled in place or gathered and written whole."""
+    back through safetensors, whether the file was finished in place or gathered and written whole."""
     from arrcoc.datasets.shards import ROW_KEYS, ShardFile, read_shard_records
 
     path = tmp_path / "shard-000000.safetensors"
-    shard = ShardFile(path, 10, (3, 4), header_room=4096)
+    shard = ShardFile(path, 10, header_room=4090)
     by_position = {}
     for number, positions in enumerate(batches):
         rows = _image_rows(len(positions), (2, 2) if number % 2 else (3, 4), seed=number)  # two buckets' grids
         shard.place(positions, {key: torch.stack([row[key] for row in rows]) for key in ROW_KEYS})
         by_position.update(zip(positions, rows))
-    want = _stacked([by_position[p] for p in sorted(by_position)], (3, 4))
+    want = _stacked([by_position[p] for p in sorted(by_position)])
     got = shard.tensors()
     assert list(got) == list(ROW_KEYS)
-    assert shard.written == (10 if streamed else min(set(range(11)) - set(by_position)))
+    assert shard.written == min(set(range(11)) - set(by_position))
     shard.finish(_RECORDS, "run")
     assert list(tmp_path.iterdir()) == [path]  # no temporary left
+    assert (_header_length(path) == 4096) == in_place  # the room kept for the header, or save_file's own
     assert read_shard_records(path) == ("run", _RECORDS)
     with safe_open(os.fspath(path), framework="pt") as handle:
         assert sorted(handle.keys()) == sorted(ROW_KEYS)
@@ -541,28 +548,36 @@ def test_a_shard_file_filled_batch_by_batch_holds_the_rows_stacked_in_order(
             assert torch.equal(got[key], want[key]), key
 
 
-def test_a_shard_file_whose_header_outgrows_its_room_is_written_whole(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("size", "room", "why"),
+    [
+        (4, 64, "the header outgrew its room"),
+        (3, 4096, "the streamed tensors end off the 8-byte alignment"),  # 3 x (192 + 60) bytes
+    ],
+)
+def test_a_complete_shard_file_that_cannot_finish_in_place_is_written_whole(
+    tmp_path: Path, size: int, room: int, why: str
+) -> None:
     from arrcoc.datasets.shards import ROW_KEYS, ShardFile
 
     path = tmp_path / "shard.safetensors"
-    shard = ShardFile(path, 3, (3, 4), header_room=64)  # far too small for the records
-    rows = _image_rows(3, (3, 4), seed=0)
-    shard.place([0, 1, 2], {key: torch.stack([row[key] for row in rows]) for key in ROW_KEYS})
-    shard.finish(_RECORDS[:3], "run")
+    shard = ShardFile(path, size, header_room=room)
+    rows = _image_rows(size, (3, 4), seed=0)
+    shard.place(list(range(size)), {key: torch.stack([row[key] for row in rows]) for key in ROW_KEYS})
+    shard.finish(_RECORDS[:size], "run")
+    assert _header_length(path) != -(-room // 8) * 8, why
     with safe_open(os.fspath(path), framework="pt") as handle:
-        assert torch.equal(handle.get_tensor("tokens"), _stacked(rows, (3, 4))["tokens"])
+        for key, value in _stacked(rows).items():
+            assert torch.equal(handle.get_tensor(key), value), key
     assert list(tmp_path.iterdir()) == [path]
 
 
-def test_a_shard_file_refuses_a_region_grid_beyond_its_own_and_discards_its_temporary(tmp_path: Path) -> None:
+def test_a_discarded_shard_file_leaves_nothing(tmp_path: Path) -> None:
     from arrcoc.datasets.shards import ROW_KEYS, ShardFile
 
-    shard = ShardFile(tmp_path / "shard.safetensors", 4, (2, 2), header_room=4096)
+    shard = ShardFile(tmp_path / "shard.safetensors", 4, header_room=4096)
     rows = _image_rows(2, (2, 2), seed=0)
     shard.place([0, 1], {key: torch.stack([row[key] for row in rows]) for key in ROW_KEYS})
-    assert len(list(tmp_path.iterdir())) == 1  # the temporary, rows 0 and 1 in it
-    wide = _image_rows(1, (2, 3), seed=1)
-    with pytest.raises(ValueError, match=r"\(2, 3\) region grid exceeds the shard's \(2, 2\)"):
-        shard.place([2], {key: torch.stack([row[key] for row in wide]) for key in ROW_KEYS})
+    assert len(list(tmp_path.iterdir())) == 1  # the temporary, rows 0 and 1 of the streamed tensors in it
     shard.discard()
-    assert list(tmp_path.iterdir()) == [] and ShardFile(tmp_path / "other", 2, (1, 1), 64).tensors() == {}
+    assert list(tmp_path.iterdir()) == [] and shard.tensors() == {}

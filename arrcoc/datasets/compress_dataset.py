@@ -419,8 +419,6 @@ class _ShardWriter:
         self.batch_size, self.token_dtype, self.fingerprint, self.stats = batch_size, token_dtype, fingerprint, stats
         self.shard_size, self.sources, self.budget_policy = shard_size, sources, budget_policy
         self.device = pipe.device
-        grids = [pipe.grids(bucket)[0] for bucket in pipe.config.buckets]
-        self.region_grid = (max(rh for rh, _ in grids), max(rw for _, rw in grids))
         self.cuda = self.device.type == "cuda"
         self.preprocessor = Preprocessor(pipe.config.buckets, multiple=1)
         # up to two shards' batches (full ones, a partial one per bucket, the write) wait for the writer thread,
@@ -470,7 +468,7 @@ class _ShardWriter:
         ]
         room = len(json.dumps(json.dumps(widest, separators=(",", ":")))) + 4096
         path = shard_file(self.dest, number)
-        self.unwritten[number] = _Shard(number, first, ShardFile(path, len(images), self.region_grid, room))
+        self.unwritten[number] = _Shard(number, first, ShardFile(path, len(images), room))
         return self.unwritten[number]
 
     def _fail(self, item: _Loaded, reason: str) -> None:

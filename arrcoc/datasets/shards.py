@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import struct
 from collections.abc import Sequence
@@ -81,7 +80,7 @@ ROW_KEYS: tuple[str, ...] = (
     "budget",
 )
 
-#: Per-region maps: padded to the largest region grid of the run's buckets, cropped back by ``region_grid`` on reading.
+#: Per-region maps: padded to the largest region grid of a shard, cropped back by ``region_grid`` on reading.
 _REGION_KEYS = ("allocation", "relevance")
 
 
@@ -128,63 +127,54 @@ class ShardFile:
     """One shard's file, filled batch by batch as results arrive, in any order.
 
     Each batch's rows go to their places in buffers in memory (``position``: the image's place among the shard's
-    images). The first batch also lays the file out as the finished safetensors file for ``size`` rows, with
-    ``header_room`` bytes kept for the header, under a temporary name (:mod:`.atomic`); whenever the rows filled
-    from the first one on grow (batches come nearly in order), those rows are written there, reaching the page
-    cache while the GPU works on later batches. :meth:`finish` of a shard whose images all compressed then writes
-    only the header and renames the file, so that the end of a run does not wait for a whole shard's write. A shard
-    with images that did not compress (its tensors hold only the rows of those that did), or whose header outgrew
-    its room, is gathered and written whole by :func:`write_shard`.
+    images). The first batch also creates the file under a temporary name (:mod:`.atomic`) with room for the header,
+    and lays out the start of its data section for ``size`` rows of the :data:`STREAMED` tensors (nineteen
+    twentieths of a shard's bytes); whenever the rows filled from the first one on grow (batches come nearly in
+    order), their rows of those tensors are written there, reaching the page cache while the GPU works on later
+    batches. :meth:`finish` of a shard whose images all compressed then writes the header and the other tensors
+    after them (the per-region maps padded to the shard's largest grid, known only then) and renames the file, so
+    that the end of a run does not wait for a whole shard's write. A shard with images that did not compress (its
+    tensors hold only the rows of those that did), or whose header outgrew its room, is gathered and written whole
+    by :func:`write_shard`.
 
     Args:
         path: the shard's final file name (:func:`shard_file`).
         size: images in the shard.
-        region_grid: ``(rh, rw)`` the per-region maps are padded to (the largest grid of the run's buckets).
-        header_room: bytes to keep for the header (rounded up to a multiple of 8, which aligns every tensor).
+        header_room: bytes to keep for the header (rounded up to a multiple of 8, which aligns the data section).
     """
 
-    def __init__(self, path: Path, size: int, region_grid: tuple[int, int], header_room: int) -> None:
-        self.path, self.size, self.region_grid = Path(path), size, region_grid
+    #: Laid out first and written as the rows filled from the first one grow, the widest dtype first.
+    STREAMED = ("positions", "tokens")
+
+    def __init__(self, path: Path, size: int, header_room: int) -> None:
+        self.path, self.size = Path(path), size
         self.header_room = -(-header_room // 8) * 8
         self.filled = torch.zeros(size, dtype=torch.bool)
-        self.written = 0  # rows 0 .. written-1 are in the file
-        self.entries: dict[str, dict[str, Any]] = {}  # the header's tensor entries
-        self.buffers: dict[str, Tensor] = {}  # (size, ...) per row key
+        self.written = 0  # rows 0 .. written-1 of the streamed tensors are in the file
+        self.buffers: dict[str, Tensor] = {}  # (size, ...) per row key but the per-region maps
+        self.regions: list[tuple[Tensor, dict[str, Tensor]]] = []  # per batch: (positions, its per-region maps)
         self.temporary: str | None = None
         self.handle: Any = None  # the temporary file, open for writing
 
-    def _create(self, rows: dict[str, Tensor]) -> None:
-        """Lay the file out for ``size`` rows shaped like ``rows``: the header's entries, the buffers, the
-        temporary file."""
-        end = 0
-        # the widest dtypes first: every tensor starts at a multiple of its element size (the data section at 8)
-        for key in sorted(ROW_KEYS, key=lambda key: -rows[key].element_size()):
-            shape = (self.size, *(self.region_grid if key in _REGION_KEYS else rows[key].shape[1:]))
-            nbytes = math.prod(shape) * rows[key].element_size()
-            self.entries[key] = {
-                "dtype": _DTYPE_NAMES[rows[key].dtype],
-                "shape": list(shape),
-                "data_offsets": [end, end + nbytes],
-            }
-            self.buffers[key] = rows[key].new_zeros(shape)
-            end += nbytes
+    def _create(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.temporary = create_temporary(self.path)
         self.handle = open(self.temporary, "r+b", buffering=0)  # noqa: SIM115 - closed by finish() or discard()
-        self.handle.truncate(8 + self.header_room + end)
 
-    def _write_rows(self, first: int, last: int) -> None:
-        """Write rows ``first .. last-1`` of every tensor to their places in the file."""
-        for key, buffer in self.buffers.items():
-            rows = buffer[first:last]
-            offset = 8 + self.header_room + self.entries[key]["data_offsets"][0] + first * rows[0].nbytes
-            self._write_at(offset, rows.view(torch.uint8).numpy())
-
-    def _write_at(self, offset: int, data: Any) -> None:
-        view = memoryview(data).cast("B")
+    def _write_at(self, offset: int, data: Tensor | bytes) -> None:
+        """Write ``data`` (bytes, or a contiguous tensor's bytes) at ``offset`` of the file."""
+        view = memoryview(data if isinstance(data, bytes) else data.view(torch.uint8).numpy()).cast("B")
         self.handle.seek(offset)
         while view:
             view = view[self.handle.write(view) :]
+
+    def _streamed_offsets(self) -> dict[str, int]:
+        """Where each streamed tensor starts in the file."""
+        offsets, end = {}, 8 + self.header_room
+        for key in self.STREAMED:
+            offsets[key] = end
+            end += self.buffers[key].nbytes
+        return offsets
 
     def place(self, positions: Sequence[int], rows: dict[str, Tensor]) -> None:
         """Put a batch's rows in their places.
@@ -192,48 +182,87 @@ class ShardFile:
         Args:
             positions: ``n`` distinct places in ``[0, size)``, not filled before.
             rows: ``{name: (n, ...)}`` CPU tensors, one entry per :data:`ROW_KEYS` name; a batch's per-region
-                maps share one grid, no larger than ``region_grid``.
+                maps share one grid.
         """
         if self.handle is None:
-            self._create(rows)
-        rh, rw = self.region_grid
-        grid = tuple(rows[_REGION_KEYS[0]].shape[-2:])
-        if grid[0] > rh or grid[1] > rw:
-            raise ValueError(f"a {grid} region grid exceeds the shard's {(rh, rw)}")
+            self._create()
         where = torch.tensor(positions, dtype=torch.long)  # (n,)
-        for key, buffer in self.buffers.items():
-            value = rows[key]
+        for key in ROW_KEYS:
             if key in _REGION_KEYS:
-                value = F.pad(value, (0, rw - value.shape[-1], 0, rh - value.shape[-2]))
-            buffer.index_copy_(0, where, value)
+                continue
+            value = rows[key]
+            if key not in self.buffers:
+                self.buffers[key] = value.new_zeros((self.size, *value.shape[1:]))
+            self.buffers[key].index_copy_(0, where, value)
+        self.regions.append((where, {key: rows[key] for key in _REGION_KEYS}))
         self.filled[where] = True
         filled = self.written + int(self.filled[self.written :].cumprod(0).sum())  # ok-sync: host tensors
         if filled > self.written:
-            self._write_rows(self.written, filled)
+            for key, offset in self._streamed_offsets().items():
+                rows_of = self.buffers[key][self.written : filled]
+                self._write_at(offset + self.written * rows_of[0].nbytes, rows_of)
             self.written = filled
+
+    def _region_maps(self) -> dict[str, Tensor]:
+        """``{name: (size, rh, rw)}`` per-region maps, padded to the shard's largest grid."""
+        out = {}
+        for key in _REGION_KEYS:
+            grids = [maps[key] for _, maps in self.regions]
+            rh, rw = max(v.shape[-2] for v in grids), max(v.shape[-1] for v in grids)
+            full = grids[0].new_zeros((self.size, rh, rw))
+            for (where, _), value in zip(self.regions, grids):
+                full.index_copy_(0, where, F.pad(value, (0, rw - value.shape[-1], 0, rh - value.shape[-2])))
+            out[key] = full
+        return out
 
     def tensors(self) -> dict[str, Tensor]:
         """``{name: (N, ...)}``, the ``N`` filled rows in the order of their positions (``{}`` when none)."""
-        if not self.buffers:
+        if not self.regions:
             return {}
         rows = self.filled.nonzero().squeeze(1)
-        return {key: self.buffers[key].index_select(0, rows) for key in ROW_KEYS}
+        full = {**self.buffers, **self._region_maps()}
+        return {key: full[key].index_select(0, rows) for key in ROW_KEYS}
 
     def finish(self, records: list[dict[str, Any]], fingerprint: str) -> None:
         """Write the shard under its final name: ``records`` (every image of the shard, in source order) into the
         header, the rows placed so far as its tensors."""
-        header = json.dumps({"__metadata__": _metadata(records, fingerprint), **self.entries}, separators=(",", ":"))
-        encoded = header.encode()
         try:
-            if self.handle is not None and self.written == self.size and len(encoded) <= self.header_room:
-                self._write_at(0, struct.pack("<Q", self.header_room) + encoded.ljust(self.header_room, b" "))
-                self.handle.close()
-                commit(self.temporary, self.path)
-                self.temporary = None
-            else:
+            if not (self.written == self.size and self._finish_in_place(records, fingerprint)):
                 write_shard(self.path, self.tensors(), records, fingerprint)
         finally:
             self.discard()
+
+    def _finish_in_place(self, records: list[dict[str, Any]], fingerprint: str) -> bool:
+        """Lay the other tensors out after the streamed ones, write them and the header, rename; False when the
+        header does not fit its room or the streamed tensors end off the 8-byte alignment (nothing renamed)."""
+        tensors = {**self.buffers, **self._region_maps()}
+        entries, end = {}, 0
+        # the streamed tensors first, then the widest dtypes first: every tensor starts at a multiple of its
+        # element size when the streamed ones end at a multiple of 8
+        rest = sorted((key for key in ROW_KEYS if key not in self.STREAMED), key=lambda k: -tensors[k].element_size())
+        for key in (*self.STREAMED, *rest):
+            value = tensors[key]
+            if key == rest[0] and end % 8:
+                return False
+            entries[key] = {
+                "dtype": _DTYPE_NAMES[value.dtype],
+                "shape": list(value.shape),
+                "data_offsets": [end, end + value.nbytes],
+            }
+            end += value.nbytes
+        header = json.dumps({"__metadata__": _metadata(records, fingerprint), **entries}, separators=(",", ":"))
+        encoded = header.encode()
+        if len(encoded) > self.header_room:
+            return False
+        for key in rest:
+            self._write_at(8 + self.header_room + entries[key]["data_offsets"][0], tensors[key])
+        self._write_at(0, struct.pack("<Q", self.header_room) + encoded.ljust(self.header_room, b" "))
+        self.handle.truncate(8 + self.header_room + end)
+        self.handle.close()
+        self.handle = None
+        commit(self.temporary, self.path)
+        self.temporary = None
+        return True
 
     def discard(self) -> None:
         """Close and remove the temporary file (nothing when none is left), and free the buffers."""
@@ -244,6 +273,7 @@ class ShardFile:
             Path(self.temporary).unlink(missing_ok=True)
             self.temporary = None
         self.buffers.clear()
+        self.regions.clear()
 
 
 def read_shard_records(path: Path) -> tuple[str, list[dict[str, Any]]] | None:
