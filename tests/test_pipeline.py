@@ -421,3 +421,17 @@ def test_warmup_captures_the_chains_the_calls_will_use(tiny_config) -> None:
     assert keys() == {"224px/b1/float32/T64/L1/asked", "224px/b1/float32/T0/L1"}
     pipe.warmup([224], [1], budget=64)
     assert keys() == {"224px/b1/float32/T64/L1/asked", "224px/b1/float32/T64/L1", "224px/b1/float32/T0/L1"}
+
+
+def test_a_bucket_encoder_built_after_a_bf16_call_outside_inference_mode_shares_the_frozen_weights(
+    tiny_config: arrcoc.PipelineConfig,
+) -> None:
+    """A bf16 pipeline's first call converts the backbone under inference mode; a bucket's encoder built after that,
+    outside it (``pipe.encoder(bucket)`` from a user's code), must still share those weights, not fail to take them."""
+    pipe = arrcoc.Pipeline(tiny_config.replace(encoder_dtype="bfloat16"))
+    pipe(torch.randint(0, 256, (1, 3, 200, 200), dtype=torch.uint8), budget=8)
+    assert next(pipe.backbone.parameters()).is_inference()
+    bucket = max(tiny_config.buckets)
+    encoder = pipe.encoder(bucket)
+    weight = encoder.model.blocks[0].attn.qkv.weight
+    assert weight.data_ptr() == pipe.backbone.blocks[0].attn.qkv.weight.data_ptr() and not weight.requires_grad

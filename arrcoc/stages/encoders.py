@@ -117,8 +117,10 @@ def _bucket_model(backbone: nn.Module, name: str, bucket: int, kwargs: dict[str,
                 tensor, list(model.patch_embed.grid_size), list(base_grid), num_prefix_tokens=prefix
             )
         state[key] = tensor
-    model.load_state_dict(state, assign=True)  # assign: share the backbone's storage, no copy
+    # frozen first: the backbone's tensors are inference tensors once a bf16 pipeline has run (converted under
+    # inference mode), and assigning them to parameters that require grad fails outside inference mode
     model.requires_grad_(False)
+    model.load_state_dict(state, assign=True)  # assign: share the backbone's storage, no copy
     return model.eval().to(next(backbone.parameters()).device)
 
 
