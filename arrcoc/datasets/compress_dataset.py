@@ -454,22 +454,19 @@ class _ShardWriter:
 
     def _open(self, number: int) -> _Shard:
         first = number * self.shard_size
-        images = self.sources[first : first + self.shard_size]
-        # room for the header when every image compresses: the records with their numbers at their widest, a JSON
-        # text inside the JSON header (each of its quotes escaped), and the tensor entries
-        widest = [
-            {
-                **self._record(
-                    _Loaded(first + i, source, bucket=2**31, source_size=[2**31, 2**31]), number, "ok", None
-                ),
-                "offset": i,
-            }
-            for i, source in enumerate(images)
-        ]
-        room = len(json.dumps(json.dumps(widest, separators=(",", ":")))) + 4096
-        path = shard_file(self.dest, number)
-        self.unwritten[number] = _Shard(number, first, ShardFile(path, len(images), room))
+        sources = self.sources[first : first + self.shard_size]
+        file = ShardFile(shard_file(self.dest, number), len(sources), self._header_room(number, sources))
+        self.unwritten[number] = _Shard(number, first, file)
         return self.unwritten[number]
+
+    def _header_room(self, number: int, sources: Sequence[str]) -> int:
+        """Bytes that hold a shard's header when every image compresses: its records with their numbers at their
+        widest, as a JSON text inside the JSON header (whose escaping at most doubles a source's text), and the
+        tensor entries."""
+        widest = _Loaded(2**63, "", bucket=2**31, source_size=[2**31, 2**31])
+        record = {**self._record(widest, number, "ok", None), "offset": 2**63}
+        per_record = len(json.dumps(json.dumps(record, separators=(",", ":")))) + 2  # and the comma, escaped
+        return len(sources) * per_record + 2 * sum(len(json.dumps(source)) for source in sources) + 4096
 
     def _fail(self, item: _Loaded, reason: str) -> None:
         logger.info("broken: %s", reason)
