@@ -134,8 +134,8 @@ class ShardFile:
     batches. :meth:`finish` of a shard whose images all compressed then writes the header and the other tensors
     after them (the per-region maps padded to the shard's largest grid, known only then) and renames the file, so
     that the end of a run does not wait for a whole shard's write. A shard with images that did not compress (its
-    tensors hold only the rows of those that did), or whose header outgrew its room, is gathered and written whole
-    by :func:`write_shard`.
+    tensors hold only the rows of those that did), whose header outgrew its room, or whose streamed tensors end off
+    an 8-byte boundary (the next tensor would be misaligned) is gathered and written whole by :func:`write_shard`.
 
     Args:
         path: the shard's final file name (:func:`shard_file`).
