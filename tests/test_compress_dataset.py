@@ -226,6 +226,29 @@ def test_two_processes_write_the_same_dataset_as_one(
     _assert_same_dataset(dest, reference)
 
 
+@pytest.mark.parametrize(
+    ("per_node", "gpus", "local", "device", "backend"),
+    [(2, 2, 1, 1, "nccl"), (2, 1, 1, 0, "gloo"), (4, 2, 3, 1, "gloo"), (3, 2, 2, 0, "gloo")],
+)
+def test_ranks_beyond_the_gpus_share_them_through_gloo(
+    monkeypatch: pytest.MonkeyPatch, per_node: int, gpus: int, local: int, device: int, backend: str
+) -> None:
+    """NCCL holds one rank per GPU: more processes than GPUs on a node take GPU LOCAL_RANK mod count, over gloo."""
+    env = dict(RANK=str(local), LOCAL_RANK=str(local), WORLD_SIZE=str(per_node), LOCAL_WORLD_SIZE=str(per_node))
+    monkeypatch.setattr(os, "environ", {**os.environ, **env, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "1"})
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
+    chosen, groups = [], []
+    monkeypatch.setattr(torch.cuda, "set_device", chosen.append)
+    monkeypatch.setattr(compress_dataset.dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(compress_dataset.dist, "init_process_group", lambda name, **_: groups.append(name))
+    monkeypatch.setattr(compress_dataset.dist, "get_rank", lambda: local)
+    monkeypatch.setattr(compress_dataset.dist, "get_world_size", lambda: per_node)
+    launch = compress_dataset._launch("cuda", 1.0)
+    assert chosen == [torch.device("cuda", device)] and launch.device == torch.device("cuda", device)
+    assert groups == [backend] and (launch.rank, launch.world, launch.owns_group) == (local, per_node, True)
+
+
 def test_a_killed_run_restarts_and_completes_with_nothing_lost_or_duplicated(
     tmp_path: Path, source: Path, model: Path, reference: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -9,6 +9,9 @@ on GPU ``LOCAL_RANK`` with its own pipeline and graph cache; rank 0 merges the i
 
     torchrun --nproc-per-node 4 -m arrcoc.cli compress-dataset photos/ tokens/ --budget 64
 
+More processes than GPUs share them (rank ``r`` on GPU ``LOCAL_RANK`` mod the GPUs, the group over gloo): a
+process decodes one batch of JPEGs at a time, so two processes per GPU decode photo-sized files side by side.
+
 On CUDA (the batched path), reader threads read the files and their JPEG headers while the GPU compresses the
 previous batch, and JPEGs are decoded and letterboxed on the GPU a batch at a time; the few files nvJPEG does
 not decode as Pillow does are decoded by Pillow in the reader threads. Without CUDA (the Pillow path),
@@ -937,25 +940,32 @@ class _Launch:
 
 
 def _launch(device: str | None, timeout_minutes: float) -> _Launch:
-    """Join torchrun's process group when launched by it (nccl on GPUs, gloo on CPUs); choose this rank's device."""
+    """Join torchrun's process group when launched by it; choose this rank's device.
+
+    Ranks take GPU ``LOCAL_RANK`` modulo the GPUs visible, so more processes than GPUs share them: a process decodes
+    one batch at a time (nvJPEG's host call bounds photo-sized JPEGs), and a second process on the same GPU decodes
+    beside it. NCCL holds one rank per GPU, so a group whose GPUs are shared (and a CPU group) uses gloo; the job
+    only meets at barriers."""
     launched = all(k in os.environ for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"))
     local = int(os.environ.get("LOCAL_RANK", "0")) if launched else 0
+    per_node = int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if launched else 1
     if device not in (None, "cpu", "cuda"):
         raise InvalidInputError(f"--device must be cpu or cuda (each process takes GPU LOCAL_RANK); got {device!r}")
     use_cuda = device == "cuda" or (device is None and torch.cuda.is_available())
     if use_cuda and not torch.cuda.is_available():
         raise InvalidInputError("--device cuda: no CUDA GPU is available")
-    if use_cuda and local >= torch.cuda.device_count():
-        raise InvalidInputError(f"LOCAL_RANK {local} has no GPU: {torch.cuda.device_count()} visible")
-    chosen = torch.device("cuda", local) if use_cuda else torch.device("cpu")
+    gpus = torch.cuda.device_count() if use_cuda else 0
+    chosen = torch.device("cuda", local % gpus) if use_cuda else torch.device("cpu")
     if use_cuda:
         torch.cuda.set_device(chosen)
     if not launched or dist.is_initialized():
         return _Launch(chosen)
     timeout = datetime.timedelta(minutes=timeout_minutes)
-    if use_cuda:
+    if use_cuda and per_node <= gpus:
         dist.init_process_group("nccl", timeout=timeout, device_id=chosen)
     else:
+        if use_cuda and local == 0:
+            logger.warning("%d processes share %d GPU(s) on this node (process group: gloo)", per_node, gpus)
         dist.init_process_group("gloo", timeout=timeout)
     return _Launch(chosen, dist.get_rank(), dist.get_world_size(), owns_group=True)
 

@@ -9,8 +9,9 @@ resize, pipeline, copy-out, the wait for the last shard; the decode and writer t
 them; device milliseconds per step from CUDA events), once under ``torch.profiler`` (GPU busy = kernel and copy
 time / wall time), and once through the Pillow path (``batch_decode=False``, DataLoader worker processes) to
 report its images/s and start-up, the share of images whose allocation is identical to the batched path's and
-the largest differences. With ``--scaling`` on a machine of several GPUs it runs the command under
-``torchrun`` on 1, 2, 4, ... GPUs. Results go to ``<out>/dataset-<device>[-tag].json`` and ``.md``; ``--out`` is
+the largest differences. With ``--scaling`` on a machine of several GPUs it runs the benchmark set under
+``torchrun`` on 1, 2, 4, ... GPUs, and with ``--share-gpu K`` each set under ``torchrun`` on one GPU with one
+process and with ``K`` (each rank warmed up as the in-process case is). Results go to ``<out>/dataset-<device>[-tag].json`` and ``.md``; ``--out`` is
 a scratch folder unless ``--out bench/results`` is given.
 """
 
@@ -32,6 +33,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from tqdm import tqdm
 
 from ..config import PipelineConfig
@@ -40,6 +42,7 @@ from ..datasets.compress_dataset import (
     COMPILE_CHOICES,
     DatasetStats,
     _Decode,
+    _launch,
     compile_options,
     compress_dataset,
     list_sources,
@@ -142,6 +145,15 @@ def _agreement(batched: Path, pil: Path) -> dict[str, Any]:
     }
 
 
+def _warm_up(pipe: Pipeline, options: dict[str, Any], batch_size: int, budget: int) -> None:
+    """Capture the graphs of the set's buckets up to 384 px at the batch sizes the job meets."""
+    pipe.warmup(
+        sizes=tuple(b for b in pipe.config.buckets if b <= 384) or None,
+        batch_sizes=[batch_size] if options["compile"] else [b for b in BATCH_BUCKETS if b <= batch_size],
+        budget=budget,
+    )
+
+
 def _case(
     name: str,
     images: Path,
@@ -160,11 +172,7 @@ def _case(
     options = compile_options(args.compile, args.batch_size)  # as compress-dataset's
     pipe = Pipeline(config, device=device, cuda_graphs=graphs, **options)
     start = time.perf_counter()
-    pipe.warmup(
-        sizes=tuple(b for b in config.buckets if b <= 384) or None,
-        batch_sizes=[args.batch_size] if options["compile"] else [b for b in BATCH_BUCKETS if b <= args.batch_size],
-        budget=args.budget,
-    )
+    _warm_up(pipe, options, args.batch_size, args.budget)
     warmup_s = time.perf_counter() - start
     start = time.perf_counter()
     pipe.wait_for_compile()  # --compile background: the figures are the compiled graphs' that take over
@@ -247,54 +255,113 @@ def _case(
     }
 
 
+def _rank_job(spec_path: Path) -> int:
+    """One process of a torchrun case (``--rank-job``): join the group, build and warm up the case's pipeline on
+    this rank's GPU, run the job over the set once to warm up and once measured, and write the measured stats."""
+    spec = json.loads(spec_path.read_text())
+    launch = _launch(spec["device"], 10)
+    try:
+        overrides: dict[str, Any] = {"encoder_dtype": spec["dtype"]}
+        if spec["buckets"]:
+            overrides["buckets"] = tuple(spec["buckets"])
+        options = compile_options(spec["compile"], spec["batch_size"])
+        pipe = Pipeline(PipelineConfig.from_name(spec["preset"], **overrides), device=launch.device, **options)
+        _warm_up(pipe, options, spec["batch_size"], spec["budget"])
+        pipe.wait_for_compile()
+        for run in ("warm", "measured"):
+            stats = compress_dataset(
+                spec["images"],
+                spec_path.parent / run,
+                pipe,
+                spec["budget"],
+                batch_size=spec["batch_size"],
+                workers=spec["readers"],
+                shard_size=spec["shard_size"],
+                token_dtype=_TOKEN_DTYPES[spec["token_dtype"]],
+                progress=False,
+            )
+        (spec_path.parent / f"stats-{launch.rank}.json").write_text(json.dumps(stats.to_dict()))
+    finally:
+        if launch.owns_group:
+            dist.destroy_process_group()
+    return 0
+
+
+def _torchrun_case(
+    name: str,
+    images: Path,
+    buckets: tuple[int, ...] | None,
+    work: Path,
+    args: argparse.Namespace,
+    processes: int,
+    gpus: int,
+    shard_size: int | None = None,
+) -> dict[str, Any]:
+    """Images/s of ``processes`` ranks under torchrun on the first ``gpus`` GPUs (total images / slowest rank's
+    seconds), each rank's run measured after a warm-up run as the in-process case's is; shards of ``shard_size``
+    (default ``--shard-size``)."""
+    case = work / f"torchrun-{name}-{processes}-on-{gpus}"
+    shutil.rmtree(case, ignore_errors=True)
+    case.mkdir(parents=True)
+    spec = {
+        "images": os.fspath(images),
+        "buckets": list(buckets) if buckets else None,
+        "dtype": args.dtypes[0],
+        "device": args.device,
+        **{k: getattr(args, k) for k in ("preset", "compile", "batch_size", "budget", "readers", "token_dtype")},
+        "shard_size": shard_size or args.shard_size,
+    }
+    (case / "spec.json").write_text(json.dumps(spec))
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES") or ",".join(map(str, range(torch.cuda.device_count())))
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(processes)]
+    command += ["-m", "arrcoc.tools.bench_dataset", "--rank-job", os.fspath(case / "spec.json")]
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ",".join(visible.split(",")[:gpus])}  # the first `gpus` GPUs
+    done = subprocess.run(command, capture_output=True, text=True, env=env)
+    result: dict[str, Any] = {"set": name, "processes": processes, "gpus": gpus, "encoder_dtype": spec["dtype"]}
+    result["shard_size"] = spec["shard_size"]
+    if done.returncode != 0:
+        shutil.rmtree(case, ignore_errors=True)
+        return {**result, "error": done.stderr[-2000:]}
+    ranks = [json.loads(p.read_text()) for p in sorted(case.glob("stats-*.json"))]
+    total, slowest = sum(r["images"] for r in ranks), max(r["seconds"] for r in ranks)
+    shutil.rmtree(case, ignore_errors=True)
+    return {
+        **result,
+        "images": total,
+        "seconds": slowest,
+        "images_per_s": total / slowest,
+        "decode_thread_share": max(r["decode_thread_seconds"] / r["seconds"] for r in ranks),
+    }
+
+
+def _speedups(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Each result's images/s over its set's one-process result."""
+    base = {r["set"]: r["images_per_s"] for r in results if r["processes"] == 1 and "images_per_s" in r}
+    for r in results:
+        if r["set"] in base and "images_per_s" in r:
+            r["speedup"] = r["images_per_s"] / base[r["set"]]
+    return results
+
+
 def _scaling(images: Path, work: Path, args: argparse.Namespace) -> list[dict[str, Any]]:
-    """Images/s under torchrun on 1, 2, 4, ... GPUs (total images / slowest rank's seconds)."""
-    results = []
+    """The benchmark set under torchrun on 1, 2, 4, ... GPUs, one process each."""
     counts = [k for k in (1, 2, 4, 8) if k <= torch.cuda.device_count()]
     if len(counts) < 2:
         logger.warning("--scaling: %d GPU visible; the scaling run needs 2 or more", torch.cuda.device_count())
-    for k in counts:
-        dest, stats_dir = work / f"scale-{k}", work / f"scale-{k}-stats"
-        shutil.rmtree(dest, ignore_errors=True)
-        shutil.rmtree(stats_dir, ignore_errors=True)
-        command = [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            "--nproc-per-node",
-            str(k),
-            "-m",
-            "arrcoc.cli",
-            "compress-dataset",
-            os.fspath(images),
-            os.fspath(dest),
-            "--budget",
-            str(args.budget),
-            "--preset",
-            args.preset,
-            "--batch-size",
-            str(args.batch_size),
-            *(["--workers", str(args.readers)] if args.readers is not None else []),
-            "--shard-size",
-            str(args.shard_size),
-            "--quiet",
-            "--stats-json",
-            os.fspath(stats_dir / "{rank}.json"),
-        ]
-        done = subprocess.run(command, capture_output=True, text=True)
-        if done.returncode != 0:
-            results.append({"gpus": k, "error": done.stderr[-2000:]})
-            continue
-        ranks = [json.loads(p.read_text()) for p in sorted(stats_dir.glob("*.json"))]
-        total, slowest = sum(r["images"] for r in ranks), max(r["seconds"] for r in ranks)
-        results.append({"gpus": k, "images": total, "seconds": slowest, "images_per_s": total / slowest})
-        shutil.rmtree(dest, ignore_errors=True)
-    base = next((r["images_per_s"] for r in results if r.get("gpus") == 1 and "images_per_s" in r), None)
-    for r in results:
-        if base and "images_per_s" in r:
-            r["speedup"] = r["images_per_s"] / base
-    return results
+    return _speedups([_torchrun_case("benchmark", images, None, work, args, k, k) for k in counts])
+
+
+def _shared(
+    sets: dict[str, tuple[Path, tuple[int, ...] | None]], work: Path, args: argparse.Namespace
+) -> list[dict[str, Any]]:
+    """Each set under torchrun on one GPU: one process, then ``--share-gpu`` processes, in shards small enough that
+    each of those processes gets two (a rank takes whole shards)."""
+    results = []
+    for name, (folder, buckets) in sets.items():
+        shard_size = min(args.shard_size, -(-len(list_sources(folder)) // (2 * args.share_gpu)))
+        for k in (1, args.share_gpu):
+            results.append(_torchrun_case(name, folder, buckets, work, args, k, 1, shard_size))
+    return _speedups(results)
 
 
 def _jpeg_engines(device: torch.device) -> str:
@@ -401,13 +468,23 @@ def _markdown(report: dict[str, Any]) -> str:
                 f"{100 * a['identical_allocation_share']:.1f}% | {a['max_region_token_difference']:.0f} | "
                 f"{a['max_token_value_difference']:.3g} | {a['same_statuses']} |"
             )
-    if report.get("scaling"):
-        lines += ["", "| GPUs (torchrun) | images/s | speed-up |", "|---:|---:|---:|"]
-        for r in report["scaling"]:
+    torchrun = report.get("scaling", []) + report.get("shared", [])
+    if torchrun:
+        lines += [
+            "",
+            "Under torchrun, each rank's run after a warm-up run (images/s: all ranks' images / the slowest rank's "
+            "seconds; decode thread: the busiest rank's share of its run):",
+            "",
+            "| set | encoder | processes | GPUs | shard size | images/s | speed-up | decode thread |",
+            "|---|---|---:|---:|---:|---:|---:|---:|",
+        ]
+        for r in torchrun:
+            head = f"| {r['set']} | {r['encoder_dtype']} | {r['processes']} | {r['gpus']} | {r['shard_size']} |"
             lines.append(
-                f"| {r['gpus']} | {r.get('images_per_s', float('nan')):.0f} | {r.get('speedup', float('nan')):.2f}x |"
-                if "error" not in r
-                else f"| {r['gpus']} | failed | |"
+                f"{head} failed: {r['error'][-80:]!r} | | |"
+                if "error" in r
+                else f"{head} {r['images_per_s']:.0f} | {r.get('speedup', float('nan')):.2f}x | "
+                f"{100 * r['decode_thread_share']:.0f}% |"
             )
     return "\n".join(lines) + "\n"
 
@@ -468,11 +545,23 @@ def main(argv: list[str] | None = None) -> int:
         help="skip the Pillow-path run and the comparison of allocations",
     )
     parser.add_argument("--scaling", action="store_true", help="also run under torchrun on 1, 2, 4, ... GPUs")
+    parser.add_argument(
+        "--share-gpu",
+        type=int,
+        default=0,
+        metavar="K",
+        help="also run each set under torchrun on one GPU with 1 and K processes (0: not)",
+    )
+    parser.add_argument("--rank-job", type=Path, default=None, help=argparse.SUPPRESS)  # a torchrun case's rank
     parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"], help="cpu: a smoke test of the script")
     parser.add_argument("--keep", action="store_true", help="keep the generated images")
     parser.add_argument("--tag", default="")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="arrcoc: %(message)s")
+    if args.rank_job:
+        return _rank_job(args.rank_job)
+    if args.share_gpu == 1 or args.share_gpu < 0:
+        parser.error(f"--share-gpu must be 0 (off) or 2 or more processes; got {args.share_gpu}")
     if args.device == "cuda" and not torch.cuda.is_available():
         print("arrcoc bench_dataset: needs a CUDA GPU (--device cpu only smoke-tests this script)", file=sys.stderr)
         return 2
@@ -540,6 +629,8 @@ def main(argv: list[str] | None = None) -> int:
                 torch.cuda.empty_cache()
     if args.scaling and device.type == "cuda":
         report["scaling"] = _scaling(work / "images", work, args)
+    if args.share_gpu:  # on the CPU: a smoke test of the launch
+        report["shared"] = _shared(sets, work, args)
     write_report(report, _markdown(report), args.out, f"dataset-{report['device']}", args.tag)
     if not args.keep:
         shutil.rmtree(work, ignore_errors=True)
