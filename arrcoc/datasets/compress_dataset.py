@@ -4,7 +4,7 @@ One process::
 
     arrcoc compress-dataset photos/ tokens/ --budget 64
 
-One process per GPU, with PyTorch's launcher (rank ``r`` of ``K`` takes shards ``r, r+K, r+2K, ...``, runs
+One process per GPU (or more), with PyTorch's launcher (rank ``r`` of ``K`` takes shards ``r, r+K, r+2K, ...``, runs
 on GPU ``LOCAL_RANK`` with its own pipeline and graph cache; rank 0 merges the index at the end)::
 
     torchrun --nproc-per-node 4 -m arrcoc.cli compress-dataset photos/ tokens/ --budget 64
@@ -950,7 +950,9 @@ def _launch(device: str | None, timeout_minutes: float) -> _Launch:
     local = int(os.environ.get("LOCAL_RANK", "0")) if launched else 0
     per_node = int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if launched else 1
     if device not in (None, "cpu", "cuda"):
-        raise InvalidInputError(f"--device must be cpu or cuda (each process takes GPU LOCAL_RANK); got {device!r}")
+        raise InvalidInputError(
+            f"--device must be cpu or cuda (each process takes GPU LOCAL_RANK mod the GPUs); got {device!r}"
+        )
     use_cuda = device == "cuda" or (device is None and torch.cuda.is_available())
     if use_cuda and not torch.cuda.is_available():
         raise InvalidInputError("--device cuda: no CUDA GPU is available")
@@ -975,7 +977,8 @@ def _parser() -> argparse.ArgumentParser:
         prog="arrcoc compress-dataset",
         formatter_class=HelpFormatter,
         description="Compress a folder (searched recursively) or a list file of images into sharded safetensors\n"
-        "plus DST/index.jsonl. Under torchrun, one process per GPU. Run it again to resume.",
+        "plus DST/index.jsonl. Under torchrun, one process per GPU (two per GPU decode photos faster).\n"
+        "Run it again to resume.",
         epilog="read back: arrcoc.datasets.shards.load_index(DST), arrcoc.datasets.shards.load_record(DST, record)\n"
         f"exit codes: 0 complete (broken images are records in the index), {EXIT_INCOMPLETE} stopped early\n"
         "(--max-shards; run again to resume), 2 bad arguments",
@@ -994,7 +997,7 @@ def _parser() -> argparse.ArgumentParser:
         "--workers",
         type=int,
         default=None,
-        help="readers per GPU: threads on CUDA (JPEGs decoded on the GPU), DataLoader processes on the CPU "
+        help="readers per process: threads on CUDA (JPEGs decoded on the GPU), DataLoader processes on the CPU "
         f"(default: {JPEG_READERS} on CUDA when nearly every file is a JPEG, else {READERS}; raise it on network "
         "storage)",
     )
