@@ -234,8 +234,9 @@ def test_ranks_beyond_the_gpus_share_them_through_gloo(
     monkeypatch: pytest.MonkeyPatch, per_node: int, gpus: int, local: int, device: int, backend: str
 ) -> None:
     """NCCL holds one rank per GPU: more processes than GPUs on a node take GPU LOCAL_RANK mod count, over gloo."""
-    env = dict(RANK=str(local), LOCAL_RANK=str(local), WORLD_SIZE=str(per_node), LOCAL_WORLD_SIZE=str(per_node))
-    monkeypatch.setattr(os, "environ", {**os.environ, **env, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "1"})
+    env = dict(RANK=local, LOCAL_RANK=local, WORLD_SIZE=per_node, LOCAL_WORLD_SIZE=per_node, MASTER_PORT=1)
+    for name, value in {**env, "MASTER_ADDR": "127.0.0.1"}.items():
+        monkeypatch.setenv(name, str(value))
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
     chosen, groups = [], []

@@ -11,8 +11,9 @@ time / wall time), and once through the Pillow path (``batch_decode=False``, Dat
 report its images/s and start-up, the share of images whose allocation is identical to the batched path's and
 the largest differences. With ``--scaling`` on a machine of several GPUs it runs the benchmark set under
 ``torchrun`` on 1, 2, 4, ... GPUs, and with ``--share-gpu K`` each set under ``torchrun`` on one GPU with one
-process and with ``K`` (each rank warmed up as the in-process case is). Results go to ``<out>/dataset-<device>[-tag].json`` and ``.md``; ``--out`` is
-a scratch folder unless ``--out bench/results`` is given.
+process and with ``K`` (each rank warmed up as the in-process case is). Results go to
+``<out>/dataset-<device>[-tag].json`` and ``.md``; ``--out`` is a scratch folder unless ``--out bench/results`` is
+given.
 """
 
 from __future__ import annotations
