@@ -250,6 +250,21 @@ def test_ranks_beyond_the_gpus_share_them_through_gloo(
     assert groups == [backend] and (launch.rank, launch.world, launch.owns_group) == (local, per_node, True)
 
 
+def test_a_decode_bound_lone_process_on_a_gpu_is_told_of_a_second() -> None:
+    cuda, cpu = torch.device("cuda", 0), torch.device("cpu")
+    bound = compress_dataset.DatasetStats(seconds=2.0, decode_thread_seconds=1.8)
+    hint = compress_dataset._decode_hint(bound, cuda)
+    assert hint is not None and "busy 90%" in hint and "--nproc-per-node 2" in hint
+    assert (
+        compress_dataset._decode_hint(compress_dataset.DatasetStats(seconds=2.0, decode_thread_seconds=1.0), cuda)
+        is None
+    )
+    assert compress_dataset._decode_hint(bound, cpu) is None  # no decode thread off the GPU
+    two = compress_dataset.DatasetStats(seconds=2.0, decode_thread_seconds=1.8, world_size=2)
+    assert compress_dataset._decode_hint(two, cuda) is None  # already several processes
+    assert compress_dataset._decode_hint(compress_dataset.DatasetStats(), cuda) is None  # nothing ran
+
+
 def test_a_killed_run_restarts_and_completes_with_nothing_lost_or_duplicated(
     tmp_path: Path, source: Path, model: Path, reference: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -110,6 +110,10 @@ logger = logging.getLogger(__name__)
 #: Exit code of a run that stopped before every shard was written (``--max-shards``); run it again to resume.
 EXIT_INCOMPLETE = 75
 
+#: The decode thread's share of a run above which a lone process on a GPU suggests a second one beside it (on an
+#: H100 the photos' decode thread was busy 88-94%, and two processes on the GPU gained 5-28%; ``docs/datasets.md``).
+DECODE_BOUND_SHARE = 0.8
+
 _TOKEN_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -1041,6 +1045,19 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _decode_hint(stats: DatasetStats, device: torch.device) -> str | None:
+    """The advice for a lone process on a GPU whose run the JPEG decode bounded, else None."""
+    if device.type != "cuda" or stats.world_size != 1 or stats.seconds <= 0:
+        return None
+    busy = stats.decode_thread_seconds / stats.seconds
+    if busy < DECODE_BOUND_SHARE:
+        return None
+    return (
+        f"the JPEG decode bounded this run (its thread busy {100 * busy:.0f}%); two processes on the GPU decode side "
+        "by side: torchrun --nproc-per-node 2 -m arrcoc.cli compress-dataset ..."
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     """``arrcoc compress-dataset``; returns the exit code."""
     args = _parser().parse_args(argv)
@@ -1093,6 +1110,9 @@ def main(argv: list[str] | None = None) -> int:
         f"{stats.shards_written} shards written, {stats.shards_skipped} already complete, "
         f"{stats.images_per_second:.1f} images/s on {launch.device}"
     )
+    hint = _decode_hint(stats, launch.device)
+    if hint and not args.quiet:
+        print(f"arrcoc compress-dataset: {hint}", file=sys.stderr)
     if stats.rank == 0:
         if stats.complete:
             print(f"arrcoc compress-dataset: complete: {Path(args.dest) / INDEX_NAME}")
