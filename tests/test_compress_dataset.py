@@ -250,6 +250,17 @@ def test_ranks_beyond_the_gpus_share_them_through_gloo(
     assert groups == [backend] and (launch.rank, launch.world, launch.owns_group) == (local, per_node, True)
 
 
+def test_a_rank_beyond_the_gpus_without_local_world_size_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without LOCAL_WORLD_SIZE rank 0 would pick NCCL and rank 2 gloo: the group would never form."""
+    for name, value in dict(RANK=2, LOCAL_RANK=2, WORLD_SIZE=3, MASTER_ADDR="127.0.0.1", MASTER_PORT=1).items():
+        monkeypatch.setenv(name, str(value))
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    with pytest.raises(arrcoc.InvalidInputError, match="LOCAL_RANK 2 has no GPU of its own .* LOCAL_WORLD_SIZE"):
+        compress_dataset._launch("cuda", 1.0)
+
+
 def test_a_decode_bound_lone_process_on_a_gpu_is_told_of_a_second() -> None:
     cuda, cpu = torch.device("cuda", 0), torch.device("cpu")
     bound = compress_dataset.DatasetStats(seconds=2.0, decode_thread_seconds=1.8)

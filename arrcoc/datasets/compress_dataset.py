@@ -952,7 +952,7 @@ def _launch(device: str | None, timeout_minutes: float) -> _Launch:
     only meets at barriers."""
     launched = all(k in os.environ for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"))
     local = int(os.environ.get("LOCAL_RANK", "0")) if launched else 0
-    per_node = int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if launched else 1
+    per_node = int(os.environ.get("LOCAL_WORLD_SIZE", "0")) if launched else 1  # 0: not told (not torchrun)
     if device not in (None, "cpu", "cuda"):
         raise InvalidInputError(
             f"--device must be cpu or cuda (each process takes GPU LOCAL_RANK mod the GPUs); got {device!r}"
@@ -961,13 +961,18 @@ def _launch(device: str | None, timeout_minutes: float) -> _Launch:
     if use_cuda and not torch.cuda.is_available():
         raise InvalidInputError("--device cuda: no CUDA GPU is available")
     gpus = torch.cuda.device_count() if use_cuda else 0
+    if use_cuda and local >= gpus and not per_node:  # every rank of a node must agree on the backend
+        raise InvalidInputError(
+            f"LOCAL_RANK {local} has no GPU of its own ({gpus} visible) and LOCAL_WORLD_SIZE is not set; "
+            "launch with torchrun to run more processes than GPUs"
+        )
     chosen = torch.device("cuda", local % gpus) if use_cuda else torch.device("cpu")
     if use_cuda:
         torch.cuda.set_device(chosen)
     if not launched or dist.is_initialized():
         return _Launch(chosen)
     timeout = datetime.timedelta(minutes=timeout_minutes)
-    if use_cuda and per_node <= gpus:
+    if use_cuda and per_node <= gpus:  # a launcher that does not say how many share the node: one per GPU
         dist.init_process_group("nccl", timeout=timeout, device_id=chosen)
     else:
         if use_cuda and local == 0:
