@@ -96,7 +96,8 @@ class Pipeline(nn.Module):
             its plain graph at once while a helper thread compiles and captures its compiled chain, which serves the
             key's calls from then on (:meth:`wait_for_compile` waits for it). A key whose compile fails stays plain,
             with a warning. No capture runs beside a compile: a key first met while one runs is served eagerly
-            until it ends.
+            until it ends. ``"deferred"``: the same, but no compile starts before :meth:`start_compile` (a job
+            that learns only once it runs whether it will run long enough to repay a compile).
         concurrent: on CUDA, run independent work side by side on side streams (parallel branches of the
             graph): the backbone beside the texture features and allocation bounds, the three scorers and
             the balance's region similarity beside each other. The results are the same either way.
@@ -120,7 +121,7 @@ class Pipeline(nn.Module):
         device: torch.device | str | None = None,
         cuda_graphs: bool | None = None,
         compile: bool | Literal["head"] = False,
-        compile_in_background: bool = False,
+        compile_in_background: bool | Literal["deferred"] = False,
         concurrent: bool = True,
         graph_cache: GraphCache | None = None,
         graph_batch: int | None = None,
@@ -133,6 +134,10 @@ class Pipeline(nn.Module):
             raise InvalidInputError(f"graph_batch must be at least 1; got {graph_batch}")
         if compile not in (False, True, "head"):
             raise InvalidInputError(f'compile must be False, True or "head"; got {compile!r}')
+        if compile_in_background not in (False, True, "deferred"):
+            raise InvalidInputError(
+                f'compile_in_background must be False, True or "deferred"; got {compile_in_background!r}'
+            )
         if compile_in_background and not compile:
             raise InvalidInputError('compile_in_background needs compile=True or compile="head"')
         if config is not None and not isinstance(config, PipelineConfig):
@@ -172,6 +177,7 @@ class Pipeline(nn.Module):
                 self.graph_cache.backend,
                 # the bucket's encoder and the width are built in the caller's thread, not beside it in the helper's
                 prepare=lambda key: (self.encoder(key.bucket), self.width),
+                started=compile_in_background is True,
             )
             if compile_in_background
             else None
@@ -212,7 +218,7 @@ class Pipeline(nn.Module):
         device: torch.device | str | None = None,
         cuda_graphs: bool | None = None,
         compile: bool | Literal["head"] = False,
-        compile_in_background: bool = False,
+        compile_in_background: bool | Literal["deferred"] = False,
         concurrent: bool = True,
         graph_cache: GraphCache | None = None,
         graph_batch: int | None = None,
@@ -419,8 +425,25 @@ class Pipeline(nn.Module):
 
     def wait_for_compile(self, timeout: float | None = None) -> bool:
         """With ``compile_in_background``, block until the compiled chain of every graph key served so far is
-        captured (or has failed and stays plain); returns whether that happened within ``timeout`` seconds."""
+        captured (or has failed and stays plain); returns whether that happened within ``timeout`` seconds (False at
+        once for a deferred compile not started: see :meth:`start_compile`)."""
         return self.compiled_chains is None or self.compiled_chains.wait(timeout)
+
+    def start_compile(self) -> None:
+        """Start a deferred background compile (``compile_in_background="deferred"``): the graph keys served so far,
+        then each new one once its plain chain is captured. Calling it again does nothing.
+
+        Raises:
+            InvalidInputError: the pipeline does not compile in the background.
+        """
+        if self.compiled_chains is None:
+            raise InvalidInputError('start_compile needs compile_in_background=True or "deferred"')
+        self.compiled_chains.start()
+
+    @property
+    def compile_started(self) -> bool:
+        """Whether a background compile may run: ``compile_in_background=True``, or a deferred one started."""
+        return self.compiled_chains is not None and self.compiled_chains.started
 
     def _uses_graphs(self, device: torch.device | None = None) -> bool:
         return self.cuda_graphs and ((device or self.device).type == "cuda" or self.graph_cache.backend == "eager")

@@ -19,7 +19,9 @@
 # (bench/sweep_noquery.py, SWEEP_LIMIT seconds, SWEEP_ARGS passed on); ITEM4=1 the chain against the encoder alone at
 # 224 px bf16 batch 64, plain, compiled and head compiled, with the head-compiled-vs-plain agreement and a fresh
 # process's start-up, plain and head compiled in the background (ITEM4_RESTART: other --restart-modes, ITEM4_LIMIT:
-# its seconds); JOB_COMPILE=1 bench/compile_background_job.sh (JOB_PHOTOS photos); RACE=1 bench/compile_race_probe.py
+# its seconds); JOB_COMPILE=1 bench/compile_background_job.sh (JOB_PHOTOS photos); TIMELINE=1
+# bench/compile_timeline.py, cold then warm caches (TIMELINE_LIMIT seconds each, TIMELINE_RUNS=cold: the first
+# alone); RACE=1 bench/compile_race_probe.py
 # (captures beside a background compile); PROBE="qwen-host ..." those parts
 # of bench/profile_probe.py (PROBE_LIMIT seconds each) into $OUT/probe.
 # Knobs: TESTS=0 skips the tests, TEST_FILES="tests/a.py ..." runs only those files' cuda tests, BENCH=0 the
@@ -154,9 +156,18 @@ ITEM4_ARGS=(--sizes 224 --batches 64 --compile 224x64 --no-reduce-overhead --no-
   --restart-modes ${ITEM4_RESTART:-plain background}
 [ "${ITEM4:-0}" = 1 ] && step bench-item4-vitb 90 "${GRAPHS[@]}" --encoder vit_base_patch16_224 --tag vitb-bf16-item4 \
   "${ITEM4_ARGS[@]}"
-# compress-dataset --compile background against --compile off, fresh processes, empty compile caches: wall time, exit
-[ "${JOB_COMPILE:-0}" = 1 ] && step job-compile-background 200 env OUT="$OUT" PHOTOS="${JOB_PHOTOS:-1000}" \
+# compress-dataset --compile off, auto and background, fresh processes, empty compile caches: wall time, exit
+[ "${JOB_COMPILE:-0}" = 1 ] && step job-compile-background 240 env OUT="$OUT" PHOTOS="${JOB_PHOTOS:-1000}" \
   bash bench/compile_background_job.sh
+# a data-set job's rate before, during and after a background compile, from cold caches, then from warm ones
+if [ "${TIMELINE:-0}" = 1 ]; then
+  TIMELINE_CACHE=$(mktemp -d)
+  for cache in ${TIMELINE_RUNS:-cold warm}; do
+    step "compile-timeline-$cache" "${TIMELINE_LIMIT:-200}" env TORCHINDUCTOR_CACHE_DIR="$TIMELINE_CACHE" \
+      python3 bench/compile_timeline.py --out "$OUT/compile-timeline-$cache.json" --limit $(( ${TIMELINE_LIMIT:-200} - 60 ))
+  done
+  rm -rf "$TIMELINE_CACHE"
+fi
 # a background compile beside the plain graphs' captures: fresh processes, one and two buckets, every warning
 [ "${RACE:-0}" = 1 ] && step compile-race 240 python3 bench/compile_race_probe.py --runs 2 --keys 1 2
 for part in ${PROBE:-}; do

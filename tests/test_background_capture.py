@@ -168,9 +168,39 @@ def test_a_failed_compile_leaves_the_key_on_its_plain_chain(
     assert len(pipe.compiled_chains.cache) == 0
 
 
+def test_a_deferred_compile_waits_for_start_compile_then_builds_every_key_served(
+    tiny_config: arrcoc.PipelineConfig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls: list[str] = []
+    monkeypatch.setattr(torch, "compile", _recording_compile(calls))
+    pipe = arrcoc.Pipeline(
+        tiny_config, compile="head", compile_in_background="deferred", graph_cache=GraphCache(backend="eager")
+    )
+    images = _images(2, seed=8)
+    first = pipe(images, budget=10)
+    pipe.warmup(sizes=(384,), batch_sizes=(2,), budget=20)
+    time.sleep(0.2)  # room for a helper thread that should not exist
+    chains = pipe.compiled_chains
+    assert chains is not None and not pipe.compile_started and chains._thread is None and not calls
+    assert not pipe.wait_for_compile(timeout=30)  # at once: nothing is being built
+    assert pipe(images, budget=10).allocation.equal(first.allocation) and pipe.graph_cache.stats()["hits"] == 1
+    pipe.start_compile()
+    assert pipe.compile_started and pipe.wait_for_compile(timeout=120)
+    assert set(chains.cache._entries) == set(pipe.graph_cache._entries) and set(calls) == {"arrcoc-compile"}
+    pipe.start_compile()  # again: nothing more
+    second = pipe(images, budget=10)
+    assert chains.cache.stats()["hits"] == 1 and torch.equal(second.allocation, first.allocation)
+    pipe.warmup(sizes=(224,), batch_sizes=(8,), budget=20)  # a key met after the start is built as it comes
+    assert pipe.wait_for_compile(timeout=120) and len(chains.cache) == len(pipe.graph_cache)
+
+
 def test_compile_in_background_needs_a_compile(tiny_config: arrcoc.PipelineConfig) -> None:
     with pytest.raises(arrcoc.InvalidInputError, match="compile_in_background needs compile"):
         arrcoc.Pipeline(tiny_config, compile_in_background=True)
+    with pytest.raises(arrcoc.InvalidInputError, match='compile_in_background must be False, True or "deferred"'):
+        arrcoc.Pipeline(tiny_config, compile="head", compile_in_background="later")
+    with pytest.raises(arrcoc.InvalidInputError, match="start_compile needs compile_in_background"):
+        arrcoc.Pipeline(tiny_config, compile="head").start_compile()
 
 
 @cuda

@@ -527,6 +527,50 @@ def test_compile_option_reaches_the_pipeline_and_bad_choices_are_refused(
     with pytest.raises(SystemExit):
         compress_main([*_args(source, tmp_path / "bad", model), "--compile", "fast"])
     assert "--compile: invalid choice: 'fast'" in capsys.readouterr().err
+    # the default, auto: the head compiled in the background once the job decides, on CUDA; plain graphs elsewhere
+    options = compress_dataset.compile_options("auto", 4, torch.device("cuda"))
+    assert options == {"compile": "head", "compile_in_background": "deferred", "graph_batch": 4}
+    assert compress_dataset.compile_options("auto", 4, torch.device("cpu"))["compile"] is False
+
+
+def test_a_job_starts_its_deferred_compile_only_with_work_enough_left(
+    tmp_path: Path, source: Path, model: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``--compile auto``: the job decides once, ``COMPILE_PROBE_SECONDS`` in, from its rate so far."""
+    from arrcoc.runtime.graphs import GraphCache
+
+    monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: fn)  # the decision, not a CPU compile
+    monkeypatch.setattr(compress_dataset, "COMPILE_PROBE_SECONDS", 0.0)
+    outcomes = []
+    for worth, name in ((1e9, "short"), (0.0, "long")):
+        monkeypatch.setattr(compress_dataset, "COMPILE_WORTH_SECONDS", worth)
+        pipe = arrcoc.Pipeline.from_pretrained(
+            model, compile="head", compile_in_background="deferred", graph_cache=GraphCache(backend="eager")
+        )
+        with _one_thread():
+            stats = compress_dataset.compress_dataset(
+                source, tmp_path / name, pipe, 8, batch_size=4, workers=0, shard_size=SHARD_SIZE, progress=False
+            )
+        assert pipe.wait_for_compile(timeout=120) is pipe.compile_started
+        outcomes.append((pipe.compile_started, stats.compile_started_at is not None))
+        _assert_same_dataset(tmp_path / name, tmp_path / "short")
+    assert outcomes == [(False, False), (True, True)]
+
+
+def test_the_compile_starts_when_the_images_left_take_compile_worth_seconds(monkeypatch: pytest.MonkeyPatch) -> None:
+    class Recorder:
+        started = 0
+
+        def start_compile(self) -> None:
+            self.started += 1
+
+    monkeypatch.setattr(compress_dataset, "COMPILE_WORTH_SECONDS", 300.0)
+    stats = compress_dataset.DatasetStats(images=100)
+    pipe = Recorder()
+    # 100 images in 10 s: 2,999 left take 299.9 s, 3,000 take 300
+    assert not compress_dataset._start_compile(pipe, stats, 10.0, 2999) and stats.compile_started_at is None
+    assert compress_dataset._start_compile(pipe, stats, 10.0, 3000) and stats.compile_started_at == 10.0
+    assert pipe.started == 1
 
 
 def _image_rows(count: int, grid: tuple[int, int], seed: int) -> list[dict[str, torch.Tensor]]:

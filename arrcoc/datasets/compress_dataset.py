@@ -91,16 +91,27 @@ PINNED_READS: bool = os.environ.get("ARRCOC_PINNED_READS", "1") != "0"
 
 #: ``--compile``'s choices, as ``Pipeline`` keyword arguments.
 COMPILE_CHOICES: dict[str, dict[str, Any]] = {
+    "auto": {"compile": "head", "compile_in_background": "deferred"},
     "off": {"compile": False},
     "head": {"compile": "head"},
     "all": {"compile": True},
     "background": {"compile": "head", "compile_in_background": True},
 }
+#: ``--compile``'s default: plain graphs, and the head compiled beside them once the job has work enough left.
+COMPILE_DEFAULT = "auto"
+#: A job whose pipeline defers its background compile (``--compile auto``) decides once, this many seconds into its
+#: run (its first captures done, its rate settled), whether to start it.
+COMPILE_PROBE_SECONDS = 5.0
+#: ... and starts it when the images left would take at least this long at its rate so far: ...
+COMPILE_WORTH_SECONDS = 300.0
 
 
-def compile_options(choice: str, batch_size: int) -> dict[str, Any]:
-    """``Pipeline`` keyword arguments for ``--compile choice``: compiled, every batch pads to the job's batch size, so
-    that each bucket size compiles once, not once per size of its last batches."""
+def compile_options(choice: str, batch_size: int, device: torch.device) -> dict[str, Any]:
+    """``Pipeline`` keyword arguments for ``--compile choice`` on ``device``: compiled, every batch pads to the job's
+    batch size, so that each bucket size compiles once, not once per size of its last batches; ``auto`` is ``off``
+    off CUDA, where no graph is captured."""
+    if choice == "auto" and device.type != "cuda":
+        choice = "off"
     options = COMPILE_CHOICES[choice]
     return {**options, "graph_batch": batch_size if options["compile"] else None}
 
@@ -143,6 +154,8 @@ class DatasetStats:
         device_decoded, host_decoded: images decoded by nvJPEG, and by Pillow.
         readers: the reader threads (batched path) or DataLoader worker processes (Pillow path) this run used.
         gpu_ms: device milliseconds per step (decode, resize, pipeline, copy-out) from CUDA events.
+        compile_started_at: seconds into the run at which this process started its pipeline's deferred compile
+            (``compile_in_background="deferred"``), or None.
         complete: every shard of the data set exists and the index is written.
     """
 
@@ -168,6 +181,7 @@ class DatasetStats:
     gpu_ms: dict[str, float] = field(
         default_factory=lambda: dict.fromkeys(("decode", "resize", "pipeline", "copy-out"), 0.0)
     )
+    compile_started_at: float | None = None
     complete: bool = False
 
     @property
@@ -893,6 +907,7 @@ def compress_dataset(
         file=sys.stderr,
         dynamic_ncols=True,
     ) as bar:
+        deferred = pipeline.compiled_chains is not None and not pipeline.compile_started
         try:
             for loaded in _timed(reader, stats):
                 for item in loaded:
@@ -900,6 +915,11 @@ def compress_dataset(
                 stats.images += len(loaded)
                 bar.update(len(loaded))
                 bar.set_postfix(errors=stats.errors, refresh=False)
+                elapsed = time.perf_counter() - start
+                if deferred and elapsed >= COMPILE_PROBE_SECONDS:
+                    deferred = False
+                    if _start_compile(pipeline, stats, elapsed, len(items) - stats.images):
+                        bar.set_postfix(errors=stats.errors, compiling=True, refresh=False)
             writer.finish()
         finally:
             drain = time.perf_counter()
@@ -913,6 +933,22 @@ def compress_dataset(
     _barrier(pipeline.device)
     stats.complete = (dest / INDEX_NAME).is_file()
     return stats
+
+
+def _start_compile(pipeline: Pipeline, stats: DatasetStats, elapsed: float, left: int) -> bool:
+    """Start ``pipeline``'s deferred compile if the ``left`` images would take ``COMPILE_WORTH_SECONDS`` at this
+    run's rate so far (its captures included, so the rate errs low and the estimate long); returns whether it did."""
+    seconds_left = left * elapsed / max(stats.images, 1)
+    if seconds_left < COMPILE_WORTH_SECONDS:
+        return False
+    pipeline.start_compile()
+    stats.compile_started_at = elapsed
+    logger.info(
+        "rank %d: compiling arrcoc's stages beside the plain graphs (about %.0f s of work left)",
+        stats.rank,
+        seconds_left,
+    )
+    return True
 
 
 def _timed(reader: Iterable[list[_Loaded]], stats: DatasetStats) -> Iterator[list[_Loaded]]:
@@ -1034,12 +1070,14 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--pretrained", default=None, help="a folder saved by Pipeline.save_pretrained")
     parser.add_argument(
         "--compile",
-        default="off",
+        default=COMPILE_DEFAULT,
         choices=sorted(COMPILE_CHOICES),
-        help="torch.compile before capture: 'head' arrcoc's own stages (the backbone as it is), 'all' the backbone "
-        "too (its bfloat16 arithmetic then moves some allocations), 'background' the head on a helper thread while "
-        "plain graphs compress, each bucket size switching to its compiled graph once that is captured; the first "
-        "run compiles, later runs read torch.compile's on-disk caches",
+        help="torch.compile before capture: 'off' plain graphs; 'head' arrcoc's own stages (the backbone as it is) "
+        "before the first batch; 'all' the backbone too (its bfloat16 arithmetic then moves some allocations); "
+        "'background' the head on a helper thread while plain graphs compress, each bucket size switching to its "
+        "compiled graph once that is captured; 'auto' the same, started only when the job, "
+        f"{COMPILE_PROBE_SECONDS:.0f} s in, has at least {COMPILE_WORTH_SECONDS:.0f} s of work left (on CUDA; off "
+        "elsewhere). The first run compiles, later runs read torch.compile's on-disk caches",
     )
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
     parser.add_argument("--timeout-minutes", type=float, default=60.0, help="how long a rank waits for the others")
@@ -1071,12 +1109,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         launch = _launch(args.device, args.timeout_minutes)
         overrides = {"encoder_dtype": args.dtype} if args.dtype else {}
-        options = compile_options(args.compile, args.batch_size)
+        options = compile_options(args.compile, args.batch_size, launch.device)
         if args.preset:
             pipe = Pipeline(PipelineConfig.from_name(args.preset, **overrides), device=launch.device, **options)
         else:
             pipe = Pipeline.from_pretrained(args.pretrained, device=launch.device, **options, **overrides)
-        if args.compile not in ("off", "background") and _rank_world()[0] == 0:  # minutes of silence otherwise
+        # a compile before the first batch: minutes of silence, unless announced
+        if options["compile"] and not options.get("compile_in_background") and _rank_world()[0] == 0:
             print(
                 f"arrcoc compress-dataset: --compile {args.compile}: the first batch of each bucket size compiles "
                 "(about a minute each from an empty cache); a later run reads torch.compile's on-disk cache",
@@ -1114,6 +1153,7 @@ def main(argv: list[str] | None = None) -> int:
         f"arrcoc compress-dataset: rank {stats.rank}/{stats.world_size}: {stats.images} images ({stats.errors} broken), "
         f"{stats.shards_written} shards written, {stats.shards_skipped} already complete, "
         f"{stats.images_per_second:.1f} images/s on {launch.device}"
+        + ("" if stats.compile_started_at is None else f", its head compiled from {stats.compile_started_at:.0f} s on")
     )
     hint = _decode_hint(stats, launch.device)
     if hint and not args.quiet:

@@ -37,6 +37,7 @@ class BackgroundCapture:
         backend: :class:`GraphCache`'s (``"eager"``: the same bookkeeping without a GPU, for tests).
         prepare: ``prepare(key)``, run in the asking thread before a key's build is queued: what the build needs
             that must not be created on the helper thread beside the caller's own use of it.
+        started: build as keys are asked for (``False``: only note them, until :meth:`start`).
     """
 
     def __init__(
@@ -45,8 +46,10 @@ class BackgroundCapture:
         max_entries: int = 32,
         backend: str = "cuda",
         prepare: Callable[[GraphKey], object] | None = None,
+        started: bool = True,
     ) -> None:
         self.build, self.prepare = build, prepare
+        self.started = started
         self.cache = GraphCache(max_entries, backend=backend)
         self.lock = threading.Lock()
         # held through each build; a caller holds it through a capture of its own, which a build beside could void
@@ -66,11 +69,7 @@ class BackgroundCapture:
                     self.prepare(key)
                 self._jobs[key] = job = Future()
                 self._queue.append((key, job, capture_lock))
-                if self._thread is None:
-                    # a daemon: a process that finishes its work before a compile does exits without waiting for it;
-                    # it ends when the queue is empty (nothing keeps the pipeline alive after its last call)
-                    self._thread = threading.Thread(target=self._work, name="arrcoc-compile", daemon=True)
-                    self._thread.start()
+                self._run_queue()
                 return False
             if not job.done():
                 return False
@@ -81,9 +80,26 @@ class BackgroundCapture:
                 return False
             return True
 
-    def wait(self, timeout: float | None = None) -> bool:
-        """Block until every chain asked for so far is built (or failed); returns whether all were, in time."""
+    def start(self) -> None:
+        """Build the keys noted so far and, from now on, each key as it is asked for."""
         with self.lock:
+            self.started = True
+            self._run_queue()
+
+    def _run_queue(self) -> None:
+        """Start the helper thread if it has work and may run (under :attr:`lock`)."""
+        if self.started and self._queue and self._thread is None:
+            # a daemon: a process that finishes its work before a compile does exits without waiting for it; it
+            # ends when the queue is empty (nothing keeps the pipeline alive after its last call)
+            self._thread = threading.Thread(target=self._work, name="arrcoc-compile", daemon=True)
+            self._thread.start()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until every chain asked for so far is built (or failed); returns whether all were, in time (False
+        at once while not :attr:`started`: nothing is being built)."""
+        with self.lock:
+            if not self.started and self._jobs:
+                return False
             jobs = list(self._jobs.values())
         return not wait(jobs, timeout).not_done  # a failure was warned about where it happened
 

@@ -41,6 +41,7 @@ from ..config import PipelineConfig
 from ..datasets.compress_dataset import (
     _TOKEN_DTYPES,
     COMPILE_CHOICES,
+    COMPILE_DEFAULT,
     DatasetStats,
     _Decode,
     _launch,
@@ -170,7 +171,7 @@ def _case(
     if buckets:
         overrides["buckets"] = buckets
     config = PipelineConfig.from_name(args.preset, **overrides)
-    options = compile_options(args.compile, args.batch_size)  # as compress-dataset's
+    options = compile_options(args.compile, args.batch_size, device)  # as compress-dataset's
     pipe = Pipeline(config, device=device, cuda_graphs=graphs, **options)
     start = time.perf_counter()
     _warm_up(pipe, options, args.batch_size, args.budget)
@@ -265,7 +266,7 @@ def _rank_job(spec_path: Path) -> int:
         overrides: dict[str, Any] = {"encoder_dtype": spec["dtype"]}
         if spec["buckets"]:
             overrides["buckets"] = tuple(spec["buckets"])
-        options = compile_options(spec["compile"], spec["batch_size"])
+        options = compile_options(spec["compile"], spec["batch_size"], launch.device)
         pipe = Pipeline(PipelineConfig.from_name(spec["preset"], **overrides), device=launch.device, **options)
         _warm_up(pipe, options, spec["batch_size"], spec["budget"])
         pipe.wait_for_compile()
@@ -535,7 +536,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--token-dtype", default="float16", choices=sorted(_TOKEN_DTYPES))
     parser.add_argument("--preset", default="default")
     parser.add_argument(
-        "--compile", default="off", choices=sorted(COMPILE_CHOICES), help="as compress-dataset's --compile"
+        "--compile",
+        default=COMPILE_DEFAULT,
+        choices=sorted(COMPILE_CHOICES),
+        help="as compress-dataset's --compile (auto: as the job would for these sets, which end before it decides)",
     )
     parser.add_argument("--dtypes", nargs="+", default=["bfloat16"], help="encoder dtypes to run")
     parser.add_argument("--eager", action="store_true", help="also run each dtype with CUDA graphs off")
