@@ -35,6 +35,20 @@ def break_even(plain: float, during: float, compiled: float, compile_s: float) -
     return images / plain
 
 
+def derived(report: dict) -> dict:
+    """Each phase's rate, its images over its seconds (passes hold equal images: the harmonic mean, which a pass
+    starved by the compile weighs into as it weighs into the job), and the break-even these give."""
+    during = [r for _, r in report["during_images_per_s"]]
+    if not (report["compile_done"] and during and report["compiled_images_per_s"]):
+        return {}
+    phases = (report["plain_images_per_s"], during, report["compiled_images_per_s"])
+    rates = [statistics.harmonic_mean(p) for p in phases]
+    return {
+        "rates": dict(zip(("plain", "during", "compiled"), rates)),
+        "break_even_s": break_even(*rates, report["compile_s"]),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--photos", type=int, default=1000)
@@ -80,10 +94,7 @@ def main() -> None:
         "during_images_per_s": during,
         "compiled_images_per_s": compiled,
     }
-    if done and during and compiled:
-        rates = [statistics.median(plain), statistics.median(r for _, r in during), statistics.median(compiled)]
-        report["medians"] = dict(zip(("plain", "during", "compiled"), rates))
-        report["break_even_s"] = break_even(*rates, compile_s)
+    report.update(derived(report))
     Path(args.out).write_text(json.dumps(report, indent=1))
     print(json.dumps({k: v for k, v in report.items() if k != "during_images_per_s"}, indent=1))
     shutil.rmtree(work, ignore_errors=True)

@@ -102,8 +102,10 @@ COMPILE_DEFAULT = "auto"
 #: A job whose pipeline defers its background compile (``--compile auto``) decides once, this many seconds into its
 #: run (its first captures done, its rate settled), whether to start it.
 COMPILE_PROBE_SECONDS = 5.0
-#: ... and starts it when the images left would take at least this long at its rate so far: ...
-COMPILE_WORTH_SECONDS = 300.0
+#: ... and starts it when the images left would take at least this long at its rate so far: where a compile from
+#: cold caches breaks even (H100, 1,000 photos a pass: 152 s of compile, the job at 67% of its plain rate beside it,
+#: +11% once compiled, so 616 s; ``bench/compile_timeline.py``, docs/datasets.md). With warm caches it repays sooner.
+COMPILE_WORTH_SECONDS = 600.0
 
 
 def compile_options(choice: str, batch_size: int, device: torch.device) -> dict[str, Any]:
