@@ -104,7 +104,8 @@ COMPILE_DEFAULT = "auto"
 COMPILE_PROBE_SECONDS = 5.0
 #: ... and starts it when the images left would take at least this long at its rate so far: where a compile from
 #: cold caches breaks even (H100, 1,000 photos a pass: 152 s of compile, the job at 67% of its plain rate beside it,
-#: +11% once compiled, so 616 s; ``bench/compile_timeline.py``, docs/datasets.md). With warm caches it repays sooner.
+#: +11% once compiled, so 616 s; ``bench/results/compile-timeline-nvidia-h100-cold.json``, docs/datasets.md). With
+#: warm caches it repays sooner.
 COMPILE_WORTH_SECONDS = 600.0
 
 
@@ -124,7 +125,8 @@ logger = logging.getLogger(__name__)
 EXIT_INCOMPLETE = 75
 
 #: The decode thread's share of a run above which a lone process on a GPU suggests a second one beside it (on an
-#: H100 the photos' decode thread was busy 88-94%, and two processes on the GPU gained 5-28%; ``docs/datasets.md``).
+#: H100 the photos' decode thread was busy 88-94%, and two processes on the GPU gained 2-28%; ``docs/datasets.md``,
+#: ``bench/results/dataset-nvidia-h100-80gb-hbm3*.md``).
 DECODE_BOUND_SHARE = 0.8
 
 _TOKEN_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
