@@ -156,6 +156,23 @@ ITEM4_ARGS=(--sizes 224 --batches 64 --compile 224x64 --no-reduce-overhead --no-
   --restart-modes ${ITEM4_RESTART:-plain background}
 [ "${ITEM4:-0}" = 1 ] && step bench-item4-vitb 90 "${GRAPHS[@]}" --encoder vit_base_patch16_224 --tag vitb-bf16-item4 \
   "${ITEM4_ARGS[@]}"
+# item 4's plain graphs for another checkout's package (HEAD_AB=<dir>, e.g. `git archive <commit> arrcoc | tar -x -C
+# <dir>`) and this tree, taking turns in fresh processes (HEAD_AB_ROUNDS rounds), the shipped encoder and vit_base
+HEAD_AB_ARGS=(--sizes 224 --batches 1 64 --compile --no-warmup --seconds 0.25 --reps 40 --dtype bfloat16)
+if [ -n "${HEAD_AB:-}" ]; then
+  mkdir -p "$OUT/head-ab"
+  for round in $(seq "${HEAD_AB_ROUNDS:-2}"); do
+    for side in before after; do
+      root=$PWD
+      [ "$side" = before ] && root=$(realpath "$HEAD_AB")
+      # from the package's own folder: `python -m` puts the working directory ahead of PYTHONPATH
+      step "head-ab-$side-$round" 60 bash -c "cd '$root' && PYTHONPATH='$root' python3 -m arrcoc.tools.bench_graphs \
+        --out '$(realpath "$OUT")/head-ab' --pretrained '$PWD/weights' --tag shipped-$side-$round ${HEAD_AB_ARGS[*]}"
+      step "head-ab-vitb-$side-$round" 60 bash -c "cd '$root' && PYTHONPATH='$root' python3 -m arrcoc.tools.bench_graphs \
+        --out '$(realpath "$OUT")/head-ab' --encoder vit_base_patch16_224 --tag vitb-$side-$round ${HEAD_AB_ARGS[*]}"
+    done
+  done
+fi
 # compress-dataset --compile off, auto and background, fresh processes, empty compile caches: wall time, exit
 [ "${JOB_COMPILE:-0}" = 1 ] && step job-compile-background 240 env OUT="$OUT" PHOTOS="${JOB_PHOTOS:-1000}" \
   bash bench/compile_background_job.sh

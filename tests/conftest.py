@@ -94,3 +94,10 @@ def interpret() -> Callable[[str], Any]:
         return future.result() if future is not None else _interpret(Path(test_file))
 
     return run
+
+
+@pytest.fixture(scope="module")
+def interpreted(request: pytest.FixtureRequest, interpret: Callable[[str], Any]) -> Any:
+    """The requesting test file run as a script under Triton's interpreter (:func:`interpret`): what its
+    ``__main__`` prints."""
+    return interpret(request.module.__file__)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-from collections.abc import Callable
 
 import pytest
 import torch
@@ -83,11 +82,6 @@ def _interpret_all() -> dict[str, dict]:
         want = greedy_maxmin_reference(weighted, score, live)
         out[name] = {"equal": torch.equal(got, want), "kept": want.sum().item(), "got": got.sum().item()}
     return out
-
-
-@pytest.fixture(scope="module")
-def interpreted(interpret: Callable[[str], dict[str, dict]]) -> dict[str, dict]:
-    return interpret(__file__)
 
 
 @pytest.mark.parametrize("name", list(CASES))

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-from collections.abc import Callable
 
 import pytest
 import torch
@@ -63,11 +62,6 @@ def _interpret_all() -> dict[str, object]:
             for row, image in enumerate(chosen)
         )
     return out
-
-
-@pytest.fixture(scope="module")
-def interpreted(interpret: Callable[[str], dict[str, object]]) -> dict[str, object]:
-    return interpret(__file__)
 
 
 @pytest.mark.parametrize("bucket", BUCKETS)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-from collections.abc import Callable
 
 import pytest
 import torch
@@ -77,11 +76,6 @@ def _interpret_all() -> dict[str, object]:
             _texture_triton.launch(strided, valid, grid, matrix, 0.006), texture_reference(strided.float(), valid, grid)
         )
     return out
-
-
-@pytest.fixture(scope="module")
-def interpreted(interpret: Callable[[str], dict[str, object]]) -> dict[str, object]:
-    return interpret(__file__)
 
 
 @pytest.mark.parametrize("side, grid", CASES)

@@ -13,21 +13,32 @@ allocation.
 
 Guarantees: exact sum; bounds; monotone (more relevance never means fewer tokens, bounds permitting);
 deterministic; static shapes.
+
+On CUDA, outside ``torch.compile``, :class:`Allocator` is one Triton kernel (``_allocation_triton``; ``USE_KERNEL``).
 """
 
 from __future__ import annotations
+
+import importlib.util
+import os
 
 import torch
 from torch import Tensor, nn
 
 from ..errors import BudgetError, InvalidInputError, InvalidTypeError
 
-__all__ = ["allocate", "Allocator"]
+__all__ = ["allocate", "Allocator", "USE_KERNEL"]
 
 _FLOOR = 1e-6  # added weight (relative to the largest) so every region has positive weight
 #: Pairwise orders up to this many compared pairs per call (``B * R * R``, or ``B * 2R * R`` for the level); sorts
 #: beyond, where pairwise measured slower (docs/decisions.md).
 PAIRWISE_PAIRS = 1 << 22
+#: Whether :class:`Allocator` runs as one Triton kernel on CUDA (``ARRCOC_ALLOCATION_KERNEL=0``: the torch form).
+USE_KERNEL: bool = (
+    os.environ.get("ARRCOC_ALLOCATION_KERNEL", "1") != "0" and importlib.util.find_spec("triton") is not None
+)
+#: Regions per image up to which the kernel runs (each region's place is counted against every other, per image).
+KERNEL_REGIONS = 1024
 
 
 def _solve_level(weight: Tensor, low: Tensor, high: Tensor, budget: Tensor) -> Tensor:
@@ -117,6 +128,16 @@ def _allocate(relevance: Tensor, budget: Tensor, low: Tensor, high: Tensor) -> T
     low, high, total = low.double(), high.double(), budget.double()
     level = _solve_level(weight, low, high, total)
     return _round(level, relevance, low, high, total)
+
+
+def _uses_kernel(relevance: Tensor) -> bool:
+    """Whether :class:`Allocator` launches its Triton kernel (CUDA, at most ``KERNEL_REGIONS`` regions an image)."""
+    return (
+        USE_KERNEL
+        and relevance.is_cuda
+        and relevance[0].numel() <= KERNEL_REGIONS
+        and not torch.compiler.is_compiling()
+    )
 
 
 _INT64 = 2**62  # Python ints beyond this cannot be summed in int64 without overflow
@@ -244,5 +265,10 @@ class Allocator(nn.Module):
         """
         b = relevance.shape[0]
         low, high = min_tokens.reshape(b, -1), max_tokens.reshape(b, -1)
+        if _uses_kernel(relevance):  # one launch; the same tokens but where a float64 rounding crosses a whole one
+            from . import _allocation_triton  # Triton is imported on the first CUDA call only
+
+            flat = relevance.reshape(b, -1)
+            return _allocation_triton.launch(flat, budget, low, high, _FLOOR, drop_low=True).view_as(relevance)
         low = torch.where((budget < low.sum(1))[:, None], 0, low)
         return _allocate(relevance.reshape(b, -1), budget, low, high).view_as(relevance)

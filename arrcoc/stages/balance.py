@@ -12,11 +12,16 @@
   ``query_cover`` does, a hedge against a question whose words miss its evidence. With a budget and
   ``BalanceConfig.pick`` set, the cover counts instead how many of the image's ``budget`` picked patches
   (:func:`pick_patches`) each region holds, and compression shows exactly those patches.
+
+On CUDA, outside ``torch.compile``, :meth:`Balance.forward` after its inputs and :func:`frame_patches` are one Triton
+kernel each (``_balance_triton``, ``_frame_triton``; ``BALANCE_KERNEL``, ``FRAME_KERNEL``).
 """
 
 from __future__ import annotations
 
+import importlib.util
 import math
+import os
 from typing import Final
 
 import torch
@@ -25,9 +30,30 @@ from torch import Tensor, nn
 
 from ..config import BalanceConfig
 from .greedy_pick import greedy_maxmin
-from .regions import masked_mean, normalize_per_image, to_regions
+from .regions import masked_mean, normalize_per_image, region_grid, to_regions
+from .scorers import unit_patches
 
-__all__ = ["Balance", "BALANCE_KEYS", "frame_patches", "novelty", "objectness_peaks", "pick_patches"]
+__all__ = [
+    "Balance",
+    "BALANCE_KERNEL",
+    "BALANCE_KEYS",
+    "FRAME_KERNEL",
+    "frame_patches",
+    "novelty",
+    "objectness_peaks",
+    "pick_patches",
+]
+
+#: Whether CUDA grids go to the Triton kernel of :func:`frame_patches` (``ARRCOC_FRAME_KERNEL=0``: the torch form).
+FRAME_KERNEL: bool = (
+    os.environ.get("ARRCOC_FRAME_KERNEL", "1") != "0" and importlib.util.find_spec("triton") is not None
+)
+#: Whether CUDA maps go to the Triton kernel of :meth:`Balance.forward` (``ARRCOC_BALANCE_KERNEL=0``: the torch form).
+BALANCE_KERNEL: bool = (
+    os.environ.get("ARRCOC_BALANCE_KERNEL", "1") != "0" and importlib.util.find_spec("triton") is not None
+)
+#: ``_frame_triton.CELL_LIMIT``, here so that the check does not import Triton.
+_FRAME_CELL_LIMIT = 16384
 
 #: What ``Balance.forward`` reports per image, in order.
 BALANCE_KEYS: tuple[str, ...] = (
@@ -99,6 +125,23 @@ def objectness_peaks(objectness: Tensor, patch_valid: Tensor, threshold: float) 
     return (level >= top) & (level > threshold) & valid
 
 
+def _balance_kernel(maps: Tensor) -> bool:
+    """Whether :meth:`Balance.forward` launches its Triton kernel for these ``(B, 3, R)`` maps."""
+    return (
+        BALANCE_KERNEL
+        and maps.is_cuda
+        and maps.dtype == torch.float32
+        and maps.shape[1] == 3
+        and not (maps.requires_grad and torch.is_grad_enabled())
+        and not torch.compiler.is_compiling()
+    )
+
+
+def _frame_kernel(flat: Tensor) -> bool:
+    """Whether :func:`frame_patches` launches its Triton kernel for this grid (no gradient flows through a border)."""
+    return FRAME_KERNEL and flat.is_cuda and flat[0].numel() <= _FRAME_CELL_LIMIT and not torch.compiler.is_compiling()
+
+
 def frame_patches(
     flat: Tensor,
     patch_valid: Tensor,
@@ -135,6 +178,11 @@ def frame_patches(
     Returns:
         ``(B, gh, gw)`` bool.
     """
+    colourless = None if colour is None else torch.linalg.vector_norm(colour[..., 1:3].float(), dim=-1) < chroma
+    if _frame_kernel(flat):  # the same bits in one launch
+        from . import _frame_triton  # Triton is imported on the first CUDA call only
+
+        return _frame_triton.launch(flat, patch_valid, colourless, solid, touched)
     valid = (patch_valid > 0)[:, None].float()  # (B, 1, gh, gw)
     flat = flat[:, None]
 
@@ -144,8 +192,8 @@ def frame_patches(
     # the image's edge: image patches with a neighbour that is padding or off the grid
     edge = valid * (1 + F.max_pool2d(-F.pad(valid, (1, 1, 1, 1)), 3, stride=1))  # off the grid counts as padding
     inside = (flat >= solid).float() * valid
-    if colour is not None:
-        inside = inside * (torch.linalg.vector_norm(colour[..., 1:3].float(), dim=-1) < chroma)[:, None].float()
+    if colourless is not None:
+        inside = inside * colourless[:, None].float()
     passable = torch.maximum(inside, edge * (flat >= touched).float())
     fill = inside * edge  # where a fill starts: a solid patch on the edge
     for _ in range(max(1, max(flat.shape[-2:]) // 2)):
@@ -178,6 +226,7 @@ def pick_patches(
     peak_threshold: float = 0.3,
     priority: Tensor | None = None,
     frame: Tensor | None = None,
+    unit: Tensor | None = None,
 ) -> Tensor:
     """The ``budget`` image patches a query-free cover keeps: 1 on each, 0 elsewhere.
 
@@ -215,6 +264,8 @@ def pick_patches(
         peak_threshold: the objectness a peak must exceed (``"peaks"``).
         priority: ``(B, gh, gw)`` whole non-negative tiers (``"maxmin"``), or ``None`` (one tier); ``"peaks"`` makes it.
         frame: ``(B, gh, gw)`` bool, the border patches to keep last, or ``None`` (none).
+        unit: :func:`arrcoc.stages.scorers.unit_patches` of ``features`` when already computed (``"maxmin"``,
+            ``"peaks"``).
 
     Returns:
         ``(B, gh, gw)`` float, 1 on exactly ``budget`` image patches per image (fewer only if it has fewer).
@@ -235,7 +286,7 @@ def pick_patches(
         raise ValueError(f"unknown pick method {method!r}")
     if method == "peaks" and objectness is None:
         raise ValueError("pick 'peaks' needs an objectness map")
-    unit = F.normalize(features.float().flatten(1, 2), dim=-1)  # (B, N, D)
+    unit = unit_patches(features) if unit is None else unit  # (B, N, D)
     distance = 1 - unit @ unit.transpose(1, 2)  # (B, N, N)
     if colour is not None and colour_share > 0:
         lab = colour.float().flatten(1, 2)  # (B, N, 3)
@@ -341,8 +392,18 @@ class Balance(nn.Module):
         region_w = to_regions(patch_valid[..., None], self.region_size)[..., 0]  # (B, rh, rw, P)
         valid = (region_w.sum(-1) > 0).flatten(1)  # (B, R)
         maps = scores.flatten(2)  # (B, 3, R)
-
+        if similarity is None:
+            similarity = self.similarity(features, patch_valid)  # (B, R, R)
+        cover = None  # (B, R) each region's novelty, or picked patches, where a share of the relevance follows it
+        if self.query_covers if asked else self.covers:
+            if patch_pick is not None:
+                patch_novelty = patch_pick  # (B, gh, gw) 1 on the picked patches
+            elif patch_novelty is None:
+                patch_novelty = novelty(features, patch_valid)  # (B, gh, gw)
+            cover = to_regions(patch_novelty[..., None], self.region_size).sum((-1, -2)).flatten(1)
         has_query = query_mask.any(-1)  # (B,)
+        if _balance_kernel(maps):  # one launch for the rest, to float32 rounding
+            return self._forward_kernel(maps, valid, query_mask, patch_valid, budget, similarity, cover, has_query)
         weights = self.base_weights.expand(b, k).clone()
         weights[:, 2] = weights[:, 2] * has_query  # no query: participatory contributes nothing
         weights = weights / weights.sum(-1, keepdim=True).clamp_min(1e-12)  # (B, 3)
@@ -362,8 +423,6 @@ class Balance(nn.Module):
         temperature = torch.exp(self.log_t_high + (self.log_t_low - self.log_t_high) * exploit)  # (B,)
 
         # Redundancy: best cosine with any region that ranks higher (ties: lower index ranks higher).
-        if similarity is None:
-            similarity = self.similarity(features, patch_valid)  # (B, R, R)
         index = torch.arange(rh * rw, device=scores.device)
         higher = (combined[:, None, :] > combined[:, :, None]) | (
             (combined[:, None, :] == combined[:, :, None]) & (index[None, :] < index[:, None])
@@ -377,13 +436,8 @@ class Balance(nn.Module):
         relevance = (1 - self.particularize) * uniform + self.particularize * peaked
         # A share follows the regions' novelty, linearly: coverage, not peaks.
         coverage = torch.where(has_query, self.query_cover, self.cover)  # (B,) with a question, a hedge
-        if self.query_covers if asked else self.covers:
-            if patch_pick is not None:
-                patch_novelty = patch_pick  # (B, gh, gw) 1 on the picked patches
-            elif patch_novelty is None:
-                patch_novelty = novelty(features, patch_valid)  # (B, gh, gw)
-            region_novelty = to_regions(patch_novelty[..., None], self.region_size).sum((-1, -2))
-            novel = region_novelty.flatten(1) / region_novelty.flatten(1).sum(-1, keepdim=True).clamp_min(1e-12)
+        if cover is not None:
+            novel = cover / cover.sum(-1, keepdim=True).clamp_min(1e-12)
             relevance = (1 - coverage[:, None]) * relevance + coverage[:, None] * novel  # (B, R)
         relevance = torch.where(valid, relevance, 0.0)
         entropy = -(relevance * relevance.clamp_min(1e-30).log()).sum(-1)
@@ -400,5 +454,42 @@ class Balance(nn.Module):
             "particularize": self.particularize.expand(b),
             "coverage": coverage,
             "evenness": evenness,
+        }
+        return relevance.view(b, rh, rw), report
+
+    def _forward_kernel(
+        self,
+        maps: Tensor,
+        valid: Tensor,
+        query_mask: Tensor,
+        patch_valid: Tensor,
+        budget: Tensor | None,
+        similarity: Tensor,
+        cover: Tensor | None,
+        has_query: Tensor,
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        """:meth:`forward` after its inputs, as one Triton launch (``_balance_triton``)."""
+        from . import _balance_triton  # Triton is imported on the first CUDA call only
+
+        b, _, r = maps.shape
+        knobs = torch.cat(  # read at each call: a knob changed in place takes effect, as in the torch form
+            (self.base_weights, self.exploit[None], self.scarcity[None], self.diversify[None],
+             self.particularize[None], self.cover[None], self.query_cover[None])
+        ).float()  # fmt: skip
+        relevance, weights, values, redundancy = _balance_triton.launch(
+            maps, valid, query_mask, patch_valid, budget, similarity, cover, knobs, (self.log_t_low, self.log_t_high)
+        )
+        rh, rw = region_grid(tuple(patch_valid.shape[1:3]), self.region_size)
+        report = {
+            "weights": weights,
+            "has_query": has_query,
+            "agreement": values[:, 1],
+            "exploit": values[:, 2],
+            "temperature": values[:, 3],
+            "diversify": self.diversify.expand(b),
+            "redundancy": redundancy.view(b, rh, rw),
+            "particularize": self.particularize.expand(b),
+            "coverage": values[:, 4],
+            "evenness": values[:, 5],
         }
         return relevance.view(b, rh, rw), report

@@ -16,10 +16,14 @@ reads them better. The measurements behind both are in docs/decisions.md.
 
 Patches from the letterbox padding rank after every image patch; allocation never gives a region more tokens
 than it has image patches, so none is kept.
+
+On CUDA, outside ``torch.compile``, :func:`compress` is one Triton kernel (``_compress_triton``; ``USE_KERNEL``).
 """
 
 from __future__ import annotations
 
+import importlib.util
+import os
 from typing import Final
 
 import torch
@@ -28,7 +32,13 @@ from torch import Tensor, nn
 from .regions import normalize_per_image, to_regions
 from .scorers import query_coupling
 
-__all__ = ["Compressor", "compress", "query_priority"]
+__all__ = ["Compressor", "compress", "query_priority", "USE_KERNEL"]
+
+#: Whether CUDA float32 features go to the Triton kernel of :func:`compress` (``ARRCOC_COMPRESS_KERNEL=0``: the
+#: torch form everywhere).
+USE_KERNEL: bool = (
+    os.environ.get("ARRCOC_COMPRESS_KERNEL", "1") != "0" and importlib.util.find_spec("triton") is not None
+)
 
 
 def _rank_patches(
@@ -58,12 +68,28 @@ def _rank_patches(
     return torch.argsort(order, dim=-1)  # inverse permutation: rank of each patch
 
 
-def query_priority(features: Tensor, patch_valid: Tensor, query: Tensor, query_mask: Tensor) -> Tensor:
+def query_priority(
+    features: Tensor, patch_valid: Tensor, query: Tensor, query_mask: Tensor, coupling: Tensor | None = None
+) -> Tensor:
     """``(B, gh, gw)`` each patch's coupling to the query, min-max scaled per image over its image patches.
 
-    All zeros for an image without a query (a constant map says nothing about which patch to show).
+    All zeros for an image without a query (a constant map says nothing about which patch to show). ``coupling``:
+    :func:`~arrcoc.stages.scorers.query_coupling` of the same inputs when already computed.
     """
-    return normalize_per_image(query_coupling(features, query, query_mask), patch_valid > 0)
+    if coupling is None:
+        coupling = query_coupling(features, query, query_mask)
+    return normalize_per_image(coupling, patch_valid > 0)
+
+
+def _uses_kernel(features: Tensor) -> bool:
+    """Whether :func:`compress` launches its Triton kernel (float32 features on CUDA, no gradient asked for)."""
+    return (
+        USE_KERNEL
+        and features.is_cuda
+        and features.dtype == torch.float32
+        and not (features.requires_grad and torch.is_grad_enabled())
+        and not torch.compiler.is_compiling()
+    )
 
 
 def compress(
@@ -96,6 +122,12 @@ def compress(
         each token stands for (1 on every token, 0 past the budget). Tokens come region by region in raster
         order of regions; inside a region, highest key first.
     """
+    uses_priority = priority is not None and (isinstance(query_detail, Tensor) or query_detail > 0)
+    if _uses_kernel(features):  # one launch; the same result but where two patches' keys are within rounding
+        from . import _compress_triton  # Triton is imported on the first CUDA call only
+
+        prio = priority if uses_priority else None
+        return _compress_triton.launch(features, patch_valid, allocation, capacity, region_size, prio, query_detail)
     b, gh, gw, d = features.shape
     side = region_size
     rh, rw = allocation.shape[1:]
@@ -104,7 +136,7 @@ def compress(
     valid = to_regions((patch_valid > 0)[..., None], side)[..., 0].flatten(1, 2)  # (B, R, P)
     exists = to_regions(torch.ones_like(patch_valid, dtype=torch.bool)[..., None], side)[..., 0].flatten(1, 2)
     count = allocation.flatten(1)  # (B, R)
-    prio = None if priority is None else to_regions(priority[..., None], side)[..., 0].flatten(1, 2)  # (B, R, P)
+    prio = to_regions(priority[..., None], side)[..., 0].flatten(1, 2) if uses_priority else None  # (B, R, P)
     rank = _rank_patches(regions, valid, exists, prio, query_detail)  # (B, R, P)
 
     # A region's first `count` patches by rank go to the slots after the tokens of the regions before it.
@@ -158,13 +190,16 @@ class Compressor(nn.Module):
         query_mask: Tensor | None = None,
         novelty: Tensor | None = None,
         pick: Tensor | None = None,
+        coupling: Tensor | None = None,
     ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """See :func:`compress`; ``query`` ``(B, L, D)`` and ``query_mask`` ``(B, L)`` as the scorers take them,
         ``novelty`` ``(B, gh, gw)`` as :func:`arrcoc.stages.balance.novelty` gives it; ``pick`` ``(B, gh, gw)``, 1 on
-        the patches :func:`arrcoc.stages.balance.pick_patches` kept: an image without a question shows those first."""
+        the patches :func:`arrcoc.stages.balance.pick_patches` kept: an image without a question shows those first;
+        ``coupling`` ``(B, gh, gw)``, :func:`~arrcoc.stages.scorers.query_coupling` of the same inputs when the
+        participatory scorer has computed it already."""
         priority, share = None, self.query_detail
         if self.query_detail > 0 and query is not None and query_mask is not None:
-            priority = query_priority(features, patch_valid, query, query_mask)
+            priority = query_priority(features, patch_valid, query, query_mask, coupling)
         if self.novelty_detail > 0 and novelty is not None:  # per image: the question's coupling, else novelty
             has_query = query_mask.any(-1) if query_mask is not None else novelty.new_zeros(len(novelty)).bool()
             coupling = priority if priority is not None else torch.zeros_like(novelty)

@@ -27,7 +27,7 @@ from .balance import Balance, frame_patches, novelty, pick_patches
 from .compression import Compressor
 from .objectness import Objectness
 from .regions import region_bounds, to_patches
-from .scorers import create_scorer
+from .scorers import create_scorer, query_coupling, unit_patches
 
 __all__ = ["RelevanceHead", "Stage", "HEAD_OUTPUTS", "needs_objectness"]
 
@@ -140,20 +140,37 @@ class RelevanceHead(nn.Module):
         def body(fn: Callable[..., Any]) -> Callable[..., Any]:
             return torch.compile(fn, dynamic=False) if compile else fn
 
-        scorers, similarity_of = [body(scorer) for scorer in self.scorers.values()], body(self.balance.similarity)
-        novelty_of = body(novelty)
+        propositional, perspectival = body(self.scorers["propositional"]), body(self.scorers["perspectival"])
+        participatory = self.scorers["participatory"]
+
+        def couple(features: Tensor, patch_valid: Tensor, query: Tensor, query_mask: Tensor) -> tuple[Tensor, ...]:
+            unit = unit_patches(features)  # (B, N, D) the query-free pick's cosines reuse it
+            coupling = query_coupling(features, query, query_mask, unit)  # (B, gh, gw) compression reuses it
+            return participatory.from_coupling(coupling, patch_valid, query_mask), coupling, unit
+
+        couple, similarity_of, novelty_of = body(couple), body(self.balance.similarity), body(novelty)
 
         # The balance's region similarity and the patches' novelty need features only: they run beside the scorers.
         def score(s: dict[str, Any]) -> dict[str, Any]:
             args = (s["features"], s["texture"], s["patch_valid"], s["query"], s["query_mask"])
-            branches = [lambda scorer=scorer: scorer(*args) for scorer in scorers]
-            branches.append(lambda: similarity_of(s["features"], s["patch_valid"]))
+            branches = [
+                lambda: propositional(*args),
+                lambda: perspectival(*args),
+                lambda: couple(s["features"], s["patch_valid"], s["query"], s["query_mask"]),
+                lambda: similarity_of(s["features"], s["patch_valid"]),
+            ]
             if self.novelty:
                 branches.append(lambda: novelty_of(s["features"], s["patch_valid"]))
             results = run_branches(branches, s["features"].device, concurrent)
-            out = {"scores": torch.stack(results[: len(scorers)], 1), "similarity": results[len(scorers)]}
+            participation, coupling, unit = results[2]
+            out = {
+                "scores": torch.stack((results[0], results[1], participation), 1),
+                "similarity": results[3],
+                "coupling": coupling,
+                "unit": unit,
+            }
             if self.novelty:
-                out["novelty"] = results[-1]  # (B, gh, gw)
+                out["novelty"] = results[4]  # (B, gh, gw)
             return out
 
         steps = capacity if pick_steps is None else min(pick_steps, capacity)
@@ -192,6 +209,7 @@ class RelevanceHead(nn.Module):
                 s["query_mask"],
                 s.get("novelty"),
                 s.get("pick"),
+                s.get("coupling"),
             )
             return {"tokens": tokens, "positions": positions, "mask": mask, "weights": weights}
 
@@ -226,6 +244,7 @@ class RelevanceHead(nn.Module):
             self.objectness(features, patch_valid) if self.objectness is not None else None,  # (B, gh, gw)
             cfg.pick_peaks,
             frame=frame_patches(s["texture"][..., 5], patch_valid, s["texture"][..., :3]) if self.keeps_frame else None,
+            unit=s.get("unit"),
         )
 
     def forward(

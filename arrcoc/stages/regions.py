@@ -2,9 +2,16 @@
 
 Pure functions over ``(B, gh, gw, C)`` patch grids. A grid whose sides are not multiples of the region side
 is padded with invalid patches, so every region has ``side * side`` patch slots.
+
+On CUDA, :func:`normalize_per_image` is one Triton kernel (``_normalize_triton``) outside ``torch.compile`` (which
+fuses the torch form itself); ``ARRCOC_NORMALIZE_KERNEL=0`` in the environment (read once, at import) or
+``regions.USE_KERNEL = False`` keeps the torch form there too.
 """
 
 from __future__ import annotations
+
+import importlib.util
+import os
 
 import torch
 import torch.nn.functional as F
@@ -19,7 +26,13 @@ __all__ = [
     "region_bounds",
     "capacity_of",
     "patch_boxes",
+    "USE_KERNEL",
 ]
+
+#: Whether CUDA float32 maps go to the Triton kernel of :func:`normalize_per_image` (else the torch form everywhere).
+USE_KERNEL: bool = (
+    os.environ.get("ARRCOC_NORMALIZE_KERNEL", "1") != "0" and importlib.util.find_spec("triton") is not None
+)
 
 
 def region_grid(patch_grid: tuple[int, int], side: int) -> tuple[int, int]:
@@ -68,11 +81,26 @@ def normalize_per_image(score: Tensor, valid: Tensor) -> Tensor:
     """
     stacked = score.ndim == valid.ndim + 1
     flat = score.flatten(2) if stacked else score.flatten(1)  # (B, [K,] R)
+    if _uses_kernel(flat):  # the same bits in one launch (no gradient: only where none is asked for)
+        from . import _normalize_triton  # Triton is imported on the first CUDA call only
+
+        return _normalize_triton.launch(flat if stacked else flat[:, None], valid.flatten(1)).view_as(score)
     mask = valid.flatten(1)[:, None] if stacked else valid.flatten(1)
     low = torch.where(mask, flat, torch.inf).amin(-1, keepdim=True)
     high = torch.where(mask, flat, -torch.inf).amax(-1, keepdim=True)
     scaled = torch.where(mask, (flat - low) / (high - low).clamp_min(1e-12), 0.0)
     return scaled.view_as(score)
+
+
+def _uses_kernel(flat: Tensor) -> bool:
+    """Whether :func:`normalize_per_image` launches its Triton kernel for these maps."""
+    return (
+        USE_KERNEL
+        and flat.is_cuda
+        and flat.dtype == torch.float32
+        and not (flat.requires_grad and torch.is_grad_enabled())
+        and not torch.compiler.is_compiling()
+    )
 
 
 def region_bounds(patch_valid: Tensor, side: int, min_tokens: int, max_tokens: int | None) -> tuple[Tensor, Tensor]:

@@ -35,6 +35,7 @@ __all__ = [
     "PerspectivalScorer",
     "ParticipatoryScorer",
     "query_coupling",
+    "unit_patches",
 ]
 
 SCORERS: dict[str, type[Scorer]] = {}
@@ -179,12 +180,18 @@ class PerspectivalScorer(Scorer):
         return normalize_per_image(score, weights.sum(-1) > 0)
 
 
-def query_coupling(features: Tensor, query: Tensor, query_mask: Tensor) -> Tensor:
+def unit_patches(features: Tensor) -> Tensor:
+    """``(B, gh, gw, D) -> (B, N, D)``: each patch's feature scaled to unit length, what cosines are taken of."""
+    return F.normalize(features.float().flatten(1, 2), dim=-1)
+
+
+def query_coupling(features: Tensor, query: Tensor, query_mask: Tensor, unit: Tensor | None = None) -> Tensor:
     """Per patch, the best cosine with any real query token: ``(B, gh, gw, D), (B, L, D), (B, L) -> (B, gh, gw)``.
 
     -2 everywhere for an image without a query (all of ``query_mask`` False): padding tokens never win the max.
+    ``unit``: :func:`unit_patches` of ``features`` when already computed.
     """
-    patches = F.normalize(features.flatten(1, 2), dim=-1)  # (B, N, D)
+    patches = unit_patches(features) if unit is None else unit  # (B, N, D)
     tokens = F.normalize(query.float(), dim=-1)  # (B, L, D)
     cosine = torch.einsum("bnd,bld->bnl", patches, tokens)  # (B, N, L)
     cosine = torch.where(query_mask[:, None, :], cosine, -2.0)
@@ -203,7 +210,10 @@ class ParticipatoryScorer(Scorer):
     def forward(
         self, features: Tensor, texture: Tensor, patch_valid: Tensor, query: Tensor, query_mask: Tensor
     ) -> Tensor:
-        coupling = query_coupling(features, query, query_mask)  # (B, gh, gw)
+        return self.from_coupling(query_coupling(features, query, query_mask), patch_valid, query_mask)
+
+    def from_coupling(self, coupling: Tensor, patch_valid: Tensor, query_mask: Tensor) -> Tensor:
+        """The map from each patch's coupling (:func:`query_coupling`), for a caller that keeps the coupling too."""
         weights = self.regions(patch_valid[..., None])[..., 0]  # (B, rh, rw, P)
         per_region = self.regions(coupling[..., None])[..., 0]
         peak = torch.where(weights > 0, per_region, -2.0).amax(-1)  # (B, rh, rw)

@@ -1,0 +1,262 @@
+"""How many device launches each step of the relevance head issues, counted on the CPU (issue 22 item 4: in plain
+CUDA graphs the head's time is about 2 µs per launch, so the count is its cost).
+
+    python bench/head_launches.py [--out bench/results] [--label after]
+
+The shipped pipeline and one on ``vit_base_patch16_224``, 224 px, batch 64, budget a quarter of the patches, a
+4-token question (as ``bench_graphs`` times the chain). A dispatch mode counts the aten ops that make new memory or
+write in place (not views) in each head step; each Triton kernel a CUDA run launches (the greedy pick, the per-image
+normalisation, the border search, the opponent processing, the allocation, the packing) counts as one, its torch form on the CPU uncounted. Appends a section to
+``head-launches-cpu.md``, headed by the commit. Run it from another checkout's folder (``PYTHONPATH=<dir>``) to count
+an older head: kernels that tree lacks are counted in their torch form.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib
+import subprocess
+import sys
+import types
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+from arrcoc import Pipeline
+from arrcoc.config import PipelineConfig
+from arrcoc.tools.bench_graphs import _case
+
+#: aten ops that make no new memory (views, aliases): no launch.
+VIEWS = {
+    "view", "_unsafe_view", "expand", "permute", "slice", "select", "unsqueeze", "squeeze", "t", "transpose",
+    "as_strided", "alias", "detach", "unbind", "split", "diagonal", "view_as", "lift_fresh", "_reshape_alias",
+}  # fmt: skip
+
+
+def _aliases(out: Any, args: Any) -> bool:
+    """Whether an op's outputs are views of its inputs (``flatten`` or ``reshape`` of a contiguous tensor)."""
+    inputs = {t.untyped_storage().data_ptr() for t in tree_flatten(args)[0] if isinstance(t, torch.Tensor)}
+    outputs = [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
+    return bool(outputs) and all(t.untyped_storage().data_ptr() in inputs for t in outputs)
+
+
+class Launches(TorchDispatchMode):
+    """Counts the launching aten ops, and the Triton kernels reported by :meth:`kernel`."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: Counter[str] = Counter()
+        self.quiet = 0
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        out = func(*args, **(kwargs or {}))
+        name = func.overloadpacket.__name__
+        if not self.quiet and name.rstrip("_") not in VIEWS and (name.endswith("_") or not _aliases(out, args)):
+            self.ops[name] += 1
+        return out
+
+    @contextlib.contextmanager
+    def kernel(self, name: str) -> Iterator[None]:
+        """The body runs a kernel's torch form on the CPU: count one launch instead of its ops."""
+        self.quiet += 1
+        try:
+            yield
+        finally:
+            self.quiet -= 1
+            self.ops[f"triton:{name}"] += 1
+
+
+MODE: Launches | None = None
+#: The shipped weights of this checkout (an older tree's package, run from its own folder, has none beside it).
+WEIGHTS = Path(__file__).resolve().parent.parent / "weights"
+
+
+def _as_kernel(module: Any, attr: str, name: str) -> None:
+    """Wrap ``module.attr`` so that a call counts as one launch."""
+    fn = getattr(module, attr)
+
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        if MODE is None:
+            return fn(*args, **kwargs)
+        with MODE.kernel(name):
+            return fn(*args, **kwargs)
+
+    setattr(module, attr, counted)
+
+
+def _launch_as_torch_form(
+    kernel: str, switch: tuple[Any, str], check: tuple[Any, str], torch_form: Any, label: str
+) -> None:
+    """Make ``arrcoc.stages.<kernel>.launch`` run ``torch_form`` with the kernel's switch off, counted as one launch,
+    and the check that picks the kernel answer by the switch (on the CPU too)."""
+    module, flag = switch
+
+    def launch(*args: Any, **kwargs: Any) -> Any:
+        setattr(module, flag, False)
+        try:
+            return torch_form(*args, **kwargs)
+        finally:
+            setattr(module, flag, True)
+
+    sys.modules[f"arrcoc.stages.{kernel}"] = types.SimpleNamespace(launch=launch)
+    setattr(check[0], check[1], lambda *args: getattr(module, flag))
+    _as_kernel(sys.modules[f"arrcoc.stages.{kernel}"], "launch", label)
+
+
+def _method_as_kernel(cls: Any, method: str, label: str, prepare: Any = None) -> None:
+    """Count ``cls.method`` (its torch form) as one launch, after the launches of ``prepare`` (what the kernel path
+    still computes in torch before its launch)."""
+    torch_form = getattr(cls, method)
+
+    def counted(self: Any, *args: Any, **kwargs: Any) -> Any:
+        if MODE is None:
+            return torch_form(self, *args, **kwargs)
+        if prepare is not None:
+            prepared = Launches()
+            with prepared:
+                prepare(self, *args, **kwargs)
+            MODE.ops.update(prepared.ops)
+        with MODE.kernel(label):
+            return torch_form(self, *args, **kwargs)
+
+    setattr(cls, method, counted)
+
+
+def _frame_from_colourless(frame: Any) -> Any:
+    """``frame_patches`` called as its kernel's launch is (a colourless mask in place of the colour)."""
+
+    def call(flat, patch_valid, colourless, solid, touched):  # type: ignore[no-untyped-def]
+        colour = None
+        if colourless is not None:  # a chroma of 0 where colourless, 1 elsewhere
+            colour = torch.zeros(*flat.shape, 3)
+            colour[..., 1] = (~colourless).float()
+        return frame(flat, patch_valid, colour, solid, touched)
+
+    return call
+
+
+def _patch_kernels() -> list[str]:
+    """Count the head's Triton kernels as CUDA would launch them; returns those this tree has."""
+    found = ["greedy_maxmin"]
+    balance = importlib.import_module("arrcoc.stages.balance")
+    _as_kernel(balance, "greedy_maxmin", "greedy_maxmin")
+    regions = importlib.import_module("arrcoc.stages.regions")
+    if hasattr(regions, "_uses_kernel"):
+        torch_form = regions.normalize_per_image
+        _launch_as_torch_form(
+            "_normalize_triton", (regions, "USE_KERNEL"), (regions, "_uses_kernel"),
+            lambda flat, mask, block=None: torch_form(flat, mask), "normalize_per_image",
+        )  # fmt: skip
+        found.append("normalize_per_image")
+    if hasattr(balance, "_frame_kernel"):
+        _launch_as_torch_form(
+            "_frame_triton", (balance, "FRAME_KERNEL"), (balance, "_frame_kernel"),
+            _frame_from_colourless(balance.frame_patches), "frame_patches",
+        )  # fmt: skip
+        found.append("frame_patches")
+    if hasattr(balance, "_balance_kernel"):
+        balance._balance_kernel = lambda maps: False
+        _method_as_kernel(balance.Balance, "forward", "balance", prepare=_prepare)
+        found.append("balance")
+    allocation = importlib.import_module("arrcoc.stages.allocation")
+    if hasattr(allocation, "_uses_kernel"):
+        allocation._uses_kernel = lambda relevance: False
+        _method_as_kernel(allocation.Allocator, "forward", "allocate")
+        found.append("allocate")
+    compression = importlib.import_module("arrcoc.stages.compression")
+    if hasattr(compression, "_uses_kernel"):
+        compress = compression.compress
+        _launch_as_torch_form(
+            "_compress_triton", (compression, "USE_KERNEL"), (compression, "_uses_kernel"), compress, "compress"
+        )
+        found.append("compress")
+    return found
+
+
+def _prepare(module: Any, scores, features, patch_valid, query_mask, budget=None, similarity=None,  # type: ignore[no-untyped-def]
+             patch_novelty=None, patch_pick=None, asked=False):  # fmt: skip
+    """What ``Balance.forward`` computes in torch before its kernel: region validity, similarity and the cover."""
+    from arrcoc.stages.balance import novelty
+    from arrcoc.stages.regions import to_regions
+
+    region_w = to_regions(patch_valid[..., None], module.region_size)[..., 0]
+    (region_w.sum(-1) > 0).flatten(1)
+    if similarity is None:
+        module.similarity(features, patch_valid)
+    if module.query_covers if asked else module.covers:
+        cover = patch_pick if patch_pick is not None else patch_novelty
+        if cover is None:
+            cover = novelty(features, patch_valid)
+        to_regions(cover[..., None], module.region_size).sum((-1, -2))
+    query_mask.any(-1)
+    torch.cat([module.base_weights] + [t[None] for t in (module.exploit, module.scarcity, module.diversify,
+              module.particularize, module.cover, module.query_cover)]).float()  # fmt: skip
+
+
+def count(encoder: str | None) -> dict[str, Counter[str]]:
+    """Launches per head step for the shipped pipeline (``encoder=None``) or the default preset on ``encoder``."""
+    global MODE
+    torch.manual_seed(0)
+    pipe = (
+        Pipeline(PipelineConfig.from_name("default", encoder=encoder), device="cpu")
+        if encoder
+        else Pipeline.from_pretrained(WEIGHTS, device="cpu")
+    )
+    stages, inputs, _ = _case(pipe, 224, 64)
+    state, out = dict(inputs), {}
+    with torch.inference_mode():
+        for name, fn in stages:
+            if name != "encode":
+                MODE = Launches()
+                with MODE:
+                    state.update(fn(state))
+                out[name] = MODE.ops
+                MODE = None
+            else:
+                state.update(fn(state))
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default="bench/results")
+    parser.add_argument("--label", default="", help="the section's name (default: the commit)")
+    args = parser.parse_args()
+    kernels = _patch_kernels()
+    here = Path(importlib.import_module("arrcoc").__file__).resolve().parent.parent
+    commit = subprocess.run(
+        ["git", "-C", str(here), "describe", "--always", "--dirty"], capture_output=True, text=True, check=False
+    ).stdout.strip()
+    lines = [f"## {args.label or commit} (torch {torch.__version__}; Triton kernels counted: {', '.join(kernels)})", ""]
+    lines += [
+        "| encoder | score | balance | allocate | compress | head | most frequent |",
+        "|---|---:|---:|---:|---:|---:|---|",
+    ]
+    for label, encoder in (("shipped", None), ("vit_base_patch16_224", "vit_base_patch16_224")):
+        steps = count(encoder)
+        total = sum((c for c in steps.values()), Counter())
+        top = ", ".join(f"{k} {v}" for k, v in total.most_common(6))
+        cells = " | ".join(str(sum(steps[s].values())) for s in ("score", "balance", "allocate", "compress"))
+        lines.append(f"| {label} | {cells} | {sum(total.values())} | {top} |")
+    out = Path(args.out) / "head-launches-cpu.md"
+    head = (
+        ""
+        if out.exists()
+        else (
+            "# The relevance head's device launches at 224 px, batch 64 (CPU count)\n\n"
+            "`python bench/head_launches.py`: see its docstring. Counts, the same in every run.\n\n"
+        )
+    )
+    with out.open("a") as f:
+        f.write(head + "\n".join(lines) + "\n\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
