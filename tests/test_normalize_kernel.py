@@ -81,6 +81,16 @@ def test_the_cases_hold_what_they_are_named_for() -> None:
     assert out[0, 0, valid[0]].isnan().all() and not out[1].isnan().any() and out[3, 0, 2].isnan()
 
 
+def test_a_broadcast_or_non_bool_mask_keeps_the_torch_form(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The kernel reads one mask entry per map entry: any other mask takes the torch form, whatever the device."""
+    score = torch.tensor([[3.0, 1.0, 2.0], [5.0, 5.0, 7.0]])
+    monkeypatch.setattr(regions, "_uses_kernel", lambda flat: True)  # as on CUDA: only the mask decides here
+    out = normalize_per_image(score, torch.tensor([[True], [False]]))
+    assert torch.equal(out, torch.tensor([[1.0, 0.0, 0.5], [0.0, 0.0, 0.0]]))
+    with pytest.raises(RuntimeError, match="bool"):  # the torch form's own error for a float mask
+        normalize_per_image(score, torch.ones(2, 3))
+
+
 # --- the GPU -----------------------------------------------------------------------------------------------------
 
 

@@ -173,7 +173,8 @@ def launch(
     device = scores.device
     scores = scores.float().contiguous()
     valid = valid.contiguous().view(torch.uint8)
-    query_mask = query_mask.contiguous().view(torch.uint8)
+    query_mask = query_mask.bool().contiguous().view(torch.uint8)
+    budget = budget.long().contiguous() if budget is not None else None
     patch_valid = patch_valid.float().reshape(b, -1).contiguous()
     similarity = similarity.float().contiguous()
     relevance = torch.empty(b, r, dtype=torch.float32, device=device)

@@ -131,10 +131,12 @@ def _allocate(relevance: Tensor, budget: Tensor, low: Tensor, high: Tensor) -> T
 
 
 def _uses_kernel(relevance: Tensor) -> bool:
-    """Whether :class:`Allocator` launches its Triton kernel (CUDA, at most ``KERNEL_REGIONS`` regions an image)."""
+    """Whether :class:`Allocator` launches its Triton kernel (float32 on CUDA, at most ``KERNEL_REGIONS`` regions an
+    image)."""
     return (
         USE_KERNEL
         and relevance.is_cuda
+        and relevance.dtype == torch.float32  # float64 relevance keeps its bits in the torch form
         and relevance[0].numel() <= KERNEL_REGIONS
         and not torch.compiler.is_compiling()
     )

@@ -81,7 +81,8 @@ def normalize_per_image(score: Tensor, valid: Tensor) -> Tensor:
     """
     stacked = score.ndim == valid.ndim + 1
     flat = score.flatten(2) if stacked else score.flatten(1)  # (B, [K,] R)
-    if _uses_kernel(flat):  # the same bits in one launch (no gradient: only where none is asked for)
+    if _uses_kernel(flat) and valid.dtype == torch.bool and valid.shape == score.shape[:1] + score.shape[1 + stacked :]:
+        # the same bits in one launch (no gradient: only where none is asked for; a broadcast mask: the torch form)
         from . import _normalize_triton  # Triton is imported on the first CUDA call only
 
         return _normalize_triton.launch(flat if stacked else flat[:, None], valid.flatten(1)).view_as(score)
