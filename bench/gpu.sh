@@ -22,7 +22,8 @@
 # its seconds); JOB_COMPILE=1 bench/compile_background_job.sh (JOB_PHOTOS photos); TIMELINE=1
 # bench/compile_timeline.py, cold then warm caches (TIMELINE_LIMIT seconds each, TIMELINE_RUNS=cold: the first
 # alone); RACE=1 bench/compile_race_probe.py
-# (captures beside a background compile); PROBE="qwen-host ..." those parts
+# (captures beside a background compile); HEAD_AB=<dir> the plain chain against the encoder alone for another
+# checkout's package and this tree in turns (HEAD_AB_ROUNDS rounds); PROBE="qwen-host ..." those parts
 # of bench/profile_probe.py (PROBE_LIMIT seconds each) into $OUT/probe.
 # Knobs: TESTS=0 skips the tests, TEST_FILES="tests/a.py ..." runs only those files' cuda tests, BENCH=0 the
 # benchmark, QUICK=1 runs the benchmark's --quick matrix (full run), STAGES=1 adds the eager stage benchmark (full
