@@ -42,7 +42,7 @@ def balance_kernel(
     knobs_ptr,  # (9,) float32: base weights x3, exploit, scarcity, diversify, particularize, cover, query cover
     relevance_ptr,  # (B, R) float32 out
     weights_ptr,  # (B, 3) float32 out
-    report_ptr,  # (B, 6) float32 out: has_query, agreement, exploit, temperature, coverage, evenness
+    report_ptr,  # (B, 5) float32 out: agreement, exploit, temperature, coverage, evenness
     redundancy_ptr,  # (B, R) float32 out
     regions,
     tokens,  # L
@@ -138,13 +138,12 @@ def balance_kernel(
     tl.store(weights_ptr + image * 3 + 0, w0)
     tl.store(weights_ptr + image * 3 + 1, w1)
     tl.store(weights_ptr + image * 3 + 2, w2)
-    report = report_ptr + image * 6
-    tl.store(report + 0, has_query)
-    tl.store(report + 1, agreement)
-    tl.store(report + 2, exploit)
-    tl.store(report + 3, temperature)
-    tl.store(report + 4, coverage)
-    tl.store(report + 5, evenness)
+    report = report_ptr + image * 5
+    tl.store(report + 0, agreement)
+    tl.store(report + 1, exploit)
+    tl.store(report + 2, temperature)
+    tl.store(report + 3, coverage)
+    tl.store(report + 4, evenness)
 
 
 def launch(
@@ -166,7 +165,7 @@ def launch(
         knobs: ``(9,)`` float32 (:func:`balance_kernel`); log_t: ``(log t_low, log t_high)``.
 
     Returns:
-        relevance ``(B, R)``, weights ``(B, 3)``, the report's per-image values ``(B, 6)`` (has_query, agreement,
+        relevance ``(B, R)``, weights ``(B, 3)``, the report's per-image values ``(B, 5)`` (agreement,
         exploit, temperature, coverage, evenness) and redundancy ``(B, R)``.
     """
     b, _, r = scores.shape
@@ -179,7 +178,7 @@ def launch(
     similarity = similarity.float().contiguous()
     relevance = torch.empty(b, r, dtype=torch.float32, device=device)
     weights = torch.empty(b, 3, dtype=torch.float32, device=device)
-    report = torch.empty(b, 6, dtype=torch.float32, device=device)
+    report = torch.empty(b, 5, dtype=torch.float32, device=device)
     redundancy = torch.empty(b, r, dtype=torch.float32, device=device)
     if b and r:
         tokens, patches = query_mask.shape[1], patch_valid.shape[1]

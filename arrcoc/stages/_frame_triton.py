@@ -17,10 +17,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-__all__ = ["launch", "CELL_LIMIT"]
-
-#: Grids up to this many patches take the kernel (one block of the next power of two); larger ones the torch form.
-CELL_LIMIT = 16384
+__all__ = ["launch"]
 
 
 @triton.jit
@@ -80,7 +77,7 @@ def frame_kernel(
 def launch(flat: Tensor, patch_valid: Tensor, colourless: Tensor | None, solid: float, touched: float) -> Tensor:
     """``flat`` and ``patch_valid`` ``(B, gh, gw)``, ``colourless`` ``(B, gh, gw)`` bool or ``None`` -> the border,
     ``(B, gh, gw)`` bool, as :func:`arrcoc.stages.balance.frame_patches` finds it; grids of at most
-    :data:`CELL_LIMIT` patches."""
+    :data:`arrcoc.stages.balance.FRAME_CELL_LIMIT` patches."""
     b, gh, gw = flat.shape
     flat = flat.float().contiguous()
     valid = patch_valid.float().contiguous()

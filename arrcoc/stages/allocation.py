@@ -19,13 +19,11 @@ On CUDA, outside ``torch.compile``, :class:`Allocator` is one Triton kernel (``_
 
 from __future__ import annotations
 
-import importlib.util
-import os
-
 import torch
 from torch import Tensor, nn
 
 from ..errors import BudgetError, InvalidInputError, InvalidTypeError
+from .kernels import kernel_enabled, runs_kernel
 
 __all__ = ["allocate", "Allocator", "USE_KERNEL"]
 
@@ -34,9 +32,7 @@ _FLOOR = 1e-6  # added weight (relative to the largest) so every region has posi
 #: beyond, where pairwise measured slower (docs/decisions.md).
 PAIRWISE_PAIRS = 1 << 22
 #: Whether :class:`Allocator` runs as one Triton kernel on CUDA (``ARRCOC_ALLOCATION_KERNEL=0``: the torch form).
-USE_KERNEL: bool = (
-    os.environ.get("ARRCOC_ALLOCATION_KERNEL", "1") != "0" and importlib.util.find_spec("triton") is not None
-)
+USE_KERNEL: bool = kernel_enabled("ARRCOC_ALLOCATION_KERNEL")
 #: Regions per image up to which the kernel runs (each region's place is counted against every other, per image).
 KERNEL_REGIONS = 1024
 
@@ -133,13 +129,7 @@ def _allocate(relevance: Tensor, budget: Tensor, low: Tensor, high: Tensor) -> T
 def _uses_kernel(relevance: Tensor) -> bool:
     """Whether :class:`Allocator` launches its Triton kernel (float32 on CUDA, at most ``KERNEL_REGIONS`` regions an
     image)."""
-    return (
-        USE_KERNEL
-        and relevance.is_cuda
-        and relevance.dtype == torch.float32  # float64 relevance keeps its bits in the torch form
-        and relevance[0].numel() <= KERNEL_REGIONS
-        and not torch.compiler.is_compiling()
-    )
+    return runs_kernel(relevance, USE_KERNEL) and relevance[0].numel() <= KERNEL_REGIONS
 
 
 _INT64 = 2**62  # Python ints beyond this cannot be summed in int64 without overflow

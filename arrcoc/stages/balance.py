@@ -19,9 +19,7 @@ kernel each (``_balance_triton``, ``_frame_triton``; ``BALANCE_KERNEL``, ``FRAME
 
 from __future__ import annotations
 
-import importlib.util
 import math
-import os
 from typing import Final
 
 import torch
@@ -30,13 +28,15 @@ from torch import Tensor, nn
 
 from ..config import BalanceConfig
 from .greedy_pick import greedy_maxmin
-from .regions import masked_mean, normalize_per_image, region_grid, to_regions
+from .kernels import kernel_enabled, runs_kernel
+from .regions import masked_mean, normalize_per_image, to_regions
 from .scorers import unit_patches
 
 __all__ = [
     "Balance",
     "BALANCE_KERNEL",
     "BALANCE_KEYS",
+    "FRAME_CELL_LIMIT",
     "FRAME_KERNEL",
     "frame_patches",
     "novelty",
@@ -45,15 +45,12 @@ __all__ = [
 ]
 
 #: Whether CUDA grids go to the Triton kernel of :func:`frame_patches` (``ARRCOC_FRAME_KERNEL=0``: the torch form).
-FRAME_KERNEL: bool = (
-    os.environ.get("ARRCOC_FRAME_KERNEL", "1") != "0" and importlib.util.find_spec("triton") is not None
-)
+FRAME_KERNEL: bool = kernel_enabled("ARRCOC_FRAME_KERNEL")
 #: Whether CUDA maps go to the Triton kernel of :meth:`Balance.forward` (``ARRCOC_BALANCE_KERNEL=0``: the torch form).
-BALANCE_KERNEL: bool = (
-    os.environ.get("ARRCOC_BALANCE_KERNEL", "1") != "0" and importlib.util.find_spec("triton") is not None
-)
-#: ``_frame_triton.CELL_LIMIT``, here so that the check does not import Triton.
-_FRAME_CELL_LIMIT = 16384
+BALANCE_KERNEL: bool = kernel_enabled("ARRCOC_BALANCE_KERNEL")
+#: Grids up to this many patches take :func:`frame_patches`'s kernel (its grid in registers, one block of the next
+#: power of two); larger ones the torch form.
+FRAME_CELL_LIMIT = 16384
 
 #: What ``Balance.forward`` reports per image, in order.
 BALANCE_KEYS: tuple[str, ...] = (
@@ -127,19 +124,12 @@ def objectness_peaks(objectness: Tensor, patch_valid: Tensor, threshold: float) 
 
 def _balance_kernel(maps: Tensor) -> bool:
     """Whether :meth:`Balance.forward` launches its Triton kernel for these ``(B, 3, R)`` maps."""
-    return (
-        BALANCE_KERNEL
-        and maps.is_cuda
-        and maps.dtype == torch.float32
-        and maps.shape[1] == 3
-        and not (maps.requires_grad and torch.is_grad_enabled())
-        and not torch.compiler.is_compiling()
-    )
+    return runs_kernel(maps, BALANCE_KERNEL) and maps.shape[1] == 3
 
 
 def _frame_kernel(flat: Tensor) -> bool:
-    """Whether :func:`frame_patches` launches its Triton kernel for this grid (no gradient flows through a border)."""
-    return FRAME_KERNEL and flat.is_cuda and flat[0].numel() <= _FRAME_CELL_LIMIT and not torch.compiler.is_compiling()
+    """Whether :func:`frame_patches` launches its Triton kernel for this grid."""
+    return runs_kernel(flat, FRAME_KERNEL) and flat[0].numel() <= FRAME_CELL_LIMIT
 
 
 def frame_patches(
@@ -403,7 +393,7 @@ class Balance(nn.Module):
             cover = to_regions(patch_novelty[..., None], self.region_size).sum((-1, -2)).flatten(1)
         has_query = query_mask.any(-1)  # (B,)
         if _balance_kernel(maps):  # one launch for the rest, to float32 rounding
-            return self._forward_kernel(maps, valid, query_mask, patch_valid, budget, similarity, cover, has_query)
+            return self._forward_kernel(scores, valid, query_mask, patch_valid, budget, similarity, cover, has_query)
         weights = self.base_weights.expand(b, k).clone()
         weights[:, 2] = weights[:, 2] * has_query  # no query: participatory contributes nothing
         weights = weights / weights.sum(-1, keepdim=True).clamp_min(1e-12)  # (B, 3)
@@ -459,7 +449,7 @@ class Balance(nn.Module):
 
     def _forward_kernel(
         self,
-        maps: Tensor,
+        scores: Tensor,
         valid: Tensor,
         query_mask: Tensor,
         patch_valid: Tensor,
@@ -471,25 +461,32 @@ class Balance(nn.Module):
         """:meth:`forward` after its inputs, as one Triton launch (``_balance_triton``)."""
         from . import _balance_triton  # Triton is imported on the first CUDA call only
 
-        b, _, r = maps.shape
+        b, _, rh, rw = scores.shape
         knobs = torch.cat(  # read at each call: a knob changed in place takes effect, as in the torch form
             (self.base_weights, self.exploit[None], self.scarcity[None], self.diversify[None],
              self.particularize[None], self.cover[None], self.query_cover[None])
         ).float()  # fmt: skip
         relevance, weights, values, redundancy = _balance_triton.launch(
-            maps, valid, query_mask, patch_valid, budget, similarity, cover, knobs, (self.log_t_low, self.log_t_high)
+            scores.flatten(2),
+            valid,
+            query_mask,
+            patch_valid,
+            budget,
+            similarity,
+            cover,
+            knobs,
+            (self.log_t_low, self.log_t_high),
         )
-        rh, rw = region_grid(tuple(patch_valid.shape[1:3]), self.region_size)
         report = {
             "weights": weights,
             "has_query": has_query,
-            "agreement": values[:, 1],
-            "exploit": values[:, 2],
-            "temperature": values[:, 3],
+            "agreement": values[:, 0],
+            "exploit": values[:, 1],
+            "temperature": values[:, 2],
             "diversify": self.diversify.expand(b),
             "redundancy": redundancy.view(b, rh, rw),
             "particularize": self.particularize.expand(b),
-            "coverage": values[:, 4],
-            "evenness": values[:, 5],
+            "coverage": values[:, 3],
+            "evenness": values[:, 4],
         }
         return relevance.view(b, rh, rw), report

@@ -22,13 +22,12 @@ On CUDA, outside ``torch.compile``, :func:`compress` is one Triton kernel (``_co
 
 from __future__ import annotations
 
-import importlib.util
-import os
 from typing import Final
 
 import torch
 from torch import Tensor, nn
 
+from .kernels import kernel_enabled, runs_kernel
 from .regions import normalize_per_image, to_regions
 from .scorers import query_coupling
 
@@ -36,9 +35,7 @@ __all__ = ["Compressor", "compress", "query_priority", "USE_KERNEL"]
 
 #: Whether CUDA float32 features go to the Triton kernel of :func:`compress` (``ARRCOC_COMPRESS_KERNEL=0``: the
 #: torch form everywhere).
-USE_KERNEL: bool = (
-    os.environ.get("ARRCOC_COMPRESS_KERNEL", "1") != "0" and importlib.util.find_spec("triton") is not None
-)
+USE_KERNEL: bool = kernel_enabled("ARRCOC_COMPRESS_KERNEL")
 
 
 def _rank_patches(
@@ -83,13 +80,7 @@ def query_priority(
 
 def _uses_kernel(features: Tensor) -> bool:
     """Whether :func:`compress` launches its Triton kernel (float32 features on CUDA, no gradient asked for)."""
-    return (
-        USE_KERNEL
-        and features.is_cuda
-        and features.dtype == torch.float32
-        and not (features.requires_grad and torch.is_grad_enabled())
-        and not torch.compiler.is_compiling()
-    )
+    return runs_kernel(features, USE_KERNEL)
 
 
 def compress(

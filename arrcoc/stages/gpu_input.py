@@ -18,7 +18,6 @@ so the padding comes out as zeros. Either way there is no per-image kernel.
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import warnings
 from collections.abc import Sequence
@@ -27,6 +26,7 @@ import torch
 from torch import Tensor
 
 from . import _nvjpeg_hardware
+from .kernels import kernel_enabled
 
 __all__ = [
     "JPEG_SUFFIXES",
@@ -40,7 +40,7 @@ __all__ = [
 ]
 
 #: Resize bytes on CUDA with the Triton kernels (else the matrix products).
-USE_KERNEL: bool = os.environ.get("ARRCOC_RESIZE_KERNEL", "1") != "0" and importlib.util.find_spec("triton") is not None
+USE_KERNEL: bool = kernel_enabled("ARRCOC_RESIZE_KERNEL")
 
 #: Files from this size up are read into page-locked memory when the caller asks for it: nvJPEG's copies of pageable
 #: bytes are staged by the host (115 µs a photo on the H200), while a page-locked block costs more than that to hand

@@ -12,16 +12,15 @@ before a pipeline first runs makes CUDA use the torch loop too, to measure again
 
 from __future__ import annotations
 
-import importlib.util
-import os
-
 import torch
 from torch import Tensor
+
+from .kernels import kernel_enabled
 
 __all__ = ["greedy_maxmin", "greedy_maxmin_reference", "USE_KERNEL"]
 
 #: Whether CUDA tensors go to the Triton kernel (else the torch loop everywhere).
-USE_KERNEL: bool = os.environ.get("ARRCOC_PICK_KERNEL", "1") != "0" and importlib.util.find_spec("triton") is not None
+USE_KERNEL: bool = kernel_enabled("ARRCOC_PICK_KERNEL")
 
 
 def greedy_maxmin_reference(weighted: Tensor, score: Tensor, live: Tensor) -> Tensor:

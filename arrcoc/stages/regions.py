@@ -10,12 +10,11 @@ fuses the torch form itself); ``ARRCOC_NORMALIZE_KERNEL=0`` in the environment (
 
 from __future__ import annotations
 
-import importlib.util
-import os
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from .kernels import kernel_enabled, runs_kernel
 
 __all__ = [
     "region_grid",
@@ -30,9 +29,7 @@ __all__ = [
 ]
 
 #: Whether CUDA float32 maps go to the Triton kernel of :func:`normalize_per_image` (else the torch form everywhere).
-USE_KERNEL: bool = (
-    os.environ.get("ARRCOC_NORMALIZE_KERNEL", "1") != "0" and importlib.util.find_spec("triton") is not None
-)
+USE_KERNEL: bool = kernel_enabled("ARRCOC_NORMALIZE_KERNEL")
 
 
 def region_grid(patch_grid: tuple[int, int], side: int) -> tuple[int, int]:
@@ -95,13 +92,7 @@ def normalize_per_image(score: Tensor, valid: Tensor) -> Tensor:
 
 def _uses_kernel(flat: Tensor) -> bool:
     """Whether :func:`normalize_per_image` launches its Triton kernel for these maps."""
-    return (
-        USE_KERNEL
-        and flat.is_cuda
-        and flat.dtype == torch.float32
-        and not (flat.requires_grad and torch.is_grad_enabled())
-        and not torch.compiler.is_compiling()
-    )
+    return runs_kernel(flat, USE_KERNEL)
 
 
 def region_bounds(patch_valid: Tensor, side: int, min_tokens: int, max_tokens: int | None) -> tuple[Tensor, Tensor]:

@@ -8,21 +8,17 @@ import) or ``texture.USE_KERNEL = False`` before a pipeline first runs keeps the
 
 from __future__ import annotations
 
-import importlib.util
-import os
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import InvalidInputError
+from .kernels import kernel_enabled
 
 __all__ = ["FLAT_RANGE", "TEXTURE_CHANNELS", "USE_KERNEL", "Texture", "patch_mean", "rgb_to_lab", "texture_features"]
 
 #: Whether CUDA tensors go to the Triton kernel (else the torch form everywhere).
-USE_KERNEL: bool = (
-    os.environ.get("ARRCOC_TEXTURE_KERNEL", "1") != "0" and importlib.util.find_spec("triton") is not None
-)
+USE_KERNEL: bool = kernel_enabled("ARRCOC_TEXTURE_KERNEL")
 
 #: Channels of :func:`texture_features`, in order.
 TEXTURE_CHANNELS: tuple[str, ...] = ("L", "a", "b", "edge", "contrast", "flat")
