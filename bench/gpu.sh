@@ -25,10 +25,10 @@
 # (captures beside a background compile); HEAD_AB=<dir> the plain chain against the encoder alone for another
 # checkout's package and this tree in turns (HEAD_AB_ROUNDS rounds); PROBE="qwen-host ..." those parts
 # of bench/profile_probe.py (PROBE_LIMIT seconds each) into $OUT/probe.
-# Knobs: TESTS=0 skips the tests, TEST_FILES="tests/a.py ..." runs only those files' cuda tests, BENCH=0 the
-# benchmark, QUICK=1 runs the benchmark's --quick matrix (full run), STAGES=1 adds the eager stage benchmark (full
-# run), BUDGET=<s> bounds the whole script (final: 300 by default), DRY=1 prints each step and its limit without
-# running it.
+# Knobs: TESTS=0 skips the tests, TEST_FILES="tests/a.py ..." runs only those files' cuda tests (TEST_LIMIT: their
+# seconds), BENCH=0 the benchmark, QUICK=1 runs the benchmark's --quick matrix (full run), STAGES=1 adds the eager
+# stage benchmark (full run), BUDGET=<s> bounds the whole script (final: 300 by default), DRY=1 prints each step and
+# its limit without running it.
 set -uo pipefail
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 OUT="${OUT:-bench/results}"
@@ -60,7 +60,7 @@ step() {  # step NAME SECONDS COMMAND...: run with a time bound, tee the output,
 
 cuda_tests() {  # cuda_tests GRAPHS_LIMIT OTHER_LIMIT: the graph tests first, then every other cuda-marked test
   if [ -n "${TEST_FILES:-}" ]; then  # only these files' cuda tests, under the second limit
-    step cuda-tests-picked "$2" python3 -m pytest -m cuda -q -p no:cacheprovider -o addopts="" --durations=5 \
+    step cuda-tests-picked "${TEST_LIMIT:-$2}" python3 -m pytest -m cuda -q -p no:cacheprovider -o addopts="" --durations=5 \
       --junitxml="$OUT/cuda-tests-picked.xml" $TEST_FILES
     return
   fi

@@ -5,8 +5,9 @@ CUDA graphs the head's time is about 2 µs per launch, so the count is its cost)
 
 The shipped pipeline and one on ``vit_base_patch16_224``, 224 px, batch 64, budget a quarter of the patches, a
 4-token question (as ``bench_graphs`` times the chain). A dispatch mode counts the aten ops that make new memory or
-write in place (not views) in each head step; each Triton kernel a CUDA run launches (the greedy pick, the per-image
-normalisation, the border search, the opponent processing, the allocation, the packing) counts as one, its torch form on the CPU uncounted. Appends a section to
+write in place (not views) in each head step; each Triton kernel a CUDA run launches (the scorers', the region means,
+the per-image normalisation, the pick's set-up, border search and greedy loop, the opponent processing, the
+allocation, the packing) counts as its launches, its torch form on the CPU uncounted. Appends a section to
 ``head-launches-cpu.md``, headed by the commit. Run it from another checkout's folder (``PYTHONPATH=<dir>``) to count
 an older head: kernels that tree lacks are counted in their torch form.
 """
@@ -62,14 +63,16 @@ class Launches(TorchDispatchMode):
         return out
 
     @contextlib.contextmanager
-    def kernel(self, name: str) -> Iterator[None]:
-        """The body runs a kernel's torch form on the CPU: count one launch instead of its ops."""
+    def kernel(self, name: str, launches: int = 1) -> Iterator[None]:
+        """The body runs a kernel's torch form on the CPU: count its ``launches`` instead of its ops (and instead of
+        the kernels its torch form calls: a nested kernel counts nothing)."""
         self.quiet += 1
         try:
             yield
         finally:
             self.quiet -= 1
-            self.ops[f"triton:{name}"] += 1
+            if not self.quiet:
+                self.ops[f"triton:{name}"] += launches
 
 
 MODE: Launches | None = None
@@ -95,18 +98,36 @@ def _launch_as_torch_form(
 ) -> None:
     """Make ``arrcoc.stages.<kernel>.launch`` run ``torch_form`` with the kernel's switch off, counted as one launch,
     and the check that picks the kernel answer by the switch (on the CPU too)."""
+    _kernels_as_torch_forms(kernel, switch, check, {"launch": (torch_form, label, 1)})
+
+
+def _kernels_as_torch_forms(
+    kernel: str, switch: tuple[Any, str], check: tuple[Any, str], forms: dict[str, tuple[Any, str, int]]
+) -> None:
+    """Make each ``arrcoc.stages.<kernel>.<name>`` of ``forms`` (name -> torch form, label, launches) run its torch
+    form with the kernel's switch off, counted as its launches, and the check that picks the kernel answer by the
+    switch (on the CPU too)."""
     module, flag = switch
 
-    def launch(*args: Any, **kwargs: Any) -> Any:
-        setattr(module, flag, False)
-        try:
-            return torch_form(*args, **kwargs)
-        finally:
-            setattr(module, flag, True)
+    def counted(torch_form: Any, label: str, launches: int) -> Any:
+        def call(*args: Any, **kwargs: Any) -> Any:
+            setattr(module, flag, False)
+            try:
+                if MODE is None:
+                    return torch_form(*args, **kwargs)
+                with MODE.kernel(label, launches):
+                    return torch_form(*args, **kwargs)
+            finally:
+                setattr(module, flag, True)
 
-    sys.modules[f"arrcoc.stages.{kernel}"] = types.SimpleNamespace(launch=launch)
-    setattr(check[0], check[1], lambda *args: getattr(module, flag))
-    _as_kernel(sys.modules[f"arrcoc.stages.{kernel}"], "launch", label)
+        return call
+
+    stand_in = sys.modules.get(f"arrcoc.stages.{kernel}")  # two switches may share a kernel module
+    if not isinstance(stand_in, types.SimpleNamespace):
+        stand_in = sys.modules[f"arrcoc.stages.{kernel}"] = types.SimpleNamespace()
+    for name, form in forms.items():
+        setattr(stand_in, name, counted(*form))
+    setattr(check[0], check[1], lambda *args, **kwargs: getattr(module, flag))
 
 
 def _method_as_kernel(cls: Any, method: str, label: str) -> None:
@@ -122,7 +143,7 @@ def _method_as_kernel(cls: Any, method: str, label: str) -> None:
     setattr(cls, method, counted)
 
 
-def _balance_outputs(scores, valid, query_mask, patch_valid, budget, similarity, cover, knobs, log_t):  # type: ignore[no-untyped-def]
+def _balance_outputs(scores, query_mask, patch_valid, side, budget, similarity, covered, knobs, log_t):  # type: ignore[no-untyped-def]
     """What ``_balance_triton.launch`` returns, as zeros of its shapes: ``Balance.forward`` runs its real torch
     preamble and wrapping around it; the counts depend on shapes only, so the later steps count the same."""
     b, _, r = scores.shape
@@ -166,6 +187,58 @@ def _patch_kernels() -> list[str]:
             "_balance_triton", (balance, "BALANCE_KERNEL"), (balance, "_balance_kernel"), _balance_outputs, "balance"
         )
         found.append("balance")
+    scorers = importlib.import_module("arrcoc.stages.scorers")
+    if hasattr(scorers, "_uses_kernel"):
+
+        def propositional(texture, features, patch_valid, side, term_weights, block=None):  # type: ignore[no-untyped-def]
+            scorer = scorers.PropositionalScorer(side)
+            scorer.term_weights = term_weights
+            return scorer(features, texture, patch_valid, None, None)
+
+        _kernels_as_torch_forms(
+            "_region_stats_triton", (scorers, "USE_KERNEL"), (scorers, "_uses_kernel"),
+            {"propositional": (propositional, "propositional", 2)},
+        )  # fmt: skip
+        found.append("propositional (2)")
+
+        def perspectival(texture, features, patch_valid, side, surround, term_weights, **blocks):  # type: ignore[no-untyped-def]
+            scorer = scorers.PerspectivalScorer(side, surround)
+            scorer.term_weights = term_weights
+            return scorer(features, texture, patch_valid, None, None)
+
+        _kernels_as_torch_forms(
+            "_perspectival_triton", (scorers, "USE_KERNEL"), (scorers, "_uses_kernel"),
+            {"launch": (perspectival, "perspectival", 3)},
+        )  # fmt: skip
+        found.append("perspectival (3)")
+    if hasattr(scorers, "_couples_in_kernel"):
+
+        def coupling(unit, query, query_mask, *blocks):  # type: ignore[no-untyped-def]
+            return scorers.query_coupling(unit[:, :, None], query, query_mask, unit).flatten(1)
+
+        def peak(coupling, patch_valid, query_mask, side, *blocks):  # type: ignore[no-untyped-def]
+            return scorers.ParticipatoryScorer(side).from_coupling(coupling, patch_valid, query_mask)
+
+        _kernels_as_torch_forms(
+            "_participatory_triton", (scorers, "USE_KERNEL"), (scorers, "_couples_in_kernel"),
+            {"coupling": (coupling, "coupling", 1), "peak": (peak, "participatory_peak", 1)},
+        )  # fmt: skip
+        found.append("coupling, participatory_peak")
+    if hasattr(balance, "_similarity_kernel"):
+        units = balance.region_units
+        _kernels_as_torch_forms(
+            "_region_stats_triton", (balance, "SIMILARITY_KERNEL"), (balance, "_similarity_kernel"),
+            {"region_units": (lambda features, valid, side, block=None: units(features, valid, side), "region_units", 1)},
+        )  # fmt: skip
+        found.append("region_units")
+    if hasattr(balance, "_pick_setup_kernel"):
+        maxmin_inputs = balance._maxmin_inputs
+        _kernels_as_torch_forms(
+            "_pick_setup_triton", (balance, "PICK_SETUP_KERNEL"), (balance, "_pick_setup_kernel"),
+            {"launch": (lambda gram, valid, lab, share, weight, priority, frame, blocks=None: maxmin_inputs(
+                gram, valid, lab, share, None, weight, priority, frame), "pick_setup", 1)},
+        )  # fmt: skip
+        found.append("pick_setup")
     allocation = importlib.import_module("arrcoc.stages.allocation")
     if hasattr(allocation, "_uses_kernel"):
         allocation._uses_kernel = lambda relevance: False

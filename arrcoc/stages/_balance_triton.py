@@ -2,7 +2,8 @@
 image in one program, where torch takes about 80 launches over ``(B,)``, ``(B, 3)`` and ``(B, R)`` tensors.
 
 Imported only when a CUDA call first needs it, so that importing arrcoc does not import Triton. The program holds
-the image's three maps in registers, one lane per region: the weights, the combined map, the maps' correlation,
+the image's three maps in registers, one lane per region: which regions hold image content and the cover's sum over
+each region's patches (read from the patch maps), the weights, the combined map, the maps' correlation,
 exploit and temperature, then the redundancy (one row of the similarity per region), the softmax, the cover and the
 evenness. The same formulas in the same order as the torch form; its sums and ``exp`` and ``log`` round otherwise,
 so the two agree to float32 rounding (about 1e-7 of each value), not bit for bit. Where the cover is all of the
@@ -19,26 +20,19 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from ._normalize_triton import normalized
+
 __all__ = ["launch"]
-
-
-@triton.jit
-def _normalize(x, keep):
-    """Min-max over ``keep``, 0 elsewhere (``normalize_per_image``)."""
-    low = tl.min(tl.where(keep, x, float("inf")), 0)
-    high = tl.max(tl.where(keep, x, float("-inf")), 0)
-    return tl.where(keep, tl.math.div_rn(x - low, tl.maximum(high - low, 1e-12)), 0.0)
 
 
 @triton.jit
 def balance_kernel(
     scores_ptr,  # (B, 3, R) float32
-    valid_ptr,  # (B, R) uint8: regions with image content
     query_mask_ptr,  # (B, L) uint8
-    patch_valid_ptr,  # (B, N) float32 (HAS_BUDGET)
+    patch_valid_ptr,  # (B, N) float32: the share of each patch that is image
     budget_ptr,  # (B,) int64 (HAS_BUDGET)
     similarity_ptr,  # (B, R, R) float32
-    novel_ptr,  # (B, R) float32 each region's novelty or picked patches (COVERS)
+    novel_ptr,  # (B, N) float32 each patch's novelty, or 1 where picked (COVERS): the cover sums it per region
     knobs_ptr,  # (9,) float32: base weights x3, exploit, scarcity, diversify, particularize, cover, query cover
     relevance_ptr,  # (B, R) float32 out
     weights_ptr,  # (B, 3) float32 out
@@ -47,18 +41,33 @@ def balance_kernel(
     regions,
     tokens,  # L
     patches,  # N
+    gh,
+    gw,
+    rw,
     log_t_high,
     log_t_span,  # log t_low - log t_high, as Python rounds it
     R_BLOCK: tl.constexpr,
     L_BLOCK: tl.constexpr,
     N_BLOCK: tl.constexpr,
+    SIDE: tl.constexpr,
     HAS_BUDGET: tl.constexpr,
     COVERS: tl.constexpr,
 ):
     image = tl.program_id(0).to(tl.int64)
     lane = tl.arange(0, R_BLOCK)
     inside = lane < regions
-    keep = (tl.load(valid_ptr + image * regions + lane, mask=inside, other=0) != 0) & inside
+    # each region's patches: whether any is image (the regions that count), and the cover's sum over them
+    seen = tl.zeros([R_BLOCK], dtype=tl.int32)
+    novel = tl.zeros([R_BLOCK], dtype=tl.float32)
+    for slot in range(0, SIDE * SIDE):
+        row = (lane // rw) * SIDE + slot // SIDE
+        col = (lane % rw) * SIDE + slot % SIDE
+        at = image * patches + row * gw + col
+        on = inside & (row < gh) & (col < gw)
+        seen = tl.maximum(seen, (tl.load(patch_valid_ptr + at, mask=on, other=0.0) > 0).to(tl.int32))
+        if COVERS:
+            novel += tl.load(novel_ptr + at, mask=on, other=0.0)
+    keep = (seen > 0) & inside
     m0 = tl.load(scores_ptr + (image * 3 + 0) * regions + lane, mask=inside, other=0.0)
     m1 = tl.load(scores_ptr + (image * 3 + 1) * regions + lane, mask=inside, other=0.0)
     m2 = tl.load(scores_ptr + (image * 3 + 2) * regions + lane, mask=inside, other=0.0)
@@ -72,7 +81,7 @@ def balance_kernel(
     w2 = tl.load(knobs_ptr + 2) * has_query
     total = tl.maximum(w0 + w1 + w2, 1e-12)
     w0, w1, w2 = tl.math.div_rn(w0, total), tl.math.div_rn(w1, total), tl.math.div_rn(w2, total)
-    combined = _normalize(w0 * m0 + w1 * m1 + w2 * m2, keep)
+    combined = normalized(w0 * m0 + w1 * m1 + w2 * m2, keep)
 
     # agreement: the mean correlation of the active maps over the image's regions
     weight = keep.to(tl.float32)
@@ -126,7 +135,6 @@ def balance_kernel(
     relevance = (1 - particularize) * uniform + particularize * peaked
     coverage = tl.where(asked, tl.load(knobs_ptr + 8), tl.load(knobs_ptr + 7))
     if COVERS:
-        novel = tl.load(novel_ptr + image * regions + lane, mask=inside, other=0.0)
         novel = tl.math.div_rn(novel, tl.maximum(tl.sum(novel, 0), 1e-12))
         relevance = (1 - coverage) * relevance + coverage * novel
     relevance = tl.where(keep, relevance, 0.0)
@@ -148,9 +156,9 @@ def balance_kernel(
 
 def launch(
     scores: Tensor,
-    valid: Tensor,
     query_mask: Tensor,
     patch_valid: Tensor,
+    side: int,
     budget: Tensor | None,
     similarity: Tensor,
     novel: Tensor | None,
@@ -160,18 +168,19 @@ def launch(
     """Run :func:`balance_kernel`.
 
     Args:
-        scores: ``(B, 3, R)`` float32; valid: ``(B, R)`` bool; query_mask: ``(B, L)`` bool; patch_valid: ``(B, N)``;
-        budget: ``(B,)`` int64 or ``None``; similarity: ``(B, R, R)``; novel: ``(B, R)`` or ``None`` (no cover);
-        knobs: ``(9,)`` float32 (:func:`balance_kernel`); log_t: ``(log t_low, log t_high)``.
+        scores: ``(B, 3, R)`` float32; query_mask: ``(B, L)`` bool; patch_valid: ``(B, gh, gw)``; side: the region
+        side in patches; budget: ``(B,)`` int64 or ``None``; similarity: ``(B, R, R)``; novel: ``(B, gh, gw)`` the
+        cover's patch map, or ``None`` (no cover); knobs: ``(9,)`` float32 (:func:`balance_kernel`); log_t:
+        ``(log t_low, log t_high)``.
 
     Returns:
         relevance ``(B, R)``, weights ``(B, 3)``, the report's per-image values ``(B, 5)`` (agreement,
         exploit, temperature, coverage, evenness) and redundancy ``(B, R)``.
     """
     b, _, r = scores.shape
+    gh, gw = patch_valid.shape[1:]
     device = scores.device
     scores = scores.float().contiguous()
-    valid = valid.contiguous().view(torch.uint8)
     query_mask = query_mask.bool().contiguous().view(torch.uint8)
     budget = budget.long().contiguous() if budget is not None else None
     patch_valid = patch_valid.float().reshape(b, -1).contiguous()
@@ -184,11 +193,11 @@ def launch(
         tokens, patches = query_mask.shape[1], patch_valid.shape[1]
         with torch.cuda.device(device) if scores.is_cuda else contextlib.nullcontext():  # Triton's current device
             balance_kernel[(b,)](
-                scores, valid, query_mask, patch_valid, budget if budget is not None else relevance,
-                similarity, novel.float().contiguous() if novel is not None else relevance, knobs,
-                relevance, weights, report, redundancy, r, tokens, patches, log_t[1], log_t[0] - log_t[1],
-                R_BLOCK=triton.next_power_of_2(r), L_BLOCK=triton.next_power_of_2(max(tokens, 1)),
-                N_BLOCK=min(1024, triton.next_power_of_2(max(patches, 1))), HAS_BUDGET=budget is not None,
+                scores, query_mask, patch_valid, budget if budget is not None else relevance,
+                similarity, novel.float().reshape(b, -1).contiguous() if novel is not None else relevance, knobs,
+                relevance, weights, report, redundancy, r, tokens, patches, gh, gw, -(-gw // side), log_t[1],
+                log_t[0] - log_t[1], R_BLOCK=triton.next_power_of_2(r), L_BLOCK=triton.next_power_of_2(max(tokens, 1)),
+                N_BLOCK=min(1024, triton.next_power_of_2(max(patches, 1))), SIDE=side, HAS_BUDGET=budget is not None,
                 COVERS=novel is not None, num_warps=4 if r >= 512 else 1, enable_fp_fusion=False,
             )  # fmt: skip
     return relevance, weights, report, redundancy

@@ -17,10 +17,39 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-__all__ = ["launch", "BLOCK_LIMIT"]
+__all__ = ["launch", "BLOCK_LIMIT", "running_range", "range_bounds", "normalized"]
 
 #: The widest block a program reads at once; longer maps are read in blocks of this size.
 BLOCK_LIMIT = 4096
+
+
+@triton.jit
+def running_range(x, keep, low, high, nan):
+    """The running minimum, maximum and NaN flag of ``x`` over ``keep``, lane by lane (the other head kernels
+    normalise with these too)."""
+    low = tl.minimum(low, tl.where(keep, x, float("inf")))
+    high = tl.maximum(high, tl.where(keep, x, float("-inf")))
+    nan = tl.maximum(nan, (keep & (x != x)).to(tl.int32))
+    return low, high, nan
+
+
+@triton.jit
+def range_bounds(low, high, nan):
+    """``(lowest, span)`` of a :func:`running_range`: NaN lowest where a kept entry is NaN, as ``amin`` gives, and
+    the span clamped to 1e-12, as ``normalize_per_image`` clamps it."""
+    lowest = tl.where(tl.max(nan, 0) > 0, float("nan"), tl.min(low, 0))
+    return lowest, tl.maximum(tl.max(high, 0) - lowest, 1e-12)
+
+
+@triton.jit
+def normalized(x, keep):
+    """``normalize_per_image`` of one block held whole: min-max over ``keep``, 0 elsewhere."""
+    low, high, nan = running_range(
+        x, keep, tl.full(x.shape, float("inf"), tl.float32), tl.full(x.shape, float("-inf"), tl.float32),
+        tl.zeros(x.shape, dtype=tl.int32),
+    )  # fmt: skip
+    lowest, span = range_bounds(low, high, nan)
+    return tl.where(keep, tl.math.div_rn(x - lowest, span), 0.0)
 
 
 @triton.jit
@@ -44,12 +73,8 @@ def normalize_kernel(
         inside = idx < length
         x = tl.load(score_row + idx, mask=inside, other=0.0)
         keep = tl.load(valid_row + idx, mask=inside, other=0) != 0
-        low = tl.minimum(low, tl.where(keep, x, float("inf")))
-        high = tl.maximum(high, tl.where(keep, x, float("-inf")))
-        nan = tl.maximum(nan, (keep & (x != x)).to(tl.int32))
-    lowest = tl.min(low, 0)
-    lowest = tl.where(tl.max(nan, 0) > 0, float("nan"), lowest)
-    span = tl.maximum(tl.max(high, 0) - lowest, 1e-12)
+        low, high, nan = running_range(x, keep, low, high, nan)
+    lowest, span = range_bounds(low, high, nan)
     for start in range(0, length, BLOCK):
         idx = start + offs
         inside = idx < length

@@ -14,7 +14,9 @@
   (:func:`pick_patches`) each region holds, and compression shows exactly those patches.
 
 On CUDA, outside ``torch.compile``, :meth:`Balance.forward` after its inputs and :func:`frame_patches` are one Triton
-kernel each (``_balance_triton``, ``_frame_triton``; ``BALANCE_KERNEL``, ``FRAME_KERNEL``).
+kernel each (``_balance_triton``, ``_frame_triton``; ``BALANCE_KERNEL``, ``FRAME_KERNEL``), and so are the regions' unit
+mean features of :meth:`Balance.similarity` (``_region_stats_triton``; ``SIMILARITY_KERNEL``) and the set-up of
+:func:`pick_patches`'s greedy loop (``_pick_setup_triton``; ``PICK_SETUP_KERNEL``).
 """
 
 from __future__ import annotations
@@ -38,16 +40,28 @@ __all__ = [
     "BALANCE_KEYS",
     "FRAME_CELL_LIMIT",
     "FRAME_KERNEL",
+    "PICK_SETUP_KERNEL",
+    "SIMILARITY_KERNEL",
     "frame_patches",
     "novelty",
     "objectness_peaks",
     "pick_patches",
+    "region_units",
 ]
 
 #: Whether CUDA grids go to the Triton kernel of :func:`frame_patches` (``ARRCOC_FRAME_KERNEL=0``: the torch form).
 FRAME_KERNEL: bool = kernel_enabled("ARRCOC_FRAME_KERNEL")
 #: Whether CUDA maps go to the Triton kernel of :meth:`Balance.forward` (``ARRCOC_BALANCE_KERNEL=0``: the torch form).
 BALANCE_KERNEL: bool = kernel_enabled("ARRCOC_BALANCE_KERNEL")
+#: Whether CUDA features go to the Triton kernel of :meth:`Balance.similarity`'s region means
+#: (``ARRCOC_SIMILARITY_KERNEL=0``: the torch form).
+SIMILARITY_KERNEL: bool = kernel_enabled("ARRCOC_SIMILARITY_KERNEL")
+#: Whether CUDA cosines go to the Triton kernel that sets up :func:`pick_patches`'s greedy loop
+#: (``ARRCOC_PICK_SETUP_KERNEL=0``: the torch form).
+PICK_SETUP_KERNEL: bool = kernel_enabled("ARRCOC_PICK_SETUP_KERNEL")
+#: Grids up to this many patches take the pick set-up's kernel (one program walks an image's ``N x N`` distances
+#: twice); on larger ones the torch form's launches spread over the whole GPU.
+PICK_SETUP_CELL_LIMIT = 1024
 #: Grids up to this many patches take :func:`frame_patches`'s kernel (its grid in registers, one block of the next
 #: power of two); larger ones the torch form.
 FRAME_CELL_LIMIT = 16384
@@ -122,9 +136,23 @@ def objectness_peaks(objectness: Tensor, patch_valid: Tensor, threshold: float) 
     return (level >= top) & (level > threshold) & valid
 
 
-def _balance_kernel(maps: Tensor) -> bool:
+def _balance_kernel(maps: Tensor, patch_valid: Tensor) -> bool:
     """Whether :meth:`Balance.forward` launches its Triton kernel for these ``(B, 3, R)`` maps."""
-    return runs_kernel(maps, BALANCE_KERNEL) and maps.shape[1] == 3
+    return runs_kernel(maps, BALANCE_KERNEL) and maps.shape[1] == 3 and patch_valid.dtype == torch.float32
+
+
+def _pick_setup_kernel(gram: Tensor) -> bool:
+    """Whether :func:`pick_patches` sets its greedy loop up with its Triton kernel for these cosines."""
+    return runs_kernel(gram, PICK_SETUP_KERNEL) and gram.shape[-1] <= PICK_SETUP_CELL_LIMIT
+
+
+def _similarity_kernel(features: Tensor, patch_valid: Tensor) -> bool:
+    """Whether :func:`region_units` launches its Triton kernel for these features."""
+    return (
+        runs_kernel(features, SIMILARITY_KERNEL)
+        and patch_valid.dtype == torch.float32
+        and patch_valid.shape == features.shape[:3]
+    )
 
 
 def _frame_kernel(flat: Tensor) -> bool:
@@ -200,6 +228,65 @@ def frame_patches(
     return (torch.maximum(border, inside) * framed > 0)[:, 0]
 
 
+def _lab_distance(lab: Tensor) -> Tensor:
+    """``(B, N, 3) -> (B, N, N)``: the Euclidean distance between every two patches' Lab colours, the channels' squared
+    differences summed in channel order. Not ``torch.cdist``, whose matrix-product form loses near-equal colours to
+    cancellation (and rounds otherwise than the pick's kernel). The root is taken in float64 and rounded once: torch's
+    float32 root on the CPU is not always the nearest float, the kernel's is."""
+    light, green_red, blue_yellow = (c[:, :, None] - c[:, None, :] for c in lab.unbind(-1))
+    return (light * light + green_red * green_red + blue_yellow * blue_yellow).double().sqrt().to(lab.dtype)
+
+
+def _maxmin_inputs(
+    gram: Tensor,
+    valid: Tensor,
+    lab: Tensor | None,
+    colour_share: float,
+    place: Tensor | None,
+    weight: Tensor | None,
+    priority: Tensor | None,
+    frame: Tensor | None,
+) -> tuple[Tensor, Tensor]:
+    """The greedy max-min's inputs (:func:`greedy_maxmin`): ``weighted`` ``(B, N, N)``, ``[b, p, q]`` candidate
+    ``q``'s score once ``p`` is kept, and ``score`` ``(B, N)`` before the first pick. On CUDA ``_pick_setup_triton``
+    computes the same bits in one launch.
+
+    Args:
+        gram: ``(B, N, N)`` cosines of the patches' unit features; valid: ``(B, N)`` bool image patches.
+        lab: ``(B, N, 3)`` Lab colours, or ``None``; colour_share: the weight of their distance.
+        place: ``(1, N, N)`` the grid distance already weighted, or ``None``.
+        weight: ``(B, N)`` each candidate's weight, or ``None`` (1).
+        priority: ``(B, N)`` whole non-negative tiers, or ``None``; frame: ``(B, N)`` bool, a tier below, or ``None``.
+    """
+    n = valid.shape[1]
+    distance = 1 - gram
+    if lab is not None:
+        distance = distance + colour_share * _lab_distance(lab)
+    if place is not None:
+        distance = distance + place
+    others = valid[:, None, :] & ~torch.eye(n, dtype=torch.bool, device=gram.device)  # [b, p, q]: q not p
+    nearest = distance.masked_fill(~others, torch.inf).amin(-1)  # (B, N) distance to the nearest other patch
+    nearest = torch.where(torch.isfinite(nearest), nearest, 0.0)  # an image of one patch
+    # A candidate's score is its distance from the nearest kept patch times its weight; min and a non-negative
+    # weight commute exactly, so the weight is folded into the distances once. -inf marks what cannot be picked:
+    # padding, and (the diagonal) a patch once it is kept.
+    weighted = distance if weight is None else distance * weight[:, None, :]
+    weighted = weighted.masked_fill(~others, -torch.inf)  # [b, p, q]
+    score = torch.where(valid, nearest if weight is None else nearest * weight, -torch.inf)  # before the first pick
+    if frame is not None:  # tier -1; an image without a border adds 0 to every score: the same picks, bit for bit
+        priority = (0.0 if priority is None else priority) - frame.float()
+    if priority is not None:
+        # A bonus on candidate q's column adds to its score whatever is kept (min over kept p of d[p, q] + bonus[q]),
+        # so it orders the tiers and leaves the max-min order within each alone. A tier's step exceeds the image's
+        # largest distance (scores are never above it; -inf padding and diagonal stay -inf); tier 0 gets nothing,
+        # so once the higher tiers are kept the fill is the plain max-min, bit for bit.
+        span = weighted.amax((1, 2)).clamp_min(0) + 1  # (B,) per image: no dependence on the batch
+        bonus = priority * span[:, None]  # (B, N)
+        weighted = weighted + bonus[:, None, :]
+        score = score + bonus
+    return weighted, score
+
+
 def pick_patches(
     method: str,
     features: Tensor,
@@ -263,13 +350,14 @@ def pick_patches(
     b, gh, gw, _ = features.shape
     valid = (patch_valid > 0).flatten(1)  # (B, N)
     n = valid.shape[1]
-    weight = features.new_ones(b, n)
+    weight = None  # (B, N) each candidate's weight, or 1
     if salience is not None and salience_share > 0:
-        weight = 1 - salience_share + salience_share * salience.flatten(1).float()  # (B, N)
+        weight = 1 - salience_share + salience_share * salience.flatten(1).float()
     if method == "novelty":
         if patch_novelty is None:
             patch_novelty = novelty(features, patch_valid)
-        key = torch.where(valid, patch_novelty.flatten(1) * weight, -1.0)  # padding after every image patch
+        key = patch_novelty.flatten(1) if weight is None else patch_novelty.flatten(1) * weight
+        key = torch.where(valid, key, -1.0)  # padding after every image patch
         rank = torch.argsort(torch.sort(key, dim=-1, descending=True, stable=True).indices, dim=-1)  # (B, N)
         return ((rank < budget[:, None]) & valid).to(features.dtype).view(b, gh, gw)
     if method not in ("maxmin", "peaks"):
@@ -277,39 +365,40 @@ def pick_patches(
     if method == "peaks" and objectness is None:
         raise ValueError("pick 'peaks' needs an objectness map")
     unit = unit_patches(features) if unit is None else unit  # (B, N, D)
-    distance = 1 - unit @ unit.transpose(1, 2)  # (B, N, N)
-    if colour is not None and colour_share > 0:
-        lab = colour.float().flatten(1, 2)  # (B, N, 3)
-        distance = distance + colour_share * torch.cdist(lab, lab)
-    if spatial_share > 0:  # alike patches far apart count as apart (alike objects in two places)
-        cell = torch.arange(n, device=features.device)
-        place = torch.stack((cell // gw, cell % gw), -1).float() / max(gh, gw)  # (N, 2) row, column
-        distance = distance + spatial_share * torch.cdist(place, place)[None]
-    others = valid[:, None, :] & ~torch.eye(n, dtype=torch.bool, device=features.device)  # [b, p, q]: q not p
-    nearest = distance.masked_fill(~others, torch.inf).amin(-1)  # (B, N) distance to the nearest other patch
-    nearest = torch.where(torch.isfinite(nearest), nearest, 0.0)  # an image of one patch
-    # A candidate's score is its distance from the nearest kept patch times its weight; min and a non-negative
-    # weight commute exactly, so the weight is folded into the distances once. -inf marks what cannot be picked:
-    # padding, and (the diagonal) a patch once it is kept.
-    weighted = (distance * weight[:, None, :]).masked_fill_(~others, -torch.inf)  # [b, p, q]
-    score = torch.where(valid, nearest * weight, -torch.inf)  # before the first pick: the nearest neighbour's
+    gram = unit @ unit.transpose(1, 2)  # (B, N, N) cosines
+    lab = colour.float().flatten(1, 2) if colour is not None and colour_share > 0 else None  # (B, N, 3)
     if method == "peaks":
         assert objectness is not None  # checked above
         priority = objectness_peaks(objectness, patch_valid, peak_threshold)  # (B, gh, gw)
-    if frame is not None:  # tier -1; an image without a border adds 0 to every score: the same picks, bit for bit
-        priority = (0.0 if priority is None else priority.float()) - frame.float()
     if priority is not None:
-        # A bonus on candidate q's column adds to its score whatever is kept (min over kept p of d[p, q] + bonus[q]),
-        # so it orders the tiers and leaves the max-min order within each alone. A tier's step exceeds the image's
-        # largest distance (scores are never above it; -inf padding and diagonal stay -inf); tier 0 gets nothing,
-        # so once the higher tiers are kept the fill is the plain max-min, bit for bit.
-        span = weighted.amax((1, 2)).clamp_min(0) + 1  # (B,) per image: no dependence on the batch
-        bonus = priority.flatten(1).float() * span[:, None]  # (B, N)
-        weighted = weighted + bonus[:, None, :]
-        score = score + bonus
+        priority = priority.flatten(1).float()  # (B, N)
+    frame = frame.flatten(1) if frame is not None else None  # (B, N)
+    if spatial_share == 0 and _pick_setup_kernel(gram):  # one launch, the same bits
+        from . import _pick_setup_triton  # Triton is imported on the first CUDA call only
+
+        weighted, score = _pick_setup_triton.launch(gram, valid, lab, colour_share, weight, priority, frame)
+    else:
+        place = None
+        if spatial_share > 0:  # alike patches far apart count as apart (alike objects in two places)
+            cell = torch.arange(n, device=features.device)
+            place = torch.stack((cell // gw, cell % gw), -1).float() / max(gh, gw)  # (N, 2) row, column
+            place = spatial_share * torch.cdist(place, place)[None]
+        weighted, score = _maxmin_inputs(gram, valid, lab, colour_share, place, weight, priority, frame)
     live = budget[:, None] > torch.arange(steps, device=budget.device)  # (B, steps): steps inside the budget
     chosen = greedy_maxmin(weighted, score, live)  # (B, N) one Triton kernel on CUDA
     return chosen.to(features.dtype).view(b, gh, gw)
+
+
+def region_units(features: Tensor, patch_valid: Tensor, side: int) -> Tensor:
+    """Each region's mean feature (weighted by patch validity) at unit length: ``(B, gh, gw, D), (B, gh, gw) ->
+    (B, R, D)``, 0 for a region with no image content. One Triton launch on CUDA (``_region_stats_triton``)."""
+    if _similarity_kernel(features, patch_valid):
+        from . import _region_stats_triton  # Triton is imported on the first CUDA call only
+
+        return _region_stats_triton.region_units(features, patch_valid, side)
+    region_w = to_regions(patch_valid[..., None], side)[..., 0]  # (B, rh, rw, P)
+    region_feat = masked_mean(to_regions(features, side), region_w[..., None], -2)  # (B, rh, rw, D)
+    return F.normalize(region_feat.flatten(1, 2), dim=-1)
 
 
 class Balance(nn.Module):
@@ -340,11 +429,8 @@ class Balance(nn.Module):
     def similarity(self, features: Tensor, patch_valid: Tensor) -> Tensor:
         """Cosine similarity between the regions' mean features, ``(B, R, R)``: what redundancy is measured
         with. It needs no scores, so a pipeline can compute it beside the scorers and pass it to ``forward``."""
-        region_w = to_regions(patch_valid[..., None], self.region_size)[..., 0]  # (B, rh, rw, P)
-        region_feat = F.normalize(
-            masked_mean(to_regions(features, self.region_size), region_w[..., None], -2).flatten(1, 2), dim=-1
-        )  # (B, R, D)
-        return region_feat @ region_feat.transpose(1, 2)
+        unit = region_units(features, patch_valid, self.region_size)  # (B, R, D)
+        return unit @ unit.transpose(1, 2)
 
     def forward(
         self,
@@ -379,21 +465,23 @@ class Balance(nn.Module):
             elsewhere); and the per-image tensions, keyed by ``BALANCE_KEYS``.
         """
         b, k, rh, rw = scores.shape
-        region_w = to_regions(patch_valid[..., None], self.region_size)[..., 0]  # (B, rh, rw, P)
-        valid = (region_w.sum(-1) > 0).flatten(1)  # (B, R)
         maps = scores.flatten(2)  # (B, 3, R)
         if similarity is None:
             similarity = self.similarity(features, patch_valid)  # (B, R, R)
-        cover = None  # (B, R) each region's novelty, or picked patches, where a share of the relevance follows it
+        covered = None  # (B, gh, gw) the patch map whose sum per region a share of the relevance follows
         if self.query_covers if asked else self.covers:
             if patch_pick is not None:
-                patch_novelty = patch_pick  # (B, gh, gw) 1 on the picked patches
-            elif patch_novelty is None:
-                patch_novelty = novelty(features, patch_valid)  # (B, gh, gw)
-            cover = to_regions(patch_novelty[..., None], self.region_size).sum((-1, -2)).flatten(1)
+                covered = patch_pick  # 1 on the picked patches
+            else:
+                covered = novelty(features, patch_valid) if patch_novelty is None else patch_novelty
         has_query = query_mask.any(-1)  # (B,)
-        if _balance_kernel(maps):  # one launch for the rest, to float32 rounding
-            return self._forward_kernel(scores, valid, query_mask, patch_valid, budget, similarity, cover, has_query)
+        if _balance_kernel(maps, patch_valid):  # one launch for the rest, to float32 rounding
+            return self._forward_kernel(scores, query_mask, patch_valid, budget, similarity, covered, has_query)
+        region_w = to_regions(patch_valid[..., None], self.region_size)[..., 0]  # (B, rh, rw, P)
+        valid = (region_w.sum(-1) > 0).flatten(1)  # (B, R)
+        cover = None  # (B, R) each region's novelty, or picked patches
+        if covered is not None:
+            cover = to_regions(covered[..., None], self.region_size).sum((-1, -2)).flatten(1)
         weights = self.base_weights.expand(b, k).clone()
         weights[:, 2] = weights[:, 2] * has_query  # no query: participatory contributes nothing
         weights = weights / weights.sum(-1, keepdim=True).clamp_min(1e-12)  # (B, 3)
@@ -450,15 +538,15 @@ class Balance(nn.Module):
     def _forward_kernel(
         self,
         scores: Tensor,
-        valid: Tensor,
         query_mask: Tensor,
         patch_valid: Tensor,
         budget: Tensor | None,
         similarity: Tensor,
-        cover: Tensor | None,
+        covered: Tensor | None,
         has_query: Tensor,
     ) -> tuple[Tensor, dict[str, Tensor]]:
-        """:meth:`forward` after its inputs, as one Triton launch (``_balance_triton``)."""
+        """:meth:`forward` after its inputs, as one Triton launch (``_balance_triton``): ``covered`` is the cover's
+        patch map (or ``None``), which the kernel sums per region."""
         from . import _balance_triton  # Triton is imported on the first CUDA call only
 
         b, _, rh, rw = scores.shape
@@ -468,12 +556,12 @@ class Balance(nn.Module):
         ).float()  # fmt: skip
         relevance, weights, values, redundancy = _balance_triton.launch(
             scores.flatten(2),
-            valid,
             query_mask,
             patch_valid,
+            self.region_size,
             budget,
             similarity,
-            cover,
+            covered,
             knobs,
             (self.log_t_low, self.log_t_high),
         )

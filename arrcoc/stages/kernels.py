@@ -1,8 +1,9 @@
 """Where the stages' Triton kernels run: the one rule each stage's switch and check share.
 
 A kernel is switched on where Triton is installed and its environment variable is not ``0`` (read once, at import:
-``ARRCOC_PICK_KERNEL``, ``ARRCOC_TEXTURE_KERNEL``, ``ARRCOC_RESIZE_KERNEL``, and the head's ``ARRCOC_NORMALIZE_KERNEL``,
-``ARRCOC_FRAME_KERNEL``, ``ARRCOC_BALANCE_KERNEL``, ``ARRCOC_ALLOCATION_KERNEL``, ``ARRCOC_COMPRESS_KERNEL``); each
+``ARRCOC_PICK_KERNEL``, ``ARRCOC_TEXTURE_KERNEL``, ``ARRCOC_RESIZE_KERNEL``, and the head's ``ARRCOC_SCORER_KERNEL``,
+``ARRCOC_SIMILARITY_KERNEL``, ``ARRCOC_NORMALIZE_KERNEL``, ``ARRCOC_PICK_SETUP_KERNEL``, ``ARRCOC_FRAME_KERNEL``,
+``ARRCOC_BALANCE_KERNEL``, ``ARRCOC_ALLOCATION_KERNEL``, ``ARRCOC_COMPRESS_KERNEL``); each
 module keeps the result as its own flag, which a test or a benchmark may set to ``False``. The head's kernels stand
 in for their torch forms only on float32 CUDA tensors that need no gradient, outside ``torch.compile`` (which fuses
 the torch forms itself); everywhere else the torch form runs.

@@ -12,10 +12,15 @@ pipeline, the tests and the benchmarks loop over the registry.
   zero for images with no query).
 
 The first two need no learned weights: they read texture and feature statistics.
+
+On CUDA, outside ``torch.compile``, each scorer runs as Triton kernels (``_region_stats_triton``,
+``_perspectival_triton``, ``_participatory_triton``; ``arrcoc.stages.kernels``): a few launches each where torch
+takes 20-45. ``ARRCOC_SCORER_KERNEL=0`` in the environment, or ``scorers.USE_KERNEL = False``, keeps the torch forms.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Final
 
@@ -24,7 +29,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import InvalidInputError
-from .regions import masked_mean, normalize_per_image, to_regions
+from .kernels import kernel_enabled, runs_kernel
+from .regions import masked_mean, normalize_per_image, region_grid, to_regions
 
 __all__ = [
     "SCORERS",
@@ -36,9 +42,33 @@ __all__ = [
     "ParticipatoryScorer",
     "query_coupling",
     "unit_patches",
+    "USE_KERNEL",
 ]
 
 SCORERS: dict[str, type[Scorer]] = {}
+
+#: Whether CUDA float32 inputs go to the scorers' Triton kernels (else the torch forms everywhere).
+USE_KERNEL: bool = kernel_enabled("ARRCOC_SCORER_KERNEL")
+
+#: The most regions per image the kernels that normalise a region map hold at once; larger grids take the torch form.
+KERNEL_REGIONS = 1024
+
+
+def _uses_kernel(features: Tensor, *grids: Tensor, side: int = 1) -> bool:
+    """Whether a scorer's kernels stand in for its torch form: ``features`` as :func:`runs_kernel` asks, and each of
+    ``grids`` (texture, patch validity, coupling: float32 tensors on the same patch grid), no more than
+    :data:`KERNEL_REGIONS` regions of ``side``."""
+    return (
+        runs_kernel(features, USE_KERNEL)
+        and all(g.dtype == torch.float32 and g.shape[:3] == features.shape[:3] for g in grids)
+        and math.prod(region_grid(features.shape[1:3], side)) <= KERNEL_REGIONS
+    )
+
+
+def _couples_in_kernel(unit: Tensor, query: Tensor, query_mask: Tensor) -> bool:
+    """Whether :func:`query_coupling`'s kernel stands in for its torch form: ``unit`` as :func:`runs_kernel` asks, a
+    boolean mask and at least one query token."""
+    return runs_kernel(unit, USE_KERNEL) and query_mask.dtype == torch.bool and query.shape[1] > 0
 
 
 def register_scorer(name: str) -> Callable[[type[Scorer]], type[Scorer]]:
@@ -108,6 +138,12 @@ class PropositionalScorer(Scorer):
     def forward(
         self, features: Tensor, texture: Tensor, patch_valid: Tensor, query: Tensor, query_mask: Tensor
     ) -> Tensor:
+        if _uses_kernel(features, texture, patch_valid, side=self.region_size) and texture.shape[-1] >= 5:
+            from . import _region_stats_triton  # Triton is imported on the first CUDA call only
+
+            return _region_stats_triton.propositional(
+                texture, features, patch_valid, self.region_size, self.term_weights
+            )
         weights = self.regions(patch_valid[..., None])  # (B, rh, rw, P, 1)
         valid = weights.sum((-1, -2)) > 0  # (B, rh, rw)
         stats = self.regions(torch.cat((texture[..., :5], features), -1))  # (B, rh, rw, P, 5 + D): flatness left out
@@ -164,6 +200,12 @@ class PerspectivalScorer(Scorer):
     def forward(
         self, features: Tensor, texture: Tensor, patch_valid: Tensor, query: Tensor, query_mask: Tensor
     ) -> Tensor:
+        if _uses_kernel(features, texture, patch_valid, side=self.region_size) and texture.shape[-1] >= 3:
+            from . import _perspectival_triton  # Triton is imported on the first CUDA call only
+
+            return _perspectival_triton.launch(
+                texture, features, patch_valid, self.region_size, self.surround, self.term_weights
+            )
         w = patch_valid[:, None]  # (B, 1, gh, gw)
         lab = texture[..., :3].permute(0, 3, 1, 2)  # (B, 3, gh, gw)
         surround = _surround_mean(lab * w, w, self.surround)
@@ -192,6 +234,10 @@ def query_coupling(features: Tensor, query: Tensor, query_mask: Tensor, unit: Te
     ``unit``: :func:`unit_patches` of ``features`` when already computed.
     """
     patches = unit_patches(features) if unit is None else unit  # (B, N, D)
+    if _couples_in_kernel(patches, query, query_mask):
+        from . import _participatory_triton  # Triton is imported on the first CUDA call only
+
+        return _participatory_triton.coupling(patches, query.float(), query_mask).view(features.shape[:3])
     tokens = F.normalize(query.float(), dim=-1)  # (B, L, D)
     cosine = torch.einsum("bnd,bld->bnl", patches, tokens)  # (B, N, L)
     cosine = torch.where(query_mask[:, None, :], cosine, -2.0)
@@ -214,6 +260,10 @@ class ParticipatoryScorer(Scorer):
 
     def from_coupling(self, coupling: Tensor, patch_valid: Tensor, query_mask: Tensor) -> Tensor:
         """The map from each patch's coupling (:func:`query_coupling`), for a caller that keeps the coupling too."""
+        if _uses_kernel(coupling, patch_valid, side=self.region_size) and query_mask.dtype == torch.bool:
+            from . import _participatory_triton  # Triton is imported on the first CUDA call only
+
+            return _participatory_triton.peak(coupling, patch_valid, query_mask, self.region_size)
         weights = self.regions(patch_valid[..., None])[..., 0]  # (B, rh, rw, P)
         per_region = self.regions(coupling[..., None])[..., 0]
         peak = torch.where(weights > 0, per_region, -2.0).amax(-1)  # (B, rh, rw)
