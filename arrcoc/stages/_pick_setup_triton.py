@@ -3,8 +3,9 @@ patches' cosines to the greedy loop's two inputs in one launch, where torch take
 the masks, the nearest neighbours, the tiers' bonus).
 
 Imported only when a CUDA call first needs it, so that importing arrcoc does not import Triton. One program per
-image (up to ``balance.PICK_SETUP_CELL_LIMIT`` patches) walks its ``(N, N)`` distances in tiles: ``1 - cosine``, plus ``colour_share`` times the Lab distance (each
-channel's squared difference, summed in channel order, its square root), times the candidate's weight; ``-inf``
+image (up to ``balance.PICK_SETUP_CELL_LIMIT`` patches) walks its ``(N, N)`` distances in tiles: ``1 - cosine``,
+plus ``colour_share`` times the Lab distance (each channel's squared difference, summed in channel order, its square
+root), times the candidate's weight; ``-inf``
 where the candidate cannot be picked (padding, and itself). A first pass finds each patch's nearest other patch and,
 where tiers order the candidates (``priority``, ``frame``), the image's largest distance, which sizes a tier's bonus;
 a second pass writes the distances with the bonus. The same IEEE operations in the same order as the torch form
