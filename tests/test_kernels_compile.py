@@ -16,6 +16,12 @@ triton = pytest.importorskip("triton")
 
 F32, U8, I64, I32, SCALAR = "*fp32", "*u8", "*i64", "i32", "fp32"
 
+#: ``region_kernel``'s arguments but the region validity's pointer, whose type differs between its two launches.
+REGION = {
+    "texture_ptr": F32, "features_ptr": F32, "valid_ptr": F32, "terms_ptr": F32, "unit_ptr": F32, "gh": I32,
+    "gw": I32, "rw": I32, "regions": I32, "width": I32, "width_float": SCALAR, "texture_channels": I32,
+}  # fmt: skip
+
 #: name -> (module of arrcoc.stages, kernel, pointer and scalar types by argument, constexprs, launch options).
 KERNELS: dict[str, tuple[str, str, dict[str, str], dict[str, object], dict[str, object]]] = {
     "normalize": (
@@ -24,17 +30,11 @@ KERNELS: dict[str, tuple[str, str, dict[str, str], dict[str, object], dict[str, 
         {"BLOCK": 256}, {},
     ),
     "region-terms": (
-        "_region_stats_triton", "region_kernel",
-        {"texture_ptr": F32, "features_ptr": F32, "valid_ptr": F32, "terms_ptr": F32, "region_valid_ptr": U8,
-         "unit_ptr": F32, "gh": I32, "gw": I32, "rw": I32, "regions": I32, "width": I32, "width_float": SCALAR,
-         "texture_channels": I32},
+        "_region_stats_triton", "region_kernel", {**REGION, "region_valid_ptr": U8},
         {"SIDE": 4, "P_BLOCK": 16, "D_BLOCK": 128, "TERMS": True, "UNIT": False}, {},
     ),
-    "region-units": (
-        "_region_stats_triton", "region_kernel",
-        {"texture_ptr": F32, "features_ptr": F32, "valid_ptr": F32, "terms_ptr": F32, "region_valid_ptr": F32,
-         "unit_ptr": F32, "gh": I32, "gw": I32, "rw": I32, "regions": I32, "width": I32, "width_float": SCALAR,
-         "texture_channels": I32},
+    "region-units": (  # the unit launch passes its output for the terms' pointers
+        "_region_stats_triton", "region_kernel", {**REGION, "region_valid_ptr": F32},
         {"SIDE": 4, "P_BLOCK": 16, "D_BLOCK": 128, "TERMS": False, "UNIT": True}, {},
     ),
     "propositional-mix": (
