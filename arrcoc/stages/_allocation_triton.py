@@ -11,12 +11,12 @@ that rounding crosses a whole number of tokens.
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+
+from .kernels import launch_device
 
 __all__ = ["launch"]
 
@@ -90,7 +90,7 @@ def launch(relevance: Tensor, budget: Tensor, low: Tensor, high: Tensor, floor_s
     b, r = relevance.shape
     out = torch.empty(b, r, dtype=torch.long, device=relevance.device)
     if b and r:
-        with torch.cuda.device(relevance.device) if relevance.is_cuda else contextlib.nullcontext():
+        with launch_device(relevance):
             allocation_kernel[(b,)](
                 relevance.float().contiguous(), budget.long().contiguous(), low.long().contiguous(),
                 high.long().contiguous(), out, r,

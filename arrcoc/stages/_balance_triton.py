@@ -13,14 +13,13 @@ per region in both forms, bit for bit: counts over a count.
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
 from ._normalize_triton import normalized
+from .kernels import launch_device
 
 __all__ = ["launch"]
 
@@ -191,7 +190,7 @@ def launch(
     redundancy = torch.empty(b, r, dtype=torch.float32, device=device)
     if b and r:
         tokens, patches = query_mask.shape[1], patch_valid.shape[1]
-        with torch.cuda.device(device) if scores.is_cuda else contextlib.nullcontext():  # Triton's current device
+        with launch_device(scores):
             balance_kernel[(b,)](
                 scores, query_mask, patch_valid, budget if budget is not None else relevance,
                 similarity, novel.float().reshape(b, -1).contiguous() if novel is not None else relevance, knobs,

@@ -16,12 +16,12 @@ with ``query_detail = 1``, the key drops out of the mix and the forms agree bit 
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+
+from .kernels import launch_device
 
 __all__ = ["launch"]
 
@@ -152,7 +152,7 @@ def launch(
     if b and regions and capacity:
         p_block = triton.next_power_of_2(side * side)
         d_block = max(16, min(triton.next_power_of_2(d), 4096 // p_block))
-        with torch.cuda.device(features.device) if features.is_cuda else contextlib.nullcontext():
+        with launch_device(features):
             compress_kernel[(b * regions,)](
                 features, valid, count, prio, share_tensor, tokens, positions, mask, weights,
                 gh, gw, rw, regions, d, capacity, value, 1 - value,

@@ -10,12 +10,12 @@ sums count cells, so the result is the torch form's, bit for bit.
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+
+from .kernels import launch_device
 
 __all__ = ["launch"]
 
@@ -90,7 +90,7 @@ def launch(flat: Tensor, patch_valid: Tensor, colourless: Tensor | None, solid: 
     work = torch.empty(b, gh * gw, dtype=torch.int32, device=flat.device)
     block = triton.next_power_of_2(gh * gw)
     steps = max(1, max(gh, gw) // 2)
-    with torch.cuda.device(flat.device) if flat.is_cuda else contextlib.nullcontext():  # Triton's current device
+    with launch_device(flat):
         frame_kernel[(b,)](
             flat, valid, colourless, out, work, gh, gw, steps, solid, touched,
             BLOCK=block, num_warps=max(1, min(16, block // 256)),

@@ -9,12 +9,12 @@ launches per step.
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+
+from .kernels import launch_device
 
 __all__ = ["launch", "REGISTER_LIMIT", "CHUNK"]
 
@@ -140,7 +140,7 @@ def launch(weighted: Tensor, score: Tensor, live: Tensor, chunk: int | None = No
         chosen.stride(0),
         work.stride(0),
     )
-    with torch.cuda.device(score.device) if score.is_cuda else contextlib.nullcontext():  # Triton's current device
+    with launch_device(score):
         greedy_maxmin_kernel[(b,)](
             weighted, score, live, chosen, work, n, steps, *strides, BLOCK=block, CHUNKED=chunked, num_warps=num_warps
         )

@@ -10,12 +10,12 @@ makes every valid entry NaN, as ``amin`` and ``amax`` propagate it there.
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+
+from .kernels import launch_device
 
 __all__ = ["launch", "BLOCK_LIMIT", "running_range", "range_bounds", "normalized"]
 
@@ -94,6 +94,6 @@ def launch(flat: Tensor, mask: Tensor, block: int | None = None) -> Tensor:
     out = torch.empty_like(flat)
     block = block or min(BLOCK_LIMIT, triton.next_power_of_2(max(r, 16)))
     if flat.numel():
-        with torch.cuda.device(flat.device) if flat.is_cuda else contextlib.nullcontext():
+        with launch_device(flat):
             normalize_kernel[(b * k,)](flat, valid, out, k, r, BLOCK=block, num_warps=4 if block >= 1024 else 1)
     return out

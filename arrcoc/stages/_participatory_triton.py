@@ -26,21 +26,20 @@ of the image NaN, as ``amax`` and ``amin`` propagate it.
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
 from ._normalize_triton import range_bounds, running_range
+from .kernels import launch_device
 
 __all__ = ["coupling", "peak", "BLOCK_LIMIT"]
 
 #: The most floats a program holds in one tile (regions x patch slots, patches x width, tokens x width).
 BLOCK_LIMIT = 4096
-#: The most regions :func:`peak` takes at once: on the H100 (Triton 3.6) blocks of 256 regions gave other peaks than
-#: the torch form's (and NaN on images without a question), blocks of 16 and 64 its bits; not understood, so capped.
+#: The most regions :func:`peak` takes at once: compiled for the GPU, wider blocks gave other peaks than the torch
+#: form's while 16 and 64 gave its bits (why is not known: docs/decisions.md, "The head's stages as Triton kernels").
 PEAK_REGIONS = 64
 
 
@@ -175,11 +174,6 @@ def peak_kernel(
         tl.store(out_ptr + image * regions + r, score * has_query, mask=r < regions)
 
 
-def _device(tensor: Tensor) -> contextlib.AbstractContextManager:
-    """Triton launches on the current device: make it the tensor's."""
-    return torch.cuda.device(tensor.device) if tensor.is_cuda else contextlib.nullcontext()
-
-
 def coupling(
     unit: Tensor,
     query: Tensor,
@@ -210,7 +204,7 @@ def coupling(
     l_block = l_block or min(64, triton.next_power_of_2(max(tokens, 16)))
     d_block = d_block or 32
     if out.numel():
-        with _device(unit):
+        with launch_device(unit):
             coupling_kernel[(b, triton.cdiv(n, n_block))](
                 unit, query, mask, out, n, tokens, d, N_BLOCK=n_block, L_BLOCK=l_block, D_BLOCK=d_block, num_warps=4
             )
@@ -252,7 +246,7 @@ def peak(
     r_block = r_block or min(PEAK_REGIONS, triton.next_power_of_2(rh * rw), max(1, BLOCK_LIMIT // p_block))
     l_block = l_block or min(1024, triton.next_power_of_2(max(tokens, 1)))
     if out.numel():
-        with _device(coupling):
+        with launch_device(coupling):
             peak_kernel[(b,)](
                 coupling, patch_valid, mask, out, gh, gw, rw, rh * rw, side, tokens,
                 R_BLOCK=r_block, P_BLOCK=p_block, L_BLOCK=l_block, num_warps=4 if r_block * p_block >= 1024 else 1,

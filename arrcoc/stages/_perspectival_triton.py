@@ -31,14 +31,13 @@ patch makes every valid region of its image NaN, as ``amin`` and ``amax`` propag
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
 from ._normalize_triton import range_bounds, running_range
+from .kernels import launch_device
 
 __all__ = ["launch", "BLOCK_LIMIT"]
 
@@ -357,7 +356,7 @@ def launch(
     feature_sum = torch.empty(b, d, dtype=torch.float32, device=device)
     lab_sum = torch.empty(b, 4, dtype=torch.float32, device=device)
     terms = torch.empty(b, 3, n, dtype=torch.float32, device=device)
-    with torch.cuda.device(device) if texture.is_cuda else contextlib.nullcontext():  # Triton's current device
+    with launch_device(texture):
         sums_kernel[(b, triton.cdiv(d, sums_width))](
             features, texture, patch_valid, feature_sum, lab_sum, n, d, c,
             P_BLOCK=sums_block, D_BLOCK=sums_width, num_warps=4, enable_fp_fusion=False,

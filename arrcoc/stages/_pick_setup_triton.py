@@ -15,12 +15,12 @@ the two forms agree bit for bit; the cosines come in from torch's own product.
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+
+from .kernels import launch_device
 
 __all__ = ["launch"]
 
@@ -171,7 +171,7 @@ def launch(
     q_block = min(256, triton.next_power_of_2(max(n, 1)))
     p_block, q_block = blocks or (max(1, 4096 // q_block), q_block)
     if b and n:
-        with torch.cuda.device(gram.device) if gram.is_cuda else contextlib.nullcontext():  # Triton's current device
+        with launch_device(gram):
             pick_setup_kernel[(b,)](
                 gram, lab if lab is not None else dummy, valid.contiguous().view(torch.uint8),
                 weight.contiguous() if weight is not None else dummy,

@@ -17,14 +17,13 @@ bit for bit.
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
 from ._normalize_triton import normalized
+from .kernels import launch_device
 
 __all__ = ["propositional", "region_units"]
 
@@ -150,7 +149,7 @@ def propositional(
     valid = torch.empty(b, r, device=features.device, dtype=torch.uint8)
     if b == 0:
         return out
-    with torch.cuda.device(features.device) if features.is_cuda else contextlib.nullcontext():
+    with launch_device(features):
         region_kernel[(b * r,)](
             texture, features, patch_valid, terms, valid, terms, gh, gw, rw, r, d, float(d), texture.shape[-1],
             SIDE=side, P_BLOCK=p_block, D_BLOCK=d_block, TERMS=True, UNIT=False, enable_fp_fusion=False,
@@ -177,7 +176,7 @@ def region_units(features: Tensor, patch_valid: Tensor, side: int, block: int | 
     p_block, d_block = _blocks(side, d, block)
     unit = torch.empty(b, r, d, device=features.device, dtype=torch.float32)
     if unit.numel():
-        with torch.cuda.device(features.device) if features.is_cuda else contextlib.nullcontext():
+        with launch_device(features):
             region_kernel[(b * r,)](
                 features, features, patch_valid, unit, unit, unit, gh, gw, rw, r, d, float(d), d,
                 SIDE=side, P_BLOCK=p_block, D_BLOCK=d_block, TERMS=False, UNIT=True, enable_fp_fusion=False,

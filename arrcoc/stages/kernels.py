@@ -11,13 +11,14 @@ the torch forms itself); everywhere else the torch form runs.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 
 import torch
 from torch import Tensor
 
-__all__ = ["kernel_enabled", "runs_kernel"]
+__all__ = ["kernel_enabled", "launch_device", "runs_kernel"]
 
 
 def kernel_enabled(variable: str) -> bool:
@@ -35,3 +36,9 @@ def runs_kernel(tensor: Tensor, enabled: bool) -> bool:
         and not (tensor.requires_grad and torch.is_grad_enabled())
         and not torch.compiler.is_compiling()
     )
+
+
+def launch_device(tensor: Tensor) -> contextlib.AbstractContextManager:
+    """Where a Triton kernel on ``tensor`` launches: Triton takes the current CUDA device, so make it the tensor's (on
+    the CPU, under Triton's interpreter, nothing to set)."""
+    return torch.cuda.device(tensor.device) if tensor.is_cuda else contextlib.nullcontext()
