@@ -148,7 +148,7 @@ def test_interpreted_head_calls_each_kernel_as_its_torch_form(interpreted: dict[
 @pytest.mark.cuda
 def test_the_head_with_its_kernels_and_without() -> None:
     """256 generated scenes, compiled kernels, graphed chain (:func:`_check`; the maps' largest differences are
-    recorded, not bounded: not yet measured on a GPU)."""
+    recorded in ``head-kernels-agreement.json``, not bounded: no GPU figure to set the bound from)."""
     result = _with_and_without("cuda", 256)
     folder = os.environ.get("ARRCOC_RELIABILITY_OUT")  # bench/gpu.sh keeps the figures
     if folder:

@@ -112,7 +112,7 @@ def test_the_cases_hold_what_they_are_named_for() -> None:
 
 #: Largest difference allowed between the kernel's map and the torch form's on CUDA: the variance is one-pass (mean
 #: square less squared mean) over Lab values up to 100, so float32 sums in another order than the torch form's move the
-#: terms by a few ulps of 1e4 before the min-max scaling (the H100 gave up to 4.2e-6 at widths 33-1024).
+#: terms by a few ulps of 1e4 before the min-max scaling (bench/results/cuda-tests-h100-session41-*.log).
 CUDA_TOLERANCE = 1e-5
 
 
