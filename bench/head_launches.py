@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import importlib
+import importlib.util
 import subprocess
 import sys
 import types
@@ -150,11 +151,14 @@ def _balance_outputs(scores, query_mask, patch_valid, side, budget, similarity, 
     return torch.zeros(b, r), torch.zeros(b, 3), torch.zeros(b, 5), torch.zeros(b, r)
 
 
-def _frame_from_colourless(frame: Any) -> Any:
-    """``frame_patches`` called as its kernel's launch is (a colourless mask in place of the colour)."""
+def _frame_as_launched(frame: Any) -> Any:
+    """``frame_patches`` called as its kernel's launch is: with the colour and the chroma bound, or (a tree before
+    the kernel read the colour) a colourless mask in place of the colour."""
 
-    def call(flat, patch_valid, colourless, solid, touched):  # type: ignore[no-untyped-def]
-        colour = None
+    def call(flat, patch_valid, colour, solid, touched, chroma=None):  # type: ignore[no-untyped-def]
+        if chroma is not None:
+            return frame(flat, patch_valid, colour, solid, touched, chroma)
+        colourless, colour = colour, None
         if colourless is not None:  # a chroma of 0 where colourless, 1 elsewhere
             colour = torch.zeros(*flat.shape, 3)
             colour[..., 1] = (~colourless).float()
@@ -179,7 +183,7 @@ def _patch_kernels() -> list[str]:
     if hasattr(balance, "_frame_kernel"):
         _launch_as_torch_form(
             "_frame_triton", (balance, "FRAME_KERNEL"), (balance, "_frame_kernel"),
-            _frame_from_colourless(balance.frame_patches), "frame_patches",
+            _frame_as_launched(balance.frame_patches), "frame_patches",
         )  # fmt: skip
         found.append("frame_patches")
     if hasattr(balance, "_balance_kernel"):
@@ -233,12 +237,15 @@ def _patch_kernels() -> list[str]:
         found.append("region_units")
     if hasattr(balance, "_pick_setup_kernel"):
         maxmin_inputs = balance._maxmin_inputs
+        # with tiers (the shipped pick keeps a border last), a tree with extent_kernel launches it first
+        setup = importlib.util.find_spec("arrcoc.stages._pick_setup_triton")  # not imported: a stand-in replaces it
+        launches = 2 if setup and setup.origin and "def extent_kernel" in Path(setup.origin).read_text() else 1
         _kernels_as_torch_forms(
             "_pick_setup_triton", (balance, "PICK_SETUP_KERNEL"), (balance, "_pick_setup_kernel"),
             {"launch": (lambda gram, valid, lab, share, weight, priority, frame, blocks=None: maxmin_inputs(
-                gram, valid, lab, share, None, weight, priority, frame), "pick_setup", 1)},
+                gram, valid, lab, share, None, weight, priority, frame), "pick_setup", launches)},
         )  # fmt: skip
-        found.append("pick_setup")
+        found.append(f"pick_setup ({launches})")
     allocation = importlib.import_module("arrcoc.stages.allocation")
     if hasattr(allocation, "_uses_kernel"):
         allocation._uses_kernel = lambda relevance: False

@@ -12,6 +12,8 @@
     python bench/profile_probe.py nvjpeg-hardware --out DIR  the JPEG engines against torchvision's decode on the SMs:
         which files they take, their pixels against torchvision's, host and device ms per batch of 64, images/s of
         decoding alone and of the whole job, each way twice, interleaved
+    python bench/profile_probe.py chain --out DIR     the whole chain's CUDA graph at 224 px bf16, batch 1 and 64: each
+        kernel of its replays (torch.profiler), the head's apart from the encoder's, with the replay's GPU ms
     python bench/profile_probe.py dataset-readers --out DIR  the job with 1-12 reader threads, with a 0.5 ms
         interpreter switch interval, with two batches decoded ahead, and with pageable reads, each twice, interleaved
 
@@ -662,6 +664,38 @@ def syncs(out: Path) -> None:
         print(text[0], f"({sum(stacks.values())} syncs in generate, {len(stacks)} call sites)", flush=True)
 
 
+def chain(out: Path) -> None:
+    from arrcoc import Pipeline
+    from arrcoc.pipeline import graph_inputs
+    from arrcoc.tools.bench_graphs import _case, _gpu_ms
+
+    pipe = Pipeline.from_pretrained(Path("weights").resolve(), device="cuda", encoder_dtype="bfloat16")
+    for batch in (1, 64):
+        say = _reporter(out / f"chain-b{batch}.txt")
+        with torch.inference_mode():
+            _, inputs, info = _case(pipe, 224, batch)
+            key = pipe._graph_key(224, batch, info["capacity"], 4)
+            graph = pipe._chain(key)
+            graph.inputs.write(graph_inputs(key, inputs))
+            say(f"224 px bf16 batch {batch}: chain replay {_gpu_ms(graph.replay, 200):.3f} ms (median GPU ms)")
+            for _ in range(5):
+                graph.replay()
+            torch.cuda.synchronize()
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                for _ in range(20):
+                    graph.replay()
+                torch.cuda.synchronize()
+        totals: dict[str, list[float]] = {}
+        for e in prof.events():
+            if e.device_type == torch.autograd.DeviceType.CUDA:
+                totals.setdefault(e.name, []).append(e.time_range.elapsed_us() / 20)
+        rows = sorted(totals.items(), key=lambda item: -sum(item[1]))
+        say(f"kernels per replay {sum(len(v) for v in totals.values()) / 20:.0f}, summed kernel us per replay "
+            f"{sum(sum(v) for v in totals.values()):.1f}")  # fmt: skip
+        for name, times in rows:
+            say(f"{sum(times):9.2f} us  x{len(times) / 20:5.1f}  {name[:110]}")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument(
@@ -675,6 +709,7 @@ def main() -> int:
             "nvjpeg-hardware",
             "dataset-readers",
             "syncs",
+            "chain",
         ],
     )
     parser.add_argument("--out", default="/tmp/probe")
@@ -690,6 +725,7 @@ def main() -> int:
         "nvjpeg-hardware": nvjpeg_hardware,
         "dataset-readers": dataset_readers,
         "syncs": syncs,
+        "chain": chain,
     }
     parts[args.part](out)
     return 0

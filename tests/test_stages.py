@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import timm
 import torch
 import torch.nn.functional as F
 
-from arrcoc.config import BalanceConfig
+from arrcoc.config import BalanceConfig, PipelineConfig
+from arrcoc.stages import balance
 from arrcoc.stages.balance import BALANCE_KEYS, Balance, novelty, pick_patches
 from arrcoc.stages.compression import Compressor, compress, query_priority
 from arrcoc.stages.encoders import PatchProjection
@@ -569,3 +572,34 @@ def test_the_pick_is_only_read_without_a_question_and_needs_no_more_steps_than_t
     assert same(run(asked, 0), run(asked, None))
     assert same(run(free, 9), run(free, None)) and same(run(free, 16), run(free, None))
     assert not same(run(free, 4), run(free, None))
+
+
+@pytest.mark.parametrize("salience", [0.0, 0.5])
+def test_a_pick_no_scorer_weights_runs_beside_the_scorers(salience: float) -> None:
+    """Unweighted, the greedy pick reads the image only and comes out of the score step (beside the scorers, off the
+    critical path); weighted by the scorers' salience it comes out of the balance step. Either way it is the pick of
+    :func:`pick_patches` on those inputs, and compression shows it."""
+    config = PipelineConfig()
+    head = RelevanceHead(config.replace(balance=dataclasses.replace(config.balance, pick_salience=salience)))
+    features, texture, valid, query, _ = _inputs(gh=8, gw=8)
+    texture[1, :, :2, 5], texture[1, :, :2, 1:3] = 1.0, 0.0  # flat, grey, on the second image's left edge: a border
+    budget, free = torch.tensor([5, 9]), torch.zeros(2, 3, dtype=torch.bool)
+    state = {"features": features, "texture": texture, "patch_valid": valid, "query": query, "query_mask": free,
+             "budget": budget}  # fmt: skip
+    state["min_tokens"], state["max_tokens"] = head.bounds(valid)
+    outputs = {}
+    for name, step in head.stages(12):
+        outputs[name] = step(state)
+        state.update(outputs[name])
+    early = "score" if salience == 0 else "balance"
+    assert [name for name in outputs if "pick" in outputs[name]] == [early]
+    weight = None  # the query-free scorers' mean map, spread over each 4 x 4 region's patches
+    if salience:
+        weight = (state["scores"][:, :2].sum(1) / 2).repeat_interleave(4, 1).repeat_interleave(4, 2)
+    frame = balance.frame_patches(texture[..., 5], valid, texture[..., :3])
+    assert frame[1, :, 0].all()  # the border the pick keeps last is there
+    want = pick_patches("maxmin", features, valid, budget, 12, weight, salience, texture[..., :3], 0.5, frame=frame)
+    assert torch.equal(state["pick"], want)
+    shown = state["positions"][:, :, :2]
+    for i in range(2):  # no question: compression shows exactly the picked patches
+        assert {tuple(x) for x in shown[i][state["mask"][i]].tolist()} == {tuple(x) for x in want[i].nonzero().tolist()}

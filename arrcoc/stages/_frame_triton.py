@@ -38,9 +38,9 @@ def _dilate(cells, work_row, row, col, gh, gw, offs, inside_grid, off_grid):
 
 @triton.jit
 def frame_kernel(
-    flat_ptr,  # (B, N) float32
+    flat_ptr,  # (B, N) float32, patches flat_patch apart
     valid_ptr,  # (B, N) float32 share of each patch that is image
-    colourless_ptr,  # (B, N) uint8: 1 where the patch has no colour (or where colour is not asked about)
+    colour_ptr,  # (B, N, >= 3) float32 L*a*b* / 100, patches colour_patch and channels colour_channel apart (COLOUR)
     out_ptr,  # (B, N) uint8 out
     work_ptr,  # (B, N) int32 scratch
     gh,
@@ -48,7 +48,14 @@ def frame_kernel(
     steps,
     solid,
     touched,
+    chroma,
+    flat_image,
+    flat_patch,
+    colour_image,
+    colour_patch,
+    colour_channel,
     BLOCK: tl.constexpr,
+    COLOUR: tl.constexpr,
 ):
     image = tl.program_id(0).to(tl.int64)
     n = gh * gw
@@ -56,9 +63,14 @@ def frame_kernel(
     inside_grid = offs < n
     row, col = offs // gw, offs % gw
     base = image * n
-    flat = tl.load(flat_ptr + base + offs, mask=inside_grid, other=0.0)
+    flat = tl.load(flat_ptr + image * flat_image + offs * flat_patch, mask=inside_grid, other=0.0)
     valid = (tl.load(valid_ptr + base + offs, mask=inside_grid, other=0.0) > 0).to(tl.int32)
-    colourless = tl.load(colourless_ptr + base + offs, mask=inside_grid, other=0).to(tl.int32)
+    colourless = tl.full([BLOCK], 1, tl.int32)  # without colour, any colour may be a fill
+    if COLOUR:  # the chroma, sqrt(a² + b²), below the bound: black, grey or white
+        a_star = colour_ptr + image * colour_image + offs * colour_patch + colour_channel
+        a = tl.load(a_star, mask=inside_grid, other=0.0)
+        b = tl.load(a_star + colour_channel, mask=inside_grid, other=0.0)
+        colourless = (tl.sqrt_rn(a * a + b * b) < chroma).to(tl.int32)
     work_row = work_ptr + base
     # the image's edge: image patches with a neighbour that is padding or off the grid
     edge = valid * _dilate(1 - valid, work_row, row, col, gh, gw, offs, inside_grid, 1)
@@ -74,16 +86,20 @@ def frame_kernel(
     tl.store(out_ptr + base + offs, out.to(tl.uint8), mask=inside_grid)
 
 
-def launch(flat: Tensor, patch_valid: Tensor, colourless: Tensor | None, solid: float, touched: float) -> Tensor:
-    """``flat`` and ``patch_valid`` ``(B, gh, gw)``, ``colourless`` ``(B, gh, gw)`` bool or ``None`` -> the border,
+def launch(
+    flat: Tensor, patch_valid: Tensor, colour: Tensor | None, solid: float, touched: float, chroma: float
+) -> Tensor:
+    """``flat`` and ``patch_valid`` ``(B, gh, gw)``, ``colour`` ``(B, gh, gw, 3)`` or ``None`` -> the border,
     ``(B, gh, gw)`` bool, as :func:`arrcoc.stages.balance.frame_patches` finds it; grids of at most
-    :data:`arrcoc.stages.balance.FRAME_CELL_LIMIT` patches."""
+    :data:`arrcoc.stages.balance.FRAME_CELL_LIMIT` patches. ``flat`` and ``colour`` are read where they lie (the
+    texture's channels) when each image's patches are one stride apart, as in any slice of a contiguous tensor."""
     b, gh, gw = flat.shape
-    flat = flat.float().contiguous()
+    flat, flat_strides = _in_line(flat.float())
     valid = patch_valid.float().contiguous()
-    if colourless is None:
-        colourless = torch.ones(b, gh, gw, dtype=torch.bool, device=flat.device)
-    colourless = colourless.contiguous().view(torch.uint8)
+    colour_strides = (0, 0, 0)
+    if colour is not None:
+        colour, strides = _in_line(colour.float())
+        colour_strides = (*strides, colour.stride(3))
     out = torch.empty(b, gh, gw, dtype=torch.uint8, device=flat.device)
     if b == 0 or gh * gw == 0:
         return out.bool()
@@ -92,7 +108,17 @@ def launch(flat: Tensor, patch_valid: Tensor, colourless: Tensor | None, solid: 
     steps = max(1, max(gh, gw) // 2)
     with launch_device(flat):
         frame_kernel[(b,)](
-            flat, valid, colourless, out, work, gh, gw, steps, solid, touched,
-            BLOCK=block, num_warps=max(1, min(16, block // 256)),
+            flat, valid, colour if colour is not None else flat, out, work, gh, gw, steps, solid, touched,
+            float(chroma), *flat_strides, *colour_strides,
+            BLOCK=block, COLOUR=colour is not None, num_warps=max(1, min(16, block // 256)), enable_fp_fusion=False,
         )  # fmt: skip
     return out.view(torch.bool)
+
+
+def _in_line(x: Tensor) -> tuple[Tensor, tuple[int, int]]:
+    """``x`` ``(B, gh, gw, ...)``, or a copy, whose patches (row-major) lie one stride apart in each image, and its
+    image and patch strides."""
+    gh, gw = x.shape[1:3]
+    if gh > 1 and gw > 1 and x.stride(1) != gw * x.stride(2):
+        x = x.contiguous()
+    return x, (x.stride(0), x.stride(2) if gw > 1 else x.stride(1))

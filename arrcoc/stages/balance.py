@@ -59,8 +59,8 @@ SIMILARITY_KERNEL: bool = kernel_enabled("ARRCOC_SIMILARITY_KERNEL")
 #: Whether CUDA cosines go to the Triton kernel that sets up :func:`pick_patches`'s greedy loop
 #: (``ARRCOC_PICK_SETUP_KERNEL=0``: the torch form).
 PICK_SETUP_KERNEL: bool = kernel_enabled("ARRCOC_PICK_SETUP_KERNEL")
-#: Grids up to this many patches take the pick set-up's kernel (one program walks an image's ``N x N`` distances
-#: twice); on larger ones the torch form's launches spread over the whole GPU.
+#: Grids up to this many patches take the pick set-up's kernels (a program walks a block of an image's rows across
+#: all ``N`` columns); on larger ones the torch form's launches spread over the whole GPU.
 PICK_SETUP_CELL_LIMIT = 1024
 #: Grids up to this many patches take :func:`frame_patches`'s kernel (its grid in registers, one block of the next
 #: power of two); larger ones the torch form.
@@ -196,11 +196,11 @@ def frame_patches(
     Returns:
         ``(B, gh, gw)`` bool.
     """
-    colourless = None if colour is None else torch.linalg.vector_norm(colour[..., 1:3].float(), dim=-1) < chroma
     if _frame_kernel(flat):  # the same bits in one launch
         from . import _frame_triton  # Triton is imported on the first CUDA call only
 
-        return _frame_triton.launch(flat, patch_valid, colourless, solid, touched)
+        return _frame_triton.launch(flat, patch_valid, colour, solid, touched, chroma)
+    colourless = None if colour is None else torch.linalg.vector_norm(colour[..., 1:3].float(), dim=-1) < chroma
     valid = (patch_valid > 0)[:, None].float()  # (B, 1, gh, gw)
     flat = flat[:, None]
 
@@ -249,7 +249,7 @@ def _maxmin_inputs(
 ) -> tuple[Tensor, Tensor]:
     """The greedy max-min's inputs (:func:`greedy_maxmin`): ``weighted`` ``(B, N, N)``, ``[b, p, q]`` candidate
     ``q``'s score once ``p`` is kept, and ``score`` ``(B, N)`` before the first pick. On CUDA ``_pick_setup_triton``
-    computes the same bits in one launch.
+    computes the same bits in one launch (two with tiers).
 
     Args:
         gram: ``(B, N, N)`` cosines of the patches' unit features; valid: ``(B, N)`` bool image patches.
@@ -373,7 +373,7 @@ def pick_patches(
     if priority is not None:
         priority = priority.flatten(1).float()  # (B, N)
     frame = frame.flatten(1) if frame is not None else None  # (B, N)
-    if spatial_share == 0 and _pick_setup_kernel(gram):  # one launch, the same bits
+    if spatial_share == 0 and _pick_setup_kernel(gram):  # one launch (two with tiers), the same bits
         from . import _pick_setup_triton  # Triton is imported on the first CUDA call only
 
         weighted, score = _pick_setup_triton.launch(gram, valid, lab, colour_share, weight, priority, frame)

@@ -150,36 +150,47 @@ class RelevanceHead(nn.Module):
 
         couple, similarity_of, novelty_of = body(couple), body(self.balance.similarity), body(novelty)
 
-        # The balance's region similarity and the patches' novelty need features only: they run beside the scorers.
-        def score(s: dict[str, Any]) -> dict[str, Any]:
-            args = (s["features"], s["texture"], s["patch_valid"], s["query"], s["query_mask"])
-            branches = [
-                lambda: propositional(*args),
-                lambda: perspectival(*args),
-                lambda: couple(s["features"], s["patch_valid"], s["query"], s["query_mask"]),
-                lambda: similarity_of(s["features"], s["patch_valid"]),
-            ]
-            if self.novelty:
-                branches.append(lambda: novelty_of(s["features"], s["patch_valid"]))
-            results = run_branches(branches, s["features"].device, concurrent)
-            participation, coupling, unit = results[2]
-            out = {
-                "scores": torch.stack((results[0], results[1], participation), 1),
-                "similarity": results[3],
-                "coupling": coupling,
-                "unit": unit,
-            }
-            if self.novelty:
-                out["novelty"] = results[4]  # (B, gh, gw)
-            return out
-
         steps = capacity if pick_steps is None else min(pick_steps, capacity)
         picks = self.pick != "off" and steps > 0  # a pick needs a budget
         asked = self.pick != "off" and pick_steps == 0  # the caller left the pick out: every image has a question
+        # a greedy pick that no scorer weights reads the image alone: it runs beside the scorers, off the chain's
+        # critical path (its loop is one program per image, latency-bound); one weighted by salience, or ranking by
+        # the novelty computed beside the scorers, runs after them
+        early_pick = picks and self.config.balance.pick_salience == 0 and self.pick != "novelty"
+
+        def pick_of(features: Tensor, texture: Tensor, patch_valid: Tensor, budget: Tensor) -> Tensor:
+            return self._pick(features, texture, patch_valid, budget, steps)
+
+        pick_of = body(pick_of)
+
+        # The balance's region similarity, the patches' novelty and a pick no scorer weights need the image only:
+        # they run beside the scorers.
+        def score(s: dict[str, Any]) -> dict[str, Any]:
+            args = (s["features"], s["texture"], s["patch_valid"], s["query"], s["query_mask"])
+            branches = {
+                "propositional": lambda: propositional(*args),
+                "perspectival": lambda: perspectival(*args),
+                "participatory": lambda: couple(s["features"], s["patch_valid"], s["query"], s["query_mask"]),
+                "similarity": lambda: similarity_of(s["features"], s["patch_valid"]),
+            }
+            if self.novelty:
+                branches["novelty"] = lambda: novelty_of(s["features"], s["patch_valid"])
+            if early_pick:
+                branches["pick"] = lambda: pick_of(s["features"], s["texture"], s["patch_valid"], s["budget"])
+            results = dict(zip(branches, run_branches(list(branches.values()), s["features"].device, concurrent)))
+            participation, coupling, unit = results.pop("participatory")
+            scores = torch.stack((results.pop("propositional"), results.pop("perspectival"), participation), 1)
+            # novelty (B, gh, gw) and pick (B, gh, gw), where computed
+            return {"scores": scores, "coupling": coupling, "unit": unit, **results}
 
         def balance(s: dict[str, Any]) -> dict[str, Any]:
             budget = s["budget"] if capacity else None  # relevance alone has no budget to be scarce
-            pick = self._pick(s, steps) if picks else None
+            pick = None
+            if picks:
+                pick = s["pick"] if early_pick else self._pick(
+                    s["features"], s["texture"], s["patch_valid"], s["budget"], steps, s["scores"], s.get("unit"),
+                    s.get("novelty"),
+                )  # fmt: skip
             relevance, report = self.balance(
                 s["scores"],
                 s["features"],
@@ -192,7 +203,7 @@ class RelevanceHead(nn.Module):
                 asked,
             )
             out = {"relevance": relevance, "balance": report}
-            if pick is not None:
+            if pick is not None and not early_pick:
                 out["pick"] = pick  # (B, gh, gw)
             return out
 
@@ -218,33 +229,44 @@ class RelevanceHead(nn.Module):
             chain += [("allocate", body(allocate)), ("compress", body(compress))]
         return chain
 
-    def _pick(self, s: dict[str, Any], steps: int) -> Tensor:
+    def _pick(
+        self,
+        features: Tensor,
+        texture: Tensor,
+        patch_valid: Tensor,
+        budget: Tensor,
+        steps: int,
+        scores: Tensor | None = None,
+        unit: Tensor | None = None,
+        patch_novelty: Tensor | None = None,
+    ) -> Tensor:
         """``(B, gh, gw)`` the query-free pick (:func:`arrcoc.stages.balance.pick_patches`) of ``budget`` patches,
-        weighted by the query-free scorers' map (propositional and perspectival, at their base weights), an artificial
-        border's patches last (``balance.pick_frame``)."""
+        weighted by the query-free scorers' map in ``scores`` (propositional and perspectival, at their base weights;
+        only read with ``balance.pick_salience``), an artificial border's patches last (``balance.pick_frame``);
+        ``unit`` and ``patch_novelty``: the patches' unit features and novelty, when already computed."""
         cfg = self.config.balance
-        features, patch_valid = s["features"], s["patch_valid"]
         salience = None  # only computed where it weighs
         if cfg.pick_salience > 0:
+            assert scores is not None  # the balance step passes them
             weights = self.balance.base_weights[:2]
-            salience = (s["scores"][:, :2] * weights[:, None, None]).sum(1) / weights.sum().clamp_min(1e-12)
+            salience = (scores[:, :2] * weights[:, None, None]).sum(1) / weights.sum().clamp_min(1e-12)
             salience = to_patches(salience, features.shape[1:3], self.region_size)  # (B, gh, gw)
         return pick_patches(
             self.pick,
             features,
             patch_valid,
-            s["budget"],
+            budget,
             steps,
             salience,
             cfg.pick_salience,
-            s["texture"][..., :3],
+            texture[..., :3],
             cfg.pick_colour,
-            s.get("novelty"),
+            patch_novelty,
             cfg.pick_spatial,
             self.objectness(features, patch_valid) if self.objectness is not None else None,  # (B, gh, gw)
             cfg.pick_peaks,
-            frame=frame_patches(s["texture"][..., 5], patch_valid, s["texture"][..., :3]) if self.keeps_frame else None,
-            unit=s.get("unit"),
+            frame=frame_patches(texture[..., 5], patch_valid, texture[..., :3]) if self.keeps_frame else None,
+            unit=unit,
         )
 
     def forward(

@@ -150,6 +150,7 @@ def time_graphs(pipe: Pipeline, size: int, batch: int, *, reps: int = 50, second
     result["capture_s"] = time.perf_counter() - start
     result["pool_bytes"], result["entry_bytes"] = chain.pool_bytes, chain.bytes
     values = graph_inputs(key, inputs)
+    chain.inputs.write(values)  # the case's image, question and budget, not the capture's placeholders
 
     def call(copy: bool) -> Callable[[], Any]:
         return lambda: cache.run(key, lambda: pipe._build(key), values, batch, copy)
