@@ -5,7 +5,8 @@ launch, where torch takes two launches per step of the fill and about 25 more (a
 Imported only when a CUDA call first needs it, so that importing arrcoc does not import Triton. One program per
 image, its grid in registers. Each 8-neighbour dilation stores the grid to a ``(B, N)`` work buffer and reads each
 cell's neighbours back after a barrier (threads read cells other threads wrote). Every value is 0 or 1 and the
-sums count cells, so the result is the torch form's, bit for bit.
+sums count cells, so the result is the torch form's, bit for bit, but where a patch's chroma (``sqrt(a² + b²)``,
+rounded once here, by ``torch.linalg.vector_norm`` there) lies within a rounding of the bound itself.
 """
 
 from __future__ import annotations

@@ -196,7 +196,7 @@ def frame_patches(
     Returns:
         ``(B, gh, gw)`` bool.
     """
-    if _frame_kernel(flat):  # the same bits in one launch
+    if _frame_kernel(flat):  # the same border in one launch
         from . import _frame_triton  # Triton is imported on the first CUDA call only
 
         return _frame_triton.launch(flat, patch_valid, colour, solid, touched, chroma)
