@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One call on the lent GPU: the cuda-marked tests (reliability figures included), then the graph benchmark, each
 # step bounded by `timeout` so the script always finishes. Everything lands under $OUT (default bench/results):
-# one log per step, steps.log (start, limit, exit code of each), junit XML of the tests, the reports.
+# one log per step, steps.log (start, limit, exit code of each), junit XML of the tests, the reports. The lent
+# machine returns at most 8 files from $OUT: end a call that writes more with `bash bench/pack_out.sh "$OUT"`.
 #
 # Usage: bash bench/gpu.sh                  the full run (vit_small fp32 and bf16, vit_base fp32 and bf16)
 #        PROFILE=final bash bench/gpu.sh    the final figures in at most 300 s (BUDGET), in order of priority:
