@@ -13,7 +13,7 @@
         which files they take, their pixels against torchvision's, host and device ms per batch of 64, images/s of
         decoding alone and of the whole job, each way twice, interleaved
     python bench/profile_probe.py chain --out DIR     the whole chain's CUDA graph at 224 px bf16, batch 1 and 64: each
-        kernel of its replays (torch.profiler), the head's apart from the encoder's, with the replay's GPU ms
+        kernel of its replays (torch.profiler, time and count per replay), with the replay's GPU ms
     python bench/profile_probe.py dataset-readers --out DIR  the job with 1-12 reader threads, with a 0.5 ms
         interpreter switch interval, with two batches decoded ahead, and with pageable reads, each twice, interleaved
 
